@@ -136,9 +136,9 @@ def compile_model(model, dtype=None):
     fm = Formulas(program)
     names = program.names
 
-    classes = {}
+    classes = {}   # target uid -> number of classes, for the targets of softmax losses
     for node in (*program.loss_nodes, *program.backward_nodes):
-        if node.op == "xent" and node.attr("kind") == "label":
+        if node.op == "xent":
             classes[node.inputs[2].uid] = node.inputs[0].shape[1]
 
     def prologue(leaves, nodes):
@@ -213,8 +213,10 @@ def compile_model(model, dtype=None):
         inputs_shapes=_dict_code({x.name: shape_code(_per_sample(x)) for x in data}),
         targets_shapes=_dict_code({x.name: shape_code(_per_sample(x)) for x in targets}),
         target_kinds=_dict_code({x.name: repr(x.attr("kind")) for x in targets}),
+        classes=_dict_code({x.name: str(classes[x.uid]) for x in targets if x.uid in classes}),
         formulas=sorted(formulas.items(), key=lambda kv: [p.name for p in model.params].index(kv[0])),
-        init_doc=init_doc, init_lines=inits, has_labels=bool(classes),
+        init_doc=init_doc, init_lines=inits,
+        has_labels=any(x.attr("kind") == "label" for x in targets),
         helpers=sorted(st.helpers), functions=functions,
     )
     return CompiledModule(model, program, text, formulas, latex, source_hash, dtype)

@@ -220,10 +220,11 @@ def reshape(a, shape):
         return a
     if sp.simplify(size_of(shape) - size_of(a.shape)) != 0:
         raise ShapeError(f"cannot reshape {format_shape(a.shape)} to {format_shape(shape)}")
-    if a.op == "reshape":
+    # a transposed vector has the same flat order as the vector: reshape the vector itself
+    while a.op == "reshape" or (a.op == "transpose" and 1 in a.shape):
         a = a.inputs[0]
-        if a.shape == shape:
-            return a
+    if a.shape == shape:
+        return a
     return make("reshape", (a,), shape)
 
 
