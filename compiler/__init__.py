@@ -1,23 +1,40 @@
 """bpc, the backprop compiler: symbolic reverse-mode differentiation of neural networks
 declared with SymPy, emitted as standalone vectorised NumPy modules.
 
-Public API::
+Public API (imported lazily, so that ``bpc --help`` does not pay for SymPy)::
 
     from compiler import mlp, Network, expression_model, from_matrix_expr, compile_model
+
+    model = mlp([2, 16, 16, 1], activation="tanh", loss="mse")
+    compiled = compile_model(model)        # .source, .formulas, .latex, .write(path), .load()
+    module = compiled.load()               # forward / loss / backward / init_params
 """
+import importlib
+
 __version__ = "0.1.0"
 
-from .errors import BpcError, ModelError, ShapeError, UnsupportedError  # noqa: E402
-from .functions import ACTIVATIONS, relu, sigmoid, softplus  # noqa: E402
-from .nn import LOSSES, Network, mlp  # noqa: E402
-from .expression_model import expression_model  # noqa: E402
-from .matrix_frontend import from_matrix_expr  # noqa: E402
-from .model import Model  # noqa: E402
-from .emit import CompiledModule, compile_model, load_module  # noqa: E402
+_EXPORTS = {
+    "BpcError": "errors", "ModelError": "errors", "ShapeError": "errors", "UnsupportedError": "errors",
+    "ACTIVATIONS": "functions", "relu": "functions", "sigmoid": "functions", "softplus": "functions",
+    "LOSSES": "nn", "Network": "nn", "mlp": "nn",
+    "expression_model": "expression_model",
+    "from_matrix_expr": "matrix_frontend",
+    "Model": "model",
+    "CompiledModule": "emit", "compile_model": "emit", "load_module": "emit",
+    "check_gradients": "gradcheck", "random_batch": "gradcheck",
+}
 
-__all__ = [
-    "ACTIVATIONS", "LOSSES", "BpcError", "CompiledModule", "Model", "ModelError", "Network",
-    "ShapeError", "UnsupportedError", "compile_model", "expression_model", "from_matrix_expr",
-    "load_module", "mlp",
-    "relu", "sigmoid", "softplus",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'compiler' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
