@@ -94,7 +94,8 @@ def load_module(path, name=None):
 
 def model_hash(model, dtype):
     h = hashlib.sha256()
-    for part in (__version__, model.name, str(dtype), model.source, model.prediction.digest, model.loss.digest,
+    for part in (__version__, model.name, str(dtype), model.source, model.source_text,
+                 model.prediction.digest, model.loss.digest,
                  repr(sorted(model.init.items())), repr(sorted(model.names.items())),
                  repr([n.name for n in (*model.inputs, *model.targets, *model.params)])):
         h.update(part.encode())

@@ -46,7 +46,8 @@ class Model:
     loss: object
     names: dict = field(default_factory=dict)
     init: dict = field(default_factory=dict)
-    source: str = "Python API"
+    source: str = "Python API"      # where the model came from, named in the generated header
+    source_text: str = ""           # the spec file's text, hashed into the header when given
     description: str = ""
 
     def __post_init__(self):
