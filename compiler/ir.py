@@ -145,6 +145,14 @@ def padded_to(arg_shape, out_shape):
     return (1,) * extra + tuple(arg_shape)
 
 
+def covered(arg_shapes, out_shape):
+    """Whether arrays of ``arg_shapes`` broadcast to all of ``out_shape`` by themselves (if not,
+    an elementwise result must be materialised at its full shape)."""
+    out_shape = tuple(out_shape)
+    padded = [padded_to(s, out_shape) for s in arg_shapes]
+    return all(d == 1 or any(p[i] == d for p in padded) for i, d in enumerate(out_shape))
+
+
 # ---- constructors -------------------------------------------------------------------------
 
 def input_node(name, shape, role, kind="real"):
@@ -233,6 +241,10 @@ def reduce_sum(a, axes):
     if not axes:
         return a
     shape = tuple(d for i, d in enumerate(a.shape) if i not in axes)
+    if a.op == "ew" and all(i.shape == () for i in a.inputs):
+        # the sum of a broadcast scalar is the scalar times the number of terms
+        count = size_of(tuple(a.shape[i] for i in axes))
+        return ew(a.attr("expr") * count, a.inputs, shape=shape)
     return make("sum", (a,), shape, (("axes", axes),))
 
 

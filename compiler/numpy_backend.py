@@ -58,7 +58,14 @@ class NumpyStatements:
             symbols[ARG[i]] = self.ref(inp) + _suffix(inp.shape, node.shape)
         code, helpers = print_numpy(sp.factor_terms(node.attr("expr")), symbols)
         self.helpers |= helpers
-        return code
+        return self._materialise(node, code)
+
+    def _materialise(self, node, code):
+        """Full-shape array of an elementwise result whose inputs do not span its shape."""
+        if ir.covered([i.shape for i in node.inputs], node.shape):
+            return code
+        self.needs_dt = True
+        return f"np.full({shape_code(node.shape)}, {code}, dtype=dt)"
 
     # -- statements: lists of code lines ---------------------------------------------------
     def statement(self, node):
@@ -80,7 +87,7 @@ class NumpyStatements:
             symbols[sym] = tmp
         code, h = print_numpy(body, symbols)
         self.helpers |= h
-        lines.append(f"{out} = {code}")
+        lines.append(f"{out} = {self._materialise(node, code)}")
         return lines
 
     def _stmt_matmul(self, node, out):

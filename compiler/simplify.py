@@ -42,6 +42,8 @@ def fuse(outputs, names):
     for node in order:
         if node.op == "ew" and node.inputs:
             new = _fuse_ew(node, memo, count)
+        elif node.op == "sum":
+            new = ir.reduce_sum(memo[node.inputs[0].uid], node.attr("axes"))
         else:
             new = ir.make(node.op, [memo[i.uid] for i in node.inputs], node.shape, node.attrs)
         memo[node.uid] = new
