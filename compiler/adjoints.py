@@ -41,6 +41,9 @@ def _ew_rule(node, g, wants):
             out.append(None)
             continue
         d = sp.diff(expr, ARG[i])
+        if d.has(sp.DiracDelta):
+            # derivatives of sign/step: zero almost everywhere, as for relu at its kink
+            d = d.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.Integer(0))
         if not expr.is_Symbol and not expr.is_Add:
             d = d.subs(expr, y)  # reuse the forward output
         d = d.xreplace({**shift, y: ARG[k + 1]})

@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
+from . import __version__, ir
 from .errors import ModelError
 from .numpy_backend import Formulas, NumpyStatements, shape_code
 from .program import build_program
@@ -142,7 +142,7 @@ def compile_model(model, dtype=None):
         if node.op == "xent":
             classes[node.inputs[2].uid] = node.inputs[0].shape[1]
 
-    def prologue(leaves, nodes):
+    def prologue(leaves, roots):
         lines = []
         for x in leaves:
             if x.attr("kind") == "label":
@@ -150,17 +150,17 @@ def compile_model(model, dtype=None):
             else:
                 lines.append(f"{x.name} = _data({x.name}, {x.name!r}, {shape_code(_per_sample(x))})")
         lines.append(f"n = _batch({', '.join(x.name for x in leaves)})")
-        used = {i.uid for node in nodes for i in node.inputs}
+        used = {node.uid for node in ir.topo_order(roots)}
         return lines, [f"{p.name} = params[{p.name!r}]" for p in model.params if p.uid in used]
 
-    def function(fname, leaves, nodes, ret, doc, comments=False):
+    def function(fname, leaves, roots, nodes, ret, doc, comments=False):
         st.needs_dt = False
         body = []
         for node in nodes:
             if comments and node.uid in program.backward_only:
                 body.append("# " + fm.line(node))
             body.extend(st.statement(node))
-        pro, params = prologue(leaves, nodes)
+        pro, params = prologue(leaves, roots)
         if st.needs_dt:
             pro.append(f"dt = {leaves[0].name}.dtype")
         return {"name": fname, "args": ", ".join(x.name for x in leaves), "doc": doc,
@@ -175,11 +175,12 @@ def compile_model(model, dtype=None):
         grads_ret.append(f"{p.name!r}: {ref(g)}" if g is not None else f"{p.name!r}: np.zeros_like({p.name})")
     pred_doc = _prediction_doc(model)
     functions = [
-        function("forward", data, program.forward_nodes, ref(program.prediction),
+        function("forward", data, [program.prediction], program.forward_nodes, ref(program.prediction),
                  f"Predictions for a batch: {pred_doc}."),
-        function("loss", data + targets, program.loss_nodes, f"float({ref(program.loss)})",
+        function("loss", data + targets, [program.loss], program.loss_nodes, f"float({ref(program.loss)})",
                  "The loss, averaged over the batch."),
-        function("backward", data + targets, program.backward_nodes,
+        function("backward", data + targets, [program.loss, *(g for _, g in program.grads if g is not None)],
+                 program.backward_nodes,
                  f"float({ref(program.loss)}), {{{', '.join(grads_ret)}}}",
                  "The loss and its gradient for every parameter (reverse-mode chain rule).", comments=True),
     ]
