@@ -1,0 +1,86 @@
+"""Numerical stability: inputs and pre-activations at +-1000 give finite losses and gradients
+in float64 and float32; float32 modules agree with float64 ones."""
+import numpy as np
+import pytest
+import sympy as sp
+
+import compiler as bpc
+from compiler.gradcheck import random_batch
+from model_table import MODELS, STABLE_MODELS
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return {mid: bpc.compile_model(build()).load() for mid, build in MODELS}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("model_id", [m[0] for m in STABLE_MODELS])
+def test_extreme_inputs_give_finite_loss_and_gradients(compiled, model_id, dtype):
+    mod = compiled[model_id]
+    params = {k: np.asarray(v, dtype=dtype) for k, v in mod.init_params(seed=0).items()}
+    arrays = random_batch(mod, batch=6, seed=1)
+    n_in = len(mod.INPUTS)
+    for sign in (1.0, -1.0):
+        data = [np.sign(a + 1e-9 * (a == 0)).astype(dtype) * 1000 * sign for a in arrays[:n_in]]
+        args = data + [a.astype(dtype) if a.dtype.kind == "f" else a for a in arrays[n_in:]]
+        loss, grads = mod.backward(params, *args)
+        assert np.isfinite(loss), (model_id, sign, loss)
+        for k, g in grads.items():
+            assert np.all(np.isfinite(g)), (model_id, sign, k)
+            assert np.asarray(g).dtype == dtype, (k, np.asarray(g).dtype)
+
+
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy", "bce_with_logits"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_logits_at_1000(loss, dtype):
+    # a single linear layer whose logits reach +-1000 exactly
+    mod = bpc.compile_model(bpc.mlp([1, 3], loss=loss, name="lin")).load()
+    params = {"W1": np.array([[1000.0, -1000.0, 0.0]], dtype=dtype), "b1": np.zeros(3, dtype=dtype)}
+    x = np.array([[1.0], [-1.0]], dtype=dtype)
+    y = np.array([1, 0]) if loss.startswith("softmax") else np.array([[0, 1, 1], [1, 0, 1]], dtype=dtype)
+    value, grads = mod.backward(params, x, y)
+    assert np.isfinite(value) and value > 100
+    assert all(np.all(np.isfinite(g)) for g in grads.values())
+
+
+def test_handwritten_unstable_forms_are_rewritten():
+    x = sp.Symbol("x")
+    for act in (sp.log(1 + sp.exp(x)), 1 / (1 + sp.exp(-x)), sp.exp(x) / (1 + sp.exp(x)),
+                sp.log(1 / (1 + sp.exp(-x)))):
+        src = bpc.compile_model(bpc.mlp([1, 2, 1], activation=act, name="h")).source
+        assert "np.exp(" not in src.split("def forward")[1], (act, src)
+    # SymPy's own derivative of log(1 + exp(x)) is exp(x)/(exp(x) + 1): nan at 1000
+    mod = bpc.compile_model(bpc.mlp([1, 2, 1], activation=sp.log(1 + sp.exp(x)), name="h")).load()
+    params = {"W1": np.array([[1.0, -1.0]]), "b1": np.zeros(2), "W2": np.ones((2, 1)), "b2": np.zeros(1)}
+    value, grads = mod.backward(params, np.array([[1000.0]]), np.array([[0.0]]))
+    assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in grads.values())
+    np.testing.assert_allclose(grads["b1"], [2 * 1000.0, 0.0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("model_id", [m[0] for m in MODELS])
+def test_float32_agrees_with_float64(compiled, model_id):
+    mod = compiled[model_id]
+    p64 = mod.init_params(seed=2)
+    p32 = mod.init_params(seed=2, dtype=np.float32)
+    arrays = random_batch(mod, batch=8, seed=3)
+    a32 = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
+    l64, g64 = mod.backward(p64, *arrays)
+    l32, g32 = mod.backward(p32, *a32)
+    assert l32 == pytest.approx(l64, rel=2e-4, abs=1e-5)
+    for k in g64:
+        assert np.asarray(g32[k]).dtype == np.float32, k
+        scale = max(1.0, float(np.max(np.abs(g64[k]))))
+        np.testing.assert_allclose(g32[k], g64[k], rtol=1e-3, atol=1e-4 * scale)
+    assert mod.forward(p32, *a32[:len(mod.INPUTS)]).dtype == np.float32
+
+
+def test_dtype_option_casts_inputs():
+    mod = bpc.compile_model(bpc.mlp([2, 3, 1], name="f32"), dtype="float32").load()
+    assert mod.DTYPE == "float32"
+    params = mod.init_params()
+    assert all(v.dtype == np.float32 for v in params.values())
+    out = mod.forward(params, np.ones((4, 2)))          # float64 data is cast
+    assert out.dtype == np.float32
+    loss, grads = mod.backward(params, [[1, 2]], [[3]])  # lists and integers too
+    assert isinstance(loss, float) and grads["W1"].dtype == np.float32
