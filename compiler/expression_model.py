@@ -116,5 +116,5 @@ def expression_model(prediction, params, inputs, targets=None, loss=None, predic
     unused_inputs = [s.name for s in (*xsyms, *tsyms) if nodes[s].uid not in used and nodes[s].uid not in {n.uid for n in ir.topo_order([pred])}]
     if unused_inputs:
         raise ModelError(f"symbol(s) {', '.join(unused_inputs)} are declared but not used")
-    return Model(check_name(name, "model"), tuple(nodes[s] for s in xsyms), tuple(nodes[s] for s in tsyms),
+    return Model(check_name(name, "model", reserved=False), tuple(nodes[s] for s in xsyms), tuple(nodes[s] for s in tsyms),
                  tuple(nodes[s] for s in psyms), pred, L, names, inits)

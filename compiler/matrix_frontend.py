@@ -276,6 +276,6 @@ def from_matrix_expr(output, inputs, targets, loss="mse", params=None, target_ki
     else:
         raise ModelError(f"loss must be a name or a matrix expression, got {type(loss).__name__}")
     used = {n.uid for n in ir.topo_order([L, pred])}
-    return Model(check_name(name, "model"), tuple(n for _, n in in_nodes), tuple(n for _, n in tg_nodes),
+    return Model(check_name(name, "model", reserved=False), tuple(n for _, n in in_nodes), tuple(n for _, n in tg_nodes),
                  tuple(n for _, n in p_nodes if n.uid in used), pred, L, names,
                  {n.name: inits[n.name] for _, n in p_nodes if n.uid in used})

@@ -18,12 +18,13 @@ RESERVED = frozenset({
 })
 
 
-def check_name(name, what):
-    """Validate an identifier that will reach generated code."""
+def check_name(name, what, reserved=True):
+    """Validate an identifier that will reach generated code (``reserved``: also refuse the
+    names the generated functions use for themselves, which model names cannot shadow)."""
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ModelError(f"{what} name {name!r} is not allowed: use a letter followed by letters, "
                          "digits or underscores (at most 64 characters)")
-    if keyword.iskeyword(name) or keyword.issoftkeyword(name) or name in RESERVED:
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name) or (reserved and name in RESERVED):
         raise ModelError(f"{what} name {name!r} is reserved in generated code; choose another")
     return name
 
@@ -51,7 +52,7 @@ class Model:
     description: str = ""
 
     def __post_init__(self):
-        check_name(self.name, "model")
+        check_name(self.name, "model", reserved=False)
         seen = set()
         for node in (*self.inputs, *self.targets, *self.params):
             if node.name in seen:

@@ -37,7 +37,7 @@ class Network:
     """Builder of a batch-first tensor network; ``build`` returns a Model."""
 
     def __init__(self, name="model"):
-        self.name = check_name(name, "model")
+        self.name = check_name(name, "model", reserved=False)
         self.inputs, self.targets, self.params = [], [], []
         self.names, self.init = {}, {}
         self._layers = 0
