@@ -1,0 +1,491 @@
+"""Model spec files (TOML or JSON) -> Model, through the same builders as the Python API.
+
+The format is documented in ``docs/spec.md``. Spec files are untrusted: nothing in them is
+evaluated as Python. Expressions go through ``safe_expr`` (an AST whitelist); every name that
+reaches generated code goes through ``model.check_name``; every field is type-checked, and an
+unknown field is an error (a typo must not be silently ignored).
+
+Every error is a ``SpecError`` whose message starts with the file and the field, e.g.
+``examples/net.toml: network.layers[1].activation, column 7: unknown function 'foo'``.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import BpcError, ModelError
+
+MAX_FILE_BYTES = 32 * 1024 * 1024
+MAX_WIDTH = 1 << 20          # of one layer, input or target (beyond it init_params cannot allocate)
+MAX_LAYERS = 256
+MAX_DESCRIPTION = 2000
+TRIPLE_QUOTE = '"' * 3
+SOURCE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+DTYPES = ("float32", "float64")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+TOP_KEYS = ("model", "constants", "network", "expression", "train")
+MODEL_KEYS = ("name", "description", "dtype")
+NETWORK_KEYS = ("input", "target", "layers", "loss")
+INPUT_KEYS = ("name", "size")
+TARGET_KEYS = ("name", "size", "kind")
+LAYER_KEYS = ("type", "units", "activation", "name", "constants")
+EXPRESSION_KEYS = ("prediction", "params", "inputs", "targets", "loss", "prediction_symbol")
+
+
+class SpecError(ModelError):
+    """A spec file that cannot be turned into a model; the message names file and field."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A loaded spec: the model plus the file-level options the Model does not carry."""
+
+    path: str                     # as given by the caller, used in messages
+    model: object                 # compiler.model.Model
+    kind: str                     # "network" | "expression"
+    dtype: object = None          # None | "float32" | "float64"
+    train: dict = field(default_factory=dict)   # the [train] table, for `bpc train`, unvalidated
+
+
+def load_spec(path):
+    """Read a spec file (``.toml`` or ``.json``) and build its model."""
+    label = _printable(str(path))
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise SpecError(f"{label}: unknown spec file type {p.suffix or '(none)'!r}; use .toml or .json")
+    try:
+        size = p.stat().st_size
+        if not p.is_file():
+            raise SpecError(f"{label}: not a regular file")
+        if size > MAX_FILE_BYTES:
+            raise SpecError(f"{label}: file is {size} bytes; a spec may be at most {MAX_FILE_BYTES}")
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"{label}: no such file") from None
+    except OSError as e:
+        raise SpecError(f"{label}: cannot read: {e.strerror or e}") from None
+    return loads_spec(raw, label, suffix[1:], source=_source_name(p))
+
+
+def loads_spec(data, filename="<spec>", fmt="toml", source=None):
+    """Build a Spec from text or bytes in format ``fmt`` ("toml" or "json")."""
+    text = _decode(data, filename)
+    tree = _parse(text, filename, fmt)
+    loader = _Loader(filename, tree)
+    spec = loader.load()
+    if source is None:
+        source = Path(filename).name
+        if not SOURCE_RE.match(source):
+            raise SpecError(f"{_printable(filename)}: the file name is not allowed (it is written into the "
+                            "generated code): use letters, digits, '_', '-' and '.'")
+    model = replace(spec.model, source=source, source_text=text)
+    return replace(spec, model=model)
+
+
+def _source_name(path):
+    """A path-independent name for the generated header: repo-relative, else the file name.
+
+    It is printed into the generated module's docstring, so it must be plain: a file name
+    holding three double quotes would otherwise close the docstring and run code."""
+    try:
+        rel = path.resolve().relative_to(REPO_ROOT).as_posix()
+        if SOURCE_RE.match(rel):
+            return rel
+    except (ValueError, OSError):
+        pass
+    if not SOURCE_RE.match(path.name):
+        raise SpecError(f"{_printable(str(path))}: the file name {_printable(path.name)!r} is not allowed "
+                        "(it is written into the generated code): use letters, digits, '_', '-' and '.'")
+    return path.name
+
+
+def _printable(text, limit=200):
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_description(text, where, filename):
+    """The description is printed into the generated module's docstring: refuse what could
+    end the docstring or change its meaning there."""
+    if len(text) > MAX_DESCRIPTION:
+        raise SpecError(f"{filename}: {where}: is {len(text)} characters long; the limit is {MAX_DESCRIPTION}")
+    for i, ch in enumerate(text):
+        if ch == "\\" or text.startswith(TRIPLE_QUOTE, i) or (not ch.isprintable() and ch != "\n"):
+            what = {"\\": "a backslash", '"': "three double quotes"}.get(ch, f"the character U+{ord(ch):04X}")
+            raise SpecError(f"{filename}: {where}: {what} (at character {i + 1}) is not allowed in a description")
+    return text
+
+
+def _decode(data, filename):
+    if isinstance(data, str):
+        text = data
+    else:
+        if b"\0" in data:
+            raise SpecError(f"{filename}: this is a binary file, not a TOML or JSON spec")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{filename}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if "\0" in text:
+        raise SpecError(f"{filename}: this is a binary file, not a TOML or JSON spec")
+    return text
+
+
+def _parse(text, filename, fmt):
+    if not text.strip():
+        raise SpecError(f"{filename}: the file is empty; a spec needs a [model] table and a [network] "
+                        "or [expression] table (see docs/spec.md)")
+    try:
+        if fmt == "toml":
+            import tomllib
+            try:
+                tree = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                raise SpecError(f"{filename}: not valid TOML: {e}") from None
+        elif fmt == "json":
+            try:
+                tree = json.loads(text, parse_constant=_json_constant, object_pairs_hook=_json_object)
+            except json.JSONDecodeError as e:
+                raise SpecError(f"{filename}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+            except ValueError as e:
+                raise SpecError(f"{filename}: not valid JSON: {e}") from None
+        else:
+            raise SpecError(f"{filename}: unknown spec format {fmt!r}; use toml or json")
+    except RecursionError:
+        raise SpecError(f"{filename}: the file is nested too deeply") from None
+    if not isinstance(tree, dict):
+        raise SpecError(f"{filename}: the top level must be a table (object), not {_type(tree)}")
+    return tree
+
+
+def _json_constant(name):
+    raise ValueError(f"{name} is not a number a spec may use")
+
+
+def _json_object(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice in one object")
+        out[k] = v
+    return out
+
+
+def _type(v):
+    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+class _Loader:
+    def __init__(self, filename, tree):
+        self.file = filename
+        self.tree = tree
+
+    # -- errors -----------------------------------------------------------------------------
+    def error(self, where, message):
+        return SpecError(f"{self.file}: {where}: {message}")
+
+    def expr_error(self, where, text, e):
+        if e.column is None:
+            return self.error(where, e.message)
+        return SpecError(f"{self.file}: {where}, column {e.column}: {e.message}\n{_excerpt(text, e.column)}")
+
+    def wrap(self, where, fn, *args, **kwargs):
+        """Call a builder; its ModelError/ShapeError gets the file and field in front."""
+        try:
+            return fn(*args, **kwargs)
+        except SpecError:
+            raise
+        except BpcError as e:
+            raise self.error(where, str(e)) from None
+
+    # -- typed access ------------------------------------------------------------------------
+    def table(self, value, where, keys):
+        if not isinstance(value, dict):
+            raise self.error(where, f"must be a table, not {_type(value)}")
+        for k in value:
+            if k not in keys:
+                hint = difflib.get_close_matches(str(k), keys, n=1)
+                also = f"; did you mean {hint[0]!r}?" if hint else f"; allowed: {', '.join(keys)}"
+                raise self.error(f"{where}.{k}" if where else str(k), f"unknown field{also}")
+        return value
+
+    def string(self, value, where):
+        if not isinstance(value, str):
+            raise self.error(where, f"must be a string, not {_type(value)}")
+        return value
+
+    def name(self, value, where, what):
+        from .model import check_name
+        from .safe_expr import reserved_names
+        self.string(value, where)
+        try:
+            check_name(value, what)
+        except ModelError as e:
+            raise self.error(where, str(e)) from None
+        if value in reserved_names():
+            raise self.error(where, f"{what} name {value!r} is a built-in function or constant of "
+                                    "expressions; choose another")
+        return value
+
+    def integer(self, value, where, lo=1, hi=MAX_WIDTH):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(where, f"must be a positive integer, not {_type(value)} {_short(value)}")
+        if not lo <= value <= hi:
+            raise self.error(where, f"must be an integer from {lo} to {hi}, got {value}")
+        return value
+
+    def number(self, value, where, constants):
+        """A finite real: a TOML/JSON number, or a string with a constant expression."""
+        import sympy as sp
+        from .safe_expr import ExprError, parse_constant
+        if isinstance(value, bool):
+            raise self.error(where, "must be a number, not a boolean")
+        if isinstance(value, int):
+            if abs(value) > 2**1023:
+                raise self.error(where, "number is too large for float64")
+            return sp.Integer(value)
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise self.error(where, f"must be a finite number, got {value}")
+            return sp.Float(value)
+        if isinstance(value, str):
+            try:
+                return parse_constant(value, constants)
+            except ExprError as e:
+                raise self.expr_error(where, value, e) from None
+        raise self.error(where, f"must be a number or a constant expression string, not {_type(value)}")
+
+    def expression(self, text, where, symbols, constants):
+        from .safe_expr import ExprError, parse
+        self.string(text, where)
+        try:
+            return parse(text, symbols, constants)
+        except ExprError as e:
+            raise self.expr_error(where, text, e) from None
+
+    def constants(self, value, where, inherited, taken):
+        """Named constants (in order; each may use the ones before it)."""
+        out = dict(inherited)
+        if value is None:
+            return out
+        if not isinstance(value, dict):
+            raise self.error(where, f"must be a table of name = number, not {_type(value)}")
+        for k, v in value.items():
+            self.name(k, f"{where}.{k}", "constant")
+            if k in taken:
+                raise self.error(f"{where}.{k}", f"constant {k!r} clashes with the symbol {k!r} of this "
+                                                 "model; rename the constant")
+            out[k] = self.number(v, f"{where}.{k}", out)
+        return out
+
+    # -- the spec ----------------------------------------------------------------------------
+    def load(self):
+        tree = self.table(self.tree, "", TOP_KEYS)
+        model_t = self.table(tree.get("model", {}), "model", MODEL_KEYS)
+        stem = Path(self.file).stem
+        if "name" in model_t:
+            name = self.name(model_t["name"], "model.name", "model")
+        else:
+            try:
+                from .model import check_name
+                name = check_name(stem, "model")
+            except ModelError:
+                raise self.error("model.name", f"missing, and the file name {stem!r} is not a valid model "
+                                               "name (a letter, then letters, digits or _); set model.name") from None
+        description = _check_description(self.string(model_t.get("description", ""), "model.description"),
+                                         "model.description", self.file)
+        dtype = model_t.get("dtype")
+        if dtype is not None and dtype not in DTYPES:
+            raise self.error("model.dtype", f"must be one of {', '.join(DTYPES)}, not {_short(dtype)}")
+        train = tree.get("train", {})
+        if not isinstance(train, dict):
+            raise self.error("train", f"must be a table, not {_type(train)}")
+        has_net, has_expr = "network" in tree, "expression" in tree
+        if has_net == has_expr:
+            raise self.error("(top level)", "a spec needs exactly one of the tables [network] and "
+                             "[expression]" + (", not both" if has_net else ""))
+        if has_net:
+            model, kind = self.network(tree["network"], name, tree.get("constants")), "network"
+        else:
+            model, kind = self.expression_model(tree["expression"], name, tree.get("constants")), "expression"
+        if description:
+            model = replace(model, description=description)
+        return Spec(self.file, model, kind, dtype, dict(train))
+
+    def network(self, net_t, name, constants_t):
+        from .nn import Network
+        net_t = self.table(net_t, "network", NETWORK_KEYS)
+        for key in ("input", "target", "layers"):
+            if key not in net_t:
+                raise self.error(f"network.{key}", "missing")
+        in_t = self.table(net_t["input"], "network.input", INPUT_KEYS)
+        tg_t = self.table(net_t["target"], "network.target", TARGET_KEYS)
+        x_name = self.name(in_t.get("name", "x"), "network.input.name", "input")
+        if "size" not in in_t:
+            raise self.error("network.input.size", "missing (the number of features per sample)")
+        x_size = self.integer(in_t["size"], "network.input.size")
+        y_name = self.name(tg_t.get("name", "y"), "network.target.name", "target")
+        y_kind = self.string(tg_t.get("kind", "real"), "network.target.kind")
+        if y_kind not in ("real", "label"):
+            raise self.error("network.target.kind", f"must be 'real' or 'label', not {y_kind!r}")
+        if y_kind == "label":
+            if "size" in tg_t:
+                raise self.error("network.target.size", "integer labels are one class index per sample; "
+                                 "give no size (the number of classes is the last layer's width)")
+            y_size = None
+        else:
+            if "size" not in tg_t:
+                raise self.error("network.target.size", "missing (the number of target values per sample)")
+            y_size = self.integer(tg_t["size"], "network.target.size")
+        if x_name == y_name:
+            raise self.error("network.target.name", f"{y_name!r} is already the input's name")
+        # in activation and loss expressions, x (and p, y) are the variables, not constants
+        constants = self.constants(constants_t, "constants", {}, {"x", "p", "y"})
+
+        layers = net_t["layers"]
+        if not isinstance(layers, list):
+            raise self.error("network.layers", f"must be an array of tables, not {_type(layers)}")
+        if not layers:
+            raise self.error("network.layers", "is empty; give at least one layer")
+        if len(layers) > MAX_LAYERS:
+            raise self.error("network.layers", f"has {len(layers)} layers; the limit is {MAX_LAYERS}")
+
+        net = self.wrap("model.name", Network, name)
+        h = self.wrap("network.input", net.input, x_name, x_size)
+        names = set()
+        for i, layer in enumerate(layers):
+            where = f"network.layers[{i}]"
+            layer = self.table(layer, where, LAYER_KEYS)
+            kind = self.string(layer.get("type", "dense"), f"{where}.type")
+            if kind not in ("dense", "activation"):
+                raise self.error(f"{where}.type", f"must be 'dense' or 'activation', not {kind!r}")
+            lconst = self.constants(layer.get("constants"), f"{where}.constants", constants, {"x"})
+            act = self.activation(layer.get("activation", "identity"), f"{where}.activation", lconst)
+            lname = None
+            if "name" in layer:
+                lname = self.name(layer["name"], f"{where}.name", "layer")
+                if lname in names:
+                    raise self.error(f"{where}.name", f"layer name {lname!r} is used twice")
+                names.add(lname)
+            if kind == "dense":
+                if "units" not in layer:
+                    raise self.error(f"{where}.units", "missing (the layer's width)")
+                units = self.integer(layer["units"], f"{where}.units")
+                h = self.wrap(where, net.dense, h, units, act, name=lname)
+            else:
+                if "units" in layer:
+                    raise self.error(f"{where}.units", "an activation layer keeps its input's width; remove units")
+                if "activation" not in layer:
+                    raise self.error(f"{where}.activation", "missing")
+                h = self.wrap(where, net.activation, h, act, name=lname)
+
+        target = self.wrap("network.target", net.target, y_name, y_size, y_kind)
+        loss = self.loss(net_t.get("loss", "mse"), "network.loss", constants)
+        return self.wrap("network.loss", net.build, h, loss, target)
+
+    def activation(self, value, where, constants):
+        import sympy as sp
+        from .functions import ACTIVATIONS
+        from .model import NAME_RE
+        self.string(value, where)
+        if value in ACTIVATIONS:
+            return value
+        if NAME_RE.match(value) and value != "x" and value not in constants:
+            hint = difflib.get_close_matches(value, ACTIVATIONS, n=1)
+            also = f"did you mean {hint[0]!r}? " if hint else ""
+            raise self.error(where, f"unknown activation {value!r}; {also}built-ins are "
+                             f"{', '.join(sorted(ACTIVATIONS))}, or write an expression of x")
+        x = sp.Symbol("x", real=True)
+        return self.expression(value, where, {"x": x}, constants)
+
+    def loss(self, value, where, constants):
+        import sympy as sp
+        from .model import NAME_RE
+        from .nn import LOSSES, _LOSS_ALIASES
+        self.string(value, where)
+        if value in LOSSES or value in _LOSS_ALIASES:
+            return value
+        if NAME_RE.match(value) and value not in ("p", "y") and value not in constants:
+            known = sorted((*LOSSES, *_LOSS_ALIASES))
+            hint = difflib.get_close_matches(value, known, n=1)
+            also = f"did you mean {hint[0]!r}? " if hint else ""
+            raise self.error(where, f"unknown loss {value!r}; {also}built-ins are {', '.join(LOSSES)}, "
+                             "or write an expression of p (prediction) and y (target)")
+        syms = {s: sp.Symbol(s, real=True) for s in ("p", "y")}
+        return self.expression(value, where, syms, constants)
+
+    def expression_model(self, ex_t, name, constants_t):
+        import sympy as sp
+        from .expression_model import expression_model
+        ex_t = self.table(ex_t, "expression", EXPRESSION_KEYS)
+        for key in ("prediction", "params", "inputs"):
+            if key not in ex_t:
+                raise self.error(f"expression.{key}", "missing")
+        declared = {}   # name -> field that declares it
+
+        def declare(n, where, what):
+            self.name(n, where, what)
+            if n in declared:
+                raise self.error(where, f"{n!r} is already declared in {declared[n]}")
+            declared[n] = where
+            return sp.Symbol(n, real=True)
+
+        def name_list(value, where, what):
+            if not isinstance(value, list):
+                raise self.error(where, f"must be an array of names, not {_type(value)}")
+            return [declare(v, f"{where}[{i}]", what) for i, v in enumerate(value)]
+
+        params_t = ex_t["params"]
+        if not isinstance(params_t, dict):
+            raise self.error("expression.params", f"must be a table of name = initial value, not {_type(params_t)}")
+        if not params_t:
+            raise self.error("expression.params", "is empty; declare at least one parameter to fit")
+        psyms = [declare(k, f"expression.params.{k}", "parameter") for k in params_t]
+        inputs = name_list(ex_t["inputs"], "expression.inputs", "input")
+        if not inputs:
+            raise self.error("expression.inputs", "is empty; declare at least one data symbol")
+        targets = name_list(ex_t.get("targets", ["y"]), "expression.targets", "target")
+        if not targets:
+            raise self.error("expression.targets", "is empty; declare at least one target symbol")
+        psym_name = self.string(ex_t.get("prediction_symbol", "p"), "expression.prediction_symbol")
+        psym = declare(psym_name, "expression.prediction_symbol", "prediction symbol")
+
+        constants = self.constants(constants_t, "constants", {}, set(declared))
+        # stored as float, as the Python API stores it (("value", float(v)))
+        inits = {s: float(self.number(v, f"expression.params.{s.name}", constants).evalf(30))
+                 for s, v in zip(psyms, params_t.values())}
+        pred = self.expression(ex_t["prediction"], "expression.prediction",
+                               {s.name: s for s in (*psyms, *inputs)}, constants)
+        loss = None
+        if "loss" in ex_t:
+            loss = self.expression(ex_t["loss"], "expression.loss",
+                                   {s.name: s for s in (psym, *targets, *psyms)}, constants)
+        elif len(targets) != 1:
+            raise self.error("expression.loss", "missing: the default (p - y)**2 needs exactly one target")
+        return self.wrap("expression", expression_model, pred, inits, inputs, targets=targets,
+                         loss=loss, prediction_symbol=psym.name, name=name)
+
+
+def _short(value, limit=40):
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _excerpt(text, column, width=60):
+    """Two lines: the expression around ``column`` (made printable) and a caret under it."""
+    i = column - 1
+    start = max(0, i - width // 2)
+    end = min(len(text), start + width)
+    part = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text[start:end])
+    prefix = "..." if start > 0 else ""
+    suffix = "..." if end < len(text) else ""
+    return f"    {prefix}{part}{suffix}\n    {' ' * (len(prefix) + i - start)}^"
