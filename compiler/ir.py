@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import weakref
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -73,7 +74,8 @@ def size_of(shape):
     return out
 
 
-_intern: dict = {}
+# weak, so that a long-running process compiling many models does not keep them all
+_intern = weakref.WeakValueDictionary()
 
 
 def make(op, inputs, shape, attrs=()):
