@@ -131,11 +131,18 @@ def parse(text, symbols, constants=None):
     further names to SymPy numbers. Anything else is an ExprError with a column.
     """
     _prescan(text)
-    body = _tree(text)
+    # Python reads leading blanks as an indent; drop them, keep columns true to the original
+    stripped = text.lstrip(" \t")
+    shift = len(text) - len(stripped)
     names = dict(CONSTANTS)
     names.update(constants or {})
     names.update(symbols)
-    result = _Builder(text, names, _functions()).build(body)
+    try:
+        result = _Builder(stripped, names, _functions()).build(_tree(stripped))
+    except ExprError as e:
+        if e.column is not None:
+            e.column += shift
+        raise
     if not isinstance(result, sp.Basic):
         result = sp.sympify(result)  # a plain int/float: sympify of a number never evaluates code
     return result
