@@ -1,0 +1,340 @@
+"""The C backend: the model table against NumPy and finite differences, stability, float32,
+the wrapper's argument checks, the build cache, build errors, and the standalone C files."""
+import dataclasses
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import compiler as bpc
+from compiler import c_backend
+from compiler.c_backend import CBuildError, compile_model_c
+from compiler.errors import ModelError, UnsupportedError
+from compiler.gradcheck import check_gradients, random_batch
+from model_table import MODELS, STABLE_MODELS
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler")
+
+_MODELS = dict(MODELS)
+_cache = {}
+
+
+def built(model_id, dtype="float64"):
+    """(model, NumPy module, C module), built once per session."""
+    key = (model_id, dtype)
+    if key not in _cache:
+        model = _MODELS[model_id]()
+        _cache[key] = (model, bpc.compile_model(model, dtype).load(), compile_model_c(model, dtype).load())
+    return _cache[key]
+
+
+def perturbed(module, seed=1, scale=0.3):
+    """Initial parameters plus noise (so that biases are not all zero): a random network."""
+    rng = np.random.default_rng(seed)
+    return {k: np.asarray(v + scale * rng.standard_normal(np.shape(v)), dtype=v.dtype)
+            for k, v in module.init_params(seed).items()}
+
+
+def n_inputs(module):
+    return len(module.INPUTS)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b), initial=0.0) / max(np.max(np.abs(b), initial=0.0), 1e-300))
+
+
+# ---- the model table, both backends -----------------------------------------------------------
+
+@pytest.mark.parametrize("model_id", list(_MODELS))
+def test_c_matches_numpy_float64(model_id):
+    _, npm, cm = built(model_id)
+    assert cm.PARAMS == npm.PARAMS and cm.INPUTS == npm.INPUTS and cm.TARGETS == npm.TARGETS
+    assert cm.TARGET_KINDS == npm.TARGET_KINDS and cm.CLASSES == npm.CLASSES and cm.FORMULAS == npm.FORMULAS
+    init_c, init_np = cm.init_params(7), npm.init_params(7)
+    assert set(init_c) == set(init_np)
+    for k in init_np:
+        np.testing.assert_array_equal(init_c[k], init_np[k])
+    for seed in range(3):
+        params = perturbed(npm, seed)
+        arrays = random_batch(npm, batch=[1, 5, 17][seed], seed=seed)
+        np_loss, np_grads = npm.backward(params, *arrays)
+        c_loss, c_grads = cm.backward(params, *arrays)
+        assert rel_err(c_loss, np_loss) <= 1e-12
+        assert abs(cm.loss(params, *arrays) - c_loss) <= 1e-12 * abs(c_loss)
+        for k in np_grads:
+            assert np.shape(c_grads[k]) == np.shape(np_grads[k]), k
+            assert rel_err(c_grads[k], np_grads[k]) <= 1e-12, k
+        x = arrays[:n_inputs(npm)]
+        assert rel_err(cm.forward(params, *x), npm.forward(params, *x)) <= 1e-12
+
+
+@pytest.mark.parametrize("model_id", list(_MODELS))
+def test_c_gradients_match_finite_differences(model_id):
+    _, _, cm = built(model_id)
+    params = perturbed(cm, 11)
+    arrays = random_batch(cm, batch=4, seed=11)
+    rows = check_gradients(cm, params, arrays)
+    assert rows and all(r.ok for r in rows), "\n" + bpc.gradcheck.format_table(rows)
+
+
+@pytest.mark.parametrize("model_id", [m for m, _ in STABLE_MODELS])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_c_stable_at_plus_minus_1000(model_id, dtype):
+    _, _, cm = built(model_id, dtype)
+    params = cm.init_params(0)
+    for sign in (1.0, -1.0):
+        arrays = random_batch(cm, batch=6, seed=2)
+        for i in range(n_inputs(cm)):
+            arrays[i] = (sign * 1000.0 * np.sign(arrays[i]) + 1e-3).astype(dtype)
+        arrays = [a.astype(dtype) if a.dtype.kind == "f" else a for a in arrays]
+        value, grads = cm.backward(params, *arrays)
+        assert np.isfinite(value), (sign, value)
+        for k in grads:
+            assert np.all(np.isfinite(grads[k])), (sign, k)
+
+
+@pytest.mark.parametrize("model_id", ["mlp_tanh_mse", "softmax_labels", "bce_logits", "poly_fit", "matrix_rows"])
+def test_c_float32_agrees_with_float64(model_id):
+    _, _, c64 = built(model_id)
+    _, np32, c32 = built(model_id, "float32")
+    assert c32.DTYPE == "float32"
+    params32 = c32.init_params(0)
+    assert all(v.dtype == np.float32 for v in params32.values())
+    params64 = {k: v.astype(np.float64) for k, v in params32.items()}
+    arrays = random_batch(c64, batch=8, seed=4)
+    arrays32 = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
+    l32, g32 = c32.backward(params32, *arrays32)
+    l64, g64 = c64.backward(params64, *arrays)
+    lnp, gnp = np32.backward(params32, *arrays32)
+    assert abs(l32 - l64) <= 1e-4 * max(abs(l64), 1.0)
+    assert abs(l32 - lnp) <= 1e-5 * max(abs(lnp), 1.0)
+    for k in g64:
+        assert g32[k].dtype == np.float32
+        assert np.allclose(g32[k], g64[k], rtol=1e-3, atol=1e-5), k
+        assert np.allclose(g32[k], gnp[k], rtol=1e-4, atol=1e-6), k
+    out = c32.forward(params32, *arrays32[:n_inputs(c32)])
+    assert out.dtype == np.float32
+
+
+# ---- the wrapper: arguments, results ------------------------------------------------------
+
+def test_wrapper_rejects_bad_arrays():
+    _, _, cm = built("mlp_tanh_mse")
+    p = cm.init_params(0)
+    x = np.zeros((4, 3))
+    y = np.zeros((4, 2))
+    with pytest.raises(ValueError, match="float64"):
+        cm.backward(p, x.astype(np.float32), y)
+    with pytest.raises(ValueError, match="float64"):
+        cm.forward(p, x.astype(np.int64))
+    with pytest.raises(ValueError, match=r"shape \(batch,\) \+ \(3,\)"):
+        cm.backward(p, np.zeros((4, 2)), y)
+    with pytest.raises(ValueError, match="shape"):
+        cm.forward(p, np.zeros(3))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cm.backward(p, np.zeros((3, 4)).T, y)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cm.forward(p, np.zeros((8, 3))[::2])
+    with pytest.raises(ValueError, match="batch sizes"):
+        cm.loss(p, x, np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="empty"):
+        cm.loss(p, x[:0], y[:0])
+    assert cm.forward(p, x[:0]).shape == (0, 2)
+    bad = dict(p)
+    bad["W1"] = p["W1"].astype(np.float32)
+    with pytest.raises(ValueError, match="parameter 'W1'.*float64"):
+        cm.loss(bad, x, y)
+    bad["W1"] = np.zeros((5, 3))
+    with pytest.raises(ValueError, match=r"parameter 'W1' must have shape \(3, 5\)"):
+        cm.loss(bad, x, y)
+    del bad["W1"]
+    with pytest.raises(ValueError, match="no entry 'W1'"):
+        cm.loss(bad, x, y)
+    with pytest.raises(ValueError, match="compiled for float64"):
+        cm.init_params(0, dtype="float32")
+
+
+def test_wrapper_rejects_bad_labels():
+    _, npm, cm = built("softmax_labels")
+    p = cm.init_params(0)
+    x = np.zeros((3, 4))
+    with pytest.raises(ValueError, match=r"labels in 0\.\.2, got 3"):
+        cm.backward(p, x, np.array([0, 3, 1]))
+    with pytest.raises(ValueError, match=r"labels in 0\.\.2, got -1"):
+        cm.loss(p, x, np.array([-1, 0, 1]))
+    with pytest.raises(ValueError, match="integer class labels"):
+        cm.loss(p, x, np.array([0.5, 0.0, 1.0]))
+    y32 = np.array([0, 2, 1], dtype=np.int32)   # any integer dtype is fine
+    assert cm.loss(p, x, y32) == pytest.approx(npm.loss(dict(p), x, y32), rel=1e-12)
+
+
+def test_params_fast_path_and_plain_dicts_agree():
+    _, npm, cm = built("mlp_tanh_mse")
+    arrays = random_batch(cm, batch=5, seed=9)
+    p = cm.init_params(3)
+    assert isinstance(p, dict) and p.flat.shape == (cm.NUM_PARAMS,)
+    l0, g0 = cm.backward(p, *arrays)
+    # in-place updates (including `p[k] -= ...`) keep the flat storage and are seen by C
+    p["W1"] -= 0.1 * g0["W1"]
+    p.flat[cm.OFFSETS["b2"]] += 0.5
+    plain = {k: np.array(v) for k, v in p.items()}
+    assert cm.backward(p, *arrays)[0] == pytest.approx(npm.backward(plain, *arrays)[0], rel=1e-12)
+    # replacing an entry: C must see the new array (slow path), not the old storage
+    p["W2"] = np.zeros_like(p["W2"])
+    plain["W2"] = np.zeros_like(plain["W2"])
+    assert cm.loss(p, *arrays) == pytest.approx(npm.loss(plain, *arrays), rel=1e-12)
+    # grads are fresh each call, never overwritten by a later call
+    _, g1 = cm.backward(plain, *arrays)
+    before = {k: np.array(v) for k, v in g1.items()}
+    cm.backward(cm.init_params(5), *arrays)
+    for k in before:
+        np.testing.assert_array_equal(g1[k], before[k])
+    # Params pickle as plain dicts of arrays
+    back = pickle.loads(pickle.dumps(p))
+    assert type(back) is dict and all(np.array_equal(back[k], p[k]) for k in p)
+
+
+# ---- building, caching, errors ----------------------------------------------------------
+
+def test_second_load_is_a_cache_hit_and_models_do_not_collide():
+    model, _, first = built("mlp_relu_mse")
+    builds = c_backend.stats["builds"]
+    again = compile_model_c(_MODELS["mlp_relu_mse"]()).load()
+    assert c_backend.stats["builds"] == builds
+    params = first.init_params(0)
+    arrays = random_batch(first, batch=3)
+    assert again.loss(params, *arrays) == first.loss(params, *arrays)
+    # same model name, different network: a different extension, both usable
+    other = compile_model_c(bpc.mlp([3, 7, 2], activation="tanh", name=model.name)).load()
+    assert c_backend.stats["builds"] == builds + 1
+    assert other.PARAMS != first.PARAMS
+    assert np.isfinite(other.loss(other.init_params(0), *random_batch(other, batch=3)))
+    assert np.isfinite(first.loss(params, *arrays))
+
+
+def test_generated_code_is_deterministic():
+    a = compile_model_c(_MODELS["softmax_onehot"]())
+    b = compile_model_c(_MODELS["softmax_onehot"]())
+    assert (a.c_source, a.header, a.wrapper_source) == (b.c_source, b.header, b.wrapper_source)
+    assert "-ffast-math" not in a.c_source + a.wrapper_source
+    assert "dZ2 = (softmax(Z2) - y)/n" in a.c_source     # the formula beside the gradient line
+
+
+def test_compile_error_reports_the_compiler_output(tmp_path):
+    good = compile_model_c(_MODELS["poly_fit"]())
+    broken = dataclasses.replace(good, c_source=good.c_source.replace("return POLY_OK;", "return POLY_OK +;", 1))
+    with pytest.raises(CBuildError) as err:
+        broken.build(cache=tmp_path)
+    assert "error" in str(err.value) and "poly.c" in str(err.value)
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "bpc-no-such-compiler")
+    c_backend._toolchain.cache_clear()
+    try:
+        with pytest.raises(UnsupportedError, match="C compiler.*NumPy target"):
+            compile_model_c(_MODELS["poly_fit"]()).build(cache=tmp_path)
+    finally:
+        c_backend._toolchain.cache_clear()
+
+
+def test_bad_dtype_and_prefix():
+    with pytest.raises(ModelError, match="float32 or float64"):
+        compile_model_c(_MODELS["poly_fit"](), "float16")
+    with pytest.raises(ModelError, match="C identifier"):
+        compile_model_c(_MODELS["poly_fit"](), prefix="int")
+
+
+def test_c_names_avoid_c_keywords_and_library_functions():
+    import sympy as sp
+    exp_, double_ = sp.symbols("exp double")
+    x = sp.Symbol("x")
+    model = bpc.expression_model(exp_ * x + double_, {exp_: 0.5, double_: -0.25}, [x], name="kw")
+    compiled = compile_model_c(model)
+    assert "const double *const exp_ = params + 0;" in compiled.c_source
+    cm = compiled.load()
+    npm = bpc.compile_model(model).load()
+    arrays = random_batch(npm, batch=4)
+    p = npm.init_params(0)
+    assert cm.backward(p, *arrays)[0] == pytest.approx(npm.backward(p, *arrays)[0], rel=1e-12)
+
+
+# ---- the standalone C files --------------------------------------------------------------
+
+@pytest.mark.parametrize("model_id,dtype", [("softmax_labels", "float64"), ("matrix_mse", "float64"),
+                                            ("expr_multi", "float32"), ("mlp_gelu", "float32")])
+def test_c_source_is_strict_c99(tmp_path, model_id, dtype):
+    compiled = compile_model_c(_MODELS[model_id](), dtype)
+    compiled.write(tmp_path)
+    cc = shutil.which("gcc") or shutil.which("cc")
+    proc = subprocess.run([cc, "-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror", "-O2", "-c",
+                           f"{compiled.prefix}.c", "-o", "model.o"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_c_program_without_python(tmp_path):
+    """A plain C program calls backward (work = NULL) and prints what the wrapper computes."""
+    _, _, cm = built("softmax_labels")
+    compiled = compile_model_c(_MODELS["softmax_labels"]())
+    compiled.write(tmp_path)
+    params = perturbed(cm, 2)
+    x, y = random_batch(cm, batch=3, seed=1)
+    flat = np.concatenate([np.ravel(params[k]) for k in cm.PARAMS])
+    doubles = ", ".join(repr(float(v)) for v in flat)
+    main = textwrap.dedent(f"""
+        #include <stdio.h>
+        #include "clf_labels.h"
+        int main(void) {{
+            const double params[CLF_LABELS_NUM_PARAMS] = {{{doubles}}};
+            const double x[12] = {{{", ".join(repr(float(v)) for v in x.ravel())}}};
+            const int64_t y[3] = {{{", ".join(str(int(v)) for v in y)}}};
+            const int64_t bad[3] = {{0, 7, 1}};
+            double loss, grads[CLF_LABELS_NUM_PARAMS];
+            if (clf_labels_backward(params, x, y, 3, &loss, grads, NULL) != CLF_LABELS_OK) return 1;
+            if (clf_labels_loss(params, x, bad, 3, &loss, NULL) != CLF_LABELS_ERR_LABEL) return 2;
+            printf("%.17g", loss);
+            for (int i = 0; i < CLF_LABELS_NUM_PARAMS; i++) printf(" %.17g", grads[i]);
+            printf("\\n");
+            return 0;
+        }}
+    """)
+    (tmp_path / "main.c").write_text(main)
+    cc = shutil.which("gcc") or shutil.which("cc")
+    build = subprocess.run([cc, "-std=c99", "-O2", "main.c", "clf_labels.c", "-o", "main", "-lm"],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(tmp_path / "main")], capture_output=True, text=True)
+    assert run.returncode == 0, run.returncode
+    values = np.array([float(v) for v in run.stdout.split()])
+    loss, grads = cm.backward(params, x, y)
+    assert values[0] == pytest.approx(loss, rel=1e-14)
+    expected = np.concatenate([np.ravel(grads[k]) for k in cm.PARAMS])
+    assert rel_err(values[1:], expected) <= 1e-14
+
+
+def test_written_wrapper_builds_and_imports_in_a_fresh_interpreter(tmp_path):
+    compiled = compile_model_c(_MODELS["poly_fit"]())
+    compiled.write(tmp_path)
+    script = textwrap.dedent("""
+        import sys, numpy as np
+        import poly
+        assert "compiler" not in sys.modules
+        p = poly.init_params(0)
+        x = np.linspace(-1, 1, 5); y = x ** 3
+        loss, grads = poly.backward(p, x, y)
+        print(repr(loss), sorted(grads))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    npm = bpc.compile_model(_MODELS["poly_fit"]()).load()
+    x = np.linspace(-1, 1, 5)
+    expected = npm.loss(npm.init_params(0), x, x ** 3)
+    loss_text, names = run.stdout.split(" ", 1)
+    assert float(loss_text) == pytest.approx(expected, rel=1e-12)
+    assert names.strip() == str(sorted(npm.PARAMS))
