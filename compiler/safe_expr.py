@@ -156,9 +156,9 @@ def parse_constant(text, constants=None):
     try:
         f = float(value.evalf(30))
     except (TypeError, ValueError):
-        raise ExprError(f"constant {value} is not a real number") from None
+        raise ExprError(f"constant {_show(value)} is not a real number") from None
     if not math.isfinite(f):
-        raise ExprError(f"constant {value} is not finite in float64")
+        raise ExprError(f"constant {_show(value)} is not finite in float64")
     return value
 
 
@@ -261,7 +261,7 @@ class _Builder:
             return
         log2b = abs(_log2(b))
         if abs(float(exp)) * log2b > MAX_POWER_BITS:
-            raise ExprError(f"the power {base}**{exp} is too large (beyond float64 range)", col)
+            raise ExprError(f"the power {_show(base)}**{_show(exp)} is too large (beyond float64 range)", col)
 
     def _call(self, node):
         if not isinstance(node.func, ast.Name):
@@ -299,7 +299,25 @@ class _Builder:
                 ok = False
             if not ok:
                 raise ExprError("number is too large for float64", _col(node))
+        elif isinstance(r, sp.Basic) and r.is_number:
+            # Evaluated here, bottom-up, while every argument is known to be a float64-sized
+            # real: later (in evalf or in the generated code) exp(exp(exp(100))) would hang or
+            # be inf.
+            real, imag = r.evalf(20).as_real_imag()
+            if imag != 0:
+                raise ExprError(f"{_show(r)} is not a real number", _col(node))
+            try:
+                ok = math.isfinite(float(real))
+            except (OverflowError, TypeError):
+                ok = False
+            if not ok:
+                raise ExprError(f"{_show(r)} is not finite in float64", _col(node))
         return r
+
+
+def _show(expr, limit=60):
+    text = str(expr)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _log2(number):

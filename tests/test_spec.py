@@ -267,6 +267,10 @@ BAD = [
     ("x/(beta - 1.5)", "division by zero", 2),
     ("0**-1", "division by zero", 2),
     ("log(0)", "not finite", 1),
+    ("x*exp(exp(exp(100)))", "exp(exp(100)) is not finite", 7),    # evalf of it would hang
+    ("E**(10**300)", "is not finite", 1),
+    ("sqrt(-1)*x", "I is not a real number", 1),
+    ("log(-2)", "is not a real number", 1),
     ("x // 2", "operator //", 3),
     ("x % 2", "operator %", 3),
     ("x ^ 2", "use ** for powers", 3),
