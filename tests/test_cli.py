@@ -114,6 +114,31 @@ def test_c_target_without_the_c_backend(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def _has_c_backend():
+    try:
+        import compiler.c_backend  # noqa: F401
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_c_backend(), reason="compiler.c_backend not present")
+def test_c_target_writes_a_directory(tmp_path, capsys):
+    assert run("compile", POLY, "--target", "c", "-o", tmp_path) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["poly_fit.c", "poly_fit.h", "poly_fit.py"]
+    assert run("compile", POLY, "--target", "c", "-o", tmp_path) == 0     # its own files: replaced
+
+
+@pytest.mark.skipif(not _has_c_backend(), reason="compiler.c_backend not present")
+def test_c_target_never_replaces_the_numpy_module(tmp_path, capsys):
+    assert run("compile", POLY, "-o", tmp_path) == 0
+    numpy_module = (tmp_path / "poly_fit.py").read_bytes()
+    assert run("compile", POLY, "--target", "c", "-o", tmp_path) == 2
+    assert "would replace" in capsys.readouterr().err
+    assert (tmp_path / "poly_fit.py").read_bytes() == numpy_module
+    assert [p.name for p in tmp_path.iterdir()] == ["poly_fit.py"]
+
+
 def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["compile", str(POLY), "--target", "fortran"])

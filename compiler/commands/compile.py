@@ -1,7 +1,8 @@
 """Compile a model spec into a standalone module.
 
 The NumPy target writes one Python file (default generated/<model name>.py); the C target
-writes its files into a directory (default generated/). Files are written atomically: a failed
+writes its C source, header and Python wrapper into a directory (default generated/c/: the
+wrapper is also named <model name>.py and must not replace the NumPy module). Files are written atomically: a failed
 or interrupted compile leaves no partial file and keeps any previous good one.
 """
 from __future__ import annotations
@@ -18,10 +19,10 @@ def add_arguments(parser):
                         help="backend (default: numpy)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
                         help="floating type of the generated code (default: the spec's model.dtype; "
-                        "for numpy without either, the inputs' dtype)")
+                        "without either, numpy follows the inputs' dtype and c uses float64)")
     parser.add_argument("-o", "--output", metavar="OUT", default=None,
                         help="numpy: output .py file, a directory, or - for standard output "
-                        "(default: generated/<model name>.py); c: output directory (default: generated/)")
+                        "(default: generated/<model name>.py); c: output directory (default: generated/c/)")
 
 
 def run(args):
@@ -76,10 +77,18 @@ def _compile_c(spec, dtype, option):
             raise BpcError("the C target is not available in this build (compiler.c_backend is missing); "
                            "the NumPy target works: bpc compile SPEC --target numpy") from None
         raise
-    out_dir = Path(option) if option else Path("generated")
+    out_dir = Path(option) if option else Path("generated") / "c"
     if out_dir.exists() and not out_dir.is_dir():
         raise BpcError(f"output {option}: the C target writes a directory of files; give a directory")
-    result = compile_model_c(spec.model, dtype)
+    # C has no "follow the inputs": a fixed type, float64 unless asked otherwise
+    result = compile_model_c(spec.model, dtype or "float64")
+    # the wrapper is <prefix>.py: a .py there without its .c beside it is some other module
+    # (typically the NumPy one, from `-o generated`), which must not be replaced
+    prefix = getattr(result, "prefix", spec.model.name)
+    wrapper = out_dir / f"{prefix}.py"
+    if wrapper.exists() and not (out_dir / f"{prefix}.c").exists():
+        raise BpcError(f"output {out_dir}: writing the C wrapper would replace {wrapper}, which is not "
+                       "from a C compile (the NumPy module?); choose another directory, e.g. generated/c")
     try:
         written = result.write(out_dir)
     except OSError as e:
