@@ -150,13 +150,15 @@ def _parse(text, filename, fmt):
                 tree = tomllib.loads(text)
             except tomllib.TOMLDecodeError as e:
                 raise SpecError(f"{filename}: not valid TOML: {e}") from None
+            except ValueError as e:   # int() of a literal beyond Python's 4300-digit limit
+                raise SpecError(f"{filename}: not valid TOML: {_value_error(e)}") from None
         elif fmt == "json":
             try:
                 tree = json.loads(text, parse_constant=_json_constant, object_pairs_hook=_json_object)
             except json.JSONDecodeError as e:
                 raise SpecError(f"{filename}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
             except ValueError as e:
-                raise SpecError(f"{filename}: not valid JSON: {e}") from None
+                raise SpecError(f"{filename}: not valid JSON: {_value_error(e)}") from None
         else:
             raise SpecError(f"{filename}: unknown spec format {fmt!r}; use toml or json")
     except RecursionError:
@@ -164,6 +166,11 @@ def _parse(text, filename, fmt):
     if not isinstance(tree, dict):
         raise SpecError(f"{filename}: the top level must be a table (object), not {_type(tree)}")
     return tree
+
+
+def _value_error(e):
+    text = str(e)
+    return "a number has too many digits" if "integer string conversion" in text else text
 
 
 def _json_constant(name):

@@ -60,6 +60,8 @@ CASES = [
     ("json NaN", "m.json", '{"model": {"name": NaN}}', "NaN is not a number"),
     ("json duplicate key", "m.json", '{"model": {"name": "a", "name": "b"}}', "appears twice"),
     ("json nested 100000 deep", "m.json", "[" * 100000 + "]" * 100000, "nested too deeply"),
+    ("toml 5000-digit integer", "m.toml", "[model]\nname = " + "9" * 5000 + "\n", "not valid TOML: a number has too many digits"),
+    ("json 5000-digit integer", "m.json", '{"model": {"name": ' + "9" * 5000 + "}}", "not valid JSON: a number has too many digits"),
     ("unknown extension", "m.yaml", "network: {}", "unknown spec file type '.yaml'"),
     ("file name injection", 'm""".toml', net(), "file name"),
     # -- structure and types

@@ -142,6 +142,24 @@ units = 3
       "network": {"input": {"size": 5}, "target": {"kind": "label"}, "loss": "cross_entropy",
                   "layers": [{"units": 3}]}},
      lambda: mlp([5, 3], loss="softmax_cross_entropy", name="clf")),
+    ("one-hot-classifier-softmax",
+     """
+[model]
+name = "onehot"
+[network]
+input = { size = 5 }
+target = { size = 3 }
+loss = "softmax_cross_entropy"
+[[network.layers]]
+units = 4
+activation = "gelu"
+[[network.layers]]
+units = 3
+""",
+     {"model": {"name": "onehot"},
+      "network": {"input": {"size": 5}, "target": {"size": 3}, "loss": "softmax_cross_entropy",
+                  "layers": [{"units": 4, "activation": "gelu"}, {"units": 3}]}},
+     lambda: mlp([5, 4, 3], "gelu", "softmax_cross_entropy", target_kind="onehot", name="onehot")),
 ]
 
 
