@@ -192,6 +192,9 @@ def activation(spec):
         raise ModelError(f"activation must be a name or a SymPy expression, got {type(spec).__name__}")
     expr = stabilize(realify(expr))
     check_supported(expr, "activation")
+    for builtin, scheme in ACTIVATIONS.values():
+        if expr == builtin:
+            return expr, scheme          # log(1 + exp(x)) is initialised like "softplus"
     return expr, ("he" if expr.has(relu) else "glorot")
 
 

@@ -29,8 +29,9 @@ from .ir import ARG, N
 from .model import Model, check_name
 
 LOSSES = ("mse", "softmax_cross_entropy", "bce_with_logits")
-_LOSS_ALIASES = {"cross_entropy": "softmax_cross_entropy", "softmax_xent": "softmax_cross_entropy",
-                 "bce": "bce_with_logits", "binary_cross_entropy_with_logits": "bce_with_logits"}
+# other names users reach for -> the built-in loss
+LOSS_ALIASES = {"cross_entropy": "softmax_cross_entropy", "softmax_xent": "softmax_cross_entropy",
+                "bce": "bce_with_logits", "binary_cross_entropy_with_logits": "bce_with_logits"}
 
 
 class Network:
@@ -137,7 +138,7 @@ def apply_loss(loss, z, y, names):
         return node
 
     if isinstance(loss, str):
-        key = _LOSS_ALIASES.get(loss, loss)
+        key = LOSS_ALIASES.get(loss, loss)
         if key not in LOSSES:
             raise ModelError(f"unknown loss {loss!r}; built-ins are {', '.join(LOSSES)}, "
                              "or give a SymPy expression of p (prediction) and y (target)")
@@ -197,9 +198,12 @@ def mlp(sizes, activation="tanh", loss="mse", output_activation="identity", targ
     for width in sizes[1:-1]:
         h = net.dense(h, width, activation)
     out = net.dense(h, sizes[-1], output_activation)
-    lname = _LOSS_ALIASES.get(loss, loss) if isinstance(loss, str) else loss
+    lname = LOSS_ALIASES.get(loss, loss) if isinstance(loss, str) else loss
     if lname == "softmax_cross_entropy" and target_kind != "onehot":
         y = net.target("y", kind="label")
     else:
         y = net.target("y", sizes[-1])
     return net.build(out, loss, y)
+
+
+_LOSS_ALIASES = LOSS_ALIASES  # the old private name, still imported by spec.py
