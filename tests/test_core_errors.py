@@ -73,6 +73,10 @@ CASES = [
     ("expression: not sympy", lambda: bpc.expression_model("a*x", {a: 0}, [x]), ModelError, "SymPy expression"),
     ("matrix: unsupported construct", _matrix_bad_product, BpcError, ""),
     ("matrix: not a matrix", lambda: bpc.from_matrix_expr(x, [x], [y]), ModelError, "matrix expression"),
+    ("docstring injection in a description", lambda: __import__("dataclasses").replace(
+        bpc.mlp([2, 1]), description='"""\nimport os\n"""'), ModelError, "triple quotes"),
+    ("backslash in a source", lambda: __import__("dataclasses").replace(bpc.mlp([2, 1]), source="a\\b"),
+     ModelError, "backslashes"),
     ("bad dtype", lambda: bpc.compile_model(bpc.mlp([1, 1]), dtype="float16"), ModelError, "float32 or float64"),
 ]
 
