@@ -23,16 +23,20 @@ import compiler as bpc  # noqa: E402
 from compiler.c_backend import compile_model_c  # noqa: E402
 
 
-def median_us(fn, number, repeats):
-    for _ in range(max(number // 10, 10)):   # warm-up
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(number):
+def median_us(fns, number, repeats):
+    """Median microseconds per call of each function; the functions take turns in every
+    repeat, so that a change of machine load affects them alike."""
+    for fn in fns:
+        for _ in range(max(number // 10, 10)):   # warm-up
             fn()
-        times.append((time.perf_counter() - t0) / number * 1e6)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            out.append((time.perf_counter() - t0) / number * 1e6)
+    return [statistics.median(t) for t in times]
 
 
 def main():
@@ -61,10 +65,12 @@ def main():
         pp, xp, yp = ffi.from_buffer("double[]", p_c.flat), ffi.from_buffer("double[]", x), ffi.from_buffer("double[]", y)
         gp, lp = ffi.new("double[]", cm.NUM_PARAMS), ffi.new("double[]", 1)
         wp = ffi.new("double[]", lib.mlp_work_size(batch))
-        t_np = median_us(lambda: npm.backward(p_np, x, y), args.number, args.repeats)
-        t_c = median_us(lambda: cm.backward(p_c, x, y), args.number, args.repeats)
-        t_cd = median_us(lambda: cm.backward(p_dict, x, y), args.number, args.repeats)
-        t_raw = median_us(lambda: lib.mlp_backward(pp, xp, yp, batch, lp, gp, wp), args.number, args.repeats)
+        t_np, t_c, t_cd, t_raw = median_us([
+            lambda: npm.backward(p_np, x, y),
+            lambda: cm.backward(p_c, x, y),
+            lambda: cm.backward(p_dict, x, y),
+            lambda: lib.mlp_backward(pp, xp, yp, batch, lp, gp, wp),
+        ], args.number, args.repeats)
         rows.append((batch, t_np, t_c, t_cd, t_raw))
 
     print("backward of a 2-16-16-1 tanh MLP, MSE, float64; median us per call "
