@@ -4,6 +4,7 @@ declared with SymPy, emitted as standalone vectorised NumPy modules.
 Public API (imported lazily, so that ``bpc --help`` does not pay for SymPy)::
 
     from compiler import mlp, Network, expression_model, from_matrix_expr, compile_model
+    from compiler import compile_model_c      # the C target, through cffi
 
     model = mlp([2, 16, 16, 1], activation="tanh", loss="mse")
     compiled = compile_model(model)        # .source, .formulas, .latex, .write(path), .load()
@@ -22,6 +23,7 @@ _EXPORTS = {
     "Model": "model",
     "CompiledModule": "emit", "compile_model": "emit", "load_module": "emit",
     "check_gradients": "gradcheck", "random_batch": "gradcheck",
+    "compile_model_c": "c_backend", "CompiledC": "c_backend", "CBuildError": "c_backend",
 }
 
 __all__ = sorted(_EXPORTS)
