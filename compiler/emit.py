@@ -236,3 +236,8 @@ def _prediction_doc(model):
             and "softplus" in str(model.loss.inputs[0].attr("expr")):
         return "probabilities (sigmoid of the logits)"
     return "the model output, shape (batch,) + per-sample output shape"
+
+
+# used by the other backends, which share initialisation and documentation with this one
+init_line = _init_line
+prediction_doc = _prediction_doc
