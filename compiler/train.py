@@ -63,6 +63,7 @@ class TrainConfig:
     patience: int | None = None      # early stopping after this many epochs without improvement
     min_delta: float = 0.0           # smallest decrease of the monitored loss that counts
     vanish_ratio: float = 1e-4       # warn when a parameter's gradient norm is this much below the largest
+    vanish_floor: float = 1e-6       # ... and the largest is above this (not a converged run)
     explode_norm: float = 1e3        # warn when the global gradient norm exceeds this
     log_every: int | None = None     # epochs between log lines (default: about 10 lines per run)
 
@@ -103,6 +104,7 @@ class TrainConfig:
         number("patience", 1, integer=True, optional=True)
         number("min_delta", 0)
         number("vanish_ratio", 0)
+        number("vanish_floor", 0)
         number("explode_norm", 0, low_open=True)
         number("log_every", 1, integer=True, optional=True)
         return self
@@ -277,14 +279,28 @@ def evaluate(module, params, data, chunk=8192):
 def load_params(module, path):
     """Parameters saved with ``save_params`` (or any ``.npz`` of arrays named like PARAMS),
     checked against the module's parameter names and shapes."""
+    return check_params(module, read_npz(path), str(path))
+
+
+def read_npz(path):
+    """The arrays of a ``.npz`` file as a dict; a clear TrainError for anything else (no pickles)."""
+    from pathlib import Path
+    p = Path(path)
+    if not p.is_file():
+        raise TrainError(f"{path}: no such file" if not p.exists() else f"{path}: not a file")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            loaded = {k: f[k] for k in f.files}
-    except FileNotFoundError:
-        raise TrainError(f"{path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise TrainError(f"{path}: not a readable .npz file ({e})") from None
-    return check_params(module, loaded, str(path))
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic[:2] != b"PK":
+            raise TrainError(f"{path}: not a readable .npz file (a .npz is the zip archive numpy.savez writes)")
+        with np.load(p, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except TrainError:
+        raise
+    except ValueError as e:
+        raise TrainError(f"{path}: cannot read the archive ({e})") from None
+    except Exception as e:                       # zipfile.BadZipFile, OSError, EOFError, ...
+        raise TrainError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
 
 
 def check_params(module, params, where="params"):
@@ -549,7 +565,7 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
                 since_best += 1
             if epoch % log_every == 0 or epoch == 1 or epoch == config.epochs:
                 report.log(_epoch_line(epoch, config.epochs, history, val_set is not None))
-            if config.patience and since_best >= config.patience:
+            if config.patience and since_best >= config.patience and epoch < config.epochs:
                 stopped = "early_stopping"
                 message = (f"early stopping at epoch {epoch}: the {monitor} has not improved for "
                            f"{config.patience} epochs (best {best:.6g} at epoch {best_epoch})")
@@ -608,7 +624,7 @@ def _gradient_warnings(h, epoch, config, warn):
     if h.grad_norm[-1] > config.explode_norm:
         warn("explode", f"exploding gradients at epoch {epoch}: global gradient norm {h.grad_norm[-1]:.3g} "
              f"> {config.explode_norm:g}" + ("" if config.clip else "; consider --clip or a lower learning rate"))
-    if top > 0 and len(norms) > 1:
+    if top > config.vanish_floor and len(norms) > 1:
         for k, v in norms.items():
             if v < config.vanish_ratio * top:
                 warn(("vanish", k), f"vanishing gradient at epoch {epoch}: parameter {k!r} has gradient norm "

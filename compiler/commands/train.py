@@ -1,0 +1,231 @@
+"""Train a model on data from a .npz or .csv file and save its parameters (.npz).
+
+SPEC is a model spec (.toml/.json; its optional [train] table gives default options, which
+command-line options override) or a generated NumPy module (.py). Data: .npz arrays named like
+the model's inputs and targets, or .csv (a header naming the columns, or inputs' columns then
+targets' columns); see docs/training.md.
+
+Shows a progress bar on a terminal and log lines (loss, validation loss, learning rate,
+per-parameter gradient norms) otherwise; warns on vanishing or exploding gradients; stops on a
+NaN/Inf loss keeping the last good parameters (exit 1); Ctrl-C saves the best parameters so far
+(exit 130). Prints the final loss (and accuracy for classifiers) on the training, validation
+and --test data.
+"""
+from __future__ import annotations
+
+import argparse
+
+# [train] keys of a spec -> type; the names of TrainConfig fields and of the long options
+TRAIN_KEYS = {
+    "optimizer": str, "lr": float, "epochs": int, "batch_size": int, "momentum": float,
+    "weight_decay": float, "schedule": str, "step_size": int, "gamma": float, "min_lr": float,
+    "clip": float, "seed": int, "val_split": float, "patience": int, "min_delta": float,
+}
+
+
+def add_arguments(parser):
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("spec", metavar="SPEC", help="model spec (.toml/.json) or generated module (.py)")
+    parser.add_argument("--data", metavar="FILE", required=True, help="training data, .npz or .csv")
+    parser.add_argument("--test", metavar="FILE", help="held-out data to evaluate the final parameters on")
+    o = parser.add_argument_group("optimisation (defaults: the spec's [train] table, else as shown)")
+    o.add_argument("--optimizer", choices=("sgd", "momentum", "nesterov", "adam"), help="default: adam")
+    o.add_argument("--lr", type=float, metavar="LR", help="learning rate (default: 0.001 for adam, 0.01 otherwise)")
+    o.add_argument("--epochs", type=int, metavar="N", help="default: 100")
+    o.add_argument("--batch-size", type=int, metavar="N", help="default: 32; 0 = the whole training set")
+    o.add_argument("--momentum", type=float, metavar="M", help="momentum/nesterov coefficient (default: 0.9)")
+    o.add_argument("--weight-decay", type=float, metavar="WD",
+                   help="L2 for sgd/momentum, decoupled (AdamW) for adam (default: 0)")
+    o.add_argument("--schedule", choices=("constant", "step", "cosine"), help="learning-rate schedule per epoch")
+    o.add_argument("--step-size", type=int, metavar="N", help="step schedule: epochs between decays (default: epochs/3)")
+    o.add_argument("--gamma", type=float, metavar="G", help="step schedule: decay factor (default: 0.1)")
+    o.add_argument("--min-lr", type=float, metavar="LR", help="cosine schedule: final learning rate (default: 0)")
+    o.add_argument("--clip", type=float, metavar="NORM", help="clip the global gradient norm to NORM")
+    o.add_argument("--seed", type=int, metavar="S", help="initialisation, split and shuffling (default: 0)")
+    o.add_argument("--val-split", type=float, metavar="F", help="fraction held out for validation (default: 0)")
+    o.add_argument("--patience", type=int, metavar="N",
+                   help="early stopping after N epochs without improvement of the validation loss "
+                   "(of the training loss without a validation split)")
+    o.add_argument("--min-delta", type=float, metavar="D", help="smallest improvement that counts (default: 0)")
+    o.add_argument("--dtype", choices=("float32", "float64"), help="compile for this dtype (default: the spec's)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", metavar="FILE", help="parameters .npz to write (default: <model name>_params.npz)")
+    out.add_argument("--resume", metavar="FILE", help="start from parameters saved in a .npz")
+    out.add_argument("--plot", metavar="PNG", help="write the training/validation loss curves")
+    out.add_argument("--plot-grads", action="store_true", help="add per-parameter gradient norms to --plot")
+    out.add_argument("--boundary", metavar="PNG", help="write the decision boundary (classifier with 2 input features)")
+    out.add_argument("--history", metavar="JSON", help="write the per-epoch history as JSON")
+    out.add_argument("--log-every", type=int, metavar="N", help="epochs between log lines (default: about 10 lines)")
+    out.add_argument("--threads", type=int, metavar="N", default=1,
+                     help="BLAS threads (default: 1, fastest for small layers, and safe on a busy machine; "
+                     "the OMP/OPENBLAS/MKL_NUM_THREADS environment variables, when set, win)")
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines, only the summary")
+
+
+def run(args):
+    import os
+    import sys
+    from pathlib import Path
+
+    if args.threads < 1:
+        from ..errors import BpcError
+        raise BpcError(f"--threads must be >= 1, got {args.threads}")
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(args.threads))   # read when numpy is first imported, just below
+
+    from ..train import TrainConfig, TrainError, load_params, save_params, train
+    from ..train_data import load_data
+
+    module, defaults, label = _load_model(args)
+    options = dict(defaults)
+    for key in TRAIN_KEYS:
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = value
+    if args.log_every is not None:
+        options["log_every"] = args.log_every
+    try:
+        config = TrainConfig(**options).validate()
+    except TrainError as e:          # name the option as the user wrote it
+        key, _, rest = str(e).partition(" ")
+        if key not in TRAIN_KEYS:
+            raise
+        raise TrainError(f"--{key.replace('_', '-')} {rest}") from None
+    if args.plot_grads and not args.plot:
+        raise TrainError("--plot-grads adds a panel to --plot; give --plot FILE.png too")
+    for option in ("plot", "boundary"):
+        if getattr(args, option):
+            from ..train_plot import require_matplotlib
+            require_matplotlib()                      # before training, not after
+            if not getattr(args, option).lower().endswith(".png"):
+                raise TrainError(f"--{option} {getattr(args, option)}: plots are written as PNG; name the file *.png")
+    if args.boundary:
+        from ..train import task
+        if len(module.INPUTS) != 1 or tuple(next(iter(module.INPUTS.values()))) != (2,) or task(module) == "regression":
+            raise TrainError("--boundary needs a classifier with one input of 2 features")
+    out = Path(args.out) if args.out else Path(f"{label}_params.npz")
+    if out.suffix.lower() != ".npz":
+        raise TrainError(f"--out {out}: parameters are saved as .npz; name the file *.npz")
+    for option in ("data", "test", "spec"):
+        other = getattr(args, option)
+        if other and _same_file(out, other):
+            raise TrainError(f"--out {out} is the --{option} file; choose another output" if option != "spec"
+                             else f"--out {out} is the spec file; choose another output")
+    data = load_data(args.data, module)
+    test = load_data(args.test, module) if args.test else None
+    params = load_params(module, args.resume) if args.resume else None
+
+    n = len(next(iter(data.values())))
+    nparams = sum(int(_size(s)) for s in module.PARAMS.values())
+    n_val = int(round(n * config.val_split))
+    if not args.quiet:
+        batch = "full batch" if not config.batch_size else f"batch {config.batch_size}"
+        print(f"training {label} ({nparams} parameters) on {args.data}: {n - n_val} samples"
+              + (f" + {n_val} for validation" if n_val else "")
+              + f"; {config.optimizer}, lr {config.base_lr:g} ({config.schedule}), {batch}, "
+              f"{config.epochs} epochs" + (f", clip {config.clip:g}" if config.clip else "")
+              + (f", resuming from {args.resume}" if args.resume else ""), flush=True)
+    result = train(module, data, config, params=params, verbose=not args.quiet)
+    for w in result.warnings if args.quiet else ():
+        print(f"bpc: warning: {w}", file=sys.stderr)
+
+    try:
+        save_params(result.params, out)
+    except OSError as e:
+        raise TrainError(f"cannot write {out}: {e.strerror or e}") from None
+    written = [f"parameters -> {out}"]
+    if args.plot and result.history.epoch:
+        from ..train_plot import plot_history
+        written.append(f"loss curves -> {plot_history(result.history, args.plot, args.plot_grads, title=label)}")
+    if args.boundary:
+        from ..train_plot import plot_decision_boundary
+        written.append(f"decision boundary -> {plot_decision_boundary(module, result.params, data, args.boundary)}")
+    if args.history:
+        import json
+        Path(args.history).write_text(json.dumps(result.history.as_dict(), indent=1) + "\n")
+        written.append(f"history -> {args.history}")
+
+    print(("" if args.quiet else "\n") + result.message)
+    rows = [("training", result.final["train_loss"], result.final["train_accuracy"])]
+    if result.final["val_loss"] is not None:
+        rows.append(("validation", result.final["val_loss"], result.final["val_accuracy"]))
+    if test is not None:
+        from ..train import evaluate
+        ev = evaluate(module, result.params, test)
+        rows.append(("test", ev["loss"], ev["accuracy"]))
+    width = max(len(r[0]) for r in rows)
+    for name, loss, acc in rows:
+        print(f"  {name:<{width}}  loss {loss:.6g}" + ("" if acc is None else f"  accuracy {100 * acc:.2f}%"))
+    for line in written:
+        print("  " + line)
+    if result.stopped == "diverged":
+        print(f"bpc: training diverged: {result.message}", file=sys.stderr)
+        return 1
+    if result.stopped == "interrupted":
+        print(f"bpc: interrupted; the best parameters so far are saved in {out}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _same_file(a, b):
+    from pathlib import Path
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _size(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _load_model(args):
+    """(loaded module, [train] defaults, model name) for a spec or a generated .py module."""
+    from pathlib import Path
+
+    from ..train import TrainError
+    path = Path(args.spec)
+    if path.suffix == ".py":
+        if args.dtype:
+            raise TrainError("--dtype applies when compiling a spec; this is an already generated module")
+        if not path.is_file():
+            raise TrainError(f"{path}: no such file")
+        from ..emit import load_module
+        try:
+            module = load_module(path)
+        except Exception as e:        # the user's own file: report, do not trace back
+            raise TrainError(f"{path}: cannot import the module ({type(e).__name__}: {e})") from None
+        missing = [a for a in ("PARAMS", "INPUTS", "TARGETS", "init_params", "forward", "loss", "backward")
+                   if not hasattr(module, a)]
+        if missing:
+            raise TrainError(f"{path}: not a bpc-generated module (no {', '.join(missing)})")
+        return module, {}, path.stem
+    from ._common import load
+    from ..emit import compile_model
+    spec = load(args.spec)
+    defaults = _train_table(spec)
+    module = compile_model(spec.model, dtype=args.dtype or spec.dtype).load()
+    return module, defaults, spec.model.name
+
+
+def _train_table(spec):
+    from ..spec import SpecError
+    out = {}
+    for key, value in spec.train.items():
+        if key not in TRAIN_KEYS:
+            import difflib
+            close = difflib.get_close_matches(key, TRAIN_KEYS, n=1)
+            raise SpecError(f"{spec.path}: train.{key}: unknown option"
+                            + (f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(TRAIN_KEYS)}"))
+        want = TRAIN_KEYS[key]
+        ok = (isinstance(value, str) if want is str else
+              isinstance(value, int) and not isinstance(value, bool) if want is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool))
+        if not ok:
+            raise SpecError(f"{spec.path}: train.{key}: must be {want.__name__ if want is not float else 'a number'}, "
+                            f"got {value!r}")
+        out[key] = float(value) if want is float else value
+    return out
