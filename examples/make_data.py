@@ -9,7 +9,7 @@
   (``y`` the arm, 0 or 1).
 * ``digits_train.npz`` / ``digits_test.npz``: scikit-learn's bundled copy of the UCI optical
   digits (1797 8x8 images, pixel values 0..16 scaled to [0, 1], float32; labels 0..9), split
-  80/20 stratified by class with seed 0: 1437 training and 360 test images. See data/README.md.
+  80/20 stratified by class with seed 0: 1438 training and 359 test images. See data/README.md.
 """
 import argparse
 from pathlib import Path
@@ -57,19 +57,21 @@ def digits(seed=0, test_fraction=0.2):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--digits", action="store_true", help="also export the digits (needs scikit-learn)")
+    ap.add_argument("--out", type=Path, default=HERE, help="output directory (default: examples/data)")
     args = ap.parse_args()
-    HERE.mkdir(exist_ok=True)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     x, y = poly()
-    with open(HERE / "poly_noisy.csv", "w") as f:
+    with open(out / "poly_noisy.csv", "w") as f:
         f.write("x,y\n" + "".join(f"{float(a)!r},{float(b)!r}\n" for a, b in zip(x, y)))
     x, y = spirals()
-    with open(HERE / "spirals.csv", "w") as f:
+    with open(out / "spirals.csv", "w") as f:
         f.write("x0,x1,y\n" + "".join(f"{a:.6f},{b:.6f},{c}\n" for (a, b), c in zip(x, y)))
     if args.digits:
         (xt, yt), (xs, ys) = digits()
-        np.savez_compressed(HERE / "digits_train.npz", x=xt, y=yt.astype(np.uint8))
-        np.savez_compressed(HERE / "digits_test.npz", x=xs, y=ys.astype(np.uint8))
-    print(f"wrote {', '.join(sorted(p.name for p in HERE.iterdir() if p.suffix in ('.csv', '.npz')))} in {HERE}")
+        np.savez_compressed(out / "digits_train.npz", x=xt, y=yt.astype(np.uint8))
+        np.savez_compressed(out / "digits_test.npz", x=xs, y=ys.astype(np.uint8))
+    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.suffix in ('.csv', '.npz')))} in {out}")
 
 
 if __name__ == "__main__":

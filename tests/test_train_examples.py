@@ -1,0 +1,82 @@
+"""The three training examples of docs/training.md, run end to end as a user runs them (the
+`bpc train` command in a fresh interpreter), with their claims checked: the cubic equals
+numpy.polyfit's, digits reach >= 96% test accuracy in well under a minute, the spirals are
+separated and their decision boundary is drawn. Plus: the committed data files are what
+examples/make_data.py writes."""
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EX = ROOT / "examples"
+DATA = EX / "data"
+
+
+def bpc_train(tmp_path, *argv):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "compiler", "train", *map(str, argv)], cwd=tmp_path,
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    return r.stdout, time.monotonic() - start
+
+
+def accuracy(out, split):
+    return float(re.search(rf"^\s*{split}\s+loss \S+\s+accuracy ([\d.]+)%", out, re.M).group(1))
+
+
+def test_polynomial_fit_matches_polyfit(tmp_path):
+    out, _ = bpc_train(tmp_path, EX / "train_poly.toml", "--data", DATA / "poly_noisy.csv", "--out", "poly.npz")
+    assert "completed 1000 epochs" in out
+    data = np.loadtxt(DATA / "poly_noisy.csv", delimiter=",", skiprows=1)
+    reference = np.polyfit(data[:, 0], data[:, 1], 3)
+    with np.load(tmp_path / "poly.npz") as p:
+        fitted = np.array([float(p[k]) for k in "abcd"])
+    np.testing.assert_allclose(fitted, reference, rtol=0, atol=1e-9)       # the claim is 1e-3
+    r = subprocess.run([sys.executable, str(EX / "compare_polyfit.py"), str(tmp_path / "poly.npz"),
+                        str(DATA / "poly_noisy.csv")], capture_output=True, text=True)
+    assert r.returncode == 0 and "agrees to 0.001" in r.stdout
+    with np.load(tmp_path / "poly.npz") as p:          # and the script can say no
+        np.savez(tmp_path / "off.npz", **dict(p, a=p["a"] + 0.01))
+    r = subprocess.run([sys.executable, str(EX / "compare_polyfit.py"), str(tmp_path / "off.npz"),
+                        str(DATA / "poly_noisy.csv")], capture_output=True, text=True)
+    assert r.returncode == 1 and "DOES NOT agree" in r.stdout
+
+
+def test_digits_reach_96_percent_on_held_out_data_within_a_minute(tmp_path):
+    out, seconds = bpc_train(tmp_path, EX / "train_digits.toml", "--data", DATA / "digits_train.npz",
+                             "--test", DATA / "digits_test.npz", "--out", "digits.npz")
+    assert "completed 60 epochs" in out
+    assert accuracy(out, "test") >= 96.0, out
+    assert seconds < 60, f"{seconds:.1f} s"
+    with np.load(DATA / "digits_test.npz") as t:
+        assert t["x"].shape == (359, 64) and sorted(set(t["y"].tolist())) == list(range(10))
+
+
+def test_spirals_with_decision_boundary(tmp_path):
+    pytest.importorskip("matplotlib")
+    out, _ = bpc_train(tmp_path, EX / "train_spirals.toml", "--data", DATA / "spirals.csv",
+                       "--boundary", "spirals.png", "--plot", "loss.png", "--plot-grads", "--out", "s.npz")
+    assert accuracy(out, "validation") >= 97.0 and accuracy(out, "training") >= 97.0, out
+    for name in ("spirals.png", "loss.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_committed_data_is_what_make_data_writes(tmp_path):
+    args = [sys.executable, str(EX / "make_data.py"), "--out", str(tmp_path)]
+    try:
+        import sklearn  # noqa: F401
+        args.append("--digits")
+    except ImportError:
+        pass
+    subprocess.run(args, check=True, capture_output=True)
+    for f in sorted(tmp_path.iterdir()):
+        assert f.read_bytes() == (DATA / f.name).read_bytes(), f.name
