@@ -509,7 +509,7 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
         for epoch in range(1, config.epochs + 1):
             lr = lr_at(config, epoch)
             order = rng.permutation(n) if config.shuffle and steps_per_epoch > 1 else np.arange(n)
-            loss_sum, norm_sum = 0.0, 0.0
+            loss_sum, norm_sum, seen = 0.0, 0.0, 0
             pnorm_sum = dict.fromkeys(names, 0.0)
             for s in range(steps_per_epoch):
                 index = order[s * batch:(s + 1) * batch]
@@ -533,10 +533,11 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
                     grads, _ = clip(grads, config.clip)
                 step(params, grads, state, lr=lr)
                 loss_sum += value * len(index)
+                seen += len(index)
                 norm_sum += norm
                 for k, v in sq.items():
                     pnorm_sum[k] += math.sqrt(v)
-                report.advance(1, f"epoch {epoch}/{config.epochs} loss {value:.4g}")
+                report.advance(1, f"epoch {epoch}/{config.epochs} loss {loss_sum / seen:.4g}")
             history.epoch.append(epoch)
             history.lr.append(lr)
             history.train_loss.append(loss_sum / n)

@@ -238,3 +238,10 @@ def test_ctrl_c_saves_the_best_params_and_exits_130(work):
     assert "Traceback" not in err and "best parameters so far are saved in int.npz" in err
     with np.load(work / "int.npz") as p:
         assert set(p.files) == {"w", "c"} and np.isfinite(p["w"])
+
+
+def test_an_unwritable_extra_output_still_keeps_the_params_and_the_summary(work, capsys):
+    (work / "afile").write_text("")
+    code, out, err = run(capsys, "line.toml", "--data", "line.csv", "--epochs", "3", "--history", "afile/h.json")
+    assert code == 2 and "cannot write afile" in err and "parameters are saved in line_params.npz" in err
+    assert "completed 3 epochs" in out and (work / "line_params.npz").is_file()

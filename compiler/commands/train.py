@@ -133,17 +133,21 @@ def run(args):
         save_params(result.params, out)
     except OSError as e:
         raise TrainError(f"cannot write {out}: {e.strerror or e}") from None
-    written = [f"parameters -> {out}"]
-    if args.plot and result.history.epoch:
-        from ..train_plot import plot_history
-        written.append(f"loss curves -> {plot_history(result.history, args.plot, args.plot_grads, title=label)}")
-    if args.boundary:
-        from ..train_plot import plot_decision_boundary
-        written.append(f"decision boundary -> {plot_decision_boundary(module, result.params, data, args.boundary)}")
-    if args.history:
-        import json
-        Path(args.history).write_text(json.dumps(result.history.as_dict(), indent=1) + "\n")
-        written.append(f"history -> {args.history}")
+    written, failure = [f"parameters -> {out}"], None
+    try:
+        if args.plot and result.history.epoch:
+            from ..train_plot import plot_history
+            written.append(f"loss curves -> {plot_history(result.history, args.plot, args.plot_grads, title=label)}")
+        if args.boundary:
+            from ..train_plot import plot_decision_boundary
+            written.append(f"decision boundary -> {plot_decision_boundary(module, result.params, data, args.boundary)}")
+        if args.history:
+            import json
+            Path(args.history).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.history).write_text(json.dumps(result.history.as_dict(), indent=1) + "\n")
+            written.append(f"history -> {args.history}")
+    except OSError as e:
+        failure = f"cannot write {e.filename or 'an output'}: {e.strerror or e} (the parameters are saved in {out})"
 
     print(("" if args.quiet else "\n") + result.message)
     rows = [("training", result.final["train_loss"], result.final["train_accuracy"])]
@@ -158,6 +162,9 @@ def run(args):
         print(f"  {name:<{width}}  loss {loss:.6g}" + ("" if acc is None else f"  accuracy {100 * acc:.2f}%"))
     for line in written:
         print("  " + line)
+    if failure:
+        print(f"bpc: error: {failure}", file=sys.stderr)
+        return 2
     if result.stopped == "diverged":
         print(f"bpc: training diverged: {result.message}", file=sys.stderr)
         return 1
