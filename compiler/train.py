@@ -592,8 +592,9 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
     elif stopped == "early_stopping" or (stopped == "completed" and val_set is not None):
         params = best_params if best_params is not None else params
     if stopped == "completed":
-        message = f"completed {config.epochs} epochs" + (
-            f"; kept the parameters of epoch {best_epoch} (best validation loss {best:.6g})" if val_set is not None else "")
+        message = f"completed {config.epochs} epochs"
+        if val_set is not None:
+            message += f"; kept the parameters of epoch {best_epoch} (best validation loss {best:.6g})"
     final = {"train_loss": None, "train_accuracy": None, "val_loss": None, "val_accuracy": None}
     try:
         ev = evaluate(module, params, train_set)

@@ -110,7 +110,8 @@ def _load_csv(p, module):
                 values[r, c] = float(cell)
             except ValueError:
                 name = f" ({header[c]!r})" if header is not None else ""
-                raise TrainError(f"{p}: line {line}, column {c + 1}{name}: {cell.strip()[:40]!r} is not a number") from None
+                raise TrainError(f"{p}: line {line}, column {c + 1}{name}: "
+                                 f"{cell.strip()[:40]!r} is not a number") from None
     out = {}
     for name, (shape, _) in sizes.items():
         block = values[:, columns[name]]

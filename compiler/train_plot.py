@@ -57,7 +57,8 @@ def plot_history(history, path, grad_norms=False, title=None):
     if history.val_loss:
         ax.plot(history.epoch, history.val_loss, label="validation loss", color="C1")
         best = int(np.argmin(history.val_loss))
-        ax.plot(history.epoch[best], history.val_loss[best], "o", color="C1", label=f"best (epoch {history.epoch[best]})")
+        ax.plot(history.epoch[best], history.val_loss[best], "o", color="C1",
+                label=f"best (epoch {history.epoch[best]})")
     if positive:
         ax.set_yscale("log")
     ax.set_ylabel("loss")

@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import sympy as sp
 
 import compiler as bpc
 from compiler.train import (TrainConfig, TrainError, check_data, evaluate, load_params, lr_at,
@@ -312,7 +311,8 @@ def test_real_divergence_is_caught(linear):
 
 
 def test_ctrl_c_keeps_the_best_params_so_far(linear):
-    mod = Scripted(linear, bad_call=9, kind="interrupt")          # epoch 3, step 3 (48 training samples: 3 steps per epoch)
+    # 48 training samples in batches of 16: call 9 is epoch 3, step 3
+    mod = Scripted(linear, bad_call=9, kind="interrupt")
     data = line_data(64)
     r = train(mod, data, TrainConfig(optimizer="sgd", lr=0.05, epochs=10, batch_size=16, val_split=0.25))
     assert r.stopped == "interrupted" and "epoch 3" in r.message

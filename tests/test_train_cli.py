@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -96,11 +95,11 @@ def test_classifier_accuracy_validation_and_test_data(work, capsys):
     code, out, _ = run(capsys, "clf.toml", "--data", "clf.npz", "--test", "clf.npz", "--val-split", "0.2",
                        "--epochs", "30", "--lr", "0.05", "--out", "clf_params.npz", "--log-every", "10")
     assert code == 0
-    lines = [l.strip() for l in out.splitlines()]
-    assert [l.split()[0] for l in lines if re.match(r"(training|validation|test) +loss ", l)] == \
-        ["training", "validation", "test"]
-    assert all("accuracy" in l for l in lines if l.startswith(("validation", "test ")))
-    assert sum(l.startswith("epoch") for l in lines) == 4             # epochs 1, 10, 20, 30
+    lines = [line.strip() for line in out.splitlines()]
+    summary = [line for line in lines if re.match(r"(training|validation|test) +loss ", line)]
+    assert [line.split()[0] for line in summary] == ["training", "validation", "test"]
+    assert all("accuracy" in line for line in summary)
+    assert sum(line.startswith("epoch") for line in lines) == 4             # epochs 1, 10, 20, 30
 
 
 def test_csv_without_header_and_generated_module(work, capsys):

@@ -37,7 +37,8 @@ def add_arguments(parser):
     o.add_argument("--weight-decay", type=float, metavar="WD",
                    help="L2 for sgd/momentum, decoupled (AdamW) for adam (default: 0)")
     o.add_argument("--schedule", choices=("constant", "step", "cosine"), help="learning-rate schedule per epoch")
-    o.add_argument("--step-size", type=int, metavar="N", help="step schedule: epochs between decays (default: epochs/3)")
+    o.add_argument("--step-size", type=int, metavar="N",
+                   help="step schedule: epochs between decays (default: epochs/3)")
     o.add_argument("--gamma", type=float, metavar="G", help="step schedule: decay factor (default: 0.1)")
     o.add_argument("--min-lr", type=float, metavar="LR", help="cosine schedule: final learning rate (default: 0)")
     o.add_argument("--clip", type=float, metavar="NORM", help="clip the global gradient norm to NORM")
