@@ -98,7 +98,10 @@ def expression_model(prediction, params, inputs, targets=None, loss=None, predic
         if len(tsyms) != 1:
             raise ModelError("give a loss expression: the default (p - y)**2 needs exactly one target")
         loss = (psym - tsyms[0]) ** 2
-    lexpr = stabilize(realify(sp.sympify(loss)))
+    if not isinstance(loss, sp.Basic):
+        # never sympify text: it runs eval (spec files parse theirs with compiler.safe_expr)
+        raise ModelError(f"the loss must be a SymPy expression, got {type(loss).__name__}")
+    lexpr = stabilize(realify(loss))
     check_supported(lexpr, "loss")
     allowed = {psym.name, *(s.name for s in tsyms), *(s.name for s in psyms)}
     extra = sorted(s.name for s in lexpr.free_symbols if s.name not in allowed)

@@ -70,6 +70,8 @@ CASES = [
     ("expression: loss symbol unknown", lambda: bpc.expression_model(a * x, {a: 0}, [x], loss=(p - q) ** 2),
      ModelError, "undefined symbol(s) q"),
     ("expression: duplicate symbol", lambda: bpc.expression_model(a * x, {a: 0}, [a]), ModelError, "more than once"),
+    ("expression: loss as text is never evaluated", lambda: bpc.expression_model(
+        a * x, {a: 0}, [x], loss="__import__('os').system('touch /tmp/bpc_pwned')"), ModelError, "SymPy expression"),
     ("expression: not sympy", lambda: bpc.expression_model("a*x", {a: 0}, [x]), ModelError, "SymPy expression"),
     ("matrix: unsupported construct", _matrix_bad_product, BpcError, ""),
     ("matrix: not a matrix", lambda: bpc.from_matrix_expr(x, [x], [y]), ModelError, "matrix expression"),
