@@ -5,11 +5,14 @@ Each op has one statement printer (``_stmt_<op>``); elementwise math comes from
 """
 from __future__ import annotations
 
+import re
+
 import sympy as sp
 
 from . import ir
 from .ir import ARG, N
-from .printing import numeric_constants_to_floats, print_formula, print_latex, print_numpy, latex_name
+from .simplify import use_counts
+from .printing import NumpyPrinter, numeric_constants_to_floats, print_formula, print_latex, print_numpy, latex_name
 
 
 def shape_code(shape):
@@ -26,10 +29,16 @@ def _suffix(arg_shape, out_shape):
 class NumpyStatements:
     """Prints the statements of one Program."""
 
+    # Gradient statements in the in-place form too (``dZ = dH; ...; dZ *= _dZ_0``), or as one
+    # expression each (``dZ = dH*(1 - H*H)``, two more temporaries)?
+    INPLACE_GRADIENTS = False
+
     def __init__(self, program):
         self.p = program
         self.helpers = set()
         self.needs_dt = False
+        outputs = [program.prediction, program.loss, *(g for _, g in program.grads if g is not None)]
+        self.uses = use_counts(outputs)[1]
 
     # -- operands -----------------------------------------------------------------------
     def name(self, node):
@@ -78,6 +87,10 @@ class NumpyStatements:
         reps, (body,) = sp.cse([numeric_constants_to_floats(expr)],
                                symbols=sp.numbered_symbols("_c"), optimizations=None)
         symbols = {ARG[i]: self.ref(inp) + _suffix(inp.shape, node.shape) for i, inp in enumerate(node.inputs)}
+        if not reps and node.shape != () and (self.INPLACE_GRADIENTS or node.uid not in self.p.backward_only):
+            lines = InPlace(self, node, out, symbols).lines(body)
+            if lines is not None:
+                return lines
         lines = []
         for k, (sym, sub) in enumerate(reps):
             tmp = f"_{out}_{k}"
@@ -145,6 +158,243 @@ class NumpyStatements:
         return lines
 
 
+# ---- elementwise statements as in-place ufunc calls ---------------------------------------
+
+# SymPy function name -> NumPy call with the argument at {0} and the out= keyword at {out}
+_UFUNC_CALLS = {
+    "exp": "np.exp({0}{out})", "log": "np.log({0}{out})", "tanh": "np.tanh({0}{out})",
+    "sinh": "np.sinh({0}{out})", "cosh": "np.cosh({0}{out})", "sin": "np.sin({0}{out})",
+    "cos": "np.cos({0}{out})", "tan": "np.tan({0}{out})", "atan": "np.arctan({0}{out})",
+    "asinh": "np.arcsinh({0}{out})", "Abs": "np.abs({0}{out})", "sign": "np.sign({0}{out})",
+    "softplus": "np.logaddexp(0.0, {0}{out})", "relu": "np.maximum({0}, 0.0{out})",
+}
+_BINARY = {"add": "+", "subtract": "-", "multiply": "*", "divide": "/"}
+_OWNED_OPS = ("matmul", "ew", "xent_grad", "softmax")   # ops whose statement allocates a fresh array
+_ATOM = re.compile(r"[A-Za-z_][\w.]*|\d+(\.\d*)?(e-?\d+)?")
+
+
+class InPlace:
+    """Prints one elementwise statement as NumPy ufunc calls that write into buffers (``out=``),
+    so a statement allocates at most one temporary instead of one per operation.
+
+    A statement may overwrite an input array when this function made it (a matrix product or
+    another elementwise result, never a parameter, a user's array or a view), it has the
+    statement's shape, and the statement is its only use anywhere in the program (so it is dead
+    afterwards in every function that computes it). Values of smaller shapes (biases, per-row
+    scalars, constants) stay ordinary expressions. ``lines`` returns None when there is no
+    input to reuse: then the one-line form reads better and allocates no more.
+    """
+
+    def __init__(self, st, node, out, symbols):
+        self.st, self.node, self.out = st, node, out
+        self.full, self.reusable, self.table = set(), set(), {}
+        for i, inp in enumerate(node.inputs):
+            code = symbols[ARG[i]]
+            sym = sp.Symbol(code, real=True)
+            self.table[ARG[i]] = sym
+            if inp.shape != node.shape or inp.uid in st.p.inline:
+                continue
+            self.full.add(sym)
+            if (inp.op in _OWNED_OPS and st.uses[inp.uid] == 1 and inp.shape != ()
+                    and not (inp.op == "ew" and inp.attr("expr").is_Symbol)):
+                self.reusable.add(sym)
+        self.ops = []   # (kind, payload, operands): operands are ("sym", name) | ("val", k) | ("code", s) | ("gt0", operand)
+
+    # -- pass 1: lower the expression tree to operations on whole arrays ------------------------
+    def lines(self, expr):
+        expr = expr.xreplace(self.table)
+        if not (expr.free_symbols & self.full):
+            return None
+        try:
+            top = self._lower(expr)
+        except _Plain:
+            return None
+        if top[0] != "val" or not (expr.free_symbols & self.reusable):
+            return None
+        return self._emit()
+
+    def _is_full(self, e):
+        return bool(e.free_symbols & self.full)
+
+    def _code(self, e):
+        p = NumpyPrinter({s: s.name for s in e.free_symbols})
+        code = p.doprint(e)
+        self.st.helpers |= p.helpers
+        return ("code", code)
+
+    def _op(self, kind, payload, *operands):
+        self.ops.append((kind, payload, operands))
+        return ("val", len(self.ops) - 1)
+
+    def _lower(self, e):
+        if not self._is_full(e):
+            return self._code(e)
+        if e.is_Symbol:
+            return ("sym", e.name)
+        if e.is_Add:
+            return self._lower_add(e)
+        if e.is_Mul:
+            return self._lower_mul(e)
+        if e.is_Pow:
+            return self._lower_pow(e)
+        name = type(e).__name__
+        if name in _UFUNC_CALLS and len(e.args) == 1:
+            return self._op("call", _UFUNC_CALLS[name], self._lower(e.args[0]))
+        return self._fallback(e)
+
+    def _fallback(self, e):
+        reads = tuple(("sym", s.name) for s in sorted(e.free_symbols & self.full, key=str))
+        return self._op("expr", self._code(e)[1], *reads)
+
+    def _lower_add(self, e):
+        small = sp.Add(*[t for t in e.args if not self._is_full(t)])
+        pos, neg = [], []
+        for t in e.args:
+            if self._is_full(t):
+                (neg if t.could_extract_minus_sign() else pos).append(t)
+        if pos:
+            v = self._lower(pos[0])
+            for t in pos[1:]:
+                v = self._op("bin", "add", v, self._lower(t))
+            if small != 0:
+                v = self._op("bin", "add", v, self._code(small))
+        elif small != 0:
+            v = self._op("bin", "subtract", self._code(small), self._lower(-neg[0]))
+            neg = neg[1:]
+        else:
+            v = self._op("call", "np.negative({0}{out})", self._lower(-neg[0]))
+            neg = neg[1:]
+        for t in neg:
+            v = self._op("bin", "subtract", v, self._lower(-t))
+        return v
+
+    def _lower_mul(self, e):
+        coeff, factors = e.as_coeff_mul()
+        num, den, steps, small = [], [], [], [coeff]
+        for f in factors:
+            if not self._is_full(f):
+                small.append(f)
+            elif type(f).__name__ == "step":
+                steps.append(f)
+            elif f.is_Pow and f.exp.is_Integer and f.exp < 0:
+                den.append(f.base ** -f.exp)
+            else:
+                num.append(f)
+        if not num:
+            raise _Plain   # e.g. a lone step(x)*c: the one-line form keeps the dtype right
+        v = self._lower(num[0])
+        for f in num[1:]:
+            v = self._op("bin", "multiply", v, self._lower(f))
+        for f in steps:
+            v = self._op("bin", "multiply", v, ("gt0", self._lower(f.args[0])))
+        m = sp.Mul(*small)
+        if m != 1:
+            v = self._op("bin", "multiply", v, self._code(m))
+        for f in den:
+            v = self._op("bin", "divide", v, self._lower(f))
+        return v
+
+    def _lower_pow(self, e):
+        base, ex = e.as_base_exp()
+        if base == sp.E:
+            return self._op("call", "np.exp({0}{out})", self._lower(ex))
+        if ex.is_Integer and 2 <= abs(int(ex)) <= 4:
+            b = self._lower(base)
+            v = self._op("bin", "multiply", b, b)
+            for _ in range(abs(int(ex)) - 2):
+                v = self._op("bin", "multiply", v, b)
+            return v if ex > 0 else self._op("bin", "divide", ("code", "1.0"), v)
+        if ex == -1:
+            return self._op("bin", "divide", ("code", "1.0"), self._lower(base))
+        if abs(ex) == sp.Rational(1, 2):
+            v = self._op("call", "np.sqrt({0}{out})", self._lower(base))
+            return v if ex > 0 else self._op("bin", "divide", ("code", "1.0"), v)
+        return self._fallback(e)
+
+    # -- pass 2: choose buffers by liveness and print -------------------------------------------
+    def _emit(self):
+        last = {}   # operand -> index of the last op reading it
+
+        def reads(operand):
+            if operand[0] == "gt0":
+                return reads(operand[1])
+            return [operand] if operand[0] in ("sym", "val") else []
+
+        for k, (_, _, operands) in enumerate(self.ops):
+            for o in operands:
+                for r in reads(o):
+                    last[r] = k
+        # buffers: ("in", name) for a reusable input, ("tmp", i) for an array this statement allocates
+        buf = {("sym", s.name): ("in", s.name) for s in self.reusable}   # operand -> its buffer
+        holder = {}   # buffer -> operand whose value it holds now
+        plan, temps = [], 0
+        for k, (kind, payload, operands) in enumerate(self.ops):
+            dest = None
+            if kind != "expr":
+                candidates = [r for o in operands for r in reads(o)]
+                candidates += [holder[b] for b in sorted(holder) if holder[b] not in candidates]
+                candidates += [("sym", s.name) for s in sorted(self.reusable, key=str)]
+                for c in candidates:
+                    b = buf.get(c)
+                    if b is not None and last.get(c, -1) <= k and holder.get(b, c) == c:
+                        dest = b
+                        break
+            new = dest is None
+            if new:
+                dest = ("tmp", temps)
+                temps += 1
+            plan.append((kind, payload, operands, dest, new))
+            holder[dest] = ("val", k)   # once this value is dead, a later op may reuse the buffer
+            buf[("val", k)] = dest
+        result = plan[-1][3]
+        if result[0] == "tmp" and plan[0][3] != result:
+            return None   # the first line must bind the statement's name (its comment is above it)
+        names = {result: self.out}
+        for kind, payload, operands, dest, new in plan:
+            if dest not in names:
+                names[dest] = f"_{self.out}_{len(names) - 1}"
+
+        def show(o):
+            if o[0] == "sym":
+                return names.get(buf.get(o), o[1])
+            if o[0] == "val":
+                return names[buf[o]]
+            if o[0] == "gt0":
+                return f"({show(o[1])} > 0.0)"
+            return o[1]
+
+        lines = [f"{self.out} = {result[1]}"] if result[0] == "in" else []
+        for kind, payload, operands, dest, new in plan:
+            args = [show(o) for o in operands]
+            d = names[dest]
+            if new:
+                lines.append(f"{d} = {self._print(kind, payload, args, None)}")
+            elif kind == "bin" and args[0] == d:
+                lines.append(f"{d} {_BINARY[payload]}= {args[1]}")
+            elif kind == "bin" and args[1] == d and payload in ("add", "multiply"):
+                lines.append(f"{d} {_BINARY[payload]}= {args[0]}")
+            else:
+                lines.append(self._print(kind, payload, args, d))
+        return lines
+
+    @staticmethod
+    def _print(kind, payload, names, dest):
+        out = f", out={dest}" if dest else ""
+        if kind == "expr":
+            return payload
+        if kind == "call":
+            return payload.format(names[0], out=out)
+        if dest:
+            return f"np.{payload}({names[0]}, {names[1]}{out})"
+        a, b = (n if _ATOM.fullmatch(n) or n.startswith("(") and n.endswith(")") else f"({n})" for n in names)
+        op = _BINARY[payload]
+        return f"{a} {op} {b}" if op in "+-" else f"{a}{op}{b}"
+
+
+class _Plain(Exception):
+    """Raised while lowering when the plain one-line form is the better choice."""
+
+
 # ---- formulas (text and LaTeX), shared by comments, FORMULAS and `show` ----------------------
 
 class Formulas:
@@ -152,6 +402,7 @@ class Formulas:
 
     def __init__(self, program):
         self.p = program
+        self._lines = {}
 
     def _name(self, node, latex):
         n = self.p.names[node.uid]
@@ -224,7 +475,12 @@ class Formulas:
         return self._name(node, latex)
 
     def line(self, node, latex=False):
-        return f"{self._name(node, latex)} = {self.rhs(node, latex)}"
+        # memoised: the chains of a deep network share most of their lines (linear compile time)
+        key = (node.uid, latex)
+        text = self._lines.get(key)
+        if text is None:
+            text = self._lines[key] = f"{self._name(node, latex)} = {self.rhs(node, latex)}"
+        return text
 
     def chain(self, grad, latex=False):
         """The backward statements ``grad`` depends on, in order, as formulas."""

@@ -87,9 +87,12 @@ def forward(params, x):
     W2 = params['W2']
     b2 = params['b2']
     xW1 = x @ W1
-    H1 = np.maximum(b1 + xW1, 0.0)
+    H1 = xW1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
     H1W2 = H1 @ W2
-    Z2 = H1W2 + b2
+    Z2 = H1W2
+    Z2 += b2
     P = _softmax(Z2)
     return P
 
@@ -104,9 +107,12 @@ def loss(params, x, y):
     W2 = params['W2']
     b2 = params['b2']
     xW1 = x @ W1
-    H1 = np.maximum(b1 + xW1, 0.0)
+    H1 = xW1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
     H1W2 = H1 @ W2
-    Z2 = H1W2 + b2
+    Z2 = H1W2
+    Z2 += b2
     LSE = _logsumexp(Z2)
     CE = LSE - Z2[np.arange(n), y]
     L = np.mean(CE)
@@ -123,9 +129,12 @@ def backward(params, x, y):
     W2 = params['W2']
     b2 = params['b2']
     xW1 = x @ W1
-    H1 = np.maximum(b1 + xW1, 0.0)
+    H1 = xW1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
     H1W2 = H1 @ W2
-    Z2 = H1W2 + b2
+    Z2 = H1W2
+    Z2 += b2
     LSE = _logsumexp(Z2)
     CE = LSE - Z2[np.arange(n), y]
     L = np.mean(CE)
