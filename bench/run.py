@@ -1,0 +1,266 @@
+"""Run the benchmarks and print markdown tables (``python -m bench --help``).
+
+Sections (``--only`` picks some): ``step`` the 784-256-128-10 training step, ``small`` 2-16-16-1
+nets where call overhead dominates, ``peak`` the fraction of the machine's matmul throughput the
+step reaches, ``compile`` compile time against depth and width.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import compiler as bpc  # noqa: E402
+from compiler import ir  # noqa: E402
+
+from bench.cpu import cpu_name  # noqa: E402
+from bench.frameworks import make_jax, make_torch  # noqa: E402
+from bench.reference import HandMLP  # noqa: E402
+from bench.timing import compare  # noqa: E402
+
+BIG = [784, 256, 128, 10]
+SMALL = [2, 16, 16, 1]
+NOTES = []
+
+
+def note(text):
+    NOTES.append(text)
+    print(f"  note: {text}", flush=True)
+
+
+def params_list(mod, dtype):
+    p = mod.init_params(seed=0, dtype=dtype)
+    return p, [p[name] for name in mod.PARAMS]
+
+
+def matmul_flops(sizes, n):
+    """FLOPs of the matrix products of one step: forward, the weight gradients, and the input
+    gradients of every layer but the first (nobody needs dL/dx)."""
+    macs = sum(a * b for a, b in zip(sizes, sizes[1:]))
+    return 2 * n * (3 * macs - sizes[0] * sizes[1])
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _check(name, got, ref, dtype):
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    if not np.isclose(float(got), float(ref), rtol=tol, atol=tol):
+        raise SystemExit(f"{name}: loss {float(got)} differs from the reference's {float(ref)}")
+
+
+def step_section(args, rows_out):
+    """(a) one forward+backward step of the 784-256-128-10 MLP at batch 256."""
+    n = 256
+    rng = np.random.default_rng(0)
+    results = []
+    for dtype in (np.float32, np.float64):
+        dt = np.dtype(dtype)
+        mod = bpc.compile_model(bpc.mlp(BIG, args.activation, "softmax_cross_entropy", name="bench_big")).load()
+        p, plist = params_list(mod, dt)
+        x = rng.standard_normal((n, BIG[0])).astype(dt)
+        y = rng.integers(0, BIG[-1], n)
+        hand = HandMLP(BIG, args.activation, "xent")
+        ref_loss = hand.step(plist, x, y)[0]
+        _check("generated", mod.backward(p, x, y)[0], ref_loss, dt)
+        products = _products(plist, x)
+        fns = {"generated NumPy": lambda: mod.backward(p, x, y),
+               "hand-written NumPy": lambda: hand.step(plist, x, y),
+               "the 8 matrix products alone": products}
+        for label, make in (("PyTorch eager", make_torch), ("JAX jit(value_and_grad)", make_jax)):
+            fn, info = make(plist, x, y, args.activation, "xent")
+            if fn is None:
+                note(f"{label} skipped: {info}")
+                continue
+            _check(label, fn()[0], ref_loss, dt)
+            fns[label] = fn
+        print(f"  timing {dt.name} ...", flush=True)
+        t = compare(fns, rounds=args.rounds)
+        results.append((dt.name, t))
+    rows = []
+    for dname, t in results:
+        base = t["hand-written NumPy"]
+        for name, sec in t.items():
+            rows.append((dname, name, f"{sec * 1e3:.2f}", f"{sec / base:.2f}x",
+                         f"{t['generated NumPy'] / sec:.2f}x" if name != "generated NumPy" else ""))
+    text = table(["dtype", "implementation", "ms per step", "time / hand NumPy", "generated time / this"], rows)
+    rows_out["step"] = (text, results)
+    return text
+
+
+def _products(plist, x):
+    """The 8 matrix products of the step with preallocated outputs: the floor NumPy code hits."""
+    W1, W2, W3 = plist[0], plist[2], plist[4]
+    n = x.shape[0]
+    H1, H2, Z = (np.empty((n, w), x.dtype) for w in BIG[1:])
+    D1, D2 = np.empty_like(H1), np.empty_like(H2)
+    G1, G2, G3 = np.empty_like(W1), np.empty_like(W2), np.empty_like(W3)
+
+    def run():
+        np.matmul(x, W1, out=H1)
+        np.matmul(H1, W2, out=H2)
+        np.matmul(H2, W3, out=Z)
+        np.matmul(H2.T, Z, out=G3)
+        np.matmul(Z, W3.T, out=D2)
+        np.matmul(H1.T, D2, out=G2)
+        np.matmul(D2, W2.T, out=D1)
+        np.matmul(x.T, D1, out=G1)
+    return run
+
+
+def peak_section(args, rows_out):
+    """(c) the machine's matmul throughput (a large square product) and the step's share of it."""
+    step = rows_out.get("step")
+    rows = []
+    for dt in (np.float32, np.float64):
+        m = 2048
+        a = np.random.default_rng(1).standard_normal((m, m)).astype(dt)
+        c = np.empty_like(a)
+        t = compare({"peak": lambda: np.matmul(a, a, out=c)}, rounds=5, warmup=2, target=0.2)["peak"]
+        peak = 2 * m ** 3 / t
+        flops = matmul_flops(BIG, 256)
+        row = [np.dtype(dt).name, f"{peak / 1e9:.0f}", f"{flops / peak * 1e3:.2f}"]
+        if step:
+            times = dict(step[1])[np.dtype(dt).name]
+            for name in ("generated NumPy", "hand-written NumPy", "the 8 matrix products alone"):
+                row.append(f"{flops / times[name] / peak:.0%}")
+        rows.append(row)
+    header = ["dtype", "peak GFLOP/s (2048^3 @)", "ms at peak"]
+    if step:
+        header += ["generated NumPy", "hand NumPy", "8 products alone"]
+    text = (f"{matmul_flops(BIG, 256) / 1e6:.0f} MFLOP of matrix products per step; share of peak:\n\n"
+            + table(header, rows))
+    rows_out["peak"] = text
+    return text
+
+
+def small_section(args, rows_out):
+    """(b) 2-16-16-1 tanh MSE, float64, batch 1 and 32: call overhead dominates."""
+    rng = np.random.default_rng(0)
+    model = bpc.mlp(SMALL, "tanh", "mse", name="bench_small")
+    mod = bpc.compile_model(model).load()
+    cmod, why = None, None
+    try:
+        from compiler.c_backend import compile_model_c
+        cmod = compile_model_c(model, "float64").load()
+    except ImportError as e:
+        why = f"C target skipped: compiler.c_backend not available ({e})"
+    except Exception as e:  # no compiler, build failure
+        why = f"C target skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    if why:
+        note(why)
+    rows = []
+    for n in (1, 32):
+        p, plist = params_list(mod, np.float64)
+        x = rng.standard_normal((n, SMALL[0]))
+        y = rng.standard_normal((n, 1))
+        hand = HandMLP(SMALL, "tanh", "mse")
+        ref = hand.step(plist, x, y)[0]
+        _check("generated", mod.backward(p, x, y)[0], ref, np.float64)
+        fns = {"generated NumPy": lambda: mod.backward(p, x, y), "hand-written NumPy": lambda: hand.step(plist, x, y)}
+        if cmod is not None:
+            _check("C", cmod.backward(p, x, y)[0], ref, np.float64)
+            fns["generated C (cffi)"] = lambda: cmod.backward(p, x, y)
+        for label, make in (("PyTorch eager", make_torch), ("JAX jit(value_and_grad)", make_jax)):
+            fn, info = make(plist, x, y, "tanh", "mse")
+            if fn is None:
+                if n == 1:
+                    note(f"{label} skipped: {info}")
+                continue
+            _check(label, fn()[0], ref, np.float64)
+            fns[label] = fn
+        print(f"  timing batch {n} ...", flush=True)
+        t = compare(fns, rounds=args.rounds, target=0.01)
+        base = t["hand-written NumPy"]
+        for name, sec in t.items():
+            rows.append((n, name, f"{sec * 1e6:.1f}", f"{sec / base:.2f}x"))
+    text = table(["batch", "implementation", "us per step", "time / hand NumPy"], rows)
+    rows_out["small"] = text
+    return text
+
+
+def compile_section(args, rows_out):
+    """(d) compile time (model -> imported module) against depth and width."""
+    def once(sizes, k):
+        ir._intern.clear()   # no nodes shared with earlier compiles: each timing starts cold
+        t0 = time.perf_counter()
+        bpc.compile_model(bpc.mlp(sizes, "tanh", "softmax_cross_entropy", name=f"ct{k}")).load()
+        return time.perf_counter() - t0
+
+    def timed(sizes, k):
+        return sorted(once(sizes, k) for _ in range(args.compile_repeats))[args.compile_repeats // 2]
+
+    depth_rows, widths_rows = [], []
+    depths = [1, 2, 4, 8, 16, 32]
+    dt = []
+    for d in depths:
+        t = timed([32] + [64] * d + [10], d)
+        dt.append(t)
+        depth_rows.append((d, f"{t * 1e3:.0f}"))
+    slope = np.polyfit(depths, dt, 1)[0]
+    wt = []
+    widths = [16, 64, 256, 1024]
+    for w in widths:
+        t = timed([32, w, w, w, w, 10], 100 + w)
+        wt.append(t)
+        widths_rows.append((w, f"{t * 1e3:.0f}"))
+    big = timed(BIG, 999)
+    text = (table(["hidden layers (width 64)", "compile ms"], depth_rows)
+            + f"\n\nslope {slope * 1e3:.1f} ms per layer; t(32)/t(16) = {dt[-1] / dt[-2]:.2f} (2.0 = linear)\n\n"
+            + table(["width (4 hidden layers)", "compile ms"], widths_rows)
+            + f"\n\nt(1024)/t(16) = {wt[-1] / wt[0]:.2f} (1.0 = independent of width)\n\n"
+            + f"784-256-128-10 tanh softmax-CE: {big * 1e3:.0f} ms (target < 1000 ms)")
+    rows_out["compile"] = text
+    return text
+
+
+SECTIONS = {"step": step_section, "peak": peak_section, "small": small_section, "compile": compile_section}
+
+
+def describe():
+    cfg = np.show_config(mode="dicts")
+    blas = cfg.get("Build Dependencies", {}).get("blas", {})
+    return (f"{cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}, NumPy {np.__version__} "
+            f"({blas.get('name', '?')} {blas.get('version', '')}); OPENBLAS_CORETYPE="
+            f"{os.environ.get('OPENBLAS_CORETYPE', '(unset: OpenBLAS detection)')}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="step,peak,small,compile", help="comma-separated sections")
+    ap.add_argument("--rounds", type=int, default=15, help="timing rounds (median reported)")
+    ap.add_argument("--compile-repeats", type=int, default=3)
+    ap.add_argument("--activation", default="tanh", choices=["tanh", "relu"])
+    ap.add_argument("--coretype", default=None, help="OPENBLAS_CORETYPE (or 'default'); read in __main__")
+    ap.add_argument("--markdown", default=None, help="also write the tables to this file")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("BPC_CACHE", tempfile.mkdtemp(prefix="bpc-bench-"))
+    header = f"Machine: {describe()}\nCommand: python -m bench {' '.join(argv or [])}".rstrip()
+    print(header, flush=True)
+    results, parts = {}, [header]
+    titles = {"step": f"Training step, MLP 784-256-128-10 {args.activation}, softmax cross-entropy, batch 256",
+              "peak": "Share of the machine's matrix-multiply peak",
+              "small": "Small net 2-16-16-1 tanh, MSE, float64 (call overhead)",
+              "compile": "Compile time (model -> imported module)"}
+    for name in args.only.split(","):
+        print(f"\n## {titles[name]}", flush=True)
+        text = SECTIONS[name](args, results)
+        print("\n" + text, flush=True)
+        parts.append(f"## {titles[name]}\n\n{text}")
+    if NOTES:
+        parts.append("Notes: " + "; ".join(NOTES))
+    if args.markdown:
+        Path(args.markdown).write_text("\n\n".join(parts) + "\n")
+    return 0

@@ -1,0 +1,33 @@
+"""Interleaved timing: every candidate is run in turn within each round, so that load from
+other processes on a shared machine hits all of them alike; the median over rounds is kept."""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def calibrate(fn, target=0.02):
+    """Calls per round so that one round of ``fn`` takes about ``target`` seconds."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    dt = max(time.perf_counter() - t0, 1e-7)
+    return max(1, min(10000, int(target / dt)))
+
+
+def compare(fns, rounds=15, warmup=3, target=0.02):
+    """{name: median seconds per call} for the callables in ``fns``, timed interleaved."""
+    loops = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        loops[name] = calibrate(fn, target)
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = loops[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / n)
+    return {name: statistics.median(v) for name, v in samples.items()}
