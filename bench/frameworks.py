@@ -12,11 +12,14 @@ def _import(name):
         return None, f"{name} not installed ({type(e).__name__}); pip install {name}"
 
 
-def make_torch(params, x, y, activation, loss):
-    """A zero-argument callable doing forward + backward in PyTorch eager mode, or (None, why)."""
+def make_torch(params, x, y, activation, loss, threads=None):
+    """A zero-argument callable doing forward + backward in PyTorch eager mode, or (None, why).
+    ``threads``: torch.set_num_threads (None keeps torch's default, one per core)."""
     torch, why = _import("torch")
     if torch is None:
         return None, why
+    if threads:
+        torch.set_num_threads(threads)
     ps = [torch.from_numpy(np.array(p)).requires_grad_() for p in params]
     tx = torch.from_numpy(x)
     ty = torch.from_numpy(np.asarray(y, dtype=np.int64) if loss == "xent" else y.reshape(-1, 1))

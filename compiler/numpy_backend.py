@@ -20,6 +20,15 @@ def shape_code(shape):
     return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
 
 
+def _per_sample_size(shape):
+    """Numbers per sample (the batch axis left out); a symbolic size other than n counts as large."""
+    size = 1
+    for d in shape:
+        if d != N:
+            size *= int(d) if isinstance(d, int) or getattr(d, "is_Integer", False) else 10 ** 9
+    return size
+
+
 def _suffix(arg_shape, out_shape):
     if ir.alignment(arg_shape, out_shape) == "left":
         return "[" + ", ".join([":"] * len(arg_shape) + ["None"] * (len(out_shape) - len(arg_shape))) + "]"
@@ -29,9 +38,11 @@ def _suffix(arg_shape, out_shape):
 class NumpyStatements:
     """Prints the statements of one Program."""
 
-    # Gradient statements in the in-place form too (``dZ = dH; ...; dZ *= _dZ_0``), or as one
-    # expression each (``dZ = dH*(1 - H*H)``, two more temporaries)?
-    INPLACE_GRADIENTS = False
+    # Elementwise results with at least this many numbers per sample update a dead input in
+    # place (``dZ = dH; _dZ_0 = H*H; ...; dZ *= _dZ_0``): at such sizes every temporary is an
+    # allocation that glibc returns to the OS and faults back on the next call. Smaller ones keep
+    # the one-line form (``dZ = dH*(1 - H*H)``), which reads better and costs no more.
+    INPLACE_MIN_SIZE = 32
 
     def __init__(self, program):
         self.p = program
@@ -87,7 +98,7 @@ class NumpyStatements:
         reps, (body,) = sp.cse([numeric_constants_to_floats(expr)],
                                symbols=sp.numbered_symbols("_c"), optimizations=None)
         symbols = {ARG[i]: self.ref(inp) + _suffix(inp.shape, node.shape) for i, inp in enumerate(node.inputs)}
-        if not reps and node.shape != () and (self.INPLACE_GRADIENTS or node.uid not in self.p.backward_only):
+        if not reps and node.shape != () and _per_sample_size(node.shape) >= self.INPLACE_MIN_SIZE:
             lines = InPlace(self, node, out, symbols).lines(body)
             if lines is not None:
                 return lines

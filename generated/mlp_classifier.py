@@ -91,8 +91,7 @@ def forward(params, x):
     H1 += b1
     np.tanh(H1, out=H1)
     H1W2 = H1 @ W2
-    Z2 = H1W2
-    Z2 += b2
+    Z2 = H1W2 + b2
     P = _softmax(Z2)
     return P
 
@@ -111,8 +110,7 @@ def loss(params, x, y):
     H1 += b1
     np.tanh(H1, out=H1)
     H1W2 = H1 @ W2
-    Z2 = H1W2
-    Z2 += b2
+    Z2 = H1W2 + b2
     LSE = _logsumexp(Z2)
     CE = LSE - Z2[np.arange(n), y]
     L = np.mean(CE)
@@ -133,8 +131,7 @@ def backward(params, x, y):
     H1 += b1
     np.tanh(H1, out=H1)
     H1W2 = H1 @ W2
-    Z2 = H1W2
-    Z2 += b2
+    Z2 = H1W2 + b2
     LSE = _logsumexp(Z2)
     CE = LSE - Z2[np.arange(n), y]
     L = np.mean(CE)
@@ -145,7 +142,10 @@ def backward(params, x, y):
     # dH1 = dZ2 @ W2.T
     dH1 = dZ2 @ W2.T
     # dZ1 = dH1*(1 - H1**2)
-    dZ1 = dH1*(1 - H1*H1)
+    dZ1 = dH1
+    _dZ1_0 = H1*H1
+    np.subtract(1, _dZ1_0, out=_dZ1_0)
+    dZ1 *= _dZ1_0
     # dW1 = x.T @ dZ1
     dW1 = x.T @ dZ1
     # db1 = sum(dZ1, axis=0)

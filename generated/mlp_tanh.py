@@ -72,16 +72,11 @@ def forward(params, x):
     W3 = params['W3']
     b3 = params['b3']
     xW1 = x @ W1
-    H1 = xW1
-    H1 += b1
-    np.tanh(H1, out=H1)
+    H1 = np.tanh(b1 + xW1)
     H1W2 = H1 @ W2
-    H2 = H1W2
-    H2 += b2
-    np.tanh(H2, out=H2)
+    H2 = np.tanh(H1W2 + b2)
     H2W3 = H2 @ W3
-    Z3 = H2W3
-    Z3 += b3
+    Z3 = H2W3 + b3
     return Z3
 
 
@@ -97,16 +92,11 @@ def loss(params, x, y):
     W3 = params['W3']
     b3 = params['b3']
     xW1 = x @ W1
-    H1 = xW1
-    H1 += b1
-    np.tanh(H1, out=H1)
+    H1 = np.tanh(b1 + xW1)
     H1W2 = H1 @ W2
-    H2 = H1W2
-    H2 += b2
-    np.tanh(H2, out=H2)
+    H2 = np.tanh(H1W2 + b2)
     H2W3 = H2 @ W3
-    Z3 = H2W3
-    Z3 += b3
+    Z3 = H2W3 + b3
     L = np.mean(np.square(Z3 - y))
     return float(L)
 
@@ -123,16 +113,11 @@ def backward(params, x, y):
     W3 = params['W3']
     b3 = params['b3']
     xW1 = x @ W1
-    H1 = xW1
-    H1 += b1
-    np.tanh(H1, out=H1)
+    H1 = np.tanh(b1 + xW1)
     H1W2 = H1 @ W2
-    H2 = H1W2
-    H2 += b2
-    np.tanh(H2, out=H2)
+    H2 = np.tanh(H1W2 + b2)
     H2W3 = H2 @ W3
-    Z3 = H2W3
-    Z3 += b3
+    Z3 = H2W3 + b3
     L = np.mean(np.square(Z3 - y))
     # dZ3 = 2*(Z3 - y)/n
     dZ3 = 2*(Z3 - y)/n

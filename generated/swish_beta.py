@@ -71,12 +71,10 @@ def forward(params, x):
     W2 = params['W2']
     b2 = params['b2']
     xW1 = x @ W1
-    Z1 = xW1
-    Z1 += b1
+    Z1 = b1 + xW1
     H1 = Z1*_sigmoid(1.5*Z1)
     H1W2 = H1 @ W2
-    Z2 = H1W2
-    Z2 += b2
+    Z2 = H1W2 + b2
     return Z2
 
 
@@ -90,12 +88,10 @@ def loss(params, x, y):
     W2 = params['W2']
     b2 = params['b2']
     xW1 = x @ W1
-    Z1 = xW1
-    Z1 += b1
+    Z1 = b1 + xW1
     H1 = Z1*_sigmoid(1.5*Z1)
     H1W2 = H1 @ W2
-    Z2 = H1W2
-    Z2 += b2
+    Z2 = H1W2 + b2
     L = np.mean(np.square(Z2 - y)/2)
     return float(L)
 
@@ -110,12 +106,10 @@ def backward(params, x, y):
     W2 = params['W2']
     b2 = params['b2']
     xW1 = x @ W1
-    Z1 = xW1
-    Z1 += b1
+    Z1 = b1 + xW1
     H1 = Z1*_sigmoid(1.5*Z1)
     H1W2 = H1 @ W2
-    Z2 = H1W2
-    Z2 += b2
+    Z2 = H1W2 + b2
     L = np.mean(np.square(Z2 - y)/2)
     # dZ2 = (Z2 - y)/n
     dZ2 = (Z2 - y)/n

@@ -101,8 +101,7 @@ def forward(params, x):
     H2 += b2
     np.tanh(H2, out=H2)
     H2W3 = H2 @ W3
-    Z3 = H2W3
-    Z3 += b3
+    Z3 = H2W3 + b3
     P = _softmax(Z3)
     return P
 
@@ -127,8 +126,7 @@ def loss(params, x, y):
     H2 += b2
     np.tanh(H2, out=H2)
     H2W3 = H2 @ W3
-    Z3 = H2W3
-    Z3 += b3
+    Z3 = H2W3 + b3
     LSE = _logsumexp(Z3)
     CE = LSE - Z3[np.arange(n), y]
     L = np.mean(CE)
@@ -155,8 +153,7 @@ def backward(params, x, y):
     H2 += b2
     np.tanh(H2, out=H2)
     H2W3 = H2 @ W3
-    Z3 = H2W3
-    Z3 += b3
+    Z3 = H2W3 + b3
     LSE = _logsumexp(Z3)
     CE = LSE - Z3[np.arange(n), y]
     L = np.mean(CE)
@@ -167,11 +164,17 @@ def backward(params, x, y):
     # dH2 = dZ3 @ W3.T
     dH2 = dZ3 @ W3.T
     # dZ2 = dH2*(1 - H2**2)
-    dZ2 = dH2*(1 - H2*H2)
+    dZ2 = dH2
+    _dZ2_0 = H2*H2
+    np.subtract(1, _dZ2_0, out=_dZ2_0)
+    dZ2 *= _dZ2_0
     # dH1 = dZ2 @ W2.T
     dH1 = dZ2 @ W2.T
     # dZ1 = dH1*(1 - H1**2)
-    dZ1 = dH1*(1 - H1*H1)
+    dZ1 = dH1
+    _dZ1_0 = H1*H1
+    np.subtract(1, _dZ1_0, out=_dZ1_0)
+    dZ1 *= _dZ1_0
     # dW1 = x.T @ dZ1
     dW1 = x.T @ dZ1
     # db1 = sum(dZ1, axis=0)
