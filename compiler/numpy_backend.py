@@ -49,7 +49,30 @@ class NumpyStatements:
         self.helpers = set()
         self.needs_dt = False
         outputs = [program.prediction, program.loss, *(g for _, g in program.grads if g is not None)]
-        self.uses = use_counts(outputs)[1]
+        order, self.uses = use_counts(outputs)
+        self.users = ir.consumers(order)
+        self.outputs = {o.uid for o in outputs}
+
+    def private(self, node):
+        """Whether ``node``'s array can never reach the caller: it is not returned, no view of it
+        is taken, and no elementwise statement that may update it in place is returned either.
+        Such arrays may live in per-thread scratch buffers reused from call to call."""
+        x = node
+        while x.uid not in self.outputs:
+            users = self.users.get(x.uid, [])
+            if any(u.op in ("transpose", "reshape") for u in users):
+                return False
+            if not (self.uses[x.uid] == 1 and users and users[0].op == "ew" and users[0].shape == x.shape):
+                return True
+            x = users[0]
+        return False
+
+    def scratch(self, name, shape, operands):
+        """``_scratch(name, shape, *operands)``: the call that returns this thread's reusable
+        array for ``name`` with the dtype of an operation on ``operands``."""
+        self.helpers.add("scratch")
+        operands = list(dict.fromkeys(operands))
+        return f"_scratch({name!r}, {shape_code(shape)}, {', '.join(operands)})"
 
     # -- operands -----------------------------------------------------------------------
     def name(self, node):
@@ -118,7 +141,12 @@ class NumpyStatements:
         a, b = node.inputs
         ta = ".T" if node.attr("ta") else ""
         tb = ".T" if node.attr("tb") else ""
-        return [f"{out} = {self.ref(a)}{ta} @ {self.ref(b)}{tb}"]
+        x, y = self.ref(a), self.ref(b)
+        if (a.uid not in self.p.inline and b.uid not in self.p.inline
+                and _per_sample_size(node.shape) >= self.INPLACE_MIN_SIZE and self.private(node)):
+            # a fresh array each call would be returned to the OS by malloc and faulted back in
+            return [f"{out} = np.matmul({x}{ta}, {y}{tb}, out={self.scratch(out, node.shape, [x, y])})"]
+        return [f"{out} = {x}{ta} @ {y}{tb}"]
 
     def _stmt_transpose(self, node, out):
         return [f"{out} = {self.ref(node.inputs[0])}.T"]
@@ -181,6 +209,8 @@ _UFUNC_CALLS = {
 }
 _BINARY = {"add": "+", "subtract": "-", "multiply": "*", "divide": "/"}
 _OWNED_OPS = ("matmul", "ew", "xent_grad", "softmax")   # ops whose statement allocates a fresh array
+_NAME = re.compile(r"[A-Za-z_]\w*")
+_NUMBER = re.compile(r"-?\d+(\.\d*)?(e-?\d+)?(/\d+)?")
 _ATOM = re.compile(r"[A-Za-z_][\w.]*|\d+(\.\d*)?(e-?\d+)?")
 
 
@@ -379,7 +409,7 @@ class InPlace:
             args = [show(o) for o in operands]
             d = names[dest]
             if new:
-                lines.append(f"{d} = {self._print(kind, payload, args, None)}")
+                lines.append(f"{d} = {self._print(kind, payload, args, self._scratch(kind, operands, args, d))}")
             elif kind == "bin" and args[0] == d:
                 lines.append(f"{d} {_BINARY[payload]}= {args[1]}")
             elif kind == "bin" and args[1] == d and payload in ("add", "multiply"):
@@ -387,6 +417,19 @@ class InPlace:
             else:
                 lines.append(self._print(kind, payload, args, d))
         return lines
+
+    def _scratch(self, kind, operands, args, name):
+        """The out= buffer of a new temporary: a scratch array when its dtype follows from
+        array names and number literals alone; None (a plain allocation) otherwise."""
+        if name == self.out or kind == "expr":
+            return None
+        arrays = []
+        for o, a in zip(operands, args):
+            if o[0] in ("sym", "val") or (o[0] == "code" and _NAME.fullmatch(a)):
+                arrays.append(a)
+            elif not (o[0] == "code" and _NUMBER.fullmatch(a)):
+                return None
+        return self.st.scratch(name, self.node.shape, arrays)
 
     @staticmethod
     def _print(kind, payload, names, dest):

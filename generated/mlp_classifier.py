@@ -11,6 +11,8 @@ Interface (batch-first arrays; needs only numpy):
     backward(params, x, y)  -> (loss, grads), grads shaped like params
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
+import threading
+
 import numpy as np
 
 SOURCE_HASH = 'sha256:ffc5eab12cf8e8e3bae01677a4449bd609d671bb0232266071e8adbd4e115207'
@@ -68,6 +70,20 @@ def _batch(*arrays):
     return n
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(name, shape, *operands):
+    # This thread's array for a value that never leaves the function, reused from call to call:
+    # fresh ones each call would be returned to the OS by malloc and faulted back in.
+    dtype = np.result_type(*operands)
+    a = getattr(_SCRATCH, name, None)
+    if a is None or a.shape != shape or a.dtype != dtype:
+        a = np.empty(shape, dtype)
+        setattr(_SCRATCH, name, a)
+    return a
+
+
 def _logsumexp(z):
     m = np.max(z, axis=1)
     return m + np.log(np.sum(np.exp(z - m[:, None]), axis=1))
@@ -86,7 +102,7 @@ def forward(params, x):
     b1 = params['b1']
     W2 = params['W2']
     b2 = params['b2']
-    xW1 = x @ W1
+    xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
     H1 = xW1
     H1 += b1
     np.tanh(H1, out=H1)
@@ -105,7 +121,7 @@ def loss(params, x, y):
     b1 = params['b1']
     W2 = params['W2']
     b2 = params['b2']
-    xW1 = x @ W1
+    xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
     H1 = xW1
     H1 += b1
     np.tanh(H1, out=H1)
@@ -126,7 +142,7 @@ def backward(params, x, y):
     b1 = params['b1']
     W2 = params['W2']
     b2 = params['b2']
-    xW1 = x @ W1
+    xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
     H1 = xW1
     H1 += b1
     np.tanh(H1, out=H1)
@@ -140,10 +156,10 @@ def backward(params, x, y):
     dZ2[np.arange(n), y] -= 1
     dZ2 *= 1/n
     # dH1 = dZ2 @ W2.T
-    dH1 = dZ2 @ W2.T
+    dH1 = np.matmul(dZ2, W2.T, out=_scratch('dH1', (n, 32), dZ2, W2))
     # dZ1 = dH1*(1 - H1**2)
     dZ1 = dH1
-    _dZ1_0 = H1*H1
+    _dZ1_0 = np.multiply(H1, H1, out=_scratch('_dZ1_0', (n, 32), H1))
     np.subtract(1, _dZ1_0, out=_dZ1_0)
     dZ1 *= _dZ1_0
     # dW1 = x.T @ dZ1

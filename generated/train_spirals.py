@@ -11,6 +11,8 @@ Interface (batch-first arrays; needs only numpy):
     backward(params, x, y)  -> (loss, grads), grads shaped like params
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
+import threading
+
 import numpy as np
 
 SOURCE_HASH = 'sha256:e3436d6016b37565e3fa366bd4a562ef3ed825da6c0d5663e800288646e00abb'
@@ -72,6 +74,20 @@ def _batch(*arrays):
     return n
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(name, shape, *operands):
+    # This thread's array for a value that never leaves the function, reused from call to call:
+    # fresh ones each call would be returned to the OS by malloc and faulted back in.
+    dtype = np.result_type(*operands)
+    a = getattr(_SCRATCH, name, None)
+    if a is None or a.shape != shape or a.dtype != dtype:
+        a = np.empty(shape, dtype)
+        setattr(_SCRATCH, name, a)
+    return a
+
+
 def _logsumexp(z):
     m = np.max(z, axis=1)
     return m + np.log(np.sum(np.exp(z - m[:, None]), axis=1))
@@ -92,11 +108,11 @@ def forward(params, x):
     b2 = params['b2']
     W3 = params['W3']
     b3 = params['b3']
-    xW1 = x @ W1
+    xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
     H1 = xW1
     H1 += b1
     np.tanh(H1, out=H1)
-    H1W2 = H1 @ W2
+    H1W2 = np.matmul(H1, W2, out=_scratch('H1W2', (n, 32), H1, W2))
     H2 = H1W2
     H2 += b2
     np.tanh(H2, out=H2)
@@ -117,11 +133,11 @@ def loss(params, x, y):
     b2 = params['b2']
     W3 = params['W3']
     b3 = params['b3']
-    xW1 = x @ W1
+    xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
     H1 = xW1
     H1 += b1
     np.tanh(H1, out=H1)
-    H1W2 = H1 @ W2
+    H1W2 = np.matmul(H1, W2, out=_scratch('H1W2', (n, 32), H1, W2))
     H2 = H1W2
     H2 += b2
     np.tanh(H2, out=H2)
@@ -144,11 +160,11 @@ def backward(params, x, y):
     b2 = params['b2']
     W3 = params['W3']
     b3 = params['b3']
-    xW1 = x @ W1
+    xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
     H1 = xW1
     H1 += b1
     np.tanh(H1, out=H1)
-    H1W2 = H1 @ W2
+    H1W2 = np.matmul(H1, W2, out=_scratch('H1W2', (n, 32), H1, W2))
     H2 = H1W2
     H2 += b2
     np.tanh(H2, out=H2)
@@ -162,17 +178,17 @@ def backward(params, x, y):
     dZ3[np.arange(n), y] -= 1
     dZ3 *= 1/n
     # dH2 = dZ3 @ W3.T
-    dH2 = dZ3 @ W3.T
+    dH2 = np.matmul(dZ3, W3.T, out=_scratch('dH2', (n, 32), dZ3, W3))
     # dZ2 = dH2*(1 - H2**2)
     dZ2 = dH2
-    _dZ2_0 = H2*H2
+    _dZ2_0 = np.multiply(H2, H2, out=_scratch('_dZ2_0', (n, 32), H2))
     np.subtract(1, _dZ2_0, out=_dZ2_0)
     dZ2 *= _dZ2_0
     # dH1 = dZ2 @ W2.T
-    dH1 = dZ2 @ W2.T
+    dH1 = np.matmul(dZ2, W2.T, out=_scratch('dH1', (n, 32), dZ2, W2))
     # dZ1 = dH1*(1 - H1**2)
     dZ1 = dH1
-    _dZ1_0 = H1*H1
+    _dZ1_0 = np.multiply(H1, H1, out=_scratch('_dZ1_0', (n, 32), H1))
     np.subtract(1, _dZ1_0, out=_dZ1_0)
     dZ1 *= _dZ1_0
     # dW1 = x.T @ dZ1

@@ -1,0 +1,111 @@
+"""The NumPy backend's fast paths on wide models (>= NumpyStatements.INPLACE_MIN_SIZE numbers per
+sample): statements that update a dead buffer in place and per-thread scratch arrays must give
+the same numbers as the plain one-expression form, never hand the caller an array that a later
+call overwrites, and stay correct when threads call one module at once."""
+import threading
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import compiler as bpc
+from compiler.numpy_backend import NumpyStatements
+
+W = 40   # wider than INPLACE_MIN_SIZE
+x_ = sp.Symbol("x")
+CASES = [
+    ("tanh", "softmax_cross_entropy"), ("relu", "mse"), ("sigmoid", "bce"), ("softplus", "mse"),
+    ("swish", "softmax_cross_entropy"), ("gelu", "mse"), (x_ / (1 + sp.exp(-1.5 * x_)), "mse"),
+    (x_**3 / 10 + x_, "mse"),
+]
+
+
+def _model(act, loss, name):
+    out = 5 if loss == "softmax_cross_entropy" else (1 if loss == "bce" else W)
+    return bpc.mlp([7, W, W, out], act, loss, name=name)
+
+
+def _plain(model):
+    old = NumpyStatements.INPLACE_MIN_SIZE
+    NumpyStatements.INPLACE_MIN_SIZE = 10**9
+    try:
+        return bpc.compile_model(model).load()
+    finally:
+        NumpyStatements.INPLACE_MIN_SIZE = old
+
+
+def _data(mod, n, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 7)).astype(dtype)
+    (name, shape), = mod.TARGETS.items()
+    if mod.TARGET_KINDS[name] == "label":
+        y = rng.integers(0, mod.CLASSES[name], n)
+    elif "bce" in mod.__name__:
+        y = rng.integers(0, 2, (n,) + shape).astype(dtype)
+    else:
+        y = rng.standard_normal((n,) + shape).astype(dtype)
+    return x, y
+
+
+@pytest.mark.parametrize("act,loss", CASES, ids=[f"{a}-{l}" for a, l in CASES])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_inplace_form_equals_plain_form(act, loss, dtype):
+    model = _model(act, loss, f"ip_{loss}")
+    fast, plain = bpc.compile_model(model).load(), _plain(model)
+    assert "out=" in bpc.compile_model(model).source
+    p = fast.init_params(seed=1, dtype=dtype)
+    for n in (3, 16, 3):   # a batch size seen again after another one
+        x, y = _data(fast, n, dtype, seed=n)
+        lf, gf = fast.backward(p, x, y)
+        lp, gp = plain.backward(p, x, y)
+        tol = 1e-4 if dtype == np.float32 else 1e-12
+        assert np.isclose(lf, lp, rtol=tol, atol=tol)
+        for k in gp:
+            assert gf[k].dtype == gp[k].dtype == dtype
+            np.testing.assert_allclose(gf[k], gp[k], rtol=tol, atol=tol)
+        np.testing.assert_allclose(fast.forward(p, x), plain.forward(p, x), rtol=tol, atol=tol)
+        assert np.isclose(fast.loss(p, x, y), lp, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("loss", ["mse", "softmax_cross_entropy"])
+def test_results_are_not_overwritten_by_later_calls(loss):
+    mod = bpc.compile_model(_model("tanh", loss, f"keep_{loss}")).load()
+    p = mod.init_params(seed=0)
+    x1, y1 = _data(mod, 8, np.float64, 1)
+    x2, y2 = _data(mod, 8, np.float64, 2)
+    pred, (value, grads) = mod.forward(p, x1), mod.backward(p, x1, y1)
+    kept = pred.copy(), {k: g.copy() for k, g in grads.items()}
+    mod.forward(p, x2), mod.backward(p, x2, y2), mod.loss(p, x2, y2)
+    np.testing.assert_array_equal(pred, kept[0])
+    for k in grads:
+        np.testing.assert_array_equal(grads[k], kept[1][k])
+    assert not any(np.shares_memory(a, b) for a in [pred, *grads.values()] for b in (x1, y1))
+
+
+def test_threads_do_not_share_scratch_arrays():
+    mod = bpc.compile_model(_model("tanh", "softmax_cross_entropy", "threads")).load()
+    assert "_scratch(" in bpc.compile_model(_model("tanh", "softmax_cross_entropy", "threads")).source
+    p = mod.init_params(seed=0)
+    batches = [_data(mod, 64, np.float64, s) for s in range(4)]
+    expected = [mod.backward(p, x, y) for x, y in batches]
+    errors = []
+
+    def work(i):
+        x, y = batches[i]
+        for _ in range(30):
+            value, grads = mod.backward(p, x, y)
+            if value != expected[i][0] or any(not np.array_equal(grads[k], expected[i][1][k]) for k in grads):
+                errors.append(i)
+                return
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_small_models_keep_the_one_line_form():
+    src = bpc.compile_model(bpc.mlp([2, 3, 1], "tanh", name="small")).source
+    assert "out=" not in src and "_scratch" not in src and "import threading" not in src
