@@ -92,6 +92,16 @@ class NumpyPrinter(StrPrinter):
             return f"np.exp({self._print(ex)})"
         return f"{self.parenthesize(base, PRECEDENCE['Pow'], strict=True)}**{self.parenthesize(ex, PRECEDENCE['Pow'], strict=True)}"
 
+    def _print_Mul(self, e):
+        # ``2*(Z - y)/n`` costs two passes over the array; ``(Z - y)*(2/n)`` folds the scalars first
+        coeff, factors = e.as_coeff_mul()
+        scalars = [f for f in factors if f.free_symbols <= {N}]
+        arrays = [f for f in factors if not f.free_symbols <= {N}]
+        if coeff not in (1, -1) and scalars and arrays:
+            return (f"{self.parenthesize(sp.Mul(*arrays), PRECEDENCE['Mul'], strict=False)}"
+                    f"*({self._print(coeff * sp.Mul(*scalars))})")
+        return super()._print_Mul(e)
+
     def _print_Max(self, e):
         out = self._print(e.args[0])
         for a in e.args[1:]:

@@ -129,7 +129,7 @@ def loss(params, x, y):
     Z2 = H1W2 + b2
     LSE = _logsumexp(Z2)
     CE = LSE - Z2[np.arange(n), y]
-    L = np.mean(CE)
+    L = CE.mean()
     return float(L)
 
 
@@ -150,7 +150,7 @@ def backward(params, x, y):
     Z2 = H1W2 + b2
     LSE = _logsumexp(Z2)
     CE = LSE - Z2[np.arange(n), y]
-    L = np.mean(CE)
+    L = CE.mean()
     # dZ2 = (softmax(Z2) - onehot(y))/n
     dZ2 = np.exp(Z2 - LSE[:, None])
     dZ2[np.arange(n), y] -= 1
@@ -165,11 +165,11 @@ def backward(params, x, y):
     # dW1 = x.T @ dZ1
     dW1 = x.T @ dZ1
     # db1 = sum(dZ1, axis=0)
-    db1 = np.sum(dZ1, axis=0)
+    db1 = dZ1.sum(axis=0)
     # dW2 = H1.T @ dZ2
     dW2 = H1.T @ dZ2
     # db2 = sum(dZ2, axis=0)
-    db2 = np.sum(dZ2, axis=0)
+    db2 = dZ2.sum(axis=0)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}
 
 

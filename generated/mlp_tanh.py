@@ -97,7 +97,7 @@ def loss(params, x, y):
     H2 = np.tanh(H1W2 + b2)
     H2W3 = H2 @ W3
     Z3 = H2W3 + b3
-    L = np.mean(np.square(Z3 - y))
+    L = np.square(Z3 - y).mean()
     return float(L)
 
 
@@ -118,9 +118,9 @@ def backward(params, x, y):
     H2 = np.tanh(H1W2 + b2)
     H2W3 = H2 @ W3
     Z3 = H2W3 + b3
-    L = np.mean(np.square(Z3 - y))
+    L = np.square(Z3 - y).mean()
     # dZ3 = 2*(Z3 - y)/n
-    dZ3 = 2*(Z3 - y)/n
+    dZ3 = (Z3 - y)*(2/n)
     # dH2 = dZ3 @ W3.T
     dH2 = dZ3 @ W3.T
     # dZ2 = dH2*(1 - H2**2)
@@ -132,15 +132,15 @@ def backward(params, x, y):
     # dW1 = x.T @ dZ1
     dW1 = x.T @ dZ1
     # db1 = sum(dZ1, axis=0)
-    db1 = np.sum(dZ1, axis=0)
+    db1 = dZ1.sum(axis=0)
     # dW2 = H1.T @ dZ2
     dW2 = H1.T @ dZ2
     # db2 = sum(dZ2, axis=0)
-    db2 = np.sum(dZ2, axis=0)
+    db2 = dZ2.sum(axis=0)
     # dW3 = H2.T @ dZ3
     dW3 = H2.T @ dZ3
     # db3 = sum(dZ3, axis=0)
-    db3 = np.sum(dZ3, axis=0)
+    db3 = dZ3.sum(axis=0)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2, 'W3': dW3, 'b3': db3}
 
 

@@ -92,7 +92,7 @@ def loss(params, x, y):
     H1 = Z1*_sigmoid(1.5*Z1)
     H1W2 = H1 @ W2
     Z2 = H1W2 + b2
-    L = np.mean(np.square(Z2 - y)/2)
+    L = (np.square(Z2 - y)/2).mean()
     return float(L)
 
 
@@ -110,7 +110,7 @@ def backward(params, x, y):
     H1 = Z1*_sigmoid(1.5*Z1)
     H1W2 = H1 @ W2
     Z2 = H1W2 + b2
-    L = np.mean(np.square(Z2 - y)/2)
+    L = (np.square(Z2 - y)/2).mean()
     # dZ2 = (Z2 - y)/n
     dZ2 = (Z2 - y)/n
     # dH1 = dZ2 @ W2.T
@@ -121,11 +121,11 @@ def backward(params, x, y):
     # dW1 = x.T @ dZ1
     dW1 = x.T @ dZ1
     # db1 = sum(dZ1, axis=0)
-    db1 = np.sum(dZ1, axis=0)
+    db1 = dZ1.sum(axis=0)
     # dW2 = H1.T @ dZ2
     dW2 = H1.T @ dZ2
     # db2 = sum(dZ2, axis=0)
-    db2 = np.sum(dZ2, axis=0)
+    db2 = dZ2.sum(axis=0)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}
 
 

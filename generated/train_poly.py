@@ -79,7 +79,7 @@ def loss(params, x, y):
     c = params['c']
     d = params['d']
     p = a*x*x*x + b*x*x + c*x + d
-    L = np.mean(np.square(p - y))
+    L = np.square(p - y).mean()
     return float(L)
 
 
@@ -93,17 +93,17 @@ def backward(params, x, y):
     c = params['c']
     d = params['d']
     p = a*x*x*x + b*x*x + c*x + d
-    L = np.mean(np.square(p - y))
+    L = np.square(p - y).mean()
     # dp = 2*(p - y)/n
-    dp = 2*(p - y)/n
+    dp = (p - y)*(2/n)
     # da = sum(dp*x**3)
-    da = np.sum(dp*x*x*x)
+    da = (dp*x*x*x).sum()
     # db = sum(dp*x**2)
-    db = np.sum(dp*x*x)
+    db = (dp*x*x).sum()
     # dc = sum(dp*x)
-    dc = np.sum(dp*x)
+    dc = (dp*x).sum()
     # dd = sum(dp)
-    dd = np.sum(dp)
+    dd = dp.sum()
     return float(L), {'a': da, 'b': db, 'c': dc, 'd': dd}
 
 

@@ -145,7 +145,7 @@ def loss(params, x, y):
     Z3 = H2W3 + b3
     LSE = _logsumexp(Z3)
     CE = LSE - Z3[np.arange(n), y]
-    L = np.mean(CE)
+    L = CE.mean()
     return float(L)
 
 
@@ -172,7 +172,7 @@ def backward(params, x, y):
     Z3 = H2W3 + b3
     LSE = _logsumexp(Z3)
     CE = LSE - Z3[np.arange(n), y]
-    L = np.mean(CE)
+    L = CE.mean()
     # dZ3 = (softmax(Z3) - onehot(y))/n
     dZ3 = np.exp(Z3 - LSE[:, None])
     dZ3[np.arange(n), y] -= 1
@@ -194,15 +194,15 @@ def backward(params, x, y):
     # dW1 = x.T @ dZ1
     dW1 = x.T @ dZ1
     # db1 = sum(dZ1, axis=0)
-    db1 = np.sum(dZ1, axis=0)
+    db1 = dZ1.sum(axis=0)
     # dW2 = H1.T @ dZ2
     dW2 = H1.T @ dZ2
     # db2 = sum(dZ2, axis=0)
-    db2 = np.sum(dZ2, axis=0)
+    db2 = dZ2.sum(axis=0)
     # dW3 = H2.T @ dZ3
     dW3 = H2.T @ dZ3
     # db3 = sum(dZ3, axis=0)
-    db3 = np.sum(dZ3, axis=0)
+    db3 = dZ3.sum(axis=0)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2, 'W3': dW3, 'b3': db3}
 
 
