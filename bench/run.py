@@ -128,7 +128,8 @@ def peak_section(args, rows_out):
         m = 2048
         a = np.random.default_rng(1).standard_normal((m, m)).astype(dt)
         c = np.empty_like(a)
-        t = compare({"peak": lambda: np.matmul(a, a, out=c)}, rounds=5, warmup=2, target=0.2)["peak"]
+        # the best round: a peak is what the machine can do, and other load only lowers it
+        t = compare({"peak": lambda: np.matmul(a, a, out=c)}, rounds=7, warmup=2, target=0.2, stat=min)["peak"]
         peak = 2 * m ** 3 / t
         flops = matmul_flops(BIG, 256)
         row = [np.dtype(dt).name, f"{peak / 1e9:.0f}", f"{flops / peak * 1e3:.2f}"]
@@ -137,7 +138,7 @@ def peak_section(args, rows_out):
             for name in ("generated NumPy", "hand-written NumPy", "the 8 matrix products alone"):
                 row.append(f"{flops / times[name] / peak:.0%}")
         rows.append(row)
-    header = ["dtype", "peak GFLOP/s (2048^3 @)", "ms at peak"]
+    header = ["dtype", "peak GFLOP/s (2048^3 @, best round)", "ms at peak"]
     if step:
         header += ["generated NumPy", "hand NumPy", "8 products alone"]
     text = (f"{matmul_flops(BIG, 256) / 1e6:.0f} MFLOP of matrix products per step; share of peak:\n\n"

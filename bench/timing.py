@@ -1,5 +1,6 @@
-"""Interleaved timing: every candidate is run in turn within each round, so that load from
-other processes on a shared machine hits all of them alike; the median over rounds is kept."""
+"""Interleaved timing: every candidate is run in turn within each round (in a rotating order),
+so that load from other processes on a shared machine hits all of them alike; the median over
+rounds is kept."""
 from __future__ import annotations
 
 import statistics
@@ -15,19 +16,23 @@ def calibrate(fn, target=0.02):
     return max(1, min(10000, int(target / dt)))
 
 
-def compare(fns, rounds=15, warmup=3, target=0.02):
-    """{name: median seconds per call} for the callables in ``fns``, timed interleaved."""
+def compare(fns, rounds=15, warmup=3, target=0.02, stat=statistics.median):
+    """{name: median (or ``stat``) seconds per call} for the callables in ``fns``, timed interleaved."""
     loops = {}
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
         loops[name] = calibrate(fn, target)
     samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            n = loops[name]
+    names = list(fns)
+    for r in range(rounds):
+        # rotate the order, so that no candidate always runs right after the same one (another
+        # runtime's worker threads may still be spinning), and settle each with one untimed call
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, n = fns[name], loops[name]
+            fn()
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
             samples[name].append((time.perf_counter() - t0) / n)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return {name: stat(v) for name, v in samples.items()}
