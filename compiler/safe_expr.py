@@ -130,6 +130,15 @@ def parse(text, symbols, constants=None):
     ``symbols`` maps each name the expression may use to its SymPy symbol; ``constants`` maps
     further names to SymPy numbers. Anything else is an ExprError with a column.
     """
+    result = parse_with(_Builder, text, symbols, constants)
+    if not isinstance(result, sp.Basic):
+        result = sp.sympify(result)  # a plain int/float: sympify of a number never evaluates code
+    return result
+
+
+def parse_with(builder, text, symbols, constants=None, **options):
+    """Check ``text`` against the limits, then build it with ``builder`` (a ``_Builder``
+    subclass; ``options`` go to its constructor). Columns refer to ``text`` as given."""
     _prescan(text)
     # Python reads leading blanks as an indent; drop them, keep columns true to the original
     stripped = text.lstrip(" \t")
@@ -138,14 +147,11 @@ def parse(text, symbols, constants=None):
     names.update(constants or {})
     names.update(symbols)
     try:
-        result = _Builder(stripped, names, _functions()).build(_tree(stripped))
+        return builder(stripped, names, _functions(), **options).build(_tree(stripped))
     except ExprError as e:
         if e.column is not None:
             e.column += shift
         raise
-    if not isinstance(result, sp.Basic):
-        result = sp.sympify(result)  # a plain int/float: sympify of a number never evaluates code
-    return result
 
 
 def parse_constant(text, constants=None):
@@ -227,8 +233,10 @@ class _Builder:
         if op not in _BINOPS:
             sym = _REFUSED_BINOPS.get(op, op.__name__)
             raise ExprError(f"operator {sym} is not allowed", self._after(node.left, sym[:1]))
-        a = self.build(node.left)
-        b = self.build(node.right)
+        return self._combine(op, self.build(node.left), self.build(node.right), node)
+
+    def _combine(self, op, a, b, node):
+        """``a op b`` for built operands (``op`` an ast operator class in _BINOPS)."""
         if op is ast.Div or op is ast.Pow:
             if op is ast.Div and b.is_zero:
                 raise ExprError("division by zero", self._after(node.left, "/"))

@@ -28,13 +28,17 @@ SOURCE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-
 DTYPES = ("float32", "float64")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-TOP_KEYS = ("model", "constants", "network", "expression", "train")
+TOP_KEYS = ("model", "constants", "network", "expression", "matrix", "train")
 MODEL_KEYS = ("name", "description", "dtype")
 NETWORK_KEYS = ("input", "target", "layers", "loss")
 INPUT_KEYS = ("name", "size")
 TARGET_KEYS = ("name", "size", "kind")
 LAYER_KEYS = ("type", "units", "activation", "name", "constants")
 EXPRESSION_KEYS = ("prediction", "params", "inputs", "targets", "loss", "prediction_symbol")
+MATRIX_KEYS = ("inputs", "targets", "params", "scalars", "init", "activations", "output", "loss",
+               "target_kind", "prediction_symbol")
+MAX_PARAM_NUMBERS = 1 << 26   # of one matrix parameter (beyond it init_params cannot allocate)
+MATRIX_INITS = ("glorot", "he", "zeros")
 
 
 class SpecError(ModelError):
@@ -47,7 +51,7 @@ class Spec:
 
     path: str                     # as given by the caller, used in messages
     model: object                 # compiler.model.Model
-    kind: str                     # "network" | "expression"
+    kind: str                     # "network" | "expression" | "matrix"
     dtype: object = None          # None | "float32" | "float64"
     train: dict = field(default_factory=dict)   # the [train] table, for `bpc train`, unvalidated
 
@@ -316,14 +320,13 @@ class _Loader:
         train = tree.get("train", {})
         if not isinstance(train, dict):
             raise self.error("train", f"must be a table, not {_type(train)}")
-        has_net, has_expr = "network" in tree, "expression" in tree
-        if has_net == has_expr:
-            raise self.error("(top level)", "a spec needs exactly one of the tables [network] and "
-                             "[expression]" + (", not both" if has_net else ""))
-        if has_net:
-            model, kind = self.network(tree["network"], name, tree.get("constants")), "network"
-        else:
-            model, kind = self.expression_model(tree["expression"], name, tree.get("constants")), "expression"
+        kinds = [k for k in ("network", "expression", "matrix") if k in tree]
+        if len(kinds) != 1:
+            raise self.error("(top level)", "a spec needs exactly one of the tables [network], [expression] "
+                             "and [matrix]" + (f", not {' and '.join(f'[{k}]' for k in kinds)}" if kinds else ""))
+        kind = kinds[0]
+        build = {"network": self.network, "expression": self.expression_model, "matrix": self.matrix_model}[kind]
+        model = build(tree[kind], name, tree.get("constants"))
         if description:
             model = replace(model, description=description)
         return Spec(self.file, model, kind, dtype, dict(train))
@@ -480,6 +483,162 @@ class _Loader:
             raise self.error("expression.loss", "missing: the default (p - y)**2 needs exactly one target")
         return self.wrap("expression", expression_model, pred, inits, inputs, targets=targets,
                          loss=loss, prediction_symbol=psym.name, name=name)
+
+
+    def matrix_model(self, mt, name, constants_t):
+        """The [matrix] table: a per-sample SymPy matrix network, built by from_matrix_expr."""
+        import sympy as sp
+        from .functions import ACTIVATIONS
+        from .functions import activation as resolve_activation
+        from .matrix_frontend import from_matrix_expr
+        from .model import NAME_RE
+        from .nn import LOSS_ALIASES, LOSSES
+        from .safe_matrix_expr import is_matrix, matrix_function_names, shape_text
+        mt = self.table(mt, "matrix", MATRIX_KEYS)
+        for key in ("inputs", "targets", "output"):
+            if key not in mt:
+                raise self.error(f"matrix.{key}", "missing")
+        if "params" not in mt and "scalars" not in mt:
+            raise self.error("matrix.params", "missing: declare at least one parameter (in params or scalars)")
+        functions = matrix_function_names()
+        declared = {}   # name -> field that declares it
+
+        def declare(n, where, what):
+            self.name(n, where, what)
+            if n in functions:
+                raise self.error(where, f"{what} name {n!r} is a function of matrix expressions "
+                                        "(T, transpose, hadamard or a built-in activation); choose another")
+            if n in declared:
+                raise self.error(where, f"{n!r} is already declared in {declared[n]}")
+            declared[n] = where
+            return n
+
+        def table_of(key, what):
+            value = mt.get(key, {})
+            if not isinstance(value, dict):
+                raise self.error(f"matrix.{key}", f"must be a table of {what}, not {_type(value)}")
+            return value
+
+        def shapes(key, what, vector):
+            out = {}
+            for k, v in table_of(key, "name = [rows, columns]").items():
+                where = f"matrix.{key}.{k}"
+                declare(k, where, what)
+                if not isinstance(v, list) or len(v) != 2:
+                    raise self.error(where, f"must be a shape [rows, columns], not {_type(v)} {_short(v)}")
+                r, c = self.integer(v[0], f"{where}[0]"), self.integer(v[1], f"{where}[1]")
+                if vector and r != 1 and c != 1:
+                    raise self.error(where, f"a {what} is one vector per sample: a column [k, 1] or a row "
+                                            f"[1, k], not [{r}, {c}]")
+                if r * c > MAX_PARAM_NUMBERS:
+                    raise self.error(where, f"{r}x{c} is {r * c} numbers; the limit is {MAX_PARAM_NUMBERS}")
+                out[k] = sp.MatrixSymbol(k, r, c)
+            return out
+
+        inputs = shapes("inputs", "input", True)
+        if not inputs:
+            raise self.error("matrix.inputs", "is empty; declare at least one input")
+        targets = shapes("targets", "target", True)
+        if not targets:
+            raise self.error("matrix.targets", "is empty; declare at least one target")
+        kind = self.string(mt.get("target_kind", "real"), "matrix.target_kind")
+        if kind not in ("real", "label"):
+            raise self.error("matrix.target_kind", f"must be 'real' or 'label', not {kind!r}")
+        if kind == "label":
+            (t, sym), *more = targets.items()
+            if more:
+                raise self.error("matrix.target_kind", "'label' needs exactly one target")
+            if sym.shape != (1, 1):
+                raise self.error(f"matrix.targets.{t}", "an integer label is one class index per sample: "
+                                                        "give the shape [1, 1]")
+        params = shapes("params", "parameter", False)
+        scalars_t = table_of("scalars", "name = initial value")
+        scalars = {k: sp.Symbol(declare(k, f"matrix.scalars.{k}", "parameter"), real=True) for k in scalars_t}
+        if not params and not scalars:
+            raise self.error("matrix.params", "is empty; declare at least one parameter (in params or scalars)")
+        acts_t = table_of("activations", "name = activation")
+        for k in acts_t:
+            declare(k, f"matrix.activations.{k}", "activation")
+        loss_t = self.string(mt.get("loss", "mse"), "matrix.loss")
+        builtin_loss = loss_t in LOSSES or loss_t in LOSS_ALIASES
+        psym = None
+        if not builtin_loss:
+            psym = self.string(mt.get("prediction_symbol", "p"), "matrix.prediction_symbol")
+            if psym in declared and "prediction_symbol" not in mt:
+                raise self.error("matrix.prediction_symbol", f"the loss names the output {psym!r} (the default "
+                                 f"prediction symbol), but {psym!r} is already declared in {declared[psym]}; "
+                                 "set prediction_symbol to another name")
+            declare(psym, "matrix.prediction_symbol", "prediction symbol")
+
+        constants = self.constants(constants_t, "constants", {}, set(declared))
+        activations = {}
+        for k, v in acts_t.items():
+            where = f"matrix.activations.{k}"
+            act = self.activation(v, where, constants)
+            expr = ACTIVATIONS[act][0] if isinstance(act, str) else act
+            self.wrap(where, resolve_activation, expr)       # unsupported functions, now, with the field
+            activations[k] = expr
+        inits = {s.name: ("value", float(self.number(v, f"matrix.scalars.{s.name}", constants).evalf(30)))
+                 for s, v in zip(scalars.values(), scalars_t.values())}
+        for k, v in table_of("init", "name = initialisation").items():
+            where = f"matrix.init.{k}"
+            if k in scalars:
+                raise self.error(where, f"{k!r} is a scalar; give its initial value in matrix.scalars")
+            if k not in params:
+                raise self.error(where, f"{k!r} is not a matrix parameter (declared: "
+                                        f"{', '.join(params) or 'none'})")
+            if v not in MATRIX_INITS:
+                raise self.error(where, f"must be one of {', '.join(MATRIX_INITS)}, not {_short(v)}")
+            r, c = params[k].shape
+            inits[k] = {"glorot": ("glorot", c, r), "he": ("he", c), "zeros": ("zeros",)}[v]
+
+        data = set(inputs.values()) | set(targets.values())
+        output = self.matrix_expression(mt["output"], "matrix.output", {**inputs, **params, **scalars},
+                                        constants, activations, data)
+        if not is_matrix(output):
+            raise self.error("matrix.output", "must be a matrix expression of the inputs; this one is a scalar")
+        if not set(inputs.values()) & output.atoms(sp.MatrixSymbol):
+            raise self.error("matrix.output", "does not depend on any input")
+        if builtin_loss:
+            if len(targets) != 1:
+                raise self.error("matrix.loss", f"the built-in loss {loss_t!r} needs exactly one target, "
+                                                f"got {len(targets)}")
+            loss = loss_t
+        else:
+            if NAME_RE.match(loss_t) and loss_t not in declared and loss_t not in constants:
+                known = sorted((*LOSSES, *LOSS_ALIASES))
+                hint = difflib.get_close_matches(loss_t, known, n=1)
+                also = f"did you mean {hint[0]!r}? " if hint else ""
+                raise self.error("matrix.loss", f"unknown loss {loss_t!r}; {also}built-ins are {', '.join(LOSSES)}, "
+                                 f"or write a 1x1 matrix expression of {psym} (the output) and the targets")
+            loss = self.matrix_expression(loss_t, "matrix.loss", {psym: output, **targets, **params, **scalars},
+                                          constants, activations, data)
+            if not is_matrix(loss) or loss.shape != (1, 1):
+                raise self.error("matrix.loss", f"must be a 1x1 matrix per sample (e.g. T({psym} - y)*({psym} - y)); "
+                                                f"this one is {shape_text(loss)}")
+
+        # a declared symbol that nothing uses is most likely a typo elsewhere
+        used = set()
+        for e in (output, loss):
+            if isinstance(e, sp.Basic):
+                used |= {a for a in e.atoms(sp.MatrixSymbol, sp.Symbol) if not isinstance(a, sp.Dummy)}
+        for key, table in (("inputs", inputs), ("params", params), ("scalars", scalars),
+                           *((("targets", targets),) if not builtin_loss else ())):
+            for k, s in table.items():
+                if s not in used:
+                    raise self.error(f"matrix.{key}.{k}", f"{k!r} is declared but not used")
+        return self.wrap("matrix", from_matrix_expr, output, inputs=list(inputs.values()),
+                         targets=list(targets.values()), loss=loss,
+                         params=[*params.values(), *scalars.values()], target_kind=kind, init=inits, name=name)
+
+    def matrix_expression(self, text, where, symbols, constants, activations, data):
+        from .safe_expr import ExprError
+        from .safe_matrix_expr import parse_matrix
+        self.string(text, where)
+        try:
+            return parse_matrix(text, symbols, constants, activations, data)
+        except ExprError as e:
+            raise self.expr_error(where, text, e) from None
 
 
 def _short(value, limit=40):

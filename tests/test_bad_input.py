@@ -65,7 +65,7 @@ CASES = [
     ("unknown extension", "m.yaml", "network: {}", "unknown spec file type '.yaml'"),
     ("file name injection", 'm""".toml', net(), "file name"),
     # -- structure and types
-    ("no model table", "m.toml", "[model]\nname = \"m\"\n", "exactly one of the tables [network] and [expression]"),
+    ("no model table", "m.toml", "[model]\nname = \"m\"\n", "exactly one of the tables [network], [expression] and [matrix]"),
     ("network and expression", "m.toml", net() + expr(), "exactly one of the tables"),
     ("unknown top-level field", "m.toml", "[netwrok]\n", "netwrok: unknown field; did you mean 'network'"),
     ("unknown layer field", "m.toml", net().replace("units =", "unit ="), "network.layers[0].unit: unknown field; did you mean 'units'"),
