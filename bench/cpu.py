@@ -49,6 +49,9 @@ def choose_coretype(argv):
     if forced == "default":
         os.environ.pop("OPENBLAS_CORETYPE", None)
     elif forced:
+        if forced.upper() in ("SKYLAKEX", "COOPERLAKE", "SAPPHIRERAPIDS") and not SKYLAKEX_FLAGS <= cpu_flags():
+            print(f"warning: this CPU does not list {', '.join(sorted(SKYLAKEX_FLAGS))}; "
+                  f"OPENBLAS_CORETYPE={forced} may die with SIGILL", flush=True)
         os.environ["OPENBLAS_CORETYPE"] = forced
     elif "OPENBLAS_CORETYPE" not in os.environ and SKYLAKEX_FLAGS <= cpu_flags():
         os.environ["OPENBLAS_CORETYPE"] = "SKYLAKEX"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ from compiler import ir  # noqa: E402
 from bench.cpu import cpu_name  # noqa: E402
 from bench.frameworks import make_jax, make_torch  # noqa: E402
 from bench.reference import HandMLP  # noqa: E402
-from bench.timing import compare  # noqa: E402
+from bench.timing import compare, measure, spread  # noqa: E402
 
 BIG = [784, 256, 128, 10]
 SMALL = [2, 16, 16, 1]
@@ -55,6 +56,21 @@ def table(header, rows):
     return "\n".join(out)
 
 
+def _frameworks(args):
+    every = (("PyTorch eager", make_torch, "torch"), ("JAX jit(value_and_grad)", make_jax, "jax"))
+    skip = set(filter(None, args.skip.split(",")))
+    return [(label, make) for label, make, key in every if key not in skip]
+
+
+def _warn_if_noisy(what, samples):
+    """A note when the two NumPy candidates' rounds spread widely (the frameworks' own spread
+    is larger by nature: thread pools, dispatch)."""
+    worst = max(("generated NumPy", "hand-written NumPy"), key=lambda k: spread(samples[k]))
+    if spread(samples[worst]) > 0.2:
+        note(f"{what}: noisy machine ({worst}: interquartile range {spread(samples[worst]):.0%} of the median); "
+             "rerun before trusting these ratios")
+
+
 def _check(name, got, ref, dtype):
     tol = 1e-4 if dtype == np.float32 else 1e-10
     if not np.isclose(float(got), float(ref), rtol=tol, atol=tol):
@@ -79,7 +95,7 @@ def step_section(args, rows_out):
         fns = {"generated NumPy": lambda: mod.backward(p, x, y),
                "hand-written NumPy": lambda: hand.step(plist, x, y),
                "the 8 matrix products alone": products}
-        for label, make in (("PyTorch eager", make_torch), ("JAX jit(value_and_grad)", make_jax)):
+        for label, make in _frameworks(args):
             fn, info = make(plist, x, y, args.activation, "xent")
             if fn is None:
                 note(f"{label} skipped: {info}")
@@ -87,7 +103,9 @@ def step_section(args, rows_out):
             _check(label, fn()[0], ref_loss, dt)
             fns[label] = fn
         print(f"  timing {dt.name} ...", flush=True)
-        t = compare(fns, rounds=args.rounds)
+        samples = measure(fns, rounds=args.rounds)
+        t = {name: statistics.median(v) for name, v in samples.items()}
+        _warn_if_noisy(f"step {dt.name}", samples)
         results.append((dt.name, t))
     rows = []
     for dname, t in results:
@@ -174,7 +192,7 @@ def small_section(args, rows_out):
         if cmod is not None:
             _check("C", cmod.backward(p, x, y)[0], ref, np.float64)
             fns["generated C (cffi)"] = lambda: cmod.backward(p, x, y)
-        for label, make in (("PyTorch eager", make_torch), ("JAX jit(value_and_grad)", make_jax)):
+        for label, make in _frameworks(args):
             # one torch thread: at this size its thread pool only adds overhead, and its
             # spinning workers collide with other runtimes' on a 2-core machine
             fn, info = make(plist, x, y, "tanh", "mse", **({"threads": 1} if make is make_torch else {}))
@@ -185,7 +203,9 @@ def small_section(args, rows_out):
             _check(label, fn()[0], ref, np.float64)
             fns[label] = fn
         print(f"  timing batch {n} ...", flush=True)
-        t = compare(fns, rounds=args.rounds, target=0.01)
+        samples = measure(fns, rounds=args.rounds, target=0.01)
+        t = {name: statistics.median(v) for name, v in samples.items()}
+        _warn_if_noisy(f"small net batch {n}", samples)
         base = t["hand-written NumPy"]
         for name, sec in t.items():
             rows.append((n, name, f"{sec * 1e6:.1f}", f"{sec / base:.2f}x"))
@@ -258,6 +278,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=31, help="timing rounds (median reported)")
     ap.add_argument("--compile-repeats", type=int, default=3)
     ap.add_argument("--activation", default="tanh", choices=["tanh", "relu"])
+    ap.add_argument("--skip", default="", help="comma-separated frameworks not to run: torch,jax "
+                    "(their thread pools add noise to the NumPy-only comparison)")
     ap.add_argument("--coretype", default=None, help="OPENBLAS_CORETYPE (or 'default'); read in __main__")
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
     args = ap.parse_args(argv)

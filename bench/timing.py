@@ -18,6 +18,18 @@ def calibrate(fn, target=0.02):
 
 def compare(fns, rounds=15, warmup=3, target=0.02, stat=statistics.median):
     """{name: median (or ``stat``) seconds per call} for the callables in ``fns``, timed interleaved."""
+    return {name: stat(v) for name, v in measure(fns, rounds, warmup, target).items()}
+
+
+def spread(samples):
+    """(75th - 25th percentile) / median of one candidate's rounds: above ~0.2 the machine was
+    too busy for its ratios to mean much (rerun)."""
+    q = statistics.quantiles(samples, n=4)
+    return (q[2] - q[0]) / statistics.median(samples)
+
+
+def measure(fns, rounds=15, warmup=3, target=0.02):
+    """{name: [seconds per call in each round]} for the callables in ``fns``, timed interleaved."""
     loops = {}
     for name, fn in fns.items():
         for _ in range(warmup):
@@ -35,4 +47,4 @@ def compare(fns, rounds=15, warmup=3, target=0.02, stat=statistics.median):
             for _ in range(n):
                 fn()
             samples[name].append((time.perf_counter() - t0) / n)
-    return {name: stat(v) for name, v in samples.items()}
+    return samples
