@@ -22,11 +22,15 @@ from __future__ import annotations
 import ast
 
 import sympy as sp
+from sympy.matrices.expressions.applyfunc import ElementwiseApplyFunction
+from sympy.matrices.expressions.hadamard import HadamardPower
 from sympy.matrices.expressions.special import ZeroMatrix
 from sympy.matrices.exceptions import ShapeError as SympyShapeError
 
 from .safe_expr import _BINOPS, ExprError, _Builder, _col, _show, parse_with
 
+# the matrix classes from_matrix_expr compiles; SymPy may build others while canonicalising
+SUPPORTED = (sp.MatrixSymbol, sp.MatAdd, sp.MatMul, sp.Transpose, sp.HadamardProduct, ElementwiseApplyFunction)
 TRANSPOSE = ("T", "transpose")
 HADAMARD = "hadamard"
 MATRIX_FUNCTIONS = (*TRANSPOSE, HADAMARD)
@@ -52,6 +56,11 @@ def parse_matrix(text, symbols, constants=None, activations=None, data=()):
                         data=frozenset(data))
     if not isinstance(result, sp.Basic):
         result = sp.sympify(result)  # a plain number: sympify of a number never evaluates code
+    # a safety net behind the per-node checks in _checked: the whole tree, once
+    for part in sp.preorder_traversal(result):
+        if isinstance(part, sp.MatrixExpr) and not isinstance(part, SUPPORTED):
+            raise ExprError(f"SymPy turned part of this expression into a {type(part).__name__}, which the "
+                            "compiler does not support")
     return result
 
 
@@ -122,6 +131,7 @@ class _MatrixBuilder(_Builder):
             raise ExprError(f"cannot evaluate {sym}: {e}", col) from None
         if isinstance(r, ZeroMatrix):
             raise ExprError(f"this {sym} gives a zero matrix; it carries no gradient", col)
+        _no_power(r, col)
         if op is ast.Mult and is_matrix(a) and is_matrix(b) and 1 not in r.shape and (1, 1) not in (a.shape, b.shape) \
                 and (self._batched(a) or self._batched(b)):
             raise ExprError(f"per sample, this product is a {shape_text(r)} matrix; data are batched by sample, "
@@ -135,7 +145,10 @@ class _MatrixBuilder(_Builder):
         if not (isinstance(node.func, ast.Name) and (node.func.id in MATRIX_FUNCTIONS
                                                       or node.func.id in self.activations
                                                       or node.func.id in self.functions)):
-            return super()._call(node)      # its refusals: attributes, unknown functions, ...
+            if isinstance(node.func, ast.Name) and node.func.id not in self.names:
+                known = sorted({*self.functions, *MATRIX_FUNCTIONS, *self.activations})
+                raise ExprError(f"unknown function {node.func.id!r}; allowed: {', '.join(known)}", _col(node))
+            return super()._call(node)      # its refusals: attributes, calls of symbols, ...
         name = node.func.id
         if node.keywords:
             raise ExprError(f"keyword arguments are not allowed (in the call of {name})", _col(node.keywords[0]))
@@ -192,5 +205,14 @@ class _MatrixBuilder(_Builder):
         if is_matrix(r):
             if isinstance(r, ZeroMatrix):
                 raise ExprError("this is a zero matrix (e.g. h - h or 0*h); it carries no gradient", _col(node))
+            _no_power(r, _col(node))
             return r
         return super()._checked(r, node)
+
+
+def _no_power(r, col):
+    """SymPy's MatMul rewrites hadamard(a, a) as HadamardPower(a, 2), which from_matrix_expr
+    cannot compile yet: say where, rather than fail later without a column."""
+    if isinstance(r, HadamardPower) or any(isinstance(a, HadamardPower) for a in r.args):
+        raise ExprError("SymPy rewrites hadamard(a, a) here as a HadamardPower, which the compiler does not "
+                        "support yet; for a sum of squares write T(a)*a", col)

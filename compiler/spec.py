@@ -528,7 +528,8 @@ class _Loader:
                     raise self.error(where, f"must be a shape [rows, columns], not {_type(v)} {_short(v)}")
                 r, c = self.integer(v[0], f"{where}[0]"), self.integer(v[1], f"{where}[1]")
                 if vector and r != 1 and c != 1:
-                    raise self.error(where, f"a {what} is one vector per sample: a column [k, 1] or a row "
+                    raise self.error(where, f"{'an' if what[0] in 'aeiou' else 'a'} {what} is one vector per "
+                                            "sample: a column [k, 1] or a row "
                                             f"[1, k], not [{r}, {c}]")
                 if r * c > MAX_PARAM_NUMBERS:
                     raise self.error(where, f"{r}x{c} is {r * c} numbers; the limit is {MAX_PARAM_NUMBERS}")
@@ -589,7 +590,7 @@ class _Loader:
                                         f"{', '.join(params) or 'none'})")
             if v not in MATRIX_INITS:
                 raise self.error(where, f"must be one of {', '.join(MATRIX_INITS)}, not {_short(v)}")
-            r, c = params[k].shape
+            r, c = (int(d) for d in params[k].shape)   # SymPy Integers would make the limits SymPy Floats
             inits[k] = {"glorot": ("glorot", c, r), "he": ("he", c), "zeros": ("zeros",)}[v]
 
         data = set(inputs.values()) | set(targets.values())

@@ -41,6 +41,21 @@ def expr(pred='"a*x"', params="{ a = 1.0 }", inputs='["x"]', more=""):
     return EXPR.format(pred=pred, params=params, inputs=inputs, more=more)
 
 
+MAT = """
+[matrix]
+inputs = {inputs}
+targets = {targets}
+params = {params}
+output = {output}
+{more}
+"""
+
+
+def mat(output='"W*x + b"', params="{ W = [1, 2], b = [1, 1] }", inputs="{ x = [2, 1] }",
+        targets="{ y = [1, 1] }", more=""):
+    return MAT.format(output=output, params=params, inputs=inputs, targets=targets, more=more)
+
+
 def toml_str(text):
     return json.dumps(text)   # a JSON string literal is a valid TOML basic string
 
@@ -144,6 +159,64 @@ CASES = [
     ("unused input", "m.toml", expr(inputs='["x", "u"]'), "expression: symbol(s) u are declared but not used"),
     ("loss keyword payload", "m.toml", expr(more='loss = "(p - y)**2 + exp(x=1)"'), "expression.loss, column 18: keyword arguments"),
     ("loss uses an input", "m.toml", expr(more='loss = "(p - x)**2"'), "expression.loss, column 6: undefined name 'x'"),
+    # -- matrix-expression models
+    ("matrix payload", "m.toml", mat(output=toml_str(SYSTEM)), "matrix.output, column 17: attribute access"),
+    ("matrix .T attribute", "m.toml", mat(output='"(W*x).T + b"'), "matrix.output, column 6: attribute access"),
+    ("matrix product shape mismatch", "m.toml", mat(output='"W*W*x + b"'),
+     "matrix.output, column 2: shape mismatch: cannot multiply a 1x2 matrix by a 1x2 matrix"),
+    ("matrix sum shape mismatch", "m.toml", mat(output='"W*x + x"'),
+     "matrix.output, column 5: shape mismatch: cannot add a 1x1 matrix and a 2x1 matrix"),
+    ("matrix hadamard shape mismatch", "m.toml", mat(output='"hadamard(W*x, x) + b"'),
+     "matrix.output, column 1: shape mismatch: hadamard() of matrices of shapes 1x1, 2x1"),
+    ("matrix plus scalar", "m.toml", mat(output='"W*x + 1"'), "matrix.output, column 5: cannot add a 1x1 matrix and a scalar"),
+    ("matrix power", "m.toml", mat(output='"(W*x + b)**2"'), "matrix.output, column 10: powers of matrices are not allowed"),
+    ("matrix divided by matrix", "m.toml", mat(output='"b/(W*x)"'), "matrix.output, column 2: cannot divide by a matrix"),
+    ("matrix zero from cancellation", "m.toml", mat(output='"W*x - W*x + b"'), "matrix.output, column 5: this - gives a zero matrix"),
+    ("matrix outer product of data", "m.toml", mat(output='"W*(x*T(x))*x + b"'),
+     "matrix.output, column 5: per sample, this product is a 2x2 matrix"),
+    ("matrix lambda in loss", "m.toml", mat(more='loss = "(lambda p: p)(p)"'), "matrix.loss, column 1: only calls of named functions"),
+    ("matrix keyword argument", "m.toml", mat(output='"tanh(W*x, evaluate=False) + b"'),
+     "matrix.output, column 11: keyword arguments are not allowed"),
+    ("matrix string literal", "m.toml", mat(output="\"hadamard('x', x)\""), "matrix.output, column 10: string literals"),
+    ("matrix indexing", "m.toml", mat(output='"W[0]*x + b"'), "matrix.output, column 1: indexing is not allowed"),
+    ("matrix cyrillic name", "m.toml", mat(output=toml_str("W*\u0445 + b")), "matrix.output, column 3: character U+0445 CYRILLIC"),
+    ("matrix exponent tower", "m.toml", mat(output='"W*x*9**9**9 + b"'), "matrix.output, column 6: the power 9**387420489 is too large"),
+    ("matrix 10 MB output", "m.toml", mat(output='"' + "W*x+" * 2_500_000 + 'b"'),
+     "matrix.output: expression is 10000001 characters long"),
+    ("matrix unknown function", "m.toml", mat(output='"sum(W*x) + b"'), "matrix.output, column 1: unknown function 'sum'"),
+    ("matrix transpose of two", "m.toml", mat(output='"T(W*x + b, x)"'), "matrix.output, column 1: T() transposes one matrix"),
+    ("matrix target in output", "m.toml", mat(output='"W*x + y"'), "matrix.output, column 7: undefined name 'y'"),
+    ("matrix output without input", "m.toml", mat(output='"2*b"'), "matrix.output: does not depend on any input"),
+    ("matrix input not a vector", "m.toml", mat(inputs="{ x = [2, 2] }"), "matrix.inputs.x: an input is one vector per sample"),
+    ("matrix width 0", "m.toml", mat(params="{ W = [0, 2], b = [1, 1] }"), "matrix.params.W[0]: must be an integer from 1"),
+    ("matrix shape as text", "m.toml", mat(params='{ W = "1x2", b = [1, 1] }'), "matrix.params.W: must be a shape [rows, columns]"),
+    ("matrix huge parameter", "m.toml", mat(params="{ W = [1048576, 1048576], b = [1, 1] }"),
+     "matrix.params.W: 1048576x1048576 is 1099511627776 numbers"),
+    ("matrix param name injection", "m.toml", mat(params='{ "W; import os" = [1, 2], b = [1, 1] }'),
+     "matrix.params.W; import os: parameter name 'W; import os' is not allowed"),
+    ("matrix param named T", "m.toml", mat(params="{ T = [1, 2], b = [1, 1] }", output='"T*x + b"'),
+     "matrix.params.T: parameter name 'T' is a function of matrix expressions"),
+    ("matrix scalar named like a function", "m.toml", mat(more="scalars = { exp = 1 }"), "matrix.scalars.exp: parameter name 'exp' is a built-in"),
+    ("matrix unknown field", "m.toml", mat(more='ouptut = "x"'), "matrix.ouptut: unknown field; did you mean 'output'"),
+    ("matrix loss not 1x1", "m.toml", mat(params="{ W = [2, 2], b = [2, 1] }", targets="{ y = [2, 1] }", more='loss = "p - y"'),
+     "matrix.loss: must be a 1x1 matrix per sample"),
+    ("matrix loss plus scalar", "m.toml", mat(more='loss = "T(p - y)*(p - y) + 1"'), "matrix.loss, column 18: cannot add a 1x1 matrix and a scalar"),
+    ("matrix unknown loss", "m.toml", mat(more='loss = "mae"'), "matrix.loss: unknown loss 'mae'"),
+    ("matrix init unknown scheme", "m.toml", mat(more='init = { W = "xavier" }'), "matrix.init.W: must be one of glorot, he, zeros"),
+    ("matrix init undeclared", "m.toml", mat(more='init = { V = "he" }'), "matrix.init.V: 'V' is not a matrix parameter"),
+    ("matrix unused parameter", "m.toml", mat(params="{ W = [1, 2], b = [1, 1], V = [2, 2] }"), "matrix.params.V: 'V' is declared but not used"),
+    ("matrix label target not 1x1", "m.toml", mat(targets="{ y = [2, 1] }", more='target_kind = "label"\nloss = "cross_entropy"'),
+     "matrix.targets.y: an integer label is one class index per sample"),
+    ("matrix prediction symbol clash", "m.toml",
+     mat(params="{ W = [1, 2], b = [1, 1], p = [1, 1] }", more='loss = "T(p - y)*(p - y)"'),
+     "matrix.prediction_symbol: the loss names the output 'p'"),
+    ("matrix activation payload", "m.toml", mat(output='"act(W*x) + b"', more="activations = { act = " + toml_str(SYSTEM) + " }"),
+     "matrix.activations.act, column 17: attribute access"),
+    ("matrix and network", "m.toml", mat() + net(), "exactly one of the tables [network], [expression] and [matrix], not [network] and [matrix]"),
+    ("json matrix payload in loss", "m.json",
+     json.dumps({"matrix": {"inputs": {"x": [2, 1]}, "targets": {"y": [1, 1]}, "params": {"W": [1, 2]},
+                            "output": "W*x", "loss": "T(p - y)*" + SYSTEM}}),
+     "matrix.loss, column 26: attribute access"),
     ("json width -3", "m.json", json.dumps({"network": {"input": {"size": 2}, "target": {"size": 1},
                                                          "layers": [{"units": -3}]}}),
      "network.layers[0].units: must be an integer from 1 to 1048576, got -3"),
@@ -182,6 +255,7 @@ def test_bad_spec(tmp_path, monkeypatch, capsys, name, filename, content, words)
 
 def test_there_are_at_least_40_cases():
     assert len(CASES) >= 40
+    assert sum(c[0].startswith(("matrix", "json matrix")) for c in CASES) >= 15
 
 
 def test_missing_file(capsys, tmp_path):
