@@ -563,6 +563,9 @@ class _Loader:
         loss_t = self.string(mt.get("loss", "mse"), "matrix.loss")
         builtin_loss = loss_t in LOSSES or loss_t in LOSS_ALIASES
         psym = None
+        if builtin_loss and "prediction_symbol" in mt:
+            raise self.error("matrix.prediction_symbol", f"names the output in a loss expression; the built-in "
+                                                         f"loss {loss_t!r} has none: remove it")
         if not builtin_loss:
             psym = self.string(mt.get("prediction_symbol", "p"), "matrix.prediction_symbol")
             if psym in declared and "prediction_symbol" not in mt:

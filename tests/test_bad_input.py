@@ -210,6 +210,8 @@ CASES = [
     ("matrix prediction symbol clash", "m.toml",
      mat(params="{ W = [1, 2], b = [1, 1], p = [1, 1] }", more='loss = "T(p - y)*(p - y)"'),
      "matrix.prediction_symbol: the loss names the output 'p'"),
+    ("matrix prediction symbol without a loss expression", "m.toml", mat(more='prediction_symbol = "q"'),
+     "matrix.prediction_symbol: names the output in a loss expression"),
     ("matrix activation payload", "m.toml", mat(output='"act(W*x) + b"', more="activations = { act = " + toml_str(SYSTEM) + " }"),
      "matrix.activations.act, column 17: attribute access"),
     ("matrix and network", "m.toml", mat() + net(), "exactly one of the tables [network], [expression] and [matrix], not [network] and [matrix]"),
