@@ -109,12 +109,14 @@ def _init_line(name, shape, init):
     if kind == "zeros":
         return f"{target} = np.zeros({shape_code(shape)}, dtype=dtype)"
     if kind == "value":
+        if shape:
+            return f"{target} = np.full({shape_code(shape)}, {float(init[1])!r}, dtype=dtype)"
         return f"{target} = np.asarray({float(init[1])!r}, dtype=dtype)"
     if kind == "glorot":
-        lim = math.sqrt(6.0 / (init[1] + init[2]))
+        lim = math.sqrt(6.0 / (int(init[1]) + int(init[2])))
         return f"{target} = rng.uniform(-{lim!r}, {lim!r}, size={shape_code(shape)}).astype(dtype)"
     if kind == "he":
-        std = math.sqrt(2.0 / init[1])
+        std = math.sqrt(2.0 / int(init[1]))
         return f"{target} = rng.normal(0.0, {std!r}, size={shape_code(shape)}).astype(dtype)"
     raise ModelError(f"unknown initialisation {init!r} for parameter {name!r}")
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 from sympy.matrices.expressions.applyfunc import ElementwiseApplyFunction
+from sympy.matrices.expressions.hadamard import HadamardPower
 
 from . import ir
 from .errors import ModelError, ShapeError, UnsupportedError
@@ -107,6 +108,10 @@ class _Converter:
             return self._elementwise(sum(ARG[i] for i in range(len(e.args))), [self.convert(a) for a in e.args], e)
         if isinstance(e, sp.HadamardProduct):
             return self._elementwise(sp.Mul(*ARG[:len(e.args)]), [self.convert(a) for a in e.args], e)
+        if isinstance(e, HadamardPower):
+            if not (e.exp.is_Integer and e.exp > 0):
+                raise UnsupportedError(f"{e}: only positive integer Hadamard powers are supported")
+            return self._elementwise(ARG[0] ** int(e.exp), [self.convert(e.base)], e)
         if isinstance(e, ElementwiseApplyFunction):
             f, _ = resolve_activation(e.function)
             out = self._elementwise(f.xreplace({_x: ARG[0]}), [self.convert(e.expr)], e)

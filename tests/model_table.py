@@ -40,7 +40,7 @@ def _matrix(loss_kind):
         W1, b1 = sp.MatrixSymbol("W1", 4, 3), sp.MatrixSymbol("b1", 4, 1)
         W2, b2 = sp.MatrixSymbol("W2", 2, 4), sp.MatrixSymbol("b2", 2, 1)
         h = (W1 * x + b1).applyfunc(sp.Lambda(x_, x_ / (1 + sp.exp(-x_))))
-        out = W2 * sp.HadamardProduct(h, h.applyfunc(sp.tanh)) + b2
+        out = W2 * (sp.HadamardProduct(h, h.applyfunc(sp.tanh)) + sp.HadamardPower(h, 2)) + b2
         if loss_kind == "expr":
             loss = (out - y).T * (out - y)
         else:
