@@ -71,6 +71,7 @@ def _batch(*arrays):
 
 
 _SCRATCH = threading.local()
+_SCRATCH_LIMIT = 64 * 2**20   # bytes; larger arrays (a whole data set in one call) are not kept
 
 
 def _scratch(name, shape, *operands):
@@ -80,7 +81,8 @@ def _scratch(name, shape, *operands):
     a = getattr(_SCRATCH, name, None)
     if a is None or a.shape != shape or a.dtype != dtype:
         a = np.empty(shape, dtype)
-        setattr(_SCRATCH, name, a)
+        if a.nbytes <= _SCRATCH_LIMIT:
+            setattr(_SCRATCH, name, a)
     return a
 
 

@@ -109,3 +109,15 @@ def test_threads_do_not_share_scratch_arrays():
 def test_small_models_keep_the_one_line_form():
     src = bpc.compile_model(bpc.mlp([2, 3, 1], "tanh", name="small")).source
     assert "out=" not in src and "_scratch" not in src and "import threading" not in src
+
+
+def test_large_arrays_are_not_kept_between_calls():
+    mod = bpc.compile_model(_model("tanh", "mse", "large")).load()
+    p = mod.init_params(seed=0)
+    mod._SCRATCH_LIMIT = 8 * W * 8   # arrays of up to 8 float64 samples
+    small, large = _data(mod, 8, np.float64, 1), _data(mod, 9, np.float64, 2)
+    value = mod.backward(p, *small)[0]
+    mod.backward(p, *large)
+    kept = vars(mod._SCRATCH)
+    assert kept and all(a.shape[0] == 8 for a in kept.values())
+    assert mod.backward(p, *small)[0] == value
