@@ -77,7 +77,7 @@ _SCRATCH_LIMIT = 64 * 2**20   # bytes; larger arrays (a whole data set in one ca
 def _scratch(name, shape, *operands):
     # This thread's array for a value that never leaves the function, reused from call to call:
     # fresh ones each call would be returned to the OS by malloc and faulted back in.
-    dtype = np.result_type(*operands)
+    dtype = np.result_type(*(np.asarray(o) if isinstance(o, (list, tuple)) else o for o in operands))
     a = getattr(_SCRATCH, name, None)
     if a is None or a.shape != shape or a.dtype != dtype:
         a = np.empty(shape, dtype)
