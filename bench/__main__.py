@@ -3,7 +3,6 @@
 OpenBLAS reads OPENBLAS_CORETYPE once, when numpy is imported, so it is set here before any
 import of numpy (see bench/README.md for why).
 """
-import os
 import sys
 
 from bench.cpu import choose_coretype

@@ -73,7 +73,7 @@ def test_results_are_not_overwritten_by_later_calls(loss):
     p = mod.init_params(seed=0)
     x1, y1 = _data(mod, 8, np.float64, 1)
     x2, y2 = _data(mod, 8, np.float64, 2)
-    pred, (value, grads) = mod.forward(p, x1), mod.backward(p, x1, y1)
+    pred, (_, grads) = mod.forward(p, x1), mod.backward(p, x1, y1)
     kept = pred.copy(), {k: g.copy() for k, g in grads.items()}
     mod.forward(p, x2), mod.backward(p, x2, y2), mod.loss(p, x2, y2)
     np.testing.assert_array_equal(pred, kept[0])
