@@ -4,6 +4,8 @@ Every row builds ``out = op(...)`` from parameters and a data input and uses the
 ``mean(out * R) + mean(X**2)`` with a random weighting parameter ``R``, so the rule is tested
 for an arbitrary upstream adjoint, not just for ones.
 """
+import zlib
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -104,12 +106,15 @@ def _data(mod, batch, rng):
     return arrays
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("op", sorted(OPS))
-def test_adjoint_rule(op):
+def test_adjoint_rule(op, seed):
     model = _model(OPS[op]())
     mod = compile_model(model).load()
-    rng = np.random.default_rng(abs(hash(op)) % 2**32)
-    params = {k: rng.standard_normal(s) for k, s in mod.PARAMS.items()}
+    rng = np.random.default_rng(zlib.crc32(op.encode()) + seed)
+    # moderate values: central differences of a loss of size L carry an error ~1e-10*L, so
+    # exploding values (exp, x**4, cosh of large inputs) would test the check, not the rule
+    params = {k: 0.5 * rng.standard_normal(s) for k, s in mod.PARAMS.items()}
     arrays = _data(mod, 5, rng)
     rows = check_gradients(mod, params, arrays, rtol=1e-6, atol=1e-9)
     assert rows and all(r.ok for r in rows), rows
