@@ -94,7 +94,7 @@ def load_module(path, name=None):
 
 def model_hash(model, dtype):
     h = hashlib.sha256()
-    for part in (__version__, model.name, str(dtype), model.source, model.source_text,
+    for part in (__version__, model.name, str(dtype), model.source, model.source_text, model.loss_kind,
                  model.prediction.digest, model.loss.digest,
                  repr(sorted(model.init.items())), repr(sorted(model.names.items())),
                  repr([n.name for n in (*model.inputs, *model.targets, *model.params)])):
@@ -209,6 +209,7 @@ def compile_model(model, dtype=None):
     text = render(
         "numpy_module.py.j2",
         model_name=model.name, version=__version__, source=model.source, source_hash=source_hash,
+        loss_kind=model.loss_kind,
         description=model.description, data_args=", ".join(x.name for x in data),
         all_args=", ".join(x.name for x in data + targets), prediction_doc=pred_doc,
         dtype=dtype, dtype_doc=(f"inputs are cast to {dtype}" if dtype else
@@ -231,11 +232,9 @@ def _dict_code(d):
 
 
 def _prediction_doc(model):
-    op = model.prediction.op
-    if op == "softmax":
+    if model.loss_kind == "softmax_cross_entropy":
         return "class probabilities (softmax of the logits), shape (batch, classes)"
-    if op == "ew" and "sigmoid" in str(model.prediction.attr("expr")) and model.loss.inputs[0].op == "ew" \
-            and "softplus" in str(model.loss.inputs[0].attr("expr")):
+    if model.loss_kind == "bce_with_logits":
         return "probabilities (sigmoid of the logits)"
     return "the model output, shape (batch,) + per-sample output shape"
 

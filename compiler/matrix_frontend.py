@@ -28,7 +28,7 @@ from .errors import ModelError, ShapeError, UnsupportedError
 from .functions import activation as resolve_activation
 from .ir import ARG, N
 from .model import Model, check_name
-from .nn import apply_loss
+from .nn import apply_loss, loss_kind
 
 _x = sp.Symbol("x", real=True)
 
@@ -283,4 +283,5 @@ def from_matrix_expr(output, inputs, targets, loss="mse", params=None, target_ki
     used = {n.uid for n in ir.topo_order([L, pred])}
     return Model(check_name(name, "model", reserved=False), tuple(n for _, n in in_nodes), tuple(n for _, n in tg_nodes),
                  tuple(n for _, n in p_nodes if n.uid in used), pred, L, names,
-                 {n.name: inits[n.name] for _, n in p_nodes if n.uid in used})
+                 {n.name: inits[n.name] for _, n in p_nodes if n.uid in used},
+                 loss_kind=loss_kind(loss))

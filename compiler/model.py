@@ -64,6 +64,7 @@ class Model:
     source: str = "Python API"      # where the model came from, named in the generated header
     source_text: str = ""           # the spec file's text, hashed into the header when given
     description: str = ""
+    loss_kind: str = "expression"   # a built-in loss name, or "expression"
 
     def __post_init__(self):
         check_name(self.name, "model", reserved=False)

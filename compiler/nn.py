@@ -128,7 +128,13 @@ class Network:
             raise ModelError(f"input(s) {', '.join(unused)} are declared but the output does not use them")
         return Model(self.name, tuple(self.inputs), tuple(self.targets),
                      tuple(p for p in self.params if p.uid in used), pred, L,
-                     dict(self.names), {p.name: self.init[p.name] for p in self.params if p.uid in used})
+                     dict(self.names), {p.name: self.init[p.name] for p in self.params if p.uid in used},
+                     loss_kind=loss_kind(loss))
+
+
+def loss_kind(loss):
+    """The built-in name of ``loss`` (aliases resolved), or "expression"."""
+    return LOSS_ALIASES.get(loss, loss) if isinstance(loss, str) else "expression"
 
 
 def apply_loss(loss, z, y, names):

@@ -16,6 +16,7 @@ def test_interface_of_an_mlp_module():
     mod = bpc.compile_model(bpc.mlp([2, 16, 16, 1], "tanh", "mse", name="reg")).load()
     assert mod.PARAMS == {"W1": (2, 16), "b1": (16,), "W2": (16, 16), "b2": (16,), "W3": (16, 1), "b3": (1,)}
     assert mod.INPUTS == {"x": (2,)} and mod.TARGETS == {"y": (1,)} and mod.TARGET_KINDS == {"y": "real"}
+    assert mod.LOSS == "mse"
     assert set(mod.FORMULAS) == set(mod.PARAMS)
     params = mod.init_params(seed=0)
     again = mod.init_params(seed=0)
@@ -36,6 +37,7 @@ def test_he_initialisation_for_relu():
 def test_label_targets_are_validated():
     mod = bpc.compile_model(bpc.mlp([2, 3], loss="softmax_cross_entropy", name="clf")).load()
     assert mod.TARGET_KINDS == {"y": "label"} and mod.TARGETS == {"y": ()} and mod.CLASSES == {"y": 3}
+    assert mod.LOSS == "softmax_cross_entropy"
     params = mod.init_params()
     x = np.zeros((2, 2))
     with pytest.raises(ValueError, match="labels in 0..2"):
