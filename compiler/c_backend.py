@@ -346,10 +346,11 @@ class CompiledC:
     formulas: dict
     latex: dict
     source_hash: str
+    ext_source: str = ""     # the cffi extension's C source: includes <prefix>.c, adds the glue
 
     @property
     def c_hash(self):
-        return hashlib.sha256((self.c_source + "\0" + self.header + "\0" + self.cdef).encode()).hexdigest()
+        return _hash(self.c_source, self.header, self.cdef, self.ext_source)
 
     @property
     def ext_name(self):
@@ -526,6 +527,7 @@ def compile_model_c(model, dtype="float64", prefix=None):
     formulas, latex = compiled.formulas, compiled.latex
     pred_shape = [d for d in pred.shape]
     common = dict(
+        stack_work_bytes=STACK_WORK_BYTES,
         model_name=model.name, version=__version__, source=model.source, source_hash=compiled.source_hash,
         description=model.description, prefix=prefix, P=P, real=real, dtype=dtype, fs=st.fs,
         params=params, n_params=n_params, inputs=arg_list(data), targets=arg_list(targets),
@@ -538,12 +540,13 @@ def compile_model_c(model, dtype="float64", prefix=None):
     header = render("c_model.h.j2", **common)
     c_source = render("c_model.c.j2", **common)
     cdef = _cdef(common)
-    hash_ = hashlib.sha256((c_source + "\0" + header + "\0" + cdef).encode()).hexdigest()
+    ext_source = _ext_source(common)
+    hash_ = _hash(c_source, header, cdef, ext_source)
     ext_name = f"_bpc_{prefix}_{hash_[:16]}"
     inits = [_init_line(p.name, p.shape, model.init[p.name]) for p in model.params]
     wrapper = render(
         "c_wrapper.py.j2", **common, ext_name=ext_name, cdef=cdef, init_lines=inits,
-        cflags=list(CFLAGS),
+        cflags=list(CFLAGS), ext_source=ext_source, stack_batch=_stack_batch(work_a, work_b, dtype),
         inputs_shapes=_dict_code({x.name: shape_code(x.shape[1:]) for x in data}),
         targets_shapes=_dict_code({x.name: shape_code(x.shape[1:]) for x in targets}),
         target_kinds=_dict_code({x.name: repr(x.attr("kind")) for x in targets}),
@@ -552,7 +555,7 @@ def compile_model_c(model, dtype="float64", prefix=None):
         data_args=", ".join(x.name for x in data), all_args=", ".join(x.name for x in data + targets),
     )
     return CompiledC(model, program, dtype, prefix, c_source, header, wrapper, cdef, formulas, latex,
-                     compiled.source_hash)
+                     compiled.source_hash, ext_source)
 
 
 def _scalar(st, node):
@@ -577,13 +580,58 @@ def _dict_code(d):
     return "{" + ", ".join(f"{k!r}: {v}" for k, v in d.items()) + "}"
 
 
+def _hash(*texts):
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest()
+
+
+# elements of stack scratch the C functions use when given work == NULL (templates/c_model.c.j2)
+STACK_WORK_BYTES = 16384
+
+
+def _stack_batch(work_a, work_b, dtype):
+    """The largest batch whose scratch fits the C functions' stack buffer (-1: none)."""
+    elems = STACK_WORK_BYTES // (8 if dtype == "float64" else 4)
+    if work_b > elems:
+        return -1
+    return (elems - work_b) // work_a if work_a else 1 << 62
+
+
 def _cdef(ctx):
-    """The declarations cffi needs (the header's prototypes, without comments or macros)."""
-    real, prefix = ctx["real"], ctx["prefix"]
+    """The declarations cffi needs: the header's prototypes (without comments or macros) and
+    the wrapper's glue functions (see ``_ext_source``)."""
+    prefix = ctx["prefix"]
     lines = [f"size_t {prefix}_work_size(size_t n);"]
     for fn in ctx["functions"]:
         lines.append(f"int {prefix}_{fn['name']}({fn['proto']});")
+    for fn in ctx["functions"]:
+        lines.append(f"int _bpc_{prefix}_{fn['name']}({_glue_args(fn)});")
     return "\n".join(lines) + "\n"
+
+
+def _glue_args(fn):
+    args = ["const void *params"] + [f"const void *{x['cname']}" for x in fn["leaves"]] + ["size_t n"]
+    args.append("void *out" if fn["name"] == "forward" else "void *loss" if fn["name"] == "loss" else "void *grads")
+    return ", ".join(args + ["void *work"])
+
+
+def _ext_source(ctx):
+    """C source of the cffi extension: ``<prefix>.c`` plus one glue function per entry point,
+    taking untyped pointers (the wrapper checks dtypes itself, and an untyped
+    ``ffi.from_buffer`` costs half a typed one); backward's glue writes the loss just after
+    the gradients, so that one fresh buffer per call holds both."""
+    prefix, P, real = ctx["prefix"], ctx["P"], ctx["real"]
+    out = [f'#include "{prefix}.c"', ""]
+    for fn in ctx["functions"]:
+        names = ["params"] + [x["cname"] for x in fn["leaves"]] + ["n"]
+        if fn["name"] == "forward":
+            names.append("out")
+        elif fn["name"] == "loss":
+            names.append("loss")
+        else:
+            names += [f"({real} *)grads + {P}_NUM_PARAMS", "grads"]
+        out += [f"static int _bpc_{prefix}_{fn['name']}({_glue_args(fn)})",
+                "{", f"    return {prefix}_{fn['name']}({', '.join(names + ['work'])});", "}", ""]
+    return "\n".join(out)
 
 
 def _proto_args(fn, real, restrict=""):
@@ -649,7 +697,7 @@ def build_extension(compiled, cache=None):
     cc, cc_version, include = _toolchain()
     ffi = cffi.FFI()
     ffi.cdef(compiled.cdef)
-    ffi.set_source(compiled.ext_name, f'#include "{compiled.prefix}.c"\n')
+    ffi.set_source(compiled.ext_name, compiled.ext_source)
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     flags = [*CFLAGS, *_link_flags()]
     key = hashlib.sha256("\0".join([
