@@ -200,6 +200,173 @@ def test_params_fast_path_and_plain_dicts_agree():
     assert type(back) is dict and all(np.array_equal(back[k], p[k]) for k in p)
 
 
+def _other_inputs(cm, arrays, seed):
+    """A batch like ``arrays`` with other values (so that recycled gradients would differ)."""
+    return random_batch(cm, batch=np.shape(arrays[0])[0], seed=seed)
+
+
+def _snapshot(g):
+    return {k: np.array(v) for k, v in g.items()}
+
+
+def _same(g, snap):
+    return set(g) == set(snap) and all(np.array_equal(g[k], snap[k]) for k in snap)
+
+
+def test_recycled_gradients_are_never_seen_to_change():
+    """backward recycles a result only when nothing refers to it: every way of keeping a
+    result, or a part of it, keeps its values."""
+    import weakref
+    _, npm, cm = built("mlp_tanh_mse")
+    p = cm.init_params(1)
+    arrays = random_batch(cm, batch=1, seed=1)
+    keep = {
+        "Params": lambda g: g,
+        "one array": lambda g: g["W2"],
+        "a view of an array": lambda g: g["W2"][1:],
+        "a reshaped array": lambda g: g["b1"].reshape(-1, 1),
+        "flat": lambda g: g.flat,
+        "values": lambda g: list(g.values()),
+        "items view": lambda g: g.items(),
+        "memoryview": lambda g: memoryview(g["W1"]),
+        "the array's base": lambda g: g["W1"].base,
+        "a weak reference": lambda g: weakref.ref(g["W2"]),
+    }
+    for how, take in keep.items():
+        for _ in range(3):   # fresh, recycled and alternating ring entries
+            _, g = cm.backward(p, *arrays)
+            snap = _snapshot(g)
+            kept = take(g)
+            del g
+            for seed in range(4):
+                cm.backward(p, *_other_inputs(cm, arrays, 10 + seed))
+            held = kept() if how == "a weak reference" else kept
+            if held is None:   # a weakly referenced array that was not recycled has died: fine
+                continue
+            if how == "Params":
+                assert _same(held, snap), how
+            elif how == "flat":
+                np.testing.assert_array_equal(held, np.concatenate([snap[k].ravel() for k in cm.PARAMS]))
+            elif how == "values":
+                assert all(np.array_equal(a, snap[k]) for a, k in zip(held, cm.PARAMS)), how
+            elif how == "items view":
+                assert all(np.array_equal(a, snap[k]) for k, a in held), how
+            elif how == "memoryview":
+                np.testing.assert_array_equal(np.asarray(held), snap["W1"])
+            elif how == "the array's base":
+                np.testing.assert_array_equal(held[:cm.NUM_PARAMS], np.concatenate([snap[k].ravel() for k in cm.PARAMS]))
+            else:
+                ref = {"one array": snap["W2"], "a view of an array": snap["W2"][1:],
+                       "a reshaped array": snap["b1"].reshape(-1, 1), "a weak reference": snap["W2"]}[how]
+                np.testing.assert_array_equal(held, ref)
+            del kept, held
+
+
+def test_recycling_happens_and_results_stay_correct():
+    """Dropped results are recycled (the same objects come back, at most two per thread), and
+    every result equals the NumPy module's, also after the caller modified a dropped one."""
+    _, npm, cm = built("mlp_tanh_mse")
+    p = cm.init_params(2)
+    plain = {k: np.array(v) for k, v in p.items()}
+    seen = set()
+    for seed in range(8):
+        arrays = random_batch(cm, batch=[1, 3][seed % 2], seed=seed)
+        loss, g = cm.backward(p, *arrays)
+        ref_loss, ref = npm.backward(plain, *arrays)
+        assert type(g) is cm.Params and type(loss) is float and loss == pytest.approx(ref_loss, rel=1e-12)
+        assert all(rel_err(g[k], ref[k]) <= 1e-12 for k in ref)
+        assert g.flat.shape == (cm.NUM_PARAMS,) and np.array_equal(g.flat, np.concatenate([g[k].ravel() for k in cm.PARAMS]))
+        seen.add(id(g))
+        g["W1"] *= 3.0          # in place: the result stays recyclable
+        if seed == 5:
+            g["b1"] = np.zeros(5)   # replaced: never recycled again
+        del g
+    if cm._RECYCLE:
+        assert len(seen) <= 3 and len(cm._tls.ring) <= cm._RING
+
+
+def test_training_loop_keeps_the_previous_result():
+    """In place updates with the previous result still referenced (the ring alternates), and
+    a result kept for good (it must not change and must not slow later calls down)."""
+    _, npm, cm = built("mlp_tanh_mse")
+    arrays = random_batch(cm, batch=4, seed=3)
+    p = cm.init_params(4)
+    plain = {k: np.array(v) for k, v in p.items()}
+    _, first = cm.backward(p, *arrays)
+    first_snap = _snapshot(first)
+    prev = None
+    for step in range(6):
+        loss, g = cm.backward(p, *arrays)
+        ref_loss, ref = npm.backward(plain, *arrays)
+        assert loss == pytest.approx(ref_loss, rel=1e-12)
+        assert all(rel_err(g[k], ref[k]) <= 1e-12 for k in ref)
+        if prev is not None:
+            assert _same(prev[0], prev[1])   # the previous result is intact
+            assert prev[0] is not g
+        p.flat -= 0.1 * g.flat
+        for k in plain:
+            plain[k] -= 0.1 * ref[k]
+        prev = (g, _snapshot(g))
+        del g
+    assert _same(first, first_snap)
+
+
+def test_plain_dict_params_with_recycled_results():
+    _, npm, cm = built("mlp_tanh_mse")
+    arrays = random_batch(cm, batch=2, seed=4)
+    plain = {k: np.array(v) for k, v in cm.init_params(6).items()}
+    for _ in range(3):
+        loss, g = cm.backward(plain, *arrays)
+        assert loss == pytest.approx(npm.backward(plain, *arrays)[0], rel=1e-12)
+        for k in plain:
+            plain[k] = plain[k] - 0.2 * g[k]
+
+
+def test_threads_get_their_own_results():
+    """Concurrent backward calls (cffi releases the GIL) each get correct, unshared results."""
+    import threading
+    _, npm, cm = built("mlp_tanh_mse")
+    p = cm.init_params(5)
+    plain = {k: np.array(v) for k, v in p.items()}
+    batches = [random_batch(cm, batch=1 + t % 3, seed=20 + t) for t in range(4)]
+    refs = [npm.backward(plain, *b) for b in batches]
+    failures = []
+
+    def work(t):
+        kept = []
+        for i in range(300):
+            loss, g = cm.backward(p, *batches[t])
+            if abs(loss - refs[t][0]) > 1e-12 * abs(refs[t][0]) or \
+                    any(rel_err(g[k], refs[t][1][k]) > 1e-12 for k in g):
+                failures.append((t, i))
+            if i % 50 == 0:
+                kept.append((g, _snapshot(g)))
+            del g
+        failures.extend((t, "kept") for g, snap in kept if not _same(g, snap))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not failures
+
+
+def test_label_models_with_recycled_results():
+    _, npm, cm = built("softmax_labels")
+    p = cm.init_params(0)
+    plain = dict(p)
+    x = np.random.default_rng(0).standard_normal((3, 4))
+    labels = np.array([0, 2, 1])
+    for _ in range(3):
+        loss, g = cm.backward(p, x, labels)
+        ref_loss, ref = npm.backward(plain, x, labels)
+        assert loss == pytest.approx(ref_loss, rel=1e-12)
+        assert all(rel_err(g[k], ref[k]) <= 1e-12 for k in ref)
+    with pytest.raises(ValueError, match="batch sizes"):
+        cm.backward(p, x, labels[:2])
+
+
 # ---- building, caching, errors ----------------------------------------------------------
 
 def test_second_load_is_a_cache_hit_and_models_do_not_collide():
