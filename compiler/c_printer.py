@@ -26,7 +26,7 @@ void volatile while _Bool _Complex _Imaginary bool true false NULL EOF INFINITY 
 size_t int64_t uint64_t malloc free memset memcpy errno assert main
 exp log tanh sinh cosh sin cos tan atan asinh erf fabs sqrt log1p expm1 fmax fmin pow isnan isinf
 expf logf tanhf sinhf coshf sinf cosf tanf atanf asinhf erff fabsf sqrtf log1pf expm1f fmaxf fminf
-powf n work out loss params grads status
+powf copysign copysignf n work out loss params grads status
 """.split())
 
 
@@ -39,10 +39,10 @@ class CPrinter(StrPrinter):
     lsuffix = ""        # appended to floating literals (1.0f)
 
     # SymPy function class name -> C function (before the suffix), or helper name
-    LIBM = {"exp": "exp", "log": "log", "tanh": "tanh", "sinh": "sinh", "cosh": "cosh", "sin": "sin",
+    LIBM = {"exp": "exp", "log": "log", "sinh": "sinh", "cosh": "cosh", "sin": "sin",
             "cos": "cos", "tan": "tan", "atan": "atan", "asinh": "asinh", "Abs": "fabs", "erf": "erf"}
     HELPERS = {"sigmoid": "bpc_sigmoid", "softplus": "bpc_softplus", "relu": "bpc_relu",
-               "step": "bpc_step", "sign": "bpc_sign"}
+               "step": "bpc_step", "sign": "bpc_sign", "tanh": "bpc_tanh"}
 
     def __init__(self, symbols):
         super().__init__()

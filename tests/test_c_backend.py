@@ -99,6 +99,31 @@ def test_c_stable_at_plus_minus_1000(model_id, dtype):
             assert np.all(np.isfinite(grads[k])), (sign, k)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_c_tanh_helper_matches_numpy(dtype):
+    """bpc_tanh (inlined, from expm1) against numpy.tanh: every branch, tiny and subnormal
+    numbers, the +-1 and +-22 thresholds, +-inf and nan."""
+    _, npm, cm = built("matrix_rows", dtype)
+    dt = np.dtype(dtype)
+    p = cm.init_params(0)
+    p["W"][...] = [[1, 0], [0, 0], [0, 0]]   # out = tanh(x0) * 1 + tanh(0) * 0, times alpha = 1
+    p["c"][...] = [[1], [0]]
+    p["alpha"][...] = 1
+    rng = np.random.default_rng(0)
+    special = [0.0, -0.0, 1e-310, -1e-310, 1e-30, 0.5, 1.0, -1.0, np.nextafter(1.0, 0), 21.99, 22.0, -22.0,
+               30.0, 1000.0, -1000.0, np.inf, -np.inf, np.nan]
+    values = np.concatenate([special, rng.standard_normal(500) * np.repeat([1e-8, 0.1, 1.0, 5.0, 30.0], 100)])
+    x = np.zeros((values.size, 3), dt)
+    x[:, 0] = values
+    got = cm.forward(p, x).reshape(-1)
+    # +-inf and nan pass through x @ W (inf * 0 is nan), as in the NumPy module
+    with np.errstate(invalid="ignore"):
+        want = npm.forward(dict(p), x).reshape(-1)
+    np.testing.assert_allclose(got, want, rtol=2 * np.finfo(dt).eps, atol=0)
+    finite = np.isfinite(values)
+    np.testing.assert_allclose(got[finite], np.tanh(x[finite, 0]), rtol=2 * np.finfo(dt).eps, atol=0)
+
+
 @pytest.mark.parametrize("model_id", ["mlp_tanh_mse", "softmax_labels", "bce_logits", "poly_fit", "matrix_rows"])
 def test_c_float32_agrees_with_float64(model_id):
     _, _, c64 = built(model_id)
