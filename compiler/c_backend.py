@@ -605,7 +605,12 @@ def _cdef(ctx):
         lines.append(f"int {prefix}_{fn['name']}({fn['proto']});")
     for fn in ctx["functions"]:
         lines.append(f"int _bpc_{prefix}_{fn['name']}({_glue_args(fn)});")
+    lines.append(f"void _bpc_{prefix}_pack({_pack_args(ctx)});")
     return "\n".join(lines) + "\n"
+
+
+def _pack_args(ctx):
+    return ", ".join(["void *dst"] + [f"const void *{p['cname']}" for p in ctx["params"]])
 
 
 def _glue_args(fn):
@@ -618,9 +623,10 @@ def _ext_source(ctx):
     """C source of the cffi extension: ``<prefix>.c`` plus one glue function per entry point,
     taking untyped pointers (the wrapper checks dtypes itself, and an untyped
     ``ffi.from_buffer`` costs half a typed one); backward's glue writes the loss just after
-    the gradients, so that one fresh buffer per call holds both."""
+    the gradients, so that one fresh buffer per call holds both. ``_pack`` copies parameters
+    given as separate arrays into the C layout (for a plain dict of arrays)."""
     prefix, P, real = ctx["prefix"], ctx["P"], ctx["real"]
-    out = [f'#include "{prefix}.c"', ""]
+    out = [f'#include "{prefix}.c"', "#include <string.h>", ""]
     for fn in ctx["functions"]:
         names = ["params"] + [x["cname"] for x in fn["leaves"]] + ["n"]
         if fn["name"] == "forward":
@@ -631,6 +637,10 @@ def _ext_source(ctx):
             names += [f"({real} *)grads + {P}_NUM_PARAMS", "grads"]
         out += [f"static int _bpc_{prefix}_{fn['name']}({_glue_args(fn)})",
                 "{", f"    return {prefix}_{fn['name']}({', '.join(names + ['work'])});", "}", ""]
+    out += [f"static void _bpc_{prefix}_pack({_pack_args(ctx)})", "{"]
+    out += [f"    memcpy(({real} *)dst + {p['offset']}, {p['cname']}, sizeof({real}) * {p['size']});"
+            for p in ctx["params"]]
+    out += ["}", ""]
     return "\n".join(out)
 
 

@@ -347,6 +347,29 @@ def test_plain_dict_params_with_recycled_results():
             plain[k] = plain[k] - 0.2 * g[k]
 
 
+def test_plain_dict_params_in_every_form():
+    """Plain dicts take a packing fast path when every array is C-contiguous and exact; the
+    other forms (non-contiguous or Fortran-order arrays, nested lists, dict subclasses) are
+    copied by the general path; all agree with the NumPy module."""
+    import collections
+    _, npm, cm = built("mlp_tanh_mse")
+    arrays = random_batch(cm, batch=3, seed=8)
+    base = perturbed(npm, 8)
+    ref_loss, ref = npm.backward(base, *arrays)
+    forms = {
+        "exact": {k: np.array(v) for k, v in base.items()},
+        "fortran": {k: np.asfortranarray(v) for k, v in base.items()},
+        "strided": {k: np.repeat(v[..., None], 2, axis=-1)[..., 0] for k, v in base.items()},
+        "lists": {k: v.tolist() for k, v in base.items()},
+        "ordered dict": collections.OrderedDict(reversed(list(base.items()))),
+    }
+    for how, params in forms.items():
+        loss, g = cm.backward(params, *arrays)
+        assert loss == pytest.approx(ref_loss, rel=1e-12), how
+        assert all(rel_err(g[k], ref[k]) <= 1e-12 for k in ref), how
+        assert cm.loss(params, *arrays) == pytest.approx(ref_loss, rel=1e-12), how
+
+
 def test_threads_get_their_own_results():
     """Concurrent backward calls (cffi releases the GIL) each get correct, unshared results."""
     import threading
