@@ -336,6 +336,32 @@ def test_training_loop_keeps_the_previous_result():
     assert _same(first, first_snap)
 
 
+def test_without_recycling_every_result_is_fresh(monkeypatch):
+    """Where reference counts cannot prove a result unused (no GIL, not CPython), none is
+    recycled: every call returns new arrays."""
+    import threading
+    _, npm, cm = built("mlp_tanh_mse")
+    monkeypatch.setattr(cm, "_RECYCLE", False)
+    p = cm.init_params(1)
+    arrays = random_batch(cm, batch=1, seed=2)
+    out = []
+
+    def run():   # a new thread: its ring is made with _RECYCLE off
+        for _ in range(5):
+            cm.backward(p, *arrays)   # dropped at once: would be recycled
+            out.append(cm.backward(p, *arrays)[1])
+        rings.append(list(cm._tls.ring))
+    rings = []
+    th = threading.Thread(target=run)
+    th.start()
+    th.join()
+    results = out
+    assert rings == [[((), None)]]   # no recyclable entries
+    assert len({id(g) for g in results}) == len(results)
+    ref = npm.backward(dict(p), *arrays)[1]
+    assert all(rel_err(g[k], ref[k]) <= 1e-12 for g in results for k in ref)
+
+
 def test_plain_dict_params_with_recycled_results():
     _, npm, cm = built("mlp_tanh_mse")
     arrays = random_batch(cm, batch=2, seed=4)
