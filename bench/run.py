@@ -190,8 +190,15 @@ def small_section(args, rows_out):
         _check("generated", mod.backward(p, x, y)[0], ref, np.float64)
         fns = {"generated NumPy": lambda: mod.backward(p, x, y), "hand-written NumPy": lambda: hand.step(plist, x, y)}
         if cmod is not None:
+            # the C module's own parameter container (one flat buffer, as init_params gives it)
+            # is its fast path; a plain dict of arrays is packed on every call
+            cp = cmod.init_params(0)
+            for k in cp:
+                cp[k][...] = p[k]
+            _check("C", cmod.backward(cp, x, y)[0], ref, np.float64)
             _check("C", cmod.backward(p, x, y)[0], ref, np.float64)
-            fns["generated C (cffi)"] = lambda: cmod.backward(p, x, y)
+            fns["generated C (cffi)"] = lambda: cmod.backward(cp, x, y)
+            fns["generated C, plain dict params"] = lambda: cmod.backward(p, x, y)
         for label, make in _frameworks(args):
             # one torch thread: at this size its thread pool only adds overhead, and its
             # spinning workers collide with other runtimes' on a 2-core machine
