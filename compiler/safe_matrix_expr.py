@@ -7,7 +7,8 @@ subclass of its ``_Builder``); only the meaning of some nodes changes:
 - names resolve to what the caller declares: ``MatrixSymbol``s, scalar ``Symbol``s, constants;
 - ``*`` is the matrix product (a scalar times a matrix scales it), ``+``/``-`` add matrices of
   one shape, ``/`` divides a matrix by a scalar; ``**`` stays scalar-only (a matrix power is
-  not elementwise, which is what users usually mean: they write ``hadamard(a, a)``);
+  not elementwise, which is what users usually mean: they write ``hadamard(a, a)``, which SymPy
+  may rewrite as a ``HadamardPower``: compiled, as long as its exponent is a positive integer);
 - ``T(a)`` / ``transpose(a)`` transpose (``a.T`` would be attribute access, which stays refused);
 - ``hadamard(a, b, ...)`` is the elementwise product;
 - a scalar function, a built-in activation name or a caller-given activation applied to one
@@ -30,7 +31,8 @@ from sympy.matrices.exceptions import ShapeError as SympyShapeError
 from .safe_expr import _BINOPS, ExprError, _Builder, _col, _show, parse_with
 
 # the matrix classes from_matrix_expr compiles; SymPy may build others while canonicalising
-SUPPORTED = (sp.MatrixSymbol, sp.MatAdd, sp.MatMul, sp.Transpose, sp.HadamardProduct, ElementwiseApplyFunction)
+SUPPORTED = (sp.MatrixSymbol, sp.MatAdd, sp.MatMul, sp.Transpose, sp.HadamardProduct, HadamardPower,
+             ElementwiseApplyFunction)
 TRANSPOSE = ("T", "transpose")
 HADAMARD = "hadamard"
 MATRIX_FUNCTIONS = (*TRANSPOSE, HADAMARD)
@@ -211,8 +213,10 @@ class _MatrixBuilder(_Builder):
 
 
 def _no_power(r, col):
-    """SymPy's MatMul rewrites hadamard(a, a) as HadamardPower(a, 2), which from_matrix_expr
-    cannot compile yet: say where, rather than fail later without a column."""
-    if isinstance(r, HadamardPower) or any(isinstance(a, HadamardPower) for a in r.args):
-        raise ExprError("SymPy rewrites hadamard(a, a) here as a HadamardPower, which the compiler does not "
-                        "support yet; for a sum of squares write T(a)*a", col)
+    """SymPy's MatMul rewrites hadamard(a, a) as HadamardPower(a, 2); from_matrix_expr compiles
+    positive integer powers only: refuse any other one here, with its column, rather than later
+    without one."""
+    for part in (r, *r.args):
+        if isinstance(part, HadamardPower) and not (part.exp.is_Integer and part.exp > 0):
+            raise ExprError(f"{part} is a Hadamard power with exponent {part.exp}; the compiler supports "
+                            "positive integer exponents only", col)
