@@ -6,12 +6,12 @@ import importlib.util
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, ir
 from .errors import ModelError
+from .files import write_atomic  # noqa: F401  (re-exported: the C backend writes through it)
 from .numpy_backend import Formulas, NumpyStatements, shape_code
 from .program import build_program
 from .templates import render
@@ -56,25 +56,6 @@ class CompiledModule:
 
 def cache_dir():
     return Path(os.environ.get("BPC_CACHE") or Path.home() / ".cache" / "bpc")
-
-
-def write_atomic(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 def load_module(path, name=None):
@@ -153,7 +134,8 @@ def compile_model(model, dtype=None):
                 lines.append(f"{x.name} = _data({x.name}, {x.name!r}, {shape_code(_per_sample(x))})")
         lines.append(f"n = _batch({', '.join(x.name for x in leaves)})")
         used = {node.uid for node in ir.topo_order(roots)}
-        return lines, [f"{p.name} = params[{p.name!r}]" for p in model.params if p.uid in used]
+        return lines, [f"{p.name} = _param(params, {p.name!r}, {shape_code(p.shape)})"
+                       for p in model.params if p.uid in used]
 
     def function(fname, leaves, roots, nodes, ret, doc, comments=False):
         st.needs_dt = False
@@ -189,7 +171,7 @@ def compile_model(model, dtype=None):
     # backward's prologue also binds params whose gradient is zero (np.zeros_like needs them)
     bwd = functions[2]
     for p, g in program.grads:
-        line = f"{p.name} = params[{p.name!r}]"
+        line = f"{p.name} = _param(params, {p.name!r}, {shape_code(p.shape)})"
         if g is None and line not in bwd["prologue"]:
             bwd["prologue"].append(line)
 

@@ -12,6 +12,7 @@ the parameters), averaged over the batch.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import sympy as sp
@@ -53,8 +54,10 @@ def expression_model(prediction, params, inputs, targets=None, loss=None, predic
     psyms = _symbols([k for k, _ in pairs], "parameter")
     inits = {}
     for s, (_, v) in zip(psyms, pairs):
-        if isinstance(v, bool) or not isinstance(v, (numbers.Real, sp.Number)):
-            raise ModelError(f"initial value of parameter {s.name!r} must be a number, got {v!r}")
+        if isinstance(v, sp.Basic) and v.is_number and v.is_real:
+            v = float(v)                               # pi/4, sqrt(2), Rational(1, 3)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ModelError(f"initial value of parameter {s.name!r} must be a finite number, got {v!r}")
         inits[s.name] = ("value", float(v))
     xsyms = _symbols(inputs, "input")
     tsyms = _symbols(targets if targets is not None else ["y"], "target")
@@ -93,6 +96,8 @@ def expression_model(prediction, params, inputs, targets=None, loss=None, predic
         names.setdefault(node.digest, nm)
         return node
 
+    if not (expr.free_symbols & set(psyms)):
+        raise ModelError(f"the prediction {prediction} does not depend on any parameter")
     pred = to_node(expr, (N,), psym.name)
     if loss is None:
         if len(tsyms) != 1:
@@ -103,6 +108,8 @@ def expression_model(prediction, params, inputs, targets=None, loss=None, predic
         raise ModelError(f"the loss must be a SymPy expression, got {type(loss).__name__}")
     lexpr = stabilize(realify(loss))
     check_supported(lexpr, "loss")
+    if lexpr == 0 or not any(s.name == psym.name for s in lexpr.free_symbols):
+        raise ModelError(f"the loss {loss} does not depend on the prediction {psym.name}")
     allowed = {psym.name, *(s.name for s in tsyms), *(s.name for s in psyms)}
     extra = sorted(s.name for s in lexpr.free_symbols if s.name not in allowed)
     if extra:

@@ -100,6 +100,10 @@ def stabilize(expr):
         return expr
     args = [stabilize(a) for a in expr.args]
     expr = expr.func(*args) if args != list(expr.args) else expr
+    if isinstance(expr, sp.log) and isinstance(expr.args[0], sp.cosh):
+        # log(cosh(u)) = |u| + log(1 + exp(-2|u|)) - log(2): cosh overflows at |u| ~ 710
+        u = expr.args[0].args[0]
+        return sp.Abs(u) + softplus(-2 * sp.Abs(u)) - sp.log(2)
     if isinstance(expr, sp.log):
         u = _is_one_plus_exp(expr.args[0])
         if u is not None:
@@ -116,8 +120,16 @@ def stabilize(expr):
         if u is not None:
             return sigmoid(-u)
     if isinstance(expr, sp.Mul):
-        # exp(u)/(1 + exp(u)) arrives here as exp(u) * sigmoid(-u)  ->  sigmoid(u)
         factors = list(expr.args)
+        # sinh(u)/cosh(u) -> tanh(u), finite where both overflow
+        for i, f in enumerate(factors):
+            if isinstance(f, sp.sinh):
+                for j, g in enumerate(factors):
+                    if isinstance(g, sp.Pow) and g.exp == -1 and isinstance(g.base, sp.cosh) \
+                            and g.base.args[0] == f.args[0]:
+                        rest = [h for k, h in enumerate(factors) if k not in (i, j)]
+                        return stabilize(sp.Mul(*rest) * sp.tanh(f.args[0]))
+        # exp(u)/(1 + exp(u)) arrives here as exp(u) * sigmoid(-u)  ->  sigmoid(u)
         for i, f in enumerate(factors):
             if isinstance(f, sigmoid):
                 for j, g in enumerate(factors):

@@ -148,11 +148,20 @@ class _Converter:
         if len(shapes) > 1:
             raise ShapeError(f"{where}: operands of shapes {sorted(shapes)} do not match")
         ps = shapes.pop() if shapes else (1, 1)
-        if not any(v.batched for v in vals):
+        batched = any(v.batched for v in vals)
+        if not batched:
             nodes = [v.node for v in vals]
-            return _Val(ir.ew(expr, nodes), False, ps)
-        nodes = [self.batched_node(v, ps) for v in vals]
-        return _Val(ir.ew(expr, nodes), True, ps)
+        else:
+            nodes = [self.batched_node(v, ps) for v in vals]
+            if ps != (1, 1):
+                # one number per sample, (n,), meets vectors: as (n, 1) it broadcasts against
+                # both (n, k) data and (1, k) parameter rows
+                nodes = [ir.reshape(node, (N, 1)) if v.batched and v.scalar else node
+                         for v, node in zip(vals, nodes)]
+        node = ir.ew(expr, nodes)
+        if node is None:
+            raise ModelError(f"{where} is identically zero")
+        return _Val(node, batched, ps)
 
     def _product(self, a, b, where):
         if a.ps[1] != b.ps[0]:

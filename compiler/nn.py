@@ -20,6 +20,8 @@ Conventions: data arrays are batch-first, ``(n, features)``; a dense layer compu
 """
 from __future__ import annotations
 
+import numbers
+
 import sympy as sp
 
 from . import ir
@@ -111,6 +113,8 @@ class Network:
         xs = sp.Symbol("x", real=True)
         if act_expr == xs:
             return z
+        if act_expr == 0:
+            raise ModelError(f"activation of {name} is identically zero: the network would learn nothing")
         return self._name(ir.ew(act_expr.xreplace({xs: ARG[0]}), [z]), name)
 
     # -- model ----------------------------------------------------------------------------
@@ -175,6 +179,8 @@ def apply_loss(loss, z, y, names):
         if y.attr("kind") == "label":
             raise ModelError("an expression loss needs real-valued targets")
         _same_shape(z, y, "loss expression")
+        if expr == 0 or p not in expr.free_symbols:
+            raise ModelError(f"loss expression {loss} does not depend on the prediction p")
         per = ir.ew(expr.xreplace({p: ARG[0], yy: ARG[1]}), [z, y])
         return z, named(ir.mean(named(per, "E")), "L")
     raise ModelError(f"loss must be a name or a SymPy expression, got {type(loss).__name__}")
@@ -187,9 +193,9 @@ def _same_shape(z, y, what):
 
 
 def _positive(v, what):
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
         raise ModelError(f"{what} must be a positive integer, got {v!r}")
-    return v
+    return int(v)
 
 
 def mlp(sizes, activation="tanh", loss="mse", output_activation="identity", target_kind=None,

@@ -324,23 +324,13 @@ def check_params(module, params, where="params"):
 
 def save_params(params, path):
     """Write the parameters to ``path`` as ``.npz`` atomically (never a partial file)."""
-    import os
-    import tempfile
     from pathlib import Path
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in params.items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from .files import atomic_file
+
+    with atomic_file(path, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in params.items()})
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,12 +3,11 @@ the decision boundary of a classifier with a 2-D input. Needs matplotlib (the ``
 ``require_matplotlib()`` says how to install it, so a run can check before it starts."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_file
 from .train import TrainError, task
 
 
@@ -34,15 +33,8 @@ def _save(fig, path):
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise TrainError(f"{path}: plots are written as PNG; name the file *.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png")
     return path
 
 

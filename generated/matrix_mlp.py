@@ -63,7 +63,21 @@ def _batch(*arrays):
     for a in arrays[1:]:
         if a.shape[0] != n:
             raise ValueError(f"inputs and targets have different batch sizes: {[b.shape[0] for b in arrays]}")
+    if n == 0:
+        raise ValueError("the batch is empty")
     return n
+
+
+def _param(params, name, shape):
+    try:
+        a = params[name]
+    except KeyError:
+        raise KeyError(f"params has no entry {name!r} (expected {list(PARAMS)})") from None
+    if getattr(a, "shape", None) != shape:
+        a = np.asarray(a)
+        if a.shape != shape:
+            raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
+    return a
 
 
 def _sigmoid(x):
@@ -75,14 +89,14 @@ def forward(params, x):
     """Predictions for a batch: the model output, shape (batch,) + per-sample output shape."""
     x = _data(x, 'x', (3,))
     n = _batch(x)
-    W1 = params['W1']
-    b1 = params['b1']
-    G = params['G']
-    c = params['c']
-    W2 = params['W2']
-    b2 = params['b2']
-    u = params['u']
-    alpha = params['alpha']
+    W1 = _param(params, 'W1', (16, 3))
+    b1 = _param(params, 'b1', (16, 1))
+    G = _param(params, 'G', (16, 3))
+    c = _param(params, 'c', (16, 1))
+    W2 = _param(params, 'W2', (1, 16))
+    b2 = _param(params, 'b2', (1, 1))
+    u = _param(params, 'u', (3, 1))
+    alpha = _param(params, 'alpha', ())
     b1T = b1.T
     t1 = x @ W1.T
     t2 = b1T + t1
@@ -106,14 +120,14 @@ def loss(params, x, y):
     x = _data(x, 'x', (3,))
     y = _data(y, 'y', ())
     n = _batch(x, y)
-    W1 = params['W1']
-    b1 = params['b1']
-    G = params['G']
-    c = params['c']
-    W2 = params['W2']
-    b2 = params['b2']
-    u = params['u']
-    alpha = params['alpha']
+    W1 = _param(params, 'W1', (16, 3))
+    b1 = _param(params, 'b1', (16, 1))
+    G = _param(params, 'G', (16, 3))
+    c = _param(params, 'c', (16, 1))
+    W2 = _param(params, 'W2', (1, 16))
+    b2 = _param(params, 'b2', (1, 1))
+    u = _param(params, 'u', (3, 1))
+    alpha = _param(params, 'alpha', ())
     b1T = b1.T
     t1 = x @ W1.T
     t2 = b1T + t1
@@ -138,14 +152,14 @@ def backward(params, x, y):
     x = _data(x, 'x', (3,))
     y = _data(y, 'y', ())
     n = _batch(x, y)
-    W1 = params['W1']
-    b1 = params['b1']
-    G = params['G']
-    c = params['c']
-    W2 = params['W2']
-    b2 = params['b2']
-    u = params['u']
-    alpha = params['alpha']
+    W1 = _param(params, 'W1', (16, 3))
+    b1 = _param(params, 'b1', (16, 1))
+    G = _param(params, 'G', (16, 3))
+    c = _param(params, 'c', (16, 1))
+    W2 = _param(params, 'W2', (1, 16))
+    b2 = _param(params, 'b2', (1, 1))
+    u = _param(params, 'u', (3, 1))
+    alpha = _param(params, 'alpha', ())
     b1T = b1.T
     t1 = x @ W1.T
     t2 = b1T + t1

@@ -68,7 +68,21 @@ def _batch(*arrays):
     for a in arrays[1:]:
         if a.shape[0] != n:
             raise ValueError(f"inputs and targets have different batch sizes: {[b.shape[0] for b in arrays]}")
+    if n == 0:
+        raise ValueError("the batch is empty")
     return n
+
+
+def _param(params, name, shape):
+    try:
+        a = params[name]
+    except KeyError:
+        raise KeyError(f"params has no entry {name!r} (expected {list(PARAMS)})") from None
+    if getattr(a, "shape", None) != shape:
+        a = np.asarray(a)
+        if a.shape != shape:
+            raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
+    return a
 
 
 _SCRATCH = threading.local()
@@ -101,10 +115,10 @@ def forward(params, x):
     """Predictions for a batch: class probabilities (softmax of the logits), shape (batch, classes)."""
     x = _data(x, 'x', (64,))
     n = _batch(x)
-    W1 = params['W1']
-    b1 = params['b1']
-    W2 = params['W2']
-    b2 = params['b2']
+    W1 = _param(params, 'W1', (64, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (32, 10))
+    b2 = _param(params, 'b2', (10,))
     xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
     H1 = xW1
     H1 += b1
@@ -120,10 +134,10 @@ def loss(params, x, y):
     x = _data(x, 'x', (64,))
     y = _labels(y, 'y', 10)
     n = _batch(x, y)
-    W1 = params['W1']
-    b1 = params['b1']
-    W2 = params['W2']
-    b2 = params['b2']
+    W1 = _param(params, 'W1', (64, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (32, 10))
+    b2 = _param(params, 'b2', (10,))
     xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
     H1 = xW1
     H1 += b1
@@ -141,10 +155,10 @@ def backward(params, x, y):
     x = _data(x, 'x', (64,))
     y = _labels(y, 'y', 10)
     n = _batch(x, y)
-    W1 = params['W1']
-    b1 = params['b1']
-    W2 = params['W2']
-    b2 = params['b2']
+    W1 = _param(params, 'W1', (64, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (32, 10))
+    b2 = _param(params, 'b2', (10,))
     xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
     H1 = xW1
     H1 += b1

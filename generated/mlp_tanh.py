@@ -59,19 +59,33 @@ def _batch(*arrays):
     for a in arrays[1:]:
         if a.shape[0] != n:
             raise ValueError(f"inputs and targets have different batch sizes: {[b.shape[0] for b in arrays]}")
+    if n == 0:
+        raise ValueError("the batch is empty")
     return n
+
+
+def _param(params, name, shape):
+    try:
+        a = params[name]
+    except KeyError:
+        raise KeyError(f"params has no entry {name!r} (expected {list(PARAMS)})") from None
+    if getattr(a, "shape", None) != shape:
+        a = np.asarray(a)
+        if a.shape != shape:
+            raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
+    return a
 
 
 def forward(params, x):
     """Predictions for a batch: the model output, shape (batch,) + per-sample output shape."""
     x = _data(x, 'x', (2,))
     n = _batch(x)
-    W1 = params['W1']
-    b1 = params['b1']
-    W2 = params['W2']
-    b2 = params['b2']
-    W3 = params['W3']
-    b3 = params['b3']
+    W1 = _param(params, 'W1', (2, 16))
+    b1 = _param(params, 'b1', (16,))
+    W2 = _param(params, 'W2', (16, 16))
+    b2 = _param(params, 'b2', (16,))
+    W3 = _param(params, 'W3', (16, 1))
+    b3 = _param(params, 'b3', (1,))
     xW1 = x @ W1
     H1 = np.tanh(b1 + xW1)
     H1W2 = H1 @ W2
@@ -86,12 +100,12 @@ def loss(params, x, y):
     x = _data(x, 'x', (2,))
     y = _data(y, 'y', (1,))
     n = _batch(x, y)
-    W1 = params['W1']
-    b1 = params['b1']
-    W2 = params['W2']
-    b2 = params['b2']
-    W3 = params['W3']
-    b3 = params['b3']
+    W1 = _param(params, 'W1', (2, 16))
+    b1 = _param(params, 'b1', (16,))
+    W2 = _param(params, 'W2', (16, 16))
+    b2 = _param(params, 'b2', (16,))
+    W3 = _param(params, 'W3', (16, 1))
+    b3 = _param(params, 'b3', (1,))
     xW1 = x @ W1
     H1 = np.tanh(b1 + xW1)
     H1W2 = H1 @ W2
@@ -107,12 +121,12 @@ def backward(params, x, y):
     x = _data(x, 'x', (2,))
     y = _data(y, 'y', (1,))
     n = _batch(x, y)
-    W1 = params['W1']
-    b1 = params['b1']
-    W2 = params['W2']
-    b2 = params['b2']
-    W3 = params['W3']
-    b3 = params['b3']
+    W1 = _param(params, 'W1', (2, 16))
+    b1 = _param(params, 'b1', (16,))
+    W2 = _param(params, 'W2', (16, 16))
+    b2 = _param(params, 'b2', (16,))
+    W3 = _param(params, 'W3', (16, 1))
+    b3 = _param(params, 'b3', (1,))
     xW1 = x @ W1
     H1 = np.tanh(b1 + xW1)
     H1W2 = H1 @ W2

@@ -55,7 +55,21 @@ def _batch(*arrays):
     for a in arrays[1:]:
         if a.shape[0] != n:
             raise ValueError(f"inputs and targets have different batch sizes: {[b.shape[0] for b in arrays]}")
+    if n == 0:
+        raise ValueError("the batch is empty")
     return n
+
+
+def _param(params, name, shape):
+    try:
+        a = params[name]
+    except KeyError:
+        raise KeyError(f"params has no entry {name!r} (expected {list(PARAMS)})") from None
+    if getattr(a, "shape", None) != shape:
+        a = np.asarray(a)
+        if a.shape != shape:
+            raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
+    return a
 
 
 def _sigmoid(x):
@@ -67,10 +81,10 @@ def forward(params, x):
     """Predictions for a batch: the model output, shape (batch,) + per-sample output shape."""
     x = _data(x, 'x', (3,))
     n = _batch(x)
-    W1 = params['W1']
-    b1 = params['b1']
-    W2 = params['W2']
-    b2 = params['b2']
+    W1 = _param(params, 'W1', (3, 8))
+    b1 = _param(params, 'b1', (8,))
+    W2 = _param(params, 'W2', (8, 1))
+    b2 = _param(params, 'b2', (1,))
     xW1 = x @ W1
     Z1 = b1 + xW1
     H1 = Z1*_sigmoid(1.5*Z1)
@@ -84,10 +98,10 @@ def loss(params, x, y):
     x = _data(x, 'x', (3,))
     y = _data(y, 'y', (1,))
     n = _batch(x, y)
-    W1 = params['W1']
-    b1 = params['b1']
-    W2 = params['W2']
-    b2 = params['b2']
+    W1 = _param(params, 'W1', (3, 8))
+    b1 = _param(params, 'b1', (8,))
+    W2 = _param(params, 'W2', (8, 1))
+    b2 = _param(params, 'b2', (1,))
     xW1 = x @ W1
     Z1 = b1 + xW1
     H1 = Z1*_sigmoid(1.5*Z1)
@@ -102,10 +116,10 @@ def backward(params, x, y):
     x = _data(x, 'x', (3,))
     y = _data(y, 'y', (1,))
     n = _batch(x, y)
-    W1 = params['W1']
-    b1 = params['b1']
-    W2 = params['W2']
-    b2 = params['b2']
+    W1 = _param(params, 'W1', (3, 8))
+    b1 = _param(params, 'b1', (8,))
+    W2 = _param(params, 'W2', (8, 1))
+    b2 = _param(params, 'b2', (1,))
     xW1 = x @ W1
     Z1 = b1 + xW1
     H1 = Z1*_sigmoid(1.5*Z1)

@@ -55,17 +55,31 @@ def _batch(*arrays):
     for a in arrays[1:]:
         if a.shape[0] != n:
             raise ValueError(f"inputs and targets have different batch sizes: {[b.shape[0] for b in arrays]}")
+    if n == 0:
+        raise ValueError("the batch is empty")
     return n
+
+
+def _param(params, name, shape):
+    try:
+        a = params[name]
+    except KeyError:
+        raise KeyError(f"params has no entry {name!r} (expected {list(PARAMS)})") from None
+    if getattr(a, "shape", None) != shape:
+        a = np.asarray(a)
+        if a.shape != shape:
+            raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
+    return a
 
 
 def forward(params, x):
     """Predictions for a batch: the model output, shape (batch,) + per-sample output shape."""
     x = _data(x, 'x', ())
     n = _batch(x)
-    a = params['a']
-    b = params['b']
-    c = params['c']
-    d = params['d']
+    a = _param(params, 'a', ())
+    b = _param(params, 'b', ())
+    c = _param(params, 'c', ())
+    d = _param(params, 'd', ())
     p = a*x*x*x + b*x*x + c*x + d
     return p
 
@@ -75,10 +89,10 @@ def loss(params, x, y):
     x = _data(x, 'x', ())
     y = _data(y, 'y', ())
     n = _batch(x, y)
-    a = params['a']
-    b = params['b']
-    c = params['c']
-    d = params['d']
+    a = _param(params, 'a', ())
+    b = _param(params, 'b', ())
+    c = _param(params, 'c', ())
+    d = _param(params, 'd', ())
     p = a*x*x*x + b*x*x + c*x + d
     L = np.square(p - y).mean()
     return float(L)
@@ -89,10 +103,10 @@ def backward(params, x, y):
     x = _data(x, 'x', ())
     y = _data(y, 'y', ())
     n = _batch(x, y)
-    a = params['a']
-    b = params['b']
-    c = params['c']
-    d = params['d']
+    a = _param(params, 'a', ())
+    b = _param(params, 'b', ())
+    c = _param(params, 'c', ())
+    d = _param(params, 'd', ())
     p = a*x*x*x + b*x*x + c*x + d
     L = np.square(p - y).mean()
     # dp = 2*(p - y)/n

@@ -72,7 +72,21 @@ def _batch(*arrays):
     for a in arrays[1:]:
         if a.shape[0] != n:
             raise ValueError(f"inputs and targets have different batch sizes: {[b.shape[0] for b in arrays]}")
+    if n == 0:
+        raise ValueError("the batch is empty")
     return n
+
+
+def _param(params, name, shape):
+    try:
+        a = params[name]
+    except KeyError:
+        raise KeyError(f"params has no entry {name!r} (expected {list(PARAMS)})") from None
+    if getattr(a, "shape", None) != shape:
+        a = np.asarray(a)
+        if a.shape != shape:
+            raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
+    return a
 
 
 _SCRATCH = threading.local()
@@ -105,12 +119,12 @@ def forward(params, x):
     """Predictions for a batch: class probabilities (softmax of the logits), shape (batch, classes)."""
     x = _data(x, 'x', (2,))
     n = _batch(x)
-    W1 = params['W1']
-    b1 = params['b1']
-    W2 = params['W2']
-    b2 = params['b2']
-    W3 = params['W3']
-    b3 = params['b3']
+    W1 = _param(params, 'W1', (2, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (32, 32))
+    b2 = _param(params, 'b2', (32,))
+    W3 = _param(params, 'W3', (32, 2))
+    b3 = _param(params, 'b3', (2,))
     xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
     H1 = xW1
     H1 += b1
@@ -130,12 +144,12 @@ def loss(params, x, y):
     x = _data(x, 'x', (2,))
     y = _labels(y, 'y', 2)
     n = _batch(x, y)
-    W1 = params['W1']
-    b1 = params['b1']
-    W2 = params['W2']
-    b2 = params['b2']
-    W3 = params['W3']
-    b3 = params['b3']
+    W1 = _param(params, 'W1', (2, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (32, 32))
+    b2 = _param(params, 'b2', (32,))
+    W3 = _param(params, 'W3', (32, 2))
+    b3 = _param(params, 'b3', (2,))
     xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
     H1 = xW1
     H1 += b1
@@ -157,12 +171,12 @@ def backward(params, x, y):
     x = _data(x, 'x', (2,))
     y = _labels(y, 'y', 2)
     n = _batch(x, y)
-    W1 = params['W1']
-    b1 = params['b1']
-    W2 = params['W2']
-    b2 = params['b2']
-    W3 = params['W3']
-    b3 = params['b3']
+    W1 = _param(params, 'W1', (2, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (32, 32))
+    b2 = _param(params, 'b2', (32,))
+    W3 = _param(params, 'W3', (32, 2))
+    b3 = _param(params, 'b3', (2,))
     xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
     H1 = xW1
     H1 += b1

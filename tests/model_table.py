@@ -58,6 +58,15 @@ def _matrix_rows():
     return bpc.from_matrix_expr(out, [x], [y], loss="mse", init={"alpha": ("value", 0.8)}, name="matrix_rows")
 
 
+def _matrix_scalar_row():
+    x = sp.MatrixSymbol("x", 3, 1)
+    y = sp.MatrixSymbol("y", 1, 2)
+    a, c = sp.MatrixSymbol("a", 3, 1), sp.MatrixSymbol("c", 1, 2)
+    out = (a.T * x).applyfunc(sp.tanh) * c        # one number per sample times a parameter row
+    return bpc.from_matrix_expr(out, [x], [y], init={"a": ("glorot", 3, 1), "c": ("glorot", 1, 2)},
+                                name="matrix_scalar_row")
+
+
 MODELS = [
     ("mlp_tanh_mse", _net([3, 5, 4, 2], "tanh", name="mlp_tanh")),
     ("mlp_relu_mse", _net([3, 6, 2], "relu", name="mlp_relu")),
@@ -79,6 +88,7 @@ MODELS = [
     ("matrix_mse", _matrix("mse")),
     ("matrix_expr_loss", _matrix("expr")),
     ("matrix_rows", _matrix_rows),
+    ("matrix_scalar_row", _matrix_scalar_row),
 ]
 
 # models whose loss and gradients must stay finite at inputs of +-1000

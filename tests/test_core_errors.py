@@ -66,7 +66,7 @@ CASES = [
      "undefined symbol(s) b"),
     ("expression: no data", lambda: bpc.expression_model(a, {a: 0}, []), ModelError, "at least one data input"),
     ("expression: bad initial value", lambda: bpc.expression_model(a * x, {a: "zero"}, [x]), ModelError,
-     "must be a number"),
+     "must be a finite number"),
     ("expression: loss symbol unknown", lambda: bpc.expression_model(a * x, {a: 0}, [x], loss=(p - q) ** 2),
      ModelError, "undefined symbol(s) q"),
     ("expression: duplicate symbol", lambda: bpc.expression_model(a * x, {a: 0}, [a]), ModelError, "more than once"),
@@ -79,8 +79,25 @@ CASES = [
         bpc.mlp([2, 1]), description='"""\nimport os\n"""'), ModelError, "triple quotes"),
     ("backslash in a source", lambda: __import__("dataclasses").replace(bpc.mlp([2, 1]), source="a\\b"),
      ModelError, "backslashes"),
+    ("zero activation", lambda: bpc.mlp([2, 3, 1], activation=0 * x), ModelError, "identically zero"),
+    ("zero loss", lambda: bpc.mlp([2, 1], loss=p - p), ModelError, "does not depend on the prediction"),
+    ("expression: zero prediction", lambda: bpc.expression_model(0 * a * x, {a: 0}, [x]), ModelError,
+     "does not depend on any parameter"),
+    ("expression: loss without p", lambda: bpc.expression_model(a * x, {a: 0}, [x], loss=y**2), ModelError,
+     "does not depend on the prediction"),
+    ("expression: nan initial value", lambda: bpc.expression_model(a * x, {a: float("nan")}, [x]), ModelError,
+     "finite number"),
+    ("matrix: identically zero", lambda: bpc.from_matrix_expr(
+        sp.MatrixSymbol("W", 2, 3) * sp.MatrixSymbol("x", 3, 1) - sp.MatrixSymbol("W", 2, 3) * sp.MatrixSymbol("x", 3, 1)
+        + sp.MatrixSymbol("b", 2, 1) * 0, [sp.MatrixSymbol("x", 3, 1)], [sp.MatrixSymbol("y", 2, 1)]), BpcError, ""),
     ("bad dtype", lambda: bpc.compile_model(bpc.mlp([1, 1]), dtype="float16"), ModelError, "float32 or float64"),
 ]
+
+
+def test_numbers_of_other_types_are_accepted():
+    import numpy as np
+    assert bpc.mlp([np.int64(2), 3, 1]).params[0].shape == (2, 3)
+    assert bpc.expression_model(a * x, {a: sp.pi / 4}, [x]).init["a"] == ("value", pytest.approx(0.785398163))
 
 
 @pytest.mark.parametrize("what,build,error,message", CASES, ids=[c[0] for c in CASES])

@@ -56,6 +56,35 @@ def test_shapes_are_validated():
         mod.loss(params, np.zeros((4, 2)), np.zeros((5, 1)))
 
 
+def test_parameters_are_validated():
+    mod = bpc.compile_model(bpc.mlp([2, 4, 1], name="pv")).load()
+    params = mod.init_params()
+    x, y = np.zeros((3, 2)), np.zeros((3, 1))
+    for bad in (np.array([0.3]), np.array(0.3), np.zeros((4, 1))):
+        with pytest.raises(ValueError, match=r"parameter 'b1' must have shape \(4,\)"):
+            mod.loss({**params, "b1": bad}, x, y)
+    with pytest.raises(KeyError, match="no entry 'W2'"):
+        mod.backward({k: v for k, v in params.items() if k != "W2"}, x, y)
+    as_lists = {k: v.tolist() for k, v in params.items()}
+    assert mod.loss(as_lists, x, y) == mod.loss(params, x, y)
+
+
+def test_empty_batch_is_refused():
+    mod = bpc.compile_model(bpc.mlp([2, 4, 1], name="empty")).load()
+    for fn in (mod.loss, mod.backward):
+        with pytest.raises(ValueError, match="the batch is empty"):
+            fn(mod.init_params(), np.zeros((0, 2)), np.zeros((0, 1)))
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = bpc.compile_model(bpc.mlp([2, 1], name="perm")).write(tmp_path / "perm.py")
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+
+
 def test_module_imports_with_numpy_alone(tmp_path):
     path = tmp_path / "standalone.py"
     bpc.compile_model(bpc.mlp([2, 4, 3], "gelu", "softmax_cross_entropy", name="alone")).write(path)

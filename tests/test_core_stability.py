@@ -58,6 +58,16 @@ def test_handwritten_unstable_forms_are_rewritten():
     np.testing.assert_allclose(grads["b1"], [2 * 1000.0, 0.0], rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_log_cosh_loss_stays_finite(dtype):
+    p, y = sp.symbols("p y")
+    mod = bpc.compile_model(bpc.mlp([1, 1], "identity", loss=sp.log(sp.cosh(p - y)), name="lc")).load()
+    params = {"W1": np.array([[1000.0]], dtype=dtype), "b1": np.zeros(1, dtype=dtype)}
+    value, grads = mod.backward(params, np.array([[1.0], [-1.0]], dtype=dtype), np.zeros((2, 1), dtype=dtype))
+    assert value == pytest.approx(1000 - np.log(2), rel=1e-6)
+    np.testing.assert_allclose(grads["W1"], [[1.0]], rtol=1e-6)
+
+
 @pytest.mark.parametrize("model_id", [m[0] for m in MODELS])
 def test_float32_agrees_with_float64(compiled, model_id):
     mod = compiled[model_id]
