@@ -75,7 +75,8 @@ def load_module(path, name=None):
 
 def model_hash(model, dtype):
     h = hashlib.sha256()
-    for part in (__version__, model.name, str(dtype), model.source, model.source_text, model.loss_kind,
+    # the spec's text, not its path: the same model hashes the same wherever it is compiled from
+    for part in (__version__, model.name, str(dtype), model.source_text, model.loss_kind,
                  model.prediction.digest, model.loss.digest,
                  repr(sorted(model.init.items())), repr(sorted(model.names.items())),
                  repr([n.name for n in (*model.inputs, *model.targets, *model.params)])):
