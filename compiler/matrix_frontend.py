@@ -55,7 +55,7 @@ class _Converter:
     def __init__(self, inputs, targets, params, names):
         self.leaves = {}
         self.names = names
-        self.applied = 0
+        self.counts = {}
         self.cache = {}
         for sym, node in (*inputs, *targets):
             self.leaves[sym] = _Val(node, True, _dims(sym) if isinstance(sym, sp.MatrixSymbol) else (1, 1))
@@ -84,12 +84,22 @@ class _Converter:
             self.names.setdefault(node.digest, name)
         return node
 
+    # readable names for intermediate values, so adjoints read dZ1, dH1, ... not dt7
+    _KIND_NAMES = {"MatAdd": "Z", "MatMul": "M", "HadamardProduct": "A", "HadamardPower": "A",
+                   "ElementwiseApplyFunction": "H"}
+
     def convert(self, e):
         key = e
         if key in self.cache:
             return self.cache[key]
         out = self._convert(e)
         self.cache[key] = out
+        prefix = self._KIND_NAMES.get(type(e).__name__)
+        if prefix and out.node.digest not in self.names and out.node.op not in ("input", "param"):
+            self.counts[prefix] = self.counts.get(prefix, 0) + 1
+            self._named(out.node, f"{prefix}{self.counts[prefix]}")
+            if out.node.op == "reshape":   # the product behind a per-sample number
+                self._named(out.node.inputs[0], f"{prefix}{self.counts[prefix]}m")
         return out
 
     def _convert(self, e):
@@ -114,11 +124,7 @@ class _Converter:
             return self._elementwise(ARG[0] ** int(e.exp), [self.convert(e.base)], e)
         if isinstance(e, ElementwiseApplyFunction):
             f, _ = resolve_activation(e.function)
-            out = self._elementwise(f.xreplace({_x: ARG[0]}), [self.convert(e.expr)], e)
-            if out.node.digest not in self.names:
-                self.applied += 1
-                self._named(out.node, f"H{self.applied}")
-            return out
+            return self._elementwise(f.xreplace({_x: ARG[0]}), [self.convert(e.expr)], e)
         if isinstance(e, sp.MatMul):
             scalars = [a for a in e.args if not getattr(a, "is_Matrix", False)]
             mats = [a for a in e.args if getattr(a, "is_Matrix", False)]
@@ -257,6 +263,8 @@ def from_matrix_expr(output, inputs, targets, loss="mse", params=None, target_ki
         p_nodes.append((s, node))
     conv = _Converter(in_nodes, tg_nodes, p_nodes, names)
     out = conv.convert(output)
+    if out.node.op not in ("input", "param"):
+        names[out.node.digest] = "out"
     loss_val = conv.convert(loss) if isinstance(loss, sp.Basic) else None
     # parameters that enter a matrix product are weights (Glorot); the others start at zero
     weights = set()
