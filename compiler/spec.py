@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +27,6 @@ MAX_DESCRIPTION = 2000
 TRIPLE_QUOTE = '"' * 3
 SOURCE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 DTYPES = ("float32", "float64")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TOP_KEYS = ("model", "constants", "network", "expression", "matrix", "train")
 MODEL_KEYS = ("name", "description", "dtype")
@@ -56,8 +56,12 @@ class Spec:
     train: dict = field(default_factory=dict)   # the [train] table, for `bpc train`, unvalidated
 
 
-def load_spec(path):
-    """Read a spec file (``.toml`` or ``.json``) and build its model."""
+def load_spec(path, source=None):
+    """Read a spec file (``.toml`` or ``.json``) and build its model.
+
+    ``source`` is the name the generated header gives the file (``Source: ...``); by default
+    the path as given, relative to the working directory when the file lies under it, else
+    the file name (see ``source_name``)."""
     label = _printable(str(path))
     p = Path(path)
     suffix = p.suffix.lower()
@@ -74,7 +78,12 @@ def load_spec(path):
         raise SpecError(f"{label}: no such file") from None
     except OSError as e:
         raise SpecError(f"{label}: cannot read: {e.strerror or e}") from None
-    return loads_spec(raw, label, suffix[1:], source=_source_name(p))
+    if source is None:
+        source = source_name(p)
+    elif not isinstance(source, str) or not SOURCE_RE.match(source):
+        raise SpecError(f"{label}: source name {_printable(str(source))!r} is not allowed (it is written into "
+                        "the generated code): use letters, digits, '_', '-', '.' and '/' between parts")
+    return loads_spec(raw, label, suffix[1:], source=source)
 
 
 def loads_spec(data, filename="<spec>", fmt="toml", source=None):
@@ -92,21 +101,40 @@ def loads_spec(data, filename="<spec>", fmt="toml", source=None):
     return replace(spec, model=model)
 
 
-def _source_name(path):
-    """A path-independent name for the generated header: repo-relative, else the file name.
+def source_name(path, cwd=None):
+    """The name the generated header gives a spec file: independent of where bpc is installed.
 
-    It is printed into the generated module's docstring, so it must be plain: a file name
-    holding three double quotes would otherwise close the docstring and run code."""
-    try:
-        rel = path.resolve().relative_to(REPO_ROOT).as_posix()
-        if SOURCE_RE.match(rel):
-            return rel
-    except (ValueError, OSError):
-        pass
+    The path relative to the working directory (``cwd``, default the current one), with '/'
+    separators, when the file lies under it (``bpc compile examples/m.toml`` from the
+    repository root writes ``Source: examples/m.toml``); else the file name. It is printed
+    into the generated module's docstring, so it must be plain: a file name holding three
+    double quotes would otherwise close the docstring and run code."""
+    path = Path(path)
+    rel = _relative_to_cwd(path, Path(cwd) if cwd is not None else None)
+    if rel is not None and SOURCE_RE.match(rel):
+        return rel
     if not SOURCE_RE.match(path.name):
         raise SpecError(f"{_printable(str(path))}: the file name {_printable(path.name)!r} is not allowed "
                         "(it is written into the generated code): use letters, digits, '_', '-' and '.'")
     return path.name
+
+
+def _relative_to_cwd(path, cwd):
+    """``path`` relative to ``cwd`` as a posix string, or None when it lies outside it. Lexical
+    first (a symlinked spec keeps the name it was given), then with both sides resolved (a
+    working directory reached through a symlink)."""
+    try:
+        base = Path(os.path.abspath(cwd if cwd is not None else os.getcwd()))
+        full = Path(os.path.abspath(base / path))
+        for a, b in ((full, base), (full.parent.resolve() / full.name, base.resolve())):
+            try:
+                rel = a.relative_to(b)
+            except ValueError:
+                continue
+            return rel.as_posix() if rel.parts else None
+    except (OSError, RuntimeError):   # RuntimeError: a symlink loop
+        pass
+    return None
 
 
 def _printable(text, limit=200):

@@ -34,9 +34,31 @@ def test_compile_writes_the_module(tmp_path, capsys):
 
 
 def test_compile_defaults_to_generated_model_name(tmp_path, monkeypatch):
+    # a copy of the repository's layout anywhere: the same bytes as the committed module,
+    # whose header names the spec relative to the working directory, not to where bpc lives
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "poly_fit.toml").write_bytes(POLY.read_bytes())
     monkeypatch.chdir(tmp_path)
-    assert run("compile", POLY) == 0
+    assert run("compile", "examples/poly_fit.toml") == 0
     assert (tmp_path / "generated" / "poly_fit.py").read_text() == (ROOT / "generated" / "poly_fit.py").read_text()
+
+
+@pytest.mark.parametrize("cwd,given,label", [
+    (".", "examples/poly_fit.toml", "examples/poly_fit.toml"),
+    (".", "./examples/../examples/poly_fit.toml", "examples/poly_fit.toml"),
+    (".", "ABS", "examples/poly_fit.toml"),
+    ("examples", "poly_fit.toml", "poly_fit.toml"),
+    ("elsewhere", "../examples/poly_fit.toml", "poly_fit.toml"),      # outside the working directory
+])
+def test_compile_source_label_is_relative_to_the_working_directory(tmp_path, monkeypatch, capsys, cwd, given, label):
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    spec = tmp_path / "examples" / "poly_fit.toml"
+    spec.write_bytes(POLY.read_bytes())
+    monkeypatch.chdir(tmp_path / cwd)
+    assert run("compile", spec if given == "ABS" else given, "-o", "-") == 0
+    head = capsys.readouterr().out[:400]
+    assert f"\nSource: {label}\n" in head
 
 
 def test_compile_into_a_directory_and_to_stdout(tmp_path, capsys):

@@ -9,7 +9,7 @@ import sympy as sp
 from compiler import compile_model, expression_model, mlp
 from compiler.nn import Network
 from compiler.safe_expr import ExprError, parse, parse_constant
-from compiler.spec import SpecError, load_spec, loads_spec
+from compiler.spec import SpecError, load_spec, loads_spec, source_name
 
 ROOT = Path(__file__).resolve().parent.parent
 x, y, p, a, b, c, d = sp.symbols("x y p a b c d", real=True)
@@ -51,9 +51,10 @@ EXAMPLES = [
 
 
 @pytest.mark.parametrize("path,api", EXAMPLES, ids=[e[0] for e in EXAMPLES])
-def test_examples_equal_the_python_api(path, api):
+def test_examples_equal_the_python_api(path, api, monkeypatch):
+    monkeypatch.chdir(ROOT)
     spec = load_spec(ROOT / path)
-    assert spec.model.source == path          # repo-relative, whatever the working directory
+    assert spec.model.source == path          # relative to the working directory
     assert spec.model.source_text == (ROOT / path).read_text()
     assert same_source(spec, api())
 
@@ -189,7 +190,8 @@ def test_toml_json_and_python_api_agree(toml_text, json_obj, api):
     assert same_source(from_json, api(), dtype)
 
 
-def test_model_source_is_the_file_name_outside_the_repo(tmp_path):
+def test_model_source_is_the_file_name_outside_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
     f = tmp_path / "fit.toml"
     f.write_text((ROOT / "examples/poly_fit.toml").read_text())
     spec = load_spec(f)
@@ -199,6 +201,28 @@ def test_model_source_is_the_file_name_outside_the_repo(tmp_path):
     g.parent.mkdir()
     g.write_text(f.read_text())
     assert compile_model(load_spec(g).model).source == compile_model(spec.model).source
+
+
+def test_model_source_does_not_depend_on_where_bpc_is_installed(tmp_path, monkeypatch):
+    # the label comes from the path and the working directory only: a copy of the repository
+    # anywhere (or bpc installed into site-packages) names examples/<file> from its root
+    (tmp_path / "examples").mkdir()
+    f = tmp_path / "examples" / "fit.toml"
+    f.write_text((ROOT / "examples/poly_fit.toml").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert load_spec("examples/fit.toml").model.source == "examples/fit.toml"
+    assert load_spec(f).model.source == "examples/fit.toml"
+    assert source_name(f, cwd=tmp_path / "examples") == "fit.toml"
+    assert source_name(ROOT / "examples/poly_fit.toml", cwd=ROOT) == "examples/poly_fit.toml"
+
+
+def test_an_explicit_source_name_is_checked(tmp_path):
+    f = tmp_path / "fit.toml"
+    f.write_text((ROOT / "examples/poly_fit.toml").read_text())
+    assert load_spec(f, source="models/fit.toml").model.source == "models/fit.toml"
+    for bad in ['a"""b.toml', "/abs/fit.toml", "a/../b.toml", "a\\b.toml", ""]:
+        with pytest.raises(SpecError, match="source name"):
+            load_spec(f, source=bad)
 
 
 def test_default_model_name_is_the_file_stem(tmp_path):

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from compiler.emit import compile_model, write_atomic  # noqa: E402
-from compiler.spec import load_spec  # noqa: E402
+from compiler.spec import load_spec, source_name  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 GENERATED = ROOT / "generated"
@@ -26,8 +26,9 @@ def example_specs():
 
 
 def generate(spec_path):
-    """(output path, generated source) of one example, as `bpc compile` would write it."""
-    spec = load_spec(spec_path)
+    """(output path, generated source) of one example, as `bpc compile` run from the repository
+    root would write it (its header names examples/<file>), wherever this runs from."""
+    spec = load_spec(spec_path, source=source_name(spec_path, cwd=ROOT))
     compiled = compile_model(spec.model, dtype=spec.dtype)
     return GENERATED / f"{spec.model.name}.py", compiled.source
 
