@@ -119,6 +119,52 @@ def test_compile_refuses_outputs_that_are_not_modules(tmp_path, capsys, output):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.toml"]
 
 
+# (output file name, words the error must contain): each would be written, then fail to import
+# by name or shadow a module for code in its directory
+BAD_MODULE_NAMES = [
+    ("numpy.py", "would shadow the numpy module"),
+    ("threading.py", "would shadow the standard library's threading module"),
+    ("math.py", "would shadow the standard library's math module"),
+    ("json.py", "would shadow the standard library's json module"),
+    ("sympy.py", "would shadow the sympy module"),
+    ("compiler.py", "would shadow the compiler module"),
+    ("my-model.py", "'my-model' is not an importable module name"),
+    ("2fit.py", "'2fit' is not an importable module name"),
+    ("class.py", "'class' is not an importable module name"),
+    ("my.model.py", "'my.model' is not an importable module name"),
+    ("caf\u00e9.py", "is not an importable module name"),
+    ("__init__.py", "special module name"),
+]
+
+
+@pytest.mark.parametrize("output,words", BAD_MODULE_NAMES, ids=[b[0] for b in BAD_MODULE_NAMES])
+def test_compile_refuses_module_names_that_cannot_be_imported_or_shadow(tmp_path, capsys, output, words):
+    assert run("compile", POLY, "-o", tmp_path / "out" / output) == 2
+    err = capsys.readouterr().err
+    assert words in err and "choose another file name with -o" in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compile_refuses_a_model_name_that_shadows_as_the_default_output(tmp_path, monkeypatch, capsys):
+    spec = tmp_path / "m.toml"
+    spec.write_text('[model]\nname = "json"\n[expression]\nprediction = "a*x"\nparams = {a = 1}\ninputs = ["x"]\n')
+    monkeypatch.chdir(tmp_path)
+    for argv in (["compile", spec], ["compile", spec, "-o", "out/"]):
+        assert run(*argv) == 2
+        err = capsys.readouterr().err
+        assert "would shadow the standard library's json module" in err and "choose another model.name" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.toml"]
+    assert run("compile", spec, "-o", "json_fit.py") == 0          # an explicit, harmless file name
+    assert run("compile", spec, "-o", "-") == 0                    # standard output has no module name
+
+
+@pytest.mark.parametrize("output", ["fit.py", "Fit_2.py", "match.py", "_private.py"])
+def test_compile_accepts_importable_module_names(tmp_path, output):
+    assert run("compile", POLY, "-o", tmp_path / output) == 0
+    assert (tmp_path / output).is_file()
+
+
 def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -21,8 +21,9 @@ def add_arguments(parser):
                         help="floating type of the generated code (default: the spec's model.dtype; "
                         "without either, numpy follows the inputs' dtype and c uses float64)")
     parser.add_argument("-o", "--output", metavar="OUT", default=None,
-                        help="numpy: output .py file, a directory, or - for standard output "
-                        "(default: generated/<model name>.py); c: output directory (default: generated/c/)")
+                        help="numpy: output .py file (an importable name that shadows no module such as "
+                        "numpy or json), a directory, or - for standard output (default: "
+                        "generated/<model name>.py); c: output directory (default: generated/c/)")
 
 
 def run(args):
@@ -52,18 +53,49 @@ def _numpy_output(option, spec):
     if option == "-":
         return None
     if option is None:
-        return Path("generated") / f"{spec.model.name}.py"
+        out = Path("generated") / f"{spec.model.name}.py"
+        _check_module_name(out, named_by_option=False)
+        return out
     out = Path(option)
     if out.is_dir() or option.endswith(("/", os.sep)):
         out = out / f"{spec.model.name}.py"
     if out.suffix != ".py":
         raise SpecError(f"output {option}: a generated NumPy module must end in .py (it is imported by file name)")
+    _check_module_name(out, named_by_option=not (out.is_dir() or option.endswith(("/", os.sep))))
     try:
         if out.exists() and out.resolve() == Path(spec.path).resolve():
             raise SpecError(f"output {option} is the spec file itself; choose another output")
     except OSError:
         pass
     return out
+
+
+# modules that generated code or the tools around it import, beyond the standard library's:
+# a generated module of one of these names would shadow it for code in its directory
+SHADOWED = frozenset({"numpy", "scipy", "sympy", "jinja2", "compiler", "bpc", "pytest", "conftest", "setuptools",
+                      "pip", "pkg_resources", "wheel", "typing_extensions", "tomli", "matplotlib", "pandas"})
+
+
+def _check_module_name(out, named_by_option):
+    """A NumPy module is imported by its file name: the stem must be an importable identifier
+    that shadows no module the generated code (numpy, threading, ...) or common tooling imports."""
+    import keyword
+
+    from ..spec import SpecError
+    stem = out.name[:-len(".py")]
+    fix = "choose another file name with -o" if named_by_option else \
+        "choose another model.name, or a file name with -o"
+    if not stem.isidentifier() or not stem.isascii() or keyword.iskeyword(stem):
+        raise SpecError(f"output {out}: {stem!r} is not an importable module name (a generated module is "
+                        f"imported by its file name: ASCII letters, digits and '_', not starting with a digit, "
+                        f"not a Python keyword); {fix}")
+    if stem.startswith("__") and stem.endswith("__"):
+        raise SpecError(f"output {out}: {stem!r} is a special module name, not a module of its own; {fix}")
+    if stem in sys.stdlib_module_names or stem in SHADOWED:
+        what = "the standard library's" if stem in sys.stdlib_module_names else "the"
+        raise SpecError(f"output {out}: a module named {stem!r} would shadow {what} {stem} module for code in "
+                        f"its directory (the generated code imports numpy and threading); {fix}, "
+                        f"e.g. {stem}_model.py")
 
 
 def _compile_c(spec, dtype, option):
