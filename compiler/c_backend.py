@@ -39,7 +39,7 @@ from pathlib import Path
 import sympy as sp
 
 from . import __version__, ir
-from .c_printer import C_RESERVED, PRINTERS, print_c
+from .c_printer import PRINTERS, print_c
 from .emit import _init_line, _prediction_doc, cache_dir, compile_model, load_module, write_atomic
 from .errors import BpcError, ModelError, UnsupportedError
 from .ir import ARG, N
@@ -382,13 +382,20 @@ class CompiledC:
         return load_module(wrapper, f"bpc_c_{self.prefix}_{self.c_hash[:12]}")
 
 
+# Every C identifier named after the model (parameters, inputs, intermediate values) carries
+# this prefix: no model name can then clash with a C keyword, a GNU extension (asm, typeof), a
+# libc or compiler macro (M_PI, WEOF, errno, stdin, unix) or the generated code's own names,
+# which never start with it. The API keeps its names: the functions are <prefix>_*, the
+# offsets <P>_OFFSET_<name>.
+C_NAME_PREFIX = "v_"
+
+
 def _c_names(program):
-    """uid -> C identifier: the program's names, with a trailing underscore where a name would
-    clash with C keywords, library functions or the generated code's own identifiers."""
+    """uid -> C identifier: ``v_<name>`` for each of the program's names (see C_NAME_PREFIX)."""
     out, taken = {}, set()
     for uid, name in sorted(program.names.items(), key=lambda kv: kv[0]):
-        c = name
-        while c in C_RESERVED or c in taken:
+        c = C_NAME_PREFIX + name
+        while c in taken:
             c += "_"
         out[uid] = c
         taken.add(c)
@@ -405,8 +412,11 @@ def compile_model_c(model, dtype="float64", prefix=None):
     if dtype not in PRINTERS:
         raise ModelError(f"the C backend needs dtype float32 or float64, not {dtype!r}")
     prefix = prefix or model.name
-    if not prefix.isidentifier() or prefix in C_RESERVED:
-        raise ModelError(f"C prefix {prefix!r} is not a usable C identifier")
+    # the prefix only ever starts longer names (<prefix>_forward, <P>_OK, ...), so C keywords and
+    # macros are fine; no leading underscore (reserved in C), ASCII only
+    if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", prefix):
+        raise ModelError(f"C prefix {prefix!r} is not a usable C identifier (a letter, then letters, "
+                         "digits or underscores)")
     compiled = compile_model(model, dtype)
     program = compiled.program
     fm = Formulas(program)
@@ -491,7 +501,7 @@ def compile_model_c(model, dtype="float64", prefix=None):
         param_decls = [f"const {real} *const {p['cname']} = params + {p['offset']};  /* {p['shape_code']} */"
                        for p in params if used(p["cname"])]
         labels = [x for x in arg_list(leaves) if x["label"]]
-        uses_nf = any("_nf" in line for line in body + tail)
+        uses_nf = any(re.search(r"\b_nf\b", line) for line in body + tail)
         args = arg_list(leaves)
         unused = [x["cname"] for x in args if not used(x["cname"])]
         if not param_decls:
@@ -610,11 +620,12 @@ def _cdef(ctx):
 
 
 def _pack_args(ctx):
-    return ", ".join(["void *dst"] + [f"const void *{p['cname']}" for p in ctx["params"]])
+    return ", ".join(["void *dst"] + [f"const void *_p{k}" for k in range(len(ctx["params"]))])
 
 
 def _glue_args(fn):
-    args = ["const void *params"] + [f"const void *{x['cname']}" for x in fn["leaves"]] + ["size_t n"]
+    """The glue's arguments: untyped pointers named by position (_a0, ...)."""
+    args = ["const void *params"] + [f"const void *_a{k}" for k in range(len(fn["leaves"]))] + ["size_t n"]
     args.append("void *out" if fn["name"] == "forward" else "void *loss" if fn["name"] == "loss" else "void *grads")
     return ", ".join(args + ["void *work"])
 
@@ -628,7 +639,7 @@ def _ext_source(ctx):
     prefix, P, real = ctx["prefix"], ctx["P"], ctx["real"]
     out = [f'#include "{prefix}.c"', "#include <string.h>", ""]
     for fn in ctx["functions"]:
-        names = ["params"] + [x["cname"] for x in fn["leaves"]] + ["n"]
+        names = ["params"] + [f"_a{k}" for k in range(len(fn["leaves"]))] + ["n"]
         if fn["name"] == "forward":
             names.append("out")
         elif fn["name"] == "loss":
@@ -638,8 +649,8 @@ def _ext_source(ctx):
         out += [f"static int _bpc_{prefix}_{fn['name']}({_glue_args(fn)})",
                 "{", f"    return {prefix}_{fn['name']}({', '.join(names + ['work'])});", "}", ""]
     out += [f"static void _bpc_{prefix}_pack({_pack_args(ctx)})", "{"]
-    out += [f"    memcpy(({real} *)dst + {p['offset']}, {p['cname']}, sizeof({real}) * {p['size']});"
-            for p in ctx["params"]]
+    out += [f"    memcpy(({real} *)dst + {p['offset']}, _p{k}, sizeof({real}) * {p['size']});  /* {p['name']} */"
+            for k, p in enumerate(ctx["params"])]
     out += ["}", ""]
     return "\n".join(out)
 
@@ -728,7 +739,9 @@ def build_extension(compiled, cache=None):
         with contextlib.redirect_stdout(io.StringIO()):   # cffi announces "generating ..."
             ffi.emit_c_code(str(glue))
         out = tmp / so.name
-        cmd = [*cc, *flags, f"-I{tmp}", f"-I{include}", str(glue), "-o", str(out), "-lm"]
+        # no -I for the build directory: "<prefix>.c" and "<prefix>.h" are found beside the glue
+        # by their quoted includes, and a model named limits or stdio cannot hide a system header
+        cmd = [*cc, *flags, f"-I{include}", str(glue), "-o", str(out), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise CBuildError(f"the C compiler failed on the code generated for model {compiled.model.name!r} "

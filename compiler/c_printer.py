@@ -17,18 +17,6 @@ from .errors import UnsupportedError
 from .ir import N
 from .printing import numeric_constants_to_floats
 
-# C keywords, the library names generated code uses, and common macros: identifiers that a
-# model's names must not become in C (they get a trailing underscore instead).
-C_RESERVED = frozenset("""
-auto break case char const continue default do double else enum extern float for goto if inline
-int long register restrict return short signed sizeof static struct switch typedef union unsigned
-void volatile while _Bool _Complex _Imaginary bool true false NULL EOF INFINITY NAN HUGE_VAL
-size_t int64_t uint64_t malloc free memset memcpy errno assert main
-exp log tanh sinh cosh sin cos tan atan asinh erf fabs sqrt log1p expm1 fmax fmin pow isnan isinf
-expf logf tanhf sinhf coshf sinf cosf tanf atanf asinhf erff fabsf sqrtf log1pf expm1f fmaxf fminf
-powf copysign copysignf n work out loss params grads status
-""".split())
-
 
 class CPrinter(StrPrinter):
     """Prints an elementwise expression as a C99 double expression; symbols map to code."""

@@ -157,7 +157,7 @@ def test_wrapper_rejects_bad_arrays():
     with pytest.raises(ValueError, match="float64"):
         cm.backward(p, x.astype(np.float32), y)
     with pytest.raises(ValueError, match="float64"):
-        cm.forward(p, x.astype(np.int64))
+        cm.forward(p, x.astype(np.complex128))
     with pytest.raises(ValueError, match=r"shape \(batch,\) \+ \(3,\)"):
         cm.backward(p, np.zeros((4, 2)), y)
     with pytest.raises(ValueError, match="shape"):
@@ -193,10 +193,66 @@ def test_wrapper_rejects_bad_labels():
         cm.backward(p, x, np.array([0, 3, 1]))
     with pytest.raises(ValueError, match=r"labels in 0\.\.2, got -1"):
         cm.loss(p, x, np.array([-1, 0, 1]))
-    with pytest.raises(ValueError, match="integer class labels"):
+    with pytest.raises(ValueError, match=r"integer class labels in 0\.\.2, got 0\.5"):
         cm.loss(p, x, np.array([0.5, 0.0, 1.0]))
     y32 = np.array([0, 2, 1], dtype=np.int32)   # any integer dtype is fine
     assert cm.loss(p, x, y32) == pytest.approx(npm.loss(dict(p), x, y32), rel=1e-12)
+
+
+def test_wrapper_accepts_inputs_like_the_numpy_module():
+    """Integer and boolean data arrays and nested lists of integers are converted to the
+    module's dtype (a copy), as by the NumPy module; the results agree."""
+    for dtype in ("float64", "float32"):
+        _, npm, cm = built("mlp_tanh_mse", dtype)
+        p = perturbed(cm, 3)
+        x = np.arange(12).reshape(4, 3) % 5 - 2
+        y = np.array([[1, 0], [0, 1], [2, -1], [0, 0]])
+        tol = 1e-12 if dtype == "float64" else 1e-5
+        for how, xs, ys in [("int64", x, y), ("int32", x.astype(np.int32), y.astype(np.int8)),
+                            ("uint8 and bool", (x > 0).astype(np.uint8), y.astype(bool)),
+                            ("nested lists", x.tolist(), y.tolist())]:
+            xf, yf = np.asarray(xs).astype(dtype), np.asarray(ys).astype(dtype)
+            ref_loss, ref = npm.backward(p, xf, yf)
+            ref_out = npm.forward(p, xf)
+            for _ in range(2):   # the second call after the shapes are known (the fast check)
+                loss, g = cm.backward(p, xs, ys)
+                assert loss == pytest.approx(ref_loss, rel=tol), (dtype, how)
+                assert all(rel_err(g[k], ref[k]) <= tol for k in ref), (dtype, how)
+                assert cm.loss(p, xs, ys) == pytest.approx(ref_loss, rel=tol), (dtype, how)
+                out = cm.forward(p, xs)
+                assert out.dtype == np.dtype(dtype) and rel_err(out, ref_out) <= tol, (dtype, how)
+            assert npm.loss(p, xs, ys) == pytest.approx(ref_loss, rel=tol), (dtype, how)   # NumPy agrees
+
+
+def test_wrapper_accepts_float_labels_like_the_numpy_module():
+    """Float labels holding integers are converted, as by the NumPy module; other floats and
+    out-of-range labels raise the same ValueErrors as integer labels."""
+    _, npm, cm = built("softmax_labels")
+    p = perturbed(cm, 4)
+    x = random_batch(cm, batch=3, seed=4)[0]
+    labels = np.array([0, 2, 1])
+    ref_loss, ref = npm.backward(p, x, labels)
+    for how, y in [("float64", labels.astype(np.float64)), ("float32", labels.astype(np.float32)),
+                   ("list of floats", [0.0, 2.0, 1.0]), ("strided floats", np.repeat(labels, 2).astype(float)[::2])]:
+        loss, g = cm.backward(p, x, y)
+        assert loss == pytest.approx(ref_loss, rel=1e-12), how
+        assert all(rel_err(g[k], ref[k]) <= 1e-12 for k in ref), how
+        assert cm.loss(p, x, y) == pytest.approx(ref_loss, rel=1e-12), how
+        assert npm.loss(p, x, y) == pytest.approx(ref_loss, rel=1e-12), how
+    bad = [(np.array([0.0, 1.5, 1.0]), r"integer class labels in 0\.\.2, got 1\.5"),
+           (np.array([0.0, np.nan, 1.0]), r"integer class labels in 0\.\.2, got nan"),
+           (np.array([0.0, 3.0, 1.0]), r"labels in 0\.\.2, got 3$"),
+           (np.array([-1.0, 0.0, 1.0]), r"labels in 0\.\.2, got -1$"),
+           (np.array([0.0, np.inf, 1.0]), r"labels in 0\.\.2, got inf"),
+           ([0.0, 1.0, 7.0], r"labels in 0\.\.2, got 7$"),
+           (np.array([[0.0, 1.0, 2.0]]), "1-D")]
+    for y, message in bad:
+        for fn in (cm.loss, cm.backward):
+            with pytest.raises(ValueError, match=message):
+                fn(p, x, y)
+        if not np.isinf(np.asarray(y)).any():   # (the NumPy module casts inf to an integer first)
+            with pytest.raises(ValueError):
+                npm.loss(p, x, y)
 
 
 def test_params_fast_path_and_plain_dicts_agree():
@@ -489,8 +545,22 @@ def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
 def test_bad_dtype_and_prefix():
     with pytest.raises(ModelError, match="float32 or float64"):
         compile_model_c(_MODELS["poly_fit"](), "float16")
-    with pytest.raises(ModelError, match="C identifier"):
-        compile_model_c(_MODELS["poly_fit"](), prefix="int")
+    for prefix in ("1x", "_x", "a-b", "é"):
+        with pytest.raises(ModelError, match="C identifier"):
+            compile_model_c(_MODELS["poly_fit"](), prefix=prefix)
+
+
+@pytest.mark.parametrize("name", ["int", "errno", "params", "limits", "stdio", "math", "bpc", "M"])
+def test_model_names_that_are_c_or_header_names(tmp_path, name):
+    """The model name is the C prefix: it only starts longer names, and the build directory is
+    not an include directory, so that a model named like a system header does not hide it."""
+    model = bpc.mlp([2, 3, 1], name=name)
+    compiled = compile_model_c(model)
+    _strict_c99(tmp_path, compiled)
+    cm, npm = compiled.load(), bpc.compile_model(model).load()
+    p = perturbed(npm, 2)
+    x, y = random_batch(npm, batch=3, seed=2)
+    assert cm.backward(p, x, y)[0] == pytest.approx(npm.backward(p, x, y)[0], rel=1e-12)
 
 
 def test_c_names_avoid_c_keywords_and_library_functions():
@@ -499,12 +569,77 @@ def test_c_names_avoid_c_keywords_and_library_functions():
     x = sp.Symbol("x")
     model = bpc.expression_model(exp_ * x + double_, {exp_: 0.5, double_: -0.25}, [x], name="kw")
     compiled = compile_model_c(model)
-    assert "const double *const exp_ = params + 0;" in compiled.c_source
+    assert "const double *const v_exp = params + 0;" in compiled.c_source
     cm = compiled.load()
     npm = bpc.compile_model(model).load()
     arrays = random_batch(npm, batch=4)
     p = npm.init_params(0)
     assert cm.backward(p, *arrays)[0] == pytest.approx(npm.backward(p, *arrays)[0], rel=1e-12)
+
+
+# C keywords, GNU extensions, libc and compiler macros, the generated code's own names (C and
+# the Python wrapper's): as an input, a layer (W<name>, b<name>, ...) and a parameter, each builds
+HOSTILE_NAMES = ["asm", "typeof", "M_PI", "EOF", "WEOF", "errno", "stdin", "NULL", "signed", "restrict",
+                 "inline", "unix", "linux", "main", "exp", "tanh", "size_t", "int64_t", "INFINITY",
+                 "abort", "work", "out", "v_x", "bpc_tanh", "Params", "NUM_PARAMS", "map", "any"]
+
+
+def _hostile_network(name):
+    net = bpc.Network("hostile")
+    x = net.input(name, 3)
+    y = net.target("y", kind="label")
+    h = net.dense(x, 4, "tanh", name=name)
+    return net.build(net.dense(h, 3), "softmax_cross_entropy", y)
+
+
+def _strict_c99(tmp_path, compiled):
+    compiled.write(tmp_path)
+    cc = shutil.which("gcc") or shutil.which("cc")
+    proc = subprocess.run([cc, "-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror", "-O2", "-c",
+                           f"{compiled.prefix}.c", "-o", "model.o"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_names_build_and_match_numpy(tmp_path, name):
+    model = _hostile_network(name)
+    compiled = compile_model_c(model)
+    assert f"v_{name}" in compiled.c_source and f"HOSTILE_OFFSET_W{name} " in compiled.header
+    _strict_c99(tmp_path, compiled)
+    cm, npm = compiled.load(), bpc.compile_model(model).load()
+    p = perturbed(npm, 5)
+    x, y = random_batch(npm, batch=5, seed=5)
+    ref_loss, ref = npm.backward(p, x, y)
+    fast = cm.init_params(0)   # the Params fast path, and a plain dict
+    for k in fast:
+        fast[k][...] = p[k]
+    for params in (fast, p):
+        loss, g = cm.backward(params, x, y)
+        assert loss == pytest.approx(ref_loss, rel=1e-12)
+        assert set(g) == set(ref) and all(rel_err(g[k], ref[k]) <= 1e-12 for k in ref)
+    assert rel_err(cm.forward(p, **{name: x}), npm.forward(p, x)) <= 1e-12
+    assert cm.loss(p, **{name: x, "y": y}) == pytest.approx(ref_loss, rel=1e-12)
+
+
+def test_hostile_names_as_parameters_and_targets(tmp_path):
+    """Every hostile name as a parameter of one model (its offset macro, its gradient), with a
+    hostile input and target."""
+    import sympy as sp
+    ps = [sp.Symbol(name) for name in HOSTILE_NAMES]
+    x, t = sp.Symbol("stdout"), sp.Symbol("EDOM")
+    pred = sum(p * sp.tanh(x + k / 7) for k, p in enumerate(ps))
+    model = bpc.expression_model(pred, {p: 0.1 * (k - 5) for k, p in enumerate(ps)}, [x], [t], name="params")
+    compiled = compile_model_c(model)
+    assert all(f"PARAMS_OFFSET_{name} " in compiled.header for name in HOSTILE_NAMES)
+    _strict_c99(tmp_path, compiled)
+    cm, npm = compiled.load(), bpc.compile_model(model).load()
+    xs, ts = random_batch(npm, batch=4, seed=6)
+    p = npm.init_params(0)
+    ref_loss, ref = npm.backward(p, xs, ts)
+    loss, g = cm.backward(p, xs, ts)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    assert all(rel_err(g[k], ref[k]) <= 1e-12 for k in HOSTILE_NAMES)
+    assert rel_err(cm.forward(cm.init_params(0), stdout=xs), npm.forward(p, xs)) <= 1e-12
 
 
 # ---- the standalone C files --------------------------------------------------------------
