@@ -62,19 +62,6 @@ def _dims(shape):
     return ["n" if d == N else str(d) for d in shape]
 
 
-def _size_code(shape):
-    """C expression of the number of elements of ``shape`` (a size_t expression)."""
-    k, has_n = 1, False
-    for d in shape:
-        if d == N:
-            has_n = True
-        else:
-            k *= int(d)
-    if has_n:
-        return "n" if k == 1 else f"{k}*n"
-    return str(k)
-
-
 def _size_coeffs(shape):
     """(a, b) with size = a*n + b."""
     k, has_n = 1, False
@@ -84,6 +71,14 @@ def _size_coeffs(shape):
         else:
             k *= int(d)
     return (k, 0) if has_n else (0, k)
+
+
+def _size_code(shape):
+    """C expression of the number of elements of ``shape`` (a size_t expression)."""
+    a, b = _size_coeffs(shape)
+    if a:
+        return "n" if a == 1 else f"{a}*n"
+    return str(b)
 
 
 def _flat_index(shape, idx):
