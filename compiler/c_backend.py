@@ -42,6 +42,7 @@ from . import __version__, ir
 from .c_printer import PRINTERS, print_c
 from .emit import _init_line, _prediction_doc, cache_dir, compile_model, load_module, write_atomic
 from .errors import BpcError, ModelError, UnsupportedError
+from .freetext import c_comment
 from .ir import ARG, N
 from .numpy_backend import Formulas, shape_code
 from .templates import render
@@ -477,8 +478,7 @@ def compile_model_c(model, dtype="float64", prefix=None):
         body = []
         for n in nodes:
             body.append("")
-            comment = fm.line(n).replace("*/", "* /")
-            body.append(f"/* {comment} */")
+            body.append(f"/* {c_comment(fm.line(n), lead='')} */")
             body.extend(st.statement(n))
         tail = []
         for node, kind, dest in outputs:

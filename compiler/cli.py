@@ -47,10 +47,11 @@ def main(argv=None):
         parser.print_help()
         return 2
     from .errors import BpcError
+    from .freetext import terminal
     try:
         return int(args._run(args) or 0)
     except BpcError as e:
-        print(f"bpc: error: {e}", file=sys.stderr)
+        print(f"bpc: error: {terminal(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bpc: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import __version__, ir
 from .errors import ModelError
+from .freetext import py_comment
 from .files import write_atomic  # noqa: F401  (re-exported: the C backend writes through it)
 from .numpy_backend import Formulas, NumpyStatements, shape_code
 from .program import build_program
@@ -143,7 +144,7 @@ def compile_model(model, dtype=None):
         body = []
         for node in nodes:
             if comments and node.uid in program.backward_only:
-                body.append("# " + fm.line(node))
+                body.append(py_comment(fm.line(node)))
             body.extend(st.statement(node))
         pro, params = prologue(leaves, roots)
         if st.needs_dt:

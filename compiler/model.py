@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import ModelError
+from .freetext import check_text
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
@@ -27,20 +28,6 @@ def check_name(name, what, reserved=True):
     if keyword.iskeyword(name) or keyword.issoftkeyword(name) or (reserved and name in RESERVED):
         raise ModelError(f"{what} name {name!r} is reserved in generated code; choose another")
     return name
-
-
-_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
-
-
-def check_text(text, what):
-    """Free text that is written into a generated docstring: nothing that could end it."""
-    if not isinstance(text, str):
-        raise ModelError(f"{what} must be text, got {type(text).__name__}")
-    if '"""' in text or "\\" in text or _CONTROL.search(text):
-        raise ModelError(f"{what} must not contain triple quotes, backslashes or control characters")
-    if len(text) > 2000:
-        raise ModelError(f"{what} is longer than 2000 characters")
-    return text
 
 
 @dataclass(frozen=True)
@@ -73,8 +60,9 @@ class Model:
             if node.name in seen:
                 raise ModelError(f"name {node.name!r} is used twice in model {self.name!r}")
             seen.add(node.name)
-        for field_name in ("source", "description"):
-            check_text(getattr(self, field_name), field_name)
+        # the same check as for a spec file's description (one rule, whichever way text comes in)
+        check_text(self.source, "source", multiline=False)
+        check_text(self.description, "description")
         missing = [p.name for p in self.params if p.name not in self.init]
         if missing:
             raise ModelError(f"no initialisation given for parameter(s) {', '.join(missing)}")

@@ -23,8 +23,6 @@ from .errors import BpcError, ModelError
 MAX_FILE_BYTES = 32 * 1024 * 1024
 MAX_WIDTH = 1 << 20          # of one layer, input or target (beyond it init_params cannot allocate)
 MAX_LAYERS = 256
-MAX_DESCRIPTION = 2000
-TRIPLE_QUOTE = '"' * 3
 SOURCE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 DTYPES = ("float32", "float64")
 
@@ -143,15 +141,12 @@ def _printable(text, limit=200):
 
 
 def _check_description(text, where, filename):
-    """The description is printed into the generated module's docstring: refuse what could
-    end the docstring or change its meaning there."""
-    if len(text) > MAX_DESCRIPTION:
-        raise SpecError(f"{filename}: {where}: is {len(text)} characters long; the limit is {MAX_DESCRIPTION}")
-    for i, ch in enumerate(text):
-        if ch == "\\" or text.startswith(TRIPLE_QUOTE, i) or (not ch.isprintable() and ch != "\n"):
-            what = {"\\": "a backslash", '"': "three double quotes"}.get(ch, f"the character U+{ord(ch):04X}")
-            raise SpecError(f"{filename}: {where}: {what} (at character {i + 1}) is not allowed in a description")
-    return text
+    """The description is written into generated files: the same check as for the Python API."""
+    from .freetext import check_text
+    try:
+        return check_text(text, where)
+    except ModelError as e:
+        raise SpecError(f"{filename}: {e}") from None
 
 
 def _decode(data, filename):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import jinja2
 
+from .freetext import FILTERS
+
 _HERE = Path(__file__).resolve().parent
 # a wheel carries them inside the package; a checkout (or editable install) beside it
 _CANDIDATES = (_HERE / "templates", _HERE.parent / "templates")
@@ -24,6 +26,8 @@ def environment():
                              undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
     env.filters["pyrepr"] = repr
+    # free text reaches generated files only through these (one per target: see freetext)
+    env.filters.update(FILTERS)
     return env
 
 

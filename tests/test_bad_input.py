@@ -94,7 +94,7 @@ CASES = [
     ("dtype float16", "m.toml", '[model]\ndtype = "float16"\n' + net(), "model.dtype: must be one of float32, float64"),
     ("description code injection", "m.toml",
      "[model]\ndescription = '''x\"\"\"\nimport os; os.system(\"touch MARKER\")\n\"\"\"'''\n" + net(),
-     "model.description: three double quotes"),
+     "model.description: three quotes in a row"),
     ("description backslash", "m.toml", "[model]\ndescription = 'a \\N{x}'\n" + net(), "model.description: a backslash"),
     ("train not a table", "m.toml", 'train = 3\n' + net(), "train: must be a table"),
     # -- network fields

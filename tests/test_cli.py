@@ -248,7 +248,8 @@ def test_show_unknown_param(capsys):
 def test_show_latex(capsys):
     assert run("show", POLY, "--param", "a", "--format", "latex") == 0
     out = capsys.readouterr().out
-    assert out.startswith("% gradient of a, shape ()\n\\begin{aligned}\n")
+    assert out.startswith("% model poly_fit (from ")    # a title of comment lines, then the formulas
+    assert "\n\n% gradient of a, shape ()\n\\begin{aligned}\n" in out
     assert "&=" in out and out.rstrip().endswith("\\end{aligned}")
 
 
@@ -268,7 +269,7 @@ def test_show_dot_is_a_well_formed_graph(capsys, name):
         if e:
             assert {e.group(1), e.group(2)} <= node_ids        # edges only between declared nodes
             continue
-        assert re.fullmatch(r"  (rankdir|node|edge)\b.*;", line), line
+        assert re.fullmatch(r'  (rankdir|node|edge|labelloc)\b.*;|  label="(?:[^"\\]|\\.)*";', line), line
     assert "lightsalmon" in out and "peripheries=2" in out     # backward nodes, gradients
 
 

@@ -76,9 +76,9 @@ CASES = [
     ("matrix: unsupported construct", _matrix_bad_product, BpcError, ""),
     ("matrix: not a matrix", lambda: bpc.from_matrix_expr(x, [x], [y]), ModelError, "matrix expression"),
     ("docstring injection in a description", lambda: __import__("dataclasses").replace(
-        bpc.mlp([2, 1]), description='"""\nimport os\n"""'), ModelError, "triple quotes"),
+        bpc.mlp([2, 1]), description='"""\nimport os\n"""'), ModelError, "three quotes in a row"),
     ("backslash in a source", lambda: __import__("dataclasses").replace(bpc.mlp([2, 1]), source="a\\b"),
-     ModelError, "backslashes"),
+     ModelError, "source: a backslash"),
     ("zero activation", lambda: bpc.mlp([2, 3, 1], activation=0 * x), ModelError, "identically zero"),
     ("zero loss", lambda: bpc.mlp([2, 1], loss=p - p), ModelError, "does not depend on the prediction"),
     ("expression: zero prediction", lambda: bpc.expression_model(0 * a * x, {a: 0}, [x]), ModelError,

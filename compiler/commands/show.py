@@ -4,6 +4,7 @@ backward graph as Graphviz DOT text (render with: bpc show SPEC --format dot | d
 """
 from __future__ import annotations
 
+from ..freetext import dot_string, latex_comment, terminal
 from ._common import add_spec_argument, load
 
 
@@ -30,7 +31,7 @@ def run(args):
             raise BpcError(f"{spec.path}: model {spec.model.name!r} has no parameter {args.param!r}; "
                            f"its parameters are: {known}")
     render = {"text": _text, "latex": _latex, "dot": _dot}[args.format]
-    print(render(compiled, grads, whole=args.param is None), end="")
+    print(terminal(render(compiled, grads, whole=args.param is None)))
     return 0
 
 
@@ -47,9 +48,9 @@ def _text(compiled, grads, whole):
     fm = Formulas(program)
     out = []
     if whole:
-        out.append(f"model {model.name}  (from {model.source})")
+        out.append(f"model {model.name}  (from {terminal(model.source)})")
         if model.description:
-            out.append(f"  {model.description}")
+            out.extend("  " + line for line in terminal(model.description).split("\n"))
         leaf = lambda n: f"{n.name} {format_shape(n.shape)}"   # noqa: E731
         out.append("  inputs:     " + ", ".join(leaf(x) for x in model.inputs))
         out.append("  targets:    " + ", ".join(f"{leaf(y)} {y.attr('kind')}" for y in model.targets))
@@ -99,7 +100,7 @@ def _latex(compiled, grads, whole):
     from ..ir import format_shape
     from ..numpy_backend import Formulas
     fm = Formulas(compiled.program)
-    out = []
+    out = [latex_comment(_title(compiled.model)), ""]
     for p, g in grads:
         out.append(f"% gradient of {p.name}, shape {format_shape(p.shape)}")
         out.append(r"\begin{aligned}")
@@ -125,7 +126,9 @@ def _dot(compiled, grads, whole):
     forward = {n.uid for n in topo_order([program.prediction, program.loss])}
     grad_ids = {g.uid for g in outputs}
     ids = {n.uid: f"n{i}" for i, n in enumerate(order)}
-    out = [f"digraph {_quote(compiled.model.name)} {{",
+    out = [f"digraph {dot_string(compiled.model.name)} {{",
+           f"  label={dot_string(_title(compiled.model))};",
+           "  labelloc=t;",
            "  rankdir=TB;",
            '  node [fontname="Helvetica", fontsize=10, style=filled];',
            "  edge [color=gray40];"]
@@ -146,7 +149,7 @@ def _dot(compiled, grads, whole):
             attrs = f"shape=box, style=\"{style}\", fillcolor={color}"
             if n.uid in grad_ids:
                 attrs += ", peripheries=2"
-        out.append(f"  {ids[n.uid]} [label={_quote(label)}, {attrs}];")
+        out.append(f"  {ids[n.uid]} [label={dot_string(label)}, {attrs}];")
     for n in order:
         for i in n.inputs:
             out.append(f"  {ids[i.uid]} -> {ids[n.uid]};")
@@ -154,6 +157,7 @@ def _dot(compiled, grads, whole):
     return "\n".join(out) + "\n"
 
 
-def _quote(text):
-    """A DOT string literal (quotes and backslashes escaped, newlines as \\n)."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+def _title(model):
+    """Model name, source and description: free text, escaped by each format's renderer."""
+    title = f"model {model.name} (from {model.source})"
+    return title + "\n" + model.description if model.description else title
