@@ -2,7 +2,8 @@
 ``add_arguments(parser)`` and ``run(args) -> exit code``; those modules import nothing heavy at
 module level, so ``bpc --help`` is instant.
 
-Exit codes: 0 success, 1 a check failed, 2 bad input (usage, spec or model errors), 130 interrupted.
+Exit codes: 0 success, 1 a check failed, 2 bad input (usage, spec or model errors), 130 interrupted,
+141 the reader of standard output went away (``bpc show ... | head``: quietly, like other tools).
 """
 from __future__ import annotations
 
@@ -56,6 +57,21 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("bpc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
+
+
+def _quiet_stdout():
+    """The reader closed the pipe: send what is still buffered nowhere, so that Python's flush
+    at exit does not print a second BrokenPipeError."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):   # stdout without a file descriptor
+        pass
 
 
 if __name__ == "__main__":

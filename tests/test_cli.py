@@ -347,3 +347,22 @@ def test_compile_and_check_in_a_real_process(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert out.read_text() == (ROOT / "generated" / "poly_fit.py").read_text()
+
+
+@pytest.mark.parametrize("argv", [["show", str(TANH)], ["show", str(TANH), "--format", "dot"],
+                                  ["compile", str(POLY), "-o", "-"]], ids=["show", "dot", "compile"])
+def test_a_closed_pipe_is_quiet(argv):
+    """`bpc show X | true`: the reader is gone before bpc writes; no traceback, exit 141."""
+    p = subprocess.Popen([sys.executable, "-m", "compiler", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=ROOT)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141
+    assert err == ""
+
+
+def test_c_target_refuses_standard_output(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run("compile", TANH, "--target", "c", "-o", "-") == 2
+    assert "cannot go to standard output" in capsys.readouterr().err
+    assert not (tmp_path / "-").exists()

@@ -23,7 +23,7 @@ def add_arguments(parser):
     parser.add_argument("-o", "--output", metavar="OUT", default=None,
                         help="numpy: output .py file (an importable name that shadows no module such as "
                         "numpy or json), a directory, or - for standard output (default: "
-                        "generated/<model name>.py); c: output directory (default: generated/c/)")
+                        "generated/<model name>.py); c: output directory (default: generated/c/; not -)")
 
 
 def run(args):
@@ -109,6 +109,9 @@ def _compile_c(spec, dtype, option):
             raise BpcError("the C target is not available in this build (compiler.c_backend is missing); "
                            "the NumPy target works: bpc compile SPEC --target numpy") from None
         raise
+    if option == "-":
+        raise BpcError("output -: the C target writes a directory of files (source, header, wrapper), which "
+                       "cannot go to standard output; give a directory with -o")
     out_dir = Path(option) if option else Path("generated") / "c"
     if out_dir.exists() and not out_dir.is_dir():
         raise BpcError(f"output {option}: the C target writes a directory of files; give a directory")
