@@ -32,13 +32,14 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import sympy as sp
 
 from . import __version__, ir
+from . import cache as _cache
 from .c_printer import PRINTERS, print_c
 from .emit import _init_line, _prediction_doc, cache_dir, compile_model, load_module, write_atomic
 from .errors import BpcError, ModelError, UnsupportedError
@@ -51,7 +52,7 @@ CFLAGS = ("-O3", "-fno-math-errno", "-fPIC")   # never -ffast-math: it breaks in
 LOOP_VARS = ("_i", "_j", "_k", "_l", "_m", "_o", "_p", "_q")
 
 # counts of the builds and cache hits of this process (tests assert a second load builds nothing)
-stats = {"builds": 0, "cache_hits": 0}
+stats = {"builds": 0, "cache_hits": 0, "damaged": 0}
 
 
 class CBuildError(BpcError):
@@ -373,7 +374,8 @@ class CompiledC:
         ext = _import_extension(self.ext_name, so)
         wrapper = Path(so).parent / f"{self.prefix}.py"
         if not wrapper.is_file() or wrapper.read_text() != self.wrapper_source:
-            write_atomic(wrapper, self.wrapper_source)
+            # (the wrapper finds its extension in sys.modules: it need not lie beside it)
+            wrapper = _cache.write_cached(wrapper, self.wrapper_source, f"c/{Path(so).parent.name}")
         sys.modules[self.ext_name] = ext
         return load_module(wrapper, f"bpc_c_{self.prefix}_{self.c_hash[:12]}")
 
@@ -720,13 +722,23 @@ def build_extension(compiled, cache=None):
         compiled.c_hash, compiled.ext_name, " ".join(cc), cc_version, " ".join(flags), sys.version,
         suffix, cffi.__version__, sys.platform]).encode()).hexdigest()
     root = Path(cache) if cache is not None else cache_dir() / "c"
-    final_dir = root / key[:32]
-    so = final_dir / f"{compiled.ext_name}{suffix}"
-    if so.is_file():
+    so = _cached(root, key, compiled.ext_name + suffix)
+    if so is not None:
         stats["cache_hits"] += 1
         return so
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _cache.remove_stale_builds(root)
+        tmp = _cache.build_dir(root)
+    except OSError as e:   # a read-only cache, or a cache path that is a file
+        root = _cache.fallback_dir("c", root, e)
+        so = _cached(root, key, compiled.ext_name + suffix)
+        if so is not None:
+            stats["cache_hits"] += 1
+            return so
+        tmp = _cache.build_dir(root)
+    final_dir = root / key[:32]
+    so = final_dir / f"{compiled.ext_name}{suffix}"
     try:
         (tmp / f"{compiled.prefix}.h").write_text(compiled.header)
         (tmp / f"{compiled.prefix}.c").write_text(compiled.c_source)
@@ -736,8 +748,10 @@ def build_extension(compiled, cache=None):
         out = tmp / so.name
         # no -I for the build directory: "<prefix>.c" and "<prefix>.h" are found beside the glue
         # by their quoted includes, and a model named limits or stdio cannot hide a system header
-        cmd = [*cc, *flags, f"-I{include}", str(glue), "-o", str(out), "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # relative file names, run in the build directory: its random name does not end up in
+        # the library, so builds of the same key are byte-identical (one checksum for all)
+        cmd = [*cc, *flags, f"-I{include}", glue.name, "-o", out.name, "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         if proc.returncode != 0:
             raise CBuildError(f"the C compiler failed on the code generated for model {compiled.model.name!r} "
                               f"(exit {proc.returncode}).\ncommand: {shlex.join(cmd)}\n"
@@ -745,11 +759,30 @@ def build_extension(compiled, cache=None):
         final_dir.mkdir(parents=True, exist_ok=True)
         for name, text in ((f"{compiled.prefix}.c", compiled.c_source), (f"{compiled.prefix}.h", compiled.header)):
             write_atomic(final_dir / name, text)
-        os.replace(out, so)   # atomic: a concurrent build of the same key writes the same bytes
+        # the checksum first, then the library (each atomically): an installed library always has
+        # its checksum; a concurrent build of the same key writes the same bytes
+        _cache.record_checksum(out)
+        os.replace(_cache.checksum_path(out), _cache.checksum_path(so))
+        os.replace(out, so)
         stats["builds"] += 1
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return so
+
+
+def _cached(root, key, filename):
+    """The cached library ``root/<key>/<filename>`` if it is there and intact, else None; a
+    damaged one (truncated, emptied, overwritten: loading it could kill the process with
+    SIGBUS) is reported with a warning, and replaced by the rebuild."""
+    so = root / key[:32] / filename
+    state = _cache.verify(so)
+    if state == "ok":
+        return so
+    if state == "damaged":
+        stats["damaged"] += 1
+        warnings.warn(f"bpc: the cached C extension {so} does not match the checksum recorded when it "
+                      "was built (truncated or overwritten?); rebuilding it", _cache.CacheWarning, stacklevel=4)
+    return None
 
 
 def _import_extension(name, path):

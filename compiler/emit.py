@@ -4,12 +4,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, ir
+from .cache import cache_dir, write_cached  # noqa: F401  (cache_dir re-exported for the C backend)
 from .errors import ModelError
 from .freetext import py_comment
 from .files import write_atomic  # noqa: F401  (re-exported: the C backend writes through it)
@@ -49,14 +49,10 @@ class CompiledModule:
         if path is None:
             path = cache_dir() / "numpy" / f"{self.module_name}.py"
             if not path.is_file() or path.read_text() != self.source:
-                self.write(path)
+                path = write_cached(path, self.source, "numpy")
         else:
             path = self.write(path)
         return load_module(path, self.module_name)
-
-
-def cache_dir():
-    return Path(os.environ.get("BPC_CACHE") or Path.home() / ".cache" / "bpc")
 
 
 def load_module(path, name=None):
