@@ -207,6 +207,25 @@ def test_c_target_never_replaces_the_numpy_module(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["poly_fit.py"]
 
 
+# model names whose C wrapper <name>.py would shadow a module for code in its directory: the
+# C target refuses them as the NumPy target does (one check, commands/compile.py)
+C_SHADOWING_NAMES = [("json", "the standard library's json"), ("random", "the standard library's random"),
+                     ("threading", "the standard library's threading"), ("operator", "the standard library's operator"),
+                     ("weakref", "the standard library's weakref"), ("collections", "the standard library's collections"),
+                     ("cffi", "the cffi"), ("sympy", "the sympy")]
+
+
+@pytest.mark.parametrize("name,words", C_SHADOWING_NAMES, ids=[c[0] for c in C_SHADOWING_NAMES])
+def test_c_target_refuses_model_names_that_shadow_a_module(tmp_path, capsys, name, words):
+    spec = tmp_path / "m.toml"
+    spec.write_text(f'[model]\nname = "{name}"\n[expression]\nprediction = "a*x"\nparams = {{a = 1}}\ninputs = ["x"]\n')
+    assert run("compile", spec, "--target", "c", "-o", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"a module named {name!r} would shadow {words} module" in err, err
+    assert "choose another model.name" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.toml"]
+
+
 def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["compile", str(POLY), "--target", "fortran"])

@@ -54,14 +54,16 @@ def _numpy_output(option, spec):
         return None
     if option is None:
         out = Path("generated") / f"{spec.model.name}.py"
-        _check_module_name(out, named_by_option=False)
+        _check_module_name(out, "choose another model.name, or a file name with -o")
         return out
     out = Path(option)
     if out.is_dir() or option.endswith(("/", os.sep)):
         out = out / f"{spec.model.name}.py"
     if out.suffix != ".py":
         raise SpecError(f"output {option}: a generated NumPy module must end in .py (it is imported by file name)")
-    _check_module_name(out, named_by_option=not (out.is_dir() or option.endswith(("/", os.sep))))
+    named_by_option = not (out.is_dir() or option.endswith(("/", os.sep)))
+    _check_module_name(out, "choose another file name with -o" if named_by_option else
+                       "choose another model.name, or a file name with -o")
     try:
         if out.exists() and out.resolve() == Path(spec.path).resolve():
             raise SpecError(f"output {option} is the spec file itself; choose another output")
@@ -73,18 +75,18 @@ def _numpy_output(option, spec):
 # modules that generated code or the tools around it import, beyond the standard library's:
 # a generated module of one of these names would shadow it for code in its directory
 SHADOWED = frozenset({"numpy", "scipy", "sympy", "jinja2", "compiler", "bpc", "pytest", "conftest", "setuptools",
-                      "pip", "pkg_resources", "wheel", "typing_extensions", "tomli", "matplotlib", "pandas"})
+                      "pip", "pkg_resources", "wheel", "typing_extensions", "tomli", "matplotlib", "pandas",
+                      "cffi"})
 
 
-def _check_module_name(out, named_by_option):
-    """A NumPy module is imported by its file name: the stem must be an importable identifier
-    that shadows no module the generated code (numpy, threading, ...) or common tooling imports."""
+def _check_module_name(out, fix):
+    """A generated module (the NumPy module, the C target's wrapper) is imported by its file
+    name: the stem must be an importable identifier that shadows no module the generated code
+    (numpy, threading, cffi, ...) or common tooling imports. ``fix`` says what to change."""
     import keyword
 
     from ..spec import SpecError
     stem = out.name[:-len(".py")]
-    fix = "choose another file name with -o" if named_by_option else \
-        "choose another model.name, or a file name with -o"
     if not stem.isidentifier() or not stem.isascii() or keyword.iskeyword(stem):
         raise SpecError(f"output {out}: {stem!r} is not an importable module name (a generated module is "
                         f"imported by its file name: ASCII letters, digits and '_', not starting with a digit, "
@@ -94,7 +96,7 @@ def _check_module_name(out, named_by_option):
     if stem in sys.stdlib_module_names or stem in SHADOWED:
         what = "the standard library's" if stem in sys.stdlib_module_names else "the"
         raise SpecError(f"output {out}: a module named {stem!r} would shadow {what} {stem} module for code in "
-                        f"its directory (the generated code imports numpy and threading); {fix}, "
+                        f"its directory (the generated code imports numpy, threading, ...); {fix}, "
                         f"e.g. {stem}_model.py")
 
 
@@ -115,6 +117,9 @@ def _compile_c(spec, dtype, option):
     out_dir = Path(option) if option else Path("generated") / "c"
     if out_dir.exists() and not out_dir.is_dir():
         raise BpcError(f"output {option}: the C target writes a directory of files; give a directory")
+    # the wrapper <model name>.py is imported by its file name, as a NumPy module is
+    _check_module_name(out_dir / f"{spec.model.name}.py",
+                       "choose another model.name (the C target names its files after it)")
     # C has no "follow the inputs": a fixed type, float64 unless asked otherwise
     result = compile_model_c(spec.model, dtype or "float64")
     # the wrapper is <prefix>.py: a .py there without its .c beside it is some other module
