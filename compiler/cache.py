@@ -153,7 +153,8 @@ def is_stale(path, now=None):
     except OSError:
         return False
     m = _OWNER.match(path.name)
-    if m and m.group(2) == _host():
+    # (not on Windows, where os.kill(pid, 0) would send CTRL_C_EVENT: age alone decides there)
+    if m and m.group(2) == _host() and sys.platform != "win32":
         return not _alive(int(m.group(1)))
     return age > STALE_BUILD_SECONDS
 
