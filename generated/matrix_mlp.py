@@ -11,6 +11,8 @@ Interface (batch-first arrays; needs only numpy):
     backward(params, x, y)  -> (loss, grads), grads shaped like params
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
+from collections.abc import Mapping as _Mapping
+
 import numpy as np
 
 SOURCE_HASH = 'sha256:4fe52747cc454310feb3e50c89a45dd2fc89ae29729c1f59a0d3cd49504886cc'
@@ -50,9 +52,10 @@ def init_params(seed=0, dtype=None):
 
 
 def _data(a, name, shape):
-    a = np.asarray(a)
-    if a.dtype.kind != "f":
-        a = a.astype(np.float64)
+    if type(a) is not np.ndarray or a.dtype.kind != "f":
+        a = _real(a, name)
+        if a.dtype.kind != "f":
+            a = a.astype(np.float64)
     if a.shape[1:] != shape or a.ndim != len(shape) + 1:
         raise ValueError(f"{name} must have shape (batch,) + {shape}, got {a.shape}")
     return a
@@ -64,20 +67,70 @@ def _batch(*arrays):
         if a.shape[0] != n:
             raise ValueError(f"inputs and targets have different batch sizes: {[b.shape[0] for b in arrays]}")
     if n == 0:
-        raise ValueError("the batch is empty")
+        raise ValueError(_EMPTY_BATCH)
     return n
 
 
 def _param(params, name, shape):
     try:
         a = params[name]
-    except KeyError:
-        raise KeyError(f"params has no entry {name!r} (expected {list(PARAMS)})") from None
-    if getattr(a, "shape", None) != shape:
-        a = np.asarray(a)
+    except (KeyError, TypeError, IndexError):
+        raise _entry(params, name) from None
+    if type(a) is not np.ndarray or a.dtype.kind != "f" or a.shape != shape:
+        if not isinstance(params, _Mapping):
+            raise _params_error(params)
+        a = _real(a, f"parameter {name!r}")
         if a.shape != shape:
             raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
     return a
+
+
+# ---- argument checks shared by the NumPy and C modules (templates/_checks.py.j2) ----------
+# Each function is the slow path of a check: the callers test the common case (a plain
+# ndarray of the expected kind and shape) in one condition and call these only otherwise.
+
+# what an array of each refused dtype kind holds, for the message
+_NOT_REAL = {"c": "complex numbers, whose imaginary part would be lost", "M": "dates", "m": "durations",
+             "U": "strings", "S": "bytes", "O": "Python objects", "V": "structured records"}
+
+
+def _real(a, name):
+    """``a`` as an ndarray of real numbers (bool, integer or float dtype), or a ValueError naming
+    ``name``: complex, date, duration, string and object arrays are refused, and so are masked
+    arrays (the computation would ignore the mask) and np.matrix (always 2-D; its * multiplies)."""
+    if isinstance(a, np.ndarray) and type(a) is not np.ndarray:
+        if isinstance(a, np.ma.MaskedArray):
+            raise ValueError(f"{name} is a masked array, and the mask would be ignored; pass a plain "
+                             "array (fill or leave out the masked entries)")
+        if isinstance(a, np.matrix):
+            raise ValueError(f"{name} is an np.matrix (always 2-D, * multiplies matrices); pass a "
+                             "plain array (np.asarray) of the shape the module expects")
+    elif isinstance(a, (str, bytes)):
+        raise ValueError(f"{name} must be an array of real numbers, got a {type(a).__name__} {a[:40]!r}")
+    try:
+        a = np.asarray(a)
+    except (TypeError, ValueError) as e:   # ragged nested lists, objects numpy cannot read
+        raise ValueError(f"{name} must be an array of real numbers ({e})") from None
+    kind = a.dtype.kind
+    if kind not in "biuf":
+        raise ValueError(f"{name} must hold real numbers, got dtype {a.dtype} "
+                         f"({_NOT_REAL.get(kind, 'not numbers')})")
+    return a
+
+
+def _params_error(params):
+    return ValueError("params must be a dict of parameter arrays, name -> array (see PARAMS; "
+                      f"init_params() makes one), got {type(params).__name__}")
+
+
+def _entry(params, name):
+    """``params[name]`` after its look-up failed: the ValueError that explains why."""
+    if not isinstance(params, _Mapping):
+        return _params_error(params)
+    return ValueError(f"params has no entry {name!r} (expected {', '.join(PARAMS)})")
+
+
+_EMPTY_BATCH = "the batch is empty: forward, loss and backward need at least one sample"
 
 
 def _sigmoid(x):

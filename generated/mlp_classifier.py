@@ -12,6 +12,7 @@ Interface (batch-first arrays; needs only numpy):
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 import threading
+from collections.abc import Mapping as _Mapping
 
 import numpy as np
 
@@ -44,22 +45,22 @@ def init_params(seed=0, dtype=None):
 
 
 def _data(a, name, shape):
-    a = np.asarray(a)
-    if a.dtype.kind != "f":
-        a = a.astype(np.float64)
+    if type(a) is not np.ndarray or a.dtype.kind != "f":
+        a = _real(a, name)
+        if a.dtype.kind != "f":
+            a = a.astype(np.float64)
     if a.shape[1:] != shape or a.ndim != len(shape) + 1:
         raise ValueError(f"{name} must have shape (batch,) + {shape}, got {a.shape}")
     return a
 
 
 def _labels(a, name, classes):
-    a = np.asarray(a)
-    if a.dtype.kind == "f" and np.all(a == np.round(a)):
-        a = a.astype(np.intp)
-    if a.dtype.kind not in "iu" or a.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D array of integer class labels, got {a.dtype} {a.shape}")
+    if type(a) is not np.ndarray or a.dtype.kind not in "iu":
+        a = _label_array(a, name, classes)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of integer class labels, got shape {a.shape}")
     if a.size and (a.min() < 0 or a.max() >= classes):
-        raise ValueError(f"{name} must hold labels in 0..{classes - 1}, got {a.min()}..{a.max()}")
+        raise _label_range(a, name, classes)
     return a
 
 
@@ -69,20 +70,96 @@ def _batch(*arrays):
         if a.shape[0] != n:
             raise ValueError(f"inputs and targets have different batch sizes: {[b.shape[0] for b in arrays]}")
     if n == 0:
-        raise ValueError("the batch is empty")
+        raise ValueError(_EMPTY_BATCH)
     return n
 
 
 def _param(params, name, shape):
     try:
         a = params[name]
-    except KeyError:
-        raise KeyError(f"params has no entry {name!r} (expected {list(PARAMS)})") from None
-    if getattr(a, "shape", None) != shape:
-        a = np.asarray(a)
+    except (KeyError, TypeError, IndexError):
+        raise _entry(params, name) from None
+    if type(a) is not np.ndarray or a.dtype.kind != "f" or a.shape != shape:
+        if not isinstance(params, _Mapping):
+            raise _params_error(params)
+        a = _real(a, f"parameter {name!r}")
         if a.shape != shape:
             raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
     return a
+
+
+# ---- argument checks shared by the NumPy and C modules (templates/_checks.py.j2) ----------
+# Each function is the slow path of a check: the callers test the common case (a plain
+# ndarray of the expected kind and shape) in one condition and call these only otherwise.
+
+# what an array of each refused dtype kind holds, for the message
+_NOT_REAL = {"c": "complex numbers, whose imaginary part would be lost", "M": "dates", "m": "durations",
+             "U": "strings", "S": "bytes", "O": "Python objects", "V": "structured records"}
+
+
+def _real(a, name):
+    """``a`` as an ndarray of real numbers (bool, integer or float dtype), or a ValueError naming
+    ``name``: complex, date, duration, string and object arrays are refused, and so are masked
+    arrays (the computation would ignore the mask) and np.matrix (always 2-D; its * multiplies)."""
+    if isinstance(a, np.ndarray) and type(a) is not np.ndarray:
+        if isinstance(a, np.ma.MaskedArray):
+            raise ValueError(f"{name} is a masked array, and the mask would be ignored; pass a plain "
+                             "array (fill or leave out the masked entries)")
+        if isinstance(a, np.matrix):
+            raise ValueError(f"{name} is an np.matrix (always 2-D, * multiplies matrices); pass a "
+                             "plain array (np.asarray) of the shape the module expects")
+    elif isinstance(a, (str, bytes)):
+        raise ValueError(f"{name} must be an array of real numbers, got a {type(a).__name__} {a[:40]!r}")
+    try:
+        a = np.asarray(a)
+    except (TypeError, ValueError) as e:   # ragged nested lists, objects numpy cannot read
+        raise ValueError(f"{name} must be an array of real numbers ({e})") from None
+    kind = a.dtype.kind
+    if kind not in "biuf":
+        raise ValueError(f"{name} must hold real numbers, got dtype {a.dtype} "
+                         f"({_NOT_REAL.get(kind, 'not numbers')})")
+    return a
+
+
+def _params_error(params):
+    return ValueError("params must be a dict of parameter arrays, name -> array (see PARAMS; "
+                      f"init_params() makes one), got {type(params).__name__}")
+
+
+def _entry(params, name):
+    """``params[name]`` after its look-up failed: the ValueError that explains why."""
+    if not isinstance(params, _Mapping):
+        return _params_error(params)
+    return ValueError(f"params has no entry {name!r} (expected {', '.join(PARAMS)})")
+
+
+def _label_array(a, name, classes):
+    """Class labels (anything but a plain integer ndarray) as an integer ndarray: float labels
+    holding integers (``[0., 2., 1.]``) are converted; any other value is a ValueError naming it."""
+    a = _real(a, name)
+    kind = a.dtype.kind
+    if kind == "f":
+        fraction = a != np.round(a)   # also nan
+        if fraction.any():
+            raise ValueError(f"{name} must be integer class labels in 0..{classes - 1}, got {a[fraction][0]}")
+        if a.size and ((a < 0) | (a >= classes)).any():   # (before the cast: inf has no integer)
+            raise _label_range(a, name, classes)
+        return a.astype(np.int64)
+    if kind not in "iu":
+        raise ValueError(f"{name} must be integer class labels in 0..{classes - 1}, got dtype {a.dtype}")
+    return a
+
+
+def _label_range(a, name, classes):
+    """The ValueError for labels of which some are outside 0..classes-1: names the first."""
+    bad = a[(a < 0) | (a >= classes)]
+    value = bad[0] if bad.size else "?"
+    if bad.size and bad.dtype.kind == "f" and np.isfinite(value):
+        value = int(value)
+    return ValueError(f"{name} must hold labels in 0..{classes - 1}, got {value}")
+
+
+_EMPTY_BATCH = "the batch is empty: forward, loss and backward need at least one sample"
 
 
 _SCRATCH = threading.local()
