@@ -29,9 +29,8 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from .errors import BpcError
+from .train_options import OPTIMIZERS, OPTIONS, SCHEDULES, OptionError, check_option  # noqa: F401
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
-SCHEDULES = ("constant", "step", "cosine")
 DEFAULT_LR = {"sgd": 0.01, "momentum": 0.01, "nesterov": 0.01, "adam": 0.001}
 
 
@@ -68,45 +67,13 @@ class TrainConfig:
     log_every: int | None = None     # epochs between log lines (default: about 10 lines per run)
 
     def validate(self):
-        def bad(name, why):
-            raise TrainError(f"{name} {why}, got {getattr(self, name)!r}")
-
-        def number(name, low=None, high=None, low_open=False, integer=False, optional=False):
-            v = getattr(self, name)
-            if v is None and optional:
-                return
-            kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
-            if isinstance(v, bool) or not isinstance(v, kinds) or not math.isfinite(v):
-                bad(name, "must be " + ("an integer" if integer else "a finite number"))
-            if low is not None and (v <= low if low_open else v < low):
-                bad(name, f"must be {'>' if low_open else '>='} {low}")
-            if high is not None and v >= high:
-                bad(name, f"must be < {high}")
-
-        if self.optimizer not in OPTIMIZERS:
-            bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            bad("schedule", f"must be one of {', '.join(SCHEDULES)}")
-        number("lr", 0, low_open=True, optional=True)
-        number("epochs", 1, integer=True)
-        number("batch_size", 0, integer=True, optional=True)
-        number("momentum", 0, 1)
-        number("beta1", 0, 1)
-        number("beta2", 0, 1)
-        number("eps", 0, low_open=True)
-        number("weight_decay", 0)
-        number("step_size", 1, integer=True, optional=True)
-        number("gamma", 0, low_open=True)
-        number("min_lr", 0)
-        number("clip", 0, low_open=True, optional=True)
-        number("seed", 0, integer=True)
-        number("val_split", 0, 1)
-        number("patience", 1, integer=True, optional=True)
-        number("min_delta", 0)
-        number("vanish_ratio", 0)
-        number("vanish_floor", 0)
-        number("explode_norm", 0, low_open=True)
-        number("log_every", 1, integer=True, optional=True)
+        """Check every option against its declaration (``compiler/train_options.py``, the table
+        the spec loader and ``bpc train`` use too); raises TrainError naming the option."""
+        for name in OPTIONS:
+            try:
+                check_option(name, getattr(self, name))
+            except OptionError as e:
+                raise TrainError(f"{name} {e}") from None
         return self
 
     @property

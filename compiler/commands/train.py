@@ -15,12 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-# [train] keys of a spec -> type; the names of TrainConfig fields and of the long options
-TRAIN_KEYS = {
-    "optimizer": str, "lr": float, "epochs": int, "batch_size": int, "momentum": float,
-    "weight_decay": float, "schedule": str, "step_size": int, "gamma": float, "min_lr": float,
-    "clip": float, "seed": int, "val_split": float, "patience": int, "min_delta": float,
-}
+from ..train_options import SPEC_KEYS as TRAIN_KEYS   # [train] keys = long options, with underscores
 
 
 def add_arguments(parser):
@@ -214,26 +209,6 @@ def _load_model(args):
     from ._common import load
     from ..emit import compile_model
     spec = load(args.spec)
-    defaults = _train_table(spec)
+    defaults = spec.train               # checked by the spec loader
     module = compile_model(spec.model, dtype=args.dtype or spec.dtype).load()
     return module, defaults, spec.model.name
-
-
-def _train_table(spec):
-    from ..spec import SpecError
-    out = {}
-    for key, value in spec.train.items():
-        if key not in TRAIN_KEYS:
-            import difflib
-            close = difflib.get_close_matches(key, TRAIN_KEYS, n=1)
-            raise SpecError(f"{spec.path}: train.{key}: unknown option"
-                            + (f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(TRAIN_KEYS)}"))
-        want = TRAIN_KEYS[key]
-        ok = (isinstance(value, str) if want is str else
-              isinstance(value, int) and not isinstance(value, bool) if want is int else
-              isinstance(value, (int, float)) and not isinstance(value, bool))
-        if not ok:
-            raise SpecError(f"{spec.path}: train.{key}: must be {want.__name__ if want is not float else 'a number'}, "
-                            f"got {value!r}")
-        out[key] = float(value) if want is float else value
-    return out
