@@ -19,7 +19,10 @@ epoch; data arrays are batch-first and named like the module's INPUTS and TARGET
 """
 from __future__ import annotations
 
+import copy
 import functools
+import hashlib
+import json
 import math
 import shutil
 import sys
@@ -406,21 +409,191 @@ def _fmt(v):
     return "-" if v is None else f"{v:.4g}"
 
 
-def train(module, data, config=None, *, params=None, val_data=None, verbose=False, on_epoch=None):
+class StopRequest:
+    """Asks a running ``train`` to stop after its current step, as Ctrl-C does (the result
+    keeps the best parameters so far). Safe to call from a signal handler or another thread:
+    it only sets an attribute, and ``train`` polls it between steps, so no exception is ever
+    raised into the middle of the run's bookkeeping or of a save."""
+
+    def __init__(self):
+        self.reason = None
+
+    def request(self, reason="stop requested"):
+        if self.reason is None:
+            self.reason = reason
+
+    def is_set(self):
+        return self.reason is not None
+
+
+class _Stopped(Exception):
+    """Raised by the loop itself (between steps) when a StopRequest is set."""
+
+
+# options that only watch a run: a checkpoint may be resumed with other values of these
+RESUMABLE_CHANGES = ("epochs", "patience", "min_delta", "log_every", "vanish_ratio", "vanish_floor",
+                     "explode_norm")
+CHECKPOINT_KEY = "bpc/checkpoint"       # "/" cannot occur in a parameter name
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """The whole state of a run at the end of an epoch: resuming from it continues the run
+    exactly as if it had not stopped (same updates, schedule, shuffling and early stopping)."""
+
+    epoch: int
+    params: dict                 # the current parameters (not the best)
+    state: dict                  # the optimizer's state (Adam's moments and step count, velocities)
+    rng: dict                    # the shuffling generator's state
+    best: float
+    best_epoch: int | None
+    best_params: dict | None
+    since_best: int
+    history: History
+    warned: list                 # warnings already given (each once per run)
+    warnings: list
+    config: dict                 # TrainConfig fields of the run
+    data_digest: str             # of the training and validation data, as split
+
+
+def _digest(*sets):
+    h = hashlib.sha256()
+    for data in sets:
+        for name, a in (data or {}).items():
+            a = np.ascontiguousarray(a)
+            h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+            h.update(a.data)
+    return h.hexdigest()
+
+
+def save_checkpoint(ckpt, path):
+    """Write a Checkpoint to ``path`` (.npz, no pickles) atomically."""
+    from pathlib import Path
+
+    from .files import atomic_file
+    arrays, scalars = {}, {}
+    for name, a in ckpt.params.items():
+        arrays[f"params/{name}"] = np.asarray(a)
+    for name, a in (ckpt.best_params or {}).items():
+        arrays[f"best/{name}"] = np.asarray(a)
+    for key, value in ckpt.state.items():
+        if isinstance(value, dict):
+            for name, a in value.items():
+                arrays[f"state/{key}/{name}"] = np.asarray(a)
+        else:
+            scalars[key] = value.item() if isinstance(value, np.generic) else value
+    meta = {"version": CHECKPOINT_VERSION, "epoch": ckpt.epoch, "state": scalars, "rng": ckpt.rng,
+            "best": ckpt.best, "best_epoch": ckpt.best_epoch, "since_best": ckpt.since_best,
+            "history": ckpt.history.as_dict(), "warned": ckpt.warned, "warnings": ckpt.warnings,
+            "config": ckpt.config, "data_digest": ckpt.data_digest, "has_best": ckpt.best_params is not None}
+    arrays[CHECKPOINT_KEY] = np.array(json.dumps(meta))     # floats round-trip exactly through repr
+    with atomic_file(path, "wb") as f:
+        np.savez(f, **arrays)
+    return Path(path)
+
+
+def is_checkpoint(arrays):
+    return CHECKPOINT_KEY in arrays
+
+
+def load_checkpoint(module, path):
+    """A Checkpoint written by ``train(..., checkpoint=...)``, checked against the module."""
+    return checkpoint_from_arrays(module, read_npz(path), str(path))
+
+
+def checkpoint_from_arrays(module, arrays, where):
+    if not is_checkpoint(arrays):
+        raise TrainError(f"{where}: not a bpc checkpoint (a parameters file? those resume the parameters only)")
+    try:
+        meta = json.loads(str(arrays[CHECKPOINT_KEY]))
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise TrainError(f"{where}: checkpoint format {meta.get('version')!r}; this bpc reads "
+                             f"{CHECKPOINT_VERSION}")
+        part = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}  # noqa: E731
+        params = check_params(module, part("params/"), where)
+        best_params = check_params(module, part("best/"), where) if meta["has_best"] else None
+        state = dict(meta["state"])
+        for key, a in part("state/").items():
+            group, _, name = key.partition("/")
+            state.setdefault(group, {})[name] = np.array(a)
+        h = meta["history"]
+        history = History(**{f.name: h[f.name] for f in fields(History)})
+        return Checkpoint(int(meta["epoch"]), params, state, meta["rng"], float(meta["best"]), meta["best_epoch"],
+                          best_params, int(meta["since_best"]), history, [_key(k) for k in meta["warned"]],
+                          list(meta["warnings"]), dict(meta["config"]), str(meta["data_digest"]))
+    except TrainError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise TrainError(f"{where}: a damaged checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _key(k):
+    return tuple(k) if isinstance(k, list) else k
+
+
+def _resume_check(config, ckpt, digest, module):
+    ours = {f.name: getattr(config, f.name) for f in fields(config)}
+    changed = [f"{k} {ckpt.config.get(k)!r} -> {ours[k]!r}" for k in ours
+               if k not in RESUMABLE_CHANGES and ckpt.config.get(k) != ours[k]]
+    if changed:
+        raise TrainError("the checkpoint's run had other options (" + "; ".join(changed) + "); resume with the "
+                         "same options, or start a new run from its parameters")
+    if ckpt.data_digest != digest:
+        raise TrainError("the checkpoint's run had other training or validation data; resume with the same "
+                         "data, or start a new run from its parameters")
+    if ckpt.epoch >= config.epochs:
+        raise TrainError(f"the checkpoint is at epoch {ckpt.epoch} of the run; --epochs {config.epochs} leaves "
+                         "nothing to train (epochs counts the whole run: give more)")
+
+
+def _run_dtype(module, train_set):
+    first = next(iter(train_set.values()))
+    return getattr(module, "DTYPE", None) or (np.float32 if first.dtype == np.float32 else np.float64)
+
+
+def _upcast(params, dtype, warn):
+    """float16 (or any float other than float32/64) parameters are trained in ``dtype``:
+    float16 has 11 significant bits and overflows at 65504, so small updates round away and
+    Adam's squared gradients overflow; runs diverged at their second step."""
+    odd = [k for k, a in params.items() if a.dtype not in (np.float32, np.float64)]
+    if not odd:
+        return params
+    kinds = sorted({str(params[k].dtype) for k in odd})
+    warn("dtype", f"parameter(s) {', '.join(odd)} are {'/'.join(kinds)}: trained in {np.dtype(dtype).name} "
+                  "(bpc trains in float32 or float64; float16 loses small updates and overflows)")
+    return {k: (a.astype(dtype) if k in odd else a) for k, a in params.items()}
+
+
+def train(module, data, config=None, *, params=None, val_data=None, verbose=False, on_epoch=None,
+          stop=None, resume=None, checkpoint=None, checkpoint_every=None):
     """Train ``module`` on ``data`` and return a TrainResult.
 
     ``data``: a dict name -> array (names of INPUTS and TARGETS) or a sequence in that order.
-    ``params``: initial parameters (e.g. ``load_params`` to resume); default ``init_params(seed)``
-    in the dtype of the module (or float32 when the inputs are float32).
+    ``params``: initial parameters (e.g. ``load_params``); default ``init_params(seed)``
+    in the dtype of the module (or float32 when the inputs are float32). float16 parameters
+    are trained in that dtype instead, with a warning.
     ``val_data``: a separate validation set; otherwise ``config.val_split`` of ``data`` is held out.
     ``verbose``: progress bar on a terminal, a log line every ``log_every`` epochs, warnings.
     ``on_epoch(epoch, history)``: called after every epoch; return True to stop.
+    ``stop``: a StopRequest (anything with ``is_set()``), checked after every step.
+    ``checkpoint``, ``checkpoint_every``: write a Checkpoint to the path ``checkpoint`` after
+    every ``checkpoint_every``-th epoch and after the last one.
+    ``resume``: a Checkpoint (``load_checkpoint``) to continue from: the same options (but
+    ``epochs``, which counts the whole run, and the monitoring options) and the same data.
 
-    Ctrl-C is caught: the run stops and the result carries the best parameters so far
+    Ctrl-C (or a StopRequest) stops the run; the result carries the best parameters so far
     (``stopped == "interrupted"``). A NaN or Inf loss or gradient stops the run and keeps the
     last parameters whose loss was finite (``stopped == "diverged"``).
     """
     config = (config or TrainConfig()).validate()
+    if checkpoint_every is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise TrainError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+        if checkpoint is None:
+            raise TrainError("checkpoint_every needs a checkpoint path")
+    if resume is not None and params is not None:
+        raise TrainError("give either params or a checkpoint to resume from, not both")
     data = check_data(module, data)
     if val_data is not None:
         if config.val_split:
@@ -428,10 +601,12 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
         train_set, val_set = data, check_data(module, val_data, "validation data")
     else:
         train_set, val_set = split(data, config.val_split, config.seed)
-    if params is None:
-        first = next(iter(train_set.values()))
-        dtype = getattr(module, "DTYPE", None) or (np.float32 if first.dtype == np.float32 else np.float64)
-        params = module.init_params(seed=config.seed, dtype=dtype)
+    digest = _digest(train_set, val_set)
+    if resume is not None:
+        _resume_check(config, resume, digest, module)
+        params = resume.params
+    elif params is None:
+        params = module.init_params(seed=config.seed, dtype=_run_dtype(module, train_set))
     params = check_params(module, params)
 
     n = len(next(iter(train_set.values())))
@@ -443,9 +618,18 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
     log_every = config.log_every or max(1, config.epochs // 10)
     names = list(module.PARAMS)
     history = History(param_grad_norms={k: [] for k in names})
-    report = _Reporter(verbose, config.epochs * steps_per_epoch)
+    start = 0
+    state = {}
+    best, best_epoch, best_params, since_best = math.inf, None, None, 0
     warned = set()
     warnings_out = []
+    if resume is not None:
+        start, history, state = resume.epoch, copy.deepcopy(resume.history), copy.deepcopy(resume.state)
+        rng.bit_generator.state = resume.rng
+        best, best_epoch, since_best = resume.best, resume.best_epoch, resume.since_best
+        best_params = _copy(resume.best_params) if resume.best_params is not None else None
+        warned, warnings_out = set(resume.warned), list(resume.warnings)
+    report = _Reporter(verbose, (config.epochs - start) * steps_per_epoch)
 
     def warn(key, text):
         if key not in warned:
@@ -453,22 +637,36 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
             warnings_out.append(text)
             report.warn(text)
 
-    state = {}
+    params = _upcast(params, _run_dtype(module, train_set), warn)
+    if resume is not None and best_params is not None:
+        best_params = _upcast(best_params, _run_dtype(module, train_set), lambda *a: None)
+
+    def save_state(epoch):
+        ckpt = Checkpoint(epoch, params, state, rng.bit_generator.state, best, best_epoch, best_params,
+                          since_best, history, sorted(warned, key=str), warnings_out,
+                          {f.name: getattr(config, f.name) for f in fields(config)}, digest)
+        try:
+            save_checkpoint(ckpt, checkpoint)
+        except OSError as e:        # the run matters more than its checkpoint
+            warn(("checkpoint", str(e)), f"cannot write the checkpoint {checkpoint}: {e.strerror or e}; "
+                                         "training continues")
+
     last_good = _copy(params)
-    best, best_epoch, best_params, since_best = math.inf, None, None, 0
     monitor = "validation loss" if val_set is not None else "training loss"
     stopped, message = "completed", ""
-    t0 = time.monotonic()
-    epoch = 0
+    t0 = time.monotonic() - (history.seconds[-1] if history.seconds else 0.0)
+    epoch = start
     errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore")  # non-finite values are handled
     errstate.__enter__()
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(start + 1, config.epochs + 1):
             lr = lr_at(config, epoch)
             order = rng.permutation(n) if config.shuffle and steps_per_epoch > 1 else np.arange(n)
             loss_sum, norm_sum, seen = 0.0, 0.0, 0
             pnorm_sum = dict.fromkeys(names, 0.0)
             for s in range(steps_per_epoch):
+                if stop is not None and stop.is_set():
+                    raise _Stopped
                 index = order[s * batch:(s + 1) * batch]
                 arrays = _rows(train_set, index) if steps_per_epoch > 1 else list(train_set.values())
                 value, grads = module.backward(params, *arrays)
@@ -521,7 +719,9 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
                 best_params = _copy(params)
             else:
                 since_best += 1
-            if epoch % log_every == 0 or epoch == 1 or epoch == config.epochs:
+            if checkpoint_every and (epoch % checkpoint_every == 0 or epoch == config.epochs):
+                save_state(epoch)
+            if epoch % log_every == 0 or epoch == start + 1 or epoch == config.epochs:
                 report.log(_epoch_line(epoch, config.epochs, history, val_set is not None))
             if config.patience and since_best >= config.patience and epoch < config.epochs:
                 stopped = "early_stopping"
@@ -533,11 +733,12 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
                 break
     except StopIteration:
         pass
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stopped) as e:
         stopped = "interrupted"
-        message = (f"interrupted during epoch {epoch}; kept the best parameters so far"
-                   + (f" (epoch {best_epoch}, {monitor} {best:.6g})" if best_epoch else
-                      " (no epoch completed: the last parameters with a finite loss)"))
+        reason = getattr(stop, "reason", None) if isinstance(e, _Stopped) else None
+        message = (f"interrupted{f' by {reason}' if reason else ''} during epoch {epoch}; kept the best "
+                   "parameters so far" + (f" (epoch {best_epoch}, {monitor} {best:.6g})" if best_epoch else
+                                          " (no epoch completed: the last parameters with a finite loss)"))
     finally:
         errstate.__exit__(None, None, None)
         report.close()
