@@ -107,6 +107,7 @@ def test_an_unwritable_output_is_refused_before_training(work, capsys, argv, mes
     assert sorted(p.name for p in work.iterdir()) == before
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="the mock finds the probe's file through /proc")
 @pytest.mark.parametrize("option", ["--out", "--checkpoint"])
 def test_a_full_disk_is_found_before_training(work, capsys, monkeypatch, option):
     # mocked: the probe reserves the file's size with posix_fallocate; a full disk refuses it
@@ -121,6 +122,35 @@ def test_a_full_disk_is_found_before_training(work, capsys, monkeypatch, option)
     assert code == 2 and f"bpc: error: {option} " in err and "No space left on device" in err, err
     assert "epoch" not in out
     assert not list(work.glob("*.npz")) and not list(work.glob(".*.tmp"))
+
+
+def test_a_read_only_folder_is_refused_by_the_probe():
+    """As root (the tests' usual user) every folder is writable: the probe runs with the
+    effective uid of nobody then. The CLI turns its OSError into the message tested above."""
+    import shutil
+    import tempfile
+    from compiler.files import check_writable
+    base = Path(tempfile.mkdtemp(prefix="bpc-ro-"))
+    try:
+        base.chmod(0o755)
+        (base / "ro").mkdir()
+        (base / "ro").chmod(0o555)
+        root = os.geteuid() == 0
+        if root:
+            os.setegid(65534)
+            os.seteuid(65534)
+        try:
+            with pytest.raises(PermissionError):
+                check_writable(base / "ro" / "p.npz", 4096)
+            with pytest.raises(PermissionError):
+                check_writable(base / "ro" / "new" / "p.npz", 4096)
+        finally:
+            if root:
+                os.seteuid(0)
+                os.setegid(0)
+        assert list((base / "ro").iterdir()) == []
+    finally:
+        shutil.rmtree(base)
 
 
 def test_a_missing_output_directory_is_made_before_training(work, capsys):
