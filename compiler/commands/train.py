@@ -215,8 +215,9 @@ def run(args):
                                         + ("" if acc is None else f"  accuracy {100 * acc:.2f}%")))
     for line in written:
         print("  " + line)
+    from ..freetext import terminal
     for failure in failures:
-        print(f"bpc: error: {failure}", file=sys.stderr)
+        print(f"bpc: error: {terminal(failure)}", file=sys.stderr)
     if failures:
         return 2
     if result.stopped == "diverged":
