@@ -27,7 +27,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -547,6 +547,12 @@ def _resume_check(config, ckpt, digest, module):
                          "nothing to train (epochs counts the whole run: give more)")
 
 
+def _history_upto(h, k):
+    """The first ``k`` epochs of a History (a new one)."""
+    return History(**{f.name: ({n: v[:k] for n, v in h.param_grad_norms.items()} if f.name == "param_grad_norms"
+                               else getattr(h, f.name)[:k]) for f in fields(History)})
+
+
 def _run_dtype(module, train_set):
     first = next(iter(train_set.values()))
     return getattr(module, "DTYPE", None) or (np.float32 if first.dtype == np.float32 else np.float64)
@@ -641,15 +647,23 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
     if resume is not None and best_params is not None:
         best_params = _upcast(best_params, _run_dtype(module, train_set), lambda *a: None)
 
-    def save_state(epoch):
-        ckpt = Checkpoint(epoch, params, state, rng.bit_generator.state, best, best_epoch, best_params,
-                          since_best, history, sorted(warned, key=str), warnings_out,
+    snapshot, written = None, start    # the state at the end of the last epoch; the last epoch saved
+
+    def take_snapshot(epoch):
+        # copies: the next epoch updates params and state in place; the history only grows, so
+        # its first `epoch` entries are the snapshot's
+        return Checkpoint(epoch, _copy(params), copy.deepcopy(state), rng.bit_generator.state, best, best_epoch,
+                          best_params, since_best, None, sorted(warned, key=str), list(warnings_out),
                           {f.name: getattr(config, f.name) for f in fields(config)}, digest)
+
+    def save_snapshot():
         try:
-            save_checkpoint(ckpt, checkpoint)
+            # the history holds epochs 1, 2, ...: the snapshot's are its first snapshot.epoch entries
+            save_checkpoint(replace(snapshot, history=_history_upto(history, snapshot.epoch)), checkpoint)
         except OSError as e:        # the run matters more than its checkpoint
             warn(("checkpoint", str(e)), f"cannot write the checkpoint {checkpoint}: {e.strerror or e}; "
                                          "training continues")
+        return snapshot.epoch
 
     last_good = _copy(params)
     monitor = "validation loss" if val_set is not None else "training loss"
@@ -719,8 +733,10 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
                 best_params = _copy(params)
             else:
                 since_best += 1
-            if checkpoint_every and (epoch % checkpoint_every == 0 or epoch == config.epochs):
-                save_state(epoch)
+            if checkpoint_every:
+                snapshot = take_snapshot(epoch)
+                if epoch % checkpoint_every == 0 or epoch == config.epochs:
+                    written = save_snapshot()
             if epoch % log_every == 0 or epoch == start + 1 or epoch == config.epochs:
                 report.log(_epoch_line(epoch, config.epochs, history, val_set is not None))
             if config.patience and since_best >= config.patience and epoch < config.epochs:
@@ -742,6 +758,8 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
     finally:
         errstate.__exit__(None, None, None)
         report.close()
+    if snapshot is not None and snapshot.epoch > written and stopped in ("interrupted", "early_stopping"):
+        save_snapshot()        # a stopped run can be resumed from its last complete epoch
 
     if stopped == "diverged" and params is not last_good and best_params is not None:
         params = best_params                      # a validation loss overflowed: keep the best

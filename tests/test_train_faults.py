@@ -316,9 +316,12 @@ def test_10_plus_10_epochs_equal_20_bitwise(classifier, tmp_path, optimizer, sch
                          weight_decay=0.01, clip=1.0, patience=15, seed=3)
     straight = train(classifier, clf_data(), config)
     path = tmp_path / "run.ckpt.npz"
-    first = train(classifier, clf_data(), config, checkpoint=path, checkpoint_every=10,
-                  on_epoch=lambda epoch, history: epoch == 13)       # a crash after epoch 13
-    assert first.stopped == "early_stopping" and len(first.history.epoch) == 13
+
+    def crash(epoch, history):
+        if epoch == 13:
+            raise RuntimeError("a crash after epoch 13")
+    with pytest.raises(RuntimeError):
+        train(classifier, clf_data(), config, checkpoint=path, checkpoint_every=10, on_epoch=crash)
     ckpt = load_checkpoint(classifier, path)
     assert ckpt.epoch == 10
     resumed = train(classifier, clf_data(), config, resume=ckpt)
@@ -331,6 +334,27 @@ def test_10_plus_10_epochs_equal_20_bitwise(classifier, tmp_path, optimizer, sch
     again = train(classifier, clf_data(), config, resume=ckpt)          # the checkpoint object is not used up
     for k in straight.params:
         np.testing.assert_array_equal(again.params[k], straight.params[k])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_a_stopped_run_checkpoints_its_last_complete_epoch(classifier, tmp_path, optimizer):
+    config = TrainConfig(optimizer=optimizer, schedule="cosine", epochs=20, batch_size=8, lr=0.05, val_split=0.2)
+    straight = train(classifier, clf_data(), config)
+    path = tmp_path / "run.ckpt.npz"
+    calls = []
+
+    class StopInEpoch14:                       # a signal in the middle of epoch 14
+        def is_set(self):
+            calls.append(1)
+            return len(calls) > 13 * 9 + 4      # 72 training samples: 9 steps per epoch
+    first = train(classifier, clf_data(), config, checkpoint=path, checkpoint_every=5, stop=StopInEpoch14())
+    assert first.stopped == "interrupted" and len(first.history.epoch) == 13
+    ckpt = load_checkpoint(classifier, path)
+    assert ckpt.epoch == 13 and ckpt.history.epoch == list(range(1, 14))
+    resumed = train(classifier, clf_data(), config, resume=ckpt)
+    for k in straight.params:
+        np.testing.assert_array_equal(resumed.params[k], straight.params[k])
+    assert resumed.history.train_loss == straight.history.train_loss
 
 
 @pytest.mark.parametrize("change,message", [
@@ -350,25 +374,29 @@ def test_a_checkpoint_resumes_only_its_own_run(classifier, tmp_path, change, mes
         train(classifier, clf_data(n), TrainConfig(**{**config, **change}), resume=load_checkpoint(classifier, path))
 
 
-def test_resume_after_sigkill_through_the_cli(work):
-    """`bpc train --checkpoint-every 5` killed with SIGKILL after epoch 12; `--resume` from its
-    checkpoint (epoch 10) ends with the parameters of an uninterrupted run, bitwise."""
+@pytest.mark.parametrize("name", ["SIGKILL", "SIGTERM"])
+def test_resume_after_a_signal_through_the_cli(work, name):
+    """`bpc train --checkpoint-every 5` stopped after epoch 12: by SIGKILL, its checkpoint is from
+    epoch 10; by SIGTERM, from its last complete epoch. `--resume` from it ends with the
+    parameters of an uninterrupted run, bitwise."""
     module = slow_module(work)
     common = [module, "--data", "line.csv", "--epochs", "20", "--batch-size", "8", "--optimizer", "adam", "--lr",
               "0.05", "--schedule", "cosine", "--val-split", "0.2", "--log-every", "1"]
     proc = start(work, *common, "--checkpoint-every", "5", "--out", "a.npz", env={"BPC_TEST_STEP_SLEEP": "0.02"})
     try:
         read_until(proc, lambda line: line.startswith("epoch 12/"))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.send_signal(getattr(signal, name))
+        proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert not (work / "a.npz").exists() and (work / "a.ckpt.npz").is_file()
+    assert proc.returncode == (-9 if name == "SIGKILL" else 143)
+    assert (work / "a.npz").exists() == (name == "SIGTERM") and (work / "a.ckpt.npz").is_file()
     r = subprocess.run([sys.executable, "-m", "compiler", "train", *common, "--resume", "a.ckpt.npz", "--out",
                         "a.npz"], capture_output=True, text=True, env=ENV, cwd=work)
     assert r.returncode == 0, r.stderr
-    assert "resuming from a.ckpt.npz (epoch 10)" in r.stdout and "epoch 11/20" in r.stdout
-    assert "epoch 10/20" not in r.stdout
+    resumed_at = int(r.stdout.split("resuming from a.ckpt.npz (epoch ")[1].split(")")[0])
+    assert resumed_at == 10 if name == "SIGKILL" else 12 <= resumed_at < 20
+    assert f"epoch {resumed_at + 1}/20" in r.stdout and f"epoch {resumed_at}/20" not in r.stdout
     r = subprocess.run([sys.executable, "-m", "compiler", "train", *common, "--out", "b.npz"],
                        capture_output=True, text=True, env=ENV, cwd=work)
     assert r.returncode == 0, r.stderr
