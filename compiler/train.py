@@ -584,7 +584,8 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
     ``on_epoch(epoch, history)``: called after every epoch; return True to stop.
     ``stop``: a StopRequest (anything with ``is_set()``), checked after every step.
     ``checkpoint``, ``checkpoint_every``: write a Checkpoint to the path ``checkpoint`` after
-    every ``checkpoint_every``-th epoch and after the last one.
+    every ``checkpoint_every``-th epoch and after the last one, and, when the run is stopped
+    (interrupted or early stopping), of its last complete epoch.
     ``resume``: a Checkpoint (``load_checkpoint``) to continue from: the same options (but
     ``epochs``, which counts the whole run, and the monitoring options) and the same data.
 

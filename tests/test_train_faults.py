@@ -446,3 +446,21 @@ def test_an_unwritable_module_cache_is_reported_before_training(work, capsys, mo
         assert "cannot write the module cache" in err and "epoch" not in out
     else:
         assert code == 0 and (work / "p.npz").is_file()
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda a: a.update({"bpc/checkpoint": np.array("{not json")}), "a damaged checkpoint"),
+    (lambda a: a.update({"bpc/checkpoint": np.array('{"version": 1}')}), "a damaged checkpoint (KeyError"),
+    (lambda a: a.update({"bpc/checkpoint": np.array('{"version": 99}')}), "checkpoint format 99"),
+    (lambda a: a.pop("params/W1"), "parameters do not match the model (missing: W1"),
+    (lambda a: a.pop("bpc/checkpoint"), "not a bpc checkpoint"),
+])
+def test_a_damaged_checkpoint_is_refused_clearly(classifier, tmp_path, damage, message):
+    path = tmp_path / "c.npz"
+    train(classifier, clf_data(), TrainConfig(epochs=2), checkpoint=path, checkpoint_every=1)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    damage(arrays)
+    np.savez(path, **arrays)
+    with pytest.raises(TrainError, match=message.replace("(", r"\(")):
+        load_checkpoint(classifier, path)

@@ -51,7 +51,7 @@ def add_arguments(parser):
                      help="continue from a checkpoint (--checkpoint-every: the exact run, with optimizer state, "
                      "epoch, schedule and shuffling), or start from parameters saved in a .npz")
     out.add_argument("--checkpoint-every", type=int, metavar="N",
-                     help="every N epochs (and after the last), save the run's whole state to --checkpoint")
+                     help="every N epochs, after the last and when stopped, save the run's whole state to --checkpoint")
     out.add_argument("--checkpoint", metavar="FILE",
                      help="the checkpoint file (default: --out with .ckpt.npz for .npz)")
     out.add_argument("--plot", metavar="PNG", help="write the training/validation loss curves")
