@@ -532,7 +532,7 @@ def _key(k):
     return tuple(k) if isinstance(k, list) else k
 
 
-def _resume_check(config, ckpt, digest, module):
+def _resume_check(config, ckpt, digest):
     ours = {f.name: getattr(config, f.name) for f in fields(config)}
     changed = [f"{k} {ckpt.config.get(k)!r} -> {ours[k]!r}" for k in ours
                if k not in RESUMABLE_CHANGES and ckpt.config.get(k) != ours[k]]
@@ -543,7 +543,7 @@ def _resume_check(config, ckpt, digest, module):
         raise TrainError("the checkpoint's run had other training or validation data; resume with the same "
                          "data, or start a new run from its parameters")
     if ckpt.epoch >= config.epochs:
-        raise TrainError(f"the checkpoint is at epoch {ckpt.epoch} of the run; --epochs {config.epochs} leaves "
+        raise TrainError(f"the checkpoint is at epoch {ckpt.epoch} of the run; epochs {config.epochs} leaves "
                          "nothing to train (epochs counts the whole run: give more)")
 
 
@@ -610,7 +610,7 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
         train_set, val_set = split(data, config.val_split, config.seed)
     digest = _digest(train_set, val_set)
     if resume is not None:
-        _resume_check(config, resume, digest, module)
+        _resume_check(config, resume, digest)
         params = resume.params
     elif params is None:
         params = module.init_params(seed=config.seed, dtype=_run_dtype(module, train_set))

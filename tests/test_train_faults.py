@@ -361,7 +361,7 @@ def test_a_stopped_run_checkpoints_its_last_complete_epoch(classifier, tmp_path,
     (dict(lr=0.1), "other options (lr 0.05 -> 0.1)"),
     (dict(optimizer="sgd"), "other options (optimizer 'adam' -> 'sgd')"),
     (dict(seed=4), "other options (seed 3 -> 4)"),
-    (dict(epochs=10), "at epoch 10 of the run; --epochs 10 leaves nothing to train"),
+    (dict(epochs=10), "at epoch 10 of the run; epochs 10 leaves nothing to train"),
     (dict(data=60), "other training or validation data"),
 ])
 def test_a_checkpoint_resumes_only_its_own_run(classifier, tmp_path, change, message):
