@@ -51,7 +51,7 @@ class Spec:
     model: object                 # compiler.model.Model
     kind: str                     # "network" | "expression" | "matrix"
     dtype: object = None          # None | "float32" | "float64"
-    train: dict = field(default_factory=dict)   # the [train] table, for `bpc train`, unvalidated
+    train: dict = field(default_factory=dict)   # the [train] table, checked: option -> value
 
 
 def load_spec(path, source=None):
@@ -340,9 +340,7 @@ class _Loader:
         dtype = model_t.get("dtype")
         if dtype is not None and dtype not in DTYPES:
             raise self.error("model.dtype", f"must be one of {', '.join(DTYPES)}, not {_short(dtype)}")
-        train = tree.get("train", {})
-        if not isinstance(train, dict):
-            raise self.error("train", f"must be a table, not {_type(train)}")
+        train = self.train_table(tree.get("train", {}))
         kinds = [k for k in ("network", "expression", "matrix") if k in tree]
         if len(kinds) != 1:
             raise self.error("(top level)", "a spec needs exactly one of the tables [network], [expression] "
@@ -352,7 +350,16 @@ class _Loader:
         model = build(tree[kind], name, tree.get("constants"))
         if description:
             model = replace(model, description=description)
-        return Spec(self.file, model, kind, dtype, dict(train))
+        return Spec(self.file, model, kind, dtype, train)
+
+    def train_table(self, value):
+        """The [train] table, checked like `bpc train` checks its options (one table of options,
+        compiler/train_options.py), so every command refuses a bad one, not only `bpc train`."""
+        from .train_options import check_spec_table
+        if not isinstance(value, dict):
+            raise SpecError(f"{self.file}: [train]: must be a table, not {_type(value)}")
+        return check_spec_table(value, lambda key, message: SpecError(
+            f"{self.file}: [train] {_printable(str(key), 60)}: {message}"))
 
     def network(self, net_t, name, constants_t):
         from .nn import Network

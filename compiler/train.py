@@ -19,19 +19,21 @@ epoch; data arrays are batch-first and named like the module's INPUTS and TARGET
 """
 from __future__ import annotations
 
+import copy
 import functools
+import hashlib
+import json
 import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
 from .errors import BpcError
+from .train_options import OPTIMIZERS, OPTIONS, SCHEDULES, OptionError, check_option  # noqa: F401
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
-SCHEDULES = ("constant", "step", "cosine")
 DEFAULT_LR = {"sgd": 0.01, "momentum": 0.01, "nesterov": 0.01, "adam": 0.001}
 
 
@@ -68,45 +70,13 @@ class TrainConfig:
     log_every: int | None = None     # epochs between log lines (default: about 10 lines per run)
 
     def validate(self):
-        def bad(name, why):
-            raise TrainError(f"{name} {why}, got {getattr(self, name)!r}")
-
-        def number(name, low=None, high=None, low_open=False, integer=False, optional=False):
-            v = getattr(self, name)
-            if v is None and optional:
-                return
-            kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
-            if isinstance(v, bool) or not isinstance(v, kinds) or not math.isfinite(v):
-                bad(name, "must be " + ("an integer" if integer else "a finite number"))
-            if low is not None and (v <= low if low_open else v < low):
-                bad(name, f"must be {'>' if low_open else '>='} {low}")
-            if high is not None and v >= high:
-                bad(name, f"must be < {high}")
-
-        if self.optimizer not in OPTIMIZERS:
-            bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            bad("schedule", f"must be one of {', '.join(SCHEDULES)}")
-        number("lr", 0, low_open=True, optional=True)
-        number("epochs", 1, integer=True)
-        number("batch_size", 0, integer=True, optional=True)
-        number("momentum", 0, 1)
-        number("beta1", 0, 1)
-        number("beta2", 0, 1)
-        number("eps", 0, low_open=True)
-        number("weight_decay", 0)
-        number("step_size", 1, integer=True, optional=True)
-        number("gamma", 0, low_open=True)
-        number("min_lr", 0)
-        number("clip", 0, low_open=True, optional=True)
-        number("seed", 0, integer=True)
-        number("val_split", 0, 1)
-        number("patience", 1, integer=True, optional=True)
-        number("min_delta", 0)
-        number("vanish_ratio", 0)
-        number("vanish_floor", 0)
-        number("explode_norm", 0, low_open=True)
-        number("log_every", 1, integer=True, optional=True)
+        """Check every option against its declaration (``compiler/train_options.py``, the table
+        the spec loader and ``bpc train`` use too); raises TrainError naming the option."""
+        for name in OPTIONS:
+            try:
+                check_option(name, getattr(self, name))
+            except OptionError as e:
+                raise TrainError(f"{name} {e}") from None
         return self
 
     @property
@@ -439,21 +409,198 @@ def _fmt(v):
     return "-" if v is None else f"{v:.4g}"
 
 
-def train(module, data, config=None, *, params=None, val_data=None, verbose=False, on_epoch=None):
+class StopRequest:
+    """Asks a running ``train`` to stop after its current step, as Ctrl-C does (the result
+    keeps the best parameters so far). Safe to call from a signal handler or another thread:
+    it only sets an attribute, and ``train`` polls it between steps, so no exception is ever
+    raised into the middle of the run's bookkeeping or of a save."""
+
+    def __init__(self):
+        self.reason = None
+
+    def request(self, reason="stop requested"):
+        if self.reason is None:
+            self.reason = reason
+
+    def is_set(self):
+        return self.reason is not None
+
+
+class _Stopped(Exception):
+    """Raised by the loop itself (between steps) when a StopRequest is set."""
+
+
+# options that only watch a run: a checkpoint may be resumed with other values of these
+RESUMABLE_CHANGES = ("epochs", "patience", "min_delta", "log_every", "vanish_ratio", "vanish_floor",
+                     "explode_norm")
+CHECKPOINT_KEY = "bpc/checkpoint"       # "/" cannot occur in a parameter name
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """The whole state of a run at the end of an epoch: resuming from it continues the run
+    exactly as if it had not stopped (same updates, schedule, shuffling and early stopping)."""
+
+    epoch: int
+    params: dict                 # the current parameters (not the best)
+    state: dict                  # the optimizer's state (Adam's moments and step count, velocities)
+    rng: dict                    # the shuffling generator's state
+    best: float
+    best_epoch: int | None
+    best_params: dict | None
+    since_best: int
+    history: History
+    warned: list                 # warnings already given (each once per run)
+    warnings: list
+    config: dict                 # TrainConfig fields of the run
+    data_digest: str             # of the training and validation data, as split
+
+
+def _digest(*sets):
+    h = hashlib.sha256()
+    for data in sets:
+        for name, a in (data or {}).items():
+            a = np.ascontiguousarray(a)
+            h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+            h.update(a.data)
+    return h.hexdigest()
+
+
+def save_checkpoint(ckpt, path):
+    """Write a Checkpoint to ``path`` (.npz, no pickles) atomically."""
+    from pathlib import Path
+
+    from .files import atomic_file
+    arrays, scalars = {}, {}
+    for name, a in ckpt.params.items():
+        arrays[f"params/{name}"] = np.asarray(a)
+    for name, a in (ckpt.best_params or {}).items():
+        arrays[f"best/{name}"] = np.asarray(a)
+    for key, value in ckpt.state.items():
+        if isinstance(value, dict):
+            for name, a in value.items():
+                arrays[f"state/{key}/{name}"] = np.asarray(a)
+        else:
+            scalars[key] = value.item() if isinstance(value, np.generic) else value
+    meta = {"version": CHECKPOINT_VERSION, "epoch": ckpt.epoch, "state": scalars, "rng": ckpt.rng,
+            "best": ckpt.best, "best_epoch": ckpt.best_epoch, "since_best": ckpt.since_best,
+            "history": ckpt.history.as_dict(), "warned": ckpt.warned, "warnings": ckpt.warnings,
+            "config": ckpt.config, "data_digest": ckpt.data_digest, "has_best": ckpt.best_params is not None}
+    arrays[CHECKPOINT_KEY] = np.array(json.dumps(meta))     # floats round-trip exactly through repr
+    with atomic_file(path, "wb") as f:
+        np.savez(f, **arrays)
+    return Path(path)
+
+
+def is_checkpoint(arrays):
+    return CHECKPOINT_KEY in arrays
+
+
+def load_checkpoint(module, path):
+    """A Checkpoint written by ``train(..., checkpoint=...)``, checked against the module."""
+    return checkpoint_from_arrays(module, read_npz(path), str(path))
+
+
+def checkpoint_from_arrays(module, arrays, where):
+    if not is_checkpoint(arrays):
+        raise TrainError(f"{where}: not a bpc checkpoint (a parameters file? those resume the parameters only)")
+    try:
+        meta = json.loads(str(arrays[CHECKPOINT_KEY]))
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise TrainError(f"{where}: checkpoint format {meta.get('version')!r}; this bpc reads "
+                             f"{CHECKPOINT_VERSION}")
+        part = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}  # noqa: E731
+        params = check_params(module, part("params/"), where)
+        best_params = check_params(module, part("best/"), where) if meta["has_best"] else None
+        state = dict(meta["state"])
+        for key, a in part("state/").items():
+            group, _, name = key.partition("/")
+            state.setdefault(group, {})[name] = np.array(a)
+        h = meta["history"]
+        history = History(**{f.name: h[f.name] for f in fields(History)})
+        return Checkpoint(int(meta["epoch"]), params, state, meta["rng"], float(meta["best"]), meta["best_epoch"],
+                          best_params, int(meta["since_best"]), history, [_key(k) for k in meta["warned"]],
+                          list(meta["warnings"]), dict(meta["config"]), str(meta["data_digest"]))
+    except TrainError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise TrainError(f"{where}: a damaged checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _key(k):
+    return tuple(k) if isinstance(k, list) else k
+
+
+def _resume_check(config, ckpt, digest):
+    ours = {f.name: getattr(config, f.name) for f in fields(config)}
+    changed = [f"{k} {ckpt.config.get(k)!r} -> {ours[k]!r}" for k in ours
+               if k not in RESUMABLE_CHANGES and ckpt.config.get(k) != ours[k]]
+    if changed:
+        raise TrainError("the checkpoint's run had other options (" + "; ".join(changed) + "); resume with the "
+                         "same options, or start a new run from its parameters")
+    if ckpt.data_digest != digest:
+        raise TrainError("the checkpoint's run had other training or validation data; resume with the same "
+                         "data, or start a new run from its parameters")
+    if ckpt.epoch >= config.epochs:
+        raise TrainError(f"the checkpoint is at epoch {ckpt.epoch} of the run; epochs {config.epochs} leaves "
+                         "nothing to train (epochs counts the whole run: give more)")
+
+
+def _history_upto(h, k):
+    """The first ``k`` epochs of a History (a new one)."""
+    return History(**{f.name: ({n: v[:k] for n, v in h.param_grad_norms.items()} if f.name == "param_grad_norms"
+                               else getattr(h, f.name)[:k]) for f in fields(History)})
+
+
+def _run_dtype(module, train_set):
+    first = next(iter(train_set.values()))
+    return getattr(module, "DTYPE", None) or (np.float32 if first.dtype == np.float32 else np.float64)
+
+
+def _upcast(params, dtype, warn):
+    """float16 (or any float other than float32/64) parameters are trained in ``dtype``:
+    float16 has 11 significant bits and overflows at 65504, so small updates round away and
+    Adam's squared gradients overflow; runs diverged at their second step."""
+    odd = [k for k, a in params.items() if a.dtype not in (np.float32, np.float64)]
+    if not odd:
+        return params
+    kinds = sorted({str(params[k].dtype) for k in odd})
+    warn("dtype", f"parameter(s) {', '.join(odd)} are {'/'.join(kinds)}: trained in {np.dtype(dtype).name} "
+                  "(bpc trains in float32 or float64; float16 loses small updates and overflows)")
+    return {k: (a.astype(dtype) if k in odd else a) for k, a in params.items()}
+
+
+def train(module, data, config=None, *, params=None, val_data=None, verbose=False, on_epoch=None,
+          stop=None, resume=None, checkpoint=None, checkpoint_every=None):
     """Train ``module`` on ``data`` and return a TrainResult.
 
     ``data``: a dict name -> array (names of INPUTS and TARGETS) or a sequence in that order.
-    ``params``: initial parameters (e.g. ``load_params`` to resume); default ``init_params(seed)``
-    in the dtype of the module (or float32 when the inputs are float32).
+    ``params``: initial parameters (e.g. ``load_params``); default ``init_params(seed)``
+    in the dtype of the module (or float32 when the inputs are float32). float16 parameters
+    are trained in that dtype instead, with a warning.
     ``val_data``: a separate validation set; otherwise ``config.val_split`` of ``data`` is held out.
     ``verbose``: progress bar on a terminal, a log line every ``log_every`` epochs, warnings.
     ``on_epoch(epoch, history)``: called after every epoch; return True to stop.
+    ``stop``: a StopRequest (anything with ``is_set()``), checked after every step.
+    ``checkpoint``, ``checkpoint_every``: write a Checkpoint to the path ``checkpoint`` after
+    every ``checkpoint_every``-th epoch and after the last one, and, when the run is stopped
+    (interrupted or early stopping), of its last complete epoch.
+    ``resume``: a Checkpoint (``load_checkpoint``) to continue from: the same options (but
+    ``epochs``, which counts the whole run, and the monitoring options) and the same data.
 
-    Ctrl-C is caught: the run stops and the result carries the best parameters so far
+    Ctrl-C (or a StopRequest) stops the run; the result carries the best parameters so far
     (``stopped == "interrupted"``). A NaN or Inf loss or gradient stops the run and keeps the
     last parameters whose loss was finite (``stopped == "diverged"``).
     """
     config = (config or TrainConfig()).validate()
+    if checkpoint_every is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise TrainError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+        if checkpoint is None:
+            raise TrainError("checkpoint_every needs a checkpoint path")
+    if resume is not None and params is not None:
+        raise TrainError("give either params or a checkpoint to resume from, not both")
     data = check_data(module, data)
     if val_data is not None:
         if config.val_split:
@@ -461,10 +608,12 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
         train_set, val_set = data, check_data(module, val_data, "validation data")
     else:
         train_set, val_set = split(data, config.val_split, config.seed)
-    if params is None:
-        first = next(iter(train_set.values()))
-        dtype = getattr(module, "DTYPE", None) or (np.float32 if first.dtype == np.float32 else np.float64)
-        params = module.init_params(seed=config.seed, dtype=dtype)
+    digest = _digest(train_set, val_set)
+    if resume is not None:
+        _resume_check(config, resume, digest)
+        params = resume.params
+    elif params is None:
+        params = module.init_params(seed=config.seed, dtype=_run_dtype(module, train_set))
     params = check_params(module, params)
 
     n = len(next(iter(train_set.values())))
@@ -476,9 +625,18 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
     log_every = config.log_every or max(1, config.epochs // 10)
     names = list(module.PARAMS)
     history = History(param_grad_norms={k: [] for k in names})
-    report = _Reporter(verbose, config.epochs * steps_per_epoch)
+    start = 0
+    state = {}
+    best, best_epoch, best_params, since_best = math.inf, None, None, 0
     warned = set()
     warnings_out = []
+    if resume is not None:
+        start, history, state = resume.epoch, copy.deepcopy(resume.history), copy.deepcopy(resume.state)
+        rng.bit_generator.state = resume.rng
+        best, best_epoch, since_best = resume.best, resume.best_epoch, resume.since_best
+        best_params = _copy(resume.best_params) if resume.best_params is not None else None
+        warned, warnings_out = set(resume.warned), list(resume.warnings)
+    report = _Reporter(verbose, (config.epochs - start) * steps_per_epoch)
 
     def warn(key, text):
         if key not in warned:
@@ -486,22 +644,44 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
             warnings_out.append(text)
             report.warn(text)
 
-    state = {}
+    params = _upcast(params, _run_dtype(module, train_set), warn)
+    if resume is not None and best_params is not None:
+        best_params = _upcast(best_params, _run_dtype(module, train_set), lambda *a: None)
+
+    snapshot, written = None, start    # the state at the end of the last epoch; the last epoch saved
+
+    def take_snapshot(epoch):
+        # copies: the next epoch updates params and state in place; the history only grows, so
+        # its first `epoch` entries are the snapshot's
+        return Checkpoint(epoch, _copy(params), copy.deepcopy(state), rng.bit_generator.state, best, best_epoch,
+                          best_params, since_best, None, sorted(warned, key=str), list(warnings_out),
+                          {f.name: getattr(config, f.name) for f in fields(config)}, digest)
+
+    def save_snapshot():
+        try:
+            # the history holds epochs 1, 2, ...: the snapshot's are its first snapshot.epoch entries
+            save_checkpoint(replace(snapshot, history=_history_upto(history, snapshot.epoch)), checkpoint)
+        except OSError as e:        # the run matters more than its checkpoint
+            warn(("checkpoint", str(e)), f"cannot write the checkpoint {checkpoint}: {e.strerror or e}; "
+                                         "training continues")
+        return snapshot.epoch
+
     last_good = _copy(params)
-    best, best_epoch, best_params, since_best = math.inf, None, None, 0
     monitor = "validation loss" if val_set is not None else "training loss"
     stopped, message = "completed", ""
-    t0 = time.monotonic()
-    epoch = 0
+    t0 = time.monotonic() - (history.seconds[-1] if history.seconds else 0.0)
+    epoch = start
     errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore")  # non-finite values are handled
     errstate.__enter__()
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(start + 1, config.epochs + 1):
             lr = lr_at(config, epoch)
             order = rng.permutation(n) if config.shuffle and steps_per_epoch > 1 else np.arange(n)
             loss_sum, norm_sum, seen = 0.0, 0.0, 0
             pnorm_sum = dict.fromkeys(names, 0.0)
             for s in range(steps_per_epoch):
+                if stop is not None and stop.is_set():
+                    raise _Stopped
                 index = order[s * batch:(s + 1) * batch]
                 arrays = _rows(train_set, index) if steps_per_epoch > 1 else list(train_set.values())
                 value, grads = module.backward(params, *arrays)
@@ -554,7 +734,11 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
                 best_params = _copy(params)
             else:
                 since_best += 1
-            if epoch % log_every == 0 or epoch == 1 or epoch == config.epochs:
+            if checkpoint_every:
+                snapshot = take_snapshot(epoch)
+                if epoch % checkpoint_every == 0 or epoch == config.epochs:
+                    written = save_snapshot()
+            if epoch % log_every == 0 or epoch == start + 1 or epoch == config.epochs:
                 report.log(_epoch_line(epoch, config.epochs, history, val_set is not None))
             if config.patience and since_best >= config.patience and epoch < config.epochs:
                 stopped = "early_stopping"
@@ -566,14 +750,17 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
                 break
     except StopIteration:
         pass
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stopped) as e:
         stopped = "interrupted"
-        message = (f"interrupted during epoch {epoch}; kept the best parameters so far"
-                   + (f" (epoch {best_epoch}, {monitor} {best:.6g})" if best_epoch else
-                      " (no epoch completed: the last parameters with a finite loss)"))
+        reason = getattr(stop, "reason", None) if isinstance(e, _Stopped) else None
+        message = (f"interrupted{f' by {reason}' if reason else ''} during epoch {epoch}; kept the best "
+                   "parameters so far" + (f" (epoch {best_epoch}, {monitor} {best:.6g})" if best_epoch else
+                                          " (no epoch completed: the last parameters with a finite loss)"))
     finally:
         errstate.__exit__(None, None, None)
         report.close()
+    if snapshot is not None and snapshot.epoch > written and stopped in ("interrupted", "early_stopping"):
+        save_snapshot()        # a stopped run can be resumed from its last complete epoch
 
     if stopped == "diverged" and params is not last_good and best_params is not None:
         params = best_params                      # a validation loss overflowed: keep the best

@@ -96,7 +96,7 @@ CASES = [
      "[model]\ndescription = '''x\"\"\"\nimport os; os.system(\"touch MARKER\")\n\"\"\"'''\n" + net(),
      "model.description: three quotes in a row"),
     ("description backslash", "m.toml", "[model]\ndescription = 'a \\N{x}'\n" + net(), "model.description: a backslash"),
-    ("train not a table", "m.toml", 'train = 3\n' + net(), "train: must be a table"),
+    ("train not a table", "m.toml", 'train = 3\n' + net(), "[train]: must be a table"),
     # -- network fields
     ("missing input", "m.toml", net().replace('input = { name = "x", size = 2 }', ""), "network.input: missing"),
     ("input size 0", "m.toml", net().replace("size = 2", "size = 0"), "network.input.size: must be an integer from 1"),

@@ -231,10 +231,11 @@ def test_default_model_name_is_the_file_stem(tmp_path):
     assert load_spec(f).model.name == "cubic"
 
 
-def test_train_table_is_passed_through_unvalidated():
+def test_train_table_is_checked_and_kept():   # the bad values: tests/test_spec_train.py
     spec = loads_spec('[expression]\nprediction = "a*x"\nparams = {a = 1}\ninputs = ["x"]\n'
-                      '[train]\nepochs = 3\noptimizer = "adam"\n', "m.toml")
-    assert spec.train == {"epochs": 3, "optimizer": "adam"}
+                      '[train]\nepochs = 3\noptimizer = "adam"\nlr = 1\n', "m.toml")
+    assert spec.train == {"epochs": 3, "optimizer": "adam", "lr": 1.0}
+    assert type(spec.train["lr"]) is float
 
 
 # ---- the safe expression parser --------------------------------------------------------------

@@ -7,20 +7,16 @@ targets' columns); see docs/training.md.
 
 Shows a progress bar on a terminal and log lines (loss, validation loss, learning rate,
 per-parameter gradient norms) otherwise; warns on vanishing or exploding gradients; stops on a
-NaN/Inf loss keeping the last good parameters (exit 1); Ctrl-C saves the best parameters so far
-(exit 130). Prints the final loss (and accuracy for classifiers) on the training, validation
-and --test data.
+NaN/Inf loss keeping the last good parameters (exit 1); Ctrl-C, SIGTERM and SIGHUP save the best
+parameters so far (exit 130, 143, 129). Every output is checked before the run; --checkpoint-every
+N saves the whole state of the run, which --resume continues exactly. Prints the final loss (and
+accuracy for classifiers) on the training, validation and --test data.
 """
 from __future__ import annotations
 
 import argparse
 
-# [train] keys of a spec -> type; the names of TrainConfig fields and of the long options
-TRAIN_KEYS = {
-    "optimizer": str, "lr": float, "epochs": int, "batch_size": int, "momentum": float,
-    "weight_decay": float, "schedule": str, "step_size": int, "gamma": float, "min_lr": float,
-    "clip": float, "seed": int, "val_split": float, "patience": int, "min_delta": float,
-}
+from ..train_options import SPEC_KEYS as TRAIN_KEYS   # [train] keys = long options, with underscores
 
 
 def add_arguments(parser):
@@ -51,7 +47,13 @@ def add_arguments(parser):
     o.add_argument("--dtype", choices=("float32", "float64"), help="compile for this dtype (default: the spec's)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", metavar="FILE", help="parameters .npz to write (default: <model name>_params.npz)")
-    out.add_argument("--resume", metavar="FILE", help="start from parameters saved in a .npz")
+    out.add_argument("--resume", metavar="FILE",
+                     help="continue from a checkpoint (--checkpoint-every: the exact run, with optimizer state, "
+                     "epoch, schedule and shuffling), or start from parameters saved in a .npz")
+    out.add_argument("--checkpoint-every", type=int, metavar="N",
+                     help="every N epochs, after the last and when stopped, save the run's whole state to --checkpoint")
+    out.add_argument("--checkpoint", metavar="FILE",
+                     help="the checkpoint file (default: --out with .ckpt.npz for .npz)")
     out.add_argument("--plot", metavar="PNG", help="write the training/validation loss curves")
     out.add_argument("--plot-grads", action="store_true", help="add per-parameter gradient norms to --plot")
     out.add_argument("--boundary", metavar="PNG", help="write the decision boundary (classifier with 2 input features)")
@@ -74,7 +76,11 @@ def run(args):
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(args.threads))   # read when numpy is first imported, just below
 
-    from ..train import TrainConfig, TrainError, load_params, save_params, train
+    import numpy as np
+
+    from ..files import check_writable, remove_stale_temporaries
+    from ..train import (StopRequest, TrainConfig, TrainError, check_params, checkpoint_from_arrays, is_checkpoint,
+                         read_npz, save_params, train)
     from ..train_data import load_data
 
     module, defaults, label = _load_model(args)
@@ -107,14 +113,49 @@ def run(args):
     out = Path(args.out) if args.out else Path(f"{label}_params.npz")
     if out.suffix.lower() != ".npz":
         raise TrainError(f"--out {out}: parameters are saved as .npz; name the file *.npz")
-    for option in ("data", "test", "spec"):
-        other = getattr(args, option)
-        if other and _same_file(out, other):
-            raise TrainError(f"--out {out} is the --{option} file; choose another output" if option != "spec"
-                             else f"--out {out} is the spec file; choose another output")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise TrainError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if args.checkpoint and not args.checkpoint_every:
+        raise TrainError("--checkpoint names the file of --checkpoint-every N; give that too")
+    checkpoint = None
+    if args.checkpoint_every:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name[:-4] + ".ckpt.npz")
+        if checkpoint.suffix.lower() != ".npz":
+            raise TrainError(f"--checkpoint {checkpoint}: checkpoints are saved as .npz; name the file *.npz")
+        if _same_file(checkpoint, out):
+            raise TrainError(f"--checkpoint {checkpoint} is the --out file; choose another")
+    for path, what in ((out, "--out"), (checkpoint, "--checkpoint")):
+        for option in ("data", "test", "spec"):
+            other = getattr(args, option)
+            if path and other and _same_file(path, other):
+                raise TrainError(f"{what} {path} is the --{option} file; choose another output" if option != "spec"
+                                 else f"{what} {path} is the spec file; choose another output")
     data = load_data(args.data, module)
     test = load_data(args.test, module) if args.test else None
-    params = load_params(module, args.resume) if args.resume else None
+    params, resume = None, None
+    if args.resume:
+        arrays = read_npz(args.resume)
+        if is_checkpoint(arrays):
+            resume = checkpoint_from_arrays(module, arrays, args.resume)
+        else:
+            params = check_params(module, arrays, args.resume)
+
+    # every output is checked before the run, not after it (a directory, a read-only or a full disk)
+    nbytes = sum(int(_size(s)) for s in module.PARAMS.values()) * np.dtype(getattr(module, "DTYPE", None)
+                                                                             or np.float64).itemsize
+    outputs = [("--out", out, nbytes + 1024 * len(module.PARAMS) + 4096)]
+    if checkpoint:
+        outputs.append(("--checkpoint", checkpoint, 4 * nbytes + 2048 * len(module.PARAMS) + 65536
+                        + 32 * config.epochs * (len(module.PARAMS) + 8)))
+    for option in ("history", "plot", "boundary"):
+        if getattr(args, option):
+            outputs.append((f"--{option}", Path(getattr(args, option)), 65536))
+    for option, path, size in outputs:
+        remove_stale_temporaries(path)
+        try:
+            check_writable(path, size)
+        except OSError as e:
+            raise TrainError(f"{option} {path}: cannot write there: {e.strerror or e}") from None
 
     n = len(next(iter(data.values())))
     nparams = sum(int(_size(s)) for s in module.PARAMS.values())
@@ -125,16 +166,25 @@ def run(args):
               + (f" + {n_val} for validation" if n_val else "")
               + f"; {config.optimizer}, lr {config.base_lr:g} ({config.schedule}), {batch}, "
               f"{config.epochs} epochs" + (f", clip {config.clip:g}" if config.clip else "")
-              + (f", resuming from {args.resume}" if args.resume else ""), flush=True)
-    result = train(module, data, config, params=params, verbose=not args.quiet)
+              + (f", resuming from {args.resume}" if args.resume else "")
+              + (f" (epoch {resume.epoch})" if resume else ""), flush=True)
+    stop = StopRequest()
+    with _stop_signals(stop):
+        # from here on SIGINT, SIGTERM and SIGHUP never raise: they ask the run to stop after its
+        # step, and a later one while the parameters are evaluated and saved is only noted
+        result = train(module, data, config, params=params, verbose=not args.quiet, stop=stop,
+                       resume=resume, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
+        saved, save_error = _save(save_params, result.params, out, label)
     for w in result.warnings if args.quiet else ():
         print(f"bpc: warning: {w}", file=sys.stderr)
-
-    try:
-        save_params(result.params, out)
-    except OSError as e:
-        raise TrainError(f"cannot write {out}: {e.strerror or e}") from None
-    written, failure = [f"parameters -> {out}"], None
+    if saved is None:
+        raise TrainError(f"cannot write {out}: {save_error}; nor in any fallback location "
+                         f"({', '.join(str(d) for d in _fallback_dirs())}): the parameters are lost")
+    written, failures = [f"parameters -> {saved}"], []
+    if saved != out:
+        failures.append(f"cannot write {out}: {save_error}; the parameters are saved in {saved} instead")
+    if checkpoint and checkpoint.exists():
+        written.append(f"checkpoint -> {checkpoint}")
     try:
         if args.plot and result.history.epoch:
             from ..train_plot import plot_history
@@ -148,7 +198,8 @@ def run(args):
             Path(args.history).write_text(json.dumps(result.history.as_dict(), indent=1) + "\n")
             written.append(f"history -> {args.history}")
     except OSError as e:
-        failure = f"cannot write {e.filename or 'an output'}: {e.strerror or e} (the parameters are saved in {out})"
+        failures.append(f"cannot write {e.filename or 'an output'}: {e.strerror or e} "
+                        f"(the parameters are saved in {saved})")
 
     print(("" if args.quiet else "\n") + result.message)
     rows = [("training", result.final["train_loss"], result.final["train_accuracy"])]
@@ -160,19 +211,94 @@ def run(args):
         rows.append(("test", ev["loss"], ev["accuracy"]))
     width = max(len(r[0]) for r in rows)
     for name, loss, acc in rows:
-        print(f"  {name:<{width}}  loss {loss:.6g}" + ("" if acc is None else f"  accuracy {100 * acc:.2f}%"))
+        print(f"  {name:<{width}}  " + ("not evaluated (interrupted)" if loss is None else f"loss {loss:.6g}"
+                                        + ("" if acc is None else f"  accuracy {100 * acc:.2f}%")))
     for line in written:
         print("  " + line)
-    if failure:
-        print(f"bpc: error: {failure}", file=sys.stderr)
+    from ..freetext import terminal
+    for failure in failures:
+        print(f"bpc: error: {terminal(failure)}", file=sys.stderr)
+    if failures:
         return 2
     if result.stopped == "diverged":
         print(f"bpc: training diverged: {result.message}", file=sys.stderr)
         return 1
     if result.stopped == "interrupted":
-        print(f"bpc: interrupted; the best parameters so far are saved in {out}", file=sys.stderr)
-        return 130
+        why = f"interrupted by {stop.reason}" if stop.reason else "interrupted"
+        print(f"bpc: {why}; the best parameters so far are saved in {saved}", file=sys.stderr)
+        return 128 + _SIGNALS.get(stop.reason, 2)
     return 0
+
+
+# the signals that stop a run as Ctrl-C does, by name; the exit code is 128 + the number
+_SIGNALS = {"SIGINT": 2, "SIGHUP": 1, "SIGTERM": 15}
+
+
+class _stop_signals:
+    """While active, SIGINT, SIGTERM and SIGHUP set ``stop`` instead of raising or killing the
+    process; the previous handlers come back on exit. A no-op outside the main thread."""
+
+    def __init__(self, stop):
+        self.stop, self.previous = stop, {}
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in _SIGNALS:
+            number = getattr(signal, name, None)
+            if number is not None:
+                self.previous[number] = signal.signal(number, self._handler)
+        return self
+
+    def _handler(self, number, frame):
+        import os
+        import signal
+        name = signal.Signals(number).name
+        if self.stop.is_set():          # a second signal: the run is already stopping; say so
+            os.write(2, f"\nbpc: {name}: already stopping; saving the best parameters (SIGKILL to quit "
+                        "without saving)\n".encode())
+        self.stop.request(name)
+
+    def __exit__(self, *exc):
+        import signal
+        for number, handler in self.previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)   # None: set outside Python
+        return False
+
+
+def _fallback_dirs():
+    """Where the parameters go when --out cannot be written after all: the working directory,
+    the temporary directory, the home directory."""
+    import tempfile
+    from pathlib import Path
+    out = [Path.cwd(), Path(tempfile.gettempdir())]
+    try:
+        out.append(Path.home())
+    except (KeyError, RuntimeError):
+        pass
+    return out
+
+
+def _save(save_params, params, out, label):
+    """``(path, error)``: the parameters saved to ``out``, or, if that fails (the disk filled up
+    during the run, say), to a fresh file in a fallback directory, so a finished run is never
+    lost for want of a place; ``path`` is None if nowhere took them."""
+    import os
+    import time
+    try:
+        return save_params(params, out), None
+    except OSError as e:
+        error = e.strerror or str(e)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for directory in _fallback_dirs():
+        path = directory / f"bpc-rescued-{label}-{stamp}-{os.getpid()}.npz"
+        try:
+            return save_params(params, path), error
+        except OSError:
+            continue
+    return None, error
 
 
 def _same_file(a, b):
@@ -214,26 +340,11 @@ def _load_model(args):
     from ._common import load
     from ..emit import compile_model
     spec = load(args.spec)
-    defaults = _train_table(spec)
-    module = compile_model(spec.model, dtype=args.dtype or spec.dtype).load()
+    defaults = spec.train               # checked by the spec loader
+    compiled = compile_model(spec.model, dtype=args.dtype or spec.dtype)
+    try:
+        module = compiled.load()          # through the module cache: before the run, not after it
+    except OSError as e:
+        from ..emit import cache_dir
+        raise TrainError(f"cannot write the module cache {cache_dir()} ($BPC_CACHE): {e.strerror or e}") from None
     return module, defaults, spec.model.name
-
-
-def _train_table(spec):
-    from ..spec import SpecError
-    out = {}
-    for key, value in spec.train.items():
-        if key not in TRAIN_KEYS:
-            import difflib
-            close = difflib.get_close_matches(key, TRAIN_KEYS, n=1)
-            raise SpecError(f"{spec.path}: train.{key}: unknown option"
-                            + (f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(TRAIN_KEYS)}"))
-        want = TRAIN_KEYS[key]
-        ok = (isinstance(value, str) if want is str else
-              isinstance(value, int) and not isinstance(value, bool) if want is int else
-              isinstance(value, (int, float)) and not isinstance(value, bool))
-        if not ok:
-            raise SpecError(f"{spec.path}: train.{key}: must be {want.__name__ if want is not float else 'a number'}, "
-                            f"got {value!r}")
-        out[key] = float(value) if want is float else value
-    return out
