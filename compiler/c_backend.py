@@ -237,24 +237,26 @@ class CStatements:
         if node.uid in self.aliases:
             return [f"const {self.real} *const {self.name(node)} = {self.name(a)};  /* same data, new shape */"]
         # a scalar or inline source: copy element by element (row-major order is unchanged)
-        return self.copy_flat(node, a, self.target_flat(node))
+        return self.copy_flat(node, a)
 
-    def target_flat(self, node):
-        return self.name(node) if node.uid in self.locals else f"{self.name(node)}[_i]"
+    def target_flat(self, node, index):
+        return self.name(node) if node.uid in self.locals else f"{self.name(node)}[{index}]"
 
-    def source_flat(self, src, shape):
-        """Element ``_i`` (flat, row-major) of ``src`` viewed with ``shape``'s size."""
+    def source_flat(self, src, index):
+        """Element ``index`` (a flat, row-major C index) of ``src``."""
         if src.uid in self.p.inline or src.uid in self.locals:
             if src.uid in self.p.inline and src.inputs:
                 raise UnsupportedError(f"internal: cannot copy inline value {src!r}")
             return self.elem(src, ["0"] * len(src.shape))
-        return f"{self.name(src)}[_i]" if src.shape != () else f"{self.name(src)}[0]"
+        return f"{self.name(src)}[{index}]"
 
-    def copy_flat(self, node, src, target):
-        line = f"{target} = {self.source_flat(src, node.shape)};"
-        if node.uid in self.locals or node.shape == ():
-            return [line]
-        return [f"for (size_t _i = 0; _i < {_size_code(node.shape)}; _i++) {line}"]
+    def copy_flat(self, node, src):
+        # a value of one element (a scalar local, or a (1, 1) array) is copied without a loop,
+        # so there is no loop variable to index with
+        if node.uid in self.locals or _size_code(node.shape) == "1":
+            return [f"{self.target_flat(node, '0')} = {self.source_flat(src, '0')};"]
+        return [f"for (size_t _i = 0; _i < {_size_code(node.shape)}; _i++) "
+                f"{self.target_flat(node, '_i')} = {self.source_flat(src, '_i')};"]
 
     def _stmt_sum(self, node):
         (x,) = node.inputs
@@ -579,7 +581,7 @@ def _copy_out(st, node, dest):
         idx = st.idx_vars(node.shape)
         return ["{", f"    {st.real} *const _dst = {dest};"] + \
             ["    " + line for line in st.loops(node.shape, [f"_dst[{_flat_index(node.shape, idx)}] = {st.elem(node, idx)};"])] + ["}"]
-    src = st.source_flat(node, node.shape)
+    src = st.source_flat(node, "_i")
     return [f"for (size_t _i = 0; _i < {size}; _i++) ({dest})[_i] = {src};"]
 
 
