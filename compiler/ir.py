@@ -221,6 +221,8 @@ def transpose(a):
         raise ShapeError(f"transpose needs a 2-D value, got {format_shape(a.shape)}")
     if a.op == "transpose":
         return a.inputs[0]
+    if a.op == "ew" and not a.inputs:
+        return ew(a.attr("expr"), (), shape=a.shape[::-1])   # a constant stays a constant
     return make("transpose", (a,), a.shape[::-1])
 
 
@@ -230,6 +232,8 @@ def reshape(a, shape):
         return a
     if sp.simplify(size_of(shape) - size_of(a.shape)) != 0:
         raise ShapeError(f"cannot reshape {format_shape(a.shape)} to {format_shape(shape)}")
+    if a.op == "ew" and not a.inputs:
+        return ew(a.attr("expr"), (), shape=shape)   # a constant stays a constant
     # a transposed vector has the same flat order as the vector: reshape the vector itself
     while a.op == "reshape" or (a.op == "transpose" and 1 in a.shape):
         a = a.inputs[0]
