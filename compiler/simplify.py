@@ -52,12 +52,36 @@ def fuse(outputs, names):
     return [memo[o.uid] for o in outputs], new_names
 
 
+# Bounds on one fused elementwise expression. Without them a chain of k single-use elementwise
+# nodes (the backward pass of k activation layers, or exp(exp(...)) forward) fuses into one
+# expression k levels deep with k inputs: Python refuses to parse more than 200 nested
+# parentheses, the printers recurse once per level, and ARG runs out of symbols. A child that
+# would break a bound stays a statement of its own, so every printed expression is shallow.
+MAX_FUSED_HEIGHT = 24
+MAX_FUSED_INPUTS = 24
+
+
+def height(expr):
+    """Levels of the expression tree (a symbol or number is 1), computed without recursion."""
+    best, stack = 0, [(expr, 1)]
+    while stack:
+        e, h = stack.pop()
+        best = max(best, h)
+        stack.extend((a, h + 1) for a in e.args)
+    return best
+
+
 def _fuse_ew(node, memo, count):
     expr = node.attr("expr")
     args, subs = [], {}
+    top = height(expr)
     for i, inp in enumerate(node.inputs):
         new_inp = memo[inp.uid]
         inline = new_inp.op == "ew" and (not new_inp.inputs or (count[inp.uid] == 1 and new_inp.shape == node.shape))
+        if inline and new_inp.inputs:
+            # an upper bound of the fused height: the child replaces a leaf of this expression
+            inline = (top + height(new_inp.attr("expr")) - 1 <= MAX_FUSED_HEIGHT
+                      and len(args) + len(new_inp.inputs) + len(node.inputs) - i - 1 <= MAX_FUSED_INPUTS)
         if inline:
             child = new_inp.attr("expr")
             offset = len(args)
