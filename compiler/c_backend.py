@@ -41,7 +41,7 @@ import sympy as sp
 from . import __version__, ir
 from . import cache as _cache
 from .c_printer import PRINTERS, print_c
-from .emit import _init_line, _prediction_doc, cache_dir, compile_model, load_module, write_atomic
+from .emit import _init_line, _prediction_doc, cache_dir, compile_model, load_module, statement, write_atomic
 from .errors import BpcError, ModelError, UnsupportedError
 from .freetext import c_comment
 from .ir import ARG, N
@@ -483,7 +483,7 @@ def compile_model_c(model, dtype="float64", prefix=None):
         for n in nodes:
             body.append("")
             body.append(f"/* {c_comment(fm.line(n), lead='')} */")
-            body.extend(st.statement(n))
+            body.extend(statement(st, fm, n))
         tail = []
         for node, kind, dest in outputs:
             if node.uid in direct and direct[node.uid] == dest:

@@ -25,6 +25,7 @@ class CPrinter(StrPrinter):
     real = "double"
     fsuffix = ""        # appended to math function names (expf, tanhf, ...)
     lsuffix = ""        # appended to floating literals (1.0f)
+    max_literal = 1.7976931348623157e308   # the largest finite value of the type
 
     # SymPy function class name -> C function (before the suffix), or helper name
     LIBM = {"exp": "exp", "log": "log", "sinh": "sinh", "cosh": "cosh", "sin": "sin",
@@ -38,9 +39,13 @@ class CPrinter(StrPrinter):
         self.helpers = set()
 
     def _lit(self, value):
-        text = repr(float(value))
-        if text in ("inf", "-inf", "nan"):
-            raise UnsupportedError(f"the constant {value} is not finite")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = float("inf")
+        if not abs(number) <= self.max_literal:   # also nan
+            raise UnsupportedError(f"the constant {value} is beyond the range of C {self.real}")
+        text = repr(number)
         if "e" not in text and "." not in text:
             text += ".0"
         return text + self.lsuffix
@@ -140,6 +145,7 @@ class CPrinterFloat(CPrinter):
     real = "float"
     fsuffix = "f"
     lsuffix = "f"
+    max_literal = 3.4028234663852886e38
 
 
 PRINTERS = {"float64": CPrinter, "float32": CPrinterFloat}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__, ir
 from .cache import cache_dir, write_cached  # noqa: F401  (cache_dir re-exported for the C backend)
-from .errors import ModelError
+from .errors import ModelError, UnsupportedError
 from .freetext import py_comment
 from .files import write_atomic  # noqa: F401  (re-exported: the C backend writes through it)
 from .numpy_backend import Formulas, NumpyStatements, shape_code
@@ -141,7 +141,7 @@ def compile_model(model, dtype=None):
         for node in nodes:
             if comments and node.uid in program.backward_only:
                 body.append(py_comment(fm.line(node)))
-            body.extend(st.statement(node))
+            body.extend(statement(st, fm, node))
         pro, params = prologue(leaves, roots)
         if st.needs_dt:
             pro.append(f"dt = {leaves[0].name}.dtype")
@@ -205,6 +205,16 @@ def compile_model(model, dtype=None):
         helpers=sorted(st.helpers), functions=functions,
     )
     return CompiledModule(model, program, text, formulas, latex, source_hash, dtype)
+
+
+def statement(st, fm, node):
+    """``st.statement(node)``; an UnsupportedError names the derived formula it arose in (a
+    derivative or a fusion can produce what the model itself does not contain, such as a
+    constant beyond float64)."""
+    try:
+        return st.statement(node)
+    except UnsupportedError as e:
+        raise UnsupportedError(f"model {st.p.model.name!r}: cannot generate {fm.line(node)}: {e}") from None
 
 
 def _dict_code(d):

@@ -10,6 +10,8 @@ backends can print each one in a form that stays finite at +-1000.
 """
 from __future__ import annotations
 
+import math
+
 import sympy as sp
 
 from .errors import ModelError, UnsupportedError
@@ -224,3 +226,45 @@ def check_supported(expr, where):
     for sub in sp.preorder_traversal(expr):
         if isinstance(sub, sp.Basic) and not isinstance(sub, _SUPPORTED) and not sub.is_number:
             raise UnsupportedError(f"{where}: {type(sub).__name__} ({sub}) is not supported in generated code")
+    check_finite(expr, where)
+
+
+def float64_value(number):
+    """The float64 value of a SymPy number, or None when it has none: it overflows to inf, is
+    nan or infinite, or is not real."""
+    try:
+        value = float(number)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def show_constant(e):
+    """``exp(1400) (about 1.09e+608)``: the constant as written (if short), and its size."""
+    try:
+        approx = f"{sp.Float(e.evalf(3), 3)}".lower()
+    except (TypeError, ValueError):
+        approx = ""
+    text = str(e)
+    if len(text) > 40 or isinstance(e, sp.Float):
+        return approx or text[:37] + "..."
+    return f"{text} (about {approx})" if approx and approx != text else text
+
+
+def check_finite(expr, where):
+    """Refuse an expression with a numeric constant beyond float64 (``x*1e308*1e308``,
+    ``exp(700)*exp(700)``, ``x/1e-320``, ``2**1023*4``): SymPy folds such constants exactly, but
+    generated code could only hold them as inf, and a model whose every value is inf or nan is
+    not a model. Raises ModelError naming ``where`` and the constant."""
+    stack = [expr]
+    while stack:   # no recursion: user expressions may be deeper than Python's recursion limit
+        e = stack.pop()
+        if not isinstance(e, sp.Basic):
+            continue
+        if e.is_number:
+            if float64_value(e) is None:
+                text = show_constant(e)
+                raise ModelError(f"{where}: the constant {text} is not a finite float64 number "
+                                 "(beyond +-1.8e308, or nan); rescale the model")
+            continue
+        stack.extend(e.args)

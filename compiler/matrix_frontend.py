@@ -25,7 +25,7 @@ from sympy.matrices.expressions.hadamard import HadamardPower
 
 from . import ir
 from .errors import ModelError, ShapeError, UnsupportedError
-from .functions import activation as resolve_activation
+from .functions import activation as resolve_activation, check_finite
 from .ir import ARG, N
 from .model import Model, check_name
 from .nn import apply_loss, loss_kind
@@ -146,6 +146,7 @@ class _Converter:
         if any(x is None for x in vals):
             missing = [s.name for s, x in zip(syms, vals) if x is None]
             raise ModelError(f"symbol(s) {', '.join(missing)} in {where} are not declared")
+        check_finite(factor, str(where))
         expr = factor.xreplace({s: ARG[i + 1] for i, s in enumerate(syms)}) * ARG[0]
         return self._elementwise(expr, [v, *vals], where)
 
