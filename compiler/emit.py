@@ -8,12 +8,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import sympy as sp
+
 from . import __version__, ir
 from .cache import cache_dir, write_cached  # noqa: F401  (cache_dir re-exported for the C backend)
 from .errors import ModelError, UnsupportedError
 from .freetext import py_comment
 from .files import write_atomic  # noqa: F401  (re-exported: the C backend writes through it)
 from .numpy_backend import Formulas, NumpyStatements, shape_code
+from .printing import numeric_constants_to_floats
 from .program import build_program
 from .templates import render
 
@@ -116,6 +119,8 @@ def compile_model(model, dtype=None):
     program = build_program(model)
     st = NumpyStatements(program)
     fm = Formulas(program)
+    if dtype == "float32":
+        _check_float32_constants(program, fm)
     names = program.names
 
     classes = {}   # target uid -> number of classes, for the targets of softmax losses
@@ -205,6 +210,27 @@ def compile_model(model, dtype=None):
         helpers=sorted(st.helpers), functions=functions,
     )
     return CompiledModule(model, program, text, formulas, latex, source_hash, dtype)
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_float32_constants(program, fm):
+    """A module compiled for float32 computes in float32: NumPy casts a larger literal to inf.
+    (Modules that follow the inputs' dtype cannot know it; the C target checks in its printer.)"""
+    nodes = {n.uid: n for n in (*program.forward_nodes, *program.loss_nodes, *program.backward_nodes)}
+    for n in list(nodes.values()):
+        for i in n.inputs:
+            if i.uid in program.inline:
+                nodes.setdefault(i.uid, i)
+    for node in nodes.values():
+        if node.op != "ew":
+            continue
+        for c in numeric_constants_to_floats(node.attr("expr")).atoms(sp.Number):
+            if abs(float(c)) > FLOAT32_MAX:
+                where = fm.line(node) if node.uid in program.names else fm.rhs(node)
+                raise UnsupportedError(f"model {program.model.name!r}: cannot generate {where} for float32: "
+                                       f"the constant {float(c):.3g} is beyond float32 range (3.4e38)")
 
 
 def statement(st, fm, node):

@@ -231,12 +231,14 @@ def check_supported(expr, where):
 
 def float64_value(number):
     """The float64 value of a SymPy number, or None when it has none: it overflows to inf, is
-    nan or infinite, or is not real."""
+    nan or infinite, is not real, or is nonzero but rounds to 0 (below 4.9e-324)."""
     try:
         value = float(number)
     except (OverflowError, TypeError, ValueError):
         return None
-    return value if math.isfinite(value) else None
+    if not math.isfinite(value) or (value == 0 and not number.is_zero):
+        return None
+    return value
 
 
 def show_constant(e):
@@ -252,10 +254,11 @@ def show_constant(e):
 
 
 def check_finite(expr, where):
-    """Refuse an expression with a numeric constant beyond float64 (``x*1e308*1e308``,
-    ``exp(700)*exp(700)``, ``x/1e-320``, ``2**1023*4``): SymPy folds such constants exactly, but
-    generated code could only hold them as inf, and a model whose every value is inf or nan is
-    not a model. Raises ModelError naming ``where`` and the constant."""
+    """Refuse an expression with a numeric constant that float64 cannot hold (``x*1e308*1e308``,
+    ``exp(700)*exp(700)``, ``x/1e-320``, ``2**1023*4``; or ``1e-400``, which would be 0): SymPy
+    folds such constants exactly, but generated code could only hold them as inf or 0, and a
+    model whose every value is inf, nan or 0 is not the model that was written. Raises
+    ModelError naming ``where`` and the constant."""
     stack = [expr]
     while stack:   # no recursion: user expressions may be deeper than Python's recursion limit
         e = stack.pop()
@@ -263,8 +266,18 @@ def check_finite(expr, where):
             continue
         if e.is_number:
             if float64_value(e) is None:
-                text = show_constant(e)
-                raise ModelError(f"{where}: the constant {text} is not a finite float64 number "
-                                 "(beyond +-1.8e308, or nan); rescale the model")
+                raise ModelError(f"{where}: the constant {show_constant(e)} {float64_problem(e)}; "
+                                 "rescale the model")
             continue
         stack.extend(e.args)
+
+
+def float64_problem(number):
+    """Why ``number`` has no float64 value (see float64_value), as words."""
+    try:
+        tiny = number.is_real and float(abs(number)) == 0.0 and not number.is_zero
+    except (OverflowError, TypeError, ValueError):
+        tiny = False
+    if tiny:
+        return "is below float64 range (it would be 0)"
+    return "is not a finite float64 number (beyond +-1.8e308, or nan)"

@@ -14,22 +14,22 @@ from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.str import StrPrinter
 
 from .errors import UnsupportedError
-from .functions import show_constant, float64_value, relu, sigmoid, softplus, step
+from .functions import float64_problem, float64_value, relu, show_constant, sigmoid, softplus, step
 from .ir import N
 
 
 def numeric_constants_to_floats(expr):
     """Replace irrational numeric subexpressions (pi, sqrt(2), ...) by Float values.
 
-    Every constant must be a finite float64: one that is not (a derivative or a fusion can
-    multiply two large constants of a valid model) raises UnsupportedError, where printing it
-    would give ``inf`` (a NameError in Python, an infinite loss in C).
+    Every constant must have a float64 value: one beyond its range (a derivative or a fusion
+    can multiply two large constants of a valid model) raises UnsupportedError, where printing
+    it would give ``inf`` (a NameError in Python, an infinite loss in C) or a silent 0.
     """
     if isinstance(expr, (sp.Integer, sp.Rational, sp.Float)):
         if float64_value(expr) is None:
-            raise UnsupportedError(f"the constant {show_constant(expr)} is beyond float64 range")
+            raise UnsupportedError(f"the constant {show_constant(expr)} {float64_problem(expr)}")
         if isinstance(expr, sp.Rational) and not isinstance(expr, sp.Integer) \
-                and (float64_value(expr.p) is None or float64_value(expr.q) is None):
+                and (float64_value(sp.Integer(expr.p)) is None or float64_value(sp.Integer(expr.q)) is None):
             return sp.Float(expr, 17)   # a tiny fraction: its numerator or denominator alone overflows
         return expr
     if expr.is_number:
@@ -37,7 +37,7 @@ def numeric_constants_to_floats(expr):
         if not value.is_real:
             raise UnsupportedError(f"the constant {expr} is not a real number")
         if value.is_infinite or value == sp.nan or float64_value(value) is None:
-            raise UnsupportedError(f"the constant {show_constant(expr)} is not a finite float64 number")
+            raise UnsupportedError(f"the constant {show_constant(expr)} {float64_problem(value)}")
         return sp.Float(value, 17)
     if not expr.args:
         return expr
