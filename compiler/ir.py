@@ -36,7 +36,26 @@ import sympy as sp
 from .errors import ShapeError
 
 N = sp.Symbol("n", integer=True, positive=True)
-ARG = tuple(sp.Symbol(f"_a{i}", real=True) for i in range(64))
+
+
+class Symbols:
+    """``S[i]``: the i-th of an endless family of real symbols (``_a0``, ``_a1``, ...), made on
+    first use; ``S[:k]`` is the first k. An elementwise node may have any number of inputs
+    (an expression model with 100 parameters), so no fixed tuple can hold them all."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+        self._made = []
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(i.stop)[i])
+        while len(self._made) <= i:
+            self._made.append(sp.Symbol(f"{self.prefix}{len(self._made)}", real=True))
+        return self._made[i]
+
+
+ARG = Symbols("_a")
 _uids = itertools.count()
 
 

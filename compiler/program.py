@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from . import ir
 from .adjoints import gradients
-from .simplify import fuse, op_counts, use_counts
+from .simplify import fuse, op_counts, split_deep, use_counts
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,10 @@ class Program:
 
 
 def build_program(model):
-    grads, adjoints = gradients(model.loss, model.params)
-    names = dict(model.names)
+    (prediction, loss), names = split_deep([model.prediction, model.loss], dict(model.names))
+    grads, adjoints = gradients(loss, model.params)
     # adjoint names: the node closest to the loss names its adjoint first (dZ2 before dXW2)
-    for node in reversed(ir.topo_order([model.loss])):
+    for node in reversed(ir.topo_order([loss])):
         a = adjoints.get(node.uid)
         base = names.get(node.digest)
         if a is not None and base:
@@ -43,8 +43,8 @@ def build_program(model):
             names.setdefault(g.digest, "d" + p.name)
 
     grad_nodes = [grads[p.uid] for p in model.params if grads[p.uid] is not None]
-    before = op_counts([model.loss, *grad_nodes])
-    outs, names = fuse([model.prediction, model.loss, *grad_nodes], names)
+    before = op_counts([loss, *grad_nodes])
+    outs, names = fuse([prediction, loss, *grad_nodes], names)
     pred, loss, new_grads = outs[0], outs[1], outs[2:]
     it = iter(new_grads)
     grad_pairs = tuple((p, next(it) if grads[p.uid] is not None else None) for p in model.params)

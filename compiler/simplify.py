@@ -55,8 +55,8 @@ def fuse(outputs, names):
 # Bounds on one fused elementwise expression. Without them a chain of k single-use elementwise
 # nodes (the backward pass of k activation layers, or exp(exp(...)) forward) fuses into one
 # expression k levels deep with k inputs: Python refuses to parse more than 200 nested
-# parentheses, the printers recurse once per level, and ARG runs out of symbols. A child that
-# would break a bound stays a statement of its own, so every printed expression is shallow.
+# parentheses, and the printers recurse once per level. A child that would break a bound stays
+# a statement of its own, so every printed expression is shallow and reads as a formula.
 MAX_FUSED_HEIGHT = 24
 MAX_FUSED_INPUTS = 24
 
@@ -69,6 +69,67 @@ def height(expr):
         best = max(best, h)
         stack.extend((a, h + 1) for a in e.args)
     return best
+
+
+def split_deep(outputs, names):
+    """Split every elementwise expression deeper than MAX_FUSED_HEIGHT into a chain of
+    elementwise nodes of bounded depth (``sin(sin(...(x)))`` 150 levels deep, as a spec may
+    write it: differentiating or printing it in one piece exceeds Python's recursion limit).
+
+    Returns (new outputs, names carried over to the new nodes); the graph itself when no
+    expression is that deep (the usual case costs one height per elementwise node).
+    """
+    order = ir.topo_order(outputs)
+    if not any(n.op == "ew" and height(n.attr("expr")) > MAX_FUSED_HEIGHT for n in order):
+        return list(outputs), names
+    memo, new_names = {}, dict(names)
+    for node in order:
+        if not node.inputs:
+            new = node
+        elif node.op == "ew":
+            new = _split_ew(node.attr("expr"), [memo[i.uid] for i in node.inputs], node.shape)
+        else:
+            new = ir.make(node.op, [memo[i.uid] for i in node.inputs], node.shape, node.attrs)
+        memo[node.uid] = new
+        if node.digest in names:
+            new_names.setdefault(new.digest, names[node.digest])
+    return [memo[o.uid] for o in outputs], new_names
+
+
+_CUT = ir.Symbols("_s")
+
+
+def _bind(expr, bound, shape=None):
+    """An elementwise node for ``expr``, whose symbols are keys of ``bound`` (symbol -> node)."""
+    syms = sorted(expr.free_symbols, key=lambda s: s.name)
+    return ir.ew(expr.xreplace({s: ARG[i] for i, s in enumerate(syms)}), [bound[s] for s in syms], shape=shape)
+
+
+def _split_ew(expr, inputs, shape):
+    """``expr`` over ``inputs`` as a chain of nodes: a subexpression that reaches the height
+    bound becomes a node of its own, and a symbol in what is left. Iterative: the expression
+    may be deeper than the recursion limit."""
+    bound = {ARG[i]: node for i, node in enumerate(inputs)}
+    rebuilt, tall = {}, {}
+    stack = [(expr, False)]
+    while stack:
+        e, done = stack.pop()
+        if e in rebuilt:
+            continue
+        if not done:
+            stack.append((e, True))
+            stack.extend((a, False) for a in e.args if a not in rebuilt)
+            continue
+        if not e.args:
+            r, h = e, 1
+        else:
+            r, h = e.func(*[rebuilt[a] for a in e.args]), 1 + max(tall[a] for a in e.args)
+        if h >= MAX_FUSED_HEIGHT and r.free_symbols:
+            cut = _CUT[len(bound)]
+            bound[cut] = _bind(r, bound)
+            r, h = cut, 1
+        rebuilt[e], tall[e] = r, h
+    return _bind(rebuilt[expr], bound, shape)
 
 
 def _fuse_ew(node, memo, count):
@@ -94,7 +155,7 @@ def _fuse_ew(node, memo, count):
     return ir.ew(stabilize(fused), args, shape=node.shape)
 
 
-_TMP = tuple(sp.Symbol(f"_f{i}", real=True) for i in range(len(ARG)))
+_TMP = ir.Symbols("_f")
 
 
 def _tmp(i):

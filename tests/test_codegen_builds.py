@@ -78,6 +78,13 @@ BUILDS = {
     "200_activation_layers": _activation_chain("chain200", 200, "x + tanh(x)/100"),
     "255_tanh_layers": _activation_chain("chain255", 255, "tanh", width=2),
     "120_sigmoid_layers": _activation_chain("chain120", 120, "sigmoid"),
+    # one written expression 150 calls deep: differentiated and printed as a chain of statements
+    "expression_150_calls_deep": _expression_spec("deep_sin", "sin(" * 150 + "a*x" + ")" * 150),
+    # an elementwise node of 70 inputs (once a fixed table of 64 argument symbols ran out)
+    "expression_of_70_parameters": (
+        '[model]\nname = "many"\n[expression]\nprediction = "' +
+        " + ".join(f"q{i}*sin({i % 7}*x + {i})" for i in range(70)) + '"\nparams = { ' +
+        ", ".join(f"q{i} = {0.01 * i}" for i in range(70)) + ' }\ninputs = ["x"]\n'),
     # large but finite constants stay legal
     "large_finite_constants": _expression_spec("big", "a*x*1e150*1e150", "log(cosh(p*1e-300 - y))"),
 }
