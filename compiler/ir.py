@@ -232,6 +232,12 @@ def matmul(a, b, ta=False, tb=False):
         raise ShapeError(f"matrix product needs 2-D operands, got {format_shape(sa)} and {format_shape(sb)}")
     if sa[1] != sb[0]:
         raise ShapeError(f"matrix product of {format_shape(sa)} and {format_shape(sb)}: inner sizes {sa[1]} and {sb[0]} differ")
+    a_const, b_const = (x.op == "ew" and not x.inputs for x in (a, b))
+    if sa[1] == 1 and (a_const or b_const):
+        # an outer product with a constant (the adjoint of a loss term of parameters alone) is
+        # a scaling: c (r, 1) @ B (1, m) is c*B, A (r, 1) @ c (1, m) is c*A
+        const, other = (a, transpose(b) if tb else b) if a_const else (b, transpose(a) if ta else a)
+        return ew(const.attr("expr") * ARG[0], [other], shape=(sa[0], sb[1]))
     return make("matmul", (a, b), (sa[0], sb[1]), (("ta", ta), ("tb", tb)))
 
 
