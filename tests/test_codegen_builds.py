@@ -6,6 +6,7 @@ Each spec below compiles on both targets through the command line, the result is
 C wrapper builds its extension on import), and `check_gradients` compares `backward` with
 central differences of `loss`. The error tables give specs and API calls that must be refused.
 """
+import re
 import shutil
 from pathlib import Path
 
@@ -22,12 +23,16 @@ from compiler.errors import BpcError
 from compiler.expression_model import expression_model
 from compiler.matrix_frontend import from_matrix_expr
 from compiler.nn import Network
+from compiler.program import build_program
+from compiler.simplify import MAX_FUSED_HEIGHT, MAX_FUSED_INPUTS, height
+from compiler.spec import load_spec
 from compiler.gradcheck import check_gradients, format_table, random_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix in (".toml", ".json"))
 HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
-TARGETS = ["numpy", pytest.param("c", marks=pytest.mark.skipif(not HAS_CC, reason="no C compiler"))]
+NEEDS_CC = pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+TARGETS = ["numpy", pytest.param("c", marks=NEEDS_CC)]
 
 
 def _matrix_spec(name, output, loss, extra=""):
@@ -114,8 +119,14 @@ def _perturbed(module, seed=1, scale=0.3):
             for k, v in module.init_params(seed).items()}
 
 
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("case", list(BUILDS))
+# the NumPy module hit Python's parser limit at 255 layers (C failed at 200: the row above);
+# building 255 layers in C would cost 20 s of gcc for nothing more
+NUMPY_ONLY = {"255_tanh_layers"}
+BUILD_ROWS = [pytest.param(case, target, id=f"{case}-{target}", marks=NEEDS_CC if target == "c" else ())
+              for case in BUILDS for target in ("numpy", "c") if not (case in NUMPY_ONLY and target == "c")]
+
+
+@pytest.mark.parametrize("case,target", BUILD_ROWS)
 def test_compiled_module_builds_and_its_gradients_match_finite_differences(case, target, tmp_path, capsys):
     code, err, path = _compile(BUILDS[case], target, tmp_path, capsys)
     assert code == 0, err
@@ -129,20 +140,16 @@ def test_compiled_module_builds_and_its_gradients_match_finite_differences(case,
     assert rows and all(r.ok for r in rows), "\n" + format_table(rows)
 
 
-def test_long_chains_become_bounded_statements():
-    """The backward pass of 200 activation layers is split into statements of bounded depth."""
-    from compiler.program import build_program
-    from compiler.simplify import MAX_FUSED_HEIGHT, MAX_FUSED_INPUTS, height
-    from compiler.spec import load_spec
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "chain.toml"
-        path.write_text(BUILDS["200_activation_layers"])
-        program = build_program(load_spec(path).model)
+@pytest.mark.parametrize("case", ["200_activation_layers", "expression_150_calls_deep"])
+def test_long_chains_become_bounded_statements(case, tmp_path):
+    """A long chain, fused (200 layers' backward pass) or written in one piece (150 nested
+    calls), is scheduled as many elementwise statements, each of bounded depth and width."""
+    path = tmp_path / "chain.toml"
+    path.write_text(BUILDS[case])
+    program = build_program(load_spec(path).model)
     ews = [n for n in program.backward_nodes if n.op == "ew"]
-    assert len(ews) > 200
-    # a fused expression: the parent's height plus a child's, and the inputs of both
-    assert max(height(n.attr("expr")) for n in ews) <= 2 * MAX_FUSED_HEIGHT
+    assert len(ews) >= 6
+    assert max(height(n.attr("expr")) for n in ews) <= MAX_FUSED_HEIGHT + 4   # stabilize may add a level or two
     assert max(len(n.inputs) for n in ews) <= MAX_FUSED_INPUTS
 
 
@@ -181,7 +188,7 @@ def test_unbuildable_model_is_refused_with_exit_2(case, target, tmp_path, capsys
     code, err, path = _compile(spec, target, tmp_path, capsys)
     assert code == 2, f"exit {code}, generated {path}"
     assert err.startswith("bpc: error: ") and "Traceback" not in err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
