@@ -19,10 +19,9 @@ from compiler.cli import main
 from compiler.emit import compile_model
 from compiler.emit import load_module
 from compiler.errors import BpcError
-# (not ``compiler.expression_model``: once the submodule is imported, that name is the module)
-from compiler.expression_model import expression_model
-from compiler.matrix_frontend import from_matrix_expr
-from compiler.nn import Network
+# through the package, as users do (importing the submodule compiler.expression_model first
+# would make the package attribute of that name the module, not the function, for later tests)
+from compiler import Network, expression_model, from_matrix_expr
 from compiler.program import build_program
 from compiler.simplify import MAX_FUSED_HEIGHT, MAX_FUSED_INPUTS, height
 from compiler.spec import load_spec
