@@ -8,6 +8,9 @@ output where possible: tanh' = 1 - y**2, sigmoid' = y*(1 - y), exp' = y, relu' =
 """
 from __future__ import annotations
 
+import operator
+from functools import reduce
+
 import sympy as sp
 
 from . import ir
@@ -34,22 +37,82 @@ def _ew_rule(node, g, wants):
     expr = node.attr("expr")
     k = len(node.inputs)
     y = sp.Symbol("_y", real=True)
-    shift = {ARG[i]: ARG[i + 1] for i in range(k)}
+    partials = _Partials(expr)
+    reuse = not expr.is_Symbol and not expr.is_Add
+    position = {ARG[i]: i for i in range(k)}
     out = []
     for i, inp in enumerate(node.inputs):
         if not wants[i]:
             out.append(None)
             continue
-        d = sp.diff(expr, ARG[i])
+        d = partials.diff(ARG[i])
         if d.has(sp.DiracDelta):
             # derivatives of sign/step: zero almost everywhere, as for relu at its kink
             d = d.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.Integer(0))
-        if not expr.is_Symbol and not expr.is_Add:
+        if reuse:
             d = d.subs(expr, y)  # reuse the forward output
-        d = d.xreplace({**shift, y: ARG[k + 1]})
-        contrib = ir.ew(ARG[0] * d, [g, *node.inputs, node], shape=node.shape)
+        # bind only the inputs the derivative uses: the term of one input of a big sum needs
+        # few of them, and binding all k for each input would be quadratic in k
+        used = sorted((position[s] for s in d.free_symbols if s in position))
+        bind = {ARG[j]: ARG[m + 1] for m, j in enumerate(used)}
+        bind[y] = ARG[len(used) + 1]
+        args = [g, *(node.inputs[j] for j in used), node]
+        contrib = ir.ew(ARG[0] * d.xreplace(bind), args, shape=node.shape)
         out.append(unbroadcast(contrib, inp.shape))
     return out
+
+
+class _Partials:
+    """The partial derivatives of one expression, each visiting only the subterms that hold its
+    symbol. SymPy's ``diff`` walks every term of a sum for every symbol (and recomputes free
+    symbols as it goes), which is quadratic in the number of inputs of a big sum; here each sum
+    and product indexes its arguments by symbol once. The results are SymPy's: a sum's
+    derivative is the sum of its terms' derivatives (zero terms vanish either way), a product's
+    follows ``Mul._eval_derivative``, and anything else goes to ``sp.diff``."""
+
+    def __init__(self, expr):
+        self.expr = expr
+        self._free = {}
+        self._index = {}
+
+    def free(self, e):
+        out = self._free.get(e)
+        if out is None:
+            if e.is_Symbol:
+                out = frozenset((e,))
+            elif e.is_Add or e.is_Mul:
+                out = frozenset().union(*(self.free(a) for a in e.args))
+            else:
+                out = frozenset(e.free_symbols)
+            self._free[e] = out
+        return out
+
+    def index(self, e):
+        """symbol -> positions of the arguments of ``e`` that hold it."""
+        out = self._index.get(e)
+        if out is None:
+            out = {}
+            for j, a in enumerate(e.args):
+                for s in self.free(a):
+                    out.setdefault(s, []).append(j)
+            self._index[e] = out
+        return out
+
+    def diff(self, s, e=None):
+        e = self.expr if e is None else e
+        if s not in self.free(e):
+            return sp.Integer(0)
+        if e.is_Add:
+            return sp.Add(*[self.diff(s, e.args[j]) for j in self.index(e)[s]])
+        if e.is_Mul:
+            args = list(e.args)
+            terms = []
+            for j in self.index(e)[s]:
+                d = self.diff(s, args[j])
+                if d:
+                    terms.append(reduce(operator.mul, args[:j] + [d] + args[j + 1:], sp.Integer(1)))
+            return sp.Add.fromiter(terms)
+        return sp.diff(e, s)
 
 
 def _matmul_rule(node, g, wants):

@@ -492,10 +492,11 @@ def compile_model_c(model, dtype="float64", prefix=None):
                 tail.append(f"{dest} = {st.elem(node, ['0'] * len(node.shape)) if node.shape else _scalar(st, node)};")
             else:
                 tail.extend(_copy_out(st, node, dest))
-        text = "\n".join(body + tail)
+        # the identifiers of the body, once: a regex search per parameter is quadratic
+        words = set(re.findall(r"\w+", "\n".join(body + tail)))
 
         def used(cname):
-            return re.search(r"\b" + re.escape(cname) + r"\b", text) is not None
+            return cname in words
 
         param_decls = [f"const {real} *const {p['cname']} = params + {p['offset']};  /* {p['shape_code']} */"
                        for p in params if used(p["cname"])]
@@ -519,8 +520,9 @@ def compile_model_c(model, dtype="float64", prefix=None):
     pred_dest = [(pred, "ptr" if pred.shape != () else "scalar", "out" if pred.shape != () else "out[0]")]
     loss_dest = [(program.loss, "scalar", "*loss")]
     grad_dest = []
+    info_of = {q["name"]: q for q in params}
     for p, g in program.grads:
-        info = next(q for q in params if q["name"] == p.name)
+        info = info_of[p.name]
         dest = f"grads + {info['offset']}" if p.shape != () else f"grads[{info['offset']}]"
         grad_dest.append((g, "ptr" if p.shape != () else "scalar", dest, info))
     zero_grads = [info for g, _, _, info in grad_dest if g is None]

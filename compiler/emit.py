@@ -173,10 +173,12 @@ def compile_model(model, dtype=None):
     ]
     # backward's prologue also binds params whose gradient is zero (np.zeros_like needs them)
     bwd = functions[2]
+    bound = set(bwd["prologue"])     # a set: a list scan per parameter is quadratic in their number
     for p, g in program.grads:
         line = f"{p.name} = _param(params, {p.name!r}, {shape_code(p.shape)})"
-        if g is None and line not in bwd["prologue"]:
+        if g is None and line not in bound:
             bwd["prologue"].append(line)
+            bound.add(line)
 
     formulas, latex = {}, {}
     for p, g in program.grads:
@@ -204,7 +206,7 @@ def compile_model(model, dtype=None):
         targets_shapes=_dict_code({x.name: shape_code(_per_sample(x)) for x in targets}),
         target_kinds=_dict_code({x.name: repr(x.attr("kind")) for x in targets}),
         classes=_dict_code({x.name: str(classes[x.uid]) for x in targets if x.uid in classes}),
-        formulas=sorted(formulas.items(), key=lambda kv: [p.name for p in model.params].index(kv[0])),
+        formulas=[(p.name, formulas[p.name]) for p in model.params],
         init_doc=init_doc, init_lines=inits,
         has_labels=any(x.attr("kind") == "label" for x in targets),
         helpers=sorted(st.helpers), functions=functions,

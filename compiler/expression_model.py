@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import Counter
 
 import sympy as sp
 
@@ -63,7 +64,7 @@ def expression_model(prediction, params, inputs, targets=None, loss=None, predic
     tsyms = _symbols(targets if targets is not None else ["y"], "target")
     psym = sp.Symbol(check_name(str(prediction_symbol), "prediction symbol"), real=True)
     all_names = [s.name for s in (*psyms, *xsyms, *tsyms)]
-    dup = sorted({n for n in all_names if all_names.count(n) > 1})
+    dup = sorted(n for n, k in Counter(all_names).items() if k > 1)
     if dup:
         raise ModelError(f"symbol(s) {', '.join(dup)} are declared more than once")
     if psym.name in all_names:

@@ -311,11 +311,13 @@ def xent_grad(z, l, y, adj, kind):
     return make("xent_grad", (z, l, y, adj), z.shape, (("kind", kind),))
 
 
-def topo_order(outputs):
-    """Nodes reachable from ``outputs``, inputs before users, in a deterministic order."""
+def topo_order(outputs, stop=frozenset()):
+    """Nodes reachable from ``outputs``, inputs before users, in a deterministic order.
+
+    Nodes whose uid is in ``stop`` are left out, and so is what only they lead to."""
     seen, order = set(), []
     for out in outputs:
-        stack = [(out, False)]
+        stack = [] if out.uid in stop else [(out, False)]
         while stack:
             node, done = stack.pop()
             if done:
@@ -326,7 +328,7 @@ def topo_order(outputs):
             seen.add(node.uid)
             stack.append((node, True))
             for inp in reversed(node.inputs):
-                if inp.uid not in seen:
+                if inp.uid not in seen and inp.uid not in stop:
                     stack.append((inp, False))
     return order
 

@@ -487,6 +487,7 @@ class Formulas:
     def __init__(self, program):
         self.p = program
         self._lines = {}
+        self._forward = None
 
     def _name(self, node, latex):
         n = self.p.names[node.uid]
@@ -568,5 +569,10 @@ class Formulas:
 
     def chain(self, grad, latex=False):
         """The backward statements ``grad`` depends on, in order, as formulas."""
-        nodes = [n for n in ir.topo_order([grad]) if n.uid in self.p.backward_only and n.uid not in self.p.inline]
+        # loss() values hold no backward statement: not walking them keeps each chain's cost
+        # to its own length (a walk of the whole graph per parameter is quadratic)
+        if self._forward is None:
+            self._forward = frozenset(n.uid for n in ir.topo_order([self.p.loss]))
+        nodes = [n for n in ir.topo_order([grad], stop=self._forward)
+                 if n.uid in self.p.backward_only and n.uid not in self.p.inline]
         return [self.line(n, latex) for n in nodes]
