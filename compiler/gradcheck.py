@@ -1,6 +1,7 @@
 """Check a generated module's gradients against central finite differences (float64)."""
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,12 @@ class GradCheckRow:
     max_abs_error: float
     max_rel_error: float
     ok: bool
+    checked: int = 0      # entries compared with finite differences
+    size: int = 0         # entries of the parameter
+
+    @property
+    def sampled(self):
+        return self.checked < self.size
 
 
 def random_batch(module, batch=5, seed=0, scale=1.0):
@@ -30,36 +37,63 @@ def random_batch(module, batch=5, seed=0, scale=1.0):
     return arrays
 
 
-def check_gradients(module, params, arrays, eps=1e-6, rtol=1e-5, atol=1e-8):
-    """Compare ``module.backward`` with central differences of ``module.loss`` for every
-    parameter entry. Returns a list of GradCheckRow (one per parameter)."""
+def sample_entries(name, size, entries, seed=0):
+    """The flat indices of parameter ``name`` (``size`` entries) that a check compares: all of
+    them when ``entries`` is None or at least ``size``, else ``entries`` distinct ones, sorted,
+    drawn by a generator seeded with ``seed`` and the parameter's name, so that the sample is
+    the same on every run and does not depend on the other parameters."""
+    if entries is None or entries >= size:
+        return np.arange(size)
+    if entries < 1:
+        raise ValueError(f"entries must be at least 1, got {entries}")
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    return np.sort(rng.choice(size, size=entries, replace=False))
+
+
+def check_gradients(module, params, arrays, eps=1e-6, rtol=1e-5, atol=1e-8, entries=None, seed=0,
+                    progress=None):
+    """Compare ``module.backward`` with central differences of ``module.loss``, entry by entry.
+
+    ``entries``: at most this many entries of each parameter (a seeded sample, see
+    ``sample_entries``; every parameter gets some); None compares every entry.
+    ``progress(name, done, total)``, if given, is called as entries are checked.
+    Returns a list of GradCheckRow (one per parameter)."""
     params = {k: np.array(v, dtype=np.float64) for k, v in params.items()}
     _, grads = module.backward(params, *arrays)
     rows = []
     for name, value in params.items():
         g = np.asarray(grads[name], dtype=np.float64)
         if g.shape != value.shape:
-            rows.append(GradCheckRow(name, float("inf"), float("inf"), False))
+            rows.append(GradCheckRow(name, float("inf"), float("inf"), False, 0, value.size))
             continue
-        fd = np.zeros_like(value)
-        flat, fdf = value.reshape(-1), fd.reshape(-1)
-        for i in range(flat.size):
+        index = sample_entries(name, value.size, entries, seed)
+        fd = np.zeros(len(index))
+        flat = value.reshape(-1)
+        for k, i in enumerate(index):
+            if progress is not None:
+                progress(name, k, len(index))
             old = flat[i]
             flat[i] = old + eps
             up = module.loss(params, *arrays)
             flat[i] = old - eps
             down = module.loss(params, *arrays)
             flat[i] = old
-            fdf[i] = (up - down) / (2 * eps)
-        abs_err = np.abs(g - fd)
-        rel_err = abs_err / np.maximum(np.maximum(np.abs(g), np.abs(fd)), atol)
-        ok = bool(np.all(abs_err <= atol + rtol * np.maximum(np.abs(g), np.abs(fd))))
-        rows.append(GradCheckRow(name, float(abs_err.max(initial=0.0)), float(rel_err.max(initial=0.0)), ok))
+            fd[k] = (up - down) / (2 * eps)
+        if progress is not None:
+            progress(name, len(index), len(index))
+        ga = g.reshape(-1)[index]
+        abs_err = np.abs(ga - fd)
+        rel_err = abs_err / np.maximum(np.maximum(np.abs(ga), np.abs(fd)), atol)
+        ok = bool(np.all(abs_err <= atol + rtol * np.maximum(np.abs(ga), np.abs(fd))))
+        rows.append(GradCheckRow(name, float(abs_err.max(initial=0.0)), float(rel_err.max(initial=0.0)), ok,
+                                 len(index), value.size))
     return rows
 
 
 def format_table(rows):
-    lines = [f"{'parameter':<14} {'max abs error':>14} {'max rel error':>14}  verdict"]
+    width = max([len("entries")] + [len(f"{r.checked}/{r.size}") for r in rows])
+    lines = [f"{'parameter':<14} {'entries':>{width}} {'max abs error':>14} {'max rel error':>14}  verdict"]
     for r in rows:
-        lines.append(f"{r.name:<14} {r.max_abs_error:>14.3e} {r.max_rel_error:>14.3e}  {'ok' if r.ok else 'FAIL'}")
+        lines.append(f"{r.name:<14} {f'{r.checked}/{r.size}':>{width}} {r.max_abs_error:>14.3e} "
+                     f"{r.max_rel_error:>14.3e}  {'ok' if r.ok else 'FAIL'}")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+from .. import limits
 from ._common import add_spec_argument, load, write_error
 
 
@@ -24,11 +25,14 @@ def add_arguments(parser):
                         help="numpy: output .py file (an importable name that shadows no module such as "
                         "numpy or json), a directory, or - for standard output (default: "
                         "generated/<model name>.py); c: output directory (default: generated/c/; not -)")
+    limits.add_argument(parser)
 
 
 def run(args):
     spec = load(args.spec)
     dtype = args.dtype or spec.dtype
+    limits.check_parameter_memory(limits.model_shapes(spec.model), dtype or "float64",
+                                  args.max_param_memory, what=spec.path)
     if args.target == "c":
         return _compile_c(spec, dtype, args.output)
     from ..emit import compile_model, write_atomic

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import limits
 from ..train_options import SPEC_KEYS as TRAIN_KEYS   # [train] keys = long options, with underscores
 
 
@@ -62,6 +63,7 @@ def add_arguments(parser):
     out.add_argument("--threads", type=int, metavar="N", default=1,
                      help="BLAS threads (default: 1, fastest for small layers, and safe on a busy machine; "
                      "the OMP/OPENBLAS/MKL_NUM_THREADS environment variables, when set, win)")
+    limits.add_argument(out)
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines, only the summary")
 
 
@@ -336,11 +338,17 @@ def _load_model(args):
                    if not hasattr(module, a)]
         if missing:
             raise TrainError(f"{path}: not a bpc-generated module (no {', '.join(missing)})")
+        try:
+            shapes = {str(k): tuple(int(d) for d in v) for k, v in dict(module.PARAMS).items()}
+        except (TypeError, ValueError):
+            raise TrainError(f"{path}: PARAMS is not a dict of parameter shapes") from None
+        _check_memory(shapes, getattr(module, "DTYPE", None), args, str(path))
         return module, {}, path.stem
     from ._common import load
     from ..emit import compile_model
     spec = load(args.spec)
     defaults = spec.train               # checked by the spec loader
+    _check_memory(limits.model_shapes(spec.model), args.dtype or spec.dtype, args, spec.path)
     compiled = compile_model(spec.model, dtype=args.dtype or spec.dtype)
     try:
         module = compiled.load()          # through the module cache: before the run, not after it
@@ -348,3 +356,12 @@ def _load_model(args):
         from ..emit import cache_dir
         raise TrainError(f"cannot write the module cache {cache_dir()} ($BPC_CACHE): {e.strerror or e}") from None
     return module, defaults, spec.model.name
+
+
+# parameters, gradients, two optimizer moments (Adam), the best parameters so far, an update
+TRAIN_COPIES = 6
+
+
+def _check_memory(shapes, dtype, args, what):
+    """Before init_params: an estimate and exit 2, not an allocation error mid-way."""
+    limits.check_parameter_memory(shapes, dtype, args.max_param_memory, copies=TRAIN_COPIES, what=what)
