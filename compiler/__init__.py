@@ -11,6 +11,8 @@ Public API (imported lazily, so that ``bpc --help`` does not pay for SymPy)::
     module = compiled.load()               # forward / loss / backward / init_params
 """
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -40,3 +42,17 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(list(globals()) + __all__)
+
+
+class _Package(types.ModuleType):
+    """The package, keeping ``compiler.expression_model`` the function: importing the submodule
+    of that name (as loading a spec does) would otherwise set the package attribute to the
+    module, so that ``bpc.expression_model(...)`` raised "'module' object is not callable"."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return      # the submodule stays reachable as sys.modules["compiler.<name>"]
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

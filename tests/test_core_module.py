@@ -211,3 +211,17 @@ def test_small_integer_powers_are_expanded():
     a, x = sp.symbols("a x")
     src = bpc.compile_model(bpc.expression_model(a * x**3, {a: 1.0}, [x], name="pw")).source
     assert "**" not in src.split("def forward")[1].split("return")[0]
+
+
+@pytest.mark.parametrize("first", [
+    "from compiler.spec import load_spec; load_spec('examples/poly_fit.toml')",   # spec.py imports the submodule
+    "import compiler.expression_model",
+    "from compiler.expression_model import expression_model",
+])
+def test_expression_model_stays_the_function_after_its_submodule_is_imported(first):
+    # in a fresh interpreter: the test order must not decide it
+    code = f"import compiler as bpc; {first}; print(callable(bpc.expression_model))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True"
