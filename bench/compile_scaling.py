@@ -1,0 +1,90 @@
+"""Compile time against model size: ``python -m bench.compile_scaling [--quick]``.
+
+Each case is compiled cold (the IR's intern table cleared) at sizes growing 4x a step; the
+table gives the CPU seconds of the compile and the ratio to the previous size (linear growth
+gives about 4, quadratic 16). Cases:
+
+- declared parameters: an ``[expression]`` spec declaring n scalar parameters, two of them
+  used (the shape of the issue's "100k parameters" spec), through the NumPy and C backends;
+- parameters in one sum: an expression model whose prediction sums n parameters;
+- layers: an MLP of n tanh layers of width 4 (the Python API; a spec allows 256).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import sympy as sp  # noqa: E402
+
+import compiler as bpc  # noqa: E402
+from compiler import ir  # noqa: E402
+from compiler.spec import loads_spec  # noqa: E402
+
+
+def declared(n):
+    params = ", ".join(f"a{i} = 0.0" for i in range(n))
+    text = f'[expression]\nprediction = "a0*x + a1"\nparams = {{ {params} }}\ninputs = ["x"]\n'
+    return loads_spec(text, "declared.toml").model
+
+
+def summed(n):
+    a, x = sp.symbols(f"a0:{n}"), sp.Symbol("x")
+    return bpc.expression_model(sp.Add(*[ai * x**(i % 3) for i, ai in enumerate(a)]), params=list(a),
+                                inputs=[x], name="summed")
+
+
+def layers(n):
+    return bpc.mlp([2] + [4] * n + [1], activation="tanh", loss="mse", name="deep")
+
+
+def numpy_target(model):
+    bpc.compile_model(model)
+
+
+def c_target(model):
+    from compiler.c_backend import compile_model_c
+    compile_model_c(model)          # C source and wrapper text; no C compiler run
+
+
+CASES = {
+    # name: (builder, compile, sizes, quick sizes); building the model (spec parsing) is timed too
+    "declared parameters, NumPy": (declared, numpy_target, [1000, 4000, 16000, 64000], [1000, 4000, 16000]),
+    "declared parameters, C": (declared, c_target, [1000, 4000, 16000, 64000], [1000, 4000]),
+    "parameters in one sum, NumPy": (summed, numpy_target, [64, 256, 1024], [64, 256]),
+    "layers (width 4), NumPy": (layers, numpy_target, [8, 32, 128, 512], [8, 32, 128]),
+}
+
+
+def seconds(build, compile_fn, n):
+    ir._intern.clear()
+    t0 = time.process_time()
+    compile_fn(build(n))
+    return time.process_time() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (about 20 s in all)")
+    ap.add_argument("--only", help="run the cases whose name contains this text")
+    args = ap.parse_args(argv)
+    print("| case | n | compile s | ratio to n/4 |")
+    print("|---|---|---|---|")
+    for name, (build, compile_fn, sizes, quick) in CASES.items():
+        if args.only and args.only not in name:
+            continue
+        prev = None
+        for n in (quick if args.quick else sizes):
+            t = seconds(build, compile_fn, n)
+            ratio = f"{t / prev:.1f}" if prev else ""
+            print(f"| {name} | {n} | {t:.2f} | {ratio} |", flush=True)
+            prev = t
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
