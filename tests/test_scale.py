@@ -330,3 +330,16 @@ def test_a_model_under_the_limit_is_untouched(tmp_path, capsys):
     assert run("compile", spec, "-o", tmp_path / "mlp.py", "--max-param-memory", "100KB") == 0
     assert run("compile", spec, "-o", tmp_path / "mlp.py", "--max-param-memory", "10KB") == 2
     assert "the parameters would need 10.3 KiB in float64" in capsys.readouterr().err
+
+
+def test_over_the_cap_compiles_when_raised_and_a_generated_module_is_checked_before_training(tmp_path, capsys):
+    spec = tmp_path / "big.toml"
+    spec.write_text(HUGE_DENSE)
+    module = tmp_path / "big.py"
+    # compiling allocates nothing: with the cap lifted, the module is written
+    assert run("compile", spec, "-o", module, "--max-param-memory", "none") == 0
+    capsys.readouterr()
+    # training that module would: its PARAMS are estimated before init_params
+    assert run("train", module, "--data", tmp_path / "d.npz", "--out", tmp_path / "p.npz") == 2
+    err = capsys.readouterr().err
+    assert "big.py: the parameters would need 7.28 TiB in float64" in err and "W1 1000000x1000000" in err
