@@ -6,7 +6,8 @@ gives about 4, quadratic 16). Cases:
 
 - declared parameters: an ``[expression]`` spec declaring n scalar parameters, two of them
   used (the shape of the issue's "100k parameters" spec), through the NumPy and C backends;
-- parameters in one sum: an expression model whose prediction sums n parameters;
+- parameters in one sum: an expression model whose prediction sums n parameters, and the tanh
+  of such a sum;
 - layers: an MLP of n tanh layers of width 4 (the Python API; a spec allows 256).
 """
 from __future__ import annotations
@@ -38,6 +39,12 @@ def summed(n):
                                 inputs=[x], name="summed")
 
 
+def tanh_of_sum(n):
+    a, x = sp.symbols(f"a0:{n}"), sp.Symbol("x")
+    return bpc.expression_model(sp.tanh(sp.Add(*[ai * x**(i % 3) for i, ai in enumerate(a)])), params=list(a),
+                                inputs=[x], name="tanh_sum")
+
+
 def layers(n):
     return bpc.mlp([2] + [4] * n + [1], activation="tanh", loss="mse", name="deep")
 
@@ -56,6 +63,7 @@ CASES = {
     "declared parameters, NumPy": (declared, numpy_target, [1000, 4000, 16000, 64000], [1000, 4000, 16000]),
     "declared parameters, C": (declared, c_target, [1000, 4000, 16000, 64000], [1000, 4000]),
     "parameters in one sum, NumPy": (summed, numpy_target, [64, 256, 1024], [64, 256]),
+    "tanh of a sum of parameters, NumPy": (tanh_of_sum, numpy_target, [64, 256, 1024], [64, 256]),
     "layers (width 4), NumPy": (layers, numpy_target, [8, 32, 128, 512], [8, 32, 128]),
 }
 

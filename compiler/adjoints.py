@@ -46,6 +46,10 @@ def _ew_rule(node, g, wants):
             out.append(None)
             continue
         d = partials.diff(ARG[i])
+        if reuse:
+            # the exact occurrences first: cheap, and what is left is small (the derivative of
+            # tanh(big sum) holds the sum, which subs would walk for every input)
+            d = d.xreplace({expr: y})
         if d.has(sp.DiracDelta):
             # derivatives of sign/step: zero almost everywhere, as for relu at its kink
             d = d.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.Integer(0))
@@ -67,8 +71,9 @@ class _Partials:
     symbol. SymPy's ``diff`` walks every term of a sum for every symbol (and recomputes free
     symbols as it goes), which is quadratic in the number of inputs of a big sum; here each sum
     and product indexes its arguments by symbol once. The results are SymPy's: a sum's
-    derivative is the sum of its terms' derivatives (zero terms vanish either way), a product's
-    follows ``Mul._eval_derivative``, and anything else goes to ``sp.diff``."""
+    derivative is the sum of its terms' derivatives (zero terms vanish either way); products,
+    powers with a constant exponent and functions of one argument follow SymPy's own
+    ``_eval_derivative``; anything else goes to ``sp.diff``."""
 
     def __init__(self, expr):
         self.expr = expr
@@ -112,6 +117,16 @@ class _Partials:
                 if d:
                     terms.append(reduce(operator.mul, args[:j] + [d] + args[j + 1:], sp.Integer(1)))
             return sp.Add.fromiter(terms)
+        if e.is_Pow and s not in self.free(e.exp):
+            return e * (self.diff(s, e.base) * e.exp / e.base)        # Pow._eval_derivative, dexp = 0
+        if isinstance(e, sp.Function) and len(e.args) == 1:
+            try:
+                outer = e.fdiff(1)
+            except Exception:      # noqa: BLE001  (no closed form: let SymPy decide)
+                return sp.diff(e, s)
+            if outer.has(sp.Derivative):     # sign, Abs, ...: SymPy's diff knows better
+                return sp.diff(e, s)
+            return outer * self.diff(s, e.args[0])                  # Function._eval_derivative
         return sp.diff(e, s)
 
 

@@ -42,6 +42,14 @@ def _summed(n):
                                 inputs=[x], name="summed")
 
 
+def _tanh_of_sum(n):
+    """A function of a sum of n parameters: each input's derivative holds the whole sum until
+    the forward output replaces it."""
+    a, x = sp.symbols(f"a0:{n}"), sp.Symbol("x")
+    return bpc.expression_model(sp.tanh(sp.Add(*[ai * x**(i % 3) for i, ai in enumerate(a)])), params=list(a),
+                                inputs=[x], name="tanh_sum")
+
+
 def _deep(n):
     return bpc.mlp([2] + [4] * n + [1], activation="tanh", loss="mse", name="deep")
 
@@ -75,6 +83,7 @@ SCALING = [
     ("declared parameters, NumPy", _declared, _compile_numpy, 2000),
     ("declared parameters, C source", _declared, _compile_c, 1000),
     ("parameters in one sum, NumPy", _summed, _compile_numpy, 100),
+    ("tanh of a sum of parameters, NumPy", _tanh_of_sum, _compile_numpy, 100),
     ("layers, NumPy", _deep, _compile_numpy, 16),
 ]
 
