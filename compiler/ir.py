@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -46,12 +47,15 @@ class Symbols:
     def __init__(self, prefix):
         self.prefix = prefix
         self._made = []
+        self._lock = threading.Lock()    # models may be compiled from several threads
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return tuple(self[j] for j in range(i.stop)[i])
-        while len(self._made) <= i:
-            self._made.append(sp.Symbol(f"{self.prefix}{len(self._made)}", real=True))
+        if i >= len(self._made):
+            with self._lock:             # else two threads could append the same name twice
+                while len(self._made) <= i:
+                    self._made.append(sp.Symbol(f"{self.prefix}{len(self._made)}", real=True))
         return self._made[i]
 
 

@@ -108,6 +108,21 @@ def test_an_expression_may_use_any_number_of_parameters(n):
     assert len(rows) == n and all(r.ok for r in rows)
 
 
+@pytest.mark.parametrize("index,name", [(0, "_s0"), (63, "_s63"), (64, "_s64"), (5000, "_s5000")])
+def test_argument_symbols_are_unbounded(index, name):
+    seq = ir.Symbols("_s")
+    assert seq[index] == sp.Symbol(name, real=True)
+    assert seq[:3] == tuple(sp.Symbol(f"_s{i}", real=True) for i in range(3))
+
+
+def test_argument_symbols_from_many_threads_keep_their_index():
+    from concurrent.futures import ThreadPoolExecutor
+    seq = ir.Symbols("_t")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: seq[k], range(2000, 0, -1)))
+    assert all(seq[i].name == f"_t{i}" for i in range(2001))
+
+
 def test_many_declared_parameters_compile_with_zero_gradients():
     module = bpc.compile_model(_declared(3000)).load()
     params = module.init_params()
