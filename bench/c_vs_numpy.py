@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 import compiler as bpc  # noqa: E402
-from compiler.c_backend import compile_model_c  # noqa: E402
+from compiler.backends.c.backend import compile_model_c  # noqa: E402
 
 
 def median_us(fns, number, repeats):

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 import sympy as sp  # noqa: E402
 
 import compiler as bpc  # noqa: E402
-from compiler import ir  # noqa: E402
-from compiler.spec import loads_spec  # noqa: E402
+from compiler.core import ir  # noqa: E402
+from compiler.spec.loader import loads_spec  # noqa: E402
 
 
 def declared(n):
@@ -54,7 +54,7 @@ def numpy_target(model):
 
 
 def c_target(model):
-    from compiler.c_backend import compile_model_c
+    from compiler.backends.c.backend import compile_model_c
     compile_model_c(model)          # C source and wrapper text; no C compiler run
 
 

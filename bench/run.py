@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import compiler as bpc  # noqa: E402
-from compiler import ir  # noqa: E402
+from compiler.core import ir  # noqa: E402
 
 from bench.cpu import cpu_name  # noqa: E402
 from bench.frameworks import make_jax, make_torch  # noqa: E402
@@ -172,10 +172,10 @@ def small_section(args, rows_out):
     mod = bpc.compile_model(model).load()
     cmod, why = None, None
     try:
-        from compiler.c_backend import compile_model_c
+        from compiler.backends.c.backend import compile_model_c
         cmod = compile_model_c(model, "float64").load()
     except ImportError as e:
-        why = f"C target skipped: compiler.c_backend not available ({e})"
+        why = f"C target skipped: compiler.backends.c.backend not available ({e})"
     except Exception as e:  # no compiler, build failure
         why = f"C target skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if why:

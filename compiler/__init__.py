@@ -11,21 +11,22 @@ Public API (imported lazily, so that ``bpc --help`` does not pay for SymPy)::
     module = compiled.load()               # forward / loss / backward / init_params
 """
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "BpcError": "errors", "ModelError": "errors", "ShapeError": "errors", "UnsupportedError": "errors",
-    "ACTIVATIONS": "functions", "relu": "functions", "sigmoid": "functions", "softplus": "functions",
-    "LOSSES": "nn", "Network": "nn", "mlp": "nn",
-    "expression_model": "expression_model",
-    "from_matrix_expr": "matrix_frontend",
-    "Model": "model",
-    "CompiledModule": "emit", "compile_model": "emit", "load_module": "emit",
+    "ACTIVATIONS": "core.functions", "relu": "core.functions", "sigmoid": "core.functions",
+    "softplus": "core.functions",
+    "Model": "core.model",
+    "LOSSES": "frontends.nn", "Network": "frontends.nn", "mlp": "frontends.nn",
+    "expression_model": "frontends.expression",
+    "from_matrix_expr": "frontends.matrix",
+    "load_spec": "spec.loader", "loads_spec": "spec.loader",
+    "CompiledModule": "backends.numpy.module", "compile_model": "backends.numpy.module",
+    "load_module": "backends.numpy.module",
+    "compile_model_c": "backends.c.backend", "CompiledC": "backends.c.backend", "CBuildError": "backends.c.backend",
     "check_gradients": "gradcheck", "random_batch": "gradcheck",
-    "compile_model_c": "c_backend", "CompiledC": "c_backend", "CBuildError": "c_backend",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -43,16 +44,3 @@ def __getattr__(name):
 def __dir__():
     return sorted(list(globals()) + __all__)
 
-
-class _Package(types.ModuleType):
-    """The package, keeping ``compiler.expression_model`` the function: importing the submodule
-    of that name (as loading a spec does) would otherwise set the package attribute to the
-    module, so that ``bpc.expression_model(...)`` raised "'module' object is not callable"."""
-
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
-            return      # the submodule stays reachable as sys.modules["compiler.<name>"]
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -1,6 +1,6 @@
 """``python -m compiler`` runs the ``bpc`` command line."""
 import sys
 
-from .cli import main
+from compiler.cli import main
 
 sys.exit(main())

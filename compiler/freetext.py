@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import ModelError
+from compiler.errors import ModelError
 
 MAX_TEXT = 2000
 
@@ -118,5 +118,5 @@ def terminal(text):
     return "\n".join(_lines(text))
 
 
-# the jinja2 filters of the templates (compiler/templates.py registers them)
+# the jinja2 filters of the templates (compiler/backends/templates.py registers them)
 FILTERS = {f.__name__: f for f in (c_comment, py_docstring, py_comment, latex_comment, dot_string)}

@@ -16,7 +16,7 @@ import math
 import os
 import re
 
-from .errors import BpcError
+from compiler.errors import BpcError
 
 DEFAULT_MAX_PARAM_BYTES = 16 * 1024**3
 ITEMSIZE = {"float32": 4, "float64": 8, None: 8}   # None: init_params defaults to float64

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import compiler as bpc
-from compiler import cache
-from compiler.cache import CacheWarning
+from compiler.backends import cache
+from compiler.backends.cache import CacheWarning
 from model_table import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ _MODELS = dict(MODELS)
 
 
 def compiled_c(model_id="poly_fit"):
-    from compiler.c_backend import compile_model_c
+    from compiler.backends.c.backend import compile_model_c
     return compile_model_c(_MODELS[model_id]())
 
 
@@ -63,8 +63,8 @@ LOAD_SCRIPT = textwrap.dedent("""
     import sys, warnings
     sys.path[:0] = [{root!r}, {tests!r}]
     import numpy as np
-    from compiler import c_backend
-    from compiler.c_backend import compile_model_c
+    from compiler.backends.c import backend as c_backend
+    from compiler.backends.c.backend import compile_model_c
     from model_table import MODELS
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

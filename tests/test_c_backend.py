@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import compiler as bpc
-from compiler import c_backend
-from compiler.c_backend import CBuildError, compile_model_c
+from compiler.backends.c import backend as c_backend
+from compiler.backends.c.backend import CBuildError, compile_model_c
 from compiler.errors import ModelError, UnsupportedError
 from compiler.gradcheck import check_gradients, random_batch
 from model_table import MODELS, STABLE_MODELS

@@ -11,7 +11,7 @@ import pytest
 
 from compiler import compile_model
 from compiler.cli import main
-from compiler.spec import load_spec
+from compiler.spec.loader import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = {p.name: p for p in (ROOT / "examples").iterdir() if p.suffix in (".toml", ".json")}
@@ -175,7 +175,7 @@ def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
 
 
 def test_c_target_without_the_c_backend(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "compiler.c_backend", None)   # import now fails as if missing
+    monkeypatch.setitem(sys.modules, "compiler.backends.c.backend", None)   # import now fails as if missing
     assert run("compile", POLY, "--target", "c", "-o", tmp_path) == 2
     err = capsys.readouterr().err
     assert "C target is not available" in err and "--target numpy" in err
@@ -184,20 +184,20 @@ def test_c_target_without_the_c_backend(tmp_path, monkeypatch, capsys):
 
 def _has_c_backend():
     try:
-        import compiler.c_backend  # noqa: F401
+        import compiler.backends.c.backend  # noqa: F401
     except ModuleNotFoundError:
         return False
     return True
 
 
-@pytest.mark.skipif(not _has_c_backend(), reason="compiler.c_backend not present")
+@pytest.mark.skipif(not _has_c_backend(), reason="compiler.backends.c.backend not present")
 def test_c_target_writes_a_directory(tmp_path, capsys):
     assert run("compile", POLY, "--target", "c", "-o", tmp_path) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["poly_fit.c", "poly_fit.h", "poly_fit.py"]
     assert run("compile", POLY, "--target", "c", "-o", tmp_path) == 0     # its own files: replaced
 
 
-@pytest.mark.skipif(not _has_c_backend(), reason="compiler.c_backend not present")
+@pytest.mark.skipif(not _has_c_backend(), reason="compiler.backends.c.backend not present")
 def test_c_target_never_replaces_the_numpy_module(tmp_path, capsys):
     assert run("compile", POLY, "-o", tmp_path) == 0
     numpy_module = (tmp_path / "poly_fit.py").read_bytes()

@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 import sympy as sp
 
-# the API through the package, as users take it (importing the submodule compiler.expression_model
+# the API through the package, as users take it (importing the submodule compiler.frontends.expression
 # first would leave the package attribute of that name bound to the module for later tests)
 from compiler import Network, expression_model, from_matrix_expr
-from compiler.c_backend import compile_model_c
+from compiler.backends.c.backend import compile_model_c
 from compiler.cli import main
-from compiler.emit import compile_model, load_module
+from compiler.backends.numpy.module import compile_model, load_module
 from compiler.errors import BpcError
 from compiler.gradcheck import check_gradients, format_table, random_batch
-from compiler.program import build_program
-from compiler.simplify import MAX_FUSED_HEIGHT, MAX_FUSED_INPUTS, height
-from compiler.spec import load_spec
+from compiler.core.program import build_program
+from compiler.core.simplify import MAX_FUSED_HEIGHT, MAX_FUSED_INPUTS, height
+from compiler.spec.loader import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix in (".toml", ".json"))

@@ -214,9 +214,9 @@ def test_small_integer_powers_are_expanded():
 
 
 @pytest.mark.parametrize("first", [
-    "from compiler.spec import load_spec; load_spec('examples/poly_fit.toml')",   # spec.py imports the submodule
-    "import compiler.expression_model",
-    "from compiler.expression_model import expression_model",
+    "from compiler.spec.loader import load_spec; load_spec('examples/poly_fit.toml')",   # spec.py imports the submodule
+    "import compiler.frontends.expression",
+    "from compiler.frontends.expression import expression_model",
 ])
 def test_expression_model_stays_the_function_after_its_submodule_is_imported(first):
     # in a fresh interpreter: the test order must not decide it

@@ -26,9 +26,10 @@ from pathlib import Path
 import pytest
 
 import compiler as bpc
-from compiler import freetext, model as model_mod
+from compiler import freetext
+from compiler.core import model as model_mod
 from compiler.errors import ModelError
-from compiler.spec import SpecError, loads_spec
+from compiler.spec.loader import SpecError, loads_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 HAVE_CC = shutil.which("gcc") is not None or shutil.which("cc") is not None
@@ -137,7 +138,7 @@ def test_c_comment_leaves_no_tokens(payload, tmp_path):
 
 def test_every_template_field_of_free_text_goes_through_a_renderer():
     """The templates print description and source only through a filter of freetext."""
-    from compiler.templates import template_dir
+    from compiler.backends.templates import template_dir
     for path in template_dir().glob("*.j2"):
         for m in re.finditer(r"\{\{([^}]*\b(description|source)\b[^}]*)\}\}", path.read_text()):
             expr = m.group(1)
@@ -182,7 +183,7 @@ def test_numpy_module_is_the_same_program(unchecked, field, payload):
 @pytest.mark.parametrize("field", FIELDS)
 @pytest.mark.parametrize("payload", list(PAYLOADS.values()), ids=list(PAYLOADS))
 def test_c_files_are_the_same_program(unchecked, field, payload, tmp_path):
-    from compiler.c_backend import compile_model_c
+    from compiler.backends.c.backend import compile_model_c
     bad, good = compile_model_c(_model(field, payload)), compile_model_c(_model(field, BENIGN))
     assert _py_program(bad.wrapper_source) == _py_program(good.wrapper_source)
     for part in ("header", "c_source"):
@@ -301,7 +302,7 @@ def test_reported_constructor_attack_builds_and_runs_nothing(how, payload, tmp_p
         r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
     else:
-        from compiler.c_backend import compile_model_c
+        from compiler.backends.c.backend import compile_model_c
         compile_model_c(_model(how, payload)).write(out)
     # build and import the written module in a fresh interpreter: no constructor may run
     code = ("import sys, glob, os, importlib.util; d = sys.argv[1]; sys.path.insert(0, d)\n"

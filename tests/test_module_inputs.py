@@ -29,7 +29,7 @@ def module(target, model_id):
     if key not in _built:
         model = _MODELS[model_id]()
         if target == "c":
-            from compiler.c_backend import compile_model_c
+            from compiler.backends.c.backend import compile_model_c
             _built[key] = compile_model_c(model).load()
         else:
             _built[key] = bpc.compile_model(model, None if target == "numpy" else "float64").load()

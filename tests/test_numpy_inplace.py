@@ -9,7 +9,7 @@ import pytest
 import sympy as sp
 
 import compiler as bpc
-from compiler.numpy_backend import NumpyStatements
+from compiler.backends.numpy.statements import NumpyStatements
 
 W = 40   # wider than INPLACE_MIN_SIZE
 x_ = sp.Symbol("x")

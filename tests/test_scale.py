@@ -11,11 +11,12 @@ import pytest
 import sympy as sp
 
 import compiler as bpc
-from compiler import ir, limits
+from compiler import limits
+from compiler.core import ir
 from compiler.cli import main
-from compiler.commands.check import _Progress
+from compiler.cli.check import _Progress
 from compiler.gradcheck import check_gradients, random_batch, sample_entries
-from compiler.spec import loads_spec
+from compiler.spec.loader import loads_spec
 
 
 def run(*argv):
@@ -59,7 +60,7 @@ def _compile_numpy(model):
 
 
 def _compile_c(model):
-    from compiler.c_backend import compile_model_c
+    from compiler.backends.c.backend import compile_model_c
     return compile_model_c(model)     # the C source only: no C compiler run
 
 

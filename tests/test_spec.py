@@ -7,9 +7,9 @@ import pytest
 import sympy as sp
 
 from compiler import compile_model, expression_model, mlp
-from compiler.nn import Network
-from compiler.safe_expr import ExprError, parse, parse_constant
-from compiler.spec import SpecError, load_spec, loads_spec, source_name
+from compiler.frontends.nn import Network
+from compiler.spec.safe_expr import ExprError, parse, parse_constant
+from compiler.spec.loader import SpecError, load_spec, loads_spec, source_name
 
 ROOT = Path(__file__).resolve().parent.parent
 x, y, p, a, b, c, d = sp.symbols("x y p a b c d", real=True)

@@ -9,10 +9,10 @@ from sympy import HadamardPower, HadamardProduct, Lambda, MatrixSymbol
 
 from compiler import from_matrix_expr
 from compiler.cli import main
-from compiler.functions import ACTIVATIONS, sigmoid
-from compiler.safe_expr import ExprError
-from compiler.safe_matrix_expr import parse_matrix
-from compiler.spec import load_spec, loads_spec
+from compiler.core.functions import ACTIVATIONS, sigmoid
+from compiler.spec.safe_expr import ExprError
+from compiler.spec.safe_matrix_expr import parse_matrix
+from compiler.spec.loader import load_spec, loads_spec
 
 from test_spec import same_source
 

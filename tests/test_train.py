@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import compiler as bpc
-from compiler.train import (TrainConfig, TrainError, check_data, evaluate, load_params, lr_at,
+from compiler.train.loop import (TrainConfig, TrainError, check_data, evaluate, load_params, lr_at,
                             save_params, task, train, update_steps)
 
 

@@ -25,7 +25,7 @@ import pytest
 import compiler as bpc
 from compiler.cli import main
 from compiler.files import atomic_file, remove_stale_temporaries
-from compiler.train import StopRequest, TrainConfig, TrainError, load_checkpoint, train
+from compiler.train.loop import StopRequest, TrainConfig, TrainError, load_checkpoint, train
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -160,7 +160,7 @@ def test_a_missing_output_directory_is_made_before_training(work, capsys):
 
 
 def test_a_failed_final_save_goes_to_a_fallback_file(work, capsys, monkeypatch):
-    import compiler.train as train_module
+    import compiler.train.loop as train_module
     real = train_module.save_params
 
     def disk_full_for_out(params, path):      # mocked: the disk filled up during the run
@@ -238,7 +238,7 @@ def test_a_second_signal_during_the_final_evaluation_does_not_crash(work, second
 
 def test_the_summary_of_an_unevaluated_run_is_printed(work, capsys, monkeypatch):
     # the library leaves final losses None when Ctrl-C (the default handler) stops the evaluation
-    import compiler.train as train_module
+    import compiler.train.loop as train_module
     real = train_module.train
 
     def interrupted_evaluation(*a, **k):

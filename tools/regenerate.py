@@ -13,8 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compiler.emit import compile_model, write_atomic  # noqa: E402
-from compiler.spec import load_spec, source_name  # noqa: E402
+from compiler.backends.numpy.module import compile_model, write_atomic  # noqa: E402
+from compiler.spec.loader import load_spec, source_name  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 GENERATED = ROOT / "generated"

@@ -1,0 +1,800 @@
+"""The C backend: a Program printed as standalone C99 (a .c and a .h), plus a Python wrapper
+built with cffi (API mode) that offers the same interface as the generated NumPy modules.
+
+C calling convention (documented again in the generated header):
+
+* every array is flat, row-major, of the element type (``double`` or ``float``);
+* ``params`` holds every parameter in PARAMS order, each row-major, at the offsets
+  ``<P>_OFFSET_<name>``; ``grads`` has the same layout;
+* data and targets are batch-first arrays of ``n`` samples; integer class labels are
+  ``int64_t``;
+* ``work`` is caller-provided scratch of ``<prefix>_work_size(n)`` elements (or NULL: the
+  function then mallocs and frees it itself);
+* functions return 0, or a negative ``<P>_ERR_*`` code (bad label, empty batch, no memory).
+
+Each op has one statement printer (``_stmt_<op>``) producing C loops; scalar math comes from
+``c_printer``; the file structure comes from ``templates/c_model.{c,h}.j2`` and the wrapper
+from ``templates/c_wrapper.py.j2``. Builds are cached under ``cache_dir()/c`` by a hash of
+everything that can change the binary.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.machinery
+import importlib.util
+import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import sympy as sp
+
+from compiler import __version__
+from compiler.core import ir
+from compiler.backends import cache as _cache
+from compiler.backends.c.printer import PRINTERS, print_c
+from compiler.backends.numpy.module import _init_line, _prediction_doc, cache_dir, compile_model, load_module, statement, write_atomic
+from compiler.errors import BpcError, ModelError, UnsupportedError
+from compiler.freetext import c_comment
+from compiler.core.ir import ARG, N
+from compiler.backends.numpy.statements import Formulas, shape_code
+from compiler.backends.templates import render
+
+CFLAGS = ("-O3", "-fno-math-errno", "-fPIC")   # never -ffast-math: it breaks inf/nan handling
+LOOP_VARS = ("_i", "_j", "_k", "_l", "_m", "_o", "_p", "_q")
+
+# counts of the builds and cache hits of this process (tests assert a second load builds nothing)
+stats = {"builds": 0, "cache_hits": 0, "damaged": 0}
+
+
+class CBuildError(BpcError):
+    """The C compiler rejected the generated code (its full output is in the message)."""
+
+
+def _dims(shape):
+    """C expression of each dimension (the batch axis is ``n``)."""
+    return ["n" if d == N else str(d) for d in shape]
+
+
+def _size_coeffs(shape):
+    """(a, b) with size = a*n + b."""
+    k, has_n = 1, False
+    for d in shape:
+        if d == N:
+            has_n = True
+        else:
+            k *= int(d)
+    return (k, 0) if has_n else (0, k)
+
+
+def _size_code(shape):
+    """C expression of the number of elements of ``shape`` (a size_t expression)."""
+    a, b = _size_coeffs(shape)
+    if a:
+        return "n" if a == 1 else f"{a}*n"
+    return str(b)
+
+
+def _flat_index(shape, idx):
+    """Row-major flat index of per-axis index expressions ``idx`` in ``shape``."""
+    terms = []
+    for a, (d, i) in enumerate(zip(shape, idx)):
+        if i == "0":
+            continue
+        stride = _size_code(shape[a + 1:])
+        terms.append(i if stride == "1" else f"{i}*{stride}")
+    return " + ".join(terms) or "0"
+
+
+class CStatements:
+    """Prints the statements of one Program as C loops, for one element type."""
+
+    def __init__(self, program, dtype, cnames):
+        self.p = program
+        self.dtype = dtype
+        self.printer = PRINTERS[dtype]
+        self.real = self.printer.real
+        self.fs = self.printer.fsuffix
+        self.cnames = cnames
+        self.helpers = set()
+        self.locals = set()          # uids of scalar nodes held in local variables
+
+    def lit(self, value):
+        return self.printer({})._lit(value)
+
+    def name(self, node):
+        return self.cnames[node.uid]
+
+    def expr(self, e, symbols):
+        code, helpers = print_c(e, symbols, self.dtype)
+        self.helpers |= helpers
+        return code
+
+    # -- operands -------------------------------------------------------------------------
+    def elem(self, node, idx):
+        """C expression of ``node``'s element at per-axis indices ``idx`` (a list, one per
+        axis of node.shape; "0" on size-1 axes)."""
+        if node.uid in self.p.inline:
+            if not node.inputs:
+                return "(" + self.expr(node.attr("expr"), {}) + ")"
+            return "(" + self.ew_code(node, idx) + ")"
+        if node.uid in self.locals:
+            return self.name(node)
+        return f"{self.name(node)}[{_flat_index(node.shape, idx)}]"
+
+    def operand_idx(self, inp, out_shape, idx):
+        """Indices into ``inp`` for the element ``idx`` of a result of ``out_shape``."""
+        padded = ir.padded_to(inp.shape, out_shape)
+        own = [i if p != 1 else "0" for p, i in zip(padded, idx)]
+        if ir.alignment(inp.shape, out_shape) == "left":
+            return own[:len(inp.shape)]
+        return own[len(out_shape) - len(inp.shape):]
+
+    def ew_symbols(self, node, idx):
+        return {ARG[i]: self.elem(inp, self.operand_idx(inp, node.shape, idx))
+                for i, inp in enumerate(node.inputs)}
+
+    def ew_code(self, node, idx):
+        return self.expr(sp.factor_terms(node.attr("expr")), self.ew_symbols(node, idx))
+
+    # -- loops ----------------------------------------------------------------------------
+    @staticmethod
+    def loops(shape, body, vars_=None):
+        """Nested for-loops over ``shape`` around ``body`` (a list of lines)."""
+        vars_ = vars_ or LOOP_VARS[:len(shape)]
+        lines, depth = [], 0
+        for d, v in zip(_dims(shape), vars_):
+            if d == "1":
+                continue
+            lines.append("    " * depth + f"for (size_t {v} = 0; {v} < {d}; {v}++) {{")
+            depth += 1
+        lines += ["    " * depth + b for b in body]
+        lines += ["    " * (depth - 1 - k) + "}" for k in range(depth)]
+        return lines
+
+    @staticmethod
+    def block(lines):
+        return ["{"] + ["    " + line for line in lines] + ["}"]
+
+    @staticmethod
+    def idx_vars(shape):
+        return [LOOP_VARS[a] if d != 1 else "0" for a, d in enumerate(shape)]
+
+    def target(self, node, idx):
+        if node.uid in self.locals:
+            return self.name(node)
+        return f"{self.name(node)}[{_flat_index(node.shape, idx)}]"
+
+    # -- statements -----------------------------------------------------------------------
+    def statement(self, node):
+        return getattr(self, "_stmt_" + node.op)(node)
+
+    def _stmt_ew(self, node):
+        idx = self.idx_vars(node.shape)
+        expr = sp.factor_terms(node.attr("expr"))
+        reps, (body_expr,) = sp.cse([expr], symbols=sp.numbered_symbols("_c"), optimizations=None)
+        symbols = self.ew_symbols(node, idx)
+        body = []
+        for k, (sym, sub) in enumerate(reps):
+            tmp = f"_c{k}"
+            body.append(f"const {self.real} {tmp} = {self.expr(sub, symbols)};")
+            symbols[sym] = tmp
+        body.append(f"{self.target(node, idx)} = {self.expr(body_expr, symbols)};")
+        if node.uid in self.locals and reps:
+            return self.block(body)
+        return self.loops(node.shape, body)
+
+    def _stmt_matmul(self, node):
+        a, b = node.inputs
+        ta, tb = node.attr("ta"), node.attr("tb")
+        out = self.name(node)
+        rows, cols = _dims(node.shape)
+        inner = _dims(a.shape)[0 if ta else 1]
+
+        def A(i, k):
+            return self.elem(a, [k, i] if ta else [i, k])
+
+        def B(k, j):
+            return self.elem(b, [j, k] if tb else [k, j])
+
+        C = f"{out}[_i*{cols} + _j]" if cols != "1" else f"{out}[_i]"
+        zero = self.lit(0)
+        if tb:  # rows of both operands are contiguous: dot products
+            return [f"for (size_t _i = 0; _i < {rows}; _i++) {{",
+                    f"    for (size_t _j = 0; _j < {cols}; _j++) {{",
+                    f"        {self.real} _s = {zero};",
+                    f"        for (size_t _k = 0; _k < {inner}; _k++) _s += {A('_i', '_k')} * {B('_k', '_j')};",
+                    f"        {C} = _s;",
+                    "    }", "}"]
+        clear = [f"for (size_t _i = 0; _i < {_size_code(node.shape)}; _i++) {out}[_i] = {zero};"]
+        if ta:  # A^T B: walk the shared (often batch) axis outermost, rows of A and B contiguous
+            return clear + [f"for (size_t _k = 0; _k < {inner}; _k++) {{",
+                            f"    for (size_t _i = 0; _i < {rows}; _i++) {{",
+                            f"        const {self.real} _a = {A('_i', '_k')};",
+                            f"        for (size_t _j = 0; _j < {cols}; _j++) {C} += _a * {B('_k', '_j')};",
+                            "    }", "}"]
+        return clear + [f"for (size_t _i = 0; _i < {rows}; _i++) {{",
+                        f"    for (size_t _k = 0; _k < {inner}; _k++) {{",
+                        f"        const {self.real} _a = {A('_i', '_k')};",
+                        f"        for (size_t _j = 0; _j < {cols}; _j++) {C} += _a * {B('_k', '_j')};",
+                        "    }", "}"]
+
+    def _stmt_transpose(self, node):
+        (a,) = node.inputs
+        idx = self.idx_vars(node.shape)
+        return self.loops(node.shape, [f"{self.target(node, idx)} = {self.elem(a, idx[::-1])};"])
+
+    def _stmt_reshape(self, node):
+        (a,) = node.inputs
+        if node.uid in self.aliases:
+            return [f"const {self.real} *const {self.name(node)} = {self.name(a)};  /* same data, new shape */"]
+        # a scalar or inline source: copy element by element (row-major order is unchanged)
+        return self.copy_flat(node, a)
+
+    def target_flat(self, node, index):
+        return self.name(node) if node.uid in self.locals else f"{self.name(node)}[{index}]"
+
+    def source_flat(self, src, index):
+        """Element ``index`` (a flat, row-major C index) of ``src``."""
+        if src.uid in self.p.inline or src.uid in self.locals:
+            if src.uid in self.p.inline and src.inputs:
+                raise UnsupportedError(f"internal: cannot copy inline value {src!r}")
+            return self.elem(src, ["0"] * len(src.shape))
+        return f"{self.name(src)}[{index}]"
+
+    def copy_flat(self, node, src):
+        # a value of one element (a scalar local, or a (1, 1) array) is copied without a loop,
+        # so there is no loop variable to index with
+        if node.uid in self.locals or _size_code(node.shape) == "1":
+            return [f"{self.target_flat(node, '0')} = {self.source_flat(src, '0')};"]
+        return [f"for (size_t _i = 0; _i < {_size_code(node.shape)}; _i++) "
+                f"{self.target_flat(node, '_i')} = {self.source_flat(src, '_i')};"]
+
+    def _stmt_sum(self, node):
+        (x,) = node.inputs
+        axes = node.attr("axes")
+        idx = self.idx_vars(x.shape)
+        value = self.elem(x, idx)
+        if len(axes) == len(x.shape):
+            return self.block([f"{self.real} _s = {self.lit(0)};"] + self.loops(x.shape, [f"_s += {value};"]) +
+                              [f"{self.target(node, [])} = _s;"])
+        out_idx = [i for a, i in enumerate(idx) if a not in axes]
+        zero = [f"for (size_t _i = 0; _i < {_size_code(node.shape)}; _i++) {self.name(node)}[_i] = {self.lit(0)};"]
+        return zero + self.loops(x.shape, [f"{self.target(node, out_idx)} += {value};"])
+
+    def _stmt_mean(self, node):
+        (x,) = node.inputs
+        idx = self.idx_vars(x.shape)
+        size = _size_code(x.shape)
+        count = (f"({self.real})n" if size == "n" else f"({self.real})({size})") if size != "1" else self.lit(1)
+        return self.block([f"{self.real} _s = {self.lit(0)};"] + self.loops(x.shape, [f"_s += {self.elem(x, idx)};"]) +
+                          [f"{self.target(node, [])} = _s / {count};"])
+
+    def _row_max_sum(self, z):
+        k = _dims(z.shape)[1]
+        zij = self.elem(z, ["_i", "_j"])
+        return k, zij, [
+            f"    {self.real} _m = {self.elem(z, ['_i', '0'])};",
+            f"    for (size_t _j = 1; _j < {k}; _j++) if ({zij} > _m) _m = {zij};",
+        ]
+
+    def _stmt_lse(self, node):
+        (z,) = node.inputs
+        k, zij, head = self._row_max_sum(z)
+        return [f"for (size_t _i = 0; _i < n; _i++) {{", *head,
+                f"    {self.real} _s = {self.lit(0)};",
+                f"    for (size_t _j = 0; _j < {k}; _j++) _s += exp{self.fs}({zij} - _m);",
+                f"    {self.name(node)}[_i] = _m + log{self.fs}(_s);", "}"]
+
+    def _stmt_softmax(self, node):
+        (z,) = node.inputs
+        k, zij, head = self._row_max_sum(z)
+        out = f"{self.name(node)}[_i*{k} + _j]"
+        return [f"for (size_t _i = 0; _i < n; _i++) {{", *head,
+                f"    {self.real} _s = {self.lit(0)};",
+                f"    for (size_t _j = 0; _j < {k}; _j++) {{ {out} = exp{self.fs}({zij} - _m); _s += {out}; }}",
+                f"    for (size_t _j = 0; _j < {k}; _j++) {out} /= _s;", "}"]
+
+    def _stmt_xent(self, node):
+        z, l, y = node.inputs
+        k = _dims(z.shape)[1]
+        li = self.elem(l, ["_i"])
+        if node.attr("kind") == "label":
+            return [f"for (size_t _i = 0; _i < n; _i++) {self.name(node)}[_i] = {li} - {self.name(z)}[_i*{k} + (size_t){self.name(y)}[_i]];"]
+        return [f"for (size_t _i = 0; _i < n; _i++) {{",
+                f"    {self.real} _s = {self.lit(0)};",
+                f"    for (size_t _j = 0; _j < {k}; _j++) _s += {self.elem(y, ['_i', '_j'])} * {self.elem(z, ['_i', '_j'])};",
+                f"    {self.name(node)}[_i] = {li} - _s;", "}"]
+
+    def _stmt_xent_grad(self, node):
+        z, l, y, g = node.inputs
+        k = _dims(z.shape)[1]
+        e = f"exp{self.fs}({self.elem(z, ['_i', '_j'])} - {self.elem(l, ['_i'])})"
+        if node.attr("kind") == "label":
+            e = f"{e} - ((size_t){self.name(y)}[_i] == _j ? {self.lit(1)} : {self.lit(0)})"
+        else:
+            e = f"{e} - {self.elem(y, ['_i', '_j'])}"
+        if g.uid in self.p.inline and not g.inputs and g.attr("expr") == 1:
+            scale = ""
+        else:
+            scale = " * " + self.elem(g, self.operand_idx(g, node.shape, ["_i", "_j"]))
+        return [f"for (size_t _i = 0; _i < n; _i++) {{",
+                f"    for (size_t _j = 0; _j < {k}; _j++) {self.name(node)}[_i*{k} + _j] = ({e}){scale};", "}"]
+
+
+@dataclass(frozen=True)
+class CompiledC:
+    """A model compiled to C: the C source, header and Python wrapper, and how to build them."""
+
+    model: object
+    program: object
+    dtype: str
+    prefix: str
+    c_source: str
+    header: str
+    wrapper_source: str
+    cdef: str
+    formulas: dict
+    latex: dict
+    source_hash: str
+    ext_source: str = ""     # the cffi extension's C source: includes <prefix>.c, adds the glue
+
+    @property
+    def c_hash(self):
+        return _hash(self.c_source, self.header, self.cdef, self.ext_source)
+
+    @property
+    def ext_name(self):
+        """Name of the cffi extension module (unique per C source, so models never collide)."""
+        return f"_bpc_{self.prefix}_{self.c_hash[:16]}"
+
+    def write(self, out_dir):
+        """Write ``<prefix>.c``, ``<prefix>.h`` and the wrapper ``<prefix>.py`` to ``out_dir``
+        (each atomically). Importing the wrapper builds the extension beside it on first use."""
+        out = Path(out_dir)
+        paths = [write_atomic(out / f"{self.prefix}.h", self.header),
+                 write_atomic(out / f"{self.prefix}.c", self.c_source),
+                 write_atomic(out / f"{self.prefix}.py", self.wrapper_source)]
+        return paths
+
+    def build(self, cache=None):
+        """Build (or find in the cache) the cffi extension; returns the path of the shared library."""
+        return build_extension(self, cache)
+
+    def load(self, cache=None):
+        """Build or reuse the extension, and return the wrapper module (same interface as the
+        NumPy modules: PARAMS, INPUTS, TARGETS, init_params, forward, loss, backward, ...)."""
+        so = self.build(cache)
+        ext = _import_extension(self.ext_name, so)
+        wrapper = Path(so).parent / f"{self.prefix}.py"
+        if not wrapper.is_file() or wrapper.read_text() != self.wrapper_source:
+            # (the wrapper finds its extension in sys.modules: it need not lie beside it)
+            wrapper = _cache.write_cached(wrapper, self.wrapper_source, f"c/{Path(so).parent.name}")
+        sys.modules[self.ext_name] = ext
+        return load_module(wrapper, f"bpc_c_{self.prefix}_{self.c_hash[:12]}")
+
+
+# Every C identifier named after the model (parameters, inputs, intermediate values) carries
+# this prefix: no model name can then clash with a C keyword, a GNU extension (asm, typeof), a
+# libc or compiler macro (M_PI, WEOF, errno, stdin, unix) or the generated code's own names,
+# which never start with it. The API keeps its names: the functions are <prefix>_*, the
+# offsets <P>_OFFSET_<name>.
+C_NAME_PREFIX = "v_"
+
+
+def _c_names(program):
+    """uid -> C identifier: ``v_<name>`` for each of the program's names (see C_NAME_PREFIX)."""
+    out, taken = {}, set()
+    for uid, name in sorted(program.names.items(), key=lambda kv: kv[0]):
+        c = C_NAME_PREFIX + name
+        while c in taken:
+            c += "_"
+        out[uid] = c
+        taken.add(c)
+    return out
+
+
+def compile_model_c(model, dtype="float64", prefix=None):
+    """Compile ``model`` to standalone C plus a cffi wrapper (returns a CompiledC).
+
+    ``dtype``: "float64" (C double) or "float32" (C float). ``prefix``: the C symbol prefix
+    (default: the model's name).
+    """
+    dtype = str(getattr(dtype, "__name__", dtype))
+    if dtype not in PRINTERS:
+        raise ModelError(f"the C backend needs dtype float32 or float64, not {dtype!r}")
+    prefix = prefix or model.name
+    # the prefix only ever starts longer names (<prefix>_forward, <P>_OK, ...), so C keywords and
+    # macros are fine; no leading underscore (reserved in C), ASCII only
+    if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", prefix):
+        raise ModelError(f"C prefix {prefix!r} is not a usable C identifier (a letter, then letters, "
+                         "digits or underscores)")
+    compiled = compile_model(model, dtype)
+    program = compiled.program
+    fm = Formulas(program)
+    cnames = _c_names(program)
+    real = PRINTERS[dtype].real
+    P = prefix.upper()
+
+    classes = {}
+    for node in (*program.loss_nodes, *program.backward_nodes):
+        if node.op == "xent":
+            classes[node.inputs[2].uid] = int(node.inputs[0].shape[1])
+
+    params = []
+    offset = 0
+    for p in model.params:
+        size = int(sp.Integer(ir.size_of(p.shape)))
+        params.append({"name": p.name, "cname": cnames[p.uid], "offset": offset, "size": size,
+                       "shape": tuple(int(d) for d in p.shape), "shape_code": shape_code(p.shape)})
+        offset += size
+    n_params = offset
+
+    def arg_list(leaves):
+        out = []
+        for x in leaves:
+            ctype = "int64_t" if x.attr("kind") == "label" else real
+            out.append({"name": x.name, "cname": cnames[x.uid], "ctype": ctype,
+                        "label": x.attr("kind") == "label", "classes": classes.get(x.uid),
+                        "per_sample": tuple(int(d) for d in x.shape[1:]),
+                        "size": _size_code(x.shape), "shape_doc": shape_code(x.shape)})
+        return out
+
+    data, targets = list(model.inputs), list(model.targets)
+    st = CStatements(program, dtype, cnames)
+
+    def function(fname, leaves, nodes, outputs):
+        """outputs: list of (node, destination kind, C destination) where kind is 'ptr'
+        (a non-scalar output array), or 'scalar' (written as ``dest = value``)."""
+        scheduled = {n.uid for n in nodes}
+        direct = {}
+        for node, kind, dest in outputs:
+            if kind == "ptr" and node.uid in scheduled and node.op != "reshape" and node.uid not in direct \
+                    and node.shape != ():
+                direct[node.uid] = dest
+        st.locals = {n.uid for n in nodes if n.shape == ()}
+        st.aliases = {n.uid for n in nodes if n.op == "reshape" and n.shape != ()
+                      and n.inputs[0].uid not in st.locals and n.inputs[0].uid not in program.inline
+                      and n.uid not in direct}
+        decls, work_a, work_b = [], 0, 0
+        for node, kind, dest in outputs:
+            if node.uid in direct and direct[node.uid] == dest:
+                decls.append(f"{real} *const {cnames[node.uid]} = {dest};  /* {shape_code(node.shape)}, output */")
+        for n in nodes:
+            if n.uid in st.locals or n.uid in direct or n.uid in st.aliases:
+                if n.uid in st.locals:
+                    decls.append(f"{real} {cnames[n.uid]};")
+                continue
+            a, b = _size_coeffs(n.shape)
+            off = " + ".join(t for t in ([f"{work_a}*n" if work_a != 1 else "n"] if work_a else [])
+                             + ([str(work_b)] if work_b else [])) or "0"
+            decls.append(f"{real} *const {cnames[n.uid]} = _work + {off};  /* {shape_code(n.shape)} */")
+            work_a += a
+            work_b += b
+        body = []
+        for n in nodes:
+            body.append("")
+            body.append(f"/* {c_comment(fm.line(n), lead='')} */")
+            body.extend(statement(st, fm, n))
+        tail = []
+        for node, kind, dest in outputs:
+            if node.uid in direct and direct[node.uid] == dest:
+                continue
+            if kind == "scalar":
+                tail.append(f"{dest} = {st.elem(node, ['0'] * len(node.shape)) if node.shape else _scalar(st, node)};")
+            else:
+                tail.extend(_copy_out(st, node, dest))
+        # the identifiers of the body, once: a regex search per parameter is quadratic
+        words = set(re.findall(r"\w+", "\n".join(body + tail)))
+
+        def used(cname):
+            return cname in words
+
+        param_decls = [f"const {real} *const {p['cname']} = params + {p['offset']};  /* {p['shape_code']} */"
+                       for p in params if used(p["cname"])]
+        labels = [x for x in arg_list(leaves) if x["label"]]
+        uses_nf = any(re.search(r"\b_nf\b", line) for line in body + tail)
+        args = arg_list(leaves)
+        unused = [x["cname"] for x in args if not used(x["cname"])]
+        if not param_decls:
+            unused.insert(0, "params")
+        if fname == "backward":
+            for info in zero_grads:
+                tail.append(f"for (size_t _i = 0; _i < {info['size']}; _i++) grads[{info['offset']} + _i] = {st.lit(0)};"
+                            f"  /* d{info['name']} = 0: the loss does not depend on {info['name']} */")
+        fn = {"name": fname, "leaves": args}
+        return {"name": fname, "leaves": args, "decls": param_decls + decls, "unused": unused,
+                "proto": _proto_args(fn, real), "definition": _proto_args(fn, real, "restrict "),
+                "body": body, "tail": tail, "work": (work_a, work_b), "labels": labels,
+                "uses_nf": uses_nf, "needs_batch": fname != "forward"}
+
+    pred = program.prediction
+    pred_dest = [(pred, "ptr" if pred.shape != () else "scalar", "out" if pred.shape != () else "out[0]")]
+    loss_dest = [(program.loss, "scalar", "*loss")]
+    grad_dest = []
+    info_of = {q["name"]: q for q in params}
+    for p, g in program.grads:
+        info = info_of[p.name]
+        dest = f"grads + {info['offset']}" if p.shape != () else f"grads[{info['offset']}]"
+        grad_dest.append((g, "ptr" if p.shape != () else "scalar", dest, info))
+    zero_grads = [info for g, _, _, info in grad_dest if g is None]
+    functions = [
+        function("forward", data, program.forward_nodes, pred_dest),
+        function("loss", data + targets, program.loss_nodes, loss_dest),
+        function("backward", data + targets, program.backward_nodes,
+                 loss_dest + [(g, k, d) for g, k, d, _ in grad_dest if g is not None]),
+    ]
+    work_a = max(f["work"][0] for f in functions)
+    work_b = max(f["work"][1] for f in functions)
+
+    formulas, latex = compiled.formulas, compiled.latex
+    pred_shape = [d for d in pred.shape]
+    common = dict(
+        stack_work_bytes=STACK_WORK_BYTES,
+        model_name=model.name, version=__version__, source=model.source, source_hash=compiled.source_hash,
+        description=model.description, prefix=prefix, P=P, real=real, dtype=dtype, fs=st.fs,
+        params=params, n_params=n_params, inputs=arg_list(data), targets=arg_list(targets),
+        functions=functions, zero_grads=zero_grads, work_a=work_a, work_b=work_b,
+        pred_size=_size_code(pred.shape), pred_shape_doc=shape_code(pred.shape),
+        pred_per_sample=tuple(int(d) for d in (pred.shape[1:] if ir.is_batch(pred.shape) else pred.shape)), pred_batched=ir.is_batch(pred.shape),
+        helpers=sorted(st.helpers), prediction_doc=_prediction_doc(model),
+        formulas=[(p["name"], formulas[p["name"]]) for p in params],
+    )
+    header = render("c_model.h.j2", **common)
+    c_source = render("c_model.c.j2", **common)
+    cdef = _cdef(common)
+    ext_source = _ext_source(common)
+    hash_ = _hash(c_source, header, cdef, ext_source)
+    ext_name = f"_bpc_{prefix}_{hash_[:16]}"
+    inits = [_init_line(p.name, p.shape, model.init[p.name]) for p in model.params]
+    wrapper = render(
+        "c_wrapper.py.j2", **common, ext_name=ext_name, cdef=cdef, init_lines=inits,
+        cflags=list(CFLAGS), ext_source=ext_source, stack_batch=_stack_batch(work_a, work_b, dtype),
+        inputs_shapes=_dict_code({x.name: shape_code(x.shape[1:]) for x in data}),
+        targets_shapes=_dict_code({x.name: shape_code(x.shape[1:]) for x in targets}),
+        target_kinds=_dict_code({x.name: repr(x.attr("kind")) for x in targets}),
+        classes=_dict_code({x.name: str(classes[x.uid]) for x in targets if x.uid in classes}),
+        params_shapes=_dict_code({p["name"]: p["shape_code"] for p in params}),
+        data_args=", ".join(x.name for x in data), all_args=", ".join(x.name for x in data + targets),
+    )
+    return CompiledC(model, program, dtype, prefix, c_source, header, wrapper, cdef, formulas, latex,
+                     compiled.source_hash, ext_source)
+
+
+def _scalar(st, node):
+    """Value of a scalar node at the end of a function."""
+    if node.uid in st.locals:
+        return st.name(node)
+    return st.elem(node, [])
+
+
+def _copy_out(st, node, dest):
+    """Lines copying ``node`` (a leaf, inline value, alias or second use) to the array ``dest``."""
+    size = _size_code(node.shape)
+    if node.uid in st.p.inline and node.inputs:
+        idx = st.idx_vars(node.shape)
+        return ["{", f"    {st.real} *const _dst = {dest};"] + \
+            ["    " + line for line in st.loops(node.shape, [f"_dst[{_flat_index(node.shape, idx)}] = {st.elem(node, idx)};"])] + ["}"]
+    src = st.source_flat(node, "_i")
+    return [f"for (size_t _i = 0; _i < {size}; _i++) ({dest})[_i] = {src};"]
+
+
+def _dict_code(d):
+    return "{" + ", ".join(f"{k!r}: {v}" for k, v in d.items()) + "}"
+
+
+def _hash(*texts):
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest()
+
+
+# elements of stack scratch the C functions use when given work == NULL (templates/c_model.c.j2)
+STACK_WORK_BYTES = 16384
+
+
+def _stack_batch(work_a, work_b, dtype):
+    """The largest batch whose scratch fits the C functions' stack buffer (-1: none)."""
+    elems = STACK_WORK_BYTES // (8 if dtype == "float64" else 4)
+    if work_b > elems:
+        return -1
+    return (elems - work_b) // work_a if work_a else 1 << 62
+
+
+def _cdef(ctx):
+    """The declarations cffi needs: the header's prototypes (without comments or macros) and
+    the wrapper's glue functions (see ``_ext_source``)."""
+    prefix = ctx["prefix"]
+    lines = [f"size_t {prefix}_work_size(size_t n);"]
+    for fn in ctx["functions"]:
+        lines.append(f"int {prefix}_{fn['name']}({fn['proto']});")
+    for fn in ctx["functions"]:
+        lines.append(f"int _bpc_{prefix}_{fn['name']}({_glue_args(fn)});")
+    lines.append(f"void _bpc_{prefix}_pack({_pack_args(ctx)});")
+    return "\n".join(lines) + "\n"
+
+
+def _pack_args(ctx):
+    return ", ".join(["void *dst"] + [f"const void *_p{k}" for k in range(len(ctx["params"]))])
+
+
+def _glue_args(fn):
+    """The glue's arguments: untyped pointers named by position (_a0, ...)."""
+    args = ["const void *params"] + [f"const void *_a{k}" for k in range(len(fn["leaves"]))] + ["size_t n"]
+    args.append("void *out" if fn["name"] == "forward" else "void *loss" if fn["name"] == "loss" else "void *grads")
+    return ", ".join(args + ["void *work"])
+
+
+def _ext_source(ctx):
+    """C source of the cffi extension: ``<prefix>.c`` plus one glue function per entry point,
+    taking untyped pointers (the wrapper checks dtypes itself, and an untyped
+    ``ffi.from_buffer`` costs half a typed one); backward's glue writes the loss just after
+    the gradients, so that one fresh buffer per call holds both. ``_pack`` copies parameters
+    given as separate arrays into the C layout (for a plain dict of arrays)."""
+    prefix, P, real = ctx["prefix"], ctx["P"], ctx["real"]
+    out = [f'#include "{prefix}.c"', "#include <string.h>", ""]
+    for fn in ctx["functions"]:
+        names = ["params"] + [f"_a{k}" for k in range(len(fn["leaves"]))] + ["n"]
+        if fn["name"] == "forward":
+            names.append("out")
+        elif fn["name"] == "loss":
+            names.append("loss")
+        else:
+            names += [f"({real} *)grads + {P}_NUM_PARAMS", "grads"]
+        out += [f"static int _bpc_{prefix}_{fn['name']}({_glue_args(fn)})",
+                "{", f"    return {prefix}_{fn['name']}({', '.join(names + ['work'])});", "}", ""]
+    out += [f"static void _bpc_{prefix}_pack({_pack_args(ctx)})", "{"]
+    out += [f"    memcpy(({real} *)dst + {p['offset']}, _p{k}, sizeof({real}) * {p['size']});  /* {p['name']} */"
+            for k, p in enumerate(ctx["params"])]
+    out += ["}", ""]
+    return "\n".join(out)
+
+
+def _proto_args(fn, real, restrict=""):
+    r = restrict
+    args = [f"const {real} *{r}params"]
+    args += [f"const {x['ctype']} *{r}{x['cname']}" for x in fn["leaves"]]
+    args.append("size_t n")
+    if fn["name"] == "forward":
+        args.append(f"{real} *{r}out")
+    else:
+        args.append(f"{real} *{r}loss")
+    if fn["name"] == "backward":
+        args.append(f"{real} *{r}grads")
+    args.append(f"{real} *{r}work")
+    return ", ".join(args)
+
+
+# ---- building -----------------------------------------------------------------------------
+
+def _compiler_command():
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    return shlex.split(cc)
+
+
+@functools.lru_cache(maxsize=None)
+def _toolchain():
+    """(compiler argv, its version text, Python include dir); a clear error when missing."""
+    cc = _compiler_command()
+    if not cc or shutil.which(cc[0]) is None:
+        raise UnsupportedError(
+            f"the C target needs a C compiler, and {cc[0] if cc else 'cc'!r} was not found "
+            "(install gcc or clang, or set CC); the NumPy target (compile_model) still works")
+    include = sysconfig.get_paths()["include"]
+    if not (Path(include) / "Python.h").is_file():
+        raise UnsupportedError(
+            f"the C target needs the Python development headers (Python.h not found in {include}; "
+            "e.g. apt install python3-dev); the NumPy target (compile_model) still works")
+    try:
+        import cffi  # noqa: F401
+    except ImportError:
+        raise UnsupportedError("the C target needs cffi (pip install cffi, or the 'c' extra of bpc); "
+                               "the NumPy target (compile_model) still works") from None
+    try:
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except OSError as e:
+        raise UnsupportedError(f"cannot run the C compiler {cc[0]!r}: {e}; the NumPy target still works") from None
+    return tuple(cc), version.strip(), include
+
+
+def _link_flags():
+    if sys.platform == "darwin":
+        return ["-bundle", "-undefined", "dynamic_lookup"]
+    if sys.platform == "win32":
+        raise UnsupportedError("building the C target on Windows is not supported yet; "
+                               "the NumPy target (compile_model) still works")
+    return ["-shared"]
+
+
+def build_extension(compiled, cache=None):
+    """Build ``compiled``'s cffi extension into the cache, unless it is already there."""
+    import cffi
+
+    cc, cc_version, include = _toolchain()
+    ffi = cffi.FFI()
+    ffi.cdef(compiled.cdef)
+    ffi.set_source(compiled.ext_name, compiled.ext_source)
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    flags = [*CFLAGS, *_link_flags()]
+    key = hashlib.sha256("\0".join([
+        compiled.c_hash, compiled.ext_name, " ".join(cc), cc_version, " ".join(flags), sys.version,
+        suffix, cffi.__version__, sys.platform]).encode()).hexdigest()
+    root = Path(cache) if cache is not None else cache_dir() / "c"
+    so = _cached(root, key, compiled.ext_name + suffix)
+    if so is not None:
+        stats["cache_hits"] += 1
+        return so
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _cache.remove_stale_builds(root)
+        tmp = _cache.build_dir(root)
+    except OSError as e:   # a read-only cache, or a cache path that is a file
+        root = _cache.fallback_dir("c", root, e)
+        so = _cached(root, key, compiled.ext_name + suffix)
+        if so is not None:
+            stats["cache_hits"] += 1
+            return so
+        tmp = _cache.build_dir(root)
+    final_dir = root / key[:32]
+    so = final_dir / f"{compiled.ext_name}{suffix}"
+    try:
+        (tmp / f"{compiled.prefix}.h").write_text(compiled.header)
+        (tmp / f"{compiled.prefix}.c").write_text(compiled.c_source)
+        glue = tmp / f"{compiled.ext_name}.c"
+        with contextlib.redirect_stdout(io.StringIO()):   # cffi announces "generating ..."
+            ffi.emit_c_code(str(glue))
+        out = tmp / so.name
+        # no -I for the build directory: "<prefix>.c" and "<prefix>.h" are found beside the glue
+        # by their quoted includes, and a model named limits or stdio cannot hide a system header
+        # relative file names, run in the build directory: its random name does not end up in
+        # the library, so builds of the same key are byte-identical (one checksum for all)
+        cmd = [*cc, *flags, f"-I{include}", glue.name, "-o", out.name, "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+        if proc.returncode != 0:
+            raise CBuildError(f"the C compiler failed on the code generated for model {compiled.model.name!r} "
+                              f"(exit {proc.returncode}).\ncommand: {shlex.join(cmd)}\n"
+                              f"{proc.stdout}{proc.stderr}")
+        final_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in ((f"{compiled.prefix}.c", compiled.c_source), (f"{compiled.prefix}.h", compiled.header)):
+            write_atomic(final_dir / name, text)
+        # the checksum first, then the library (each atomically): an installed library always has
+        # its checksum; a concurrent build of the same key writes the same bytes
+        _cache.record_checksum(out)
+        os.replace(_cache.checksum_path(out), _cache.checksum_path(so))
+        os.replace(out, so)
+        stats["builds"] += 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return so
+
+
+def _cached(root, key, filename):
+    """The cached library ``root/<key>/<filename>`` if it is there and intact, else None; a
+    damaged one (truncated, emptied, overwritten: loading it could kill the process with
+    SIGBUS) is reported with a warning, and replaced by the rebuild."""
+    so = root / key[:32] / filename
+    state = _cache.verify(so)
+    if state == "ok":
+        return so
+    if state == "damaged":
+        stats["damaged"] += 1
+        warnings.warn(f"bpc: the cached C extension {so} does not match the checksum recorded when it "
+                      "was built (truncated or overwritten?); rebuilding it", _cache.CacheWarning, stacklevel=4)
+    return None
+
+
+def _import_extension(name, path):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module

@@ -1,0 +1,159 @@
+"""C99 printer of scalar expressions, for the C backend (double or float).
+
+Like the NumPy printer it is strict: an unknown function raises UnsupportedError. Small integer
+powers become products, rationals and constants become floating literals (``1.0/3.0``, never
+the integer division ``1/3``), and the batch size prints as the floating local ``_nf``.
+The float and double variants differ only in class attributes (function suffix, literal suffix).
+Stable primitives print as calls of the ``bpc_*`` helpers defined in ``templates/c_model.c.j2``;
+the printer records which helpers an expression needs.
+"""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.str import StrPrinter
+
+from compiler.errors import UnsupportedError
+from compiler.core.ir import N
+from compiler.backends.numpy.printer import numeric_constants_to_floats
+
+
+class CPrinter(StrPrinter):
+    """Prints an elementwise expression as a C99 double expression; symbols map to code."""
+
+    printmethod = "_bpc_c"
+    real = "double"
+    fsuffix = ""        # appended to math function names (expf, tanhf, ...)
+    lsuffix = ""        # appended to floating literals (1.0f)
+    max_literal = 1.7976931348623157e308   # the largest finite value of the type
+
+    # SymPy function class name -> C function (before the suffix), or helper name
+    LIBM = {"exp": "exp", "log": "log", "sinh": "sinh", "cosh": "cosh", "sin": "sin",
+            "cos": "cos", "tan": "tan", "atan": "atan", "asinh": "asinh", "Abs": "fabs", "erf": "erf"}
+    HELPERS = {"sigmoid": "bpc_sigmoid", "softplus": "bpc_softplus", "relu": "bpc_relu",
+               "step": "bpc_step", "sign": "bpc_sign", "tanh": "bpc_tanh"}
+
+    def __init__(self, symbols):
+        super().__init__()
+        self.symbols = symbols
+        self.helpers = set()
+
+    def _lit(self, value):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = float("inf")
+        if not abs(number) <= self.max_literal:   # also nan
+            raise UnsupportedError(f"the constant {value} is beyond the range of C {self.real}")
+        text = repr(number)
+        if "e" not in text and "." not in text:
+            text += ".0"
+        return text + self.lsuffix
+
+    def _print_Symbol(self, s):
+        if s == N:
+            return "_nf"
+        try:
+            return self.symbols[s]
+        except KeyError:
+            raise UnsupportedError(f"internal: unbound symbol {s} in generated C code") from None
+
+    def _print_Integer(self, e):
+        return self._lit(int(e))
+
+    def _print_Rational(self, e):
+        return f"{self._lit(int(e.p))}/{self._lit(int(e.q))}"
+
+    def _print_Float(self, e):
+        return self._lit(float(e))
+
+    def _print_NumberSymbol(self, e):
+        return self._lit(float(e))
+
+    _print_Exp1 = _print_NumberSymbol
+    _print_Pi = _print_NumberSymbol
+
+    def _print_Mul(self, e):
+        # -x prints as -x, not -1.0*x
+        c, rest = e.as_coeff_Mul()
+        if c == -1 and rest != 1:
+            return "-" + self.parenthesize(rest, PRECEDENCE["Mul"], strict=False)
+        return super()._print_Mul(e)
+
+    def _print_Pow(self, e):
+        base, ex = e.as_base_exp()
+        pb = self.parenthesize(base, PRECEDENCE["Pow"], strict=True)
+        one = self._lit(1)
+        if ex.is_Integer and 1 <= int(ex) <= 4:
+            return "(" + "*".join([pb] * int(ex)) + ")" if int(ex) > 1 else pb
+        if ex.is_Integer and -4 <= int(ex) <= -1:
+            return f"{one}/" + ("(" + "*".join([pb] * -int(ex)) + ")" if int(ex) < -1 else pb)
+        if ex == sp.Rational(1, 2):
+            return f"sqrt{self.fsuffix}({self._print(base)})"
+        if ex == -sp.Rational(1, 2):
+            return f"{one}/sqrt{self.fsuffix}({self._print(base)})"
+        if base == sp.E:
+            return f"exp{self.fsuffix}({self._print(ex)})"
+        return f"pow{self.fsuffix}({self._print(base)}, {self._print(ex)})"
+
+    def _print_Max(self, e):
+        self.helpers.add("max")
+        out = self._print(e.args[0])
+        for a in e.args[1:]:
+            out = f"bpc_max{self.fsuffix}({out}, {self._print(a)})"
+        return out
+
+    def _print_Min(self, e):
+        self.helpers.add("min")
+        out = self._print(e.args[0])
+        for a in e.args[1:]:
+            out = f"bpc_min{self.fsuffix}({out}, {self._print(a)})"
+        return out
+
+    def _print_Function(self, e):
+        name = type(e).__name__
+        if len(e.args) != 1 or (name not in self.LIBM and name not in self.HELPERS):
+            raise UnsupportedError(f"function {name} is not supported by the C backend")
+        if name in self.HELPERS:
+            self.helpers.add(name)
+            fn = self.HELPERS[name]
+        else:
+            fn = self.LIBM[name]
+        return f"{fn}{self.fsuffix}({self._print(e.args[0])})"
+
+    _print_exp = _print_Function
+    _print_log = _print_Function
+    _print_Abs = _print_Function
+    _print_sign = _print_Function
+
+    def emptyPrinter(self, e):
+        raise UnsupportedError(f"{type(e).__name__} ({e}) is not supported by the C backend")
+
+    def _print_NaN(self, e):
+        raise UnsupportedError("the expression evaluates to nan")
+
+    def _print_Infinity(self, e):
+        raise UnsupportedError("the expression is infinite")
+
+    _print_NegativeInfinity = _print_Infinity
+    _print_ComplexInfinity = _print_Infinity
+
+
+class CPrinterFloat(CPrinter):
+    """The float (single-precision) variant: expf, tanhf, ... and 1.0f literals."""
+
+    real = "float"
+    fsuffix = "f"
+    lsuffix = "f"
+    max_literal = 3.4028234663852886e38
+
+
+PRINTERS = {"float64": CPrinter, "float32": CPrinterFloat}
+
+
+def print_c(expr, symbols, dtype="float64"):
+    """(code, helpers needed) for a scalar expression; ``symbols`` maps symbol -> C code."""
+    named = {s: sp.Symbol(code, real=True) for s, code in symbols.items()}
+    expr = numeric_constants_to_floats(expr).xreplace(named)
+    p = PRINTERS[dtype]({v: v.name for v in named.values()})
+    return p.doprint(expr), p.helpers

@@ -1,0 +1,578 @@
+"""The NumPy backend: prints a Program's statements as vectorised NumPy code.
+
+Each op has one statement printer (``_stmt_<op>``); elementwise math comes from
+``printing.print_numpy``; the module's structure comes from ``templates/numpy_module.py.j2``.
+"""
+from __future__ import annotations
+
+import re
+
+import sympy as sp
+
+from compiler.core import ir
+from compiler.core.ir import ARG, N
+from compiler.core.simplify import use_counts
+from compiler.backends.numpy.printer import NumpyPrinter, numeric_constants_to_floats, print_formula, print_latex, print_numpy, latex_name
+
+
+def shape_code(shape):
+    parts = ["n" if d == N else str(d) for d in shape]
+    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+
+
+def _per_sample_size(shape):
+    """Numbers per sample (the batch axis left out); a symbolic size other than n counts as large."""
+    size = 1
+    for d in shape:
+        if d != N:
+            size *= int(d) if isinstance(d, int) or getattr(d, "is_Integer", False) else 10 ** 9
+    return size
+
+
+def _is_call(code):
+    """Whether ``code`` is one call ``f(...)``: a name whose parenthesis closes at the very end."""
+    m = re.match(r"[A-Za-z_][\w.]*\(", code)
+    if not m or not code.endswith(")"):
+        return False
+    depth = 0
+    for i in range(m.end() - 1, len(code)):
+        depth += {"(": 1, ")": -1}.get(code[i], 0)
+        if depth == 0:
+            return i == len(code) - 1
+    return False
+
+
+def _suffix(arg_shape, out_shape):
+    if ir.alignment(arg_shape, out_shape) == "left":
+        return "[" + ", ".join([":"] * len(arg_shape) + ["None"] * (len(out_shape) - len(arg_shape))) + "]"
+    return ""
+
+
+class NumpyStatements:
+    """Prints the statements of one Program."""
+
+    # Elementwise results with at least this many numbers per sample update a dead input in
+    # place (``dZ = dH; _dZ_0 = H*H; ...; dZ *= _dZ_0``): at such sizes every temporary is an
+    # allocation that glibc returns to the OS and faults back on the next call. Smaller ones keep
+    # the one-line form (``dZ = dH*(1 - H*H)``), which reads better and costs no more.
+    INPLACE_MIN_SIZE = 32
+
+    def __init__(self, program):
+        self.p = program
+        self.helpers = set()
+        self.needs_dt = False
+        outputs = [program.prediction, program.loss, *(g for _, g in program.grads if g is not None)]
+        order, self.uses = use_counts(outputs)
+        self.users = ir.consumers(order)
+        self.outputs = {o.uid for o in outputs}
+
+    def private(self, node):
+        """Whether ``node``'s array can never reach the caller: it is not returned, no view of it
+        is taken, and no elementwise statement that may update it in place is returned either.
+        Such arrays may live in per-thread scratch buffers reused from call to call."""
+        x = node
+        while x.uid not in self.outputs:
+            users = self.users.get(x.uid, [])
+            if any(u.op in ("transpose", "reshape") for u in users):
+                return False
+            if not (self.uses[x.uid] == 1 and users and users[0].op == "ew" and users[0].shape == x.shape):
+                return True
+            x = users[0]
+        return False
+
+    def scratch(self, name, shape, operands):
+        """``_scratch(name, shape, *operands)``: the call that returns this thread's reusable
+        array for ``name`` with the dtype of an operation on ``operands``."""
+        self.helpers.add("scratch")
+        operands = list(dict.fromkeys(operands))
+        return f"_scratch({name!r}, {shape_code(shape)}, {', '.join(operands)})"
+
+    # -- operands -----------------------------------------------------------------------
+    def name(self, node):
+        return self.p.names[node.uid]
+
+    def ref(self, node, bare=False):
+        """Code for using ``node`` as an operand (``bare``: as a whole function argument)."""
+        if node.uid in self.p.inline:
+            if not node.inputs:
+                return self._fill(node)
+            code = self._ew_code(node)
+            return code if bare else "(" + code + ")"
+        return self.name(node)
+
+    def _fill(self, node):
+        value, helpers = print_numpy(node.attr("expr"), {})
+        self.helpers |= helpers
+        if node.shape == ():
+            return value
+        self.needs_dt = True
+        return f"np.full({shape_code(node.shape)}, {value}, dtype=dt)"
+
+    def _ew_code(self, node):
+        symbols = {}
+        for i, inp in enumerate(node.inputs):
+            symbols[ARG[i]] = self.ref(inp) + _suffix(inp.shape, node.shape)
+        code, helpers = print_numpy(sp.factor_terms(node.attr("expr")), symbols)
+        self.helpers |= helpers
+        return self._materialise(node, code)
+
+    def _materialise(self, node, code):
+        """Full-shape array of an elementwise result whose inputs do not span its shape."""
+        if ir.covered([i.shape for i in node.inputs], node.shape):
+            return code
+        self.needs_dt = True
+        return f"np.full({shape_code(node.shape)}, {code}, dtype=dt)"
+
+    # -- statements: lists of code lines ---------------------------------------------------
+    def statement(self, node):
+        return getattr(self, "_stmt_" + node.op)(node, self.name(node))
+
+    def _stmt_ew(self, node, out):
+        if not node.inputs:
+            return [f"{out} = {self._fill(node)}" if node.shape else f"{out} = np.asarray({self._fill(node)}, dtype=dt)"]
+        expr = sp.factor_terms(node.attr("expr"))
+        reps, (body,) = sp.cse([numeric_constants_to_floats(expr)],
+                               symbols=sp.numbered_symbols("_c"), optimizations=None)
+        symbols = {ARG[i]: self.ref(inp) + _suffix(inp.shape, node.shape) for i, inp in enumerate(node.inputs)}
+        if not reps and node.shape != () and _per_sample_size(node.shape) >= self.INPLACE_MIN_SIZE:
+            lines = InPlace(self, node, out, symbols).lines(body)
+            if lines is not None:
+                return lines
+        lines = []
+        for k, (sym, sub) in enumerate(reps):
+            tmp = f"_{out}_{k}"
+            code, h = print_numpy(sub, symbols)
+            self.helpers |= h
+            lines.append(f"{tmp} = {code}")
+            symbols[sym] = tmp
+        code, h = print_numpy(body, symbols)
+        self.helpers |= h
+        lines.append(f"{out} = {self._materialise(node, code)}")
+        return lines
+
+    def _stmt_matmul(self, node, out):
+        a, b = node.inputs
+        ta = ".T" if node.attr("ta") else ""
+        tb = ".T" if node.attr("tb") else ""
+        x, y = self.ref(a), self.ref(b)
+        if (a.uid not in self.p.inline and b.uid not in self.p.inline
+                and _per_sample_size(node.shape) >= self.INPLACE_MIN_SIZE and self.private(node)):
+            # a fresh array each call would be returned to the OS by malloc and faulted back in
+            return [f"{out} = np.matmul({x}{ta}, {y}{tb}, out={self.scratch(out, node.shape, [x, y])})"]
+        return [f"{out} = {x}{ta} @ {y}{tb}"]
+
+    def _stmt_transpose(self, node, out):
+        return [f"{out} = {self.ref(node.inputs[0])}.T"]
+
+    def _stmt_reshape(self, node, out):
+        return [f"{out} = {self.ref(node.inputs[0])}.reshape({shape_code(node.shape)})"]
+
+    def _computed(self, node):
+        """Whether ``node`` is surely an ndarray: a value this function computed, or an inlined
+        expression over a batch array (not a caller's value, which may be a list or a Python
+        number). Then its methods can be called, which skips the Python-level wrappers of
+        np.sum/np.mean (1-2 us a call, a tenth of a small network's step)."""
+        if node.uid in self.p.inline:
+            return node.op == "ew" and N in node.shape and any(N in i.shape for i in node.inputs)
+        return node.op not in ("input", "param")
+
+    def _method_target(self, node):
+        """``node`` as the object of a method call: a name, a call, or a parenthesised expression."""
+        code = self.ref(node, bare=True)
+        return code if _ATOM.fullmatch(code) or _is_call(code) else f"({code})"
+
+    def _stmt_sum(self, node, out):
+        x = node.inputs[0]
+        axes = node.attr("axes")
+        ax = "" if len(axes) == len(x.shape) else "axis=" + (str(axes[0]) if len(axes) == 1 else str(tuple(axes)))
+        if self._computed(x):
+            return [f"{out} = {self._method_target(x)}.sum({ax})"]
+        return [f"{out} = np.sum({self.ref(x, bare=True)}{', ' + ax if ax else ''})"]
+
+    def _stmt_mean(self, node, out):
+        x = node.inputs[0]
+        if self._computed(x):
+            return [f"{out} = {self._method_target(x)}.mean()"]
+        return [f"{out} = np.mean({self.ref(x, bare=True)})"]
+
+    def _stmt_lse(self, node, out):
+        self.helpers.add("logsumexp")
+        return [f"{out} = _logsumexp({self.ref(node.inputs[0])})"]
+
+    def _stmt_softmax(self, node, out):
+        self.helpers.add("softmax")
+        return [f"{out} = _softmax({self.ref(node.inputs[0])})"]
+
+    def _stmt_xent(self, node, out):
+        z, l, y = (self.ref(i) for i in node.inputs)
+        if node.attr("kind") == "label":
+            return [f"{out} = {l} - {z}[np.arange(n), {y}]"]
+        return [f"{out} = {l} - np.sum({y} * {z}, axis=1)"]
+
+    def _stmt_xent_grad(self, node, out):
+        zn, ln, yn, gn = node.inputs
+        z, l, y = self.ref(zn), self.ref(ln), self.ref(yn)
+        lines = [f"{out} = np.exp({z} - {l}[:, None])"]
+        if node.attr("kind") == "label":
+            lines.append(f"{out}[np.arange(n), {y}] -= 1")
+        else:
+            lines.append(f"{out} -= {y}")
+        if gn.uid in self.p.inline and not gn.inputs:
+            value, h = print_numpy(gn.attr("expr"), {})
+            self.helpers |= h
+            if value != "1":
+                lines.append(f"{out} *= {value}")
+        else:
+            lines.append(f"{out} *= {self.ref(gn)}[:, None]")
+        return lines
+
+
+# ---- elementwise statements as in-place ufunc calls ---------------------------------------
+
+# SymPy function name -> NumPy call with the argument at {0} and the out= keyword at {out}
+_UFUNC_CALLS = {
+    "exp": "np.exp({0}{out})", "log": "np.log({0}{out})", "tanh": "np.tanh({0}{out})",
+    "sinh": "np.sinh({0}{out})", "cosh": "np.cosh({0}{out})", "sin": "np.sin({0}{out})",
+    "cos": "np.cos({0}{out})", "tan": "np.tan({0}{out})", "atan": "np.arctan({0}{out})",
+    "asinh": "np.arcsinh({0}{out})", "Abs": "np.abs({0}{out})", "sign": "np.sign({0}{out})",
+    "softplus": "np.logaddexp(0.0, {0}{out})", "relu": "np.maximum({0}, 0.0{out})",
+}
+_BINARY = {"add": "+", "subtract": "-", "multiply": "*", "divide": "/"}
+_OWNED_OPS = ("matmul", "ew", "xent_grad", "softmax")   # ops whose statement allocates a fresh array
+_NAME = re.compile(r"[A-Za-z_]\w*")
+_NUMBER = re.compile(r"-?\d+(\.\d*)?(e-?\d+)?(/\d+)?")
+_ATOM = re.compile(r"[A-Za-z_][\w.]*|\d+(\.\d*)?(e-?\d+)?")
+
+
+class InPlace:
+    """Prints one elementwise statement as NumPy ufunc calls that write into buffers (``out=``),
+    so a statement allocates at most one temporary instead of one per operation.
+
+    A statement may overwrite an input array when this function made it (a matrix product or
+    another elementwise result, never a parameter, a user's array or a view), it has the
+    statement's shape, and the statement is its only use anywhere in the program (so it is dead
+    afterwards in every function that computes it). Values of smaller shapes (biases, per-row
+    scalars, constants) stay ordinary expressions. ``lines`` returns None when there is no
+    input to reuse: then the one-line form reads better and allocates no more.
+    """
+
+    def __init__(self, st, node, out, symbols):
+        self.st, self.node, self.out = st, node, out
+        self.full, self.reusable, self.table = set(), set(), {}
+        for i, inp in enumerate(node.inputs):
+            code = symbols[ARG[i]]
+            sym = sp.Symbol(code, real=True)
+            self.table[ARG[i]] = sym
+            if inp.shape != node.shape or inp.uid in st.p.inline:
+                continue
+            self.full.add(sym)
+            if (inp.op in _OWNED_OPS and st.uses[inp.uid] == 1 and inp.shape != ()
+                    and not (inp.op == "ew" and inp.attr("expr").is_Symbol)):
+                self.reusable.add(sym)
+        self.ops = []   # (kind, payload, operands): operands are ("sym", name) | ("val", k) | ("code", s) | ("gt0", operand)
+
+    # -- pass 1: lower the expression tree to operations on whole arrays ------------------------
+    def lines(self, expr):
+        expr = expr.xreplace(self.table)
+        if not (expr.free_symbols & self.full):
+            return None
+        try:
+            top = self._lower(expr)
+        except _Plain:
+            return None
+        if top[0] != "val" or not (expr.free_symbols & self.reusable):
+            return None
+        return self._emit()
+
+    def _is_full(self, e):
+        return bool(e.free_symbols & self.full)
+
+    def _code(self, e):
+        p = NumpyPrinter({s: s.name for s in e.free_symbols})
+        code = p.doprint(e)
+        self.st.helpers |= p.helpers
+        return ("code", code)
+
+    def _op(self, kind, payload, *operands):
+        self.ops.append((kind, payload, operands))
+        return ("val", len(self.ops) - 1)
+
+    def _lower(self, e):
+        if not self._is_full(e):
+            return self._code(e)
+        if e.is_Symbol:
+            return ("sym", e.name)
+        if e.is_Add:
+            return self._lower_add(e)
+        if e.is_Mul:
+            return self._lower_mul(e)
+        if e.is_Pow:
+            return self._lower_pow(e)
+        name = type(e).__name__
+        if name in _UFUNC_CALLS and len(e.args) == 1:
+            return self._op("call", _UFUNC_CALLS[name], self._lower(e.args[0]))
+        return self._fallback(e)
+
+    def _fallback(self, e):
+        reads = tuple(("sym", s.name) for s in sorted(e.free_symbols & self.full, key=str))
+        return self._op("expr", self._code(e)[1], *reads)
+
+    def _lower_add(self, e):
+        small = sp.Add(*[t for t in e.args if not self._is_full(t)])
+        pos, neg = [], []
+        for t in e.args:
+            if self._is_full(t):
+                (neg if t.could_extract_minus_sign() else pos).append(t)
+        if pos:
+            v = self._lower(pos[0])
+            for t in pos[1:]:
+                v = self._op("bin", "add", v, self._lower(t))
+            if small != 0:
+                v = self._op("bin", "add", v, self._code(small))
+        elif small != 0:
+            v = self._op("bin", "subtract", self._code(small), self._lower(-neg[0]))
+            neg = neg[1:]
+        else:
+            v = self._op("call", "np.negative({0}{out})", self._lower(-neg[0]))
+            neg = neg[1:]
+        for t in neg:
+            v = self._op("bin", "subtract", v, self._lower(-t))
+        return v
+
+    def _lower_mul(self, e):
+        coeff, factors = e.as_coeff_mul()
+        num, den, steps, small = [], [], [], [coeff]
+        for f in factors:
+            if not self._is_full(f):
+                small.append(f)
+            elif type(f).__name__ == "step":
+                steps.append(f)
+            elif f.is_Pow and f.exp.is_Integer and f.exp < 0:
+                den.append(f.base ** -f.exp)
+            else:
+                num.append(f)
+        if not num:
+            raise _Plain   # e.g. a lone step(x)*c: the one-line form keeps the dtype right
+        v = self._lower(num[0])
+        for f in num[1:]:
+            v = self._op("bin", "multiply", v, self._lower(f))
+        for f in steps:
+            v = self._op("bin", "multiply", v, ("gt0", self._lower(f.args[0])))
+        m = sp.Mul(*small)
+        if m != 1:
+            v = self._op("bin", "multiply", v, self._code(m))
+        for f in den:
+            v = self._op("bin", "divide", v, self._lower(f))
+        return v
+
+    def _lower_pow(self, e):
+        base, ex = e.as_base_exp()
+        if base == sp.E:
+            return self._op("call", "np.exp({0}{out})", self._lower(ex))
+        if ex.is_Integer and 2 <= abs(int(ex)) <= 4:
+            b = self._lower(base)
+            v = self._op("bin", "multiply", b, b)
+            for _ in range(abs(int(ex)) - 2):
+                v = self._op("bin", "multiply", v, b)
+            return v if ex > 0 else self._op("bin", "divide", ("code", "1.0"), v)
+        if ex == -1:
+            return self._op("bin", "divide", ("code", "1.0"), self._lower(base))
+        if abs(ex) == sp.Rational(1, 2):
+            v = self._op("call", "np.sqrt({0}{out})", self._lower(base))
+            return v if ex > 0 else self._op("bin", "divide", ("code", "1.0"), v)
+        return self._fallback(e)
+
+    # -- pass 2: choose buffers by liveness and print -------------------------------------------
+    def _emit(self):
+        last = {}   # operand -> index of the last op reading it
+
+        def reads(operand):
+            if operand[0] == "gt0":
+                return reads(operand[1])
+            return [operand] if operand[0] in ("sym", "val") else []
+
+        for k, (_, _, operands) in enumerate(self.ops):
+            for o in operands:
+                for r in reads(o):
+                    last[r] = k
+        # buffers: ("in", name) for a reusable input, ("tmp", i) for an array this statement allocates
+        buf = {("sym", s.name): ("in", s.name) for s in self.reusable}   # operand -> its buffer
+        holder = {}   # buffer -> operand whose value it holds now
+        plan, temps = [], 0
+        for k, (kind, payload, operands) in enumerate(self.ops):
+            dest = None
+            if kind != "expr":
+                candidates = [r for o in operands for r in reads(o)]
+                candidates += [holder[b] for b in sorted(holder) if holder[b] not in candidates]
+                candidates += [("sym", s.name) for s in sorted(self.reusable, key=str)]
+                for c in candidates:
+                    b = buf.get(c)
+                    if b is not None and last.get(c, -1) <= k and holder.get(b, c) == c:
+                        dest = b
+                        break
+            new = dest is None
+            if new:
+                dest = ("tmp", temps)
+                temps += 1
+            plan.append((kind, payload, operands, dest, new))
+            holder[dest] = ("val", k)   # once this value is dead, a later op may reuse the buffer
+            buf[("val", k)] = dest
+        result = plan[-1][3]
+        if result[0] == "tmp" and plan[0][3] != result:
+            return None   # the first line must bind the statement's name (its comment is above it)
+        names = {result: self.out}
+        for kind, payload, operands, dest, new in plan:
+            if dest not in names:
+                names[dest] = f"_{self.out}_{len(names) - 1}"
+
+        def show(o):
+            if o[0] == "sym":
+                return names.get(buf.get(o), o[1])
+            if o[0] == "val":
+                return names[buf[o]]
+            if o[0] == "gt0":
+                return f"({show(o[1])} > 0.0)"
+            return o[1]
+
+        lines = [f"{self.out} = {result[1]}"] if result[0] == "in" else []
+        for kind, payload, operands, dest, new in plan:
+            args = [show(o) for o in operands]
+            d = names[dest]
+            if new:
+                lines.append(f"{d} = {self._print(kind, payload, args, self._scratch(kind, operands, args, d))}")
+            elif kind == "bin" and args[0] == d:
+                lines.append(f"{d} {_BINARY[payload]}= {args[1]}")
+            elif kind == "bin" and args[1] == d and payload in ("add", "multiply"):
+                lines.append(f"{d} {_BINARY[payload]}= {args[0]}")
+            else:
+                lines.append(self._print(kind, payload, args, d))
+        return lines
+
+    def _scratch(self, kind, operands, args, name):
+        """The out= buffer of a new temporary: a scratch array when its dtype follows from
+        array names and number literals alone; None (a plain allocation) otherwise."""
+        if name == self.out or kind == "expr":
+            return None
+        arrays = []
+        for o, a in zip(operands, args):
+            if o[0] in ("sym", "val") or (o[0] == "code" and _NAME.fullmatch(a)):
+                arrays.append(a)
+            elif not (o[0] == "code" and _NUMBER.fullmatch(a)):
+                return None
+        return self.st.scratch(name, self.node.shape, arrays)
+
+    @staticmethod
+    def _print(kind, payload, names, dest):
+        out = f", out={dest}" if dest else ""
+        if kind == "expr":
+            return payload
+        if kind == "call":
+            return payload.format(names[0], out=out)
+        if dest:
+            return f"np.{payload}({names[0]}, {names[1]}{out})"
+        a, b = (n if _ATOM.fullmatch(n) or n.startswith("(") and n.endswith(")") else f"({n})" for n in names)
+        op = _BINARY[payload]
+        return f"{a} {op} {b}" if op in "+-" else f"{a}{op}{b}"
+
+
+class _Plain(Exception):
+    """Raised while lowering when the plain one-line form is the better choice."""
+
+
+# ---- formulas (text and LaTeX), shared by comments, FORMULAS and `show` ----------------------
+
+class Formulas:
+    """Readable right-hand sides of each scheduled node, in text and LaTeX."""
+
+    def __init__(self, program):
+        self.p = program
+        self._lines = {}
+        self._forward = None
+
+    def _name(self, node, latex):
+        n = self.p.names[node.uid]
+        return latex_name(n) if latex else n
+
+    def operand(self, node, latex=False, bare=False):
+        if node.uid in self.p.inline:
+            rhs = self.rhs(node, latex)
+            if bare or not node.inputs:
+                return rhs
+            return r"\left(" + rhs + r"\right)" if latex else "(" + rhs + ")"
+        return self._name(node, latex)
+
+    def rhs(self, node, latex=False):
+        op = node.op
+        ins = node.inputs
+        if op == "ew":
+            symbols = {ARG[i]: self._sym(inp, latex) for i, inp in enumerate(ins)}
+            expr = sp.factor_terms(node.attr("expr"))
+            return print_latex(expr, symbols) if latex else print_formula(expr, symbols)
+        a = [self.operand(i, latex, bare=op in ("sum", "mean")) for i in ins]
+        if op == "matmul":
+            ta, tb = node.attr("ta"), node.attr("tb")
+            if latex:
+                t = "^{\\top}"
+                return f"{a[0]}{t if ta else ''} {a[1]}{t if tb else ''}"
+            return f"{a[0]}{'.T' if ta else ''} @ {a[1]}{'.T' if tb else ''}"
+        if op == "transpose":
+            return f"{a[0]}^{{\\top}}" if latex else f"{a[0]}.T"
+        if op == "reshape":
+            return a[0] if latex else f"reshape({a[0]}, {shape_code(node.shape)})"
+        if op == "sum":
+            axes = node.attr("axes")
+            if len(axes) == len(ins[0].shape):
+                return rf"\sum {a[0]}" if latex else f"sum({a[0]})"
+            return (rf"\sum_{{\mathrm{{axis}}\,{','.join(map(str, axes))}}} {a[0]}" if latex
+                    else f"sum({a[0]}, axis={axes[0] if len(axes) == 1 else axes})")
+        if op == "mean":
+            return rf"\operatorname{{mean}}\left({a[0]}\right)" if latex else f"mean({a[0]})"
+        if op == "lse":
+            return rf"\operatorname{{logsumexp}}\left({a[0]}\right)" if latex else f"logsumexp({a[0]}, axis=1)"
+        if op == "softmax":
+            return rf"\operatorname{{softmax}}\left({a[0]}\right)" if latex else f"softmax({a[0]})"
+        if op == "xent":
+            if node.attr("kind") == "label":
+                return f"{a[1]} - {a[0]}_{{{a[2]}}}" if latex else f"{a[1]} - {a[0]}[{a[2]}]"
+            return (rf"{a[1]} - \sum_j {a[2]} \odot {a[0]}" if latex else f"{a[1]} - sum({a[2]}*{a[0]}, axis=1)")
+        if op == "xent_grad":
+            y = a[2] if node.attr("kind") != "label" else (
+                rf"\operatorname{{onehot}}\left({a[2]}\right)" if latex else f"onehot({a[2]})")
+            g = ins[3]
+            if latex:
+                core = rf"\left(\operatorname{{softmax}}\left({a[0]}\right) - {y}\right)"
+            else:
+                core = f"(softmax({a[0]}) - {y})"
+            if g.uid in self.p.inline and not g.inputs:
+                val = g.attr("expr")
+                if val == 1:
+                    return core
+                inv = 1 / val
+                if inv.is_Symbol or inv.is_Integer or inv.is_Mul:
+                    return rf"\frac{{{core}}}{{{sp.latex(inv)}}}" if latex else f"{core}/{inv}"
+                return f"{sp.latex(val)} {core}" if latex else f"{core}*{val}"
+            return rf"{core} \odot {a[3]}" if latex else f"{core}*{a[3]}[:, None]"
+        raise KeyError(op)
+
+    def _sym(self, node, latex):
+        if node.uid in self.p.inline:
+            return self.operand(node, latex)
+        return self._name(node, latex)
+
+    def line(self, node, latex=False):
+        # memoised: the chains of a deep network share most of their lines (linear compile time)
+        key = (node.uid, latex)
+        text = self._lines.get(key)
+        if text is None:
+            text = self._lines[key] = f"{self._name(node, latex)} = {self.rhs(node, latex)}"
+        return text
+
+    def chain(self, grad, latex=False):
+        """The backward statements ``grad`` depends on, in order, as formulas."""
+        # loss() values hold no backward statement: not walking them keeps each chain's cost
+        # to its own length (a walk of the whole graph per parameter is quadratic)
+        if self._forward is None:
+            self._forward = frozenset(n.uid for n in ir.topo_order([self.p.loss]))
+        nodes = [n for n in ir.topo_order([grad], stop=self._forward)
+                 if n.uid in self.p.backward_only and n.uid not in self.p.inline]
+        return [self.line(n, latex) for n in nodes]

@@ -1,0 +1,68 @@
+"""The Model: a forward graph (prediction and scalar loss) with its named inputs and params."""
+from __future__ import annotations
+
+import keyword
+import re
+from dataclasses import dataclass, field
+
+from compiler.errors import ModelError
+from compiler.freetext import check_text
+
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+
+# names the generated code uses itself; a model's names must not shadow them
+RESERVED = frozenset({
+    "np", "n", "dt", "params", "grads", "loss", "forward", "backward", "init_params", "rng", "seed",
+    "dtype", "float", "int", "len", "dict", "tuple", "range", "print", "numpy", "math",
+    "PARAMS", "INPUTS", "TARGETS", "TARGET_KINDS", "FORMULAS", "DTYPE", "SOURCE_HASH",
+    "None", "True", "False", "self", "cls", "object", "type", "ValueError", "KeyError",
+})
+
+
+def check_name(name, what, reserved=True):
+    """Validate an identifier that will reach generated code (``reserved``: also refuse the
+    names the generated functions use for themselves, which model names cannot shadow)."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ModelError(f"{what} name {name!r} is not allowed: use a letter followed by letters, "
+                         "digits or underscores (at most 64 characters)")
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name) or (reserved and name in RESERVED):
+        raise ModelError(f"{what} name {name!r} is reserved in generated code; choose another")
+    return name
+
+
+@dataclass(frozen=True)
+class Model:
+    """A differentiable model ready to compile.
+
+    ``inputs`` and ``targets`` are IR input nodes (batch-first), ``params`` IR param nodes;
+    ``prediction`` is what the generated ``forward`` returns and ``loss`` the scalar batch
+    mean that ``loss``/``backward`` return. ``names`` maps node digests to readable names;
+    ``init`` maps each parameter name to its initialisation (see ``emit``).
+    """
+
+    name: str
+    inputs: tuple
+    targets: tuple
+    params: tuple
+    prediction: object
+    loss: object
+    names: dict = field(default_factory=dict)
+    init: dict = field(default_factory=dict)
+    source: str = "Python API"      # where the model came from, named in the generated header
+    source_text: str = ""           # the spec file's text, hashed into the header when given
+    description: str = ""
+    loss_kind: str = "expression"   # a built-in loss name, or "expression"
+
+    def __post_init__(self):
+        check_name(self.name, "model", reserved=False)
+        seen = set()
+        for node in (*self.inputs, *self.targets, *self.params):
+            if node.name in seen:
+                raise ModelError(f"name {node.name!r} is used twice in model {self.name!r}")
+            seen.add(node.name)
+        # the same check as for a spec file's description (one rule, whichever way text comes in)
+        check_text(self.source, "source", multiline=False)
+        check_text(self.description, "description")
+        missing = [p.name for p in self.params if p.name not in self.init]
+        if missing:
+            raise ModelError(f"no initialisation given for parameter(s) {', '.join(missing)}")

@@ -1,0 +1,106 @@
+"""From a Model to a Program: gradients, naming, simplification, and per-function schedules.
+
+A Program holds the simplified graph's three entry points (forward, loss, backward), a
+readable unique name for every value, and the statements of each function in order. It is
+what the backends print; it does not know any backend's syntax.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compiler.core import ir
+from compiler.core.adjoints import gradients
+from compiler.core.simplify import fuse, op_counts, split_deep, use_counts
+
+
+@dataclass(frozen=True)
+class Program:
+    model: object
+    prediction: object          # node
+    loss: object                # node
+    grads: tuple                # (param node, grad node or None) in PARAMS order
+    names: dict                 # uid -> name, for every scheduled node
+    inline: frozenset           # uids of nodes printed inside their single user
+    forward_nodes: tuple        # schedule of forward()
+    loss_nodes: tuple           # schedule of loss()
+    backward_nodes: tuple       # schedule of backward()
+    backward_only: frozenset    # uids of backward() nodes not computed by loss()
+    stats: dict
+
+
+def build_program(model):
+    (prediction, loss), names = split_deep([model.prediction, model.loss], dict(model.names))
+    grads, adjoints = gradients(loss, model.params)
+    # adjoint names: the node closest to the loss names its adjoint first (dZ2 before dXW2)
+    for node in reversed(ir.topo_order([loss])):
+        a = adjoints.get(node.uid)
+        base = names.get(node.digest)
+        if a is not None and base:
+            names.setdefault(a.digest, "d" + base)
+    for p in model.params:
+        g = grads.get(p.uid)
+        if g is not None:
+            names.setdefault(g.digest, "d" + p.name)
+
+    grad_nodes = [grads[p.uid] for p in model.params if grads[p.uid] is not None]
+    before = op_counts([loss, *grad_nodes])
+    outs, names = fuse([prediction, loss, *grad_nodes], names)
+    pred, loss, new_grads = outs[0], outs[1], outs[2:]
+    it = iter(new_grads)
+    grad_pairs = tuple((p, next(it) if grads[p.uid] is not None else None) for p in model.params)
+    after = op_counts([loss, *new_grads])
+
+    order, count = use_counts(outs)
+    outputs = {o.uid for o in outs}
+    by_uid = {n.uid: n for n in order}
+    users = ir.consumers(order)
+    inline = set()
+    for node in order:
+        if node.uid in outputs or node.op != "ew":
+            continue
+        us = users.get(node.uid, [])
+        if not node.inputs:
+            inline.add(node.uid)     # broadcast constants are printed where they are used
+        elif count[node.uid] == 1 and us and us[0].op in ("sum", "mean"):
+            inline.add(node.uid)
+
+    leaves = {n.uid for n in (*model.inputs, *model.targets, *model.params)}
+    uniq = _unique_names(order, names, model)
+
+    def schedule(roots):
+        return tuple(n for n in ir.topo_order(roots)
+                     if n.uid not in leaves and n.uid not in inline)
+
+    fwd = schedule([pred])
+    lss = schedule([loss])
+    bwd = schedule([loss, *new_grads])
+    loss_ids = {n.uid for n in lss}
+    return Program(model, pred, loss, grad_pairs, uniq, frozenset(inline), fwd, lss, bwd,
+                   frozenset(n.uid for n in bwd if n.uid not in loss_ids),
+                   {"before_simplification": before, "after_simplification": after})
+
+
+def _unique_names(order, names, model):
+    """uid -> a unique identifier; leaves keep their declared names."""
+    out, taken = {}, set()
+    for leaf in (*model.inputs, *model.targets, *model.params):
+        out[leaf.uid] = leaf.name
+        taken.add(leaf.name)
+    k = 0
+    for node in order:
+        if node.uid in out:
+            continue
+        base = names.get(node.digest)
+        if base is None:
+            k += 1
+            base = f"t{k}"
+            while base in taken:
+                k += 1
+                base = f"t{k}"
+        name, j = base, 2
+        while name in taken:
+            name = f"{base}_{j}"
+            j += 1
+        out[node.uid] = name
+        taken.add(name)
+    return out

@@ -1,0 +1,221 @@
+"""Tensor networks: a small builder of inputs, dense layers, activations and losses.
+
+Example::
+
+    net = Network("classifier")
+    x = net.input("x", 64)
+    h = net.dense(x, 32, "tanh")
+    z = net.dense(h, 10)
+    model = net.build(z, loss="softmax_cross_entropy", target=net.target("y", kind="label"))
+
+Conventions: data arrays are batch-first, ``(n, features)``; a dense layer computes
+``x @ W + b`` with ``W`` of shape ``(in, out)``. Losses are means over the batch:
+
+- ``mse``: mean over batch and outputs of ``(z - y)**2``;
+- ``softmax_cross_entropy``: mean over the batch of ``logsumexp(z) - z[y]`` (integer labels,
+  ``kind="label"``) or ``logsumexp(z) - sum(y*z)`` (one-hot or probability rows summing to 1);
+- ``bce_with_logits``: mean over batch and outputs of ``softplus(z) - y*z``;
+- a SymPy expression of the symbols ``p`` (prediction) and ``y`` (target), applied
+  elementwise and averaged over batch and outputs.
+"""
+from __future__ import annotations
+
+import numbers
+
+import sympy as sp
+
+from compiler.core import ir
+from compiler.errors import ModelError, ShapeError
+from compiler.core.functions import activation as resolve_activation, check_supported, realify, sigmoid, softplus, stabilize
+from compiler.core.ir import ARG, N
+from compiler.core.model import Model, check_name
+
+LOSSES = ("mse", "softmax_cross_entropy", "bce_with_logits")
+# other names users reach for -> the built-in loss
+LOSS_ALIASES = {"cross_entropy": "softmax_cross_entropy", "softmax_xent": "softmax_cross_entropy",
+                "bce": "bce_with_logits", "binary_cross_entropy_with_logits": "bce_with_logits"}
+
+
+class Network:
+    """Builder of a batch-first tensor network; ``build`` returns a Model."""
+
+    def __init__(self, name="model"):
+        self.name = check_name(name, "model", reserved=False)
+        self.inputs, self.targets, self.params = [], [], []
+        self.names, self.init = {}, {}
+        self._layers = 0
+        self._used = set()
+
+    # -- naming ---------------------------------------------------------------------------
+    def _claim(self, name, what):
+        check_name(name, what)
+        if name in self._used:
+            raise ModelError(f"{what} name {name!r} is already used in model {self.name!r}")
+        self._used.add(name)
+        return name
+
+    def _name(self, node, name):
+        self.names.setdefault(node.digest, name)
+        return node
+
+    # -- leaves ---------------------------------------------------------------------------
+    def input(self, name, size=None):
+        """A data input: ``size`` features per sample (None for one number per sample)."""
+        shape = (N,) if size is None else (N, _positive(size, f"input {name!r} size"))
+        node = ir.input_node(self._claim(name, "input"), shape, "data")
+        self.inputs.append(node)
+        return self._name(node, name)
+
+    def target(self, name, size=None, kind="real"):
+        """A target: real values (``size`` per sample) or integer class labels (``kind='label'``)."""
+        if kind not in ("real", "label"):
+            raise ModelError(f"target {name!r}: kind must be 'real' or 'label', not {kind!r}")
+        if kind == "label" and size is not None:
+            raise ModelError(f"target {name!r}: integer labels are one number per sample; give no size")
+        shape = (N,) if size is None else (N, _positive(size, f"target {name!r} size"))
+        node = ir.input_node(self._claim(name, "target"), shape, "target", kind)
+        self.targets.append(node)
+        return self._name(node, name)
+
+    def param(self, name, shape, init):
+        """A trainable parameter with an initialisation: ('zeros',), ('glorot', fan_in, fan_out),
+        ('he', fan_in) or ('value', number)."""
+        shape = tuple(_positive(d, f"parameter {name!r} dimension") for d in shape)
+        node = ir.param_node(self._claim(name, "parameter"), shape)
+        self.params.append(node)
+        self.init[name] = tuple(init)
+        return self._name(node, name)
+
+    # -- layers ---------------------------------------------------------------------------
+    def dense(self, x, units, activation="identity", name=None):
+        """``activation(x @ W + b)``; W is Glorot- or He-initialised by activation, b zero."""
+        if len(x.shape) != 2 or x.shape[0] != N:
+            raise ShapeError(f"dense layer needs a (batch, features) input, got {ir.format_shape(x.shape)}")
+        units = _positive(units, "dense layer width")
+        self._layers += 1
+        k = name or str(self._layers)
+        act_expr, scheme = resolve_activation(activation)
+        fan_in = x.shape[1]
+        init = ("he", fan_in) if scheme == "he" else ("glorot", fan_in, units)
+        W = self.param(f"W{k}", (fan_in, units), init)
+        b = self.param(f"b{k}", (units,), ("zeros",))
+        xn = self.names.get(x.digest, "x")
+        xw = self._name(ir.matmul(x, W), f"{xn}W{k}" if len(xn) <= 3 else f"XW{k}")
+        z = self._name(ir.ew(ARG[0] + ARG[1], [xw, b]), f"Z{k}")
+        return self._apply(z, act_expr, f"H{k}")
+
+    def activation(self, x, activation, name=None):
+        """Apply an activation (a built-in name or a SymPy expression of one symbol)."""
+        act_expr, _ = resolve_activation(activation)
+        return self._apply(x, act_expr, name or f"A{self._layers}")
+
+    def _apply(self, z, act_expr, name):
+        xs = sp.Symbol("x", real=True)
+        if act_expr == xs:
+            return z
+        if act_expr == 0:
+            raise ModelError(f"activation of {name} is identically zero: the network would learn nothing")
+        return self._name(ir.ew(act_expr.xreplace({xs: ARG[0]}), [z]), name)
+
+    # -- model ----------------------------------------------------------------------------
+    def build(self, output, loss="mse", target=None):
+        """The Model of ``output`` with the given loss against ``target`` (default: the only one)."""
+        if target is None:
+            if len(self.targets) != 1:
+                raise ModelError("give the target of the loss (the network has "
+                                 f"{len(self.targets)} targets)")
+            target = self.targets[0]
+        pred, L = apply_loss(loss, output, target, self.names)
+        used = {n.uid for n in ir.topo_order([L, pred])}
+        unused = [i.name for i in self.inputs if i.uid not in used]
+        if unused:
+            raise ModelError(f"input(s) {', '.join(unused)} are declared but the output does not use them")
+        return Model(self.name, tuple(self.inputs), tuple(self.targets),
+                     tuple(p for p in self.params if p.uid in used), pred, L,
+                     dict(self.names), {p.name: self.init[p.name] for p in self.params if p.uid in used},
+                     loss_kind=loss_kind(loss))
+
+
+def loss_kind(loss):
+    """The built-in name of ``loss`` (aliases resolved), or "expression"."""
+    return LOSS_ALIASES.get(loss, loss) if isinstance(loss, str) else "expression"
+
+
+def apply_loss(loss, z, y, names):
+    """(prediction node, scalar loss node) of ``loss`` applied to output ``z`` and target ``y``."""
+    def named(node, name):
+        names.setdefault(node.digest, name)
+        return node
+
+    if isinstance(loss, str):
+        key = LOSS_ALIASES.get(loss, loss)
+        if key not in LOSSES:
+            raise ModelError(f"unknown loss {loss!r}; built-ins are {', '.join(LOSSES)}, "
+                             "or give a SymPy expression of p (prediction) and y (target)")
+        kind = y.attr("kind")
+        if key == "softmax_cross_entropy":
+            if len(z.shape) != 2:
+                raise ShapeError(f"softmax cross-entropy needs (batch, classes) logits, got {ir.format_shape(z.shape)}")
+            ce = named(ir.xent(z, y, "label" if kind == "label" else "onehot"), "CE")
+            named(ce.inputs[1], "LSE")
+            return named(ir.softmax(z), "P"), named(ir.mean(ce), "L")
+        if kind == "label":
+            raise ModelError(f"loss {key!r} needs real-valued targets; {y.name!r} holds integer labels")
+        _same_shape(z, y, key)
+        if key == "mse":
+            per = ir.ew((ARG[0] - ARG[1]) ** 2, [z, y])
+            return z, named(ir.mean(named(per, "E")), "L")
+        per = ir.ew(softplus(ARG[0]) - ARG[0] * ARG[1], [z, y])
+        pred = named(ir.ew(sigmoid(ARG[0]), [z]), "P")
+        return pred, named(ir.mean(named(per, "E")), "L")
+    if isinstance(loss, sp.Basic):
+        p, yy = sp.Symbol("p", real=True), sp.Symbol("y", real=True)
+        expr = stabilize(realify(loss))
+        extra = expr.free_symbols - {p, yy}
+        if extra:
+            raise ModelError(f"loss expression {loss} uses undefined symbol(s) "
+                             f"{', '.join(sorted(map(str, extra)))}; it may use p (prediction) and y (target)")
+        check_supported(expr, "loss")
+        if y.attr("kind") == "label":
+            raise ModelError("an expression loss needs real-valued targets")
+        _same_shape(z, y, "loss expression")
+        if expr == 0 or p not in expr.free_symbols:
+            raise ModelError(f"loss expression {loss} does not depend on the prediction p")
+        per = ir.ew(expr.xreplace({p: ARG[0], yy: ARG[1]}), [z, y])
+        return z, named(ir.mean(named(per, "E")), "L")
+    raise ModelError(f"loss must be a name or a SymPy expression, got {type(loss).__name__}")
+
+
+def _same_shape(z, y, what):
+    if z.shape != y.shape:
+        raise ShapeError(f"{what}: output shape {ir.format_shape(z.shape)} and target shape "
+                         f"{ir.format_shape(y.shape)} differ")
+
+
+def _positive(v, what):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+        raise ModelError(f"{what} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def mlp(sizes, activation="tanh", loss="mse", output_activation="identity", target_kind=None,
+        name="mlp"):
+    """A multilayer perceptron ``sizes[0] -> ... -> sizes[-1]`` with one activation for the
+    hidden layers. For ``softmax_cross_entropy`` the target holds integer labels unless
+    ``target_kind='onehot'``."""
+    if len(sizes) < 2:
+        raise ModelError("an MLP needs at least an input and an output size")
+    net = Network(name)
+    h = net.input("x", sizes[0])
+    for width in sizes[1:-1]:
+        h = net.dense(h, width, activation)
+    out = net.dense(h, sizes[-1], output_activation)
+    lname = LOSS_ALIASES.get(loss, loss) if isinstance(loss, str) else loss
+    if lname == "softmax_cross_entropy" and target_kind != "onehot":
+        y = net.target("y", kind="label")
+    else:
+        y = net.target("y", sizes[-1])
+    return net.build(out, loss, y)
+
+
+_LOSS_ALIASES = LOSS_ALIASES  # the old private name, still imported by spec.py

@@ -1,0 +1,21 @@
+"""Training with a generated module: ``loop`` (train, optimizers' schedule, checkpoints,
+``TrainConfig``), ``options`` (every option once, checked for specs and the CLI), ``data``
+(reading .npz/.csv) and ``plot`` (loss curves, decision boundaries).
+
+The names of ``loop`` are re-exported here (``from compiler.train import train, TrainConfig``),
+lazily: the CLI imports ``options`` for ``bpc --help`` without paying for numpy."""
+import importlib
+
+_LOOP = ("TrainConfig", "TrainError", "TrainResult", "History", "StopRequest", "Checkpoint", "train",
+         "evaluate", "save_params", "load_params", "check_params", "check_data", "split", "lr_at",
+         "save_checkpoint", "load_checkpoint", "update_steps", "DEFAULT_LR")
+
+__all__ = list(_LOOP)
+
+
+def __getattr__(name):
+    if name in _LOOP:
+        value = getattr(importlib.import_module("compiler.train.loop"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'compiler.train' has no attribute {name!r}")

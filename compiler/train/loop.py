@@ -1,0 +1,810 @@
+"""Training a compiled module: optimizers, learning-rate schedules, clipping, mini-batches,
+early stopping, divergence and interrupt handling, and a history of the run.
+
+Works with any loaded module that has the generated interface (``PARAMS``, ``INPUTS``,
+``TARGETS``, ``init_params``, ``forward``, ``loss``, ``backward``). The update steps themselves
+(``sgd_step``, ``momentum_step``, ``adam_step``, ``clip_grad_norm``) are the ones emitted into
+every generated module from ``templates/numpy_optim.py.j2``: one implementation, so a run here
+and a hand-written loop over the generated file's ``train_step`` update identically.
+
+Example::
+
+    module = compile_model(mlp([64, 64, 10], "relu", "softmax_cross_entropy")).load()
+    result = train(module, {"x": X, "y": labels},
+                   TrainConfig(optimizer="adam", lr=1e-3, epochs=50, val_split=0.2, patience=10))
+    result.params, result.history.val_loss, result.final["val_accuracy"]
+
+Conventions: epochs are numbered from 1; the learning-rate schedule is evaluated once per
+epoch; data arrays are batch-first and named like the module's INPUTS and TARGETS.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+
+from compiler.errors import BpcError
+from compiler.train.options import OPTIMIZERS, OPTIONS, SCHEDULES, OptionError, check_option  # noqa: F401
+
+DEFAULT_LR = {"sgd": 0.01, "momentum": 0.01, "nesterov": 0.01, "adam": 0.001}
+
+
+class TrainError(BpcError):
+    """Bad training data or options."""
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run; ``validate()`` checks them (``train`` calls it)."""
+
+    optimizer: str = "adam"          # sgd | momentum | nesterov | adam
+    lr: float | None = None          # None: 0.01 for SGD/momentum, 0.001 for Adam
+    epochs: int = 100
+    batch_size: int | None = 32      # None or 0: the whole training set in one batch
+    momentum: float = 0.9            # momentum / nesterov
+    beta1: float = 0.9               # adam
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0        # L2 added to the gradient for SGD/momentum; decoupled (AdamW) for Adam
+    schedule: str = "constant"       # constant | step | cosine
+    step_size: int | None = None     # step: epochs between decays (default: a third of the run)
+    gamma: float = 0.1               # step: decay factor
+    min_lr: float = 0.0              # cosine: final learning rate
+    clip: float | None = None        # clip the global gradient norm to this value
+    seed: int = 0                    # initialisation, validation split and shuffling
+    shuffle: bool = True
+    val_split: float = 0.0           # fraction of the samples held out for validation
+    patience: int | None = None      # early stopping after this many epochs without improvement
+    min_delta: float = 0.0           # smallest decrease of the monitored loss that counts
+    vanish_ratio: float = 1e-4       # warn when a parameter's gradient norm is this much below the largest
+    vanish_floor: float = 1e-6       # ... and the largest is above this (not a converged run)
+    explode_norm: float = 1e3        # warn when the global gradient norm exceeds this
+    log_every: int | None = None     # epochs between log lines (default: about 10 lines per run)
+
+    def validate(self):
+        """Check every option against its declaration (``compiler/train/options.py``, the table
+        the spec loader and ``bpc train`` use too); raises TrainError naming the option."""
+        for name in OPTIONS:
+            try:
+                check_option(name, getattr(self, name))
+            except OptionError as e:
+                raise TrainError(f"{name} {e}") from None
+        return self
+
+    @property
+    def base_lr(self):
+        return DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr)
+
+
+def lr_at(config, epoch):
+    """The learning rate of ``epoch`` (1-based) under the config's schedule."""
+    lr, e = config.base_lr, epoch - 1
+    if config.schedule == "step":
+        size = config.step_size or max(1, config.epochs // 3)
+        return lr * config.gamma ** (e // size)
+    if config.schedule == "cosine":
+        span = max(1, config.epochs - 1)
+        return config.min_lr + (lr - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(e, span) / span))
+    return lr
+
+
+@functools.lru_cache(maxsize=None)
+def update_steps():
+    """The update steps of the generated modules (rendered from ``numpy_optim.py.j2``), as a
+    namespace: ``sgd_step``, ``momentum_step``, ``adam_step``, ``clip_grad_norm``, ``grad_norm``."""
+    import types
+
+    from compiler.backends.templates import render, template_dir
+    name = "numpy_optim.py.j2"
+    namespace = types.ModuleType("bpc_update_steps")
+    namespace.np = np
+    exec(compile(render(name), str(template_dir() / name), "exec"), namespace.__dict__)
+    return namespace
+
+
+def _step_function(config):
+    steps = update_steps()
+    if config.optimizer == "sgd":
+        return functools.partial(steps.sgd_step, weight_decay=config.weight_decay)
+    if config.optimizer in ("momentum", "nesterov"):
+        return functools.partial(steps.momentum_step, momentum=config.momentum,
+                                 nesterov=config.optimizer == "nesterov", weight_decay=config.weight_decay)
+    return functools.partial(steps.adam_step, beta1=config.beta1, beta2=config.beta2, eps=config.eps,
+                             weight_decay=config.weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+def data_names(module):
+    """Names of the arrays ``backward`` takes, in order: INPUTS then TARGETS."""
+    return list(module.INPUTS) + list(module.TARGETS)
+
+
+def task(module):
+    """"multiclass", "binary" or "regression": what accuracy means for this module."""
+    loss = getattr(module, "LOSS", None)
+    if len(module.TARGETS) == 1:
+        (target,) = module.TARGETS
+        if target in getattr(module, "CLASSES", {}) or loss == "softmax_cross_entropy":
+            return "multiclass"
+        if loss == "bce_with_logits" or (loss is None and "sigmoid of the logits" in (module.forward.__doc__ or "")):
+            return "binary"
+    return "regression"
+
+
+def check_data(module, data, what="data"):
+    """Validate ``data`` (a dict name -> array, or a sequence in the order of INPUTS then
+    TARGETS) against the module and return a dict of arrays ready for ``backward``.
+
+    Raises TrainError naming the array and the problem: missing or unknown arrays, wrong
+    per-sample shapes, different sample counts, labels that are not integers in range,
+    NaN or Inf values (with the first bad row)."""
+    names = data_names(module)
+    if not isinstance(data, dict):
+        data = list(data)
+        if len(data) != len(names):
+            raise TrainError(f"{what}: expected {len(names)} arrays ({', '.join(names)}), got {len(data)}")
+        data = dict(zip(names, data))
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise TrainError(f"{what}: no array named {', '.join(map(repr, missing))} (the model needs "
+                         f"{', '.join(names)}; found {', '.join(map(repr, data)) or 'none'})")
+    kinds = getattr(module, "TARGET_KINDS", {})
+    classes = getattr(module, "CLASSES", {})
+    out, count = {}, None
+    for name in names:
+        shape = tuple(module.INPUTS.get(name, module.TARGETS.get(name)))
+        a = np.asarray(data[name])
+        label = kinds.get(name) == "label"
+        if a.dtype.kind not in "biuf":
+            raise TrainError(f"{what}: array {name!r} must hold numbers, got dtype {a.dtype}")
+        want = () if label else shape
+        if a.ndim >= 1 and a.shape[1:] != want:
+            if a.shape[1:] and want and math.prod(a.shape[1:]) == math.prod(want):
+                a = a.reshape((a.shape[0],) + want)       # e.g. (n, 8, 8) images for a (64,) input
+            elif want == (1,) and a.ndim == 1:
+                a = a.reshape(-1, 1)
+            elif want == () and a.shape[1:] == (1,):
+                a = a.reshape(-1)
+        if a.ndim == 0 or a.shape[1:] != want:
+            raise TrainError(f"{what}: array {name!r} must have shape (samples,) + {want}, got {a.shape}")
+        if a.shape[0] == 0:
+            raise TrainError(f"{what}: no samples (array {name!r} is empty)")
+        if count is None:
+            count = a.shape[0]
+        elif a.shape[0] != count:
+            raise TrainError(f"{what}: arrays have different numbers of samples "
+                             f"({names[0]!r}: {count}, {name!r}: {a.shape[0]})")
+        if a.dtype.kind == "f":
+            finite = np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+            if not finite.all():
+                row = int(np.argmin(finite))
+                raise TrainError(f"{what}: array {name!r} holds NaN or Inf (first at sample {row}, "
+                                 f"{int((~finite).sum())} sample(s) in all); clean the data first")
+        if label:
+            if a.dtype.kind == "f":
+                if not np.all(a == np.round(a)):
+                    raise TrainError(f"{what}: target {name!r} holds class labels and must be integers")
+                a = a.astype(np.intp)
+            k = classes.get(name)
+            if a.size and (a.min() < 0 or (k is not None and a.max() >= k)):
+                raise TrainError(f"{what}: target {name!r} must hold labels in 0..{k - 1}, "
+                                 f"got {a.min()}..{a.max()}")
+        elif a.dtype.kind != "f":
+            a = a.astype(np.float64)
+        out[name] = a
+    return out
+
+
+def split(data, fraction, seed=0):
+    """``(train, validation)``: a random ``fraction`` of the samples held out (seeded)."""
+    n = len(next(iter(data.values())))
+    if not fraction:
+        return data, None
+    k = int(round(n * fraction))
+    if k < 1 or k >= n:
+        raise TrainError(f"a validation split of {fraction} of {n} samples leaves "
+                         f"{n - k} for training and {k} for validation; both need at least one")
+    order = np.random.default_rng([seed, 1]).permutation(n)
+    val, tr = order[:k], np.sort(order[k:])
+    return ({k_: v[tr] for k_, v in data.items()}, {k_: v[np.sort(val)] for k_, v in data.items()})
+
+
+def _rows(data, index):
+    return [a[index] for a in data.values()]
+
+
+def evaluate(module, params, data, chunk=8192):
+    """``{"loss": ..., "accuracy": ... or None}`` on ``data`` (checked dict), in chunks."""
+    arrays = list(data.values())
+    n = len(arrays[0])
+    kind = task(module)
+    total, correct = 0.0, 0
+    n_in = len(module.INPUTS)
+    for lo in range(0, n, chunk):
+        part = [a[lo:lo + chunk] for a in arrays]
+        m = len(part[0])
+        total += module.loss(params, *part) * m
+        if kind != "regression":
+            pred = np.asarray(module.forward(params, *part[:n_in]))
+            y = part[n_in]
+            if kind == "multiclass":
+                labels = y if y.ndim == 1 else np.argmax(y, axis=1)
+                correct += int(np.sum(np.argmax(pred, axis=1) == labels))
+            else:  # per sample, the fraction of its outputs on the right side of 0.5
+                correct += float(np.sum((pred > 0.5) == (y > 0.5))) / max(1, y[0].size)
+    return {"loss": total / n, "accuracy": (correct / n if kind != "regression" else None)}
+
+
+def load_params(module, path):
+    """Parameters saved with ``save_params`` (or any ``.npz`` of arrays named like PARAMS),
+    checked against the module's parameter names and shapes."""
+    return check_params(module, read_npz(path), str(path))
+
+
+def read_npz(path):
+    """The arrays of a ``.npz`` file as a dict; a clear TrainError for anything else (no pickles)."""
+    from pathlib import Path
+    p = Path(path)
+    if not p.is_file():
+        raise TrainError(f"{path}: no such file" if not p.exists() else f"{path}: not a file")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic[:2] != b"PK":
+            raise TrainError(f"{path}: not a readable .npz file (a .npz is the zip archive numpy.savez writes)")
+        with np.load(p, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except TrainError:
+        raise
+    except ValueError as e:
+        raise TrainError(f"{path}: cannot read the archive ({e})") from None
+    except Exception as e:                       # zipfile.BadZipFile, OSError, EOFError, ...
+        raise TrainError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+
+
+def check_params(module, params, where="params"):
+    missing = [k for k in module.PARAMS if k not in params]
+    extra = [k for k in params if k not in module.PARAMS]
+    if missing or extra:
+        raise TrainError(f"{where}: parameters do not match the model (missing: {', '.join(missing) or 'none'}; "
+                         f"unknown: {', '.join(extra) or 'none'})")
+    out = {}
+    for name, shape in module.PARAMS.items():
+        a = np.array(params[name])              # a private, writeable copy
+        if a.shape != tuple(shape):
+            raise TrainError(f"{where}: parameter {name!r} has shape {a.shape}, the model needs {tuple(shape)}")
+        if a.dtype.kind != "f":
+            raise TrainError(f"{where}: parameter {name!r} must be floating point, got {a.dtype}")
+        if not np.all(np.isfinite(a)):
+            raise TrainError(f"{where}: parameter {name!r} holds NaN or Inf")
+        out[name] = a
+    return out
+
+
+def save_params(params, path):
+    """Write the parameters to ``path`` as ``.npz`` atomically (never a partial file)."""
+    from pathlib import Path
+
+    from compiler.files import atomic_file
+
+    with atomic_file(path, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in params.items()})
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class History:
+    """Per-epoch record of a run (lists indexed like ``epoch``)."""
+
+    epoch: list = field(default_factory=list)
+    lr: list = field(default_factory=list)
+    train_loss: list = field(default_factory=list)      # mean of the epoch's mini-batch losses
+    val_loss: list = field(default_factory=list)        # empty without a validation split
+    val_accuracy: list = field(default_factory=list)    # classifiers with a validation split
+    grad_norm: list = field(default_factory=list)       # epoch mean of the global norm, before clipping
+    param_grad_norms: dict = field(default_factory=dict)  # name -> epoch means of that gradient's norm
+    seconds: list = field(default_factory=list)         # wall time at the end of each epoch
+
+    def as_dict(self):
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns. ``params`` are the ones to keep: the best on validation (or, without
+    a validation split, the final ones; after Ctrl-C the best so far; after divergence the last
+    parameters whose loss was finite)."""
+
+    params: dict
+    history: History
+    stopped: str            # "completed" | "early_stopping" | "diverged" | "interrupted"
+    message: str
+    best_epoch: int | None
+    final: dict             # train_loss, train_accuracy, val_loss, val_accuracy (None where absent)
+    warnings: list
+
+
+class _Reporter:
+    """Progress bar on a terminal (stderr), log lines on stdout, warnings on stderr."""
+
+    def __init__(self, verbose, total, stream=None):
+        self.verbose = verbose
+        self.stream = stream or sys.stderr
+        self.bar = verbose and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.total, self.done, self.start, self.last_draw = total, 0, time.monotonic(), 0.0
+        self.status = ""
+        self.drawn = False
+
+    def _clear(self):
+        if self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.drawn = False
+
+    def log(self, line):
+        if self.verbose:
+            self._clear()
+            print(line, flush=True)
+            self.draw(force=True)
+
+    def warn(self, line):
+        if self.verbose:
+            self._clear()
+            print(f"bpc: warning: {line}", file=sys.stderr, flush=True)
+            self.draw(force=True)
+
+    def advance(self, steps, status):
+        self.done += steps
+        self.status = status
+        self.draw()
+
+    def draw(self, force=False):
+        if not self.bar:
+            return
+        now = time.monotonic()
+        if not force and now - self.last_draw < 0.1 and self.done < self.total:
+            return
+        self.last_draw = now
+        frac = self.done / max(1, self.total)
+        elapsed = now - self.start
+        eta = elapsed / frac - elapsed if frac > 0 else 0.0
+        width = max(10, min(30, shutil.get_terminal_size((80, 20)).columns - 60))
+        filled = int(width * frac)
+        line = (f"{100 * frac:3.0f}% |{'#' * filled}{'.' * (width - filled)}| {self.status} "
+                f"[{_clock(elapsed)}<{_clock(eta)}]")
+        cols = shutil.get_terminal_size((80, 20)).columns
+        self.stream.write("\r" + line[:cols - 1] + "\033[K")
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self):
+        self._clear()
+
+
+def _clock(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
+
+
+def _copy(params):
+    return {k: np.array(v, copy=True) for k, v in params.items()}
+
+
+def _fmt(v):
+    return "-" if v is None else f"{v:.4g}"
+
+
+class StopRequest:
+    """Asks a running ``train`` to stop after its current step, as Ctrl-C does (the result
+    keeps the best parameters so far). Safe to call from a signal handler or another thread:
+    it only sets an attribute, and ``train`` polls it between steps, so no exception is ever
+    raised into the middle of the run's bookkeeping or of a save."""
+
+    def __init__(self):
+        self.reason = None
+
+    def request(self, reason="stop requested"):
+        if self.reason is None:
+            self.reason = reason
+
+    def is_set(self):
+        return self.reason is not None
+
+
+class _Stopped(Exception):
+    """Raised by the loop itself (between steps) when a StopRequest is set."""
+
+
+# options that only watch a run: a checkpoint may be resumed with other values of these
+RESUMABLE_CHANGES = ("epochs", "patience", "min_delta", "log_every", "vanish_ratio", "vanish_floor",
+                     "explode_norm")
+CHECKPOINT_KEY = "bpc/checkpoint"       # "/" cannot occur in a parameter name
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """The whole state of a run at the end of an epoch: resuming from it continues the run
+    exactly as if it had not stopped (same updates, schedule, shuffling and early stopping)."""
+
+    epoch: int
+    params: dict                 # the current parameters (not the best)
+    state: dict                  # the optimizer's state (Adam's moments and step count, velocities)
+    rng: dict                    # the shuffling generator's state
+    best: float
+    best_epoch: int | None
+    best_params: dict | None
+    since_best: int
+    history: History
+    warned: list                 # warnings already given (each once per run)
+    warnings: list
+    config: dict                 # TrainConfig fields of the run
+    data_digest: str             # of the training and validation data, as split
+
+
+def _digest(*sets):
+    h = hashlib.sha256()
+    for data in sets:
+        for name, a in (data or {}).items():
+            a = np.ascontiguousarray(a)
+            h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+            h.update(a.data)
+    return h.hexdigest()
+
+
+def save_checkpoint(ckpt, path):
+    """Write a Checkpoint to ``path`` (.npz, no pickles) atomically."""
+    from pathlib import Path
+
+    from compiler.files import atomic_file
+    arrays, scalars = {}, {}
+    for name, a in ckpt.params.items():
+        arrays[f"params/{name}"] = np.asarray(a)
+    for name, a in (ckpt.best_params or {}).items():
+        arrays[f"best/{name}"] = np.asarray(a)
+    for key, value in ckpt.state.items():
+        if isinstance(value, dict):
+            for name, a in value.items():
+                arrays[f"state/{key}/{name}"] = np.asarray(a)
+        else:
+            scalars[key] = value.item() if isinstance(value, np.generic) else value
+    meta = {"version": CHECKPOINT_VERSION, "epoch": ckpt.epoch, "state": scalars, "rng": ckpt.rng,
+            "best": ckpt.best, "best_epoch": ckpt.best_epoch, "since_best": ckpt.since_best,
+            "history": ckpt.history.as_dict(), "warned": ckpt.warned, "warnings": ckpt.warnings,
+            "config": ckpt.config, "data_digest": ckpt.data_digest, "has_best": ckpt.best_params is not None}
+    arrays[CHECKPOINT_KEY] = np.array(json.dumps(meta))     # floats round-trip exactly through repr
+    with atomic_file(path, "wb") as f:
+        np.savez(f, **arrays)
+    return Path(path)
+
+
+def is_checkpoint(arrays):
+    return CHECKPOINT_KEY in arrays
+
+
+def load_checkpoint(module, path):
+    """A Checkpoint written by ``train(..., checkpoint=...)``, checked against the module."""
+    return checkpoint_from_arrays(module, read_npz(path), str(path))
+
+
+def checkpoint_from_arrays(module, arrays, where):
+    if not is_checkpoint(arrays):
+        raise TrainError(f"{where}: not a bpc checkpoint (a parameters file? those resume the parameters only)")
+    try:
+        meta = json.loads(str(arrays[CHECKPOINT_KEY]))
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise TrainError(f"{where}: checkpoint format {meta.get('version')!r}; this bpc reads "
+                             f"{CHECKPOINT_VERSION}")
+        part = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}  # noqa: E731
+        params = check_params(module, part("params/"), where)
+        best_params = check_params(module, part("best/"), where) if meta["has_best"] else None
+        state = dict(meta["state"])
+        for key, a in part("state/").items():
+            group, _, name = key.partition("/")
+            state.setdefault(group, {})[name] = np.array(a)
+        h = meta["history"]
+        history = History(**{f.name: h[f.name] for f in fields(History)})
+        return Checkpoint(int(meta["epoch"]), params, state, meta["rng"], float(meta["best"]), meta["best_epoch"],
+                          best_params, int(meta["since_best"]), history, [_key(k) for k in meta["warned"]],
+                          list(meta["warnings"]), dict(meta["config"]), str(meta["data_digest"]))
+    except TrainError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise TrainError(f"{where}: a damaged checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _key(k):
+    return tuple(k) if isinstance(k, list) else k
+
+
+def _resume_check(config, ckpt, digest):
+    ours = {f.name: getattr(config, f.name) for f in fields(config)}
+    changed = [f"{k} {ckpt.config.get(k)!r} -> {ours[k]!r}" for k in ours
+               if k not in RESUMABLE_CHANGES and ckpt.config.get(k) != ours[k]]
+    if changed:
+        raise TrainError("the checkpoint's run had other options (" + "; ".join(changed) + "); resume with the "
+                         "same options, or start a new run from its parameters")
+    if ckpt.data_digest != digest:
+        raise TrainError("the checkpoint's run had other training or validation data; resume with the same "
+                         "data, or start a new run from its parameters")
+    if ckpt.epoch >= config.epochs:
+        raise TrainError(f"the checkpoint is at epoch {ckpt.epoch} of the run; epochs {config.epochs} leaves "
+                         "nothing to train (epochs counts the whole run: give more)")
+
+
+def _history_upto(h, k):
+    """The first ``k`` epochs of a History (a new one)."""
+    return History(**{f.name: ({n: v[:k] for n, v in h.param_grad_norms.items()} if f.name == "param_grad_norms"
+                               else getattr(h, f.name)[:k]) for f in fields(History)})
+
+
+def _run_dtype(module, train_set):
+    first = next(iter(train_set.values()))
+    return getattr(module, "DTYPE", None) or (np.float32 if first.dtype == np.float32 else np.float64)
+
+
+def _upcast(params, dtype, warn):
+    """float16 (or any float other than float32/64) parameters are trained in ``dtype``:
+    float16 has 11 significant bits and overflows at 65504, so small updates round away and
+    Adam's squared gradients overflow; runs diverged at their second step."""
+    odd = [k for k, a in params.items() if a.dtype not in (np.float32, np.float64)]
+    if not odd:
+        return params
+    kinds = sorted({str(params[k].dtype) for k in odd})
+    warn("dtype", f"parameter(s) {', '.join(odd)} are {'/'.join(kinds)}: trained in {np.dtype(dtype).name} "
+                  "(bpc trains in float32 or float64; float16 loses small updates and overflows)")
+    return {k: (a.astype(dtype) if k in odd else a) for k, a in params.items()}
+
+
+def train(module, data, config=None, *, params=None, val_data=None, verbose=False, on_epoch=None,
+          stop=None, resume=None, checkpoint=None, checkpoint_every=None):
+    """Train ``module`` on ``data`` and return a TrainResult.
+
+    ``data``: a dict name -> array (names of INPUTS and TARGETS) or a sequence in that order.
+    ``params``: initial parameters (e.g. ``load_params``); default ``init_params(seed)``
+    in the dtype of the module (or float32 when the inputs are float32). float16 parameters
+    are trained in that dtype instead, with a warning.
+    ``val_data``: a separate validation set; otherwise ``config.val_split`` of ``data`` is held out.
+    ``verbose``: progress bar on a terminal, a log line every ``log_every`` epochs, warnings.
+    ``on_epoch(epoch, history)``: called after every epoch; return True to stop.
+    ``stop``: a StopRequest (anything with ``is_set()``), checked after every step.
+    ``checkpoint``, ``checkpoint_every``: write a Checkpoint to the path ``checkpoint`` after
+    every ``checkpoint_every``-th epoch and after the last one, and, when the run is stopped
+    (interrupted or early stopping), of its last complete epoch.
+    ``resume``: a Checkpoint (``load_checkpoint``) to continue from: the same options (but
+    ``epochs``, which counts the whole run, and the monitoring options) and the same data.
+
+    Ctrl-C (or a StopRequest) stops the run; the result carries the best parameters so far
+    (``stopped == "interrupted"``). A NaN or Inf loss or gradient stops the run and keeps the
+    last parameters whose loss was finite (``stopped == "diverged"``).
+    """
+    config = (config or TrainConfig()).validate()
+    if checkpoint_every is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise TrainError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+        if checkpoint is None:
+            raise TrainError("checkpoint_every needs a checkpoint path")
+    if resume is not None and params is not None:
+        raise TrainError("give either params or a checkpoint to resume from, not both")
+    data = check_data(module, data)
+    if val_data is not None:
+        if config.val_split:
+            raise TrainError("give either a validation set or a validation split, not both")
+        train_set, val_set = data, check_data(module, val_data, "validation data")
+    else:
+        train_set, val_set = split(data, config.val_split, config.seed)
+    digest = _digest(train_set, val_set)
+    if resume is not None:
+        _resume_check(config, resume, digest)
+        params = resume.params
+    elif params is None:
+        params = module.init_params(seed=config.seed, dtype=_run_dtype(module, train_set))
+    params = check_params(module, params)
+
+    n = len(next(iter(train_set.values())))
+    batch = n if not config.batch_size else min(config.batch_size, n)
+    steps_per_epoch = -(-n // batch)
+    step = _step_function(config)
+    clip = update_steps().clip_grad_norm
+    rng = np.random.default_rng([config.seed, 2])
+    log_every = config.log_every or max(1, config.epochs // 10)
+    names = list(module.PARAMS)
+    history = History(param_grad_norms={k: [] for k in names})
+    start = 0
+    state = {}
+    best, best_epoch, best_params, since_best = math.inf, None, None, 0
+    warned = set()
+    warnings_out = []
+    if resume is not None:
+        start, history, state = resume.epoch, copy.deepcopy(resume.history), copy.deepcopy(resume.state)
+        rng.bit_generator.state = resume.rng
+        best, best_epoch, since_best = resume.best, resume.best_epoch, resume.since_best
+        best_params = _copy(resume.best_params) if resume.best_params is not None else None
+        warned, warnings_out = set(resume.warned), list(resume.warnings)
+    report = _Reporter(verbose, (config.epochs - start) * steps_per_epoch)
+
+    def warn(key, text):
+        if key not in warned:
+            warned.add(key)
+            warnings_out.append(text)
+            report.warn(text)
+
+    params = _upcast(params, _run_dtype(module, train_set), warn)
+    if resume is not None and best_params is not None:
+        best_params = _upcast(best_params, _run_dtype(module, train_set), lambda *a: None)
+
+    snapshot, written = None, start    # the state at the end of the last epoch; the last epoch saved
+
+    def take_snapshot(epoch):
+        # copies: the next epoch updates params and state in place; the history only grows, so
+        # its first `epoch` entries are the snapshot's
+        return Checkpoint(epoch, _copy(params), copy.deepcopy(state), rng.bit_generator.state, best, best_epoch,
+                          best_params, since_best, None, sorted(warned, key=str), list(warnings_out),
+                          {f.name: getattr(config, f.name) for f in fields(config)}, digest)
+
+    def save_snapshot():
+        try:
+            # the history holds epochs 1, 2, ...: the snapshot's are its first snapshot.epoch entries
+            save_checkpoint(replace(snapshot, history=_history_upto(history, snapshot.epoch)), checkpoint)
+        except OSError as e:        # the run matters more than its checkpoint
+            warn(("checkpoint", str(e)), f"cannot write the checkpoint {checkpoint}: {e.strerror or e}; "
+                                         "training continues")
+        return snapshot.epoch
+
+    last_good = _copy(params)
+    monitor = "validation loss" if val_set is not None else "training loss"
+    stopped, message = "completed", ""
+    t0 = time.monotonic() - (history.seconds[-1] if history.seconds else 0.0)
+    epoch = start
+    errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore")  # non-finite values are handled
+    errstate.__enter__()
+    try:
+        for epoch in range(start + 1, config.epochs + 1):
+            lr = lr_at(config, epoch)
+            order = rng.permutation(n) if config.shuffle and steps_per_epoch > 1 else np.arange(n)
+            loss_sum, norm_sum, seen = 0.0, 0.0, 0
+            pnorm_sum = dict.fromkeys(names, 0.0)
+            for s in range(steps_per_epoch):
+                if stop is not None and stop.is_set():
+                    raise _Stopped
+                index = order[s * batch:(s + 1) * batch]
+                arrays = _rows(train_set, index) if steps_per_epoch > 1 else list(train_set.values())
+                value, grads = module.backward(params, *arrays)
+                sq = {k: float(np.vdot(g64, g64)) for k, g in grads.items()
+                      for g64 in [np.asarray(g, dtype=np.float64)]}
+                if not math.isfinite(value) or not all(math.isfinite(v) for v in sq.values()):
+                    bad = [k for k, v in sq.items() if not math.isfinite(v)]
+                    what = f"the loss is {value}" if not math.isfinite(value) else "a gradient is not finite"
+                    stopped = "diverged"
+                    message = (f"{what} at epoch {epoch}, step {s + 1}"
+                               + (f" (non-finite gradient of {', '.join(bad)})" if bad else "")
+                               + "; stopped and kept the last parameters with a finite loss. "
+                               "Try a lower learning rate, --clip, or check the data scale.")
+                    params = last_good
+                    raise StopIteration
+                last_good = _copy(params)
+                norm = math.sqrt(sum(sq.values()))
+                if config.clip is not None:
+                    grads, _ = clip(grads, config.clip)
+                step(params, grads, state, lr=lr)
+                loss_sum += value * len(index)
+                seen += len(index)
+                norm_sum += norm
+                for k, v in sq.items():
+                    pnorm_sum[k] += math.sqrt(v)
+                report.advance(1, f"epoch {epoch}/{config.epochs} loss {loss_sum / seen:.4g}")
+            history.epoch.append(epoch)
+            history.lr.append(lr)
+            history.train_loss.append(loss_sum / n)
+            history.grad_norm.append(norm_sum / steps_per_epoch)
+            for k in names:
+                history.param_grad_norms[k].append(pnorm_sum[k] / steps_per_epoch)
+            val = None
+            if val_set is not None:
+                ev = evaluate(module, params, val_set)
+                val = ev["loss"]
+                history.val_loss.append(val)
+                if ev["accuracy"] is not None:
+                    history.val_accuracy.append(ev["accuracy"])
+                if not math.isfinite(val):
+                    stopped = "diverged"
+                    message = (f"the validation loss is {val} at epoch {epoch}; stopped and kept the "
+                               "best parameters. Try a lower learning rate or --clip.")
+                    break
+            history.seconds.append(time.monotonic() - t0)
+            _gradient_warnings(history, epoch, config, warn)
+            monitored = val if val is not None else history.train_loss[-1]
+            if monitored < best - config.min_delta:
+                best, best_epoch, since_best = monitored, epoch, 0
+                best_params = _copy(params)
+            else:
+                since_best += 1
+            if checkpoint_every:
+                snapshot = take_snapshot(epoch)
+                if epoch % checkpoint_every == 0 or epoch == config.epochs:
+                    written = save_snapshot()
+            if epoch % log_every == 0 or epoch == start + 1 or epoch == config.epochs:
+                report.log(_epoch_line(epoch, config.epochs, history, val_set is not None))
+            if config.patience and since_best >= config.patience and epoch < config.epochs:
+                stopped = "early_stopping"
+                message = (f"early stopping at epoch {epoch}: the {monitor} has not improved for "
+                           f"{config.patience} epochs (best {best:.6g} at epoch {best_epoch})")
+                break
+            if on_epoch is not None and on_epoch(epoch, history):
+                stopped, message = "early_stopping", f"stopped by the callback at epoch {epoch}"
+                break
+    except StopIteration:
+        pass
+    except (KeyboardInterrupt, _Stopped) as e:
+        stopped = "interrupted"
+        reason = getattr(stop, "reason", None) if isinstance(e, _Stopped) else None
+        message = (f"interrupted{f' by {reason}' if reason else ''} during epoch {epoch}; kept the best "
+                   "parameters so far" + (f" (epoch {best_epoch}, {monitor} {best:.6g})" if best_epoch else
+                                          " (no epoch completed: the last parameters with a finite loss)"))
+    finally:
+        errstate.__exit__(None, None, None)
+        report.close()
+    if snapshot is not None and snapshot.epoch > written and stopped in ("interrupted", "early_stopping"):
+        save_snapshot()        # a stopped run can be resumed from its last complete epoch
+
+    if stopped == "diverged" and params is not last_good and best_params is not None:
+        params = best_params                      # a validation loss overflowed: keep the best
+    elif stopped == "interrupted":
+        params = best_params if best_params is not None else last_good
+    elif stopped == "early_stopping" or (stopped == "completed" and val_set is not None):
+        params = best_params if best_params is not None else params
+    if stopped == "completed":
+        message = f"completed {config.epochs} epochs"
+        if val_set is not None:
+            message += f"; kept the parameters of epoch {best_epoch} (best validation loss {best:.6g})"
+    final = {"train_loss": None, "train_accuracy": None, "val_loss": None, "val_accuracy": None}
+    try:
+        ev = evaluate(module, params, train_set)
+        final["train_loss"], final["train_accuracy"] = ev["loss"], ev["accuracy"]
+        if val_set is not None:
+            ev = evaluate(module, params, val_set)
+            final["val_loss"], final["val_accuracy"] = ev["loss"], ev["accuracy"]
+    except KeyboardInterrupt:
+        pass
+    return TrainResult(params, history, stopped, message, best_epoch, final, warnings_out)
+
+
+def _epoch_line(epoch, epochs, h, has_val):
+    width = len(str(epochs))
+    parts = [f"epoch {epoch:{width}d}/{epochs}", f"loss {h.train_loss[-1]:.6g}"]
+    if has_val:
+        parts.append(f"val {h.val_loss[-1]:.6g}")
+        if h.val_accuracy:
+            parts.append(f"val acc {100 * h.val_accuracy[-1]:.2f}%")
+    parts.append(f"lr {h.lr[-1]:.3g}")
+    norms = " ".join(f"{k} {v[-1]:.2e}" for k, v in h.param_grad_norms.items())
+    parts.append(f"|grad| {h.grad_norm[-1]:.3e} ({norms})")
+    return "  ".join(parts)
+
+
+def _gradient_warnings(h, epoch, config, warn):
+    norms = {k: v[-1] for k, v in h.param_grad_norms.items()}
+    top = max(norms.values(), default=0.0)
+    if h.grad_norm[-1] > config.explode_norm:
+        warn("explode", f"exploding gradients at epoch {epoch}: global gradient norm {h.grad_norm[-1]:.3g} "
+             f"> {config.explode_norm:g}" + ("" if config.clip else "; consider --clip or a lower learning rate"))
+    if top > config.vanish_floor and len(norms) > 1:
+        for k, v in norms.items():
+            if v < config.vanish_ratio * top:
+                warn(("vanish", k), f"vanishing gradient at epoch {epoch}: parameter {k!r} has gradient norm "
+                     f"{v:.3g}, {top / v if v else math.inf:.3g} times below the largest ({top:.3g})")
