@@ -87,6 +87,8 @@ class Node:
 
 
 def format_shape(shape):
+    """``(n, 3)``, ``(4,)``, ``()``: a shape as a Python tuple (the batch axis is ``n``), the same
+    text in messages, in ``bpc show`` and in generated code."""
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 

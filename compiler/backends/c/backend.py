@@ -46,7 +46,8 @@ from compiler.backends.numpy.module import _init_line, _prediction_doc, cache_di
 from compiler.errors import BpcError, ModelError, UnsupportedError
 from compiler.freetext import c_comment
 from compiler.core.ir import ARG, N
-from compiler.backends.numpy.statements import Formulas, shape_code
+from compiler.backends.numpy.statements import Formulas
+from compiler.core.ir import format_shape as shape_code
 from compiler.backends.templates import render
 
 CFLAGS = ("-O3", "-fno-math-errno", "-fPIC")   # never -ffast-math: it breaks inf/nan handling

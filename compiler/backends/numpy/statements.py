@@ -11,13 +11,9 @@ import sympy as sp
 
 from compiler.core import ir
 from compiler.core.ir import ARG, N
+from compiler.core.ir import format_shape as shape_code
 from compiler.core.simplify import use_counts
 from compiler.backends.numpy.printer import NumpyPrinter, numeric_constants_to_floats, print_formula, print_latex, print_numpy, latex_name
-
-
-def shape_code(shape):
-    parts = ["n" if d == N else str(d) for d in shape]
-    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
 
 
 def _per_sample_size(shape):
