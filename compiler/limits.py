@@ -16,10 +16,10 @@ import math
 import os
 import re
 
+from compiler import dtypes
 from compiler.errors import BpcError
 
 DEFAULT_MAX_PARAM_BYTES = 16 * 1024**3
-ITEMSIZE = {"float32": 4, "float64": 8, None: 8}   # None: init_params defaults to float64
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
           "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
 
@@ -52,7 +52,7 @@ def format_bytes(n):
 def parameter_bytes(shapes, dtype=None):
     """[(name, shape, bytes)] for ``shapes`` (name -> shape, e.g. a generated module's PARAMS,
     or a Model's parameters), largest first; ``dtype`` None counts float64."""
-    itemsize = ITEMSIZE.get(dtype, 8)
+    itemsize = dtypes.ITEMSIZE.get(dtype or dtypes.DEFAULT, 8)
     rows = [(name, tuple(int(d) for d in shape), math.prod(int(d) for d in shape) * itemsize)
             for name, shape in shapes.items()]
     return sorted(rows, key=lambda r: -r[2])
@@ -76,7 +76,7 @@ def check_parameter_memory(shapes, dtype=None, limit=DEFAULT_MAX_PARAM_BYTES, co
     (the arrays a command keeps at once) exceed this machine's physical memory."""
     rows = parameter_bytes(shapes, dtype)
     total = sum(r[2] for r in rows)
-    name = dtype or "float64"
+    name = dtype or dtypes.DEFAULT
 
     def detail():
         top = ", ".join(f"{n} {'x'.join(map(str, s)) or 'scalar'}: {format_bytes(b)}" for n, s, b in rows[:3])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from compiler import limits
+from compiler import dtypes, limits
 from compiler.cli._common import add_spec_argument, load, write_error
 
 
@@ -18,7 +18,7 @@ def add_arguments(parser):
     add_spec_argument(parser)
     parser.add_argument("--target", choices=("numpy", "c"), default="numpy",
                         help="backend (default: numpy)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
+    parser.add_argument("--dtype", choices=dtypes.NAMES, default=None,
                         help="floating type of the generated code (default: the spec's model.dtype; "
                         "without either, numpy follows the inputs' dtype and c uses float64)")
     parser.add_argument("-o", "--output", metavar="OUT", default=None,
@@ -31,12 +31,11 @@ def add_arguments(parser):
 def run(args):
     spec = load(args.spec)
     dtype = args.dtype or spec.dtype
-    limits.check_parameter_memory(limits.model_shapes(spec.model), dtype or "float64",
+    limits.check_parameter_memory(limits.model_shapes(spec.model), dtype,
                                   args.max_param_memory, what=spec.path)
     if args.target == "c":
         return _compile_c(spec, dtype, args.output)
     from compiler.backends.numpy.module import compile_model, write_atomic
-    from compiler.spec.loader import SpecError
     out = _numpy_output(args.output, spec)
     compiled = compile_model(spec.model, dtype=dtype)
     if out is None:
@@ -125,7 +124,7 @@ def _compile_c(spec, dtype, option):
     _check_module_name(out_dir / f"{spec.model.name}.py",
                        "choose another model.name (the C target names its files after it)")
     # C has no "follow the inputs": a fixed type, float64 unless asked otherwise
-    result = compile_model_c(spec.model, dtype or "float64")
+    result = compile_model_c(spec.model, dtype or dtypes.DEFAULT)
     # the wrapper is <prefix>.py: a .py there without its .c beside it is some other module
     # (typically the NumPy one, from `-o generated`), which must not be replaced
     prefix = getattr(result, "prefix", spec.model.name)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from compiler import limits
+from compiler import dtypes, limits
 from compiler.train.options import SPEC_KEYS as TRAIN_KEYS   # [train] keys = long options, with underscores
 
 
@@ -45,7 +45,7 @@ def add_arguments(parser):
                    help="early stopping after N epochs without improvement of the validation loss "
                    "(of the training loss without a validation split)")
     o.add_argument("--min-delta", type=float, metavar="D", help="smallest improvement that counts (default: 0)")
-    o.add_argument("--dtype", choices=("float32", "float64"), help="compile for this dtype (default: the spec's)")
+    o.add_argument("--dtype", choices=dtypes.NAMES, help="compile for this dtype (default: the spec's)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", metavar="FILE", help="parameters .npz to write (default: <model name>_params.npz)")
     out.add_argument("--resume", metavar="FILE",

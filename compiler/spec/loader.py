@@ -18,13 +18,13 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from compiler import dtypes
 from compiler.errors import BpcError, ModelError
 
 MAX_FILE_BYTES = 32 * 1024 * 1024
 MAX_WIDTH = 1 << 20          # of one layer, input or target (beyond it init_params cannot allocate)
 MAX_LAYERS = 256
 SOURCE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
-DTYPES = ("float32", "float64")
 
 TOP_KEYS = ("model", "constants", "network", "expression", "matrix", "train")
 MODEL_KEYS = ("name", "description", "dtype")
@@ -338,8 +338,8 @@ class _Loader:
         description = _check_description(self.string(model_t.get("description", ""), "model.description"),
                                          "model.description", self.file)
         dtype = model_t.get("dtype")
-        if dtype is not None and dtype not in DTYPES:
-            raise self.error("model.dtype", f"must be one of {', '.join(DTYPES)}, not {_short(dtype)}")
+        if dtype is not None and dtype not in dtypes.NAMES:
+            raise self.error("model.dtype", f"must be one of {', '.join(dtypes.NAMES)}, not {_short(dtype)}")
         train = self.train_table(tree.get("train", {}))
         kinds = [k for k in ("network", "expression", "matrix") if k in tree]
         if len(kinds) != 1:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import sympy as sp
 
-from compiler import __version__
+from compiler import __version__, dtypes
 from compiler.core import ir
 from compiler.backends.cache import cache_dir, write_cached  # noqa: F401  (cache_dir re-exported for the C backend)
 from compiler.errors import ModelError, UnsupportedError
@@ -21,7 +21,7 @@ from compiler.backends.numpy.printer import numeric_constants_to_floats
 from compiler.core.program import build_program
 from compiler.backends.templates import render
 
-DTYPES = (None, "float32", "float64")
+DTYPES = (None, *dtypes.NAMES)     # None: follow the inputs
 
 
 @dataclass(frozen=True)
