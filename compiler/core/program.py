@@ -52,7 +52,6 @@ def build_program(model):
 
     order, count = use_counts(outs)
     outputs = {o.uid for o in outs}
-    by_uid = {n.uid: n for n in order}
     users = ir.consumers(order)
     inline = set()
     for node in order:
