@@ -19,6 +19,19 @@ RESERVED = frozenset({
 })
 
 
+# what a target holds: real values, or integer class labels (one class index per sample)
+TARGET_KINDS = ("real", "label")
+
+
+def check_target_kind(kind, what=""):
+    """``kind`` if it is one of TARGET_KINDS, else a ModelError: ``what`` (e.g. ``"target 'y':
+    kind"``) then the problem; without ``what``, the problem alone (the spec loader names the
+    field)."""
+    if kind not in TARGET_KINDS:
+        raise ModelError(f"{what} must be 'real' or 'label', not {kind!r}".lstrip())
+    return kind
+
+
 def check_name(name, what, reserved=True):
     """Validate an identifier that will reach generated code (``reserved``: also refuse the
     names the generated functions use for themselves, which model names cannot shadow)."""

@@ -27,7 +27,7 @@ from compiler.core import ir
 from compiler.errors import ModelError, ShapeError, UnsupportedError
 from compiler.core.functions import activation as resolve_activation, check_finite
 from compiler.core.ir import ARG, N
-from compiler.core.model import Model, check_name
+from compiler.core.model import Model, check_name, check_target_kind
 from compiler.frontends.nn import apply_loss, loss_kind
 
 _x = sp.Symbol("x", real=True)
@@ -221,6 +221,7 @@ def from_matrix_expr(output, inputs, targets, loss="mse", params=None, target_ki
     """
     if not isinstance(output, sp.MatrixExpr):
         raise ModelError(f"output must be a SymPy matrix expression, got {type(output).__name__}")
+    check_target_kind(target_kind, "target_kind")
     names = {}
     inputs, targets = list(inputs), list(targets)
     in_nodes = []

@@ -28,7 +28,7 @@ from compiler.core import ir
 from compiler.errors import ModelError, ShapeError
 from compiler.core.functions import activation as resolve_activation, check_supported, realify, sigmoid, softplus, stabilize
 from compiler.core.ir import ARG, N
-from compiler.core.model import Model, check_name
+from compiler.core.model import Model, check_name, check_target_kind
 
 LOSSES = ("mse", "softmax_cross_entropy", "bce_with_logits")
 # other names users reach for -> the built-in loss
@@ -68,9 +68,7 @@ class Network:
 
     def target(self, name, size=None, kind="real"):
         """A target: real values (``size`` per sample) or integer class labels (``kind='label'``)."""
-        if kind not in ("real", "label"):
-            raise ModelError(f"target {name!r}: kind must be 'real' or 'label', not {kind!r}")
-        if kind == "label" and size is not None:
+        if check_target_kind(kind, f"target {name!r}: kind") == "label" and size is not None:
             raise ModelError(f"target {name!r}: integer labels are one number per sample; give no size")
         shape = (N,) if size is None else (N, _positive(size, f"target {name!r} size"))
         node = ir.input_node(self._claim(name, "target"), shape, "target", kind)

@@ -375,8 +375,8 @@ class _Loader:
         x_size = self.integer(in_t["size"], "network.input.size")
         y_name = self.name(tg_t.get("name", "y"), "network.target.name", "target")
         y_kind = self.string(tg_t.get("kind", "real"), "network.target.kind")
-        if y_kind not in ("real", "label"):
-            raise self.error("network.target.kind", f"must be 'real' or 'label', not {y_kind!r}")
+        from compiler.core.model import check_target_kind
+        self.wrap("network.target.kind", check_target_kind, y_kind)
         if y_kind == "label":
             if "size" in tg_t:
                 raise self.error("network.target.size", "integer labels are one class index per sample; "
@@ -518,10 +518,9 @@ class _Loader:
     def matrix_model(self, mt, name, constants_t):
         """The [matrix] table: a per-sample SymPy matrix network, built by from_matrix_expr."""
         import sympy as sp
-        from compiler.core.functions import ACTIVATIONS
         from compiler.core.functions import activation as resolve_activation
         from compiler.frontends.matrix import from_matrix_expr
-        from compiler.core.model import NAME_RE
+        from compiler.core.model import NAME_RE, check_target_kind
         from compiler.frontends.nn import LOSS_ALIASES, LOSSES
         from compiler.spec.safe_matrix_expr import is_matrix, matrix_function_names, shape_text
         mt = self.table(mt, "matrix", MATRIX_KEYS)
@@ -573,8 +572,7 @@ class _Loader:
         if not targets:
             raise self.error("matrix.targets", "is empty; declare at least one target")
         kind = self.string(mt.get("target_kind", "real"), "matrix.target_kind")
-        if kind not in ("real", "label"):
-            raise self.error("matrix.target_kind", f"must be 'real' or 'label', not {kind!r}")
+        self.wrap("matrix.target_kind", check_target_kind, kind)
         if kind == "label":
             (t, sym), *more = targets.items()
             if more:
@@ -608,10 +606,8 @@ class _Loader:
         activations = {}
         for k, v in acts_t.items():
             where = f"matrix.activations.{k}"
-            act = self.activation(v, where, constants)
-            expr = ACTIVATIONS[act][0] if isinstance(act, str) else act
-            self.wrap(where, resolve_activation, expr)       # unsupported functions, now, with the field
-            activations[k] = expr
+            # resolved now, so that an unsupported function is refused naming the field
+            activations[k], _ = self.wrap(where, resolve_activation, self.activation(v, where, constants))
         inits = {s.name: ("value", float(self.number(v, f"matrix.scalars.{s.name}", constants).evalf(30)))
                  for s, v in zip(scalars.values(), scalars_t.values())}
         for k, v in table_of("init", "name = initialisation").items():

@@ -83,10 +83,11 @@ class _MatrixBuilder(_Builder):
         super().__init__(text, names, functions)
         self.data = data
         from compiler.core.functions import ACTIVATIONS, _x
+        from compiler.core.functions import activation as resolve_activation
         self.x = _x
         # elementwise-only functions: built-in activations that are not scalar functions, then
         # the caller's (which may shadow nothing: spec.py refuses such names)
-        self.activations = {k: e for k, (e, _) in ACTIVATIONS.items() if k not in functions}
+        self.activations = {k: resolve_activation(k)[0] for k in ACTIVATIONS if k not in functions}
         self.activations.update(activations)
 
     def _name(self, node):
