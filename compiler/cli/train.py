@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from compiler import dtypes, limits
-from compiler.train.options import SPEC_KEYS as TRAIN_KEYS   # [train] keys = long options, with underscores
+from compiler.train.options import FLAG_KEYS, OPTIONS, SPEC_KEYS, add_flag
 
 
 def add_arguments(parser):
@@ -26,25 +26,8 @@ def add_arguments(parser):
     parser.add_argument("--data", metavar="FILE", required=True, help="training data, .npz or .csv")
     parser.add_argument("--test", metavar="FILE", help="held-out data to evaluate the final parameters on")
     o = parser.add_argument_group("optimisation (defaults: the spec's [train] table, else as shown)")
-    o.add_argument("--optimizer", choices=("sgd", "momentum", "nesterov", "adam"), help="default: adam")
-    o.add_argument("--lr", type=float, metavar="LR", help="learning rate (default: 0.001 for adam, 0.01 otherwise)")
-    o.add_argument("--epochs", type=int, metavar="N", help="default: 100")
-    o.add_argument("--batch-size", type=int, metavar="N", help="default: 32; 0 = the whole training set")
-    o.add_argument("--momentum", type=float, metavar="M", help="momentum/nesterov coefficient (default: 0.9)")
-    o.add_argument("--weight-decay", type=float, metavar="WD",
-                   help="L2 for sgd/momentum, decoupled (AdamW) for adam (default: 0)")
-    o.add_argument("--schedule", choices=("constant", "step", "cosine"), help="learning-rate schedule per epoch")
-    o.add_argument("--step-size", type=int, metavar="N",
-                   help="step schedule: epochs between decays (default: epochs/3)")
-    o.add_argument("--gamma", type=float, metavar="G", help="step schedule: decay factor (default: 0.1)")
-    o.add_argument("--min-lr", type=float, metavar="LR", help="cosine schedule: final learning rate (default: 0)")
-    o.add_argument("--clip", type=float, metavar="NORM", help="clip the global gradient norm to NORM")
-    o.add_argument("--seed", type=int, metavar="S", help="initialisation, split and shuffling (default: 0)")
-    o.add_argument("--val-split", type=float, metavar="F", help="fraction held out for validation (default: 0)")
-    o.add_argument("--patience", type=int, metavar="N",
-                   help="early stopping after N epochs without improvement of the validation loss "
-                   "(of the training loss without a validation split)")
-    o.add_argument("--min-delta", type=float, metavar="D", help="smallest improvement that counts (default: 0)")
+    for key in SPEC_KEYS:              # a spec's [train] keys are these flags, with underscores
+        add_flag(o, key)
     o.add_argument("--dtype", choices=dtypes.NAMES, help="compile for this dtype (default: the spec's)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", metavar="FILE", help="parameters .npz to write (default: <model name>_params.npz)")
@@ -59,7 +42,7 @@ def add_arguments(parser):
     out.add_argument("--plot-grads", action="store_true", help="add per-parameter gradient norms to --plot")
     out.add_argument("--boundary", metavar="PNG", help="write the decision boundary (classifier with 2 input features)")
     out.add_argument("--history", metavar="JSON", help="write the per-epoch history as JSON")
-    out.add_argument("--log-every", type=int, metavar="N", help="epochs between log lines (default: about 10 lines)")
+    add_flag(out, "log_every")
     out.add_argument("--threads", type=int, metavar="N", default=1,
                      help="BLAS threads (default: 1, fastest for small layers, and safe on a busy machine; "
                      "the OMP/OPENBLAS/MKL_NUM_THREADS environment variables, when set, win)")
@@ -87,19 +70,17 @@ def run(args):
 
     module, defaults, label = _load_model(args)
     options = dict(defaults)
-    for key in TRAIN_KEYS:
+    for key in FLAG_KEYS:
         value = getattr(args, key)
         if value is not None:
             options[key] = value
-    if args.log_every is not None:
-        options["log_every"] = args.log_every
     try:
         config = TrainConfig(**options).validate()
     except TrainError as e:          # name the option as the user wrote it
         key, _, rest = str(e).partition(" ")
-        if key not in TRAIN_KEYS:
+        if key not in FLAG_KEYS:
             raise
-        raise TrainError(f"--{key.replace('_', '-')} {rest}") from None
+        raise TrainError(f"{OPTIONS[key].flag} {rest}") from None
     if args.plot_grads and not args.plot:
         raise TrainError("--plot-grads adds a panel to --plot; give --plot FILE.png too")
     for option in ("plot", "boundary"):

@@ -31,57 +31,8 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
-from compiler.errors import BpcError
-from compiler.train.options import OPTIMIZERS, OPTIONS, SCHEDULES, OptionError, check_option  # noqa: F401
-
-DEFAULT_LR = {"sgd": 0.01, "momentum": 0.01, "nesterov": 0.01, "adam": 0.001}
-
-
-class TrainError(BpcError):
-    """Bad training data or options."""
-
-
-@dataclass
-class TrainConfig:
-    """Options of a training run; ``validate()`` checks them (``train`` calls it)."""
-
-    optimizer: str = "adam"          # sgd | momentum | nesterov | adam
-    lr: float | None = None          # None: 0.01 for SGD/momentum, 0.001 for Adam
-    epochs: int = 100
-    batch_size: int | None = 32      # None or 0: the whole training set in one batch
-    momentum: float = 0.9            # momentum / nesterov
-    beta1: float = 0.9               # adam
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0        # L2 added to the gradient for SGD/momentum; decoupled (AdamW) for Adam
-    schedule: str = "constant"       # constant | step | cosine
-    step_size: int | None = None     # step: epochs between decays (default: a third of the run)
-    gamma: float = 0.1               # step: decay factor
-    min_lr: float = 0.0              # cosine: final learning rate
-    clip: float | None = None        # clip the global gradient norm to this value
-    seed: int = 0                    # initialisation, validation split and shuffling
-    shuffle: bool = True
-    val_split: float = 0.0           # fraction of the samples held out for validation
-    patience: int | None = None      # early stopping after this many epochs without improvement
-    min_delta: float = 0.0           # smallest decrease of the monitored loss that counts
-    vanish_ratio: float = 1e-4       # warn when a parameter's gradient norm is this much below the largest
-    vanish_floor: float = 1e-6       # ... and the largest is above this (not a converged run)
-    explode_norm: float = 1e3        # warn when the global gradient norm exceeds this
-    log_every: int | None = None     # epochs between log lines (default: about 10 lines per run)
-
-    def validate(self):
-        """Check every option against its declaration (``compiler/train/options.py``, the table
-        the spec loader and ``bpc train`` use too); raises TrainError naming the option."""
-        for name in OPTIONS:
-            try:
-                check_option(name, getattr(self, name))
-            except OptionError as e:
-                raise TrainError(f"{name} {e}") from None
-        return self
-
-    @property
-    def base_lr(self):
-        return DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr)
+# the options, TrainConfig and TrainError are declared in options (pure Python); re-exported here
+from compiler.train.options import DEFAULT_LR, TrainConfig, TrainError  # noqa: F401
 
 
 def lr_at(config, epoch):

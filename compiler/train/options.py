@@ -1,25 +1,36 @@
-"""The options of a training run, declared once: their types and ranges.
+"""The options of a training run, declared once: ``TrainConfig``'s fields, each with its type,
+range and, for the options ``bpc train`` takes on its command line, the flag's help.
 
-One table serves every place an option can come from: a spec's ``[train]`` table (checked by
-the spec loader, so ``bpc compile``, ``show``, ``check`` and ``train`` all refuse a bad one),
-``bpc train``'s command line and ``TrainConfig`` in the library (``TrainConfig.validate``).
-Pure Python, no numpy: the spec loader imports it.
+One declaration serves every place an option can come from: a spec's ``[train]`` table (checked
+by the spec loader, so ``bpc compile``, ``show``, ``check`` and ``train`` all refuse a bad one),
+``bpc train``'s flags (built from these fields by ``add_flags``) and ``TrainConfig`` in the
+library (``TrainConfig.validate``). Pure Python, no numpy: the spec loader and ``bpc --help``
+import it (``compiler.train.loop`` re-exports ``TrainConfig``, ``TrainError`` and ``DEFAULT_LR``).
 """
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
+
+from compiler.errors import BpcError
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 SCHEDULES = ("constant", "step", "cosine")
 MAX_INT = 2**63 - 1      # what numpy and C can count to; an epoch count beyond it is no plan
+DEFAULT_LR = {"sgd": 0.01, "momentum": 0.01, "nesterov": 0.01, "adam": 0.001}
+
+
+class TrainError(BpcError):
+    """Bad training data or options."""
 
 
 @dataclass(frozen=True)
 class Option:
     """One option: ``kind`` is "choice", "int", "float" or "bool"; numbers must lie in
-    [low, high) (``low_open``: (low, high)); ``optional``: None is allowed (it means the default)."""
+    [low, high) (``low_open``: (low, high)); ``optional``: None is allowed (it means the default).
+    ``help``: the help of ``bpc train``'s flag (``{default}`` is the field's default), None for
+    an option of the library alone; ``metavar`` names the flag's value."""
 
     name: str
     kind: str
@@ -29,36 +40,92 @@ class Option:
     optional: bool = False
     choices: tuple = ()
     in_spec: bool = True          # may be set in a spec's [train] table
+    help: str | None = None
+    metavar: str | None = None
+    default: object = None
+
+    @property
+    def flag(self):
+        return "--" + self.name.replace("_", "-")
 
 
-OPTIONS = {o.name: o for o in (
-    Option("optimizer", "choice", choices=OPTIMIZERS),
-    Option("lr", "float", 0, low_open=True, optional=True),
-    Option("epochs", "int", 1),
-    Option("batch_size", "int", 0, optional=True),
-    Option("momentum", "float", 0, 1),
-    Option("beta1", "float", 0, 1, in_spec=False),
-    Option("beta2", "float", 0, 1, in_spec=False),
-    Option("eps", "float", 0, low_open=True, in_spec=False),
-    Option("weight_decay", "float", 0),
-    Option("schedule", "choice", choices=SCHEDULES),
-    Option("step_size", "int", 1, optional=True),
-    Option("gamma", "float", 0, low_open=True),
-    Option("min_lr", "float", 0),
-    Option("clip", "float", 0, low_open=True, optional=True),
-    Option("seed", "int", 0),
-    Option("shuffle", "bool", in_spec=False),
-    Option("val_split", "float", 0, 1),
-    Option("patience", "int", 1, optional=True),
-    Option("min_delta", "float", 0),
-    Option("vanish_ratio", "float", 0, in_spec=False),
-    Option("vanish_floor", "float", 0, in_spec=False),
-    Option("explode_norm", "float", 0, low_open=True, in_spec=False),
-    Option("log_every", "int", 1, optional=True, in_spec=False),
-)}
+def _option(default, kind, low=None, high=None, **declaration):
+    return field(default=default, metadata={"option": Option("", kind, low, high, default=default, **declaration)})
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run; ``validate()`` checks them (``train`` calls it)."""
+
+    optimizer: str = _option("adam", "choice", choices=OPTIMIZERS, help="default: {default}")
+    lr: float | None = _option(      # None: 0.01 for SGD/momentum, 0.001 for Adam
+        None, "float", 0, low_open=True, optional=True, metavar="LR",
+        help="learning rate (default: 0.001 for adam, 0.01 otherwise)")
+    epochs: int = _option(100, "int", 1, metavar="N", help="default: {default}")
+    batch_size: int | None = _option(   # None or 0: the whole training set in one batch
+        32, "int", 0, optional=True, metavar="N", help="default: {default}; 0 = the whole training set")
+    momentum: float = _option(0.9, "float", 0, 1, metavar="M", help="momentum/nesterov coefficient (default: {default})")
+    beta1: float = _option(0.9, "float", 0, 1, in_spec=False)       # adam
+    beta2: float = _option(0.999, "float", 0, 1, in_spec=False)
+    eps: float = _option(1e-8, "float", 0, low_open=True, in_spec=False)
+    weight_decay: float = _option(   # L2 added to the gradient for SGD/momentum; decoupled (AdamW) for Adam
+        0.0, "float", 0, metavar="WD", help="L2 for sgd/momentum, decoupled (AdamW) for adam (default: {default})")
+    schedule: str = _option("constant", "choice", choices=SCHEDULES, help="learning-rate schedule per epoch")
+    step_size: int | None = _option(   # step: epochs between decays (default: a third of the run)
+        None, "int", 1, optional=True, metavar="N", help="step schedule: epochs between decays (default: epochs/3)")
+    gamma: float = _option(0.1, "float", 0, low_open=True, metavar="G", help="step schedule: decay factor (default: {default})")
+    min_lr: float = _option(0.0, "float", 0, metavar="LR", help="cosine schedule: final learning rate (default: {default})")
+    clip: float | None = _option(None, "float", 0, low_open=True, optional=True, metavar="NORM",
+                                 help="clip the global gradient norm to NORM")
+    seed: int = _option(0, "int", 0, metavar="S", help="initialisation, split and shuffling (default: {default})")
+    shuffle: bool = _option(True, "bool", in_spec=False)
+    val_split: float = _option(0.0, "float", 0, 1, metavar="F", help="fraction held out for validation (default: {default})")
+    patience: int | None = _option(None, "int", 1, optional=True, metavar="N",
+                                   help="early stopping after N epochs without improvement of the validation loss "
+                                   "(of the training loss without a validation split)")
+    min_delta: float = _option(0.0, "float", 0, metavar="D", help="smallest improvement that counts (default: {default})")
+    vanish_ratio: float = _option(   # warn when a parameter's gradient norm is this much below the largest
+        1e-4, "float", 0, in_spec=False)
+    vanish_floor: float = _option(1e-6, "float", 0, in_spec=False)   # ... and the largest is above this
+    explode_norm: float = _option(1e3, "float", 0, low_open=True, in_spec=False)   # warn above this global norm
+    log_every: int | None = _option(   # epochs between log lines (default: about 10 lines per run)
+        None, "int", 1, optional=True, in_spec=False, metavar="N",
+        help="epochs between log lines (default: about 10 lines)")
+
+    def validate(self):
+        """Check every option against its declaration; raises TrainError naming the option."""
+        for name in OPTIONS:
+            try:
+                check_option(name, getattr(self, name))
+            except OptionError as e:
+                raise TrainError(f"{name} {e}") from None
+        return self
+
+    @property
+    def base_lr(self):
+        return DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr)
+
+
+OPTIONS = {f.name: replace(f.metadata["option"], name=f.name) for f in fields(TrainConfig)}
 
 # the keys a spec's [train] table may hold (the long options of `bpc train`, with underscores)
 SPEC_KEYS = tuple(name for name, o in OPTIONS.items() if o.in_spec)
+# the options `bpc train` takes as flags (--batch-size for batch_size)
+FLAG_KEYS = tuple(name for name, o in OPTIONS.items() if o.help is not None)
+
+
+def add_flag(group, name):
+    """Add the flag of option ``name`` to an argparse parser or group: its type, choices,
+    metavar and help from the declaration; its default None (the spec's, else TrainConfig's)."""
+    o = OPTIONS[name]
+    kwargs = {"choices": o.choices} if o.kind == "choice" else {"type": {"int": int, "float": float}[o.kind]}
+    if o.metavar:
+        kwargs["metavar"] = o.metavar
+    group.add_argument(o.flag, dest=name, help=o.help.format(default=_show_default(o.default)), **kwargs)
+
+
+def _show_default(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class OptionError(ValueError):
