@@ -310,6 +310,39 @@ def test_real_divergence_is_caught(linear):
     assert any("exploding" in w for w in r.warnings)
 
 
+class OverflowingValidation(Scripted):
+    """A module wrapper whose validation loss overflows from the ``bad_epoch``-th evaluation on."""
+
+    def __init__(self, module, bad_epoch):
+        super().__init__(module, bad_call=None, kind=None)
+        del self.loss                    # the method below, not the module's
+        self.bad_epoch, self.evaluations, self.after = bad_epoch, 0, []
+
+    def loss(self, params, *arrays):
+        self.evaluations += 1
+        self.after.append({k: np.array(v, copy=True) for k, v in params.items()})
+        return math.inf if self.evaluations >= self.bad_epoch else self.m.loss(params, *arrays)
+
+
+@pytest.mark.parametrize("bad_epoch", [1, 2, 4])
+def test_an_overflowing_validation_loss_stops_and_keeps_the_best_params(linear, bad_epoch):
+    mod = OverflowingValidation(linear, bad_epoch)
+    data = line_data(64)
+    with np.errstate(over="raise"):
+        r = train(mod, data, TrainConfig(optimizer="sgd", lr=0.05, epochs=10, batch_size=16, val_split=0.25))
+        assert np.geterr()["over"] == "raise"        # the run's errstate ends with it
+    assert r.stopped == "diverged" and f"validation loss is inf at epoch {bad_epoch}" in r.message
+    assert len(r.history.val_loss) == bad_epoch and len(r.history.seconds) == bad_epoch - 1
+    if bad_epoch == 1:       # no best epoch: the parameters the run ended with
+        assert r.best_epoch is None
+        kept = mod.after[0]
+    else:
+        assert r.best_epoch == int(np.argmin(r.history.val_loss[:-1])) + 1
+        kept = mod.after[r.best_epoch - 1]
+    for k in r.params:
+        np.testing.assert_array_equal(r.params[k], kept[k])
+
+
 def test_ctrl_c_keeps_the_best_params_so_far(linear):
     # 48 training samples in batches of 16: call 9 is epoch 3, step 3
     mod = Scripted(linear, bad_call=9, kind="interrupt")

@@ -567,172 +567,207 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
         params = module.init_params(seed=config.seed, dtype=_run_dtype(module, train_set))
     params = check_params(module, params)
 
-    n = len(next(iter(train_set.values())))
-    batch = n if not config.batch_size else min(config.batch_size, n)
-    steps_per_epoch = -(-n // batch)
-    step = _step_function(config)
-    clip = update_steps().clip_grad_norm
-    rng = np.random.default_rng([config.seed, 2])
-    log_every = config.log_every or max(1, config.epochs // 10)
-    names = list(module.PARAMS)
-    history = History(param_grad_norms={k: [] for k in names})
-    start = 0
-    state = {}
-    best, best_epoch, best_params, since_best = math.inf, None, None, 0
-    warned = set()
-    warnings_out = []
-    if resume is not None:
-        start, history, state = resume.epoch, copy.deepcopy(resume.history), copy.deepcopy(resume.state)
-        rng.bit_generator.state = resume.rng
-        best, best_epoch, since_best = resume.best, resume.best_epoch, resume.since_best
-        best_params = _copy(resume.best_params) if resume.best_params is not None else None
-        warned, warnings_out = set(resume.warned), list(resume.warnings)
-    report = _Reporter(verbose, (config.epochs - start) * steps_per_epoch)
-
-    def warn(key, text):
-        if key not in warned:
-            warned.add(key)
-            warnings_out.append(text)
-            report.warn(text)
-
-    params = _upcast(params, _run_dtype(module, train_set), warn)
-    if resume is not None and best_params is not None:
-        best_params = _upcast(best_params, _run_dtype(module, train_set), lambda *a: None)
-
-    snapshot, written = None, start    # the state at the end of the last epoch; the last epoch saved
-
-    def take_snapshot(epoch):
-        # copies: the next epoch updates params and state in place; the history only grows, so
-        # its first `epoch` entries are the snapshot's
-        return Checkpoint(epoch, _copy(params), copy.deepcopy(state), rng.bit_generator.state, best, best_epoch,
-                          best_params, since_best, None, sorted(warned, key=str), list(warnings_out),
-                          {f.name: getattr(config, f.name) for f in fields(config)}, digest)
-
-    def save_snapshot():
-        try:
-            # the history holds epochs 1, 2, ...: the snapshot's are its first snapshot.epoch entries
-            save_checkpoint(replace(snapshot, history=_history_upto(history, snapshot.epoch)), checkpoint)
-        except OSError as e:        # the run matters more than its checkpoint
-            warn(("checkpoint", str(e)), f"cannot write the checkpoint {checkpoint}: {e.strerror or e}; "
-                                         "training continues")
-        return snapshot.epoch
-
-    last_good = _copy(params)
-    monitor = "validation loss" if val_set is not None else "training loss"
-    stopped, message = "completed", ""
-    t0 = time.monotonic() - (history.seconds[-1] if history.seconds else 0.0)
-    epoch = start
-    errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore")  # non-finite values are handled
-    errstate.__enter__()
+    run = _Run(module, config, train_set, val_set, params, digest, resume, verbose, checkpoint, checkpoint_every)
+    stopped, message, in_step = "completed", "", False
     try:
-        for epoch in range(start + 1, config.epochs + 1):
-            lr = lr_at(config, epoch)
-            order = rng.permutation(n) if config.shuffle and steps_per_epoch > 1 else np.arange(n)
-            loss_sum, norm_sum, seen = 0.0, 0.0, 0
-            pnorm_sum = dict.fromkeys(names, 0.0)
-            for s in range(steps_per_epoch):
-                if stop is not None and stop.is_set():
-                    raise _Stopped
-                index = order[s * batch:(s + 1) * batch]
-                arrays = _rows(train_set, index) if steps_per_epoch > 1 else list(train_set.values())
-                value, grads = module.backward(params, *arrays)
-                sq = {k: float(np.vdot(g64, g64)) for k, g in grads.items()
-                      for g64 in [np.asarray(g, dtype=np.float64)]}
-                if not math.isfinite(value) or not all(math.isfinite(v) for v in sq.values()):
-                    bad = [k for k, v in sq.items() if not math.isfinite(v)]
-                    what = f"the loss is {value}" if not math.isfinite(value) else "a gradient is not finite"
-                    stopped = "diverged"
-                    message = (f"{what} at epoch {epoch}, step {s + 1}"
-                               + (f" (non-finite gradient of {', '.join(bad)})" if bad else "")
-                               + "; stopped and kept the last parameters with a finite loss. "
-                               "Try a lower learning rate, --clip, or check the data scale.")
-                    params = last_good
-                    raise StopIteration
-                last_good = _copy(params)
-                norm = math.sqrt(sum(sq.values()))
-                if config.clip is not None:
-                    grads, _ = clip(grads, config.clip)
-                step(params, grads, state, lr=lr)
-                loss_sum += value * len(index)
-                seen += len(index)
-                norm_sum += norm
-                for k, v in sq.items():
-                    pnorm_sum[k] += math.sqrt(v)
-                report.advance(1, f"epoch {epoch}/{config.epochs} loss {loss_sum / seen:.4g}")
-            history.epoch.append(epoch)
-            history.lr.append(lr)
-            history.train_loss.append(loss_sum / n)
-            history.grad_norm.append(norm_sum / steps_per_epoch)
-            for k in names:
-                history.param_grad_norms[k].append(pnorm_sum[k] / steps_per_epoch)
-            val = None
-            if val_set is not None:
-                ev = evaluate(module, params, val_set)
-                val = ev["loss"]
-                history.val_loss.append(val)
-                if ev["accuracy"] is not None:
-                    history.val_accuracy.append(ev["accuracy"])
-                if not math.isfinite(val):
-                    stopped = "diverged"
-                    message = (f"the validation loss is {val} at epoch {epoch}; stopped and kept the "
-                               "best parameters. Try a lower learning rate or --clip.")
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are handled
+            for epoch in range(run.start + 1, config.epochs + 1):
+                end = _epoch(run, epoch, stop, on_epoch)
+                if end is not None:
+                    stopped, message = end
                     break
-            history.seconds.append(time.monotonic() - t0)
-            _gradient_warnings(history, epoch, config, warn)
-            monitored = val if val is not None else history.train_loss[-1]
-            if monitored < best - config.min_delta:
-                best, best_epoch, since_best = monitored, epoch, 0
-                best_params = _copy(params)
-            else:
-                since_best += 1
-            if checkpoint_every:
-                snapshot = take_snapshot(epoch)
-                if epoch % checkpoint_every == 0 or epoch == config.epochs:
-                    written = save_snapshot()
-            if epoch % log_every == 0 or epoch == start + 1 or epoch == config.epochs:
-                report.log(_epoch_line(epoch, config.epochs, history, val_set is not None))
-            if config.patience and since_best >= config.patience and epoch < config.epochs:
-                stopped = "early_stopping"
-                message = (f"early stopping at epoch {epoch}: the {monitor} has not improved for "
-                           f"{config.patience} epochs (best {best:.6g} at epoch {best_epoch})")
-                break
-            if on_epoch is not None and on_epoch(epoch, history):
-                stopped, message = "early_stopping", f"stopped by the callback at epoch {epoch}"
-                break
-    except StopIteration:
-        pass
+    except _Diverged as e:
+        stopped, message, in_step = "diverged", str(e), e.in_step
     except (KeyboardInterrupt, _Stopped) as e:
         stopped = "interrupted"
         reason = getattr(stop, "reason", None) if isinstance(e, _Stopped) else None
-        message = (f"interrupted{f' by {reason}' if reason else ''} during epoch {epoch}; kept the best "
-                   "parameters so far" + (f" (epoch {best_epoch}, {monitor} {best:.6g})" if best_epoch else
-                                          " (no epoch completed: the last parameters with a finite loss)"))
+        message = (f"interrupted{f' by {reason}' if reason else ''} during epoch {run.epoch}; kept the best "
+                   "parameters so far" + (f" (epoch {run.best_epoch}, {run.monitor} {run.best:.6g})" if run.best_epoch
+                                          else " (no epoch completed: the last parameters with a finite loss)"))
     finally:
-        errstate.__exit__(None, None, None)
-        report.close()
-    if snapshot is not None and snapshot.epoch > written and stopped in ("interrupted", "early_stopping"):
-        save_snapshot()        # a stopped run can be resumed from its last complete epoch
+        run.report.close()
+    if run.snapshot is not None and run.snapshot.epoch > run.written and stopped in ("interrupted", "early_stopping"):
+        run.save_snapshot()        # a stopped run can be resumed from its last complete epoch
+    return _outcome(run, stopped, message, in_step)
 
-    if stopped == "diverged" and params is not last_good and best_params is not None:
-        params = best_params                      # a validation loss overflowed: keep the best
+
+class _Diverged(Exception):
+    """A NaN or Inf loss or gradient (``in_step``: at a step, so the last parameters with a
+    finite loss are kept) or validation loss (the best parameters are kept): the run stops."""
+
+    def __init__(self, message, in_step):
+        super().__init__(message)
+        self.in_step = in_step
+
+
+class _Run:
+    """The state of one run, which its steps and epochs update in place: parameters, optimizer
+    state, shuffling generator, history, the best epoch so far, warnings, the last snapshot."""
+
+    def __init__(self, module, config, train_set, val_set, params, digest, resume, verbose, checkpoint,
+                 checkpoint_every):
+        self.module, self.config, self.train_set, self.val_set = module, config, train_set, val_set
+        self.digest, self.checkpoint, self.checkpoint_every = digest, checkpoint, checkpoint_every
+        self.n = len(next(iter(train_set.values())))
+        self.batch = self.n if not config.batch_size else min(config.batch_size, self.n)
+        self.steps_per_epoch = -(-self.n // self.batch)
+        self.update = _step_function(config)
+        self.clip = update_steps().clip_grad_norm
+        self.rng = np.random.default_rng([config.seed, 2])
+        self.log_every = config.log_every or max(1, config.epochs // 10)
+        self.names = list(module.PARAMS)
+        self.history = History(param_grad_norms={k: [] for k in self.names})
+        self.start = 0
+        self.state = {}
+        self.best, self.best_epoch, self.best_params, self.since_best = math.inf, None, None, 0
+        self.warned, self.warnings = set(), []
+        if resume is not None:
+            self.start, self.history = resume.epoch, copy.deepcopy(resume.history)
+            self.state = copy.deepcopy(resume.state)
+            self.rng.bit_generator.state = resume.rng
+            self.best, self.best_epoch, self.since_best = resume.best, resume.best_epoch, resume.since_best
+            self.best_params = _copy(resume.best_params) if resume.best_params is not None else None
+            self.warned, self.warnings = set(resume.warned), list(resume.warnings)
+        self.report = _Reporter(verbose, (config.epochs - self.start) * self.steps_per_epoch)
+        dtype = _run_dtype(module, train_set)
+        self.params = _upcast(params, dtype, self.warn)
+        if resume is not None and self.best_params is not None:
+            self.best_params = _upcast(self.best_params, dtype, lambda *a: None)
+        self.snapshot, self.written = None, self.start  # the state at the end of the last epoch; the last epoch saved
+        self.last_good = _copy(self.params)
+        self.monitor = "validation loss" if val_set is not None else "training loss"
+        self.t0 = time.monotonic() - (self.history.seconds[-1] if self.history.seconds else 0.0)
+        self.epoch = self.start
+
+    def warn(self, key, text):
+        if key not in self.warned:
+            self.warned.add(key)
+            self.warnings.append(text)
+            self.report.warn(text)
+
+    def take_snapshot(self, epoch):
+        # copies: the next epoch updates params and state in place; the history only grows, so
+        # its first `epoch` entries are the snapshot's
+        return Checkpoint(epoch, _copy(self.params), copy.deepcopy(self.state), self.rng.bit_generator.state,
+                          self.best, self.best_epoch, self.best_params, self.since_best, None,
+                          sorted(self.warned, key=str), list(self.warnings),
+                          {f.name: getattr(self.config, f.name) for f in fields(self.config)}, self.digest)
+
+    def save_snapshot(self):
+        try:
+            # the history holds epochs 1, 2, ...: the snapshot's are its first snapshot.epoch entries
+            save_checkpoint(replace(self.snapshot, history=_history_upto(self.history, self.snapshot.epoch)),
+                            self.checkpoint)
+        except OSError as e:        # the run matters more than its checkpoint
+            self.warn(("checkpoint", str(e)), f"cannot write the checkpoint {self.checkpoint}: "
+                                              f"{e.strerror or e}; training continues")
+        self.written = self.snapshot.epoch
+
+
+def _step(run, index, lr, where):
+    """One mini-batch (``index``: its rows): loss and gradients, the finiteness check, clipping
+    and the update of ``run.params`` in place. Returns the loss and each gradient's squared
+    norm; raises _Diverged (the parameters untouched) when one of them is not finite."""
+    arrays = _rows(run.train_set, index) if run.steps_per_epoch > 1 else list(run.train_set.values())
+    value, grads = run.module.backward(run.params, *arrays)
+    sq = {k: float(np.vdot(g64, g64)) for k, g in grads.items() for g64 in [np.asarray(g, dtype=np.float64)]}
+    if not math.isfinite(value) or not all(math.isfinite(v) for v in sq.values()):
+        bad = [k for k, v in sq.items() if not math.isfinite(v)]
+        what = f"the loss is {value}" if not math.isfinite(value) else "a gradient is not finite"
+        raise _Diverged(f"{what} at {where}" + (f" (non-finite gradient of {', '.join(bad)})" if bad else "")
+                        + "; stopped and kept the last parameters with a finite loss. "
+                        "Try a lower learning rate, --clip, or check the data scale.", in_step=True)
+    run.last_good = _copy(run.params)
+    if run.config.clip is not None:
+        grads, _ = run.clip(grads, run.config.clip)
+    run.update(run.params, grads, run.state, lr=lr)
+    return value, sq
+
+
+def _epoch(run, epoch, stop, on_epoch):
+    """Epoch ``epoch``: its steps over the (shuffled) training set, then its record (history,
+    validation, warnings, best parameters, checkpoint, log line). Returns ``(stopped, message)``
+    when the run ends after it (early stopping, the callback), else None; raises _Diverged, and
+    _Stopped when ``stop`` is set before a step."""
+    config, history = run.config, run.history
+    run.epoch = epoch
+    lr = lr_at(config, epoch)
+    order = run.rng.permutation(run.n) if config.shuffle and run.steps_per_epoch > 1 else np.arange(run.n)
+    loss_sum, norm_sum, seen = 0.0, 0.0, 0
+    pnorm_sum = dict.fromkeys(run.names, 0.0)
+    for s in range(run.steps_per_epoch):
+        if stop is not None and stop.is_set():
+            raise _Stopped
+        index = order[s * run.batch:(s + 1) * run.batch]
+        value, sq = _step(run, index, lr, f"epoch {epoch}, step {s + 1}")
+        loss_sum += value * len(index)
+        seen += len(index)
+        norm_sum += math.sqrt(sum(sq.values()))
+        for k, v in sq.items():
+            pnorm_sum[k] += math.sqrt(v)
+        run.report.advance(1, f"epoch {epoch}/{config.epochs} loss {loss_sum / seen:.4g}")
+    history.epoch.append(epoch)
+    history.lr.append(lr)
+    history.train_loss.append(loss_sum / run.n)
+    history.grad_norm.append(norm_sum / run.steps_per_epoch)
+    for k in run.names:
+        history.param_grad_norms[k].append(pnorm_sum[k] / run.steps_per_epoch)
+    val = None
+    if run.val_set is not None:
+        ev = evaluate(run.module, run.params, run.val_set)
+        val = ev["loss"]
+        history.val_loss.append(val)
+        if ev["accuracy"] is not None:
+            history.val_accuracy.append(ev["accuracy"])
+        if not math.isfinite(val):
+            raise _Diverged(f"the validation loss is {val} at epoch {epoch}; stopped and kept the best "
+                            "parameters. Try a lower learning rate or --clip.", in_step=False)
+    history.seconds.append(time.monotonic() - run.t0)
+    _gradient_warnings(history, epoch, config, run.warn)
+    monitored = val if val is not None else history.train_loss[-1]
+    if monitored < run.best - config.min_delta:
+        run.best, run.best_epoch, run.since_best = monitored, epoch, 0
+        run.best_params = _copy(run.params)
+    else:
+        run.since_best += 1
+    if run.checkpoint_every:
+        run.snapshot = run.take_snapshot(epoch)
+        if epoch % run.checkpoint_every == 0 or epoch == config.epochs:
+            run.save_snapshot()
+    if epoch % run.log_every == 0 or epoch == run.start + 1 or epoch == config.epochs:
+        run.report.log(_epoch_line(epoch, config.epochs, history, run.val_set is not None))
+    if config.patience and run.since_best >= config.patience and epoch < config.epochs:
+        return "early_stopping", (f"early stopping at epoch {epoch}: the {run.monitor} has not improved for "
+                                  f"{config.patience} epochs (best {run.best:.6g} at epoch {run.best_epoch})")
+    if on_epoch is not None and on_epoch(epoch, history):
+        return "early_stopping", f"stopped by the callback at epoch {epoch}"
+    return None
+
+
+def _outcome(run, stopped, message, in_step):
+    """The TrainResult of a run that ended ``stopped``: the parameters to keep (see TrainResult),
+    the message, and the final loss and accuracy on the training and validation sets."""
+    params, best = run.params, run.best_params
+    if stopped == "diverged":
+        params = run.last_good if in_step else (best if best is not None else params)
     elif stopped == "interrupted":
-        params = best_params if best_params is not None else last_good
-    elif stopped == "early_stopping" or (stopped == "completed" and val_set is not None):
-        params = best_params if best_params is not None else params
+        params = best if best is not None else run.last_good
+    elif stopped == "early_stopping" or (stopped == "completed" and run.val_set is not None):
+        params = best if best is not None else params
     if stopped == "completed":
-        message = f"completed {config.epochs} epochs"
-        if val_set is not None:
-            message += f"; kept the parameters of epoch {best_epoch} (best validation loss {best:.6g})"
+        message = f"completed {run.config.epochs} epochs"
+        if run.val_set is not None:
+            message += f"; kept the parameters of epoch {run.best_epoch} (best validation loss {run.best:.6g})"
     final = {"train_loss": None, "train_accuracy": None, "val_loss": None, "val_accuracy": None}
     try:
-        ev = evaluate(module, params, train_set)
+        ev = evaluate(run.module, params, run.train_set)
         final["train_loss"], final["train_accuracy"] = ev["loss"], ev["accuracy"]
-        if val_set is not None:
-            ev = evaluate(module, params, val_set)
+        if run.val_set is not None:
+            ev = evaluate(run.module, params, run.val_set)
             final["val_loss"], final["val_accuracy"] = ev["loss"], ev["accuracy"]
     except KeyboardInterrupt:
         pass
-    return TrainResult(params, history, stopped, message, best_epoch, final, warnings_out)
+    return TrainResult(params, run.history, stopped, message, run.best_epoch, final, run.warnings)
 
 
 def _epoch_line(epoch, epochs, h, has_val):
