@@ -1,5 +1,5 @@
-"""Training with a generated module: ``loop`` (train, optimizers' schedule, checkpoints,
-``TrainConfig``), ``options`` (every option once, checked for specs and the CLI), ``data``
+"""Training with a generated module: ``loop`` (train, optimizers' schedule, checkpoints),
+``options`` (``TrainConfig``: every option once, for the library, specs and the CLI), ``data``
 (reading .npz/.csv) and ``plot`` (loss curves, decision boundaries).
 
 The names of ``loop`` are re-exported here (``from compiler.train import train, TrainConfig``),
