@@ -51,12 +51,23 @@ def lr_at(config, epoch):
 def update_steps():
     """The update steps of the generated modules (rendered from ``numpy_optim.py.j2``), as a
     namespace: ``sgd_step``, ``momentum_step``, ``adam_step``, ``clip_grad_norm``, ``grad_norm``."""
+    return _rendered("numpy_optim.py.j2", "bpc_update_steps")
+
+
+@functools.lru_cache(maxsize=None)
+def module_checks():
+    """The argument checks of the generated modules (rendered from ``_checks.py.j2``), as a
+    namespace: ``check_data`` judges class labels with the functions the modules call."""
+    return _rendered("_checks.py.j2", "bpc_module_checks")
+
+
+def _rendered(name, module_name):
     import types
+    from collections.abc import Mapping
 
     from compiler.backends.templates import render, template_dir
-    name = "numpy_optim.py.j2"
-    namespace = types.ModuleType("bpc_update_steps")
-    namespace.np = np
+    namespace = types.ModuleType(module_name)
+    namespace.np, namespace._Mapping = np, Mapping
     exec(compile(render(name), str(template_dir() / name), "exec"), namespace.__dict__)
     return namespace
 
@@ -143,18 +154,27 @@ def check_data(module, data, what="data"):
                 raise TrainError(f"{what}: array {name!r} holds NaN or Inf (first at sample {row}, "
                                  f"{int((~finite).sum())} sample(s) in all); clean the data first")
         if label:
-            if a.dtype.kind == "f":
-                if not np.all(a == np.round(a)):
-                    raise TrainError(f"{what}: target {name!r} holds class labels and must be integers")
-                a = a.astype(np.intp)
-            k = classes.get(name)
-            if a.size and (a.min() < 0 or (k is not None and a.max() >= k)):
-                raise TrainError(f"{what}: target {name!r} must hold labels in 0..{k - 1}, "
-                                 f"got {a.min()}..{a.max()}")
+            a = _labels(a, f"{what}: target {name!r}", classes.get(name))
         elif a.dtype.kind != "f":
             a = a.astype(np.float64)
         out[name] = a
     return out
+
+
+def _labels(a, name, classes):
+    """Class labels as an integer array, judged as the generated modules judge their arguments
+    (the same functions): floats holding integers are converted; anything else, or a label
+    outside 0..classes-1, is a TrainError. ``classes`` None (a module without CLASSES): >= 0."""
+    checks = module_checks()
+    bound = np.iinfo(np.int64).max if classes is None else classes
+    try:
+        if a.dtype.kind not in "iu":
+            a = checks._label_array(a, name, bound)
+        if a.size and (a.min() < 0 or a.max() >= bound):
+            raise checks._label_range(a, name, bound)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    return a
 
 
 def split(data, fraction, seed=0):
