@@ -3,7 +3,7 @@ range and, for the options ``bpc train`` takes on its command line, the flag's h
 
 One declaration serves every place an option can come from: a spec's ``[train]`` table (checked
 by the spec loader, so ``bpc compile``, ``show``, ``check`` and ``train`` all refuse a bad one),
-``bpc train``'s flags (built from these fields by ``add_flags``) and ``TrainConfig`` in the
+``bpc train``'s flags (built from these fields by ``add_flag``) and ``TrainConfig`` in the
 library (``TrainConfig.validate``). Pure Python, no numpy: the spec loader and ``bpc --help``
 import it (``compiler.train.loop`` re-exports ``TrainConfig``, ``TrainError`` and ``DEFAULT_LR``).
 """
@@ -60,7 +60,7 @@ class TrainConfig:
     optimizer: str = _option("adam", "choice", choices=OPTIMIZERS, help="default: {default}")
     lr: float | None = _option(      # None: 0.01 for SGD/momentum, 0.001 for Adam
         None, "float", 0, low_open=True, optional=True, metavar="LR",
-        help="learning rate (default: 0.001 for adam, 0.01 otherwise)")
+        help=f"learning rate (default: {DEFAULT_LR['adam']:g} for adam, {DEFAULT_LR['sgd']:g} otherwise)")
     epochs: int = _option(100, "int", 1, metavar="N", help="default: {default}")
     batch_size: int | None = _option(   # None or 0: the whole training set in one batch
         32, "int", 0, optional=True, metavar="N", help="default: {default}; 0 = the whole training set")
