@@ -1,5 +1,6 @@
 """Where bpc caches generated modules and C builds: the location, the fallback when it cannot be
-written, checksums of built files, and the removal of builds that were interrupted.
+written, checksums of built files, the removal of builds that were interrupted, and the import
+of a generated module by its path.
 
 The location is ``$BPC_CACHE`` if set, else the platform's cache directory plus ``bpc``:
 ``$XDG_CACHE_HOME/bpc`` (default ``~/.cache/bpc``) on Linux and other Unix systems,
@@ -11,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -169,3 +171,18 @@ def remove_stale_builds(root):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(entry.name)
     return sorted(removed)
+
+
+def load_module(path, name=None):
+    """Import a generated module from a file path (a fresh module object each call)."""
+    path = Path(path)
+    name = name or "bpc_" + path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module

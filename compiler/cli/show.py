@@ -43,7 +43,7 @@ def _rows(rows, indent="  "):
 
 def _text(compiled, grads, whole):
     from compiler.core.ir import format_shape
-    from compiler.backends.numpy.statements import Formulas
+    from compiler.core.formulas import Formulas
     program, model = compiled.program, compiled.model
     fm = Formulas(program)
     out = []
@@ -98,7 +98,7 @@ def _stats(stats):
 
 def _latex(compiled, grads, whole):
     from compiler.core.ir import format_shape
-    from compiler.backends.numpy.statements import Formulas
+    from compiler.core.formulas import Formulas
     fm = Formulas(compiled.program)
     out = [latex_comment(_title(compiled.model)), ""]
     for p, g in grads:
@@ -117,7 +117,7 @@ def _latex(compiled, grads, whole):
 def _dot(compiled, grads, whole):
     """The forward (blue) and backward (orange) graph; leaves grey/yellow; gradients doubled."""
     from compiler.core.ir import format_shape, topo_order
-    from compiler.backends.numpy.statements import Formulas
+    from compiler.core.formulas import Formulas
     program = compiled.program
     fm = Formulas(program)
     outputs = [g for _, g in grads if g is not None]

@@ -42,12 +42,12 @@ from compiler import __version__
 from compiler.core import ir
 from compiler.backends import cache as _cache
 from compiler.backends.c.printer import PRINTERS, print_c
-from compiler.backends.numpy.module import _init_line, _prediction_doc, cache_dir, compile_model, load_module, statement, write_atomic
+from compiler.backends.cache import cache_dir, load_module
+from compiler.backends.lowering import lower, shape_code, statement
 from compiler.errors import BpcError, ModelError, UnsupportedError
+from compiler.files import write_atomic
 from compiler.freetext import c_comment
 from compiler.core.ir import ARG, N
-from compiler.backends.numpy.statements import Formulas
-from compiler.core.ir import format_shape as shape_code
 from compiler.backends.templates import render
 
 CFLAGS = ("-O3", "-fno-math-errno", "-fPIC")   # never -ffast-math: it breaks inf/nan handling
@@ -107,17 +107,34 @@ class CStatements:
         self.fs = self.printer.fsuffix
         self.cnames = cnames
         self.helpers = set()
-        self.locals = set()          # uids of scalar nodes held in local variables
+        self.begin_function((), {})
+
+    def begin_function(self, nodes, direct):
+        """Start the statements of one function computing ``nodes`` (in order); ``direct``: uids
+        of values written straight into an output array."""
+        self.locals = {n.uid for n in nodes if n.shape == ()}    # scalars held in local variables
+        # reshapes that are pointers to their input's data
+        self.aliases = {n.uid for n in nodes if n.op == "reshape" and n.shape != ()
+                        and n.inputs[0].uid not in self.locals and n.inputs[0].uid not in self.p.inline
+                        and n.uid not in direct}
+        self.used = set()        # C names the statements refer to (which params to bind, which args are unused)
+        self.uses_nf = False     # whether they use the batch size as a floating value (_nf)
 
     def lit(self, value):
         return self.printer({})._lit(value)
 
-    def name(self, node):
-        return self.cnames[node.uid]
+    def name(self, node, use=True):
+        """The C name of ``node``; ``use``: the code being written refers to it."""
+        cname = self.cnames[node.uid]
+        if use:
+            self.used.add(cname)
+        return cname
 
     def expr(self, e, symbols):
         code, helpers = print_c(e, symbols, self.dtype)
         self.helpers |= helpers
+        if N in e.free_symbols:
+            self.uses_nf = True      # the printer writes the batch size as _nf
         return code
 
     # -- operands -------------------------------------------------------------------------
@@ -413,23 +430,28 @@ def compile_model_c(model, dtype="float64", prefix=None):
     dtype = str(getattr(dtype, "__name__", dtype))
     if dtype not in PRINTERS:
         raise ModelError(f"the C backend needs dtype float32 or float64, not {dtype!r}")
-    prefix = prefix or model.name
+    _check_prefix(prefix or model.name)
+    return render_c(lower(model, dtype), prefix)
+
+
+def _check_prefix(prefix):
     # the prefix only ever starts longer names (<prefix>_forward, <P>_OK, ...), so C keywords and
     # macros are fine; no leading underscore (reserved in C), ASCII only
     if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", prefix):
         raise ModelError(f"C prefix {prefix!r} is not a usable C identifier (a letter, then letters, "
                          "digits or underscores)")
-    compiled = compile_model(model, dtype)
-    program = compiled.program
-    fm = Formulas(program)
+
+
+def render_c(lowered, prefix=None):
+    """The C source, header and wrapper of a Lowered model (a CompiledC)."""
+    model, program, dtype, iface = lowered.model, lowered.program, lowered.dtype, lowered.interface
+    if dtype not in PRINTERS:
+        raise ModelError(f"the C backend needs dtype float32 or float64, not {dtype!r}")
+    prefix = prefix or model.name
+    _check_prefix(prefix)
     cnames = _c_names(program)
     real = PRINTERS[dtype].real
     P = prefix.upper()
-
-    classes = {}
-    for node in (*program.loss_nodes, *program.backward_nodes):
-        if node.op == "xent":
-            classes[node.inputs[2].uid] = int(node.inputs[0].shape[1])
 
     params = []
     offset = 0
@@ -440,45 +462,100 @@ def compile_model_c(model, dtype="float64", prefix=None):
         offset += size
     n_params = offset
 
-    def arg_list(leaves):
+    data, targets = list(model.inputs), list(model.targets)
+    st = CStatements(program, dtype, cnames)
+    writer = _CFunctions(lowered, st, params)
+
+    pred = program.prediction
+    pred_dest = [(pred, "ptr" if pred.shape != () else "scalar", "out" if pred.shape != () else "out[0]")]
+    loss_dest = [(program.loss, "scalar", "*loss")]
+    grad_dest = []
+    info_of = {q["name"]: q for q in params}
+    for p, g in program.grads:
+        info = info_of[p.name]
+        dest = f"grads + {info['offset']}" if p.shape != () else f"grads[{info['offset']}]"
+        grad_dest.append((g, "ptr" if p.shape != () else "scalar", dest, info))
+    zero_grads = [info for g, _, _, info in grad_dest if g is None]
+    functions = [
+        writer.function("forward", data, program.forward_nodes, pred_dest),
+        writer.function("loss", data + targets, program.loss_nodes, loss_dest),
+        writer.function("backward", data + targets, program.backward_nodes,
+                        loss_dest + [(g, k, d) for g, k, d, _ in grad_dest if g is not None], zero_grads),
+    ]
+    work_a = max(f["work"][0] for f in functions)
+    work_b = max(f["work"][1] for f in functions)
+
+    formulas, latex = lowered.formulas, lowered.latex
+    common = dict(
+        stack_work_bytes=STACK_WORK_BYTES,
+        model_name=model.name, version=__version__, source=model.source, source_hash=lowered.source_hash,
+        description=model.description, prefix=prefix, P=P, real=real, dtype=dtype, fs=st.fs,
+        params=params, n_params=n_params, inputs=writer.arg_list(data), targets=writer.arg_list(targets),
+        functions=functions, zero_grads=zero_grads, work_a=work_a, work_b=work_b,
+        pred_size=_size_code(pred.shape), pred_shape_doc=shape_code(pred.shape),
+        pred_per_sample=tuple(int(d) for d in (pred.shape[1:] if ir.is_batch(pred.shape) else pred.shape)), pred_batched=ir.is_batch(pred.shape),
+        helpers=sorted(st.helpers), prediction_doc=iface.prediction_doc,
+        formulas=[(p["name"], formulas[p["name"]]) for p in params],
+    )
+    header = render("c_model.h.j2", **common)
+    c_source = render("c_model.c.j2", **common)
+    cdef = _cdef(common)
+    ext_source = _ext_source(common)
+    hash_ = _hash(c_source, header, cdef, ext_source)
+    ext_name = f"_bpc_{prefix}_{hash_[:16]}"
+    wrapper = render(
+        "c_wrapper.py.j2", **common, ext_name=ext_name, cdef=cdef, init_lines=list(lowered.init_lines),
+        cflags=list(CFLAGS), ext_source=ext_source, stack_batch=_stack_batch(work_a, work_b, dtype),
+        inputs_shapes=iface.inputs_shapes, targets_shapes=iface.targets_shapes,
+        target_kinds=iface.target_kinds, classes=iface.classes, params_shapes=iface.params_shapes,
+        data_args=iface.data_args, all_args=iface.all_args,
+    )
+    return CompiledC(model, program, dtype, prefix, c_source, header, wrapper, cdef, formulas, latex,
+                     lowered.source_hash, ext_source)
+
+
+class _CFunctions:
+    """Writes the C entry points of one model (the template context of each function)."""
+
+    def __init__(self, lowered, st, params):
+        self.lowered, self.st, self.params = lowered, st, params
+        self.program = lowered.program
+        self.real = st.real
+
+    def arg_list(self, leaves):
         out = []
         for x in leaves:
-            ctype = "int64_t" if x.attr("kind") == "label" else real
-            out.append({"name": x.name, "cname": cnames[x.uid], "ctype": ctype,
-                        "label": x.attr("kind") == "label", "classes": classes.get(x.uid),
+            ctype = "int64_t" if x.attr("kind") == "label" else self.real
+            out.append({"name": x.name, "cname": self.st.name(x, use=False), "ctype": ctype,
+                        "label": x.attr("kind") == "label", "classes": self.lowered.classes.get(x.uid),
                         "per_sample": tuple(int(d) for d in x.shape[1:]),
                         "size": _size_code(x.shape), "shape_doc": shape_code(x.shape)})
         return out
 
-    data, targets = list(model.inputs), list(model.targets)
-    st = CStatements(program, dtype, cnames)
-
-    def function(fname, leaves, nodes, outputs):
+    def function(self, fname, leaves, nodes, outputs, zero_grads=()):
         """outputs: list of (node, destination kind, C destination) where kind is 'ptr'
         (a non-scalar output array), or 'scalar' (written as ``dest = value``)."""
+        st, real, fm = self.st, self.real, self.lowered.lines
         scheduled = {n.uid for n in nodes}
         direct = {}
         for node, kind, dest in outputs:
             if kind == "ptr" and node.uid in scheduled and node.op != "reshape" and node.uid not in direct \
                     and node.shape != ():
                 direct[node.uid] = dest
-        st.locals = {n.uid for n in nodes if n.shape == ()}
-        st.aliases = {n.uid for n in nodes if n.op == "reshape" and n.shape != ()
-                      and n.inputs[0].uid not in st.locals and n.inputs[0].uid not in program.inline
-                      and n.uid not in direct}
+        st.begin_function(nodes, direct)
         decls, work_a, work_b = [], 0, 0
         for node, kind, dest in outputs:
             if node.uid in direct and direct[node.uid] == dest:
-                decls.append(f"{real} *const {cnames[node.uid]} = {dest};  /* {shape_code(node.shape)}, output */")
+                decls.append(f"{real} *const {st.name(node, use=False)} = {dest};  /* {shape_code(node.shape)}, output */")
         for n in nodes:
             if n.uid in st.locals or n.uid in direct or n.uid in st.aliases:
                 if n.uid in st.locals:
-                    decls.append(f"{real} {cnames[n.uid]};")
+                    decls.append(f"{real} {st.name(n, use=False)};")
                 continue
             a, b = _size_coeffs(n.shape)
             off = " + ".join(t for t in ([f"{work_a}*n" if work_a != 1 else "n"] if work_a else [])
                              + ([str(work_b)] if work_b else [])) or "0"
-            decls.append(f"{real} *const {cnames[n.uid]} = _work + {off};  /* {shape_code(n.shape)} */")
+            decls.append(f"{real} *const {st.name(n, use=False)} = _work + {off};  /* {shape_code(n.shape)} */")
             work_a += a
             work_b += b
         body = []
@@ -494,81 +571,23 @@ def compile_model_c(model, dtype="float64", prefix=None):
                 tail.append(f"{dest} = {st.elem(node, ['0'] * len(node.shape)) if node.shape else _scalar(st, node)};")
             else:
                 tail.extend(_copy_out(st, node, dest))
-        # the identifiers of the body, once: a regex search per parameter is quadratic
-        words = set(re.findall(r"\w+", "\n".join(body + tail)))
-
-        def used(cname):
-            return cname in words
-
+        # what the statements referred to, as the emitter recorded it (no search of the text)
+        used = st.used
         param_decls = [f"const {real} *const {p['cname']} = params + {p['offset']};  /* {p['shape_code']} */"
-                       for p in params if used(p["cname"])]
-        labels = [x for x in arg_list(leaves) if x["label"]]
-        uses_nf = any(re.search(r"\b_nf\b", line) for line in body + tail)
-        args = arg_list(leaves)
-        unused = [x["cname"] for x in args if not used(x["cname"])]
+                       for p in self.params if p["cname"] in used]
+        args = self.arg_list(leaves)
+        labels = [x for x in args if x["label"]]
+        unused = [x["cname"] for x in args if x["cname"] not in used]
         if not param_decls:
             unused.insert(0, "params")
-        if fname == "backward":
-            for info in zero_grads:
-                tail.append(f"for (size_t _i = 0; _i < {info['size']}; _i++) grads[{info['offset']} + _i] = {st.lit(0)};"
-                            f"  /* d{info['name']} = 0: the loss does not depend on {info['name']} */")
+        for info in zero_grads:
+            tail.append(f"for (size_t _i = 0; _i < {info['size']}; _i++) grads[{info['offset']} + _i] = {st.lit(0)};"
+                        f"  /* d{info['name']} = 0: the loss does not depend on {info['name']} */")
         fn = {"name": fname, "leaves": args}
         return {"name": fname, "leaves": args, "decls": param_decls + decls, "unused": unused,
                 "proto": _proto_args(fn, real), "definition": _proto_args(fn, real, "restrict "),
                 "body": body, "tail": tail, "work": (work_a, work_b), "labels": labels,
-                "uses_nf": uses_nf, "needs_batch": fname != "forward"}
-
-    pred = program.prediction
-    pred_dest = [(pred, "ptr" if pred.shape != () else "scalar", "out" if pred.shape != () else "out[0]")]
-    loss_dest = [(program.loss, "scalar", "*loss")]
-    grad_dest = []
-    info_of = {q["name"]: q for q in params}
-    for p, g in program.grads:
-        info = info_of[p.name]
-        dest = f"grads + {info['offset']}" if p.shape != () else f"grads[{info['offset']}]"
-        grad_dest.append((g, "ptr" if p.shape != () else "scalar", dest, info))
-    zero_grads = [info for g, _, _, info in grad_dest if g is None]
-    functions = [
-        function("forward", data, program.forward_nodes, pred_dest),
-        function("loss", data + targets, program.loss_nodes, loss_dest),
-        function("backward", data + targets, program.backward_nodes,
-                 loss_dest + [(g, k, d) for g, k, d, _ in grad_dest if g is not None]),
-    ]
-    work_a = max(f["work"][0] for f in functions)
-    work_b = max(f["work"][1] for f in functions)
-
-    formulas, latex = compiled.formulas, compiled.latex
-    pred_shape = [d for d in pred.shape]
-    common = dict(
-        stack_work_bytes=STACK_WORK_BYTES,
-        model_name=model.name, version=__version__, source=model.source, source_hash=compiled.source_hash,
-        description=model.description, prefix=prefix, P=P, real=real, dtype=dtype, fs=st.fs,
-        params=params, n_params=n_params, inputs=arg_list(data), targets=arg_list(targets),
-        functions=functions, zero_grads=zero_grads, work_a=work_a, work_b=work_b,
-        pred_size=_size_code(pred.shape), pred_shape_doc=shape_code(pred.shape),
-        pred_per_sample=tuple(int(d) for d in (pred.shape[1:] if ir.is_batch(pred.shape) else pred.shape)), pred_batched=ir.is_batch(pred.shape),
-        helpers=sorted(st.helpers), prediction_doc=_prediction_doc(model),
-        formulas=[(p["name"], formulas[p["name"]]) for p in params],
-    )
-    header = render("c_model.h.j2", **common)
-    c_source = render("c_model.c.j2", **common)
-    cdef = _cdef(common)
-    ext_source = _ext_source(common)
-    hash_ = _hash(c_source, header, cdef, ext_source)
-    ext_name = f"_bpc_{prefix}_{hash_[:16]}"
-    inits = [_init_line(p.name, p.shape, model.init[p.name]) for p in model.params]
-    wrapper = render(
-        "c_wrapper.py.j2", **common, ext_name=ext_name, cdef=cdef, init_lines=inits,
-        cflags=list(CFLAGS), ext_source=ext_source, stack_batch=_stack_batch(work_a, work_b, dtype),
-        inputs_shapes=_dict_code({x.name: shape_code(x.shape[1:]) for x in data}),
-        targets_shapes=_dict_code({x.name: shape_code(x.shape[1:]) for x in targets}),
-        target_kinds=_dict_code({x.name: repr(x.attr("kind")) for x in targets}),
-        classes=_dict_code({x.name: str(classes[x.uid]) for x in targets if x.uid in classes}),
-        params_shapes=_dict_code({p["name"]: p["shape_code"] for p in params}),
-        data_args=", ".join(x.name for x in data), all_args=", ".join(x.name for x in data + targets),
-    )
-    return CompiledC(model, program, dtype, prefix, c_source, header, wrapper, cdef, formulas, latex,
-                     compiled.source_hash, ext_source)
+                "uses_nf": st.uses_nf, "needs_batch": fname != "forward"}
 
 
 def _scalar(st, node):

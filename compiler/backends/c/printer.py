@@ -15,7 +15,7 @@ from sympy.printing.str import StrPrinter
 
 from compiler.errors import UnsupportedError
 from compiler.core.ir import N
-from compiler.backends.numpy.printer import numeric_constants_to_floats
+from compiler.backends.constants import numeric_constants_to_floats
 
 
 class CPrinter(StrPrinter):

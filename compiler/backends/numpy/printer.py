@@ -1,4 +1,4 @@
-"""Printers of scalar expressions: NumPy code, plain-text formulas and LaTeX.
+"""The NumPy printer of scalar expressions (formulas in text and LaTeX: compiler.core.formulas).
 
 The code printer is strict: a function it does not know raises UnsupportedError instead of
 emitting something that fails at run time. Small integer powers are expanded into products
@@ -7,41 +7,14 @@ constant is printed as a Python float literal, which keeps float32 arrays float3
 """
 from __future__ import annotations
 
-import re
-
 import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.str import StrPrinter
 
 from compiler.errors import UnsupportedError
-from compiler.core.functions import float64_problem, float64_value, relu, show_constant, sigmoid, softplus, step
+from compiler.backends.constants import numeric_constants_to_floats
+from compiler.core.functions import relu, sigmoid, softplus, step
 from compiler.core.ir import N
-
-
-def numeric_constants_to_floats(expr):
-    """Replace irrational numeric subexpressions (pi, sqrt(2), ...) by Float values.
-
-    Every constant must have a float64 value: one beyond its range (a derivative or a fusion
-    can multiply two large constants of a valid model) raises UnsupportedError, where printing
-    it would give ``inf`` (a NameError in Python, an infinite loss in C) or a silent 0.
-    """
-    if isinstance(expr, (sp.Integer, sp.Rational, sp.Float)):
-        if float64_value(expr) is None:
-            raise UnsupportedError(f"the constant {show_constant(expr)} {float64_problem(expr)}")
-        if isinstance(expr, sp.Rational) and not isinstance(expr, sp.Integer) \
-                and (float64_value(sp.Integer(expr.p)) is None or float64_value(sp.Integer(expr.q)) is None):
-            return sp.Float(expr, 17)   # a tiny fraction: its numerator or denominator alone overflows
-        return expr
-    if expr.is_number:
-        value = expr.evalf(17)
-        if not value.is_real:
-            raise UnsupportedError(f"the constant {expr} is not a real number")
-        if value.is_infinite or value == sp.nan or float64_value(value) is None:
-            raise UnsupportedError(f"the constant {show_constant(expr)} {float64_problem(value)}")
-        return sp.Float(value, 17)
-    if not expr.args:
-        return expr
-    return expr.func(*[numeric_constants_to_floats(a) for a in expr.args])
 
 
 class NumpyPrinter(StrPrinter):
@@ -172,41 +145,4 @@ def print_numpy(expr, symbols):
     return p.doprint(expr), p.helpers
 
 
-class FormulaPrinter(StrPrinter):
-    """Plain-text math, with symbols shown by name."""
-
-    def __init__(self, symbols):
-        super().__init__()
-        self.symbols = symbols
-
-    def _print_Symbol(self, s):
-        return "n" if s == N else self.symbols.get(s, s.name)
-
-
-def print_formula(expr, symbols):
-    expr, table = _named(expr, symbols)
-    return FormulaPrinter(table).doprint(expr)
-
-
-def latex_name(name):
-    """``dZ2`` -> ``dZ_{2}``, ``W_hidden`` -> ``W_{hidden}``."""
-    m = re.match(r"^(.*?)(\d+)$", name)
-    if m and m.group(1):
-        return f"{_latex_word(m.group(1))}_{{{m.group(2)}}}"
-    if "_" in name:
-        head, tail = name.split("_", 1)
-        return f"{_latex_word(head)}_{{{_latex_word(tail)}}}"
-    return _latex_word(name)
-
-
-def _latex_word(w):
-    w = w.replace("_", r"\_")
-    return w if len(w) == 1 else r"\mathrm{" + w + "}"
-
-
-def print_latex(expr, symbols):
-    """LaTeX of ``expr``; ``symbols`` maps each symbol to its LaTeX text."""
-    return sp.latex(expr, symbol_names={**symbols, N: "n"})
-
-
-__all__ = ["print_numpy", "print_formula", "print_latex", "latex_name", "relu", "sigmoid", "softplus", "step"]
+__all__ = ["print_numpy", "relu", "sigmoid", "softplus", "step"]

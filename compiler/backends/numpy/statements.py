@@ -13,7 +13,8 @@ from compiler.core import ir
 from compiler.core.ir import ARG, N
 from compiler.core.ir import format_shape as shape_code
 from compiler.core.simplify import use_counts
-from compiler.backends.numpy.printer import NumpyPrinter, numeric_constants_to_floats, print_formula, print_latex, print_numpy, latex_name
+from compiler.backends.constants import numeric_constants_to_floats
+from compiler.backends.numpy.printer import NumpyPrinter, print_numpy
 
 
 def _per_sample_size(shape):
@@ -473,102 +474,3 @@ class InPlace:
 
 class _Plain(Exception):
     """Raised while lowering when the plain one-line form is the better choice."""
-
-
-# ---- formulas (text and LaTeX), shared by comments, FORMULAS and `show` ----------------------
-
-class Formulas:
-    """Readable right-hand sides of each scheduled node, in text and LaTeX."""
-
-    def __init__(self, program):
-        self.p = program
-        self._lines = {}
-        self._forward = None
-
-    def _name(self, node, latex):
-        n = self.p.names[node.uid]
-        return latex_name(n) if latex else n
-
-    def operand(self, node, latex=False, bare=False):
-        if node.uid in self.p.inline:
-            rhs = self.rhs(node, latex)
-            if bare or not node.inputs:
-                return rhs
-            return r"\left(" + rhs + r"\right)" if latex else "(" + rhs + ")"
-        return self._name(node, latex)
-
-    def rhs(self, node, latex=False):
-        op = node.op
-        ins = node.inputs
-        if op == "ew":
-            symbols = {ARG[i]: self._sym(inp, latex) for i, inp in enumerate(ins)}
-            expr = sp.factor_terms(node.attr("expr"))
-            return print_latex(expr, symbols) if latex else print_formula(expr, symbols)
-        a = [self.operand(i, latex, bare=op in ("sum", "mean")) for i in ins]
-        if op == "matmul":
-            ta, tb = node.attr("ta"), node.attr("tb")
-            if latex:
-                t = "^{\\top}"
-                return f"{a[0]}{t if ta else ''} {a[1]}{t if tb else ''}"
-            return f"{a[0]}{'.T' if ta else ''} @ {a[1]}{'.T' if tb else ''}"
-        if op == "transpose":
-            return f"{a[0]}^{{\\top}}" if latex else f"{a[0]}.T"
-        if op == "reshape":
-            return a[0] if latex else f"reshape({a[0]}, {shape_code(node.shape)})"
-        if op == "sum":
-            axes = node.attr("axes")
-            if len(axes) == len(ins[0].shape):
-                return rf"\sum {a[0]}" if latex else f"sum({a[0]})"
-            return (rf"\sum_{{\mathrm{{axis}}\,{','.join(map(str, axes))}}} {a[0]}" if latex
-                    else f"sum({a[0]}, axis={axes[0] if len(axes) == 1 else axes})")
-        if op == "mean":
-            return rf"\operatorname{{mean}}\left({a[0]}\right)" if latex else f"mean({a[0]})"
-        if op == "lse":
-            return rf"\operatorname{{logsumexp}}\left({a[0]}\right)" if latex else f"logsumexp({a[0]}, axis=1)"
-        if op == "softmax":
-            return rf"\operatorname{{softmax}}\left({a[0]}\right)" if latex else f"softmax({a[0]})"
-        if op == "xent":
-            if node.attr("kind") == "label":
-                return f"{a[1]} - {a[0]}_{{{a[2]}}}" if latex else f"{a[1]} - {a[0]}[{a[2]}]"
-            return (rf"{a[1]} - \sum_j {a[2]} \odot {a[0]}" if latex else f"{a[1]} - sum({a[2]}*{a[0]}, axis=1)")
-        if op == "xent_grad":
-            y = a[2] if node.attr("kind") != "label" else (
-                rf"\operatorname{{onehot}}\left({a[2]}\right)" if latex else f"onehot({a[2]})")
-            g = ins[3]
-            if latex:
-                core = rf"\left(\operatorname{{softmax}}\left({a[0]}\right) - {y}\right)"
-            else:
-                core = f"(softmax({a[0]}) - {y})"
-            if g.uid in self.p.inline and not g.inputs:
-                val = g.attr("expr")
-                if val == 1:
-                    return core
-                inv = 1 / val
-                if inv.is_Symbol or inv.is_Integer or inv.is_Mul:
-                    return rf"\frac{{{core}}}{{{sp.latex(inv)}}}" if latex else f"{core}/{inv}"
-                return f"{sp.latex(val)} {core}" if latex else f"{core}*{val}"
-            return rf"{core} \odot {a[3]}" if latex else f"{core}*{a[3]}[:, None]"
-        raise KeyError(op)
-
-    def _sym(self, node, latex):
-        if node.uid in self.p.inline:
-            return self.operand(node, latex)
-        return self._name(node, latex)
-
-    def line(self, node, latex=False):
-        # memoised: the chains of a deep network share most of their lines (linear compile time)
-        key = (node.uid, latex)
-        text = self._lines.get(key)
-        if text is None:
-            text = self._lines[key] = f"{self._name(node, latex)} = {self.rhs(node, latex)}"
-        return text
-
-    def chain(self, grad, latex=False):
-        """The backward statements ``grad`` depends on, in order, as formulas."""
-        # loss() values hold no backward statement: not walking them keeps each chain's cost
-        # to its own length (a walk of the whole graph per parameter is quadratic)
-        if self._forward is None:
-            self._forward = frozenset(n.uid for n in ir.topo_order([self.p.loss]))
-        nodes = [n for n in ir.topo_order([grad], stop=self._forward)
-                 if n.uid in self.p.backward_only and n.uid not in self.p.inline]
-        return [self.line(n, latex) for n in nodes]

@@ -1,0 +1,181 @@
+"""The backend-neutral half of a compile: everything every backend renders from.
+
+``lower(model, dtype)`` builds the Program once and derives from it what does not depend on
+the target language: the gradient formulas (text and LaTeX), the content hash, the generated
+module's Python interface (PARAMS, INPUTS, TARGETS, TARGET_KINDS, CLASSES, LOSS, the argument
+lists, the prediction's description) and the ``init_params`` code. Every backend is a renderer
+of the resulting ``Lowered`` (see ``compiler.backends.registry``); none runs another.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import sympy as sp
+
+from compiler import __version__
+from compiler.backends.constants import numeric_constants_to_floats
+from compiler.core import ir
+from compiler.core.formulas import Formulas
+from compiler.core.program import build_program
+from compiler.errors import ModelError, UnsupportedError
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+_INIT_DOCS = {"zeros": "zero biases", "value": "declared values", "glorot": "Glorot-uniform weights",
+              "he": "He-normal weights"}
+
+
+@dataclass(frozen=True)
+class Interface:
+    """The generated module's Python-level interface, as Python code and text (the NumPy module
+    and the C target's wrapper are both Python modules with this interface)."""
+
+    params_shapes: str       # PARAMS
+    inputs_shapes: str       # INPUTS
+    targets_shapes: str      # TARGETS
+    target_kinds: str        # TARGET_KINDS
+    classes: str             # CLASSES
+    loss_kind: str           # LOSS
+    prediction_doc: str
+    data_args: str           # "x"
+    all_args: str            # "x, y"
+    has_labels: bool
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """A model lowered for rendering: its Program plus what every backend shares."""
+
+    model: object
+    program: object
+    dtype: object            # None, "float32" or "float64"
+    formulas: dict           # param -> gradient formula chain, text
+    latex: dict              # param -> gradient formula chain, LaTeX
+    source_hash: str
+    classes: dict            # target uid -> number of classes (targets of softmax losses)
+    interface: Interface
+    init_lines: tuple        # the body of init_params (Python, NumPy)
+    init_doc: str
+    lines: Formulas          # the formula of each scheduled value (generated code's comments)
+
+
+def lower(model, dtype=None):
+    """Lower ``model`` for a backend. ``dtype`` is already a name (None, "float32", "float64");
+    each backend checks which it supports."""
+    program = build_program(model)
+    fm = Formulas(program)
+    if dtype == "float32":
+        _check_float32_constants(program, fm)
+
+    classes = {}
+    for node in (*program.loss_nodes, *program.backward_nodes):
+        if node.op == "xent":
+            classes[node.inputs[2].uid] = int(node.inputs[0].shape[1])
+
+    formulas, latex = {}, {}
+    for p, g in program.grads:
+        if g is None:
+            formulas[p.name] = latex[p.name] = "0"
+        else:
+            formulas[p.name] = "; ".join(fm.chain(g)) or fm.line(g)
+            latex[p.name] = r" \\ ".join(fm.chain(g, latex=True)) or fm.line(g, latex=True)
+
+    data, targets = list(model.inputs), list(model.targets)
+    interface = Interface(
+        params_shapes=_dict_code({p.name: shape_code(p.shape) for p in model.params}),
+        inputs_shapes=_dict_code({x.name: shape_code(per_sample(x)) for x in data}),
+        targets_shapes=_dict_code({x.name: shape_code(per_sample(x)) for x in targets}),
+        target_kinds=_dict_code({x.name: repr(x.attr("kind")) for x in targets}),
+        classes=_dict_code({x.name: str(classes[x.uid]) for x in targets if x.uid in classes}),
+        loss_kind=model.loss_kind,
+        prediction_doc=prediction_doc(model),
+        data_args=", ".join(x.name for x in data),
+        all_args=", ".join(x.name for x in data + targets),
+        has_labels=any(x.attr("kind") == "label" for x in targets),
+    )
+    schemes = sorted({model.init[p.name][0] for p in model.params})
+    init_doc = ", ".join(_INIT_DOCS[s] for s in schemes) or "none"
+    inits = tuple(init_line(p.name, p.shape, model.init[p.name]) for p in model.params)
+    return Lowered(model, program, dtype, formulas, latex, model_hash(model, dtype), classes, interface,
+                   inits, init_doc, fm)
+
+
+def shape_code(shape):
+    """Python code of a shape (the batch axis is ``n``)."""
+    return ir.format_shape(shape)
+
+
+def per_sample(node):
+    return tuple(node.shape[1:])
+
+
+def model_hash(model, dtype):
+    h = hashlib.sha256()
+    # the spec's text, not its path: the same model hashes the same wherever it is compiled from
+    for part in (__version__, model.name, str(dtype), model.source_text, model.loss_kind,
+                 model.prediction.digest, model.loss.digest,
+                 repr(sorted(model.init.items())), repr(sorted(model.names.items())),
+                 repr([n.name for n in (*model.inputs, *model.targets, *model.params)])):
+        h.update(part.encode())
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def init_line(name, shape, init):
+    kind = init[0]
+    target = f"params[{name!r}]"
+    if kind == "zeros":
+        return f"{target} = np.zeros({shape_code(shape)}, dtype=dtype)"
+    if kind == "value":
+        if shape:
+            return f"{target} = np.full({shape_code(shape)}, {float(init[1])!r}, dtype=dtype)"
+        return f"{target} = np.asarray({float(init[1])!r}, dtype=dtype)"
+    if kind == "glorot":
+        lim = math.sqrt(6.0 / (int(init[1]) + int(init[2])))
+        return f"{target} = rng.uniform(-{lim!r}, {lim!r}, size={shape_code(shape)}).astype(dtype)"
+    if kind == "he":
+        std = math.sqrt(2.0 / int(init[1]))
+        return f"{target} = rng.normal(0.0, {std!r}, size={shape_code(shape)}).astype(dtype)"
+    raise ModelError(f"unknown initialisation {init!r} for parameter {name!r}")
+
+
+def prediction_doc(model):
+    if model.loss_kind == "softmax_cross_entropy":
+        return "class probabilities (softmax of the logits), shape (batch, classes)"
+    if model.loss_kind == "bce_with_logits":
+        return "probabilities (sigmoid of the logits)"
+    return "the model output, shape (batch,) + per-sample output shape"
+
+
+def _check_float32_constants(program, fm):
+    """A module compiled for float32 computes in float32: a larger literal becomes inf.
+    (Modules that follow the inputs' dtype cannot know it.)"""
+    nodes = {n.uid: n for n in (*program.forward_nodes, *program.loss_nodes, *program.backward_nodes)}
+    for n in list(nodes.values()):
+        for i in n.inputs:
+            if i.uid in program.inline:
+                nodes.setdefault(i.uid, i)
+    for node in nodes.values():
+        if node.op != "ew":
+            continue
+        for c in numeric_constants_to_floats(node.attr("expr")).atoms(sp.Number):
+            if abs(float(c)) > FLOAT32_MAX:
+                where = fm.line(node) if node.uid in program.names else fm.rhs(node)
+                raise UnsupportedError(f"model {program.model.name!r}: cannot generate {where} for float32: "
+                                       f"the constant {float(c):.3g} is beyond float32 range (3.4e38)")
+
+
+def statement(st, fm, node):
+    """``st.statement(node)``; an UnsupportedError names the derived formula it arose in (a
+    derivative or a fusion can produce what the model itself does not contain, such as a
+    constant beyond float64)."""
+    try:
+        return st.statement(node)
+    except UnsupportedError as e:
+        raise UnsupportedError(f"model {st.p.model.name!r}: cannot generate {fm.line(node)}: {e}") from None
+
+
+def _dict_code(d):
+    return "{" + ", ".join(f"{k!r}: {v}" for k, v in d.items()) + "}"
