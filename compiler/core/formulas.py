@@ -9,8 +9,8 @@ import re
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
-from compiler.core import ir
-from compiler.core.ir import ARG, N
+from compiler.core import ir, ops
+from compiler.core.ir import N
 
 
 def _named(expr, symbols):
@@ -81,62 +81,18 @@ class Formulas:
         return self._name(node, latex)
 
     def rhs(self, node, latex=False):
-        op = node.op
-        ins = node.inputs
-        if op == "ew":
-            symbols = {ARG[i]: self._sym(inp, latex) for i, inp in enumerate(ins)}
-            expr = sp.factor_terms(node.attr("expr"))
-            return print_latex(expr, symbols) if latex else print_formula(expr, symbols)
-        a = [self.operand(i, latex, bare=op in ("sum", "mean")) for i in ins]
-        if op == "matmul":
-            ta, tb = node.attr("ta"), node.attr("tb")
-            if latex:
-                t = "^{\\top}"
-                return f"{a[0]}{t if ta else ''} {a[1]}{t if tb else ''}"
-            return f"{a[0]}{'.T' if ta else ''} @ {a[1]}{'.T' if tb else ''}"
-        if op == "transpose":
-            return f"{a[0]}^{{\\top}}" if latex else f"{a[0]}.T"
-        if op == "reshape":
-            return a[0] if latex else f"reshape({a[0]}, {ir.format_shape(node.shape)})"
-        if op == "sum":
-            axes = node.attr("axes")
-            if len(axes) == len(ins[0].shape):
-                return rf"\sum {a[0]}" if latex else f"sum({a[0]})"
-            return (rf"\sum_{{\mathrm{{axis}}\,{','.join(map(str, axes))}}} {a[0]}" if latex
-                    else f"sum({a[0]}, axis={axes[0] if len(axes) == 1 else axes})")
-        if op == "mean":
-            return rf"\operatorname{{mean}}\left({a[0]}\right)" if latex else f"mean({a[0]})"
-        if op == "lse":
-            return rf"\operatorname{{logsumexp}}\left({a[0]}\right)" if latex else f"logsumexp({a[0]}, axis=1)"
-        if op == "softmax":
-            return rf"\operatorname{{softmax}}\left({a[0]}\right)" if latex else f"softmax({a[0]})"
-        if op == "xent":
-            if node.attr("kind") == "label":
-                return f"{a[1]} - {a[0]}_{{{a[2]}}}" if latex else f"{a[1]} - {a[0]}[{a[2]}]"
-            return (rf"{a[1]} - \sum_j {a[2]} \odot {a[0]}" if latex else f"{a[1]} - sum({a[2]}*{a[0]}, axis=1)")
-        if op == "xent_grad":
-            y = a[2] if node.attr("kind") != "label" else (
-                rf"\operatorname{{onehot}}\left({a[2]}\right)" if latex else f"onehot({a[2]})")
-            g = ins[3]
-            if latex:
-                core = rf"\left(\operatorname{{softmax}}\left({a[0]}\right) - {y}\right)"
-            else:
-                core = f"(softmax({a[0]}) - {y})"
-            if g.uid in self.p.inline and not g.inputs:
-                val = g.attr("expr")
-                if val == 1:
-                    return core
-                inv = 1 / val
-                if inv.is_Symbol or inv.is_Integer or inv.is_Mul:
-                    return rf"\frac{{{core}}}{{{sp.latex(inv)}}}" if latex else f"{core}/{inv}"
-                return f"{sp.latex(val)} {core}" if latex else f"{core}*{val}"
-            return rf"{core} \odot {a[3]}" if latex else f"{core}*{a[3]}[:, None]"
-        raise KeyError(op)
+        op = ops.get(node.op)
+        a = [self.operand(i, latex, bare=op.reduction) for i in node.inputs]
+        return op.latex(node, a, self) if latex else op.text(node, a, self)
 
-    def _sym(self, node, latex):
-        if node.uid in self.p.inline:
-            return self.operand(node, latex)
-        return self._name(node, latex)
+    # the scalar printers, for the op records' formulas
+    @staticmethod
+    def print_text(expr, symbols):
+        return print_formula(expr, symbols)
+
+    @staticmethod
+    def print_latex(expr, symbols):
+        return print_latex(expr, symbols)
 
     def line(self, node, latex=False):
         # memoised: the chains of a deep network share most of their lines (linear compile time)

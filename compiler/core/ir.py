@@ -23,6 +23,10 @@ softmax     z (n, k)                -
 xent        z, lse, y               kind ("label" | "onehot")
 xent_grad   z, lse, y, adj          kind
 ==========  ======================  ===========================================
+
+Each op other than the leaves is a record of ``compiler.core.ops`` (one module per op or small
+family, with its constructor, adjoint rule, formulas and backend statements); its
+constructors are reachable here as ``ir.<name>`` (``ir.ew``, ``ir.matmul``, ...).
 """
 from __future__ import annotations
 
@@ -190,133 +194,6 @@ def param_node(name, shape):
     return make("param", (), shape, (("name", name),))
 
 
-def ew(expr, inputs, shape=None):
-    """Elementwise node computing ``expr`` (in symbols ARG[i] bound to ``inputs[i]``).
-
-    Duplicate inputs are merged, unused ones dropped and the rest renumbered in a canonical
-    order, so that equal computations intern to one node. Returns an input unchanged when
-    ``expr`` is just that input and the shapes agree; returns None when ``expr`` is zero.
-    """
-    expr = sp.sympify(expr)
-    if expr == 0:
-        return None
-    inputs = list(inputs)
-    out_shape = broadcast_shapes([i.shape for i in inputs] + ([tuple(shape)] if shape is not None else []))
-    if shape is not None and tuple(shape) != out_shape:
-        raise ShapeError(f"elementwise result {format_shape(out_shape)} is not the requested {format_shape(shape)}")
-    # merge duplicates and drop unused inputs
-    used = expr.free_symbols
-    first_of = {}
-    subs = {}
-    for i, node in enumerate(inputs):
-        if ARG[i] not in used:
-            continue
-        if node.uid in first_of:
-            subs[ARG[i]] = ARG[first_of[node.uid]]
-        else:
-            first_of[node.uid] = i
-    if subs:
-        expr = expr.xreplace(subs)
-    keep = sorted(first_of.items(), key=lambda kv: inputs[kv[1]].digest)  # canonical order
-    renum = {ARG[i]: ARG[j] for j, (_, i) in enumerate(keep)}
-    expr = expr.xreplace(renum)
-    new_inputs = tuple(inputs[i] for _, i in keep)
-    if expr == ARG[0] and len(new_inputs) == 1 and new_inputs[0].shape == out_shape:
-        return new_inputs[0]
-    return make("ew", new_inputs, out_shape, (("expr", expr),))
-
-
-def matmul(a, b, ta=False, tb=False):
-    # fold explicit transposes into the flags so that W*x and x.T*W.T intern to one node
-    if a.op == "transpose":
-        a, ta = a.inputs[0], not ta
-    if b.op == "transpose":
-        b, tb = b.inputs[0], not tb
-    sa = a.shape[::-1] if ta else a.shape
-    sb = b.shape[::-1] if tb else b.shape
-    if len(sa) != 2 or len(sb) != 2:
-        raise ShapeError(f"matrix product needs 2-D operands, got {format_shape(sa)} and {format_shape(sb)}")
-    if sa[1] != sb[0]:
-        raise ShapeError(f"matrix product of {format_shape(sa)} and {format_shape(sb)}: inner sizes {sa[1]} and {sb[0]} differ")
-    a_const, b_const = (x.op == "ew" and not x.inputs for x in (a, b))
-    if sa[1] == 1 and (a_const or b_const):
-        # an outer product with a constant (the adjoint of a loss term of parameters alone) is
-        # a scaling: c (r, 1) @ B (1, m) is c*B, A (r, 1) @ c (1, m) is c*A
-        const, other = (a, transpose(b) if tb else b) if a_const else (b, transpose(a) if ta else a)
-        return ew(const.attr("expr") * ARG[0], [other], shape=(sa[0], sb[1]))
-    return make("matmul", (a, b), (sa[0], sb[1]), (("ta", ta), ("tb", tb)))
-
-
-def transpose(a):
-    if len(a.shape) != 2:
-        raise ShapeError(f"transpose needs a 2-D value, got {format_shape(a.shape)}")
-    if a.op == "transpose":
-        return a.inputs[0]
-    if a.op == "ew" and not a.inputs:
-        return ew(a.attr("expr"), (), shape=a.shape[::-1])   # a constant stays a constant
-    return make("transpose", (a,), a.shape[::-1])
-
-
-def reshape(a, shape):
-    shape = tuple(shape)
-    if shape == a.shape:
-        return a
-    if sp.simplify(size_of(shape) - size_of(a.shape)) != 0:
-        raise ShapeError(f"cannot reshape {format_shape(a.shape)} to {format_shape(shape)}")
-    if a.op == "ew" and not a.inputs:
-        return ew(a.attr("expr"), (), shape=shape)   # a constant stays a constant
-    # a transposed vector has the same flat order as the vector: reshape the vector itself
-    while a.op == "reshape" or (a.op == "transpose" and 1 in a.shape):
-        a = a.inputs[0]
-    if a.shape == shape:
-        return a
-    return make("reshape", (a,), shape)
-
-
-def reduce_sum(a, axes):
-    axes = tuple(sorted(set(axes)))
-    if not axes:
-        return a
-    shape = tuple(d for i, d in enumerate(a.shape) if i not in axes)
-    if a.op == "ew" and all(i.shape == () for i in a.inputs):
-        # the sum of a broadcast scalar is the scalar times the number of terms
-        count = size_of(tuple(a.shape[i] for i in axes))
-        return ew(a.attr("expr") * count, a.inputs, shape=shape)
-    return make("sum", (a,), shape, (("axes", axes),))
-
-
-def mean(a):
-    return make("mean", (a,), ())
-
-
-def _rows(z, what):
-    if len(z.shape) != 2:
-        raise ShapeError(f"{what} needs (batch, classes) logits, got {format_shape(z.shape)}")
-
-
-def lse(z):
-    _rows(z, "log-sum-exp")
-    return make("lse", (z,), z.shape[:1])
-
-
-def softmax(z):
-    _rows(z, "softmax")
-    return make("softmax", (z,), z.shape)
-
-
-def xent(z, y, kind):
-    _rows(z, "softmax cross-entropy")
-    if kind == "label" and y.shape != z.shape[:1]:
-        raise ShapeError(f"integer labels must have shape {format_shape(z.shape[:1])}, got {format_shape(y.shape)}")
-    if kind == "onehot" and y.shape != z.shape:
-        raise ShapeError(f"one-hot targets must have the logits' shape {format_shape(z.shape)}, got {format_shape(y.shape)}")
-    return make("xent", (z, lse(z), y), z.shape[:1], (("kind", kind),))
-
-
-def xent_grad(z, l, y, adj, kind):
-    return make("xent_grad", (z, l, y, adj), z.shape, (("kind", kind),))
-
-
 def topo_order(outputs, stop=frozenset()):
     """Nodes reachable from ``outputs``, inputs before users, in a deterministic order.
 
@@ -346,3 +223,15 @@ def consumers(order):
         for i in n.inputs:
             users.setdefault(i.uid, []).append(n)
     return users
+
+
+def __getattr__(name):
+    # the op constructors (ir.ew, ir.matmul, ...) live with their ops in compiler.core.ops,
+    # which imports this module: resolved on first use, not at import
+    from compiler.core import ops
+    try:
+        value = ops.CONSTRUCTORS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value      # found once; later lookups are plain attribute reads
+    return value

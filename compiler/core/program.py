@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compiler.core import ir
+from compiler.core import ir, ops
 from compiler.core.adjoints import gradients
 from compiler.core.simplify import fuse, op_counts, split_deep, use_counts
 
@@ -60,7 +60,7 @@ def build_program(model):
         us = users.get(node.uid, [])
         if not node.inputs:
             inline.add(node.uid)     # broadcast constants are printed where they are used
-        elif count[node.uid] == 1 and us and us[0].op in ("sum", "mean"):
+        elif count[node.uid] == 1 and us and ops.get(us[0].op).reduction:
             inline.add(node.uid)
 
     leaves = {n.uid for n in (*model.inputs, *model.targets, *model.params)}

@@ -12,8 +12,9 @@ C calling convention (documented again in the generated header):
   function then mallocs and frees it itself);
 * functions return 0, or a negative ``<P>_ERR_*`` code (bad label, empty batch, no memory).
 
-Each op has one statement printer (``_stmt_<op>``) producing C loops; scalar math comes from
-``c_printer``; the file structure comes from ``templates/c_model.{c,h}.j2`` and the wrapper
+Each op's statement (C loops) is registered with the op (``compiler.core.ops``, key "c") and
+gets the ``CStatements`` emitter, whose methods are the helpers op statements share; scalar
+math comes from the C printer; the file structure comes from ``templates/c_model.{c,h}.j2`` and the wrapper
 from ``templates/c_wrapper.py.j2``. Builds are cached under ``cache_dir()/c`` by a hash of
 everything that can change the binary.
 """
@@ -39,7 +40,7 @@ from pathlib import Path
 import sympy as sp
 
 from compiler import __version__
-from compiler.core import ir
+from compiler.core import ir, ops
 from compiler.backends import cache as _cache
 from compiler.backends.c.printer import PRINTERS, print_c
 from compiler.backends.cache import cache_dir, load_module
@@ -192,71 +193,14 @@ class CStatements:
             return self.name(node)
         return f"{self.name(node)}[{_flat_index(node.shape, idx)}]"
 
-    # -- statements -----------------------------------------------------------------------
-    def statement(self, node):
-        return getattr(self, "_stmt_" + node.op)(node)
+    # -- helpers of the op records' statements (compiler.core.ops) ------------------------
+    @staticmethod
+    def dims(shape):
+        return _dims(shape)
 
-    def _stmt_ew(self, node):
-        idx = self.idx_vars(node.shape)
-        expr = sp.factor_terms(node.attr("expr"))
-        reps, (body_expr,) = sp.cse([expr], symbols=sp.numbered_symbols("_c"), optimizations=None)
-        symbols = self.ew_symbols(node, idx)
-        body = []
-        for k, (sym, sub) in enumerate(reps):
-            tmp = f"_c{k}"
-            body.append(f"const {self.real} {tmp} = {self.expr(sub, symbols)};")
-            symbols[sym] = tmp
-        body.append(f"{self.target(node, idx)} = {self.expr(body_expr, symbols)};")
-        if node.uid in self.locals and reps:
-            return self.block(body)
-        return self.loops(node.shape, body)
-
-    def _stmt_matmul(self, node):
-        a, b = node.inputs
-        ta, tb = node.attr("ta"), node.attr("tb")
-        out = self.name(node)
-        rows, cols = _dims(node.shape)
-        inner = _dims(a.shape)[0 if ta else 1]
-
-        def A(i, k):
-            return self.elem(a, [k, i] if ta else [i, k])
-
-        def B(k, j):
-            return self.elem(b, [j, k] if tb else [k, j])
-
-        C = f"{out}[_i*{cols} + _j]" if cols != "1" else f"{out}[_i]"
-        zero = self.lit(0)
-        if tb:  # rows of both operands are contiguous: dot products
-            return [f"for (size_t _i = 0; _i < {rows}; _i++) {{",
-                    f"    for (size_t _j = 0; _j < {cols}; _j++) {{",
-                    f"        {self.real} _s = {zero};",
-                    f"        for (size_t _k = 0; _k < {inner}; _k++) _s += {A('_i', '_k')} * {B('_k', '_j')};",
-                    f"        {C} = _s;",
-                    "    }", "}"]
-        clear = [f"for (size_t _i = 0; _i < {_size_code(node.shape)}; _i++) {out}[_i] = {zero};"]
-        if ta:  # A^T B: walk the shared (often batch) axis outermost, rows of A and B contiguous
-            return clear + [f"for (size_t _k = 0; _k < {inner}; _k++) {{",
-                            f"    for (size_t _i = 0; _i < {rows}; _i++) {{",
-                            f"        const {self.real} _a = {A('_i', '_k')};",
-                            f"        for (size_t _j = 0; _j < {cols}; _j++) {C} += _a * {B('_k', '_j')};",
-                            "    }", "}"]
-        return clear + [f"for (size_t _i = 0; _i < {rows}; _i++) {{",
-                        f"    for (size_t _k = 0; _k < {inner}; _k++) {{",
-                        f"        const {self.real} _a = {A('_i', '_k')};",
-                        f"        for (size_t _j = 0; _j < {cols}; _j++) {C} += _a * {B('_k', '_j')};",
-                        "    }", "}"]
-
-    def _stmt_transpose(self, node):
-        (a,) = node.inputs
-        idx = self.idx_vars(node.shape)
-        return self.loops(node.shape, [f"{self.target(node, idx)} = {self.elem(a, idx[::-1])};"])
-
-    def _stmt_reshape(self, node):
-        (a,) = node.inputs
-        if node.uid in self.aliases:
-            return [f"const {self.real} *const {self.name(node)} = {self.name(a)};  /* same data, new shape */"]
-        # a scalar or inline source: copy element by element (row-major order is unchanged)
-        return self.copy_flat(node, a)
+    @staticmethod
+    def size_code(shape):
+        return _size_code(shape)
 
     def target_flat(self, node, index):
         return self.name(node) if node.uid in self.locals else f"{self.name(node)}[{index}]"
@@ -277,76 +221,32 @@ class CStatements:
         return [f"for (size_t _i = 0; _i < {_size_code(node.shape)}; _i++) "
                 f"{self.target_flat(node, '_i')} = {self.source_flat(src, '_i')};"]
 
-    def _stmt_sum(self, node):
-        (x,) = node.inputs
-        axes = node.attr("axes")
-        idx = self.idx_vars(x.shape)
-        value = self.elem(x, idx)
-        if len(axes) == len(x.shape):
-            return self.block([f"{self.real} _s = {self.lit(0)};"] + self.loops(x.shape, [f"_s += {value};"]) +
-                              [f"{self.target(node, [])} = _s;"])
-        out_idx = [i for a, i in enumerate(idx) if a not in axes]
-        zero = [f"for (size_t _i = 0; _i < {_size_code(node.shape)}; _i++) {self.name(node)}[_i] = {self.lit(0)};"]
-        return zero + self.loops(x.shape, [f"{self.target(node, out_idx)} += {value};"])
-
-    def _stmt_mean(self, node):
-        (x,) = node.inputs
-        idx = self.idx_vars(x.shape)
-        size = _size_code(x.shape)
-        count = (f"({self.real})n" if size == "n" else f"({self.real})({size})") if size != "1" else self.lit(1)
-        return self.block([f"{self.real} _s = {self.lit(0)};"] + self.loops(x.shape, [f"_s += {self.elem(x, idx)};"]) +
-                          [f"{self.target(node, [])} = _s / {count};"])
-
-    def _row_max_sum(self, z):
-        k = _dims(z.shape)[1]
+    def row_max(self, z):
+        k = self.dims(z.shape)[1]
         zij = self.elem(z, ["_i", "_j"])
         return k, zij, [
             f"    {self.real} _m = {self.elem(z, ['_i', '0'])};",
             f"    for (size_t _j = 1; _j < {k}; _j++) if ({zij} > _m) _m = {zij};",
         ]
 
-    def _stmt_lse(self, node):
-        (z,) = node.inputs
-        k, zij, head = self._row_max_sum(z)
-        return [f"for (size_t _i = 0; _i < n; _i++) {{", *head,
-                f"    {self.real} _s = {self.lit(0)};",
-                f"    for (size_t _j = 0; _j < {k}; _j++) _s += exp{self.fs}({zij} - _m);",
-                f"    {self.name(node)}[_i] = _m + log{self.fs}(_s);", "}"]
+    # -- statements -----------------------------------------------------------------------
+    def statement(self, node):
+        return ops.statement("c", node)(self, node)
 
-    def _stmt_softmax(self, node):
-        (z,) = node.inputs
-        k, zij, head = self._row_max_sum(z)
-        out = f"{self.name(node)}[_i*{k} + _j]"
-        return [f"for (size_t _i = 0; _i < n; _i++) {{", *head,
-                f"    {self.real} _s = {self.lit(0)};",
-                f"    for (size_t _j = 0; _j < {k}; _j++) {{ {out} = exp{self.fs}({zij} - _m); _s += {out}; }}",
-                f"    for (size_t _j = 0; _j < {k}; _j++) {out} /= _s;", "}"]
-
-    def _stmt_xent(self, node):
-        z, l, y = node.inputs
-        k = _dims(z.shape)[1]
-        li = self.elem(l, ["_i"])
-        if node.attr("kind") == "label":
-            return [f"for (size_t _i = 0; _i < n; _i++) {self.name(node)}[_i] = {li} - {self.name(z)}[_i*{k} + (size_t){self.name(y)}[_i]];"]
-        return [f"for (size_t _i = 0; _i < n; _i++) {{",
-                f"    {self.real} _s = {self.lit(0)};",
-                f"    for (size_t _j = 0; _j < {k}; _j++) _s += {self.elem(y, ['_i', '_j'])} * {self.elem(z, ['_i', '_j'])};",
-                f"    {self.name(node)}[_i] = {li} - _s;", "}"]
-
-    def _stmt_xent_grad(self, node):
-        z, l, y, g = node.inputs
-        k = _dims(z.shape)[1]
-        e = f"exp{self.fs}({self.elem(z, ['_i', '_j'])} - {self.elem(l, ['_i'])})"
-        if node.attr("kind") == "label":
-            e = f"{e} - ((size_t){self.name(y)}[_i] == _j ? {self.lit(1)} : {self.lit(0)})"
-        else:
-            e = f"{e} - {self.elem(y, ['_i', '_j'])}"
-        if g.uid in self.p.inline and not g.inputs and g.attr("expr") == 1:
-            scale = ""
-        else:
-            scale = " * " + self.elem(g, self.operand_idx(g, node.shape, ["_i", "_j"]))
-        return [f"for (size_t _i = 0; _i < n; _i++) {{",
-                f"    for (size_t _j = 0; _j < {k}; _j++) {self.name(node)}[_i*{k} + _j] = ({e}){scale};", "}"]
+    def elementwise(self, node):
+        idx = self.idx_vars(node.shape)
+        expr = sp.factor_terms(node.attr("expr"))
+        reps, (body_expr,) = sp.cse([expr], symbols=sp.numbered_symbols("_c"), optimizations=None)
+        symbols = self.ew_symbols(node, idx)
+        body = []
+        for k, (sym, sub) in enumerate(reps):
+            tmp = f"_c{k}"
+            body.append(f"const {self.real} {tmp} = {self.expr(sub, symbols)};")
+            symbols[sym] = tmp
+        body.append(f"{self.target(node, idx)} = {self.expr(body_expr, symbols)};")
+        if node.uid in self.locals and reps:
+            return self.block(body)
+        return self.loops(node.shape, body)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""The NumPy backend: prints a Program's statements as vectorised NumPy code.
+"""The NumPy backend's statement emitter: prints a Program's statements as vectorised NumPy code.
 
-Each op has one statement printer (``_stmt_<op>``); elementwise math comes from
-``printing.print_numpy``; the module's structure comes from ``templates/numpy_module.py.j2``.
+Each op's statement is registered with the op (``compiler.core.ops``, key "numpy") and gets
+this emitter, whose methods are the helpers op statements share; elementwise math comes from
+``print_numpy`` (with the in-place form below); the module's structure comes from
+``templates/numpy_module.py.j2``.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import re
 
 import sympy as sp
 
-from compiler.core import ir
+from compiler.core import ir, ops
 from compiler.core.ir import ARG, N
 from compiler.core.ir import format_shape as shape_code
 from compiler.core.simplify import use_counts
@@ -120,18 +122,48 @@ class NumpyStatements:
         self.needs_dt = True
         return f"np.full({shape_code(node.shape)}, {code}, dtype=dt)"
 
+    # -- helpers of the op records' statements (compiler.core.ops) --------------------------
+    @staticmethod
+    def shape_code(shape):
+        return shape_code(shape)
+
+    def large(self, node):
+        """Whether ``node`` has enough numbers per sample to be worth a reused buffer."""
+        return _per_sample_size(node.shape) >= self.INPLACE_MIN_SIZE
+
+    def constant(self, node):
+        """Code of an inline constant's value."""
+        value, helpers = print_numpy(node.attr("expr"), {})
+        self.helpers |= helpers
+        return value
+
+    def computed(self, node):
+        """Whether ``node`` is surely an ndarray: a value this function computed, or an inlined
+        expression over a batch array (not a caller's value, which may be a list or a Python
+        number). Then its methods can be called, which skips the Python-level wrappers of
+        np.sum/np.mean (1-2 us a call, a tenth of a small network's step)."""
+        if node.uid in self.p.inline:
+            return node.op == "ew" and N in node.shape and any(N in i.shape for i in node.inputs)
+        return node.op not in ("input", "param")
+
+    def method_target(self, node):
+        """``node`` as the object of a method call: a name, a call, or a parenthesised expression."""
+        code = self.ref(node, bare=True)
+        return code if _ATOM.fullmatch(code) or _is_call(code) else f"({code})"
+
     # -- statements: lists of code lines ---------------------------------------------------
     def statement(self, node):
-        return getattr(self, "_stmt_" + node.op)(node, self.name(node))
+        return ops.statement("numpy", node)(self, node)
 
-    def _stmt_ew(self, node, out):
+    def elementwise(self, node):
+        out = self.name(node)
         if not node.inputs:
             return [f"{out} = {self._fill(node)}" if node.shape else f"{out} = np.asarray({self._fill(node)}, dtype=dt)"]
         expr = sp.factor_terms(node.attr("expr"))
         reps, (body,) = sp.cse([numeric_constants_to_floats(expr)],
                                symbols=sp.numbered_symbols("_c"), optimizations=None)
         symbols = {ARG[i]: self.ref(inp) + _suffix(inp.shape, node.shape) for i, inp in enumerate(node.inputs)}
-        if not reps and node.shape != () and _per_sample_size(node.shape) >= self.INPLACE_MIN_SIZE:
+        if not reps and node.shape != () and self.large(node):
             lines = InPlace(self, node, out, symbols).lines(body)
             if lines is not None:
                 return lines
@@ -145,82 +177,6 @@ class NumpyStatements:
         code, h = print_numpy(body, symbols)
         self.helpers |= h
         lines.append(f"{out} = {self._materialise(node, code)}")
-        return lines
-
-    def _stmt_matmul(self, node, out):
-        a, b = node.inputs
-        ta = ".T" if node.attr("ta") else ""
-        tb = ".T" if node.attr("tb") else ""
-        x, y = self.ref(a), self.ref(b)
-        if (a.uid not in self.p.inline and b.uid not in self.p.inline
-                and _per_sample_size(node.shape) >= self.INPLACE_MIN_SIZE and self.private(node)):
-            # a fresh array each call would be returned to the OS by malloc and faulted back in
-            return [f"{out} = np.matmul({x}{ta}, {y}{tb}, out={self.scratch(out, node.shape, [x, y])})"]
-        return [f"{out} = {x}{ta} @ {y}{tb}"]
-
-    def _stmt_transpose(self, node, out):
-        return [f"{out} = {self.ref(node.inputs[0])}.T"]
-
-    def _stmt_reshape(self, node, out):
-        return [f"{out} = {self.ref(node.inputs[0])}.reshape({shape_code(node.shape)})"]
-
-    def _computed(self, node):
-        """Whether ``node`` is surely an ndarray: a value this function computed, or an inlined
-        expression over a batch array (not a caller's value, which may be a list or a Python
-        number). Then its methods can be called, which skips the Python-level wrappers of
-        np.sum/np.mean (1-2 us a call, a tenth of a small network's step)."""
-        if node.uid in self.p.inline:
-            return node.op == "ew" and N in node.shape and any(N in i.shape for i in node.inputs)
-        return node.op not in ("input", "param")
-
-    def _method_target(self, node):
-        """``node`` as the object of a method call: a name, a call, or a parenthesised expression."""
-        code = self.ref(node, bare=True)
-        return code if _ATOM.fullmatch(code) or _is_call(code) else f"({code})"
-
-    def _stmt_sum(self, node, out):
-        x = node.inputs[0]
-        axes = node.attr("axes")
-        ax = "" if len(axes) == len(x.shape) else "axis=" + (str(axes[0]) if len(axes) == 1 else str(tuple(axes)))
-        if self._computed(x):
-            return [f"{out} = {self._method_target(x)}.sum({ax})"]
-        return [f"{out} = np.sum({self.ref(x, bare=True)}{', ' + ax if ax else ''})"]
-
-    def _stmt_mean(self, node, out):
-        x = node.inputs[0]
-        if self._computed(x):
-            return [f"{out} = {self._method_target(x)}.mean()"]
-        return [f"{out} = np.mean({self.ref(x, bare=True)})"]
-
-    def _stmt_lse(self, node, out):
-        self.helpers.add("logsumexp")
-        return [f"{out} = _logsumexp({self.ref(node.inputs[0])})"]
-
-    def _stmt_softmax(self, node, out):
-        self.helpers.add("softmax")
-        return [f"{out} = _softmax({self.ref(node.inputs[0])})"]
-
-    def _stmt_xent(self, node, out):
-        z, l, y = (self.ref(i) for i in node.inputs)
-        if node.attr("kind") == "label":
-            return [f"{out} = {l} - {z}[np.arange(n), {y}]"]
-        return [f"{out} = {l} - np.sum({y} * {z}, axis=1)"]
-
-    def _stmt_xent_grad(self, node, out):
-        zn, ln, yn, gn = node.inputs
-        z, l, y = self.ref(zn), self.ref(ln), self.ref(yn)
-        lines = [f"{out} = np.exp({z} - {l}[:, None])"]
-        if node.attr("kind") == "label":
-            lines.append(f"{out}[np.arange(n), {y}] -= 1")
-        else:
-            lines.append(f"{out} -= {y}")
-        if gn.uid in self.p.inline and not gn.inputs:
-            value, h = print_numpy(gn.attr("expr"), {})
-            self.helpers |= h
-            if value != "1":
-                lines.append(f"{out} *= {value}")
-        else:
-            lines.append(f"{out} *= {self.ref(gn)}[:, None]")
         return lines
 
 

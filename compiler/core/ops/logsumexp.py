@@ -1,0 +1,83 @@
+"""Row-wise log-sum-exp ``lse`` (n, k) -> (n,) and ``softmax`` (n, k) -> (n, k), both stable
+(the row maximum is subtracted before exponentiating)."""
+from __future__ import annotations
+
+import sympy as sp
+
+from compiler.core import ir
+from compiler.core.ir import ARG, format_shape, make
+from compiler.core.ops import Op, register
+from compiler.errors import ShapeError
+
+
+def rows(z, what):
+    """Check that ``z`` holds (batch, classes) logits."""
+    if len(z.shape) != 2:
+        raise ShapeError(f"{what} needs (batch, classes) logits, got {format_shape(z.shape)}")
+
+
+def lse(z):
+    rows(z, "log-sum-exp")
+    return make("lse", (z,), z.shape[:1])
+
+
+def softmax(z):
+    rows(z, "softmax")
+    return make("softmax", (z,), z.shape)
+
+
+# ---- lse ----------------------------------------------------------------------------------
+
+def _lse_adjoint(node, g, wants):
+    z = node.inputs[0]
+    # d lse / dz = softmax(z) = exp(z - lse): stable, and reuses the forward lse
+    return [ir.ew(sp.exp(ARG[0] - ARG[1]) * ARG[2], [z, node, g], shape=z.shape)]
+
+
+def _lse_numpy(st, node):
+    st.helpers.add("logsumexp")
+    return [f"{st.name(node)} = _logsumexp({st.ref(node.inputs[0])})"]
+
+
+def _lse_c(st, node):
+    (z,) = node.inputs
+    k, zij, head = st.row_max(z)
+    return ["for (size_t _i = 0; _i < n; _i++) {", *head,
+            f"    {st.real} _s = {st.lit(0)};",
+            f"    for (size_t _j = 0; _j < {k}; _j++) _s += exp{st.fs}({zij} - _m);",
+            f"    {st.name(node)}[_i] = _m + log{st.fs}(_s);", "}"]
+
+
+register(Op("lse", (lse,), _lse_adjoint,
+            text=lambda node, a, fm: f"logsumexp({a[0]}, axis=1)",
+            latex=lambda node, a, fm: rf"\operatorname{{logsumexp}}\left({a[0]}\right)",
+            statements={"numpy": _lse_numpy, "c": _lse_c}))
+
+
+# ---- softmax ------------------------------------------------------------------------------
+
+def _softmax_adjoint(node, g, wants):
+    z = node.inputs[0]
+    t = ir.reduce_sum(ir.ew(ARG[0] * ARG[1], [g, node]), (1,))
+    return [ir.ew(ARG[1] * (ARG[0] - ARG[2]), [g, node, t], shape=z.shape)]
+
+
+def _softmax_numpy(st, node):
+    st.helpers.add("softmax")
+    return [f"{st.name(node)} = _softmax({st.ref(node.inputs[0])})"]
+
+
+def _softmax_c(st, node):
+    (z,) = node.inputs
+    k, zij, head = st.row_max(z)
+    out = f"{st.name(node)}[_i*{k} + _j]"
+    return ["for (size_t _i = 0; _i < n; _i++) {", *head,
+            f"    {st.real} _s = {st.lit(0)};",
+            f"    for (size_t _j = 0; _j < {k}; _j++) {{ {out} = exp{st.fs}({zij} - _m); _s += {out}; }}",
+            f"    for (size_t _j = 0; _j < {k}; _j++) {out} /= _s;", "}"]
+
+
+register(Op("softmax", (softmax,), _softmax_adjoint,
+            text=lambda node, a, fm: f"softmax({a[0]})",
+            latex=lambda node, a, fm: rf"\operatorname{{softmax}}\left({a[0]}\right)",
+            statements={"numpy": _softmax_numpy, "c": _softmax_c}))

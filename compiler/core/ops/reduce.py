@@ -1,0 +1,113 @@
+"""Reductions: ``sum`` over some axes, ``mean`` over every axis (to a scalar)."""
+from __future__ import annotations
+
+from compiler.core import ir
+from compiler.core.ir import ARG, make, size_of
+from compiler.core.ops import Op, register
+from compiler.errors import ShapeError
+
+
+def reduce_sum(a, axes):
+    axes = tuple(sorted(set(axes)))
+    if not axes:
+        return a
+    shape = tuple(d for i, d in enumerate(a.shape) if i not in axes)
+    if a.op == "ew" and all(i.shape == () for i in a.inputs):
+        # the sum of a broadcast scalar is the scalar times the number of terms
+        count = size_of(tuple(a.shape[i] for i in axes))
+        return ir.ew(a.attr("expr") * count, a.inputs, shape=shape)
+    return make("sum", (a,), shape, (("axes", axes),))
+
+
+def mean(a):
+    return make("mean", (a,), ())
+
+
+# ---- sum ----------------------------------------------------------------------------------
+
+def _sum_adjoint(node, g, wants):
+    x = node.inputs[0]
+    axes = node.attr("axes")
+    keep = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+    try:
+        placed = ir.padded_to(g.shape, x.shape)
+    except ShapeError:
+        placed = None
+    if placed != keep:
+        g = ir.reshape(g, keep)
+    return [ir.ew(ARG[0], [g], shape=x.shape)]
+
+
+def _whole(node):
+    return len(node.attr("axes")) == len(node.inputs[0].shape)
+
+
+def _sum_text(node, a, fm):
+    if _whole(node):
+        return f"sum({a[0]})"
+    axes = node.attr("axes")
+    return f"sum({a[0]}, axis={axes[0] if len(axes) == 1 else axes})"
+
+
+def _sum_latex(node, a, fm):
+    if _whole(node):
+        return rf"\sum {a[0]}"
+    return rf"\sum_{{\mathrm{{axis}}\,{','.join(map(str, node.attr('axes')))}}} {a[0]}"
+
+
+def _sum_numpy(st, node):
+    x = node.inputs[0]
+    out = st.name(node)
+    axes = node.attr("axes")
+    ax = "" if len(axes) == len(x.shape) else "axis=" + (str(axes[0]) if len(axes) == 1 else str(tuple(axes)))
+    if st.computed(x):
+        return [f"{out} = {st.method_target(x)}.sum({ax})"]
+    return [f"{out} = np.sum({st.ref(x, bare=True)}{', ' + ax if ax else ''})"]
+
+
+def _sum_c(st, node):
+    (x,) = node.inputs
+    axes = node.attr("axes")
+    idx = st.idx_vars(x.shape)
+    value = st.elem(x, idx)
+    if len(axes) == len(x.shape):
+        return st.block([f"{st.real} _s = {st.lit(0)};"] + st.loops(x.shape, [f"_s += {value};"]) +
+                        [f"{st.target(node, [])} = _s;"])
+    out_idx = [i for a, i in enumerate(idx) if a not in axes]
+    zero = [f"for (size_t _i = 0; _i < {st.size_code(node.shape)}; _i++) {st.name(node)}[_i] = {st.lit(0)};"]
+    return zero + st.loops(x.shape, [f"{st.target(node, out_idx)} += {value};"])
+
+
+register(Op("sum", (reduce_sum,), _sum_adjoint, _sum_text, _sum_latex,
+            statements={"numpy": _sum_numpy, "c": _sum_c}, reduction=True))
+
+
+# ---- mean ---------------------------------------------------------------------------------
+
+def _mean_adjoint(node, g, wants):
+    x = node.inputs[0]
+    return [ir.ew(ARG[0] / size_of(x.shape), [g], shape=x.shape)]
+
+
+def _mean_numpy(st, node):
+    x = node.inputs[0]
+    out = st.name(node)
+    if st.computed(x):
+        return [f"{out} = {st.method_target(x)}.mean()"]
+    return [f"{out} = np.mean({st.ref(x, bare=True)})"]
+
+
+def _mean_c(st, node):
+    (x,) = node.inputs
+    idx = st.idx_vars(x.shape)
+    size = st.size_code(x.shape)
+    real = st.real
+    count = (f"({real})n" if size == "n" else f"({real})({size})") if size != "1" else st.lit(1)
+    return st.block([f"{real} _s = {st.lit(0)};"] + st.loops(x.shape, [f"_s += {st.elem(x, idx)};"]) +
+                    [f"{st.target(node, [])} = _s / {count};"])
+
+
+register(Op("mean", (mean,), _mean_adjoint,
+            text=lambda node, a, fm: f"mean({a[0]})",
+            latex=lambda node, a, fm: rf"\operatorname{{mean}}\left({a[0]}\right)",
+            statements={"numpy": _mean_numpy, "c": _mean_c}, reduction=True))

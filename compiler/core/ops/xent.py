@@ -1,0 +1,136 @@
+"""Softmax cross-entropy of logits ``z`` against integer labels or one-hot/probability rows:
+``xent`` (z, lse(z), y) -> (n,) per-sample losses, and its gradient ``xent_grad``
+(z, lse, y, adj) -> (softmax(z) - onehot(y)) * adj, which only the backward graph holds."""
+from __future__ import annotations
+
+import sympy as sp
+
+from compiler.core.ir import format_shape, make
+from compiler.core.ops import Op, first_order_only, register
+from compiler.core.ops.logsumexp import lse, rows
+from compiler.errors import ShapeError
+
+
+def xent(z, y, kind):
+    rows(z, "softmax cross-entropy")
+    if kind == "label" and y.shape != z.shape[:1]:
+        raise ShapeError(f"integer labels must have shape {format_shape(z.shape[:1])}, got {format_shape(y.shape)}")
+    if kind == "onehot" and y.shape != z.shape:
+        raise ShapeError(f"one-hot targets must have the logits' shape {format_shape(z.shape)}, got {format_shape(y.shape)}")
+    return make("xent", (z, lse(z), y), z.shape[:1], (("kind", kind),))
+
+
+def xent_grad(z, l, y, adj, kind):
+    return make("xent_grad", (z, l, y, adj), z.shape, (("kind", kind),))
+
+
+# ---- xent ---------------------------------------------------------------------------------
+
+def _xent_adjoint(node, g, wants):
+    z, l, y = node.inputs
+    # the rule for z already includes the path through lse: (softmax(z) - onehot(y)) * g
+    return [xent_grad(z, l, y, g, node.attr("kind")) if wants[0] else None, None, None]
+
+
+def _xent_text(node, a, fm):
+    if node.attr("kind") == "label":
+        return f"{a[1]} - {a[0]}[{a[2]}]"
+    return f"{a[1]} - sum({a[2]}*{a[0]}, axis=1)"
+
+
+def _xent_latex(node, a, fm):
+    if node.attr("kind") == "label":
+        return f"{a[1]} - {a[0]}_{{{a[2]}}}"
+    return rf"{a[1]} - \sum_j {a[2]} \odot {a[0]}"
+
+
+def _xent_numpy(st, node):
+    out = st.name(node)
+    z, l, y = (st.ref(i) for i in node.inputs)
+    if node.attr("kind") == "label":
+        return [f"{out} = {l} - {z}[np.arange(n), {y}]"]
+    return [f"{out} = {l} - np.sum({y} * {z}, axis=1)"]
+
+
+def _xent_c(st, node):
+    z, l, y = node.inputs
+    k = st.dims(z.shape)[1]
+    li = st.elem(l, ["_i"])
+    if node.attr("kind") == "label":
+        return [f"for (size_t _i = 0; _i < n; _i++) {st.name(node)}[_i] = {li} - {st.name(z)}[_i*{k} + (size_t){st.name(y)}[_i]];"]
+    return ["for (size_t _i = 0; _i < n; _i++) {",
+            f"    {st.real} _s = {st.lit(0)};",
+            f"    for (size_t _j = 0; _j < {k}; _j++) _s += {st.elem(y, ['_i', '_j'])} * {st.elem(z, ['_i', '_j'])};",
+            f"    {st.name(node)}[_i] = {li} - _s;", "}"]
+
+
+register(Op("xent", (xent,), _xent_adjoint, _xent_text, _xent_latex,
+            statements={"numpy": _xent_numpy, "c": _xent_c}))
+
+
+# ---- xent_grad ----------------------------------------------------------------------------
+
+def _constant_adjoint(fm, node):
+    """The value of xent_grad's adjoint when it is an inline constant (the 1/n of a mean), else None."""
+    g = node.inputs[3]
+    return g.attr("expr") if g.uid in fm.p.inline and not g.inputs else None
+
+
+def _grad_formula(node, a, fm, latex):
+    if node.attr("kind") != "label":
+        y = a[2]
+    else:
+        y = rf"\operatorname{{onehot}}\left({a[2]}\right)" if latex else f"onehot({a[2]})"
+    if latex:
+        core = rf"\left(\operatorname{{softmax}}\left({a[0]}\right) - {y}\right)"
+    else:
+        core = f"(softmax({a[0]}) - {y})"
+    val = _constant_adjoint(fm, node)
+    if val is not None:
+        if val == 1:
+            return core
+        inv = 1 / val
+        if inv.is_Symbol or inv.is_Integer or inv.is_Mul:
+            return rf"\frac{{{core}}}{{{sp.latex(inv)}}}" if latex else f"{core}/{inv}"
+        return f"{sp.latex(val)} {core}" if latex else f"{core}*{val}"
+    return rf"{core} \odot {a[3]}" if latex else f"{core}*{a[3]}[:, None]"
+
+
+def _grad_numpy(st, node):
+    out = st.name(node)
+    zn, ln, yn, gn = node.inputs
+    z, l, y = st.ref(zn), st.ref(ln), st.ref(yn)
+    lines = [f"{out} = np.exp({z} - {l}[:, None])"]
+    if node.attr("kind") == "label":
+        lines.append(f"{out}[np.arange(n), {y}] -= 1")
+    else:
+        lines.append(f"{out} -= {y}")
+    if gn.uid in st.p.inline and not gn.inputs:
+        value = st.constant(gn)
+        if value != "1":
+            lines.append(f"{out} *= {value}")
+    else:
+        lines.append(f"{out} *= {st.ref(gn)}[:, None]")
+    return lines
+
+
+def _grad_c(st, node):
+    z, l, y, g = node.inputs
+    k = st.dims(z.shape)[1]
+    e = f"exp{st.fs}({st.elem(z, ['_i', '_j'])} - {st.elem(l, ['_i'])})"
+    if node.attr("kind") == "label":
+        e = f"{e} - ((size_t){st.name(y)}[_i] == _j ? {st.lit(1)} : {st.lit(0)})"
+    else:
+        e = f"{e} - {st.elem(y, ['_i', '_j'])}"
+    if g.uid in st.p.inline and not g.inputs and g.attr("expr") == 1:
+        scale = ""
+    else:
+        scale = " * " + st.elem(g, st.operand_idx(g, node.shape, ["_i", "_j"]))
+    return ["for (size_t _i = 0; _i < n; _i++) {",
+            f"    for (size_t _j = 0; _j < {k}; _j++) {st.name(node)}[_i*{k} + _j] = ({e}){scale};", "}"]
+
+
+register(Op("xent_grad", (xent_grad,), first_order_only,
+            text=lambda node, a, fm: _grad_formula(node, a, fm, latex=False),
+            latex=lambda node, a, fm: _grad_formula(node, a, fm, latex=True),
+            statements={"numpy": _grad_numpy, "c": _grad_c}))

@@ -1,0 +1,102 @@
+"""The op registry is complete: every op has a constructor, an adjoint rule, a formula in text
+and LaTeX, and a statement for every registered backend; every backend covers every op."""
+import pytest
+
+from compiler.backends.registry import BACKENDS
+from compiler.core import ir, ops
+from compiler.core.adjoints import RULES
+
+
+def missing(registry, backends):
+    """What each op lacks, as readable problems (empty when the registry is complete)."""
+    problems = []
+    for name, op in registry.items():
+        if op.name != name:
+            problems.append(f"{name}: registered under another name ({op.name})")
+        if not op.constructors:
+            problems.append(f"{name}: no constructor")
+        for part in ("adjoint", "text", "latex"):
+            if not callable(getattr(op, part, None)):
+                problems.append(f"{name}: no {part}")
+        for backend in backends:
+            if not callable(op.statements.get(backend)):
+                problems.append(f"{name}: no statement for backend {backend}")
+        for backend in op.statements:
+            if backend not in backends:
+                problems.append(f"{name}: a statement for unregistered backend {backend}")
+    return problems
+
+
+def test_registry_is_complete():
+    assert missing(ops.REGISTRY, BACKENDS) == []
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_backend_covers_every_op(backend):
+    lacking = [name for name, op in ops.REGISTRY.items() if backend not in op.statements]
+    assert lacking == [], f"backend {backend} has no statement for {lacking}"
+
+
+def _op(**changes):
+    fields = dict(name="probe", constructors=(lambda: None,), adjoint=lambda n, g, w: [],
+                  text=lambda n, a, f: "", latex=lambda n, a, f: "",
+                  statements={"numpy": lambda st, n: [], "c": lambda st, n: []})
+    fields.update(changes)
+    return ops.Op(**fields)
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"adjoint": None}, "probe: no adjoint"),
+    ({"text": None}, "probe: no text"),
+    ({"latex": None}, "probe: no latex"),
+    ({"constructors": ()}, "probe: no constructor"),
+    ({"statements": {"numpy": lambda st, n: []}}, "probe: no statement for backend c"),
+    ({"statements": {"numpy": lambda st, n: [], "c": lambda st, n: [], "cuda": lambda st, n: []}},
+     "probe: a statement for unregistered backend cuda"),
+])
+def test_the_check_catches(changes, problem):
+    assert missing({"probe": _op(**changes)}, BACKENDS) == [problem]
+    assert missing({"probe": _op()}, BACKENDS) == []
+
+
+def test_a_new_backend_must_cover_every_op():
+    problems = missing(ops.REGISTRY, {**BACKENDS, "cuda": None})
+    assert len(problems) == len(ops.REGISTRY) and all("backend cuda" in p for p in problems)
+
+
+def test_constructors_resolve_through_ir():
+    for name, f in ops.CONSTRUCTORS.items():
+        assert getattr(ir, name) is f
+    for name in ("ew", "matmul", "transpose", "reshape", "reduce_sum", "mean", "lse", "softmax", "xent", "xent_grad"):
+        assert name in ops.CONSTRUCTORS
+    with pytest.raises(AttributeError):
+        ir.no_such_constructor
+
+
+def test_ops_the_ir_documents_are_registered():
+    # the op table of ir's docstring: the rows after its header rule, up to its closing rule
+    lines = ir.__doc__.splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("====")]
+    rows = [line.split()[0] for line in lines[rules[1] + 1:rules[2]]]
+    documented = set(rows) - {"input", "param"}      # leaves, not ops
+    assert len(documented) >= 10 and documented == set(ops.REGISTRY)
+
+
+def test_rules_are_the_registry_adjoints():
+    assert set(RULES) == set(ops.REGISTRY) - {"xent_grad"}
+    # xent_grad exists only in gradients: differentiating it again is refused, not silently zero
+    z, l, g = (ir.input_node(n, s, "data") for n, s in (("z", (ir.N, 3)), ("l", (ir.N,)), ("g", (ir.N,))))
+    y = ir.input_node("y", (ir.N, 3), "target")
+    node = ir.xent_grad(z, l, y, g, "onehot")
+    with pytest.raises(ops.UnsupportedError, match="no adjoint rule for operation 'xent_grad'"):
+        ops.get(node.op).adjoint(node, g, [True] * 4)
+
+
+@pytest.mark.parametrize("cls", ["compiler.backends.numpy.statements.NumpyStatements",
+                                 "compiler.backends.c.backend.CStatements"])
+def test_emitters_hold_no_per_op_statements(cls):
+    # one place per op: an emitter dispatches through the registry instead of _stmt_<op> methods
+    import importlib
+    module, name = cls.rsplit(".", 1)
+    emitter = getattr(importlib.import_module(module), name)
+    assert not [m for m in dir(emitter) if m.startswith("_stmt_")]
