@@ -5,28 +5,20 @@ Data arrays are batch-first. Broadcasting follows NumPy (right-aligned), with on
 an array whose first axis is the batch axis, combined with a higher-rank batch array, is
 left-aligned (a per-sample number ``(n,)`` against ``(n, k)`` means ``A[:, None]``).
 
-Ops (``Node.op``) and their attributes:
+The leaves of a graph (``Node.op``, inputs, attrs):
 
 ==========  ======================  ===========================================
 op          inputs                  attrs
 ==========  ======================  ===========================================
 input       -                       name, role ("data" | "target"), kind ("real" | "label")
 param       -                       name
-ew          any (maybe none)        expr: SymPy expression of symbols ARG[i]
-matmul      a, b                    ta, tb (transpose flags)
-transpose   a                       -
-reshape     a                       - (the node's shape is the new shape)
-sum         a                       axes (tuple of ints)
-mean        a                       - (over every axis)
-lse         z (n, k)                - (row-wise log-sum-exp, shape (n,))
-softmax     z (n, k)                -
-xent        z, lse, y               kind ("label" | "onehot")
-xent_grad   z, lse, y, adj          kind
 ==========  ======================  ===========================================
 
-Each op other than the leaves is a record of ``compiler.core.ops`` (one module per op or small
-family, with its constructor, adjoint rule, formulas and backend statements); its
-constructors are reachable here as ``ir.<name>`` (``ir.ew``, ``ir.matmul``, ...).
+Every other op is a record of ``compiler.core.ops``, one module per op or small family
+(``ew``, ``matmul``, ``transpose``, ``reshape``, ``sum``/``mean``, ``lse``/``softmax``,
+``xent``/``xent_grad``), whose docstring gives its inputs and attributes and which holds its
+constructor, adjoint rule, formulas and backend statements; the constructors are reachable
+here as ``ir.<name>`` (``ir.ew``, ``ir.matmul``, ``ir.reduce_sum``, ...).
 """
 from __future__ import annotations
 

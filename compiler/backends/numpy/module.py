@@ -135,7 +135,7 @@ class _Functions:
 
     def function(self, fname, leaves, roots, nodes, ret, doc, comments=False):
         st, fm = self.st, self.lowered.lines
-        st.needs_dt = False
+        st.begin_function()
         body = []
         for node in nodes:
             if comments and node.uid in self.program.backward_only:

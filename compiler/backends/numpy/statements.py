@@ -59,11 +59,15 @@ class NumpyStatements:
     def __init__(self, program):
         self.p = program
         self.helpers = set()
-        self.needs_dt = False
+        self.begin_function()
         outputs = [program.prediction, program.loss, *(g for _, g in program.grads if g is not None)]
         order, self.uses = use_counts(outputs)
         self.users = ir.consumers(order)
         self.outputs = {o.uid for o in outputs}
+
+    def begin_function(self):
+        """Start the statements of one function."""
+        self.needs_dt = False    # whether they refer to the local dt (the inputs' dtype)
 
     def private(self, node):
         """Whether ``node``'s array can never reach the caller: it is not returned, no view of it

@@ -73,5 +73,13 @@ def first_order_only(node, g, wants):
     raise UnsupportedError(f"no adjoint rule for operation {node.op!r}")
 
 
-# the op modules register themselves (after the definitions above, which they import)
-from compiler.core.ops import ew, matmul, transpose, reshape, reduce, logsumexp, xent  # noqa: E402,F401
+def _register_all():
+    """Import every op module of this package: each registers its ops (so adding an op is
+    adding a module). In name order, so the registry's order does not depend on the file system."""
+    import importlib
+    import pkgutil
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_register_all()    # after the definitions above, which the op modules import

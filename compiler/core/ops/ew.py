@@ -1,4 +1,5 @@
-"""Elementwise nodes: a SymPy expression of symbols ARG[i] bound to the node's inputs.
+"""``ew``: elementwise nodes, any number of inputs (maybe none: a constant); attr ``expr``, a
+SymPy expression of symbols ARG[i] bound to the inputs, broadcast to the node's shape.
 
 Elementwise derivatives are rewritten in terms of the forward output where possible
 (tanh' = 1 - y**2, sigmoid' = y*(1 - y), exp' = y, relu' = step(y)), so the backward graph

@@ -1,5 +1,5 @@
-"""Row-wise log-sum-exp ``lse`` (n, k) -> (n,) and ``softmax`` (n, k) -> (n, k), both stable
-(the row maximum is subtracted before exponentiating)."""
+"""Row-wise log-sum-exp ``lse`` (n, k) -> (n,) and ``softmax`` (n, k) -> (n, k) of one input z,
+both stable (the row maximum is subtracted before exponentiating); no attrs."""
 from __future__ import annotations
 
 import sympy as sp

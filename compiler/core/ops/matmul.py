@@ -1,4 +1,4 @@
-"""Matrix product ``op(A) @ op(B)`` of 2-D values, with transpose flags ``ta``/``tb`` (explicit
+"""``matmul``: the matrix product ``op(A) @ op(B)`` of inputs a, b (2-D), with transpose flags ``ta``/``tb`` (explicit
 transposes fold into the flags, so ``W*x`` and ``x.T*W.T`` intern to one node)."""
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Reductions: ``sum`` over some axes, ``mean`` over every axis (to a scalar)."""
+"""Reductions of one input: ``sum`` over the axes of attr ``axes`` (a sorted tuple of ints),
+``mean`` over every axis (to a scalar; no attrs)."""
 from __future__ import annotations
 
 from compiler.core import ir

@@ -1,4 +1,5 @@
-"""Reshape: the same elements in row-major order, a new shape (the node's own)."""
+"""``reshape``: one input's elements in row-major order under a new shape (the node's own);
+no attrs."""
 from __future__ import annotations
 
 import sympy as sp

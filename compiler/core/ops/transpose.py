@@ -1,4 +1,4 @@
-"""Transpose of a 2-D value."""
+"""``transpose``: the transpose of one 2-D input; no attrs."""
 from __future__ import annotations
 
 from compiler.core import ir

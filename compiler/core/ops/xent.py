@@ -1,6 +1,7 @@
 """Softmax cross-entropy of logits ``z`` against integer labels or one-hot/probability rows:
 ``xent`` (z, lse(z), y) -> (n,) per-sample losses, and its gradient ``xent_grad``
-(z, lse, y, adj) -> (softmax(z) - onehot(y)) * adj, which only the backward graph holds."""
+(z, lse, y, adj) -> (softmax(z) - onehot(y)) * adj, which only the backward graph holds.
+Attr ``kind``: "label" (integer labels, shape (n,)) or "onehot" (rows of the logits' shape)."""
 from __future__ import annotations
 
 import sympy as sp
