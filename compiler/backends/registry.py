@@ -1,7 +1,8 @@
 """The table of backends: each is a renderer of a Lowered model (compiler.backends.lowering).
 
 A backend registers its name, the element types it supports and where its renderer lives
-(imported on first use, so that the NumPy target never loads the C backend). Every op
+(imported on first use, so that the NumPy target never loads the C backend, and the CLI can
+list the backends without loading SymPy). Every op
 (compiler.core.ops) carries a statement for each backend named here; tests/test_ops_registry.py
 fails when one is missing.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from compiler.backends.lowering import lower
 from compiler.errors import ModelError
 
 
@@ -33,6 +33,7 @@ BACKENDS = {
 
 def compile_for(backend, model, dtype=None, **options):
     """Lower ``model`` once and render it with ``backend`` (a name in BACKENDS)."""
+    from compiler.backends.lowering import lower
     b = BACKENDS[backend]
     if dtype not in b.dtypes:
         raise ModelError(f"the {backend} backend needs dtype " + " or ".join(d for d in b.dtypes if d)

@@ -11,12 +11,13 @@ import os
 import sys
 
 from compiler import dtypes, limits
+from compiler.backends.registry import BACKENDS
 from compiler.cli._common import add_spec_argument, load, write_error
 
 
 def add_arguments(parser):
     add_spec_argument(parser)
-    parser.add_argument("--target", choices=("numpy", "c"), default="numpy",
+    parser.add_argument("--target", choices=tuple(BACKENDS), default="numpy",
                         help="backend (default: numpy)")
     parser.add_argument("--dtype", choices=dtypes.NAMES, default=None,
                         help="floating type of the generated code (default: the spec's model.dtype; "
