@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compiler import __version__, dtypes
-from compiler.backends.cache import cache_dir, load_module, write_cached  # noqa: F401  (load_module: public API)
+from compiler.backends.cache import cache_dir, load_module, write_cached
 from compiler.backends.lowering import lower, per_sample, statement
 from compiler.backends.numpy.statements import NumpyStatements, shape_code
 from compiler.backends.templates import render
