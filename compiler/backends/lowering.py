@@ -16,8 +16,8 @@ import sympy as sp
 
 from compiler import __version__
 from compiler.backends.constants import numeric_constants_to_floats
-from compiler.core import ir
 from compiler.core.formulas import Formulas
+from compiler.core.ir import format_shape as shape_code
 from compiler.core.program import build_program
 from compiler.errors import ModelError, UnsupportedError
 
@@ -100,11 +100,6 @@ def lower(model, dtype=None):
     inits = tuple(init_line(p.name, p.shape, model.init[p.name]) for p in model.params)
     return Lowered(model, program, dtype, formulas, latex, model_hash(model, dtype), classes, interface,
                    inits, init_doc, fm)
-
-
-def shape_code(shape):
-    """Python code of a shape (the batch axis is ``n``)."""
-    return ir.format_shape(shape)
 
 
 def per_sample(node):

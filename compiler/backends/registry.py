@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from compiler import dtypes
 from compiler.errors import ModelError
 
 
@@ -26,8 +27,8 @@ class Backend:
 
 
 BACKENDS = {
-    "numpy": Backend("numpy", (None, "float32", "float64"), "compiler.backends.numpy.module", "render_numpy"),
-    "c": Backend("c", ("float32", "float64"), "compiler.backends.c.backend", "render_c"),
+    "numpy": Backend("numpy", (None, *dtypes.NAMES), "compiler.backends.numpy.module", "render_numpy"),
+    "c": Backend("c", dtypes.NAMES, "compiler.backends.c.backend", "render_c"),
 }
 
 
