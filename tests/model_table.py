@@ -199,3 +199,20 @@ def rel_err(a, b):
     """Largest difference of ``a`` from ``b`` over the largest magnitude of ``b``."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b), initial=0.0) / max(np.max(np.abs(b), initial=0.0), 1e-300))
+
+
+def float32_mismatches(mod, ref, params, arrays, precision=PRECISIONS["float32"]):
+    """Where ``mod`` (float32) differs from ``ref`` (float64) on the same float32-rounded
+    numbers by more than the float32 tolerance; [] when it agrees."""
+    loss, grads = mod.backward(params, *arrays)
+    params64 = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    loss64, grads64 = ref.backward(params64, *as_dtype(arrays, np.float64))
+    bad = []
+    if abs(loss - loss64) > precision.rtol * abs(loss64) + precision.atol * max(1.0, abs(loss64)):
+        bad.append(("loss", loss, loss64))
+    for k, g64 in grads64.items():
+        g = np.asarray(grads[k])
+        scale = max(1.0, float(np.max(np.abs(g64), initial=0.0)))
+        if g.shape != g64.shape or not np.allclose(g, g64, rtol=precision.rtol, atol=precision.atol * scale):
+            bad.append((k, float(np.max(np.abs(g - g64), initial=0.0)), scale))
+    return bad

@@ -10,7 +10,8 @@ import sympy as sp
 
 import compiler as bpc
 from compiler.gradcheck import check_gradients, format_table, random_batch
-from model_table import BATCHES, MODELS, NEEDS_CC, PRECISIONS, ROWS, as_dtype, build, perturbed, rel_err
+from model_table import (BATCHES, MODELS, NEEDS_CC, PRECISIONS, ROWS, as_dtype, build, float32_mismatches,
+                         perturbed, rel_err)
 
 MODEL_IDS = [m[0] for m in MODELS]
 
@@ -42,23 +43,6 @@ def _broken(mod, params, arrays, offset):
     return broken
 
 
-def _float32_mismatches(mod, ref, params, arrays, precision):
-    """Where ``mod`` (float32) differs from ``ref`` (float64) on the same float32-rounded
-    numbers by more than the float32 tolerance; [] when it agrees."""
-    loss, grads = mod.backward(params, *arrays)
-    params64 = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    loss64, grads64 = ref.backward(params64, *as_dtype(arrays, np.float64))
-    bad = []
-    if abs(loss - loss64) > precision.rtol * abs(loss64) + precision.atol * max(1.0, abs(loss64)):
-        bad.append(("loss", loss, loss64))
-    for k, g64 in grads64.items():
-        g = np.asarray(grads[k])
-        scale = max(1.0, float(np.max(np.abs(g64), initial=0.0)))
-        if g.shape != g64.shape or not np.allclose(g, g64, rtol=precision.rtol, atol=precision.atol * scale):
-            bad.append((k, float(np.max(np.abs(g - g64), initial=0.0)), scale))
-    return bad
-
-
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("row", [r.param() for r in ROWS])
 @pytest.mark.parametrize("model_id", MODEL_IDS)
@@ -83,8 +67,8 @@ def test_gradients(model_id, row, batch):
                                                      atol=precision.atol))
     else:
         ref = build(model_id, row.backend, row.reference.compiled)
-        assert _float32_mismatches(mod, ref, params, arrays, precision) == []
-        assert _float32_mismatches(_broken(mod, params, arrays, 1e-2), ref, params, arrays, precision) != []
+        assert float32_mismatches(mod, ref, params, arrays, precision) == []
+        assert float32_mismatches(_broken(mod, params, arrays, 1e-2), ref, params, arrays, precision) != []
 
 
 @NEEDS_CC
