@@ -8,8 +8,10 @@ A row's columns: the op, the input domain its data are drawn from, and the toler
 check. An elementwise op of one argument gets ``X + shift`` as its input (``shift`` a
 parameter with ``|shift| <= SHIFT``), and X is drawn so that ``X + shift`` stays in the
 domain: the op is written as itself (``log(x)``, not ``log(1 + x**2)``), and where it is
-checked is a column, not a disguise.
+checked is a column, not a disguise. The unary rows also run on every target (NumPy and C,
+float64 and float32), all in one model so that each target costs one build.
 """
+import functools
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -21,9 +23,10 @@ import sympy as sp
 from compiler.core import ir
 from compiler.backends.numpy.module import compile_model
 from compiler.core.functions import relu, sigmoid, softplus, stabilize
-from compiler.gradcheck import check_gradients
+from compiler.gradcheck import check_gradients, format_table
 from compiler.core.ir import ARG, N
 from compiler.core.model import Model
+from model_table import ROWS, as_dtype, float32_mismatches
 
 a0, a1 = ARG[0], ARG[1]
 
@@ -188,6 +191,58 @@ def test_the_domain_column_matters(op, domain):
     wide = Op(row.build, domain, row.rtol, row.atol)
     with np.errstate(all="ignore"):
         assert not all(r.ok for seed in range(3) for r in _check(f"ew_{op}", wide, seed))
+
+
+def _unary_model():
+    """Every unary row in one model: op i reads its own data input X_i (drawn from its domain)
+    plus its own shift_i, weighted by X_i @ R_i; a wrong rule shows in op i's own parameters."""
+    terms, inputs, params = [], [], []
+    for op, row in sorted(UNARY.items()):
+        x = ir.input_node(f"X_{op}", (N, 3), "data")
+        shift, weight = P(f"shift_{op}", (3,)), P(f"R_{op}", (3, 3))
+        out = ir.ew(row.build().attr("expr"), [ir.ew(a0 + a1, [x, shift])])
+        terms.append(ir.mean(ir.ew(a0 * a1, [out, ir.matmul(x, weight)])))
+        inputs.append(x)
+        params += [shift, weight]
+    loss = terms[0]
+    for term in terms[1:]:
+        loss = ir.ew(a0 + a1, [loss, term])
+    return Model("unary_rules", tuple(inputs), (), tuple(params), loss, loss, {},
+                 {p.name: ("zeros",) for p in params})
+
+
+def _unary_draw(module, seed):
+    rng = np.random.default_rng(seed)
+    ops = sorted(UNARY)
+    arrays = [UNARY[op].domain.sample(rng, (5, 3), SHIFT) for op in ops]
+    params = {k: rng.uniform(-SHIFT, SHIFT, s) if k.startswith("shift_") else 0.5 * rng.standard_normal(s)
+              for k, s in module.PARAMS.items()}
+    return params, arrays
+
+
+@functools.lru_cache(maxsize=None)
+def _unary_module(backend, dtype):
+    if backend == "numpy":
+        return compile_model(_unary_model(), dtype).load()
+    from compiler.backends.c.backend import compile_model_c
+    return compile_model_c(_unary_model(), dtype).load()
+
+
+@pytest.mark.parametrize("row", [r.param() for r in ROWS if r.compiled])
+def test_unary_rules_on_every_target(row):
+    """The unary rows on every target and dtype, in one model (one build per target):
+    float64 against finite differences at each row's tolerance, float32 against float64."""
+    module = _unary_module(row.backend, row.compiled)
+    for seed in (0, 1):
+        params, arrays = _unary_draw(module, seed)
+        if row.dtype == "float64":
+            rows = check_gradients(module, params, arrays, rtol=min(r.rtol for r in UNARY.values()),
+                                   atol=min(r.atol for r in UNARY.values()))
+            assert rows and all(r.ok for r in rows), "\n" + format_table([r for r in rows if not r.ok])
+        else:
+            params32 = {k: v.astype(np.float32) for k, v in params.items()}
+            ref = _unary_module(row.backend, "float64")
+            assert float32_mismatches(module, ref, params32, as_dtype(arrays, np.float32)) == []
 
 
 def test_every_rule_has_a_row():
