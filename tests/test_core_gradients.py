@@ -3,7 +3,8 @@ or, for NumPy, following the inputs) x data dtype x batch size.
 
 float64: generated ``backward`` == central finite differences of ``loss``; float32: loss and
 gradients == the same target's float64 result at a float32 tolerance; the two backends agree
-in each dtype. Plus: the generated loss == an independent evaluation of the model."""
+in each dtype. Plus, on every float64 target: the generated loss == an independent evaluation
+of the model."""
 import numpy as np
 import pytest
 import sympy as sp
@@ -16,9 +17,10 @@ from model_table import (BATCHES, MODELS, NEEDS_CC, PRECISIONS, ROWS, as_dtype, 
 MODEL_IDS = [m[0] for m in MODELS]
 
 
-@pytest.fixture(scope="module")
-def modules():
-    return lambda model_id: build(model_id, "numpy", None)
+@pytest.fixture(params=[r.param() for r in ROWS if r.dtype == "float64"])
+def modules(request):
+    """model id -> its module on each float64 target (for the reference checks below)."""
+    return lambda model_id: build(model_id, request.param.backend, request.param.compiled)
 
 
 def _inputs(row, model_id, batch):
