@@ -1,4 +1,10 @@
-"""The table of models every backend is tested on: (id, builder) pairs; builder() -> Model."""
+"""The table of models every backend is tested on: (id, builder) pairs, builder() -> Model; and
+its axes: targets (backend x compiled dtype), data dtypes with their tolerances, batch sizes."""
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
 import sympy as sp
 
 import compiler as bpc
@@ -93,3 +99,120 @@ MODELS = [
 
 # models whose loss and gradients must stay finite at inputs of +-1000
 STABLE_MODELS = [m for m in MODELS if m[0] not in ("expr_multi",)]
+
+
+# ---- the axes every model is tested on ------------------------------------------------------
+#
+# A (backend, compiled dtype) pair is a target; the NumPy target also compiles with dtype=None
+# ("follow the inputs": one module for float64 and float32 data). Each (model, target) is built
+# once per session: the C builds are most of the suite's time.
+
+BACKENDS = ("numpy", "c")
+BATCHES = (1, 7, 64)
+HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
+NEEDS_CC = pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a dtype's results are checked. float64: ``backward`` against central finite
+    differences of ``loss`` at (rtol, atol). float32: loss and gradients against the same
+    target's float64 module on the same (float32-rounded) numbers, at (rtol, atol * scale),
+    scale = max(1, largest float64 magnitude). ``agree``: NumPy against C in this dtype
+    (largest difference over largest magnitude)."""
+    dtype: str
+    rtol: float
+    atol: float
+    agree: float
+
+
+PRECISIONS = {
+    "float64": Precision("float64", rtol=1e-6, atol=1e-9, agree=1e-12),
+    # measured worst cases over the table: float32 against float64 ~7e-6 relative (mlp_gelu),
+    # NumPy against C 7e-7 in float32 and 1.3e-15 in float64
+    "float32": Precision("float32", rtol=2e-4, atol=2e-5, agree=5e-6),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One target and one data dtype: ``compiled`` is the dtype the module was compiled for
+    (None: it follows the inputs), ``dtype`` the dtype of the data and parameters it is given."""
+    backend: str
+    compiled: object
+    dtype: str
+
+    @property
+    def id(self):
+        return f"{self.backend}-{self.compiled or 'any'}-{self.dtype}"
+
+    @property
+    def reference(self):
+        """The float64 row a float32 row is checked against (same backend, same mode)."""
+        return Row(self.backend, self.compiled and "float64", "float64")
+
+    def param(self):
+        return pytest.param(self, id=self.id, marks=NEEDS_CC if self.backend == "c" else ())
+
+
+ROWS = ([Row(backend, dtype, dtype) for backend in BACKENDS for dtype in PRECISIONS]
+        + [Row("numpy", None, dtype) for dtype in PRECISIONS])
+
+_models = {}
+_built = {}
+
+
+def model(model_id):
+    """The Model of ``model_id``, made once per session (so NumPy and C compile one object)."""
+    if model_id not in _models:
+        _models[model_id] = dict(MODELS)[model_id]()
+    return _models[model_id]
+
+
+def build(model_id, backend="numpy", dtype=None):
+    """The loaded module of ``model_id`` for ``backend`` compiled for ``dtype`` (None: NumPy
+    follows the inputs), built once per session."""
+    key = (model_id, backend, dtype)
+    if key not in _built:
+        if backend == "numpy":
+            _built[key] = bpc.compile_model(model(model_id), dtype).load()
+        else:
+            from compiler.backends.c.backend import compile_model_c
+            _built[key] = compile_model_c(model(model_id), dtype or "float64").load()
+    return _built[key]
+
+
+def perturbed(module, seed=1, scale=0.3, dtype=None):
+    """Initial parameters plus noise (so that zero biases test nothing special), in ``dtype``
+    (default: the dtype of the module's own initial parameters)."""
+    rng = np.random.default_rng(seed)
+    return {k: np.asarray(v + scale * rng.standard_normal(np.shape(v)), dtype=dtype or v.dtype)
+            for k, v in module.init_params(seed).items()}
+
+
+def as_dtype(arrays, dtype):
+    """Data arrays cast to ``dtype`` (labels stay integers)."""
+    return [a.astype(dtype) if a.dtype.kind == "f" else a for a in arrays]
+
+
+def rel_err(a, b):
+    """Largest difference of ``a`` from ``b`` over the largest magnitude of ``b``."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b), initial=0.0) / max(np.max(np.abs(b), initial=0.0), 1e-300))
+
+
+def float32_mismatches(mod, ref, params, arrays, precision=PRECISIONS["float32"]):
+    """Where ``mod`` (float32) differs from ``ref`` (float64) on the same float32-rounded
+    numbers by more than the float32 tolerance; [] when it agrees."""
+    loss, grads = mod.backward(params, *arrays)
+    params64 = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    loss64, grads64 = ref.backward(params64, *as_dtype(arrays, np.float64))
+    bad = []
+    if abs(loss - loss64) > precision.rtol * abs(loss64) + precision.atol * max(1.0, abs(loss64)):
+        bad.append(("loss", loss, loss64))
+    for k, g64 in grads64.items():
+        g = np.asarray(grads[k])
+        scale = max(1.0, float(np.max(np.abs(g64), initial=0.0)))
+        if g.shape != g64.shape or not np.allclose(g, g64, rtol=precision.rtol, atol=precision.atol * scale):
+            bad.append((k, float(np.max(np.abs(g - g64), initial=0.0)), scale))
+    return bad

@@ -1,5 +1,5 @@
-"""The C backend: the model table against NumPy and finite differences, stability, float32,
-the wrapper's argument checks, the build cache, build errors, and the standalone C files."""
+"""The C backend: the tanh helper, the wrapper's argument checks, the build cache, build errors,
+and the standalone C files. (The model table on both backends: tests/test_core_gradients.py.)"""
 import dataclasses
 import pickle
 import shutil
@@ -14,90 +14,23 @@ import compiler as bpc
 from compiler.backends.c import backend as c_backend
 from compiler.backends.c.backend import CBuildError, compile_model_c
 from compiler.errors import ModelError, UnsupportedError
-from compiler.gradcheck import check_gradients, random_batch
-from model_table import MODELS, STABLE_MODELS
+from compiler.gradcheck import random_batch
+from model_table import MODELS, build, model, perturbed, rel_err
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler")
 
 _MODELS = dict(MODELS)
-_cache = {}
 
 
 def built(model_id, dtype="float64"):
-    """(model, NumPy module, C module), built once per session."""
-    key = (model_id, dtype)
-    if key not in _cache:
-        model = _MODELS[model_id]()
-        _cache[key] = (model, bpc.compile_model(model, dtype).load(), compile_model_c(model, dtype).load())
-    return _cache[key]
+    """(model, NumPy module, C module), built once per session (tests/model_table.py)."""
+    return model(model_id), build(model_id, "numpy", dtype), build(model_id, "c", dtype)
 
 
-def perturbed(module, seed=1, scale=0.3):
-    """Initial parameters plus noise (so that biases are not all zero): a random network."""
-    rng = np.random.default_rng(seed)
-    return {k: np.asarray(v + scale * rng.standard_normal(np.shape(v)), dtype=v.dtype)
-            for k, v in module.init_params(seed).items()}
-
-
-def n_inputs(module):
-    return len(module.INPUTS)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b), initial=0.0) / max(np.max(np.abs(b), initial=0.0), 1e-300))
-
-
-# ---- the model table, both backends -----------------------------------------------------------
-
-@pytest.mark.parametrize("model_id", list(_MODELS))
-def test_c_matches_numpy_float64(model_id):
-    _, npm, cm = built(model_id)
-    assert cm.PARAMS == npm.PARAMS and cm.INPUTS == npm.INPUTS and cm.TARGETS == npm.TARGETS
-    assert cm.TARGET_KINDS == npm.TARGET_KINDS and cm.CLASSES == npm.CLASSES and cm.FORMULAS == npm.FORMULAS
-    init_c, init_np = cm.init_params(7), npm.init_params(7)
-    assert set(init_c) == set(init_np)
-    for k in init_np:
-        np.testing.assert_array_equal(init_c[k], init_np[k])
-    for seed in range(3):
-        params = perturbed(npm, seed)
-        arrays = random_batch(npm, batch=[1, 5, 17][seed], seed=seed)
-        np_loss, np_grads = npm.backward(params, *arrays)
-        c_loss, c_grads = cm.backward(params, *arrays)
-        assert rel_err(c_loss, np_loss) <= 1e-12
-        assert abs(cm.loss(params, *arrays) - c_loss) <= 1e-12 * abs(c_loss)
-        for k in np_grads:
-            assert np.shape(c_grads[k]) == np.shape(np_grads[k]), k
-            assert rel_err(c_grads[k], np_grads[k]) <= 1e-12, k
-        x = arrays[:n_inputs(npm)]
-        assert rel_err(cm.forward(params, *x), npm.forward(params, *x)) <= 1e-12
-
-
-@pytest.mark.parametrize("model_id", list(_MODELS))
-def test_c_gradients_match_finite_differences(model_id):
-    _, _, cm = built(model_id)
-    params = perturbed(cm, 11)
-    arrays = random_batch(cm, batch=4, seed=11)
-    rows = check_gradients(cm, params, arrays)
-    assert rows and all(r.ok for r in rows), "\n" + bpc.gradcheck.format_table(rows)
-
-
-@pytest.mark.parametrize("model_id", [m for m, _ in STABLE_MODELS])
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_c_stable_at_plus_minus_1000(model_id, dtype):
-    _, _, cm = built(model_id, dtype)
-    params = cm.init_params(0)
-    for sign in (1.0, -1.0):
-        arrays = random_batch(cm, batch=6, seed=2)
-        for i in range(n_inputs(cm)):
-            arrays[i] = (sign * 1000.0 * np.sign(arrays[i]) + 1e-3).astype(dtype)
-        arrays = [a.astype(dtype) if a.dtype.kind == "f" else a for a in arrays]
-        value, grads = cm.backward(params, *arrays)
-        assert np.isfinite(value), (sign, value)
-        for k in grads:
-            assert np.all(np.isfinite(grads[k])), (sign, k)
-
+# ---- the C helpers ---------------------------------------------------------------------------
+# (the model table on both backends: tests/test_core_gradients.py for gradients, float32 and
+# NumPy against C; tests/test_core_stability.py for inputs at +-1000)
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_c_tanh_helper_matches_numpy(dtype):
@@ -122,29 +55,6 @@ def test_c_tanh_helper_matches_numpy(dtype):
     np.testing.assert_allclose(got, want, rtol=2 * np.finfo(dt).eps, atol=0)
     finite = np.isfinite(values)
     np.testing.assert_allclose(got[finite], np.tanh(x[finite, 0]), rtol=2 * np.finfo(dt).eps, atol=0)
-
-
-@pytest.mark.parametrize("model_id", ["mlp_tanh_mse", "softmax_labels", "bce_logits", "poly_fit", "matrix_rows"])
-def test_c_float32_agrees_with_float64(model_id):
-    _, _, c64 = built(model_id)
-    _, np32, c32 = built(model_id, "float32")
-    assert c32.DTYPE == "float32"
-    params32 = c32.init_params(0)
-    assert all(v.dtype == np.float32 for v in params32.values())
-    params64 = {k: v.astype(np.float64) for k, v in params32.items()}
-    arrays = random_batch(c64, batch=8, seed=4)
-    arrays32 = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
-    l32, g32 = c32.backward(params32, *arrays32)
-    l64, g64 = c64.backward(params64, *arrays)
-    lnp, gnp = np32.backward(params32, *arrays32)
-    assert abs(l32 - l64) <= 1e-4 * max(abs(l64), 1.0)
-    assert abs(l32 - lnp) <= 1e-5 * max(abs(lnp), 1.0)
-    for k in g64:
-        assert g32[k].dtype == np.float32
-        assert np.allclose(g32[k], g64[k], rtol=1e-3, atol=1e-5), k
-        assert np.allclose(g32[k], gnp[k], rtol=1e-4, atol=1e-6), k
-    out = c32.forward(params32, *arrays32[:n_inputs(c32)])
-    assert out.dtype == np.float32
 
 
 # ---- the wrapper: arguments, results ------------------------------------------------------

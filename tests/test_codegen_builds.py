@@ -6,6 +6,7 @@ Each spec below compiles on both targets through the command line, the result is
 C wrapper builds its extension on import), and `check_gradients` compares `backward` with
 central differences of `loss`. The error tables give specs and API calls that must be refused.
 """
+import functools
 import re
 import shutil
 from pathlib import Path
@@ -25,6 +26,7 @@ from compiler.gradcheck import check_gradients, format_table, random_batch
 from compiler.core.program import build_program
 from compiler.core.simplify import MAX_FUSED_HEIGHT, MAX_FUSED_INPUTS, height
 from compiler.spec.loader import load_spec
+from model_table import as_dtype, float32_mismatches, perturbed
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix in (".toml", ".json"))
@@ -93,14 +95,17 @@ BUILDS = {
 }
 
 
-def _compile(spec, target, tmp_path, capsys):
-    """bpc compile the spec; returns (exit code, stderr, the generated module's path or None)."""
+def _compile(spec, target, tmp_path, capsys, dtype=None):
+    """bpc compile the spec (with --dtype if given); returns (exit code, stderr, the generated
+    module's path or None)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     if not isinstance(spec, Path):
         path = tmp_path / "spec.toml"
         path.write_text(spec)
         spec = path
     out = tmp_path / "out"
     argv = ["compile", str(spec), "--target", target, "-o", str(out / "m.py" if target == "numpy" else out)]
+    argv += ["--dtype", dtype] if dtype else []
     code = main(argv)
     err = capsys.readouterr().err
     if code != 0:
@@ -108,13 +113,6 @@ def _compile(spec, target, tmp_path, capsys):
     modules = sorted(out.glob("*.py"))
     assert len(modules) == 1, modules
     return code, err, modules[0]
-
-
-def _perturbed(module, seed=1, scale=0.3):
-    """Initial parameters plus noise, so that zero biases do not hide a wrong gradient."""
-    rng = np.random.default_rng(seed)
-    return {k: np.asarray(v + scale * rng.standard_normal(np.shape(v)), dtype=np.float64)
-            for k, v in module.init_params(seed).items()}
 
 
 # the NumPy module hit Python's parser limit at 255 layers (C failed at 200: the row above);
@@ -129,13 +127,18 @@ def test_compiled_module_builds_and_its_gradients_match_finite_differences(case,
     code, err, path = _compile(BUILDS[case], target, tmp_path, capsys)
     assert code == 0, err
     module = load_module(path, "bpc_build_" + re.sub(r"\W", "_", f"{case}_{target}"))
-    params = _perturbed(module)
+    params = perturbed(module, dtype=np.float64)
     arrays = random_batch(module, batch=3, seed=2)
     loss, grads = module.backward(params, *arrays)
     assert np.isfinite(loss) and set(grads) == set(module.PARAMS)
     assert all(np.all(np.isfinite(g)) for g in grads.values())
     rows = check_gradients(module, params, arrays)
     assert rows and all(r.ok for r in rows), "\n" + format_table(rows)
+    # the examples at one sample and a larger batch too (64 sampled entries per parameter)
+    for batch in (1, 64) if case.startswith("example_") else ():
+        arrays = random_batch(module, batch=batch, seed=batch)
+        rows = check_gradients(module, params, arrays, entries=64)
+        assert rows and all(r.ok for r in rows), f"batch {batch}\n" + format_table(rows)
 
 
 @pytest.mark.parametrize("case", ["200_activation_layers", "expression_150_calls_deep"])
@@ -149,6 +152,89 @@ def test_long_chains_become_bounded_statements(case, tmp_path):
     assert len(ews) >= 6
     assert max(height(n.attr("expr")) for n in ews) <= MAX_FUSED_HEIGHT + 4   # stabilize may add a level or two
     assert max(len(n.inputs) for n in ews) <= MAX_FUSED_INPUTS
+
+
+# ---- float32: every example and the small matrix specs, compiled with --dtype float32 -----------
+# (loss and gradients equal the float64 module's on the same numbers, at the float32 tolerance of
+# tests/model_table.py)
+FLOAT32_ROWS = [pytest.param(case, target, id=f"{case}-{target}", marks=NEEDS_CC if target == "c" else ())
+                for case in BUILDS if case.startswith(("example_", "matrix_")) for target in ("numpy", "c")]
+
+
+@pytest.mark.parametrize("case,target", FLOAT32_ROWS)
+def test_float32_module_agrees_with_float64(case, target, tmp_path, capsys):
+    modules = {}
+    for dtype in ("float64", "float32"):
+        code, err, path = _compile(BUILDS[case], target, tmp_path / dtype, capsys, dtype)
+        assert code == 0, err
+        modules[dtype] = load_module(path, "bpc_build_" + re.sub(r"\W", "_", f"{case}_{target}_{dtype}"))
+    m32, m64 = modules["float32"], modules["float64"]
+    assert (m32.DTYPE, m64.DTYPE) == ("float32", "float64")
+    for batch in (1, 3, 64):
+        params = perturbed(m64, seed=batch, dtype=np.float32)
+        arrays = as_dtype(random_batch(m64, batch=batch, seed=batch), np.float32)
+        assert float32_mismatches(m32, m64, params, arrays) == [], batch
+
+
+# ---- the models of README.md's Python API section, every target and dtype ---------------------
+
+def _readme_api_code():
+    """The first Python block of README.md's "The Python API" section."""
+    text = (ROOT / "README.md").read_text()
+    assert "## The Python API" in text, "README.md has no Python API section"
+    section = text.split("## The Python API", 1)[1]
+    assert "```python\n" in section
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _readme_models():
+    """The README's models, by running its code up to the first compile, as a reader would."""
+    code = _readme_api_code()
+    assert "compiled = bpc.compile_model(" in code
+    namespace = {}
+    exec(compile(code.split("compiled = bpc.compile_model(", 1)[0], "README.md", "exec"), namespace)
+    return {"classifier": namespace["model"], "poly": namespace["poly"], "matrix": namespace["mx"]}
+
+
+@functools.lru_cache(maxsize=None)
+def _readme_module(name, target, dtype):
+    model = _readme_models()[name]
+    return (compile_model(model, dtype) if target == "numpy" else compile_model_c(model, dtype)).load()
+
+
+README_ROWS = [pytest.param(name, target, dtype, id=f"{name}-{target}-{dtype}",
+                            marks=NEEDS_CC if target == "c" else ())
+               for name in ("classifier", "poly", "matrix") for target in ("numpy", "c")
+               for dtype in ("float64", "float32")]
+
+
+@pytest.mark.parametrize("name,target,dtype", README_ROWS)
+def test_readme_api_models_build_and_check(name, target, dtype):
+    module = _readme_module(name, target, dtype)
+    for batch in (1, 7, 64):
+        ref = _readme_module(name, target, "float64")
+        params = perturbed(ref, seed=batch, dtype=dtype)
+        arrays = as_dtype(random_batch(ref, batch=batch, seed=batch), dtype)
+        if dtype == "float64":
+            rows = check_gradients(module, params, arrays, entries=64)
+            assert rows and all(r.ok for r in rows), f"batch {batch}\n" + format_table(rows)
+        else:
+            assert float32_mismatches(module, ref, params, arrays) == [], batch
+
+
+def test_readme_api_block_runs(tmp_path, monkeypatch):
+    """The whole block, as printed (its data: a random batch for the classifier it compiles)."""
+    code = _readme_api_code()
+    first, rest = code.split("params = m.init_params", 1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "generated").mkdir()
+    namespace = {}
+    exec(compile(first, "README.md", "exec"), namespace)
+    namespace["x_batch"], namespace["y_batch"] = random_batch(namespace["m"], batch=5)
+    exec(compile("params = m.init_params" + rest, "README.md", "exec"), namespace)
+    assert np.isfinite(namespace["loss"]) and set(namespace["grads"]) == set(namespace["m"].PARAMS)
+    assert (tmp_path / "generated" / "classifier.py").is_file()
 
 
 # ---- refused at compile time: exit 2 and a message, both targets ------------------------------

@@ -1,57 +1,106 @@
-"""Every model of the table: generated backward == float64 central finite differences, and the
-generated loss == an independent evaluation of the model."""
+"""The product table: every model x every target (NumPy, C; compiled for float64, float32,
+or, for NumPy, following the inputs) x data dtype x batch size.
+
+float64: generated ``backward`` == central finite differences of ``loss``; float32: loss and
+gradients == the same target's float64 result at a float32 tolerance; the two backends agree
+in each dtype. Plus, on every float64 target: the generated loss == an independent evaluation
+of the model."""
 import numpy as np
 import pytest
 import sympy as sp
 
 import compiler as bpc
-from compiler.gradcheck import check_gradients, random_batch
-from model_table import MODELS
+from compiler.gradcheck import check_gradients, format_table, random_batch
+from model_table import (BATCHES, MODELS, NEEDS_CC, PRECISIONS, ROWS, as_dtype, build, float32_mismatches,
+                         perturbed, rel_err)
+
+MODEL_IDS = [m[0] for m in MODELS]
 
 
-@pytest.fixture(scope="module")
-def modules():
-    cache = {}
-
-    def get(model_id):
-        if model_id not in cache:
-            cache[model_id] = bpc.compile_model(dict(MODELS)[model_id]()).load()
-        return cache[model_id]
-    return get
+@pytest.fixture(params=[r.param() for r in ROWS if r.dtype == "float64"])
+def modules(request):
+    """model id -> its module on each float64 target (for the reference checks below)."""
+    return lambda model_id: build(model_id, request.param.backend, request.param.compiled)
 
 
-@pytest.mark.parametrize("model_id", [m[0] for m in MODELS])
-@pytest.mark.parametrize("batch", [1, 7])
-def test_backward_matches_finite_differences(modules, model_id, batch):
-    mod = modules(model_id)
-    params = mod.init_params(seed=3)
-    rng = np.random.default_rng(11)
-    # move every parameter off its initial value, so that zero biases test nothing special
-    params = {k: v + 0.3 * rng.standard_normal(np.shape(v)) for k, v in params.items()}
-    arrays = random_batch(mod, batch=batch, seed=5)
-    rows = check_gradients(mod, params, arrays, rtol=1e-6, atol=1e-9)
-    bad = [r for r in rows if not r.ok]
-    assert not bad, bad
-    # the check itself can fail: a wrong gradient is caught
+def _inputs(row, model_id, batch):
+    """(module, params, data) for a row: parameters and data drawn in float64 (from the float64
+    module), then rounded to the row's dtype."""
+    ref = build(model_id, row.backend, row.reference.compiled)
+    params = perturbed(ref, seed=3 + batch, dtype=row.dtype)
+    arrays = as_dtype(random_batch(ref, batch=batch, seed=5 + batch), row.dtype)
+    return build(model_id, row.backend, row.compiled), params, arrays
+
+
+def _broken(mod, params, arrays, offset):
+    """``mod`` with one gradient off by ``offset`` (times its largest magnitude, at least 1):
+    what the checks below must catch."""
     loss, grads = mod.backward(params, *arrays)
     name = next(iter(grads))
+    g = np.asarray(grads[name])
+    wrong = {**grads, name: g + np.asarray(offset * max(1.0, float(np.max(np.abs(g)))), g.dtype)}
     broken = type(mod)("broken")
     broken.__dict__.update(mod.__dict__)
-    broken.backward = lambda p, *a: (loss, {**grads, name: np.asarray(grads[name]) + 1e-3})
-    assert not all(r.ok for r in check_gradients(broken, params, arrays, rtol=1e-6, atol=1e-9))
+    broken.backward = lambda p, *a: (loss, wrong)
+    return broken
 
 
-@pytest.mark.parametrize("model_id", [m[0] for m in MODELS])
-def test_backward_returns_the_loss_and_every_param(modules, model_id):
-    mod = modules(model_id)
-    params = mod.init_params(seed=0)
-    arrays = random_batch(mod, batch=4, seed=1)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("row", [r.param() for r in ROWS])
+@pytest.mark.parametrize("model_id", MODEL_IDS)
+def test_gradients(model_id, row, batch):
+    mod, params, arrays = _inputs(row, model_id, batch)
+    precision = PRECISIONS[row.dtype]
     loss, grads = mod.backward(params, *arrays)
-    assert loss == pytest.approx(mod.loss(params, *arrays), rel=1e-12, abs=1e-15)
+    assert isinstance(loss, float) and np.isfinite(loss)
     assert list(grads) == list(mod.PARAMS)
+    init = mod.init_params(0)
     for k, shape in mod.PARAMS.items():
-        assert np.shape(grads[k]) == shape
-        assert np.shape(params[k]) == shape
+        assert np.shape(init[k]) == shape and init[k].dtype == np.dtype(row.compiled or "float64"), k
+        assert np.shape(grads[k]) == shape and np.asarray(grads[k]).dtype == np.dtype(row.dtype), k
+    assert loss == pytest.approx(mod.loss(params, *arrays), rel=1e-12 if row.dtype == "float64" else 1e-6)
+    assert np.asarray(mod.forward(params, *arrays[:len(mod.INPUTS)])).dtype == np.dtype(row.dtype)
+    if row.dtype == "float64":
+        rows = check_gradients(mod, params, arrays, rtol=precision.rtol, atol=precision.atol)
+        assert rows and all(r.ok for r in rows), "\n" + format_table(rows)
+        # the check itself can fail: a wrong gradient is caught
+        broken = _broken(mod, params, arrays, 1e-4)
+        assert not all(r.ok for r in check_gradients(broken, params, arrays, rtol=precision.rtol,
+                                                     atol=precision.atol))
+    else:
+        ref = build(model_id, row.backend, row.reference.compiled)
+        assert float32_mismatches(mod, ref, params, arrays, precision) == []
+        assert float32_mismatches(_broken(mod, params, arrays, 1e-2), ref, params, arrays, precision) != []
+
+
+@NEEDS_CC
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", list(PRECISIONS))
+@pytest.mark.parametrize("model_id", MODEL_IDS)
+def test_backends_agree(model_id, dtype, batch):
+    """The NumPy and C modules compiled for one dtype: same interface, same initial
+    parameters, and loss, gradients and predictions equal to ``agree`` (relative to the
+    largest magnitude)."""
+    npm, cm = build(model_id, "numpy", dtype), build(model_id, "c", dtype)
+    tol = PRECISIONS[dtype].agree
+    assert cm.PARAMS == npm.PARAMS and cm.INPUTS == npm.INPUTS and cm.TARGETS == npm.TARGETS
+    assert cm.TARGET_KINDS == npm.TARGET_KINDS and cm.CLASSES == npm.CLASSES and cm.FORMULAS == npm.FORMULAS
+    assert cm.DTYPE == npm.DTYPE == dtype
+    init_c, init_np = cm.init_params(7), npm.init_params(7)
+    assert set(init_c) == set(init_np)
+    for k in init_np:
+        np.testing.assert_array_equal(init_c[k], init_np[k])
+    params = perturbed(npm, seed=batch, dtype=dtype)
+    arrays = as_dtype(random_batch(npm, batch=batch, seed=batch), dtype)
+    np_loss, np_grads = npm.backward(params, *arrays)
+    c_loss, c_grads = cm.backward(params, *arrays)
+    assert rel_err(c_loss, np_loss) <= tol
+    assert abs(cm.loss(params, *arrays) - c_loss) <= 1e-12 * abs(c_loss)
+    for k in np_grads:
+        assert np.shape(c_grads[k]) == np.shape(np_grads[k]), k
+        assert rel_err(c_grads[k], np_grads[k]) <= tol, k
+    x = arrays[:len(npm.INPUTS)]
+    assert rel_err(cm.forward(params, *x), npm.forward(params, *x)) <= tol
 
 
 def _mlp_reference(params, x, act, depth):

@@ -3,8 +3,18 @@
 Every row builds ``out = op(...)`` from parameters and a data input and uses the loss
 ``mean(out * R) + mean(X**2)`` with a random weighting parameter ``R``, so the rule is tested
 for an arbitrary upstream adjoint, not just for ones.
+
+A row's columns: the op, the input domain its data are drawn from, and the tolerance of the
+check. An elementwise op of one argument gets ``X + shift`` as its input (``shift`` a
+parameter with ``|shift| <= SHIFT``), and X is drawn so that ``X + shift`` stays in the
+domain: the op is written as itself (``log(x)``, not ``log(1 + x**2)``), and where it is
+checked is a column, not a disguise. The unary rows also run on every target (NumPy and C,
+float64 and float32), all in one model so that each target costs one build.
 """
+import functools
 import zlib
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -13,11 +23,47 @@ import sympy as sp
 from compiler.core import ir
 from compiler.backends.numpy.module import compile_model
 from compiler.core.functions import relu, sigmoid, softplus, stabilize
-from compiler.gradcheck import check_gradients
+from compiler.gradcheck import check_gradients, format_table
 from compiler.core.ir import ARG, N
 from compiler.core.model import Model
+from model_table import ROWS, as_dtype, float32_mismatches
 
 a0, a1 = ARG[0], ARG[1]
+
+
+@dataclass(frozen=True)
+class Domain:
+    """Where an op's input lies: the union of the closed ``intervals`` (low, high)."""
+    name: str
+    intervals: tuple
+
+    def contains(self, values):
+        return bool(np.all(np.any([(lo <= values) & (values <= hi) for lo, hi in self.intervals], axis=0)))
+
+    def sample(self, rng, shape, margin):
+        """Uniform draws from the intervals shrunk by ``margin`` at both ends."""
+        lows = np.array([lo + margin for lo, _ in self.intervals])
+        highs = np.array([hi - margin for _, hi in self.intervals])
+        which = rng.choice(len(lows), size=shape, p=(highs - lows) / (highs - lows).sum())
+        return rng.uniform(lows[which], highs[which])
+
+
+# moderate values: central differences of a loss of size L carry an error ~1e-10*L, so
+# exploding values (exp, x**4, cosh of large inputs) would test the check, not the rule
+REAL = Domain("real", ((-2.0, 2.0),))
+POSITIVE = Domain("positive, away from 0", ((0.25, 3.0),))
+NONZERO = Domain("away from the kink at 0", ((-2.0, -0.25), (0.25, 2.0)))
+INSIDE_POLES = Domain("inside tan's poles at +-pi/2", ((-1.2, 1.2),))
+SHIFT = 0.1     # |shift| of a unary row's input; every domain is wider than 2*SHIFT
+
+
+@dataclass(frozen=True)
+class Op:
+    """One row: ``build()`` -> the op's output node; its input domain; the check's tolerance."""
+    build: Callable
+    domain: Domain = REAL
+    rtol: float = 1e-6
+    atol: float = 1e-9
 
 
 def P(name, shape):
@@ -32,19 +78,27 @@ def Z():
     return ir.matmul(X(), P("W", (3, 4)))
 
 
+def U():
+    """A unary row's input: the data plus a parameter per column, so that the rule's derivative
+    reaches a parameter at the point X + shift of the domain."""
+    return ir.ew(a0 + a1, [X(), P("shift", (3,))])
+
+
+def unary(expr, domain=REAL, **tolerance):
+    return Op(lambda: ir.ew(expr, [U()]), domain, **tolerance)
+
+
 UNARY = {
-    "exp": sp.exp(a0), "log": sp.log(1 + a0**2), "tanh": sp.tanh(a0), "sigmoid": sigmoid(a0),
-    "softplus": softplus(a0), "relu": relu(a0), "sin": sp.sin(a0), "cos": sp.cos(a0),
-    "atan": sp.atan(a0), "asinh": sp.asinh(a0), "sqrt": sp.sqrt(1 + a0**2), "abs": sp.Abs(a0),
-    "erf": sp.erf(a0), "cube": a0**3, "pow4": a0**4, "inverse": 1 / (1 + a0**2), "cosh": sp.cosh(a0),
-    "sinh": sp.sinh(a0), "tan": sp.tan(a0 / 4), "max": sp.Max(a0, a0 / 2),
-    "log_sigmoid": stabilize(sp.log(sigmoid(a0))), "handwritten_sigmoid": stabilize(sp.exp(a0) / (1 + sp.exp(a0))),
-    "power_real": (2 + sp.tanh(a0)) ** sp.Rational(3, 2), "sign_times": sp.sign(a0) * a0**2,
+    "exp": unary(sp.exp(a0)), "log": unary(sp.log(a0), POSITIVE), "tanh": unary(sp.tanh(a0)),
+    "sigmoid": unary(sigmoid(a0)), "softplus": unary(softplus(a0)), "relu": unary(relu(a0), NONZERO),
+    "sin": unary(sp.sin(a0)), "cos": unary(sp.cos(a0)), "atan": unary(sp.atan(a0)), "asinh": unary(sp.asinh(a0)),
+    "sqrt": unary(sp.sqrt(a0), POSITIVE), "abs": unary(sp.Abs(a0), NONZERO), "erf": unary(sp.erf(a0)),
+    "cube": unary(a0**3), "pow4": unary(a0**4), "inverse": unary(1 / a0, NONZERO), "cosh": unary(sp.cosh(a0)),
+    "sinh": unary(sp.sinh(a0)), "tan": unary(sp.tan(a0), INSIDE_POLES), "max": unary(sp.Max(a0, a0 / 2), NONZERO),
+    "log_sigmoid": unary(stabilize(sp.log(sigmoid(a0)))),
+    "handwritten_sigmoid": unary(stabilize(sp.exp(a0) / (1 + sp.exp(a0)))),
+    "power_real": unary(a0 ** sp.Rational(3, 2), POSITIVE), "sign_times": unary(sp.sign(a0) * a0**2, NONZERO),
 }
-
-
-def _unary(expr):
-    return lambda: ir.ew(expr, [Z()])
 
 
 def _lse_input():
@@ -52,29 +106,29 @@ def _lse_input():
 
 
 OPS = {
-    **{f"ew_{k}": _unary(v) for k, v in UNARY.items()},
-    "ew_bias_broadcast": lambda: ir.ew(a0 + a1, [Z(), P("b", (4,))]),
-    "ew_row_broadcast": lambda: ir.ew(a0 * a1, [Z(), P("b", (1, 4))]),
-    "ew_per_sample_broadcast": lambda: ir.ew(a0 * a1, [Z(), ir.reduce_sum(ir.ew(sp.tanh(a0), [Z()]), (1,))]),
-    "ew_scalar_param": lambda: ir.ew(a0 * sp.exp(a1), [Z(), P("s", ())]),
-    "ew_params_only": lambda: ir.ew(a0 * a1**2, [P("u", (4,)), P("s", ())]),
-    "ew_same_input_twice": lambda: ir.ew(a0 * a1, [Z(), Z()]),
-    "matmul": lambda: ir.matmul(X(), P("W", (3, 4))),
-    "matmul_ta": lambda: ir.matmul(X(), Z(), ta=True),
-    "matmul_tb": lambda: ir.matmul(X(), P("V", (4, 3)), tb=True),
-    "matmul_ta_tb": lambda: ir.matmul(P("A", (3, 2)), P("B", (4, 3)), ta=True, tb=True),
-    "matmul_chain": lambda: ir.matmul(ir.ew(sp.tanh(a0), [Z()]), P("V", (4, 2))),
-    "transpose": lambda: ir.transpose(P("A", (3, 2))),
-    "reshape": lambda: ir.reshape(P("A", (4, 3)), (2, 6)),
-    "sum_axis0": lambda: ir.reduce_sum(ir.ew(sp.sin(a0), [Z()]), (0,)),
-    "sum_axis1": lambda: ir.reduce_sum(ir.ew(sp.sin(a0), [Z()]), (1,)),
-    "sum_all": lambda: ir.reduce_sum(ir.ew(sp.sin(a0), [Z()]), (0, 1)),
-    "sum_param_axis1": lambda: ir.reduce_sum(P("A", (3, 4)), (1,)),
-    "mean": lambda: ir.mean(ir.ew(sp.sin(a0), [Z()])),
-    "logsumexp": lambda: ir.lse(_lse_input()),
-    "softmax": lambda: ir.softmax(_lse_input()),
-    "xent_labels": lambda: ir.xent(_lse_input(), ir.input_node("y", (N,), "target", "label"), "label"),
-    "xent_onehot": lambda: ir.xent(_lse_input(), ir.input_node("Y", (N, 4), "target"), "onehot"),
+    **{f"ew_{k}": v for k, v in UNARY.items()},
+    "ew_bias_broadcast": Op(lambda: ir.ew(a0 + a1, [Z(), P("b", (4,))])),
+    "ew_row_broadcast": Op(lambda: ir.ew(a0 * a1, [Z(), P("b", (1, 4))])),
+    "ew_per_sample_broadcast": Op(lambda: ir.ew(a0 * a1, [Z(), ir.reduce_sum(ir.ew(sp.tanh(a0), [Z()]), (1,))])),
+    "ew_scalar_param": Op(lambda: ir.ew(a0 * sp.exp(a1), [Z(), P("s", ())])),
+    "ew_params_only": Op(lambda: ir.ew(a0 * a1**2, [P("u", (4,)), P("s", ())])),
+    "ew_same_input_twice": Op(lambda: ir.ew(a0 * a1, [Z(), Z()])),
+    "matmul": Op(lambda: ir.matmul(X(), P("W", (3, 4)))),
+    "matmul_ta": Op(lambda: ir.matmul(X(), Z(), ta=True)),
+    "matmul_tb": Op(lambda: ir.matmul(X(), P("V", (4, 3)), tb=True)),
+    "matmul_ta_tb": Op(lambda: ir.matmul(P("A", (3, 2)), P("B", (4, 3)), ta=True, tb=True)),
+    "matmul_chain": Op(lambda: ir.matmul(ir.ew(sp.tanh(a0), [Z()]), P("V", (4, 2)))),
+    "transpose": Op(lambda: ir.transpose(P("A", (3, 2)))),
+    "reshape": Op(lambda: ir.reshape(P("A", (4, 3)), (2, 6))),
+    "sum_axis0": Op(lambda: ir.reduce_sum(ir.ew(sp.sin(a0), [Z()]), (0,))),
+    "sum_axis1": Op(lambda: ir.reduce_sum(ir.ew(sp.sin(a0), [Z()]), (1,))),
+    "sum_all": Op(lambda: ir.reduce_sum(ir.ew(sp.sin(a0), [Z()]), (0, 1))),
+    "sum_param_axis1": Op(lambda: ir.reduce_sum(P("A", (3, 4)), (1,))),
+    "mean": Op(lambda: ir.mean(ir.ew(sp.sin(a0), [Z()]))),
+    "logsumexp": Op(lambda: ir.lse(_lse_input())),
+    "softmax": Op(lambda: ir.softmax(_lse_input())),
+    "xent_labels": Op(lambda: ir.xent(_lse_input(), ir.input_node("y", (N,), "target", "label"), "label")),
+    "xent_onehot": Op(lambda: ir.xent(_lse_input(), ir.input_node("Y", (N, 4), "target"), "onehot")),
 }
 
 
@@ -96,8 +150,8 @@ def _model(out):
                  {p.name: ("zeros",) for p in params})
 
 
-def _data(mod, batch, rng):
-    arrays = [rng.standard_normal((batch, 3))]
+def _data(mod, batch, rng, domain):
+    arrays = [domain.sample(rng, (batch, 3), SHIFT)]
     for name, shape in mod.TARGETS.items():
         if mod.TARGET_KINDS[name] == "label":
             arrays.append(rng.integers(0, 4, size=batch))
@@ -106,18 +160,89 @@ def _data(mod, batch, rng):
     return arrays
 
 
+def _params(mod, rng):
+    return {k: rng.uniform(-SHIFT, SHIFT, s) if k == "shift" else 0.5 * rng.standard_normal(s)
+            for k, s in mod.PARAMS.items()}
+
+
+def _check(name, row, seed):
+    """check_gradients rows of op ``row`` at a seeded draw from its domain."""
+    mod = compile_model(_model(row.build())).load()
+    rng = np.random.default_rng(zlib.crc32(name.encode()) + seed)
+    params = _params(mod, rng)
+    arrays = _data(mod, 5, rng, row.domain)
+    if "shift" in params:   # a unary row: its op is checked at X + shift, which must be in the domain
+        assert row.domain.contains(arrays[0] + params["shift"]), name
+    return check_gradients(mod, params, arrays, rtol=row.rtol, atol=row.atol)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_adjoint_rule(op, seed):
-    model = _model(OPS[op]())
-    mod = compile_model(model).load()
-    rng = np.random.default_rng(zlib.crc32(op.encode()) + seed)
-    # moderate values: central differences of a loss of size L carry an error ~1e-10*L, so
-    # exploding values (exp, x**4, cosh of large inputs) would test the check, not the rule
-    params = {k: 0.5 * rng.standard_normal(s) for k, s in mod.PARAMS.items()}
-    arrays = _data(mod, 5, rng)
-    rows = check_gradients(mod, params, arrays, rtol=1e-6, atol=1e-9)
+    rows = _check(op, OPS[op], seed)
     assert rows and all(r.ok for r in rows), rows
+
+
+@pytest.mark.parametrize("op,domain", [("log", NONZERO), ("sqrt", REAL), ("power_real", REAL)])
+def test_the_domain_column_matters(op, domain):
+    """The same op drawn outside its domain (negative numbers for log, sqrt and x**1.5) fails
+    the check: a domain is not decoration."""
+    row = UNARY[op]
+    wide = Op(row.build, domain, row.rtol, row.atol)
+    with np.errstate(all="ignore"):
+        assert not all(r.ok for seed in range(3) for r in _check(f"ew_{op}", wide, seed))
+
+
+def _unary_model():
+    """Every unary row in one model: op i reads its own data input X_i (drawn from its domain)
+    plus its own shift_i, weighted by X_i @ R_i; a wrong rule shows in op i's own parameters."""
+    terms, inputs, params = [], [], []
+    for op, row in sorted(UNARY.items()):
+        x = ir.input_node(f"X_{op}", (N, 3), "data")
+        shift, weight = P(f"shift_{op}", (3,)), P(f"R_{op}", (3, 3))
+        out = ir.ew(row.build().attr("expr"), [ir.ew(a0 + a1, [x, shift])])
+        terms.append(ir.mean(ir.ew(a0 * a1, [out, ir.matmul(x, weight)])))
+        inputs.append(x)
+        params += [shift, weight]
+    loss = terms[0]
+    for term in terms[1:]:
+        loss = ir.ew(a0 + a1, [loss, term])
+    return Model("unary_rules", tuple(inputs), (), tuple(params), loss, loss, {},
+                 {p.name: ("zeros",) for p in params})
+
+
+def _unary_draw(module, seed):
+    rng = np.random.default_rng(seed)
+    ops = sorted(UNARY)
+    arrays = [UNARY[op].domain.sample(rng, (5, 3), SHIFT) for op in ops]
+    params = {k: rng.uniform(-SHIFT, SHIFT, s) if k.startswith("shift_") else 0.5 * rng.standard_normal(s)
+              for k, s in module.PARAMS.items()}
+    return params, arrays
+
+
+@functools.lru_cache(maxsize=None)
+def _unary_module(backend, dtype):
+    if backend == "numpy":
+        return compile_model(_unary_model(), dtype).load()
+    from compiler.backends.c.backend import compile_model_c
+    return compile_model_c(_unary_model(), dtype).load()
+
+
+@pytest.mark.parametrize("row", [r.param() for r in ROWS if r.compiled])
+def test_unary_rules_on_every_target(row):
+    """The unary rows on every target and dtype, in one model (one build per target):
+    float64 against finite differences at each row's tolerance, float32 against float64."""
+    module = _unary_module(row.backend, row.compiled)
+    for seed in (0, 1):
+        params, arrays = _unary_draw(module, seed)
+        if row.dtype == "float64":
+            rows = check_gradients(module, params, arrays, rtol=min(r.rtol for r in UNARY.values()),
+                                   atol=min(r.atol for r in UNARY.values()))
+            assert rows and all(r.ok for r in rows), "\n" + format_table([r for r in rows if not r.ok])
+        else:
+            params32 = {k: v.astype(np.float32) for k, v in params.items()}
+            ref = _unary_module(row.backend, "float64")
+            assert float32_mismatches(module, ref, params32, as_dtype(arrays, np.float32)) == []
 
 
 def test_every_rule_has_a_row():
