@@ -1,10 +1,8 @@
-"""Scalar functions for elementwise nodes: stable primitives, rewrites into them, activations.
+"""Scalar functions for elementwise nodes: rewrites into the stable primitives, activations,
+the check that generated code supports an expression.
 
-``sigmoid``, ``softplus``, ``relu`` and ``step`` are opaque SymPy functions whose derivatives
-are written in terms of each other (softplus' = sigmoid, sigmoid' = sigmoid*(1 - sigmoid),
-relu' = step(relu)), so that ``sympy.diff`` never produces ``exp(x)/(exp(x) + 1)`` and the
-backends can print each one in a form that stays finite at +-1000.
-
+The functions themselves (``sigmoid``, ``softplus``, ``relu``, ``step`` and SymPy's) and
+everything known about each are the records of ``scalar_functions.SCALAR_FUNCTIONS``.
 ``stabilize`` rewrites what users write by hand (``log(1 + exp(u))``, ``1/(1 + exp(-u))``,
 ``Max(0, u)``, ``Heaviside(u)``, ``log(sigmoid(u))``) into those primitives.
 """
@@ -14,75 +12,9 @@ import math
 
 import sympy as sp
 
+from compiler.core import scalar_functions
+from compiler.core.scalar_functions import relu, sigmoid, softplus
 from compiler.errors import ModelError, UnsupportedError
-
-
-class sigmoid(sp.Function):
-    """Logistic function 1/(1 + exp(-x)), printed in a stable form."""
-
-    nargs = 1
-
-    def fdiff(self, argindex=1):
-        s = sigmoid(self.args[0])
-        return s * (1 - s)
-
-    @classmethod
-    def eval(cls, x):
-        if x == 0:
-            return sp.Rational(1, 2)
-
-    def _eval_is_real(self):
-        return self.args[0].is_real
-
-    def _eval_rewrite_as_exp(self, x, **kwargs):
-        return 1 / (1 + sp.exp(-x))
-
-
-class softplus(sp.Function):
-    """log(1 + exp(x)), printed as logaddexp(0, x)."""
-
-    nargs = 1
-
-    def fdiff(self, argindex=1):
-        return sigmoid(self.args[0])
-
-    @classmethod
-    def eval(cls, x):
-        if x == 0:
-            return sp.log(2)
-
-    def _eval_is_real(self):
-        return self.args[0].is_real
-
-    def _eval_rewrite_as_exp(self, x, **kwargs):
-        return sp.log(1 + sp.exp(x))
-
-
-class step(sp.Function):
-    """Heaviside step with step(0) = 0; its derivative is taken as 0 (as for relu at 0)."""
-
-    nargs = 1
-
-    def fdiff(self, argindex=1):
-        return sp.Integer(0)
-
-    def _eval_is_real(self):
-        return True
-
-
-class relu(sp.Function):
-    """max(0, x). Its derivative step(relu(x)) equals step(x) and reuses the forward output."""
-
-    nargs = 1
-
-    def fdiff(self, argindex=1):
-        return step(relu(self.args[0]))
-
-    def _eval_is_real(self):
-        return self.args[0].is_real
-
-
-STABLE_FUNCTIONS = {"sigmoid": sigmoid, "softplus": softplus, "relu": relu, "step": step}
 
 
 def _is_one_plus_exp(e):
@@ -144,39 +76,27 @@ def stabilize(expr):
     if isinstance(expr, sp.Min) and len(expr.args) == 2 and 0 in expr.args:
         other = expr.args[0] if expr.args[1] == 0 else expr.args[1]
         return -relu(-other)
-    if isinstance(expr, sp.Heaviside):
-        return step(expr.args[0])
+    f = scalar_functions.lookup(expr)
+    if f is not None and f.stable is not None:
+        return f.stable.xreplace({scalar_functions.X: expr.args[0]})   # Heaviside(u) -> step(u)
     return expr
 
 
-_x = sp.Symbol("x", real=True)
+_x = scalar_functions.X   # the argument of every activation expression
 
 GELU_C = sp.sqrt(2 / sp.pi)
 
-# name -> expression of _x; and whether He (relu-like) or Glorot initialisation suits it
+# name -> expression of _x; and whether He (relu-like) or Glorot initialisation suits it: the
+# scalar functions marked as activations in the table, under their names, and compositions
 ACTIVATIONS = {
     "identity": (_x, "glorot"),
     "linear": (_x, "glorot"),
-    "tanh": (sp.tanh(_x), "glorot"),
-    "sigmoid": (sigmoid(_x), "glorot"),
-    "relu": (relu(_x), "he"),
+    **{f.name: (f.sympy(_x), f.activation) for f in scalar_functions.SCALAR_FUNCTIONS if f.activation},
     "leaky_relu": (relu(_x) - sp.Rational(1, 100) * relu(-_x), "he"),
-    "softplus": (softplus(_x), "he"),
     "swish": (_x * sigmoid(_x), "he"),
     "silu": (_x * sigmoid(_x), "he"),
     "gelu": (_x / 2 * (1 + sp.tanh(GELU_C * (_x + sp.Rational(44715, 1000000) * _x**3))), "he"),
     "mish": (_x * sp.tanh(softplus(_x)), "he"),
-    "sin": (sp.sin(_x), "glorot"),
-    "exp": (sp.exp(_x), "glorot"),
-}
-
-# functions a scalar expression may use (beyond + - * / and powers)
-ALLOWED_FUNCTIONS = {
-    "exp": sp.exp, "log": sp.log, "sqrt": sp.sqrt, "tanh": sp.tanh, "sinh": sp.sinh,
-    "cosh": sp.cosh, "sin": sp.sin, "cos": sp.cos, "tan": sp.tan, "atan": sp.atan,
-    "asinh": sp.asinh, "erf": sp.erf, "abs": sp.Abs, "Abs": sp.Abs, "Max": sp.Max, "Min": sp.Min,
-    "max": sp.Max, "min": sp.Min, "Heaviside": sp.Heaviside, "sign": sp.sign,
-    "sigmoid": sigmoid, "softplus": softplus, "relu": relu,
 }
 
 
@@ -217,9 +137,7 @@ def realify(expr):
     return expr.xreplace({s: sp.Symbol(s.name, real=True) for s in expr.free_symbols if not s.is_real})
 
 
-_SUPPORTED = (sp.Add, sp.Mul, sp.Pow, sp.Symbol, sp.Number, sp.NumberSymbol, sp.Abs, sp.sign,
-              sp.exp, sp.log, sp.tanh, sp.sinh, sp.cosh, sp.sin, sp.cos, sp.tan, sp.atan, sp.asinh,
-              sp.erf, sp.Max, sp.Min, sigmoid, softplus, relu, step)
+_SUPPORTED = (sp.Add, sp.Mul, sp.Pow, sp.Symbol, sp.Number, sp.NumberSymbol, *scalar_functions.PRINTED)
 
 
 def check_supported(expr, where):

@@ -3,8 +3,8 @@
 ``sympify`` and ``parse_expr`` evaluate Python code, so a spec file could run
 ``__import__('os').system(...)`` through them. Here the text is parsed by ``ast.parse`` (which
 only builds a tree, it runs nothing) and the tree is walked with a whitelist: numbers, names
-given by the caller, ``+ - * / **``, unary signs, and calls of the functions in
-``functions.ALLOWED_FUNCTIONS`` with positional arguments. The SymPy objects are built here,
+given by the caller, ``+ - * / **``, unary signs, and calls of the functions a spec may call
+(the ``spec_names`` of ``scalar_functions.SCALAR_FUNCTIONS``) with positional arguments. The SymPy objects are built here,
 node by node.
 
 Limits are checked before any work that could blow up: the text's length and characters
@@ -43,8 +43,8 @@ class ExprError(ModelError):
 
 
 def _functions():
-    from compiler.core.functions import ALLOWED_FUNCTIONS
-    return ALLOWED_FUNCTIONS
+    from compiler.core.scalar_functions import SPEC_FUNCTIONS
+    return SPEC_FUNCTIONS
 
 
 def reserved_names():

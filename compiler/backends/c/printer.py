@@ -13,11 +13,13 @@ import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.str import StrPrinter
 
+from compiler.core import scalar_functions
 from compiler.errors import UnsupportedError
 from compiler.core.ir import N
 from compiler.backends.constants import numeric_constants_to_floats
 
 
+@scalar_functions.route_functions
 class CPrinter(StrPrinter):
     """Prints an elementwise expression as a C99 double expression; symbols map to code."""
 
@@ -26,12 +28,6 @@ class CPrinter(StrPrinter):
     fsuffix = ""        # appended to math function names (expf, tanhf, ...)
     lsuffix = ""        # appended to floating literals (1.0f)
     max_literal = 1.7976931348623157e308   # the largest finite value of the type
-
-    # SymPy function class name -> C function (before the suffix), or helper name
-    LIBM = {"exp": "exp", "log": "log", "sinh": "sinh", "cosh": "cosh", "sin": "sin",
-            "cos": "cos", "tan": "tan", "atan": "atan", "asinh": "asinh", "Abs": "fabs", "erf": "erf"}
-    HELPERS = {"sigmoid": "bpc_sigmoid", "softplus": "bpc_softplus", "relu": "bpc_relu",
-               "step": "bpc_step", "sign": "bpc_sign", "tanh": "bpc_tanh"}
 
     def __init__(self, symbols):
         super().__init__()
@@ -96,35 +92,18 @@ class CPrinter(StrPrinter):
             return f"exp{self.fsuffix}({self._print(ex)})"
         return f"pow{self.fsuffix}({self._print(base)}, {self._print(ex)})"
 
-    def _print_Max(self, e):
-        self.helpers.add("max")
-        out = self._print(e.args[0])
-        for a in e.args[1:]:
-            out = f"bpc_max{self.fsuffix}({out}, {self._print(a)})"
-        return out
-
-    def _print_Min(self, e):
-        self.helpers.add("min")
-        out = self._print(e.args[0])
-        for a in e.args[1:]:
-            out = f"bpc_min{self.fsuffix}({out}, {self._print(a)})"
-        return out
-
     def _print_Function(self, e):
-        name = type(e).__name__
-        if len(e.args) != 1 or (name not in self.LIBM and name not in self.HELPERS):
-            raise UnsupportedError(f"function {name} is not supported by the C backend")
-        if name in self.HELPERS:
-            self.helpers.add(name)
-            fn = self.HELPERS[name]
-        else:
-            fn = self.LIBM[name]
-        return f"{fn}{self.fsuffix}({self._print(e.args[0])})"
-
-    _print_exp = _print_Function
-    _print_log = _print_Function
-    _print_Abs = _print_Function
-    _print_sign = _print_Function
+        # spelled by the table of scalar functions; Max and Min fold over their arguments
+        f = scalar_functions.lookup(e)
+        if f is None or f.c is None or not f.takes(len(e.args)):
+            raise UnsupportedError(f"function {type(e).__name__} is not supported by the C backend")
+        if f.c_helper:
+            self.helpers.add(f.c_helper)
+        fn = f.c + self.fsuffix
+        out = self._print(e.args[0])
+        for a in e.args[1:]:
+            out = f"{fn}({out}, {self._print(a)})"
+        return out if f.arity != 1 else f"{fn}({out})"
 
     def emptyPrinter(self, e):
         raise UnsupportedError(f"{type(e).__name__} ({e}) is not supported by the C backend")

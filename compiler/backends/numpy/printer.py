@@ -13,25 +13,15 @@ from sympy.printing.str import StrPrinter
 
 from compiler.errors import UnsupportedError
 from compiler.backends.constants import numeric_constants_to_floats
-from compiler.core.functions import relu, sigmoid, softplus, step
+from compiler.core import scalar_functions
 from compiler.core.ir import N
 
 
+@scalar_functions.route_functions
 class NumpyPrinter(StrPrinter):
     """Prints an elementwise expression as NumPy code; symbols map to code strings."""
 
     printmethod = "_bpc_numpy"
-
-    # SymPy function class name -> (code template, helper it needs)
-    FUNCTIONS = {
-        "exp": ("np.exp({0})", None), "log": ("np.log({0})", None), "tanh": ("np.tanh({0})", None),
-        "sinh": ("np.sinh({0})", None), "cosh": ("np.cosh({0})", None), "sin": ("np.sin({0})", None),
-        "cos": ("np.cos({0})", None), "tan": ("np.tan({0})", None), "atan": ("np.arctan({0})", None),
-        "asinh": ("np.arcsinh({0})", None), "Abs": ("np.abs({0})", None), "sign": ("np.sign({0})", None),
-        "sigmoid": ("_sigmoid({0})", "sigmoid"), "softplus": ("np.logaddexp(0.0, {0})", None),
-        "relu": ("np.maximum({0}, 0.0)", None), "step": ("np.heaviside({0}, 0.0)", None),
-        "erf": ("_erf({0})", "erf"),
-    }
 
     def __init__(self, symbols):
         super().__init__()
@@ -85,32 +75,19 @@ class NumpyPrinter(StrPrinter):
                     f"*({self._print(coeff * sp.Mul(*scalars))})")
         return super()._print_Mul(e)
 
-    def _print_Max(self, e):
-        out = self._print(e.args[0])
-        for a in e.args[1:]:
-            out = f"np.maximum({out}, {self._print(a)})"
-        return out
-
-    def _print_Min(self, e):
-        out = self._print(e.args[0])
-        for a in e.args[1:]:
-            out = f"np.minimum({out}, {self._print(a)})"
-        return out
-
     def _print_Function(self, e):
-        name = type(e).__name__
-        entry = self.FUNCTIONS.get(name)
-        if entry is None or len(e.args) != 1:
-            raise UnsupportedError(f"function {name} is not supported by the NumPy backend")
-        template, helper = entry
-        if helper:
-            self.helpers.add(helper)
-        return template.format(self._print(e.args[0]))
-
-    _print_exp = _print_Function
-    _print_log = _print_Function
-    _print_Abs = _print_Function
-    _print_sign = _print_Function
+        # spelled by the table of scalar functions; Max and Min fold over their arguments
+        f = scalar_functions.lookup(e)
+        if f is None or f.numpy is None or not f.takes(len(e.args)):
+            raise UnsupportedError(f"function {type(e).__name__} is not supported by the NumPy backend")
+        if f.numpy_helper:
+            self.helpers.add(f.name)
+        out = self._print(e.args[0])
+        if f.arity == 1:
+            return f.numpy.format(out)
+        for a in e.args[1:]:
+            out = f.numpy.format(out, self._print(a))
+        return out
 
     def emptyPrinter(self, e):
         raise UnsupportedError(f"{type(e).__name__} ({e}) is not supported by the NumPy backend")
@@ -145,4 +122,4 @@ def print_numpy(expr, symbols):
     return p.doprint(expr), p.helpers
 
 
-__all__ = ["print_numpy", "relu", "sigmoid", "softplus", "step"]
+__all__ = ["print_numpy"]

@@ -11,7 +11,7 @@ import re
 
 import sympy as sp
 
-from compiler.core import ir, ops
+from compiler.core import ir, ops, scalar_functions
 from compiler.core.ir import ARG, N
 from compiler.core.ir import format_shape as shape_code
 from compiler.core.simplify import use_counts
@@ -186,14 +186,6 @@ class NumpyStatements:
 
 # ---- elementwise statements as in-place ufunc calls ---------------------------------------
 
-# SymPy function name -> NumPy call with the argument at {0} and the out= keyword at {out}
-_UFUNC_CALLS = {
-    "exp": "np.exp({0}{out})", "log": "np.log({0}{out})", "tanh": "np.tanh({0}{out})",
-    "sinh": "np.sinh({0}{out})", "cosh": "np.cosh({0}{out})", "sin": "np.sin({0}{out})",
-    "cos": "np.cos({0}{out})", "tan": "np.tan({0}{out})", "atan": "np.arctan({0}{out})",
-    "asinh": "np.arcsinh({0}{out})", "Abs": "np.abs({0}{out})", "sign": "np.sign({0}{out})",
-    "softplus": "np.logaddexp(0.0, {0}{out})", "relu": "np.maximum({0}, 0.0{out})",
-}
 _BINARY = {"add": "+", "subtract": "-", "multiply": "*", "divide": "/"}
 _OWNED_OPS = ("matmul", "ew", "xent_grad", "softmax")   # ops whose statement allocates a fresh array
 _NAME = re.compile(r"[A-Za-z_]\w*")
@@ -265,9 +257,9 @@ class InPlace:
             return self._lower_mul(e)
         if e.is_Pow:
             return self._lower_pow(e)
-        name = type(e).__name__
-        if name in _UFUNC_CALLS and len(e.args) == 1:
-            return self._op("call", _UFUNC_CALLS[name], self._lower(e.args[0]))
+        f = scalar_functions.lookup(e)
+        if f is not None and f.numpy_in_place and len(e.args) == 1:
+            return self._op("call", f.numpy_in_place, self._lower(e.args[0]))
         return self._fallback(e)
 
     def _fallback(self, e):

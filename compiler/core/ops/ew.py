@@ -2,8 +2,8 @@
 SymPy expression of symbols ARG[i] bound to the inputs, broadcast to the node's shape.
 
 Elementwise derivatives are rewritten in terms of the forward output where possible
-(tanh' = 1 - y**2, sigmoid' = y*(1 - y), exp' = y, relu' = step(y)), so the backward graph
-reuses forward values. Each backend prints the expression with its own scalar printer
+(tanh' = 1 - y**2, sigmoid' = y*(1 - y), exp' = y, relu' = step(y): the ``derivative`` column of
+``scalar_functions.SCALAR_FUNCTIONS``), so the backward graph reuses forward values. Each backend prints the expression with its own scalar printer
 (``emitter.elementwise``): elementwise math is the backend's printer's job.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from functools import reduce
 
 import sympy as sp
 
-from compiler.core import ir
+from compiler.core import ir, scalar_functions
 from compiler.core.ir import ARG, alignment, broadcast_shapes, format_shape, make, padded_to
 from compiler.core.ops import Op, register
 from compiler.errors import ShapeError
@@ -110,7 +110,9 @@ class _Partials:
     and product indexes its arguments by symbol once. The results are SymPy's: a sum's
     derivative is the sum of its terms' derivatives (zero terms vanish either way); products,
     powers with a constant exponent and functions of one argument follow SymPy's own
-    ``_eval_derivative``; anything else goes to ``sp.diff``."""
+    ``_eval_derivative``, the functions of the scalar-function table with its ``derivative``
+    column (SymPy's own derivative, the flat parts of sign and Heaviside as 0: a test keeps
+    them equal); anything else goes to ``sp.diff``."""
 
     def __init__(self, expr):
         self.expr = expr
@@ -156,6 +158,9 @@ class _Partials:
             return sp.Add.fromiter(terms)
         if e.is_Pow and s not in self.free(e.exp):
             return e * (self.diff(s, e.base) * e.exp / e.base)        # Pow._eval_derivative, dexp = 0
+        outer = scalar_functions.derivative_at(e)
+        if outer is not None:
+            return outer * self.diff(s, e.args[0])                  # the chain rule, from the table
         if isinstance(e, sp.Function) and len(e.args) == 1:
             try:
                 outer = e.fdiff(1)

@@ -1,0 +1,207 @@
+"""The table of scalar functions: one record per function an elementwise node may apply.
+
+Every consumer reads this table and nothing else: the names a spec expression may call
+(``spec.safe_expr``), the functions generated code supports (``functions.check_supported``),
+the built-in activations named after a function (``functions.ACTIVATIONS``), the rewrite of a
+function into its stable form (``functions.stabilize``), the derivative the reverse sweep uses
+(``adjoints``), and the NumPy and C spellings (``backends.numpy.printer``, ``backends.c.printer``
+and the in-place statements of ``backends.numpy.statements``). Adding a function is one record
+here (plus a helper in the module template if its spelling calls one) and one test row.
+
+``sigmoid``, ``softplus``, ``relu`` and ``step`` are opaque SymPy functions whose derivatives
+(the ``derivative`` column) are written in terms of each other (softplus' = sigmoid,
+sigmoid' = sigmoid*(1 - sigmoid), relu' = step(relu)), so that ``sympy.diff`` never produces
+``exp(x)/(exp(x) + 1)`` and the backends can print each one in a form that stays finite at
++-1000.
+
+Columns are SymPy expressions of the argument ``X`` (and ``X2``, the second argument of the
+two-argument ``Max``/``Min``) and of the function's value ``Y``, so that a derivative reuses the
+forward output where that saves work (tanh' = 1 - Y**2, exp' = Y, relu' = step(Y)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+X = sp.Symbol("x", real=True)     # the argument, in every expression column
+X2 = sp.Symbol("x2", real=True)   # the second argument of a two-argument function
+Y = sp.Symbol("y", real=True)     # the function's value f(X), in the derivative column
+
+
+class sigmoid(sp.Function):
+    """Logistic function 1/(1 + exp(-x)), printed in a stable form."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return derivative_at(self)
+
+    @classmethod
+    def eval(cls, x):
+        if x == 0:
+            return sp.Rational(1, 2)
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return definition_at(self)
+
+
+class softplus(sp.Function):
+    """log(1 + exp(x)), printed as logaddexp(0, x)."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return derivative_at(self)
+
+    @classmethod
+    def eval(cls, x):
+        if x == 0:
+            return sp.log(2)
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return definition_at(self)
+
+
+class step(sp.Function):
+    """Heaviside step with step(0) = 0; its derivative is taken as 0 (as for relu at 0)."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return derivative_at(self)
+
+    def _eval_is_real(self):
+        return True
+
+
+class relu(sp.Function):
+    """max(0, x). Its derivative step(relu(x)) equals step(x) and reuses the forward output."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return derivative_at(self)
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+
+@dataclass(frozen=True)
+class ScalarFunction:
+    """One scalar function and everything each stage needs to know about it."""
+
+    sympy: type                 # the SymPy class (printers dispatch on it, by identity)
+    derivative: sp.Expr         # df/dX in X and Y = f(X); two-argument functions: d/dX f(X, X2)
+    domain: tuple               # (lo, hi): where tests sample f and compare its derivative
+    numpy: str | None = None    # NumPy code, the argument at {0} (and {1}: folded over the args)
+    c: str | None = None        # C function, before the float suffix ``f``
+    spec_names: tuple = ()      # names a spec expression may call it by (none: internal only)
+    numpy_helper: str | None = None   # a helper of templates/numpy_module.py.j2 the code calls
+    c_helper: str | None = None       # a helper of templates/c_model.c.j2 the code calls
+    numpy_out: bool = False     # the NumPy call takes ``out=`` (in-place statements use it)
+    stable: sp.Expr | None = None       # what stabilize turns f(X) into; then f has no spellings
+    definition: sp.Expr | None = None   # the textbook form that stabilize turns into f
+    activation: str | None = None       # a built-in activation under its name, initialised so
+    arity: int = 1              # 2: a left fold over two or more arguments (Max, Min)
+    rtol: float = 1e-6          # of the derivative against central differences, in the tests
+
+    @property
+    def name(self):
+        return self.sympy.__name__
+
+    def takes(self, count):
+        """Whether an application to ``count`` arguments is this function's."""
+        return count == 1 if self.arity == 1 else count >= 2
+
+    @property
+    def numpy_in_place(self):
+        """The NumPy call with ``{out}`` where the ``out=`` keyword goes (None if it has none)."""
+        if not self.numpy_out:
+            return None
+        return self.numpy[:-1] + "{out})"
+
+
+def _entry(sympy, derivative, domain=(-3.0, 3.0), **columns):
+    return ScalarFunction(sympy, sp.sympify(derivative), domain, **columns)
+
+
+def _libm(sympy, c, derivative, domain=(-3.0, 3.0), numpy=None, **columns):
+    """A function NumPy and C's libm both have under a plain name."""
+    return _entry(sympy, derivative, domain, numpy=f"np.{numpy or sympy.__name__}({{0}})", c=c,
+                  numpy_out=True, spec_names=(sympy.__name__,), **columns)
+
+
+SCALAR_FUNCTIONS = (
+    _libm(sp.exp, "exp", Y, activation="glorot"),
+    _libm(sp.log, "log", 1 / X, domain=(0.1, 5.0)),
+    _libm(sp.tanh, "bpc_tanh", 1 - Y**2, c_helper="tanh", activation="glorot"),
+    _libm(sp.sinh, "sinh", sp.cosh(X)),
+    _libm(sp.cosh, "cosh", sp.sinh(X)),
+    _libm(sp.sin, "sin", sp.cos(X), activation="glorot"),
+    _libm(sp.cos, "cos", -sp.sin(X)),
+    _libm(sp.tan, "tan", Y**2 + 1, domain=(-1.2, 1.2)),
+    _libm(sp.atan, "atan", 1 / (X**2 + 1), numpy="arctan"),
+    _libm(sp.asinh, "asinh", 1 / sp.sqrt(X**2 + 1), numpy="arcsinh"),
+    _entry(sp.Abs, sp.sign(X), numpy="np.abs({0})", c="fabs", numpy_out=True, spec_names=("abs", "Abs")),
+    # sign and step are flat almost everywhere: 0, as the derivative of relu at its kink
+    _entry(sp.sign, 0, numpy="np.sign({0})", c="bpc_sign", c_helper="sign", numpy_out=True,
+           spec_names=("sign",)),
+    _entry(sp.erf, 2 * sp.exp(-X**2) / sp.sqrt(sp.pi), numpy="_erf({0})", numpy_helper="erf", c="erf",
+           spec_names=("erf",)),
+    _entry(sigmoid, Y * (1 - Y), numpy="_sigmoid({0})", numpy_helper="sigmoid", c="bpc_sigmoid",
+           c_helper="sigmoid", spec_names=("sigmoid",), definition=1 / (1 + sp.exp(-X)), activation="glorot"),
+    _entry(softplus, sigmoid(X), numpy="np.logaddexp(0.0, {0})", numpy_out=True, c="bpc_softplus",
+           c_helper="softplus", spec_names=("softplus",), definition=sp.log(1 + sp.exp(X)), activation="he"),
+    _entry(relu, step(Y), numpy="np.maximum({0}, 0.0)", numpy_out=True, c="bpc_relu", c_helper="relu",
+           spec_names=("relu",), definition=sp.Max(0, X), activation="he"),
+    _entry(step, 0, numpy="np.heaviside({0}, 0.0)", c="bpc_step", c_helper="step"),
+    _entry(sp.Heaviside, 0, spec_names=("Heaviside",), stable=step(X)),
+    _entry(sp.Max, sp.Heaviside(X - X2), numpy="np.maximum({0}, {1})", c="bpc_max", c_helper="max",
+           spec_names=("Max", "max"), arity=2),
+    _entry(sp.Min, sp.Heaviside(X2 - X), numpy="np.minimum({0}, {1})", c="bpc_min", c_helper="min",
+           spec_names=("Min", "min"), arity=2),
+)
+
+BY_CLASS = {f.sympy: f for f in SCALAR_FUNCTIONS}
+
+# name -> SymPy constructor, for every name a spec expression may call; sqrt builds no function
+# of its own (sqrt(u) is the power u**(1/2), which each printer spells in its _print_Pow)
+SPEC_FUNCTIONS = {**{name: f.sympy for f in SCALAR_FUNCTIONS for name in f.spec_names}, "sqrt": sp.sqrt}
+
+# the classes generated code may contain (stabilize rewrites the others into these)
+PRINTED = tuple(f.sympy for f in SCALAR_FUNCTIONS if f.stable is None)
+
+
+def lookup(expr):
+    """The record of the function ``expr`` applies (by class: a ``sympy.Function("tanh")`` of
+    the user's is not ours), or None."""
+    return BY_CLASS.get(type(expr))
+
+
+def derivative_at(expr):
+    """The derivative of the one-argument function application ``expr`` (f(u)) with respect to
+    its argument u, from the table, reusing ``expr`` itself for f(u); None if not in the table."""
+    f = lookup(expr)
+    if f is None or f.arity != 1:
+        return None
+    return f.derivative.xreplace({X: expr.args[0], Y: expr})
+
+
+def definition_at(expr):
+    return BY_CLASS[type(expr)].definition.xreplace({X: expr.args[0]})
+
+
+def route_functions(printer):
+    """Class decorator for a printer: every table function prints through its
+    ``_print_Function`` (SymPy's StrPrinter has ``_print_exp``, ``_print_Max``, ... of its own,
+    which would bypass the table)."""
+    for f in SCALAR_FUNCTIONS:
+        setattr(printer, f"_print_{f.name}", printer._print_Function)
+    return printer
