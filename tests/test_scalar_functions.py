@@ -117,6 +117,12 @@ def test_spec_whitelist_is_the_table():
             safe_expr.parse(f"{name}(x)", {"x": X})
 
 
+def test_spec_documentation_lists_the_table():
+    text = (ROOT / "docs" / "spec.md").read_text()
+    listed = re.search(r"calls with positional arguments of: `([^`]*)`", text).group(1).split()
+    assert sorted(listed) == sorted(scalar_functions.SPEC_FUNCTIONS)
+
+
 def test_activations_named_after_functions_are_the_table():
     x = functions._x
     named = {f.name: (f.sympy(x), f.activation) for f in SCALAR_FUNCTIONS if f.activation}

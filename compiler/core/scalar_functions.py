@@ -133,7 +133,8 @@ def _entry(sympy, derivative, domain=(-3.0, 3.0), **columns):
 
 
 def _libm(sympy, c, derivative, domain=(-3.0, 3.0), numpy=None, **columns):
-    """A function NumPy and C's libm both have under a plain name."""
+    """A NumPy ufunc (``out=`` and all) that a spec calls by its SymPy name; C spells it ``c``
+    (a libm function, or a helper: ``bpc_tanh``)."""
     return _entry(sympy, derivative, domain, numpy=f"np.{numpy or sympy.__name__}({{0}})", c=c,
                   numpy_out=True, spec_names=(sympy.__name__,), **columns)
 
@@ -161,6 +162,7 @@ SCALAR_FUNCTIONS = (
            c_helper="softplus", spec_names=("softplus",), definition=sp.log(1 + sp.exp(X)), activation="he"),
     _entry(relu, step(Y), numpy="np.maximum({0}, 0.0)", numpy_out=True, c="bpc_relu", c_helper="relu",
            spec_names=("relu",), definition=sp.Max(0, X), activation="he"),
+    # np.heaviside takes out= too; numpy_out stays off so that the generated modules stay as they are
     _entry(step, 0, numpy="np.heaviside({0}, 0.0)", c="bpc_step", c_helper="step"),
     _entry(sp.Heaviside, 0, spec_names=("Heaviside",), stable=step(X)),
     _entry(sp.Max, sp.Heaviside(X - X2), numpy="np.maximum({0}, {1})", c="bpc_max", c_helper="max",
@@ -195,6 +197,7 @@ def derivative_at(expr):
 
 
 def definition_at(expr):
+    """The textbook form of ``expr`` (an application of a function with a definition)."""
     return BY_CLASS[type(expr)].definition.xreplace({X: expr.args[0]})
 
 
