@@ -28,7 +28,15 @@ def environment():
     env.filters["pyrepr"] = repr
     # free text reaches generated files only through these (one per target: see freetext)
     env.filters.update(FILTERS)
+    # the helpers that scalar functions call are defined in their table, not in the templates
+    env.filters["scalar_helpers"] = _scalar_helpers
     return env
+
+
+def _scalar_helpers(names, column, **values):
+    # imported here: rendering the optimiser steps for training needs no SymPy
+    from compiler.core.scalar_functions import helper_sources
+    return helper_sources(names, column, **values)
 
 
 def render(name, **context):

@@ -1,12 +1,13 @@
 """The table of scalar functions: one record per function an elementwise node may apply.
 
-Every consumer reads this table and nothing else: the names a spec expression may call
-(``spec.safe_expr``), the functions generated code supports (``functions.check_supported``),
-the built-in activations named after a function (``functions.ACTIVATIONS``), the rewrite of a
-function into its stable form (``functions.stabilize``), the derivative the reverse sweep uses
-(``adjoints``), and the NumPy and C spellings (``backends.numpy.printer``, ``backends.c.printer``
-and the in-place statements of ``backends.numpy.statements``). Adding a function is one record
-here (plus a helper in the module template if its spelling calls one) and one test row.
+Every consumer reads this table: the names a spec may call (``spec.safe_expr``), the functions
+generated code supports (``functions.check_supported``), the built-in activations named after
+a function (``functions.ACTIVATIONS``), stabilize's whole-function rewrites, the derivative the
+reverse sweep uses (``adjoints``), the NumPy and C spellings (the two printers and the in-place
+statements of ``backends.numpy.statements``) and the helpers those call (defined in generated
+modules through the templates' ``scalar_helpers`` filter). Adding a function is one record,
+with the sources of any helpers its spellings call; ``tests/test_scalar_functions.py`` makes
+each record a test row.
 
 ``sigmoid``, ``softplus``, ``relu`` and ``step`` are opaque SymPy functions whose derivatives
 (the ``derivative`` column) are written in terms of each other (softplus' = sigmoid,
@@ -20,6 +21,7 @@ forward output where that saves work (tanh' = 1 - Y**2, exp' = Y, relu' = step(Y
 """
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 
 import sympy as sp
@@ -103,8 +105,8 @@ class ScalarFunction:
     numpy: str | None = None    # NumPy code, the argument at {0} (and {1}: folded over the args)
     c: str | None = None        # C function, before the float suffix ``f``
     spec_names: tuple = ()      # names a spec expression may call it by (none: internal only)
-    numpy_helper: str | None = None   # a helper of templates/numpy_module.py.j2 the code calls
-    c_helper: str | None = None       # a helper of templates/c_model.c.j2 the code calls
+    numpy_helper: str | None = None   # the definition of the helper the NumPy code calls
+    c_helper: str | None = None       # the same in C: a string.Template of $real and $fs
     numpy_out: bool = False     # the NumPy call takes ``out=`` (in-place statements use it)
     stable: sp.Expr | None = None       # what stabilize turns f(X) into; then f has no spellings
     definition: sp.Expr | None = None   # the textbook form that stabilize turns into f
@@ -128,6 +130,95 @@ class ScalarFunction:
         return self.numpy[:-1] + "{out})"
 
 
+# ---- helpers: what a spelling calls, defined once in each generated module that calls it --------
+
+_NUMPY_SIGMOID = """\
+def _sigmoid(x):
+    # exp(-log(1 + exp(-x))): finite and exact for every x, no overflow at -1000
+    return np.exp(-np.logaddexp(0.0, -x))"""
+
+_NUMPY_ERF = """\
+_erf_scalar = np.frompyfunc(__import__("math").erf, 1, 1)
+
+
+def _erf(x):
+    # numpy has no erf; math.erf elementwise is exact but slow
+    return _erf_scalar(x).astype(x.dtype)"""
+
+# C helpers: $real is the element type, $fs the suffix of its math functions (expf, ...)
+_C_TANH = """\
+/* tanh from expm1 the way glibc computes it (bit for bit the same values as glibc's tanh and
+ * tanhf on 2e7 random arguments; within 2 ulp elsewhere), inlined: in a small tanh network
+ * tanh is most of the time, and the call of tanh itself was half of that */
+static inline $real bpc_tanh$fs($real x)
+{
+    const $real a = fabs$fs(x);
+    $real z;
+    if (a < ($real)1) {
+        const $real t = expm1$fs(($real)-2 * a);
+        z = -t / (t + ($real)2);
+    } else if (a < ($real)22) {
+        z = ($real)1 - ($real)2 / (expm1$fs(($real)2 * a) + ($real)2);
+    } else if (a == a) {
+        z = ($real)1;   /* also +-inf */
+    } else {
+        return x + x;        /* nan */
+    }
+    return copysign$fs(z, x);
+}"""
+
+_C_SIGMOID = """\
+/* 1/(1 + exp(-x)) without overflow: exp is only ever taken of a non-positive number */
+static $real bpc_sigmoid$fs($real x)
+{
+    if (x >= 0) {
+        return ($real)1 / (($real)1 + exp$fs(-x));
+    }
+    const $real e = exp$fs(x);
+    return e / (($real)1 + e);
+}"""
+
+_C_SOFTPLUS = """\
+/* log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)): finite for every finite x */
+static $real bpc_softplus$fs($real x)
+{
+    return (x > 0 ? x : ($real)0) + log1p$fs(exp$fs(-fabs$fs(x)));
+}"""
+
+_C_RELU = """\
+/* max(x, 0), propagating nan like numpy.maximum */
+static $real bpc_relu$fs($real x)
+{
+    return x < 0 ? ($real)0 : x;
+}"""
+
+_C_STEP = """\
+/* Heaviside step with step(0) = 0 (the derivative of relu taken at its kink) */
+static $real bpc_step$fs($real x)
+{
+    return x > 0 ? ($real)1 : (x <= 0 ? ($real)0 : x);
+}"""
+
+_C_SIGN = """\
+static $real bpc_sign$fs($real x)
+{
+    return x > 0 ? ($real)1 : (x < 0 ? ($real)-1 : x);
+}"""
+
+_C_MAX = """\
+/* the larger of a and b, nan if either is nan (numpy.maximum; fmax would drop the nan) */
+static $real bpc_max$fs($real a, $real b)
+{
+    return (a >= b || a != a) ? a : b;
+}"""
+
+_C_MIN = """\
+static $real bpc_min$fs($real a, $real b)
+{
+    return (a <= b || a != a) ? a : b;
+}"""
+
+
 def _entry(sympy, derivative, domain=(-3.0, 3.0), **columns):
     return ScalarFunction(sympy, sp.sympify(derivative), domain, **columns)
 
@@ -139,10 +230,11 @@ def _libm(sympy, c, derivative, domain=(-3.0, 3.0), numpy=None, **columns):
                   numpy_out=True, spec_names=(sympy.__name__,), **columns)
 
 
+# helpers are defined in table order
 SCALAR_FUNCTIONS = (
     _libm(sp.exp, "exp", Y, activation="glorot"),
     _libm(sp.log, "log", 1 / X, domain=(0.1, 5.0)),
-    _libm(sp.tanh, "bpc_tanh", 1 - Y**2, c_helper="tanh", activation="glorot"),
+    _libm(sp.tanh, "bpc_tanh", 1 - Y**2, c_helper=_C_TANH, activation="glorot"),
     _libm(sp.sinh, "sinh", sp.cosh(X)),
     _libm(sp.cosh, "cosh", sp.sinh(X)),
     _libm(sp.sin, "sin", sp.cos(X), activation="glorot"),
@@ -151,23 +243,23 @@ SCALAR_FUNCTIONS = (
     _libm(sp.atan, "atan", 1 / (X**2 + 1), numpy="arctan"),
     _libm(sp.asinh, "asinh", 1 / sp.sqrt(X**2 + 1), numpy="arcsinh"),
     _entry(sp.Abs, sp.sign(X), numpy="np.abs({0})", c="fabs", numpy_out=True, spec_names=("abs", "Abs")),
-    # sign and step are flat almost everywhere: 0, as the derivative of relu at its kink
-    _entry(sp.sign, 0, numpy="np.sign({0})", c="bpc_sign", c_helper="sign", numpy_out=True,
-           spec_names=("sign",)),
-    _entry(sp.erf, 2 * sp.exp(-X**2) / sp.sqrt(sp.pi), numpy="_erf({0})", numpy_helper="erf", c="erf",
-           spec_names=("erf",)),
-    _entry(sigmoid, Y * (1 - Y), numpy="_sigmoid({0})", numpy_helper="sigmoid", c="bpc_sigmoid",
-           c_helper="sigmoid", spec_names=("sigmoid",), definition=1 / (1 + sp.exp(-X)), activation="glorot"),
+    _entry(sigmoid, Y * (1 - Y), numpy="_sigmoid({0})", numpy_helper=_NUMPY_SIGMOID, c="bpc_sigmoid",
+           c_helper=_C_SIGMOID, spec_names=("sigmoid",), definition=1 / (1 + sp.exp(-X)), activation="glorot"),
     _entry(softplus, sigmoid(X), numpy="np.logaddexp(0.0, {0})", numpy_out=True, c="bpc_softplus",
-           c_helper="softplus", spec_names=("softplus",), definition=sp.log(1 + sp.exp(X)), activation="he"),
-    _entry(relu, step(Y), numpy="np.maximum({0}, 0.0)", numpy_out=True, c="bpc_relu", c_helper="relu",
+           c_helper=_C_SOFTPLUS, spec_names=("softplus",), definition=sp.log(1 + sp.exp(X)), activation="he"),
+    _entry(relu, step(Y), numpy="np.maximum({0}, 0.0)", numpy_out=True, c="bpc_relu", c_helper=_C_RELU,
            spec_names=("relu",), definition=sp.Max(0, X), activation="he"),
-    # np.heaviside takes out= too; numpy_out stays off so that the generated modules stay as they are
-    _entry(step, 0, numpy="np.heaviside({0}, 0.0)", c="bpc_step", c_helper="step"),
+    # sign and step are flat almost everywhere: 0, as the derivative of relu at its kink;
+    # np.heaviside takes out= too, but numpy_out stays off so that generated modules stay as they are
+    _entry(step, 0, numpy="np.heaviside({0}, 0.0)", c="bpc_step", c_helper=_C_STEP),
+    _entry(sp.sign, 0, numpy="np.sign({0})", c="bpc_sign", c_helper=_C_SIGN, numpy_out=True,
+           spec_names=("sign",)),
+    _entry(sp.erf, 2 * sp.exp(-X**2) / sp.sqrt(sp.pi), numpy="_erf({0})", numpy_helper=_NUMPY_ERF, c="erf",
+           spec_names=("erf",)),
     _entry(sp.Heaviside, 0, spec_names=("Heaviside",), stable=step(X)),
-    _entry(sp.Max, sp.Heaviside(X - X2), numpy="np.maximum({0}, {1})", c="bpc_max", c_helper="max",
+    _entry(sp.Max, sp.Heaviside(X - X2), numpy="np.maximum({0}, {1})", c="bpc_max", c_helper=_C_MAX,
            spec_names=("Max", "max"), arity=2),
-    _entry(sp.Min, sp.Heaviside(X2 - X), numpy="np.minimum({0}, {1})", c="bpc_min", c_helper="min",
+    _entry(sp.Min, sp.Heaviside(X2 - X), numpy="np.minimum({0}, {1})", c="bpc_min", c_helper=_C_MIN,
            spec_names=("Min", "min"), arity=2),
 )
 
@@ -199,6 +291,14 @@ def derivative_at(expr):
 def definition_at(expr):
     """The textbook form of ``expr`` (an application of a function with a definition)."""
     return BY_CLASS[type(expr)].definition.xreplace({X: expr.args[0]})
+
+
+def helper_sources(names, column, **values):
+    """The definitions of the helpers that the functions named in ``names`` call, in table
+    order: ``column`` is "numpy_helper" or "c_helper", ``values`` fill the C sources' $real
+    and $fs. The module templates call this (as the filter ``scalar_helpers``)."""
+    return [string.Template(getattr(f, column)).substitute(values)
+            for f in SCALAR_FUNCTIONS if getattr(f, column) and f.name in names]
 
 
 def route_functions(printer):

@@ -4,8 +4,9 @@ Like the NumPy printer it is strict: an unknown function raises UnsupportedError
 powers become products, rationals and constants become floating literals (``1.0/3.0``, never
 the integer division ``1/3``), and the batch size prints as the floating local ``_nf``.
 The float and double variants differ only in class attributes (function suffix, literal suffix).
-Stable primitives print as calls of the ``bpc_*`` helpers defined in ``templates/c_model.c.j2``;
-the printer records which helpers an expression needs.
+Functions are spelled by the table of scalar functions (``core.scalar_functions``); stable
+primitives print as calls of ``bpc_*`` helpers, whose definitions the table holds too, and the
+printer records which functions' helpers an expression needs.
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ class CPrinter(StrPrinter):
         if f is None or f.c is None or not f.takes(len(e.args)):
             raise UnsupportedError(f"function {type(e).__name__} is not supported by the C backend")
         if f.c_helper:
-            self.helpers.add(f.c_helper)
+            self.helpers.add(f.name)
         fn = f.c + self.fsuffix
         out = self._print(e.args[0])
         for a in e.args[1:]:
