@@ -106,12 +106,10 @@ def test_every_module_has_a_layer():
 @dataclass(frozen=True)
 class Rule:
     """Modules of layer ``importer`` may import compiler modules of their own layer and of the
-    ``allowed`` layers only (and the single ``modules`` named as exceptions); ``why`` is the rule
-    in words."""
+    ``allowed`` layers only; ``why`` is the rule in words."""
     importer: str
     allowed: tuple
     why: str
-    modules: tuple = ()
 
 
 ALL = ("shared", "core", "frontends", "spec", "backends", "backends.numpy", "backends.c", "train", "cli")
@@ -122,10 +120,8 @@ RULES = [
                  id="core"),
     pytest.param(Rule("frontends", ("shared", "core"), "frontends import only core and shared utilities"),
                  id="frontends"),
-    # train.options is the one declaration of the training options (no numpy, no loop): the spec
-    # loader checks a spec's [train] table against it, as bpc train's flags and TrainConfig do
-    pytest.param(Rule("spec", ("shared", "core", "frontends"), "spec imports core, frontends and shared",
-                      modules=("compiler.train.options",)), id="spec"),
+    pytest.param(Rule("spec", ("shared", "core", "frontends"), "spec imports core, frontends and shared"),
+                 id="spec"),
     pytest.param(Rule("backends", ("shared", "core"), "the shared backend modules serve both renderers"),
                  id="backends"),
     pytest.param(Rule("backends.numpy", ("shared", "core", "backends"),
@@ -143,8 +139,7 @@ RULES = [
 def test_imports_point_down_the_pipeline(rule):
     wrong = [f"{name}:{line} imports {m} ({layer(m)})"
              for name in MODULES if layer(name) == rule.importer
-             for m, line in imports_of(name)
-             if layer(m) not in rule.allowed + (rule.importer,) and m not in rule.modules]
+             for m, line in imports_of(name) if layer(m) not in rule.allowed + (rule.importer,)]
     assert wrong == [], f"{rule.why}:\n" + "\n".join(wrong)
 
 

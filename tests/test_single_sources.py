@@ -14,7 +14,7 @@ from compiler.cli.app import build_parser
 from compiler.core.ir import N, format_shape
 from compiler.errors import ModelError
 from compiler.spec.loader import SpecError, loads_spec
-from compiler.train.options import FLAG_KEYS, OPTIONS, SPEC_KEYS, TrainConfig
+from compiler.spec.train_options import FLAG_KEYS, OPTIONS, SPEC_KEYS, TrainConfig
 
 
 def _subparser(name):

@@ -8,7 +8,7 @@ import pytest
 
 from compiler.cli import main
 from compiler.spec.loader import SpecError, loads_spec
-from compiler.train.options import OPTIONS, SPEC_KEYS
+from compiler.spec.train_options import OPTIONS, SPEC_KEYS
 
 MODEL = """
 [model]

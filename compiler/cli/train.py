@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from compiler import dtypes, limits
-from compiler.train.options import FLAG_KEYS, OPTIONS, SPEC_KEYS, add_flag
+from compiler.spec.train_options import FLAG_KEYS, OPTIONS, SPEC_KEYS, add_flag
 
 
 def add_arguments(parser):

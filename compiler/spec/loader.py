@@ -354,8 +354,8 @@ class _Loader:
 
     def train_table(self, value):
         """The [train] table, checked like `bpc train` checks its options (one table of options,
-        compiler/train/options.py), so every command refuses a bad one, not only `bpc train`."""
-        from compiler.train.options import check_spec_table
+        compiler/spec/train_options.py), so every command refuses a bad one, not only `bpc train`."""
+        from compiler.spec.train_options import check_spec_table
         if not isinstance(value, dict):
             raise SpecError(f"{self.file}: [train]: must be a table, not {_type(value)}")
         return check_spec_table(value, lambda key, message: SpecError(

@@ -1,9 +1,9 @@
 """Training with a generated module: ``loop`` (train, optimizers' schedule, checkpoints),
-``options`` (``TrainConfig``: every option once, for the library, specs and the CLI), ``data``
-(reading .npz/.csv) and ``plot`` (loss curves, decision boundaries).
+``data`` (reading .npz/.csv) and ``plot`` (loss curves, decision boundaries). The options
+(``TrainConfig``) are declared once in ``compiler.spec.train_options``.
 
 The names of ``loop`` are re-exported here (``from compiler.train import train, TrainConfig``),
-lazily: the CLI imports ``options`` for ``bpc --help`` without paying for numpy."""
+lazily, so that importing this package does not pay for numpy."""
 import importlib
 
 _LOOP = ("TrainConfig", "TrainError", "TrainResult", "History", "StopRequest", "Checkpoint", "train",

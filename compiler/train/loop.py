@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 # the options, TrainConfig and TrainError are declared in options (pure Python); re-exported here
-from compiler.train.options import DEFAULT_LR, TrainConfig, TrainError  # noqa: F401
+from compiler.spec.train_options import DEFAULT_LR, TrainConfig, TrainError  # noqa: F401
 
 
 def lr_at(config, epoch):

@@ -1,5 +1,7 @@
 """The options of a training run, declared once: ``TrainConfig``'s fields, each with its type,
-range and, for the options ``bpc train`` takes on its command line, the flag's help.
+range and, for the options ``bpc train`` takes on its command line, the flag's help. It lives in
+the spec package because a spec's ``[train]`` table is part of the spec language; the training
+loop reads it from here, down the pipeline.
 
 One declaration serves every place an option can come from: a spec's ``[train]`` table (checked
 by the spec loader, so ``bpc compile``, ``show``, ``check`` and ``train`` all refuse a bad one),
