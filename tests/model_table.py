@@ -73,6 +73,19 @@ def _matrix_scalar_row():
                                 name="matrix_scalar_row")
 
 
+def _norm(kind, loss="mse"):
+    def build():
+        net = bpc.Network(kind)
+        h = net.dense(net.input("x", 3), 5, "tanh")
+        h = getattr(net, kind)(h, eps=1e-3)
+        h = net.dense(h, 4, "relu" if kind == "rmsnorm" else "tanh")
+        if kind == "layernorm":
+            h = net.layernorm(h)          # a norm straight before the output layer, default eps
+        out = net.dense(h, 2)
+        return net.build(out, loss, net.target("y", 2))
+    return build
+
+
 MODELS = [
     ("mlp_tanh_mse", _net([3, 5, 4, 2], "tanh", name="mlp_tanh")),
     ("mlp_relu_mse", _net([3, 6, 2], "relu", name="mlp_relu")),
@@ -95,6 +108,8 @@ MODELS = [
     ("matrix_expr_loss", _matrix("expr")),
     ("matrix_rows", _matrix_rows),
     ("matrix_scalar_row", _matrix_scalar_row),
+    ("layernorm", _norm("layernorm")),
+    ("rmsnorm", _norm("rmsnorm", "bce_with_logits")),
 ]
 
 # models whose loss and gradients must stay finite at inputs of +-1000

@@ -112,7 +112,7 @@ CASES = [
     ("layers empty", "m.toml", net().split("[[network.layers]]")[0].replace("loss =", "layers = []\nloss ="),
      "network.layers: is empty"),
     ("missing units", "m.toml", net().replace("units = 1", ""), "network.layers[0].units: missing"),
-    ("layer type unknown", "m.toml", net().replace("units = 1", 'units = 1\ntype = "conv"'), "network.layers[0].type: must be 'dense' or 'activation'"),
+    ("layer type unknown", "m.toml", net().replace("units = 1", 'units = 1\ntype = "conv"'), "network.layers[0].type: must be one of 'dense', 'activation'"),
     ("shape mismatch output vs target", "m.toml", net(units="3"), "network.loss: mse: output shape (n, 3) and target shape (n, 1) differ"),
     ("label target with size", "m.toml", net().replace('{ name = "y", size = 1 }', '{ name = "y", size = 1, kind = "label" }'),
      "network.target.size: integer labels"),

@@ -107,6 +107,44 @@ class Network:
         act_expr, _ = resolve_activation(activation)
         return self._apply(x, act_expr, name or f"A{self._layers}")
 
+    def layernorm(self, x, eps=1e-5, name=None):
+        """Layer normalisation over the feature (last) axis: ``(x - mean) / sqrt(var + eps) * g + s``
+        with learned scale ``g{k}`` (ones) and shift ``s{k}`` (zeros), per sample."""
+        return self._norm(x, eps, name, center=True)
+
+    def rmsnorm(self, x, eps=1e-5, name=None):
+        """RMS normalisation over the feature (last) axis: ``x / sqrt(mean(x**2) + eps) * g``, with a
+        learned scale ``g{k}`` (ones) and no shift, as defined by Zhang and Sennrich (2019)."""
+        return self._norm(x, eps, name, center=False)
+
+    def _norm(self, x, eps, name, center):
+        # composed from sums over the last axis and elementwise nodes, so the gradient is derived
+        # by the reverse sweep like any other (both backends, formulas in `bpc show`); the
+        # backward reuses R = 1/sqrt(var + eps) (its derivative is -R**3/2)
+        kind = "layernorm" if center else "rmsnorm"
+        if len(x.shape) < 2 or x.shape[0] != N:
+            raise ShapeError(f"{kind} needs a (batch, ..., features) input, got {ir.format_shape(x.shape)}")
+        eps = _epsilon(eps, f"{kind} eps")
+        d = x.shape[-1]
+        if center and d == 1:
+            raise ShapeError(f"layernorm over a single feature gives 0 for every input; it needs "
+                             f"at least 2 features, got {ir.format_shape(x.shape)}")
+        self._layers += 1
+        k = name or str(self._layers)
+        last = [len(x.shape) - 1]
+        if center:
+            mu = self._name(ir.ew(ARG[0] / d, [ir.reduce_sum(x, last)]), f"M{k}")
+            x = self._name(ir.ew(ARG[0] - ARG[1], [x, mu]), f"C{k}")
+        # the mean of squares as a sum of x**2/d: V stays a named value, and R reads 1/sqrt(V + eps)
+        var = self._name(ir.reduce_sum(ir.ew(ARG[0] ** 2 / d, [x]), last), f"V{k}")
+        r = self._name(ir.ew(1 / sp.sqrt(ARG[0] + eps), [var]), f"R{k}")
+        xn = self._name(ir.ew(ARG[0] * ARG[1], [x, r]), f"Xn{k}")
+        g = self.param(f"g{k}", (d,), ("value", 1))
+        if not center:
+            return self._name(ir.ew(ARG[0] * ARG[1], [xn, g]), f"H{k}")
+        s = self.param(f"s{k}", (d,), ("zeros",))
+        return self._name(ir.ew(ARG[0] * ARG[1] + ARG[2], [xn, g, s]), f"H{k}")
+
     def _apply(self, z, act_expr, name):
         xs = sp.Symbol("x", real=True)
         if act_expr == xs:
@@ -188,6 +226,13 @@ def _same_shape(z, y, what):
     if z.shape != y.shape:
         raise ShapeError(f"{what}: output shape {ir.format_shape(z.shape)} and target shape "
                          f"{ir.format_shape(y.shape)} differ")
+
+
+def _epsilon(v, what):
+    """A positive, finite float (the epsilon of a norm), as a SymPy Float."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < float(v) < float("inf"):
+        raise ModelError(f"{what} must be a positive number, got {v!r}")
+    return sp.Float(float(v))
 
 
 def _positive(v, what):

@@ -31,7 +31,8 @@ MODEL_KEYS = ("name", "description", "dtype")
 NETWORK_KEYS = ("input", "target", "layers", "loss")
 INPUT_KEYS = ("name", "size")
 TARGET_KEYS = ("name", "size", "kind")
-LAYER_KEYS = ("type", "units", "activation", "name", "constants")
+LAYER_KEYS = ("type", "units", "activation", "name", "constants", "eps")
+NORM_LAYERS = ("layernorm", "rmsnorm")   # Network methods of the same names
 EXPRESSION_KEYS = ("prediction", "params", "inputs", "targets", "loss", "prediction_symbol")
 MATRIX_KEYS = ("inputs", "targets", "params", "scalars", "init", "activations", "output", "loss",
                "target_kind", "prediction_symbol")
@@ -406,8 +407,11 @@ class _Loader:
             where = f"network.layers[{i}]"
             layer = self.table(layer, where, LAYER_KEYS)
             kind = self.string(layer.get("type", "dense"), f"{where}.type")
-            if kind not in ("dense", "activation"):
-                raise self.error(f"{where}.type", f"must be 'dense' or 'activation', not {kind!r}")
+            if kind not in ("dense", "activation", *NORM_LAYERS):
+                raise self.error(f"{where}.type", "must be one of 'dense', 'activation', "
+                                 f"{', '.join(map(repr, NORM_LAYERS))}; not {kind!r}")
+            if "eps" in layer and kind not in NORM_LAYERS:
+                raise self.error(f"{where}.eps", f"only normalisation layers take eps, not a {kind} layer")
             lconst = self.constants(layer.get("constants"), f"{where}.constants", constants, {"x"})
             act = self.activation(layer.get("activation", "identity"), f"{where}.activation", lconst)
             lname = None
@@ -416,7 +420,9 @@ class _Loader:
                 if lname in names:
                     raise self.error(f"{where}.name", f"layer name {lname!r} is used twice")
                 names.add(lname)
-            if kind == "dense":
+            if kind in NORM_LAYERS:
+                h = self.norm_layer(net, h, layer, where, kind, lname)
+            elif kind == "dense":
                 if "units" not in layer:
                     raise self.error(f"{where}.units", "missing (the layer's width)")
                 units = self.integer(layer["units"], f"{where}.units")
@@ -431,6 +437,19 @@ class _Loader:
         target = self.wrap("network.target", net.target, y_name, y_size, y_kind)
         loss = self.loss(net_t.get("loss", "mse"), "network.loss", constants)
         return self.wrap("network.loss", net.build, h, loss, target)
+
+    def norm_layer(self, net, h, layer, where, kind, name):
+        """A `layernorm` or `rmsnorm` layer: keeps the width, one option (`eps`)."""
+        for key, why in (("units", "keeps its input's width"), ("activation", "has no activation "
+                         "(add an activation layer after it)"), ("constants", "has no expression")):
+            if key in layer:
+                raise self.error(f"{where}.{key}", f"a {kind} layer {why}; remove {key}")
+        eps = 1e-5
+        if "eps" in layer:
+            eps = self.number(layer["eps"], f"{where}.eps", {})
+            if not eps > 0:
+                raise self.error(f"{where}.eps", f"must be a positive number, got {layer['eps']!r}")
+        return self.wrap(where, getattr(net, kind), h, float(eps), name=name)
 
     def activation(self, value, where, constants):
         import sympy as sp
