@@ -86,6 +86,13 @@ def _norm(kind, loss="mse"):
     return build
 
 
+def _dropout():
+    net = bpc.Network("dropout")
+    h = net.dropout(net.input("x", 3), 0.2)
+    h = net.dropout(net.dense(h, 5, "tanh"), 0.5)
+    return net.build(net.dense(h, 3), "softmax_cross_entropy", net.target("y", kind="label"))
+
+
 MODELS = [
     ("mlp_tanh_mse", _net([3, 5, 4, 2], "tanh", name="mlp_tanh")),
     ("mlp_relu_mse", _net([3, 6, 2], "relu", name="mlp_relu")),
@@ -110,6 +117,7 @@ MODELS = [
     ("matrix_scalar_row", _matrix_scalar_row),
     ("layernorm", _norm("layernorm")),
     ("rmsnorm", _norm("rmsnorm", "bce_with_logits")),
+    ("dropout", _dropout),      # in inference mode (the default): the masks are ones
 ]
 
 # models whose loss and gradients must stay finite at inputs of +-1000

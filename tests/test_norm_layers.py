@@ -174,7 +174,7 @@ def test_spec_layers_equal_the_python_api(kind, extra, eps):
     ("rmsnorm", 'activation = "tanh"', "network.layers[1].activation: a rmsnorm layer has no activation"),
     ("layernorm", "epsilon = 1e-5", "network.layers[1].epsilon: unknown field; did you mean 'eps'?"),
     ("batchnorm", "", "network.layers[1].type: must be one of 'dense', 'activation', 'layernorm'"),
-    ("dense", "units = 4\neps = 1e-3", "network.layers[1].eps: only normalisation layers take eps"),
+    ("dense", "units = 4\neps = 1e-3", "network.layers[1].eps: only layernorm and rmsnorm layers take eps, not a dense layer"),
 ])
 def test_spec_errors(kind, extra, message):
     with pytest.raises(SpecError) as e:

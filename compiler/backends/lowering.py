@@ -42,6 +42,8 @@ class Interface:
     data_args: str           # "x"
     all_args: str            # "x, y"
     has_labels: bool
+    dropout: str = "{}"      # DROPOUT: mask name -> rate (a model with dropout takes a mode)
+    mode_args: str = ""      # ", training=False, seed=None" for a model with dropout, else ""
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ def lower(model, dtype=None):
         data_args=", ".join(x.name for x in data),
         all_args=", ".join(x.name for x in data + targets),
         has_labels=any(x.attr("kind") == "label" for x in targets),
+        dropout=_dict_code({m.name: repr(m.attr("rate")) for m in model.masks}),
+        mode_args=", training=False, seed=None" if model.masks else "",
     )
     schemes = sorted({model.init[p.name][0] for p in model.params})
     init_doc = ", ".join(_INIT_DOCS[s] for s in schemes) or "none"

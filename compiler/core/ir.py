@@ -10,7 +10,8 @@ The leaves of a graph (``Node.op``, inputs, attrs):
 ==========  ======================  ===========================================
 op          inputs                  attrs
 ==========  ======================  ===========================================
-input       -                       name, role ("data" | "target"), kind ("real" | "label")
+input       -                       name, role ("data" | "target" | "mask"), kind ("real" | "label");
+                                    a mask (dropout) also has rate
 param       -                       name
 ==========  ======================  ===========================================
 
@@ -180,6 +181,11 @@ def covered(arg_shapes, out_shape):
 
 def input_node(name, shape, role, kind="real"):
     return make("input", (), shape, (("name", name), ("role", role), ("kind", kind)))
+
+
+def mask_node(name, shape, rate):
+    """A dropout mask: drawn by the generated module, not passed by its caller."""
+    return make("input", (), shape, (("name", name), ("role", "mask"), ("kind", "real"), ("rate", float(rate))))
 
 
 def param_node(name, shape):

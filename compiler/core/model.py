@@ -50,7 +50,8 @@ class Model:
     ``inputs`` and ``targets`` are IR input nodes (batch-first), ``params`` IR param nodes;
     ``prediction`` is what the generated ``forward`` returns and ``loss`` the scalar batch
     mean that ``loss``/``backward`` return. ``names`` maps node digests to readable names;
-    ``init`` maps each parameter name to its initialisation (see ``emit``).
+    ``init`` maps each parameter name to its initialisation (see ``emit``); ``masks`` are the
+    dropout masks (see ``Network.dropout``).
     """
 
     name: str
@@ -65,11 +66,14 @@ class Model:
     source_text: str = ""           # the spec file's text, hashed into the header when given
     description: str = ""
     loss_kind: str = "expression"   # a built-in loss name, or "expression"
+    # dropout masks: IR input nodes of role "mask" (attr "rate"), drawn by the generated module
+    # (ones in inference, 0 or 1/(1 - rate) in training), never passed by the caller
+    masks: tuple = ()
 
     def __post_init__(self):
         check_name(self.name, "model", reserved=False)
         seen = set()
-        for node in (*self.inputs, *self.targets, *self.params):
+        for node in (*self.inputs, *self.targets, *self.masks, *self.params):
             if node.name in seen:
                 raise ModelError(f"name {node.name!r} is used twice in model {self.name!r}")
             seen.add(node.name)

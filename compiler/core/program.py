@@ -63,7 +63,7 @@ def build_program(model):
         elif count[node.uid] == 1 and us and ops.get(us[0].op).reduction:
             inline.add(node.uid)
 
-    leaves = {n.uid for n in (*model.inputs, *model.targets, *model.params)}
+    leaves = {n.uid for n in (*model.inputs, *model.targets, *model.masks, *model.params)}
     uniq = _unique_names(order, names, model)
 
     def schedule(roots):
@@ -82,7 +82,7 @@ def build_program(model):
 def _unique_names(order, names, model):
     """uid -> a unique identifier; leaves keep their declared names."""
     out, taken = {}, set()
-    for leaf in (*model.inputs, *model.targets, *model.params):
+    for leaf in (*model.inputs, *model.targets, *model.masks, *model.params):
         out[leaf.uid] = leaf.name
         taken.add(leaf.name)
     k = 0

@@ -41,7 +41,7 @@ class Network:
 
     def __init__(self, name="model"):
         self.name = check_name(name, "model", reserved=False)
-        self.inputs, self.targets, self.params = [], [], []
+        self.inputs, self.targets, self.params, self.masks = [], [], [], []
         self.names, self.init = {}, {}
         self._layers = 0
         self._used = set()
@@ -145,6 +145,23 @@ class Network:
         s = self.param(f"s{k}", (d,), ("zeros",))
         return self._name(ir.ew(ARG[0] * ARG[1] + ARG[2], [xn, g, s]), f"H{k}")
 
+    def dropout(self, x, rate, name=None):
+        """Inverted dropout: ``x * mask``, the mask drawn by the generated module for each call in
+        training mode (each entry 0 with probability ``rate``, else ``1/(1 - rate)``, so the
+        expected value is ``x``) and all ones in inference mode. ``rate`` 0 is the identity (no
+        mask); it must be at least 0 and below 1."""
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= float(rate) < 1:
+            raise ModelError(f"dropout rate must be a number from 0 up to (not including) 1, got {rate!r}")
+        if len(x.shape) < 2 or x.shape[0] != N:
+            raise ShapeError(f"dropout needs a (batch, ...) input, got {ir.format_shape(x.shape)}")
+        if float(rate) == 0:
+            return x
+        k = name or str(len(self.masks) + 1)
+        mask = ir.mask_node(self._claim(f"mask{k}", "dropout mask"), x.shape, float(rate))
+        self.masks.append(mask)
+        self._name(mask, f"mask{k}")
+        return self._name(ir.ew(ARG[0] * ARG[1], [x, mask]), f"D{k}")
+
     def _apply(self, z, act_expr, name):
         xs = sp.Symbol("x", real=True)
         if act_expr == xs:
@@ -169,7 +186,7 @@ class Network:
         return Model(self.name, tuple(self.inputs), tuple(self.targets),
                      tuple(p for p in self.params if p.uid in used), pred, L,
                      dict(self.names), {p.name: self.init[p.name] for p in self.params if p.uid in used},
-                     loss_kind=loss_kind(loss))
+                     loss_kind=loss_kind(loss), masks=tuple(m for m in self.masks if m.uid in used))
 
 
 def loss_kind(loss):

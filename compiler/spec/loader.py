@@ -31,8 +31,9 @@ MODEL_KEYS = ("name", "description", "dtype")
 NETWORK_KEYS = ("input", "target", "layers", "loss")
 INPUT_KEYS = ("name", "size")
 TARGET_KEYS = ("name", "size", "kind")
-LAYER_KEYS = ("type", "units", "activation", "name", "constants", "eps")
+LAYER_KEYS = ("type", "units", "activation", "name", "constants", "eps", "rate")
 NORM_LAYERS = ("layernorm", "rmsnorm")   # Network methods of the same names
+LAYER_OPTIONS = {"eps": NORM_LAYERS, "rate": ("dropout",)}   # the layer types that take each key
 EXPRESSION_KEYS = ("prediction", "params", "inputs", "targets", "loss", "prediction_symbol")
 MATRIX_KEYS = ("inputs", "targets", "params", "scalars", "init", "activations", "output", "loss",
                "target_kind", "prediction_symbol")
@@ -407,11 +408,13 @@ class _Loader:
             where = f"network.layers[{i}]"
             layer = self.table(layer, where, LAYER_KEYS)
             kind = self.string(layer.get("type", "dense"), f"{where}.type")
-            if kind not in ("dense", "activation", *NORM_LAYERS):
+            if kind not in ("dense", "activation", *NORM_LAYERS, "dropout"):
                 raise self.error(f"{where}.type", "must be one of 'dense', 'activation', "
-                                 f"{', '.join(map(repr, NORM_LAYERS))}; not {kind!r}")
-            if "eps" in layer and kind not in NORM_LAYERS:
-                raise self.error(f"{where}.eps", f"only normalisation layers take eps, not a {kind} layer")
+                                 f"{', '.join(map(repr, NORM_LAYERS))}, 'dropout'; not {kind!r}")
+            for key, kinds in LAYER_OPTIONS.items():
+                if key in layer and kind not in kinds:
+                    raise self.error(f"{where}.{key}", f"only {' and '.join(kinds)} layers take {key}, "
+                                     f"not a {kind} layer")
             lconst = self.constants(layer.get("constants"), f"{where}.constants", constants, {"x"})
             act = self.activation(layer.get("activation", "identity"), f"{where}.activation", lconst)
             lname = None
@@ -422,6 +425,8 @@ class _Loader:
                 names.add(lname)
             if kind in NORM_LAYERS:
                 h = self.norm_layer(net, h, layer, where, kind, lname)
+            elif kind == "dropout":
+                h = self.dropout_layer(net, h, layer, where, lname)
             elif kind == "dense":
                 if "units" not in layer:
                     raise self.error(f"{where}.units", "missing (the layer's width)")
@@ -437,6 +442,18 @@ class _Loader:
         target = self.wrap("network.target", net.target, y_name, y_size, y_kind)
         loss = self.loss(net_t.get("loss", "mse"), "network.loss", constants)
         return self.wrap("network.loss", net.build, h, loss, target)
+
+    def dropout_layer(self, net, h, layer, where, name):
+        """A `dropout` layer: keeps the width; `rate` (required) from 0 up to, not including, 1."""
+        for key in ("units", "activation", "constants"):
+            if key in layer:
+                raise self.error(f"{where}.{key}", f"a dropout layer takes only rate (and name); remove {key}")
+        if "rate" not in layer:
+            raise self.error(f"{where}.rate", "missing (the probability of dropping each value, e.g. 0.5)")
+        rate = self.number(layer["rate"], f"{where}.rate", {})
+        if not 0 <= rate < 1:
+            raise self.error(f"{where}.rate", f"must be from 0 up to (not including) 1, got {layer['rate']!r}")
+        return self.wrap(where, net.dropout, h, float(rate), name=name)
 
     def norm_layer(self, net, h, layer, where, kind, name):
         """A `layernorm` or `rmsnorm` layer: keeps the width, one option (`eps`)."""

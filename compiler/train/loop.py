@@ -684,12 +684,15 @@ class _Run:
         self.written = self.snapshot.epoch
 
 
-def _step(run, index, lr, where):
+def _step(run, index, lr, where, step=()):
     """One mini-batch (``index``: its rows): loss and gradients, the finiteness check, clipping
     and the update of ``run.params`` in place. Returns the loss and each gradient's squared
-    norm; raises _Diverged (the parameters untouched) when one of them is not finite."""
+    norm; raises _Diverged (the parameters untouched) when one of them is not finite. A module
+    with dropout runs in training mode, its masks seeded by the run's seed and ``step`` (epoch,
+    step), so a run (and a resumed one) draws the same masks; evaluation stays in inference mode."""
     arrays = _rows(run.train_set, index) if run.steps_per_epoch > 1 else list(run.train_set.values())
-    value, grads = run.module.backward(run.params, *arrays)
+    mode = {"training": True, "seed": (run.config.seed, *step)} if getattr(run.module, "DROPOUT", None) else {}
+    value, grads = run.module.backward(run.params, *arrays, **mode)
     sq = {k: float(np.vdot(g64, g64)) for k, g in grads.items() for g64 in [np.asarray(g, dtype=np.float64)]}
     if not math.isfinite(value) or not all(math.isfinite(v) for v in sq.values()):
         bad = [k for k, v in sq.items() if not math.isfinite(v)]
@@ -719,7 +722,7 @@ def _epoch(run, epoch, stop, on_epoch):
         if stop is not None and stop.is_set():
             raise _Stopped
         index = order[s * run.batch:(s + 1) * run.batch]
-        value, sq = _step(run, index, lr, f"epoch {epoch}, step {s + 1}")
+        value, sq = _step(run, index, lr, f"epoch {epoch}, step {s + 1}", (epoch, s))
         loss_sum += value * len(index)
         seen += len(index)
         norm_sum += math.sqrt(sum(sq.values()))

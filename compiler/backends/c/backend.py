@@ -362,7 +362,7 @@ def render_c(lowered, prefix=None):
         offset += size
     n_params = offset
 
-    data, targets = list(model.inputs), list(model.targets)
+    data, targets, masks = list(model.inputs), list(model.targets), list(model.masks)
     st = CStatements(program, dtype, cnames)
     writer = _CFunctions(lowered, st, params)
 
@@ -377,9 +377,10 @@ def render_c(lowered, prefix=None):
         grad_dest.append((g, "ptr" if p.shape != () else "scalar", dest, info))
     zero_grads = [info for g, _, _, info in grad_dest if g is None]
     functions = [
-        writer.function("forward", data, program.forward_nodes, pred_dest),
-        writer.function("loss", data + targets, program.loss_nodes, loss_dest),
-        writer.function("backward", data + targets, program.backward_nodes,
+        # dropout masks are input arrays of the C functions, drawn by the wrapper (or the caller)
+        writer.function("forward", data + masks, program.forward_nodes, pred_dest),
+        writer.function("loss", data + targets + masks, program.loss_nodes, loss_dest),
+        writer.function("backward", data + targets + masks, program.backward_nodes,
                         loss_dest + [(g, k, d) for g, k, d, _ in grad_dest if g is not None], zero_grads),
     ]
     work_a = max(f["work"][0] for f in functions)
@@ -390,7 +391,7 @@ def render_c(lowered, prefix=None):
         stack_work_bytes=STACK_WORK_BYTES,
         model_name=model.name, version=__version__, source=model.source, source_hash=lowered.source_hash,
         description=model.description, prefix=prefix, P=P, real=real, dtype=dtype, fs=st.fs,
-        params=params, n_params=n_params, inputs=writer.arg_list(data), targets=writer.arg_list(targets),
+        params=params, n_params=n_params, inputs=writer.arg_list(data), targets=writer.arg_list(targets), masks=writer.arg_list(masks),
         functions=functions, zero_grads=zero_grads, work_a=work_a, work_b=work_b,
         pred_size=_size_code(pred.shape), pred_shape_doc=shape_code(pred.shape),
         pred_per_sample=tuple(int(d) for d in (pred.shape[1:] if ir.is_batch(pred.shape) else pred.shape)), pred_batched=ir.is_batch(pred.shape),
@@ -408,7 +409,7 @@ def render_c(lowered, prefix=None):
         cflags=list(CFLAGS), ext_source=ext_source, stack_batch=_stack_batch(work_a, work_b, dtype),
         inputs_shapes=iface.inputs_shapes, targets_shapes=iface.targets_shapes,
         target_kinds=iface.target_kinds, classes=iface.classes, params_shapes=iface.params_shapes,
-        data_args=iface.data_args, all_args=iface.all_args,
+        data_args=iface.data_args, all_args=iface.all_args, mode_args=iface.mode_args, dropout=iface.dropout,
     )
     return CompiledC(model, program, dtype, prefix, c_source, header, wrapper, cdef, formulas, latex,
                      lowered.source_hash, ext_source)
@@ -428,6 +429,7 @@ class _CFunctions:
             ctype = "int64_t" if x.attr("kind") == "label" else self.real
             out.append({"name": x.name, "cname": self.st.name(x, use=False), "ctype": ctype,
                         "label": x.attr("kind") == "label", "classes": self.lowered.classes.get(x.uid),
+                        "mask": x.attr("role") == "mask", "rate": x.attr("rate"),
                         "per_sample": tuple(int(d) for d in x.shape[1:]),
                         "size": _size_code(x.shape), "shape_doc": shape_code(x.shape)})
         return out

@@ -104,7 +104,7 @@ def render_numpy(lowered):
         targets_shapes=iface.targets_shapes, target_kinds=iface.target_kinds, classes=iface.classes,
         formulas=[(p.name, lowered.formulas[p.name]) for p in model.params],
         init_doc=lowered.init_doc, init_lines=list(lowered.init_lines),
-        has_labels=iface.has_labels,
+        has_labels=iface.has_labels, mode_args=iface.mode_args, dropout=iface.dropout,
         helpers=sorted(st.helpers), functions=functions,
     )
     return CompiledModule(model, program, text, lowered.formulas, lowered.latex, lowered.source_hash, dtype)
@@ -129,6 +129,11 @@ class _Functions:
             else:
                 lines.append(f"{x.name} = _data({x.name}, {x.name!r}, {shape_code(per_sample(x))})")
         lines.append(f"n = _batch({', '.join(x.name for x in leaves)})")
+        if self.model.masks:
+            # every mask, in DROPOUT's order, in every function: one seed, the same masks
+            lines.append("_rng = _dropout_rng(training, seed)")
+            lines += [f"{m.name} = _dropout_mask(_rng, n, {shape_code(per_sample(m))}, {m.attr('rate')!r}, "
+                      f"{leaves[0].name}.dtype)" for m in self.model.masks]
         used = {node.uid for node in ir.topo_order(roots)}
         return lines, [f"{p.name} = _param(params, {p.name!r}, {shape_code(p.shape)})"
                        for p in self.model.params if p.uid in used]
@@ -144,5 +149,5 @@ class _Functions:
         pro, params = self.prologue(leaves, roots)
         if st.needs_dt:
             pro.append(f"dt = {leaves[0].name}.dtype")
-        return {"name": fname, "args": ", ".join(x.name for x in leaves), "doc": doc,
+        return {"name": fname, "args": ", ".join(x.name for x in leaves) + self.lowered.interface.mode_args, "doc": doc,
                 "prologue": pro + params, "body": body, "ret": ret}
