@@ -55,6 +55,9 @@ def _text(compiled, grads, whole):
         out.append("  inputs:     " + ", ".join(leaf(x) for x in model.inputs))
         out.append("  targets:    " + ", ".join(f"{leaf(y)} {y.attr('kind')}" for y in model.targets))
         out.append("  parameters: " + ", ".join(leaf(p) for p in model.params))
+        if model.masks:
+            out.append("  dropout:    " + ", ".join(f"{leaf(m)} rate {m.attr('rate')}" for m in model.masks)
+                       + " (ones unless training=True)")
         out.append("  (n is the batch size)")
         out.append("")
         out.append("forward:")
