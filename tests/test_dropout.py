@@ -265,3 +265,16 @@ def test_bpc_train_with_a_dropout_spec(tmp_path, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert "Traceback" not in err and "completed 20 epochs" in out
     assert (tmp_path / "p.npz").is_file()
+
+
+def test_dropout_of_one_number_per_sample_and_of_a_non_batch_value():
+    net = bpc.Network("scalar")
+    x = net.input("x")                     # (n,)
+    h = net.dropout(x, 0.5)
+    assert h.shape == x.shape
+    with pytest.raises(BpcError, match=r"dropout needs a batch-first input, got \(3,\)"):
+        net.dropout(net.param("w", (3,), ("zeros",)), 0.5)
+    h = ir.ew(ARG[0] * ARG[1], [h, net.param("a", (), ("value", 2))])
+    m = bpc.compile_model(net.build(h, "mse", net.target("y"))).load()
+    out = m.forward({"a": np.array(2.0)}, np.ones(1000), training=True, seed=0)
+    assert set(np.unique(out)) == {0.0, 4.0}

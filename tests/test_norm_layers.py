@@ -181,3 +181,29 @@ def test_spec_errors(kind, extra, message):
         loads_spec(SPEC.format(kind=kind, extra=extra), "m.toml")
     assert message in str(e.value)
     assert str(e.value).startswith("m.toml: ")
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_channels_last_images_normalise_over_channels(kind, backend):
+    # an (n, H, W, C) value, as the image layers make: the norm runs over C at every pixel
+    import types
+    from compiler.core import ir
+    from compiler.core.ir import ARG, N
+    net = bpc.Network(f"{kind}_img")
+    x = ir.input_node("x", (N, 3, 2, 4), "data")
+    y = ir.input_node("y", (N, 3, 2, 4), "target")
+    net.inputs.append(x)
+    net.targets.append(y)
+    h = ir.ew(ARG[0] * ARG[1], [x, net.param("w", (4,), ("value", 0.5))])
+    h = net.dropout(getattr(net, kind)(h), 0.3)
+    m = _load(net.build(h, "mse", y), backend)
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(5, 3, 2, 4)), rng.normal(size=(5, 3, 2, 4))
+    p = {k: np.asarray(v) + rng.normal(size=np.shape(v)) for k, v in m.init_params().items()}
+    np.testing.assert_allclose(m.forward(p, X), _reference(kind, X * p["w"], p["g1"], p.get("s1", 0), 1e-5),
+                               rtol=1e-12, atol=1e-12)
+    fixed = types.SimpleNamespace(backward=lambda q, *a: m.backward(q, *a, training=True, seed=2),
+                                  loss=lambda q, *a: m.loss(q, *a, training=True, seed=2))
+    rows = check_gradients(fixed, p, [X, Y], rtol=1e-6, atol=1e-9)
+    assert all(r.ok for r in rows), rows

@@ -152,8 +152,8 @@ class Network:
         mask); it must be at least 0 and below 1."""
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= float(rate) < 1:
             raise ModelError(f"dropout rate must be a number from 0 up to (not including) 1, got {rate!r}")
-        if len(x.shape) < 2 or x.shape[0] != N:
-            raise ShapeError(f"dropout needs a (batch, ...) input, got {ir.format_shape(x.shape)}")
+        if not ir.is_batch(x.shape):
+            raise ShapeError(f"dropout needs a batch-first input, got {ir.format_shape(x.shape)}")
         if float(rate) == 0:
             return x
         k = name or str(len(self.masks) + 1)
