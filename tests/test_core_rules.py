@@ -128,6 +128,12 @@ OPS = {
     "logsumexp": Op(lambda: ir.lse(_lse_input())),
     "softmax": Op(lambda: ir.softmax(_lse_input())),
     "xent_labels": Op(lambda: ir.xent(_lse_input(), ir.input_node("y", (N,), "target", "label"), "label")),
+    "concat": Op(lambda: ir.concat(ir.ew(sp.tanh(a0), [Z()]), X())),
+    "concat_part_twice": Op(lambda: ir.concat(Z(), X(), Z())),
+    "concat_params": Op(lambda: ir.concat(P("A", (3, 2)), P("B", (3, 1)))),
+    # the merge layers are elementwise: a residual and a gate, as the operators build them
+    "merge_add_residual": Op(lambda: ir.ew(sp.tanh(a0), [Z()]) + Z()),
+    "merge_multiply_gate": Op(lambda: ir.ew(sigmoid(a0), [Z()]) * Z()),
     "xent_onehot": Op(lambda: ir.xent(_lse_input(), ir.input_node("Y", (N, 4), "target"), "onehot")),
 }
 
@@ -248,6 +254,6 @@ def test_unary_rules_on_every_target(row):
 def test_every_rule_has_a_row():
     from compiler.core.adjoints import RULES
     row_of = {"ew": "ew_", "matmul": "matmul", "transpose": "transpose", "reshape": "reshape", "sum": "sum_",
-              "mean": "mean", "lse": "logsumexp", "softmax": "softmax", "xent": "xent_"}
+              "mean": "mean", "lse": "logsumexp", "softmax": "softmax", "xent": "xent_", "concat": "concat"}
     for rule in RULES:
         assert any(k.startswith(row_of[rule]) for k in OPS), rule
