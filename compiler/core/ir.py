@@ -82,6 +82,48 @@ class Node:
     def __repr__(self):
         return f"<{self.op} {self.name or self.digest[:6]} {format_shape(self.shape)}>"
 
+    # -- operators: ``h + x`` (a residual), ``h * g`` (a gate), ``h @ W``, elementwise with
+    # NumPy broadcasting; see compiler.core.operators for what each accepts
+    __array_ufunc__ = None     # ``ndarray + node`` reaches __radd__ (which says what to write)
+
+    def __add__(self, other):
+        return _operators().binary("+", self, other)
+
+    def __radd__(self, other):
+        return _operators().binary("+", other, self)
+
+    def __sub__(self, other):
+        return _operators().binary("-", self, other)
+
+    def __rsub__(self, other):
+        return _operators().binary("-", other, self)
+
+    def __mul__(self, other):
+        return _operators().binary("*", self, other)
+
+    def __rmul__(self, other):
+        return _operators().binary("*", other, self)
+
+    def __truediv__(self, other):
+        return _operators().binary("/", self, other)
+
+    def __rtruediv__(self, other):
+        return _operators().binary("/", other, self)
+
+    def __matmul__(self, other):
+        return _operators().binary("@", self, other)
+
+    def __rmatmul__(self, other):
+        return _operators().binary("@", other, self)
+
+    def __neg__(self):
+        return _operators().binary("*", -1, self)
+
+
+def _operators():
+    from compiler.core import operators     # imports the ops, which import this module
+    return operators
+
 
 def format_shape(shape):
     """``(n, 3)``, ``(4,)``, ``()``: a shape as a Python tuple (the batch axis is ``n``), the same
