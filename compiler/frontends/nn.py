@@ -20,6 +20,7 @@ Conventions: data arrays are batch-first, ``(n, features)``; a dense layer compu
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import sympy as sp
@@ -44,6 +45,7 @@ class Network:
         self.inputs, self.targets, self.params, self.masks = [], [], [], []
         self.names, self.init = {}, {}
         self._layers = 0
+        self._merges = 0
         self._used = set()
 
     # -- naming ---------------------------------------------------------------------------
@@ -170,15 +172,71 @@ class Network:
             raise ModelError(f"activation of {name} is identically zero: the network would learn nothing")
         return self._name(ir.ew(act_expr.xreplace({xs: ARG[0]}), [z]), name)
 
+    # -- merges: several earlier layers or inputs into one ----------------------------------
+    def add(self, *xs, name=None):
+        """The elementwise sum of ``xs`` (a residual ``h + x``); shapes broadcast like NumPy."""
+        return self._merge("add", xs, name, "S")
+
+    def multiply(self, *xs, name=None):
+        """The elementwise product of ``xs`` (a gate ``h * g``); shapes broadcast like NumPy."""
+        return self._merge("multiply", xs, name, "G")
+
+    def concat(self, *xs, name=None):
+        """``xs`` side by side along the last (feature) axis; the other axes must agree."""
+        return self._merge("concat", xs, name, "C")
+
+    def _merge(self, kind, xs, name, prefix):
+        if len(xs) < 2:
+            raise ModelError(f"{kind} merges at least two values, got {len(xs)}")
+        shapes = ", ".join(ir.format_shape(x.shape) for x in xs)
+        try:
+            if kind == "concat":
+                node = ir.concat(*xs)
+            else:
+                expr = sp.Add(*ARG[:len(xs)]) if kind == "add" else sp.Mul(*ARG[:len(xs)])
+                node = ir.ew(expr, list(xs))
+        except ShapeError:
+            rule = ("every axis but the last must agree" if kind == "concat"
+                    else "the shapes must agree or broadcast like NumPy")
+            raise ShapeError(f"{kind} of shapes {shapes}: {rule}; project a value with a dense "
+                             "layer to make them agree") from None
+        self._merges += 1
+        return self._name(node, name or f"{prefix}{self._merges}")
+
     # -- model ----------------------------------------------------------------------------
-    def build(self, output, loss="mse", target=None):
-        """The Model of ``output`` with the given loss against ``target`` (default: the only one)."""
-        if target is None:
-            if len(self.targets) != 1:
-                raise ModelError("give the target of the loss (the network has "
-                                 f"{len(self.targets)} targets)")
-            target = self.targets[0]
-        pred, L = apply_loss(loss, output, target, self.names)
+    def build(self, output=None, loss="mse", target=None, *, losses=None):
+        """The Model of ``output`` with the given loss against ``target`` (default: the only one).
+
+        Several losses: ``losses=[(output, loss, target, weight), ...]`` (weight optional,
+        default 1; or dicts with those keys; target defaults to the only one) trains their
+        weighted sum; ``forward`` returns the prediction of the first entry's output."""
+        if losses is None:
+            if output is None:
+                raise ModelError("give the output to train (build(output, loss, target)) or losses=[...]")
+            entries = [(output, loss, target, 1)]
+        else:
+            if output is not None:
+                raise ModelError("give either an output (with loss and target) or losses=[...], not both")
+            if isinstance(losses, (str, dict)) or not hasattr(losses, "__iter__"):
+                raise ModelError("losses must be a list of (output, loss, target[, weight]) entries")
+            entries = [self._loss_entry(e, i) for i, e in enumerate(losses)]
+            if not entries:
+                raise ModelError("losses is empty; give at least one (output, loss, target) entry")
+        terms = []
+        for i, (out, kind, y, weight) in enumerate(entries):
+            if y is None:
+                if len(self.targets) != 1:
+                    raise ModelError("give the target of the loss (the network has "
+                                     f"{len(self.targets)} targets)")
+                y = self.targets[0]
+            pred, L = apply_loss(kind, out, y, self.names)
+            terms.append((pred, L, weight))
+        pred, L = terms[0][0], terms[0][1]
+        if len(terms) > 1:
+            for i, (_, part, _) in enumerate(terms):
+                self.names[part.digest] = f"L{i + 1}"
+            L = self._name(ir.ew(sp.Add(*(sp.nsimplify(w) * a for (_, _, w), a in zip(terms, ARG[:len(terms)]))),
+                                 [t[1] for t in terms]), "L")
         used = {n.uid for n in ir.topo_order([L, pred])}
         unused = [i.name for i in self.inputs if i.uid not in used]
         if unused:
@@ -186,7 +244,27 @@ class Network:
         return Model(self.name, tuple(self.inputs), tuple(self.targets),
                      tuple(p for p in self.params if p.uid in used), pred, L,
                      dict(self.names), {p.name: self.init[p.name] for p in self.params if p.uid in used},
-                     loss_kind=loss_kind(loss), masks=tuple(m for m in self.masks if m.uid in used))
+                     loss_kind=loss_kind(entries[0][1]), masks=tuple(m for m in self.masks if m.uid in used))
+
+    def _loss_entry(self, entry, i):
+        what = f"losses[{i}]"
+        if isinstance(entry, dict):
+            extra = set(entry) - {"output", "loss", "target", "weight"}
+            if extra or "output" not in entry:
+                raise ModelError(f"{what}: a loss entry has keys output, loss, target, weight "
+                                 f"(output required){'; unknown: ' + ', '.join(sorted(map(str, extra))) if extra else ''}")
+            entry = (entry["output"], entry.get("loss", "mse"), entry.get("target"), entry.get("weight", 1))
+        elif not isinstance(entry, (tuple, list)) or not 2 <= len(entry) <= 4:
+            raise ModelError(f"{what}: give (output, loss, target[, weight]) or a dict with those keys")
+        out, kind, y, weight = (*entry, None, 1)[:4] if len(entry) == 2 else (*entry, 1)[:4]
+        if not isinstance(out, ir.Node):
+            raise ModelError(f"{what}: the output must be a layer or input of this network, not {type(out).__name__}")
+        if y is not None and (not isinstance(y, ir.Node) or y.op != "input" or y.attr("role") != "target"):
+            raise ModelError(f"{what}: the target must be a target of this network (net.target(...))")
+        if (isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight)
+                or weight <= 0):
+            raise ModelError(f"{what}: the weight must be a positive finite number, got {weight!r}")
+        return out, kind, y, weight
 
 
 def loss_kind(loss):
@@ -214,11 +292,11 @@ def apply_loss(loss, z, y, names):
             return named(ir.softmax(z), "P"), named(ir.mean(ce), "L")
         if kind == "label":
             raise ModelError(f"loss {key!r} needs real-valued targets; {y.name!r} holds integer labels")
-        _same_shape(z, y, key)
+        zy = _same_shape(z, y, key)
         if key == "mse":
-            per = ir.ew((ARG[0] - ARG[1]) ** 2, [z, y])
+            per = ir.ew((ARG[0] - ARG[1]) ** 2, [zy, y])
             return z, named(ir.mean(named(per, "E")), "L")
-        per = ir.ew(softplus(ARG[0]) - ARG[0] * ARG[1], [z, y])
+        per = ir.ew(softplus(ARG[0]) - ARG[0] * ARG[1], [zy, y])
         pred = named(ir.ew(sigmoid(ARG[0]), [z]), "P")
         return pred, named(ir.mean(named(per, "E")), "L")
     if isinstance(loss, sp.Basic):
@@ -231,18 +309,28 @@ def apply_loss(loss, z, y, names):
         check_supported(expr, "loss")
         if y.attr("kind") == "label":
             raise ModelError("an expression loss needs real-valued targets")
-        _same_shape(z, y, "loss expression")
+        zy = _same_shape(z, y, "loss expression")
         if expr == 0 or p not in expr.free_symbols:
             raise ModelError(f"loss expression {loss} does not depend on the prediction p")
-        per = ir.ew(expr.xreplace({p: ARG[0], yy: ARG[1]}), [z, y])
+        per = ir.ew(expr.xreplace({p: ARG[0], yy: ARG[1]}), [zy, y])
         return z, named(ir.mean(named(per, "E")), "L")
     raise ModelError(f"loss must be a name or a SymPy expression, got {type(loss).__name__}")
 
 
 def _same_shape(z, y, what):
-    if z.shape != y.shape:
-        raise ShapeError(f"{what}: output shape {ir.format_shape(z.shape)} and target shape "
-                         f"{ir.format_shape(y.shape)} differ")
+    """``z`` in the target's shape. The target-shape rule of every frontend: one number per
+    sample may be ``(n,)`` or ``(n, 1)`` on either side (the output is reshaped, the
+    prediction keeps its shape); any other difference is an error giving the expected shape."""
+    if z.shape == y.shape:
+        return z
+    if {z.shape, y.shape} == {(N,), (N, 1)}:
+        return ir.reshape(z, y.shape)
+    per = tuple(z.shape[1:])
+    size = "no size (one number per sample)" if not per else f"size {per[0]}" if len(per) == 1 else f"shape {list(per)}"
+    raise ShapeError(f"{what}: output shape {ir.format_shape(z.shape)} and target shape "
+                     f"{ir.format_shape(y.shape)} differ; the target must have shape {ir.format_shape(z.shape)}: "
+                     f"declare it with {size}, and give data of that shape "
+                     f"(e.g. y.reshape({', '.join(['len(y)', *map(str, per)])}) when it holds the same numbers)")
 
 
 def _epsilon(v, what):
