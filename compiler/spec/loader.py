@@ -28,12 +28,14 @@ SOURCE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-
 
 TOP_KEYS = ("model", "constants", "network", "expression", "matrix", "train")
 MODEL_KEYS = ("name", "description", "dtype")
-NETWORK_KEYS = ("input", "target", "layers", "loss")
+NETWORK_KEYS = ("input", "target", "layers", "loss", "losses")
+LOSS_KEYS = ("output", "target", "loss", "weight")
 INPUT_KEYS = ("name", "size")
 TARGET_KEYS = ("name", "size", "kind")
-LAYER_KEYS = ("type", "units", "activation", "name", "constants", "eps", "rate")
+LAYER_KEYS = ("type", "units", "activation", "name", "constants", "eps", "rate", "from")
 NORM_LAYERS = ("layernorm", "rmsnorm")   # Network methods of the same names
 LAYER_OPTIONS = {"eps": NORM_LAYERS, "rate": ("dropout",)}   # the layer types that take each key
+MERGE_LAYERS = ("add", "concat", "multiply")     # Network methods of the same names
 EXPRESSION_KEYS = ("prediction", "params", "inputs", "targets", "loss", "prediction_symbol")
 MATRIX_KEYS = ("inputs", "targets", "params", "scalars", "init", "activations", "output", "loss",
                "target_kind", "prediction_symbol")
@@ -369,27 +371,8 @@ class _Loader:
         for key in ("input", "target", "layers"):
             if key not in net_t:
                 raise self.error(f"network.{key}", "missing")
-        in_t = self.table(net_t["input"], "network.input", INPUT_KEYS)
-        tg_t = self.table(net_t["target"], "network.target", TARGET_KEYS)
-        x_name = self.name(in_t.get("name", "x"), "network.input.name", "input")
-        if "size" not in in_t:
-            raise self.error("network.input.size", "missing (the number of features per sample)")
-        x_size = self.integer(in_t["size"], "network.input.size")
-        y_name = self.name(tg_t.get("name", "y"), "network.target.name", "target")
-        y_kind = self.string(tg_t.get("kind", "real"), "network.target.kind")
-        from compiler.core.model import check_target_kind
-        self.wrap("network.target.kind", check_target_kind, y_kind)
-        if y_kind == "label":
-            if "size" in tg_t:
-                raise self.error("network.target.size", "integer labels are one class index per sample; "
-                                 "give no size (the number of classes is the last layer's width)")
-            y_size = None
-        else:
-            if "size" not in tg_t:
-                raise self.error("network.target.size", "missing (the number of target values per sample)")
-            y_size = self.integer(tg_t["size"], "network.target.size")
-        if x_name == y_name:
-            raise self.error("network.target.name", f"{y_name!r} is already the input's name")
+        inputs = self.network_inputs(net_t["input"])
+        targets = self.network_targets(net_t["target"], inputs)
         # in activation and loss expressions, x (and p, y) are the variables, not constants
         constants = self.constants(constants_t, "constants", {}, {"x", "p", "y"})
 
@@ -402,15 +385,21 @@ class _Loader:
             raise self.error("network.layers", f"has {len(layers)} layers; the limit is {MAX_LAYERS}")
 
         net = self.wrap("model.name", Network, name)
-        h = self.wrap("network.input", net.input, x_name, x_size)
+        # the values a layer's `from` may name: the inputs, then each named layer once built
+        scope = {x_name: self.wrap(f"network.input{where}", net.input, x_name, x_size)
+                 for where, x_name, x_size in inputs}
+        later = {lay.get("name"): i for i, lay in enumerate(layers)
+                 if isinstance(lay, dict) and isinstance(lay.get("name"), str)}
+        h = None
         names = set()
         for i, layer in enumerate(layers):
             where = f"network.layers[{i}]"
             layer = self.table(layer, where, LAYER_KEYS)
             kind = self.string(layer.get("type", "dense"), f"{where}.type")
-            if kind not in ("dense", "activation", *NORM_LAYERS, "dropout"):
+            if kind not in ("dense", "activation", *NORM_LAYERS, "dropout", *MERGE_LAYERS):
                 raise self.error(f"{where}.type", "must be one of 'dense', 'activation', "
-                                 f"{', '.join(map(repr, NORM_LAYERS))}, 'dropout'; not {kind!r}")
+                                 f"{', '.join(map(repr, NORM_LAYERS))}, 'dropout', "
+                                 f"{', '.join(map(repr, MERGE_LAYERS))}; not {kind!r}")
             for key, kinds in LAYER_OPTIONS.items():
                 if key in layer and kind not in kinds:
                     raise self.error(f"{where}.{key}", f"only {' and '.join(kinds)} layers take {key}, "
@@ -422,26 +411,175 @@ class _Loader:
                 lname = self.name(layer["name"], f"{where}.name", "layer")
                 if lname in names:
                     raise self.error(f"{where}.name", f"layer name {lname!r} is used twice")
+                if lname in scope or any(lname == t for _, t, _, _ in targets):
+                    raise self.error(f"{where}.name", f"{lname!r} is already the name of an input or target")
                 names.add(lname)
-            if kind in NORM_LAYERS:
-                h = self.norm_layer(net, h, layer, where, kind, lname)
-            elif kind == "dropout":
-                h = self.dropout_layer(net, h, layer, where, lname)
-            elif kind == "dense":
-                if "units" not in layer:
-                    raise self.error(f"{where}.units", "missing (the layer's width)")
-                units = self.integer(layer["units"], f"{where}.units")
-                h = self.wrap(where, net.dense, h, units, act, name=lname)
-            else:
+            srcs = self.layer_sources(layer, where, i, h, scope, later)
+            if kind in MERGE_LAYERS:
+                if len(srcs) < 2:
+                    raise self.error(f"{where}.from", f"a {kind} layer merges at least two layers or inputs; "
+                                     "list them, e.g. from = [\"h1\", \"x\"]")
                 if "units" in layer:
-                    raise self.error(f"{where}.units", "an activation layer keeps its input's width; remove units")
-                if "activation" not in layer:
-                    raise self.error(f"{where}.activation", "missing")
-                h = self.wrap(where, net.activation, h, act, name=lname)
+                    raise self.error(f"{where}.units", f"a {kind} layer has no units of its own; remove units")
+                h = self.wrap(where, getattr(net, kind), *srcs, name=lname)
+                if "activation" in layer:
+                    h = self.wrap(where, net.activation, h, act)
+            else:
+                if len(srcs) != 1:
+                    raise self.error(f"{where}.from", f"a {kind} layer takes one value, got {len(srcs)}; "
+                                     "merge them first with an 'add' or 'concat' layer")
+                (h,) = srcs
+                if kind in NORM_LAYERS:
+                    h = self.norm_layer(net, h, layer, where, kind, lname)
+                elif kind == "dropout":
+                    h = self.dropout_layer(net, h, layer, where, lname)
+                elif kind == "dense":
+                    if "units" not in layer:
+                        raise self.error(f"{where}.units", "missing (the layer's width)")
+                    units = self.integer(layer["units"], f"{where}.units")
+                    h = self.wrap(where, net.dense, h, units, act, name=lname)
+                else:
+                    if "units" in layer:
+                        raise self.error(f"{where}.units", "an activation layer keeps its input's width; remove units")
+                    if "activation" not in layer:
+                        raise self.error(f"{where}.activation", "missing")
+                    h = self.wrap(where, net.activation, h, act, name=lname)
+            if lname is not None:
+                scope[lname] = h
 
-        target = self.wrap("network.target", net.target, y_name, y_size, y_kind)
-        loss = self.loss(net_t.get("loss", "mse"), "network.loss", constants)
-        return self.wrap("network.loss", net.build, h, loss, target)
+        tg = {t_name: self.wrap(f"network.target{twhere}", net.target, t_name, t_size, t_kind)
+              for twhere, t_name, t_size, t_kind in targets}
+        if "losses" not in net_t:
+            if len(tg) != 1:
+                raise self.error("network.target", f"the network has {len(tg)} targets; give one "
+                                 "[[network.losses]] entry (output, target, loss, weight) for each")
+            loss = self.loss(net_t.get("loss", "mse"), "network.loss", constants)
+            return self.wrap("network.loss", net.build, h, loss, next(iter(tg.values())))
+        if "loss" in net_t:
+            raise self.error("network.loss", "give either network.loss or [[network.losses]], not both")
+        entries = self.network_losses(net_t["losses"], h, scope, tg, constants)
+        return self.wrap("network.losses", net.build, losses=entries)
+
+    def network_inputs(self, value):
+        """[(where suffix, name, size)] of ``network.input``: one table or an array of tables."""
+        many = isinstance(value, list)
+        if many and not value:
+            raise self.error("network.input", "is empty; declare at least one input")
+        out = []
+        for k, in_t in enumerate(value if many else [value]):
+            sub = f"[{k}]" if many else ""
+            in_t = self.table(in_t, f"network.input{sub}", INPUT_KEYS)
+            if many and "name" not in in_t:
+                raise self.error(f"network.input{sub}.name", "missing (several inputs need names)")
+            x_name = self.name(in_t.get("name", "x"), f"network.input{sub}.name", "input")
+            if "size" not in in_t:
+                raise self.error(f"network.input{sub}.size", "missing (the number of features per sample)")
+            x_size = self.integer(in_t["size"], f"network.input{sub}.size")
+            if any(x_name == o[1] for o in out):
+                raise self.error(f"network.input{sub}.name", f"input {x_name!r} is declared twice")
+            out.append((sub, x_name, x_size))
+        return out
+
+    def network_targets(self, value, inputs):
+        """[(where suffix, name, size, kind)] of ``network.target``: one table or an array of tables."""
+        from compiler.core.model import check_target_kind
+        many = isinstance(value, list)
+        if many and not value:
+            raise self.error("network.target", "is empty; declare at least one target")
+        out = []
+        for k, tg_t in enumerate(value if many else [value]):
+            sub = f"[{k}]" if many else ""
+            where = f"network.target{sub}"
+            tg_t = self.table(tg_t, where, TARGET_KEYS)
+            if many and "name" not in tg_t:
+                raise self.error(f"{where}.name", "missing (several targets need names)")
+            y_name = self.name(tg_t.get("name", "y"), f"{where}.name", "target")
+            y_kind = self.string(tg_t.get("kind", "real"), f"{where}.kind")
+            self.wrap(f"{where}.kind", check_target_kind, y_kind)
+            if y_kind == "label":
+                if "size" in tg_t:
+                    raise self.error(f"{where}.size", "integer labels are one class index per sample; "
+                                     "give no size (the number of classes is the last layer's width)")
+                y_size = None
+            else:
+                if "size" not in tg_t:
+                    raise self.error(f"{where}.size", "missing (the number of target values per sample)")
+                y_size = self.integer(tg_t["size"], f"{where}.size")
+            if any(y_name == x[1] for x in inputs):
+                raise self.error(f"{where}.name", f"{y_name!r} is already the input's name")
+            if any(y_name == o[1] for o in out):
+                raise self.error(f"{where}.name", f"target {y_name!r} is declared twice")
+            out.append((sub, y_name, y_size, y_kind))
+        return out
+
+    def layer_sources(self, layer, where, i, previous, scope, later):
+        """The values a layer takes: its ``from`` (a name or an array of names of inputs and
+        earlier named layers), by default the previous layer (the only input, for the first)."""
+        if "from" not in layer:
+            if previous is not None:
+                return [previous]
+            if len(scope) != 1:
+                raise self.error(f"{where}.from", f"missing: the network has {len(scope)} inputs "
+                                 f"({', '.join(scope)}); name the one(s) this layer takes")
+            return list(scope.values())
+        value = layer["from"]
+        names = value if isinstance(value, list) else [value]
+        if not names:
+            raise self.error(f"{where}.from", "is empty; name at least one input or earlier layer")
+        out = []
+        for k, v in enumerate(names):
+            at = f"{where}.from" + (f"[{k}]" if isinstance(value, list) else "")
+            self.string(v, at)
+            if v in scope:
+                out.append(scope[v])
+            elif v in later:
+                what = "itself" if later[v] == i else f"network.layers[{later[v]}], which comes later"
+                raise self.error(at, f"{v!r} is {what}; a layer takes only inputs and earlier layers "
+                                 "(a network has no cycles)")
+            else:
+                raise self.error(at, f"unknown layer or input {_short(v)}; known so far: "
+                                 f"{', '.join(scope) or 'none'} (a layer needs a name to be used in from)")
+        return out
+
+    def network_losses(self, value, last, scope, targets, constants):
+        """``[[network.losses]]``: (output, loss, target, weight) entries for ``Network.build``."""
+        if not isinstance(value, list) or not value:
+            raise self.error("network.losses", "must be a non-empty array of tables "
+                             "([[network.losses]] with output, target, loss, weight)")
+        entries, used = [], set()
+        for k, loss_t in enumerate(value):
+            where = f"network.losses[{k}]"
+            loss_t = self.table(loss_t, where, LOSS_KEYS)
+            out = last
+            if "output" in loss_t:
+                o = self.string(loss_t["output"], f"{where}.output")
+                if o not in scope:
+                    raise self.error(f"{where}.output", f"unknown layer {_short(o)}; named layers and inputs: "
+                                     f"{', '.join(scope)}")
+                out = scope[o]
+            if "target" in loss_t:
+                t = self.string(loss_t["target"], f"{where}.target")
+                if t not in targets:
+                    raise self.error(f"{where}.target", f"unknown target {_short(t)}; targets: {', '.join(targets)}")
+            elif len(targets) == 1:
+                t = next(iter(targets))
+            else:
+                raise self.error(f"{where}.target", f"missing (the network has targets {', '.join(targets)})")
+            used.add(t)
+            loss = self.loss(loss_t.get("loss", "mse"), f"{where}.loss", constants)
+            weight = float(self.number(loss_t.get("weight", 1), f"{where}.weight", constants))
+            if not weight > 0 or not math.isfinite(weight):
+                raise self.error(f"{where}.weight", f"must be a positive number, got {weight}")
+            try:
+                from compiler.frontends.nn import apply_loss
+                apply_loss(loss, out, targets[t], {})      # its shape error names this entry
+            except BpcError as e:
+                raise self.error(where, str(e)) from None
+            entries.append((out, loss, targets[t], weight))
+        unused = [t for t in targets if t not in used]
+        if unused:
+            raise self.error("network.losses", f"target(s) {', '.join(unused)} have no loss; add an entry for each")
+        return entries
 
     def dropout_layer(self, net, h, layer, where, name):
         """A `dropout` layer: keeps the width; `rate` (required) from 0 up to, not including, 1."""
