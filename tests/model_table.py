@@ -93,6 +93,30 @@ def _dropout():
     return net.build(net.dense(h, 3), "softmax_cross_entropy", net.target("y", kind="label"))
 
 
+def _residual_mlp():
+    """Residual blocks (``h + block(h)``, by operator and by layer) and a gate, on a 1-D target
+    against a 1-unit output (the (n,) / (n, 1) rule)."""
+    net = bpc.Network("residual_mlp")
+    x = net.input("x", 3)
+    h = net.dense(x, 4, "tanh")
+    h = net.dense(h, 4, "tanh") + h
+    h = net.add(net.dense(h, 4, "softplus"), h)
+    h = net.multiply(h, net.dense(x, 4, "sigmoid"))
+    return net.build(net.dense(h, 1), "mse", net.target("y"))
+
+
+def _two_input_concat():
+    """Two inputs joined by concat, two outputs with a weighted loss each: class logits
+    (labels) and a regression head on the concatenation."""
+    net = bpc.Network("two_input")
+    a, b = net.input("a", 3), net.input("b", 2)
+    c = net.concat(net.dense(a, 4, "tanh"), b)
+    z = net.dense(c, 3)
+    r = net.dense(net.concat(c, a), 2)
+    return net.build(losses=[(z, "softmax_cross_entropy", net.target("y", kind="label")),
+                             (r, "mse", net.target("t", 2), 0.5)])
+
+
 MODELS = [
     ("mlp_tanh_mse", _net([3, 5, 4, 2], "tanh", name="mlp_tanh")),
     ("mlp_relu_mse", _net([3, 6, 2], "relu", name="mlp_relu")),
@@ -118,6 +142,8 @@ MODELS = [
     ("layernorm", _norm("layernorm")),
     ("rmsnorm", _norm("rmsnorm", "bce_with_logits")),
     ("dropout", _dropout),      # in inference mode (the default): the masks are ones
+    ("residual_mlp", _residual_mlp),
+    ("two_input_concat", _two_input_concat),
 ]
 
 # models whose loss and gradients must stay finite at inputs of +-1000
