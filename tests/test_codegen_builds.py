@@ -194,7 +194,8 @@ def _readme_models():
     assert "compiled = bpc.compile_model(" in code
     namespace = {}
     exec(compile(code.split("compiled = bpc.compile_model(", 1)[0], "README.md", "exec"), namespace)
-    return {"classifier": namespace["model"], "poly": namespace["poly"], "matrix": namespace["mx"]}
+    return {"classifier": namespace["model"], "poly": namespace["poly"], "matrix": namespace["mx"],
+            "graph": namespace["graph"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,7 +206,7 @@ def _readme_module(name, target, dtype):
 
 README_ROWS = [pytest.param(name, target, dtype, id=f"{name}-{target}-{dtype}",
                             marks=NEEDS_CC if target == "c" else ())
-               for name in ("classifier", "poly", "matrix") for target in ("numpy", "c")
+               for name in ("classifier", "poly", "matrix", "graph") for target in ("numpy", "c")
                for dtype in ("float64", "float32")]
 
 
