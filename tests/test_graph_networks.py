@@ -383,3 +383,16 @@ def test_bad_graph_specs_name_the_field(text, words):
         loads_spec(text, "m.toml", "toml")
     msg = str(e.value)
     assert msg.startswith("m.toml: ") and all(w in msg for w in words), msg
+
+
+def test_accuracy_of_a_1_unit_output_against_a_1d_target():
+    """Training's accuracy compares each sample's probability with its own target (not an
+    (n, 1) against (n,) broadcast to (n, n))."""
+    from compiler.train.loop import evaluate
+    net = Network("binary")
+    x = net.input("x", 2)
+    mod = bpc.compile_model(net.build(net.dense(x, 1), "bce_with_logits", net.target("y"))).load()
+    params = {"W1": np.array([[1.0], [0.0]]), "b1": np.zeros(1)}
+    xs = np.array([[1.0, 0.0], [-1.0, 0.0], [2.0, 0.0], [-2.0, 0.0]])
+    ys = np.array([1.0, 0.0, 0.0, 0.0])          # three right, one wrong
+    assert evaluate(mod, params, {"x": xs, "y": ys})["accuracy"] == pytest.approx(0.75)

@@ -213,6 +213,8 @@ def evaluate(module, params, data, chunk=8192):
                 labels = y if y.ndim == 1 else np.argmax(y, axis=1)
                 correct += int(np.sum(np.argmax(pred, axis=1) == labels))
             else:  # per sample, the fraction of its outputs on the right side of 0.5
+                if pred.shape != y.shape and pred.size == y.size:
+                    pred = pred.reshape(y.shape)    # a (n, 1) output against a (n,) target
                 correct += float(np.sum((pred > 0.5) == (y > 0.5))) / max(1, y[0].size)
     return {"loss": total / n, "accuracy": (correct / n if kind != "regression" else None)}
 
