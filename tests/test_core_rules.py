@@ -130,6 +130,7 @@ OPS = {
     "xent_labels": Op(lambda: ir.xent(_lse_input(), ir.input_node("y", (N,), "target", "label"), "label")),
     "concat": Op(lambda: ir.concat(ir.ew(sp.tanh(a0), [Z()]), X())),
     "concat_part_twice": Op(lambda: ir.concat(Z(), X(), Z())),
+    "concat_under_mean": Op(lambda: ir.mean(ir.concat(ir.ew(sp.tanh(a0), [Z()]), X()))),   # scalar adjoint
     "concat_params": Op(lambda: ir.concat(P("A", (3, 2)), P("B", (3, 1)))),
     # the merge layers are elementwise: a residual and a gate, as the operators build them
     "merge_add_residual": Op(lambda: ir.ew(sp.tanh(a0), [Z()]) + Z()),

@@ -4,6 +4,9 @@ broadcasting); no attrs. ``slice_last``: the entries ``start:stop`` of one input
 is the adjoint's slices, one per input."""
 from __future__ import annotations
 
+import re
+
+from compiler.core import ir
 from compiler.core.ir import format_shape, make
 from compiler.core.ops import Op, first_order_only, register
 from compiler.errors import ShapeError
@@ -31,6 +34,10 @@ def slice_last(a, start, stop):
         raise ShapeError(f"cannot take entries {start}:{stop} of the last axis of {format_shape(a.shape)}")
     if start == 0 and stop == a.shape[-1]:
         return a
+    shape = a.shape[:-1] + (stop - start,)
+    if a.op == "ew" and all(i.shape == () for i in a.inputs):
+        # a broadcast scalar (a constant, the adjoint of a mean) stays one at the new shape
+        return ir.ew(a.attr("expr"), a.inputs, shape=shape)
     if a.op == "concat":
         # the slice that is one of the joined parts is that part (one node, shared)
         offset = 0
@@ -38,7 +45,7 @@ def slice_last(a, start, stop):
             if (offset, offset + p.shape[-1]) == (start, stop):
                 return p
             offset += p.shape[-1]
-    return make("slice_last", (a,), a.shape[:-1] + (stop - start,), (("start", start), ("stop", stop)))
+    return make("slice_last", (a,), shape, (("start", start), ("stop", stop)))
 
 
 def _offsets(node):
@@ -86,7 +93,11 @@ register(Op("concat", (concat,), _adjoint,
             latex=lambda node, a, fm: r"\left[" + r" \;\middle|\; ".join(a) + r"\right]",
             statements={"numpy": _concat_numpy, "c": _concat_c}))
 
+def _atom(code):
+    return code if re.fullmatch(r"[\w.]+", code) else f"({code})"
+
+
 register(Op("slice_last", (slice_last,), first_order_only,
-            text=lambda node, a, fm: f"{a[0]}[..., {node.attr('start')}:{node.attr('stop')}]",
+            text=lambda node, a, fm: f"{_atom(a[0])}[..., {node.attr('start')}:{node.attr('stop')}]",
             latex=lambda node, a, fm: f"{a[0]}_{{[:,\\,{node.attr('start')}:{node.attr('stop')}]}}",
             statements={"numpy": _slice_numpy, "c": _slice_c}))
