@@ -67,6 +67,33 @@ def test_inplace_form_equals_plain_form(act, loss, dtype):
         assert np.isclose(fast.loss(p, x, y), lp, rtol=tol, atol=tol)
 
 
+def _graph_model():
+    """Wide residuals, a gate and a concat: in the backward pass an adjoint sum is the factor of
+    a product (dZ = (t + dH)*(1 - H*H)), whose sum goes into the dead buffer of t."""
+    net = bpc.Network("ip_graph")
+    x = net.input("x", 7)
+    h0 = net.dense(x, W, "tanh")
+    h1 = net.dense(h0, W, "tanh") + h0
+    h2 = net.multiply(net.dense(h1, W, "tanh") + h1, net.dense(x, W, "sigmoid"))
+    out = net.dense(net.concat(h2, h0), 5)
+    return net.build(out, "softmax_cross_entropy", net.target("y", kind="label"))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_inplace_graph_equals_plain_form(dtype):
+    model = _graph_model()
+    fast, plain = bpc.compile_model(model).load(), _plain(model)
+    p = fast.init_params(seed=1, dtype=dtype)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    for n in (3, 16):
+        x, y = _data(fast, n, dtype, seed=n)
+        lf, gf = fast.backward(p, x, y)
+        lp, gp = plain.backward(p, x, y)
+        assert np.isclose(lf, lp, rtol=tol, atol=tol)
+        for k in gp:
+            np.testing.assert_allclose(gf[k], gp[k], rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("loss", ["mse", "softmax_cross_entropy"])
 def test_results_are_not_overwritten_by_later_calls(loss):
     mod = bpc.compile_model(_model("tanh", loss, f"keep_{loss}")).load()

@@ -372,7 +372,9 @@ class InPlace:
         names = {result: self.out}
         for kind, payload, operands, dest, new in plan:
             if dest not in names:
-                names[dest] = f"_{self.out}_{len(names) - 1}"
+                # a reused input keeps its own name (it is dead after this statement); only
+                # temporaries get new ones
+                names[dest] = dest[1] if dest[0] == "in" else f"_{self.out}_{len(names) - 1}"
 
         def show(o):
             if o[0] == "sym":
