@@ -1,4 +1,4 @@
-"""The three training examples of docs/training.md, run end to end as a user runs them (the
+"""The training examples of docs/training.md and README.md, run end to end as a user runs them (the
 `bpc train` command in a fresh interpreter), with their claims checked: the cubic equals
 numpy.polyfit's, digits reach >= 96% test accuracy in well under a minute, the spirals are
 separated and their decision boundary is drawn. Plus: the committed data files are what
@@ -69,6 +69,13 @@ def test_spirals_with_decision_boundary(tmp_path):
     for name in ("spirals.png", "loss.png"):
         png = (tmp_path / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_residual_mlp_separates_the_spirals(tmp_path):
+    """examples/residual_mlp.toml (add skips named by `from`), trained as a user trains it."""
+    out, _ = bpc_train(tmp_path, EX / "residual_mlp.toml", "--data", DATA / "spirals.csv", "--out", "r.npz")
+    assert "completed 300 epochs" in out
+    assert accuracy(out, "validation") >= 99.0 and accuracy(out, "training") >= 99.0, out
 
 
 def test_committed_data_is_what_make_data_writes(tmp_path):
