@@ -17,9 +17,10 @@ param       -                       name
 
 Every other op is a record of ``compiler.core.ops``, one module per op or small family
 (``ew``, ``matmul``, ``transpose``, ``reshape``, ``sum``/``mean``, ``lse``/``softmax``,
-``xent``/``xent_grad``), whose docstring gives its inputs and attributes and which holds its
+``xent``/``xent_grad``, ``concat``/``slice_last``), whose docstring gives its inputs and attributes and which holds its
 constructor, adjoint rule, formulas and backend statements; the constructors are reachable
-here as ``ir.<name>`` (``ir.ew``, ``ir.matmul``, ``ir.reduce_sum``, ...).
+here as ``ir.<name>`` (``ir.ew``, ``ir.matmul``, ``ir.reduce_sum``, ...). Nodes also take the
+Python operators ``+ - * / @`` (``compiler.core.operators``), so ``h + x`` is a residual.
 """
 from __future__ import annotations
 
