@@ -30,6 +30,7 @@ from compiler.errors import ModelError, ShapeError
 from compiler.core.functions import activation as resolve_activation, check_supported, realify, sigmoid, softplus, stabilize
 from compiler.core.ir import ARG, N
 from compiler.core.model import Model, check_name, check_target_kind
+from compiler.frontends.image import ImageLayers
 
 LOSSES = ("mse", "softmax_cross_entropy", "bce_with_logits")
 # other names users reach for -> the built-in loss
@@ -37,7 +38,7 @@ LOSS_ALIASES = {"cross_entropy": "softmax_cross_entropy", "softmax_xent": "softm
                 "bce": "bce_with_logits", "binary_cross_entropy_with_logits": "bce_with_logits"}
 
 
-class Network:
+class Network(ImageLayers):
     """Builder of a batch-first tensor network; ``build`` returns a Model."""
 
     def __init__(self, name="model"):
@@ -61,9 +62,15 @@ class Network:
         return node
 
     # -- leaves ---------------------------------------------------------------------------
-    def input(self, name, size=None):
-        """A data input: ``size`` features per sample (None for one number per sample)."""
-        shape = (N,) if size is None else (N, _positive(size, f"input {name!r} size"))
+    def input(self, name, size=None, shape=None):
+        """A data input: ``size`` features per sample (None for one number per sample), or a
+        per-sample ``shape`` such as (H, W, C) for images (batch-first, channels last)."""
+        if shape is not None:
+            if size is not None:
+                raise ModelError(f"input {name!r}: give size or shape, not both")
+            shape = (N, *_shape(shape, f"input {name!r} shape"))
+        else:
+            shape = (N,) if size is None else (N, _positive(size, f"input {name!r} size"))
         node = ir.input_node(self._claim(name, "input"), shape, "data")
         self.inputs.append(node)
         return self._name(node, name)
@@ -90,7 +97,8 @@ class Network:
     def dense(self, x, units, activation="identity", name=None):
         """``activation(x @ W + b)``; W is Glorot- or He-initialised by activation, b zero."""
         if len(x.shape) != 2 or x.shape[0] != N:
-            raise ShapeError(f"dense layer needs a (batch, features) input, got {ir.format_shape(x.shape)}")
+            raise ShapeError(f"dense layer needs a (batch, features) input, got {ir.format_shape(x.shape)}"
+                             + ("; flatten it first" if len(x.shape) > 2 and x.shape[0] == N else ""))
         units = _positive(units, "dense layer width")
         self._layers += 1
         k = name or str(self._layers)
@@ -338,6 +346,15 @@ def _epsilon(v, what):
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < float(v) < float("inf"):
         raise ModelError(f"{what} must be a positive number, got {v!r}")
     return sp.Float(float(v))
+
+
+def _shape(shape, what):
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise ModelError(f"{what} must be a list of positive integers, got {shape!r}")
+    shape = tuple(shape)
+    if not shape:
+        raise ModelError(f"{what} is empty; give the per-sample dimensions, e.g. (8, 8, 1)")
+    return tuple(_positive(d, f"{what} dimension") for d in shape)
 
 
 def _positive(v, what):

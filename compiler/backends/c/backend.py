@@ -68,11 +68,15 @@ def _dims(shape):
 
 
 def _size_coeffs(shape):
-    """(a, b) with size = a*n + b."""
+    """(a, b) with size = a*n + b. An axis may be a multiple of the batch (k*n: the n*OH*OW
+    rows of an image batch's windows)."""
     k, has_n = 1, False
     for d in shape:
         if d == N:
             has_n = True
+        elif getattr(d, "has", None) and d.has(N):
+            has_n = True
+            k *= int(d / N)
         else:
             k *= int(d)
     return (k, 0) if has_n else (0, k)

@@ -1,0 +1,78 @@
+"""The maximum over each window: ``window_max`` of windows p (m, k, c) -> (m, c), the largest
+of the k entries of each (row, channel); no attrs. Its adjoint ``window_max_grad`` (p, g) ->
+(m, k, c), which only the backward graph holds, routes each adjoint entry to the first
+position of its window's maximum (the argmax; zero elsewhere), as max pooling does in every
+framework. A max pooling layer is ``window_max`` of ``im2col`` rows seen as (m, k, c).
+"""
+from __future__ import annotations
+
+from compiler.core.ir import format_shape, make
+from compiler.core.ops import Op, first_order_only, register
+from compiler.errors import ShapeError
+
+
+def window_max(p):
+    if len(p.shape) != 3:
+        raise ShapeError(f"window max needs windows (rows, window size, channels), got {format_shape(p.shape)}")
+    return make("window_max", (p,), (p.shape[0], p.shape[2]))
+
+
+def window_max_grad(p, g):
+    if len(p.shape) != 3 or tuple(g.shape) != (p.shape[0], p.shape[2]):
+        raise ShapeError(f"window max gradient: windows {format_shape(p.shape)} and adjoint "
+                         f"{format_shape(g.shape)} do not match")
+    return make("window_max_grad", (p, g), p.shape)
+
+
+def _adjoint(node, g, wants):
+    return [window_max_grad(node.inputs[0], g)]
+
+
+def _max_numpy(st, node):
+    return [f"{st.name(node)} = {st.method_target(node.inputs[0])}.max(axis=1)"]
+
+
+def _grad_numpy(st, node):
+    p, g = node.inputs
+    out = st.name(node)
+    return [f"{out} = np.zeros({st.ref(p)}.shape, dtype={st.ref(g)}.dtype)",
+            f"np.put_along_axis({out}, np.argmax({st.ref(p, bare=True)}, axis=1)[:, None, :], "
+            f"{st.ref(g)}[:, None, :], axis=1)"]
+
+
+def _argmax_loop(st, p, body):
+    """Loops over (row, channel) finding ``_a``, the first index of the window's maximum ``_m``."""
+    m, k, c = st.dims(p.shape)
+    at = f"(_r*{k} + _k)*{c} + _c"
+    return ["for (size_t _r = 0; _r < " + m + "; _r++)",
+            f"for (size_t _c = 0; _c < {c}; _c++) {{",
+            f"    {st.real} _m = {st.name(p)}[_r*{k}*{c} + _c];",
+            "    size_t _a = 0;",
+            f"    for (size_t _k = 1; _k < {k}; _k++) if ({st.name(p)}[{at}] > _m) {{ _m = {st.name(p)}[{at}]; _a = _k; }}",
+            *["    " + line for line in body], "}"]
+
+
+def _max_c(st, node):
+    (p,) = node.inputs
+    c = st.dims(p.shape)[2]
+    return st.block(_argmax_loop(st, p, [f"{st.name(node)}[_r*{c} + _c] = _m;", "(void)_a;"]))
+
+
+def _grad_c(st, node):
+    p, g = node.inputs
+    m, k, c = st.dims(p.shape)
+    out = st.name(node)
+    return st.block(_argmax_loop(st, p, [
+        "(void)_m;",
+        f"for (size_t _k = 0; _k < {k}; _k++) {out}[(_r*{k} + _k)*{c} + _c] = {st.lit(0)};",
+        f"{out}[(_r*{k} + _a)*{c} + _c] = {st.name(g)}[_r*{c} + _c];"]))
+
+
+register(Op("window_max", (window_max,), _adjoint,
+            text=lambda node, a, fm: f"max({a[0]}, axis=1)",
+            latex=lambda node, a, fm: rf"\max_{{\mathrm{{window}}}} {a[0]}",
+            statements={"numpy": _max_numpy, "c": _max_c}))
+register(Op("window_max_grad", (window_max_grad,), first_order_only,
+            text=lambda node, a, fm: f"route_to_argmax({a[1]}, {a[0]})",
+            latex=lambda node, a, fm: rf"\operatorname{{route}}_{{\arg\max {a[0]}}}\left({a[1]}\right)",
+            statements={"numpy": _grad_numpy, "c": _grad_c}))

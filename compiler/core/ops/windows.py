@@ -1,0 +1,196 @@
+"""Image windows: ``im2col`` and its adjoint ``col2im``, the two halves of a convolution as one
+matrix product.
+
+``im2col`` takes an image batch x (n, H, W, C) (batch-first, channels last) and gives every
+window of attr ``kernel`` (kh, kw), placed every ``stride`` (sh, sw) pixels over x zero-padded
+by ``pads`` (top, bottom, left, right), as one row: shape (n*OH*OW, kh*kw*C), rows in (sample,
+out row, out column) order, each row in (kernel row, kernel column, channel) order. A
+convolution is then ``im2col(x) @ W`` with W (kh*kw*C, filters): one BLAS product.
+
+``col2im`` (rows (n*OH*OW, kh*kw*C) -> an image of attr ``image`` (the per-sample (H, W, C)),
+same attrs otherwise) adds every row back onto the pixels its window covers: the adjoint of
+``im2col`` (a scatter-add), and ``im2col`` is the adjoint of ``col2im``.
+
+NumPy statements are vectorised: ``sliding_window_view`` for im2col, a loop over the kh*kw
+kernel offsets (never over samples or pixels) for col2im; C statements are plain loops.
+"""
+from __future__ import annotations
+
+import numbers
+
+from compiler.core.ir import N, format_shape, make
+from compiler.core.ops import Op, register
+from compiler.errors import ShapeError
+
+PADDINGS = ("valid", "same")
+
+
+def pair(value, what):
+    """``value`` (a positive int, or a pair of them) as (rows, columns); ShapeError otherwise."""
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(items) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0
+                              for v in items):
+        raise ShapeError(f"{what} must be a positive integer or a pair of them, got {value!r}")
+    return tuple(int(v) for v in items)
+
+
+def check_image(x, what):
+    """Check that ``x`` is a batch of images (n, H, W, C)."""
+    if len(x.shape) != 4 or x.shape[0] != N:
+        raise ShapeError(f"{what} needs a batch of images (n, height, width, channels), got "
+                         f"{format_shape(x.shape)}")
+
+
+def geometry(size, kernel, stride, padding, what="window"):
+    """(out size, pad before, pad after) along one axis of ``size`` pixels. "valid": windows
+    inside the image; "same": ceil(size/stride) windows, the zero padding split evenly (the
+    extra pixel after), as in TensorFlow."""
+    if padding not in PADDINGS:
+        raise ShapeError(f"padding must be 'valid' or 'same', not {padding!r}")
+    if padding == "valid":
+        if kernel > size:
+            raise ShapeError(f"{what} of {kernel} pixels is larger than the input's {size} "
+                             "(use padding = 'same', or a smaller kernel)")
+        return (size - kernel) // stride + 1, 0, 0
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return out, total // 2, total - total // 2
+
+
+def out_size(attrs_image, kernel, stride, pads):
+    (H, W, _), (kh, kw), (sh, sw), (pt, pb, pl, pr) = attrs_image, kernel, stride, pads
+    return (H + pt + pb - kh) // sh + 1, (W + pl + pr - kw) // sw + 1
+
+
+def im2col(x, kernel, stride=1, padding="valid"):
+    """The windows of ``x`` (n, H, W, C) as rows (n*OH*OW, kh*kw*C). ``padding``: "valid",
+    "same", or explicit (top, bottom, left, right)."""
+    check_image(x, "im2col")
+    kernel, stride = pair(kernel, "kernel"), pair(stride, "stride")
+    H, W, C = (int(d) for d in x.shape[1:])
+    if isinstance(padding, str):
+        (_, pt, pb), (_, pl, pr) = (geometry(s, k, st, padding, f"kernel of {kernel[0]}x{kernel[1]}: window")
+                                    for s, k, st in ((H, kernel[0], stride[0]), (W, kernel[1], stride[1])))
+        pads = (pt, pb, pl, pr)
+    else:
+        pads = tuple(int(p) for p in padding)
+        if len(pads) != 4 or min(pads) < 0:
+            raise ShapeError(f"explicit padding must be 4 non-negative integers, got {padding!r}")
+    if H + pads[0] + pads[1] < kernel[0] or W + pads[2] + pads[3] < kernel[1]:
+        raise ShapeError(f"kernel {kernel[0]}x{kernel[1]} is larger than the padded input "
+                         f"{H + pads[0] + pads[1]}x{W + pads[2] + pads[3]}")
+    oh, ow = out_size((H, W, C), kernel, stride, pads)
+    attrs = (("kernel", kernel), ("stride", stride), ("pads", pads), ("image", (H, W, C)))
+    return make("im2col", (x,), (N * oh * ow, kernel[0] * kernel[1] * C), attrs)
+
+
+def col2im(cols, image, kernel, stride, pads):
+    """Rows (n*OH*OW, kh*kw*C) added back onto an image batch (n, H, W, C), ``image`` = (H, W, C)."""
+    image, kernel, stride, pads = (tuple(int(v) for v in t) for t in (image, kernel, stride, pads))
+    oh, ow = out_size(image, kernel, stride, pads)
+    want = (N * oh * ow, kernel[0] * kernel[1] * image[2])
+    if tuple(cols.shape) != want:
+        raise ShapeError(f"col2im of {format_shape(cols.shape)}: expected {format_shape(want)}")
+    attrs = (("kernel", kernel), ("stride", stride), ("pads", pads), ("image", image))
+    return make("col2im", (cols,), (N, *image), attrs)
+
+
+def _attrs(node):
+    return node.attr("image"), node.attr("kernel"), node.attr("stride"), node.attr("pads")
+
+
+def _im2col_adjoint(node, g, wants):
+    return [col2im(g, *_attrs(node))]
+
+
+def _col2im_adjoint(node, g, wants):
+    image, kernel, stride, pads = _attrs(node)
+    return [im2col(g, kernel, stride, pads)]
+
+
+# ---- NumPy --------------------------------------------------------------------------------
+
+def _pad_widths(pads):
+    pt, pb, pl, pr = pads
+    return f"((0, 0), ({pt}, {pb}), ({pl}, {pr}), (0, 0))"
+
+
+def _im2col_numpy(st, node):
+    (x,) = node.inputs
+    image, (kh, kw), (sh, sw), pads = _attrs(node)
+    src = st.ref(x)
+    if any(pads):
+        src = f"np.pad({st.ref(x, bare=True)}, {_pad_widths(pads)})"
+    step = "" if (sh, sw) == (1, 1) else f"[:, ::{sh}, ::{sw}]"
+    # windows (n, OH, OW, C, kh, kw) as a view, then one copy in (kh, kw, C) order per row
+    return [f"{st.name(node)} = np.lib.stride_tricks.sliding_window_view({src}, ({kh}, {kw}), axis=(1, 2))"
+            f"{step}.transpose(0, 1, 2, 4, 5, 3).reshape({st.shape_code(node.shape)})"]
+
+
+def _col2im_numpy(st, node):
+    (g,) = node.inputs
+    (H, W, C), (kh, kw), (sh, sw), pads = _attrs(node)
+    pt, pb, pl, pr = pads
+    oh, ow = out_size((H, W, C), (kh, kw), (sh, sw), pads)
+    out = st.name(node)
+    full = f"_{out}_pad" if any(pads) else out
+    rows = f"_{out}_rows"
+    return [f"{rows} = {st.ref(g)}.reshape((n, {oh}, {ow}, {kh}, {kw}, {C}))",
+            f"{full} = np.zeros((n, {H + pt + pb}, {W + pl + pr}, {C}), dtype={rows}.dtype)",
+            f"for _i in range({kh}):   # scatter-add, one kernel offset at a time",
+            f"    for _j in range({kw}):",
+            f"        {full}[:, _i:_i + {sh * (oh - 1) + 1}:{sh}, _j:_j + {sw * (ow - 1) + 1}:{sw}] += "
+            f"{rows}[:, :, :, _i, _j]"] + (
+        [f"{out} = {full}[:, {pt}:{pt + H}, {pl}:{pl + W}]"] if any(pads) else [])
+
+
+# ---- C ------------------------------------------------------------------------------------
+
+def _window_loops(node, inner):
+    """Loops over samples, output pixels and kernel offsets around ``inner`` (lines run for each
+    channel ``_c``, with ``_row``/``_col`` the flat row-major position in the rows array and
+    ``_iy``/``_ix`` the (possibly out-of-image) input pixel)."""
+    (H, W, C), (kh, kw), (sh, sw), (pt, pb, pl, pr) = _attrs(node)
+    oh, ow = out_size((H, W, C), (kh, kw), (sh, sw), (pt, pb, pl, pr))
+    padded = any((pt, pb, pl, pr))
+    check = ["    if (_iy < 0 || _iy >= " + str(H) + " || _ix < 0 || _ix >= " + str(W) + ") continue;"] if padded else []
+    return ["for (size_t _b = 0; _b < n; _b++)",
+            f"for (size_t _oy = 0; _oy < {oh}; _oy++)",
+            f"for (size_t _ox = 0; _ox < {ow}; _ox++)",
+            f"for (size_t _ky = 0; _ky < {kh}; _ky++)",
+            f"for (size_t _kx = 0; _kx < {kw}; _kx++) {{",
+            f"    const long _iy = (long)(_oy*{sh} + _ky) - {pt}, _ix = (long)(_ox*{sw} + _kx) - {pl};",
+            *check,
+            f"    const size_t _at = (((_b*{oh} + _oy)*{ow} + _ox)*{kh} + _ky)*{kw * C} + _kx*{C};",
+            f"    const size_t _px = ((_b*{H} + (size_t)_iy)*{W} + (size_t)_ix)*{C};",
+            f"    for (size_t _c = 0; _c < {C}; _c++) {inner}",
+            "}"]
+
+
+def _im2col_c(st, node):
+    (x,) = node.inputs
+    out = st.name(node)
+    zero = []
+    if any(node.attr("pads")):   # windows over the padding read zeros
+        zero = [f"for (size_t _i = 0; _i < {st.size_code(node.shape)}; _i++) {out}[_i] = {st.lit(0)};"]
+    return zero + st.block(_window_loops(node, f"{out}[_at + _c] = {st.name(x)}[_px + _c];"))
+
+
+def _col2im_c(st, node):
+    (g,) = node.inputs
+    out = st.name(node)
+    zero = [f"for (size_t _i = 0; _i < {st.size_code(node.shape)}; _i++) {out}[_i] = {st.lit(0)};"]
+    return zero + st.block(_window_loops(node, f"{out}[_px + _c] += {st.name(g)}[_at + _c];"))
+
+
+def _latex_call(name):
+    return lambda node, a, fm: rf"\operatorname{{{name}}}\left({a[0]}\right)"
+
+
+register(Op("im2col", (im2col,), _im2col_adjoint,
+            text=lambda node, a, fm: f"im2col({a[0]})", latex=_latex_call("im2col"),
+            statements={"numpy": _im2col_numpy, "c": _im2col_c}))
+register(Op("col2im", (col2im,), _col2im_adjoint,
+            text=lambda node, a, fm: f"col2im({a[0]})", latex=_latex_call("col2im"),
+            statements={"numpy": _col2im_numpy, "c": _col2im_c}))
+
