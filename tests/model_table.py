@@ -117,6 +117,27 @@ def _two_input_concat():
                              (r, "mse", net.target("t", 2), 0.5)])
 
 
+def _cnn_maxpool():
+    """conv ("same", odd size) -> max pool -> flatten -> dense, softmax over integer labels."""
+    net = bpc.Network("cnn_max")
+    x = net.input("x", shape=(5, 5, 2))
+    h = net.conv2d(x, 3, 3, padding="same", activation="tanh")
+    h = net.maxpool2d(h, 2)
+    z = net.dense(net.flatten(h), 3)
+    return net.build(z, "softmax_cross_entropy", net.target("y", kind="label"))
+
+
+def _cnn_avgpool():
+    """conv (stride 2, "valid") -> conv ("same") -> average pool -> flatten -> dense, mse."""
+    net = bpc.Network("cnn_avg")
+    x = net.input("x", shape=(7, 6, 1))
+    h = net.conv2d(x, 2, (3, 2), stride=2, activation="relu")
+    h = net.conv2d(h, 3, 2, padding="same", activation="softplus")
+    h = net.avgpool2d(h, 2, stride=1)
+    z = net.dense(net.flatten(h), 2)
+    return net.build(z, "mse", net.target("y", 2))
+
+
 MODELS = [
     ("mlp_tanh_mse", _net([3, 5, 4, 2], "tanh", name="mlp_tanh")),
     ("mlp_relu_mse", _net([3, 6, 2], "relu", name="mlp_relu")),
@@ -144,6 +165,8 @@ MODELS = [
     ("dropout", _dropout),      # in inference mode (the default): the masks are ones
     ("residual_mlp", _residual_mlp),
     ("two_input_concat", _two_input_concat),
+    ("cnn_maxpool", _cnn_maxpool),
+    ("cnn_avgpool", _cnn_avgpool),
 ]
 
 # models whose loss and gradients must stay finite at inputs of +-1000

@@ -139,7 +139,58 @@ OPS = {
 }
 
 
+def _image(h, w, c):
+    """A batch of (h, w, c) images that depends on the data and on a parameter."""
+    return ir.reshape(ir.matmul(X(), P("A", (3, h * w * c))), (N, h, w, c))
+
+
+def _rows(m, *shape):
+    """Rows (n*m, *shape) that depend on the data and on a parameter (the input of an op on
+    image windows)."""
+    size = m
+    for d in shape:
+        size *= d
+    return ir.reshape(ir.matmul(X(), P("A", (3, size))), (N * m, *shape))
+
+
+def _col2im(image, kernel, stride=1, padding="valid"):
+    """col2im with the geometry of im2col on ``image`` (h, w, c), of data-dependent rows."""
+    probe = ir.im2col(ir.input_node("probe", (N, *image), "data"), kernel, stride, padding)
+    rows = int(probe.shape[0] / N)
+    return ir.col2im(_rows(rows, probe.shape[1]), image, probe.attr("kernel"), probe.attr("stride"),
+                     probe.attr("pads"))
+
+
+def _window_max(m, k, c):
+    return ir.window_max(_rows(m, k, c))
+
+
+# image geometries: (image (h, w, c), kernel, stride, padding); the edge cases of issue 12
+WINDOWS = {
+    "3x3_valid": ((5, 5, 2), 3, 1, "valid"),
+    "kernel_is_input": ((4, 3, 2), (4, 3), 1, "valid"),
+    "stride2_valid": ((7, 6, 1), (3, 2), 2, "valid"),
+    "stride3_overhang": ((7, 7, 1), 2, 3, "valid"),
+    "same_odd": ((5, 5, 2), 3, 1, "same"),
+    "same_even_kernel": ((5, 4, 1), 2, 1, "same"),
+    "same_stride2_odd": ((7, 5, 3), (2, 3), 2, "same"),
+}
+
+IMAGE_OPS = {
+    **{f"im2col_{k}": Op(lambda g=g: ir.im2col(_image(*g[0]), *g[1:])) for k, g in WINDOWS.items()},
+    **{f"col2im_{k}": Op(lambda g=g: _col2im(*g)) for k, g in WINDOWS.items()},
+    "window_max": Op(lambda: _window_max(2, 4, 3)),
+    "window_max_one": Op(lambda: _window_max(1, 1, 2)),
+    "window_max_pool": Op(lambda: ir.window_max(ir.reshape(ir.im2col(_image(4, 6, 2), 2, 2), (N * 6, 4, 2)))),
+}
+OPS.update(IMAGE_OPS)
+
+
 def _model(out):
+    if out.shape and sp.sympify(out.shape[0]).has(N) and (out.shape[0] != N or len(out.shape) > 2):
+        # image values and their windows: weighted per sample, as (n, numbers per sample)
+        size = ir.size_of(out.shape) / N
+        out = ir.reshape(out, (N, int(size)))
     r = P("R", out.shape) if not ir.is_batch(out.shape) else None
     x = X()
     if r is not None:
@@ -255,6 +306,7 @@ def test_unary_rules_on_every_target(row):
 def test_every_rule_has_a_row():
     from compiler.core.adjoints import RULES
     row_of = {"ew": "ew_", "matmul": "matmul", "transpose": "transpose", "reshape": "reshape", "sum": "sum_",
-              "mean": "mean", "lse": "logsumexp", "softmax": "softmax", "xent": "xent_", "concat": "concat"}
+              "mean": "mean", "lse": "logsumexp", "softmax": "softmax", "xent": "xent_", "concat": "concat",
+              "im2col": "im2col_", "col2im": "col2im_", "window_max": "window_max"}
     for rule in RULES:
         assert any(k.startswith(row_of[rule]) for k in OPS), rule

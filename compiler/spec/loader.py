@@ -26,15 +26,22 @@ MAX_WIDTH = 1 << 20          # of one layer, input or target (beyond it init_par
 MAX_LAYERS = 256
 SOURCE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 
+# image layers (compiler/frontends/image.py): their types and the keys each one allows
+IMAGE_LAYERS = {"conv2d": ("filters", "kernel", "stride", "padding", "activation"),
+                "maxpool2d": ("pool", "stride"), "avgpool2d": ("pool", "stride"), "flatten": ()}
+IMAGE_LAYER_KEYS = ("filters", "kernel", "stride", "padding", "pool")
+MAX_IMAGE_RANK = 3
+
 TOP_KEYS = ("model", "constants", "network", "expression", "matrix", "train")
 MODEL_KEYS = ("name", "description", "dtype")
 NETWORK_KEYS = ("input", "target", "layers", "loss", "losses")
 LOSS_KEYS = ("output", "target", "loss", "weight")
-INPUT_KEYS = ("name", "size")
+INPUT_KEYS = ("name", "size", "shape")
 TARGET_KEYS = ("name", "size", "kind")
-LAYER_KEYS = ("type", "units", "activation", "name", "constants", "eps", "rate", "from")
+LAYER_KEYS = ("type", "units", "activation", "name", "constants", "eps", "rate", "from") + IMAGE_LAYER_KEYS
 NORM_LAYERS = ("layernorm", "rmsnorm")   # Network methods of the same names
-LAYER_OPTIONS = {"eps": NORM_LAYERS, "rate": ("dropout",)}   # the layer types that take each key
+LAYER_OPTIONS = {"eps": NORM_LAYERS, "rate": ("dropout",),   # the layer types that take each key
+                 **{key: tuple(k for k, keys in IMAGE_LAYERS.items() if key in keys) for key in IMAGE_LAYER_KEYS}}
 MERGE_LAYERS = ("add", "concat", "multiply")     # Network methods of the same names
 EXPRESSION_KEYS = ("prediction", "params", "inputs", "targets", "loss", "prediction_symbol")
 MATRIX_KEYS = ("inputs", "targets", "params", "scalars", "init", "activations", "output", "loss",
@@ -386,8 +393,8 @@ class _Loader:
 
         net = self.wrap("model.name", Network, name)
         # the values a layer's `from` may name: the inputs, then each named layer once built
-        scope = {x_name: self.wrap(f"network.input{where}", net.input, x_name, x_size)
-                 for where, x_name, x_size in inputs}
+        scope = {x_name: self.wrap(f"network.input{where}", net.input, x_name, x_size, shape=x_shape)
+                 for where, x_name, x_size, x_shape in inputs}
         later = {lay.get("name"): i for i, lay in enumerate(layers)
                  if isinstance(lay, dict) and isinstance(lay.get("name"), str)}
         h = None
@@ -396,10 +403,11 @@ class _Loader:
             where = f"network.layers[{i}]"
             layer = self.table(layer, where, LAYER_KEYS)
             kind = self.string(layer.get("type", "dense"), f"{where}.type")
-            if kind not in ("dense", "activation", *NORM_LAYERS, "dropout", *MERGE_LAYERS):
+            if kind not in ("dense", "activation", *NORM_LAYERS, "dropout", *MERGE_LAYERS, *IMAGE_LAYERS):
                 raise self.error(f"{where}.type", "must be one of 'dense', 'activation', "
                                  f"{', '.join(map(repr, NORM_LAYERS))}, 'dropout', "
-                                 f"{', '.join(map(repr, MERGE_LAYERS))}; not {kind!r}")
+                                 f"{', '.join(map(repr, MERGE_LAYERS))}, "
+                                 f"{', '.join(map(repr, IMAGE_LAYERS))}; not {kind!r}")
             for key, kinds in LAYER_OPTIONS.items():
                 if key in layer and kind not in kinds:
                     raise self.error(f"{where}.{key}", f"only {' and '.join(kinds)} layers take {key}, "
@@ -433,6 +441,8 @@ class _Loader:
                     h = self.norm_layer(net, h, layer, where, kind, lname)
                 elif kind == "dropout":
                     h = self.dropout_layer(net, h, layer, where, lname)
+                elif kind in IMAGE_LAYERS:
+                    h = self.image_layer(net, h, layer, kind, where, act, lname)
                 elif kind == "dense":
                     if "units" not in layer:
                         raise self.error(f"{where}.units", "missing (the layer's width)")
@@ -461,7 +471,7 @@ class _Loader:
         return self.wrap("network.losses", net.build, losses=entries)
 
     def network_inputs(self, value):
-        """[(where suffix, name, size)] of ``network.input``: one table or an array of tables."""
+        """[(where suffix, name, size, shape)] of ``network.input``: one table or an array of tables."""
         many = isinstance(value, list)
         if many and not value:
             raise self.error("network.input", "is empty; declare at least one input")
@@ -472,12 +482,10 @@ class _Loader:
             if many and "name" not in in_t:
                 raise self.error(f"network.input{sub}.name", "missing (several inputs need names)")
             x_name = self.name(in_t.get("name", "x"), f"network.input{sub}.name", "input")
-            if "size" not in in_t:
-                raise self.error(f"network.input{sub}.size", "missing (the number of features per sample)")
-            x_size = self.integer(in_t["size"], f"network.input{sub}.size")
+            x_size, x_shape = self.input_size(in_t, f"network.input{sub}")
             if any(x_name == o[1] for o in out):
                 raise self.error(f"network.input{sub}.name", f"input {x_name!r} is declared twice")
-            out.append((sub, x_name, x_size))
+            out.append((sub, x_name, x_size, x_shape))
         return out
 
     def network_targets(self, value, inputs):
@@ -605,6 +613,61 @@ class _Loader:
             if not eps > 0:
                 raise self.error(f"{where}.eps", f"must be a positive number, got {layer['eps']!r}")
         return self.wrap(where, getattr(net, kind), h, float(eps), name=name)
+
+    def input_size(self, in_t, where):
+        """(size, shape) of an input table: ``size = k`` features, or ``shape = [H, W, C]``."""
+        if "shape" in in_t:
+            if "size" in in_t:
+                raise self.error(f"{where}.shape", "give size or shape, not both")
+            shape = in_t["shape"]
+            if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_IMAGE_RANK:
+                raise self.error(f"{where}.shape", f"must be an array of 1 to {MAX_IMAGE_RANK} positive "
+                                 f"integers (e.g. [8, 8, 1]: height, width, channels), not {_short(shape)}")
+            shape = [self.integer(d, f"{where}.shape[{i}]") for i, d in enumerate(shape)]
+            if math.prod(shape) > MAX_WIDTH:
+                raise self.error(f"{where}.shape", f"has {math.prod(shape)} numbers per sample; the limit is {MAX_WIDTH}")
+            return None, tuple(shape)
+        if "size" not in in_t:
+            raise self.error(f"{where}.size", "missing (the number of features per sample, or give "
+                             "shape = [height, width, channels])")
+        return self.integer(in_t["size"], f"{where}.size"), None
+
+    def image_layer(self, net, h, layer, kind, where, act, lname):
+        """An image layer of a [network] (conv2d, maxpool2d, avgpool2d, flatten)."""
+        allowed = IMAGE_LAYERS[kind]
+        for key in (*IMAGE_LAYER_KEYS, "units", "activation", "constants"):
+            if key in layer and key not in allowed and not (key == "constants" and "activation" in allowed):
+                article = "an" if kind[0] in "aeiou" else "a"
+                raise self.error(f"{where}.{key}", f"{article} {kind} layer has no {key!r}"
+                                 + (f" (it takes {', '.join(allowed)})" if allowed else ""))
+
+        def size(key, default=None):
+            if key not in layer:
+                if default is None:
+                    raise self.error(f"{where}.{key}", "missing")
+                return default
+            v = layer[key]
+            if isinstance(v, list):
+                if len(v) != 2:
+                    raise self.error(f"{where}.{key}", f"must be an integer or [rows, columns], not {_short(v)}")
+                return tuple(self.integer(d, f"{where}.{key}[{i}]", hi=1 << 16) for i, d in enumerate(v))
+            return self.integer(v, f"{where}.{key}", hi=1 << 16)
+
+        if kind == "conv2d":
+            filters = self.integer(layer.get("filters"), f"{where}.filters") if "filters" in layer else None
+            if filters is None:
+                raise self.error(f"{where}.filters", "missing (the number of output channels)")
+            padding = self.string(layer.get("padding", "valid"), f"{where}.padding")
+            if padding not in ("valid", "same"):
+                raise self.error(f"{where}.padding", f"must be 'valid' or 'same', not {_short(padding)}")
+            return self.wrap(where, net.conv2d, h, filters, size("kernel"), size("stride", 1), padding, act,
+                             name=lname)
+        if kind == "flatten":
+            return self.wrap(where, net.flatten, h, name=lname)
+        pool = size("pool")
+        stride = size("stride", pool)
+        method = net.maxpool2d if kind == "maxpool2d" else net.avgpool2d
+        return self.wrap(where, method, h, pool, stride, name=lname)
 
     def activation(self, value, where, constants):
         import sympy as sp

@@ -1,0 +1,318 @@
+"""Image layers (conv2d, maxpool2d, avgpool2d, flatten; issue 12, item 2): forward values against
+a direct NumPy evaluation (loops over pixels, written independently of im2col), on both
+backends; the generated modules' checks of image inputs; the errors of bad layers; the
+gradient formulas `bpc show` prints; spec files. (Adjoints against finite differences:
+tests/test_core_rules.py's op table; the CNNs of tests/model_table.py on every target.)"""
+import json
+import re
+
+import numpy as np
+import pytest
+
+import compiler as bpc
+from compiler.cli import main as cli_main
+from compiler.errors import BpcError
+from compiler.gradcheck import random_batch
+from compiler.spec.loader import SpecError, loads_spec
+from model_table import NEEDS_CC
+
+TARGETS = ["numpy", pytest.param("c", marks=NEEDS_CC)]
+
+
+def _load(model, backend):
+    if backend == "numpy":
+        return bpc.compile_model(model, "float64").load()
+    from compiler.backends.c.backend import compile_model_c
+    return compile_model_c(model, "float64").load()
+
+
+# ---- an independent reference: direct loops over output pixels ------------------------------
+
+def _pads(size, k, s, padding):
+    if padding == "valid":
+        return (size - k) // s + 1, 0
+    out = -(-size // s)
+    return out, max((out - 1) * s + k - size, 0) // 2
+
+
+def ref_conv(x, W, b, kernel, stride, padding):
+    n, H, Wd, C = x.shape
+    (kh, kw), (sh, sw) = kernel, stride
+    (oh, pt), (ow, pl) = _pads(H, kh, sh, padding), _pads(Wd, kw, sw, padding)
+    K = W.reshape(kh, kw, C, -1)
+    out = np.zeros((n, oh, ow, K.shape[3]))
+    for i in range(oh):
+        for j in range(ow):
+            for a in range(kh):
+                for c in range(kw):
+                    y, z = i * sh + a - pt, j * sw + c - pl
+                    if 0 <= y < H and 0 <= z < Wd:
+                        out[:, i, j] += x[:, y, z] @ K[a, c]
+    return out + b
+
+
+def ref_pool(x, pool, stride, reduce):
+    n, H, W, C = x.shape
+    oh, ow = (H - pool) // stride + 1, (W - pool) // stride + 1
+    out = np.zeros((n, oh, ow, C))
+    for i in range(oh):
+        for j in range(ow):
+            out[:, i, j] = reduce(x[:, i * stride:i * stride + pool, j * stride:j * stride + pool], axis=(1, 2))
+    return out
+
+
+GEOMETRIES = [   # (image, filters, kernel, stride, padding)
+    ((6, 5, 2), 3, (3, 3), (1, 1), "valid"),
+    ((5, 5, 1), 2, (3, 3), (1, 1), "same"),
+    ((7, 6, 3), 4, (2, 3), (2, 2), "same"),
+    ((7, 7, 2), 2, (3, 2), (2, 3), "valid"),
+    ((4, 3, 2), 2, (4, 3), (1, 1), "valid"),      # kernel = input size
+]
+
+
+@pytest.mark.parametrize("backend", TARGETS)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=[f"{g[0]}-{g[2]}-{g[3]}-{g[4]}" for g in GEOMETRIES])
+def test_conv_forward_matches_direct_loops(backend, geometry):
+    image, filters, kernel, stride, padding = geometry
+    net = bpc.Network("conv")
+    x = net.input("x", shape=image)
+    h = net.conv2d(x, filters, kernel, stride=stride, padding=padding, activation="tanh")
+    model = net.build(net.flatten(h), "mse", net.target("y", int(np.prod(h.shape[1:]))))
+    mod = _load(model, backend)
+    params = {k: v + 0.1 for k, v in mod.init_params(0).items()}
+    (xb,) = random_batch(mod, batch=3, seed=1)[:1]
+    want = np.tanh(ref_conv(xb, params["W1"], params["b1"], kernel, stride, padding)).reshape(3, -1)
+    np.testing.assert_allclose(mod.forward(params, xb), want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", TARGETS)
+@pytest.mark.parametrize("kind,reduce", [("maxpool2d", np.max), ("avgpool2d", np.mean)])
+@pytest.mark.parametrize("pool,stride", [(2, 2), (3, 1), (2, 3)])
+def test_pool_forward_matches_direct_loops(backend, kind, reduce, pool, stride):
+    net = bpc.Network("pool")
+    x = net.input("x", shape=(7, 8, 2))
+    h = getattr(net, kind)(x, pool, stride)
+    model = net.build(net.flatten(h), "mse", net.target("y", int(np.prod(h.shape[1:]))))
+    mod = _load(model, backend)
+    xb = np.random.default_rng(2).standard_normal((4, 7, 8, 2))
+    np.testing.assert_allclose(mod.forward({}, xb), ref_pool(xb, pool, stride, reduce).reshape(4, -1),
+                               rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", TARGETS)
+def test_maxpool_gradient_goes_to_the_first_maximum(backend):
+    """Ties (a constant image) send each window's gradient to its first entry, on both backends."""
+    net = bpc.Network("ties")
+    x = net.input("x", shape=(2, 2, 1))
+    h = net.flatten(net.maxpool2d(net.conv2d(x, 1, 1), 2))
+    mod = _load(net.build(h, "mse", net.target("y", 1)), backend)
+    params = {"W1": np.ones((1, 1)), "b1": np.zeros(1)}
+    _, g = mod.backward(params, np.ones((1, 2, 2, 1)), np.zeros((1, 1)))
+    # d/dW of (max of 4 equal values W*1)**2 = 2*W through one entry, not four
+    np.testing.assert_allclose(g["W1"], [[2.0]])
+
+
+@pytest.mark.parametrize("backend", TARGETS)
+def test_image_inputs_are_checked(backend):
+    net = bpc.Network("checked")
+    x = net.input("x", shape=(4, 4, 1))
+    mod = _load(net.build(net.flatten(net.avgpool2d(x, 2)), "mse", net.target("y", 4)), backend)
+    assert mod.INPUTS == {"x": (4, 4, 1)}
+    assert mod.forward({}, np.zeros((2, 4, 4, 1))).shape == (2, 4)
+    for bad in (np.zeros((2, 16)), np.zeros((2, 4, 4)), np.zeros((2, 4, 1, 4))):
+        with pytest.raises(ValueError, match=r"shape \(batch,\) \+ \(4, 4, 1\)"):
+            mod.forward({}, bad)
+
+
+# ---- bad layers --------------------------------------------------------------------------
+
+def _image_net(shape=(5, 5, 1)):
+    net = bpc.Network("bad")
+    return net, net.input("x", shape=shape)
+
+
+BAD_LAYERS = [
+    ("kernel larger than input", lambda n, x: n.conv2d(x, 2, 6), r"kernel of 6 pixels is larger than the input's 5"),
+    ("kernel larger, columns", lambda n, x: n.conv2d(x, 2, (1, 7)), r"7 pixels is larger than the input's 5"),
+    ("stride 0", lambda n, x: n.conv2d(x, 2, 3, stride=0), r"stride must be a positive integer"),
+    ("negative stride", lambda n, x: n.conv2d(x, 2, 3, stride=(1, -1)), r"stride must be a positive integer"),
+    ("kernel 0", lambda n, x: n.conv2d(x, 2, 0), r"kernel must be a positive integer"),
+    ("kernel triple", lambda n, x: n.conv2d(x, 2, (2, 2, 2)), r"kernel must be a positive integer or a pair"),
+    ("bad padding", lambda n, x: n.conv2d(x, 2, 3, padding="full"), r"padding must be 'valid' or 'same'"),
+    ("filters 0", lambda n, x: n.conv2d(x, 0, 3), r"filters must be a positive integer"),
+    ("pool too big", lambda n, x: n.maxpool2d(x, 6), r"6 pixels is larger than the input's 5"),
+    ("pool stride 0", lambda n, x: n.avgpool2d(x, 2, stride=0), r"stride must be a positive integer"),
+    ("conv on features", lambda n, x: n.conv2d(n.flatten(x), 2, 3), r"batch of images \(n, height, width"),
+    ("pool on features", lambda n, x: n.maxpool2d(n.flatten(x), 2), r"batch of images"),
+    ("dense on images", lambda n, x: n.dense(x, 3), r"got \(n, 5, 5, 1\); flatten it first"),
+    ("size and shape", lambda n, x: n.input("z", 3, shape=(2, 2)), r"give size or shape, not both"),
+    ("empty shape", lambda n, x: n.input("z", shape=()), r"shape is empty"),
+    ("zero in shape", lambda n, x: n.input("z", shape=(2, 0, 1)), r"shape dimension must be a positive"),
+]
+
+
+@pytest.mark.parametrize("build,message", [b[1:] for b in BAD_LAYERS], ids=[b[0] for b in BAD_LAYERS])
+def test_bad_layers_are_refused(build, message):
+    net, x = _image_net()
+    with pytest.raises(BpcError, match=message):
+        build(net, x)
+
+
+# ---- formulas ------------------------------------------------------------------------------
+
+def _two_convs():
+    net = bpc.Network("convs")
+    x = net.input("x", shape=(6, 6, 1))
+    h = net.conv2d(x, 2, 3, activation="tanh")
+    h = net.conv2d(h, 3, 2, stride=2)
+    return net.build(net.flatten(h), "mse", net.target("y", 12))
+
+
+def test_formulas_are_the_algebra_of_convolution():
+    compiled = bpc.compile_model(_two_convs())
+    w1 = compiled.formulas["W1"].split("; ")
+    # rows of the adjoint -> dW2 = im2col(H1)^T @ dPW2 and dH1 = col2im(dPW2 @ W2^T)
+    assert "dPW2 = reshape(dF3, (4*n, 3))" in w1     # dF3: the adjoint of the flattened output
+    assert "dP2 = dPW2 @ W2.T" in w1
+    assert "dH1 = col2im(dP2)" in w1
+    assert w1[-1] == "dW1 = P1.T @ dPW1"
+    assert compiled.formulas["W2"].split("; ")[-1] == "dW2 = P2.T @ dPW2"
+    latex = compiled.latex["W1"]
+    assert r"\mathrm{dH}_{1} = \operatorname{col2im}\left(\mathrm{dP}_{2}\right)" in latex
+    assert r"\mathrm{dW}_{1} = P_{1}^{\top} \mathrm{dPW}_{1}" in latex
+    program = compiled.program
+    p1 = next(n for n in program.forward_nodes if program.names[n.uid] == "P1")
+    from compiler.core.formulas import Formulas
+    assert Formulas(program).line(p1) == "P1 = im2col(x)"
+    assert Formulas(program).line(p1, latex=True) == r"P_{1} = \operatorname{im2col}\left(x\right)"
+
+
+# ---- spec files --------------------------------------------------------------------------
+
+CNN_TOML = """
+[model]
+name = "cnn"
+[network]
+input = { name = "x", shape = [6, 6, 1] }
+target = { name = "y", kind = "label" }
+loss = "softmax_cross_entropy"
+[[network.layers]]
+type = "conv2d"
+filters = 2
+kernel = 3
+padding = "same"
+activation = "relu"
+[[network.layers]]
+type = "maxpool2d"
+pool = 2
+[[network.layers]]
+type = "conv2d"
+filters = 3
+kernel = [2, 1]
+stride = [1, 2]
+activation = "tanh"
+[[network.layers]]
+type = "avgpool2d"
+pool = 2
+stride = 1
+[[network.layers]]
+type = "flatten"
+[[network.layers]]
+units = 4
+"""
+
+CNN_JSON = {"model": {"name": "cnn"}, "network": {
+    "input": {"name": "x", "shape": [6, 6, 1]}, "target": {"name": "y", "kind": "label"},
+    "loss": "softmax_cross_entropy",
+    "layers": [{"type": "conv2d", "filters": 2, "kernel": 3, "padding": "same", "activation": "relu"},
+               {"type": "maxpool2d", "pool": 2},
+               {"type": "conv2d", "filters": 3, "kernel": [2, 1], "stride": [1, 2], "activation": "tanh"},
+               {"type": "avgpool2d", "pool": 2, "stride": 1}, {"type": "flatten"}, {"units": 4}]}}
+
+
+def _cnn_api():
+    net = bpc.Network("cnn")
+    x = net.input("x", shape=(6, 6, 1))
+    h = net.conv2d(x, 2, 3, padding="same", activation="relu")
+    h = net.maxpool2d(h, 2)
+    h = net.conv2d(h, 3, (2, 1), stride=(1, 2), activation="tanh")
+    h = net.avgpool2d(h, 2, stride=1)
+    z = net.dense(net.flatten(h), 4)
+    return net.build(z, "softmax_cross_entropy", net.target("y", kind="label"))
+
+
+def test_spec_toml_json_and_api_agree():
+    from dataclasses import replace
+    api = _cnn_api()
+    for spec in (loads_spec(CNN_TOML, "cnn.toml"), loads_spec(json.dumps(CNN_JSON), "cnn.json", "json")):
+        same = replace(api, source=spec.model.source, source_text=spec.model.source_text)
+        assert bpc.compile_model(spec.model).source == bpc.compile_model(same).source
+    assert [p.name for p in api.params] == ["W1", "b1", "W3", "b3", "W6", "b6"]
+
+
+def _layer_spec(layer, shape="[5, 5, 1]"):
+    return f"""
+[network]
+input = {{ shape = {shape} }}
+target = {{ size = 1 }}
+[[network.layers]]
+{layer}
+[[network.layers]]
+type = "flatten"
+[[network.layers]]
+units = 1
+"""
+
+
+BAD_SPECS = [
+    ('type = "conv2d"\nkernel = 3', r"layers\[0\]\.filters: missing"),
+    ('type = "conv2d"\nfilters = 2', r"layers\[0\]\.kernel: missing"),
+    ('type = "conv2d"\nfilters = 2\nkernel = 6', r"layers\[0\]: .*kernel of 6 pixels is larger than the input's 5"),
+    ('type = "conv2d"\nfilters = 2\nkernel = 3\nstride = 0', r"layers\[0\]\.stride: must be an integer from 1"),
+    ('type = "conv2d"\nfilters = 2\nkernel = [3, 3, 3]', r"layers\[0\]\.kernel: must be an integer or \[rows, columns\]"),
+    ('type = "conv2d"\nfilters = 2\nkernel = 3\npadding = "full"', r"layers\[0\]\.padding: must be 'valid' or 'same'"),
+    ('type = "conv2d"\nfilters = 2\nkernel = 3\npool = 2', r"layers\[0\]\.pool: only maxpool2d and avgpool2d layers take pool, not a conv2d"),
+    ('units = 3\nkernel = 2', r"layers\[0\]\.kernel: only conv2d layers take kernel, not a dense layer"),
+    ('type = "maxpool2d"\npool = 2\nconstants = { a = 1 }', r"layers\[0\]\.constants: a maxpool2d layer has no 'constants'"),
+    ('type = "maxpool2d"', r"layers\[0\]\.pool: missing"),
+    ('type = "maxpool2d"\npool = 2\nunits = 3', r"layers\[0\]\.units: a maxpool2d layer has no 'units'"),
+    ('type = "avgpool2d"\npool = 2\nactivation = "tanh"', r"an avgpool2d layer has no 'activation'"),
+    ('type = "flatten"\nkernel = 2', r"layers\[0\]\.kernel: only conv2d layers take kernel, not a flatten"),
+    ('type = "conv3d"', r"layers\[0\]\.type: must be one of 'dense', 'activation', .*'conv2d'"),
+    ('units = 3', r"layers\[1\]: .*flatten needs|layers\[0\]: dense layer needs .*flatten it first"),
+]
+
+
+@pytest.mark.parametrize("layer,message", BAD_SPECS, ids=[b[0].replace("\n", " ") for b in BAD_SPECS])
+def test_bad_image_specs_name_the_field(layer, message):
+    with pytest.raises(SpecError, match=message):
+        loads_spec(_layer_spec(layer), "bad.toml")
+
+
+@pytest.mark.parametrize("shape,message", [
+    ("[]", r"network\.input\.shape: must be an array of 1 to 3"),
+    ("[8, 8, 1, 1]", r"network\.input\.shape: must be an array of 1 to 3"),
+    ("[8, 0, 1]", r"network\.input\.shape\[1\]: must be an integer from 1"),
+    ('"8x8"', r"network\.input\.shape: must be an array"),
+    ("[2048, 2048, 1]", r"network\.input\.shape: has 4194304 numbers per sample"),
+])
+def test_bad_input_shapes_are_refused(shape, message):
+    with pytest.raises(SpecError, match=message):
+        loads_spec(_layer_spec('type = "maxpool2d"\npool = 1', shape), "bad.toml")
+
+
+def test_size_and_shape_together_are_refused():
+    text = _layer_spec('type = "maxpool2d"\npool = 1').replace("shape = [5, 5, 1]", "size = 25, shape = [5, 5, 1]")
+    with pytest.raises(SpecError, match=r"network\.input\.shape: give size or shape, not both"):
+        loads_spec(text, "bad.toml")
+
+
+def test_bpc_show_prints_col2im(tmp_path, capsys):
+    spec = tmp_path / "cnn.toml"
+    spec.write_text(CNN_TOML)
+    assert cli_main(["show", str(spec), "--param", "W1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"dH2 = col2im\(dP3\)\s+\(n, 3, 3, 2\)", out), out
+    assert re.search(r"dW1 = P1\.T @ dPW1\s+\(9, 2\)", out), out
+    assert cli_main(["show", str(spec), "--param", "W1", "--format", "latex"]) == 0
+    assert r"\operatorname{col2im}" in capsys.readouterr().out
