@@ -91,12 +91,16 @@ def test_every_op_module_is_registered():
 
 
 def test_rules_are_the_registry_adjoints():
-    assert set(RULES) == set(ops.REGISTRY) - {"xent_grad", "slice_last"}
-    # xent_grad and slice_last (the adjoint of concat) exist only in gradients: differentiating
-    # them again is refused, not silently zero
+    assert set(RULES) == set(ops.REGISTRY) - {"xent_grad", "slice_last", "window_max_grad"}
+    # xent_grad, slice_last (the adjoint of concat) and window_max_grad exist only in gradients:
+    # differentiating them again is refused, not silently zero
     s = ir.slice_last(ir.input_node("a", (ir.N, 5), "data"), 1, 3)
     with pytest.raises(ops.UnsupportedError, match="no adjoint rule for operation 'slice_last'"):
         ops.get(s.op).adjoint(s, s, [True])
+    p = ir.input_node("p", (ir.N, 4, 2), "data")
+    node = ir.window_max_grad(p, ir.window_max(p))
+    with pytest.raises(ops.UnsupportedError, match="no adjoint rule for operation 'window_max_grad'"):
+        ops.get(node.op).adjoint(node, p, [True] * 2)
     z, l, g = (ir.input_node(n, s, "data") for n, s in (("z", (ir.N, 3)), ("l", (ir.N,)), ("g", (ir.N,))))
     y = ir.input_node("y", (ir.N, 3), "target")
     node = ir.xent_grad(z, l, y, g, "onehot")
