@@ -195,7 +195,7 @@ def _readme_models():
     namespace = {}
     exec(compile(code.split("compiled = bpc.compile_model(", 1)[0], "README.md", "exec"), namespace)
     return {"classifier": namespace["model"], "poly": namespace["poly"], "matrix": namespace["mx"],
-            "graph": namespace["graph"]}
+            "graph": namespace["graph"], "cnn": namespace["cnn_model"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,7 +206,7 @@ def _readme_module(name, target, dtype):
 
 README_ROWS = [pytest.param(name, target, dtype, id=f"{name}-{target}-{dtype}",
                             marks=NEEDS_CC if target == "c" else ())
-               for name in ("classifier", "poly", "matrix", "graph") for target in ("numpy", "c")
+               for name in ("classifier", "poly", "matrix", "graph", "cnn") for target in ("numpy", "c")
                for dtype in ("float64", "float32")]
 
 

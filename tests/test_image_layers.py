@@ -316,3 +316,20 @@ def test_bpc_show_prints_col2im(tmp_path, capsys):
     assert re.search(r"dW1 = P1\.T @ dPW1\s+\(9, 2\)", out), out
     assert cli_main(["show", str(spec), "--param", "W1", "--format", "latex"]) == 0
     assert r"\operatorname{col2im}" in capsys.readouterr().out
+
+
+def test_flat_rows_are_reshaped_to_a_declared_image_shape(tmp_path):
+    """bpc train's data rule: (n, 64) rows feed an input of shape [8, 8, 1] (row-major), and a
+    size that does not agree is refused with the expected shape."""
+    from compiler.train.data import load_data
+    from compiler.train.loop import TrainError
+    net = bpc.Network("rows")
+    x = net.input("x", shape=(8, 8, 1))
+    mod = bpc.compile_model(net.build(net.flatten(net.maxpool2d(x, 2)), "mse", net.target("y", 16))).load()
+    flat = np.arange(3 * 64, dtype=np.float64).reshape(3, 64)
+    np.savez(tmp_path / "d.npz", x=flat, y=np.zeros((3, 16)))
+    data = load_data(tmp_path / "d.npz", mod)
+    np.testing.assert_array_equal(data["x"], flat.reshape(3, 8, 8, 1))
+    np.savez(tmp_path / "bad.npz", x=np.zeros((3, 63)), y=np.zeros((3, 16)))
+    with pytest.raises(TrainError, match=r"array 'x' must have shape \(samples,\) \+ \(8, 8, 1\), got \(3, 63\)"):
+        load_data(tmp_path / "bad.npz", mod)

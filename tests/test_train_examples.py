@@ -61,6 +61,15 @@ def test_digits_reach_96_percent_on_held_out_data_within_a_minute(tmp_path):
         assert t["x"].shape == (359, 64) and sorted(set(t["y"].tolist())) == list(range(10))
 
 
+def test_cnn_digits_reach_98_5_percent_on_held_out_data_within_two_minutes(tmp_path):
+    """The flat (n, 64) rows of the data files feed the CNN's declared [8, 8, 1] input."""
+    out, seconds = bpc_train(tmp_path, EX / "cnn_digits.toml", "--data", DATA / "digits_train.npz",
+                             "--test", DATA / "digits_test.npz", "--out", "cnn.npz")
+    assert "completed 30 epochs" in out
+    assert accuracy(out, "test") >= 98.5, out
+    assert seconds < 120, f"{seconds:.1f} s"
+
+
 def test_spirals_with_decision_boundary(tmp_path):
     pytest.importorskip("matplotlib")
     out, _ = bpc_train(tmp_path, EX / "train_spirals.toml", "--data", DATA / "spirals.csv",

@@ -2,7 +2,8 @@
 
 ``.npz``: one array per model input and target, named like them (``INPUTS`` then ``TARGETS``
 of the generated module), batch-first. ``(n,)`` is accepted for a one-number-per-sample
-array, and trailing axes are flattened when the sizes agree (``(n, 8, 8)`` for a ``(64,)`` input).
+array, and the per-sample axes are reshaped to the declared shape when the sizes agree
+(``(n, 8, 8)`` images for a ``(64,)`` input, flat ``(n, 64)`` rows for an ``(8, 8, 1)`` image input).
 
 ``.csv`` (comma-separated, lines starting with ``#`` ignored), either
 

@@ -133,7 +133,7 @@ def check_data(module, data, what="data"):
         want = () if label else shape
         if a.ndim >= 1 and a.shape[1:] != want:
             if a.shape[1:] and want and math.prod(a.shape[1:]) == math.prod(want):
-                a = a.reshape((a.shape[0],) + want)       # e.g. (n, 8, 8) images for a (64,) input
+                a = a.reshape((a.shape[0],) + want)       # (n, 8, 8) for (64,); (n, 64) for (8, 8, 1)
             elif want == (1,) and a.ndim == 1:
                 a = a.reshape(-1, 1)
             elif want == () and a.shape[1:] == (1,):
