@@ -118,6 +118,8 @@ def _compile(spec, target, tmp_path, capsys, dtype=None):
 # the NumPy module hit Python's parser limit at 255 layers (C failed at 200: the row above);
 # building 255 layers in C would cost 20 s of gcc for nothing more
 NUMPY_ONLY = {"255_tanh_layers"}
+# cases checked on this many sampled entries per parameter (two loss evaluations per entry)
+SAMPLED = {"example_cnn_digits.toml": 16}
 BUILD_ROWS = [pytest.param(case, target, id=f"{case}-{target}", marks=NEEDS_CC if target == "c" else ())
               for case in BUILDS for target in ("numpy", "c") if not (case in NUMPY_ONLY and target == "c")]
 
@@ -132,12 +134,17 @@ def test_compiled_module_builds_and_its_gradients_match_finite_differences(case,
     loss, grads = module.backward(params, *arrays)
     assert np.isfinite(loss) and set(grads) == set(module.PARAMS)
     assert all(np.all(np.isfinite(g)) for g in grads.values())
-    rows = check_gradients(module, params, arrays)
+    # central differences of a loss L carry a rounding error ~1e-9*L (the perturbed CNN of
+    # cnn_digits has L ~ 200); a CNN's 30,000 weights are checked on a seeded sample
+    atol = max(1e-8, 1e-9 * abs(loss))
+    rows = check_gradients(module, params, arrays, atol=atol, entries=SAMPLED.get(case))
     assert rows and all(r.ok for r in rows), "\n" + format_table(rows)
     # the examples at one sample and a larger batch too (64 sampled entries per parameter)
     for batch in (1, 64) if case.startswith("example_") else ():
         arrays = random_batch(module, batch=batch, seed=batch)
-        rows = check_gradients(module, params, arrays, entries=64)
+        loss = module.loss(params, *arrays)
+        rows = check_gradients(module, params, arrays, atol=max(1e-8, 1e-9 * abs(loss)),
+                               entries=SAMPLED.get(case, 64))
         assert rows and all(r.ok for r in rows), f"batch {batch}\n" + format_table(rows)
 
 
