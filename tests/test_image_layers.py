@@ -172,7 +172,7 @@ def test_formulas_are_the_algebra_of_convolution():
     compiled = bpc.compile_model(_two_convs())
     w1 = compiled.formulas["W1"].split("; ")
     # rows of the adjoint -> dW2 = im2col(H1)^T @ dPW2 and dH1 = col2im(dPW2 @ W2^T)
-    assert "dPW2 = reshape(dF3, (4*n, 3))" in w1     # dF3: the adjoint of the flattened output
+    assert "dPW2 = reshape(dF1, (4*n, 3))" in w1     # dF1: the adjoint of the flattened output
     assert "dP2 = dPW2 @ W2.T" in w1
     assert "dH1 = col2im(dP2)" in w1
     assert w1[-1] == "dW1 = P1.T @ dPW1"
@@ -247,7 +247,7 @@ def test_spec_toml_json_and_api_agree():
     for spec in (loads_spec(CNN_TOML, "cnn.toml"), loads_spec(json.dumps(CNN_JSON), "cnn.json", "json")):
         same = replace(api, source=spec.model.source, source_text=spec.model.source_text)
         assert bpc.compile_model(spec.model).source == bpc.compile_model(same).source
-    assert [p.name for p in api.params] == ["W1", "b1", "W3", "b3", "W6", "b6"]
+    assert [p.name for p in api.params] == ["W1", "b1", "W2", "b2", "W3", "b3"]
 
 
 def _layer_spec(layer, shape="[5, 5, 1]"):
@@ -312,7 +312,7 @@ def test_bpc_show_prints_col2im(tmp_path, capsys):
     spec.write_text(CNN_TOML)
     assert cli_main(["show", str(spec), "--param", "W1"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"dH2 = col2im\(dP3\)\s+\(n, 3, 3, 2\)", out), out
+    assert re.search(r"dPool1 = col2im\(dP2\)\s+\(n, 3, 3, 2\)", out), out
     assert re.search(r"dW1 = P1\.T @ dPW1\s+\(9, 2\)", out), out
     assert cli_main(["show", str(spec), "--param", "W1", "--format", "latex"]) == 0
     assert r"\operatorname{col2im}" in capsys.readouterr().out
