@@ -333,3 +333,19 @@ def test_flat_rows_are_reshaped_to_a_declared_image_shape(tmp_path):
     np.savez(tmp_path / "bad.npz", x=np.zeros((3, 63)), y=np.zeros((3, 16)))
     with pytest.raises(TrainError, match=r"array 'x' must have shape \(samples,\) \+ \(8, 8, 1\), got \(3, 63\)"):
         load_data(tmp_path / "bad.npz", mod)
+
+
+@pytest.mark.parametrize("backend", TARGETS)
+def test_image_layers_in_a_graph(backend):
+    """A residual convolution (h + conv(h)) and a pooled image joined with a second input by
+    concat: gradients against central differences on each backend."""
+    from compiler.gradcheck import check_gradients, format_table
+    net = bpc.Network("res_cnn")
+    x, a = net.input("x", shape=(5, 5, 2)), net.input("a", 3)
+    h = net.conv2d(x, 3, 3, padding="same", activation="tanh")
+    h = net.conv2d(h, 3, 3, padding="same", activation="tanh") + h
+    f = net.concat(net.flatten(net.avgpool2d(h, 2)), a)
+    mod = _load(net.build(net.dense(f, 2), "mse", net.target("y", 2)), backend)
+    params = mod.init_params(0)
+    rows = check_gradients(mod, params, random_batch(mod, 4, 1))
+    assert rows and all(r.ok for r in rows), format_table(rows)
