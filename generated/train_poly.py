@@ -194,6 +194,15 @@ def _apply(params, name, delta):
         params[name] = np.asarray(p - delta)
 
 
+def _state(state, step):
+    """``state`` when it is a dict; otherwise a TypeError that says what to pass (a step with
+    running averages would silently restart them if it accepted None)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{step} keeps its running averages in state: pass a dict (empty at the "
+                        f"first step) and the same dict to every later step, got {type(state).__name__}")
+    return state
+
+
 def _decayed(g, p, weight_decay):
     return g + weight_decay * p if weight_decay else g
 
@@ -218,7 +227,7 @@ def clip_grad_norm(grads, max_norm):
 
 
 def sgd_step(params, grads, state=None, lr=0.01, weight_decay=0.0):
-    """Gradient descent: ``p -= lr * (g + weight_decay*p)``. ``state`` is unused."""
+    """Gradient descent: ``p -= lr * (g + weight_decay*p)``. ``state`` is unused (None or a dict)."""
     for name, g in grads.items():
         _apply(params, name, lr * _decayed(g, params[name], weight_decay))
     return params
@@ -226,8 +235,9 @@ def sgd_step(params, grads, state=None, lr=0.01, weight_decay=0.0):
 
 def momentum_step(params, grads, state, lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0):
     """SGD with momentum (PyTorch's convention): ``v = momentum*v + g``, then
-    ``p -= lr*v``, or with ``nesterov=True`` ``p -= lr*(g + momentum*v)``."""
-    velocity = state.setdefault("velocity", {})
+    ``p -= lr*v``, or with ``nesterov=True`` ``p -= lr*(g + momentum*v)``. ``state`` is a dict,
+    empty at the first step, that holds the velocities (a TypeError otherwise)."""
+    velocity = _state(state, "momentum_step").setdefault("velocity", {})
     for name, g in grads.items():
         g = _decayed(g, params[name], weight_decay)
         v = velocity.get(name)
@@ -241,7 +251,9 @@ def momentum_step(params, grads, state, lr=0.01, momentum=0.9, nesterov=False, w
 
 def adam_step(params, grads, state, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
     """Adam with bias correction. ``weight_decay`` is decoupled (AdamW): each step also does
-    ``p -= lr*weight_decay*p``, instead of adding an L2 term to the gradient."""
+    ``p -= lr*weight_decay*p``, instead of adding an L2 term to the gradient. ``state`` is a dict,
+    empty at the first step, that holds the step count and moments (a TypeError otherwise)."""
+    state = _state(state, "adam_step")
     t = state["t"] = state.get("t", 0) + 1
     m, v = state.setdefault("m", {}), state.setdefault("v", {})
     c1, c2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
@@ -273,6 +285,8 @@ def train_step(params, state, *arrays, optimizer="adam", lr=0.001, clip=None, **
         optimizer, options = "momentum", dict(options, nesterov=True)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; use sgd, momentum, nesterov or adam")
+    if optimizer != "sgd":   # before backward: a wrong state is reported without computing
+        _state(state, f"train_step(optimizer={optimizer!r})")
     value, grads = backward(params, *arrays)
     bad = [name for name, g in grads.items() if not np.all(np.isfinite(g))]
     if not np.isfinite(value) or bad:

@@ -95,6 +95,40 @@ def test_float32_stays_float32(steps, name):
     assert all(a.dtype == np.float32 for d in state.values() if isinstance(d, dict) for a in d.values())
 
 
+# every step function with a state that is not a dict: sgd ignores it, the others say what to pass
+# (momentum_step(state=None) was an AttributeError from inside the step)
+@pytest.mark.parametrize("name, state, error", [
+    ("sgd_step", None, None),
+    ("sgd_step", {}, None),
+    ("momentum_step", None, "momentum_step keeps its running averages in state: pass a dict"),
+    ("momentum_step", [], "got list"),
+    ("adam_step", None, "adam_step keeps its running averages in state: pass a dict"),
+    ("adam_step", "state", "got str"),
+])
+def test_step_state_that_is_not_a_dict(steps, name, state, error):
+    p = {"w": np.array([1.0])}
+    call = lambda: getattr(steps, name)(p, {"w": np.array([0.5])}, state=state, lr=0.1)  # noqa: E731
+    if error is None:
+        call()
+        assert p["w"][0] == pytest.approx(0.95)
+    else:
+        with pytest.raises(TypeError, match=error):
+            call()
+        assert p["w"][0] == 1.0                              # nothing updated
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "nesterov", "adam"])
+def test_train_step_with_state_none_says_what_to_pass(linear, optimizer):
+    params = linear.init_params(seed=0)
+    before = {k: np.array(v) for k, v in params.items()}
+    x, y = np.ones((4, 1)), np.zeros((4, 1))
+    with pytest.raises(TypeError, match=r"train_step\(optimizer=.*pass a dict"):
+        linear.train_step(params, None, x, y, optimizer=optimizer)
+    for k in params:
+        np.testing.assert_array_equal(params[k], before[k])
+    linear.train_step(params, None, x, y, optimizer="sgd")   # sgd keeps no state
+
+
 def test_scalar_params_that_cannot_be_updated_in_place_are_replaced(steps):
     p = {"a": 1.0}
     steps.sgd_step(p, {"a": np.float64(2.0)}, lr=0.25)
