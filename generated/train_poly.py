@@ -49,7 +49,7 @@ def _data(a, name, shape):
         if a.dtype.kind != "f":
             a = a.astype(np.float64)
     if a.shape[1:] != shape or a.ndim != len(shape) + 1:
-        raise ValueError(f"{name} must have shape (batch,) + {shape}, got {a.shape}")
+        a = _per_sample(a, name, shape)
     return a
 
 
@@ -108,6 +108,28 @@ def _real(a, name):
         raise ValueError(f"{name} must hold real numbers, got dtype {a.dtype} "
                          f"({_NOT_REAL.get(kind, 'not numbers')})")
     return a
+
+
+def _per_sample(a, name, shape):
+    """``a``, whose shape is not (batch,) + ``shape``, as that shape when the reading is
+    unambiguous: a per-sample value of one number (shape (), (1,) or (1, 1)) accepts any array
+    with one number per row, so a 1-D ``y`` (a pandas Series) and a column ``(batch, 1)`` both
+    fit every frontend's models. Any other mismatch is a ValueError that names the reshape."""
+    size = 1
+    for d in shape:
+        size *= d
+    if size == 1 and a.ndim >= 1 and a.size == a.shape[0]:
+        return a.reshape((a.shape[0],) + shape)
+    message = f"{name} must have shape (batch,) + {shape}, got {a.shape}"
+    if a.ndim == 0:
+        raise ValueError(message + "; pass an array with one entry per sample")
+    if a.size == size:
+        raise ValueError(f"{message}; for one sample: np.reshape({name}, {(1,) + shape})")
+    if size and (a.ndim == 1 or a.shape[0] * size == a.size) and a.size % size == 0:
+        raise ValueError(f"{message}; for one sample per row: np.reshape({name}, {(-1,) + shape})")
+    if a.ndim == 2 and len(shape) == 1 and a.shape[0] == shape[0]:
+        raise ValueError(f"{message}; samples are rows: {name}.T")
+    raise ValueError(message)
 
 
 def _params_error(params):

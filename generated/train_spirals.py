@@ -54,7 +54,7 @@ def _data(a, name, shape):
         if a.dtype.kind != "f":
             a = a.astype(np.float64)
     if a.shape[1:] != shape or a.ndim != len(shape) + 1:
-        raise ValueError(f"{name} must have shape (batch,) + {shape}, got {a.shape}")
+        a = _per_sample(a, name, shape)
     return a
 
 
@@ -62,7 +62,7 @@ def _labels(a, name, classes):
     if type(a) is not np.ndarray or a.dtype.kind not in "iu":
         a = _label_array(a, name, classes)
     if a.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D array of integer class labels, got shape {a.shape}")
+        a = _label_column(a, name)
     if a.size and (a.min() < 0 or a.max() >= classes):
         raise _label_range(a, name, classes)
     return a
@@ -125,6 +125,28 @@ def _real(a, name):
     return a
 
 
+def _per_sample(a, name, shape):
+    """``a``, whose shape is not (batch,) + ``shape``, as that shape when the reading is
+    unambiguous: a per-sample value of one number (shape (), (1,) or (1, 1)) accepts any array
+    with one number per row, so a 1-D ``y`` (a pandas Series) and a column ``(batch, 1)`` both
+    fit every frontend's models. Any other mismatch is a ValueError that names the reshape."""
+    size = 1
+    for d in shape:
+        size *= d
+    if size == 1 and a.ndim >= 1 and a.size == a.shape[0]:
+        return a.reshape((a.shape[0],) + shape)
+    message = f"{name} must have shape (batch,) + {shape}, got {a.shape}"
+    if a.ndim == 0:
+        raise ValueError(message + "; pass an array with one entry per sample")
+    if a.size == size:
+        raise ValueError(f"{message}; for one sample: np.reshape({name}, {(1,) + shape})")
+    if size and (a.ndim == 1 or a.shape[0] * size == a.size) and a.size % size == 0:
+        raise ValueError(f"{message}; for one sample per row: np.reshape({name}, {(-1,) + shape})")
+    if a.ndim == 2 and len(shape) == 1 and a.shape[0] == shape[0]:
+        raise ValueError(f"{message}; samples are rows: {name}.T")
+    raise ValueError(message)
+
+
 def _params_error(params):
     return ValueError("params must be a dict of parameter arrays, name -> array (see PARAMS; "
                       f"init_params() makes one), got {type(params).__name__}")
@@ -152,6 +174,14 @@ def _label_array(a, name, classes):
     if kind not in "iu":
         raise ValueError(f"{name} must be integer class labels in 0..{classes - 1}, got dtype {a.dtype}")
     return a
+
+
+def _label_column(a, name):
+    """Labels that are not 1-D: a column (batch, 1) (a one-column DataFrame) is read as 1-D;
+    any other shape is a ValueError."""
+    if a.ndim == 2 and a.shape[1] == 1:
+        return a[:, 0]
+    raise ValueError(f"{name} must be a 1-D array of integer class labels, got shape {a.shape}")
 
 
 def _label_range(a, name, classes):

@@ -20,7 +20,7 @@ HAVE_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
 TARGETS = ["numpy", "numpy_float64", pytest.param("c", marks=pytest.mark.skipif(not HAVE_CC, reason="no C compiler"))]
 TARGET_IDS = ["numpy", "numpy_float64", "c"]
 _MODELS = {"mlp": dict(MODELS)["mlp_tanh_mse"], "labels": dict(MODELS)["softmax_labels"],
-           "poly": dict(MODELS)["poly_fit"]}
+           "poly": dict(MODELS)["poly_fit"], "one": lambda: bpc.mlp([3, 4, 1], name="mlp_one_output")}
 _built = {}
 
 
@@ -150,6 +150,19 @@ BAD = [
     ("data as objects", "mlp", ALL, lambda p, x, y: (p, x.astype(object), y), r"^x must hold real numbers, got dtype object \(Python objects\)$"),
     ("data as np.matrix", "mlp", ALL, lambda p, x, y: (p, np.matrix(x), y), r"^x is an np.matrix"),
     ("ragged data", "mlp", ALL, lambda p, x, y: (p, [[1.0, 2.0, 3.0], [1.0]], y[:2]), r"^x must be an array of real numbers \("),
+    # -- data of the wrong shape: the message names the reshape that fits, when one does
+    ("one sample without a batch axis", "mlp", ALL, lambda p, x, y: (p, x[0], y),
+     r"^x must have shape \(batch,\) \+ \(3,\), got \(3,\); for one sample: np.reshape\(x, \(1, 3\)\)$"),
+    ("samples flattened", "mlp", ALL, lambda p, x, y: (p, x.ravel(), y),
+     r"^x must have shape \(batch,\) \+ \(3,\), got \(9,\); for one sample per row: np.reshape\(x, \(-1, 3\)\)$"),
+    ("samples as columns", "mlp", ALL, lambda p, x, y: (p, x[:2].T, y),
+     r"^x must have shape \(batch,\) \+ \(3,\), got \(3, 2\); samples are rows: x.T$"),
+    ("a number for a batch", "poly", ALL, lambda p, x, y: (p, 2.0, y),
+     r"^x must have shape \(batch,\) \+ \(\), got \(\); pass an array with one entry per sample$"),
+    ("two numbers per sample for one", "poly", ALL, lambda p, x, y: (p, np.stack([x, x], 1), y),
+     r"^x must have shape \(batch,\) \+ \(\), got \(3, 2\)$"),
+    ("labels as a matrix", "labels", WITH_TARGETS, lambda p, x, y: (p, x, np.stack([y, y], 1)),
+     r"^y must be a 1-D array of integer class labels, got shape \(3, 2\)$"),
     # -- labels: the message names the offending value
     ("label too large", "labels", WITH_TARGETS, lambda p, x, y: (p, x, np.array([0, 3, 1])), r"^y must hold labels in 0\.\.2, got 3$"),
     ("label negative", "labels", WITH_TARGETS, lambda p, x, y: (p, x, np.array([0, 1, -5], np.int32)), r"^y must hold labels in 0\.\.2, got -5$"),
@@ -244,3 +257,31 @@ def test_accepted_arguments_give_the_plain_array_result(target, row):
     assert loss == pytest.approx(ref_loss, rel=1e-12)
     assert all(np.allclose(grads[k], ref_grads[k], rtol=1e-12, atol=0) for k in ref_grads)
     assert np.allclose(m.forward(params, xs), m.forward(p, x_ref), rtol=1e-12, atol=0)
+
+
+# One target shape for every frontend: a per-sample value of one number accepts (batch,) and
+# (batch, 1) alike (mlp([3, 4, 1]) wants (batch, 1), an expression model (batch,)); integer labels
+# accept a column. (id, model, (x, y) -> (x, y) for the call)
+ONE_NUMBER = [
+    ("1-D target for one output", "one", lambda x, y: (x, y[:, 0])),
+    ("Series target for one output", "one", lambda x, y: (x, Series(y[:, 0]))),
+    ("list target for one output", "one", lambda x, y: (x, y[:, 0].tolist())),
+    ("column target for a per-sample number", "poly", lambda x, y: (x, y[:, None])),
+    ("column data for a per-sample number", "poly", lambda x, y: (x[:, None], y)),
+    ("one-column DataFrame as data", "poly", lambda x, y: (Frame({"x": x}), y)),
+    ("labels as a column", "labels", lambda x, y: (x, y[:, None])),
+]
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+@pytest.mark.parametrize("row", ONE_NUMBER, ids=[r[0] for r in ONE_NUMBER])
+def test_one_number_per_sample_in_either_shape(target, row):
+    _, model_id, make = row
+    m = module(target, model_id)
+    p, x, y = batch(m)
+    xs, ys = make(x, y)
+    ref_loss, ref_grads = m.backward(p, x, y)
+    loss, grads = m.backward(p, xs, ys)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    assert all(np.array_equal(grads[k], ref_grads[k]) for k in ref_grads)
+    assert np.array_equal(m.forward(p, xs), m.forward(p, x))
