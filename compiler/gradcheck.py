@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 
@@ -21,7 +23,7 @@ class GradCheckRow:
         return self.checked < self.size
 
 
-def random_batch(module, batch=5, seed=0, scale=1.0):
+def random_batch(module: ModuleType, batch: int = 5, seed: int = 0, scale: float = 1.0) -> list[np.ndarray]:
     """Random inputs and targets for ``module``: integer labels for label targets, one-hot
     rows for the one-hot targets of a softmax loss, standard normal values otherwise."""
     rng = np.random.default_rng(seed)
@@ -50,8 +52,10 @@ def sample_entries(name, size, entries, seed=0):
     return np.sort(rng.choice(size, size=entries, replace=False))
 
 
-def check_gradients(module, params, arrays, eps=1e-6, rtol=1e-5, atol=1e-8, entries=None, seed=0,
-                    progress=None):
+def check_gradients(module: ModuleType, params: Mapping[str, np.ndarray], arrays: Sequence[np.ndarray],
+                    eps: float = 1e-6, rtol: float = 1e-5, atol: float = 1e-8, entries: int | None = None,
+                    seed: int = 0, progress: Callable[[str, int, int], None] | None = None
+                    ) -> list[GradCheckRow]:
     """Compare ``module.backward`` with central differences of ``module.loss``, entry by entry.
 
     ``entries``: at most this many entries of each parameter (a seeded sample, see

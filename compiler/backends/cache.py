@@ -22,6 +22,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 from compiler.files import write_atomic
 
@@ -173,7 +174,7 @@ def remove_stale_builds(root):
     return sorted(removed)
 
 
-def load_module(path, name=None):
+def load_module(path: str | os.PathLike, name: str | None = None) -> ModuleType:
     """Import a generated module from a file path (a fresh module object each call)."""
     path = Path(path)
     name = name or "bpc_" + path.stem

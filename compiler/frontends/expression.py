@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import Counter
+from collections.abc import Mapping, Sequence
 
 import sympy as sp
 
@@ -37,8 +38,10 @@ def _symbols(items, what):
     return out
 
 
-def expression_model(prediction, params, inputs, targets=None, loss=None, prediction_symbol="p",
-                     name="model"):
+def expression_model(prediction: sp.Expr, params: Mapping[sp.Symbol, float],
+                     inputs: Sequence[sp.Symbol], targets: Sequence[sp.Symbol] | None = None,
+                     loss: sp.Expr | None = None, prediction_symbol: str = "p",
+                     name: str = "model") -> Model:
     """Build a Model from a scalar expression.
 
     ``params`` maps parameter symbols (or names) to initial values, or lists symbols

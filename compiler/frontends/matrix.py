@@ -17,6 +17,7 @@ matrix expression (e.g. ``(out - y).T * (out - y)``), averaged over the batch. S
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import sympy as sp
@@ -209,8 +210,11 @@ def _leaf_shape(sym, what):
     raise ModelError(f"{what} must be MatrixSymbols or Symbols, got {sym!r}")
 
 
-def from_matrix_expr(output, inputs, targets, loss="mse", params=None, target_kind="real",
-                     init=None, name="model"):
+def from_matrix_expr(output: sp.MatrixExpr, inputs: Sequence[sp.MatrixSymbol],
+                     targets: Sequence[sp.MatrixSymbol], loss: str | sp.Expr = "mse",
+                     params: Sequence[sp.MatrixSymbol | sp.Symbol] | None = None,
+                     target_kind: str = "real", init: Mapping[str, tuple] | None = None,
+                     name: str = "model") -> Model:
     """Build a Model from a per-sample SymPy matrix expression (see the module docstring).
 
     ``params`` defaults to every other MatrixSymbol (and Symbol) in the expressions. ``init``

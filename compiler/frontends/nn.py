@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import sympy as sp
 
@@ -29,6 +30,7 @@ from compiler.core import ir
 from compiler.errors import ModelError, ShapeError
 from compiler.core.functions import activation as resolve_activation, check_supported, realify, sigmoid, softplus, stabilize
 from compiler.core.ir import ARG, N
+from compiler.core.ir import Node
 from compiler.core.model import Model, check_name, check_target_kind
 from compiler.frontends.image import ImageLayers
 
@@ -62,7 +64,7 @@ class Network(ImageLayers):
         return node
 
     # -- leaves ---------------------------------------------------------------------------
-    def input(self, name, size=None, shape=None):
+    def input(self, name: str, size: int | None = None, shape: Sequence[int] | None = None) -> Node:
         """A data input: ``size`` features per sample (None for one number per sample), or a
         per-sample ``shape`` such as (H, W, C) for images (batch-first, channels last)."""
         if shape is not None:
@@ -75,7 +77,7 @@ class Network(ImageLayers):
         self.inputs.append(node)
         return self._name(node, name)
 
-    def target(self, name, size=None, kind="real"):
+    def target(self, name: str, size: int | None = None, kind: str = "real") -> Node:
         """A target: real values (``size`` per sample) or integer class labels (``kind='label'``)."""
         if check_target_kind(kind, f"target {name!r}: kind") == "label" and size is not None:
             raise ModelError(f"target {name!r}: integer labels are one number per sample; give no size")
@@ -84,7 +86,7 @@ class Network(ImageLayers):
         self.targets.append(node)
         return self._name(node, name)
 
-    def param(self, name, shape, init):
+    def param(self, name: str, shape: Sequence[int], init: tuple) -> Node:
         """A trainable parameter with an initialisation: ('zeros',), ('glorot', fan_in, fan_out),
         ('he', fan_in) or ('value', number)."""
         shape = tuple(_positive(d, f"parameter {name!r} dimension") for d in shape)
@@ -94,7 +96,8 @@ class Network(ImageLayers):
         return self._name(node, name)
 
     # -- layers ---------------------------------------------------------------------------
-    def dense(self, x, units, activation="identity", name=None):
+    def dense(self, x: Node, units: int, activation: str | sp.Expr = "identity",
+              name: str | None = None) -> Node:
         """``activation(x @ W + b)``; W is Glorot- or He-initialised by activation, b zero."""
         if len(x.shape) != 2 or x.shape[0] != N:
             raise ShapeError(f"dense layer needs a (batch, features) input, got {ir.format_shape(x.shape)}"
@@ -112,7 +115,7 @@ class Network(ImageLayers):
         z = self._name(ir.ew(ARG[0] + ARG[1], [xw, b]), f"Z{k}")
         return self._apply(z, act_expr, f"H{k}")
 
-    def activation(self, x, activation, name=None):
+    def activation(self, x: Node, activation: str | sp.Expr, name: str | None = None) -> Node:
         """Apply an activation (a built-in name or a SymPy expression of one symbol)."""
         act_expr, _ = resolve_activation(activation)
         return self._apply(x, act_expr, name or f"A{self._layers}")
@@ -212,7 +215,8 @@ class Network(ImageLayers):
         return self._name(node, name or f"{prefix}{self._merges}")
 
     # -- model ----------------------------------------------------------------------------
-    def build(self, output=None, loss="mse", target=None, *, losses=None):
+    def build(self, output: Node | None = None, loss: str | sp.Expr = "mse", target: Node | None = None, *,
+              losses: Sequence | None = None) -> Model:
         """The Model of ``output`` with the given loss against ``target`` (default: the only one).
 
         Several losses: ``losses=[(output, loss, target, weight), ...]`` (weight optional,
@@ -363,8 +367,9 @@ def _positive(v, what):
     return int(v)
 
 
-def mlp(sizes, activation="tanh", loss="mse", output_activation="identity", target_kind=None,
-        name="mlp"):
+def mlp(sizes: Sequence[int], activation: str | sp.Expr = "tanh", loss: str | sp.Expr = "mse",
+        output_activation: str | sp.Expr = "identity", target_kind: str | None = None,
+        name: str = "mlp") -> Model:
     """A multilayer perceptron ``sizes[0] -> ... -> sizes[-1]`` with one activation for the
     hidden layers. For ``softmax_cross_entropy`` the target holds integer labels unless
     ``target_kind='onehot'``."""

@@ -65,7 +65,7 @@ class Spec:
     train: dict = field(default_factory=dict)   # the [train] table, checked: option -> value
 
 
-def load_spec(path, source=None):
+def load_spec(path: str | os.PathLike, source: str | None = None) -> Spec:
     """Read a spec file (``.toml`` or ``.json``) and build its model.
 
     ``source`` is the name the generated header gives the file (``Source: ...``); by default
@@ -95,7 +95,8 @@ def load_spec(path, source=None):
     return loads_spec(raw, label, suffix[1:], source=source)
 
 
-def loads_spec(data, filename="<spec>", fmt="toml", source=None):
+def loads_spec(data: str | bytes, filename: str = "<spec>", fmt: str = "toml",
+               source: str | None = None) -> Spec:
     """Build a Spec from text or bytes in format ``fmt`` ("toml" or "json")."""
     text = _decode(data, filename)
     tree = _parse(text, filename, fmt)

@@ -36,15 +36,19 @@ import sysconfig
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import sympy as sp
 
 from compiler import __version__
 from compiler.core import ir, ops
+from compiler.core.model import Model
+from compiler.core.program import Program
 from compiler.backends import cache as _cache
 from compiler.backends.c.printer import PRINTERS, print_c
 from compiler.backends.cache import cache_dir, load_module
 from compiler.backends.lowering import lower, shape_code, statement
+from compiler.backends.show import Displayed
 from compiler.errors import BpcError, ModelError, UnsupportedError
 from compiler.files import write_atomic
 from compiler.freetext import c_comment
@@ -253,33 +257,37 @@ class CStatements:
         return self.loops(node.shape, body)
 
 
-@dataclass(frozen=True)
-class CompiledC:
-    """A model compiled to C: the C source, header and Python wrapper, and how to build them."""
+@dataclass(frozen=True, repr=False)
+class CompiledC(Displayed):
+    """A model compiled to C: the C source, header and Python wrapper, and how to build them.
+    ``repr`` is one line; ``show()`` prints what ``bpc show`` prints; in a notebook it shows
+    the gradient formulas."""
 
-    model: object
-    program: object
+    TARGET = "c"
+
+    model: Model
+    program: Program
     dtype: str
     prefix: str
     c_source: str
     header: str
     wrapper_source: str
     cdef: str
-    formulas: dict
-    latex: dict
+    formulas: dict[str, str]
+    latex: dict[str, str]
     source_hash: str
     ext_source: str = ""     # the cffi extension's C source: includes <prefix>.c, adds the glue
 
     @property
-    def c_hash(self):
+    def c_hash(self) -> str:
         return _hash(self.c_source, self.header, self.cdef, self.ext_source)
 
     @property
-    def ext_name(self):
+    def ext_name(self) -> str:
         """Name of the cffi extension module (unique per C source, so models never collide)."""
         return f"_bpc_{self.prefix}_{self.c_hash[:16]}"
 
-    def write(self, out_dir):
+    def write(self, out_dir: str | os.PathLike) -> list[Path]:
         """Write ``<prefix>.c``, ``<prefix>.h`` and the wrapper ``<prefix>.py`` to ``out_dir``
         (each atomically). Importing the wrapper builds the extension beside it on first use."""
         out = Path(out_dir)
@@ -288,11 +296,11 @@ class CompiledC:
                  write_atomic(out / f"{self.prefix}.py", self.wrapper_source)]
         return paths
 
-    def build(self, cache=None):
+    def build(self, cache: str | os.PathLike | None = None) -> Path:
         """Build (or find in the cache) the cffi extension; returns the path of the shared library."""
         return build_extension(self, cache)
 
-    def load(self, cache=None):
+    def load(self, cache: str | os.PathLike | None = None) -> ModuleType:
         """Build or reuse the extension, and return the wrapper module (same interface as the
         NumPy modules: PARAMS, INPUTS, TARGETS, init_params, forward, loss, backward, ...)."""
         so = self.build(cache)
@@ -325,7 +333,7 @@ def _c_names(program):
     return out
 
 
-def compile_model_c(model, dtype="float64", prefix=None):
+def compile_model_c(model: Model, dtype: str | type = "float64", prefix: str | None = None) -> CompiledC:
     """Compile ``model`` to standalone C plus a cffi wrapper (returns a CompiledC).
 
     ``dtype``: "float64" (C double) or "float32" (C float). ``prefix``: the C symbol prefix

@@ -2,15 +2,20 @@
 NumPy module; CompiledModule writes it atomically and loads it."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from compiler import __version__, dtypes
 from compiler.backends.cache import cache_dir, load_module, write_cached
 from compiler.backends.lowering import lower, per_sample, statement
 from compiler.backends.numpy.statements import NumpyStatements, shape_code
+from compiler.backends.show import Displayed
 from compiler.backends.templates import render
 from compiler.core import ir
+from compiler.core.model import Model
+from compiler.core.program import Program
 from compiler.errors import ModelError
 from compiler.files import write_atomic
 from compiler.freetext import py_comment
@@ -18,31 +23,35 @@ from compiler.freetext import py_comment
 DTYPES = (None, *dtypes.NAMES)     # None: follow the inputs
 
 
-@dataclass(frozen=True)
-class CompiledModule:
-    """The result of compiling a model: generated source plus its formulas and statistics."""
+@dataclass(frozen=True, repr=False)
+class CompiledModule(Displayed):
+    """The result of compiling a model: generated source plus its formulas and statistics.
+    ``repr`` is one line; ``show()`` prints what ``bpc show`` prints; in a notebook it shows
+    the gradient formulas."""
 
-    model: object
-    program: object
+    TARGET = "numpy"
+
+    model: Model
+    program: Program
     source: str
-    formulas: dict       # param -> gradient formula chain, text
-    latex: dict          # param -> gradient formula chain, LaTeX
+    formulas: dict[str, str]   # param -> gradient formula chain, text
+    latex: dict[str, str]      # param -> gradient formula chain, LaTeX
     source_hash: str
-    dtype: object
+    dtype: str | None          # None: follow the inputs
 
     @property
-    def stats(self):
+    def stats(self) -> dict:
         return self.program.stats
 
     @property
-    def module_name(self):
+    def module_name(self) -> str:
         return f"bpc_{self.model.name}_{self.source_hash[7:19]}"
 
-    def write(self, path):
+    def write(self, path: str | os.PathLike) -> Path:
         """Write the module to ``path`` atomically (a failed write leaves no partial file)."""
         return write_atomic(Path(path), self.source)
 
-    def load(self, path=None):
+    def load(self, path: str | os.PathLike | None = None) -> ModuleType:
         """Import the generated module (written to ``path``, or to the bpc cache) and return it."""
         if path is None:
             path = cache_dir() / "numpy" / f"{self.module_name}.py"
@@ -53,7 +62,7 @@ class CompiledModule:
         return load_module(path, self.module_name)
 
 
-def compile_model(model, dtype=None):
+def compile_model(model: Model, dtype: str | type | None = None) -> CompiledModule:
     """Compile ``model`` to a standalone NumPy module (returns a CompiledModule).
 
     ``dtype``: None (follow the inputs' dtype), "float32" or "float64" (cast inputs to it).
