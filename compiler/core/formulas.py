@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import sympy as sp
+from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
 from compiler.core import ir, ops
@@ -53,9 +54,47 @@ def _latex_word(w):
     return w if len(w) == 1 else r"\mathrm{" + w + "}"
 
 
-def print_latex(expr, symbols):
-    """LaTeX of ``expr``; ``symbols`` maps each symbol to its LaTeX text."""
-    return sp.latex(expr, symbol_names={**symbols, N: "n"})
+class ElementwiseLatexPrinter(LatexPrinter):
+    r"""LaTeX of an elementwise expression: a product of two or more tensors is written with
+    ``\odot`` (``dH_{1} \odot \left(1 - H_{1}^{2}\right)``), so that juxtaposition is left to
+    matrix products; numbers and scalar symbols (``scalars``, and n) multiply by juxtaposition."""
+
+    def __init__(self, symbol_names, scalars=()):
+        super().__init__({"symbol_names": symbol_names})
+        self.scalars = frozenset(scalars) | {N}
+
+    def _tensor(self, factor):
+        return not factor.free_symbols <= self.scalars
+
+    def _tensors(self, expr):
+        return sum(1 for f in sp.Mul.make_args(expr) if self._tensor(f))
+
+    def _print_Mul(self, expr):
+        if expr.could_extract_minus_sign():
+            return "- " + self._print(-expr)
+        numer, denom = sp.fraction(expr, exact=True)
+        if self._tensors(numer) < 2 and self._tensors(denom) < 2:
+            return super()._print_Mul(expr)
+        if denom != 1:
+            return rf"\frac{{{self._print(numer)}}}{{{self._print(denom)}}}"
+        factors = numer.as_ordered_factors()
+        scalars = [f for f in factors if not self._tensor(f)]
+        tensors = [f for f in factors if self._tensor(f)]
+        body = r" \odot ".join(self._factor(f, i == 0, i == len(tensors) - 1) for i, f in enumerate(tensors))
+        if not scalars:
+            return body
+        head = self._print(sp.Mul(*scalars))
+        return f"{head} {body}"
+
+    def _factor(self, f, first, last):
+        tex = self._print(f)
+        return rf"\left({tex}\right)" if self._needs_mul_brackets(f, first=first, last=last) else tex
+
+
+def print_latex(expr, symbols, scalars=()):
+    r"""LaTeX of ``expr``; ``symbols`` maps each symbol to its LaTeX text; products of the
+    other symbols (tensors) are elementwise (``\odot``), of ``scalars`` and numbers plain."""
+    return ElementwiseLatexPrinter({**symbols, N: "n"}, scalars).doprint(expr)
 
 
 # ---- formulas (text and LaTeX), shared by comments, FORMULAS and `show` ----------------------
@@ -73,6 +112,10 @@ class Formulas:
         return latex_name(n) if latex else n
 
     def operand(self, node, latex=False, bare=False):
+        if latex and node.op == "reshape":
+            # a reshape only re-indexes (its LaTeX is its input's), and its name is an internal
+            # one (dM3m, db1T): formulas for people refer to the input instead
+            return self.operand(node.inputs[0], latex, bare)
         if node.uid in self.p.inline:
             rhs = self.rhs(node, latex)
             if bare or not node.inputs:
@@ -91,8 +134,8 @@ class Formulas:
         return print_formula(expr, symbols)
 
     @staticmethod
-    def print_latex(expr, symbols):
-        return print_latex(expr, symbols)
+    def print_latex(expr, symbols, scalars=()):
+        return print_latex(expr, symbols, scalars)
 
     def line(self, node, latex=False):
         # memoised: the chains of a deep network share most of their lines (linear compile time)
@@ -110,4 +153,12 @@ class Formulas:
             self._forward = frozenset(n.uid for n in ir.topo_order([self.p.loss]))
         nodes = [n for n in ir.topo_order([grad], stop=self._forward)
                  if n.uid in self.p.backward_only and n.uid not in self.p.inline]
-        return [self.line(n, latex) for n in nodes]
+        if not latex:
+            return [self.line(n) for n in nodes]
+        # for people: reshapes are not lines (see operand), and a gradient that reshapes the
+        # adjoint of a helper (db2 = db2_s, the adjoint of b2 as a number) takes its formula
+        merged = grad.inputs[0] if grad.op == "reshape" and grad.inputs[0] in nodes else None
+        lines = [self.line(n, True) for n in nodes
+                 if n.op != "reshape" and n is not merged and n is not grad]
+        rhs = self.rhs(merged, True) if merged is not None else self.rhs(grad, True)
+        return lines + [f"{self._name(grad, True)} = {rhs}"]

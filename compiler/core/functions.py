@@ -95,7 +95,8 @@ ACTIVATIONS = {
     "leaky_relu": (relu(_x) - sp.Rational(1, 100) * relu(-_x), "he"),
     "swish": (_x * sigmoid(_x), "he"),
     "silu": (_x * sigmoid(_x), "he"),
-    "gelu": (_x / 2 * (1 + sp.tanh(GELU_C * (_x + sp.Rational(44715, 1000000) * _x**3))), "he"),
+    # the constant as published (a Float: it prints as 0.044715, not 8943/200000)
+    "gelu": (_x / 2 * (1 + sp.tanh(GELU_C * (_x + sp.Float("0.044715") * _x**3))), "he"),
     "mish": (_x * sp.tanh(softplus(_x)), "he"),
 }
 

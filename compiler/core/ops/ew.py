@@ -177,7 +177,9 @@ def _text(node, a, fm):
 
 
 def _latex(node, a, fm):
-    return fm.print_latex(sp.factor_terms(node.attr("expr")), {ARG[i]: x for i, x in enumerate(a)})
+    # inputs of shape () multiply by juxtaposition; products of the others are elementwise
+    scalars = {ARG[i] for i, x in enumerate(node.inputs) if x.shape == ()}
+    return fm.print_latex(sp.factor_terms(node.attr("expr")), {ARG[i]: x for i, x in enumerate(a)}, scalars)
 
 
 register(Op("ew", (ew,), _ew_rule, _text, _latex, statements={
