@@ -63,6 +63,8 @@ def test_model_table_latex_parses_and_marks_elementwise_products(model_id, build
     assert_lines_parse(latex_lines(compiled.program, compiled.program.grads))
     for text in compiled.latex.values():
         assert_lines_parse(text.split(r" \\ "))
+    program, fm = compiled.program, Formulas(compiled.program)   # and every forward line
+    assert_lines_parse([fm.line(n, latex=True) for n in (*program.forward_nodes, *program.loss_nodes)])
     check_products(compiled)
 
 

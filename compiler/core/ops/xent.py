@@ -41,7 +41,7 @@ def _xent_text(node, a, fm):
 
 def _xent_latex(node, a, fm):
     if node.attr("kind") == "label":
-        return f"{a[1]} - {a[0]}_{{{a[2]}}}"
+        return rf"{a[1]} - {a[0]}\left[{a[2]}\right]"   # (Z_{2}_{y} would be a double subscript)
     return rf"{a[1]} - \sum_j {a[2]} \odot {a[0]}"
 
 
