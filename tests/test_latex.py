@@ -143,3 +143,30 @@ def test_constants_print_as_written(build):
     for text in (compiled.formulas["W1"], compiled.latex["W1"], comments):
         assert "0.044715" in text
         assert "8943" not in text and "200000" not in text
+
+
+A, B, C, D, S = sp.symbols("a b c d s")
+
+
+# the elementwise printer alone: (expression, scalar symbols, LaTeX)
+PRODUCTS = [
+    (A * B, (), r"a \odot b"),
+    (A * (1 - B**2), (), r"a \odot \left(1 - b^{2}\right)"),
+    (-A * B, (), r"- a \odot b"),
+    (S * A * B, (S,), r"s a \odot b"),
+    (sp.Float("1.5") * A * B, (), r"1.5 a \odot b"),
+    (2 * A * B / ir.N, (), r"\frac{2 a \odot b}{n}"),
+    (A * B / (C * D), (), r"\frac{a \odot b}{c \odot d}"),
+    (A / (C * D), (), r"\frac{a}{c \odot d}"),
+    (S * A, (S,), r"a s"),                       # one tensor: sympy's juxtaposition, unchanged
+    (2 * A, (), r"2 a"),
+    (A / B, (), r"\frac{a}{b}"),
+    (sp.sin(A * B), (), r"\sin{\left(a \odot b \right)}"),
+]
+
+
+@pytest.mark.parametrize("expr, scalars, expected", PRODUCTS, ids=[str(r[0]) for r in PRODUCTS])
+def test_elementwise_printer(expr, scalars, expected):
+    from compiler.core.formulas import print_latex
+    assert print_latex(expr, {}, scalars) == expected
+    assert parses(expected)

@@ -70,11 +70,13 @@ class ElementwiseLatexPrinter(LatexPrinter):
         return sum(1 for f in sp.Mul.make_args(expr) if self._tensor(f))
 
     def _print_Mul(self, expr):
-        if expr.could_extract_minus_sign():
-            return "- " + self._print(-expr)
         numer, denom = sp.fraction(expr, exact=True)
         if self._tensors(numer) < 2 and self._tensors(denom) < 2:
             return super()._print_Mul(expr)
+        if expr.could_extract_minus_sign():
+            rest = -expr
+            tex = self._print(rest)
+            return "- " + (rf"\left({tex}\right)" if rest.is_Add else tex)
         if denom != 1:
             return rf"\frac{{{self._print(numer)}}}{{{self._print(denom)}}}"
         factors = numer.as_ordered_factors()
