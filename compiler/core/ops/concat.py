@@ -99,5 +99,6 @@ def _atom(code):
 
 register(Op("slice_last", (slice_last,), first_order_only,
             text=lambda node, a, fm: f"{_atom(a[0])}[..., {node.attr('start')}:{node.attr('stop')}]",
-            latex=lambda node, a, fm: f"{a[0]}_{{[:,\\,{node.attr('start')}:{node.attr('stop')}]}}",
+            # (an index, not a subscript: dC_{2}_{...} would be a double subscript)
+            latex=lambda node, a, fm: f"{a[0]}\\left[:,\\,{node.attr('start')}:{node.attr('stop')}\\right]",
             statements={"numpy": _slice_numpy, "c": _slice_c}))
