@@ -101,6 +101,14 @@ def print_latex(expr, symbols, scalars=()):
 
 # ---- formulas (text and LaTeX), shared by comments, FORMULAS and `show` ----------------------
 
+def _unit_reshape(node):
+    """Whether ``node`` is a reshape that only adds or drops axes of length 1 ((16,) as (1, 16),
+    a number as (1, 1)); a reshape that merges axes (an image's pixels into rows) is real."""
+    if node.op != "reshape":
+        return False
+    return [d for d in node.shape if d != 1] == [d for d in node.inputs[0].shape if d != 1]
+
+
 class Formulas:
     """Readable right-hand sides of each scheduled node, in text and LaTeX."""
 
@@ -114,8 +122,9 @@ class Formulas:
         return latex_name(n) if latex else n
 
     def operand(self, node, latex=False, bare=False):
-        if latex and node.op == "reshape":
-            # a reshape only re-indexes (its LaTeX is its input's), and its name is an internal
+        if latex and _unit_reshape(node):
+            # a reshape that only adds or drops axes of length 1 changes nothing for a reader
+            # (its LaTeX is its input's), and its name is an internal
             # one (dM3m, db1T): formulas for people refer to the input instead
             return self.operand(node.inputs[0], latex, bare)
         if node.uid in self.p.inline:
@@ -159,8 +168,8 @@ class Formulas:
             return [self.line(n) for n in nodes]
         # for people: reshapes are not lines (see operand), and a gradient that reshapes the
         # adjoint of a helper (db2 = db2_s, the adjoint of b2 as a number) takes its formula
-        merged = grad.inputs[0] if grad.op == "reshape" and grad.inputs[0] in nodes else None
+        merged = grad.inputs[0] if _unit_reshape(grad) and grad.inputs[0] in nodes else None
         lines = [self.line(n, True) for n in nodes
-                 if n.op != "reshape" and n is not merged and n is not grad]
+                 if not _unit_reshape(n) and n is not merged and n is not grad]
         rhs = self.rhs(merged, True) if merged is not None else self.rhs(grad, True)
         return lines + [f"{self._name(grad, True)} = {rhs}"]
