@@ -58,7 +58,7 @@ def _data(a, name, shape):
         if a.dtype.kind != "f":
             a = a.astype(np.float64)
     if a.shape[1:] != shape or a.ndim != len(shape) + 1:
-        raise ValueError(f"{name} must have shape (batch,) + {shape}, got {a.shape}")
+        a = _per_sample(a, name, shape)
     return a
 
 
@@ -66,7 +66,7 @@ def _labels(a, name, classes):
     if type(a) is not np.ndarray or a.dtype.kind not in "iu":
         a = _label_array(a, name, classes)
     if a.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D array of integer class labels, got shape {a.shape}")
+        a = _label_column(a, name)
     if a.size and (a.min() < 0 or a.max() >= classes):
         raise _label_range(a, name, classes)
     return a
@@ -129,6 +129,28 @@ def _real(a, name):
     return a
 
 
+def _per_sample(a, name, shape):
+    """``a``, whose shape is not (batch,) + ``shape``, as that shape when the reading is
+    unambiguous: a per-sample value of one number (shape (), (1,) or (1, 1)) accepts any array
+    with one number per row, so a 1-D ``y`` (a pandas Series) and a column ``(batch, 1)`` both
+    fit every frontend's models. Any other mismatch is a ValueError that names the reshape."""
+    size = 1
+    for d in shape:
+        size *= d
+    if size == 1 and a.ndim >= 1 and a.size == a.shape[0]:
+        return a.reshape((a.shape[0],) + shape)
+    message = f"{name} must have shape (batch,) + {shape}, got {a.shape}"
+    if a.ndim == 0:
+        raise ValueError(message + "; pass an array with one entry per sample")
+    if a.size == size:
+        raise ValueError(f"{message}; for one sample: np.reshape({name}, {(1,) + shape})")
+    if size and (a.ndim == 1 or a.shape[0] * size == a.size) and a.size % size == 0:
+        raise ValueError(f"{message}; for one sample per row: np.reshape({name}, {(-1,) + shape})")
+    if a.ndim == 2 and len(shape) == 1 and a.shape[0] == shape[0]:
+        raise ValueError(f"{message}; samples are rows: {name}.T")
+    raise ValueError(message)
+
+
 def _params_error(params):
     return ValueError("params must be a dict of parameter arrays, name -> array (see PARAMS; "
                       f"init_params() makes one), got {type(params).__name__}")
@@ -156,6 +178,14 @@ def _label_array(a, name, classes):
     if kind not in "iu":
         raise ValueError(f"{name} must be integer class labels in 0..{classes - 1}, got dtype {a.dtype}")
     return a
+
+
+def _label_column(a, name):
+    """Labels that are not 1-D: a column (batch, 1) (a one-column DataFrame) is read as 1-D;
+    any other shape is a ValueError."""
+    if a.ndim == 2 and a.shape[1] == 1:
+        return a[:, 0]
+    raise ValueError(f"{name} must be a 1-D array of integer class labels, got shape {a.shape}")
 
 
 def _label_range(a, name, classes):
@@ -355,6 +385,15 @@ def _apply(params, name, delta):
         params[name] = np.asarray(p - delta)
 
 
+def _state(state, step):
+    """``state`` when it is a dict; otherwise a TypeError that says what to pass (a step with
+    running averages would silently restart them if it accepted None)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{step} keeps its running averages in state: pass a dict (empty at the "
+                        f"first step) and the same dict to every later step, got {type(state).__name__}")
+    return state
+
+
 def _decayed(g, p, weight_decay):
     return g + weight_decay * p if weight_decay else g
 
@@ -379,7 +418,7 @@ def clip_grad_norm(grads, max_norm):
 
 
 def sgd_step(params, grads, state=None, lr=0.01, weight_decay=0.0):
-    """Gradient descent: ``p -= lr * (g + weight_decay*p)``. ``state`` is unused."""
+    """Gradient descent: ``p -= lr * (g + weight_decay*p)``. ``state`` is unused (None or a dict)."""
     for name, g in grads.items():
         _apply(params, name, lr * _decayed(g, params[name], weight_decay))
     return params
@@ -387,8 +426,9 @@ def sgd_step(params, grads, state=None, lr=0.01, weight_decay=0.0):
 
 def momentum_step(params, grads, state, lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0):
     """SGD with momentum (PyTorch's convention): ``v = momentum*v + g``, then
-    ``p -= lr*v``, or with ``nesterov=True`` ``p -= lr*(g + momentum*v)``."""
-    velocity = state.setdefault("velocity", {})
+    ``p -= lr*v``, or with ``nesterov=True`` ``p -= lr*(g + momentum*v)``. ``state`` is a dict,
+    empty at the first step, that holds the velocities (a TypeError otherwise)."""
+    velocity = _state(state, "momentum_step").setdefault("velocity", {})
     for name, g in grads.items():
         g = _decayed(g, params[name], weight_decay)
         v = velocity.get(name)
@@ -402,7 +442,9 @@ def momentum_step(params, grads, state, lr=0.01, momentum=0.9, nesterov=False, w
 
 def adam_step(params, grads, state, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
     """Adam with bias correction. ``weight_decay`` is decoupled (AdamW): each step also does
-    ``p -= lr*weight_decay*p``, instead of adding an L2 term to the gradient."""
+    ``p -= lr*weight_decay*p``, instead of adding an L2 term to the gradient. ``state`` is a dict,
+    empty at the first step, that holds the step count and moments (a TypeError otherwise)."""
+    state = _state(state, "adam_step")
     t = state["t"] = state.get("t", 0) + 1
     m, v = state.setdefault("m", {}), state.setdefault("v", {})
     c1, c2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
@@ -434,6 +476,8 @@ def train_step(params, state, *arrays, optimizer="adam", lr=0.001, clip=None, **
         optimizer, options = "momentum", dict(options, nesterov=True)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; use sgd, momentum, nesterov or adam")
+    if optimizer != "sgd":   # before backward: a wrong state is reported without computing
+        _state(state, f"train_step(optimizer={optimizer!r})")
     value, grads = backward(params, *arrays)
     bad = [name for name, g in grads.items() if not np.all(np.isfinite(g))]
     if not np.isfinite(value) or bad:
