@@ -396,3 +396,20 @@ def test_accuracy_of_a_1_unit_output_against_a_1d_target():
     xs = np.array([[1.0, 0.0], [-1.0, 0.0], [2.0, 0.0], [-2.0, 0.0]])
     ys = np.array([1.0, 0.0, 0.0, 0.0])          # three right, one wrong
     assert evaluate(mod, params, {"x": xs, "y": ys})["accuracy"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("weight", [2, 0.5, 1, 3, 0.25])
+def test_the_gradient_formula_of_a_weighted_softmax_loss_states_its_scale(weight):
+    """FORMULAS say dZ = weight*(softmax(Z) - onehot(y))/n: the text, read as arithmetic with
+    the bracket as 1, gives weight/n (it once printed n/2 as '/n/2', a quarter of 2/n)."""
+    import compiler as bpc
+    net = bpc.Network("w")
+    x = net.input("x", 3)
+    h = net.dense(x, 4, "tanh")
+    a, b = net.dense(h, 1), net.dense(h, 2)
+    y1, y2 = net.target("y1", 1), net.target("y2", kind="label")
+    model = net.build(losses=[(a, "mse", y1, 1), (b, "softmax_cross_entropy", y2, weight)])
+    line = next(s for s in bpc.compile_model(model).formulas["W3"].split("; ") if s.startswith("dZ3 = "))
+    rhs = line[len("dZ3 = "):].replace("(softmax(Z3) - onehot(y2))", "1")
+    n = 7.0
+    assert eval(rhs, {"n": n}) == pytest.approx(weight / n), line   # our own formula text, not user input

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from compiler.core.ir import format_shape, make
+from compiler.core.ir import N, format_shape, make
 from compiler.core.ops import Op, first_order_only, register
 from compiler.core.ops.logsumexp import lse, rows
 from compiler.errors import ShapeError
@@ -90,10 +90,12 @@ def _grad_formula(node, a, fm, latex):
     if val is not None:
         if val == 1:
             return core
-        inv = 1 / val
-        if inv.is_Symbol or inv.is_Integer or inv.is_Mul:
-            return rf"\frac{{{core}}}{{{sp.latex(inv)}}}" if latex else f"{core}/{inv}"
-        return f"{sp.latex(val)} {core}" if latex else f"{core}*{val}"
+        # SymPy places the factor: (...)/n, 2*(...)/n, (...)/(2*n); a hand-made "core/inv" read
+        # n/2 as "/n/2", a quarter of the value
+        c = sp.Symbol("_xent_core")
+        if latex:
+            return sp.latex(val * c, symbol_names={c: core, N: "n"})
+        return sp.sstr(val * c).replace("_xent_core", core)
     return rf"{core} \odot {a[3]}" if latex else f"{core}*{a[3]}[:, None]"
 
 
