@@ -413,3 +413,16 @@ def test_the_gradient_formula_of_a_weighted_softmax_loss_states_its_scale(weight
     rhs = line[len("dZ3 = "):].replace("(softmax(Z3) - onehot(y2))", "1")
     n = 7.0
     assert eval(rhs, {"n": n}) == pytest.approx(weight / n), line   # our own formula text, not user input
+
+
+def test_loss_weights_print_as_written():
+    """0.3 stays 0.3 in the generated code and formulas (not 3/10); integer weights stay integers."""
+    import compiler as bpc
+    net = bpc.Network("w")
+    x = net.input("x", 3)
+    h = net.dense(x, 4, "tanh")
+    a, b = net.dense(h, 1), net.dense(h, 2)
+    y1, y2 = net.target("y1", 1), net.target("y2", kind="label")
+    compiled = bpc.compile_model(net.build(losses=[(a, "mse", y1, 0.3), (b, "softmax_cross_entropy", y2, 2)]))
+    assert "    L = 0.3*L1 + 2*L2" in compiled.source.splitlines()
+    assert "3/10" not in compiled.source

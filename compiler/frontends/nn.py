@@ -247,7 +247,7 @@ class Network(ImageLayers):
         if len(terms) > 1:
             for i, (_, part, _) in enumerate(terms):
                 self.names[part.digest] = f"L{i + 1}"
-            L = self._name(ir.ew(sp.Add(*(sp.nsimplify(w) * a for (_, _, w), a in zip(terms, ARG[:len(terms)]))),
+            L = self._name(ir.ew(sp.Add(*(_weight(w) * a for (_, _, w), a in zip(terms, ARG[:len(terms)]))),
                                  [t[1] for t in terms]), "L")
         used = {n.uid for n in ir.topo_order([L, pred])}
         unused = [i.name for i in self.inputs if i.uid not in used]
@@ -277,6 +277,11 @@ class Network(ImageLayers):
                 or weight <= 0):
             raise ModelError(f"{what}: the weight must be a positive finite number, got {weight!r}")
         return out, kind, y, weight
+
+
+def _weight(w):
+    """A loss weight as the user wrote it: 2 stays 2, 0.3 prints 0.3 (nsimplify made it 3/10)."""
+    return sp.Integer(int(w)) if float(w).is_integer() else sp.Float(float(w))
 
 
 def loss_kind(loss):
