@@ -391,6 +391,3 @@ def mlp(sizes: Sequence[int], activation: str | sp.Expr = "tanh", loss: str | sp
     else:
         y = net.target("y", sizes[-1])
     return net.build(out, loss, y)
-
-
-_LOSS_ALIASES = LOSS_ALIASES  # the old private name, still imported by spec.py

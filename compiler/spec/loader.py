@@ -688,12 +688,12 @@ class _Loader:
     def loss(self, value, where, constants):
         import sympy as sp
         from compiler.core.model import NAME_RE
-        from compiler.frontends.nn import LOSSES, _LOSS_ALIASES
+        from compiler.frontends.nn import LOSSES, LOSS_ALIASES
         self.string(value, where)
-        if value in LOSSES or value in _LOSS_ALIASES:
+        if value in LOSSES or value in LOSS_ALIASES:
             return value
         if NAME_RE.match(value) and value not in ("p", "y") and value not in constants:
-            known = sorted((*LOSSES, *_LOSS_ALIASES))
+            known = sorted((*LOSSES, *LOSS_ALIASES))
             hint = difflib.get_close_matches(value, known, n=1)
             also = f"did you mean {hint[0]!r}? " if hint else ""
             raise self.error(where, f"unknown loss {value!r}; {also}built-ins are {', '.join(LOSSES)}, "
