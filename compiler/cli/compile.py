@@ -26,6 +26,9 @@ def add_arguments(parser):
                         help="numpy: output .py file (an importable name that shadows no module such as "
                         "numpy or json), a directory, or - for standard output (default: "
                         "generated/<model name>.py); c: output directory (default: generated/c/; not -)")
+    parser.add_argument("--emit-test", action="store_true",
+                        help="also write test_<module>.py beside the module: a check of its gradients against "
+                        "central differences that needs numpy alone (run it with pytest or python)")
     limits.add_argument(parser)
 
 
@@ -35,9 +38,13 @@ def run(args):
     limits.check_parameter_memory(limits.model_shapes(spec.model), dtype,
                                   args.max_param_memory, what=spec.path)
     if args.target == "c":
-        return _compile_c(spec, dtype, args.output)
+        return _compile_c(spec, dtype, args.output, args.emit_test)
     from compiler.backends.numpy.module import compile_model, write_atomic
     out = _numpy_output(args.output, spec)
+    if out is None and args.emit_test:
+        from compiler.errors import BpcError
+        raise BpcError("--emit-test writes test_<module>.py beside the module, which needs a file: "
+                       "give -o FILE.py or a directory instead of -")
     compiled = compile_model(spec.model, dtype=dtype)
     if out is None:
         sys.stdout.write(compiled.source)
@@ -47,7 +54,21 @@ def run(args):
     except OSError as e:
         raise write_error(out, e) from None
     print(f"wrote {out}  ({compiled.source_hash[:19]})")
+    if args.emit_test:
+        _write_test(out, "numpy", compiled.dtype)
     return 0
+
+
+def _write_test(module_path, target, dtype):
+    """test_<module>.py beside ``module_path`` (see compiler.backends.emitted_test)."""
+    from compiler.backends.emitted_test import emitted_test_name, render_test
+    from compiler.files import write_atomic
+    path = module_path.with_name(emitted_test_name(module_path.name))
+    try:
+        write_atomic(path, render_test(module_path.name, target, dtype))
+    except OSError as e:
+        raise write_error(path, e) from None
+    print(f"wrote {path}")
 
 
 def _numpy_output(option, spec):
@@ -104,7 +125,7 @@ def _check_module_name(out, fix):
                         f"e.g. {stem}_model.py")
 
 
-def _compile_c(spec, dtype, option):
+def _compile_c(spec, dtype, option, emit_test=False):
     from pathlib import Path
 
     from compiler.errors import BpcError
@@ -142,4 +163,6 @@ def _compile_c(spec, dtype, option):
             print(f"wrote {path}")
     else:
         print(f"wrote {written or out_dir}")
+    if emit_test:
+        _write_test(wrapper, "c", dtype or dtypes.DEFAULT)
     return 0
