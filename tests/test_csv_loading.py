@@ -73,3 +73,10 @@ def test_bad_files_fail_with_the_same_message(tmp_path, read, name, text, messag
     with pytest.raises((TrainError, ValueError)) as info:
         read(path)
     assert message in str(info.value)
+
+
+def test_a_file_that_is_not_utf8_further_down(tmp_path, read):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"x0,x1,y\n1,2,0\n" + b"3,\xff\xfe,1\n")
+    with pytest.raises(TrainError, match="not a text CSV file"):
+        read(path)

@@ -71,13 +71,25 @@ def _is_number(text):
         return False
 
 
-def _first_row(p):
-    """(line number, cells) of the first data or header row, None for a file without one."""
+def _rows(p):
+    """(line number, cells) of the header and data rows, in order: comment lines (``#``) and
+    blank lines are dropped."""
     with open(p, newline="", encoding="utf-8-sig") as f:
         for i, row in enumerate(csv.reader(f), start=1):
             if row and not row[0].lstrip().startswith("#") and any(c.strip() for c in row):
-                return i, row
-    return None
+                yield i, row
+
+
+def _read(p, read):
+    """``read()``, with the faults of reading ``p`` as TrainErrors naming it."""
+    try:
+        return read()
+    except UnicodeDecodeError:
+        raise TrainError(f"{p}: not a text CSV file (not UTF-8)") from None
+    except csv.Error as e:
+        raise TrainError(f"{p}: malformed CSV ({e})") from None
+    except OSError as e:
+        raise TrainError(f"{p}: cannot read ({e.strerror or e})") from None
 
 
 def _fast_values(p, skip_header, ncols):
@@ -114,14 +126,7 @@ def _fast_values(p, skip_header, ncols):
 
 
 def _load_csv(p, module):
-    try:
-        first_row = _first_row(p)
-    except UnicodeDecodeError:
-        raise TrainError(f"{p}: not a text CSV file (not UTF-8)") from None
-    except csv.Error as e:
-        raise TrainError(f"{p}: malformed CSV ({e})") from None
-    except OSError as e:
-        raise TrainError(f"{p}: cannot read ({e.strerror or e})") from None
+    first_row = _read(p, lambda: next(_rows(p), None))
     if first_row is not None and len(first_row[1]) <= MAX_COLUMNS:
         sizes = _sizes(module)
         line, first = first_row
@@ -130,7 +135,7 @@ def _load_csv(p, module):
             columns = _columns_from_header(p, header, sizes)
         else:
             columns = _columns_in_order(p, line, first, sizes)
-        values = _fast_values(p, header is not None, len(first))
+        values = _read(p, lambda: _fast_values(p, header is not None, len(first)))
         if values is not None and len(values):
             return _split(values, columns, sizes)
     return _load_csv_carefully(p, module)
@@ -156,16 +161,7 @@ def _split(values, columns, sizes):
 
 def _load_csv_carefully(p, module):
     """Row by row with the csv module: slow, but names the line and column of every fault."""
-    try:
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            rows = [(i, row) for i, row in enumerate(csv.reader(f), start=1)
-                    if row and not row[0].lstrip().startswith("#") and any(c.strip() for c in row)]
-    except UnicodeDecodeError:
-        raise TrainError(f"{p}: not a text CSV file (not UTF-8)") from None
-    except csv.Error as e:
-        raise TrainError(f"{p}: malformed CSV ({e})") from None
-    except OSError as e:
-        raise TrainError(f"{p}: cannot read ({e.strerror or e})") from None
+    rows = _read(p, lambda: list(_rows(p)))
     if not rows:
         raise TrainError(f"{p}: no data rows")
     sizes = _sizes(module)
