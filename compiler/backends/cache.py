@@ -2,10 +2,9 @@
 written, checksums of built files, the removal of builds that were interrupted, and the import
 of a generated module by its path.
 
-The location is ``$BPC_CACHE`` if set, else the platform's cache directory plus ``bpc``:
-``$XDG_CACHE_HOME/bpc`` (default ``~/.cache/bpc``) on Linux and other Unix systems,
-``~/Library/Caches/bpc`` on macOS, ``%LOCALAPPDATA%\\bpc`` on Windows (the convention
-platformdirs implements; a few lines here instead of a dependency).
+The location is ``$BPC_CACHE`` if set, else the platform's user cache directory plus ``bpc``,
+as platformdirs knows it: ``$XDG_CACHE_HOME/bpc`` (default ``~/.cache/bpc``) on Linux and
+other Unix systems, ``~/Library/Caches/bpc`` on macOS, ``%LOCALAPPDATA%\\bpc`` on Windows.
 """
 from __future__ import annotations
 
@@ -40,20 +39,10 @@ def cache_dir():
     env = os.environ.get("BPC_CACHE")
     if env:
         return Path(env)
-    return _platform_cache_home() / "bpc"
-
-
-def _platform_cache_home():
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches"
-    if sys.platform == "win32":
-        local = os.environ.get("LOCALAPPDATA")
-        return Path(local) if local else Path.home() / "AppData" / "Local"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    # the XDG base directory spec: a relative path is invalid and must be ignored
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg)
-    return Path.home() / ".cache"
+    import platformdirs
+    # opinion=False: no extra "Cache" folder on Windows; the XDG spec's rule that a relative
+    # $XDG_CACHE_HOME is ignored is platformdirs' too
+    return platformdirs.user_cache_path("bpc", appauthor=False, opinion=False)
 
 
 _fallback = None
