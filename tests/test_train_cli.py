@@ -254,3 +254,34 @@ def test_an_extra_output_failing_after_the_run_still_keeps_the_params_and_the_su
     assert code == 2 and "cannot write h.json: No space left on device" in err
     assert "parameters are saved in line_params.npz" in err
     assert "completed 3 epochs" in out and (work / "line_params.npz").is_file()
+
+
+# ---- BLAS threads: threadpoolctl at run time, for the call only (issue 15, item 4) ----
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+    return sorted({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"})
+
+
+@pytest.mark.parametrize("flag, env, expected", [
+    (["--threads", "2"], {}, [2]),
+    (["--threads", "1"], {"OMP_NUM_THREADS": "2"}, [1]),     # the flag wins
+    ([], {}, [1]),                                            # the default
+    ([], {"OPENBLAS_NUM_THREADS": "2"}, None),                # the variable's choice: left alone
+])
+def test_blas_threads_during_training(work, capsys, monkeypatch, flag, env, expected):
+    import compiler.cli.train as train_cli
+    for var in train_cli.THREAD_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    before = _blas_threads()
+    assert before, "numpy's BLAS is not visible to threadpoolctl"
+    seen = []
+    real = train_cli._run
+    monkeypatch.setattr(train_cli, "_run", lambda args: seen.append(_blas_threads()) or real(args))
+    code, _, _ = run(capsys, "line.toml", "--data", "line.csv", "--epochs", "1", "-q", *flag)
+    assert code == 0
+    # (a BLAS built for fewer threads than asked keeps its most)
+    assert seen == [[min(expected[0], max(before))] if expected else before]
+    assert _blas_threads() == before                          # given back after the call

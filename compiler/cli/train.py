@@ -43,23 +43,42 @@ def add_arguments(parser):
     out.add_argument("--boundary", metavar="PNG", help="write the decision boundary (classifier with 2 input features)")
     out.add_argument("--history", metavar="JSON", help="write the per-epoch history as JSON")
     add_flag(out, "log_every")
-    out.add_argument("--threads", type=int, metavar="N", default=1,
-                     help="BLAS threads (default: 1, fastest for small layers, and safe on a busy machine; "
-                     "the OMP/OPENBLAS/MKL_NUM_THREADS environment variables, when set, win)")
+    out.add_argument("--threads", type=int, metavar="N", default=None,
+                     help="BLAS threads while training, set through threadpoolctl (default: 1, fastest for "
+                     "small layers and safe on a busy machine, unless OMP_NUM_THREADS, OPENBLAS_NUM_THREADS "
+                     "or MKL_NUM_THREADS is set: then the library keeps what that says)")
     limits.add_argument(out)
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines, only the summary")
 
 
-def run(args):
-    import os
-    import sys
-    from pathlib import Path
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
-    if args.threads < 1:
+
+def run(args):
+    import contextlib
+    import os
+
+    if args.threads is not None and args.threads < 1:
         from compiler.errors import BpcError
         raise BpcError(f"--threads must be >= 1, got {args.threads}")
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, str(args.threads))   # read when numpy is first imported, just below
+    threads = args.threads
+    if threads is None and not any(os.environ.get(var) for var in THREAD_VARIABLES):
+        threads = 1
+    if threads is None:
+        limit = contextlib.nullcontext()
+    else:
+        # at run time, for this call only (bpc train inside a longer Python process gives the
+        # BLAS its threads back), rather than environment variables that bind only before numpy
+        # is first imported
+        from threadpoolctl import threadpool_limits
+        limit = threadpool_limits(limits=threads, user_api="blas")
+    with limit:
+        return _run(args)
+
+
+def _run(args):
+    import sys
+    from pathlib import Path
 
     import numpy as np
 
