@@ -21,7 +21,7 @@ PACKAGE = ROOT / "compiler"
 # the shared utilities at the top of the package (a new top-level module must be placed here, or
 # in a layer, deliberately: test_every_module_has_a_layer fails until it is)
 SHARED = ("compiler", "compiler.errors", "compiler.files", "compiler.freetext", "compiler.limits",
-          "compiler.gradcheck", "compiler.dtypes")
+          "compiler.gradcheck", "compiler.dtypes", "compiler.progress")
 
 
 def module_name(path):

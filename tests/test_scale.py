@@ -242,26 +242,28 @@ class _Stream(io.StringIO):
         return self.tty
 
 
-@pytest.mark.parametrize("tty,step,expect_lines,expect_cr", [
-    (True, 0.2, 0, True),       # a terminal: one line rewritten in place, erased at the end
-    (False, 0.2, 0, False),     # a log, quick steps: nothing within 10 s
-    (False, 6.0, 10, False),    # a log, slow steps: a plain line every 10 s
+@pytest.mark.parametrize("tty,step,expect_lines", [
+    (True, 0.2, 0),       # a terminal: a tqdm bar, erased at the end
+    (False, 0.2, 0),      # a log, quick steps: nothing within 10 s
+    (False, 6.0, 10),     # a log, slow steps: a plain line every 10 s
 ])
-def test_check_progress(tty, step, expect_lines, expect_cr):
+def test_check_progress(tty, step, expect_lines):
     stream, clock = _Stream(tty), _Clock()
-    p = _Progress(20, stream, clock)
+    p = _Progress(20, stream, clock, delay=0 if tty else 0.5, redraw=0)
     for name in ("W1", "b1"):
         for k in range(10):
             clock.t += step
             p(name, k, 10)
+        p(name, 10, 10)
     p.close()
     text = stream.getvalue()
-    assert ("\r" in text) == expect_cr
+    assert ("\r" in text) == tty
     assert text.count("\n") == expect_lines
     if tty:
-        assert "checking b1: entry" in text and "of 20 in all" in text and text.endswith("\r\033[K")
+        assert "checking b1: entry" in text and "20/20 entries" in text
+        assert text.rstrip(" ").endswith("\r")        # tqdm erases its line (leave=False)
     if expect_lines:
-        assert "checking b1: entry 5 of 10; 15 of 20 in all\n" in text
+        assert "checking b1: entry 5 of 10; 15 of 20 entries\n" in text
 
 
 # ---- memory limits before allocation --------------------------------------------------------
@@ -368,3 +370,29 @@ def test_over_the_cap_compiles_when_raised_and_a_generated_module_is_checked_bef
     assert run("train", module, "--data", tmp_path / "d.npz", "--out", tmp_path / "p.npz") == 2
     err = capsys.readouterr().err
     assert "big.py: the parameters would need 7.28 TiB in float64" in err and "W1 1000000x1000000" in err
+
+
+def test_training_progress_bar_and_log_lines(capsys):
+    # bpc train's reporter on a terminal: a tqdm bar on stderr with the status after it, log
+    # lines on stdout (drawn above the bar), the bar erased at the end
+    from compiler.train.loop import _Reporter
+    stream = _Stream(True)
+    r = _Reporter(True, 4, stream)
+    r.progress.bar.mininterval = r.progress.bar.delay = 0
+    for step in range(4):
+        r.advance(1, f"epoch 1/1 loss {1.0 / (step + 1):.4g}")
+    r.log("epoch 1/1  loss 0.25")
+    r.close()
+    bar = stream.getvalue()
+    assert "4/4 steps" in bar and "loss 0.25" in bar and bar.rstrip(" ").endswith("\r")
+    assert capsys.readouterr().out == "epoch 1/1  loss 0.25\n"
+
+
+def test_training_progress_off_a_terminal_is_silent(capsys):
+    from compiler.train.loop import _Reporter
+    stream = _Stream(False)
+    r = _Reporter(True, 4, stream)
+    r.advance(4, "epoch 1/1")
+    r.log("epoch 1/1  loss 0.25")
+    r.close()
+    assert stream.getvalue() == "" and capsys.readouterr().out == "epoch 1/1  loss 0.25\n"

@@ -51,42 +51,23 @@ def _entries(text):
 
 
 class _Progress:
-    """Progress of a long check on stderr: a line rewritten in place on a terminal (at most
-    10 times a second), else a plain line at most every 10 seconds; nothing for a quick check."""
+    """The calls ``progress(name, done, count)`` of check_gradients, per parameter, as one
+    ``compiler.progress.Progress`` over all entries: a bar on a terminal, else a plain line at
+    most every 10 seconds; nothing for a check quicker than half a second."""
 
-    def __init__(self, total, stream=None, clock=None):
-        import sys
-        import time
-        self.clock = clock or time.monotonic
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.total = total
-        self.base = 0            # entries of the parameters already done
-        self.current = None
-        self.start = self.last = self.clock()
-        self.shown = False
+    def __init__(self, total, stream=None, clock=None, delay=0.5, redraw=0.1):
+        from compiler.progress import Progress
+        self.progress = Progress(total, "entries", stream, delay=delay, clock=clock, redraw=redraw)
+        self.current, self.done = None, 0
 
     def __call__(self, name, done, count):
         if name != self.current:
-            if self.current is not None:
-                self.base += self.count
-            self.current, self.count = name, count
-        now = self.clock()
-        if now - self.last < (0.1 if self.tty else 10.0) or now - self.start < 0.5:
-            return
-        self.last = now
-        text = f"checking {name}: entry {done} of {count}; {self.base + done} of {self.total} in all"
-        if self.tty:
-            self.stream.write("\r\033[K" + text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-        self.shown = True
+            self.current, self.done = name, 0
+        self.progress.update(done - self.done, f"checking {name}: entry {done} of {count}")
+        self.done = done
 
     def close(self):
-        if self.tty and self.shown:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+        self.progress.close()
 
 
 def run(args):

@@ -24,7 +24,6 @@ import functools
 import hashlib
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -316,62 +315,25 @@ class _Reporter:
     """Progress bar on a terminal (stderr), log lines on stdout, warnings on stderr."""
 
     def __init__(self, verbose, total, stream=None):
+        from compiler.progress import Progress
         self.verbose = verbose
-        self.stream = stream or sys.stderr
-        self.bar = verbose and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.total, self.done, self.start, self.last_draw = total, 0, time.monotonic(), 0.0
-        self.status = ""
-        self.drawn = False
-
-    def _clear(self):
-        if self.drawn:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self.drawn = False
+        self.progress = Progress(total, "steps", stream, log_every=None) if verbose else None
 
     def log(self, line):
         if self.verbose:
-            self._clear()
-            print(line, flush=True)
-            self.draw(force=True)
+            self.progress.write(line, sys.stdout)
 
     def warn(self, line):
         if self.verbose:
-            self._clear()
-            print(f"bpc: warning: {line}", file=sys.stderr, flush=True)
-            self.draw(force=True)
+            self.progress.write(f"bpc: warning: {line}", sys.stderr)
 
     def advance(self, steps, status):
-        self.done += steps
-        self.status = status
-        self.draw()
-
-    def draw(self, force=False):
-        if not self.bar:
-            return
-        now = time.monotonic()
-        if not force and now - self.last_draw < 0.1 and self.done < self.total:
-            return
-        self.last_draw = now
-        frac = self.done / max(1, self.total)
-        elapsed = now - self.start
-        eta = elapsed / frac - elapsed if frac > 0 else 0.0
-        width = max(10, min(30, shutil.get_terminal_size((80, 20)).columns - 60))
-        filled = int(width * frac)
-        line = (f"{100 * frac:3.0f}% |{'#' * filled}{'.' * (width - filled)}| {self.status} "
-                f"[{_clock(elapsed)}<{_clock(eta)}]")
-        cols = shutil.get_terminal_size((80, 20)).columns
-        self.stream.write("\r" + line[:cols - 1] + "\033[K")
-        self.stream.flush()
-        self.drawn = True
+        if self.verbose:
+            self.progress.update(steps, status)
 
     def close(self):
-        self._clear()
-
-
-def _clock(seconds):
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
+        if self.verbose:
+            self.progress.close()
 
 
 def _copy(params):
