@@ -24,8 +24,8 @@ TARGET_KINDS = {'y': 'real'}
 CLASSES = {}
 LOSS = 'expression'
 FORMULAS = {
-    'W1': 'dZ4 = Z4/n; dM3m = reshape(dZ4, (n, 1)); dA1 = dM3m @ W2; dZ2 = H1*dA1*(1.5*H2*(1 - sigmoid(1.5*Z2)) + sigmoid(1.5*Z2)); dW1 = dZ2.T @ x',
-    'b1': 'dZ4 = Z4/n; dM3m = reshape(dZ4, (n, 1)); dA1 = dM3m @ W2; dZ2 = H1*dA1*(1.5*H2*(1 - sigmoid(1.5*Z2)) + sigmoid(1.5*Z2)); t3 = sum(dZ2, axis=0); db1T = reshape(t3, (1, 16)); db1 = db1T.T',
+    'W1': 'dZ4 = Z4/n; dM3m = reshape(dZ4, (n, 1)); dA1 = dM3m @ W2; dZ2 = H1*dA1*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2); dW1 = dZ2.T @ x',
+    'b1': 'dZ4 = Z4/n; dM3m = reshape(dZ4, (n, 1)); dA1 = dM3m @ W2; dZ2 = H1*dA1*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2); t3 = sum(dZ2, axis=0); db1T = reshape(t3, (1, 16)); db1 = db1T.T',
     'G': 'dZ4 = Z4/n; dM3m = reshape(dZ4, (n, 1)); dA1 = dM3m @ W2; dZ1 = H1*H2*dA1*(1 - H1); dG = dZ1.T @ x',
     'c': 'dZ4 = Z4/n; dM3m = reshape(dZ4, (n, 1)); dA1 = dM3m @ W2; dZ1 = H1*H2*dA1*(1 - H1); t4 = sum(dZ1, axis=0); dcT = reshape(t4, (1, 16)); dc = dcT.T',
     'W2': 'dZ4 = Z4/n; dM3m = reshape(dZ4, (n, 1)); dW2 = dM3m.T @ A1',
@@ -172,17 +172,18 @@ def forward(params, x):
     b2 = _param(params, 'b2', (1, 1))
     u = _param(params, 'u', (3, 1))
     alpha = _param(params, 'alpha', ())
+    b2_s = b2.reshape(())
     b1T = b1.T
     M2 = x @ W1.T
     Z2 = M2 + b1T
-    H2 = Z2*_sigmoid(1.5*Z2)
+    sigmoid_Z2 = _sigmoid(1.5*Z2)
+    H2 = Z2*sigmoid_Z2
     M1 = x @ G.T
     cT = c.T
     H1 = _sigmoid(M1 + cT)
     A1 = H1*H2
     M3m = A1 @ W2.T
     M3 = M3m.reshape((n,))
-    b2_s = b2.reshape(())
     t1 = x @ u
     t2 = t1.reshape((n,))
     M4 = alpha*t2
@@ -203,17 +204,18 @@ def loss(params, x, y):
     b2 = _param(params, 'b2', (1, 1))
     u = _param(params, 'u', (3, 1))
     alpha = _param(params, 'alpha', ())
+    b2_s = b2.reshape(())
     b1T = b1.T
     M2 = x @ W1.T
     Z2 = M2 + b1T
-    H2 = Z2*_sigmoid(1.5*Z2)
+    sigmoid_Z2 = _sigmoid(1.5*Z2)
+    H2 = Z2*sigmoid_Z2
     M1 = x @ G.T
     cT = c.T
     H1 = _sigmoid(M1 + cT)
     A1 = H1*H2
     M3m = A1 @ W2.T
     M3 = M3m.reshape((n,))
-    b2_s = b2.reshape(())
     t1 = x @ u
     t2 = t1.reshape((n,))
     M4 = alpha*t2
@@ -235,17 +237,18 @@ def backward(params, x, y):
     b2 = _param(params, 'b2', (1, 1))
     u = _param(params, 'u', (3, 1))
     alpha = _param(params, 'alpha', ())
+    b2_s = b2.reshape(())
     b1T = b1.T
     M2 = x @ W1.T
     Z2 = M2 + b1T
-    H2 = Z2*_sigmoid(1.5*Z2)
+    sigmoid_Z2 = _sigmoid(1.5*Z2)
+    H2 = Z2*sigmoid_Z2
     M1 = x @ G.T
     cT = c.T
     H1 = _sigmoid(M1 + cT)
     A1 = H1*H2
     M3m = A1 @ W2.T
     M3 = M3m.reshape((n,))
-    b2_s = b2.reshape(())
     t1 = x @ u
     t2 = t1.reshape((n,))
     M4 = alpha*t2
@@ -257,9 +260,8 @@ def backward(params, x, y):
     dM3m = dZ4.reshape((n, 1))
     # dA1 = dM3m @ W2
     dA1 = dM3m @ W2
-    # dZ2 = H1*dA1*(1.5*H2*(1 - sigmoid(1.5*Z2)) + sigmoid(1.5*Z2))
-    _dZ2_0 = _sigmoid(1.5*Z2)
-    dZ2 = H1*dA1*(1.5*H2*(1 - _dZ2_0) + _dZ2_0)
+    # dZ2 = H1*dA1*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
+    dZ2 = H1*dA1*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
     # dW1 = dZ2.T @ x
     dW1 = dZ2.T @ x
     # t3 = sum(dZ2, axis=0)

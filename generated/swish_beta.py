@@ -24,8 +24,8 @@ TARGET_KINDS = {'y': 'real'}
 CLASSES = {}
 LOSS = 'expression'
 FORMULAS = {
-    'W1': 'dZ2 = (Z2 - y)/n; dH1 = dZ2 @ W2.T; dZ1 = dH1*(1.5*H1*(1 - sigmoid(1.5*Z1)) + sigmoid(1.5*Z1)); dW1 = x.T @ dZ1',
-    'b1': 'dZ2 = (Z2 - y)/n; dH1 = dZ2 @ W2.T; dZ1 = dH1*(1.5*H1*(1 - sigmoid(1.5*Z1)) + sigmoid(1.5*Z1)); db1 = sum(dZ1, axis=0)',
+    'W1': 'dZ2 = (Z2 - y)/n; dH1 = dZ2 @ W2.T; dZ1 = dH1*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1); dW1 = x.T @ dZ1',
+    'b1': 'dZ2 = (Z2 - y)/n; dH1 = dZ2 @ W2.T; dZ1 = dH1*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1); db1 = sum(dZ1, axis=0)',
     'W2': 'dZ2 = (Z2 - y)/n; dW2 = H1.T @ dZ2',
     'b2': 'dZ2 = (Z2 - y)/n; db2 = sum(dZ2, axis=0)',
 }
@@ -162,7 +162,8 @@ def forward(params, x):
     b2 = _param(params, 'b2', (1,))
     xW1 = x @ W1
     Z1 = b1 + xW1
-    H1 = Z1*_sigmoid(1.5*Z1)
+    sigmoid_Z1 = _sigmoid(1.5*Z1)
+    H1 = Z1*sigmoid_Z1
     H1W2 = H1 @ W2
     Z2 = H1W2 + b2
     return Z2
@@ -179,7 +180,8 @@ def loss(params, x, y):
     b2 = _param(params, 'b2', (1,))
     xW1 = x @ W1
     Z1 = b1 + xW1
-    H1 = Z1*_sigmoid(1.5*Z1)
+    sigmoid_Z1 = _sigmoid(1.5*Z1)
+    H1 = Z1*sigmoid_Z1
     H1W2 = H1 @ W2
     Z2 = H1W2 + b2
     L = (np.square(Z2 - y)/2).mean()
@@ -197,7 +199,8 @@ def backward(params, x, y):
     b2 = _param(params, 'b2', (1,))
     xW1 = x @ W1
     Z1 = b1 + xW1
-    H1 = Z1*_sigmoid(1.5*Z1)
+    sigmoid_Z1 = _sigmoid(1.5*Z1)
+    H1 = Z1*sigmoid_Z1
     H1W2 = H1 @ W2
     Z2 = H1W2 + b2
     L = (np.square(Z2 - y)/2).mean()
@@ -205,9 +208,8 @@ def backward(params, x, y):
     dZ2 = (Z2 - y)/n
     # dH1 = dZ2 @ W2.T
     dH1 = dZ2 @ W2.T
-    # dZ1 = dH1*(1.5*H1*(1 - sigmoid(1.5*Z1)) + sigmoid(1.5*Z1))
-    _dZ1_0 = _sigmoid(1.5*Z1)
-    dZ1 = dH1*(1.5*H1*(1 - _dZ1_0) + _dZ1_0)
+    # dZ1 = dH1*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
+    dZ1 = dH1*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
     # dW1 = x.T @ dZ1
     dW1 = x.T @ dZ1
     # db1 = sum(dZ1, axis=0)

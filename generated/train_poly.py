@@ -24,8 +24,8 @@ TARGET_KINDS = {'y': 'real'}
 CLASSES = {}
 LOSS = 'expression'
 FORMULAS = {
-    'a': 'dp = 2*(p - y)/n; da = sum(dp*x**3)',
-    'b': 'dp = 2*(p - y)/n; db = sum(dp*x**2)',
+    'a': 'dp = 2*(p - y)/n; da = sum(dp*x_pow3)',
+    'b': 'dp = 2*(p - y)/n; db = sum(dp*x_pow2)',
     'c': 'dp = 2*(p - y)/n; dc = sum(dp*x)',
     'd': 'dp = 2*(p - y)/n; dd = sum(dp)',
 }
@@ -155,7 +155,9 @@ def forward(params, x):
     b = _param(params, 'b', ())
     c = _param(params, 'c', ())
     d = _param(params, 'd', ())
-    p = a*x*x*x + b*x*x + c*x + d
+    x_pow3 = x*x*x
+    x_pow2 = x*x
+    p = a*x_pow3 + b*x_pow2 + c*x + d
     return p
 
 
@@ -168,7 +170,9 @@ def loss(params, x, y):
     b = _param(params, 'b', ())
     c = _param(params, 'c', ())
     d = _param(params, 'd', ())
-    p = a*x*x*x + b*x*x + c*x + d
+    x_pow3 = x*x*x
+    x_pow2 = x*x
+    p = a*x_pow3 + b*x_pow2 + c*x + d
     L = np.square(p - y).mean()
     return float(L)
 
@@ -182,14 +186,16 @@ def backward(params, x, y):
     b = _param(params, 'b', ())
     c = _param(params, 'c', ())
     d = _param(params, 'd', ())
-    p = a*x*x*x + b*x*x + c*x + d
+    x_pow3 = x*x*x
+    x_pow2 = x*x
+    p = a*x_pow3 + b*x_pow2 + c*x + d
     L = np.square(p - y).mean()
     # dp = 2*(p - y)/n
     dp = (p - y)*(2/n)
-    # da = sum(dp*x**3)
-    da = (dp*x*x*x).sum()
-    # db = sum(dp*x**2)
-    db = (dp*x*x).sum()
+    # da = sum(dp*x_pow3)
+    da = (dp*x_pow3).sum()
+    # db = sum(dp*x_pow2)
+    db = (dp*x_pow2).sum()
     # dc = sum(dp*x)
     dc = (dp*x).sum()
     # dd = sum(dp)

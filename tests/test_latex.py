@@ -102,7 +102,7 @@ def test_scalar_factors_multiply_by_juxtaposition():
     compiled = bpc.compile_model(bpc.expression_model(a * sp.sin(b * x), {a: 1.0, b: 0.5}, [x], name="s"))
     # a and b are numbers (shape ()); dp, x and cos(x b) are batches: their product is elementwise
     assert compiled.latex["b"].split(r" \\ ")[-1] == (
-        r"\mathrm{db} = \sum a \mathrm{dp} \odot x \odot \cos{\left(x b \right)}")
+        r"\mathrm{db} = \sum a x \odot \mathrm{dp} \odot \cos{\left(x b \right)}")
 
 
 def test_no_internal_names_in_latex():
@@ -133,16 +133,20 @@ def test_unused_parameter_name_is_escaped():
     assert_lines_parse(notebook_lines(compiled._repr_latex_()))
 
 
-@pytest.mark.parametrize("build", [
-    lambda: bpc.mlp([2, 3, 1], "gelu", name="gelu"),                         # the built-in constant
-    lambda: bpc.mlp([2, 3, 1], sp.Symbol("x") * sp.tanh(0.044715 * sp.Symbol("x")), name="user"),
+@pytest.mark.parametrize("build, in_formulas", [
+    # the built-in constant; GELU's tanh is computed once, forward, so the gradient's formula
+    # shows its derivative's 3*0.044715
+    (lambda: bpc.mlp([2, 3, 1], "gelu", name="gelu"), "0.134145"),
+    (lambda: bpc.mlp([2, 3, 1], sp.Symbol("x") * sp.tanh(0.044715 * sp.Symbol("x")), name="user"), "0.044715"),
 ])
-def test_constants_print_as_written(build):
+def test_constants_print_as_written(build, in_formulas):
     compiled = bpc.compile_model(build())
     comments = "\n".join(line for line in compiled.source.splitlines() if line.lstrip().startswith("#"))
     for text in (compiled.formulas["W1"], compiled.latex["W1"], comments):
-        assert "0.044715" in text
-        assert "8943" not in text and "200000" not in text
+        assert in_formulas in text
+    for text in (compiled.formulas["W1"], compiled.latex["W1"], compiled.source):
+        assert "8943" not in text and "200000" not in text and "26829" not in text
+    assert "0.044715" in compiled.source
 
 
 A, B, C, D, S = sp.symbols("a b c d s")

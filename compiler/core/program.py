@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from compiler.core import ir, ops
 from compiler.core.adjoints import gradients
-from compiler.core.simplify import fuse, op_counts, split_deep, use_counts
+from compiler.core.simplify import fuse, op_counts, share, split_deep, use_counts
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ def build_program(model):
     grad_nodes = [grads[p.uid] for p in model.params if grads[p.uid] is not None]
     before = op_counts([loss, *grad_nodes])
     outs, names = fuse([prediction, loss, *grad_nodes], names)
+    outs, names = share(outs, names)
     pred, loss, new_grads = outs[0], outs[1], outs[2:]
     it = iter(new_grads)
     grad_pairs = tuple((p, next(it) if grads[p.uid] is not None else None) for p in model.params)

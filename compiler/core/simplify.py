@@ -8,6 +8,10 @@ outputs, and zero adjoints were never built. What is left here:
   folded into the elementwise node that uses it, so ``g = 1/n; dZ = g*2*(Z - Y)`` becomes
   ``dZ = 2*(Z - Y)/n`` and ``Z = XW + b; H = tanh(Z)`` becomes ``H = tanh(XW + b)`` when the
   backward pass does not need ``Z``.
+- ``share``: a costly subexpression (a function call, a power) that several elementwise nodes
+  compute becomes one node they all read: GELU's ``tanh`` computed forward is the one its
+  derivative uses, and a polynomial model's ``x**3`` is computed once for the prediction and
+  its gradient.
 """
 from __future__ import annotations
 
@@ -169,3 +173,110 @@ def op_counts(outputs):
     scalar_ops = sum(sp.count_ops(n.attr("expr")) for n in order if n.op == "ew")
     return {"tensor_ops": dict(sorted(tensor_ops.items())), "total_tensor_ops": sum(tensor_ops.values()),
             "scalar_ops_in_elementwise": int(scalar_ops)}
+
+
+def _costly(e):
+    """A subexpression worth computing once: a function call (tanh, exp, erf, ...) or a power
+    other than a reciprocal (``Z**2``, ``x**3``, ``sqrt(v)``)."""
+    if isinstance(e, sp.Function):
+        return True
+    return isinstance(e, sp.Pow) and e.exp != -1 and not e.base.is_Number
+
+
+def _keys(expr):
+    """The costly subexpressions of ``expr`` with free symbols, each once."""
+    out, stack, seen = [], [expr], set()
+    while stack:
+        e = stack.pop()
+        if e in seen:
+            continue
+        seen.add(e)
+        if _costly(e) and e.free_symbols:
+            out.append(e)
+        stack.extend(e.args)
+    return out
+
+
+_LEAF = ir.Symbols("_u")     # an input of the graph, by position in the node order
+_SHARED = ir.Symbols("_h")   # a shared subexpression
+
+
+def share(outputs, names):
+    """Compute once what several elementwise nodes compute: the forward's ``tanh`` of a GELU
+    that its derivative needs again, ``x**3`` of a polynomial model in the prediction and in a
+    gradient. A costly subexpression (see ``_costly``) of the same values in two or more
+    elementwise nodes becomes a node of its own, which they then read; larger ones first, so
+    ``tanh(k*(Z + 0.044715*Z**3))`` is shared whole, and ``Z**3`` too if it is also used apart.
+
+    Returns (new outputs, names: the shared nodes are named after what they compute)."""
+    order = ir.topo_order(outputs)
+    position = {n.uid: k for k, n in enumerate(order)}
+    ew_nodes = [n for n in order if n.op == "ew" and n.inputs]
+    # each elementwise expression over its inputs' positions in the graph, so that equal
+    # subexpressions of different nodes are equal expressions
+    exprs = {n.uid: n.attr("expr").xreplace({ARG[i]: _LEAF[position[a.uid]] for i, a in enumerate(n.inputs)})
+             for n in ew_nodes}
+    holders = {}
+    for uid, e in exprs.items():
+        for key in _keys(e):
+            holders.setdefault(key, []).append(uid)
+    shared = [k for k, us in holders.items() if len(us) >= 2]
+    if not shared:
+        return list(outputs), names
+    # larger first (sympy's count_ops, then the printed form: a deterministic order)
+    shared.sort(key=lambda k: (-sp.count_ops(k), -len(k.args), sp.srepr(k)))
+    hoisted = {}                      # symbol -> its expression (over _u and earlier _h symbols)
+    for key in shared:
+        users = [uid for uid in holders[key] if exprs[uid].has(key)]
+        users += [s for s, e in hoisted.items() if e.has(key)]
+        if len(users) < 2:
+            continue
+        sym = _SHARED[len(hoisted)]
+        hoisted = {s: e.xreplace({key: sym}) for s, e in hoisted.items()}
+        hoisted[sym] = key
+        for uid in holders[key]:
+            exprs[uid] = exprs[uid].xreplace({key: sym})
+    if not hoisted:
+        return list(outputs), names
+
+    memo, new_names = {}, dict(names)
+
+    def bind(expr, shape=None):
+        # n (the batch size) may appear in an expression: it stays a symbol, not an input
+        syms = sorted((s for s in expr.free_symbols if s.name.startswith((_LEAF.prefix, _SHARED.prefix))),
+                      key=lambda s: s.name)
+        return ir.ew(expr.xreplace({s: ARG[i] for i, s in enumerate(syms)}), [bound(s) for s in syms], shape=shape)
+
+    def bound(sym):
+        if sym.name.startswith(_LEAF.prefix):
+            return memo[order[int(sym.name[len(_LEAF.prefix):])].uid]
+        if sym not in made:
+            made[sym] = bind(hoisted[sym])
+            new_names.setdefault(made[sym].digest, _shared_name(hoisted[sym], order, new_names))
+        return made[sym]
+
+    made = {}
+    for node in order:
+        if node.uid in exprs:
+            e = exprs[node.uid]
+            new = bind(e, node.shape)
+        elif node.inputs:
+            new = ir.make(node.op, [memo[i.uid] for i in node.inputs], node.shape, node.attrs)
+        else:
+            new = node
+        memo[node.uid] = new
+        if node.digest in names:
+            new_names.setdefault(new.digest, names[node.digest])
+    return [memo[o.uid] for o in outputs], new_names
+
+
+def _shared_name(expr, order, names):
+    """``x_pow3`` for x**3, ``tanh_Z1`` for tanh(...Z1...): what a shared value computes."""
+    leaves = sorted((s for s in expr.free_symbols if s.name.startswith(_LEAF.prefix)),
+                    key=lambda s: int(s.name[len(_LEAF.prefix):]))
+    base = names.get(order[int(leaves[0].name[len(_LEAF.prefix):])].digest, "t") if leaves else "t"
+    if isinstance(expr, sp.Pow) and expr.exp.is_Integer:
+        return f"{base}_pow{expr.exp}" if expr.exp > 0 else f"{base}_pow_m{-expr.exp}"
+    if isinstance(expr, sp.Pow):
+        return f"{base}_pow"
+    return f"{type(expr).__name__.lower()}_{base}"
