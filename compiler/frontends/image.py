@@ -18,11 +18,13 @@ dense layers); pools and flattens, which have none, are counted apart (``Pool<j>
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import sympy as sp
 
 from compiler.core import ir
 from compiler.core.functions import activation as resolve_activation
-from compiler.core.ir import ARG, N
+from compiler.core.ir import ARG, N, Node
 from compiler.core.ops.windows import check_image, geometry, pair
 from compiler.errors import ModelError, ShapeError
 
@@ -55,7 +57,8 @@ class ImageLayers:
             raise ShapeError(f"{e} (input {ir.format_shape(x.shape)})") from None
         return ir.im2col(x, kernel, stride, padding), kernel, (oh, ow)
 
-    def conv2d(self, x, filters, kernel, stride=1, padding="valid", activation="identity", name=None):
+    def conv2d(self, x: Node, filters: int, kernel: int | Sequence[int], stride: int | Sequence[int] = 1,
+               padding: str = "valid", activation: str | sp.Expr = "identity", name: str | None = None) -> Node:
         """A 2-D convolution of ``x`` (n, H, W, C) with ``filters`` kernels of ``kernel`` (an int
         or (kh, kw)) pixels, every ``stride`` pixels, ``padding`` "valid" or "same", plus a bias
         per filter, then ``activation``; weights Glorot- or He-initialised by activation."""
@@ -86,14 +89,16 @@ class ImageLayers:
         self._name(cols, f"Pp{k}")
         return k, self._name(ir.reshape(cols, (cols.shape[0], ph * pw, c)), f"Q{k}"), (oh, ow, c)
 
-    def maxpool2d(self, x, pool, stride=None, name=None):
+    def maxpool2d(self, x: Node, pool: int | Sequence[int], stride: int | Sequence[int] | None = None,
+                  name: str | None = None) -> Node:
         """The largest value of each ``pool`` (int or (ph, pw)) window of ``x`` (n, H, W, C), per
         channel, every ``stride`` pixels (default: the pool size)."""
         k, windows, (oh, ow, c) = self._pool(x, pool, stride, "maxpool2d layer", name)
         m = self._name(ir.window_max(windows), f"Max{k}")
         return self._name(ir.reshape(m, (N, oh, ow, c)), f"Pool{k}")
 
-    def avgpool2d(self, x, pool, stride=None, name=None):
+    def avgpool2d(self, x: Node, pool: int | Sequence[int], stride: int | Sequence[int] | None = None,
+                  name: str | None = None) -> Node:
         """The mean of each ``pool`` window of ``x`` (n, H, W, C), per channel, every ``stride``
         pixels (default: the pool size)."""
         k, windows, (oh, ow, c) = self._pool(x, pool, stride, "avgpool2d layer", name)
@@ -102,7 +107,7 @@ class ImageLayers:
         m = self._name(s, f"Avg{k}")
         return self._name(ir.reshape(m, (N, oh, ow, c)), f"Pool{k}")
 
-    def flatten(self, x, name=None):
+    def flatten(self, x: Node, name: str | None = None) -> Node:
         """(n, d1, d2, ...) -> (n, d1*d2*...), row-major."""
         if len(x.shape) < 2 or x.shape[0] != N:
             raise ShapeError(f"flatten needs a batch (n, ...), got {ir.format_shape(x.shape)}")
