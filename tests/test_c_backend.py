@@ -64,18 +64,12 @@ def test_wrapper_rejects_bad_arrays():
     p = cm.init_params(0)
     x = np.zeros((4, 3))
     y = np.zeros((4, 2))
-    with pytest.raises(ValueError, match="float64"):
-        cm.backward(p, x.astype(np.float32), y)
     with pytest.raises(ValueError, match="real numbers, got dtype complex128"):
         cm.forward(p, x.astype(np.complex128))
     with pytest.raises(ValueError, match=r"shape \(batch,\) \+ \(3,\)"):
         cm.backward(p, np.zeros((4, 2)), y)
     with pytest.raises(ValueError, match="shape"):
         cm.forward(p, np.zeros(3))
-    with pytest.raises(ValueError, match="C-contiguous"):
-        cm.backward(p, np.zeros((3, 4)).T, y)
-    with pytest.raises(ValueError, match="C-contiguous"):
-        cm.forward(p, np.zeros((8, 3))[::2])
     with pytest.raises(ValueError, match="batch sizes"):
         cm.loss(p, x, np.zeros((5, 2)))
     with pytest.raises(ValueError, match="empty"):
@@ -83,9 +77,6 @@ def test_wrapper_rejects_bad_arrays():
     with pytest.raises(ValueError, match="empty"):   # as by the NumPy module (tests/test_module_inputs.py)
         cm.forward(p, x[:0])
     bad = dict(p)
-    bad["W1"] = p["W1"].astype(np.float32)
-    with pytest.raises(ValueError, match="parameter 'W1'.*float64"):
-        cm.loss(bad, x, y)
     bad["W1"] = np.zeros((5, 3))
     with pytest.raises(ValueError, match=r"parameter 'W1' must have shape \(3, 5\)"):
         cm.loss(bad, x, y)
