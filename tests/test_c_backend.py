@@ -320,6 +320,36 @@ def test_without_recycling_every_result_is_fresh(monkeypatch):
     assert all(rel_err(g[k], ref[k]) <= 1e-12 for g in results for k in ref)
 
 
+def test_gradients_into_a_buffer_the_caller_keeps():
+    """backward(..., grads=g) writes into g (Params(), or an earlier result) and returns it,
+    with the values of a fresh result, for every batch size and with dropout; anything else is
+    refused with a ValueError saying what grads must be."""
+    for model_id, mode in (("mlp_tanh_mse", {}), ("dropout", {"training": True, "seed": 3})):
+        _, npm, cm = built(model_id)
+        p = cm.init_params(1)
+        g = cm.Params()
+        for batch in (1, 7, 300):
+            arrays = random_batch(cm, batch=batch, seed=batch)
+            ref_loss, ref = npm.backward(dict(p), *arrays, **mode)
+            loss, out = cm.backward(p, *arrays, **mode, grads=g)
+            assert out is g and loss == pytest.approx(ref_loss, rel=1e-12)
+            assert all(rel_err(g[k], ref[k]) <= 1e-12 for k in ref), (model_id, batch)
+            _, fresh = cm.backward(p, *arrays, **mode)
+            assert cm.backward(p, *arrays, **mode, grads=fresh)[1] is fresh and _same(fresh, _snapshot(g))
+    _, _, cm = built("mlp_tanh_mse")
+    p = cm.init_params(1)
+    arrays = random_batch(cm, batch=2, seed=0)
+    replaced = cm.Params()
+    replaced["b1"] = np.zeros(5)
+    other = build("mlp_relu_mse", "c", "float64").Params()
+    for bad, what in [(p, "params itself"), (dict(p), "dict"), (replaced, "a Params whose arrays were replaced"),
+                      (cm.Params(np.zeros(cm.NUM_PARAMS)), "a Params over a flat array of yours"),
+                      (other, "a Params of another module"), (np.zeros(cm.NUM_PARAMS + 1), "ndarray")]:
+        with pytest.raises(ValueError, match=r"^grads must be a Params of this module to write the gradients into "
+                                             r"\(Params\(\), or an earlier result of backward\), not " + what):
+            cm.backward(p, *arrays, grads=bad)
+
+
 def test_plain_dict_params_with_recycled_results():
     _, npm, cm = built("mlp_tanh_mse")
     arrays = random_batch(cm, batch=2, seed=4)

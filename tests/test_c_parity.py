@@ -228,6 +228,19 @@ def test_update_steps_fail_alike_and_leave_params_unchanged(row):
     assert "Traceback" not in got[0][1]
 
 
+def test_train_step_takes_huge_finite_gradients():
+    """A gradient whose square overflows (2e300) is finite: train_step updates with it on both
+    targets (the C module's one-loop finiteness check falls back to the exact one)."""
+    npm, cm = modules("poly_fit", "float64")
+    x, y = np.array([1e100]), np.array([1.0])
+    got = []
+    for m in (npm, cm):
+        p = as_params(m, {k: np.zeros(()) for k in m.PARAMS}, "init")
+        loss = m.train_step(p, {}, x, y, optimizer="sgd", lr=1e-302)
+        got.append((loss, {k: float(v) for k, v in p.items()}))
+    assert got[0] == got[1] and got[0][0] == 1.0 and got[0][1]["a"] == pytest.approx(0.02)
+
+
 def test_the_same_constants():
     npm, cm = modules("softmax_labels", "float64")
     public = {k for k in dir(npm) if not k.startswith("_")}
