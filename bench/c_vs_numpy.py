@@ -3,9 +3,11 @@ target, in one run, at batch 1 and 32. Prints a Markdown table of median microse
 
     python bench/c_vs_numpy.py [--repeats 21] [--number 2000]
 
-Three C rows: ``backward(params, x, y)`` with the Params from ``init_params`` (the fast
-path), the same with a plain dict of arrays (checked and packed on every call), and the raw
-cffi call with every pointer made once (the floor the wrapper adds to).
+Four C columns: ``backward(params, x, y)`` with the Params from ``init_params`` (the fast
+path), the same writing into a gradient buffer the caller keeps (``grads=``, the lean path),
+the same with a plain dict of arrays (checked and packed on every call), and the raw cffi call
+with every pointer made once (the floor the wrapper adds to). A second table: one Adam
+``train_step`` (backward, finiteness check, update) on each module.
 """
 import argparse
 import os
@@ -57,6 +59,7 @@ def main():
         p_np = npm.init_params(0)
         p_c = cm.init_params(0)
         p_dict = dict(p_c)
+        g_kept = cm.Params()
         ln, gn = npm.backward(p_np, x, y)
         lc, gc = cm.backward(p_c, x, y)
         assert abs(ln - lc) <= 1e-12 * abs(ln) and all(np.allclose(gn[k], gc[k], rtol=1e-12, atol=1e-15) for k in gn)
@@ -65,20 +68,32 @@ def main():
         pp, xp, yp = ffi.from_buffer("double[]", p_c.flat), ffi.from_buffer("double[]", x), ffi.from_buffer("double[]", y)
         gp, lp = ffi.new("double[]", cm.NUM_PARAMS), ffi.new("double[]", 1)
         wp = ffi.new("double[]", lib.mlp_work_size(batch))
-        t_np, t_c, t_cd, t_raw = median_us([
+        # lr 0: the parameters stay those of the first call, so every call does the same work
+        s_np, s_c = {}, {}
+        t_np, t_c, t_ck, t_cd, t_raw, ts_np, ts_c = median_us([
             lambda: npm.backward(p_np, x, y),
             lambda: cm.backward(p_c, x, y),
+            lambda: cm.backward(p_c, x, y, grads=g_kept),
             lambda: cm.backward(p_dict, x, y),
             lambda: lib.mlp_backward(pp, xp, yp, batch, lp, gp, wp),
+            lambda: npm.train_step(p_np, s_np, x, y, optimizer="adam", lr=0.0),
+            lambda: cm.train_step(p_c, s_c, x, y, optimizer="adam", lr=0.0),
         ], args.number, args.repeats)
-        rows.append((batch, t_np, t_c, t_cd, t_raw))
+        rows.append((batch, t_np, t_c, t_ck, t_cd, t_raw, ts_np, ts_c))
 
     print("backward of a 2-16-16-1 tanh MLP, MSE, float64; median us per call "
           f"({args.repeats} repeats of {args.number} calls)\n")
-    print("| batch | NumPy module | C module, Params | speed-up | C module, plain dict | speed-up | raw cffi call |")
-    print("|---|---|---|---|---|---|---|")
-    for batch, t_np, t_c, t_cd, t_raw in rows:
-        print(f"| {batch} | {t_np:.2f} | {t_c:.2f} | {t_np / t_c:.1f}x | {t_cd:.2f} | {t_np / t_cd:.1f}x | {t_raw:.2f} |")
+    print("| batch | NumPy module | C module, Params | speed-up | C, grads= kept | speed-up | C module, plain dict "
+          "| speed-up | raw cffi call | C, grads= kept / raw |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for batch, t_np, t_c, t_ck, t_cd, t_raw, _, _ in rows:
+        print(f"| {batch} | {t_np:.2f} | {t_c:.2f} | {t_np / t_c:.1f}x | {t_ck:.2f} | {t_np / t_ck:.1f}x | {t_cd:.2f} "
+              f"| {t_np / t_cd:.1f}x | {t_raw:.2f} | {t_ck / t_raw:.2f}x |")
+    print("\ntrain_step(params, state, x, y, optimizer='adam') (backward, finiteness check, Adam update); median us\n")
+    print("| batch | NumPy module | C module | speed-up |")
+    print("|---|---|---|---|")
+    for batch, *_, ts_np, ts_c in rows:
+        print(f"| {batch} | {ts_np:.2f} | {ts_c:.2f} | {ts_np / ts_c:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -198,7 +198,15 @@ def small_section(args, rows_out):
             _check("C", cmod.backward(cp, x, y)[0], ref, np.float64)
             _check("C", cmod.backward(p, x, y)[0], ref, np.float64)
             fns["generated C (cffi)"] = lambda: cmod.backward(cp, x, y)
+            # the lean path: gradients into a buffer the caller keeps (no result made per call)
+            kept = cmod.Params()
+            fns["generated C, grads= kept buffer"] = lambda: cmod.backward(cp, x, y, grads=kept)
             fns["generated C, plain dict params"] = lambda: cmod.backward(p, x, y)
+            # the floor: the raw cffi call of the C function, every pointer made once
+            ffi, raw = cmod._ffi, cmod._lib.bench_small_backward
+            ptrs = [ffi.from_buffer("double[]", a) for a in (cp.flat, x, y)]
+            lp, gp = ffi.new("double[]", 1), ffi.new("double[]", cmod.NUM_PARAMS)
+            fns["raw cffi call of the C function (floor)"] = lambda: raw(*ptrs, n, lp, gp, ffi.NULL)
         for label, make in _frameworks(args):
             # one torch thread: at this size its thread pool only adds overhead, and its
             # spinning workers collide with other runtimes' on a 2-core machine

@@ -64,18 +64,12 @@ def test_wrapper_rejects_bad_arrays():
     p = cm.init_params(0)
     x = np.zeros((4, 3))
     y = np.zeros((4, 2))
-    with pytest.raises(ValueError, match="float64"):
-        cm.backward(p, x.astype(np.float32), y)
     with pytest.raises(ValueError, match="real numbers, got dtype complex128"):
         cm.forward(p, x.astype(np.complex128))
     with pytest.raises(ValueError, match=r"shape \(batch,\) \+ \(3,\)"):
         cm.backward(p, np.zeros((4, 2)), y)
     with pytest.raises(ValueError, match="shape"):
         cm.forward(p, np.zeros(3))
-    with pytest.raises(ValueError, match="C-contiguous"):
-        cm.backward(p, np.zeros((3, 4)).T, y)
-    with pytest.raises(ValueError, match="C-contiguous"):
-        cm.forward(p, np.zeros((8, 3))[::2])
     with pytest.raises(ValueError, match="batch sizes"):
         cm.loss(p, x, np.zeros((5, 2)))
     with pytest.raises(ValueError, match="empty"):
@@ -83,9 +77,6 @@ def test_wrapper_rejects_bad_arrays():
     with pytest.raises(ValueError, match="empty"):   # as by the NumPy module (tests/test_module_inputs.py)
         cm.forward(p, x[:0])
     bad = dict(p)
-    bad["W1"] = p["W1"].astype(np.float32)
-    with pytest.raises(ValueError, match="parameter 'W1'.*float64"):
-        cm.loss(bad, x, y)
     bad["W1"] = np.zeros((5, 3))
     with pytest.raises(ValueError, match=r"parameter 'W1' must have shape \(3, 5\)"):
         cm.loss(bad, x, y)
@@ -327,6 +318,36 @@ def test_without_recycling_every_result_is_fresh(monkeypatch):
     assert len({id(g) for g in results}) == len(results)
     ref = npm.backward(dict(p), *arrays)[1]
     assert all(rel_err(g[k], ref[k]) <= 1e-12 for g in results for k in ref)
+
+
+def test_gradients_into_a_buffer_the_caller_keeps():
+    """backward(..., grads=g) writes into g (Params(), or an earlier result) and returns it,
+    with the values of a fresh result, for every batch size and with dropout; anything else is
+    refused with a ValueError saying what grads must be."""
+    for model_id, mode in (("mlp_tanh_mse", {}), ("dropout", {"training": True, "seed": 3})):
+        _, npm, cm = built(model_id)
+        p = cm.init_params(1)
+        g = cm.Params()
+        for batch in (1, 7, 300):
+            arrays = random_batch(cm, batch=batch, seed=batch)
+            ref_loss, ref = npm.backward(dict(p), *arrays, **mode)
+            loss, out = cm.backward(p, *arrays, **mode, grads=g)
+            assert out is g and loss == pytest.approx(ref_loss, rel=1e-12)
+            assert all(rel_err(g[k], ref[k]) <= 1e-12 for k in ref), (model_id, batch)
+            _, fresh = cm.backward(p, *arrays, **mode)
+            assert cm.backward(p, *arrays, **mode, grads=fresh)[1] is fresh and _same(fresh, _snapshot(g))
+    _, _, cm = built("mlp_tanh_mse")
+    p = cm.init_params(1)
+    arrays = random_batch(cm, batch=2, seed=0)
+    replaced = cm.Params()
+    replaced["b1"] = np.zeros(5)
+    other = build("mlp_relu_mse", "c", "float64").Params()
+    for bad, what in [(p, "params itself"), (dict(p), "dict"), (replaced, "a Params whose arrays were replaced"),
+                      (cm.Params(np.zeros(cm.NUM_PARAMS)), "a Params over a flat array of yours"),
+                      (other, "a Params of another module"), (np.zeros(cm.NUM_PARAMS + 1), "ndarray")]:
+        with pytest.raises(ValueError, match=r"^grads must be a Params of this module to write the gradients into "
+                                             r"\(Params\(\), or an earlier result of backward\), not " + what):
+            cm.backward(p, *arrays, grads=bad)
 
 
 def test_plain_dict_params_with_recycled_results():

@@ -236,6 +236,12 @@ GOOD = [
     ("float labels holding integers", "labels", lambda p, x, y: (p, x, y.astype(np.float32)), None),
     ("labels of another integer type", "labels", lambda p, x, y: (p, x, y.astype(np.uint8)), None),
     ("labels as a list", "labels", lambda p, x, y: (p, x, y.tolist()), None),
+    # arrays that are not C-contiguous are copied (the C module too), never refused
+    ("strided data (every other row)", "mlp", lambda p, x, y: (p, np.repeat(x, 2, axis=0)[::2], np.repeat(y, 2, axis=0)[::2]), None),
+    ("Fortran-order data", "mlp", lambda p, x, y: (p, np.asfortranarray(x), np.asfortranarray(y)), None),
+    ("a column of a wider array", "poly", lambda p, x, y: (p, np.stack([x, x], 1)[:, 0], y), None),
+    ("Fortran-order parameters", "mlp", lambda p, x, y: ({k: np.asfortranarray(v) for k, v in p.items()}, x, y), None),
+    ("strided labels", "labels", lambda p, x, y: (p, x, np.repeat(y, 2)[::2]), None),
 ]
 
 

@@ -1,7 +1,8 @@
 """Train a model on data from a .npz or .csv file and save its parameters (.npz).
 
 SPEC is a model spec (.toml/.json; its optional [train] table gives default options, which
-command-line options override) or a generated NumPy module (.py). Data: .npz arrays named like
+command-line options override), compiled for --target numpy (default) or c, or a generated
+module (.py: a NumPy module or a C target's wrapper). Data: .npz arrays named like
 the model's inputs and targets, or .csv (a header naming the columns, or inputs' columns then
 targets' columns); see docs/training.md.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 
 from compiler import dtypes, limits
+from compiler.backends.registry import BACKENDS
 from compiler.spec.train_options import FLAG_KEYS, OPTIONS, SPEC_KEYS, add_flag
 
 
@@ -29,6 +31,9 @@ def add_arguments(parser):
     for key in SPEC_KEYS:              # a spec's [train] keys are these flags, with underscores
         add_flag(o, key)
     o.add_argument("--dtype", choices=dtypes.NAMES, help="compile for this dtype (default: the spec's)")
+    o.add_argument("--target", choices=tuple(BACKENDS), default="numpy",
+                   help="compile the spec for this backend (default: numpy; c needs cffi, a C compiler and "
+                   "the Python headers); the run is the same, update steps included")
     out = parser.add_argument_group("output")
     out.add_argument("--out", metavar="FILE", help="parameters .npz to write (default: <model name>_params.npz)")
     out.add_argument("--resume", metavar="FILE",
@@ -325,8 +330,9 @@ def _load_model(args):
     from compiler.train.loop import TrainError
     path = Path(args.spec)
     if path.suffix == ".py":
-        if args.dtype:
-            raise TrainError("--dtype applies when compiling a spec; this is an already generated module")
+        for option in ("dtype", "target"):
+            if getattr(args, option) not in (None, "numpy"):
+                raise TrainError(f"--{option} applies when compiling a spec; this is an already generated module")
         if not path.is_file():
             raise TrainError(f"{path}: no such file")
         from compiler.backends.numpy.module import load_module
@@ -348,10 +354,17 @@ def _load_model(args):
     from compiler.backends.numpy.module import compile_model
     spec = load(args.spec)
     defaults = spec.train               # checked by the spec loader
-    _check_memory(limits.model_shapes(spec.model), args.dtype or spec.dtype, args, spec.path)
-    compiled = compile_model(spec.model, dtype=args.dtype or spec.dtype)
+    dtype = args.dtype or spec.dtype
+    if args.target == "c":
+        dtype = dtype or dtypes.DEFAULT   # C has no "follow the inputs": float64 unless asked otherwise
+    _check_memory(limits.model_shapes(spec.model), dtype, args, spec.path)
+    if args.target == "c":
+        from compiler.backends.c.backend import compile_model_c as compile_model
+    compiled = compile_model(spec.model, dtype=dtype)
     try:
-        module = compiled.load()          # through the module cache: before the run, not after it
+        # through the module cache (and, for C, the build: a missing cffi, compiler or Python.h
+        # is a clear error), before the run, not after it
+        module = compiled.load()
     except OSError as e:
         from compiler.backends.numpy.module import cache_dir
         raise TrainError(f"cannot write the module cache {cache_dir()} ($BPC_CACHE): {e.strerror or e}") from None

@@ -493,6 +493,16 @@ def _run_dtype(module, train_set):
     return getattr(module, "DTYPE", None) or (np.float32 if first.dtype == np.float32 else np.float64)
 
 
+def _in_module_dtype(module, data):
+    """``data`` with its float arrays in the dtype the module was compiled for (if it was):
+    converted once for the run, instead of by the module at every step (float64 data for a
+    float32 module). The data's digest is taken before, so checkpoints do not depend on it."""
+    dtype = getattr(module, "DTYPE", None)
+    if data is None or dtype is None:
+        return data
+    return {k: a.astype(dtype) if a.dtype.kind == "f" and a.dtype != dtype else a for k, a in data.items()}
+
+
 def _upcast(params, dtype, warn):
     """float16 (or any float other than float32/64) parameters are trained in ``dtype``:
     float16 has 11 significant bits and overflows at 65504, so small updates round away and
@@ -550,6 +560,7 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
     elif params is None:
         params = module.init_params(seed=config.seed, dtype=_run_dtype(module, train_set))
     params = check_params(module, params)
+    train_set, val_set = _in_module_dtype(module, train_set), _in_module_dtype(module, val_set)
 
     run = _Run(module, config, train_set, val_set, params, digest, resume, verbose, checkpoint, checkpoint_every)
     stopped, message, in_step = "completed", "", False

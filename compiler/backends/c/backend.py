@@ -409,6 +409,7 @@ def render_c(lowered, prefix=None):
         pred_per_sample=tuple(int(d) for d in (pred.shape[1:] if ir.is_batch(pred.shape) else pred.shape)), pred_batched=ir.is_batch(pred.shape),
         helpers=sorted(st.helpers), prediction_doc=iface.prediction_doc,
         formulas=[(p["name"], formulas[p["name"]]) for p in params],
+        steps=_step_args(real), steps_def=dict(_step_args(real, "restrict ")),
     )
     header = render("c_model.h.j2", **common)
     c_source = render("c_model.c.j2", **common)
@@ -422,6 +423,7 @@ def render_c(lowered, prefix=None):
         inputs_shapes=iface.inputs_shapes, targets_shapes=iface.targets_shapes,
         target_kinds=iface.target_kinds, classes=iface.classes, params_shapes=iface.params_shapes,
         data_args=iface.data_args, all_args=iface.all_args, mode_args=iface.mode_args, dropout=iface.dropout,
+        loss_kind=iface.loss_kind,
     )
     return CompiledC(model, program, dtype, prefix, c_source, header, wrapper, cdef, formulas, latex,
                      lowered.source_hash, ext_source)
@@ -549,6 +551,8 @@ def _cdef(ctx):
     lines = [f"size_t {prefix}_work_size(size_t n);"]
     for fn in ctx["functions"]:
         lines.append(f"int {prefix}_{fn['name']}({fn['proto']});")
+    lines += [f"void {prefix}_{name}({args});" for name, args in ctx["steps"]]
+    lines.append(f"double {prefix}_sum_squares(const {ctx['real']} *x, size_t count);")
     for fn in ctx["functions"]:
         lines.append(f"int _bpc_{prefix}_{fn['name']}({_glue_args(fn)});")
     lines.append(f"void _bpc_{prefix}_pack({_pack_args(ctx)});")
@@ -589,6 +593,17 @@ def _ext_source(ctx):
             for k, p in enumerate(ctx["params"])]
     out += ["}", ""]
     return "\n".join(out)
+
+
+def _step_args(real, restrict=""):
+    """(name, argument list) of each update step (templates/c_model.h.j2 documents them)."""
+    r, x = restrict, real
+    return [("sgd_step", f"{x} *{r}params, const {x} *{r}grads, size_t count, {x} lr, {x} weight_decay"),
+            ("momentum_step", f"{x} *{r}params, const {x} *{r}grads, {x} *{r}velocity, size_t count, {x} lr, "
+                              f"{x} momentum, int nesterov, {x} weight_decay"),
+            ("adam_step", f"{x} *{r}params, const {x} *{r}grads, {x} *{r}m, {x} *{r}v, size_t count, {x} lr, "
+                          f"{x} beta1, {x} one_minus_beta1, {x} beta2, {x} one_minus_beta2, {x} eps, {x} c1, "
+                          f"{x} c2, {x} lr_weight_decay")]
 
 
 def _proto_args(fn, real, restrict=""):
@@ -649,9 +664,9 @@ def _link_flags():
 
 def build_extension(compiled, cache=None):
     """Build ``compiled``'s cffi extension into the cache, unless it is already there."""
+    cc, cc_version, include = _toolchain()   # first: a missing cffi, compiler or Python.h is a clear error
     import cffi
 
-    cc, cc_version, include = _toolchain()
     ffi = cffi.FFI()
     ffi.cdef(compiled.cdef)
     ffi.set_source(compiled.ext_name, compiled.ext_source)
