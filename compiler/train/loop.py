@@ -119,8 +119,10 @@ def check_data(module, data, what="data"):
         data = dict(zip(names, data))
     missing = [n for n in names if n not in data]
     if missing:
+        several = (f"; a model with several inputs reads one array per input, named like it: "
+                   f"numpy.savez(path, {', '.join(f'{n}=...' for n in names)})" if len(module.INPUTS) > 1 else "")
         raise TrainError(f"{what}: no array named {', '.join(map(repr, missing))} (the model needs "
-                         f"{', '.join(names)}; found {', '.join(map(repr, data)) or 'none'})")
+                         f"{', '.join(names)}; found {', '.join(map(repr, data)) or 'none'}){several}")
     kinds = getattr(module, "TARGET_KINDS", {})
     classes = getattr(module, "CLASSES", {})
     out, count = {}, None
