@@ -8,7 +8,13 @@ gives about 4, quadratic 16). Cases:
   used (the shape of the issue's "100k parameters" spec), through the NumPy and C backends;
 - parameters in one sum: an expression model whose prediction sums n parameters, and the tanh
   of such a sum;
-- layers: an MLP of n tanh layers of width 4 (the Python API; a spec allows 256).
+- layers: an MLP of n tanh layers of width 4 (the Python API; a spec allows 256);
+- residual CNN: n convolutions (3x3, 16 filters, same padding, relu) on 8x8x1 images, each
+  after the first with a skip (``conv(h) + h``), then a max pool and a dense layer of 10
+  (issue 12, item 8: 20 layers must compile to an imported module in under 1 s, warm).
+
+Each case first compiles its smallest size untimed, so SymPy's caches and the first import of
+the compile path are warm, as in a session that compiles several models.
 """
 from __future__ import annotations
 
@@ -49,8 +55,21 @@ def layers(n):
     return bpc.mlp([2] + [4] * n + [1], activation="tanh", loss="mse", name="deep")
 
 
+def residual_cnn(n):
+    net = bpc.Network("rescnn")
+    h = net.conv2d(net.input("x", shape=(8, 8, 1)), 16, kernel=3, padding="same", activation="relu")
+    for _ in range(n - 1):
+        h = net.conv2d(h, 16, kernel=3, padding="same", activation="relu") + h
+    z = net.dense(net.flatten(net.maxpool2d(h, 2)), 10)
+    return net.build(z, loss="softmax_cross_entropy", target=net.target("y", kind="label"))
+
+
 def numpy_target(model):
     bpc.compile_model(model)
+
+
+def numpy_imported(model):
+    bpc.compile_model(model).load()     # written to the bpc cache and imported
 
 
 def c_target(model):
@@ -65,6 +84,7 @@ CASES = {
     "parameters in one sum, NumPy": (summed, numpy_target, [64, 256, 1024], [64, 256]),
     "tanh of a sum of parameters, NumPy": (tanh_of_sum, numpy_target, [64, 256, 1024], [64, 256]),
     "layers (width 4), NumPy": (layers, numpy_target, [8, 32, 128, 512], [8, 32, 128]),
+    "residual CNN layers, NumPy, imported": (residual_cnn, numpy_imported, [5, 20, 80], [5, 20]),
 }
 
 
@@ -86,6 +106,7 @@ def main(argv=None):
         if args.only and args.only not in name:
             continue
         prev = None
+        seconds(build, compile_fn, (quick if args.quick else sizes)[0])     # warm-up, untimed
         for n in (quick if args.quick else sizes):
             t = seconds(build, compile_fn, n)
             ratio = f"{t / prev:.1f}" if prev else ""

@@ -24,6 +24,30 @@ class GradCheckRow:
         return self.checked < self.size
 
 
+class TrainingMode:
+    """``module`` whose ``forward``, ``loss`` and ``backward`` run in training mode: a model with
+    batchnorm then normalises with the batch's statistics (and the gradient runs through them),
+    as every training step does; dropout masks, if any, are drawn from ``seed``. No running
+    statistics are passed, so nothing is updated and every call is a pure function of its
+    arguments (as finite differences need). Other attributes are the module's."""
+
+    def __init__(self, module, seed=0):
+        self.module = module
+        self.mode = {"training": True, **({"seed": seed} if getattr(module, "DROPOUT", None) else {})}
+
+    def __getattr__(self, name):
+        value = getattr(self.module, name)
+        if name in ("forward", "loss", "backward"):
+            return lambda *args, **kw: value(*args, **{**self.mode, **kw})
+        return value
+
+
+def as_trained(module):
+    """``module`` in the mode its gradient is used in: training mode for a model with batchnorm
+    (its inference mode needs running statistics), else the module itself."""
+    return TrainingMode(module) if getattr(module, "STATS", None) else module
+
+
 def random_batch(module: ModuleType, batch: int = 5, seed: int = 0, scale: float = 1.0) -> list[np.ndarray]:
     """Random inputs and targets for ``module``: integer labels for label targets, one-hot
     rows for the one-hot targets of a softmax loss, standard normal values otherwise."""

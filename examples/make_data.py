@@ -10,6 +10,9 @@
 * ``digits_train.npz`` / ``digits_test.npz``: scikit-learn's bundled copy of the UCI optical
   digits (1797 8x8 images, pixel values 0..16 scaled to [0, 1], float32; labels 0..9), split
   80/20 stratified by class with seed 0: 1438 training and 359 test images. See data/README.md.
+* ``digits_halves_train.npz`` / ``digits_halves_test.npz``: the same digits as two inputs, ``top``
+  (image rows 0-3) and ``bottom`` (rows 4-7), 32 pixels each, and ``y`` (always written, from the
+  digits files just exported or from the committed ones).
 """
 import argparse
 from pathlib import Path
@@ -71,6 +74,12 @@ def main():
         (xt, yt), (xs, ys) = digits()
         np.savez_compressed(out / "digits_train.npz", x=xt, y=yt.astype(np.uint8))
         np.savez_compressed(out / "digits_test.npz", x=xs, y=ys.astype(np.uint8))
+    for part in ("train", "test"):
+        # two views of each digit for a model with two inputs (one array per input, named like it)
+        source = out / f"digits_{part}.npz" if args.digits else HERE / f"digits_{part}.npz"
+        with np.load(source) as d:
+            np.savez_compressed(out / f"digits_halves_{part}.npz", top=d["x"][:, :32], bottom=d["x"][:, 32:],
+                                y=d["y"])
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.suffix in ('.csv', '.npz')))} in {out}")
 
 

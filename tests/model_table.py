@@ -8,6 +8,7 @@ import pytest
 import sympy as sp
 
 import compiler as bpc
+from compiler.gradcheck import TrainingMode
 
 x_ = sp.Symbol("x")
 
@@ -93,6 +94,25 @@ def _dropout():
     return net.build(net.dense(h, 3), "softmax_cross_entropy", net.target("y", kind="label"))
 
 
+def _batchnorm(name):
+    def build():
+        net = bpc.Network(name)
+        # an activation before each batchnorm: a bias straight before one has a zero gradient
+        # (the batch mean removes it), which a relative comparison of backends cannot judge
+        h = net.batchnorm(net.dense(net.input("x", 3), 5, "tanh"), eps=1e-3)
+        h = net.batchnorm(net.dense(h, 4, "tanh"), momentum=0.3)
+        return net.build(net.dense(h, 2), "mse", net.target("y", 2))
+    return build
+
+
+def _batchnorm_image():
+    """conv -> batchnorm per channel (statistics over batch, height and width) -> dense."""
+    net = bpc.Network("bn_image")
+    h = net.conv2d(net.input("x", shape=(4, 3, 2)), 3, 2, padding="same", activation="tanh")
+    h = net.batchnorm(h)
+    return net.build(net.dense(net.flatten(h), 3), "softmax_cross_entropy", net.target("y", kind="label"))
+
+
 def _residual_mlp():
     """Residual blocks (``h + block(h)``, by operator and by layer) and a gate, on a 1-D target
     against a 1-unit output (the (n,) / (n, 1) rule)."""
@@ -163,6 +183,9 @@ MODELS = [
     ("layernorm", _norm("layernorm")),
     ("rmsnorm", _norm("rmsnorm", "bce_with_logits")),
     ("dropout", _dropout),      # in inference mode (the default): the masks are ones
+    ("batchnorm", _batchnorm("batchnorm")),             # training mode: batch statistics (see MODES)
+    ("batchnorm_image", _batchnorm_image),              # training mode, per channel of an image
+    ("batchnorm_inference", _batchnorm("bn_infer")),    # inference mode: given running statistics
     ("residual_mlp", _residual_mlp),
     ("two_input_concat", _two_input_concat),
     ("cnn_maxpool", _cnn_maxpool),
@@ -241,9 +264,35 @@ def model(model_id):
     return _models[model_id]
 
 
+def _running_stats(module):
+    """Running statistics away from their initial values (seeded), for the inference rows."""
+    rng = np.random.default_rng(5)
+    return {k: (rng.uniform(0.5, 2.0, size=v.shape) if k.startswith("running_var") else rng.normal(size=v.shape))
+            for k, v in module.init_stats(np.float64).items()}
+
+
+class _Inference:
+    """A batchnorm module called in inference mode with fixed running statistics."""
+
+    def __init__(self, module):
+        # (test_core_gradients copies a module as type(mod)("broken") with its __dict__)
+        self.module, self.stats = module, _running_stats(module) if hasattr(module, "init_stats") else None
+
+    def __getattr__(self, name):
+        value = getattr(self.module, name)
+        if name in ("forward", "loss", "backward"):
+            return lambda *a, **kw: value(*a, stats=self.stats, **kw)
+        return value
+
+
+# how the table calls a model's functions, when not with their defaults: batchnorm's inference
+# mode needs running statistics, so its rows run in training mode or with given statistics
+MODES = {"batchnorm": TrainingMode, "batchnorm_image": TrainingMode, "batchnorm_inference": _Inference}
+
+
 def build(model_id, backend="numpy", dtype=None):
     """The loaded module of ``model_id`` for ``backend`` compiled for ``dtype`` (None: NumPy
-    follows the inputs), built once per session."""
+    follows the inputs), built once per session, called in the mode of MODES."""
     key = (model_id, backend, dtype)
     if key not in _built:
         if backend == "numpy":
@@ -251,6 +300,8 @@ def build(model_id, backend="numpy", dtype=None):
         else:
             from compiler.backends.c.backend import compile_model_c
             _built[key] = compile_model_c(model(model_id), dtype or "float64").load()
+        if model_id in MODES:
+            _built[key] = MODES[model_id](_built[key])
     return _built[key]
 
 

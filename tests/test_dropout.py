@@ -188,7 +188,7 @@ def test_spec_dropout_layer(extra, rate, mask):
     ('rate = "half"', "network.layers[1].rate"),
     ("rate = true", "network.layers[1].rate: must be a number, not a boolean"),
     ("rate = 0.5\nunits = 6", "network.layers[1].units: a dropout layer takes only rate"),
-    ("rate = 0.5\neps = 0.1", "network.layers[1].eps: only layernorm and rmsnorm layers take eps, not a dropout layer"),
+    ("rate = 0.5\neps = 0.1", "network.layers[1].eps: only layernorm, rmsnorm and batchnorm layers take eps, not a dropout layer"),
     ("rate = 0.5\nratio = 0.1", "network.layers[1].ratio: unknown field; did you mean 'rate'?"),
 ])
 def test_spec_dropout_errors(extra, message):

@@ -1,8 +1,10 @@
-"""Normalisation layers (``layernorm``, ``rmsnorm``): values against a NumPy reference on both
+"""Normalisation layers (``layernorm``, ``rmsnorm``, and ``batchnorm`` at the end: its two modes,
+running statistics, NumPy against C, training with them): values against a NumPy reference on both
 targets, constant inputs (variance 0 plus epsilon) with finite values and gradients that match
 central differences, a backward that reuses the forward's ``R = 1/sqrt(V + eps)`` instead of
 recomputing it, the Python API's and the spec loader's errors. The gradients on random data,
 every dtype and batch size are the model table's rows ``layernorm`` and ``rmsnorm``."""
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -10,9 +12,9 @@ import pytest
 
 import compiler as bpc
 from compiler.errors import BpcError
-from compiler.gradcheck import check_gradients
+from compiler.gradcheck import TrainingMode, check_gradients
 from compiler.spec.loader import SpecError, loads_spec
-from model_table import BACKENDS, NEEDS_CC
+from model_table import BACKENDS, HAS_CC, NEEDS_CC, perturbed
 
 KINDS = ("layernorm", "rmsnorm")
 
@@ -173,8 +175,13 @@ def test_spec_layers_equal_the_python_api(kind, extra, eps):
     ("layernorm", "units = 4", "network.layers[1].units: a layernorm layer keeps its input's width"),
     ("rmsnorm", 'activation = "tanh"', "network.layers[1].activation: a rmsnorm layer has no activation"),
     ("layernorm", "epsilon = 1e-5", "network.layers[1].epsilon: unknown field; did you mean 'eps'?"),
-    ("batchnorm", "", "network.layers[1].type: must be one of 'dense', 'activation', 'layernorm'"),
-    ("dense", "units = 4\neps = 1e-3", "network.layers[1].eps: only layernorm and rmsnorm layers take eps, not a dense layer"),
+    ("groupnorm", "", "network.layers[1].type: must be one of 'dense', 'activation', 'layernorm'"),
+    ("dense", "units = 4\neps = 1e-3", "network.layers[1].eps: only layernorm, rmsnorm and batchnorm layers take eps, not a dense layer"),
+    ("layernorm", "momentum = 0.1", "network.layers[1].momentum: only batchnorm layers take momentum, not a layernorm layer"),
+    ("batchnorm", "momentum = 0", "network.layers[1].momentum: must be above 0 and at most 1, got 0"),
+    ("batchnorm", "momentum = 1.5", "network.layers[1].momentum: must be above 0 and at most 1, got 1.5"),
+    ("batchnorm", "momentum = true", "network.layers[1].momentum: must be a number, not a boolean"),
+    ("batchnorm", "units = 4", "network.layers[1].units: a batchnorm layer keeps its input's width"),
 ])
 def test_spec_errors(kind, extra, message):
     with pytest.raises(SpecError) as e:
@@ -207,3 +214,177 @@ def test_channels_last_images_normalise_over_channels(kind, backend):
                                   loss=lambda q, *a: m.loss(q, *a, training=True, seed=2))
     rows = check_gradients(fixed, p, [X, Y], rtol=1e-6, atol=1e-9)
     assert all(r.ok for r in rows), rows
+
+
+# ---- batchnorm -------------------------------------------------------------------------------
+# Training mode normalises with the batch's statistics (the gradient runs through them, and the
+# model table's rows batchnorm, batchnorm_image and batchnorm_inference check it against central
+# differences on every target, dtype and batch size, batch 1 included: variance 0 plus eps).
+
+def _bn_model(shape=(4,), eps=1e-5, momentum=0.1, name="bn"):
+    """x -> batchnorm -> (flatten) -> dense: the norm's output is visible through forward."""
+    net = bpc.Network(name)
+    h = net.batchnorm(net.input("x", shape=shape), eps=eps, momentum=momentum)
+    if len(shape) > 1:
+        h = net.flatten(h)
+    return net.build(net.dense(h, 2), "mse", net.target("y", 2))
+
+
+def _bn_reference(x, g, s, mean, var, eps):
+    return (x - mean) / np.sqrt(var + eps) * g + s
+
+
+def _through_dense(h, params):
+    return h.reshape(len(h), -1) @ params["W2"] + params["b2"]
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("shape", [(4,), (3, 2, 4)])
+def test_batchnorm_modes_and_running_statistics(backend, shape):
+    m = _load(_bn_model(shape, eps=1e-3, momentum=0.25), backend)
+    assert m.STATS == {"running_mean1": (4,), "running_var1": (4,)}
+    assert "training=False, stats=None" in m.__doc__ and "init_stats()" in m.__doc__
+    rng = np.random.default_rng(0)
+    params = {k: np.asarray(v) + 0.5 * rng.normal(size=np.shape(v)) for k, v in m.init_params().items()}
+    x = 2 * rng.normal(size=(6, *shape)) + 1
+    axes = tuple(range(len(shape)))                       # batch and spatial axes: per channel
+    mean, var = x.mean(axis=axes), x.var(axis=axes)
+    stats = m.init_stats()
+    assert stats["running_mean1"].tolist() == [0.0] * 4 and stats["running_var1"].tolist() == [1.0] * 4
+    out = m.forward(params, x, training=True, stats=stats)
+    want = _bn_reference(x, params["g1"], params["s1"], mean, var, 1e-3)
+    np.testing.assert_allclose(out, _through_dense(want, params), rtol=1e-12, atol=1e-12)
+    # the entries were replaced by (1 - momentum)*running + momentum*batch (biased variance)
+    np.testing.assert_allclose(stats["running_mean1"], 0.25 * mean, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(stats["running_var1"], 0.75 + 0.25 * var, rtol=1e-13)
+    # inference normalises with the running statistics, and updates nothing
+    before = {k: v.copy() for k, v in stats.items()}
+    out = m.forward(params, x, stats=stats)
+    want = _bn_reference(x, params["g1"], params["s1"], stats["running_mean1"], stats["running_var1"], 1e-3)
+    np.testing.assert_allclose(out, _through_dense(want, params), rtol=1e-12, atol=1e-12)
+    y = rng.normal(size=(6, 2))
+    m.backward(params, x, y, stats=stats)
+    assert all(np.array_equal(stats[k], before[k]) for k in stats)
+    # training mode without stats: batch statistics, nothing to update
+    np.testing.assert_array_equal(m.forward(params, x, training=True), m.forward(params, x, training=True, stats=before))
+
+
+@pytest.mark.parametrize("shape", [(4,), (3, 2, 4)])
+def test_batchnorm_numpy_and_c_agree_in_both_modes(shape):
+    pytest.importorskip("cffi")
+    if not HAS_CC:
+        pytest.skip("no C compiler")
+    model = _bn_model(shape, name="bn_agree")
+    mn, mc = _load(model, "numpy"), _load(model, "c")
+    rng = np.random.default_rng(3)
+    params = {k: np.asarray(v) + 0.3 * rng.normal(size=np.shape(v)) for k, v in mn.init_params().items()}
+    x, y = rng.normal(size=(5, *shape)), rng.normal(size=(5, 2))
+    sn, sc = mn.init_stats(), mc.init_stats()
+    for training in (True, False, True):
+        (ln, gn), (lc, gc) = (mn.backward(params, x, y, training=training, stats=sn),
+                              mc.backward(params, x, y, training=training, stats=sc))
+        assert abs(ln - lc) <= 1e-10 * abs(ln)
+        assert all(np.allclose(gn[k], gc[k], rtol=1e-10, atol=1e-12) for k in gn)
+        assert all(np.allclose(sn[k], sc[k], rtol=1e-10, atol=1e-14) for k in sn)
+        np.testing.assert_allclose(mc.forward(params, x, training=training, stats=dict(sc)),
+                                   mn.forward(params, x, training=training, stats=dict(sn)), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("level", [0.0, 1.0, -1e3])
+def test_batchnorm_of_constant_inputs_is_finite_and_its_gradient_right(backend, level):
+    # every sample equal: the batch variance is 0 and R = 1/sqrt(eps)
+    m = _load(_bn_model((3, 2, 2), eps=1e-3, name="bn_const"), backend)
+    params = perturbed(m, seed=4, dtype=np.float64)
+    x = np.full((5, 3, 2, 2), level)
+    y = np.random.default_rng(2).normal(size=(5, 2))
+    stats = m.init_stats()
+    loss, grads = m.backward(params, x, y, training=True, stats=stats)
+    assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads.values())
+    assert np.array_equal(stats["running_mean1"], np.full(2, 0.1 * level))
+    np.testing.assert_allclose(stats["running_var1"], np.full(2, 0.9), rtol=1e-15)
+    rows = check_gradients(TrainingMode(m), params, [x, y], rtol=1e-6, atol=1e-9)
+    assert all(r.ok for r in rows), rows
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("kwargs,message", [
+    ({}, "this model has batchnorm: in inference mode (training=False) give stats="),
+    ({"training": 1}, "training must be True or False, not 1"),
+    ({"stats": [1, 2]}, "stats must be a dict of the running statistics (STATS), not list"),
+    ({"stats": {"running_mean1": np.zeros(4)}}, "stats has no 'running_var1'"),
+    ({"stats": {"running_mean1": np.zeros(3), "running_var1": np.ones(4)}},
+     "stats['running_mean1'] must have shape (4,), got (3,)"),
+    ({"stats": {"running_mean1": np.array(["a"] * 4), "running_var1": np.ones(4)}}, "stats['running_mean1']"),
+])
+def test_batchnorm_bad_mode_arguments(backend, kwargs, message):
+    m = _load(_bn_model(name="bn_bad"), backend)
+    with pytest.raises(ValueError) as e:
+        m.forward(m.init_params(), np.ones((3, 4)), **kwargs)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda net, x: net.batchnorm(x, momentum=0), "batchnorm momentum must be a number above 0 and at most 1, got 0"),
+    (lambda net, x: net.batchnorm(x, momentum=True), "batchnorm momentum must be a number above 0"),
+    (lambda net, x: net.batchnorm(x, eps=0), "batchnorm eps must be a positive number, got 0"),
+    (lambda net, x: net.batchnorm(net.param("w", (3,), ("zeros",))), "batchnorm needs a (batch, ..., features) input"),
+])
+def test_batchnorm_api_errors(call, message):
+    net = bpc.Network("m")
+    with pytest.raises(BpcError) as e:
+        call(net, net.input("x", 3))
+    assert message in str(e.value)
+
+
+def test_batchnorm_spec_layer_equals_the_python_api():
+    spec = loads_spec(SPEC.format(kind="batchnorm", extra="eps = 1e-3\nmomentum = 0.2"), "m.toml")
+    net = bpc.Network("m")
+    h = net.batchnorm(net.dense(net.input("x", 3), 4, "tanh"), eps=1e-3, momentum=0.2)
+    api = net.build(net.dense(h, 2), "mse", net.target("y", 2))
+    api = replace(api, source=spec.model.source, source_text=spec.model.source_text)
+    assert bpc.compile_model(spec.model).source == bpc.compile_model(api).source
+    assert "0.2*Mb2 + 0.8*running_mean2" in bpc.compile_model(api).source
+
+
+def test_training_keeps_the_running_statistics_and_evaluates_in_inference(tmp_path):
+    from compiler.train import TrainConfig, evaluate, load_params, save_params, train
+    from compiler.train.loop import check_stats, read_npz
+    m = _load(_bn_model((3,), name="bn_train"), "numpy")
+    rng = np.random.default_rng(0)
+    x = 3 * rng.normal(size=(80, 3)) + 2
+    y = np.stack([x[:, 0] - x[:, 1], x[:, 2]], axis=1)
+    cfg = TrainConfig(optimizer="adam", lr=0.05, epochs=15, batch_size=16, val_split=0.25, seed=1)
+    result = train(m, {"x": x, "y": y}, cfg)
+    assert result.history.train_loss[-1] < 0.2 * result.history.train_loss[0]
+    # the running statistics moved towards the data's (mean 2, variance 9) from (0, 1)
+    assert np.all(result.stats["running_mean1"] > 1.0) and np.all(result.stats["running_var1"] > 3.0)
+    # the final figures are inference-mode ones, with the statistics that go with the parameters
+    assert evaluate(m, result.params, {"x": x, "y": y}, stats=result.stats)["loss"] == pytest.approx(
+        m.loss(result.params, x, y, stats=result.stats), rel=1e-12)
+    save_params(result.params, tmp_path / "p.npz", result.stats)
+    arrays = read_npz(tmp_path / "p.npz")
+    assert sorted(arrays) == sorted([*m.PARAMS, *m.STATS])
+    assert all(np.array_equal(check_stats(m, arrays)[k], result.stats[k]) for k in m.STATS)
+    assert all(np.array_equal(load_params(m, tmp_path / "p.npz")[k], result.params[k]) for k in m.PARAMS)
+
+
+def test_bpc_train_saves_the_statistics_and_tests_in_inference_mode(tmp_path, monkeypatch, capsys):
+    from compiler.cli import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b.toml").write_text(SPEC.format(kind="batchnorm", extra="") + "[train]\nepochs = 10\nlr = 0.02\n")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 3)) + 5
+    np.savez(tmp_path / "d.npz", x=x, y=np.stack([x[:, 0], -x[:, 1]], axis=1))
+    assert main(["train", "b.toml", "--data", "d.npz", "--test", "d.npz", "--out", "p.npz", "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "completed 10 epochs" in out
+    with np.load(tmp_path / "p.npz") as f:
+        saved = {k: f[k] for k in f.files}
+    assert {"running_mean2", "running_var2"} <= set(saved)
+    m = bpc.compile_model(loads_spec((tmp_path / "b.toml").read_text(), "b.toml").model).load()
+    stats = {k: saved.pop(k) for k in m.STATS}
+    test_loss = float(re.search(r"test\s+loss (\S+)", out).group(1))
+    assert test_loss == pytest.approx(m.loss(saved, x, np.stack([x[:, 0], -x[:, 1]], axis=1), stats=stats), rel=1e-5)
+    # a resumed run reads the statistics saved beside the parameters
+    assert main(["train", "b.toml", "--data", "d.npz", "--resume", "p.npz", "--out", "q.npz", "-q"]) == 0

@@ -87,6 +87,28 @@ def test_residual_mlp_separates_the_spirals(tmp_path):
     assert accuracy(out, "validation") >= 99.0 and accuracy(out, "training") >= 99.0, out
 
 
+def test_two_view_digits_concat_two_inputs(tmp_path):
+    """examples/two_view_digits.toml: two named inputs (the top and bottom halves of each digit),
+    each through its own dense branch, joined by concat; its data holds one array per input."""
+    out, seconds = bpc_train(tmp_path, EX / "two_view_digits.toml", "--data", DATA / "digits_halves_train.npz",
+                             "--test", DATA / "digits_halves_test.npz", "--out", "tv.npz")
+    assert "completed 60 epochs" in out
+    assert accuracy(out, "test") >= 96.5, out
+    assert seconds < 60, f"{seconds:.1f} s"
+    with np.load(DATA / "digits_halves_test.npz") as h, np.load(DATA / "digits_test.npz") as d:
+        assert sorted(h.files) == ["bottom", "top", "y"]
+        assert np.array_equal(np.concatenate([h["top"], h["bottom"]], axis=1), d["x"])
+        assert np.array_equal(h["y"], d["y"])
+    # the one-array digits file for this two-input model: refused, saying what the file must hold
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "compiler", "train", str(EX / "two_view_digits.toml"),
+                        "--data", str(DATA / "digits_train.npz")], cwd=tmp_path, capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "no array named 'top', 'bottom'" in r.stderr
+    assert "one array per input, named like it: numpy.savez(path, top=..., bottom=..., y=...)" in r.stderr
+
+
 def test_committed_data_is_what_make_data_writes(tmp_path):
     args = [sys.executable, str(EX / "make_data.py"), "--out", str(tmp_path)]
     if importlib.util.find_spec("sklearn") is not None:

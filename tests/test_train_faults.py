@@ -163,10 +163,10 @@ def test_a_failed_final_save_goes_to_a_fallback_file(work, capsys, monkeypatch):
     import compiler.train.loop as train_module
     real = train_module.save_params
 
-    def disk_full_for_out(params, path):      # mocked: the disk filled up during the run
+    def disk_full_for_out(params, path, stats=None):      # mocked: the disk filled up during the run
         if Path(path).name == "p.npz":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(params, path)
+        return real(params, path, stats)
     monkeypatch.setattr(train_module, "save_params", disk_full_for_out)
     code, out, err = run(capsys, "line.toml", "--data", "line.csv", "--epochs", "3", "--out", "p.npz", "-q")
     assert code == 2

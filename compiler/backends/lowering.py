@@ -43,7 +43,10 @@ class Interface:
     all_args: str            # "x, y"
     has_labels: bool
     dropout: str = "{}"      # DROPOUT: mask name -> rate (a model with dropout takes a mode)
-    mode_args: str = ""      # ", training=False, seed=None" for a model with dropout, else ""
+    mode_args: str = ""      # ", training=False[, seed=None][, stats=None]" for dropout / batchnorm, else ""
+    has_dropout: bool = False
+    stats_shapes: str = "{}"     # STATS: batchnorm running statistic -> shape
+    stats_init: str = "{}"       # its value before training (means 0, variances 1)
 
 
 @dataclass(frozen=True)
@@ -97,13 +100,23 @@ def lower(model, dtype=None):
         all_args=", ".join(x.name for x in data + targets),
         has_labels=any(x.attr("kind") == "label" for x in targets),
         dropout=_dict_code({m.name: repr(m.attr("rate")) for m in model.masks}),
-        mode_args=", training=False, seed=None" if model.masks else "",
+        mode_args=mode_args(model),
+        has_dropout=bool(model.masks),
+        stats_shapes=_dict_code({s.name: shape_code(s.shape) for s, _ in model.stats}),
+        stats_init=_dict_code({s.name: repr(s.attr("init")) for s, _ in model.stats}),
     )
     schemes = sorted({model.init[p.name][0] for p in model.params})
     init_doc = ", ".join(_INIT_DOCS[s] for s in schemes) or "none"
     inits = tuple(init_line(p.name, p.shape, model.init[p.name]) for p in model.params)
     return Lowered(model, program, dtype, formulas, latex, model_hash(model, dtype), classes, interface,
                    inits, init_doc, fm)
+
+
+def mode_args(model):
+    """The keyword arguments of a model that has a training mode (dropout, batchnorm)."""
+    if not model.masks and not model.stats:
+        return ""
+    return ", training=False" + (", seed=None" if model.masks else "") + (", stats=None" if model.stats else "")
 
 
 def per_sample(node):
@@ -114,7 +127,7 @@ def model_hash(model, dtype):
     h = hashlib.sha256()
     # the spec's text, not its path: the same model hashes the same wherever it is compiled from
     for part in (__version__, model.name, str(dtype), model.source_text, model.loss_kind,
-                 model.prediction.digest, model.loss.digest,
+                 model.prediction.digest, model.loss.digest, *(u.digest for _, u in model.stats),
                  repr(sorted(model.init.items())), repr(sorted(model.names.items())),
                  repr([n.name for n in (*model.inputs, *model.targets, *model.params)])):
         h.update(part.encode())

@@ -58,6 +58,9 @@ def _text(model, program, grads, whole):
         if model.masks:
             out.append("  dropout:    " + ", ".join(f"{leaf(m)} rate {m.attr('rate')}" for m in model.masks)
                        + " (ones unless training=True)")
+        if model.stats:
+            out.append("  batchnorm:  " + ", ".join(leaf(s) for s, _ in model.stats)
+                       + f" (running statistics, the stats argument; {model.mode.name} is 1 if training=True, else 0)")
         out.append("  (n is the batch size)")
         out.append("")
         out.append("forward:")

@@ -77,7 +77,7 @@ def run(args):
     import numpy as np
 
     from compiler.backends.numpy.module import compile_model
-    from compiler.gradcheck import check_gradients, format_table, random_batch
+    from compiler.gradcheck import as_trained, check_gradients, format_table, random_batch
     spec = load(args.spec)
     # before anything is allocated: an estimate, not an allocation error
     limits.check_parameter_memory(limits.model_shapes(spec.model), "float64", args.max_param_memory,
@@ -85,7 +85,7 @@ def run(args):
     # the spec's dtype is ignored here: finite differences need float64 to be meaningful
     compiled = compile_model(spec.model, dtype="float64")
     with tempfile.TemporaryDirectory(prefix="bpc-check-") as tmp:
-        module = compiled.load(Path(tmp) / f"{compiled.module_name}.py")
+        module = as_trained(compiled.load(Path(tmp) / f"{compiled.module_name}.py"))
     params = module.init_params(seed=args.seed)
     arrays = random_batch(module, batch=args.batch, seed=args.seed)
     sizes = {k: int(np.size(v)) for k, v in params.items()}
@@ -98,7 +98,8 @@ def run(args):
     finally:
         progress.close()
     print(f"gradient check of {spec.model.name} ({spec.path}): float64, {args.batch} random samples, "
-          f"seed {args.seed}, loss {loss:.6g}")
+          f"seed {args.seed}, loss {loss:.6g}"
+          + ("; batchnorm in training mode (batch statistics)" if getattr(module, "STATS", None) else ""))
     print(format_table(rows))
     print(_coverage(rows, args.seed))
     failed = [r.name for r in rows if not r.ok]

@@ -88,8 +88,8 @@ def _run(args):
     import numpy as np
 
     from compiler.files import check_writable, remove_stale_temporaries
-    from compiler.train.loop import (StopRequest, TrainConfig, TrainError, check_params, checkpoint_from_arrays, is_checkpoint,
-                         read_npz, save_params, train)
+    from compiler.train.loop import (StopRequest, TrainConfig, TrainError, check_params, check_stats, checkpoint_from_arrays,
+                         is_checkpoint, read_npz, save_params, train)
     from compiler.train.data import load_data
 
     module, defaults, label = _load_model(args)
@@ -139,13 +139,14 @@ def _run(args):
                                  else f"{what} {path} is the spec file; choose another output")
     data = load_data(args.data, module)
     test = load_data(args.test, module) if args.test else None
-    params, resume = None, None
+    params, resume, stats = None, None, None
     if args.resume:
         arrays = read_npz(args.resume)
         if is_checkpoint(arrays):
             resume = checkpoint_from_arrays(module, arrays, args.resume)
         else:
             params = check_params(module, arrays, args.resume)
+            stats = check_stats(module, arrays, args.resume)     # batchnorm: saved beside the parameters
 
     # every output is checked before the run, not after it (a directory, a read-only or a full disk)
     nbytes = sum(int(_size(s)) for s in module.PARAMS.values()) * np.dtype(getattr(module, "DTYPE", None)
@@ -180,8 +181,8 @@ def _run(args):
         # from here on SIGINT, SIGTERM and SIGHUP never raise: they ask the run to stop after its
         # step, and a later one while the parameters are evaluated and saved is only noted
         result = train(module, data, config, params=params, verbose=not args.quiet, stop=stop,
-                       resume=resume, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
-        saved, save_error = _save(save_params, result.params, out, label)
+                       resume=resume, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, stats=stats)
+        saved, save_error = _save(save_params, result.params, out, label, result.stats)
     for w in result.warnings if args.quiet else ():
         print(f"bpc: warning: {w}", file=sys.stderr)
     if saved is None:
@@ -198,7 +199,7 @@ def _run(args):
             written.append(f"loss curves -> {plot_history(result.history, args.plot, args.plot_grads, title=label)}")
         if args.boundary:
             from compiler.train.plot import plot_decision_boundary
-            written.append(f"decision boundary -> {plot_decision_boundary(module, result.params, data, args.boundary)}")
+            written.append(f"decision boundary -> {plot_decision_boundary(module, result.params, data, args.boundary, stats=result.stats)}")
         if args.history:
             import json
             Path(args.history).parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +215,7 @@ def _run(args):
         rows.append(("validation", result.final["val_loss"], result.final["val_accuracy"]))
     if test is not None:
         from compiler.train.loop import evaluate
-        ev = evaluate(module, result.params, test)
+        ev = evaluate(module, result.params, test, stats=result.stats)      # inference mode
         rows.append(("test", ev["loss"], ev["accuracy"]))
     width = max(len(r[0]) for r in rows)
     for name, loss, acc in rows:
@@ -288,21 +289,21 @@ def _fallback_dirs():
     return out
 
 
-def _save(save_params, params, out, label):
+def _save(save_params, params, out, label, stats=None):
     """``(path, error)``: the parameters saved to ``out``, or, if that fails (the disk filled up
     during the run, say), to a fresh file in a fallback directory, so a finished run is never
     lost for want of a place; ``path`` is None if nowhere took them."""
     import os
     import time
     try:
-        return save_params(params, out), None
+        return save_params(params, out, stats), None
     except OSError as e:
         error = e.strerror or str(e)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for directory in _fallback_dirs():
         path = directory / f"bpc-rescued-{label}-{stamp}-{os.getpid()}.npz"
         try:
-            return save_params(params, path), error
+            return save_params(params, path, stats), error
         except OSError:
             continue
     return None, error

@@ -10,8 +10,9 @@ The leaves of a graph (``Node.op``, inputs, attrs):
 ==========  ======================  ===========================================
 op          inputs                  attrs
 ==========  ======================  ===========================================
-input       -                       name, role ("data" | "target" | "mask"), kind ("real" | "label");
-                                    a mask (dropout) also has rate
+input       -                       name, role ("data" | "target" | "mask" | "stat" | "mode"),
+                                    kind ("real" | "label"); a mask (dropout) also has rate; a stat
+                                    is a batchnorm running statistic (with init), the mode the training flag
 param       -                       name
 ==========  ======================  ===========================================
 
@@ -229,6 +230,17 @@ def input_node(name, shape, role, kind="real"):
 def mask_node(name, shape, rate):
     """A dropout mask: drawn by the generated module, not passed by its caller."""
     return make("input", (), shape, (("name", name), ("role", "mask"), ("kind", "real"), ("rate", float(rate))))
+
+
+def stat_node(name, shape, init):
+    """A running statistic of a batchnorm layer, ``init`` its value before training: state passed
+    in and updated by the generated module (its ``stats`` argument), never trained by the optimizer."""
+    return make("input", (), shape, (("name", name), ("role", "stat"), ("kind", "real"), ("init", float(init))))
+
+
+def mode_node(name):
+    """The training flag as a number (1 in training, 0 in inference), set by the generated module."""
+    return make("input", (), (), (("name", name), ("role", "mode"), ("kind", "real")))
 
 
 def param_node(name, shape):

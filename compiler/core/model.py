@@ -16,6 +16,7 @@ RESERVED = frozenset({
     "dtype", "float", "int", "len", "dict", "tuple", "range", "print", "numpy", "math",
     "PARAMS", "INPUTS", "TARGETS", "TARGET_KINDS", "FORMULAS", "DTYPE", "SOURCE_HASH",
     "None", "True", "False", "self", "cls", "object", "type", "ValueError", "KeyError",
+    "training", "stats",
 })
 
 
@@ -69,11 +70,22 @@ class Model:
     # dropout masks: IR input nodes of role "mask" (attr "rate"), drawn by the generated module
     # (ones in inference, 0 or 1/(1 - rate) in training), never passed by the caller
     masks: tuple = ()
+    # batchnorm running statistics: (IR input node of role "stat", the node of its next value)
+    # pairs; the module reads each from its ``stats`` argument and, in training mode, stores the
+    # next value back; ``mode`` is the training flag as a number (role "mode"), None without them
+    stats: tuple = ()
+    mode: object = None
+
+    @property
+    def leaves(self):
+        """Every leaf the generated functions bind: inputs, targets, masks, statistics, mode, params."""
+        return (*self.inputs, *self.targets, *self.masks, *(s for s, _ in self.stats),
+                *((self.mode,) if self.mode is not None else ()), *self.params)
 
     def __post_init__(self):
         check_name(self.name, "model", reserved=False)
         seen = set()
-        for node in (*self.inputs, *self.targets, *self.masks, *self.params):
+        for node in self.leaves:
             if node.name in seen:
                 raise ModelError(f"name {node.name!r} is used twice in model {self.name!r}")
             seen.add(node.name)

@@ -26,10 +26,12 @@ class Program:
     backward_nodes: tuple       # schedule of backward()
     backward_only: frozenset    # uids of backward() nodes not computed by loss()
     stats: dict
+    stat_updates: tuple = ()    # (running statistic leaf, node of its next value), every function computes them
 
 
 def build_program(model):
-    (prediction, loss), names = split_deep([model.prediction, model.loss], dict(model.names))
+    (prediction, loss, *updates), names = split_deep([model.prediction, model.loss, *(u for _, u in model.stats)],
+                                                     dict(model.names))
     grads, adjoints = gradients(loss, model.params)
     # adjoint names: the node closest to the loss names its adjoint first (dZ2 before dXW2)
     for node in reversed(ir.topo_order([loss])):
@@ -44,9 +46,10 @@ def build_program(model):
 
     grad_nodes = [grads[p.uid] for p in model.params if grads[p.uid] is not None]
     before = op_counts([loss, *grad_nodes])
-    outs, names = fuse([prediction, loss, *grad_nodes], names)
+    outs, names = fuse([prediction, loss, *grad_nodes, *updates], names)
     outs, names = share(outs, names)
-    pred, loss, new_grads = outs[0], outs[1], outs[2:]
+    pred, loss = outs[0], outs[1]
+    new_grads, updates = outs[2:len(outs) - len(updates)], outs[len(outs) - len(updates):]
     it = iter(new_grads)
     grad_pairs = tuple((p, next(it) if grads[p.uid] is not None else None) for p in model.params)
     after = op_counts([loss, *new_grads])
@@ -64,26 +67,27 @@ def build_program(model):
         elif count[node.uid] == 1 and us and ops.get(us[0].op).reduction:
             inline.add(node.uid)
 
-    leaves = {n.uid for n in (*model.inputs, *model.targets, *model.masks, *model.params)}
+    leaves = {n.uid for n in model.leaves}
     uniq = _unique_names(order, names, model)
 
     def schedule(roots):
         return tuple(n for n in ir.topo_order(roots)
                      if n.uid not in leaves and n.uid not in inline)
 
-    fwd = schedule([pred])
-    lss = schedule([loss])
-    bwd = schedule([loss, *new_grads])
+    fwd = schedule([pred, *updates])
+    lss = schedule([loss, *updates])
+    bwd = schedule([loss, *new_grads, *updates])
     loss_ids = {n.uid for n in lss}
     return Program(model, pred, loss, grad_pairs, uniq, frozenset(inline), fwd, lss, bwd,
                    frozenset(n.uid for n in bwd if n.uid not in loss_ids),
-                   {"before_simplification": before, "after_simplification": after})
+                   {"before_simplification": before, "after_simplification": after},
+                   tuple(zip((s for s, _ in model.stats), updates)))
 
 
 def _unique_names(order, names, model):
     """uid -> a unique identifier; leaves keep their declared names."""
     out, taken = {}, set()
-    for leaf in (*model.inputs, *model.targets, *model.masks, *model.params):
+    for leaf in model.leaves:
         out[leaf.uid] = leaf.name
         taken.add(leaf.name)
     k = 0

@@ -45,7 +45,8 @@ class Network(ImageLayers):
 
     def __init__(self, name="model"):
         self.name = check_name(name, "model", reserved=False)
-        self.inputs, self.targets, self.params, self.masks = [], [], [], []
+        self.inputs, self.targets, self.params, self.masks, self.stats = [], [], [], [], []
+        self.mode = None
         self.names, self.init = {}, {}
         self._layers = 0
         self._merges = 0
@@ -158,6 +159,50 @@ class Network(ImageLayers):
         s = self.param(f"s{k}", (d,), ("zeros",))
         return self._name(ir.ew(ARG[0] * ARG[1] + ARG[2], [xn, g, s]), f"H{k}")
 
+    def batchnorm(self, x, eps=1e-5, momentum=0.1, name=None):
+        """Batch normalisation per feature (the last axis; per channel for (n, H, W, C) images, the
+        statistics then also over H and W): ``(x - M) / sqrt(V + eps) * g + s`` with learned scale
+        ``g{k}`` (ones) and shift ``s{k}`` (zeros). In training mode M and V are the batch's mean
+        and (biased) variance, and the gradient runs through them; in inference mode they are the
+        running statistics ``running_mean{k}`` (zeros at first) and ``running_var{k}`` (ones),
+        state that the generated module reads from its ``stats`` argument and, in training mode,
+        updates to ``(1 - momentum)*running + momentum*batch``."""
+        if len(x.shape) < 2 or x.shape[0] != N:
+            raise ShapeError(f"batchnorm needs a (batch, ..., features) input, got {ir.format_shape(x.shape)}")
+        eps = _epsilon(eps, "batchnorm eps")
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 < float(momentum) <= 1:
+            raise ModelError(f"batchnorm momentum must be a number above 0 and at most 1, got {momentum!r}")
+        mom = sp.Float(float(momentum))
+        self._layers += 1
+        k = name or str(self._layers)
+        d, axes = x.shape[-1], list(range(len(x.shape) - 1))
+        count = sp.Mul(N, *x.shape[1:-1])
+        if self.mode is None:
+            self.mode = self._name(ir.mode_node(self._claim("bn_training", "batchnorm training flag")),
+                                   "bn_training")
+        t = self.mode
+        run_m = self._name(ir.stat_node(self._claim(f"running_mean{k}", "batchnorm statistic"), (d,), 0),
+                           f"running_mean{k}")
+        run_v = self._name(ir.stat_node(self._claim(f"running_var{k}", "batchnorm statistic"), (d,), 1),
+                           f"running_var{k}")
+        # the statistics used are blended by the training flag t (1 or 0): in training M is the
+        # batch mean and the backward pass runs through it; in inference the running mean, a
+        # constant. Vb is the batch variance in training (C = x - Mb there) and unused otherwise.
+        blend = ARG[0] * ARG[1] + (1 - ARG[0]) * ARG[2]
+        mb = self._name(ir.ew(ARG[0] / count, [ir.reduce_sum(x, axes)]), f"Mb{k}")
+        m = self._name(ir.ew(blend, [t, mb, run_m]), f"M{k}")
+        c = self._name(ir.ew(ARG[0] - ARG[1], [x, m]), f"C{k}")
+        vb = self._name(ir.reduce_sum(ir.ew(ARG[0] ** 2 / count, [c]), axes), f"Vb{k}")
+        v = self._name(ir.ew(blend, [t, vb, run_v]), f"V{k}")
+        r = self._name(ir.ew(1 / sp.sqrt(ARG[0] + eps), [v]), f"R{k}")
+        xn = self._name(ir.ew(ARG[0] * ARG[1], [c, r]), f"Xn{k}")
+        step = (1 - mom) * ARG[0] + mom * ARG[1]
+        self.stats.append((run_m, self._name(ir.ew(step, [run_m, mb]), f"running_mean{k}_next")))
+        self.stats.append((run_v, self._name(ir.ew(step, [run_v, vb]), f"running_var{k}_next")))
+        g = self.param(f"g{k}", (d,), ("value", 1))
+        s = self.param(f"s{k}", (d,), ("zeros",))
+        return self._name(ir.ew(ARG[0] * ARG[1] + ARG[2], [xn, g, s]), f"H{k}")
+
     def dropout(self, x, rate, name=None):
         """Inverted dropout: ``x * mask``, the mask drawn by the generated module for each call in
         training mode (each entry 0 with probability ``rate``, else ``1/(1 - rate)``, so the
@@ -256,7 +301,9 @@ class Network(ImageLayers):
         return Model(self.name, tuple(self.inputs), tuple(self.targets),
                      tuple(p for p in self.params if p.uid in used), pred, L,
                      dict(self.names), {p.name: self.init[p.name] for p in self.params if p.uid in used},
-                     loss_kind=loss_kind(entries[0][1]), masks=tuple(m for m in self.masks if m.uid in used))
+                     loss_kind=loss_kind(entries[0][1]), masks=tuple(m for m in self.masks if m.uid in used),
+                     stats=tuple((s, u) for s, u in self.stats if s.uid in used),
+                     mode=self.mode if self.mode is not None and self.mode.uid in used else None)
 
     def _loss_entry(self, entry, i):
         what = f"losses[{i}]"

@@ -38,9 +38,10 @@ NETWORK_KEYS = ("input", "target", "layers", "loss", "losses")
 LOSS_KEYS = ("output", "target", "loss", "weight")
 INPUT_KEYS = ("name", "size", "shape")
 TARGET_KEYS = ("name", "size", "kind")
-LAYER_KEYS = ("type", "units", "activation", "name", "constants", "eps", "rate", "from") + IMAGE_LAYER_KEYS
-NORM_LAYERS = ("layernorm", "rmsnorm")   # Network methods of the same names
-LAYER_OPTIONS = {"eps": NORM_LAYERS, "rate": ("dropout",),   # the layer types that take each key
+LAYER_KEYS = ("type", "units", "activation", "name", "constants", "eps", "momentum", "rate",
+              "from") + IMAGE_LAYER_KEYS
+NORM_LAYERS = ("layernorm", "rmsnorm", "batchnorm")   # Network methods of the same names
+LAYER_OPTIONS = {"eps": NORM_LAYERS, "momentum": ("batchnorm",), "rate": ("dropout",),   # the layer types that take each key
                  **{key: tuple(k for k, keys in IMAGE_LAYERS.items() if key in keys) for key in IMAGE_LAYER_KEYS}}
 MERGE_LAYERS = ("add", "concat", "multiply")     # Network methods of the same names
 EXPRESSION_KEYS = ("prediction", "params", "inputs", "targets", "loss", "prediction_symbol")
@@ -411,7 +412,7 @@ class _Loader:
                                  f"{', '.join(map(repr, IMAGE_LAYERS))}; not {kind!r}")
             for key, kinds in LAYER_OPTIONS.items():
                 if key in layer and kind not in kinds:
-                    raise self.error(f"{where}.{key}", f"only {' and '.join(kinds)} layers take {key}, "
+                    raise self.error(f"{where}.{key}", f"only {_listing(kinds)} layers take {key}, "
                                      f"not a {kind} layer")
             lconst = self.constants(layer.get("constants"), f"{where}.constants", constants, {"x"})
             act = self.activation(layer.get("activation", "identity"), f"{where}.activation", lconst)
@@ -603,7 +604,8 @@ class _Loader:
         return self.wrap(where, net.dropout, h, float(rate), name=name)
 
     def norm_layer(self, net, h, layer, where, kind, name):
-        """A `layernorm` or `rmsnorm` layer: keeps the width, one option (`eps`)."""
+        """A `layernorm`, `rmsnorm` or `batchnorm` layer: keeps the width; `eps`, and for
+        batchnorm `momentum` (of its running statistics, above 0 and at most 1)."""
         for key, why in (("units", "keeps its input's width"), ("activation", "has no activation "
                          "(add an activation layer after it)"), ("constants", "has no expression")):
             if key in layer:
@@ -613,7 +615,13 @@ class _Loader:
             eps = self.number(layer["eps"], f"{where}.eps", {})
             if not eps > 0:
                 raise self.error(f"{where}.eps", f"must be a positive number, got {layer['eps']!r}")
-        return self.wrap(where, getattr(net, kind), h, float(eps), name=name)
+        options = {}
+        if "momentum" in layer:
+            momentum = self.number(layer["momentum"], f"{where}.momentum", {})
+            if not 0 < momentum <= 1:
+                raise self.error(f"{where}.momentum", f"must be above 0 and at most 1, got {layer['momentum']!r}")
+            options["momentum"] = float(momentum)
+        return self.wrap(where, getattr(net, kind), h, float(eps), name=name, **options)
 
     def input_size(self, in_t, where):
         """(size, shape) of an input table: ``size = k`` features, or ``shape = [H, W, C]``."""
@@ -923,3 +931,8 @@ def _excerpt(text, column, width=60):
     prefix = "..." if start > 0 else ""
     suffix = "..." if end < len(text) else ""
     return f"    {prefix}{part}{suffix}\n    {' ' * (len(prefix) + i - start)}^"
+
+
+def _listing(words):
+    """'a', 'a and b', 'a, b and c'."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"

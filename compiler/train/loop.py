@@ -118,8 +118,10 @@ def check_data(module, data, what="data"):
         data = dict(zip(names, data))
     missing = [n for n in names if n not in data]
     if missing:
+        several = (f"; a model with several inputs reads one array per input, named like it: "
+                   f"numpy.savez(path, {', '.join(f'{n}=...' for n in names)})" if len(module.INPUTS) > 1 else "")
         raise TrainError(f"{what}: no array named {', '.join(map(repr, missing))} (the model needs "
-                         f"{', '.join(names)}; found {', '.join(map(repr, data)) or 'none'})")
+                         f"{', '.join(names)}; found {', '.join(map(repr, data)) or 'none'}){several}")
     kinds = getattr(module, "TARGET_KINDS", {})
     classes = getattr(module, "CLASSES", {})
     out, count = {}, None
@@ -194,9 +196,14 @@ def _rows(data, index):
     return [a[index] for a in data.values()]
 
 
-def evaluate(module, params, data, chunk=8192):
-    """``{"loss": ..., "accuracy": ... or None}`` on ``data`` (checked dict), in chunks."""
+def evaluate(module, params, data, chunk=8192, stats=None):
+    """``{"loss": ..., "accuracy": ... or None}`` on ``data`` (checked dict), in chunks, in
+    inference mode (a model with batchnorm normalises with the running statistics ``stats``;
+    default: those before training, ``init_stats()``)."""
     arrays = list(data.values())
+    mode = {}
+    if getattr(module, "STATS", None):
+        mode = {"stats": stats if stats is not None else module.init_stats(_float_dtype(arrays))}
     n = len(arrays[0])
     kind = task(module)
     total, correct = 0.0, 0
@@ -204,9 +211,9 @@ def evaluate(module, params, data, chunk=8192):
     for lo in range(0, n, chunk):
         part = [a[lo:lo + chunk] for a in arrays]
         m = len(part[0])
-        total += module.loss(params, *part) * m
+        total += module.loss(params, *part, **mode) * m
         if kind != "regression":
-            pred = np.asarray(module.forward(params, *part[:n_in]))
+            pred = np.asarray(module.forward(params, *part[:n_in], **mode))
             y = part[n_in]
             if kind == "multiclass":
                 labels = y if y.ndim == 1 else np.argmax(y, axis=1)
@@ -216,6 +223,30 @@ def evaluate(module, params, data, chunk=8192):
                     pred = pred.reshape(y.shape)    # a (n, 1) output against a (n,) target
                 correct += float(np.sum((pred > 0.5) == (y > 0.5))) / max(1, y[0].size)
     return {"loss": total / n, "accuracy": (correct / n if kind != "regression" else None)}
+
+
+def _float_dtype(arrays):
+    return np.float32 if arrays and arrays[0].dtype == np.float32 else np.float64
+
+
+def check_stats(module, arrays, where="stats"):
+    """The running statistics (STATS) of a batchnorm model among ``arrays`` (a saved parameters
+    file holds them beside the parameters), checked; None for a model without them or a file
+    without them (then training starts from init_stats())."""
+    names = list(getattr(module, "STATS", None) or {})
+    if not names or not any(k in arrays for k in names):
+        return None
+    missing = [k for k in names if k not in arrays]
+    if missing:
+        raise TrainError(f"{where}: running statistics missing: {', '.join(missing)} (the model has {', '.join(names)})")
+    out = {}
+    for name in names:
+        a = np.array(arrays[name])
+        if a.shape != tuple(module.STATS[name]) or a.dtype.kind != "f" or not np.all(np.isfinite(a)):
+            raise TrainError(f"{where}: running statistic {name!r} must be finite floats of shape "
+                             f"{tuple(module.STATS[name])}, got {a.dtype} {a.shape}")
+        out[name] = a
+    return out
 
 
 def load_params(module, path):
@@ -246,8 +277,10 @@ def read_npz(path):
 
 
 def check_params(module, params, where="params"):
+    """The parameters among ``params``, checked (a batchnorm model's running statistics, saved
+    beside them, are read by ``check_stats``)."""
     missing = [k for k in module.PARAMS if k not in params]
-    extra = [k for k in params if k not in module.PARAMS]
+    extra = [k for k in params if k not in module.PARAMS and k not in (getattr(module, "STATS", None) or {})]
     if missing or extra:
         raise TrainError(f"{where}: parameters do not match the model (missing: {', '.join(missing) or 'none'}; "
                          f"unknown: {', '.join(extra) or 'none'})")
@@ -264,14 +297,15 @@ def check_params(module, params, where="params"):
     return out
 
 
-def save_params(params, path):
-    """Write the parameters to ``path`` as ``.npz`` atomically (never a partial file)."""
+def save_params(params, path, stats=None):
+    """Write the parameters (and a batchnorm model's running statistics ``stats``, beside them
+    under their STATS names) to ``path`` as ``.npz`` atomically (never a partial file)."""
     from pathlib import Path
 
     from compiler.files import atomic_file
 
     with atomic_file(path, "wb") as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in params.items()})
+        np.savez(f, **{k: np.asarray(v) for k, v in {**params, **(stats or {})}.items()})
     return Path(path)
 
 
@@ -309,6 +343,7 @@ class TrainResult:
     best_epoch: int | None
     final: dict             # train_loss, train_accuracy, val_loss, val_accuracy (None where absent)
     warnings: list
+    stats: dict | None = None   # batchnorm: the running statistics that go with params
 
 
 class _Reporter:
@@ -390,6 +425,8 @@ class Checkpoint:
     warnings: list
     config: dict                 # TrainConfig fields of the run
     data_digest: str             # of the training and validation data, as split
+    running: dict | None = None      # batchnorm running statistics of params
+    best_running: dict | None = None  # ... and of best_params
 
 
 def _digest(*sets):
@@ -412,6 +449,9 @@ def save_checkpoint(ckpt, path):
         arrays[f"params/{name}"] = np.asarray(a)
     for name, a in (ckpt.best_params or {}).items():
         arrays[f"best/{name}"] = np.asarray(a)
+    for group, stats in (("running", ckpt.running), ("bestrunning", ckpt.best_running)):
+        for name, a in (stats or {}).items():
+            arrays[f"{group}/{name}"] = np.asarray(a)
     for key, value in ckpt.state.items():
         if isinstance(value, dict):
             for name, a in value.items():
@@ -454,9 +494,12 @@ def checkpoint_from_arrays(module, arrays, where):
             state.setdefault(group, {})[name] = np.array(a)
         h = meta["history"]
         history = History(**{f.name: h[f.name] for f in fields(History)})
+        running = check_stats(module, part("running/"), where)
+        best_running = check_stats(module, part("bestrunning/"), where)
         return Checkpoint(int(meta["epoch"]), params, state, meta["rng"], float(meta["best"]), meta["best_epoch"],
                           best_params, int(meta["since_best"]), history, [_key(k) for k in meta["warned"]],
-                          list(meta["warnings"]), dict(meta["config"]), str(meta["data_digest"]))
+                          list(meta["warnings"]), dict(meta["config"]), str(meta["data_digest"]),
+                          running, best_running)
     except TrainError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -517,7 +560,7 @@ def _upcast(params, dtype, warn):
 
 
 def train(module, data, config=None, *, params=None, val_data=None, verbose=False, on_epoch=None,
-          stop=None, resume=None, checkpoint=None, checkpoint_every=None):
+          stop=None, resume=None, checkpoint=None, checkpoint_every=None, stats=None):
     """Train ``module`` on ``data`` and return a TrainResult.
 
     ``data``: a dict name -> array (names of INPUTS and TARGETS) or a sequence in that order.
@@ -531,6 +574,8 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
     ``checkpoint``, ``checkpoint_every``: write a Checkpoint to the path ``checkpoint`` after
     every ``checkpoint_every``-th epoch and after the last one, and, when the run is stopped
     (interrupted or early stopping), of its last complete epoch.
+    ``stats``: a batchnorm model's running statistics to start from (default ``init_stats()``);
+    every step updates them, evaluation uses them, and the result carries those of its params.
     ``resume``: a Checkpoint (``load_checkpoint``) to continue from: the same options (but
     ``epochs``, which counts the whole run, and the monitoring options) and the same data.
 
@@ -563,6 +608,9 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
     train_set, val_set = _in_module_dtype(module, train_set), _in_module_dtype(module, val_set)
 
     run = _Run(module, config, train_set, val_set, params, digest, resume, verbose, checkpoint, checkpoint_every)
+    if getattr(module, "STATS", None) and run.running is None:
+        run.running = dict(stats) if stats is not None else module.init_stats(_run_dtype(module, train_set))
+        run.last_good_running = dict(run.running)
     stopped, message, in_step = "completed", "", False
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are handled
@@ -616,6 +664,8 @@ class _Run:
         self.state = {}
         self.best, self.best_epoch, self.best_params, self.since_best = math.inf, None, None, 0
         self.warned, self.warnings = set(), []
+        # batchnorm: the running statistics of params, of best_params and of last_good (None without)
+        self.running = self.best_running = self.last_good_running = None
         if resume is not None:
             self.start, self.history = resume.epoch, copy.deepcopy(resume.history)
             self.state = copy.deepcopy(resume.state)
@@ -623,6 +673,8 @@ class _Run:
             self.best, self.best_epoch, self.since_best = resume.best, resume.best_epoch, resume.since_best
             self.best_params = _copy(resume.best_params) if resume.best_params is not None else None
             self.warned, self.warnings = set(resume.warned), list(resume.warnings)
+            self.running, self.best_running = resume.running, resume.best_running
+            self.last_good_running = dict(self.running) if self.running is not None else None
         self.report = _Reporter(verbose, (config.epochs - self.start) * self.steps_per_epoch)
         dtype = _run_dtype(module, train_set)
         self.params = _upcast(params, dtype, self.warn)
@@ -646,7 +698,8 @@ class _Run:
         return Checkpoint(epoch, _copy(self.params), copy.deepcopy(self.state), self.rng.bit_generator.state,
                           self.best, self.best_epoch, self.best_params, self.since_best, None,
                           sorted(self.warned, key=str), list(self.warnings),
-                          {f.name: getattr(self.config, f.name) for f in fields(self.config)}, self.digest)
+                          {f.name: getattr(self.config, f.name) for f in fields(self.config)}, self.digest,
+                          _copy(self.running) if self.running is not None else None, self.best_running)
 
     def save_snapshot(self):
         try:
@@ -667,6 +720,10 @@ def _step(run, index, lr, where, step=()):
     step), so a run (and a resumed one) draws the same masks; evaluation stays in inference mode."""
     arrays = _rows(run.train_set, index) if run.steps_per_epoch > 1 else list(run.train_set.values())
     mode = {"training": True, "seed": (run.config.seed, *step)} if getattr(run.module, "DROPOUT", None) else {}
+    running = None
+    if run.running is not None:      # batchnorm: batch statistics, and the running ones' next values
+        running = dict(run.running)
+        mode.update(training=True, stats=running)
     value, grads = run.module.backward(run.params, *arrays, **mode)
     sq = {k: float(np.vdot(g64, g64)) for k, g in grads.items() for g64 in [np.asarray(g, dtype=np.float64)]}
     if not math.isfinite(value) or not all(math.isfinite(v) for v in sq.values()):
@@ -676,6 +733,8 @@ def _step(run, index, lr, where, step=()):
                         + "; stopped and kept the last parameters with a finite loss. "
                         "Try a lower learning rate, --clip, or check the data scale.", in_step=True)
     run.last_good = _copy(run.params)
+    if running is not None:
+        run.last_good_running, run.running = run.running, running
     if run.config.clip is not None:
         grads, _ = run.clip(grads, run.config.clip)
     run.update(run.params, grads, run.state, lr=lr)
@@ -712,7 +771,7 @@ def _epoch(run, epoch, stop, on_epoch):
         history.param_grad_norms[k].append(pnorm_sum[k] / run.steps_per_epoch)
     val = None
     if run.val_set is not None:
-        ev = evaluate(run.module, run.params, run.val_set)
+        ev = evaluate(run.module, run.params, run.val_set, stats=run.running)
         val = ev["loss"]
         history.val_loss.append(val)
         if ev["accuracy"] is not None:
@@ -726,6 +785,7 @@ def _epoch(run, epoch, stop, on_epoch):
     if monitored < run.best - config.min_delta:
         run.best, run.best_epoch, run.since_best = monitored, epoch, 0
         run.best_params = _copy(run.params)
+        run.best_running = run.running
     else:
         run.since_best += 1
     if run.checkpoint_every:
@@ -746,26 +806,31 @@ def _outcome(run, stopped, message, in_step):
     """The TrainResult of a run that ended ``stopped``: the parameters to keep (see TrainResult),
     the message, and the final loss and accuracy on the training and validation sets."""
     params, best = run.params, run.best_params
+    # (params, running statistics) chosen together
+    current, best_pair = (params, run.running), (best, run.best_running)
+    last_good = (run.last_good, run.last_good_running)
     if stopped == "diverged":
-        params = run.last_good if in_step else (best if best is not None else params)
+        params, running = last_good if in_step else (best_pair if best is not None else current)
     elif stopped == "interrupted":
-        params = best if best is not None else run.last_good
+        params, running = best_pair if best is not None else last_good
     elif stopped == "early_stopping" or (stopped == "completed" and run.val_set is not None):
-        params = best if best is not None else params
+        params, running = best_pair if best is not None else current
+    else:
+        params, running = current
     if stopped == "completed":
         message = f"completed {run.config.epochs} epochs"
         if run.val_set is not None:
             message += f"; kept the parameters of epoch {run.best_epoch} (best validation loss {run.best:.6g})"
     final = {"train_loss": None, "train_accuracy": None, "val_loss": None, "val_accuracy": None}
     try:
-        ev = evaluate(run.module, params, run.train_set)
+        ev = evaluate(run.module, params, run.train_set, stats=running)
         final["train_loss"], final["train_accuracy"] = ev["loss"], ev["accuracy"]
         if run.val_set is not None:
-            ev = evaluate(run.module, params, run.val_set)
+            ev = evaluate(run.module, params, run.val_set, stats=running)
             final["val_loss"], final["val_accuracy"] = ev["loss"], ev["accuracy"]
     except KeyboardInterrupt:
         pass
-    return TrainResult(params, run.history, stopped, message, run.best_epoch, final, run.warnings)
+    return TrainResult(params, run.history, stopped, message, run.best_epoch, final, run.warnings, running)
 
 
 def _epoch_line(epoch, epochs, h, has_val):

@@ -75,9 +75,10 @@ def plot_history(history, path, grad_norms=False, title=None):
     return _save(fig, path)
 
 
-def plot_decision_boundary(module, params, data, path, resolution=300, title=None):
+def plot_decision_boundary(module, params, data, path, resolution=300, title=None, stats=None):
     """The predicted class over the plane of a classifier with one input of 2 features, with the
-    samples of ``data`` (a checked dict) on top."""
+    samples of ``data`` (a checked dict) on top (in inference mode: a batchnorm model's running
+    statistics are ``stats``, default ``init_stats()``)."""
     names = list(module.INPUTS)
     if len(names) != 1 or tuple(module.INPUTS[names[0]]) != (2,) or task(module) == "regression":
         raise TrainError("a decision-boundary plot needs a classifier with one input of 2 features; "
@@ -90,7 +91,8 @@ def plot_decision_boundary(module, params, data, path, resolution=300, title=Non
     g0, g1 = np.meshgrid(np.linspace(lo[0] - pad[0], hi[0] + pad[0], resolution),
                          np.linspace(lo[1] - pad[1], hi[1] + pad[1], resolution))
     grid = np.column_stack([g0.ravel(), g1.ravel()]).astype(x.dtype)
-    probs = np.asarray(module.forward(params, grid))
+    mode = {"stats": stats if stats is not None else module.init_stats()} if getattr(module, "STATS", None) else {}
+    probs = np.asarray(module.forward(params, grid, **mode))
     if probs.ndim == 2 and probs.shape[1] > 1:
         cls, conf = probs.argmax(axis=1), probs.max(axis=1)
     else:

@@ -375,6 +375,16 @@ def render_c(lowered, prefix=None):
     n_params = offset
 
     data, targets, masks = list(model.inputs), list(model.targets), list(model.masks)
+    # batchnorm: the running statistics and the training flag are inputs too; the statistics'
+    # next values are outputs of every function, into stats_out (STATS' order, flat)
+    state = [s for s, _ in model.stats] + ([model.mode] if model.mode is not None else [])
+    stats, offset = [], 0
+    for s, u in program.stat_updates:
+        size = int(sp.Integer(ir.size_of(s.shape)))
+        stats.append({"name": s.name, "offset": offset, "size": size, "shape": tuple(int(d) for d in s.shape),
+                      "node": u})
+        offset += size
+    stats_dest = [(q["node"], "ptr", f"stats_out + {q['offset']}") for q in stats]
     st = CStatements(program, dtype, cnames)
     writer = _CFunctions(lowered, st, params)
 
@@ -390,10 +400,11 @@ def render_c(lowered, prefix=None):
     zero_grads = [info for g, _, _, info in grad_dest if g is None]
     functions = [
         # dropout masks are input arrays of the C functions, drawn by the wrapper (or the caller)
-        writer.function("forward", data + masks, program.forward_nodes, pred_dest),
-        writer.function("loss", data + targets + masks, program.loss_nodes, loss_dest),
-        writer.function("backward", data + targets + masks, program.backward_nodes,
-                        loss_dest + [(g, k, d) for g, k, d, _ in grad_dest if g is not None], zero_grads),
+        writer.function("forward", data + masks + state, program.forward_nodes, pred_dest + stats_dest),
+        writer.function("loss", data + targets + masks + state, program.loss_nodes, loss_dest + stats_dest),
+        writer.function("backward", data + targets + masks + state, program.backward_nodes,
+                        loss_dest + [(g, k, d) for g, k, d, _ in grad_dest if g is not None] + stats_dest,
+                        zero_grads),
     ]
     work_a = max(f["work"][0] for f in functions)
     work_b = max(f["work"][1] for f in functions)
@@ -404,6 +415,7 @@ def render_c(lowered, prefix=None):
         model_name=model.name, version=__version__, source=model.source, source_hash=lowered.source_hash,
         description=model.description, prefix=prefix, P=P, real=real, dtype=dtype, fs=st.fs,
         params=params, n_params=n_params, inputs=writer.arg_list(data), targets=writer.arg_list(targets), masks=writer.arg_list(masks),
+        state=writer.arg_list(state), stats=[{k: v for k, v in q.items() if k != "node"} for q in stats], n_stats=offset,
         functions=functions, zero_grads=zero_grads, work_a=work_a, work_b=work_b,
         pred_size=_size_code(pred.shape), pred_shape_doc=shape_code(pred.shape),
         pred_per_sample=tuple(int(d) for d in (pred.shape[1:] if ir.is_batch(pred.shape) else pred.shape)), pred_batched=ir.is_batch(pred.shape),
@@ -424,6 +436,7 @@ def render_c(lowered, prefix=None):
         target_kinds=iface.target_kinds, classes=iface.classes, params_shapes=iface.params_shapes,
         data_args=iface.data_args, all_args=iface.all_args, mode_args=iface.mode_args, dropout=iface.dropout,
         loss_kind=iface.loss_kind,
+        has_dropout=iface.has_dropout, stats_shapes=iface.stats_shapes, stats_init=iface.stats_init,
     )
     return CompiledC(model, program, dtype, prefix, c_source, header, wrapper, cdef, formulas, latex,
                      lowered.source_hash, ext_source)
@@ -444,6 +457,8 @@ class _CFunctions:
             out.append({"name": x.name, "cname": self.st.name(x, use=False), "ctype": ctype,
                         "label": x.attr("kind") == "label", "classes": self.lowered.classes.get(x.uid),
                         "mask": x.attr("role") == "mask", "rate": x.attr("rate"),
+                        "stat": x.attr("role") == "stat", "mode": x.attr("role") == "mode",
+                        "internal": x.attr("role") in ("mask", "stat", "mode"),
                         "per_sample": tuple(int(d) for d in x.shape[1:]),
                         "size": _size_code(x.shape), "shape_doc": shape_code(x.shape)})
         return out
@@ -499,8 +514,8 @@ class _CFunctions:
         for info in zero_grads:
             tail.append(f"for (size_t _i = 0; _i < {info['size']}; _i++) grads[{info['offset']} + _i] = {st.lit(0)};"
                         f"  /* d{info['name']} = 0: the loss does not depend on {info['name']} */")
-        fn = {"name": fname, "leaves": args}
-        return {"name": fname, "leaves": args, "decls": param_decls + decls, "unused": unused,
+        fn = {"name": fname, "leaves": args, "stats": bool(self.program.stat_updates)}
+        return {"name": fname, "leaves": args, "stats": fn["stats"], "decls": param_decls + decls, "unused": unused,
                 "proto": _proto_args(fn, real), "definition": _proto_args(fn, real, "restrict "),
                 "body": body, "tail": tail, "work": (work_a, work_b), "labels": labels,
                 "uses_nf": st.uses_nf, "needs_batch": fname != "forward"}
@@ -567,6 +582,8 @@ def _glue_args(fn):
     """The glue's arguments: untyped pointers named by position (_a0, ...)."""
     args = ["const void *params"] + [f"const void *_a{k}" for k in range(len(fn["leaves"]))] + ["size_t n"]
     args.append("void *out" if fn["name"] == "forward" else "void *loss" if fn["name"] == "loss" else "void *grads")
+    if fn["stats"]:
+        args.append("void *stats_out")
     return ", ".join(args + ["void *work"])
 
 
@@ -586,6 +603,8 @@ def _ext_source(ctx):
             names.append("loss")
         else:
             names += [f"({real} *)grads + {P}_NUM_PARAMS", "grads"]
+        if fn["stats"]:
+            names.append("stats_out")
         out += [f"static int _bpc_{prefix}_{fn['name']}({_glue_args(fn)})",
                 "{", f"    return {prefix}_{fn['name']}({', '.join(names + ['work'])});", "}", ""]
     out += [f"static void _bpc_{prefix}_pack({_pack_args(ctx)})", "{"]
@@ -617,6 +636,8 @@ def _proto_args(fn, real, restrict=""):
         args.append(f"{real} *{r}loss")
     if fn["name"] == "backward":
         args.append(f"{real} *{r}grads")
+    if fn["stats"]:
+        args.append(f"{real} *{r}stats_out")
     args.append(f"{real} *{r}work")
     return ", ".join(args)
 

@@ -114,6 +114,7 @@ def render_numpy(lowered):
         formulas=[(p.name, lowered.formulas[p.name]) for p in model.params],
         init_doc=lowered.init_doc, init_lines=list(lowered.init_lines),
         has_labels=iface.has_labels, mode_args=iface.mode_args, dropout=iface.dropout,
+        has_dropout=iface.has_dropout, stats_shapes=iface.stats_shapes, stats_init=iface.stats_init,
         helpers=sorted(st.helpers), functions=functions,
     )
     return CompiledModule(model, program, text, lowered.formulas, lowered.latex, lowered.source_hash, dtype)
@@ -143,6 +144,10 @@ class _Functions:
             lines.append("_rng = _dropout_rng(training, seed)")
             lines += [f"{m.name} = _dropout_mask(_rng, n, {shape_code(per_sample(m))}, {m.attr('rate')!r}, "
                       f"{leaves[0].name}.dtype)" for m in self.model.masks]
+        if self.model.stats:
+            lines.append(f"{self.model.mode.name} = _bn_mode(training, stats)")
+            lines += [f"{s.name} = _stat(stats, {s.name!r}, {shape_code(s.shape)}, {leaves[0].name}.dtype)"
+                      for s, _ in self.model.stats]
         used = {node.uid for node in ir.topo_order(roots)}
         return lines, [f"{p.name} = _param(params, {p.name!r}, {shape_code(p.shape)})"
                        for p in self.model.params if p.uid in used]
@@ -155,6 +160,11 @@ class _Functions:
             if comments and node.uid in self.program.backward_only:
                 body.append(py_comment(fm.line(node)))
             body.extend(statement(st, fm, node))
+        if self.program.stat_updates:
+            # training mode: the running statistics' next values replace the caller's entries
+            body.append("if training and stats is not None:")
+            body.append("    stats.update({" + ", ".join(f"{s.name!r}: {self.ref(u)}"
+                                                 for s, u in self.program.stat_updates) + "})")
         pro, params = self.prologue(leaves, roots)
         if st.needs_dt:
             pro.append(f"dt = {leaves[0].name}.dtype")
