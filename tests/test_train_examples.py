@@ -20,6 +20,8 @@ DATA = EX / "data"
 
 
 def bpc_train(tmp_path, *argv):
+    """Train as a user does; returns (stdout, wall seconds). Training times are claims of the README
+    measured by benchmarks, not asserted here: a loaded machine would fail a correct run."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     start = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "compiler", "train", *map(str, argv)], cwd=tmp_path,
@@ -51,23 +53,21 @@ def test_polynomial_fit_matches_polyfit(tmp_path):
     assert r.returncode == 1 and "DOES NOT agree" in r.stdout
 
 
-def test_digits_reach_96_percent_on_held_out_data_within_a_minute(tmp_path):
-    out, seconds = bpc_train(tmp_path, EX / "train_digits.toml", "--data", DATA / "digits_train.npz",
+def test_digits_reach_96_percent_on_held_out_data(tmp_path):
+    out, _ = bpc_train(tmp_path, EX / "train_digits.toml", "--data", DATA / "digits_train.npz",
                              "--test", DATA / "digits_test.npz", "--out", "digits.npz")
     assert "completed 60 epochs" in out
     assert accuracy(out, "test") >= 96.0, out
-    assert seconds < 60, f"{seconds:.1f} s"
     with np.load(DATA / "digits_test.npz") as t:
         assert t["x"].shape == (359, 64) and sorted(set(t["y"].tolist())) == list(range(10))
 
 
-def test_cnn_digits_reach_98_5_percent_on_held_out_data_within_two_minutes(tmp_path):
+def test_cnn_digits_reach_98_5_percent_on_held_out_data(tmp_path):
     """The flat (n, 64) rows of the data files feed the CNN's declared [8, 8, 1] input."""
-    out, seconds = bpc_train(tmp_path, EX / "cnn_digits.toml", "--data", DATA / "digits_train.npz",
+    out, _ = bpc_train(tmp_path, EX / "cnn_digits.toml", "--data", DATA / "digits_train.npz",
                              "--test", DATA / "digits_test.npz", "--out", "cnn.npz")
     assert "completed 30 epochs" in out
     assert accuracy(out, "test") >= 98.5, out
-    assert seconds < 120, f"{seconds:.1f} s"
 
 
 def test_spirals_with_decision_boundary(tmp_path):
@@ -90,11 +90,10 @@ def test_residual_mlp_separates_the_spirals(tmp_path):
 def test_two_view_digits_concat_two_inputs(tmp_path):
     """examples/two_view_digits.toml: two named inputs (the top and bottom halves of each digit),
     each through its own dense branch, joined by concat; its data holds one array per input."""
-    out, seconds = bpc_train(tmp_path, EX / "two_view_digits.toml", "--data", DATA / "digits_halves_train.npz",
+    out, _ = bpc_train(tmp_path, EX / "two_view_digits.toml", "--data", DATA / "digits_halves_train.npz",
                              "--test", DATA / "digits_halves_test.npz", "--out", "tv.npz")
     assert "completed 60 epochs" in out
     assert accuracy(out, "test") >= 96.5, out
-    assert seconds < 60, f"{seconds:.1f} s"
     with np.load(DATA / "digits_halves_test.npz") as h, np.load(DATA / "digits_test.npz") as d:
         assert sorted(h.files) == ["bottom", "top", "y"]
         assert np.array_equal(np.concatenate([h["top"], h["bottom"]], axis=1), d["x"])
