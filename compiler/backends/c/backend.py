@@ -47,7 +47,7 @@ from compiler.core.program import Program
 from compiler.backends import cache as _cache
 from compiler.backends.c.printer import PRINTERS, print_c
 from compiler.backends.cache import cache_dir, load_module
-from compiler.backends.lowering import lower, shape_code, statement
+from compiler.backends.lowering import is_tokens, lower, shape_code, statement
 from compiler.backends.show import Displayed
 from compiler.errors import BpcError, ModelError, UnsupportedError
 from compiler.files import write_atomic
@@ -437,6 +437,7 @@ def render_c(lowered, prefix=None):
         data_args=iface.data_args, all_args=iface.all_args, mode_args=iface.mode_args, dropout=iface.dropout,
         loss_kind=iface.loss_kind,
         has_dropout=iface.has_dropout, stats_shapes=iface.stats_shapes, stats_init=iface.stats_init,
+        has_tokens=iface.has_tokens,
     )
     return CompiledC(model, program, dtype, prefix, c_source, header, wrapper, cdef, formulas, latex,
                      lowered.source_hash, ext_source)
@@ -453,9 +454,12 @@ class _CFunctions:
     def arg_list(self, leaves):
         out = []
         for x in leaves:
-            ctype = "int64_t" if x.attr("kind") == "label" else self.real
+            integer = x.attr("kind") in ("label", "ids")      # class labels or token ids: int64_t
+            ctype = "int64_t" if integer else self.real
             out.append({"name": x.name, "cname": self.st.name(x, use=False), "ctype": ctype,
-                        "label": x.attr("kind") == "label", "classes": self.lowered.classes.get(x.uid),
+                        "label": integer, "tokens": is_tokens(x),
+                        "what": "token ids" if x.attr("kind") == "ids" else "labels",
+                        "classes": self.lowered.classes.get(x.uid),
                         "mask": x.attr("role") == "mask", "rate": x.attr("rate"),
                         "stat": x.attr("role") == "stat", "mode": x.attr("role") == "mode",
                         "internal": x.attr("role") in ("mask", "stat", "mode"),
