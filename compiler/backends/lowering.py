@@ -44,6 +44,7 @@ class Interface:
     all_args: str            # "x, y"
     has_labels: bool
     has_tokens: bool = False  # integer token ids or labels with a per-sample shape, e.g. (T,)
+    vocab: str = "{}"         # VOCAB: input of token ids -> vocabulary size (emitted when not empty)
     dropout: str = "{}"      # DROPOUT: mask name -> rate (a model with dropout takes a mode)
     mode_args: str = ""      # ", training=False[, seed=None][, stats=None]" for dropout / batchnorm, else ""
     has_dropout: bool = False
@@ -102,6 +103,7 @@ def lower(model, dtype=None):
         all_args=", ".join(x.name for x in data + targets),
         has_labels=any(x.attr("kind") == "label" for x in targets),
         has_tokens=any(is_tokens(x) for x in data + targets),
+        vocab=_dict_code({x.name: str(classes[x.uid]) for x in data if x.attr("kind") == "ids"}),
         dropout=_dict_code({m.name: repr(m.attr("rate")) for m in model.masks}),
         mode_args=mode_args(model),
         has_dropout=bool(model.masks),

@@ -437,7 +437,7 @@ def render_c(lowered, prefix=None):
         data_args=iface.data_args, all_args=iface.all_args, mode_args=iface.mode_args, dropout=iface.dropout,
         loss_kind=iface.loss_kind,
         has_dropout=iface.has_dropout, stats_shapes=iface.stats_shapes, stats_init=iface.stats_init,
-        has_tokens=iface.has_tokens,
+        has_tokens=iface.has_tokens, vocab=iface.vocab,
     )
     return CompiledC(model, program, dtype, prefix, c_source, header, wrapper, cdef, formulas, latex,
                      lowered.source_hash, ext_source)

@@ -113,7 +113,7 @@ def render_numpy(lowered):
         targets_shapes=iface.targets_shapes, target_kinds=iface.target_kinds, classes=iface.classes,
         formulas=[(p.name, lowered.formulas[p.name]) for p in model.params],
         init_doc=lowered.init_doc, init_lines=list(lowered.init_lines),
-        has_labels=iface.has_labels, has_tokens=iface.has_tokens, mode_args=iface.mode_args, dropout=iface.dropout,
+        has_labels=iface.has_labels, has_tokens=iface.has_tokens, vocab=iface.vocab, mode_args=iface.mode_args, dropout=iface.dropout,
         has_dropout=iface.has_dropout, stats_shapes=iface.stats_shapes, stats_init=iface.stats_init,
         helpers=sorted(st.helpers), functions=functions,
     )
