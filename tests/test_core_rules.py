@@ -199,6 +199,11 @@ def _ids(T=6):
     return ir.input_node("ids", (N, T), "data", "ids")
 
 
+def _key_mask():
+    """A padding mask (n, 4) of the data: keys whose first feature is positive are kept."""
+    return ir.ew(sp.Heaviside(a0, 0), [ir.reshape(ir.matmul(X(), P("M", (3, 4))), (N, 4))])
+
+
 def _scores(T, fill):
     """Softmax over causally masked scores (n, 2, T, T), as attention computes them."""
     return ir.softmax(ir.causal_mask(_seq(2, T, T), fill))
@@ -218,6 +223,8 @@ SEQUENCE_OPS = {
     "bmm_same_operand": Op(lambda: ir.bmm(_seq(2, 3, 4), _seq(2, 3, 4), tb=True)),
     "causal_mask": Op(lambda: ir.causal_mask(_seq(2, 4, 4), -5.0)),
     "causal_softmax": Op(lambda: _scores(4, -1e9)),
+    "key_mask": Op(lambda: ir.key_mask(_seq(2, 3, 4), _key_mask(), -5.0)),
+    "key_mask_softmax": Op(lambda: ir.softmax(ir.key_mask(_seq(2, 3, 4), _key_mask(), -1e9))),
     "softmax_last_axis": Op(lambda: ir.softmax(ir.ew(3 * a0, [_seq(3, 4)]))),
     "softmax_heads": Op(lambda: ir.softmax(ir.ew(3 * a0, [_seq(2, 3, 4)]))),
     "logsumexp_last_axis": Op(lambda: ir.lse(ir.ew(3 * a0, [_seq(3, 4)]))),
@@ -351,6 +358,6 @@ def test_every_rule_has_a_row():
     row_of = {"ew": "ew_", "matmul": "matmul", "transpose": "transpose", "reshape": "reshape", "sum": "sum_",
               "mean": "mean", "lse": "logsumexp", "softmax": "softmax", "xent": "xent_", "concat": "concat",
               "im2col": "im2col_", "col2im": "col2im_", "window_max": "window_max", "embed": "embed_",
-              "permute": "permute_", "bmm": "bmm", "causal_mask": "causal_"}
+              "permute": "permute_", "bmm": "bmm", "causal_mask": "causal_", "key_mask": "key_mask"}
     for rule in RULES:
         assert any(k.startswith(row_of[rule]) for k in OPS), rule

@@ -11,7 +11,7 @@ derives its gradient and ``bpc show`` prints it as named formulas:
 - ``attention`` (multi-head self-attention, d = heads * dk): projections ``Q = h Wq``,
   ``K = h Wk``, ``V = h Wv`` split into heads (n, heads, T, dk) by a reshape and a ``permute``;
   scores ``S = Q K^T / sqrt(dk)`` (``bmm``), future keys masked (``causal_mask``, fill -1e9)
-  and padded keys too (``S*m + 1e9*(m - 1)``, m the (n, T) mask, 1 keep, 0 pad); weights
+  and padded keys too (``key_mask``, m the (n, T) mask, 1 keep, 0 pad); weights
   ``A = softmax(S)`` over the keys (max-subtracted: no overflow at large logits, and a fully
   masked row is uniform, not NaN); ``O = A V`` merged back to (n, T, d); output ``O Wo + bo``.
   The backward pass then has ``dA = dO V^T``, the softmax adjoint ``dS = A*(dA - sum(dA*A))``,
@@ -107,8 +107,7 @@ class SequenceLayers:
         if causal:
             s = ir.causal_mask(self._name(s, f"Sc{k}"), MASK_FILL)
         if mask is not None:
-            keys = ir.reshape(mask, (N, 1, 1, T))
-            s = ir.ew(ARG[0] * ARG[1] - sp.Float(-MASK_FILL) * (1 - ARG[1]), [s, keys])
+            s = ir.key_mask(self._name(s, f"Sk{k}"), mask, MASK_FILL)
         s = self._name(s, f"S{k}")
         A = self._name(ir.softmax(s), f"A{k}")
         O = self._name(ir.bmm(A, V), f"O{k}")
