@@ -42,6 +42,7 @@ import sympy as sp
 
 from compiler import __version__
 from compiler.core import ir, ops
+from compiler.core.ops.ew import factored, shared_subexpressions
 from compiler.core.model import Model
 from compiler.core.program import Program
 from compiler.backends import cache as _cache
@@ -171,7 +172,7 @@ class CStatements:
                 for i, inp in enumerate(node.inputs)}
 
     def ew_code(self, node, idx):
-        return self.expr(sp.factor_terms(node.attr("expr")), self.ew_symbols(node, idx))
+        return self.expr(factored(node.attr("expr")), self.ew_symbols(node, idx))
 
     # -- loops ----------------------------------------------------------------------------
     @staticmethod
@@ -243,8 +244,8 @@ class CStatements:
 
     def elementwise(self, node):
         idx = self.idx_vars(node.shape)
-        expr = sp.factor_terms(node.attr("expr"))
-        reps, (body_expr,) = sp.cse([expr], symbols=sp.numbered_symbols("_c"), optimizations=None)
+        expr = factored(node.attr("expr"))
+        reps, body_expr = shared_subexpressions(expr)
         symbols = self.ew_symbols(node, idx)
         body = []
         for k, (sym, sub) in enumerate(reps):
