@@ -371,3 +371,25 @@ def test_numpy_code_has_no_python_loop():
         body = source[source.index(fn):].split("\n\n\n")[0]
         assert not re.search(r"^\s*(for|while)\b", body, re.M), fn
     assert "np.add.at(" in source                                # the scatter-add of repeated ids
+
+
+# ---- bpc train's data checks and accuracy ------------------------------------------------
+
+def test_training_data_of_token_ids():
+    from compiler.train.loop import TrainError, check_data, evaluate
+    m = _load(_lm(block=False, name="train_ids"), "numpy")
+    params, (x, y) = _batch(m, 11, n=4)
+    data = check_data(m, {"x": x, "y": y}, "d.npz")
+    assert data["x"].dtype.kind == "i" and data["y"].shape == (4, T)
+    pred = m.forward(params, x)
+    want = float(np.mean(np.argmax(pred, axis=-1) == y))
+    assert evaluate(m, params, data)["accuracy"] == pytest.approx(want)
+    for arrays, message in [
+        ({"x": x.astype(float), "y": y}, "d.npz: x must hold integer token ids in 0..4, got dtype float64"),
+        ({"x": np.where(x == x[3, 5], 9, x), "y": y}, "d.npz: x must hold token ids in 0..4, got 9"),
+        ({"x": x, "y": np.full_like(y, 7)}, "d.npz: y must hold labels in 0..4, got 7 at y[0, 0]"),
+        ({"x": x[:, :3], "y": y}, "d.npz: array 'x' must have shape (samples,) + (6,), got (4, 3)"),
+    ]:
+        with pytest.raises(TrainError) as e:
+            check_data(m, arrays, "d.npz")
+        assert message in str(e.value)
