@@ -11,14 +11,16 @@ The leaves of a graph (``Node.op``, inputs, attrs):
 op          inputs                  attrs
 ==========  ======================  ===========================================
 input       -                       name, role ("data" | "target" | "mask" | "stat" | "mode"),
-                                    kind ("real" | "label"); a mask (dropout) also has rate; a stat
-                                    is a batchnorm running statistic (with init), the mode the training flag
+                                    kind ("real" | "label" | "ids": integer token ids); a mask
+                                    (dropout) also has rate; a stat is a batchnorm running
+                                    statistic (with init), the mode the training flag
 param       -                       name
 ==========  ======================  ===========================================
 
 Every other op is a record of ``compiler.core.ops``, one module per op or small family
 (``ew``, ``matmul``, ``transpose``, ``reshape``, ``sum``/``mean``, ``lse``/``softmax``,
-``xent``/``xent_grad``, ``concat``/``slice_last``), whose docstring gives its inputs and attributes and which holds its
+``xent``/``xent_grad``, ``concat``/``slice_last``, ``embed``/``embed_grad``, ``permute``, ``bmm``,
+``causal_mask``/``key_mask``), whose docstring gives its inputs and attributes and which holds its
 constructor, adjoint rule, formulas and backend statements; the constructors are reachable
 here as ``ir.<name>`` (``ir.ew``, ``ir.matmul``, ``ir.reduce_sum``, ...). Nodes also take the
 Python operators ``+ - * / @`` (``compiler.core.operators``), so ``h + x`` is a residual.
