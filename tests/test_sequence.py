@@ -373,23 +373,15 @@ def test_numpy_code_has_no_python_loop():
     assert "np.add.at(" in source                                # the scatter-add of repeated ids
 
 
-# ---- bpc train's data checks and accuracy ------------------------------------------------
-
-def test_training_data_of_token_ids():
-    from compiler.train.loop import TrainError, check_data, evaluate
-    m = _load(_lm(block=False, name="train_ids"), "numpy")
-    params, (x, y) = _batch(m, 11, n=4)
-    data = check_data(m, {"x": x, "y": y}, "d.npz")
-    assert data["x"].dtype.kind == "i" and data["y"].shape == (4, T)
-    pred = m.forward(params, x)
-    want = float(np.mean(np.argmax(pred, axis=-1) == y))
-    assert evaluate(m, params, data)["accuracy"] == pytest.approx(want)
-    for arrays, message in [
-        ({"x": x.astype(float), "y": y}, "d.npz: x must hold integer token ids in 0..4, got dtype float64"),
-        ({"x": np.where(x == x[3, 5], 9, x), "y": y}, "d.npz: x must hold token ids in 0..4, got 9"),
-        ({"x": x, "y": np.full_like(y, 7)}, "d.npz: y must hold labels in 0..4, got 7 at y[0, 0]"),
-        ({"x": x[:, :3], "y": y}, "d.npz: array 'x' must have shape (samples,) + (6,), got (4, 3)"),
-    ]:
-        with pytest.raises(TrainError) as e:
-            check_data(m, arrays, "d.npz")
-        assert message in str(e.value)
+@NEEDS_CC
+def test_masks_in_float32_on_both_targets():
+    """The padding and causal masks (fill -1e9) in float32: NumPy and C against float64."""
+    from model_table import float32_mismatches
+    built = _lm(mask=True, loss_mask=True, name="f32")
+    ref = _load(built, "numpy")
+    params, arrays = _batch(ref, 12)
+    params32 = {k: v.astype(np.float32) for k, v in params.items()}
+    arrays32 = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
+    for module in (bpc.compile_model(built, "float32").load(), bpc.compile_model_c(built, dtype="float32").load()):
+        assert float32_mismatches(module, ref, params32, arrays32) == []
+        assert module.forward(params32, *arrays32[:-1]).dtype == np.float32

@@ -67,9 +67,7 @@ def _rendered(name, module_name):
     from compiler.backends.templates import render, template_dir
     namespace = types.ModuleType(module_name)
     namespace.np, namespace._Mapping = np, Mapping
-    # has_tokens: the checks of token ids and of a sequence's labels too (modules render them
-    # only when they have such arguments)
-    exec(compile(render(name, has_tokens=True), str(template_dir() / name), "exec"), namespace.__dict__)
+    exec(compile(render(name), str(template_dir() / name), "exec"), namespace.__dict__)
     return namespace
 
 
@@ -126,7 +124,6 @@ def check_data(module, data, what="data"):
                          f"{', '.join(names)}; found {', '.join(map(repr, data)) or 'none'}){several}")
     kinds = getattr(module, "TARGET_KINDS", {})
     classes = getattr(module, "CLASSES", {})
-    vocab = getattr(module, "VOCAB", {})
     out, count = {}, None
     for name in names:
         shape = tuple(module.INPUTS.get(name, module.TARGETS.get(name)))
@@ -134,7 +131,7 @@ def check_data(module, data, what="data"):
         label = kinds.get(name) == "label"
         if a.dtype.kind not in "biuf":
             raise TrainError(f"{what}: array {name!r} must hold numbers, got dtype {a.dtype}")
-        want = shape    # () for one label per sample, (T,) for a sequence's labels or token ids
+        want = () if label else shape
         if a.ndim >= 1 and a.shape[1:] != want:
             if a.shape[1:] and want and math.prod(a.shape[1:]) == math.prod(want):
                 a = a.reshape((a.shape[0],) + want)       # (n, 8, 8) for (64,); (n, 64) for (8, 8, 1)
@@ -157,23 +154,12 @@ def check_data(module, data, what="data"):
                 row = int(np.argmin(finite))
                 raise TrainError(f"{what}: array {name!r} holds NaN or Inf (first at sample {row}, "
                                  f"{int((~finite).sum())} sample(s) in all); clean the data first")
-        if name in vocab or (label and shape):
-            a = _tokens(a, what, name, vocab.get(name, classes.get(name)), shape,
-                        "token ids" if name in vocab else "labels")
-        elif label:
+        if label:
             a = _labels(a, f"{what}: target {name!r}", classes.get(name))
         elif a.dtype.kind != "f":
             a = a.astype(np.float64)
         out[name] = a
     return out
-
-
-def _tokens(a, where, name, classes, shape, kind):
-    """Token ids or a sequence's labels, judged by the modules' ``_tokens`` (integers in range)."""
-    try:
-        return module_checks()._tokens(a, name, classes, shape, kind)
-    except ValueError as e:
-        raise TrainError(f"{where}: {e}") from None
 
 
 def _labels(a, name, classes):
@@ -230,10 +216,8 @@ def evaluate(module, params, data, chunk=8192, stats=None):
             pred = np.asarray(module.forward(params, *part[:n_in], **mode))
             y = part[n_in]
             if kind == "multiclass":
-                # a sequence's labels (n, T) against probabilities (n, T, classes): per sample,
-                # the fraction of its positions classified right
-                labels = y if y.ndim == pred.ndim - 1 else np.argmax(y, axis=-1)
-                correct += float(np.sum(np.argmax(pred, axis=-1) == labels)) / max(1, labels[0].size)
+                labels = y if y.ndim == 1 else np.argmax(y, axis=1)
+                correct += int(np.sum(np.argmax(pred, axis=1) == labels))
             else:  # per sample, the fraction of its outputs on the right side of 0.5
                 if pred.shape != y.shape and pred.size == y.size:
                     pred = pred.reshape(y.shape)    # a (n, 1) output against a (n,) target
