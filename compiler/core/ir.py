@@ -27,6 +27,7 @@ Python operators ``+ - * / @`` (``compiler.core.operators``), so ``h + x`` is a 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import threading
@@ -146,11 +147,17 @@ def size_of(shape):
 _intern = weakref.WeakValueDictionary()
 
 
+@functools.lru_cache(maxsize=16384)
+def _srepr(expr):
+    # the same few expressions recur in every layer of a deep network: printed once each
+    return sp.srepr(expr)
+
+
 def make(op, inputs, shape, attrs=()):
     """Create a node, or return the existing node with the same op, inputs, shape and attrs."""
     attrs = tuple(sorted(attrs, key=lambda kv: kv[0]))
     text = repr((op, [i.digest for i in inputs], [str(d) for d in shape],
-                 [(k, sp.srepr(v) if isinstance(v, sp.Basic) else repr(v)) for k, v in attrs]))
+                 [(k, _srepr(v) if isinstance(v, sp.Basic) else repr(v)) for k, v in attrs]))
     digest = hashlib.sha1(text.encode()).hexdigest()[:20]
     node = _intern.get(digest)
     if node is None:
