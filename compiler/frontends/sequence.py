@@ -24,7 +24,7 @@ from __future__ import annotations
 import sympy as sp
 
 from compiler.core import ir
-from compiler.core.ir import ARG, N
+from compiler.core.ir import ARG, N, Node
 from compiler.errors import ModelError, ShapeError
 
 MASK_FILL = -1e9     # a masked score: exp(fill - max) is exactly 0, and fill - fill is 0, not NaN
@@ -46,7 +46,7 @@ def check_sequence(h, what):
 class SequenceLayers:
     """Methods of ``Network`` for token ids (n, T) and sequences (n, T, d)."""
 
-    def embedding(self, x, vocab, dim, name=None):
+    def embedding(self, x: Node, vocab: int, dim: int, name: str | None = None) -> Node:
         """The rows of a learned table ``E<k>`` (vocab, dim) for token ids ``x`` (n, T): (n, T, dim)."""
         if not isinstance(x, ir.Node) or x.op != "input" or x.attr("kind") != "ids":
             raise ModelError("an embedding reads an input of token ids (net.input(name, kind='ids', "
@@ -57,7 +57,7 @@ class SequenceLayers:
         E = self.param(f"E{k}", (vocab, dim), ("glorot", vocab, dim))
         return self._name(ir.embed(E, x), f"Em{k}")
 
-    def positional(self, h, length=None, name=None):
+    def positional(self, h: Node, length: int | None = None, name: str | None = None) -> Node:
         """``h + P<k>``: a learned embedding of each of the ``length`` positions (default: the
         sequence length T of h, which it must equal), shape (T, d), added to every sequence."""
         check_sequence(h, "positional embedding")
@@ -78,7 +78,8 @@ class SequenceLayers:
         split = self._name(ir.reshape(proj, (N, T, H, dk)), f"{letter}s{k}")
         return self._name(ir.permute(split, (0, 2, 1, 3)), f"{letter}{k}")
 
-    def attention(self, h, heads, causal=False, mask=None, name=None):
+    def attention(self, h: Node, heads: int, causal: bool = False, mask: Node | None = None,
+                  name: str | None = None) -> Node:
         """Multi-head self-attention of ``h`` (n, T, d) with ``heads`` heads of d/heads each;
         ``causal``: a position attends to itself and earlier ones only; ``mask``: an input (n, T)
         of 1 (keep) and 0 (padding), padded keys get no weight. See the module docstring."""
@@ -118,7 +119,8 @@ class SequenceLayers:
         out = self._name(ir.reshape(out, (N, T, d)), f"OWs{k}")
         return self._name(ir.ew(ARG[0] + ARG[1], [out, bo]), f"Att{k}")
 
-    def transformer_block(self, h, heads, mlp, causal=False, mask=None, name=None):
+    def transformer_block(self, h: Node, heads: int, mlp: int, causal: bool = False, mask: Node | None = None,
+                          name: str | None = None) -> Node:
         """A pre-norm transformer block on ``h`` (n, T, d): ``h + attention(layernorm(h))``, then
         ``h + dense(dense(layernorm(h), mlp, gelu), d)``."""
         check_sequence(h, "transformer block")
