@@ -54,16 +54,23 @@ def _c(st, node):
     A = (lambda i, kk: f"_a[{kk}*{m} + {i}]") if ta else (lambda i, kk: f"_a[{i}*{k} + {kk}]")
     B = (lambda kk, j: f"_b[{j}*{k} + {kk}]") if tb else (lambda kk, j: f"_b[{kk}*{p} + {j}]")
     real = st.real
-    return [f"for (size_t _q = 0; _q < {batch}; _q++) {{",
+    head = [f"for (size_t _q = 0; _q < {batch}; _q++) {{",
             f"    const {real} *const _a = {st.name(a)} + _q*{sa};",
             f"    const {real} *const _b = {st.name(b)} + _q*{sb};",
             f"    {real} *const _c = {out} + _q*{m * p};",
-            f"    for (size_t _i = 0; _i < {m}; _i++) {{",
-            f"        for (size_t _j = 0; _j < {p}; _j++) {{",
-            f"            {real} _s = {st.lit(0)};",
-            f"            for (size_t _k = 0; _k < {k}; _k++) _s += {A('_i', '_k')} * {B('_k', '_j')};",
-            f"            _c[_i*{p} + _j] = _s;",
-            "        }", "    }", "}"]
+            f"    for (size_t _i = 0; _i < {m}; _i++) {{"]
+    if tb:   # rows of both operands are contiguous: dot products
+        return head + [f"        for (size_t _j = 0; _j < {p}; _j++) {{",
+                       f"            {real} _s = {st.lit(0)};",
+                       f"            for (size_t _k = 0; _k < {k}; _k++) _s += {A('_i', '_k')} * {B('_k', '_j')};",
+                       f"            _c[_i*{p} + _j] = _s;",
+                       "        }", "    }", "}"]
+    # a row of C accumulates rows of B (contiguous), k ascending as in the dot products
+    return head + [f"        for (size_t _j = 0; _j < {p}; _j++) _c[_i*{p} + _j] = {st.lit(0)};",
+                   f"        for (size_t _k = 0; _k < {k}; _k++) {{",
+                   f"            const {real} _x = {A('_i', '_k')};",
+                   f"            for (size_t _j = 0; _j < {p}; _j++) _c[_i*{p} + _j] += _x * {B('_k', '_j')};",
+                   "        }", "    }", "}"]
 
 
 register(Op("bmm", (bmm,), product_adjoint(bmm), _text, product_latex, statements={"numpy": _numpy, "c": _c}))
