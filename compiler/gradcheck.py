@@ -49,14 +49,17 @@ def as_trained(module):
 
 
 def random_batch(module: ModuleType, batch: int = 5, seed: int = 0, scale: float = 1.0) -> list[np.ndarray]:
-    """Random inputs and targets for ``module``: integer labels for label targets, one-hot
-    rows for the one-hot targets of a softmax loss, standard normal values otherwise."""
+    """Random inputs and targets for ``module``: token ids for inputs of ids (``VOCAB``), integer
+    labels for label targets (one per position of a sequence), one-hot rows for the one-hot
+    targets of a softmax loss, standard normal values otherwise."""
     rng = np.random.default_rng(seed)
-    arrays = [scale * rng.standard_normal((batch, *shape)) for shape in module.INPUTS.values()]
+    vocab = getattr(module, "VOCAB", {})
+    arrays = [rng.integers(0, vocab[name], size=(batch, *shape)) if name in vocab
+              else scale * rng.standard_normal((batch, *shape)) for name, shape in module.INPUTS.items()]
     for name, shape in module.TARGETS.items():
         classes = module.CLASSES.get(name)
         if module.TARGET_KINDS[name] == "label":
-            arrays.append(rng.integers(0, classes, size=batch))
+            arrays.append(rng.integers(0, classes, size=(batch, *shape)))
         elif classes:
             arrays.append(np.eye(classes)[rng.integers(0, classes, size=batch)])
         else:

@@ -158,6 +158,17 @@ def _cnn_avgpool():
     return net.build(z, "mse", net.target("y", 2))
 
 
+def _char_lm():
+    """Token ids -> embedding + positions -> a causal transformer block -> logits per position,
+    softmax cross-entropy over (n, T) labels (issue 13)."""
+    net = bpc.Network("char_lm")
+    x = net.input("x", kind="ids", length=4)
+    h = net.positional(net.embedding(x, 5, 4))
+    h = net.transformer_block(h, heads=2, mlp=6, causal=True)
+    z = net.dense(net.layernorm(h), 5)
+    return net.build(z, "softmax_cross_entropy", net.target("y", kind="label", length=4))
+
+
 MODELS = [
     ("mlp_tanh_mse", _net([3, 5, 4, 2], "tanh", name="mlp_tanh")),
     ("mlp_relu_mse", _net([3, 6, 2], "relu", name="mlp_relu")),
@@ -190,10 +201,12 @@ MODELS = [
     ("two_input_concat", _two_input_concat),
     ("cnn_maxpool", _cnn_maxpool),
     ("cnn_avgpool", _cnn_avgpool),
+    ("char_lm", _char_lm),
 ]
 
-# models whose loss and gradients must stay finite at inputs of +-1000
-STABLE_MODELS = [m for m in MODELS if m[0] not in ("expr_multi",)]
+# models whose loss and gradients must stay finite at inputs of +-1000 (token ids are not
+# numbers: char_lm's large scores and fully masked rows are tests/test_sequence.py's)
+STABLE_MODELS = [m for m in MODELS if m[0] not in ("expr_multi", "char_lm")]
 
 
 # ---- the axes every model is tested on ------------------------------------------------------
@@ -224,8 +237,10 @@ class Precision:
 PRECISIONS = {
     "float64": Precision("float64", rtol=1e-6, atol=1e-9, agree=1e-12),
     # measured worst cases over the table: float32 against float64 ~7e-6 relative (mlp_gelu),
-    # NumPy against C 7e-7 in float32 and 1.3e-15 in float64
-    "float32": Precision("float32", rtol=2e-4, atol=2e-5, agree=5e-6),
+    # NumPy against C 6e-6 in float32 (char_lm's layer-norm scale g3 at batch 7: two layer
+    # norms, attention and an MLP in one chain, summed in another order; 7e-7 without it) and
+    # 2e-16 in float64
+    "float32": Precision("float32", rtol=2e-4, atol=2e-5, agree=1e-5),
 }
 
 

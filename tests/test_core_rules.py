@@ -186,6 +186,54 @@ IMAGE_OPS = {
 OPS.update(IMAGE_OPS)
 
 
+def _seq(*shape, param="A"):
+    """A batch (n, *shape) that depends on the data and on a parameter (the input of a sequence op)."""
+    size = 1
+    for d in shape:
+        size *= d
+    return ir.reshape(ir.matmul(X(), P(param, (3, size))), (N, *shape))
+
+
+def _ids(T=6):
+    """Token ids (n, T); the data draw ids in 0..2, so a row of 6 repeats some."""
+    return ir.input_node("ids", (N, T), "data", "ids")
+
+
+def _key_mask():
+    """A padding mask (n, 4) of the data: keys whose first feature is positive are kept."""
+    return ir.ew(sp.Heaviside(a0, 0), [ir.reshape(ir.matmul(X(), P("M", (3, 4))), (N, 4))])
+
+
+def _scores(T, fill):
+    """Softmax over causally masked scores (n, 2, T, T), as attention computes them."""
+    return ir.softmax(ir.causal_mask(_seq(2, T, T), fill))
+
+
+# sequence ops of issue 13: embeddings (repeated ids), heads (permute), batched products,
+# causal masks, softmax and cross-entropy over the last axis of (n, T, k) and (n, h, T, T)
+SEQUENCE_OPS = {
+    "embed_repeated_ids": Op(lambda: ir.embed(P("E", (4, 3)), _ids())),
+    "embed_composed": Op(lambda: ir.ew(sp.tanh(a0), [ir.embed(P("E", (5, 2)), _ids(7))])),
+    "permute_heads": Op(lambda: ir.permute(_seq(3, 2, 4), (0, 2, 1, 3))),
+    "permute_3d": Op(lambda: ir.permute(_seq(3, 4), (0, 2, 1))),
+    "bmm": Op(lambda: ir.bmm(_seq(2, 3, 4), ir.ew(sp.sin(a0), [_seq(2, 4, 5, param="B")]))),
+    "bmm_ta": Op(lambda: ir.bmm(_seq(2, 4, 3), ir.ew(sp.sin(a0), [_seq(2, 4, 5, param="B")]), ta=True)),
+    "bmm_tb": Op(lambda: ir.bmm(_seq(2, 3, 4), ir.ew(sp.sin(a0), [_seq(2, 5, 4, param="B")]), tb=True)),
+    "bmm_ta_tb": Op(lambda: ir.bmm(_seq(3, 4), ir.ew(sp.sin(a0), [_seq(5, 3, param="B")]), ta=True, tb=True)),
+    "bmm_same_operand": Op(lambda: ir.bmm(_seq(2, 3, 4), _seq(2, 3, 4), tb=True)),
+    "causal_mask": Op(lambda: ir.causal_mask(_seq(2, 4, 4), -5.0)),
+    "causal_softmax": Op(lambda: _scores(4, -1e9)),
+    "key_mask": Op(lambda: ir.key_mask(_seq(2, 3, 4), _key_mask(), -5.0)),
+    "key_mask_softmax": Op(lambda: ir.softmax(ir.key_mask(_seq(2, 3, 4), _key_mask(), -1e9))),
+    "softmax_last_axis": Op(lambda: ir.softmax(ir.ew(3 * a0, [_seq(3, 4)]))),
+    "softmax_heads": Op(lambda: ir.softmax(ir.ew(3 * a0, [_seq(2, 3, 4)]))),
+    "logsumexp_last_axis": Op(lambda: ir.lse(ir.ew(3 * a0, [_seq(3, 4)]))),
+    "xent_sequence_labels": Op(lambda: ir.xent(ir.ew(3 * a0, [_seq(3, 4)]),
+                                               ir.input_node("y", (N, 3), "target", "label"), "label")),
+}
+OPS.update(SEQUENCE_OPS)
+
+
 def _model(out):
     if out.shape and sp.sympify(out.shape[0]).has(N) and (out.shape[0] != N or len(out.shape) > 2):
         # image values and their windows: weighted per sample, as (n, numbers per sample)
@@ -204,15 +252,17 @@ def _model(out):
     order = ir.topo_order([loss])
     params = tuple(sorted((n for n in order if n.op == "param"), key=lambda n: n.name))
     targets = tuple(n for n in order if n.op == "input" and n.attr("role") == "target")
-    return Model("rule", (x,), targets, params, out if ir.is_batch(out.shape) else loss, loss, {},
+    ids = tuple(n for n in order if n.op == "input" and n.attr("kind") == "ids")
+    return Model("rule", (x, *ids), targets, params, out if ir.is_batch(out.shape) else loss, loss, {},
                  {p.name: ("zeros",) for p in params})
 
 
 def _data(mod, batch, rng, domain):
     arrays = [domain.sample(rng, (batch, 3), SHIFT)]
+    arrays += [rng.integers(0, 3, size=(batch, *shape)) for name, shape in mod.INPUTS.items() if name != "X"]
     for name, shape in mod.TARGETS.items():
         if mod.TARGET_KINDS[name] == "label":
-            arrays.append(rng.integers(0, 4, size=batch))
+            arrays.append(rng.integers(0, 4, size=(batch, *shape)))
         else:
             arrays.append(np.eye(4)[rng.integers(0, 4, size=batch)])
     return arrays
@@ -307,6 +357,7 @@ def test_every_rule_has_a_row():
     from compiler.core.adjoints import RULES
     row_of = {"ew": "ew_", "matmul": "matmul", "transpose": "transpose", "reshape": "reshape", "sum": "sum_",
               "mean": "mean", "lse": "logsumexp", "softmax": "softmax", "xent": "xent_", "concat": "concat",
-              "im2col": "im2col_", "col2im": "col2im_", "window_max": "window_max"}
+              "im2col": "im2col_", "col2im": "col2im_", "window_max": "window_max", "embed": "embed_",
+              "permute": "permute_", "bmm": "bmm", "causal_mask": "causal_", "key_mask": "key_mask"}
     for rule in RULES:
         assert any(k.startswith(row_of[rule]) for k in OPS), rule

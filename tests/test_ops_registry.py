@@ -91,9 +91,10 @@ def test_every_op_module_is_registered():
 
 
 def test_rules_are_the_registry_adjoints():
-    assert set(RULES) == set(ops.REGISTRY) - {"xent_grad", "slice_last", "window_max_grad"}
-    # xent_grad, slice_last (the adjoint of concat) and window_max_grad exist only in gradients:
-    # differentiating them again is refused, not silently zero
+    assert set(RULES) == set(ops.REGISTRY) - {"xent_grad", "slice_last", "window_max_grad", "embed_grad"}
+    # xent_grad, slice_last (the adjoint of concat), window_max_grad and embed_grad (the
+    # scatter-add of an embedding) exist only in gradients: differentiating them again is
+    # refused, not silently zero
     s = ir.slice_last(ir.input_node("a", (ir.N, 5), "data"), 1, 3)
     with pytest.raises(ops.UnsupportedError, match="no adjoint rule for operation 'slice_last'"):
         ops.get(s.op).adjoint(s, s, [True])
@@ -106,6 +107,10 @@ def test_rules_are_the_registry_adjoints():
     node = ir.xent_grad(z, l, y, g, "onehot")
     with pytest.raises(ops.UnsupportedError, match="no adjoint rule for operation 'xent_grad'"):
         ops.get(node.op).adjoint(node, g, [True] * 4)
+    ids = ir.input_node("ids", (ir.N, 4), "data", "ids")
+    node = ir.embed_grad(ids, ir.input_node("g", (ir.N, 4, 3), "data"), 7)
+    with pytest.raises(ops.UnsupportedError, match="no adjoint rule for operation 'embed_grad'"):
+        ops.get(node.op).adjoint(node, g, [True] * 2)
 
 
 @pytest.mark.parametrize("cls", ["compiler.backends.numpy.statements.NumpyStatements",

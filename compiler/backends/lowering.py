@@ -16,6 +16,7 @@ import sympy as sp
 
 from compiler import __version__
 from compiler.backends.constants import numeric_constants_to_floats
+from compiler.core import ir
 from compiler.core.formulas import Formulas
 from compiler.core.ir import format_shape as shape_code
 from compiler.core.program import build_program
@@ -42,6 +43,8 @@ class Interface:
     data_args: str           # "x"
     all_args: str            # "x, y"
     has_labels: bool
+    has_tokens: bool = False  # integer token ids or labels with a per-sample shape, e.g. (T,)
+    vocab: str = "{}"         # VOCAB: input of token ids -> vocabulary size (emitted when not empty)
     dropout: str = "{}"      # DROPOUT: mask name -> rate (a model with dropout takes a mode)
     mode_args: str = ""      # ", training=False[, seed=None][, stats=None]" for dropout / batchnorm, else ""
     has_dropout: bool = False
@@ -74,10 +77,10 @@ def lower(model, dtype=None):
     if dtype == "float32":
         _check_float32_constants(program, fm)
 
-    classes = {}
+    classes = token_classes(model, program)
     for node in (*program.loss_nodes, *program.backward_nodes):
         if node.op == "xent":
-            classes[node.inputs[2].uid] = int(node.inputs[0].shape[1])
+            classes[node.inputs[2].uid] = int(node.inputs[0].shape[-1])
 
     formulas, latex = {}, {}
     for p, g in program.grads:
@@ -99,6 +102,8 @@ def lower(model, dtype=None):
         data_args=", ".join(x.name for x in data),
         all_args=", ".join(x.name for x in data + targets),
         has_labels=any(x.attr("kind") == "label" for x in targets),
+        has_tokens=any(is_tokens(x) for x in data + targets),
+        vocab=_dict_code({x.name: str(classes[x.uid]) for x in data if x.attr("kind") == "ids"}),
         dropout=_dict_code({m.name: repr(m.attr("rate")) for m in model.masks}),
         mode_args=mode_args(model),
         has_dropout=bool(model.masks),
@@ -121,6 +126,29 @@ def mode_args(model):
 
 def per_sample(node):
     return tuple(node.shape[1:])
+
+
+def is_tokens(node):
+    """Whether a leaf holds integers with a per-sample shape: token ids (n, T), or labels (n, T)
+    of a sequence (checked by the modules' ``_tokens``)."""
+    return node.attr("kind") == "ids" or (node.attr("kind") == "label" and len(node.shape) > 1)
+
+
+def token_classes(model, program):
+    """input uid -> vocabulary size of each input of token ids (the smallest table it indexes);
+    a ModelError when token ids reach anything but an embedding."""
+    ids = {x.uid: x for x in model.inputs if x.attr("kind") == "ids"}
+    out = {}
+    for node in ir.topo_order([program.prediction, program.loss]):
+        for k, i in enumerate(node.inputs):
+            if i.uid not in ids:
+                continue
+            if node.op != "embed" or k != 1:
+                raise ModelError(f"input {i.name!r} holds integer token ids; feed it to an embedding "
+                                 f"(net.embedding), not to {node.op}")
+            vocab = int(node.inputs[0].shape[0])
+            out[i.uid] = min(vocab, out.get(i.uid, vocab))
+    return out
 
 
 def model_hash(model, dtype):
@@ -155,6 +183,8 @@ def init_line(name, shape, init):
 
 def prediction_doc(model):
     if model.loss_kind == "softmax_cross_entropy":
+        if len(model.prediction.shape) == 3:
+            return "class probabilities (softmax of the logits) at every position, shape (batch, T, classes)"
         return "class probabilities (softmax of the logits), shape (batch, classes)"
     if model.loss_kind == "bce_with_logits":
         return "probabilities (sigmoid of the logits)"

@@ -11,20 +11,23 @@ The leaves of a graph (``Node.op``, inputs, attrs):
 op          inputs                  attrs
 ==========  ======================  ===========================================
 input       -                       name, role ("data" | "target" | "mask" | "stat" | "mode"),
-                                    kind ("real" | "label"); a mask (dropout) also has rate; a stat
-                                    is a batchnorm running statistic (with init), the mode the training flag
+                                    kind ("real" | "label" | "ids": integer token ids); a mask
+                                    (dropout) also has rate; a stat is a batchnorm running
+                                    statistic (with init), the mode the training flag
 param       -                       name
 ==========  ======================  ===========================================
 
 Every other op is a record of ``compiler.core.ops``, one module per op or small family
 (``ew``, ``matmul``, ``transpose``, ``reshape``, ``sum``/``mean``, ``lse``/``softmax``,
-``xent``/``xent_grad``, ``concat``/``slice_last``), whose docstring gives its inputs and attributes and which holds its
+``xent``/``xent_grad``, ``concat``/``slice_last``, ``embed``/``embed_grad``, ``permute``, ``bmm``,
+``causal_mask``/``key_mask``), whose docstring gives its inputs and attributes and which holds its
 constructor, adjoint rule, formulas and backend statements; the constructors are reachable
 here as ``ir.<name>`` (``ir.ew``, ``ir.matmul``, ``ir.reduce_sum``, ...). Nodes also take the
 Python operators ``+ - * / @`` (``compiler.core.operators``), so ``h + x`` is a residual.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import threading
@@ -144,11 +147,17 @@ def size_of(shape):
 _intern = weakref.WeakValueDictionary()
 
 
+@functools.lru_cache(maxsize=16384)
+def _srepr(expr):
+    # the same few expressions recur in every layer of a deep network: printed once each
+    return sp.srepr(expr)
+
+
 def make(op, inputs, shape, attrs=()):
     """Create a node, or return the existing node with the same op, inputs, shape and attrs."""
     attrs = tuple(sorted(attrs, key=lambda kv: kv[0]))
     text = repr((op, [i.digest for i in inputs], [str(d) for d in shape],
-                 [(k, sp.srepr(v) if isinstance(v, sp.Basic) else repr(v)) for k, v in attrs]))
+                 [(k, _srepr(v) if isinstance(v, sp.Basic) else repr(v)) for k, v in attrs]))
     digest = hashlib.sha1(text.encode()).hexdigest()[:20]
     node = _intern.get(digest)
     if node is None:

@@ -33,6 +33,7 @@ from compiler.core.ir import ARG, N
 from compiler.core.ir import Node
 from compiler.core.model import Model, check_name, check_target_kind
 from compiler.frontends.image import ImageLayers
+from compiler.frontends.sequence import SequenceLayers
 
 LOSSES = ("mse", "softmax_cross_entropy", "bce_with_logits")
 # other names users reach for -> the built-in loss
@@ -40,7 +41,7 @@ LOSS_ALIASES = {"cross_entropy": "softmax_cross_entropy", "softmax_xent": "softm
                 "bce": "bce_with_logits", "binary_cross_entropy_with_logits": "bce_with_logits"}
 
 
-class Network(ImageLayers):
+class Network(ImageLayers, SequenceLayers):
     """Builder of a batch-first tensor network; ``build`` returns a Model."""
 
     def __init__(self, name="model"):
@@ -65,9 +66,24 @@ class Network(ImageLayers):
         return node
 
     # -- leaves ---------------------------------------------------------------------------
-    def input(self, name: str, size: int | None = None, shape: Sequence[int] | None = None) -> Node:
+    def input(self, name: str, size: int | None = None, shape: Sequence[int] | None = None,
+              kind: str = "real", length: int | None = None) -> Node:
         """A data input: ``size`` features per sample (None for one number per sample), or a
-        per-sample ``shape`` such as (H, W, C) for images (batch-first, channels last)."""
+        per-sample ``shape`` such as (H, W, C) for images (batch-first, channels last), or
+        (``kind="ids"``) a sequence of ``length`` integer token ids per sample, shape (n, length)."""
+        if kind == "ids":
+            if size is not None or shape is not None:
+                raise ModelError(f"input {name!r}: token ids are a sequence of length ids per sample; "
+                                 "give length, not size or shape")
+            shape = (N, _positive(length, f"input {name!r} length"))
+            node = ir.input_node(self._claim(name, "input"), shape, "data", "ids")
+            self.inputs.append(node)
+            return self._name(node, name)
+        if kind != "real":
+            raise ModelError(f"input {name!r}: kind must be 'real' or 'ids', not {kind!r}")
+        if length is not None:
+            raise ModelError(f"input {name!r}: length is the number of token ids of an input of kind 'ids'; "
+                             "a real input takes size or shape")
         if shape is not None:
             if size is not None:
                 raise ModelError(f"input {name!r}: give size or shape, not both")
@@ -78,11 +94,19 @@ class Network(ImageLayers):
         self.inputs.append(node)
         return self._name(node, name)
 
-    def target(self, name: str, size: int | None = None, kind: str = "real") -> Node:
-        """A target: real values (``size`` per sample) or integer class labels (``kind='label'``)."""
+    def target(self, name: str, size: int | None = None, kind: str = "real",
+               length: int | None = None) -> Node:
+        """A target: real values (``size`` per sample) or integer class labels (``kind='label'``);
+        labels with ``length``: one class per position of a sequence, shape (n, length)."""
         if check_target_kind(kind, f"target {name!r}: kind") == "label" and size is not None:
-            raise ModelError(f"target {name!r}: integer labels are one number per sample; give no size")
-        shape = (N,) if size is None else (N, _positive(size, f"target {name!r} size"))
+            raise ModelError(f"target {name!r}: integer labels are one number per sample (or per "
+                             "position, with length); give no size")
+        if length is not None:
+            if kind != "label":
+                raise ModelError(f"target {name!r}: length is for labels of a sequence (kind 'label')")
+            shape = (N, _positive(length, f"target {name!r} length"))
+        else:
+            shape = (N,) if size is None else (N, _positive(size, f"target {name!r} size"))
         node = ir.input_node(self._claim(name, "target"), shape, "target", kind)
         self.targets.append(node)
         return self._name(node, name)
@@ -99,20 +123,27 @@ class Network(ImageLayers):
     # -- layers ---------------------------------------------------------------------------
     def dense(self, x: Node, units: int, activation: str | sp.Expr = "identity",
               name: str | None = None) -> Node:
-        """``activation(x @ W + b)``; W is Glorot- or He-initialised by activation, b zero."""
-        if len(x.shape) != 2 or x.shape[0] != N:
-            raise ShapeError(f"dense layer needs a (batch, features) input, got {ir.format_shape(x.shape)}"
-                             + ("; flatten it first" if len(x.shape) > 2 and x.shape[0] == N else ""))
+        """``activation(x @ W + b)``; W is Glorot- or He-initialised by activation, b zero. On a
+        sequence (n, T, d) it acts on the last axis: one matrix product of the (n*T, d) rows."""
+        seq = len(x.shape) == 3 and x.shape[0] == N and x.attr("kind") != "ids"
+        if (len(x.shape) != 2 or x.shape[0] != N or x.attr("kind") == "ids") and not seq:
+            raise ShapeError(f"dense layer needs a (batch, features) input or a sequence (batch, T, features), "
+                             f"got {ir.format_shape(x.shape)}"
+                             + ("; embed token ids first (net.embedding)" if x.attr("kind") == "ids" else
+                                "; flatten it first" if len(x.shape) > 3 and x.shape[0] == N else ""))
         units = _positive(units, "dense layer width")
         self._layers += 1
         k = name or str(self._layers)
         act_expr, scheme = resolve_activation(activation)
-        fan_in = x.shape[1]
+        fan_in = x.shape[-1]
         init = ("he", fan_in) if scheme == "he" else ("glorot", fan_in, units)
         W = self.param(f"W{k}", (fan_in, units), init)
         b = self.param(f"b{k}", (units,), ("zeros",))
         xn = self.names.get(x.digest, "x")
-        xw = self._name(ir.matmul(x, W), f"{xn}W{k}" if len(xn) <= 3 else f"XW{k}")
+        rows = self._name(ir.reshape(x, (N * x.shape[1], fan_in)), f"X{k}") if seq else x
+        xw = self._name(ir.matmul(rows, W), f"{xn}W{k}" if len(xn) <= 3 and not seq else f"XW{k}")
+        if seq:
+            xw = self._name(ir.reshape(xw, (N, x.shape[1], units)), f"XWs{k}")
         z = self._name(ir.ew(ARG[0] + ARG[1], [xw, b]), f"Z{k}")
         return self._apply(z, act_expr, f"H{k}")
 
@@ -261,12 +292,19 @@ class Network(ImageLayers):
 
     # -- model ----------------------------------------------------------------------------
     def build(self, output: Node | None = None, loss: str | sp.Expr = "mse", target: Node | None = None, *,
-              losses: Sequence | None = None) -> Model:
+              losses: Sequence | None = None, loss_mask: Node | None = None) -> Model:
         """The Model of ``output`` with the given loss against ``target`` (default: the only one).
 
         Several losses: ``losses=[(output, loss, target, weight), ...]`` (weight optional,
         default 1; or dicts with those keys; target defaults to the only one) trains their
-        weighted sum; ``forward`` returns the prediction of the first entry's output."""
+        weighted sum; ``forward`` returns the prediction of the first entry's output.
+
+        ``loss_mask``: for softmax cross-entropy over sequences (logits (n, T, classes), labels
+        (n, T)), an input (n, T) of weights per position (1 keep, 0 padding): the loss is the
+        mean over batch and positions of weight * cross-entropy."""
+        if loss_mask is not None and losses is not None:
+            raise ModelError("loss_mask weighs the loss of build(output, loss, target); with losses=[...] "
+                             "give no loss_mask")
         if losses is None:
             if output is None:
                 raise ModelError("give the output to train (build(output, loss, target)) or losses=[...]")
@@ -286,7 +324,7 @@ class Network(ImageLayers):
                     raise ModelError("give the target of the loss (the network has "
                                      f"{len(self.targets)} targets)")
                 y = self.targets[0]
-            pred, L = apply_loss(kind, out, y, self.names)
+            pred, L = apply_loss(kind, out, y, self.names, loss_mask)
             terms.append((pred, L, weight))
         pred, L = terms[0][0], terms[0][1]
         if len(terms) > 1:
@@ -336,11 +374,17 @@ def loss_kind(loss):
     return LOSS_ALIASES.get(loss, loss) if isinstance(loss, str) else "expression"
 
 
-def apply_loss(loss, z, y, names):
-    """(prediction node, scalar loss node) of ``loss`` applied to output ``z`` and target ``y``."""
+def apply_loss(loss, z, y, names, mask=None):
+    """(prediction node, scalar loss node) of ``loss`` applied to output ``z`` and target ``y``;
+    ``mask``: weights per position of a sequence's softmax cross-entropy."""
     def named(node, name):
         names.setdefault(node.digest, name)
         return node
+
+    if mask is not None and (not isinstance(loss, str) or LOSS_ALIASES.get(loss, loss) != "softmax_cross_entropy"
+                             or len(z.shape) != 3):
+        raise ModelError("loss_mask weighs the positions of softmax cross-entropy over sequences "
+                         "(logits (n, T, classes)); this loss has none")
 
     if isinstance(loss, str):
         key = LOSS_ALIASES.get(loss, loss)
@@ -349,6 +393,8 @@ def apply_loss(loss, z, y, names):
                              "or give a SymPy expression of p (prediction) and y (target)")
         kind = y.attr("kind")
         if key == "softmax_cross_entropy":
+            if len(z.shape) == 3 and z.shape[0] == N:
+                return _sequence_xent(z, y, mask, named)
             if len(z.shape) != 2:
                 raise ShapeError(f"softmax cross-entropy needs (batch, classes) logits, got {ir.format_shape(z.shape)}")
             ce = named(ir.xent(z, y, "label" if kind == "label" else "onehot"), "CE")
@@ -379,6 +425,24 @@ def apply_loss(loss, z, y, names):
         per = ir.ew(expr.xreplace({p: ARG[0], yy: ARG[1]}), [zy, y])
         return z, named(ir.mean(named(per, "E")), "L")
     raise ModelError(f"loss must be a name or a SymPy expression, got {type(loss).__name__}")
+
+
+def _sequence_xent(z, y, mask, named):
+    """Softmax cross-entropy of logits (n, T, classes) against labels (n, T): the mean over batch
+    and positions, each position weighted by ``mask`` (n, T) when given."""
+    T = z.shape[1]
+    if y.attr("kind") != "label" or y.shape != (N, T):
+        raise ShapeError(f"softmax cross-entropy over sequences needs labels of shape (n, {T}) "
+                         f"(net.target(name, kind='label', length={T})), got {ir.format_shape(y.shape)} "
+                         f"of kind {y.attr('kind')!r}")
+    ce = named(ir.xent(z, y, "label"), "CE")
+    named(ce.inputs[1], "LSE")
+    if mask is not None:
+        if not isinstance(mask, ir.Node) or mask.op != "input" or mask.attr("kind") != "real" \
+                or mask.shape != (N, T):
+            raise ModelError(f"loss_mask must be an input of shape (n, {T}) (net.input(name, {T})), got {mask!r}")
+        ce = named(ir.ew(ARG[0] * ARG[1], [ce, mask]), "CEm")
+    return named(ir.softmax(z), "P"), named(ir.mean(ce), "L")
 
 
 def _same_shape(z, y, what):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from compiler import dtypes
 from compiler.errors import BpcError, ModelError
+from compiler.spec.sequence_layers import SEQUENCE_LAYERS, SEQUENCE_LAYER_KEYS, sequence_layer
 
 MAX_FILE_BYTES = 32 * 1024 * 1024
 MAX_WIDTH = 1 << 20          # of one layer, input or target (beyond it init_params cannot allocate)
@@ -34,15 +35,17 @@ MAX_IMAGE_RANK = 3
 
 TOP_KEYS = ("model", "constants", "network", "expression", "matrix", "train")
 MODEL_KEYS = ("name", "description", "dtype")
-NETWORK_KEYS = ("input", "target", "layers", "loss", "losses")
+NETWORK_KEYS = ("input", "target", "layers", "loss", "losses", "loss_mask")
 LOSS_KEYS = ("output", "target", "loss", "weight")
-INPUT_KEYS = ("name", "size", "shape")
-TARGET_KEYS = ("name", "size", "kind")
+INPUT_KEYS = ("name", "size", "shape", "kind", "length")
+TARGET_KEYS = ("name", "size", "kind", "length")
 LAYER_KEYS = ("type", "units", "activation", "name", "constants", "eps", "momentum", "rate",
-              "from") + IMAGE_LAYER_KEYS
+              "from") + IMAGE_LAYER_KEYS + SEQUENCE_LAYER_KEYS
 NORM_LAYERS = ("layernorm", "rmsnorm", "batchnorm")   # Network methods of the same names
 LAYER_OPTIONS = {"eps": NORM_LAYERS, "momentum": ("batchnorm",), "rate": ("dropout",),   # the layer types that take each key
-                 **{key: tuple(k for k, keys in IMAGE_LAYERS.items() if key in keys) for key in IMAGE_LAYER_KEYS}}
+                 **{key: tuple(k for k, keys in IMAGE_LAYERS.items() if key in keys) for key in IMAGE_LAYER_KEYS},
+                 **{key: tuple(k for k, (keys, _) in SEQUENCE_LAYERS.items() if key in keys)
+                    for key in SEQUENCE_LAYER_KEYS}}
 MERGE_LAYERS = ("add", "concat", "multiply")     # Network methods of the same names
 EXPRESSION_KEYS = ("prediction", "params", "inputs", "targets", "loss", "prediction_symbol")
 MATRIX_KEYS = ("inputs", "targets", "params", "scalars", "init", "activations", "output", "loss",
@@ -395,8 +398,8 @@ class _Loader:
 
         net = self.wrap("model.name", Network, name)
         # the values a layer's `from` may name: the inputs, then each named layer once built
-        scope = {x_name: self.wrap(f"network.input{where}", net.input, x_name, x_size, shape=x_shape)
-                 for where, x_name, x_size, x_shape in inputs}
+        scope = {x_name: self.wrap(f"network.input{where}", net.input, x_name, x_size, shape=x_shape, **ids)
+                 for where, x_name, x_size, x_shape, ids in inputs}
         later = {lay.get("name"): i for i, lay in enumerate(layers)
                  if isinstance(lay, dict) and isinstance(lay.get("name"), str)}
         h = None
@@ -405,11 +408,13 @@ class _Loader:
             where = f"network.layers[{i}]"
             layer = self.table(layer, where, LAYER_KEYS)
             kind = self.string(layer.get("type", "dense"), f"{where}.type")
-            if kind not in ("dense", "activation", *NORM_LAYERS, "dropout", *MERGE_LAYERS, *IMAGE_LAYERS):
+            if kind not in ("dense", "activation", *NORM_LAYERS, "dropout", *MERGE_LAYERS, *IMAGE_LAYERS,
+                            *SEQUENCE_LAYERS):
                 raise self.error(f"{where}.type", "must be one of 'dense', 'activation', "
                                  f"{', '.join(map(repr, NORM_LAYERS))}, 'dropout', "
                                  f"{', '.join(map(repr, MERGE_LAYERS))}, "
-                                 f"{', '.join(map(repr, IMAGE_LAYERS))}; not {kind!r}")
+                                 f"{', '.join(map(repr, IMAGE_LAYERS))}, "
+                                 f"{', '.join(map(repr, SEQUENCE_LAYERS))}; not {kind!r}")
             for key, kinds in LAYER_OPTIONS.items():
                 if key in layer and kind not in kinds:
                     raise self.error(f"{where}.{key}", f"only {_listing(kinds)} layers take {key}, "
@@ -421,7 +426,7 @@ class _Loader:
                 lname = self.name(layer["name"], f"{where}.name", "layer")
                 if lname in names:
                     raise self.error(f"{where}.name", f"layer name {lname!r} is used twice")
-                if lname in scope or any(lname == t for _, t, _, _ in targets):
+                if lname in scope or any(lname == t[1] for t in targets):
                     raise self.error(f"{where}.name", f"{lname!r} is already the name of an input or target")
                 names.add(lname)
             srcs = self.layer_sources(layer, where, i, h, scope, later)
@@ -445,6 +450,8 @@ class _Loader:
                     h = self.dropout_layer(net, h, layer, where, lname)
                 elif kind in IMAGE_LAYERS:
                     h = self.image_layer(net, h, layer, kind, where, act, lname)
+                elif kind in SEQUENCE_LAYERS:
+                    h = sequence_layer(self, net, h, layer, kind, where, lname, scope)
                 elif kind == "dense":
                     if "units" not in layer:
                         raise self.error(f"{where}.units", "missing (the layer's width)")
@@ -459,21 +466,31 @@ class _Loader:
             if lname is not None:
                 scope[lname] = h
 
-        tg = {t_name: self.wrap(f"network.target{twhere}", net.target, t_name, t_size, t_kind)
-              for twhere, t_name, t_size, t_kind in targets}
+        tg = {t_name: self.wrap(f"network.target{twhere}", net.target, t_name, t_size, t_kind, length=t_length)
+              for twhere, t_name, t_size, t_kind, t_length in targets}
+        loss_mask = None
+        if "loss_mask" in net_t:
+            m = self.string(net_t["loss_mask"], "network.loss_mask")
+            if m not in scope or scope[m].op != "input":
+                raise self.error("network.loss_mask", f"unknown input {_short(m)}; the loss mask is an input "
+                                 "(n, T) of weights per position (1 keep, 0 padding)")
+            if "losses" in net_t:
+                raise self.error("network.loss_mask", "weighs network.loss; with [[network.losses]] give none")
+            loss_mask = scope[m]
         if "losses" not in net_t:
             if len(tg) != 1:
                 raise self.error("network.target", f"the network has {len(tg)} targets; give one "
                                  "[[network.losses]] entry (output, target, loss, weight) for each")
             loss = self.loss(net_t.get("loss", "mse"), "network.loss", constants)
-            return self.wrap("network.loss", net.build, h, loss, next(iter(tg.values())))
+            return self.wrap("network.loss", net.build, h, loss, next(iter(tg.values())), loss_mask=loss_mask)
         if "loss" in net_t:
             raise self.error("network.loss", "give either network.loss or [[network.losses]], not both")
         entries = self.network_losses(net_t["losses"], h, scope, tg, constants)
         return self.wrap("network.losses", net.build, losses=entries)
 
     def network_inputs(self, value):
-        """[(where suffix, name, size, shape)] of ``network.input``: one table or an array of tables."""
+        """[(where suffix, name, size, shape, ids)] of ``network.input``: one table or an array of
+        tables; ids: the keywords (kind, length) of an input of token ids, else {}."""
         many = isinstance(value, list)
         if many and not value:
             raise self.error("network.input", "is empty; declare at least one input")
@@ -484,14 +501,32 @@ class _Loader:
             if many and "name" not in in_t:
                 raise self.error(f"network.input{sub}.name", "missing (several inputs need names)")
             x_name = self.name(in_t.get("name", "x"), f"network.input{sub}.name", "input")
-            x_size, x_shape = self.input_size(in_t, f"network.input{sub}")
+            x_kind = self.string(in_t.get("kind", "real"), f"network.input{sub}.kind")
+            ids = {}
+            if x_kind == "ids":
+                for key in ("size", "shape"):
+                    if key in in_t:
+                        raise self.error(f"network.input{sub}.{key}", "an input of token ids has a length "
+                                         f"(ids per sample), not a {key}; remove {key}")
+                if "length" not in in_t:
+                    raise self.error(f"network.input{sub}.length", "missing (the number of token ids per sample)")
+                x_size = x_shape = None
+                ids = {"kind": "ids", "length": self.integer(in_t["length"], f"network.input{sub}.length")}
+            elif x_kind != "real":
+                raise self.error(f"network.input{sub}.kind", f"must be 'real' or 'ids', not {_short(x_kind)}")
+            elif "length" in in_t:
+                raise self.error(f"network.input{sub}.length", "only an input of token ids (kind = 'ids') "
+                                 "has a length; give size")
+            else:
+                x_size, x_shape = self.input_size(in_t, f"network.input{sub}")
             if any(x_name == o[1] for o in out):
                 raise self.error(f"network.input{sub}.name", f"input {x_name!r} is declared twice")
-            out.append((sub, x_name, x_size, x_shape))
+            out.append((sub, x_name, x_size, x_shape, ids))
         return out
 
     def network_targets(self, value, inputs):
-        """[(where suffix, name, size, kind)] of ``network.target``: one table or an array of tables."""
+        """[(where suffix, name, size, kind, length)] of ``network.target``: one table or an array of
+        tables (length: labels of a sequence, one per position)."""
         from compiler.core.model import check_target_kind
         many = isinstance(value, list)
         if many and not value:
@@ -506,10 +541,17 @@ class _Loader:
             y_name = self.name(tg_t.get("name", "y"), f"{where}.name", "target")
             y_kind = self.string(tg_t.get("kind", "real"), f"{where}.kind")
             self.wrap(f"{where}.kind", check_target_kind, y_kind)
+            y_length = None
+            if "length" in tg_t:
+                if y_kind != "label":
+                    raise self.error(f"{where}.length", "only labels of a sequence (kind = 'label') have a "
+                                     "length; a real target takes size")
+                y_length = self.integer(tg_t["length"], f"{where}.length")
             if y_kind == "label":
                 if "size" in tg_t:
-                    raise self.error(f"{where}.size", "integer labels are one class index per sample; "
-                                     "give no size (the number of classes is the last layer's width)")
+                    raise self.error(f"{where}.size", "integer labels are one class index per sample (or per "
+                                     "position, with length); give no size (the number of classes is the "
+                                     "last layer's width)")
                 y_size = None
             else:
                 if "size" not in tg_t:
@@ -519,7 +561,7 @@ class _Loader:
                 raise self.error(f"{where}.name", f"{y_name!r} is already the input's name")
             if any(y_name == o[1] for o in out):
                 raise self.error(f"{where}.name", f"target {y_name!r} is declared twice")
-            out.append((sub, y_name, y_size, y_kind))
+            out.append((sub, y_name, y_size, y_kind, y_length))
         return out
 
     def layer_sources(self, layer, where, i, previous, scope, later):

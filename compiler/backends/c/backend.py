@@ -42,12 +42,13 @@ import sympy as sp
 
 from compiler import __version__
 from compiler.core import ir, ops
+from compiler.core.ops.ew import factored, shared_subexpressions
 from compiler.core.model import Model
 from compiler.core.program import Program
 from compiler.backends import cache as _cache
 from compiler.backends.c.printer import PRINTERS, print_c
 from compiler.backends.cache import cache_dir, load_module
-from compiler.backends.lowering import lower, shape_code, statement
+from compiler.backends.lowering import is_tokens, lower, shape_code, statement
 from compiler.backends.show import Displayed
 from compiler.errors import BpcError, ModelError, UnsupportedError
 from compiler.files import write_atomic
@@ -171,7 +172,7 @@ class CStatements:
                 for i, inp in enumerate(node.inputs)}
 
     def ew_code(self, node, idx):
-        return self.expr(sp.factor_terms(node.attr("expr")), self.ew_symbols(node, idx))
+        return self.expr(factored(node.attr("expr")), self.ew_symbols(node, idx))
 
     # -- loops ----------------------------------------------------------------------------
     @staticmethod
@@ -243,8 +244,8 @@ class CStatements:
 
     def elementwise(self, node):
         idx = self.idx_vars(node.shape)
-        expr = sp.factor_terms(node.attr("expr"))
-        reps, (body_expr,) = sp.cse([expr], symbols=sp.numbered_symbols("_c"), optimizations=None)
+        expr = factored(node.attr("expr"))
+        reps, body_expr = shared_subexpressions(expr)
         symbols = self.ew_symbols(node, idx)
         body = []
         for k, (sym, sub) in enumerate(reps):
@@ -437,6 +438,7 @@ def render_c(lowered, prefix=None):
         data_args=iface.data_args, all_args=iface.all_args, mode_args=iface.mode_args, dropout=iface.dropout,
         loss_kind=iface.loss_kind,
         has_dropout=iface.has_dropout, stats_shapes=iface.stats_shapes, stats_init=iface.stats_init,
+        has_tokens=iface.has_tokens, vocab=iface.vocab,
     )
     return CompiledC(model, program, dtype, prefix, c_source, header, wrapper, cdef, formulas, latex,
                      lowered.source_hash, ext_source)
@@ -453,9 +455,12 @@ class _CFunctions:
     def arg_list(self, leaves):
         out = []
         for x in leaves:
-            ctype = "int64_t" if x.attr("kind") == "label" else self.real
+            integer = x.attr("kind") in ("label", "ids")      # class labels or token ids: int64_t
+            ctype = "int64_t" if integer else self.real
             out.append({"name": x.name, "cname": self.st.name(x, use=False), "ctype": ctype,
-                        "label": x.attr("kind") == "label", "classes": self.lowered.classes.get(x.uid),
+                        "label": integer, "tokens": is_tokens(x),
+                        "what": "token ids" if x.attr("kind") == "ids" else "labels",
+                        "classes": self.lowered.classes.get(x.uid),
                         "mask": x.attr("role") == "mask", "rate": x.attr("rate"),
                         "stat": x.attr("role") == "stat", "mode": x.attr("role") == "mode",
                         "internal": x.attr("role") in ("mask", "stat", "mode"),

@@ -9,7 +9,7 @@ from types import ModuleType
 
 from compiler import __version__, dtypes
 from compiler.backends.cache import cache_dir, load_module, write_cached
-from compiler.backends.lowering import lower, per_sample, statement
+from compiler.backends.lowering import is_tokens, lower, per_sample, statement
 from compiler.backends.numpy.statements import NumpyStatements, shape_code
 from compiler.backends.show import Displayed
 from compiler.backends.templates import render
@@ -113,7 +113,7 @@ def render_numpy(lowered):
         targets_shapes=iface.targets_shapes, target_kinds=iface.target_kinds, classes=iface.classes,
         formulas=[(p.name, lowered.formulas[p.name]) for p in model.params],
         init_doc=lowered.init_doc, init_lines=list(lowered.init_lines),
-        has_labels=iface.has_labels, mode_args=iface.mode_args, dropout=iface.dropout,
+        has_labels=iface.has_labels, has_tokens=iface.has_tokens, vocab=iface.vocab, mode_args=iface.mode_args, dropout=iface.dropout,
         has_dropout=iface.has_dropout, stats_shapes=iface.stats_shapes, stats_init=iface.stats_init,
         helpers=sorted(st.helpers), functions=functions,
     )
@@ -134,7 +134,11 @@ class _Functions:
         classes = self.lowered.classes
         lines = []
         for x in leaves:
-            if x.attr("kind") == "label":
+            if is_tokens(x):
+                what = "token ids" if x.attr("kind") == "ids" else "labels"
+                lines.append(f"{x.name} = _tokens({x.name}, {x.name!r}, {classes[x.uid]}, "
+                             f"{shape_code(per_sample(x))}, {what!r})")
+            elif x.attr("kind") == "label":
                 lines.append(f"{x.name} = _labels({x.name}, {x.name!r}, {classes[x.uid]})")
             else:
                 lines.append(f"{x.name} = _data({x.name}, {x.name!r}, {shape_code(per_sample(x))})")
@@ -143,14 +147,23 @@ class _Functions:
             # every mask, in DROPOUT's order, in every function: one seed, the same masks
             lines.append("_rng = _dropout_rng(training, seed)")
             lines += [f"{m.name} = _dropout_mask(_rng, n, {shape_code(per_sample(m))}, {m.attr('rate')!r}, "
-                      f"{leaves[0].name}.dtype)" for m in self.model.masks]
+                      f"{self.dtype_source(leaves)}.dtype)" for m in self.model.masks]
         if self.model.stats:
             lines.append(f"{self.model.mode.name} = _bn_mode(training, stats)")
-            lines += [f"{s.name} = _stat(stats, {s.name!r}, {shape_code(s.shape)}, {leaves[0].name}.dtype)"
+            lines += [f"{s.name} = _stat(stats, {s.name!r}, {shape_code(s.shape)}, {self.dtype_source(leaves)}.dtype)"
                       for s, _ in self.model.stats]
         used = {node.uid for node in ir.topo_order(roots)}
         return lines, [f"{p.name} = _param(params, {p.name!r}, {shape_code(p.shape)})"
                        for p in self.model.params if p.uid in used]
+
+    def dtype_source(self, leaves):
+        """Code of the array whose dtype the computation follows: the first leaf of real
+        numbers, else (a model of token ids and labels alone) the first parameter."""
+        real = [x for x in leaves if x.attr("kind") not in ("label", "ids")]
+        if real or not self.model.params:
+            return (real or leaves)[0].name
+        p = self.model.params[0]
+        return f"_param(params, {p.name!r}, {shape_code(p.shape)})"
 
     def function(self, fname, leaves, roots, nodes, ret, doc, comments=False):
         st, fm = self.st, self.lowered.lines
@@ -167,6 +180,6 @@ class _Functions:
                                                  for s, u in self.program.stat_updates) + "})")
         pro, params = self.prologue(leaves, roots)
         if st.needs_dt:
-            pro.append(f"dt = {leaves[0].name}.dtype")
+            pro.append(f"dt = {self.dtype_source(leaves)}.dtype")
         return {"name": fname, "args": ", ".join(x.name for x in leaves) + self.lowered.interface.mode_args, "doc": doc,
                 "prologue": pro + params, "body": body, "ret": ret}

@@ -12,6 +12,7 @@ import re
 import sympy as sp
 
 from compiler.core import ir, ops, scalar_functions
+from compiler.core.ops.ew import factored, shared_subexpressions
 from compiler.core.ir import ARG, N
 from compiler.core.ir import format_shape as shape_code
 from compiler.core.simplify import use_counts
@@ -116,7 +117,7 @@ class NumpyStatements:
         symbols = {}
         for i, inp in enumerate(node.inputs):
             symbols[ARG[i]] = self.ref(inp) + _suffix(inp.shape, node.shape)
-        code, helpers = print_numpy(sp.factor_terms(node.attr("expr")), symbols)
+        code, helpers = print_numpy(factored(node.attr("expr")), symbols)
         self.helpers |= helpers
         return self._materialise(node, code)
 
@@ -164,9 +165,8 @@ class NumpyStatements:
         out = self.name(node)
         if not node.inputs:
             return [f"{out} = {self._fill(node)}" if node.shape else f"{out} = np.asarray({self._fill(node)}, dtype=dt)"]
-        expr = sp.factor_terms(node.attr("expr"))
-        reps, (body,) = sp.cse([numeric_constants_to_floats(expr)],
-                               symbols=sp.numbered_symbols("_c"), optimizations=None)
+        expr = factored(node.attr("expr"))
+        reps, body = shared_subexpressions(numeric_constants_to_floats(expr))
         symbols = {ARG[i]: self.ref(inp) + _suffix(inp.shape, node.shape) for i, inp in enumerate(node.inputs)}
         if not reps and node.shape != () and self.large(node):
             lines = InPlace(self, node, out, symbols).lines(body)

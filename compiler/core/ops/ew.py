@@ -8,6 +8,7 @@ Elementwise derivatives are rewritten in terms of the forward output where possi
 """
 from __future__ import annotations
 
+import functools
 import operator
 from functools import reduce
 
@@ -172,14 +173,30 @@ class _Partials:
         return sp.diff(e, s)
 
 
+@functools.lru_cache(maxsize=8192)
+def factored(expr):
+    """``sp.factor_terms(expr)``, the form every printer writes, computed once per expression:
+    the layers of a deep network repeat the same expressions over other inputs (a transformer's
+    blocks share every one), and factor_terms is most of a compile's printing time."""
+    return sp.factor_terms(expr)
+
+
+@functools.lru_cache(maxsize=8192)
+def shared_subexpressions(expr):
+    """``(replacements, body)`` of ``sp.cse`` on one expression (temporaries ``_c0``, ``_c1``,
+    ...), once per expression, for the backends' elementwise statements."""
+    reps, (body,) = sp.cse([expr], symbols=sp.numbered_symbols("_c"), optimizations=None)
+    return tuple(reps), body
+
+
 def _text(node, a, fm):
-    return fm.print_text(sp.factor_terms(node.attr("expr")), {ARG[i]: x for i, x in enumerate(a)})
+    return fm.print_text(factored(node.attr("expr")), {ARG[i]: x for i, x in enumerate(a)})
 
 
 def _latex(node, a, fm):
     # inputs of shape () multiply by juxtaposition; products of the others are elementwise
     scalars = {ARG[i] for i, x in enumerate(node.inputs) if x.shape == ()}
-    return fm.print_latex(sp.factor_terms(node.attr("expr")), {ARG[i]: x for i, x in enumerate(a)}, scalars)
+    return fm.print_latex(factored(node.attr("expr")), {ARG[i]: x for i, x in enumerate(a)}, scalars)
 
 
 register(Op("ew", (ew,), _ew_rule, _text, _latex, statements={

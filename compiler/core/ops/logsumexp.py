@@ -1,5 +1,7 @@
 """Row-wise log-sum-exp ``lse`` (n, k) -> (n,) and ``softmax`` (n, k) -> (n, k) of one input z,
-both stable (the row maximum is subtracted before exponentiating); no attrs."""
+both stable (the row maximum is subtracted before exponentiating); no attrs. A row is the last
+axis: logits (n, T, k) of a sequence (or attention scores (n, heads, T, T)) give ``lse`` of
+shape (n, T) and a softmax over each row of k."""
 from __future__ import annotations
 
 import sympy as sp
@@ -11,14 +13,28 @@ from compiler.errors import ShapeError
 
 
 def rows(z, what):
-    """Check that ``z`` holds (batch, classes) logits."""
-    if len(z.shape) != 2:
+    """Check that ``z`` holds (batch, classes) logits, or (batch, ..., classes)."""
+    if len(z.shape) < 2:
         raise ShapeError(f"{what} needs (batch, classes) logits, got {format_shape(z.shape)}")
+
+
+def flat_rows(st, z):
+    """(rows, classes) of logits ``z`` in a backend's size code: every axis but the last is a row."""
+    return st.size_code(z.shape[:-1]), st.dims(z.shape)[-1]
+
+
+def _flat_row_max(st, z):
+    """(rows, classes, element _j of row _i, lines setting _m to row _i's maximum) for C loops
+    over the flattened rows of ``z`` (any rank; the classes are the last axis)."""
+    rows, k = flat_rows(st, z)
+    zij = st.source_flat(z, f"_i*{k} + _j")
+    return rows, k, zij, [f"    {st.real} _m = {st.source_flat(z, f'_i*{k}')};",
+                          f"    for (size_t _j = 1; _j < {k}; _j++) if ({zij} > _m) _m = {zij};"]
 
 
 def lse(z):
     rows(z, "log-sum-exp")
-    return make("lse", (z,), z.shape[:1])
+    return make("lse", (z,), z.shape[:-1])
 
 
 def softmax(z):
@@ -36,11 +52,25 @@ def _lse_adjoint(node, g, wants):
 
 def _lse_numpy(st, node):
     st.helpers.add("logsumexp")
-    return [f"{st.name(node)} = _logsumexp({st.ref(node.inputs[0])})"]
+    z = node.inputs[0]
+    if len(z.shape) > 2:     # rows of every position: one call on the flattened rows
+        k = z.shape[-1]
+        return [f"{st.name(node)} = _logsumexp({st.ref(z)}.reshape(-1, {k})).reshape({st.shape_code(node.shape)})"]
+    return [f"{st.name(node)} = _logsumexp({st.ref(z)})"]
+
+
+def _flat_lse_c(st, node):
+    rows, k, zij, head = _flat_row_max(st, node.inputs[0])
+    return [f"for (size_t _i = 0; _i < {rows}; _i++) {{", *head,
+            f"    {st.real} _s = {st.lit(0)};",
+            f"    for (size_t _j = 0; _j < {k}; _j++) _s += exp{st.fs}({zij} - _m);",
+            f"    {st.name(node)}[_i] = _m + log{st.fs}(_s);", "}"]
 
 
 def _lse_c(st, node):
     (z,) = node.inputs
+    if len(z.shape) > 2:
+        return _flat_lse_c(st, node)
     k, zij, head = st.row_max(z)
     return ["for (size_t _i = 0; _i < n; _i++) {", *head,
             f"    {st.real} _s = {st.lit(0)};",
@@ -49,7 +79,7 @@ def _lse_c(st, node):
 
 
 register(Op("lse", (lse,), _lse_adjoint,
-            text=lambda node, a, fm: f"logsumexp({a[0]}, axis=1)",
+            text=lambda node, a, fm: f"logsumexp({a[0]}, axis={1 if len(node.shape) == 1 else -1})",
             latex=lambda node, a, fm: rf"\operatorname{{logsumexp}}\left({a[0]}\right)",
             statements={"numpy": _lse_numpy, "c": _lse_c}))
 
@@ -58,17 +88,31 @@ register(Op("lse", (lse,), _lse_adjoint,
 
 def _softmax_adjoint(node, g, wants):
     z = node.inputs[0]
-    t = ir.reduce_sum(ir.ew(ARG[0] * ARG[1], [g, node]), (1,))
+    t = ir.reduce_sum(ir.ew(ARG[0] * ARG[1], [g, node]), (len(z.shape) - 1,))
     return [ir.ew(ARG[1] * (ARG[0] - ARG[2]), [g, node, t], shape=z.shape)]
 
 
 def _softmax_numpy(st, node):
     st.helpers.add("softmax")
-    return [f"{st.name(node)} = _softmax({st.ref(node.inputs[0])})"]
+    z = node.inputs[0]
+    if len(z.shape) > 2:
+        return [f"{st.name(node)} = _softmax({st.ref(z)}.reshape(-1, {z.shape[-1]})).reshape({st.shape_code(node.shape)})"]
+    return [f"{st.name(node)} = _softmax({st.ref(z)})"]
+
+
+def _flat_softmax_c(st, node):
+    rows, k, zij, head = _flat_row_max(st, node.inputs[0])
+    out = f"{st.name(node)}[_i*{k} + _j]"
+    return [f"for (size_t _i = 0; _i < {rows}; _i++) {{", *head,
+            f"    {st.real} _s = {st.lit(0)};",
+            f"    for (size_t _j = 0; _j < {k}; _j++) {{ {out} = exp{st.fs}({zij} - _m); _s += {out}; }}",
+            f"    for (size_t _j = 0; _j < {k}; _j++) {out} /= _s;", "}"]
 
 
 def _softmax_c(st, node):
     (z,) = node.inputs
+    if len(z.shape) > 2:
+        return _flat_softmax_c(st, node)
     k, zij, head = st.row_max(z)
     out = f"{st.name(node)}[_i*{k} + _j]"
     return ["for (size_t _i = 0; _i < n; _i++) {", *head,

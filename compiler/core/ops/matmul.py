@@ -29,23 +29,27 @@ def matmul(a, b, ta=False, tb=False):
     return make("matmul", (a, b), (sa[0], sb[1]), (("ta", ta), ("tb", tb)))
 
 
-def _adjoint(node, g, wants):
-    a, b = node.inputs
-    ta, tb = node.attr("ta"), node.attr("tb")
-    da = db = None
-    if wants[0]:
-        # C = op(A) @ op(B):  d op(A) = G @ op(B).T,  d op(B) = op(A).T @ G
-        da = matmul(b, g, ta=tb, tb=True) if ta else matmul(g, b, tb=not tb)
-    if wants[1]:
-        db = matmul(g, a, ta=True, tb=ta) if tb else matmul(a, g, ta=not ta)
-    return [da, db]
+def product_adjoint(product):
+    """The adjoint rule of a product ``C = op(A) @ op(B)`` built by ``product(a, b, ta, tb)``
+    (``matmul``, and ``bmm`` over its leading axes)."""
+    def rule(node, g, wants):
+        a, b = node.inputs
+        ta, tb = node.attr("ta"), node.attr("tb")
+        da = db = None
+        if wants[0]:
+            # C = op(A) @ op(B):  d op(A) = G @ op(B).T,  d op(B) = op(A).T @ G
+            da = product(b, g, ta=tb, tb=True) if ta else product(g, b, tb=not tb)
+        if wants[1]:
+            db = product(g, a, ta=True, tb=ta) if tb else product(a, g, ta=not ta)
+        return [da, db]
+    return rule
 
 
 def _text(node, a, fm):
     return f"{a[0]}{'.T' if node.attr('ta') else ''} @ {a[1]}{'.T' if node.attr('tb') else ''}"
 
 
-def _latex(node, a, fm):
+def product_latex(node, a, fm):
     t = "^{\\top}"
     return f"{a[0]}{t if node.attr('ta') else ''} {a[1]}{t if node.attr('tb') else ''}"
 
@@ -99,4 +103,4 @@ def _c(st, node):
                     "    }", "}"]
 
 
-register(Op("matmul", (matmul,), _adjoint, _text, _latex, statements={"numpy": _numpy, "c": _c}))
+register(Op("matmul", (matmul,), product_adjoint(matmul), _text, product_latex, statements={"numpy": _numpy, "c": _c}))

@@ -1,24 +1,25 @@
 """Softmax cross-entropy of logits ``z`` against integer labels or one-hot/probability rows:
 ``xent`` (z, lse(z), y) -> (n,) per-sample losses, and its gradient ``xent_grad``
 (z, lse, y, adj) -> (softmax(z) - onehot(y)) * adj, which only the backward graph holds.
-Attr ``kind``: "label" (integer labels, shape (n,)) or "onehot" (rows of the logits' shape)."""
+Attr ``kind``: "label" (integer labels, shape (n,)) or "onehot" (rows of the logits' shape).
+Logits of a sequence, (n, T, k), have a row per position: labels (n, T), losses (n, T)."""
 from __future__ import annotations
 
 import sympy as sp
 
 from compiler.core.ir import N, format_shape, make
 from compiler.core.ops import Op, first_order_only, register
-from compiler.core.ops.logsumexp import lse, rows
+from compiler.core.ops.logsumexp import flat_rows, lse, rows
 from compiler.errors import ShapeError
 
 
 def xent(z, y, kind):
     rows(z, "softmax cross-entropy")
-    if kind == "label" and y.shape != z.shape[:1]:
-        raise ShapeError(f"integer labels must have shape {format_shape(z.shape[:1])}, got {format_shape(y.shape)}")
+    if kind == "label" and y.shape != z.shape[:-1]:
+        raise ShapeError(f"integer labels must have shape {format_shape(z.shape[:-1])}, got {format_shape(y.shape)}")
     if kind == "onehot" and y.shape != z.shape:
         raise ShapeError(f"one-hot targets must have the logits' shape {format_shape(z.shape)}, got {format_shape(y.shape)}")
-    return make("xent", (z, lse(z), y), z.shape[:1], (("kind", kind),))
+    return make("xent", (z, lse(z), y), z.shape[:-1], (("kind", kind),))
 
 
 def xent_grad(z, l, y, adj, kind):
@@ -48,13 +49,31 @@ def _xent_latex(node, a, fm):
 def _xent_numpy(st, node):
     out = st.name(node)
     z, l, y = (st.ref(i) for i in node.inputs)
+    if len(node.shape) > 1:      # a row per position of a sequence
+        if node.attr("kind") == "label":
+            return [f"{out} = {l} - np.take_along_axis({z}, {y}[..., None], axis=-1)[..., 0]"]
+        return [f"{out} = {l} - np.sum({y} * {z}, axis=-1)"]
     if node.attr("kind") == "label":
         return [f"{out} = {l} - {z}[np.arange(n), {y}]"]
     return [f"{out} = {l} - np.sum({y} * {z}, axis=1)"]
 
 
+def _flat_xent_c(st, node):
+    z, l, y = node.inputs
+    rows, k = flat_rows(st, z)
+    out, zn = st.name(node), st.name(z)
+    if node.attr("kind") == "label":
+        return [f"for (size_t _i = 0; _i < {rows}; _i++) {out}[_i] = {st.name(l)}[_i] - {zn}[_i*{k} + (size_t){st.name(y)}[_i]];"]
+    return [f"for (size_t _i = 0; _i < {rows}; _i++) {{",
+            f"    {st.real} _s = {st.lit(0)};",
+            f"    for (size_t _j = 0; _j < {k}; _j++) _s += {st.name(y)}[_i*{k} + _j] * {zn}[_i*{k} + _j];",
+            f"    {out}[_i] = {st.name(l)}[_i] - _s;", "}"]
+
+
 def _xent_c(st, node):
     z, l, y = node.inputs
+    if len(node.shape) > 1:
+        return _flat_xent_c(st, node)
     k = st.dims(z.shape)[1]
     li = st.elem(l, ["_i"])
     if node.attr("kind") == "label":
@@ -96,15 +115,19 @@ def _grad_formula(node, a, fm, latex):
         if latex:
             return sp.latex(val * c, symbol_names={c: core, N: "n"})
         return sp.sstr(val * c).replace("_xent_core", core)
-    return rf"{core} \odot {a[3]}" if latex else f"{core}*{a[3]}[:, None]"
+    return rf"{core} \odot {a[3]}" if latex else f"{core}*{a[3]}[{':' if len(node.shape) == 2 else '...'}, None]"
 
 
 def _grad_numpy(st, node):
     out = st.name(node)
     zn, ln, yn, gn = node.inputs
     z, l, y = st.ref(zn), st.ref(ln), st.ref(yn)
-    lines = [f"{out} = np.exp({z} - {l}[:, None])"]
-    if node.attr("kind") == "label":
+    rows = ":" if len(node.shape) == 2 else "..."
+    lines = [f"{out} = np.exp({z} - {l}[{rows}, None])"]
+    if node.attr("kind") == "label" and len(node.shape) > 2:
+        # the fresh array's rows as a 2-D view: one row per position of every sequence
+        lines.append(f"{out}.reshape(-1, {node.shape[-1]})[np.arange({y}.size), {y}.reshape(-1)] -= 1")
+    elif node.attr("kind") == "label":
         lines.append(f"{out}[np.arange(n), {y}] -= 1")
     else:
         lines.append(f"{out} -= {y}")
@@ -113,12 +136,27 @@ def _grad_numpy(st, node):
         if value != "1":
             lines.append(f"{out} *= {value}")
     else:
-        lines.append(f"{out} *= {st.ref(gn)}[:, None]")
+        lines.append(f"{out} *= {st.ref(gn)}[{rows}, None]")
     return lines
+
+
+def _flat_grad_c(st, node):
+    z, l, y, g = node.inputs
+    rows, k = flat_rows(st, z)
+    e = f"exp{st.fs}({st.name(z)}[_i*{k} + _j] - {st.name(l)}[_i])"
+    if node.attr("kind") == "label":
+        e = f"{e} - ((size_t){st.name(y)}[_i] == _j ? {st.lit(1)} : {st.lit(0)})"
+    else:
+        e = f"{e} - {st.name(y)}[_i*{k} + _j]"
+    scale = "" if g.uid in st.p.inline and not g.inputs and g.attr("expr") == 1 else f" * {st.source_flat(g, '_i')}"
+    return [f"for (size_t _i = 0; _i < {rows}; _i++) {{",
+            f"    for (size_t _j = 0; _j < {k}; _j++) {st.name(node)}[_i*{k} + _j] = ({e}){scale};", "}"]
 
 
 def _grad_c(st, node):
     z, l, y, g = node.inputs
+    if len(node.shape) > 2:
+        return _flat_grad_c(st, node)
     k = st.dims(z.shape)[1]
     e = f"exp{st.fs}({st.elem(z, ['_i', '_j'])} - {st.elem(l, ['_i'])})"
     if node.attr("kind") == "label":

@@ -1,0 +1,76 @@
+"""``bmm``: the batched matrix product ``op(A) @ op(B)`` of inputs a (..., m, k) and b (..., k, p)
+with equal leading (batch) axes, one matrix product per leading index; attrs ``ta``/``tb``
+transpose the last two axes of a/b (``Q @ K.mT``, the scores of attention, is
+``bmm(Q, K, tb=True)``). The adjoint is two batched products, as for ``matmul``.
+
+NumPy: one ``np.matmul`` over the whole batch (no Python loop over samples or heads); C: a
+loop over the leading axes around the matrix product.
+"""
+from __future__ import annotations
+
+from compiler.core.ir import format_shape, make
+from compiler.core.ops import Op, register
+from compiler.core.ops.matmul import product_adjoint, product_latex
+from compiler.errors import ShapeError
+
+
+def _last2(shape, t):
+    return (shape[-1], shape[-2]) if t else (shape[-2], shape[-1])
+
+
+def bmm(a, b, ta=False, tb=False):
+    if len(a.shape) < 3 or len(b.shape) < 3:
+        raise ShapeError(f"batched matrix product needs operands of 3 or more axes, got "
+                         f"{format_shape(a.shape)} and {format_shape(b.shape)}")
+    if a.shape[:-2] != b.shape[:-2]:
+        raise ShapeError(f"batched matrix product of {format_shape(a.shape)} and {format_shape(b.shape)}: "
+                         "the leading (batch) axes differ")
+    (m, ka), (kb, p) = _last2(a.shape, ta), _last2(b.shape, tb)
+    if ka != kb:
+        raise ShapeError(f"batched matrix product of {format_shape(a.shape)}{'.mT' if ta else ''} and "
+                         f"{format_shape(b.shape)}{'.mT' if tb else ''}: inner sizes {ka} and {kb} differ")
+    return make("bmm", (a, b), a.shape[:-2] + (m, p), (("ta", bool(ta)), ("tb", bool(tb))))
+
+
+def _text(node, a, fm):
+    return f"{a[0]}{'.mT' if node.attr('ta') else ''} @ {a[1]}{'.mT' if node.attr('tb') else ''}"
+
+
+def _numpy(st, node):
+    a, b = node.inputs
+    x = st.ref(a) + (".swapaxes(-1, -2)" if node.attr("ta") else "")
+    y = st.ref(b) + (".swapaxes(-1, -2)" if node.attr("tb") else "")
+    return [f"{st.name(node)} = np.matmul({x}, {y})"]
+
+
+def _c(st, node):
+    a, b = node.inputs
+    ta, tb = node.attr("ta"), node.attr("tb")
+    out = st.name(node)
+    m, p = (int(d) for d in node.shape[-2:])
+    k = int(a.shape[-2] if ta else a.shape[-1])
+    batch = st.size_code(node.shape[:-2])
+    sa, sb = int(a.shape[-2]) * int(a.shape[-1]), int(b.shape[-2]) * int(b.shape[-1])
+    A = (lambda i, kk: f"_a[{kk}*{m} + {i}]") if ta else (lambda i, kk: f"_a[{i}*{k} + {kk}]")
+    B = (lambda kk, j: f"_b[{j}*{k} + {kk}]") if tb else (lambda kk, j: f"_b[{kk}*{p} + {j}]")
+    real = st.real
+    head = [f"for (size_t _q = 0; _q < {batch}; _q++) {{",
+            f"    const {real} *const _a = {st.name(a)} + _q*{sa};",
+            f"    const {real} *const _b = {st.name(b)} + _q*{sb};",
+            f"    {real} *const _c = {out} + _q*{m * p};",
+            f"    for (size_t _i = 0; _i < {m}; _i++) {{"]
+    if tb:   # rows of both operands are contiguous: dot products
+        return head + [f"        for (size_t _j = 0; _j < {p}; _j++) {{",
+                       f"            {real} _s = {st.lit(0)};",
+                       f"            for (size_t _k = 0; _k < {k}; _k++) _s += {A('_i', '_k')} * {B('_k', '_j')};",
+                       f"            _c[_i*{p} + _j] = _s;",
+                       "        }", "    }", "}"]
+    # a row of C accumulates rows of B (contiguous), k ascending as in the dot products
+    return head + [f"        for (size_t _j = 0; _j < {p}; _j++) _c[_i*{p} + _j] = {st.lit(0)};",
+                   f"        for (size_t _k = 0; _k < {k}; _k++) {{",
+                   f"            const {real} _x = {A('_i', '_k')};",
+                   f"            for (size_t _j = 0; _j < {p}; _j++) _c[_i*{p} + _j] += _x * {B('_k', '_j')};",
+                   "        }", "    }", "}"]
+
+
+register(Op("bmm", (bmm,), product_adjoint(bmm), _text, product_latex, statements={"numpy": _numpy, "c": _c}))
