@@ -25,13 +25,13 @@ CLASSES = {}
 LOSS = 'expression'
 FORMULAS = {
     'W1': 'dZ4 = Z4/n; dM3m = reshape(dZ4, (n, 1)); dA1 = dM3m @ W2; dZ2 = H1*dA1*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2); dW1 = dZ2.T @ x',
-    'b1': 'dZ4 = Z4/n; dM3m = reshape(dZ4, (n, 1)); dA1 = dM3m @ W2; dZ2 = H1*dA1*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2); t3 = sum(dZ2, axis=0); db1T = reshape(t3, (1, 16)); db1 = db1T.T',
+    'b1': 'dZ4 = Z4/n; dM3m = reshape(dZ4, (n, 1)); dA1 = dM3m @ W2; dZ2 = H1*dA1*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2); sum_dZ2 = sum(dZ2, axis=0); db1T = reshape(sum_dZ2, (1, 16)); db1 = db1T.T',
     'G': 'dZ4 = Z4/n; dM3m = reshape(dZ4, (n, 1)); dA1 = dM3m @ W2; dZ1 = H1*H2*dA1*(1 - H1); dG = dZ1.T @ x',
-    'c': 'dZ4 = Z4/n; dM3m = reshape(dZ4, (n, 1)); dA1 = dM3m @ W2; dZ1 = H1*H2*dA1*(1 - H1); t4 = sum(dZ1, axis=0); dcT = reshape(t4, (1, 16)); dc = dcT.T',
+    'c': 'dZ4 = Z4/n; dM3m = reshape(dZ4, (n, 1)); dA1 = dM3m @ W2; dZ1 = H1*H2*dA1*(1 - H1); sum_dZ1 = sum(dZ1, axis=0); dcT = reshape(sum_dZ1, (1, 16)); dc = dcT.T',
     'W2': 'dZ4 = Z4/n; dM3m = reshape(dZ4, (n, 1)); dW2 = dM3m.T @ A1',
     'b2': 'dZ4 = Z4/n; db2_s = sum(dZ4); db2 = reshape(db2_s, (1, 1))',
-    'u': 'dZ4 = Z4/n; t5 = alpha*dZ4; t6 = reshape(t5, (n, 1)); du = x.T @ t6',
-    'alpha': 'dZ4 = Z4/n; dalpha = sum(dZ4*t2)',
+    'u': 'dZ4 = Z4/n; dx_u_flat = alpha*dZ4; dx_u = reshape(dx_u_flat, (n, 1)); du = x.T @ dx_u',
+    'alpha': 'dZ4 = Z4/n; dalpha = sum(dZ4*x_u_flat)',
 }
 
 
@@ -184,9 +184,9 @@ def forward(params, x):
     A1 = H1*H2
     M3m = A1 @ W2.T
     M3 = M3m.reshape((n,))
-    t1 = x @ u
-    t2 = t1.reshape((n,))
-    M4 = alpha*t2
+    x_u = x @ u
+    x_u_flat = x_u.reshape((n,))
+    M4 = alpha*x_u_flat
     out = M3 + M4 + b2_s
     return out
 
@@ -216,9 +216,9 @@ def loss(params, x, y):
     A1 = H1*H2
     M3m = A1 @ W2.T
     M3 = M3m.reshape((n,))
-    t1 = x @ u
-    t2 = t1.reshape((n,))
-    M4 = alpha*t2
+    x_u = x @ u
+    x_u_flat = x_u.reshape((n,))
+    M4 = alpha*x_u_flat
     Z4 = M3 + M4 + b2_s - y
     L = (Z4*Z4/2).mean()
     return float(L)
@@ -249,9 +249,9 @@ def backward(params, x, y):
     A1 = H1*H2
     M3m = A1 @ W2.T
     M3 = M3m.reshape((n,))
-    t1 = x @ u
-    t2 = t1.reshape((n,))
-    M4 = alpha*t2
+    x_u = x @ u
+    x_u_flat = x_u.reshape((n,))
+    M4 = alpha*x_u_flat
     Z4 = M3 + M4 + b2_s - y
     L = (Z4*Z4/2).mean()
     # dZ4 = Z4/n
@@ -264,20 +264,20 @@ def backward(params, x, y):
     dZ2 = H1*dA1*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
     # dW1 = dZ2.T @ x
     dW1 = dZ2.T @ x
-    # t3 = sum(dZ2, axis=0)
-    t3 = dZ2.sum(axis=0)
-    # db1T = reshape(t3, (1, 16))
-    db1T = t3.reshape((1, 16))
+    # sum_dZ2 = sum(dZ2, axis=0)
+    sum_dZ2 = dZ2.sum(axis=0)
+    # db1T = reshape(sum_dZ2, (1, 16))
+    db1T = sum_dZ2.reshape((1, 16))
     # db1 = db1T.T
     db1 = db1T.T
     # dZ1 = H1*H2*dA1*(1 - H1)
     dZ1 = H1*H2*dA1*(1 - H1)
     # dG = dZ1.T @ x
     dG = dZ1.T @ x
-    # t4 = sum(dZ1, axis=0)
-    t4 = dZ1.sum(axis=0)
-    # dcT = reshape(t4, (1, 16))
-    dcT = t4.reshape((1, 16))
+    # sum_dZ1 = sum(dZ1, axis=0)
+    sum_dZ1 = dZ1.sum(axis=0)
+    # dcT = reshape(sum_dZ1, (1, 16))
+    dcT = sum_dZ1.reshape((1, 16))
     # dc = dcT.T
     dc = dcT.T
     # dW2 = dM3m.T @ A1
@@ -286,14 +286,14 @@ def backward(params, x, y):
     db2_s = dZ4.sum()
     # db2 = reshape(db2_s, (1, 1))
     db2 = db2_s.reshape((1, 1))
-    # t5 = alpha*dZ4
-    t5 = alpha*dZ4
-    # t6 = reshape(t5, (n, 1))
-    t6 = t5.reshape((n, 1))
-    # du = x.T @ t6
-    du = x.T @ t6
-    # dalpha = sum(dZ4*t2)
-    dalpha = (dZ4*t2).sum()
+    # dx_u_flat = alpha*dZ4
+    dx_u_flat = alpha*dZ4
+    # dx_u = reshape(dx_u_flat, (n, 1))
+    dx_u = dx_u_flat.reshape((n, 1))
+    # du = x.T @ dx_u
+    du = x.T @ dx_u
+    # dalpha = sum(dZ4*x_u_flat)
+    dalpha = (dZ4*x_u_flat).sum()
     return float(L), {'W1': dW1, 'b1': db1, 'G': dG, 'c': dc, 'W2': dW2, 'b2': db2, 'u': du, 'alpha': dalpha}
 
 

@@ -25,10 +25,10 @@ TARGET_KINDS = {'y': 'label'}
 CLASSES = {'y': 2}
 LOSS = 'softmax_cross_entropy'
 FORMULAS = {
-    'Wh0': 'dZout = (softmax(Zout) - onehot(y))/n; dS2 = dZout @ Wout.T; dZf2 = dS2*(1 - Hf2**2); t1 = dZf2 @ Wf2.T; dh1 = dS2 + t1; dZf1 = dh1*(1 - Hf1**2); t2 = dZf1 @ Wf1.T; dZh0 = (1 - Hh0**2)*(dh1 + t2); dWh0 = x.T @ dZh0',
-    'bh0': 'dZout = (softmax(Zout) - onehot(y))/n; dS2 = dZout @ Wout.T; dZf2 = dS2*(1 - Hf2**2); t1 = dZf2 @ Wf2.T; dh1 = dS2 + t1; dZf1 = dh1*(1 - Hf1**2); t2 = dZf1 @ Wf1.T; dZh0 = (1 - Hh0**2)*(dh1 + t2); dbh0 = sum(dZh0, axis=0)',
-    'Wf1': 'dZout = (softmax(Zout) - onehot(y))/n; dS2 = dZout @ Wout.T; dZf2 = dS2*(1 - Hf2**2); t1 = dZf2 @ Wf2.T; dh1 = dS2 + t1; dZf1 = dh1*(1 - Hf1**2); dWf1 = Hh0.T @ dZf1',
-    'bf1': 'dZout = (softmax(Zout) - onehot(y))/n; dS2 = dZout @ Wout.T; dZf2 = dS2*(1 - Hf2**2); t1 = dZf2 @ Wf2.T; dh1 = dS2 + t1; dZf1 = dh1*(1 - Hf1**2); dbf1 = sum(dZf1, axis=0)',
+    'Wh0': 'dZout = (softmax(Zout) - onehot(y))/n; dS2 = dZout @ Wout.T; dZf2 = dS2*(1 - Hf2**2); dh1_Wf2 = dZf2 @ Wf2.T; dh1 = dS2 + dh1_Wf2; dZf1 = dh1*(1 - Hf1**2); dHh0_Wf1 = dZf1 @ Wf1.T; dZh0 = (1 - Hh0**2)*(dHh0_Wf1 + dh1); dWh0 = x.T @ dZh0',
+    'bh0': 'dZout = (softmax(Zout) - onehot(y))/n; dS2 = dZout @ Wout.T; dZf2 = dS2*(1 - Hf2**2); dh1_Wf2 = dZf2 @ Wf2.T; dh1 = dS2 + dh1_Wf2; dZf1 = dh1*(1 - Hf1**2); dHh0_Wf1 = dZf1 @ Wf1.T; dZh0 = (1 - Hh0**2)*(dHh0_Wf1 + dh1); dbh0 = sum(dZh0, axis=0)',
+    'Wf1': 'dZout = (softmax(Zout) - onehot(y))/n; dS2 = dZout @ Wout.T; dZf2 = dS2*(1 - Hf2**2); dh1_Wf2 = dZf2 @ Wf2.T; dh1 = dS2 + dh1_Wf2; dZf1 = dh1*(1 - Hf1**2); dWf1 = Hh0.T @ dZf1',
+    'bf1': 'dZout = (softmax(Zout) - onehot(y))/n; dS2 = dZout @ Wout.T; dZf2 = dS2*(1 - Hf2**2); dh1_Wf2 = dZf2 @ Wf2.T; dh1 = dS2 + dh1_Wf2; dZf1 = dh1*(1 - Hf1**2); dbf1 = sum(dZf1, axis=0)',
     'Wf2': 'dZout = (softmax(Zout) - onehot(y))/n; dS2 = dZout @ Wout.T; dZf2 = dS2*(1 - Hf2**2); dWf2 = h1.T @ dZf2',
     'bf2': 'dZout = (softmax(Zout) - onehot(y))/n; dS2 = dZout @ Wout.T; dZf2 = dS2*(1 - Hf2**2); dbf2 = sum(dZf2, axis=0)',
     'Wout': 'dZout = (softmax(Zout) - onehot(y))/n; dWout = S2.T @ dZout',
@@ -333,20 +333,20 @@ def backward(params, x, y):
     dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
     # dZf2 = dS2*(1 - Hf2**2)
     dZf2 = dS2*(1 - Hf2*Hf2)
-    # t1 = dZf2 @ Wf2.T
-    t1 = np.matmul(dZf2, Wf2.T, out=_scratch('t1', (n, 32), dZf2, Wf2))
-    # dh1 = dS2 + t1
-    dh1 = t1
+    # dh1_Wf2 = dZf2 @ Wf2.T
+    dh1_Wf2 = np.matmul(dZf2, Wf2.T, out=_scratch('dh1_Wf2', (n, 32), dZf2, Wf2))
+    # dh1 = dS2 + dh1_Wf2
+    dh1 = dh1_Wf2
     dh1 += dS2
     # dZf1 = dh1*(1 - Hf1**2)
     dZf1 = dh1*(1 - Hf1*Hf1)
-    # t2 = dZf1 @ Wf1.T
-    t2 = np.matmul(dZf1, Wf1.T, out=_scratch('t2', (n, 32), dZf1, Wf1))
-    # dZh0 = (1 - Hh0**2)*(dh1 + t2)
+    # dHh0_Wf1 = dZf1 @ Wf1.T
+    dHh0_Wf1 = np.matmul(dZf1, Wf1.T, out=_scratch('dHh0_Wf1', (n, 32), dZf1, Wf1))
+    # dZh0 = (1 - Hh0**2)*(dHh0_Wf1 + dh1)
     dZh0 = Hh0*Hh0
     np.subtract(1, dZh0, out=dZh0)
-    t2 += dh1
-    dZh0 *= t2
+    dHh0_Wf1 += dh1
+    dZh0 *= dHh0_Wf1
     # dWh0 = x.T @ dZh0
     dWh0 = x.T @ dZh0
     # dbh0 = sum(dZh0, axis=0)

@@ -12,12 +12,13 @@ from compiler.errors import ShapeError
 RULES = {name: op.adjoint for name, op in ops.REGISTRY.items() if op.adjoint is not ops.first_order_only}
 
 
-def gradients(loss, params):
+def gradients(loss, params, trace=None):
     """Adjoints of ``loss`` (a scalar node) for each of ``params``.
 
     Returns ``(grads, adjoints)``: grads maps param uid -> adjoint node (None where the loss
     does not depend on the parameter); adjoints maps every forward node uid on a path from a
-    parameter to the loss -> its accumulated adjoint node.
+    parameter to the loss -> its accumulated adjoint node. If ``trace`` is a list, each
+    contribution is appended to it as ``(input, user, contribution)`` (for naming them).
     """
     if loss.shape != ():
         raise ShapeError(f"the loss must be a scalar, it has shape {ir.format_shape(loss.shape)}")
@@ -40,6 +41,8 @@ def gradients(loss, params):
                 continue
             if contrib.shape != inp.shape:
                 raise ShapeError(f"internal: adjoint of {inp!r} has shape {ir.format_shape(contrib.shape)}")
+            if trace is not None:
+                trace.append((inp, node, contrib))
             prev = adj.get(inp.uid)
             adj[inp.uid] = contrib if prev is None else ir.ew(ARG[0] + ARG[1], [prev, contrib], shape=inp.shape)
     grads = {p.uid: adj.get(p.uid) for p in params}

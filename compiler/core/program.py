@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from compiler.core import ir, ops
 from compiler.core.adjoints import gradients
+from compiler.core.naming import contribution_name, derived_name
 from compiler.core.simplify import fuse, op_counts, share, split_deep, use_counts
 
 
@@ -32,7 +33,11 @@ class Program:
 def build_program(model):
     (prediction, loss, *updates), names = split_deep([model.prediction, model.loss, *(u for _, u in model.stats)],
                                                      dict(model.names))
-    grads, adjoints = gradients(loss, model.params)
+    leaf_names = {leaf.digest: leaf.name for leaf in model.leaves}
+    forward = ir.topo_order([prediction, loss, *updates])
+    _name_unnamed(forward, names, leaf_names)
+    trace = []
+    grads, adjoints = gradients(loss, model.params, trace)
     # adjoint names: the node closest to the loss names its adjoint first (dZ2 before dXW2)
     for node in reversed(ir.topo_order([loss])):
         a = adjoints.get(node.uid)
@@ -43,6 +48,16 @@ def build_program(model):
         g = grads.get(p.uid)
         if g is not None:
             names.setdefault(g.digest, "d" + p.name)
+    # the part of an adjoint that flows back through one of its value's several users
+    users = {}
+    for inp, _, _ in trace:
+        users[inp.uid] = users.get(inp.uid, 0) + 1
+    for inp, user, contrib in trace:
+        total, user_name = names.get(adjoints[inp.uid].digest), names.get(user.digest)
+        if users[inp.uid] > 1 and total and user_name:
+            value_name = leaf_names.get(inp.digest) or names.get(inp.digest)
+            names.setdefault(contrib.digest, contribution_name(total, value_name, user_name))
+    _name_unnamed(ir.topo_order([loss, *(g for g in grads.values() if g is not None)]), names, leaf_names)
 
     grad_nodes = [grads[p.uid] for p in model.params if grads[p.uid] is not None]
     before = op_counts([loss, *grad_nodes])
@@ -82,6 +97,17 @@ def build_program(model):
                    frozenset(n.uid for n in bwd if n.uid not in loss_ids),
                    {"before_simplification": before, "after_simplification": after},
                    tuple(zip((s for s, _ in model.stats), updates)))
+
+
+def _name_unnamed(order, names, leaf_names):
+    """Give each unnamed value of ``order`` a name derived from what it computes (naming.py)."""
+    def name_of(node):
+        return leaf_names.get(node.digest) or names.get(node.digest)
+    for node in order:
+        if node.inputs and node.digest not in names:
+            base = derived_name(node, name_of)
+            if base:
+                names[node.digest] = base
 
 
 def _unique_names(order, names, model):

@@ -139,7 +139,8 @@ class Network(ImageLayers, SequenceLayers):
         init = ("he", fan_in) if scheme == "he" else ("glorot", fan_in, units)
         W = self.param(f"W{k}", (fan_in, units), init)
         b = self.param(f"b{k}", (units,), ("zeros",))
-        xn = self.names.get(x.digest, "x")
+        # an unnamed input (a residual sum) is X, never a declared name it is not
+        xn = self.names.get(x.digest, "X")
         rows = self._name(ir.reshape(x, (N * x.shape[1], fan_in)), f"X{k}") if seq else x
         xw = self._name(ir.matmul(rows, W), f"{xn}W{k}" if len(xn) <= 3 and not seq else f"XW{k}")
         if seq:

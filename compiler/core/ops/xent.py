@@ -113,7 +113,10 @@ def _grad_formula(node, a, fm, latex):
         # n/2 as "/n/2", a quarter of the value
         c = sp.Symbol("_xent_core")
         if latex:
-            return sp.latex(val * c, symbol_names={c: core, N: "n"})
+            out = sp.latex(val * c, symbol_names={c: core, N: "n"})
+            # a fraction bar groups its numerator: no parentheses around it
+            bare = core[len(r"\left("):-len(r"\right)")]
+            return out.replace(rf"\frac{{{core}}}", rf"\frac{{{bare}}}")
         return sp.sstr(val * c).replace("_xent_core", core)
     return rf"{core} \odot {a[3]}" if latex else f"{core}*{a[3]}[{':' if len(node.shape) == 2 else '...'}, None]"
 
