@@ -46,6 +46,7 @@ from compiler.core.ops.ew import factored, shared_subexpressions
 from compiler.core.model import Model
 from compiler.core.program import Program
 from compiler.backends import cache as _cache
+from compiler.backends.c import blas as _blas
 from compiler.backends.c.printer import PRINTERS, print_c
 from compiler.backends.cache import cache_dir, load_module
 from compiler.backends.lowering import is_tokens, lower, shape_code, statement
@@ -57,6 +58,9 @@ from compiler.core.ir import ARG, N
 from compiler.backends.templates import render
 
 CFLAGS = ("-O3", "-fno-math-errno", "-fPIC")   # never -ffast-math: it breaks inf/nan handling
+# matrix products of at least this many multiply-adds call the BLAS's gemm when the extension
+# is built with one (below, the loops are faster): measured by `python -m bench --only blas`
+GEMM_MIN_MACS = 32768
 LOOP_VARS = ("_i", "_j", "_k", "_l", "_m", "_o", "_p", "_q")
 
 # counts of the builds and cache hits of this process (tests assert a second load builds nothing)
@@ -117,6 +121,7 @@ class CStatements:
         self.fs = self.printer.fsuffix
         self.cnames = cnames
         self.helpers = set()
+        self.uses_gemm = False   # whether a matrix product may call bpc_gemm (an optimised BLAS)
         self.begin_function((), {})
 
     def begin_function(self, nodes, direct):
@@ -297,14 +302,18 @@ class CompiledC(Displayed):
                  write_atomic(out / f"{self.prefix}.py", self.wrapper_source)]
         return paths
 
-    def build(self, cache: str | os.PathLike | None = None) -> Path:
-        """Build (or find in the cache) the cffi extension; returns the path of the shared library."""
-        return build_extension(self, cache)
+    def build(self, cache: str | os.PathLike | None = None, blas: str = "auto") -> Path:
+        """Build (or find in the cache) the cffi extension; returns the path of the shared library.
+        ``blas``: "auto" links the scipy-openblas32 wheel's BLAS for the larger matrix products
+        when it is installed, and builds the portable loops when not; "none" always builds the
+        loops; "scipy-openblas32" requires the wheel (compiler.backends.c.blas)."""
+        return build_extension(self, cache, blas)
 
-    def load(self, cache: str | os.PathLike | None = None) -> ModuleType:
+    def load(self, cache: str | os.PathLike | None = None, blas: str = "auto") -> ModuleType:
         """Build or reuse the extension, and return the wrapper module (same interface as the
-        NumPy modules: PARAMS, INPUTS, TARGETS, init_params, forward, loss, backward, ...)."""
-        so = self.build(cache)
+        NumPy modules: PARAMS, INPUTS, TARGETS, init_params, forward, loss, backward, ...).
+        ``blas``: as for build()."""
+        so = self.build(cache, blas)
         ext = _import_extension(self.ext_name, so)
         wrapper = Path(so).parent / f"{self.prefix}.py"
         if not wrapper.is_file() or wrapper.read_text() != self.wrapper_source:
@@ -421,6 +430,7 @@ def render_c(lowered, prefix=None):
         pred_size=_size_code(pred.shape), pred_shape_doc=shape_code(pred.shape),
         pred_per_sample=tuple(int(d) for d in (pred.shape[1:] if ir.is_batch(pred.shape) else pred.shape)), pred_batched=ir.is_batch(pred.shape),
         helpers=sorted(st.helpers), prediction_doc=iface.prediction_doc,
+        gemm=st.uses_gemm, gemm_min_macs=GEMM_MIN_MACS, gemm_letter="d" if dtype == "float64" else "s",
         formulas=[(p["name"], formulas[p["name"]]) for p in params],
         steps=_step_args(real), steps_def=dict(_step_args(real, "restrict ")),
     )
@@ -576,6 +586,7 @@ def _cdef(ctx):
     for fn in ctx["functions"]:
         lines.append(f"int _bpc_{prefix}_{fn['name']}({_glue_args(fn)});")
     lines.append(f"void _bpc_{prefix}_pack({_pack_args(ctx)});")
+    lines.append(f"int _bpc_{prefix}_blas_threads(int k);")
     return "\n".join(lines) + "\n"
 
 
@@ -616,7 +627,31 @@ def _ext_source(ctx):
     out += [f"    memcpy(({real} *)dst + {p['offset']}, _p{k}, sizeof({real}) * {p['size']});  /* {p['name']} */"
             for k, p in enumerate(ctx["params"])]
     out += ["}", ""]
+    out += _BLAS_THREADS_GLUE.replace("@prefix@", prefix).splitlines() + [""]
     return "\n".join(out)
+
+
+# the BLAS's thread count (built with scipy-openblas32: its openblas_set/get_num_threads, with
+# the symbol prefix); 0 from a build without a BLAS (compiler.backends.c.blas)
+_BLAS_THREADS_GLUE = """\
+#if defined(BPC_CBLAS) && defined(BPC_OPENBLAS)
+#define BPC_GLUE_CAT_(a, b) a##b
+#define BPC_GLUE_CAT(a, b) BPC_GLUE_CAT_(a, b)
+void BPC_GLUE_CAT(BPC_CBLAS_PREFIX, openblas_set_num_threads)(int k);
+int BPC_GLUE_CAT(BPC_CBLAS_PREFIX, openblas_get_num_threads)(void);
+#endif
+static int _bpc_@prefix@_blas_threads(int k)
+{
+#if defined(BPC_CBLAS) && defined(BPC_OPENBLAS)
+    if (k > 0) {
+        BPC_GLUE_CAT(BPC_CBLAS_PREFIX, openblas_set_num_threads)(k);
+    }
+    return BPC_GLUE_CAT(BPC_CBLAS_PREFIX, openblas_get_num_threads)();
+#else
+    (void)k;
+    return 0;
+#endif
+}"""
 
 
 def _step_args(real, restrict=""):
@@ -688,19 +723,22 @@ def _link_flags():
     return ["-shared"]
 
 
-def build_extension(compiled, cache=None):
-    """Build ``compiled``'s cffi extension into the cache, unless it is already there."""
+def build_extension(compiled, cache=None, blas="auto"):
+    """Build ``compiled``'s cffi extension into the cache, unless it is already there; with the
+    BLAS ``blas`` chooses (compiler.backends.c.blas.choose), or the portable loops."""
     cc, cc_version, include = _toolchain()   # first: a missing cffi, compiler or Python.h is a clear error
     import cffi
 
+    lib = _blas.choose(blas)
     ffi = cffi.FFI()
     ffi.cdef(compiled.cdef)
     ffi.set_source(compiled.ext_name, compiled.ext_source)
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    flags = [*CFLAGS, *_link_flags()]
+    flags = [*CFLAGS, *_link_flags(), *(lib.compile_flags if lib else [])]
+    libs = [*(lib.link_flags if lib else []), "-lm"]
     key = hashlib.sha256("\0".join([
-        compiled.c_hash, compiled.ext_name, " ".join(cc), cc_version, " ".join(flags), sys.version,
-        suffix, cffi.__version__, sys.platform]).encode()).hexdigest()
+        compiled.c_hash, compiled.ext_name, " ".join(cc), cc_version, " ".join(flags), " ".join(libs),
+        lib.key() if lib else "no BLAS", sys.version, suffix, cffi.__version__, sys.platform]).encode()).hexdigest()
     root = Path(cache) if cache is not None else cache_dir() / "c"
     so = _cached(root, key, compiled.ext_name + suffix)
     if so is not None:
@@ -730,7 +768,7 @@ def build_extension(compiled, cache=None):
         # by their quoted includes, and a model named limits or stdio cannot hide a system header
         # relative file names, run in the build directory: its random name does not end up in
         # the library, so builds of the same key are byte-identical (one checksum for all)
-        cmd = [*cc, *flags, f"-I{include}", glue.name, "-o", out.name, "-lm"]
+        cmd = [*cc, *flags, f"-I{include}", glue.name, "-o", out.name, *libs]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         if proc.returncode != 0:
             raise CBuildError(f"the C compiler failed on the code generated for model {compiled.model.name!r} "
@@ -766,8 +804,10 @@ def _cached(root, key, filename):
 
 
 def _import_extension(name, path):
-    if name in sys.modules:
-        return sys.modules[name]
+    # (the same C source built with and without a BLAS: one name, two libraries)
+    known = sys.modules.get(name)
+    if known is not None and getattr(known, "__file__", None) == str(path):
+        return known
     spec = importlib.util.spec_from_file_location(name, str(path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -82,6 +82,21 @@ def _c(st, node):
     C = f"{out}[_i*{cols} + _j]" if cols != "1" else f"{out}[_i]"
     zero = st.lit(0)
     real = st.real
+    loops = _loops(st, node, rows, cols, inner, A, B, C, zero, real)
+    if not any(x.uid in st.p.inline or x.uid in st.locals for x in (a, b)):
+        # two arrays: an optimised gemm when built with one and the product is large enough
+        # (BPC_GEMM: templates/c_model.c.j2), these loops otherwise
+        st.uses_gemm = True
+        call = (f"bpc_gemm({int(ta)}, {int(tb)}, {rows}, {cols}, {inner}, {st.name(a)}, {st.name(b)}, {out});")
+        return ([f"if (BPC_GEMM({rows}, {cols}, {inner})) {{", f"    {call}", "} else {"]
+                + ["    " + line for line in loops] + ["}"])
+    return loops
+
+
+def _loops(st, node, rows, cols, inner, A, B, C, zero, real):
+    """The product as portable loops (C99; gcc -O3 vectorises the innermost loop)."""
+    out = st.name(node, use=False)
+    ta, tb = node.attr("ta"), node.attr("tb")
     if tb:  # rows of both operands are contiguous: dot products
         return [f"for (size_t _i = 0; _i < {rows}; _i++) {{",
                 f"    for (size_t _j = 0; _j < {cols}; _j++) {{",
