@@ -501,7 +501,7 @@ def test_c_names_avoid_c_keywords_and_library_functions():
     x = sp.Symbol("x")
     model = bpc.expression_model(exp_ * x + double_, {exp_: 0.5, double_: -0.25}, [x], name="kw")
     compiled = compile_model_c(model)
-    assert "const double *const v_exp = params + 0;" in compiled.c_source
+    assert "const double *restrict const v_exp = params + 0;" in compiled.c_source
     cm = compiled.load()
     npm = bpc.compile_model(model).load()
     arrays = random_batch(npm, batch=4)

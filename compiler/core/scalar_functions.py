@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import sympy as sp
 
+from compiler.core import scalar_c_math
+
 X = sp.Symbol("x", real=True)     # the argument, in every expression column
 X2 = sp.Symbol("x2", real=True)   # the second argument of a two-argument function
 Y = sp.Symbol("y", real=True)     # the function's value f(X), in the derivative column
@@ -106,7 +108,7 @@ class ScalarFunction:
     c: str | None = None        # C function, before the float suffix ``f``
     spec_names: tuple = ()      # names a spec expression may call it by (none: internal only)
     numpy_helper: str | None = None   # the definition of the helper the NumPy code calls
-    c_helper: str | None = None       # the same in C: a string.Template of $real and $fs
+    c_helper: object = None           # the same in C: a string.Template of $real and $fs, or a function of real, fs
     numpy_out: bool = False     # the NumPy call takes ``out=`` (in-place statements use it)
     stable: sp.Expr | None = None       # what stabilize turns f(X) into; then f has no spellings
     definition: sp.Expr | None = None   # the textbook form that stabilize turns into f
@@ -146,38 +148,6 @@ def _erf(x):
     return _erf_scalar(x).astype(x.dtype)"""
 
 # C helpers: $real is the element type, $fs the suffix of its math functions (expf, ...)
-_C_TANH = """\
-/* tanh from expm1 the way glibc computes it (bit for bit the same values as glibc's tanh and
- * tanhf on 2e7 random arguments; within 2 ulp elsewhere), inlined: in a small tanh network
- * tanh is most of the time, and the call of tanh itself was half of that */
-static inline $real bpc_tanh$fs($real x)
-{
-    const $real a = fabs$fs(x);
-    $real z;
-    if (a < ($real)1) {
-        const $real t = expm1$fs(($real)-2 * a);
-        z = -t / (t + ($real)2);
-    } else if (a < ($real)22) {
-        z = ($real)1 - ($real)2 / (expm1$fs(($real)2 * a) + ($real)2);
-    } else if (a == a) {
-        z = ($real)1;   /* also +-inf */
-    } else {
-        return x + x;        /* nan */
-    }
-    return copysign$fs(z, x);
-}"""
-
-_C_SIGMOID = """\
-/* 1/(1 + exp(-x)) without overflow: exp is only ever taken of a non-positive number */
-static $real bpc_sigmoid$fs($real x)
-{
-    if (x >= 0) {
-        return ($real)1 / (($real)1 + exp$fs(-x));
-    }
-    const $real e = exp$fs(x);
-    return e / (($real)1 + e);
-}"""
-
 _C_SOFTPLUS = """\
 /* log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)): finite for every finite x */
 static $real bpc_softplus$fs($real x)
@@ -232,9 +202,9 @@ def _libm(sympy, c, derivative, domain=(-3.0, 3.0), numpy=None, **columns):
 
 # helpers are defined in table order
 SCALAR_FUNCTIONS = (
-    _libm(sp.exp, "exp", Y, activation="glorot"),
+    _libm(sp.exp, "bpc_exp", Y, c_helper=scalar_c_math.c_exp, activation="glorot"),
     _libm(sp.log, "log", 1 / X, domain=(0.1, 5.0)),
-    _libm(sp.tanh, "bpc_tanh", 1 - Y**2, c_helper=_C_TANH, activation="glorot"),
+    _libm(sp.tanh, "bpc_tanh", 1 - Y**2, c_helper=scalar_c_math.c_tanh, activation="glorot"),
     _libm(sp.sinh, "sinh", sp.cosh(X)),
     _libm(sp.cosh, "cosh", sp.sinh(X)),
     _libm(sp.sin, "sin", sp.cos(X), activation="glorot"),
@@ -244,7 +214,7 @@ SCALAR_FUNCTIONS = (
     _libm(sp.asinh, "asinh", 1 / sp.sqrt(X**2 + 1), numpy="arcsinh"),
     _entry(sp.Abs, sp.sign(X), numpy="np.abs({0})", c="fabs", numpy_out=True, spec_names=("abs", "Abs")),
     _entry(sigmoid, Y * (1 - Y), numpy="_sigmoid({0})", numpy_helper=_NUMPY_SIGMOID, c="bpc_sigmoid",
-           c_helper=_C_SIGMOID, spec_names=("sigmoid",), definition=1 / (1 + sp.exp(-X)), activation="glorot"),
+           c_helper=scalar_c_math.c_sigmoid, spec_names=("sigmoid",), definition=1 / (1 + sp.exp(-X)), activation="glorot"),
     _entry(softplus, sigmoid(X), numpy="np.logaddexp(0.0, {0})", numpy_out=True, c="bpc_softplus",
            c_helper=_C_SOFTPLUS, spec_names=("softplus",), definition=sp.log(1 + sp.exp(X)), activation="he"),
     _entry(relu, step(Y), numpy="np.maximum({0}, 0.0)", numpy_out=True, c="bpc_relu", c_helper=_C_RELU,
@@ -297,8 +267,13 @@ def helper_sources(names, column, **values):
     """The definitions of the helpers that the functions named in ``names`` call, in table
     order: ``column`` is "numpy_helper" or "c_helper", ``values`` fill the C sources' $real
     and $fs. The module templates call this (as the filter ``scalar_helpers``)."""
-    return [string.Template(getattr(f, column)).substitute(values)
-            for f in SCALAR_FUNCTIONS if getattr(f, column) and f.name in names]
+    out = []
+    for f in SCALAR_FUNCTIONS:
+        source = getattr(f, column)
+        if source and f.name in names:
+            # (a C helper is a template of $real and $fs, or a function of them: scalar_c_math)
+            out.append(source(**values) if callable(source) else string.Template(source).substitute(values))
+    return out
 
 
 def route_functions(printer):

@@ -492,7 +492,7 @@ class _CFunctions:
         decls, work_a, work_b = [], 0, 0
         for node, kind, dest in outputs:
             if node.uid in direct and direct[node.uid] == dest:
-                decls.append(f"{real} *const {st.name(node, use=False)} = {dest};  /* {shape_code(node.shape)}, output */")
+                decls.append(f"{real} *restrict const {st.name(node, use=False)} = {dest};  /* {shape_code(node.shape)}, output */")
         for n in nodes:
             if n.uid in st.locals or n.uid in direct or n.uid in st.aliases:
                 if n.uid in st.locals:
@@ -501,7 +501,7 @@ class _CFunctions:
             a, b = _size_coeffs(n.shape)
             off = " + ".join(t for t in ([f"{work_a}*n" if work_a != 1 else "n"] if work_a else [])
                              + ([str(work_b)] if work_b else [])) or "0"
-            decls.append(f"{real} *const {st.name(n, use=False)} = _work + {off};  /* {shape_code(n.shape)} */")
+            decls.append(f"{real} *restrict const {st.name(n, use=False)} = _work + {off};  /* {shape_code(n.shape)} */")
             work_a += a
             work_b += b
         body = []
@@ -519,7 +519,7 @@ class _CFunctions:
                 tail.extend(_copy_out(st, node, dest))
         # what the statements referred to, as the emitter recorded it (no search of the text)
         used = st.used
-        param_decls = [f"const {real} *const {p['cname']} = params + {p['offset']};  /* {p['shape_code']} */"
+        param_decls = [f"const {real} *restrict const {p['cname']} = params + {p['offset']};  /* {p['shape_code']} */"
                        for p in self.params if p["cname"] in used]
         args = self.arg_list(leaves)
         labels = [x for x in args if x["label"]]
@@ -714,6 +714,27 @@ def _toolchain():
     return tuple(cc), version.strip(), include
 
 
+@functools.lru_cache(maxsize=None)
+def _native():
+    """(flags, machine description) for code tuned to this machine's CPU: ``-march=native`` when
+    the compiler takes it, with what it expands to here (the instruction sets found, AVX2 or
+    AVX-512 on x86) as the description that keys the build cache, so that a cache shared by
+    machines of different CPUs never hands one of them a build it cannot run. ((), "") when the
+    compiler refuses it (the build then runs the portable baseline of the target)."""
+    cc = list(_toolchain()[0])
+    try:
+        proc = subprocess.run([*cc, "-march=native", "-###", "-E", "-x", "c", os.devnull],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return (), ""
+    text = proc.stderr + proc.stdout
+    if proc.returncode != 0:
+        return (), ""
+    # the lines of the commands it would run: the CPU and its features, spelled out
+    described = " ".join(line.strip() for line in text.splitlines() if "march" in line or "target-cpu" in line)
+    return ("-march=native",), described
+
+
 def _link_flags():
     if sys.platform == "darwin":
         return ["-bundle", "-undefined", "dynamic_lookup"]
@@ -734,11 +755,12 @@ def build_extension(compiled, cache=None, blas="auto"):
     ffi.cdef(compiled.cdef)
     ffi.set_source(compiled.ext_name, compiled.ext_source)
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    flags = [*CFLAGS, *_link_flags(), *(lib.compile_flags if lib else [])]
+    native, machine = _native()
+    flags = [*CFLAGS, *native, *_link_flags(), *(lib.compile_flags if lib else [])]
     libs = [*(lib.link_flags if lib else []), "-lm"]
     key = hashlib.sha256("\0".join([
         compiled.c_hash, compiled.ext_name, " ".join(cc), cc_version, " ".join(flags), " ".join(libs),
-        lib.key() if lib else "no BLAS", sys.version, suffix, cffi.__version__, sys.platform]).encode()).hexdigest()
+        lib.key() if lib else "no BLAS", machine, sys.version, suffix, cffi.__version__, sys.platform]).encode()).hexdigest()
     root = Path(cache) if cache is not None else cache_dir() / "c"
     so = _cached(root, key, compiled.ext_name + suffix)
     if so is not None:
