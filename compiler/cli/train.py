@@ -76,6 +76,11 @@ def run(args):
         # BLAS its threads back), rather than environment variables that bind only before numpy
         # is first imported
         from threadpoolctl import threadpool_limits
+        if getattr(args, "target", None) == "c":
+            # the C module's BLAS (if any) is loaded with the module, after this point: load it
+            # first, so that the limit reaches it too
+            from compiler.backends.c.blas import preload
+            preload()
         limit = threadpool_limits(limits=threads, user_api="blas")
     with limit:
         return _run(args)

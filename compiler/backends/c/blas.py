@@ -64,7 +64,7 @@ def find_scipy_openblas32():
         return None
     try:
         path = os.path.join(wheel.get_lib_dir(), wheel.get_library(fullname=True))
-    except (OSError, IndexError):
+    except Exception:   # (an older wheel without these functions: the portable loops)
         return None
     if not os.path.isfile(path):
         return None
