@@ -2,7 +2,9 @@
 
 Sections (``--only`` picks some): ``step`` the 784-256-128-10 training step, ``small`` 2-16-16-1
 nets where call overhead dominates, ``peak`` the fraction of the machine's matmul throughput the
-step reaches, ``compile`` compile time against depth and width.
+step reaches, ``compile`` compile time against depth and width; not run by default: ``c`` the C
+target against hand NumPy, hand C, PyTorch and JAX, ``blas`` its loops against gemm
+(bench/c_target.py).
 """
 from __future__ import annotations
 
@@ -277,6 +279,8 @@ def _fresh_compile_seconds():
 
 
 SECTIONS = {"step": step_section, "peak": peak_section, "small": small_section, "compile": compile_section}
+from bench.c_target import blas_section, c_section  # noqa: E402
+SECTIONS.update(c=c_section, blas=blas_section)
 
 
 def describe():
@@ -297,6 +301,7 @@ def main(argv=None):
                     "(their thread pools add noise to the NumPy-only comparison)")
     ap.add_argument("--coretype", default=None, help="OPENBLAS_CORETYPE (or 'default'); read in __main__")
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
+    ap.add_argument("--threads", type=int, default=1, help="BLAS threads of sections c and blas (threadpoolctl)")
     args = ap.parse_args(argv)
     os.environ.setdefault("BPC_CACHE", tempfile.mkdtemp(prefix="bpc-bench-"))
     header = f"Machine: {describe()}\nCommand: python -m bench {' '.join(argv or [])}".rstrip()
@@ -305,7 +310,9 @@ def main(argv=None):
     titles = {"step": f"Training step, MLP 784-256-128-10 {args.activation}, softmax cross-entropy, batch 256",
               "peak": "Share of the machine's matrix-multiply peak",
               "small": "Small net 2-16-16-1 tanh, MSE, float64 (call overhead)",
-              "compile": "Compile time (model -> imported module)"}
+              "compile": "Compile time (model -> imported module)",
+              "c": "The C target against hand-written NumPy and C, PyTorch and JAX",
+              "blas": "The C target's matrix products: its loops against the BLAS's gemm"}
     for name in args.only.split(","):
         print(f"\n## {titles[name]}", flush=True)
         text = SECTIONS[name](args, results)

@@ -59,8 +59,10 @@ from compiler.backends.templates import render
 
 CFLAGS = ("-O3", "-fno-math-errno", "-fPIC")   # never -ffast-math: it breaks inf/nan handling
 # matrix products of at least this many multiply-adds call the BLAS's gemm when the extension
-# is built with one (below, the loops are faster): measured by `python -m bench --only blas`
-GEMM_MIN_MACS = 32768
+# is built with one; below, the loops are faster. Measured by `python -m bench --only blas`
+# (README: gemm wins from d-d-d products of 512 multiply-adds in double, 1728 in float; the
+# loops from 216 and 512)
+GEMM_MIN_MACS = {"float64": 400, "float32": 1000}
 LOOP_VARS = ("_i", "_j", "_k", "_l", "_m", "_o", "_p", "_q")
 
 # counts of the builds and cache hits of this process (tests assert a second load builds nothing)
@@ -430,7 +432,7 @@ def render_c(lowered, prefix=None):
         pred_size=_size_code(pred.shape), pred_shape_doc=shape_code(pred.shape),
         pred_per_sample=tuple(int(d) for d in (pred.shape[1:] if ir.is_batch(pred.shape) else pred.shape)), pred_batched=ir.is_batch(pred.shape),
         helpers=sorted(st.helpers), prediction_doc=iface.prediction_doc,
-        gemm=st.uses_gemm, gemm_min_macs=GEMM_MIN_MACS, gemm_letter="d" if dtype == "float64" else "s",
+        gemm=st.uses_gemm, gemm_min_macs=GEMM_MIN_MACS[dtype], gemm_letter="d" if dtype == "float64" else "s",
         formulas=[(p["name"], formulas[p["name"]]) for p in params],
         steps=_step_args(real), steps_def=dict(_step_args(real, "restrict ")),
     )
