@@ -1,0 +1,83 @@
+"""backward's lean path on the C target (issue 14, item 3): a call with the same Params, kept
+gradient buffer and data arrays as the last such call skips the checks and pointer conversions,
+and still sees everything that can change in place: the arrays' contents, an entry of the
+Params replaced, an array's dtype or shape assigned. Its results are those of the full path."""
+import numpy as np
+import pytest
+
+import compiler as bpc
+from compiler.backends.c.backend import compile_model_c
+from model_table import NEEDS_CC
+
+pytestmark = NEEDS_CC
+
+
+@pytest.fixture(scope="module")
+def mods():
+    model = bpc.mlp([3, 5, 2], "tanh", "mse", name="lean")
+    return compile_model_c(model).load(), bpc.compile_model(model).load()
+
+
+def _ref(npm, params, x, y):
+    return npm.backward({k: np.array(v) for k, v in params.items()}, x, y)
+
+
+def _same(got, want):
+    assert got[0] == pytest.approx(want[0], rel=1e-12)
+    for k in want[1]:
+        np.testing.assert_allclose(got[1][k], want[1][k], rtol=1e-12, atol=1e-15)
+
+
+def test_repeated_calls_follow_every_change(mods):
+    cm, npm = mods
+    rng = np.random.default_rng(0)
+    p, g = cm.init_params(1), cm.Params()
+    x, y = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    for _ in range(2):    # the second call takes the lean path
+        loss, out = cm.backward(p, x, y, grads=g)
+        assert out is g
+        _same((loss, out), _ref(npm, p, x, y))
+    assert cm._LAST[1] is g and cm._LAST[0] is p
+    x[0, 0] = 3.0                      # contents
+    p.flat[0] += 0.5                   # parameters updated in place
+    _same(cm.backward(p, x, y, grads=g), _ref(npm, p, x, y))
+    p["W1"] = p["W1"] * 2              # an entry replaced: the Params is an ordinary dict now
+    _same(cm.backward(p, x, y, grads=g), _ref(npm, p, x, y))
+
+
+def test_in_place_dtype_and_shape_changes_are_checked(mods):
+    cm, npm = mods
+    rng = np.random.default_rng(1)
+    p, g = cm.init_params(2), cm.Params()
+    x, y = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    cm.backward(p, x, y, grads=g)
+    cm.backward(p, x, y, grads=g)
+    y.shape = (2, 4)                   # same data, another shape: refused as by the full path
+    with pytest.raises(ValueError, match="shape"):
+        cm.backward(p, x, y, grads=g)
+    y.shape = (4, 2)
+    _same(cm.backward(p, x, y, grads=g), _ref(npm, p, x, y))
+    x.dtype = np.int64                 # the same bytes read as integers: converted, as by the full path
+    _same(cm.backward(p, x, y, grads=g), _ref(npm, p, x.astype(np.float64), y))
+    x.dtype = np.float64
+    cm.backward(p, x, y, grads=g)      # (remembered again: the last call used a converted copy)
+    assert cm._LAST[2] is x
+    with pytest.raises(ValueError):    # numpy refuses to resize an array something refers to
+        x.resize((8, 3))
+
+
+def test_other_objects_and_errors_take_the_full_path(mods):
+    cm, npm = mods
+    rng = np.random.default_rng(2)
+    p, g = cm.init_params(3), cm.Params()
+    x, y = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    cm.backward(p, x, y, grads=g)
+    x2 = x.copy()
+    x2[1] = -1
+    _same(cm.backward(p, x2, y, grads=g), _ref(npm, p, x2, y))
+    g["W1"] = np.zeros((3, 5))         # a gradient buffer whose arrays were replaced
+    with pytest.raises(ValueError, match="arrays were replaced"):
+        cm.backward(p, x2, y, grads=g)
+    fresh = cm.backward(p, x2, y)      # no grads=: a result of its own, never the kept buffer
+    assert fresh[1] is not g
+    _same(fresh, _ref(npm, p, x2, y))
