@@ -81,3 +81,22 @@ def test_other_objects_and_errors_take_the_full_path(mods):
     fresh = cm.backward(p, x2, y)      # no grads=: a result of its own, never the kept buffer
     assert fresh[1] is not g
     _same(fresh, _ref(npm, p, x2, y))
+
+
+def test_parameters_and_gradients_in_one_buffer(mods):
+    cm, npm = mods
+    p, g = cm.init_buffers(seed=4)
+    base = p.flat.base
+    assert base is not None and g.flat.base is base and base.shape == (2 * cm.NUM_PARAMS + 1,)
+    assert all(np.array_equal(p[k], v) for k, v in cm.init_params(4).items())
+    assert all(np.shares_memory(p[k], base) and np.shares_memory(g[k], base) for k in cm.PARAMS)
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((6, 3)), rng.standard_normal((6, 2))
+    for _ in range(2):
+        loss, out = cm.backward(p, x, y, grads=g)
+        assert out is g
+    _same((loss, out), _ref(npm, p, x, y))
+    np.testing.assert_array_equal(base[cm.NUM_PARAMS:2 * cm.NUM_PARAMS], g.flat)
+    before = p.flat.copy()
+    cm.sgd_step(p, g, lr=0.1)
+    np.testing.assert_allclose(p.flat, before - 0.1 * g.flat, rtol=1e-15)
