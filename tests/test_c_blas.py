@@ -163,3 +163,20 @@ def test_vectorised_exp_and_sigmoid_match_numpy(dtype):
         ok = ~np.isnan(want)
         tiny = np.finfo(dt).tiny
         np.testing.assert_allclose(got[ok], want[ok], rtol=4 * np.finfo(dt).eps, atol=4 * tiny * np.finfo(dt).eps)
+
+
+def test_machine_tuned_builds_are_keyed_by_the_machine(monkeypatch, tmp_path):
+    """-march=native only with the CPU it expands to in the cache key: another CPU description is
+    another build; a compiler that refuses -march=native gives a portable build that agrees."""
+    flags, machine = c_backend._native()
+    if flags:
+        assert "-march=native" in flags and machine
+    compiled = compile_model_c(_model("keyed"))
+    here = compiled.build(cache=tmp_path, blas="none")
+    monkeypatch.setattr(c_backend, "_native", lambda: (("-march=native",), machine + " -mno-such-cpu"))
+    other = compiled.build(cache=tmp_path, blas="none")
+    monkeypatch.setattr(c_backend, "_native", lambda: ((), ""))
+    portable = compiled.build(cache=tmp_path, blas="none")
+    assert len({here, other, portable}) == 3
+    cm = compiled.load(cache=tmp_path, blas="none")
+    _agree(cm, bpc.compile_model(_model("keyed")).load(), np.float64, 1e-10)
