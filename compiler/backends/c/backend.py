@@ -16,7 +16,10 @@ Each op's statement (C loops) is registered with the op (``compiler.core.ops``, 
 gets the ``CStatements`` emitter, whose methods are the helpers op statements share; scalar
 math comes from the C printer; the file structure comes from ``templates/c_model.{c,h}.j2`` and the wrapper
 from ``templates/c_wrapper.py.j2``. Builds are cached under ``cache_dir()/c`` by a hash of
-everything that can change the binary.
+everything that can change the binary: among it the BLAS linked for the larger matrix products
+(``compiler.backends.c.blas``: the scipy-openblas32 wheel when installed, else the portable
+loops) and, when the compiler takes ``-march=native``, the CPU and instruction sets that flag
+expands to on this machine (``_native``).
 """
 from __future__ import annotations
 
