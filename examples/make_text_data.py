@@ -15,13 +15,13 @@ built with CPython 3.11.7; other Python versions have other docstrings (and some
 so ``--corpus`` under them writes other bytes, reported with its SHA-256. gzip with mtime 0:
 the same text gives the same file.
 
-**The split and the windows** (``--out``): the text as ids (``encode``: newline 0, the printable
-ASCII characters ``' '..'~'`` 1..95, a vocabulary of 96), its first 90% for training and the
-last 10% for validation (contiguous: no window of the validation text is seen in training).
-Each part is cut into non-overlapping windows of ``CONTEXT`` = 64 characters: ``x`` (n, 64) the
-ids of a window, ``y`` (n, 64) the ids that follow each position (x shifted by one), both
-uint8 — the arrays ``bpc train --data`` reads for a model with an input ``x`` of kind ``ids``
-and a label target ``y`` of length 64.
+**The windows and the split** (``--out``): the text as ids (``encode``: newline 0, the
+printable ASCII characters ``' '..'~'`` 1..95, a vocabulary of 96) cut into pieces of 65 that
+share no character: ``x`` (n, 64) a piece's first 64 ids, ``y`` (n, 64) the id that follows
+each position (the piece shifted by one), both uint8: the arrays ``bpc train --data`` reads for
+a model with an input ``x`` of kind ``ids`` and a label target ``y`` of length 64. In blocks of
+16 consecutive windows, every tenth block goes to validation (``python_docs_val.npz``), the rest
+to training (``python_docs_train.npz``).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ import numpy as np
 DATA = Path(__file__).resolve().parent / "data"
 CORPUS = DATA / "python_docs.txt.gz"
 CONTEXT = 64
-VAL_FRACTION = 0.1
+SPLIT_EVERY, SPLIT_BLOCK = 10, 16   # one block of 16 windows in 10 is held out for validation
 VOCAB = 96
 
 # Standard library modules (a package stands for its .py files, sorted, tests left out), in
@@ -136,27 +136,29 @@ def read_corpus(path=CORPUS):
         return f.read().decode("ascii")
 
 
-def split(ids, fraction=VAL_FRACTION):
-    """(training ids, validation ids): the first 1 - fraction of the text, then the rest."""
-    cut = int(round(len(ids) * (1 - fraction)))
-    return ids[:cut], ids[cut:]
-
-
 def windows(ids, length=CONTEXT):
-    """``x`` (n, length) non-overlapping windows of ``ids`` and ``y`` the ids after each position."""
-    n = (len(ids) - 1) // length
-    x = ids[:n * length].reshape(n, length)
-    y = ids[1:n * length + 1].reshape(n, length)
-    return x, y
+    """``x`` (n, length) and ``y`` (n, length): the text cut into pieces of length + 1 ids that
+    share nothing, ``x`` a piece's first ``length`` ids and ``y`` its last ``length`` (the id
+    after each position of ``x``)."""
+    n = len(ids) // (length + 1)
+    pieces = ids[:n * (length + 1)].reshape(n, length + 1)
+    return pieces[:, :-1].copy(), pieces[:, 1:].copy()
+
+
+def split(x, y, every=SPLIT_EVERY, block=SPLIT_BLOCK):
+    """``((x, y) training, (x, y) validation)``: the windows in blocks of ``block`` consecutive
+    ones (1040 characters of text), every ``every``-th block held out for validation. No
+    character is in both parts, and both sample the whole corpus, not one end of it (the
+    modules come in a fixed order, so the last tenth would be a few modules' docstrings)."""
+    held = (np.arange(len(x)) // block) % every == every - 1
+    return (x[~held], y[~held]), (x[held], y[held])
 
 
 def write_windows(out, text):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train, val = split(encode(text))
     paths = []
-    for part, ids in (("train", train), ("val", val)):
-        x, y = windows(ids)
+    for part, (x, y) in zip(("train", "val"), split(*windows(encode(text)))):
         path = out / f"python_docs_{part}.npz"
         np.savez(path, x=x, y=y)
         paths.append((path, len(x)))

@@ -66,13 +66,15 @@ def _einsum(st, node):
     if terms is None or rank > 8 or axes not in ((rank - 1,), tuple(range(rank - 1))):
         return None
     coeff, operands = terms
-    if len(operands) != 2:
-        return None
+    coeff = None if coeff is None else ("-" if coeff == "-1" else coeff + "*")
+    if len(operands) == 1:       # c*a: the sum of a, times c (no array of c*a)
+        ax = axes[0] if len(axes) == 1 else axes
+        return [f"{st.name(node)} = {coeff or ''}{operands[0]}.sum(axis={ax})"]
     letters = "abcdefgh"[:rank]
     kept = letters[:-1] if axes == (rank - 1,) else letters[-1]
     spec = f"{letters},{letters}->{kept}"
     code = f"np.einsum({spec!r}, {operands[0]}, {operands[1]})"
-    return [f"{st.name(node)} = {coeff + '*' if coeff else ''}{code}"]
+    return [f"{st.name(node)} = {coeff or ''}{code}"]
 
 
 def _sum_numpy(st, node):
