@@ -62,7 +62,11 @@ MODULES = (
 
 def encode(text):
     """ids (uint8) of ``text``: newline 0, ' '..'~' 1..95; any other character is a ValueError."""
-    b = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    try:
+        b = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    except UnicodeEncodeError as e:
+        raise ValueError(f"character {text[e.start]!r} is outside the vocabulary (newline and printable "
+                         "ASCII)") from None
     ids = b.astype(np.int64) - 31
     ids[b == 10] = 0
     if ids.size and (ids.min() < 0 or ids.max() >= VOCAB):
