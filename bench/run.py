@@ -2,7 +2,8 @@
 
 Sections (``--only`` picks some): ``step`` the 784-256-128-10 training step, ``small`` 2-16-16-1
 nets where call overhead dominates, ``peak`` the fraction of the machine's matmul throughput the
-step reaches, ``compile`` compile time against depth and width; not run by default: ``c`` the C
+step reaches, ``compile`` compile time against depth and width, ``block`` a transformer block's
+training step against PyTorch and JAX (bench/block.py); not run by default: ``c`` the C
 target against hand NumPy, hand C, PyTorch and JAX, ``blas`` its loops against gemm
 (bench/c_target.py).
 """
@@ -27,6 +28,7 @@ from compiler.core import ir  # noqa: E402
 
 from bench.cpu import cpu_name  # noqa: E402
 from bench.frameworks import make_jax, make_torch  # noqa: E402
+from bench.block import block_section  # noqa: E402
 from bench.reference import HandMLP  # noqa: E402
 from bench.timing import compare, measure, spread  # noqa: E402
 
@@ -278,7 +280,8 @@ def _fresh_compile_seconds():
     return float(out.stdout.strip().splitlines()[-1])
 
 
-SECTIONS = {"step": step_section, "peak": peak_section, "small": small_section, "compile": compile_section}
+SECTIONS = {"step": step_section, "peak": peak_section, "small": small_section, "compile": compile_section,
+            "block": lambda args, rows_out: block_section(args, rows_out, note)}
 from bench.c_target import blas_section, c_section  # noqa: E402
 SECTIONS.update(c=c_section, blas=blas_section)
 
@@ -293,7 +296,7 @@ def describe():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="step,peak,small,compile", help="comma-separated sections")
+    ap.add_argument("--only", default="step,peak,small,compile,block", help="comma-separated sections")
     ap.add_argument("--rounds", type=int, default=31, help="timing rounds (median reported)")
     ap.add_argument("--compile-repeats", type=int, default=3)
     ap.add_argument("--activation", default="tanh", choices=["tanh", "relu"])
@@ -311,6 +314,7 @@ def main(argv=None):
               "peak": "Share of the machine's matrix-multiply peak",
               "small": "Small net 2-16-16-1 tanh, MSE, float64 (call overhead)",
               "compile": "Compile time (model -> imported module)",
+              "block": "Training step of a transformer block, one thread each",
               "c": "The C target against hand-written NumPy and C, PyTorch and JAX",
               "blas": "The C target's matrix products: its loops against the BLAS's gemm"}
     for name in args.only.split(","):

@@ -239,21 +239,27 @@ def forward(params, x):
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
     P1 = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 9))
-    PW1 = P1 @ W1
+    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
-    H1 = np.maximum(C1 + b1, 0.0)
+    H1 = C1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
     P2 = np.lib.stride_tricks.sliding_window_view(np.pad(H1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
-    PW2 = P2 @ W2
+    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
-    H2 = np.maximum(C2 + b2, 0.0)
+    H2 = C2
+    H2 += b2
+    np.maximum(H2, 0.0, out=H2)
     Pp1 = np.lib.stride_tricks.sliding_window_view(H2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
     Q1 = Pp1.reshape((16*n, 4, 32))
     Max1 = Q1.max(axis=1)
     Pool1 = Max1.reshape((n, 4, 4, 32))
     P3 = np.lib.stride_tricks.sliding_window_view(np.pad(Pool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
-    PW3 = P3 @ W3
+    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
-    H3 = np.maximum(C3 + b3, 0.0)
+    H3 = C3
+    H3 += b3
+    np.maximum(H3, 0.0, out=H3)
     Pp2 = np.lib.stride_tricks.sliding_window_view(H3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
     Q2 = Pp2.reshape((4*n, 4, 64))
     Max2 = Q2.max(axis=1)
@@ -278,21 +284,27 @@ def loss(params, x, y):
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
     P1 = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 9))
-    PW1 = P1 @ W1
+    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
-    H1 = np.maximum(C1 + b1, 0.0)
+    H1 = C1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
     P2 = np.lib.stride_tricks.sliding_window_view(np.pad(H1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
-    PW2 = P2 @ W2
+    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
-    H2 = np.maximum(C2 + b2, 0.0)
+    H2 = C2
+    H2 += b2
+    np.maximum(H2, 0.0, out=H2)
     Pp1 = np.lib.stride_tricks.sliding_window_view(H2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
     Q1 = Pp1.reshape((16*n, 4, 32))
     Max1 = Q1.max(axis=1)
     Pool1 = Max1.reshape((n, 4, 4, 32))
     P3 = np.lib.stride_tricks.sliding_window_view(np.pad(Pool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
-    PW3 = P3 @ W3
+    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
-    H3 = np.maximum(C3 + b3, 0.0)
+    H3 = C3
+    H3 += b3
+    np.maximum(H3, 0.0, out=H3)
     Pp2 = np.lib.stride_tricks.sliding_window_view(H3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
     Q2 = Pp2.reshape((4*n, 4, 64))
     Max2 = Q2.max(axis=1)
@@ -319,21 +331,27 @@ def backward(params, x, y):
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
     P1 = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 9))
-    PW1 = P1 @ W1
+    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
-    H1 = np.maximum(C1 + b1, 0.0)
+    H1 = C1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
     P2 = np.lib.stride_tricks.sliding_window_view(np.pad(H1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
-    PW2 = P2 @ W2
+    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
-    H2 = np.maximum(C2 + b2, 0.0)
+    H2 = C2
+    H2 += b2
+    np.maximum(H2, 0.0, out=H2)
     Pp1 = np.lib.stride_tricks.sliding_window_view(H2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
     Q1 = Pp1.reshape((16*n, 4, 32))
     Max1 = Q1.max(axis=1)
     Pool1 = Max1.reshape((n, 4, 4, 32))
     P3 = np.lib.stride_tricks.sliding_window_view(np.pad(Pool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
-    PW3 = P3 @ W3
+    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
-    H3 = np.maximum(C3 + b3, 0.0)
+    H3 = C3
+    H3 += b3
+    np.maximum(H3, 0.0, out=H3)
     Pp2 = np.lib.stride_tricks.sliding_window_view(H3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
     Q2 = Pp2.reshape((4*n, 4, 64))
     Max2 = Q2.max(axis=1)
@@ -348,7 +366,7 @@ def backward(params, x, y):
     dZ4[np.arange(n), y] -= 1
     dZ4 *= 1/n
     # dF1 = dZ4 @ W4.T
-    dF1 = dZ4 @ W4.T
+    dF1 = np.matmul(dZ4, W4.T, out=_scratch('dF1', (n, 256), dZ4, W4))
     # dMax2 = reshape(dF1, (4*n, 64))
     dMax2 = dF1.reshape((4*n, 64))
     # dQ2 = route_to_argmax(dMax2, Q2)

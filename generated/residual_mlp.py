@@ -332,18 +332,22 @@ def backward(params, x, y):
     # dS2 = dZout @ Wout.T
     dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
     # dZf2 = dS2*(1 - Hf2**2)
-    dZf2 = dS2*(1 - Hf2*Hf2)
+    dZf2 = np.multiply(Hf2, Hf2, out=_scratch('dZf2', (n, 32), Hf2))
+    np.subtract(1, dZf2, out=dZf2)
+    dZf2 *= dS2
     # dh1_Wf2 = dZf2 @ Wf2.T
     dh1_Wf2 = np.matmul(dZf2, Wf2.T, out=_scratch('dh1_Wf2', (n, 32), dZf2, Wf2))
     # dh1 = dS2 + dh1_Wf2
     dh1 = dh1_Wf2
     dh1 += dS2
     # dZf1 = dh1*(1 - Hf1**2)
-    dZf1 = dh1*(1 - Hf1*Hf1)
+    dZf1 = np.multiply(Hf1, Hf1, out=_scratch('dZf1', (n, 32), Hf1))
+    np.subtract(1, dZf1, out=dZf1)
+    dZf1 *= dh1
     # dHh0_Wf1 = dZf1 @ Wf1.T
     dHh0_Wf1 = np.matmul(dZf1, Wf1.T, out=_scratch('dHh0_Wf1', (n, 32), dZf1, Wf1))
     # dZh0 = (1 - Hh0**2)*(dHh0_Wf1 + dh1)
-    dZh0 = Hh0*Hh0
+    dZh0 = np.multiply(Hh0, Hh0, out=_scratch('dZh0', (n, 32), Hh0))
     np.subtract(1, dZh0, out=dZh0)
     dHh0_Wf1 += dh1
     dZh0 *= dHh0_Wf1

@@ -67,7 +67,9 @@ def _rendered(name, module_name):
     from compiler.backends.templates import render, template_dir
     namespace = types.ModuleType(module_name)
     namespace.np, namespace._Mapping = np, Mapping
-    exec(compile(render(name), str(template_dir() / name), "exec"), namespace.__dict__)
+    # has_tokens: the checks of token ids and of a sequence's labels too (modules render them
+    # only when they have such arguments)
+    exec(compile(render(name, has_tokens=True), str(template_dir() / name), "exec"), namespace.__dict__)
     return namespace
 
 
@@ -124,6 +126,7 @@ def check_data(module, data, what="data"):
                          f"{', '.join(names)}; found {', '.join(map(repr, data)) or 'none'}){several}")
     kinds = getattr(module, "TARGET_KINDS", {})
     classes = getattr(module, "CLASSES", {})
+    vocab = getattr(module, "VOCAB", {})
     out, count = {}, None
     for name in names:
         shape = tuple(module.INPUTS.get(name, module.TARGETS.get(name)))
@@ -131,7 +134,7 @@ def check_data(module, data, what="data"):
         label = kinds.get(name) == "label"
         if a.dtype.kind not in "biuf":
             raise TrainError(f"{what}: array {name!r} must hold numbers, got dtype {a.dtype}")
-        want = () if label else shape
+        want = shape    # () for one label per sample, (T,) for a sequence's labels or token ids
         if a.ndim >= 1 and a.shape[1:] != want:
             if a.shape[1:] and want and math.prod(a.shape[1:]) == math.prod(want):
                 a = a.reshape((a.shape[0],) + want)       # (n, 8, 8) for (64,); (n, 64) for (8, 8, 1)
@@ -154,12 +157,23 @@ def check_data(module, data, what="data"):
                 row = int(np.argmin(finite))
                 raise TrainError(f"{what}: array {name!r} holds NaN or Inf (first at sample {row}, "
                                  f"{int((~finite).sum())} sample(s) in all); clean the data first")
-        if label:
+        if name in vocab or (label and shape):
+            a = _tokens(a, what, name, vocab.get(name, classes.get(name)), shape,
+                        "token ids" if name in vocab else "labels")
+        elif label:
             a = _labels(a, f"{what}: target {name!r}", classes.get(name))
         elif a.dtype.kind != "f":
             a = a.astype(np.float64)
         out[name] = a
     return out
+
+
+def _tokens(a, where, name, classes, shape, kind):
+    """Token ids or a sequence's labels, judged by the modules' ``_tokens`` (integers in range)."""
+    try:
+        return module_checks()._tokens(a, name, classes, shape, kind)
+    except ValueError as e:
+        raise TrainError(f"{where}: {e}") from None
 
 
 def _labels(a, name, classes):
@@ -197,10 +211,14 @@ def _rows(data, index):
 
 
 def evaluate(module, params, data, chunk=8192, stats=None):
-    """``{"loss": ..., "accuracy": ... or None}`` on ``data`` (checked dict), in chunks, in
-    inference mode (a model with batchnorm normalises with the running statistics ``stats``;
-    default: those before training, ``init_stats()``)."""
+    """``{"loss": ..., "accuracy": ... or None}`` on ``data`` (checked dict), in chunks of
+    ``chunk`` positions (samples of one position, or ``chunk // T`` sequences of T token ids:
+    a language model's attention holds T*T scores per head and sample), in inference mode (a
+    model with batchnorm normalises with the running statistics ``stats``; default: those
+    before training, ``init_stats()``)."""
     arrays = list(data.values())
+    positions = max([math.prod(module.INPUTS[k]) for k in getattr(module, "VOCAB", {})] or [1])
+    chunk = max(1, chunk // positions)
     mode = {}
     if getattr(module, "STATS", None):
         mode = {"stats": stats if stats is not None else module.init_stats(_float_dtype(arrays))}
@@ -216,8 +234,10 @@ def evaluate(module, params, data, chunk=8192, stats=None):
             pred = np.asarray(module.forward(params, *part[:n_in], **mode))
             y = part[n_in]
             if kind == "multiclass":
-                labels = y if y.ndim == 1 else np.argmax(y, axis=1)
-                correct += int(np.sum(np.argmax(pred, axis=1) == labels))
+                # a sequence's labels (n, T) against probabilities (n, T, classes): per sample,
+                # the fraction of its positions classified right
+                labels = y if y.ndim == pred.ndim - 1 else np.argmax(y, axis=-1)
+                correct += float(np.sum(np.argmax(pred, axis=-1) == labels)) / max(1, labels[0].size)
             else:  # per sample, the fraction of its outputs on the right side of 0.5
                 if pred.shape != y.shape and pred.size == y.size:
                     pred = pred.reshape(y.shape)    # a (n, 1) output against a (n,) target
