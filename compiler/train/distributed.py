@@ -1,0 +1,231 @@
+"""Synchronous data-parallel training on Dask (``train(..., client=client)``, ``bpc train --workers N``
+or ``--scheduler ADDRESS``).
+
+The training set is cut into contiguous shards, one per worker, scattered once. The run itself
+(seeds, shuffling, global mini-batches, clipping, the optimizer step, early stopping,
+checkpoints) is compiler.train.loop's, unchanged: only the gradients of a global batch come from
+here. Each step the parameters go to the workers once (a broadcast scatter); every worker runs
+the generated ``backward`` on the rows of the batch that live in its shard and returns sums
+(``m``, ``m * loss``, ``m * gradient`` for its ``m`` rows); the sums are added pairwise on the
+workers (a tree of ``add`` tasks); the client receives one sum and divides by the batch size. So
+the gradient is the single-process one up to the order of a few floating-point additions.
+
+Faults: a worker that dies takes its shard with it. Its rows are scattered again from the
+client's copy, split over the remaining workers, and only the lost slices are recomputed: the
+step goes on. With no worker left (after ``grace`` seconds of waiting for one to join), the run
+stops (``stopped == "workers_lost"``) keeping the parameters of the last complete step.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import CancelledError
+from dataclasses import dataclass
+
+import numpy as np
+
+from compiler.spec.train_options import TrainError
+from compiler.train import shipping
+
+
+class WorkersLost(TrainError):
+    """No Dask worker is left to train on."""
+
+
+class _Lost(Exception):
+    """A step lost a worker (or the data on it): recover and retry."""
+
+
+@dataclass
+class _Shard:
+    lo: int             # its rows of the training set: lo .. hi - 1
+    hi: int
+    worker: str
+    future: object      # the scattered dict of arrays
+
+    def rows(self, index):
+        """The batch rows (``index``: global row numbers) in this shard, as local row numbers in
+        the batch's order; None for all of them in order (a full batch)."""
+        if index is None:
+            return None
+        local = index[(index >= self.lo) & (index < self.hi)] - self.lo
+        if len(local) == self.hi - self.lo and np.array_equal(local, np.arange(len(local))):
+            return None
+        return local
+
+
+def require_dask():
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise TrainError('training on Dask needs dask.distributed: pip install "bpc[dask]" '
+                         '(or pip install "dask[distributed]")') from None
+
+
+class DaskGradients:
+    """``gradients(params, index, mode) -> (loss, grads)`` of the global batch ``index`` (rows of
+    ``train_set``; None: all), computed on the workers of ``client``."""
+
+    def __init__(self, client, module, train_set, warn=None, grace=5.0, poll=0.5):
+        require_dask()
+        if getattr(module, "STATS", None):
+            raise TrainError("a model with batch normalisation cannot train on Dask yet: its batch statistics "
+                             "would be each worker's slice's, not the global batch's; train it in one process")
+        if getattr(module, "DROPOUT", None) and warn is not None:
+            warn("dask-dropout", "dropout on Dask draws each worker slice's masks from (seed, epoch, step, "
+                 "shard): a run as reproducible as in one process, but not the same masks")
+        self.client, self.grace, self.poll = client, grace, poll
+        self.rt = shipping.upload_runtime(client)
+        self.payload = shipping.payload(module)
+        self.data = train_set                 # the client's copy: shards of lost workers come from it
+        self.n = len(next(iter(train_set.values())))
+        self.events = []                      # what happened to workers, in words
+        self.steps = 0
+        workers = self._workers(wait=True)
+        self._check(workers)
+        [self.payload_f] = client.scatter([self.payload], workers=workers, broadcast=True, hash=False)
+        self.shards = []
+        bounds = np.linspace(0, self.n, min(len(workers), self.n) + 1).round().astype(int)
+        for (lo, hi), worker in zip(zip(bounds[:-1], bounds[1:]), workers):
+            self.shards.append(self._scatter(int(lo), int(hi), worker))
+
+    # ---- the cluster ------------------------------------------------------------------------
+
+    def _workers(self, wait=False):
+        workers = sorted(self.client.nthreads())
+        if not workers and wait:
+            try:
+                self.client.wait_for_workers(1, timeout=self.grace)
+            except Exception:            # dask's TimeoutError
+                pass
+            workers = sorted(self.client.nthreads())
+        return workers
+
+    def _check(self, workers):
+        """Load the module on every worker first: a worker without numpy, cffi or a compiler is a
+        clear error before the run, not a traceback in its middle."""
+        out = self.client.run(self.rt.check, self.payload, workers=workers, on_error="return")
+        bad = {w: r for w, r in out.items() if isinstance(r, BaseException)}
+        if bad:
+            raise TrainError("cannot load the model on the Dask workers: " + "; ".join(
+                str(r) if "dask worker" in str(r) else f"{w}: {type(r).__name__}: {r}" for w, r in sorted(bad.items())))
+
+    def _scatter(self, lo, hi, worker):
+        part = {k: a[lo:hi] for k, a in self.data.items()}
+        [future] = self.client.scatter([part], workers=[worker], hash=False)
+        return _Shard(lo, hi, worker, future)
+
+    # ---- a step -----------------------------------------------------------------------------
+
+    def __call__(self, params, index, mode, where=""):
+        params = {k: np.asarray(v) for k, v in params.items()}     # plain arrays (the C Params is the module's)
+        done = {}
+        while True:
+            try:
+                result = self._attempt(params, index, mode, done)
+                self.steps += 1
+                return result
+            except _Lost as e:
+                self._recover(str(e), where)
+
+    def _attempt(self, params, index, mode, done):
+        client = self.client
+        workers = sorted({s.worker for s in self.shards})
+        [pf] = client.scatter([params], workers=workers, broadcast=True, hash=False)
+        parts = []
+        for i, s in enumerate(self.shards):
+            rows = s.rows(index)
+            if rows is not None and not len(rows):
+                continue
+            key = (s.lo, s.hi, s.worker)
+            f = done.get(key)
+            if f is None or f.status != "finished":
+                m = dict(mode)
+                if "seed" in m:                  # dropout: masks per slice (see the warning)
+                    m["seed"] = (*m["seed"], s.lo)
+                f = client.submit(self.rt.backward_slice, self.payload_f, pf, s.future, rows, m,
+                                  workers=[s.worker], allow_other_workers=False, pure=False)
+                done[key] = f
+            parts.append(f)
+        while len(parts) > 1:              # the tree reduce, on the workers
+            pairs = [client.submit(self.rt.add, a, b, pure=False) for a, b in zip(parts[::2], parts[1::2])]
+            parts = pairs + (parts[-1:] if len(parts) % 2 else [])
+        m, loss_sum, grads = self._result(parts[0], workers)
+        return loss_sum / m, {k: g / m for k, g in grads.items()}
+
+    def _result(self, future, workers):
+        from distributed import wait
+        while True:
+            try:
+                wait([future], timeout=self.poll)
+                break
+            except CancelledError as e:            # lost dependencies: a worker died with its shard
+                raise _Lost(_first_line(e)) from None
+            except TimeoutError:
+                alive = set(self.client.nthreads())
+                gone = [w for w in workers if w not in alive]
+                if gone:
+                    raise _Lost(f"worker {', '.join(gone)} left") from None
+        if future.status == "error":
+            exc = future.exception()
+            if type(exc).__name__ in ("KilledWorker", "CommClosedError") or isinstance(exc, CancelledError):
+                raise _Lost(f"{type(exc).__name__}: {exc}")
+            raise TrainError(f"a Dask worker failed: {type(exc).__name__}: {exc}") from None
+        try:
+            return future.result()
+        except CancelledError as e:
+            raise _Lost(_first_line(e)) from None
+
+    def _recover(self, reason, where):
+        alive = self._workers(wait=True)
+        if not alive:
+            raise WorkersLost(f"no Dask worker left{f' at {where}' if where else ''} ({reason}); stopped and kept "
+                              "the parameters of the last complete step")
+        lost = [s for s in self.shards if s.worker not in alive or s.future.status != "finished"]
+        if not lost:                       # nothing of ours was lost: the step simply runs again
+            self.events.append(f"{where}: {reason}; the step ran again")
+            return
+        if self.payload_f.status != "finished":
+            [self.payload_f] = self.client.scatter([self.payload], workers=alive, broadcast=True, hash=False)
+        keep = [s for s in self.shards if s not in lost]
+        moved = []
+        for s in lost:
+            bounds = np.linspace(s.lo, s.hi, min(len(alive), s.hi - s.lo) + 1).round().astype(int)
+            for (lo, hi), worker in zip(zip(bounds[:-1], bounds[1:]), alive):
+                moved.append(self._scatter(int(lo), int(hi), worker))
+        self.shards = sorted(keep + moved, key=lambda s: s.lo)
+        gone = sorted({s.worker for s in lost} - set(alive))
+        rows = ", ".join(f"{s.lo}..{s.hi - 1}" for s in lost)
+        self.events.append(f"{where}: lost worker {', '.join(gone) or '(its data)'} ({reason}); its rows {rows} "
+                           f"moved to {', '.join(alive)} and its slice recomputed there")
+
+    def close(self):
+        """Release the shards and the module on the cluster."""
+        futures = [s.future for s in self.shards] + [self.payload_f]
+        self.shards = []
+        try:
+            self.client.cancel(futures)
+        except Exception:
+            pass
+
+
+def _first_line(e):
+    text = str(e).strip().splitlines()
+    return " ".join(t.strip() for t in text[:3] if t.strip()) or type(e).__name__
+
+
+def connect(workers=None, scheduler=None, threads=1):
+    """A Client: of a new LocalCluster of ``workers`` single-threaded processes on this machine,
+    or of the cluster whose scheduler listens at ``scheduler``. Returns (client, cluster or None)."""
+    require_dask()
+    import logging
+
+    from distributed import Client, LocalCluster
+    if scheduler:
+        try:
+            return Client(scheduler, timeout="20s"), None
+        except Exception as e:
+            raise TrainError(f"--scheduler {scheduler}: cannot connect to a Dask scheduler there "
+                             f"({type(e).__name__}: {e})") from None
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                           dashboard_address=None, silence_logs=logging.CRITICAL)
+    return Client(cluster), cluster
