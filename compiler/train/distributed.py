@@ -27,6 +27,11 @@ from compiler.spec.train_options import TrainError
 from compiler.train import shipping
 
 
+GRACE_SECONDS = 5.0   # how long a run without workers waits for one to join before it stops
+CONNECT_SECONDS = 20  # how long --scheduler ADDRESS may take to answer
+RETRIES = 5        # attempts of a step that fail while no worker of the run is lost
+
+
 class WorkersLost(TrainError):
     """No Dask worker is left to train on."""
 
@@ -65,7 +70,7 @@ class DaskGradients:
     """``gradients(params, index, mode) -> (loss, grads)`` of the global batch ``index`` (rows of
     ``train_set``; None: all), computed on the workers of ``client``."""
 
-    def __init__(self, client, module, train_set, warn=None, grace=5.0, poll=0.5):
+    def __init__(self, client, module, train_set, warn=None, grace=None, poll=0.5):
         require_dask()
         if getattr(module, "STATS", None):
             raise TrainError("a model with batch normalisation cannot train on Dask yet: its batch statistics "
@@ -73,7 +78,9 @@ class DaskGradients:
         if getattr(module, "DROPOUT", None) and warn is not None:
             warn("dask-dropout", "dropout on Dask draws each worker slice's masks from (seed, epoch, step, "
                  "shard): a run as reproducible as in one process, but not the same masks")
-        self.client, self.grace, self.poll = client, grace, poll
+        self.client, self.poll = client, poll
+        self.grace = GRACE_SECONDS if grace is None else grace
+        self.warn = warn or (lambda key, text: None)
         self.rt = shipping.upload_runtime(client)
         self.payload = shipping.payload(module)
         self.data = train_set                 # the client's copy: shards of lost workers come from it
@@ -111,26 +118,40 @@ class DaskGradients:
 
     def _scatter(self, lo, hi, worker):
         part = {k: a[lo:hi] for k, a in self.data.items()}
-        [future] = self.client.scatter([part], workers=[worker], hash=False)
+        [future] = self._send([part], [worker])
         return _Shard(lo, hi, worker, future)
+
+    def _send(self, data, workers, broadcast=False):
+        """client.scatter; a worker that died meanwhile is a _Lost (the scheduler answers with a
+        KeyError for a worker it has removed, the connection with CommClosedError)."""
+        try:
+            return self.client.scatter(data, workers=workers, broadcast=broadcast, hash=False)
+        except (KeyError, OSError, TimeoutError, CancelledError) as e:
+            raise _Lost(f"sending data failed ({type(e).__name__}: {_first_line(e)})") from None
 
     # ---- a step -----------------------------------------------------------------------------
 
     def __call__(self, params, index, mode, where=""):
         params = {k: np.asarray(v) for k, v in params.items()}     # plain arrays (the C Params is the module's)
-        done = {}
+        done, lost, retries = {}, None, 0
         while True:
             try:
+                if lost is not None:
+                    if not self._recover(lost, where):
+                        retries += 1        # nothing of ours lost (the scheduler may not know yet)
+                        if retries > RETRIES:
+                            raise TrainError(f"the Dask cluster keeps failing at {where or 'a step'}: {lost}")
+                        time.sleep(0.2 * retries)
                 result = self._attempt(params, index, mode, done)
                 self.steps += 1
                 return result
             except _Lost as e:
-                self._recover(str(e), where)
+                lost = str(e)
 
     def _attempt(self, params, index, mode, done):
         client = self.client
         workers = sorted({s.worker for s in self.shards})
-        [pf] = client.scatter([params], workers=workers, broadcast=True, hash=False)
+        [pf] = self._send([params], workers, broadcast=True)
         parts = []
         for i, s in enumerate(self.shards):
             rows = s.rows(index)
@@ -178,14 +199,15 @@ class DaskGradients:
     def _recover(self, reason, where):
         alive = self._workers(wait=True)
         if not alive:
-            raise WorkersLost(f"no Dask worker left{f' at {where}' if where else ''} ({reason}); stopped and kept "
-                              "the parameters of the last complete step")
+            ours = sorted({s.worker for s in self.shards})
+            raise WorkersLost(f"no Dask worker left{f' at {where}' if where else ''} (lost {', '.join(ours)}; "
+                              f"none joined within {self.grace:g} s); stopped and kept the parameters of the last "
+                              "complete step")
         lost = [s for s in self.shards if s.worker not in alive or s.future.status != "finished"]
         if not lost:                       # nothing of ours was lost: the step simply runs again
-            self.events.append(f"{where}: {reason}; the step ran again")
-            return
+            return False
         if self.payload_f.status != "finished":
-            [self.payload_f] = self.client.scatter([self.payload], workers=alive, broadcast=True, hash=False)
+            [self.payload_f] = self._send([self.payload], alive, broadcast=True)
         keep = [s for s in self.shards if s not in lost]
         moved = []
         for s in lost:
@@ -195,8 +217,11 @@ class DaskGradients:
         self.shards = sorted(keep + moved, key=lambda s: s.lo)
         gone = sorted({s.worker for s in lost} - set(alive))
         rows = ", ".join(f"{s.lo}..{s.hi - 1}" for s in lost)
-        self.events.append(f"{where}: lost worker {', '.join(gone) or '(its data)'} ({reason}); its rows {rows} "
-                           f"moved to {', '.join(alive)} and its slice recomputed there")
+        event = (f"lost Dask worker {', '.join(gone) or '(its data)'} at {where or 'a step'}: its rows {rows} went "
+                 f"to {', '.join(alive)}, which recomputed its slice; training goes on")
+        self.events.append(event)
+        self.warn(("dask-lost", len(self.events)), event)
+        return True
 
     def close(self):
         """Release the shards and the module on the cluster."""
@@ -222,7 +247,7 @@ def connect(workers=None, scheduler=None, threads=1):
     from distributed import Client, LocalCluster
     if scheduler:
         try:
-            return Client(scheduler, timeout="20s"), None
+            return Client(scheduler, timeout=f"{CONNECT_SECONDS}s"), None
         except Exception as e:
             raise TrainError(f"--scheduler {scheduler}: cannot connect to a Dask scheduler there "
                              f"({type(e).__name__}: {e})") from None
