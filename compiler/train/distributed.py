@@ -4,7 +4,7 @@ or ``--scheduler ADDRESS``).
 The training set is cut into contiguous shards, one per worker, scattered once. The run itself
 (seeds, shuffling, global mini-batches, clipping, the optimizer step, early stopping,
 checkpoints) is compiler.train.loop's, unchanged: only the gradients of a global batch come from
-here. Each step the parameters go to the workers once (a broadcast scatter); every worker runs
+here. Each step the parameters go to each worker once (inside its task); every worker runs
 the generated ``backward`` on the rows of the batch that live in its shard and returns sums
 (``m``, ``m * loss``, ``m * gradient`` for its ``m`` rows); the sums are added pairwise on the
 workers (a tree of ``add`` tasks); the client receives one sum and divides by the batch size. So
@@ -151,7 +151,8 @@ class DaskGradients:
     def _attempt(self, params, index, mode, done):
         client = self.client
         workers = sorted({s.worker for s in self.shards})
-        [pf] = self._send([params], workers, broadcast=True)
+        # the parameters travel inside the tasks (through the scheduler, one copy per worker):
+        # a scatter to a worker that has just died can hang, a task on it only fails
         parts = []
         for i, s in enumerate(self.shards):
             rows = s.rows(index)
@@ -163,7 +164,7 @@ class DaskGradients:
                 m = dict(mode)
                 if "seed" in m:                  # dropout: masks per slice (see the warning)
                     m["seed"] = (*m["seed"], s.lo)
-                f = client.submit(self.rt.backward_slice, self.payload_f, pf, s.future, rows, m,
+                f = client.submit(self.rt.backward_slice, self.payload_f, params, s.future, rows, m,
                                   workers=[s.worker], allow_other_workers=False, pure=False)
                 done[key] = f
             parts.append(f)
