@@ -7,6 +7,7 @@ single-process one) and no worker left (a clear message, the last step's paramet
 Runs only where dask.distributed is installed (the ``test`` extra has it); one LocalCluster of
 two single-threaded processes serves the module, the fault tests start their own."""
 import logging
+import re
 import os
 import signal
 import sys
@@ -309,3 +310,77 @@ def test_worker_killed_mid_epoch_then_none_left(monkeypatch, tmp_path):
     finally:
         client.close()
         cluster.close()
+
+
+# ---- bpc train --workers N / --scheduler ADDRESS ---------------------------------------------------
+
+CLF_SPEC = """
+[model]
+name = "clf"
+[network]
+input = { name = "x", size = 2 }
+target = { name = "y", kind = "label" }
+loss = "softmax_cross_entropy"
+[[network.layers]]
+units = 8
+activation = "tanh"
+[[network.layers]]
+units = 3
+[train]
+optimizer = "adam"
+lr = 0.01
+batch_size = 16
+epochs = 3
+"""
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clf.toml").write_text(CLF_SPEC)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(90, 2))
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5)
+    np.savez(tmp_path / "clf.npz", x=x, y=y)
+    (tmp_path / "parts").mkdir()
+    for i, (lo, hi) in enumerate([(0, 40), (40, 90)]):
+        np.savez(tmp_path / "parts" / f"p{i}.npz", x=x[lo:hi], y=y[lo:hi])
+    return tmp_path
+
+
+def cli(capsys, *argv):
+    from compiler.cli import main
+    code = main(["train", *map(str, argv)])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def test_cli_scheduler_trains_as_one_process(client, work, capsys):
+    code, out, err = cli(capsys, "clf.toml", "--data", "clf.npz", "--out", "one.npz", "--test", "clf.npz")
+    assert code == 0, err
+    one_test = re.search(r"test +loss (\S+) +accuracy (\S+)", out).groups()
+    code, out, err = cli(capsys, "clf.toml", "--data", "clf.npz", "--out", "many.npz", "--test", "parts",
+                         "--scheduler", client.scheduler.address)
+    assert code == 0, err
+    assert "on Dask: 2 worker(s)" in out
+    assert re.search(r"test \(2 partitions, 90 samples, on Dask\) +loss (\S+) +accuracy (\S+)", out).groups() == one_test
+    with np.load(work / "one.npz") as a, np.load(work / "many.npz") as b:
+        for k in a.files:
+            np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-10)
+
+
+def test_cli_workers_starts_a_local_cluster(work, capsys):
+    code, out, err = cli(capsys, "clf.toml", "--data", "clf.npz", "--workers", "1", "--epochs", "1", "--out", "w.npz")
+    assert code == 0, err
+    assert "on Dask: 1 worker(s)" in out and (work / "w.npz").exists()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--scheduler", "tcp://127.0.0.1:9"], "--scheduler tcp://127.0.0.1:9: cannot connect to a Dask scheduler there"),
+])
+def test_cli_errors(work, capsys, monkeypatch, argv, words):
+    monkeypatch.setattr(dtrain, "CONNECT_SECONDS", 1)
+    code, out, err = cli(capsys, "clf.toml", "--data", "clf.npz", *argv)
+    assert code == 2 and words in err

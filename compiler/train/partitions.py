@@ -108,8 +108,6 @@ def evaluate_partitions(module, params, partitions, client, stats=None):
             _explain(module, str(e))
             raise TrainError(str(e)) from None
         raise TrainError(f"distributed evaluation failed: {type(e).__name__}: {_first_line(e)}") from None
-    finally:
-        client.cancel([payload_f, params_f])
     return {"loss": total / n, "accuracy": (correct / n if kind != "regression" else None), "samples": n,
             "partitions": len(paths)}
 
