@@ -156,6 +156,22 @@ def forget_modules(runtime_name):
 
 
 @needs_cc
+def test_worker_without_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    """The extension built on the client does not load on the worker (here: damaged), and the
+    worker has no C compiler to rebuild it from the shipped C source."""
+    import hashlib
+    module = classifier("c")
+    p = shipping.payload(module)
+    files = dict(p["files"])
+    files[p["extension"]] = b"\x7fELF not a library"
+    p = dict(p, files=files, sha256={k: hashlib.sha256(v).hexdigest() for k, v in files.items()}, digest="2" * 64)
+    monkeypatch.delitem(sys.modules, module._EXT)      # as on a worker: not imported there
+    monkeypatch.setenv("CC", str(tmp_path / "no-cc"))
+    with pytest.raises(RuntimeError, match=r"built on the client does not load there .*it needs a C compiler"):
+        shipping.runtime().load(p, ("tcp://w:1", str(tmp_path)))
+
+
+@needs_cc
 def test_cluster_without_cffi_refuses_before_the_run(client):
     """The same, end to end: the workers lack cffi (hidden there), train names the problem."""
     def hide(flag):
