@@ -11,7 +11,9 @@ per-parameter gradient norms) otherwise; warns on vanishing or exploding gradien
 NaN/Inf loss keeping the last good parameters (exit 1); Ctrl-C, SIGTERM and SIGHUP save the best
 parameters so far (exit 130, 143, 129). Every output is checked before the run; --checkpoint-every
 N saves the whole state of the run, which --resume continues exactly. Prints the final loss (and
-accuracy for classifiers) on the training, validation and --test data.
+accuracy for classifiers) on the training, validation and --test data. --workers N (a local
+Dask cluster) or --scheduler ADDRESS (an existing one) computes each step's gradients
+data-parallel on Dask workers, with the same updates (compiler/train/distributed.py).
 """
 from __future__ import annotations
 
