@@ -270,3 +270,11 @@ def _prepare(data, layout, where):
     if not count:
         raise PartitionError(f"{where}: no samples")
     return out
+
+
+def ignore_interrupts():
+    """SIGINT ignored by this worker process: the workers of bpc train's own LocalCluster share
+    the terminal's process group, and Ctrl-C is for the client (it stops the run after its step)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return True

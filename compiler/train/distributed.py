@@ -250,5 +250,9 @@ def connect(workers=None, scheduler=None, threads=1):
             raise TrainError(f"--scheduler {scheduler}: cannot connect to a Dask scheduler there "
                              f"({type(e).__name__}: {e})") from None
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                           dashboard_address=None, silence_logs=logging.CRITICAL)
-    return Client(cluster), cluster
+                           dashboard_address=":0", silence_logs=logging.CRITICAL)
+    client = Client(cluster)
+    # the workers share the terminal's process group: Ctrl-C is the client's (the run stops
+    # after its step and saves), not a kill of every worker
+    client.run(shipping.upload_runtime(client).ignore_interrupts)
+    return client, cluster
