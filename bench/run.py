@@ -5,7 +5,8 @@ nets where call overhead dominates, ``peak`` the fraction of the machine's matmu
 step reaches, ``compile`` compile time against depth and width, ``block`` a transformer block's
 training step against PyTorch and JAX (bench/block.py); not run by default: ``c`` the C
 target against hand NumPy, hand C, PyTorch and JAX, ``blas`` its loops against gemm
-(bench/c_target.py).
+(bench/c_target.py), ``dask`` data-parallel training on 1 and 2 Dask workers against one process
+(bench/dask_scaling.py; needs dask.distributed).
 """
 from __future__ import annotations
 
@@ -286,6 +287,14 @@ from bench.c_target import blas_section, c_section  # noqa: E402
 SECTIONS.update(c=c_section, blas=blas_section)
 
 
+def dask_section(args, rows_out):
+    from bench.dask_scaling import section     # needs dask.distributed: not in the default --only
+    return section(args, rows_out)
+
+
+SECTIONS["dask"] = dask_section
+
+
 def describe():
     cfg = np.show_config(mode="dicts")
     blas = cfg.get("Build Dependencies", {}).get("blas", {})
@@ -316,7 +325,8 @@ def main(argv=None):
               "compile": "Compile time (model -> imported module)",
               "block": "Training step of a transformer block, one thread each",
               "c": "The C target against hand-written NumPy and C, PyTorch and JAX",
-              "blas": "The C target's matrix products: its loops against the BLAS's gemm"}
+              "blas": "The C target's matrix products: its loops against the BLAS's gemm",
+              "dask": "Data-parallel training on Dask: 1 and 2 single-threaded workers against one process"}
     for name in args.only.split(","):
         print(f"\n## {titles[name]}", flush=True)
         text = SECTIONS[name](args, results)

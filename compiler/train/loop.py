@@ -358,7 +358,7 @@ class TrainResult:
 
     params: dict
     history: History
-    stopped: str            # "completed" | "early_stopping" | "diverged" | "interrupted"
+    stopped: str            # "completed" | "early_stopping" | "diverged" | "interrupted" | "workers_lost"
     message: str
     best_epoch: int | None
     final: dict             # train_loss, train_accuracy, val_loss, val_accuracy (None where absent)
@@ -580,7 +580,7 @@ def _upcast(params, dtype, warn):
 
 
 def train(module, data, config=None, *, params=None, val_data=None, verbose=False, on_epoch=None,
-          stop=None, resume=None, checkpoint=None, checkpoint_every=None, stats=None):
+          stop=None, resume=None, checkpoint=None, checkpoint_every=None, stats=None, client=None):
     """Train ``module`` on ``data`` and return a TrainResult.
 
     ``data``: a dict name -> array (names of INPUTS and TARGETS) or a sequence in that order.
@@ -598,6 +598,9 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
     every step updates them, evaluation uses them, and the result carries those of its params.
     ``resume``: a Checkpoint (``load_checkpoint``) to continue from: the same options (but
     ``epochs``, which counts the whole run, and the monitoring options) and the same data.
+    ``client``: a ``dask.distributed.Client``: the gradients of every global batch are computed
+    on its workers (compiler.train.distributed), the rest of the run is this one; a run that
+    loses all its workers stops (``stopped == "workers_lost"``) keeping the last step's parameters.
 
     Ctrl-C (or a StopRequest) stops the run; the result carries the best parameters so far
     (``stopped == "interrupted"``). A NaN or Inf loss or gradient stops the run and keeps the
@@ -633,6 +636,9 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
         run.last_good_running = dict(run.running)
     stopped, message, in_step = "completed", "", False
     try:
+        if client is not None:
+            from compiler.train.distributed import DaskGradients
+            run.remote = DaskGradients(client, module, train_set, run.warn)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are handled
             for epoch in range(run.start + 1, config.epochs + 1):
                 end = _epoch(run, epoch, stop, on_epoch)
@@ -641,6 +647,11 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
                     break
     except _Diverged as e:
         stopped, message, in_step = "diverged", str(e), e.in_step
+    except TrainError as e:
+        from compiler.train.distributed import WorkersLost
+        if not isinstance(e, WorkersLost):
+            raise
+        stopped, message = "workers_lost", str(e)
     except (KeyboardInterrupt, _Stopped) as e:
         stopped = "interrupted"
         reason = getattr(stop, "reason", None) if isinstance(e, _Stopped) else None
@@ -649,7 +660,10 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
                                           else " (no epoch completed: the last parameters with a finite loss)"))
     finally:
         run.report.close()
-    if run.snapshot is not None and run.snapshot.epoch > run.written and stopped in ("interrupted", "early_stopping"):
+        if run.remote is not None:
+            run.remote.close()
+    if run.snapshot is not None and run.snapshot.epoch > run.written and stopped in ("interrupted", "early_stopping",
+                                                                                     "workers_lost"):
         run.save_snapshot()        # a stopped run can be resumed from its last complete epoch
     return _outcome(run, stopped, message, in_step)
 
@@ -705,6 +719,7 @@ class _Run:
         self.monitor = "validation loss" if val_set is not None else "training loss"
         self.t0 = time.monotonic() - (self.history.seconds[-1] if self.history.seconds else 0.0)
         self.epoch = self.start
+        self.remote = None      # compiler.train.distributed.DaskGradients: the gradients from Dask workers
 
     def warn(self, key, text):
         if key not in self.warned:
@@ -738,13 +753,16 @@ def _step(run, index, lr, where, step=()):
     norm; raises _Diverged (the parameters untouched) when one of them is not finite. A module
     with dropout runs in training mode, its masks seeded by the run's seed and ``step`` (epoch,
     step), so a run (and a resumed one) draws the same masks; evaluation stays in inference mode."""
-    arrays = _rows(run.train_set, index) if run.steps_per_epoch > 1 else list(run.train_set.values())
     mode = {"training": True, "seed": (run.config.seed, *step)} if getattr(run.module, "DROPOUT", None) else {}
     running = None
     if run.running is not None:      # batchnorm: batch statistics, and the running ones' next values
         running = dict(run.running)
         mode.update(training=True, stats=running)
-    value, grads = run.module.backward(run.params, *arrays, **mode)
+    if run.remote is not None:       # the same global batch, its slices on Dask workers
+        value, grads = run.remote(run.params, index if run.steps_per_epoch > 1 else None, mode, where)
+    else:
+        arrays = _rows(run.train_set, index) if run.steps_per_epoch > 1 else list(run.train_set.values())
+        value, grads = run.module.backward(run.params, *arrays, **mode)
     sq = {k: float(np.vdot(g64, g64)) for k, g in grads.items() for g64 in [np.asarray(g, dtype=np.float64)]}
     if not math.isfinite(value) or not all(math.isfinite(v) for v in sq.values()):
         bad = [k for k, v in sq.items() if not math.isfinite(v)]
