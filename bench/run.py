@@ -2,9 +2,9 @@
 
 Sections (``--only`` picks some): ``step`` the 784-256-128-10 training step, ``small`` 2-16-16-1
 nets where call overhead dominates, ``peak`` the fraction of the machine's matmul throughput the
-step reaches, ``compile`` compile time against depth and width; not run by default: ``c`` the C
-target against hand NumPy, hand C, PyTorch and JAX, ``blas`` its loops against gemm
-(bench/c_target.py).
+step reaches, ``compile`` compile time against depth and width, ``cnn`` two CNN training steps
+against PyTorch and JAX (bench/cnn.py); not run by default: ``c`` the C target against hand
+NumPy, hand C, PyTorch and JAX, ``blas`` its loops against gemm (bench/c_target.py).
 """
 from __future__ import annotations
 
@@ -282,6 +282,10 @@ SECTIONS = {"step": step_section, "peak": peak_section, "small": small_section, 
 from bench.c_target import blas_section, c_section  # noqa: E402
 SECTIONS.update(c=c_section, blas=blas_section)
 
+from bench.cnn import cnn_section  # noqa: E402  (the CNN training steps: bench/cnn.py)
+
+SECTIONS["cnn"] = lambda args, rows_out: cnn_section(args, rows_out, note=note)
+
 
 def describe():
     cfg = np.show_config(mode="dicts")
@@ -293,7 +297,7 @@ def describe():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="step,peak,small,compile", help="comma-separated sections")
+    ap.add_argument("--only", default="step,peak,small,compile,cnn", help="comma-separated sections")
     ap.add_argument("--rounds", type=int, default=31, help="timing rounds (median reported)")
     ap.add_argument("--compile-repeats", type=int, default=3)
     ap.add_argument("--activation", default="tanh", choices=["tanh", "relu"])
@@ -312,7 +316,8 @@ def main(argv=None):
               "small": "Small net 2-16-16-1 tanh, MSE, float64 (call overhead)",
               "compile": "Compile time (model -> imported module)",
               "c": "The C target against hand-written NumPy and C, PyTorch and JAX",
-              "blas": "The C target's matrix products: its loops against the BLAS's gemm"}
+              "blas": "The C target's matrix products: its loops against the BLAS's gemm",
+              "cnn": "CNN training step, float32 (generated NumPy, PyTorch eager, JAX jit)"}
     for name in args.only.split(","):
         print(f"\n## {titles[name]}", flush=True)
         text = SECTIONS[name](args, results)
