@@ -233,8 +233,10 @@ def cnn_section(args, rows_out, frameworks=None, note=print):
     return text
 
 
-def profile(name="digits", repeats=20):
-    """Seconds per statement of the generated backward (the module's source, run line by line)."""
+def profile(name="digits", repeats=20, top=25, clock=time.process_time):
+    """Seconds per statement of the generated backward (the module's source, run line by line),
+    CPU time by default (robust to other processes' load; run with OPENBLAS_NUM_THREADS=1 so
+    that BLAS threads spinning do not count)."""
     model = next(m for m in MODELS if m[0] == name)
     _, shape, n, layers = model
     mod, p, _, x, y = setup(*model)
@@ -251,19 +253,21 @@ def profile(name="digits", repeats=20):
         else:
             stmts.append(line)
     codes = [compile(s, "<profile>", "exec") for s in stmts]
-    times = [0.0] * len(codes)
+    samples = [[] for _ in codes]
     for r in range(repeats + 2):
         e = dict(env)
         for i, c in enumerate(codes):
-            t0 = time.perf_counter()
+            t0 = clock()
             exec(c, e)
             if r >= 2:
-                times[i] += time.perf_counter() - t0
+                samples[i].append(clock() - t0)
+    # the median of each statement: other processes' load hits a few rounds, not the middle
+    times = [statistics.median(v) for v in samples]
     total = sum(times)
     order = sorted(range(len(codes)), key=lambda i: -times[i])
-    print(f"{name}: {total / repeats * 1e3:.2f} ms per backward, statement by statement")
-    for i in order[:25]:
-        print(f"{times[i] / repeats * 1e3:8.3f} ms {times[i] / total:6.1%}  {stmts[i].splitlines()[0][:110]}")
+    print(f"{name}: {total * 1e3:.2f} ms per backward ({clock.__name__}; sum of the statements' medians)")
+    for i in order[:top]:
+        print(f"{times[i] * 1e3:8.3f} ms {times[i] / total:6.1%}  {stmts[i].splitlines()[0][:110]}")
 
 
 if __name__ == "__main__":

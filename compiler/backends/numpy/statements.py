@@ -74,11 +74,13 @@ class NumpyStatements:
     def private(self, node):
         """Whether ``node``'s array can never reach the caller: it is not returned, no view of it
         is taken, and no elementwise statement that may update it in place is returned either.
-        Such arrays may live in per-thread scratch buffers reused from call to call."""
+        Such arrays may live in per-thread scratch buffers reused from call to call. (A view's
+        own users are followed: ``C = reshape(PW)`` keeps PW private if C is.)"""
         x = node
         while x.uid not in self.outputs:
             users = self.users.get(x.uid, [])
-            if any(u.op in ("transpose", "reshape") for u in users):
+            # a view (transpose, reshape) shares the buffer: it must be private in turn
+            if any(u.op in ("transpose", "reshape") and not self.private(u) for u in users):
                 return False
             if not (self.uses[x.uid] == 1 and users and users[0].op == "ew" and users[0].shape == x.shape):
                 return True
@@ -188,10 +190,21 @@ class NumpyStatements:
 # ---- elementwise statements as in-place ufunc calls ---------------------------------------
 
 _BINARY = {"add": "+", "subtract": "-", "multiply": "*", "divide": "/"}
-_OWNED_OPS = ("matmul", "ew", "xent_grad", "softmax")   # ops whose statement allocates a fresh array
+_OWNED_OPS = ("matmul", "ew", "xent_grad", "softmax", "col2im")   # ops whose statement allocates a fresh array
 _NAME = re.compile(r"[A-Za-z_]\w*")
 _NUMBER = re.compile(r"-?\d+(\.\d*)?(e-?\d+)?(/\d+)?")
 _ATOM = re.compile(r"[A-Za-z_][\w.]*|\d+(\.\d*)?(e-?\d+)?")
+
+
+def _owned(st, node):
+    """Whether ``node``'s array is one its statement allocated (never a parameter, a caller's
+    array or an alias), or a reshape of such an array used nowhere else (a convolution's
+    ``C = reshape(P @ W)``: the product's buffer seen as an image)."""
+    if node.op == "reshape":
+        src = node.inputs[0]
+        return (st.uses[src.uid] == 1 and src.uid not in st.outputs and src.uid not in st.p.inline
+                and src.op in ("matmul", "col2im"))
+    return node.op in _OWNED_OPS and not (node.op == "ew" and node.attr("expr").is_Symbol)
 
 
 class InPlace:
@@ -216,8 +229,7 @@ class InPlace:
             if inp.shape != node.shape or inp.uid in st.p.inline:
                 continue
             self.full.add(sym)
-            if (inp.op in _OWNED_OPS and st.uses[inp.uid] == 1 and inp.shape != ()
-                    and not (inp.op == "ew" and inp.attr("expr").is_Symbol)):
+            if st.uses[inp.uid] == 1 and inp.shape != () and _owned(st, inp):
                 self.reusable.add(sym)
         self.ops = []   # (kind, payload, operands): operands are ("sym", name) | ("val", k) | ("code", s) | ("gt0", operand)
 
