@@ -268,18 +268,34 @@ def _col2im(rows, image, kernel, stride, pads):
     return full[:, pt:pt + h, pl:pl + w]
 
 
-def _conv_transpose(g, w, image, kernel, pads, name=None):
+def _col2im_product(g, w, image, kernel, stride, pads, name):
+    # col2im(g @ w.T) for rows g (n*OH*OW, F) and w (kh*kw*C, F): the product of each kernel
+    # offset apart, (kh*kw, n*OH*OW, C) in one batched product, so that each offset's add onto
+    # the image reads whole image rows (the rows of g @ w.T hold only C numbers in a run).
+    (h, wd, c), (kh, kw), (sh, sw), (pt, pb, pl, pr) = image, kernel, stride, pads
+    oh, ow, f = (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1, g.shape[1]
+    n = g.shape[0] // (oh * ow)
+    parts = np.matmul(g, w.reshape((kh * kw, c, f)).transpose(0, 2, 1),
+                      out=_scratch(name + ":parts", (kh * kw, g.shape[0], c), g, w))
+    full = np.zeros((n, h + pt + pb, wd + pl + pr, c), parts.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            full[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += parts[i * kw + j].reshape((n, oh, ow, c))
+    return full[:, pt:pt + h, pl:pl + wd]
+
+
+def _conv_transpose(g, w, image, kernel, pads, name, keep=False):
     # col2im(g @ w.T) of a stride-1 convolution computed as a convolution: the windows of g
     # (n*OH*OW, F) seen as images (n, OH, OW, F) and zero-padded by kernel - 1 - pads, times w
     # (kh*kw*C, F) with its kernel flipped and its C and F axes swapped. One matrix product;
-    # no (n*OH*OW, kh*kw*C) product to scatter-add.
+    # no (n*OH*OW, kh*kw*C) product to scatter-add. keep: the result in a reused buffer too.
     (h, wd, c), (kh, kw), (pt, pb, pl, pr) = image, kernel, pads
     oh, ow, f = h + pt + pb - kh + 1, wd + pl + pr - kw + 1, g.shape[1]
     n = g.shape[0] // (oh * ow)
     cols = _im2col(g.reshape((n, oh, ow, f)), kernel, (1, 1),
-                   (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr), name and name + ":cols")
+                   (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr), name + ":cols")
     flipped = w.reshape((kh, kw, c, f))[::-1, ::-1].transpose(0, 1, 3, 2).reshape((kh * kw * f, c))
-    out = np.matmul(cols, flipped, out=_scratch(name, (n * h * wd, c), cols, w) if name else None)
+    out = np.matmul(cols, flipped, out=_scratch(name, (n * h * wd, c), cols, w) if keep else None)
     return out.reshape((n, h, wd, c))
 
 
@@ -475,9 +491,9 @@ def backward(params, x, y):
     # dPW3 = reshape(dZ3, (16*n, 64))
     dPW3 = dZ3.reshape((16*n, 64))
     # dP3 = dPW3 @ W3.T
-    # (not formed: dPool1 = col2im(dP3) is computed below as a transposed convolution)
+    # (not formed: dPool1 = col2im(dP3) computes it, see below)
     # dPool1 = col2im(dP3)
-    dPool1 = _conv_transpose(dPW3, W3, (4, 4, 32), (3, 3), (1, 1, 1, 1), 'dPool1')
+    dPool1 = _col2im_product(dPW3, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1')
     # dMax1 = reshape(dPool1, (16*n, 32))
     dMax1 = dPool1.reshape((16*n, 32))
     # dQ1 = route_to_argmax(dMax1, Q1)
@@ -492,9 +508,9 @@ def backward(params, x, y):
     # dPW2 = reshape(dZ2, (64*n, 32))
     dPW2 = dZ2.reshape((64*n, 32))
     # dP2 = dPW2 @ W2.T
-    # (not formed: dH1 = col2im(dP2) is computed below as a transposed convolution)
+    # (not formed: dH1 = col2im(dP2) computes it, see below)
     # dH1 = col2im(dP2)
-    dH1 = _conv_transpose(dPW2, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'dH1')
+    dH1 = _conv_transpose(dPW2, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'dH1', keep=True)
     # dZ1 = dH1*step(H1)
     dZ1 = dH1
     dZ1 *= (H1 > 0.0)
