@@ -193,6 +193,28 @@ def _check_digits_spec(layers):
 def cnn_section(args, rows_out, frameworks=None, note=print):
     """Wall and CPU time per step of each model, per candidate, and the ratios to PyTorch."""
     skip = set(filter(None, getattr(args, "skip", "").split(",")))
+    threads = getattr(args, "threads", None)
+    limit = None
+    if threads:
+        import os
+        from threadpoolctl import threadpool_limits
+        limit = threadpool_limits(threads)   # NumPy's BLAS
+        # XLA reads its flags when jax is first imported (before that, in this process)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   f"intra_op_parallelism_threads={threads}").strip()
+        try:
+            import torch
+            torch.set_num_threads(threads)
+        except Exception:
+            pass
+    try:
+        return _cnn_section(args, rows_out, skip, note)
+    finally:
+        if limit is not None:
+            limit.unregister()
+
+
+def _cnn_section(args, rows_out, skip, note):
     rows, results = [], {}
     _check_digits_spec(MODELS[0][3])
     for name, shape, n, layers in MODELS:
