@@ -388,3 +388,66 @@ def test_bpc_train_saves_the_statistics_and_tests_in_inference_mode(tmp_path, mo
     assert test_loss == pytest.approx(m.loss(saved, x, np.stack([x[:, 0], -x[:, 1]], axis=1), stats=stats), rel=1e-5)
     # a resumed run reads the statistics saved beside the parameters
     assert main(["train", "b.toml", "--data", "d.npz", "--resume", "p.npz", "--out", "q.npz", "-q"]) == 0
+
+
+def test_bpc_train_checkpoint_resume_carries_the_running_statistics(tmp_path, monkeypatch, capsys):
+    """A batchnorm model stopped after 3 epochs (checkpoint) and resumed for 3 more ends exactly
+    where 6 uninterrupted epochs end, running statistics included; the checkpoint holds them
+    (current and best), and the resumed run reads them: the same checkpoint with other
+    statistics ends elsewhere. Resuming from a parameters file starts from the statistics saved
+    beside the parameters (as the Python API given them, not init_stats()), and the test figures
+    are inference-mode ones with the saved statistics."""
+    from compiler.cli import main
+    from compiler.train import TrainConfig, train
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b.toml").write_text(SPEC.format(kind="batchnorm", extra="") + "[train]\nepochs = 6\nlr = 0.02\n")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 3)) + 5
+    y = np.stack([x[:, 0], -x[:, 1]], axis=1)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+
+    def run(*flags):
+        assert main(["train", "b.toml", "--data", "d.npz", "-q", *flags]) == 0, capsys.readouterr().err
+        return capsys.readouterr().out
+
+    def saved(name):
+        with np.load(tmp_path / name) as f:
+            return {k: f[k] for k in f.files}
+
+    run("--out", "full.npz")
+    run("--epochs", "3", "--checkpoint-every", "3", "--out", "half.npz")
+    ckpt = saved("half.ckpt.npz")
+    stat_keys = {"running/running_mean2", "running/running_var2", "bestrunning/running_mean2", "bestrunning/running_var2"}
+    assert stat_keys <= set(ckpt)
+    assert not np.allclose(ckpt["running/running_mean2"], 0.0)   # moved from init_stats() (mean 0, var 1)
+    run("--resume", "half.ckpt.npz", "--out", "resumed.npz")
+    full, resumed = saved("full.npz"), saved("resumed.npz")
+    assert {"running_mean2", "running_var2"} <= set(full)
+    assert sorted(full) == sorted(resumed)
+    for k in full:
+        np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
+    # the resumed run does read the checkpoint's statistics: other statistics, another end
+    other = dict(ckpt, **{k: np.full_like(ckpt[k], 1.0 if "var" in k else 0.0) for k in stat_keys})
+    np.savez(tmp_path / "other.ckpt.npz", **other)
+    run("--resume", "other.ckpt.npz", "--out", "other.npz")
+    assert not np.allclose(saved("other.npz")["running_mean2"], full["running_mean2"])
+
+    # from a parameters file: its statistics are the starting ones
+    out = run("--resume", "half.npz", "--epochs", "1", "--test", "d.npz", "--out", "one.npz")
+    m = bpc.compile_model(loads_spec((tmp_path / "b.toml").read_text(), "b.toml").model).load()
+    half = saved("half.npz")
+    start = {k: half.pop(k) for k in m.STATS}
+    cfg = TrainConfig(lr=0.02, epochs=1)   # the spec's [train] with --epochs 1, other keys defaults
+    api = train(m, {"x": x, "y": y}, cfg, params={k: v.copy() for k, v in half.items()}, stats=dict(start))
+    fresh = train(m, {"x": x, "y": y}, cfg, params={k: v.copy() for k, v in half.items()})
+    one = saved("one.npz")
+    for k in m.STATS:
+        np.testing.assert_allclose(one[k], api.stats[k], rtol=1e-12, err_msg=k)
+    assert not np.allclose(one["running_mean2"], fresh.stats["running_mean2"])
+    # the test line: inference mode with the saved statistics (not the batch's, nor init_stats())
+    test_loss = float(re.search(r"test\s+loss (\S+)", out).group(1))
+    params = {k: one[k] for k in m.PARAMS}
+    stats = {k: one[k] for k in m.STATS}
+    assert test_loss == pytest.approx(m.loss(params, x, y, stats=stats), rel=1e-5)
+    assert test_loss != pytest.approx(m.loss(params, x, y, stats=m.init_stats()), rel=1e-3)
+    assert test_loss != pytest.approx(m.loss(params, x, y, training=True), rel=1e-3)
