@@ -451,3 +451,60 @@ def test_bpc_train_checkpoint_resume_carries_the_running_statistics(tmp_path, mo
     assert test_loss == pytest.approx(m.loss(params, x, y, stats=stats), rel=1e-5)
     assert test_loss != pytest.approx(m.loss(params, x, y, stats=m.init_stats()), rel=1e-3)
     assert test_loss != pytest.approx(m.loss(params, x, y, training=True), rel=1e-3)
+
+
+def _bn_conv_model():
+    """conv -> batchnorm -> relu -> batchnorm -> dense: two norms, per channel on images."""
+    net = bpc.Network("bn_conv")
+    h = net.conv2d(net.input("x", shape=(4, 4, 2)), 3, 3, padding="same")
+    h = net.activation(net.batchnorm(h), "relu")
+    h = net.batchnorm(net.flatten(h))
+    return net.build(net.dense(h, 2), "mse", net.target("y", 2))
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("build", [lambda: _bn_model((3, 2, 4), name="bn_infer"), _bn_conv_model],
+                         ids=["image", "conv"])
+def test_batchnorm_inference_uses_only_the_running_statistics(backend, build):
+    """In inference mode a sample's outputs, loss and gradients do not depend on the other
+    samples of its batch: each sample alone gives what it gives in a batch, even beside samples
+    of 1e150, inf or nan (whose batch statistics would be inf or nan). The batch statistics
+    are computed in training mode only (under the training flag in both targets)."""
+    model = build()
+    m = _load(model, backend)
+    params, stats = m.init_params(0), m.init_stats()
+    rng = np.random.default_rng(3)
+    stats = {k: (rng.uniform(0.5, 2.0, v.shape) if "var" in k else rng.normal(size=v.shape)) for k, v in stats.items()}
+    shape = next(iter(m.INPUTS.values()))
+    x = rng.normal(size=(4, *shape))
+    y = rng.normal(size=(4, 2))
+    alone = np.concatenate([m.forward(params, x[i:i + 1], stats=stats) for i in range(4)])
+    for bad in (1e150, np.inf, np.nan):
+        xb = np.concatenate([x, np.full((2, *shape), bad)])
+        with np.errstate(all="ignore"):    # the bad samples' own outputs are inf or nan
+            out = m.forward(params, xb, stats=stats)
+        np.testing.assert_allclose(out[:4], alone, rtol=1e-13, atol=1e-13)
+    # the loss and gradients of a batch are the mean of its samples' (running statistics fixed)
+    loss, grads = m.backward(params, x, y, stats=stats)
+    each = [m.backward(params, x[i:i + 1], y[i:i + 1], stats=stats) for i in range(4)]
+    assert loss == pytest.approx(np.mean([e[0] for e in each]), rel=1e-12)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], np.mean([e[1][k] for e in each], axis=0), rtol=1e-10, atol=1e-13)
+    # training mode does depend on the batch (the test above could not pass by accident)
+    assert not np.allclose(m.forward(params, x, training=True)[:1], m.forward(params, x[:1], training=True))
+    if backend == "numpy":
+        from compiler.core.program import build_program
+        program = build_program(model)
+        batch_stats = {program.names[u] for u in program.training_only}
+        assert {"Mb1", "Vb1"} <= batch_stats or {"Mb2", "Vb2"} <= batch_stats, batch_stats
+        source = bpc.compile_model(model).source
+        for fn in ("forward", "loss", "backward"):
+            body = source[source.index(f"def {fn}("):].split("\n\n\n")[0]
+            block = False
+            for line in body.splitlines():
+                if line.strip().startswith("if bn_training:"):
+                    block = True
+                elif block and not line.startswith("        "):
+                    block = False
+                if re.match(r"\s+(Mb|Vb)\d+ = ", line) and "np.zeros" not in line:
+                    assert block, f"{fn}: {line.strip()} outside the training-only block"
