@@ -303,11 +303,10 @@ def main(argv=None):
     ap.add_argument("--activation", default="tanh", choices=["tanh", "relu"])
     ap.add_argument("--skip", default="", help="comma-separated frameworks not to run: torch,jax "
                     "(their thread pools add noise to the NumPy-only comparison)")
-    ap.add_argument("--threads", type=int, default=None, help="cnn section: BLAS, PyTorch and XLA threads "
-                    "(default: each library's own, one per core); 1 compares single-core work")
     ap.add_argument("--coretype", default=None, help="OPENBLAS_CORETYPE (or 'default'); read in __main__")
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
-    ap.add_argument("--threads", type=int, default=1, help="BLAS threads of sections c and blas (threadpoolctl)")
+    ap.add_argument("--threads", type=int, default=1, help="BLAS threads of sections c, blas and cnn "
+                    "(threadpoolctl; cnn also sets PyTorch's and XLA's)")
     args = ap.parse_args(argv)
     os.environ.setdefault("BPC_CACHE", tempfile.mkdtemp(prefix="bpc-bench-"))
     header = f"Machine: {describe()}\nCommand: python -m bench {' '.join(argv or [])}".rstrip()
