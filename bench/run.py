@@ -3,7 +3,8 @@
 Sections (``--only`` picks some): ``step`` the 784-256-128-10 training step, ``small`` 2-16-16-1
 nets where call overhead dominates, ``peak`` the fraction of the machine's matmul throughput the
 step reaches, ``compile`` compile time against depth and width, ``block`` a transformer block's
-training step against PyTorch and JAX (bench/block.py); not run by default: ``c`` the C
+training step against PyTorch and JAX (bench/block.py), ``cnn`` two CNN training steps
+against PyTorch and JAX (bench/cnn.py); not run by default: ``c`` the C
 target against hand NumPy, hand C, PyTorch and JAX, ``blas`` its loops against gemm
 (bench/c_target.py), ``dask`` data-parallel training on 1 and 2 Dask workers against one process
 (bench/dask_scaling.py; needs dask.distributed).
@@ -286,6 +287,10 @@ SECTIONS = {"step": step_section, "peak": peak_section, "small": small_section, 
 from bench.c_target import blas_section, c_section  # noqa: E402
 SECTIONS.update(c=c_section, blas=blas_section)
 
+from bench.cnn import cnn_section  # noqa: E402  (the CNN training steps: bench/cnn.py)
+
+SECTIONS["cnn"] = lambda args, rows_out: cnn_section(args, rows_out, note=note)
+
 
 def dask_section(args, rows_out):
     from bench.dask_scaling import section     # needs dask.distributed: not in the default --only
@@ -305,7 +310,7 @@ def describe():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="step,peak,small,compile,block", help="comma-separated sections")
+    ap.add_argument("--only", default="step,peak,small,compile,block,cnn", help="comma-separated sections")
     ap.add_argument("--rounds", type=int, default=31, help="timing rounds (median reported)")
     ap.add_argument("--compile-repeats", type=int, default=3)
     ap.add_argument("--activation", default="tanh", choices=["tanh", "relu"])
@@ -313,7 +318,8 @@ def main(argv=None):
                     "(their thread pools add noise to the NumPy-only comparison)")
     ap.add_argument("--coretype", default=None, help="OPENBLAS_CORETYPE (or 'default'); read in __main__")
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
-    ap.add_argument("--threads", type=int, default=1, help="BLAS threads of sections c and blas (threadpoolctl)")
+    ap.add_argument("--threads", type=int, default=1, help="BLAS threads of sections c, blas and cnn "
+                    "(threadpoolctl; cnn also sets PyTorch's and XLA's)")
     args = ap.parse_args(argv)
     os.environ.setdefault("BPC_CACHE", tempfile.mkdtemp(prefix="bpc-bench-"))
     header = f"Machine: {describe()}\nCommand: python -m bench {' '.join(argv or [])}".rstrip()
@@ -326,7 +332,8 @@ def main(argv=None):
               "block": "Training step of a transformer block, one thread each",
               "c": "The C target against hand-written NumPy and C, PyTorch and JAX",
               "blas": "The C target's matrix products: its loops against the BLAS's gemm",
-              "dask": "Data-parallel training on Dask: 1 and 2 single-threaded workers against one process"}
+              "dask": "Data-parallel training on Dask: 1 and 2 single-threaded workers against one process",
+              "cnn": "CNN training step, float32 (generated NumPy, PyTorch eager, JAX jit)"}
     for name in args.only.split(","):
         print(f"\n## {titles[name]}", flush=True)
         text = SECTIONS[name](args, results)

@@ -216,6 +216,116 @@ def _scratch(name, shape, *operands):
     return a
 
 
+def _padded(x, pads, name=None):
+    # x (n, H, W, C) inside a zero border of pads (top, bottom, left, right): with a name, this
+    # thread's buffer reused from call to call, of which only the border is zeroed.
+    pt, pb, pl, pr = pads
+    n, h, w, c = x.shape
+    if name is None:
+        return np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    a = _scratch(name, (n, h + pt + pb, w + pl + pr, c), x)
+    a[:, :pt] = 0
+    a[:, pt + h:] = 0
+    a[:, pt:pt + h, :pl] = 0
+    a[:, pt:pt + h, pl + w:] = 0
+    a[:, pt:pt + h, pl:pl + w] = x
+    return a
+
+
+def _im2col(x, kernel, stride, pads, name=None):
+    # im2col: every (kh, kw) window of x (n, H, W, C), zero-padded by pads, every stride pixels,
+    # as one row (n*OH*OW, kh*kw*C) in (kernel row, kernel column, channel) order: a strided
+    # view of x, copied once (into this thread's reused buffer when named).
+    (kh, kw), (sh, sw) = kernel, stride
+    if any(pads):
+        x = _padded(x, pads, name and name + ":pad")
+    n, h, w, c = x.shape
+    rows = (n * ((h - kh) // sh + 1) * ((w - kw) // sw + 1), kh * kw * c)
+    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::sh, ::sw].transpose(0, 1, 2, 4, 5, 3)
+    if name is None:
+        return win.reshape(rows)
+    out = _scratch(name, rows, x)
+    np.copyto(out.reshape(win.shape), win)
+    return out
+
+
+def _col2im(rows, image, kernel, stride, pads):
+    # col2im, the adjoint of im2col: every row (n*OH*OW, kh*kw*C) added back onto the pixels
+    # its window covers, an image batch (n, H, W, C); one vectorised add per kernel offset.
+    (h, w, c), (kh, kw), (sh, sw), (pt, pb, pl, pr) = image, kernel, stride, pads
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    n = rows.shape[0] // (oh * ow)
+    r = rows.reshape((n, oh, ow, kh, kw, c))
+    if (kh, kw) == (sh, sw) and (oh * kh, ow * kw) == (h, w) and not any((pt, pb, pl, pr)):
+        # windows side by side, tiling the image: a permutation of the rows' entries
+        out = np.empty((n, h, w, c), rows.dtype)
+        out.reshape((n, oh, kh, ow, kw, c))[...] = r.transpose(0, 1, 3, 2, 4, 5)
+        return out
+    full = np.zeros((n, h + pt + pb, w + pl + pr, c), rows.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            full[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += r[:, :, :, i, j]
+    return full[:, pt:pt + h, pl:pl + w]
+
+
+def _col2im_product(g, w, image, kernel, stride, pads, name):
+    # col2im(g @ w.T) for rows g (n*OH*OW, F) and w (kh*kw*C, F): the product of each kernel
+    # offset apart, (kh*kw, n*OH*OW, C) in one batched product, so that each offset's add onto
+    # the image reads whole image rows (the rows of g @ w.T hold only C numbers in a run).
+    (h, wd, c), (kh, kw), (sh, sw), (pt, pb, pl, pr) = image, kernel, stride, pads
+    oh, ow, f = (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1, g.shape[1]
+    n = g.shape[0] // (oh * ow)
+    parts = np.matmul(g, w.reshape((kh * kw, c, f)).transpose(0, 2, 1),
+                      out=_scratch(name + ":parts", (kh * kw, g.shape[0], c), g, w))
+    full = np.zeros((n, h + pt + pb, wd + pl + pr, c), parts.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            full[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += parts[i * kw + j].reshape((n, oh, ow, c))
+    return full[:, pt:pt + h, pl:pl + wd]
+
+
+def _conv_transpose(g, w, image, kernel, pads, name, keep=False):
+    # col2im(g @ w.T) of a stride-1 convolution computed as a convolution: the windows of g
+    # (n*OH*OW, F) seen as images (n, OH, OW, F) and zero-padded by kernel - 1 - pads, times w
+    # (kh*kw*C, F) with its kernel flipped and its C and F axes swapped. One matrix product;
+    # no (n*OH*OW, kh*kw*C) product to scatter-add. keep: the result in a reused buffer too.
+    (h, wd, c), (kh, kw), (pt, pb, pl, pr) = image, kernel, pads
+    oh, ow, f = h + pt + pb - kh + 1, wd + pl + pr - kw + 1, g.shape[1]
+    n = g.shape[0] // (oh * ow)
+    cols = _im2col(g.reshape((n, oh, ow, f)), kernel, (1, 1),
+                   (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr), name + ":cols")
+    flipped = w.reshape((kh, kw, c, f))[::-1, ::-1].transpose(0, 1, 3, 2).reshape((kh * kw * f, c))
+    out = np.matmul(cols, flipped, out=_scratch(name, (n * h * wd, c), cols, w) if keep else None)
+    return out.reshape((n, h, wd, c))
+
+
+def _window_max(p):
+    # The largest of the k entries of each (row, channel) of windows p (m, k, c): k - 1
+    # elementwise maxima of (m, c) slices (a reduction over the middle axis is slower).
+    if p.shape[1] == 1:
+        return p[:, 0].copy()
+    best = np.maximum(p[:, 0], p[:, 1])
+    for i in range(2, p.shape[1]):
+        np.maximum(best, p[:, i], out=best)
+    return best
+
+
+def _route_to_argmax(p, g):
+    # The adjoint of the window maximum of windows p (m, k, c): each entry of g (m, c) goes to
+    # the first position of its window's maximum, zeros elsewhere; a few passes over (m, c) per
+    # window position, no index arrays.
+    best = _window_max(p)
+    out = np.empty(p.shape, g.dtype)
+    free = np.ones(best.shape, bool)   # windows whose maximum is not yet routed
+    hit = np.empty(best.shape, bool)
+    for i in range(p.shape[1]):
+        np.equal(p[:, i], best, out=hit)
+        hit &= free
+        free ^= hit
+        np.multiply(g, hit, out=out[:, i])
+    return out
+
+
 def _logsumexp(z):
     m = np.max(z, axis=1)
     return m + np.log(np.sum(np.exp(z - m[:, None]), axis=1))
@@ -238,31 +348,31 @@ def forward(params, x):
     b3 = _param(params, 'b3', (64,))
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
-    P1 = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 9))
+    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
     PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
     H1 = C1
     H1 += b1
     np.maximum(H1, 0.0, out=H1)
-    P2 = np.lib.stride_tricks.sliding_window_view(np.pad(H1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
+    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
     PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
     H2 = C2
     H2 += b2
     np.maximum(H2, 0.0, out=H2)
-    Pp1 = np.lib.stride_tricks.sliding_window_view(H2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
+    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
     Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = Q1.max(axis=1)
+    Max1 = _window_max(Q1)
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = np.lib.stride_tricks.sliding_window_view(np.pad(Pool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
+    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
     H3 = C3
     H3 += b3
     np.maximum(H3, 0.0, out=H3)
-    Pp2 = np.lib.stride_tricks.sliding_window_view(H3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
+    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
     Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = Q2.max(axis=1)
+    Max2 = _window_max(Q2)
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -283,31 +393,31 @@ def loss(params, x, y):
     b3 = _param(params, 'b3', (64,))
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
-    P1 = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 9))
+    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
     PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
     H1 = C1
     H1 += b1
     np.maximum(H1, 0.0, out=H1)
-    P2 = np.lib.stride_tricks.sliding_window_view(np.pad(H1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
+    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
     PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
     H2 = C2
     H2 += b2
     np.maximum(H2, 0.0, out=H2)
-    Pp1 = np.lib.stride_tricks.sliding_window_view(H2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
+    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
     Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = Q1.max(axis=1)
+    Max1 = _window_max(Q1)
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = np.lib.stride_tricks.sliding_window_view(np.pad(Pool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
+    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
     H3 = C3
     H3 += b3
     np.maximum(H3, 0.0, out=H3)
-    Pp2 = np.lib.stride_tricks.sliding_window_view(H3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
+    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
     Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = Q2.max(axis=1)
+    Max2 = _window_max(Q2)
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -330,31 +440,31 @@ def backward(params, x, y):
     b3 = _param(params, 'b3', (64,))
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
-    P1 = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 9))
+    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
     PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
     H1 = C1
     H1 += b1
     np.maximum(H1, 0.0, out=H1)
-    P2 = np.lib.stride_tricks.sliding_window_view(np.pad(H1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
+    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
     PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
     H2 = C2
     H2 += b2
     np.maximum(H2, 0.0, out=H2)
-    Pp1 = np.lib.stride_tricks.sliding_window_view(H2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
+    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
     Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = Q1.max(axis=1)
+    Max1 = _window_max(Q1)
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = np.lib.stride_tricks.sliding_window_view(np.pad(Pool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
+    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
     H3 = C3
     H3 += b3
     np.maximum(H3, 0.0, out=H3)
-    Pp2 = np.lib.stride_tricks.sliding_window_view(H3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
+    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
     Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = Q2.max(axis=1)
+    Max2 = _window_max(Q2)
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -370,57 +480,40 @@ def backward(params, x, y):
     # dMax2 = reshape(dF1, (4*n, 64))
     dMax2 = dF1.reshape((4*n, 64))
     # dQ2 = route_to_argmax(dMax2, Q2)
-    dQ2 = np.zeros(Q2.shape, dtype=dMax2.dtype)
-    np.put_along_axis(dQ2, np.argmax(Q2, axis=1)[:, None, :], dMax2[:, None, :], axis=1)
+    dQ2 = _route_to_argmax(Q2, dMax2)
     # dPp2 = reshape(dQ2, (4*n, 256))
     dPp2 = dQ2.reshape((4*n, 256))
     # dH3 = col2im(dPp2)
-    _dH3_rows = dPp2.reshape((n, 2, 2, 2, 2, 64))
-    dH3 = np.zeros((n, 4, 4, 64), dtype=_dH3_rows.dtype)
-    for _i in range(2):   # scatter-add, one kernel offset at a time
-        for _j in range(2):
-            dH3[:, _i:_i + 3:2, _j:_j + 3:2] += _dH3_rows[:, :, :, _i, _j]
+    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
     # dZ3 = dH3*step(H3)
-    dZ3 = dH3*np.heaviside(H3, 0.0)
+    dZ3 = dH3
+    dZ3 *= (H3 > 0.0)
     # dPW3 = reshape(dZ3, (16*n, 64))
     dPW3 = dZ3.reshape((16*n, 64))
     # dP3 = dPW3 @ W3.T
-    dP3 = np.matmul(dPW3, W3.T, out=_scratch('dP3', (16*n, 288), dPW3, W3))
+    # (not formed: dPool1 = col2im(dP3) computes it, see below)
     # dPool1 = col2im(dP3)
-    _dPool1_rows = dP3.reshape((n, 4, 4, 3, 3, 32))
-    _dPool1_pad = np.zeros((n, 6, 6, 32), dtype=_dPool1_rows.dtype)
-    for _i in range(3):   # scatter-add, one kernel offset at a time
-        for _j in range(3):
-            _dPool1_pad[:, _i:_i + 4:1, _j:_j + 4:1] += _dPool1_rows[:, :, :, _i, _j]
-    dPool1 = _dPool1_pad[:, 1:5, 1:5]
+    dPool1 = _col2im_product(dPW3, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1')
     # dMax1 = reshape(dPool1, (16*n, 32))
     dMax1 = dPool1.reshape((16*n, 32))
     # dQ1 = route_to_argmax(dMax1, Q1)
-    dQ1 = np.zeros(Q1.shape, dtype=dMax1.dtype)
-    np.put_along_axis(dQ1, np.argmax(Q1, axis=1)[:, None, :], dMax1[:, None, :], axis=1)
+    dQ1 = _route_to_argmax(Q1, dMax1)
     # dPp1 = reshape(dQ1, (16*n, 128))
     dPp1 = dQ1.reshape((16*n, 128))
     # dH2 = col2im(dPp1)
-    _dH2_rows = dPp1.reshape((n, 4, 4, 2, 2, 32))
-    dH2 = np.zeros((n, 8, 8, 32), dtype=_dH2_rows.dtype)
-    for _i in range(2):   # scatter-add, one kernel offset at a time
-        for _j in range(2):
-            dH2[:, _i:_i + 7:2, _j:_j + 7:2] += _dH2_rows[:, :, :, _i, _j]
+    dH2 = _col2im(dPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
     # dZ2 = dH2*step(H2)
-    dZ2 = dH2*np.heaviside(H2, 0.0)
+    dZ2 = dH2
+    dZ2 *= (H2 > 0.0)
     # dPW2 = reshape(dZ2, (64*n, 32))
     dPW2 = dZ2.reshape((64*n, 32))
     # dP2 = dPW2 @ W2.T
-    dP2 = np.matmul(dPW2, W2.T, out=_scratch('dP2', (64*n, 288), dPW2, W2))
+    # (not formed: dH1 = col2im(dP2) computes it, see below)
     # dH1 = col2im(dP2)
-    _dH1_rows = dP2.reshape((n, 8, 8, 3, 3, 32))
-    _dH1_pad = np.zeros((n, 10, 10, 32), dtype=_dH1_rows.dtype)
-    for _i in range(3):   # scatter-add, one kernel offset at a time
-        for _j in range(3):
-            _dH1_pad[:, _i:_i + 8:1, _j:_j + 8:1] += _dH1_rows[:, :, :, _i, _j]
-    dH1 = _dH1_pad[:, 1:9, 1:9]
+    dH1 = _conv_transpose(dPW2, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'dH1', keep=True)
     # dZ1 = dH1*step(H1)
-    dZ1 = dH1*np.heaviside(H1, 0.0)
+    dZ1 = dH1
+    dZ1 *= (H1 > 0.0)
     # dPW1 = reshape(dZ1, (64*n, 32))
     dPW1 = dZ1.reshape((64*n, 32))
     # dW1 = P1.T @ dPW1

@@ -28,6 +28,10 @@ class Program:
     backward_only: frozenset    # uids of backward() nodes not computed by loss()
     stats: dict
     stat_updates: tuple = ()    # (running statistic leaf, node of its next value), every function computes them
+    # uids of values that only training mode needs (batch statistics, the statistics' next
+    # values): in inference mode the training flag multiplies them by 0 wherever they are used,
+    # so the backends compute them only in training mode (and give them zeros otherwise)
+    training_only: frozenset = frozenset()
 
 
 def build_program(model):
@@ -96,7 +100,35 @@ def build_program(model):
     return Program(model, pred, loss, grad_pairs, uniq, frozenset(inline), fwd, lss, bwd,
                    frozenset(n.uid for n in bwd if n.uid not in loss_ids),
                    {"before_simplification": before, "after_simplification": after},
-                   tuple(zip((s for s, _ in model.stats), updates)))
+                   tuple(zip((s for s, _ in model.stats), updates)),
+                   _training_only(model.mode, order, users, {o.uid for o in outs[:len(outs) - len(updates)]},
+                                  updates))
+
+
+def _training_only(mode, order, users, outputs, updates):
+    """uids of the values that inference mode does not need: the running statistics' next
+    values, and every value whose users are such values or elementwise expressions from which
+    it vanishes when the training flag ``mode`` is 0 (``Mb*t + running*(1 - t)``)."""
+    if mode is None:
+        return frozenset()
+    only = {u.uid for u in updates}
+    for node in reversed(order):
+        if node.uid in only or not node.inputs or node.uid in outputs:
+            continue
+        us = users.get(node.uid, [])
+        if us and all(u.uid in only or _vanishes_in_inference(u, node, mode) for u in us):
+            only.add(node.uid)
+    return frozenset(only)
+
+
+def _vanishes_in_inference(user, node, mode):
+    if user.op != "ew":
+        return False
+    uids = [i.uid for i in user.inputs]
+    if mode.uid not in uids:
+        return False
+    at_zero = user.attr("expr").xreplace({ir.ARG[uids.index(mode.uid)]: 0})
+    return ir.ARG[uids.index(node.uid)] not in at_zero.free_symbols
 
 
 def _name_unnamed(order, names, leaf_names):

@@ -466,6 +466,9 @@ class _CFunctions:
         self.lowered, self.st, self.params = lowered, st, params
         self.program = lowered.program
         self.real = st.real
+        p = self.program
+        self.users = ir.consumers(ir.topo_order([p.prediction, p.loss, *(g for _, g in p.grads if g is not None),
+                                                 *(u for _, u in p.stat_updates)]))
 
     def arg_list(self, leaves):
         out = []
@@ -482,6 +485,29 @@ class _CFunctions:
                         "per_sample": tuple(int(d) for d in x.shape[1:]),
                         "size": _size_code(x.shape), "shape_doc": shape_code(x.shape)})
         return out
+
+    def training_block(self, run):
+        """Statements that only training mode needs (batch statistics and their gradients, the
+        running statistics' next values) under ``if (training flag)``; in inference mode the
+        values that other statements read are zeros (which the flag multiplies), never
+        whatever an earlier call left in the work buffer."""
+        if not run:
+            return []
+        st, only = self.st, self.program.training_only
+        zeros = []
+        for node, _ in run:
+            if node.uid in st.aliases:
+                continue   # a pointer into its input's data: nothing of its own to zero
+            if any(u.uid not in only for u in self.users.get(node.uid, [])):
+                if node.uid in st.locals:
+                    zeros.append(f"{st.name(node)} = {st.lit(0)};")
+                else:
+                    zeros.append(f"for (size_t _i = 0; _i < {_size_code(node.shape)}; _i++) "
+                                 f"{st.name(node)}[_i] = {st.lit(0)};")
+        lines = [f"if ({st.elem(self.lowered.model.mode, [])} != 0) {{   /* training mode only */"]
+        lines += ["    " + line if line else line for _, body in run for line in body]
+        lines += (["} else {"] + ["    " + z for z in zeros] if zeros else []) + ["}"]
+        return lines
 
     def function(self, fname, leaves, nodes, outputs, zero_grads=()):
         """outputs: list of (node, destination kind, C destination) where kind is 'ptr'
@@ -509,11 +535,16 @@ class _CFunctions:
             decls.append(f"{real} *restrict const {st.name(n, use=False)} = _work + {off};  /* {shape_code(n.shape)} */")
             work_a += a
             work_b += b
-        body = []
+        body, only = [], []   # only: a run of training-only statements, emitted under one if
         for n in nodes:
-            body.append("")
-            body.append(f"/* {c_comment(fm.line(n), lead='')} */")
-            body.extend(statement(st, fm, n))
+            lines = ["", f"/* {c_comment(fm.line(n), lead='')} */", *statement(st, fm, n)]
+            if n.uid in self.program.training_only:
+                only.append((n, lines))
+                continue
+            body += self.training_block(only)
+            only = []
+            body += lines
+        body += self.training_block(only)
         tail = []
         for node, kind, dest in outputs:
             if node.uid in direct and direct[node.uid] == dest:

@@ -165,14 +165,38 @@ class _Functions:
         p = self.model.params[0]
         return f"_param(params, {p.name!r}, {shape_code(p.shape)})"
 
+    def training_block(self, run):
+        """Statements that only training mode needs (batch statistics and their gradients, the
+        running statistics' next values), under ``if <training flag>:``; in inference mode their
+        values are zeros, which the training flag multiplies wherever they are used."""
+        if not run:
+            return []
+        st = self.st
+        st.needs_dt = True
+        lines = [f"if {self.program.names[self.model.mode.uid]}:   # training mode only"]
+        lines += ["    " + line for _, body in run for line in body]
+        # zeros for the values that statements outside the block read (others stay unbound)
+        zeros = [node for node, _ in run
+                 if any(u.uid not in self.program.training_only for u in st.users.get(node.uid, []))]
+        if zeros:
+            lines.append("else:")
+            lines += [f"    {st.name(node)} = np.zeros({shape_code(node.shape)}, dtype=dt)" for node in zeros]
+        return lines
+
     def function(self, fname, leaves, roots, nodes, ret, doc, comments=False):
         st, fm = self.st, self.lowered.lines
         st.begin_function()
-        body = []
+        body, only = [], []   # only: a run of training-only statements, emitted under one if
         for node in nodes:
-            if comments and node.uid in self.program.backward_only:
-                body.append(py_comment(fm.line(node)))
-            body.extend(statement(st, fm, node))
+            lines = [py_comment(fm.line(node))] if comments and node.uid in self.program.backward_only else []
+            lines += statement(st, fm, node)
+            if node.uid in self.program.training_only:
+                only.append((node, lines))
+                continue
+            body += self.training_block(only)
+            only = []
+            body += lines
+        body += self.training_block(only)
         if self.program.stat_updates:
             # training mode: the running statistics' next values replace the caller's entries
             body.append("if training and stats is not None:")

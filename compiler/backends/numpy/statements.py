@@ -232,7 +232,7 @@ class NumpyStatements:
 
 _BINARY = {"add": "+", "subtract": "-", "multiply": "*", "divide": "/"}
 # ops whose statement gives a fresh array (or updates an owned input in place)
-_OWNED_OPS = ("matmul", "bmm", "ew", "xent_grad", "softmax", "causal_mask", "key_mask")
+_OWNED_OPS = ("matmul", "bmm", "ew", "xent_grad", "softmax", "causal_mask", "key_mask", "col2im")
 _VIEW_OPS = ("reshape", "permute", "transpose")   # a view of their input (reshape: or a copy)
 _NAME = re.compile(r"[A-Za-z_]\w*")
 _NUMBER = re.compile(r"-?\d+(\.\d*)?(e-?\d+)?(/\d+)?")

@@ -29,15 +29,15 @@ def _adjoint(node, g, wants):
 
 
 def _max_numpy(st, node):
-    return [f"{st.name(node)} = {st.method_target(node.inputs[0])}.max(axis=1)"]
+    st.helpers.add("window_max")
+    return [f"{st.name(node)} = _window_max({st.ref(node.inputs[0], bare=True)})"]
 
 
 def _grad_numpy(st, node):
     p, g = node.inputs
     out = st.name(node)
-    return [f"{out} = np.zeros({st.ref(p)}.shape, dtype={st.ref(g)}.dtype)",
-            f"np.put_along_axis({out}, np.argmax({st.ref(p, bare=True)}, axis=1)[:, None, :], "
-            f"{st.ref(g)}[:, None, :], axis=1)"]
+    st.helpers |= {"route_to_argmax", "window_max"}
+    return [f"{out} = _route_to_argmax({st.ref(p, bare=True)}, {st.ref(g, bare=True)})"]
 
 
 def _argmax_loop(st, p, body):
