@@ -9,6 +9,7 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> the model output, shape (batch,) + per-sample output shape
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 from collections.abc import Mapping as _Mapping
@@ -295,6 +296,11 @@ def backward(params, x, y):
     # dalpha = sum(dZ4*x_u_flat)
     dalpha = (dZ4*x_u_flat).sum()
     return float(L), {'W1': dW1, 'b1': db1, 'G': dG, 'c': dc, 'W2': dW2, 'b2': db2, 'u': du, 'alpha': dalpha}
+
+
+def per_example_grads(params, x, y):
+    """Not available for this model: raises NotImplementedError (the reason)."""
+    raise NotImplementedError("per-example gradients are not defined for model 'matrix_mlp': a reshape of shape (n, 1), a value summed over the batch, is combined with 'x', a value per sample: the forward mixes samples (statistics of the batch, or a loss that is not a mean over samples)")
 
 
 # ---------------------------------------------------------------------------------------------

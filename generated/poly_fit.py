@@ -9,6 +9,7 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> the model output, shape (batch,) + per-sample output shape
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 from collections.abc import Mapping as _Mapping
@@ -201,6 +202,33 @@ def backward(params, x, y):
     # dd = sum(dp)
     dd = dp.sum()
     return float(L), {'a': da, 'b': db, 'c': dc, 'd': dd}
+
+
+def per_example_grads(params, x, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    x = _data(x, 'x', ())
+    y = _data(y, 'y', ())
+    n = _batch(x, y)
+    a = _param(params, 'a', ())
+    b = _param(params, 'b', ())
+    c = _param(params, 'c', ())
+    d = _param(params, 'd', ())
+    x_pow3 = x*x*x
+    x_pow2 = x*x
+    p = a*x_pow3 + b*x_pow2 + c*x + d
+    E = np.square(p - y)
+    # dp_i = 2*p - 2*y
+    dp_i = 2*p - 2*y
+    # da_i = dp_i*x_pow3
+    da_i = dp_i*x_pow3
+    # db_i = dp_i*x_pow2
+    db_i = dp_i*x_pow2
+    # dc_i = dp_i*x
+    dc_i = dp_i*x
+    return E, {'a': da_i, 'b': db_i, 'c': dc_i, 'd': dp_i}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> class probabilities (softmax of the logits), shape (batch, classes)
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 import threading
@@ -368,6 +369,72 @@ def backward(params, x, y):
     # dbout = sum(dZout, axis=0)
     dbout = dZout.sum(axis=0)
     return float(L), {'Wh0': dWh0, 'bh0': dbh0, 'Wf1': dWf1, 'bf1': dbf1, 'Wf2': dWf2, 'bf2': dbf2, 'Wout': dWout, 'bout': dbout}
+
+
+def per_example_grads(params, x, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    x = _data(x, 'x', (2,))
+    y = _labels(y, 'y', 2)
+    n = _batch(x, y)
+    Wh0 = _param(params, 'Wh0', (2, 32))
+    bh0 = _param(params, 'bh0', (32,))
+    Wf1 = _param(params, 'Wf1', (32, 32))
+    bf1 = _param(params, 'bf1', (32,))
+    Wf2 = _param(params, 'Wf2', (32, 32))
+    bf2 = _param(params, 'bf2', (32,))
+    Wout = _param(params, 'Wout', (32, 2))
+    bout = _param(params, 'bout', (2,))
+    xWh0 = np.matmul(x, Wh0, out=_scratch('xWh0', (n, 32), x, Wh0))
+    Hh0 = xWh0
+    Hh0 += bh0
+    np.tanh(Hh0, out=Hh0)
+    Hh0Wf1 = np.matmul(Hh0, Wf1, out=_scratch('Hh0Wf1', (n, 32), Hh0, Wf1))
+    Hf1 = Hh0Wf1
+    Hf1 += bf1
+    np.tanh(Hf1, out=Hf1)
+    h1 = Hf1 + Hh0
+    h1Wf2 = np.matmul(h1, Wf2, out=_scratch('h1Wf2', (n, 32), h1, Wf2))
+    Hf2 = h1Wf2
+    Hf2 += bf2
+    np.tanh(Hf2, out=Hf2)
+    S2 = Hf2 + h1
+    S2Wout = S2 @ Wout
+    Zout = S2Wout + bout
+    LSE = _logsumexp(Zout)
+    CE = LSE - Zout[np.arange(n), y]
+    # dZout_i = (softmax(Zout) - onehot(y))
+    dZout_i = np.exp(Zout - LSE[:, None])
+    dZout_i[np.arange(n), y] -= 1
+    # dS2_i = dZout_i @ Wout.T
+    dS2_i = np.matmul(dZout_i, Wout.T, out=_scratch('dS2_i', (n, 32), dZout_i, Wout))
+    # dZf2_i = dS2_i*(1 - Hf2**2)
+    dZf2_i = dS2_i*(1 - Hf2*Hf2)
+    # t3 = dZf2_i @ Wf2.T
+    t3 = np.matmul(dZf2_i, Wf2.T, out=_scratch('t3', (n, 32), dZf2_i, Wf2))
+    # dh1_i = dS2_i + t3
+    dh1_i = t3
+    dh1_i += dS2_i
+    # dZf1_i = dh1_i*(1 - Hf1**2)
+    dZf1_i = dh1_i*(1 - Hf1*Hf1)
+    # t4 = dZf1_i @ Wf1.T
+    t4 = dZf1_i @ Wf1.T
+    # dZh0_i = (1 - Hh0**2)*(dh1_i + t4)
+    dZh0_i = Hh0*Hh0
+    np.subtract(1, dZh0_i, out=dZh0_i)
+    t4 += dh1_i
+    dZh0_i *= t4
+    # dWh0_i = per_sample(x.T @ dZh0_i)
+    dWh0_i = np.multiply(x[:, :, None], dZh0_i[:, None, :])
+    # dWf1_i = per_sample(Hh0.T @ dZf1_i)
+    dWf1_i = np.multiply(Hh0[:, :, None], dZf1_i[:, None, :])
+    # dWf2_i = per_sample(h1.T @ dZf2_i)
+    dWf2_i = np.multiply(h1[:, :, None], dZf2_i[:, None, :])
+    # dWout_i = per_sample(S2.T @ dZout_i)
+    dWout_i = np.multiply(S2[:, :, None], dZout_i[:, None, :])
+    return CE, {'Wh0': dWh0_i, 'bh0': dZh0_i, 'Wf1': dWf1_i, 'bf1': dZf1_i, 'Wf2': dWf2_i, 'bf2': dZf2_i, 'Wout': dWout_i, 'bout': dZout_i}
 
 
 # ---------------------------------------------------------------------------------------------

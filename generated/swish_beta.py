@@ -9,6 +9,7 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> the model output, shape (batch,) + per-sample output shape
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 from collections.abc import Mapping as _Mapping
@@ -219,6 +220,39 @@ def backward(params, x, y):
     # db2 = sum(dZ2, axis=0)
     db2 = dZ2.sum(axis=0)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}
+
+
+def per_example_grads(params, x, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    x = _data(x, 'x', (3,))
+    y = _data(y, 'y', (1,))
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (3, 8))
+    b1 = _param(params, 'b1', (8,))
+    W2 = _param(params, 'W2', (8, 1))
+    b2 = _param(params, 'b2', (1,))
+    xW1 = x @ W1
+    Z1 = b1 + xW1
+    sigmoid_Z1 = _sigmoid(1.5*Z1)
+    H1 = Z1*sigmoid_Z1
+    H1W2 = H1 @ W2
+    Z2 = H1W2 + b2
+    E = np.square(Z2 - y)/2
+    L_i = E.reshape((n,))
+    # dZ2_i = Z2 - y
+    dZ2_i = Z2 - y
+    # dH1_i = dZ2_i @ W2.T
+    dH1_i = dZ2_i @ W2.T
+    # dZ1_i = dH1_i*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
+    dZ1_i = dH1_i*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
+    # dW1_i = per_sample(x.T @ dZ1_i)
+    dW1_i = np.multiply(x[:, :, None], dZ1_i[:, None, :])
+    # dW2_i = per_sample(H1.T @ dZ2_i)
+    dW2_i = np.multiply(H1[:, :, None], dZ2_i[:, None, :])
+    return L_i, {'W1': dW1_i, 'b1': dZ1_i, 'W2': dW2_i, 'b2': dZ2_i}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> class probabilities (softmax of the logits), shape (batch, classes)
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 import threading
@@ -293,6 +294,41 @@ def backward(params, x, y):
     # db2 = sum(dZ2, axis=0)
     db2 = dZ2.sum(axis=0)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}
+
+
+def per_example_grads(params, x, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    x = _data(x, 'x', (64,))
+    y = _labels(y, 'y', 10)
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (64, 256))
+    b1 = _param(params, 'b1', (256,))
+    W2 = _param(params, 'W2', (256, 10))
+    b2 = _param(params, 'b2', (10,))
+    xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 256), x, W1))
+    H1 = xW1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
+    H1W2 = H1 @ W2
+    Z2 = H1W2 + b2
+    LSE = _logsumexp(Z2)
+    CE = LSE - Z2[np.arange(n), y]
+    # dZ2_i = (softmax(Z2) - onehot(y))
+    dZ2_i = np.exp(Z2 - LSE[:, None])
+    dZ2_i[np.arange(n), y] -= 1
+    # dH1_i = dZ2_i @ W2.T
+    dH1_i = dZ2_i @ W2.T
+    # dZ1_i = dH1_i*step(H1)
+    dZ1_i = dH1_i
+    dZ1_i *= (H1 > 0.0)
+    # dW1_i = per_sample(x.T @ dZ1_i)
+    dW1_i = np.multiply(x[:, :, None], dZ1_i[:, None, :])
+    # dW2_i = per_sample(H1.T @ dZ2_i)
+    dW2_i = np.multiply(H1[:, :, None], dZ2_i[:, None, :])
+    return CE, {'W1': dW1_i, 'b1': dZ1_i, 'W2': dW2_i, 'b2': dZ2_i}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> class probabilities (softmax of the logits), shape (batch, classes)
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 import threading
@@ -328,6 +329,58 @@ def backward(params, x, y):
     # db3 = sum(dZ3, axis=0)
     db3 = dZ3.sum(axis=0)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2, 'W3': dW3, 'b3': db3}
+
+
+def per_example_grads(params, x, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    x = _data(x, 'x', (2,))
+    y = _labels(y, 'y', 2)
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (2, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (32, 32))
+    b2 = _param(params, 'b2', (32,))
+    W3 = _param(params, 'W3', (32, 2))
+    b3 = _param(params, 'b3', (2,))
+    xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
+    H1 = xW1
+    H1 += b1
+    np.tanh(H1, out=H1)
+    H1W2 = np.matmul(H1, W2, out=_scratch('H1W2', (n, 32), H1, W2))
+    H2 = H1W2
+    H2 += b2
+    np.tanh(H2, out=H2)
+    H2W3 = H2 @ W3
+    Z3 = H2W3 + b3
+    LSE = _logsumexp(Z3)
+    CE = LSE - Z3[np.arange(n), y]
+    # dZ3_i = (softmax(Z3) - onehot(y))
+    dZ3_i = np.exp(Z3 - LSE[:, None])
+    dZ3_i[np.arange(n), y] -= 1
+    # dH2_i = dZ3_i @ W3.T
+    dH2_i = dZ3_i @ W3.T
+    # dZ2_i = dH2_i*(1 - H2**2)
+    dZ2_i = dH2_i
+    _dZ2_i_0 = np.multiply(H2, H2, out=_scratch('_dZ2_i_0', (n, 32), H2))
+    np.subtract(1, _dZ2_i_0, out=_dZ2_i_0)
+    dZ2_i *= _dZ2_i_0
+    # dH1_i = dZ2_i @ W2.T
+    dH1_i = dZ2_i @ W2.T
+    # dZ1_i = dH1_i*(1 - H1**2)
+    dZ1_i = dH1_i
+    _dZ1_i_0 = np.multiply(H1, H1, out=_scratch('_dZ1_i_0', (n, 32), H1))
+    np.subtract(1, _dZ1_i_0, out=_dZ1_i_0)
+    dZ1_i *= _dZ1_i_0
+    # dW1_i = per_sample(x.T @ dZ1_i)
+    dW1_i = np.multiply(x[:, :, None], dZ1_i[:, None, :])
+    # dW2_i = per_sample(H1.T @ dZ2_i)
+    dW2_i = np.multiply(H1[:, :, None], dZ2_i[:, None, :])
+    # dW3_i = per_sample(H2.T @ dZ3_i)
+    dW3_i = np.multiply(H2[:, :, None], dZ3_i[:, None, :])
+    return CE, {'W1': dW1_i, 'b1': dZ1_i, 'W2': dW2_i, 'b2': dZ2_i, 'W3': dW3_i, 'b3': dZ3_i}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, top, bottom)  -> class probabilities (softmax of the logits), shape (batch, classes)
     loss(params, top, bottom, y)  -> float, the batch mean
     backward(params, top, bottom, y)  -> (loss, grads), grads shaped like params
+    per_example_grads(params, top, bottom, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 import threading
@@ -330,6 +331,56 @@ def backward(params, top, bottom, y):
     # db3 = sum(dZ3, axis=0)
     db3 = dZ3.sum(axis=0)
     return float(L), {'Wht': dWht, 'bht': dbht, 'Whb': dWhb, 'bhb': dbhb, 'W3': dW3, 'b3': db3}
+
+
+def per_example_grads(params, top, bottom, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    top = _data(top, 'top', (32,))
+    bottom = _data(bottom, 'bottom', (32,))
+    y = _labels(y, 'y', 10)
+    n = _batch(top, bottom, y)
+    Wht = _param(params, 'Wht', (32, 128))
+    bht = _param(params, 'bht', (128,))
+    Whb = _param(params, 'Whb', (32, 128))
+    bhb = _param(params, 'bhb', (128,))
+    W3 = _param(params, 'W3', (256, 10))
+    b3 = _param(params, 'b3', (10,))
+    topWht = np.matmul(top, Wht, out=_scratch('topWht', (n, 128), top, Wht))
+    Hht = topWht
+    Hht += bht
+    np.maximum(Hht, 0.0, out=Hht)
+    XWhb = np.matmul(bottom, Whb, out=_scratch('XWhb', (n, 128), bottom, Whb))
+    Hhb = XWhb
+    Hhb += bhb
+    np.maximum(Hhb, 0.0, out=Hhb)
+    C1 = np.concatenate((Hht, Hhb), axis=-1)
+    C1W3 = C1 @ W3
+    Z3 = C1W3 + b3
+    LSE = _logsumexp(Z3)
+    CE = LSE - Z3[np.arange(n), y]
+    # dZ3_i = (softmax(Z3) - onehot(y))
+    dZ3_i = np.exp(Z3 - LSE[:, None])
+    dZ3_i[np.arange(n), y] -= 1
+    # dC1_i = dZ3_i @ W3.T
+    dC1_i = np.matmul(dZ3_i, W3.T, out=_scratch('dC1_i', (n, 256), dZ3_i, W3))
+    # dHht_i = dC1_i[..., 0:128]
+    dHht_i = dC1_i[..., 0:128].copy()
+    # dZht_i = dHht_i*step(Hht)
+    dZht_i = dHht_i*np.heaviside(Hht, 0.0)
+    # dWht_i = per_sample(top.T @ dZht_i)
+    dWht_i = np.multiply(top[:, :, None], dZht_i[:, None, :])
+    # dHhb_i = dC1_i[..., 128:256]
+    dHhb_i = dC1_i[..., 128:256].copy()
+    # dZhb_i = dHhb_i*step(Hhb)
+    dZhb_i = dHhb_i*np.heaviside(Hhb, 0.0)
+    # dWhb_i = per_sample(bottom.T @ dZhb_i)
+    dWhb_i = np.multiply(bottom[:, :, None], dZhb_i[:, None, :])
+    # dW3_i = per_sample(C1.T @ dZ3_i)
+    dW3_i = np.multiply(C1[:, :, None], dZ3_i[:, None, :])
+    return CE, {'Wht': dWht_i, 'bht': dZht_i, 'Whb': dWhb_i, 'bhb': dZhb_i, 'W3': dW3_i, 'b3': dZ3_i}
 
 
 # ---------------------------------------------------------------------------------------------

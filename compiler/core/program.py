@@ -11,7 +11,22 @@ from dataclasses import dataclass
 from compiler.core import ir, ops
 from compiler.core.adjoints import gradients
 from compiler.core.naming import contribution_name, derived_name
+from compiler.core.per_example import PerExampleError, derive as derive_per_example
 from compiler.core.simplify import fuse, op_counts, share, split_deep, use_counts
+
+
+@dataclass(frozen=True)
+class PerExampleGrads:
+    """The per-example entry point (compiler.core.per_example): each sample's loss (n,) and
+    gradients (n,) + shape, simplified on their own (fusion and sharing over these outputs, so
+    backward's statements do not change); ``inline`` is its own, ``only`` the uids of its nodes
+    that do not compute the losses (the gradient statements, commented with their formulas)."""
+
+    loss: object
+    grads: tuple                # (param node, node or None) in PARAMS order
+    nodes: tuple                # schedule
+    inline: frozenset
+    only: frozenset
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,14 @@ class Program:
     # values): in inference mode the training flag multiplies them by 0 wherever they are used,
     # so the backends compute them only in training mode (and give them zeros otherwise)
     training_only: frozenset = frozenset()
+    per_example: object = None  # PerExampleGrads, or None when the model has none (see per_example_error)
+    per_example_error: str = ""
+
+    def per_example_view(self):
+        """This program as seen by the statements of per_example_grads: its outputs and inline set."""
+        from dataclasses import replace
+        pe = self.per_example
+        return replace(self, loss=pe.loss, grads=pe.grads, inline=pe.inline, backward_only=pe.only)
 
 
 def build_program(model):
@@ -65,6 +88,7 @@ def build_program(model):
 
     grad_nodes = [grads[p.uid] for p in model.params if grads[p.uid] is not None]
     before = op_counts([loss, *grad_nodes])
+    pe_outs, pe_names, pe_error = _per_example(model, loss, [grads[p.uid] for p in model.params], dict(names))
     outs, names = fuse([prediction, loss, *grad_nodes, *updates], names)
     outs, names = share(outs, names)
     pred, loss = outs[0], outs[1]
@@ -73,6 +97,57 @@ def build_program(model):
     grad_pairs = tuple((p, next(it) if grads[p.uid] is not None else None) for p in model.params)
     after = op_counts([loss, *new_grads])
 
+    inline = _inline_set(outs)
+    for k_, v_ in pe_names.items():
+        names.setdefault(k_, v_)
+
+    leaves = {n.uid for n in model.leaves}
+    uniq = _unique_names(ir.topo_order([*outs, *(o for o in pe_outs if o is not None)]), names, model)
+
+    def schedule(roots, inline_set=inline):
+        return tuple(n for n in ir.topo_order(roots)
+                     if n.uid not in leaves and n.uid not in inline_set)
+
+    fwd = schedule([pred, *updates])
+    lss = schedule([loss, *updates])
+    bwd = schedule([loss, *new_grads, *updates])
+    loss_ids = {n.uid for n in lss}
+    per_example = None
+    if pe_outs:
+        pe_inline = _inline_set([o for o in pe_outs if o is not None])
+        roots = [o for o in pe_outs if o is not None]
+        nodes = schedule(roots, pe_inline)
+        losses = {n.uid for n in ir.topo_order([pe_outs[0]])}
+        per_example = PerExampleGrads(pe_outs[0], tuple(zip(model.params, pe_outs[1:])), nodes,
+                                      frozenset(pe_inline), frozenset(n.uid for n in nodes if n.uid not in losses))
+    order = ir.topo_order(outs)
+    return Program(model, pred, loss, grad_pairs, uniq, frozenset(inline), fwd, lss, bwd,
+                   frozenset(n.uid for n in bwd if n.uid not in loss_ids),
+                   {"before_simplification": before, "after_simplification": after},
+                   tuple(zip((s for s, _ in model.stats), updates)),
+                   _training_only(model.mode, order, ir.consumers(order),
+                                  {o.uid for o in outs[:len(outs) - len(updates)]}, updates),
+                   per_example=per_example, per_example_error=pe_error)
+
+
+def _per_example(model, loss, grads, names):
+    """(outputs [losses, grads (None where zero)...], names of their nodes, error text) of the
+    per-example gradients, simplified like backward's; no outputs and the reason when the model
+    has none."""
+    try:
+        pe = derive_per_example(model, loss, grads, names)
+    except PerExampleError as e:
+        return [], {}, str(e)
+    raw = [pe.loss, *pe.grads]
+    outs, pe_names = fuse([o for o in raw if o is not None], names)
+    outs, pe_names = share(outs, pe_names)
+    it = iter(outs)
+    return [next(it) if o is not None else None for o in raw], pe_names, ""
+
+
+def _inline_set(outs):
+    """uids of the values printed inside their user: broadcast constants, and elementwise
+    values used once, by a reduction."""
     order, count = use_counts(outs)
     outputs = {o.uid for o in outs}
     users = ir.consumers(order)
@@ -85,24 +160,7 @@ def build_program(model):
             inline.add(node.uid)     # broadcast constants are printed where they are used
         elif count[node.uid] == 1 and us and ops.get(us[0].op).reduction:
             inline.add(node.uid)
-
-    leaves = {n.uid for n in model.leaves}
-    uniq = _unique_names(order, names, model)
-
-    def schedule(roots):
-        return tuple(n for n in ir.topo_order(roots)
-                     if n.uid not in leaves and n.uid not in inline)
-
-    fwd = schedule([pred, *updates])
-    lss = schedule([loss, *updates])
-    bwd = schedule([loss, *new_grads, *updates])
-    loss_ids = {n.uid for n in lss}
-    return Program(model, pred, loss, grad_pairs, uniq, frozenset(inline), fwd, lss, bwd,
-                   frozenset(n.uid for n in bwd if n.uid not in loss_ids),
-                   {"before_simplification": before, "after_simplification": after},
-                   tuple(zip((s for s, _ in model.stats), updates)),
-                   _training_only(model.mode, order, users, {o.uid for o in outs[:len(outs) - len(updates)]},
-                                  updates))
+    return inline
 
 
 def _training_only(mode, order, users, outputs, updates):

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import sysconfig
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -45,6 +45,7 @@ import sympy as sp
 
 from compiler import __version__
 from compiler.core import ir, ops
+from compiler.core.formulas import Formulas
 from compiler.core.ops.ew import factored, shared_subexpressions
 from compiler.core.model import Model
 from compiler.core.program import Program
@@ -421,6 +422,9 @@ def render_c(lowered, prefix=None):
                         loss_dest + [(g, k, d) for g, k, d, _ in grad_dest if g is not None] + stats_dest,
                         zero_grads),
     ]
+    if program.per_example is not None:
+        functions.append(_per_example_function(lowered, cnames, params, info_of,
+                                               data + targets + masks + state, stats_dest, st))
     work_a = max(f["work"][0] for f in functions)
     work_b = max(f["work"][1] for f in functions)
 
@@ -432,6 +436,7 @@ def render_c(lowered, prefix=None):
         params=params, n_params=n_params, inputs=writer.arg_list(data), targets=writer.arg_list(targets), masks=writer.arg_list(masks),
         state=writer.arg_list(state), stats=[{k: v for k, v in q.items() if k != "node"} for q in stats], n_stats=offset,
         functions=functions, zero_grads=zero_grads, work_a=work_a, work_b=work_b,
+        per_example_error=program.per_example_error,
         pred_size=_size_code(pred.shape), pred_shape_doc=shape_code(pred.shape),
         pred_per_sample=tuple(int(d) for d in (pred.shape[1:] if ir.is_batch(pred.shape) else pred.shape)), pred_batched=ir.is_batch(pred.shape),
         helpers=sorted(st.helpers), prediction_doc=iface.prediction_doc,
@@ -572,6 +577,30 @@ class _CFunctions:
                 "uses_nf": st.uses_nf, "needs_batch": fname != "forward"}
 
 
+def _per_example_function(lowered, cnames, params, info_of, leaves, stats_dest, st):
+    """per_example_grads: its statements over the program's per-example view. The losses go to
+    ``loss`` (n values), the gradients to ``grads`` parameter by parameter, each (n,) + its shape
+    at offset <P>_OFFSET_<name>*n (n*<P>_NUM_PARAMS values in all)."""
+    program = lowered.program
+    view = program.per_example_view()
+    st2 = CStatements(view, lowered.dtype, cnames)
+    writer = _CFunctions(replace(lowered, program=view, lines=Formulas(view)), st2, params)
+    pe = program.per_example
+    dest, zero = [(pe.loss, "ptr", "loss")], []
+    for p, g in pe.grads:
+        info = info_of[p.name]
+        if g is None:
+            zero.append(info)
+        else:
+            dest.append((g, "ptr", f"grads + {info['offset']}*n" if info["offset"] else "grads"))
+    fn = writer.function("per_example_grads", leaves, pe.nodes, dest + stats_dest)
+    for info in zero:
+        fn["tail"].append(f"for (size_t _i = 0; _i < {info['size']}*n; _i++) grads[{info['offset']}*n + _i] = "
+                          f"{st2.lit(0)};  /* d{info['name']} = 0: the loss does not depend on {info['name']} */")
+    st.helpers |= st2.helpers
+    return fn
+
+
 def _scalar(st, node):
     """Value of a scalar node at the end of a function."""
     if node.uid in st.locals:
@@ -633,7 +662,8 @@ def _pack_args(ctx):
 def _glue_args(fn):
     """The glue's arguments: untyped pointers named by position (_a0, ...)."""
     args = ["const void *params"] + [f"const void *_a{k}" for k in range(len(fn["leaves"]))] + ["size_t n"]
-    args.append("void *out" if fn["name"] == "forward" else "void *loss" if fn["name"] == "loss" else "void *grads")
+    args.append("void *out" if fn["name"] == "forward" else "void *loss" if fn["name"] == "loss"
+                else "void *loss, void *grads" if fn["name"] == "per_example_grads" else "void *grads")
     if fn["stats"]:
         args.append("void *stats_out")
     return ", ".join(args + ["void *work"])
@@ -653,6 +683,8 @@ def _ext_source(ctx):
             names.append("out")
         elif fn["name"] == "loss":
             names.append("loss")
+        elif fn["name"] == "per_example_grads":
+            names += ["loss", "grads"]
         else:
             names += [f"({real} *)grads + {P}_NUM_PARAMS", "grads"]
         if fn["stats"]:
@@ -710,7 +742,7 @@ def _proto_args(fn, real, restrict=""):
         args.append(f"{real} *{r}out")
     else:
         args.append(f"{real} *{r}loss")
-    if fn["name"] == "backward":
+    if fn["name"] in ("backward", "per_example_grads"):
         args.append(f"{real} *{r}grads")
     if fn["stats"]:
         args.append(f"{real} *{r}stats_out")

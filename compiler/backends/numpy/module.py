@@ -3,7 +3,7 @@ NumPy module; CompiledModule writes it atomically and loads it."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -14,6 +14,7 @@ from compiler.backends.numpy.statements import NumpyStatements, shape_code
 from compiler.backends.show import Displayed
 from compiler.backends.templates import render
 from compiler.core import ir
+from compiler.core.formulas import Formulas
 from compiler.core.model import Model
 from compiler.core.program import Program
 from compiler.errors import ModelError
@@ -101,6 +102,8 @@ def render_numpy(lowered):
             bwd["prologue"].append(line)
             bound.add(line)
 
+    functions.append(_per_example_function(lowered, st, data + targets))
+
     text = render(
         "numpy_module.py.j2",
         model_name=model.name, version=__version__, source=model.source, source_hash=lowered.source_hash,
@@ -118,6 +121,36 @@ def render_numpy(lowered):
         helpers=sorted(st.helpers), functions=functions,
     )
     return CompiledModule(model, program, text, lowered.formulas, lowered.latex, lowered.source_hash, dtype)
+
+
+PER_EXAMPLE_DOC = ("Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)\n"
+                   "    + the parameter's shape: row i is what backward gives for a batch of sample i alone,\n"
+                   "    and the mean over rows is backward's gradient. No loop over samples: each batch sum\n"
+                   "    of the gradient keeps its batch axis.")
+
+
+def _per_example_function(lowered, st, leaves):
+    """per_example_grads: its statements over the program's per-example view, or (a model whose
+    forward mixes samples) a function that raises the reason."""
+    program = lowered.program
+    if program.per_example is None:
+        return {"name": "per_example_grads", "args": ", ".join(x.name for x in leaves) + lowered.interface.mode_args,
+                "doc": "Not available for this model: raises NotImplementedError (the reason).",
+                "prologue": [], "body": [f"raise NotImplementedError({program.per_example_error!r})"], "ret": None}
+    view = program.per_example_view()
+    st2 = NumpyStatements(view)
+    writer = _Functions(replace(lowered, program=view, lines=Formulas(view)), st2)
+    pe = program.per_example
+    ret = []
+    for p, g in pe.grads:
+        if g is None:
+            ret.append(f"{p.name!r}: np.zeros((n,) + {shape_code(p.shape)}, dtype={writer.ref(pe.loss)}.dtype)")
+        else:
+            ret.append(f"{p.name!r}: {writer.ref(g)}")
+    fn = writer.function("per_example_grads", leaves, [pe.loss, *(g for _, g in pe.grads if g is not None)],
+                         pe.nodes, f"{writer.ref(pe.loss)}, {{{', '.join(ret)}}}", PER_EXAMPLE_DOC, comments=True)
+    st.helpers |= st2.helpers
+    return fn
 
 
 class _Functions:
