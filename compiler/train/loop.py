@@ -32,6 +32,7 @@ import numpy as np
 
 # the options, TrainConfig and TrainError are declared in options (pure Python); re-exported here
 from compiler.spec.train_options import DEFAULT_LR, TrainConfig, TrainError  # noqa: F401
+from compiler.train import privacy
 
 
 def lr_at(config, epoch):
@@ -364,6 +365,7 @@ class TrainResult:
     final: dict             # train_loss, train_accuracy, val_loss, val_accuracy (None where absent)
     warnings: list
     stats: dict | None = None   # batchnorm: the running statistics that go with params
+    privacy: dict | None = None  # DP-SGD: epsilon at delta and how it was reached (privacy_report)
 
 
 class _Reporter:
@@ -631,6 +633,11 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
     train_set, val_set = _in_module_dtype(module, train_set), _in_module_dtype(module, val_set)
 
     run = _Run(module, config, train_set, val_set, params, digest, resume, verbose, checkpoint, checkpoint_every)
+    if config.private:
+        if client is not None:
+            raise TrainError("DP-SGD runs on one process: its per-example clipping is not distributed to Dask "
+                             "workers (leave out the client, or dp_clip/dp_noise)")
+        _check_private(module, train_set, params)
     if getattr(module, "STATS", None) and run.running is None:
         run.running = dict(stats) if stats is not None else module.init_stats(_run_dtype(module, train_set))
         run.last_good_running = dict(run.running)
@@ -666,6 +673,28 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
                                                                                      "workers_lost"):
         run.save_snapshot()        # a stopped run can be resumed from its last complete epoch
     return _outcome(run, stopped, message, in_step)
+
+
+def _check_private(module, train_set, params):
+    """DP-SGD needs per-example gradients: a TrainError naming why a module has none."""
+    if not hasattr(module, "per_example_grads"):
+        raise TrainError("DP-SGD needs the module's per_example_grads (compile it again with this bpc)")
+    one = [a[:1] for a in train_set.values()]
+    mode = {"training": True, "seed": 0} if getattr(module, "DROPOUT", None) else {}
+    try:
+        module.per_example_grads(params, *one, **mode)
+    except NotImplementedError as e:
+        raise TrainError(f"DP-SGD: {e}") from None
+
+
+def privacy_report(run_or_config, steps, n, batch):
+    """The accounting of a DP-SGD run (compiler.train.privacy): a dict of epsilon at delta, the
+    best order, steps, sampling rate, noise multiplier and clip norm."""
+    config = run_or_config
+    q = batch / n
+    eps, order = privacy.epsilon(q, config.dp_noise, steps, config.dp_delta)
+    return {"epsilon": eps, "delta": config.dp_delta, "order": order, "steps": steps, "sampling_rate": q,
+            "noise_multiplier": config.dp_noise, "clip": config.dp_clip}
 
 
 class _Diverged(Exception):
@@ -720,6 +749,10 @@ class _Run:
         self.t0 = time.monotonic() - (self.history.seconds[-1] if self.history.seconds else 0.0)
         self.epoch = self.start
         self.remote = None      # compiler.train.distributed.DaskGradients: the gradients from Dask workers
+        # DP-SGD: steps taken (for the accounting) and the sum over them of the fraction of
+        # samples whose gradient was clipped; a resumed run continues the count
+        self.dp_steps = self.start * self.steps_per_epoch
+        self.dp_clipped = 0.0
 
     def warn(self, key, text):
         if key not in self.warned:
@@ -762,7 +795,17 @@ def _step(run, index, lr, where, step=()):
         value, grads = run.remote(run.params, index if run.steps_per_epoch > 1 else None, mode, where)
     else:
         arrays = _rows(run.train_set, index) if run.steps_per_epoch > 1 else list(run.train_set.values())
-        value, grads = run.module.backward(run.params, *arrays, **mode)
+        if run.config.private:
+            # DP-SGD: each sample's gradient clipped, the sum noised (seeded by the run's seed and
+            # the step, so a resumed run draws the same noise), divided by the batch size
+            losses, per_example = run.module.per_example_grads(run.params, *arrays, **mode)
+            value = float(np.mean(losses))
+            grads, clipped = privacy.private_gradient(per_example, run.config.dp_clip, run.config.dp_noise,
+                                                      np.random.default_rng([run.config.seed, 3, *step]))
+            run.dp_steps += 1
+            run.dp_clipped += clipped
+        else:
+            value, grads = run.module.backward(run.params, *arrays, **mode)
     sq = {k: float(np.vdot(g64, g64)) for k, g in grads.items() for g64 in [np.asarray(g, dtype=np.float64)]}
     if not math.isfinite(value) or not all(math.isfinite(v) for v in sq.values()):
         bad = [k for k, v in sq.items() if not math.isfinite(v)]
@@ -868,7 +911,15 @@ def _outcome(run, stopped, message, in_step):
             final["val_loss"], final["val_accuracy"] = ev["loss"], ev["accuracy"]
     except KeyboardInterrupt:
         pass
-    return TrainResult(params, run.history, stopped, message, run.best_epoch, final, run.warnings, running)
+    dp = None
+    if run.config.private:
+        dp = privacy_report(run.config, run.dp_steps, run.n, run.batch)
+        done = run.dp_steps - run.start * run.steps_per_epoch
+        dp["clipped_fraction"] = run.dp_clipped / done if done else 0.0
+        message += (f"; DP-SGD: (epsilon {dp['epsilon']:.3g}, delta {dp['delta']:g}) after {dp['steps']} steps "
+                    f"(sampling rate {dp['sampling_rate']:.3g}, noise multiplier {dp['noise_multiplier']:g}, "
+                    f"clip {dp['clip']:g}; RDP accountant)")
+    return TrainResult(params, run.history, stopped, message, run.best_epoch, final, run.warnings, running, dp)
 
 
 def _epoch_line(epoch, epochs, h, has_val):
