@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 import compiler as bpc  # noqa: E402
 from compiler.core import ir  # noqa: E402
 
+from bench import moments, per_example  # noqa: E402
 from bench.cpu import cpu_name  # noqa: E402
 from bench.frameworks import make_jax, make_torch  # noqa: E402
 from bench.block import block_section  # noqa: E402
@@ -286,6 +287,10 @@ SECTIONS = {"step": step_section, "peak": peak_section, "small": small_section, 
             "block": lambda args, rows_out: block_section(args, rows_out, note)}
 from bench.c_target import blas_section, c_section  # noqa: E402
 SECTIONS.update(c=c_section, blas=blas_section)
+# sections in modules of their own: section(args, rows_out, note, table, skipped frameworks)
+for _m in (per_example, moments):
+    SECTIONS[_m.__name__.rsplit(".", 1)[1]] = (lambda m: lambda args, rows: m.section(
+        args, rows, note, table, set(filter(None, args.skip.split(",")))))(_m)
 
 from bench.cnn import cnn_section  # noqa: E402  (the CNN training steps: bench/cnn.py)
 
@@ -333,7 +338,8 @@ def main(argv=None):
               "c": "The C target against hand-written NumPy and C, PyTorch and JAX",
               "blas": "The C target's matrix products: its loops against the BLAS's gemm",
               "dask": "Data-parallel training on Dask: 1 and 2 single-threaded workers against one process",
-              "cnn": "CNN training step, float32 (generated NumPy, PyTorch eager, JAX jit)"}
+              "cnn": "CNN training step, float32 (generated NumPy, PyTorch eager, JAX jit)",
+              "per_example": per_example.TITLE, "moments": moments.TITLE}
     for name in args.only.split(","):
         print(f"\n## {titles[name]}", flush=True)
         text = SECTIONS[name](args, results)

@@ -650,7 +650,7 @@ def per_example_grads(params, x, y):
     # db3_i = sum(dZ3_i, axis=(1, 2))
     db3_i = dZ3_i.sum(axis=(1, 2))
     # dW4_i = per_sample(F1.T @ dZ4_i)
-    dW4_i = np.multiply(F1[:, :, None], dZ4_i[:, None, :])
+    dW4_i = np.einsum('ni,nj->nij', F1, dZ4_i)
     return CE, {'W1': dW1_i, 'b1': db1_i, 'W2': dW2_i, 'b2': db2_i, 'W3': dW3_i, 'b3': db3_i, 'W4': dW4_i, 'b4': dZ4_i}
 
 

@@ -427,13 +427,13 @@ def per_example_grads(params, x, y):
     t4 += dh1_i
     dZh0_i *= t4
     # dWh0_i = per_sample(x.T @ dZh0_i)
-    dWh0_i = np.multiply(x[:, :, None], dZh0_i[:, None, :])
+    dWh0_i = np.einsum('ni,nj->nij', x, dZh0_i)
     # dWf1_i = per_sample(Hh0.T @ dZf1_i)
-    dWf1_i = np.multiply(Hh0[:, :, None], dZf1_i[:, None, :])
+    dWf1_i = np.einsum('ni,nj->nij', Hh0, dZf1_i)
     # dWf2_i = per_sample(h1.T @ dZf2_i)
-    dWf2_i = np.multiply(h1[:, :, None], dZf2_i[:, None, :])
+    dWf2_i = np.einsum('ni,nj->nij', h1, dZf2_i)
     # dWout_i = per_sample(S2.T @ dZout_i)
-    dWout_i = np.multiply(S2[:, :, None], dZout_i[:, None, :])
+    dWout_i = np.einsum('ni,nj->nij', S2, dZout_i)
     return CE, {'Wh0': dWh0_i, 'bh0': dZh0_i, 'Wf1': dWf1_i, 'bf1': dZf1_i, 'Wf2': dWf2_i, 'bf2': dZf2_i, 'Wout': dWout_i, 'bout': dZout_i}
 
 

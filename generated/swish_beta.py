@@ -249,9 +249,9 @@ def per_example_grads(params, x, y):
     # dZ1_i = dH1_i*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
     dZ1_i = dH1_i*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
     # dW1_i = per_sample(x.T @ dZ1_i)
-    dW1_i = np.multiply(x[:, :, None], dZ1_i[:, None, :])
+    dW1_i = np.einsum('ni,nj->nij', x, dZ1_i)
     # dW2_i = per_sample(H1.T @ dZ2_i)
-    dW2_i = np.multiply(H1[:, :, None], dZ2_i[:, None, :])
+    dW2_i = np.einsum('ni,nj->nij', H1, dZ2_i)
     return L_i, {'W1': dW1_i, 'b1': dZ1_i, 'W2': dW2_i, 'b2': dZ2_i}
 
 

@@ -325,9 +325,9 @@ def per_example_grads(params, x, y):
     dZ1_i = dH1_i
     dZ1_i *= (H1 > 0.0)
     # dW1_i = per_sample(x.T @ dZ1_i)
-    dW1_i = np.multiply(x[:, :, None], dZ1_i[:, None, :])
+    dW1_i = np.einsum('ni,nj->nij', x, dZ1_i)
     # dW2_i = per_sample(H1.T @ dZ2_i)
-    dW2_i = np.multiply(H1[:, :, None], dZ2_i[:, None, :])
+    dW2_i = np.einsum('ni,nj->nij', H1, dZ2_i)
     return CE, {'W1': dW1_i, 'b1': dZ1_i, 'W2': dW2_i, 'b2': dZ2_i}
 
 

@@ -371,15 +371,15 @@ def per_example_grads(params, top, bottom, y):
     # dZht_i = dHht_i*step(Hht)
     dZht_i = dHht_i*np.heaviside(Hht, 0.0)
     # dWht_i = per_sample(top.T @ dZht_i)
-    dWht_i = np.multiply(top[:, :, None], dZht_i[:, None, :])
+    dWht_i = np.einsum('ni,nj->nij', top, dZht_i)
     # dHhb_i = dC1_i[..., 128:256]
     dHhb_i = dC1_i[..., 128:256].copy()
     # dZhb_i = dHhb_i*step(Hhb)
     dZhb_i = dHhb_i*np.heaviside(Hhb, 0.0)
     # dWhb_i = per_sample(bottom.T @ dZhb_i)
-    dWhb_i = np.multiply(bottom[:, :, None], dZhb_i[:, None, :])
+    dWhb_i = np.einsum('ni,nj->nij', bottom, dZhb_i)
     # dW3_i = per_sample(C1.T @ dZ3_i)
-    dW3_i = np.multiply(C1[:, :, None], dZ3_i[:, None, :])
+    dW3_i = np.einsum('ni,nj->nij', C1, dZ3_i)
     return CE, {'Wht': dWht_i, 'bht': dZht_i, 'Whb': dWhb_i, 'bhb': dZhb_i, 'W3': dW3_i, 'b3': dZ3_i}
 
 

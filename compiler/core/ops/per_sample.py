@@ -50,8 +50,8 @@ def _product_numpy(st, node):
     out, x, y = st.name(node), st.ref(a), st.ref(b)
     k = _rows(a.shape[0])
     i, j = node.shape[1], node.shape[2]
-    if k == 1:   # the outer product of each sample's rows
-        return [f"{out} = np.multiply({x}[:, :, None], {y}[:, None, :])"]
+    if k == 1:   # the outer product of each sample's rows (einsum: faster than a broadcast multiply)
+        return [f"{out} = np.einsum('ni,nj->nij', {x}, {y})"]
     return [f"{out} = np.matmul({x}.reshape(n, {k}, {i}).transpose(0, 2, 1), {y}.reshape(n, {k}, {j}))"]
 
 
