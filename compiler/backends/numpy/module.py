@@ -3,13 +3,16 @@ NumPy module; CompiledModule writes it atomically and loads it."""
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
 from compiler import __version__, dtypes
 from compiler.backends.cache import cache_dir, load_module, write_cached
+from compiler.backends import moments_code
 from compiler.backends.lowering import is_tokens, lower, per_sample, statement
+from compiler.backends.numpy.printer import print_numpy
 from compiler.backends.numpy.statements import NumpyStatements, shape_code
 from compiler.backends.show import Displayed
 from compiler.backends.templates import render
@@ -103,6 +106,8 @@ def render_numpy(lowered):
             bound.add(line)
 
     functions.append(_per_example_function(lowered, st, data + targets))
+    if lowered.moments is not None:
+        functions += _moment_functions(lowered.moments, data + targets, st)
 
     text = render(
         "numpy_module.py.j2",
@@ -119,6 +124,7 @@ def render_numpy(lowered):
         has_labels=iface.has_labels, has_tokens=iface.has_tokens, vocab=iface.vocab, mode_args=iface.mode_args, dropout=iface.dropout,
         has_dropout=iface.has_dropout, stats_shapes=iface.stats_shapes, stats_init=iface.stats_init,
         helpers=sorted(st.helpers), functions=functions,
+        moment_stats=list(lowered.moments.stats) if lowered.moments is not None else None,
     )
     return CompiledModule(model, program, text, lowered.formulas, lowered.latex, lowered.source_hash, dtype)
 
@@ -151,6 +157,55 @@ def _per_example_function(lowered, st, leaves):
                          pe.nodes, f"{writer.ref(pe.loss)}, {{{', '.join(ret)}}}", PER_EXAMPLE_DOC, comments=True)
     st.helpers |= st2.helpers
     return fn
+
+
+def _moment_functions(plan, leaves, st):
+    """precompute, loss_from_moments and backward_from_moments (compiler.core.moments)."""
+    def printer(e, symbols):
+        code, helpers = print_numpy(e, symbols)
+        st.helpers |= helpers
+        return code
+
+    names = [x.name for x in leaves]
+    pro = [f"{x.name} = _data({x.name}, {x.name!r}, ()).reshape(-1).astype(np.float64)" for x in leaves]
+    pro.append(f"n = _batch({', '.join(names)})")
+    body = []
+    for i, d in enumerate(names):
+        body += [f"mean_{i} = float(np.mean({d}))", f"scale_{i} = float(np.std({d})) or 1.0"]
+    terms = moments_code.product_terms(plan)
+    body += [f"_sums = np.zeros({len(terms)})",
+             "for _lo in range(0, n, _CHUNK):   # chunks of rows: the powers of a chunk fit in memory"]
+    for i, d in enumerate(names):
+        top = plan.max_power[i]
+        if top:
+            body.append(f"    _u{i}_1 = ({d}[_lo:_lo + _CHUNK] - mean_{i}) / scale_{i}")
+        for k in range(2, top + 1):
+            body.append(f"    _u{i}_{k} = _u{i}_{k - 1} * _u{i}_1")
+    prods = ["*".join(f"_u{i}_{k}" for i, k in t) for t in terms]
+    body.append("    _sums += (" + ", ".join(f"np.sum({p})" for p in prods) + ("," if len(prods) == 1 else "") + ")")
+    ret = ("{" + ", ".join([f"'mean_{d}': mean_{i}" for i, d in enumerate(names)]
+                           + [f"'scale_{d}': scale_{i}" for i, d in enumerate(names)]
+                           + [f"{name!r}: float(_sums[{j}]) / n" for j, name in enumerate(plan.stats[2 * len(names):])]) + "}")
+    pre = {"name": "precompute", "signature": ", ".join(names), "args": "", "prologue": pro, "body": body, "ret": ret,
+           "doc": textwrap.fill("The data reduced once to the sufficient statistics of the loss (float64), a dict: "
+                                + moments_code.doc(plan) + ". loss_from_moments and backward_from_moments take "
+                                "it: their cost does not depend on n.", 92, subsequent_indent="    ")}
+    bind = [f"{p} = _param(params, {p!r}, ())" for p in plan.params]
+    unpack = [", ".join(moments_code.stat_locals(plan).values()) + f"{',' if len(plan.stats) == 1 else ''} = "
+              f"_statistics(moments)"]
+    loss_body = moments_code.statements(plan, [plan.loss], printer)
+    loss_fn = {"name": "loss_from_moments", "args": "moments", "prologue": bind + unpack, "body": loss_body,
+               "ret": f"float({plan.loss.name})",
+               "doc": "The loss from precompute's statistics: equal to loss(params, data) on the same data."}
+    roots = [plan.loss] + [g for g in plan.grads if g is not None]
+    grads = ", ".join(f"{p!r}: np.float64({g.name})" if g is not None else f"{p!r}: np.float64(0.0)"
+                      for p, g in zip(plan.params, plan.grads))
+    back = {"name": "backward_from_moments", "args": "moments", "prologue": bind + unpack,
+            "body": moments_code.statements(plan, roots, printer),
+            "ret": f"float({plan.loss.name}), {{{grads}}}",
+            "doc": "(loss, grads) from precompute's statistics: equal to backward(params, data) on the same data."}
+    st.helpers.add("moments")
+    return [pre, loss_fn, back]
 
 
 class _Functions:
