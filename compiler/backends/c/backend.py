@@ -437,6 +437,7 @@ def render_c(lowered, prefix=None):
         state=writer.arg_list(state), stats=[{k: v for k, v in q.items() if k != "node"} for q in stats], n_stats=offset,
         functions=functions, zero_grads=zero_grads, work_a=work_a, work_b=work_b,
         per_example_error=program.per_example_error,
+        moments=_moments_context(lowered, info_of, real, st),
         pred_size=_size_code(pred.shape), pred_shape_doc=shape_code(pred.shape),
         pred_per_sample=tuple(int(d) for d in (pred.shape[1:] if ir.is_batch(pred.shape) else pred.shape)), pred_batched=ir.is_batch(pred.shape),
         helpers=sorted(st.helpers), prediction_doc=iface.prediction_doc,
@@ -444,6 +445,9 @@ def render_c(lowered, prefix=None):
         formulas=[(p["name"], formulas[p["name"]]) for p in params],
         steps=_step_args(real), steps_def=dict(_step_args(real, "restrict ")),
     )
+    if common["moments"]:
+        common["moment_protos"] = dict(_moment_protos(common, "restrict "))
+        common["moment_decls"] = dict(_moment_protos(common))
     header = render("c_model.h.j2", **common)
     c_source = render("c_model.c.j2", **common)
     cdef = _cdef(common)
@@ -577,6 +581,76 @@ class _CFunctions:
                 "uses_nf": st.uses_nf, "needs_batch": fname != "forward"}
 
 
+def _moments_context(lowered, info_of, real, st):
+    """The C of the hoisted moments (compiler.core.moments), or None: precompute's loops over the
+    samples (statistics in double, summed per block of rows and then over the blocks) and the
+    scalar statements of loss_from_moments and backward_from_moments, in double."""
+    plan = lowered.moments
+    if plan is None:
+        return None
+    from compiler.backends import moments_code
+
+    def printer(e, symbols):
+        code, helpers = print_c(e, symbols, "float64")
+        st.helpers |= helpers
+        return code
+
+    D = len(plan.data)
+    terms = moments_code.product_terms(plan)
+    pre = []
+    for i, d in enumerate(plan.data):
+        x = f"{C_NAME_PREFIX}{d}"
+        # the corrected two-pass mean and variance, each sum over blocks of 4096 rows
+        pre += [f"double _mean{i} = 0.0, _dev{i} = 0.0, _var{i} = 0.0;",
+                "for (size_t _lo = 0; _lo < n; _lo += 4096) {",
+                "    double _b = 0.0;",
+                f"    for (size_t _j = _lo; _j < (n - _lo < 4096 ? n : _lo + 4096); _j++) _b += (double){x}[_j];",
+                f"    _mean{i} += _b;",
+                "}",
+                f"_mean{i} /= (double)n;",
+                "for (size_t _lo = 0; _lo < n; _lo += 4096) {",
+                "    double _b = 0.0, _q = 0.0;",
+                f"    for (size_t _j = _lo; _j < (n - _lo < 4096 ? n : _lo + 4096); _j++) {{",
+                f"        const double _e = (double){x}[_j] - _mean{i};",
+                "        _b += _e;",
+                "        _q += _e*_e;",
+                "    }",
+                f"    _dev{i} += _b;",
+                f"    _var{i} += _q;",
+                "}",
+                f"_var{i} = (_var{i} - _dev{i}*_dev{i}/(double)n) / (double)n;",
+                f"_mean{i} += _dev{i} / (double)n;",
+                f"double _scale{i} = _var{i} > 0.0 ? sqrt(_var{i}) : 0.0;",
+                f"if (!(_scale{i} > 0.0)) _scale{i} = 1.0;"]
+    pre += [f"double _tot[{len(terms)}] = {{0}};",
+            "for (size_t _lo = 0; _lo < n; _lo += 4096) {   /* blocks of rows: each summed, then added */",
+            f"    double _blk[{len(terms)}] = {{0}};",
+            "    const size_t _hi = n - _lo < 4096 ? n : _lo + 4096;",
+            "    for (size_t _j = _lo; _j < _hi; _j++) {"]
+    for i, d in enumerate(plan.data):
+        top = plan.max_power[i]
+        if top:
+            pre.append(f"        const double _u{i}_1 = ((double){C_NAME_PREFIX}{d}[_j] - _mean{i}) / _scale{i};")
+        for k in range(2, top + 1):
+            pre.append(f"        const double _u{i}_{k} = _u{i}_{k - 1} * _u{i}_1;")
+    for j, t in enumerate(terms):
+        pre.append(f"        _blk[{j}] += {'*'.join(f'_u{i}_{k}' for i, k in t)};")
+    pre += ["    }", f"    for (size_t _k = 0; _k < {len(terms)}; _k++) _tot[_k] += _blk[_k];", "}"]
+    pre += [f"stats[{i}] = _mean{i};" for i in range(D)] + [f"stats[{D + i}] = _scale{i};" for i in range(D)]
+    pre.append(f"for (size_t _k = 0; _k < {len(terms)}; _k++) stats[{2 * D} + _k] = _tot[_k] / (double)n;")
+    bind = [f"const double {p} = (double)params[{info_of[p]['offset']}];" for p in plan.params]
+    bind += [f"const double {v} = stats[{i}];" for i, v in enumerate(moments_code.stat_locals(plan).values())]
+    loss = moments_code.statements(plan, [plan.loss], printer, "const double ")
+    roots = [plan.loss] + [g for g in plan.grads if g is not None]
+    back = moments_code.statements(plan, roots, printer, "const double ")
+    tail = [f"grads[{info_of[p]['offset']}] = ({real}){g.name if g is not None else '0.0'};"
+            for p, g in zip(plan.params, plan.grads)]
+    return {"stats": list(plan.stats), "count": len(plan.stats), "data": [f"{C_NAME_PREFIX}{d}" for d in plan.data],
+            "data_names": list(plan.data), "precompute": pre, "bind": bind, "loss": [x + ";" for x in loss],
+            "backward": [x + ";" for x in back], "grads": tail, "loss_name": plan.loss.name,
+            "doc": moments_code.doc(plan)}
+
+
 def _per_example_function(lowered, cnames, params, info_of, leaves, stats_dest, st):
     """per_example_grads: its statements over the program's per-example view. The losses go to
     ``loss`` (n values), the gradients to ``grads`` parameter by parameter, each (n,) + its shape
@@ -648,6 +722,8 @@ def _cdef(ctx):
         lines.append(f"int {prefix}_{fn['name']}({fn['proto']});")
     lines += [f"void {prefix}_{name}({args});" for name, args in ctx["steps"]]
     lines.append(f"double {prefix}_sum_squares(const {ctx['real']} *x, size_t count);")
+    if ctx["moments"]:
+        lines += [f"int {prefix}_{name}({args});" for name, args in _moment_protos(ctx)]
     for fn in ctx["functions"]:
         lines.append(f"int _bpc_{prefix}_{fn['name']}({_glue_args(fn)});")
     lines.append(f"void _bpc_{prefix}_pack({_pack_args(ctx)});")
@@ -720,6 +796,15 @@ static int _bpc_@prefix@_blas_threads(int k)
     return 0;
 #endif
 }"""
+
+
+def _moment_protos(ctx, restrict=""):
+    """(name, argument list) of the hoisted-moments functions (templates/c_model.h.j2)."""
+    r, x, m = restrict, ctx["real"], ctx["moments"]
+    data = ", ".join(f"const {x} *{r}{d}" for d in m["data"])
+    return [("precompute", f"{data}, size_t n, double *{r}stats"),
+            ("loss_from_moments", f"const {x} *{r}params, const double *{r}stats, double *{r}loss"),
+            ("backward_from_moments", f"const {x} *{r}params, const double *{r}stats, double *{r}loss, {x} *{r}grads")]
 
 
 def _step_args(real, restrict=""):
