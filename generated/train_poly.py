@@ -277,11 +277,11 @@ def precompute(x, y):
 
 def loss_from_moments(params, moments):
     """The loss from precompute's statistics: equal to loss(params, data) on the same data."""
-    a = _param(params, 'a', ())
-    b = _param(params, 'b', ())
-    c = _param(params, 'c', ())
-    d = _param(params, 'd', ())
-    _s0, _s1, _s2, _s3, _s4, _s5, _s6, _s7, _s8, _s9, _s10, _s11, _s12, _s13, _s14 = _statistics(moments)
+    a = float(_param(params, 'a', ()))
+    b = float(_param(params, 'b', ()))
+    c = float(_param(params, 'c', ()))
+    d = float(_param(params, 'd', ()))
+    _s0, _s1, _s2, _s3, _s4, _s5, _s6, _s7, _s8, _s9, _s10, _s11, _s12, _s13, _s14 = _statistics(moments).tolist()
     _r0 = _s2*_s2*_s2*a
     _c1_0 = _s2*_s2
     _r1 = 3*_c1_0*_s0*a + _c1_0*b
@@ -298,11 +298,11 @@ def loss_from_moments(params, moments):
 
 def backward_from_moments(params, moments):
     """(loss, grads) from precompute's statistics: equal to backward(params, data) on the same data."""
-    a = _param(params, 'a', ())
-    b = _param(params, 'b', ())
-    c = _param(params, 'c', ())
-    d = _param(params, 'd', ())
-    _s0, _s1, _s2, _s3, _s4, _s5, _s6, _s7, _s8, _s9, _s10, _s11, _s12, _s13, _s14 = _statistics(moments)
+    a = float(_param(params, 'a', ()))
+    b = float(_param(params, 'b', ()))
+    c = float(_param(params, 'c', ()))
+    d = float(_param(params, 'd', ()))
+    _s0, _s1, _s2, _s3, _s4, _s5, _s6, _s7, _s8, _s9, _s10, _s11, _s12, _s13, _s14 = _statistics(moments).tolist()
     _r0 = _s2*_s2*_s2*a
     _c1_0 = _s2*_s2
     _r1 = 3*_c1_0*_s0*a + _c1_0*b
