@@ -7,7 +7,9 @@ training step against PyTorch and JAX (bench/block.py), ``cnn`` two CNN training
 against PyTorch and JAX (bench/cnn.py); not run by default: ``c`` the C
 target against hand NumPy, hand C, PyTorch and JAX, ``blas`` its loops against gemm
 (bench/c_target.py), ``dask`` data-parallel training on 1 and 2 Dask workers against one process
-(bench/dask_scaling.py; needs dask.distributed).
+(bench/dask_scaling.py; needs dask.distributed), ``per_example`` per-example gradients against
+torch.func and JAX vmap (bench/per_example.py), ``moments`` the polynomial fit with its data
+moments hoisted (bench/moments.py).
 """
 from __future__ import annotations
 
