@@ -300,7 +300,7 @@ def backward(params, x, y):
 
 def per_example_grads(params, x, y):
     """Not available for this model: raises NotImplementedError (the reason)."""
-    raise NotImplementedError("per-example gradients are not defined for model 'matrix_mlp': a reshape of shape (n, 1), a value summed over the batch, is combined with 'x', a value per sample: the forward mixes samples (statistics of the batch, or a loss that is not a mean over samples)")
+    raise NotImplementedError("per-example gradients are not defined for model 'matrix_mlp': 'dx_u', a value summed over the batch, is combined with 'x', a value per sample: the forward mixes samples (statistics of the batch, or a loss that is not a mean over samples)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -238,13 +238,13 @@ def per_example_grads(params, x, y):
     E = np.square(p - y)
     # dp_i = 2*p - 2*y
     dp_i = 2*p - 2*y
-    # da_i = dp_i*x_pow3
-    da_i = dp_i*x_pow3
-    # db_i = dp_i*x_pow2
-    db_i = dp_i*x_pow2
-    # dc_i = dp_i*x
-    dc_i = dp_i*x
-    return E, {'a': da_i, 'b': db_i, 'c': dc_i, 'd': dp_i}
+    # dp_times_x_i = dp_i*x_pow3
+    dp_times_x_i = dp_i*x_pow3
+    # dp_times_x_i_2 = dp_i*x_pow2
+    dp_times_x_i_2 = dp_i*x_pow2
+    # dp_times_x_i_3 = dp_i*x
+    dp_times_x_i_3 = dp_i*x
+    return E, {'a': dp_times_x_i, 'b': dp_times_x_i_2, 'c': dp_times_x_i_3, 'd': dp_i}
 
 
 def precompute(x, y):

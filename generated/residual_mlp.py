@@ -412,20 +412,20 @@ def per_example_grads(params, x, y):
     dS2_i = np.matmul(dZout_i, Wout.T, out=_scratch('dS2_i', (n, 32), dZout_i, Wout))
     # dZf2_i = dS2_i*(1 - Hf2**2)
     dZf2_i = dS2_i*(1 - Hf2*Hf2)
-    # t3 = dZf2_i @ Wf2.T
-    t3 = np.matmul(dZf2_i, Wf2.T, out=_scratch('t3', (n, 32), dZf2_i, Wf2))
-    # dh1_i = dS2_i + t3
-    dh1_i = t3
+    # dh1_Wf2_i = dZf2_i @ Wf2.T
+    dh1_Wf2_i = np.matmul(dZf2_i, Wf2.T, out=_scratch('dh1_Wf2_i', (n, 32), dZf2_i, Wf2))
+    # dh1_i = dS2_i + dh1_Wf2_i
+    dh1_i = dh1_Wf2_i
     dh1_i += dS2_i
     # dZf1_i = dh1_i*(1 - Hf1**2)
     dZf1_i = dh1_i*(1 - Hf1*Hf1)
-    # t4 = dZf1_i @ Wf1.T
-    t4 = dZf1_i @ Wf1.T
-    # dZh0_i = (1 - Hh0**2)*(dh1_i + t4)
+    # dHh0_Wf1_i = dZf1_i @ Wf1.T
+    dHh0_Wf1_i = dZf1_i @ Wf1.T
+    # dZh0_i = (1 - Hh0**2)*(dHh0_Wf1_i + dh1_i)
     dZh0_i = Hh0*Hh0
     np.subtract(1, dZh0_i, out=dZh0_i)
-    t4 += dh1_i
-    dZh0_i *= t4
+    dHh0_Wf1_i += dh1_i
+    dZh0_i *= dHh0_Wf1_i
     # dWh0_i = per_sample(x.T @ dZh0_i)
     dWh0_i = np.einsum('ni,nj->nij', x, dZh0_i)
     # dWf1_i = per_sample(Hh0.T @ dZf1_i)

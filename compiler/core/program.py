@@ -88,7 +88,8 @@ def build_program(model):
 
     grad_nodes = [grads[p.uid] for p in model.params if grads[p.uid] is not None]
     before = op_counts([loss, *grad_nodes])
-    pe_outs, pe_names, pe_error = _per_example(model, loss, [grads[p.uid] for p in model.params], dict(names))
+    pe_outs, pe_names, pe_error = _per_example(model, loss, [grads[p.uid] for p in model.params], dict(names),
+                                               leaf_names)
     outs, names = fuse([prediction, loss, *grad_nodes, *updates], names)
     outs, names = share(outs, names)
     pred, loss = outs[0], outs[1]
@@ -130,7 +131,7 @@ def build_program(model):
                    per_example=per_example, per_example_error=pe_error)
 
 
-def _per_example(model, loss, grads, names):
+def _per_example(model, loss, grads, names, leaf_names):
     """(outputs [losses, grads (None where zero)...], names of their nodes, error text) of the
     per-example gradients, simplified like backward's; no outputs and the reason when the model
     has none."""
@@ -139,6 +140,7 @@ def _per_example(model, loss, grads, names):
     except PerExampleError as e:
         return [], {}, str(e)
     raw = [pe.loss, *pe.grads]
+    _name_unnamed(ir.topo_order([o for o in raw if o is not None]), names, leaf_names)
     outs, pe_names = fuse([o for o in raw if o is not None], names)
     outs, pe_names = share(outs, pe_names)
     it = iter(outs)
