@@ -136,12 +136,15 @@ def _plan(model):
             moment_syms[exps] = sp.Symbol(moment_name(dnames, exps), real=True)
         return moment_syms[exps]
 
-    def poly_u(e, what):
+    def poly_u(e, what, limit=MAX_DEGREE):
         if not e.is_polynomial(*data):
             raise Declined(f"{what} is not a polynomial in the data ({', '.join(dnames)})")
+        top = _degree(e, set(data))
+        if top > limit:     # before expanding: a high power of a sum expands into many terms
+            raise Declined(f"{what} has degree {top} in the data (at most {limit})")
         poly = sp.Poly(sp.expand(e.xreplace(to_u)), *u)
-        if poly.total_degree() > MAX_DEGREE:
-            raise Declined(f"{what} has degree {poly.total_degree()} in the data (at most {MAX_DEGREE})")
+        if poly.total_degree() > limit:
+            raise Declined(f"{what} has degree {poly.total_degree()} in the data (at most {limit})")
         return poly.terms()
 
     assignments, quadratic = [], True
@@ -150,7 +153,7 @@ def _plan(model):
     for s, e in means:
         coeff, rest = e.as_coeff_Mul()
         if rest.is_Pow and rest.exp == 2 and rest.base.is_polynomial(*data):
-            terms = poly_u(rest.base, "the residual")
+            terms = poly_u(rest.base, "the residual", MAX_DEGREE // 2)
             r = []
             for exps, c in terms:
                 sym = sp.Symbol(f"_r{next(k)}", real=True)
@@ -192,6 +195,20 @@ def _plan(model):
     stat_symbols = tuple(mu + sc + [moment_syms[ex] for ex in exps_list])
     return MomentsPlan(tuple(dnames), exps_list, stats, tuple(p.name for p in params), tuple(assignments), L,
                        tuple(grads), stat_symbols, tuple(params), quadratic)
+
+
+def _degree(e, data):
+    """An upper bound of the total degree of the polynomial ``e`` in the symbols ``data``,
+    from its expression tree (no expansion)."""
+    if e.is_Symbol:
+        return 1 if e in data else 0
+    if e.is_Add:
+        return max(_degree(a, data) for a in e.args)
+    if e.is_Mul:
+        return sum(_degree(a, data) for a in e.args)
+    if e.is_Pow and e.exp.is_Integer and e.exp >= 0:
+        return _degree(e.base, data) * int(e.exp)
+    return 0 if not (e.free_symbols & data) else MAX_DEGREE + 1
 
 
 def evaluate_stats(plan_, arrays):
