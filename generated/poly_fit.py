@@ -257,22 +257,22 @@ def precompute(x, y):
     x = _data(x, 'x', ()).reshape(-1).astype(np.float64)
     y = _data(y, 'y', ()).reshape(-1).astype(np.float64)
     n = _batch(x, y)
-    mean_0 = float(np.mean(x))
-    scale_0 = float(np.std(x)) or 1.0
-    mean_1 = float(np.mean(y))
-    scale_1 = float(np.std(y)) or 1.0
+    _mean0 = float(np.mean(x))
+    _scale0 = float(np.std(x)) or 1.0
+    _mean1 = float(np.mean(y))
+    _scale1 = float(np.std(y)) or 1.0
     _sums = np.zeros(11)
     for _lo in range(0, n, _CHUNK):   # chunks of rows: the powers of a chunk fit in memory
-        _u0_1 = (x[_lo:_lo + _CHUNK] - mean_0) / scale_0
+        _u0_1 = (x[_lo:_lo + _CHUNK] - _mean0) / _scale0
         _u0_2 = _u0_1 * _u0_1
         _u0_3 = _u0_2 * _u0_1
         _u0_4 = _u0_3 * _u0_1
         _u0_5 = _u0_4 * _u0_1
         _u0_6 = _u0_5 * _u0_1
-        _u1_1 = (y[_lo:_lo + _CHUNK] - mean_1) / scale_1
+        _u1_1 = (y[_lo:_lo + _CHUNK] - _mean1) / _scale1
         _u1_2 = _u1_1 * _u1_1
         _sums += (np.sum(_u0_1), np.sum(_u1_1), np.sum(_u0_2), np.sum(_u0_1*_u1_1), np.sum(_u1_2), np.sum(_u0_3), np.sum(_u0_2*_u1_1), np.sum(_u0_4), np.sum(_u0_3*_u1_1), np.sum(_u0_5), np.sum(_u0_6))
-    return {'mean_x': mean_0, 'mean_y': mean_1, 'scale_x': scale_0, 'scale_y': scale_1, 'm_x1': float(_sums[0]) / n, 'm_y1': float(_sums[1]) / n, 'm_x2': float(_sums[2]) / n, 'm_x1_y1': float(_sums[3]) / n, 'm_y2': float(_sums[4]) / n, 'm_x3': float(_sums[5]) / n, 'm_x2_y1': float(_sums[6]) / n, 'm_x4': float(_sums[7]) / n, 'm_x3_y1': float(_sums[8]) / n, 'm_x5': float(_sums[9]) / n, 'm_x6': float(_sums[10]) / n}
+    return {'mean_x': _mean0, 'mean_y': _mean1, 'scale_x': _scale0, 'scale_y': _scale1, 'm_x1': float(_sums[0]) / n, 'm_y1': float(_sums[1]) / n, 'm_x2': float(_sums[2]) / n, 'm_x1_y1': float(_sums[3]) / n, 'm_y2': float(_sums[4]) / n, 'm_x3': float(_sums[5]) / n, 'm_x2_y1': float(_sums[6]) / n, 'm_x4': float(_sums[7]) / n, 'm_x3_y1': float(_sums[8]) / n, 'm_x5': float(_sums[9]) / n, 'm_x6': float(_sums[10]) / n}
 
 
 def loss_from_moments(params, moments):

@@ -24,11 +24,12 @@ def needed(plan, roots):
     return out[::-1]
 
 
-def statements(plan, roots, printer, declare=""):
+def statements(plan, roots, printer, declare="", prefix=""):
     """Lines computing ``roots``: each assignment after its own common subexpressions (SymPy's
     cse), printed by ``printer(expr, symbols) -> code``; ``declare`` prefixes every new local
-    (C: ``const double ``)."""
-    symbols = {p: p.name for p in plan.param_symbols}
+    (C: ``const double ``); parameters are named ``prefix`` + their name (C: ``v_``, which no
+    C keyword or library name starts with)."""
+    symbols = {p: prefix + p.name for p in plan.param_symbols}
     symbols.update(stat_locals(plan))
     lines = []
     for k, (sym, e) in enumerate(needed(plan, roots)):

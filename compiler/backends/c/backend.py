@@ -638,11 +638,11 @@ def _moments_context(lowered, info_of, real, st):
     pre += ["    }", f"    for (size_t _k = 0; _k < {len(terms)}; _k++) _tot[_k] += _blk[_k];", "}"]
     pre += [f"stats[{i}] = _mean{i};" for i in range(D)] + [f"stats[{D + i}] = _scale{i};" for i in range(D)]
     pre.append(f"for (size_t _k = 0; _k < {len(terms)}; _k++) stats[{2 * D} + _k] = _tot[_k] / (double)n;")
-    bind = [f"const double {p} = (double)params[{info_of[p]['offset']}];" for p in plan.params]
+    bind = [f"const double {C_NAME_PREFIX}{p} = (double)params[{info_of[p]['offset']}];" for p in plan.params]
     bind += [f"const double {v} = stats[{i}];" for i, v in enumerate(moments_code.stat_locals(plan).values())]
-    loss = moments_code.statements(plan, [plan.loss], printer, "const double ")
+    loss = moments_code.statements(plan, [plan.loss], printer, "const double ", C_NAME_PREFIX)
     roots = [plan.loss] + [g for g in plan.grads if g is not None]
-    back = moments_code.statements(plan, roots, printer, "const double ")
+    back = moments_code.statements(plan, roots, printer, "const double ", C_NAME_PREFIX)
     tail = [f"grads[{info_of[p]['offset']}] = ({real}){g.name if g is not None else '0.0'};"
             for p, g in zip(plan.params, plan.grads)]
     return {"stats": list(plan.stats), "count": len(plan.stats), "data": [f"{C_NAME_PREFIX}{d}" for d in plan.data],

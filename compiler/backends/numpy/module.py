@@ -171,20 +171,20 @@ def _moment_functions(plan, leaves, st):
     pro.append(f"n = _batch({', '.join(names)})")
     body = []
     for i, d in enumerate(names):
-        body += [f"mean_{i} = float(np.mean({d}))", f"scale_{i} = float(np.std({d})) or 1.0"]
+        body += [f"_mean{i} = float(np.mean({d}))", f"_scale{i} = float(np.std({d})) or 1.0"]
     terms = moments_code.product_terms(plan)
     body += [f"_sums = np.zeros({len(terms)})",
              "for _lo in range(0, n, _CHUNK):   # chunks of rows: the powers of a chunk fit in memory"]
     for i, d in enumerate(names):
         top = plan.max_power[i]
         if top:
-            body.append(f"    _u{i}_1 = ({d}[_lo:_lo + _CHUNK] - mean_{i}) / scale_{i}")
+            body.append(f"    _u{i}_1 = ({d}[_lo:_lo + _CHUNK] - _mean{i}) / _scale{i}")
         for k in range(2, top + 1):
             body.append(f"    _u{i}_{k} = _u{i}_{k - 1} * _u{i}_1")
     prods = ["*".join(f"_u{i}_{k}" for i, k in t) for t in terms]
     body.append("    _sums += (" + ", ".join(f"np.sum({p})" for p in prods) + ("," if len(prods) == 1 else "") + ")")
-    ret = ("{" + ", ".join([f"'mean_{d}': mean_{i}" for i, d in enumerate(names)]
-                           + [f"'scale_{d}': scale_{i}" for i, d in enumerate(names)]
+    ret = ("{" + ", ".join([f"'mean_{d}': _mean{i}" for i, d in enumerate(names)]
+                           + [f"'scale_{d}': _scale{i}" for i, d in enumerate(names)]
                            + [f"{name!r}: float(_sums[{j}]) / n" for j, name in enumerate(plan.stats[2 * len(names):])]) + "}")
     pre = {"name": "precompute", "signature": ", ".join(names), "args": "", "prologue": pro, "body": body, "ret": ret,
            "doc": textwrap.fill("The data reduced once to the sufficient statistics of the loss (float64), a dict: "
