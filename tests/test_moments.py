@@ -110,5 +110,8 @@ def test_train_poly_example_and_declines():
     assert "not a polynomial" in decline_reason(
         bpc.expression_model(w_ * x_, {w_: 1.0}, [x_], loss=sp.log(sp.cosh(p_ - y_))))
     assert "is not a number" in decline_reason(bpc.mlp([2, 3, 1]))
+    many = sp.symbols("c0:65")
+    assert "65 parameters (at most 64)" in decline_reason(
+        bpc.expression_model(sum(c * x_**(i % 3) for i, c in enumerate(many)), list(many), [x_]))
     mod = bpc.compile_model(bpc.expression_model(sp.exp(w_ * x_), {w_: 1.0}, [x_])).load()
     assert not hasattr(mod, "precompute") and not hasattr(mod, "MOMENT_STATS")

@@ -24,7 +24,8 @@ nothing cancels that the per-sample path does not cancel too.
 Declined (no ``precompute`` is emitted): models that are not scalar expression models (a
 parameter or a data value with more than one number, dropout, batchnorm), a loss with an op
 other than elementwise expressions and means, an E_k that is not a polynomial in the data
-(``exp(w*x)``, ``log(cosh(p - y))``), or more than MAX_MOMENTS moments.
+(``exp(w*x)``, ``log(cosh(p - y))``), more than MAX_MOMENTS moments, or more than MAX_PARAMS
+parameters (the symbolic gradient grows with parameters times terms).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from compiler.core import ir
 from compiler.core.ir import ARG, N
 
 MAX_MOMENTS = 400
+MAX_PARAMS = 64      # the symbolic gradient costs (parameters x terms): hoisting is for small fits
 MAX_DEGREE = 24
 
 
@@ -86,6 +88,8 @@ def decline_reason(model):
 def _plan(model):
     if model.masks or model.stats:
         raise Declined("dropout and batchnorm draw or normalise per batch")
+    if len(model.params) > MAX_PARAMS:
+        raise Declined(f"the model has {len(model.params)} parameters (at most {MAX_PARAMS})")
     for p in model.params:
         if p.shape != ():
             raise Declined(f"parameter {p.name!r} is not a number (an expression model's parameters are)")
