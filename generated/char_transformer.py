@@ -9,6 +9,7 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> class probabilities (softmax of the logits) at every position, shape (batch, T, classes)
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: inputs are cast to float32
 """
 import threading
@@ -1183,6 +1184,524 @@ def backward(params, x, y):
     # db14 = sum(dZ14, axis=(0, 1))
     db14 = dZ14.sum(axis=(0, 1))
     return float(L), {'E1': dE1, 'P2': dP2, 'g3': dg3, 's3': ds3, 'Wq4': dWq4, 'Wk4': dWk4, 'Wv4': dWv4, 'Wo4': dWo4, 'bo4': dbo4, 'g5': dg5, 's5': ds5, 'W6': dW6, 'b6': db6, 'W7': dW7, 'b7': db7, 'g8': dg8, 's8': ds8, 'Wq9': dWq9, 'Wk9': dWk9, 'Wv9': dWv9, 'Wo9': dWo9, 'bo9': dbo9, 'g10': dg10, 's10': ds10, 'W11': dW11, 'b11': db11, 'W12': dW12, 'b12': db12, 'g13': dg13, 's13': ds13, 'W14': dW14, 'b14': db14}
+
+
+def per_example_grads(params, x, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    x = _tokens(x, 'x', 96, (64,), 'token ids')
+    y = _tokens(y, 'y', 96, (64,), 'labels')
+    n = _batch(x, y)
+    E1 = _param(params, 'E1', (96, 64))
+    P2 = _param(params, 'P2', (64, 64))
+    g3 = _param(params, 'g3', (64,))
+    s3 = _param(params, 's3', (64,))
+    Wq4 = _param(params, 'Wq4', (64, 64))
+    Wk4 = _param(params, 'Wk4', (64, 64))
+    Wv4 = _param(params, 'Wv4', (64, 64))
+    Wo4 = _param(params, 'Wo4', (64, 64))
+    bo4 = _param(params, 'bo4', (64,))
+    g5 = _param(params, 'g5', (64,))
+    s5 = _param(params, 's5', (64,))
+    W6 = _param(params, 'W6', (64, 256))
+    b6 = _param(params, 'b6', (256,))
+    W7 = _param(params, 'W7', (256, 64))
+    b7 = _param(params, 'b7', (64,))
+    g8 = _param(params, 'g8', (64,))
+    s8 = _param(params, 's8', (64,))
+    Wq9 = _param(params, 'Wq9', (64, 64))
+    Wk9 = _param(params, 'Wk9', (64, 64))
+    Wv9 = _param(params, 'Wv9', (64, 64))
+    Wo9 = _param(params, 'Wo9', (64, 64))
+    bo9 = _param(params, 'bo9', (64,))
+    g10 = _param(params, 'g10', (64,))
+    s10 = _param(params, 's10', (64,))
+    W11 = _param(params, 'W11', (64, 256))
+    b11 = _param(params, 'b11', (256,))
+    W12 = _param(params, 'W12', (256, 64))
+    b12 = _param(params, 'b12', (64,))
+    g13 = _param(params, 'g13', (64,))
+    s13 = _param(params, 's13', (64,))
+    W14 = _param(params, 'W14', (64, 96))
+    b14 = _param(params, 'b14', (96,))
+    Em1 = E1[x]
+    H2 = Em1 + P2
+    sum_H2 = H2.sum(axis=2)
+    M3 = sum_H2/64
+    C3 = H2 - M3[:, :, None]
+    V3 = 1/64*np.einsum('abc,abc->ab', C3, C3)
+    R3 = np.add(V3, 1e-05, out=_scratch('R3', (n, 64), V3))
+    np.sqrt(R3, out=R3)
+    np.divide(1.0, R3, out=R3)
+    Xn3 = C3*R3[:, :, None]
+    H3 = np.multiply(Xn3, g3, out=_scratch('H3', (n, 64, 64), Xn3, g3))
+    H3 += s3
+    X4 = H3.reshape((64*n, 64))
+    XQ4 = np.matmul(X4, Wq4, out=_scratch('XQ4', (64*n, 64), X4, Wq4))
+    Qs4 = XQ4.reshape((n, 64, 4, 16))
+    Q4 = Qs4.transpose((0, 2, 1, 3))
+    XK4 = np.matmul(X4, Wk4, out=_scratch('XK4', (64*n, 64), X4, Wk4))
+    Ks4 = XK4.reshape((n, 64, 4, 16))
+    K4 = Ks4.transpose((0, 2, 1, 3))
+    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2))
+    Sc4 = QK4
+    Sc4 *= 1/4
+    S4 = Sc4
+    np.copyto(S4, -1e+09, where=~np.tri(64, dtype=bool))
+    A4 = _softmax_into(S4, S4)
+    XV4 = np.matmul(X4, Wv4, out=_scratch('XV4', (64*n, 64), X4, Wv4))
+    Vs4 = XV4.reshape((n, 64, 4, 16))
+    V4 = Vs4.transpose((0, 2, 1, 3))
+    O4 = np.matmul(A4, V4, out=_scratch('O4', (n, 64, 4, 16), A4, V4).transpose((0, 2, 1, 3)))
+    Ot4 = O4.transpose((0, 2, 1, 3))
+    Oc4 = Ot4.reshape((64*n, 64))
+    OW4 = np.matmul(Oc4, Wo4, out=_scratch('OW4', (64*n, 64), Oc4, Wo4))
+    OWs4 = OW4.reshape((n, 64, 64))
+    R4 = OWs4
+    R4 += H2
+    R4 += bo4
+    sum_R4 = R4.sum(axis=2)
+    M5 = sum_R4/64
+    C5 = -M5[:, :, None] + R4
+    V5 = 1/64*np.einsum('abc,abc->ab', C5, C5)
+    R5 = np.add(V5, 1e-05, out=_scratch('R5', (n, 64), V5))
+    np.sqrt(R5, out=R5)
+    np.divide(1.0, R5, out=R5)
+    Xn5 = C5*R5[:, :, None]
+    H5 = np.multiply(Xn5, g5, out=_scratch('H5', (n, 64, 64), Xn5, g5))
+    H5 += s5
+    X6 = H5.reshape((64*n, 64))
+    XW6 = np.matmul(X6, W6, out=_scratch('XW6', (64*n, 256), X6, W6))
+    XWs6 = XW6.reshape((n, 64, 256))
+    Z6 = XWs6
+    Z6 += b6
+    tanh_Z6 = np.multiply(Z6, Z6, out=_scratch('tanh_Z6', (n, 64, 256), Z6))
+    tanh_Z6 *= 0.044715
+    tanh_Z6 += 1
+    tanh_Z6 *= Z6
+    tanh_Z6 *= 0.7978845608028654
+    np.tanh(tanh_Z6, out=tanh_Z6)
+    H6 = np.add(tanh_Z6, 1, out=_scratch('H6', (n, 64, 256), tanh_Z6))
+    H6 *= Z6
+    H6 *= 1/2
+    X7 = H6.reshape((64*n, 256))
+    XW7 = np.matmul(X7, W7, out=_scratch('XW7', (64*n, 64), X7, W7))
+    XWs7 = XW7.reshape((n, 64, 64))
+    R7 = XWs7
+    R7 += R4
+    R7 += b7
+    sum_R7 = R7.sum(axis=2)
+    M8 = sum_R7/64
+    C8 = -M8[:, :, None] + R7
+    V8 = 1/64*np.einsum('abc,abc->ab', C8, C8)
+    R8 = np.add(V8, 1e-05, out=_scratch('R8', (n, 64), V8))
+    np.sqrt(R8, out=R8)
+    np.divide(1.0, R8, out=R8)
+    Xn8 = C8*R8[:, :, None]
+    H8 = np.multiply(Xn8, g8, out=_scratch('H8', (n, 64, 64), Xn8, g8))
+    H8 += s8
+    X9 = H8.reshape((64*n, 64))
+    XQ9 = np.matmul(X9, Wq9, out=_scratch('XQ9', (64*n, 64), X9, Wq9))
+    Qs9 = XQ9.reshape((n, 64, 4, 16))
+    Q9 = Qs9.transpose((0, 2, 1, 3))
+    XK9 = np.matmul(X9, Wk9, out=_scratch('XK9', (64*n, 64), X9, Wk9))
+    Ks9 = XK9.reshape((n, 64, 4, 16))
+    K9 = Ks9.transpose((0, 2, 1, 3))
+    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2))
+    Sc9 = QK9
+    Sc9 *= 1/4
+    S9 = Sc9
+    np.copyto(S9, -1e+09, where=~np.tri(64, dtype=bool))
+    A9 = _softmax_into(S9, S9)
+    XV9 = np.matmul(X9, Wv9, out=_scratch('XV9', (64*n, 64), X9, Wv9))
+    Vs9 = XV9.reshape((n, 64, 4, 16))
+    V9 = Vs9.transpose((0, 2, 1, 3))
+    O9 = np.matmul(A9, V9, out=_scratch('O9', (n, 64, 4, 16), A9, V9).transpose((0, 2, 1, 3)))
+    Ot9 = O9.transpose((0, 2, 1, 3))
+    Oc9 = Ot9.reshape((64*n, 64))
+    OW9 = np.matmul(Oc9, Wo9, out=_scratch('OW9', (64*n, 64), Oc9, Wo9))
+    OWs9 = OW9.reshape((n, 64, 64))
+    R9 = OWs9
+    R9 += R7
+    R9 += bo9
+    sum_R9 = R9.sum(axis=2)
+    M10 = sum_R9/64
+    C10 = -M10[:, :, None] + R9
+    V10 = 1/64*np.einsum('abc,abc->ab', C10, C10)
+    R10 = np.add(V10, 1e-05, out=_scratch('R10', (n, 64), V10))
+    np.sqrt(R10, out=R10)
+    np.divide(1.0, R10, out=R10)
+    Xn10 = C10*R10[:, :, None]
+    H10 = np.multiply(Xn10, g10, out=_scratch('H10', (n, 64, 64), Xn10, g10))
+    H10 += s10
+    X11 = H10.reshape((64*n, 64))
+    XW11 = np.matmul(X11, W11, out=_scratch('XW11', (64*n, 256), X11, W11))
+    XWs11 = XW11.reshape((n, 64, 256))
+    Z11 = XWs11
+    Z11 += b11
+    tanh_Z11 = np.multiply(Z11, Z11, out=_scratch('tanh_Z11', (n, 64, 256), Z11))
+    tanh_Z11 *= 0.044715
+    tanh_Z11 += 1
+    tanh_Z11 *= Z11
+    tanh_Z11 *= 0.7978845608028654
+    np.tanh(tanh_Z11, out=tanh_Z11)
+    H11 = np.add(tanh_Z11, 1, out=_scratch('H11', (n, 64, 256), tanh_Z11))
+    H11 *= Z11
+    H11 *= 1/2
+    X12 = H11.reshape((64*n, 256))
+    XW12 = np.matmul(X12, W12, out=_scratch('XW12', (64*n, 64), X12, W12))
+    XWs12 = XW12.reshape((n, 64, 64))
+    R12 = XWs12
+    R12 += R9
+    R12 += b12
+    sum_R12 = R12.sum(axis=2)
+    M13 = sum_R12/64
+    C13 = -M13[:, :, None] + R12
+    V13 = 1/64*np.einsum('abc,abc->ab', C13, C13)
+    R13 = np.add(V13, 1e-05, out=_scratch('R13', (n, 64), V13))
+    np.sqrt(R13, out=R13)
+    np.divide(1.0, R13, out=R13)
+    Xn13 = C13*R13[:, :, None]
+    H13 = np.multiply(Xn13, g13, out=_scratch('H13', (n, 64, 64), Xn13, g13))
+    H13 += s13
+    X14 = H13.reshape((64*n, 64))
+    XW14 = np.matmul(X14, W14, out=_scratch('XW14', (64*n, 96), X14, W14))
+    XWs14 = XW14.reshape((n, 64, 96))
+    Z14 = XWs14
+    Z14 += b14
+    LSE = _logsumexp(Z14.reshape(-1, 96)).reshape((n, 64))
+    CE = LSE - np.take_along_axis(Z14, y[..., None], axis=-1)[..., 0]
+    sum_CE = CE.sum(axis=1)
+    L_i = sum_CE/64
+    # dZ14_i = (softmax(Z14) - onehot(y))/64
+    dZ14_i = np.exp(Z14 - LSE[..., None])
+    dZ14_i.reshape(-1, 96)[np.arange(y.size), y.reshape(-1)] -= 1
+    dZ14_i *= 1/64
+    # dXW14_i = reshape(dZ14_i, (64*n, 96))
+    dXW14_i = dZ14_i.reshape((64*n, 96))
+    # dX14_i = dXW14_i @ W14.T
+    dX14_i = np.matmul(dXW14_i, W14.T, out=_scratch('dX14_i', (64*n, 64), dXW14_i, W14))
+    # dH13_i = reshape(dX14_i, (n, 64, 64))
+    dH13_i = dX14_i.reshape((n, 64, 64))
+    # dXn13_i = dH13_i*g13
+    dXn13_i = dH13_i*g13
+    # dR13_i = sum(C13*dXn13_i, axis=2)
+    dR13_i = np.einsum('abc,abc->ab', C13, dXn13_i)
+    # dV13_i = -R13**3*dR13_i/2
+    dV13_i = np.multiply(R13, R13, out=_scratch('dV13_i', (n, 64), R13))
+    dV13_i *= R13
+    dV13_i *= dR13_i
+    dV13_i *= -1/2
+    # dC13_i = C13*dV13_i/32 + R13*dXn13_i
+    dC13_i = dXn13_i*(R13[:, :, None])
+    _dC13_i_0 = C13*(dV13_i[:, :, None]/32)
+    dC13_i += _dC13_i_0
+    # dM13_i = sum(-dC13_i, axis=2)
+    dM13_i = -dC13_i.sum(axis=2)
+    # dsum_R12_i = dM13_i/64
+    dsum_R12_i = dM13_i/64
+    # dR12_i = dC13_i + dsum_R12_i
+    dR12_i = dC13_i + dsum_R12_i[:, :, None]
+    # dXW12_i = reshape(dR12_i, (64*n, 64))
+    dXW12_i = dR12_i.reshape((64*n, 64))
+    # dX12_i = dXW12_i @ W12.T
+    dX12_i = np.matmul(dXW12_i, W12.T, out=_scratch('dX12_i', (64*n, 256), dXW12_i, W12))
+    # dH11_i = reshape(dX12_i, (n, 64, 256))
+    dH11_i = dX12_i.reshape((n, 64, 256))
+    # dZ11_i = dH11_i*(sqrt(2)*Z11*(1 - tanh_Z11**2)*(0.134145*Z11**2 + 1)/sqrt(pi) + tanh_Z11 + 1)/2
+    dZ11_i = dH11_i
+    _dZ11_i_0 = np.multiply(tanh_Z11, tanh_Z11, out=_scratch('_dZ11_i_0', (n, 64, 256), tanh_Z11))
+    np.subtract(1, _dZ11_i_0, out=_dZ11_i_0)
+    _dZ11_i_0 *= Z11
+    _dZ11_i_1 = np.multiply(Z11, Z11, out=_scratch('_dZ11_i_1', (n, 64, 256), Z11))
+    _dZ11_i_1 *= 0.134145
+    _dZ11_i_1 += 1
+    _dZ11_i_0 *= _dZ11_i_1
+    _dZ11_i_0 *= 0.7978845608028654
+    _dZ11_i_0 += tanh_Z11
+    _dZ11_i_0 += 1
+    dZ11_i *= _dZ11_i_0
+    dZ11_i *= 1/2
+    # dXW11_i = reshape(dZ11_i, (64*n, 256))
+    dXW11_i = dZ11_i.reshape((64*n, 256))
+    # dX11_i = dXW11_i @ W11.T
+    dX11_i = np.matmul(dXW11_i, W11.T, out=_scratch('dX11_i', (64*n, 64), dXW11_i, W11))
+    # dH10_i = reshape(dX11_i, (n, 64, 64))
+    dH10_i = dX11_i.reshape((n, 64, 64))
+    # dXn10_i = dH10_i*g10
+    dXn10_i = dH10_i*g10
+    # dR10_i = sum(C10*dXn10_i, axis=2)
+    dR10_i = np.einsum('abc,abc->ab', C10, dXn10_i)
+    # dV10_i = -R10**3*dR10_i/2
+    dV10_i = np.multiply(R10, R10, out=_scratch('dV10_i', (n, 64), R10))
+    dV10_i *= R10
+    dV10_i *= dR10_i
+    dV10_i *= -1/2
+    # dC10_i = C10*dV10_i/32 + R10*dXn10_i
+    dC10_i = dXn10_i*(R10[:, :, None])
+    _dC10_i_0 = C10*(dV10_i[:, :, None]/32)
+    dC10_i += _dC10_i_0
+    # dM10_i = sum(-dC10_i, axis=2)
+    dM10_i = -dC10_i.sum(axis=2)
+    # dsum_R9_i = dM10_i/64
+    dsum_R9_i = dM10_i/64
+    # dR9_i = dC10_i + dR12_i + dsum_R9_i
+    dR9_i = np.add(dC10_i, dR12_i, out=_scratch('dR9_i', (n, 64, 64), dC10_i, dR12_i))
+    dR9_i += dsum_R9_i[:, :, None]
+    # dOW9_i = reshape(dR9_i, (64*n, 64))
+    dOW9_i = dR9_i.reshape((64*n, 64))
+    # dOc9_i = dOW9_i @ Wo9.T
+    dOc9_i = np.matmul(dOW9_i, Wo9.T, out=_scratch('dOc9_i', (64*n, 64), dOW9_i, Wo9))
+    # dOt9_i = reshape(dOc9_i, (n, 64, 4, 16))
+    dOt9_i = dOc9_i.reshape((n, 64, 4, 16))
+    # dO9_i = dOt9_i.transpose((0, 2, 1, 3))
+    dO9_i = dOt9_i.transpose((0, 2, 1, 3))
+    # dA9_i = dO9_i @ V9.mT
+    dA9_i = np.matmul(dO9_i, V9.swapaxes(-1, -2))
+    # sum_dA9_times_A9_i = sum(A9*dA9_i, axis=3)
+    sum_dA9_times_A9_i = np.einsum('abcd,abcd->abc', dA9_i, A9)
+    # dS9_i = A9*(dA9_i - sum_dA9_times_A9_i)
+    dS9_i = dA9_i + (-sum_dA9_times_A9_i[:, :, :, None])
+    dS9_i *= A9
+    # dSc9_i = causal_mask(dS9_i, fill=0)
+    dSc9_i = dS9_i
+    np.copyto(dSc9_i, 0, where=~np.tri(64, dtype=bool))
+    # dQK9_i = dSc9_i/4
+    dQK9_i = dSc9_i
+    dQK9_i *= 1/4
+    # dQ9_i = dQK9_i @ K9
+    dQ9_i = np.matmul(dQK9_i, K9, out=_scratch('dQ9_i', (n, 64, 4, 16), dQK9_i, K9).transpose((0, 2, 1, 3)))
+    # dQs9_i = dQ9_i.transpose((0, 2, 1, 3))
+    dQs9_i = dQ9_i.transpose((0, 2, 1, 3))
+    # dXQ9_i = reshape(dQs9_i, (64*n, 64))
+    dXQ9_i = dQs9_i.reshape((64*n, 64))
+    # dX9_XQ9_i = dXQ9_i @ Wq9.T
+    dX9_XQ9_i = np.matmul(dXQ9_i, Wq9.T, out=_scratch('dX9_XQ9_i', (64*n, 64), dXQ9_i, Wq9))
+    # dV9_i = A9.mT @ dO9_i
+    dV9_i = np.matmul(A9.swapaxes(-1, -2), dO9_i, out=_scratch('dV9_i', (n, 64, 4, 16), A9, dO9_i).transpose((0, 2, 1, 3)))
+    # dVs9_i = dV9_i.transpose((0, 2, 1, 3))
+    dVs9_i = dV9_i.transpose((0, 2, 1, 3))
+    # dXV9_i = reshape(dVs9_i, (64*n, 64))
+    dXV9_i = dVs9_i.reshape((64*n, 64))
+    # dX9_XV9_i = dXV9_i @ Wv9.T
+    dX9_XV9_i = np.matmul(dXV9_i, Wv9.T, out=_scratch('dX9_XV9_i', (64*n, 64), dXV9_i, Wv9))
+    # dK9_i = dQK9_i.mT @ Q9
+    dK9_i = np.matmul(dQK9_i.swapaxes(-1, -2), Q9, out=_scratch('dK9_i', (n, 64, 4, 16), dQK9_i, Q9).transpose((0, 2, 1, 3)))
+    # dKs9_i = dK9_i.transpose((0, 2, 1, 3))
+    dKs9_i = dK9_i.transpose((0, 2, 1, 3))
+    # dXK9_i = reshape(dKs9_i, (64*n, 64))
+    dXK9_i = dKs9_i.reshape((64*n, 64))
+    # dX9_XK9_i = dXK9_i @ Wk9.T
+    dX9_XK9_i = np.matmul(dXK9_i, Wk9.T, out=_scratch('dX9_XK9_i', (64*n, 64), dXK9_i, Wk9))
+    # dX9_i = dX9_XK9_i + dX9_XQ9_i + dX9_XV9_i
+    dX9_i = dX9_XK9_i
+    dX9_i += dX9_XQ9_i
+    dX9_i += dX9_XV9_i
+    # dH8_i = reshape(dX9_i, (n, 64, 64))
+    dH8_i = dX9_i.reshape((n, 64, 64))
+    # dXn8_i = dH8_i*g8
+    dXn8_i = dH8_i*g8
+    # dR8_i = sum(C8*dXn8_i, axis=2)
+    dR8_i = np.einsum('abc,abc->ab', C8, dXn8_i)
+    # dV8_i = -R8**3*dR8_i/2
+    dV8_i = np.multiply(R8, R8, out=_scratch('dV8_i', (n, 64), R8))
+    dV8_i *= R8
+    dV8_i *= dR8_i
+    dV8_i *= -1/2
+    # dC8_i = C8*dV8_i/32 + R8*dXn8_i
+    dC8_i = dXn8_i*(R8[:, :, None])
+    _dC8_i_0 = C8*(dV8_i[:, :, None]/32)
+    dC8_i += _dC8_i_0
+    # dM8_i = sum(-dC8_i, axis=2)
+    dM8_i = -dC8_i.sum(axis=2)
+    # dsum_R7_i = dM8_i/64
+    dsum_R7_i = dM8_i/64
+    # dR7_i = dC8_i + dR9_i + dsum_R7_i
+    dR7_i = np.add(dC8_i, dR9_i, out=_scratch('dR7_i', (n, 64, 64), dC8_i, dR9_i))
+    dR7_i += dsum_R7_i[:, :, None]
+    # dXW7_i = reshape(dR7_i, (64*n, 64))
+    dXW7_i = dR7_i.reshape((64*n, 64))
+    # dX7_i = dXW7_i @ W7.T
+    dX7_i = np.matmul(dXW7_i, W7.T, out=_scratch('dX7_i', (64*n, 256), dXW7_i, W7))
+    # dH6_i = reshape(dX7_i, (n, 64, 256))
+    dH6_i = dX7_i.reshape((n, 64, 256))
+    # dZ6_i = dH6_i*(sqrt(2)*Z6*(1 - tanh_Z6**2)*(0.134145*Z6**2 + 1)/sqrt(pi) + tanh_Z6 + 1)/2
+    dZ6_i = dH6_i
+    _dZ6_i_0 = np.multiply(tanh_Z6, tanh_Z6, out=_scratch('_dZ6_i_0', (n, 64, 256), tanh_Z6))
+    np.subtract(1, _dZ6_i_0, out=_dZ6_i_0)
+    _dZ6_i_0 *= Z6
+    _dZ6_i_1 = np.multiply(Z6, Z6, out=_scratch('_dZ6_i_1', (n, 64, 256), Z6))
+    _dZ6_i_1 *= 0.134145
+    _dZ6_i_1 += 1
+    _dZ6_i_0 *= _dZ6_i_1
+    _dZ6_i_0 *= 0.7978845608028654
+    _dZ6_i_0 += tanh_Z6
+    _dZ6_i_0 += 1
+    dZ6_i *= _dZ6_i_0
+    dZ6_i *= 1/2
+    # dXW6_i = reshape(dZ6_i, (64*n, 256))
+    dXW6_i = dZ6_i.reshape((64*n, 256))
+    # dX6_i = dXW6_i @ W6.T
+    dX6_i = np.matmul(dXW6_i, W6.T, out=_scratch('dX6_i', (64*n, 64), dXW6_i, W6))
+    # dH5_i = reshape(dX6_i, (n, 64, 64))
+    dH5_i = dX6_i.reshape((n, 64, 64))
+    # dXn5_i = dH5_i*g5
+    dXn5_i = dH5_i*g5
+    # dR5_i = sum(C5*dXn5_i, axis=2)
+    dR5_i = np.einsum('abc,abc->ab', dXn5_i, C5)
+    # dV5_i = -R5**3*dR5_i/2
+    dV5_i = np.multiply(R5, R5, out=_scratch('dV5_i', (n, 64), R5))
+    dV5_i *= R5
+    dV5_i *= dR5_i
+    dV5_i *= -1/2
+    # dC5_i = C5*dV5_i/32 + R5*dXn5_i
+    dC5_i = dXn5_i*(R5[:, :, None])
+    _dC5_i_0 = C5*(dV5_i[:, :, None]/32)
+    dC5_i += _dC5_i_0
+    # dM5_i = sum(-dC5_i, axis=2)
+    dM5_i = -dC5_i.sum(axis=2)
+    # dsum_R4_i = dM5_i/64
+    dsum_R4_i = dM5_i/64
+    # dR4_i = dC5_i + dR7_i + dsum_R4_i
+    dR4_i = np.add(dC5_i, dR7_i, out=_scratch('dR4_i', (n, 64, 64), dC5_i, dR7_i))
+    dR4_i += dsum_R4_i[:, :, None]
+    # dOW4_i = reshape(dR4_i, (64*n, 64))
+    dOW4_i = dR4_i.reshape((64*n, 64))
+    # dOc4_i = dOW4_i @ Wo4.T
+    dOc4_i = np.matmul(dOW4_i, Wo4.T, out=_scratch('dOc4_i', (64*n, 64), dOW4_i, Wo4))
+    # dOt4_i = reshape(dOc4_i, (n, 64, 4, 16))
+    dOt4_i = dOc4_i.reshape((n, 64, 4, 16))
+    # dO4_i = dOt4_i.transpose((0, 2, 1, 3))
+    dO4_i = dOt4_i.transpose((0, 2, 1, 3))
+    # dV4_i = A4.mT @ dO4_i
+    dV4_i = np.matmul(A4.swapaxes(-1, -2), dO4_i, out=_scratch('dV4_i', (n, 64, 4, 16), A4, dO4_i).transpose((0, 2, 1, 3)))
+    # dVs4_i = dV4_i.transpose((0, 2, 1, 3))
+    dVs4_i = dV4_i.transpose((0, 2, 1, 3))
+    # dXV4_i = reshape(dVs4_i, (64*n, 64))
+    dXV4_i = dVs4_i.reshape((64*n, 64))
+    # dX4_XV4_i = dXV4_i @ Wv4.T
+    dX4_XV4_i = np.matmul(dXV4_i, Wv4.T, out=_scratch('dX4_XV4_i', (64*n, 64), dXV4_i, Wv4))
+    # dA4_i = dO4_i @ V4.mT
+    dA4_i = np.matmul(dO4_i, V4.swapaxes(-1, -2))
+    # sum_dA4_times_A4_i = sum(A4*dA4_i, axis=3)
+    sum_dA4_times_A4_i = np.einsum('abcd,abcd->abc', A4, dA4_i)
+    # dS4_i = A4*(dA4_i - sum_dA4_times_A4_i)
+    dS4_i = dA4_i + (-sum_dA4_times_A4_i[:, :, :, None])
+    dS4_i *= A4
+    # dSc4_i = causal_mask(dS4_i, fill=0)
+    dSc4_i = dS4_i
+    np.copyto(dSc4_i, 0, where=~np.tri(64, dtype=bool))
+    # dQK4_i = dSc4_i/4
+    dQK4_i = dSc4_i
+    dQK4_i *= 1/4
+    # dK4_i = dQK4_i.mT @ Q4
+    dK4_i = np.matmul(dQK4_i.swapaxes(-1, -2), Q4, out=_scratch('dK4_i', (n, 64, 4, 16), dQK4_i, Q4).transpose((0, 2, 1, 3)))
+    # dKs4_i = dK4_i.transpose((0, 2, 1, 3))
+    dKs4_i = dK4_i.transpose((0, 2, 1, 3))
+    # dXK4_i = reshape(dKs4_i, (64*n, 64))
+    dXK4_i = dKs4_i.reshape((64*n, 64))
+    # dX4_XK4_i = dXK4_i @ Wk4.T
+    dX4_XK4_i = np.matmul(dXK4_i, Wk4.T, out=_scratch('dX4_XK4_i', (64*n, 64), dXK4_i, Wk4))
+    # dQ4_i = dQK4_i @ K4
+    dQ4_i = np.matmul(dQK4_i, K4, out=_scratch('dQ4_i', (n, 64, 4, 16), dQK4_i, K4).transpose((0, 2, 1, 3)))
+    # dQs4_i = dQ4_i.transpose((0, 2, 1, 3))
+    dQs4_i = dQ4_i.transpose((0, 2, 1, 3))
+    # dXQ4_i = reshape(dQs4_i, (64*n, 64))
+    dXQ4_i = dQs4_i.reshape((64*n, 64))
+    # dX4_XQ4_i = dXQ4_i @ Wq4.T
+    dX4_XQ4_i = np.matmul(dXQ4_i, Wq4.T, out=_scratch('dX4_XQ4_i', (64*n, 64), dXQ4_i, Wq4))
+    # dX4_i = dX4_XK4_i + dX4_XQ4_i + dX4_XV4_i
+    dX4_i = dX4_XK4_i
+    dX4_i += dX4_XQ4_i
+    dX4_i += dX4_XV4_i
+    # dH3_i = reshape(dX4_i, (n, 64, 64))
+    dH3_i = dX4_i.reshape((n, 64, 64))
+    # dXn3_i = dH3_i*g3
+    dXn3_i = dH3_i*g3
+    # dR3_i = sum(C3*dXn3_i, axis=2)
+    dR3_i = np.einsum('abc,abc->ab', dXn3_i, C3)
+    # dV3_i = -R3**3*dR3_i/2
+    dV3_i = np.multiply(R3, R3, out=_scratch('dV3_i', (n, 64), R3))
+    dV3_i *= R3
+    dV3_i *= dR3_i
+    dV3_i *= -1/2
+    # dC3_i = C3*dV3_i/32 + R3*dXn3_i
+    dC3_i = dXn3_i*(R3[:, :, None])
+    _dC3_i_0 = C3*(dV3_i[:, :, None]/32)
+    dC3_i += _dC3_i_0
+    # dM3_i = sum(-dC3_i, axis=2)
+    dM3_i = -dC3_i.sum(axis=2)
+    # dsum_H2_i = dM3_i/64
+    dsum_H2_i = dM3_i/64
+    # dH2_i = dC3_i + dR4_i + dsum_H2_i
+    dH2_i = dC3_i + dR4_i
+    dH2_i += dsum_H2_i[:, :, None]
+    # dE1_i = scatter_add_per_sample(x, dH2_i)
+    dE1_i = np.zeros((n, 96, 64), dtype=dH2_i.dtype)
+    np.add.at(dE1_i, (np.arange(n)[:, None], x.reshape(n, -1)), dH2_i.reshape(n, -1, 64))   # repeated ids add up
+    # dg3_i = sum(Xn3*dH3_i, axis=1)
+    dg3_i = (Xn3*dH3_i).sum(axis=1)
+    # ds3_i = sum(dH3_i, axis=1)
+    ds3_i = dH3_i.sum(axis=1)
+    # dWq4_i = per_sample(X4.T @ dXQ4_i)
+    dWq4_i = np.matmul(X4.reshape(n, 64, 64).transpose(0, 2, 1), dXQ4_i.reshape(n, 64, 64))
+    # dWk4_i = per_sample(X4.T @ dXK4_i)
+    dWk4_i = np.matmul(X4.reshape(n, 64, 64).transpose(0, 2, 1), dXK4_i.reshape(n, 64, 64))
+    # dWv4_i = per_sample(X4.T @ dXV4_i)
+    dWv4_i = np.matmul(X4.reshape(n, 64, 64).transpose(0, 2, 1), dXV4_i.reshape(n, 64, 64))
+    # dWo4_i = per_sample(Oc4.T @ dOW4_i)
+    dWo4_i = np.matmul(Oc4.reshape(n, 64, 64).transpose(0, 2, 1), dOW4_i.reshape(n, 64, 64))
+    # dbo4_i = sum(dR4_i, axis=1)
+    dbo4_i = dR4_i.sum(axis=1)
+    # dg5_i = sum(Xn5*dH5_i, axis=1)
+    dg5_i = (Xn5*dH5_i).sum(axis=1)
+    # ds5_i = sum(dH5_i, axis=1)
+    ds5_i = dH5_i.sum(axis=1)
+    # dW6_i = per_sample(X6.T @ dXW6_i)
+    dW6_i = np.matmul(X6.reshape(n, 64, 64).transpose(0, 2, 1), dXW6_i.reshape(n, 64, 256))
+    # db6_i = sum(dZ6_i, axis=1)
+    db6_i = dZ6_i.sum(axis=1)
+    # dW7_i = per_sample(X7.T @ dXW7_i)
+    dW7_i = np.matmul(X7.reshape(n, 64, 256).transpose(0, 2, 1), dXW7_i.reshape(n, 64, 64))
+    # db7_i = sum(dR7_i, axis=1)
+    db7_i = dR7_i.sum(axis=1)
+    # dg8_i = sum(Xn8*dH8_i, axis=1)
+    dg8_i = (Xn8*dH8_i).sum(axis=1)
+    # ds8_i = sum(dH8_i, axis=1)
+    ds8_i = dH8_i.sum(axis=1)
+    # dWq9_i = per_sample(X9.T @ dXQ9_i)
+    dWq9_i = np.matmul(X9.reshape(n, 64, 64).transpose(0, 2, 1), dXQ9_i.reshape(n, 64, 64))
+    # dWk9_i = per_sample(X9.T @ dXK9_i)
+    dWk9_i = np.matmul(X9.reshape(n, 64, 64).transpose(0, 2, 1), dXK9_i.reshape(n, 64, 64))
+    # dWv9_i = per_sample(X9.T @ dXV9_i)
+    dWv9_i = np.matmul(X9.reshape(n, 64, 64).transpose(0, 2, 1), dXV9_i.reshape(n, 64, 64))
+    # dWo9_i = per_sample(Oc9.T @ dOW9_i)
+    dWo9_i = np.matmul(Oc9.reshape(n, 64, 64).transpose(0, 2, 1), dOW9_i.reshape(n, 64, 64))
+    # dbo9_i = sum(dR9_i, axis=1)
+    dbo9_i = dR9_i.sum(axis=1)
+    # dg10_i = sum(Xn10*dH10_i, axis=1)
+    dg10_i = (Xn10*dH10_i).sum(axis=1)
+    # ds10_i = sum(dH10_i, axis=1)
+    ds10_i = dH10_i.sum(axis=1)
+    # dW11_i = per_sample(X11.T @ dXW11_i)
+    dW11_i = np.matmul(X11.reshape(n, 64, 64).transpose(0, 2, 1), dXW11_i.reshape(n, 64, 256))
+    # db11_i = sum(dZ11_i, axis=1)
+    db11_i = dZ11_i.sum(axis=1)
+    # dW12_i = per_sample(X12.T @ dXW12_i)
+    dW12_i = np.matmul(X12.reshape(n, 64, 256).transpose(0, 2, 1), dXW12_i.reshape(n, 64, 64))
+    # db12_i = sum(dR12_i, axis=1)
+    db12_i = dR12_i.sum(axis=1)
+    # dg13_i = sum(Xn13*dH13_i, axis=1)
+    dg13_i = (Xn13*dH13_i).sum(axis=1)
+    # ds13_i = sum(dH13_i, axis=1)
+    ds13_i = dH13_i.sum(axis=1)
+    # dW14_i = per_sample(X14.T @ dXW14_i)
+    dW14_i = np.matmul(X14.reshape(n, 64, 64).transpose(0, 2, 1), dXW14_i.reshape(n, 64, 96))
+    # db14_i = sum(dZ14_i, axis=1)
+    db14_i = dZ14_i.sum(axis=1)
+    return L_i, {'E1': dE1_i, 'P2': dH2_i, 'g3': dg3_i, 's3': ds3_i, 'Wq4': dWq4_i, 'Wk4': dWk4_i, 'Wv4': dWv4_i, 'Wo4': dWo4_i, 'bo4': dbo4_i, 'g5': dg5_i, 's5': ds5_i, 'W6': dW6_i, 'b6': db6_i, 'W7': dW7_i, 'b7': db7_i, 'g8': dg8_i, 's8': ds8_i, 'Wq9': dWq9_i, 'Wk9': dWk9_i, 'Wv9': dWv9_i, 'Wo9': dWo9_i, 'bo9': dbo9_i, 'g10': dg10_i, 's10': ds10_i, 'W11': dW11_i, 'b11': db11_i, 'W12': dW12_i, 'b12': db12_i, 'g13': dg13_i, 's13': ds13_i, 'W14': dW14_i, 'b14': db14_i}
 
 
 # ---------------------------------------------------------------------------------------------

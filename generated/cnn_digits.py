@@ -552,25 +552,31 @@ def per_example_grads(params, x, y):
     b3 = _param(params, 'b3', (64,))
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
-    P1 = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 9))
-    PW1 = P1 @ W1
+    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
+    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
-    H1 = np.maximum(C1 + b1, 0.0)
-    P2 = np.lib.stride_tricks.sliding_window_view(np.pad(H1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
-    PW2 = P2 @ W2
+    H1 = C1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
+    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
+    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
-    H2 = np.maximum(C2 + b2, 0.0)
-    Pp1 = np.lib.stride_tricks.sliding_window_view(H2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
+    H2 = C2
+    H2 += b2
+    np.maximum(H2, 0.0, out=H2)
+    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
     Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = Q1.max(axis=1)
+    Max1 = _window_max(Q1)
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = np.lib.stride_tricks.sliding_window_view(np.pad(Pool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
-    PW3 = P3 @ W3
+    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
+    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
-    H3 = np.maximum(C3 + b3, 0.0)
-    Pp2 = np.lib.stride_tricks.sliding_window_view(H3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
+    H3 = C3
+    H3 += b3
+    np.maximum(H3, 0.0, out=H3)
+    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
     Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = Q2.max(axis=1)
+    Max2 = _window_max(Q2)
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -580,61 +586,44 @@ def per_example_grads(params, x, y):
     dZ4_i = np.exp(Z4 - LSE[:, None])
     dZ4_i[np.arange(n), y] -= 1
     # dF1_i = dZ4_i @ W4.T
-    dF1_i = dZ4_i @ W4.T
+    dF1_i = np.matmul(dZ4_i, W4.T, out=_scratch('dF1_i', (n, 256), dZ4_i, W4))
     # dMax2_i = reshape(dF1_i, (4*n, 64))
     dMax2_i = dF1_i.reshape((4*n, 64))
     # dQ2_i = route_to_argmax(dMax2_i, Q2)
-    dQ2_i = np.zeros(Q2.shape, dtype=dMax2_i.dtype)
-    np.put_along_axis(dQ2_i, np.argmax(Q2, axis=1)[:, None, :], dMax2_i[:, None, :], axis=1)
+    dQ2_i = _route_to_argmax(Q2, dMax2_i)
     # dPp2_i = reshape(dQ2_i, (4*n, 256))
     dPp2_i = dQ2_i.reshape((4*n, 256))
     # dH3_i = col2im(dPp2_i)
-    _dH3_i_rows = dPp2_i.reshape((n, 2, 2, 2, 2, 64))
-    dH3_i = np.zeros((n, 4, 4, 64), dtype=_dH3_i_rows.dtype)
-    for _i in range(2):   # scatter-add, one kernel offset at a time
-        for _j in range(2):
-            dH3_i[:, _i:_i + 3:2, _j:_j + 3:2] += _dH3_i_rows[:, :, :, _i, _j]
+    dH3_i = _col2im(dPp2_i, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
     # dZ3_i = dH3_i*step(H3)
-    dZ3_i = dH3_i*np.heaviside(H3, 0.0)
+    dZ3_i = dH3_i
+    dZ3_i *= (H3 > 0.0)
     # dPW3_i = reshape(dZ3_i, (16*n, 64))
     dPW3_i = dZ3_i.reshape((16*n, 64))
     # dP3_i = dPW3_i @ W3.T
-    dP3_i = np.matmul(dPW3_i, W3.T, out=_scratch('dP3_i', (16*n, 288), dPW3_i, W3))
+    # (not formed: dPool1_i = col2im(dP3_i) computes it, see below)
     # dPool1_i = col2im(dP3_i)
-    _dPool1_i_rows = dP3_i.reshape((n, 4, 4, 3, 3, 32))
-    _dPool1_i_pad = np.zeros((n, 6, 6, 32), dtype=_dPool1_i_rows.dtype)
-    for _i in range(3):   # scatter-add, one kernel offset at a time
-        for _j in range(3):
-            _dPool1_i_pad[:, _i:_i + 4:1, _j:_j + 4:1] += _dPool1_i_rows[:, :, :, _i, _j]
-    dPool1_i = _dPool1_i_pad[:, 1:5, 1:5]
+    dPool1_i = _col2im_product(dPW3_i, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1_i')
     # dMax1_i = reshape(dPool1_i, (16*n, 32))
     dMax1_i = dPool1_i.reshape((16*n, 32))
     # dQ1_i = route_to_argmax(dMax1_i, Q1)
-    dQ1_i = np.zeros(Q1.shape, dtype=dMax1_i.dtype)
-    np.put_along_axis(dQ1_i, np.argmax(Q1, axis=1)[:, None, :], dMax1_i[:, None, :], axis=1)
+    dQ1_i = _route_to_argmax(Q1, dMax1_i)
     # dPp1_i = reshape(dQ1_i, (16*n, 128))
     dPp1_i = dQ1_i.reshape((16*n, 128))
     # dH2_i = col2im(dPp1_i)
-    _dH2_i_rows = dPp1_i.reshape((n, 4, 4, 2, 2, 32))
-    dH2_i = np.zeros((n, 8, 8, 32), dtype=_dH2_i_rows.dtype)
-    for _i in range(2):   # scatter-add, one kernel offset at a time
-        for _j in range(2):
-            dH2_i[:, _i:_i + 7:2, _j:_j + 7:2] += _dH2_i_rows[:, :, :, _i, _j]
+    dH2_i = _col2im(dPp1_i, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
     # dZ2_i = dH2_i*step(H2)
-    dZ2_i = dH2_i*np.heaviside(H2, 0.0)
+    dZ2_i = dH2_i
+    dZ2_i *= (H2 > 0.0)
     # dPW2_i = reshape(dZ2_i, (64*n, 32))
     dPW2_i = dZ2_i.reshape((64*n, 32))
     # dP2_i = dPW2_i @ W2.T
-    dP2_i = np.matmul(dPW2_i, W2.T, out=_scratch('dP2_i', (64*n, 288), dPW2_i, W2))
+    # (not formed: dH1_i = col2im(dP2_i) computes it, see below)
     # dH1_i = col2im(dP2_i)
-    _dH1_i_rows = dP2_i.reshape((n, 8, 8, 3, 3, 32))
-    _dH1_i_pad = np.zeros((n, 10, 10, 32), dtype=_dH1_i_rows.dtype)
-    for _i in range(3):   # scatter-add, one kernel offset at a time
-        for _j in range(3):
-            _dH1_i_pad[:, _i:_i + 8:1, _j:_j + 8:1] += _dH1_i_rows[:, :, :, _i, _j]
-    dH1_i = _dH1_i_pad[:, 1:9, 1:9]
+    dH1_i = _conv_transpose(dPW2_i, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'dH1_i', keep=True)
     # dZ1_i = dH1_i*step(H1)
-    dZ1_i = dH1_i*np.heaviside(H1, 0.0)
+    dZ1_i = dH1_i
+    dZ1_i *= (H1 > 0.0)
     # dPW1_i = reshape(dZ1_i, (64*n, 32))
     dPW1_i = dZ1_i.reshape((64*n, 32))
     # dW1_i = per_sample(P1.T @ dPW1_i)

@@ -411,14 +411,18 @@ def per_example_grads(params, x, y):
     # dS2_i = dZout_i @ Wout.T
     dS2_i = np.matmul(dZout_i, Wout.T, out=_scratch('dS2_i', (n, 32), dZout_i, Wout))
     # dZf2_i = dS2_i*(1 - Hf2**2)
-    dZf2_i = dS2_i*(1 - Hf2*Hf2)
+    dZf2_i = Hf2*Hf2
+    np.subtract(1, dZf2_i, out=dZf2_i)
+    dZf2_i *= dS2_i
     # dh1_Wf2_i = dZf2_i @ Wf2.T
     dh1_Wf2_i = np.matmul(dZf2_i, Wf2.T, out=_scratch('dh1_Wf2_i', (n, 32), dZf2_i, Wf2))
     # dh1_i = dS2_i + dh1_Wf2_i
     dh1_i = dh1_Wf2_i
     dh1_i += dS2_i
     # dZf1_i = dh1_i*(1 - Hf1**2)
-    dZf1_i = dh1_i*(1 - Hf1*Hf1)
+    dZf1_i = Hf1*Hf1
+    np.subtract(1, dZf1_i, out=dZf1_i)
+    dZf1_i *= dh1_i
     # dHh0_Wf1_i = dZf1_i @ Wf1.T
     dHh0_Wf1_i = dZf1_i @ Wf1.T
     # dZh0_i = (1 - Hh0**2)*(dHh0_Wf1_i + dh1_i)

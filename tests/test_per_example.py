@@ -69,8 +69,8 @@ def test_numpy_has_no_loop_and_shows_the_formulas():
     mod = _module("cnn_maxpool", "numpy")
     tree = ast.parse(inspect.getsource(mod.per_example_grads))
     loops = [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While, ast.comprehension))]
-    # col2im's loops over the kernel's offsets (as in backward), none over samples
-    assert loops and all(isinstance(n, ast.For) and ast.unparse(n.iter) in ("range(2)", "range(3)") for n in loops)
+    # at most loops over a kernel's offsets (as in backward), none over samples
+    assert all(isinstance(n, ast.For) and ast.unparse(n.iter) in ("range(2)", "range(3)") for n in loops)
     text = inspect.getsource(_module("mlp_tanh_mse", "numpy").per_example_grads)
     # a dense layer's per-sample outer product, the biases' adjoints kept per sample, no 1/n
     assert "# dW1_i = per_sample(x.T @ dZ1_i)" in text
