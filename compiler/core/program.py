@@ -76,12 +76,12 @@ def build_program(model):
         if g is not None:
             names.setdefault(g.digest, "d" + p.name)
     # the part of an adjoint that flows back through one of its value's several users
-    users = {}
+    contributions = {}
     for inp, _, _ in trace:
-        users[inp.uid] = users.get(inp.uid, 0) + 1
+        contributions[inp.uid] = contributions.get(inp.uid, 0) + 1
     for inp, user, contrib in trace:
         total, user_name = names.get(adjoints[inp.uid].digest), names.get(user.digest)
-        if users[inp.uid] > 1 and total and user_name:
+        if contributions[inp.uid] > 1 and total and user_name:
             value_name = leaf_names.get(inp.digest) or names.get(inp.digest)
             names.setdefault(contrib.digest, contribution_name(total, value_name, user_name))
     _name_unnamed(ir.topo_order([loss, *(g for g in grads.values() if g is not None)]), names, leaf_names)
