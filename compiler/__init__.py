@@ -9,6 +9,7 @@ Public API (imported lazily, so that ``bpc --help`` does not pay for SymPy)::
     model = mlp([2, 16, 16, 1], activation="tanh", loss="mse")
     compiled = compile_model(model)        # .source, .formulas, .latex, .write(path), .load()
     module = compiled.load()               # forward / loss / backward / init_params
+    result = compiler.train(module, data, config)   # = compiler.train.train; client= for Dask
 """
 import importlib
 
@@ -33,6 +34,8 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
+    if name == "train":   # the training package, callable: compiler.train(module, data, config, client=...)
+        return importlib.import_module(".train", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'compiler' has no attribute {name!r}")

@@ -80,7 +80,8 @@ def dask_steps(module, data, config, client, monkeypatch, **kw):
     monkeypatch.setattr(dtrain.DaskGradients, "__call__",
                         lambda self, params, *a, **k: rec.wrap(lambda p, *a2, **k2: call(self, p, *a2, **k2))(
                             params, *a, **k))
-    return train(module, data, config, client=client, **kw), rec.steps
+    # the API: the package compiler.train called as a function
+    return bpc.train(module, data, config, client=client, **kw), rec.steps
 
 
 def assert_same_steps(a, b, tol=1e-10):
