@@ -12,6 +12,24 @@ from compiler.core import ir, ops
 from compiler.core.adjoints import gradients
 from compiler.core.naming import contribution_name, derived_name
 from compiler.core.simplify import fuse, op_counts, share, split_deep, use_counts
+from compiler.core.tangents import gauss_newton_vector, hessian_vector, loss_heads
+
+
+@dataclass(frozen=True)
+class SecondOrder:
+    """One second-order entry point, ``hvp`` or ``gnvp``: (loss, grads, product) for
+    parameters and a direction ``v`` (one ``direction`` leaf per parameter). Simplified on its
+    own (fusion and sharing over its loss, gradients and products together), so backward's
+    statements are not changed by it; ``inline`` is its own, ``only`` the uids of its nodes
+    that are not the loss's or the gradients' (the product's own statements)."""
+
+    name: str                   # "hvp" or "gnvp"
+    loss: object
+    grads: tuple                # (param node, grad node or None) in PARAMS order
+    products: tuple             # (param node, product node or None) in PARAMS order
+    nodes: tuple                # schedule
+    inline: frozenset
+    only: frozenset
 
 
 @dataclass(frozen=True)
@@ -28,6 +46,14 @@ class Program:
     backward_only: frozenset    # uids of backward() nodes not computed by loss()
     stats: dict
     stat_updates: tuple = ()    # (running statistic leaf, node of its next value), every function computes them
+    directions: tuple = ()      # (param node, its direction leaf v_<name>) in PARAMS order
+    hvp: object = None          # SecondOrder: the Hessian-vector product
+    gnvp: object = None         # SecondOrder: the Gauss-Newton-vector product (built-in losses), or None
+
+    def view(self, second):
+        """This program as seen by the statements of ``second`` (its inline set)."""
+        from dataclasses import replace
+        return replace(self, inline=second.inline, backward_only=second.only, loss=second.loss)
 
 
 def build_program(model):
@@ -36,6 +62,7 @@ def build_program(model):
     leaf_names = {leaf.digest: leaf.name for leaf in model.leaves}
     forward = ir.topo_order([prediction, loss, *updates])
     _name_unnamed(forward, names, leaf_names)
+    raw_loss, raw_updates = loss, list(updates)
     trace = []
     grads, adjoints = gradients(loss, model.params, trace)
     # adjoint names: the node closest to the loss names its adjoint first (dZ2 before dXW2)
@@ -59,6 +86,7 @@ def build_program(model):
             names.setdefault(contrib.digest, contribution_name(total, value_name, user_name))
     _name_unnamed(ir.topo_order([loss, *(g for g in grads.values() if g is not None)]), names, leaf_names)
 
+    raw_names = dict(names)
     grad_nodes = [grads[p.uid] for p in model.params if grads[p.uid] is not None]
     before = op_counts([loss, *grad_nodes])
     outs, names = fuse([prediction, loss, *grad_nodes, *updates], names)
@@ -82,21 +110,58 @@ def build_program(model):
         elif count[node.uid] == 1 and us and ops.get(us[0].op).reduction:
             inline.add(node.uid)
 
-    leaves = {n.uid for n in model.leaves}
-    uniq = _unique_names(order, names, model)
+    # second order: the raw graph's gradients differentiated once more, then simplified apart
+    directions = tuple(ir.input_node(_direction_name(p, model), p.shape, "direction") for p in model.params)
+    raw_grads = [grads[p.uid] for p in model.params]
+    by_uid = {n.uid: n for n in ir.topo_order([raw_loss, *(g for g in raw_grads if g is not None)])}
+    hv, tan = hessian_vector(raw_grads, model.params, directions)
+    for p, h in zip(model.params, hv):
+        if h is not None:
+            raw_names.setdefault(h.digest, "Hv_" + p.name)
+    _name_values(tan, raw_names, "t", by_uid)
+    seconds = [_second("hvp", raw_loss, raw_grads, hv, raw_updates, raw_names)]
+    heads = loss_heads(model, raw_loss)
+    if heads is not None:
+        gv, parts = gauss_newton_vector(model, raw_loss, model.params, directions, heads)
+        for p, g in zip(model.params, gv):
+            if g is not None:
+                raw_names.setdefault(g.digest, "Gv_" + p.name)
+        _name_values(parts.get("tangents", {}), raw_names, "t", by_uid)
+        _name_values(parts.get("curvature", {}), raw_names, "u", by_uid)
+        _name_values(parts.get("back", {}), raw_names, "ud", by_uid)
+        seconds.append(_second("gnvp", raw_loss, raw_grads, gv, raw_updates, raw_names))
+    for k_, v_ in raw_names.items():
+        names.setdefault(k_, v_)
+    second_outs = [o for _, outs_ in seconds for o in outs_ if o is not None]
 
-    def schedule(roots):
+    order, count = use_counts(outs)
+    leaves = {n.uid for n in model.leaves} | {d.uid for d in directions}
+    full_order = ir.topo_order([*outs, *second_outs])
+    uniq = _unique_names(full_order, names, model, directions)
+
+    def schedule(roots, inline_set=inline):
         return tuple(n for n in ir.topo_order(roots)
-                     if n.uid not in leaves and n.uid not in inline)
+                     if n.uid not in leaves and n.uid not in inline_set)
 
     fwd = schedule([pred, *updates])
     lss = schedule([loss, *updates])
     bwd = schedule([loss, *new_grads, *updates])
     loss_ids = {n.uid for n in lss}
+    built = {}
+    for so, so_outs in seconds:
+        k = len(model.params)
+        s_loss, s_grads, s_prods, s_updates = so_outs[0], so_outs[1:1 + k], so_outs[1 + k:1 + 2 * k], so_outs[1 + 2 * k:]
+        s_inline = _inline_set(so_outs)
+        nodes = schedule([s_loss, *(g for g in s_grads if g is not None), *(h for h in s_prods if h is not None),
+                          *s_updates], s_inline)
+        base = {n.uid for n in ir.topo_order([s_loss, *(g for g in s_grads if g is not None), *s_updates])}
+        built[so] = SecondOrder(so, s_loss, tuple(zip(model.params, s_grads)), tuple(zip(model.params, s_prods)),
+                                nodes, frozenset(s_inline), frozenset(n.uid for n in nodes if n.uid not in base))
     return Program(model, pred, loss, grad_pairs, uniq, frozenset(inline), fwd, lss, bwd,
                    frozenset(n.uid for n in bwd if n.uid not in loss_ids),
                    {"before_simplification": before, "after_simplification": after},
-                   tuple(zip((s for s, _ in model.stats), updates)))
+                   tuple(zip((s for s, _ in model.stats), updates)),
+                   tuple(zip(model.params, directions)), built.get("hvp"), built.get("gnvp"))
 
 
 def _name_unnamed(order, names, leaf_names):
@@ -110,10 +175,58 @@ def _name_unnamed(order, names, leaf_names):
                 names[node.digest] = base
 
 
-def _unique_names(order, names, model):
+def _direction_name(p, model):
+    taken = {leaf.name for leaf in model.leaves}
+    name = "v_" + p.name
+    while name in taken:
+        name += "_"
+    return name
+
+
+def _name_values(values, names, prefix, by_uid):
+    """Name each derived value after the node it derives from: tZ1 (tangent of Z1), tdZ1, ..."""
+    for uid, t in values.items():
+        node = by_uid.get(uid) if t is not None else None
+        base = names.get(node.digest) if node is not None else None
+        if base:
+            names.setdefault(t.digest, prefix + base)
+
+
+def _second(name, loss, raw_grads, products, updates, names):
+    """(name, simplified outputs [loss, grads..., products..., updates...]) of one entry point."""
+    outs = [loss, *(g for g in raw_grads if g is not None), *(h for h in products if h is not None), *updates]
+    outs, names2 = fuse(outs, names)
+    outs, names2 = share(outs, names2)
+    for k, v in names2.items():
+        names.setdefault(k, v)      # the simplified nodes' names beside the raw ones
+    # put the Nones back: [loss, grads (with None), products (with None), updates]
+    it = iter(outs[1:])
+    g = [next(it) if x is not None else None for x in raw_grads]
+    h = [next(it) if x is not None else None for x in products]
+    return name, [outs[0], *g, *h, *list(it)]
+
+
+def _inline_set(outs):
+    real = [o for o in outs if o is not None]
+    order, count = use_counts(real)
+    outputs = {o.uid for o in real}
+    users = ir.consumers(order)
+    inline = set()
+    for node in order:
+        if node.uid in outputs or node.op != "ew":
+            continue
+        us = users.get(node.uid, [])
+        if not node.inputs:
+            inline.add(node.uid)
+        elif count[node.uid] == 1 and us and ops.get(us[0].op).reduction:
+            inline.add(node.uid)
+    return inline
+
+
+def _unique_names(order, names, model, extra_leaves=()):
     """uid -> a unique identifier; leaves keep their declared names."""
     out, taken = {}, set()
-    for leaf in model.leaves:
+    for leaf in (*model.leaves, *extra_leaves):
         out[leaf.uid] = leaf.name
         taken.add(leaf.name)
     k = 0
