@@ -37,7 +37,7 @@ import subprocess
 import sys
 import sysconfig
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -46,6 +46,7 @@ import sympy as sp
 from compiler import __version__
 from compiler.core import ir, ops
 from compiler.core.ops.ew import factored, shared_subexpressions
+from compiler.core.formulas import Formulas
 from compiler.core.model import Model
 from compiler.core.program import Program
 from compiler.backends import cache as _cache
@@ -336,6 +337,9 @@ class CompiledC(Displayed):
 C_NAME_PREFIX = "v_"
 
 
+SECOND_ORDER = ("hvp", "gnvp")     # entry points that take a direction v and write a product hv
+
+
 def _c_names(program):
     """uid -> C identifier: ``v_<name>`` for each of the program's names (see C_NAME_PREFIX)."""
     out, taken = {}, set()
@@ -421,6 +425,32 @@ def render_c(lowered, prefix=None):
                         loss_dest + [(g, k, d) for g, k, d, _ in grad_dest if g is not None] + stats_dest,
                         zero_grads),
     ]
+    # second order: hvp (and gnvp), each over its own view of the program; v is a flat array of
+    # params' layout, the product goes to hv (same layout), the loss and gradients as backward's
+    directions = {p.uid: v for p, v in program.directions}
+    for so in (program.hvp, program.gnvp):
+        if so is None:
+            continue
+        view = program.view(so)
+        st2 = CStatements(view, dtype, cnames)
+        w2 = _CFunctions(replace(lowered, program=view, lines=Formulas(view)), st2, params)
+        dirs = [dict(cname=cnames[directions[p.uid].uid], offset=q["offset"], shape_code=q["shape_code"])
+                for p, q in zip(model.params, params)]
+        g_dest, h_dest = [], []
+        for (p, g), (_, h) in zip(so.grads, so.products):
+            info = info_of[p.name]
+            scalar = p.shape == ()
+            if g is not None:
+                g_dest.append((g, "scalar" if scalar else "ptr",
+                               f"grads[{info['offset']}]" if scalar else f"grads + {info['offset']}"))
+            if h is not None:
+                h_dest.append((h, "scalar" if scalar else "ptr",
+                               f"hv[{info['offset']}]" if scalar else f"hv + {info['offset']}"))
+        zero_h = [info_of[p.name] for p, h in so.products if h is None]
+        functions.append(w2.function(so.name, data + targets + masks + state, so.nodes,
+                                     loss_dest + g_dest + h_dest + stats_dest, zero_grads,
+                                     directions=dirs, zero_hv=zero_h))
+        st.helpers |= st2.helpers
     work_a = max(f["work"][0] for f in functions)
     work_b = max(f["work"][1] for f in functions)
 
@@ -483,7 +513,7 @@ class _CFunctions:
                         "size": _size_code(x.shape), "shape_doc": shape_code(x.shape)})
         return out
 
-    def function(self, fname, leaves, nodes, outputs, zero_grads=()):
+    def function(self, fname, leaves, nodes, outputs, zero_grads=(), directions=(), zero_hv=()):
         """outputs: list of (node, destination kind, C destination) where kind is 'ptr'
         (a non-scalar output array), or 'scalar' (written as ``dest = value``)."""
         st, real, fm = self.st, self.real, self.lowered.lines
@@ -526,19 +556,27 @@ class _CFunctions:
         used = st.used
         param_decls = [f"const {real} *restrict const {p['cname']} = params + {p['offset']};  /* {p['shape_code']} */"
                        for p in self.params if p["cname"] in used]
+        dir_decls = [f"const {real} *const {d['cname']} = v + {d['offset']};  /* {d['shape_code']}, direction */"
+                     for d in directions if d["cname"] in used]
         args = self.arg_list(leaves)
         labels = [x for x in args if x["label"]]
         unused = [x["cname"] for x in args if x["cname"] not in used]
+        if directions and not dir_decls:
+            unused.insert(0, "v")
         if not param_decls:
             unused.insert(0, "params")
+        param_decls += dir_decls
         for info in zero_grads:
             tail.append(f"for (size_t _i = 0; _i < {info['size']}; _i++) grads[{info['offset']} + _i] = {st.lit(0)};"
                         f"  /* d{info['name']} = 0: the loss does not depend on {info['name']} */")
+        for info in zero_hv:
+            tail.append(f"for (size_t _i = 0; _i < {info['size']}; _i++) hv[{info['offset']} + _i] = {st.lit(0)};"
+                        f"  /* zero: the gradient of {info['name']} does not change along v */")
         fn = {"name": fname, "leaves": args, "stats": bool(self.program.stat_updates)}
         return {"name": fname, "leaves": args, "stats": fn["stats"], "decls": param_decls + decls, "unused": unused,
                 "proto": _proto_args(fn, real), "definition": _proto_args(fn, real, "restrict "),
                 "body": body, "tail": tail, "work": (work_a, work_b), "labels": labels,
-                "uses_nf": st.uses_nf, "needs_batch": fname != "forward"}
+                "uses_nf": st.uses_nf, "needs_batch": fname != "forward", "second": fname in SECOND_ORDER}
 
 
 def _scalar(st, node):
@@ -601,8 +639,11 @@ def _pack_args(ctx):
 
 def _glue_args(fn):
     """The glue's arguments: untyped pointers named by position (_a0, ...)."""
-    args = ["const void *params"] + [f"const void *_a{k}" for k in range(len(fn["leaves"]))] + ["size_t n"]
+    args = ["const void *params"] + (["const void *v"] if fn["name"] in SECOND_ORDER else [])
+    args += [f"const void *_a{k}" for k in range(len(fn["leaves"]))] + ["size_t n"]
     args.append("void *out" if fn["name"] == "forward" else "void *loss" if fn["name"] == "loss" else "void *grads")
+    if fn["name"] in SECOND_ORDER:
+        args.append("void *hv")
     if fn["stats"]:
         args.append("void *stats_out")
     return ", ".join(args + ["void *work"])
@@ -617,13 +658,16 @@ def _ext_source(ctx):
     prefix, P, real = ctx["prefix"], ctx["P"], ctx["real"]
     out = [f'#include "{prefix}.c"', "#include <string.h>", ""]
     for fn in ctx["functions"]:
-        names = ["params"] + [f"_a{k}" for k in range(len(fn["leaves"]))] + ["n"]
+        names = ["params"] + (["v"] if fn["name"] in SECOND_ORDER else [])
+        names += [f"_a{k}" for k in range(len(fn["leaves"]))] + ["n"]
         if fn["name"] == "forward":
             names.append("out")
         elif fn["name"] == "loss":
             names.append("loss")
         else:
             names += [f"({real} *)grads + {P}_NUM_PARAMS", "grads"]
+        if fn["name"] in SECOND_ORDER:
+            names.append("hv")
         if fn["stats"]:
             names.append("stats_out")
         out += [f"static int _bpc_{prefix}_{fn['name']}({_glue_args(fn)})",
@@ -673,14 +717,18 @@ def _step_args(real, restrict=""):
 def _proto_args(fn, real, restrict=""):
     r = restrict
     args = [f"const {real} *{r}params"]
+    if fn["name"] in SECOND_ORDER:
+        args.append(f"const {real} *{r}v")
     args += [f"const {x['ctype']} *{r}{x['cname']}" for x in fn["leaves"]]
     args.append("size_t n")
     if fn["name"] == "forward":
         args.append(f"{real} *{r}out")
     else:
         args.append(f"{real} *{r}loss")
-    if fn["name"] == "backward":
+    if fn["name"] in ("backward", *SECOND_ORDER):
         args.append(f"{real} *{r}grads")
+    if fn["name"] in SECOND_ORDER:
+        args.append(f"{real} *{r}hv")
     if fn["stats"]:
         args.append(f"{real} *{r}stats_out")
     args.append(f"{real} *{r}work")
