@@ -295,7 +295,7 @@ class _Inference:
 
     def __getattr__(self, name):
         value = getattr(self.module, name)
-        if name in ("forward", "loss", "backward"):
+        if name in ("forward", "loss", "backward", "hvp", "gnvp"):
             return lambda *a, **kw: value(*a, stats=self.stats, **kw)
         return value
 
