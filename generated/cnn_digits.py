@@ -9,6 +9,8 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> class probabilities (softmax of the logits), shape (batch, classes)
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
+    gnvp(params, v, x, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 import threading
@@ -94,6 +96,14 @@ def _param(params, name, shape):
         if a.shape != shape:
             raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
     return a
+
+
+
+def _direction(v, name, shape):
+    try:
+        return _param(v, name, shape)
+    except ValueError as e:
+        raise ValueError(f"v (the direction, shaped like params): {e}") from None
 
 
 # ---- argument checks shared by the NumPy and C modules (templates/_checks.py.j2) ----------
@@ -422,6 +432,512 @@ def backward(params, x, y):
     # db4 = sum(dZ4, axis=0)
     db4 = dZ4.sum(axis=0)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2, 'W3': dW3, 'b3': db3, 'W4': dW4, 'b4': db4}
+
+
+def hvp(params, v, x, y):
+    """The loss, its gradient and the Hessian-vector product Hv for the direction v (a dict shaped like params): the gradient differentiated once more along v (forward over reverse)."""
+    x = _data(x, 'x', (8, 8, 1))
+    y = _labels(y, 'y', 10)
+    n = _batch(x, y)
+    dt = x.dtype
+    W1 = _param(params, 'W1', (9, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (288, 32))
+    b2 = _param(params, 'b2', (32,))
+    W3 = _param(params, 'W3', (288, 64))
+    b3 = _param(params, 'b3', (64,))
+    W4 = _param(params, 'W4', (256, 10))
+    b4 = _param(params, 'b4', (10,))
+    v_W1 = _direction(v, 'W1', (9, 32))
+    v_b1 = _direction(v, 'b1', (32,))
+    v_W2 = _direction(v, 'W2', (288, 32))
+    v_b2 = _direction(v, 'b2', (32,))
+    v_W3 = _direction(v, 'W3', (288, 64))
+    v_b3 = _direction(v, 'b3', (64,))
+    v_W4 = _direction(v, 'W4', (256, 10))
+    v_b4 = _direction(v, 'b4', (10,))
+    P1 = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 9))
+    PW1 = P1 @ W1
+    C1 = PW1.reshape((n, 8, 8, 32))
+    H1 = np.maximum(C1 + b1, 0.0)
+    P2 = np.lib.stride_tricks.sliding_window_view(np.pad(H1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
+    PW2 = P2 @ W2
+    C2 = PW2.reshape((n, 8, 8, 32))
+    H2 = np.maximum(C2 + b2, 0.0)
+    Pp1 = np.lib.stride_tricks.sliding_window_view(H2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
+    Q1 = Pp1.reshape((16*n, 4, 32))
+    Max1 = Q1.max(axis=1)
+    Pool1 = Max1.reshape((n, 4, 4, 32))
+    P3 = np.lib.stride_tricks.sliding_window_view(np.pad(Pool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
+    PW3 = P3 @ W3
+    C3 = PW3.reshape((n, 4, 4, 64))
+    H3 = np.maximum(C3 + b3, 0.0)
+    Pp2 = np.lib.stride_tricks.sliding_window_view(H3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
+    Q2 = Pp2.reshape((4*n, 4, 64))
+    Max2 = Q2.max(axis=1)
+    F1 = Max2.reshape((n, 256))
+    F1W4 = F1 @ W4
+    Z4 = F1W4 + b4
+    LSE = _logsumexp(Z4)
+    CE = LSE - Z4[np.arange(n), y]
+    L = CE.mean()
+    step_H1 = np.heaviside(H1, 0.0)
+    dZ4 = np.exp(Z4 - LSE[:, None])
+    dZ4[np.arange(n), y] -= 1
+    dZ4 *= 1/n
+    dF1 = dZ4 @ W4.T
+    dMax2 = dF1.reshape((4*n, 64))
+    dQ2 = np.zeros(Q2.shape, dtype=dMax2.dtype)
+    np.put_along_axis(dQ2, np.argmax(Q2, axis=1)[:, None, :], dMax2[:, None, :], axis=1)
+    dPp2 = dQ2.reshape((4*n, 256))
+    _dH3_rows = dPp2.reshape((n, 2, 2, 2, 2, 64))
+    dH3 = np.zeros((n, 4, 4, 64), dtype=_dH3_rows.dtype)
+    for _i in range(2):   # scatter-add, one kernel offset at a time
+        for _j in range(2):
+            dH3[:, _i:_i + 3:2, _j:_j + 3:2] += _dH3_rows[:, :, :, _i, _j]
+    step_H3 = np.heaviside(H3, 0.0)
+    dZ3_2 = dH3*step_H3
+    dPW3_2 = dZ3_2.reshape((16*n, 64))
+    dP3_2 = np.matmul(dPW3_2, W3.T, out=_scratch('dP3_2', (16*n, 288), dPW3_2, W3))
+    _dPool1_2_rows = dP3_2.reshape((n, 4, 4, 3, 3, 32))
+    _dPool1_2_pad = np.zeros((n, 6, 6, 32), dtype=_dPool1_2_rows.dtype)
+    for _i in range(3):   # scatter-add, one kernel offset at a time
+        for _j in range(3):
+            _dPool1_2_pad[:, _i:_i + 4:1, _j:_j + 4:1] += _dPool1_2_rows[:, :, :, _i, _j]
+    dPool1_2 = _dPool1_2_pad[:, 1:5, 1:5]
+    dMax1_2 = dPool1_2.reshape((16*n, 32))
+    dQ1_2 = np.zeros(Q1.shape, dtype=dMax1_2.dtype)
+    np.put_along_axis(dQ1_2, np.argmax(Q1, axis=1)[:, None, :], dMax1_2[:, None, :], axis=1)
+    dPp1_2 = dQ1_2.reshape((16*n, 128))
+    _dH2_2_rows = dPp1_2.reshape((n, 4, 4, 2, 2, 32))
+    dH2_2 = np.zeros((n, 8, 8, 32), dtype=_dH2_2_rows.dtype)
+    for _i in range(2):   # scatter-add, one kernel offset at a time
+        for _j in range(2):
+            dH2_2[:, _i:_i + 7:2, _j:_j + 7:2] += _dH2_2_rows[:, :, :, _i, _j]
+    step_H2 = np.heaviside(H2, 0.0)
+    dZ2_2 = dH2_2*step_H2
+    dPW2_2 = dZ2_2.reshape((64*n, 32))
+    dP2_2 = np.matmul(dPW2_2, W2.T, out=_scratch('dP2_2', (64*n, 288), dPW2_2, W2))
+    _dH1_2_rows = dP2_2.reshape((n, 8, 8, 3, 3, 32))
+    _dH1_2_pad = np.zeros((n, 10, 10, 32), dtype=_dH1_2_rows.dtype)
+    for _i in range(3):   # scatter-add, one kernel offset at a time
+        for _j in range(3):
+            _dH1_2_pad[:, _i:_i + 8:1, _j:_j + 8:1] += _dH1_2_rows[:, :, :, _i, _j]
+    dH1_2 = _dH1_2_pad[:, 1:9, 1:9]
+    dZ1_2 = dH1_2*step_H1
+    dPW1_2 = dZ1_2.reshape((64*n, 32))
+    dW1_2 = np.matmul(P1.T, dPW1_2, out=_scratch('dW1_2', (9, 32), P1, dPW1_2))
+    db1_2 = dZ1_2.sum(axis=(0, 1, 2))
+    dW2_2 = np.matmul(P2.T, dPW2_2, out=_scratch('dW2_2', (288, 32), P2, dPW2_2))
+    db2_2 = dZ2_2.sum(axis=(0, 1, 2))
+    dW3_2 = np.matmul(P3.T, dPW3_2, out=_scratch('dW3_2', (288, 64), P3, dPW3_2))
+    db3_2 = dZ3_2.sum(axis=(0, 1, 2))
+    dW4 = F1.T @ dZ4
+    db4 = dZ4.sum(axis=0)
+    # t1 = P2 @ v_W2
+    t1 = np.matmul(P2, v_W2, out=_scratch('t1', (64*n, 32), P2, v_W2))
+    # tPW1 = P1 @ v_W1
+    tPW1 = np.matmul(P1, v_W1, out=_scratch('tPW1', (64*n, 32), P1, v_W1))
+    # tC1 = reshape(tPW1, (n, 8, 8, 32))
+    tC1 = tPW1.reshape((n, 8, 8, 32))
+    # tH1 = step_H1*(tC1 + v_b1)
+    tH1 = step_H1*(tC1 + v_b1)
+    # tP2 = im2col(tH1)
+    tP2 = np.lib.stride_tricks.sliding_window_view(np.pad(tH1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
+    # t2 = tP2 @ W2
+    t2 = np.matmul(tP2, W2, out=_scratch('t2', (64*n, 32), tP2, W2))
+    # tPW2 = t1 + t2
+    tPW2 = t1 + t2
+    # tC2 = reshape(tPW2, (n, 8, 8, 32))
+    tC2 = tPW2.reshape((n, 8, 8, 32))
+    # tH2 = step_H2*(tC2 + v_b2)
+    tH2 = step_H2*(tC2 + v_b2)
+    # tPp1 = im2col(tH2)
+    tPp1 = np.lib.stride_tricks.sliding_window_view(tH2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
+    # tQ1 = reshape(tPp1, (16*n, 4, 32))
+    tQ1 = tPp1.reshape((16*n, 4, 32))
+    # t4 = route_to_argmax(1, Q1)
+    t4 = np.zeros(Q1.shape, dtype=np.full((16*n, 32), 1, dtype=dt).dtype)
+    np.put_along_axis(t4, np.argmax(Q1, axis=1)[:, None, :], 1, axis=1)
+    # tMax1 = sum(t4*tQ1, axis=1)
+    tMax1 = np.sum(t4*tQ1, axis=1)
+    # tPool1 = reshape(tMax1, (n, 4, 4, 32))
+    tPool1 = tMax1.reshape((n, 4, 4, 32))
+    # tP3 = im2col(tPool1)
+    tP3 = np.lib.stride_tricks.sliding_window_view(np.pad(tPool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
+    # t6 = tP3 @ W3
+    t6 = np.matmul(tP3, W3, out=_scratch('t6', (16*n, 64), tP3, W3))
+    # t7 = P3 @ v_W3
+    t7 = np.matmul(P3, v_W3, out=_scratch('t7', (16*n, 64), P3, v_W3))
+    # tPW3 = t6 + t7
+    tPW3 = t6 + t7
+    # tC3 = reshape(tPW3, (n, 4, 4, 64))
+    tC3 = tPW3.reshape((n, 4, 4, 64))
+    # tH3 = step_H3*(tC3 + v_b3)
+    tH3 = step_H3*(tC3 + v_b3)
+    # tPp2 = im2col(tH3)
+    tPp2 = np.lib.stride_tricks.sliding_window_view(tH3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
+    # tQ2 = reshape(tPp2, (4*n, 4, 64))
+    tQ2 = tPp2.reshape((4*n, 4, 64))
+    # t9 = route_to_argmax(1, Q2)
+    t9 = np.zeros(Q2.shape, dtype=np.full((4*n, 64), 1, dtype=dt).dtype)
+    np.put_along_axis(t9, np.argmax(Q2, axis=1)[:, None, :], 1, axis=1)
+    # tMax2 = sum(t9*tQ2, axis=1)
+    tMax2 = np.sum(t9*tQ2, axis=1)
+    # tF1 = reshape(tMax2, (n, 256))
+    tF1 = tMax2.reshape((n, 256))
+    # t11 = tF1 @ W4
+    t11 = tF1 @ W4
+    # t12 = F1 @ v_W4
+    t12 = F1 @ v_W4
+    # tZ4 = t11 + t12 + v_b4
+    tZ4 = t11 + t12 + v_b4
+    # exp_Z4 = exp(-LSE + Z4)
+    exp_Z4 = np.exp(-LSE[:, None] + Z4)
+    # tLSE = sum(exp_Z4*tZ4, axis=1)
+    tLSE = (exp_Z4*tZ4).sum(axis=1)
+    # tdZ4 = exp_Z4*(-tLSE + tZ4)/n
+    tdZ4 = exp_Z4*(-tLSE[:, None] + tZ4)/n
+    # udF1 = tdZ4 @ W4.T
+    udF1 = np.matmul(tdZ4, W4.T, out=_scratch('udF1', (n, 256), tdZ4, W4))
+    # t14 = dZ4 @ v_W4.T
+    t14 = np.matmul(dZ4, v_W4.T, out=_scratch('t14', (n, 256), dZ4, v_W4))
+    # tdF1 = t14 + udF1
+    tdF1 = t14 + udF1
+    # tdMax2 = reshape(tdF1, (4*n, 64))
+    tdMax2 = tdF1.reshape((4*n, 64))
+    # tdQ2 = route_to_argmax(tdMax2, Q2)
+    tdQ2 = np.zeros(Q2.shape, dtype=tdMax2.dtype)
+    np.put_along_axis(tdQ2, np.argmax(Q2, axis=1)[:, None, :], tdMax2[:, None, :], axis=1)
+    # tdPp2 = reshape(tdQ2, (4*n, 256))
+    tdPp2 = tdQ2.reshape((4*n, 256))
+    # tdH3 = col2im(tdPp2)
+    _tdH3_rows = tdPp2.reshape((n, 2, 2, 2, 2, 64))
+    tdH3 = np.zeros((n, 4, 4, 64), dtype=_tdH3_rows.dtype)
+    for _i in range(2):   # scatter-add, one kernel offset at a time
+        for _j in range(2):
+            tdH3[:, _i:_i + 3:2, _j:_j + 3:2] += _tdH3_rows[:, :, :, _i, _j]
+    # tdZ3 = step_H3*tdH3
+    tdZ3 = step_H3*tdH3
+    # tdPW3 = reshape(tdZ3, (16*n, 64))
+    tdPW3 = tdZ3.reshape((16*n, 64))
+    # t15 = tdPW3 @ W3.T
+    t15 = np.matmul(tdPW3, W3.T, out=_scratch('t15', (16*n, 288), tdPW3, W3))
+    # t16 = dPW3_2 @ v_W3.T
+    t16 = np.matmul(dPW3_2, v_W3.T, out=_scratch('t16', (16*n, 288), dPW3_2, v_W3))
+    # tdP3 = t15 + t16
+    tdP3 = t15 + t16
+    # tdPool1 = col2im(tdP3)
+    _tdPool1_rows = tdP3.reshape((n, 4, 4, 3, 3, 32))
+    _tdPool1_pad = np.zeros((n, 6, 6, 32), dtype=_tdPool1_rows.dtype)
+    for _i in range(3):   # scatter-add, one kernel offset at a time
+        for _j in range(3):
+            _tdPool1_pad[:, _i:_i + 4:1, _j:_j + 4:1] += _tdPool1_rows[:, :, :, _i, _j]
+    tdPool1 = _tdPool1_pad[:, 1:5, 1:5]
+    # tdMax1 = reshape(tdPool1, (16*n, 32))
+    tdMax1 = tdPool1.reshape((16*n, 32))
+    # tdQ1 = route_to_argmax(tdMax1, Q1)
+    tdQ1 = np.zeros(Q1.shape, dtype=tdMax1.dtype)
+    np.put_along_axis(tdQ1, np.argmax(Q1, axis=1)[:, None, :], tdMax1[:, None, :], axis=1)
+    # tdPp1 = reshape(tdQ1, (16*n, 128))
+    tdPp1 = tdQ1.reshape((16*n, 128))
+    # tdH2 = col2im(tdPp1)
+    _tdH2_rows = tdPp1.reshape((n, 4, 4, 2, 2, 32))
+    tdH2 = np.zeros((n, 8, 8, 32), dtype=_tdH2_rows.dtype)
+    for _i in range(2):   # scatter-add, one kernel offset at a time
+        for _j in range(2):
+            tdH2[:, _i:_i + 7:2, _j:_j + 7:2] += _tdH2_rows[:, :, :, _i, _j]
+    # tdZ2 = step_H2*tdH2
+    tdZ2 = step_H2*tdH2
+    # tdPW2 = reshape(tdZ2, (64*n, 32))
+    tdPW2 = tdZ2.reshape((64*n, 32))
+    # t17 = tdPW2 @ W2.T
+    t17 = np.matmul(tdPW2, W2.T, out=_scratch('t17', (64*n, 288), tdPW2, W2))
+    # t18 = dPW2_2 @ v_W2.T
+    t18 = np.matmul(dPW2_2, v_W2.T, out=_scratch('t18', (64*n, 288), dPW2_2, v_W2))
+    # tdP2 = t17 + t18
+    tdP2 = t17 + t18
+    # tdH1 = col2im(tdP2)
+    _tdH1_rows = tdP2.reshape((n, 8, 8, 3, 3, 32))
+    _tdH1_pad = np.zeros((n, 10, 10, 32), dtype=_tdH1_rows.dtype)
+    for _i in range(3):   # scatter-add, one kernel offset at a time
+        for _j in range(3):
+            _tdH1_pad[:, _i:_i + 8:1, _j:_j + 8:1] += _tdH1_rows[:, :, :, _i, _j]
+    tdH1 = _tdH1_pad[:, 1:9, 1:9]
+    # tdZ1 = step_H1*tdH1
+    tdZ1 = step_H1*tdH1
+    # tdPW1 = reshape(tdZ1, (64*n, 32))
+    tdPW1 = tdZ1.reshape((64*n, 32))
+    # Hv_W1 = P1.T @ tdPW1
+    Hv_W1 = np.matmul(P1.T, tdPW1, out=_scratch('Hv_W1', (9, 32), P1, tdPW1))
+    # Hv_b1 = sum(tdZ1, axis=(0, 1, 2))
+    Hv_b1 = tdZ1.sum(axis=(0, 1, 2))
+    # t19 = tP2.T @ dPW2_2
+    t19 = np.matmul(tP2.T, dPW2_2, out=_scratch('t19', (288, 32), tP2, dPW2_2))
+    # t20 = P2.T @ tdPW2
+    t20 = np.matmul(P2.T, tdPW2, out=_scratch('t20', (288, 32), P2, tdPW2))
+    # Hv_W2 = t19 + t20
+    Hv_W2 = t19 + t20
+    # Hv_b2 = sum(tdZ2, axis=(0, 1, 2))
+    Hv_b2 = tdZ2.sum(axis=(0, 1, 2))
+    # t21 = P3.T @ tdPW3
+    t21 = np.matmul(P3.T, tdPW3, out=_scratch('t21', (288, 64), P3, tdPW3))
+    # t22 = tP3.T @ dPW3_2
+    t22 = np.matmul(tP3.T, dPW3_2, out=_scratch('t22', (288, 64), tP3, dPW3_2))
+    # Hv_W3 = t21 + t22
+    Hv_W3 = t21 + t22
+    # Hv_b3 = sum(tdZ3, axis=(0, 1, 2))
+    Hv_b3 = tdZ3.sum(axis=(0, 1, 2))
+    # t23 = tF1.T @ dZ4
+    t23 = np.matmul(tF1.T, dZ4, out=_scratch('t23', (256, 10), tF1, dZ4))
+    # Gv_W4 = F1.T @ tdZ4
+    Gv_W4 = np.matmul(F1.T, tdZ4, out=_scratch('Gv_W4', (256, 10), F1, tdZ4))
+    # Hv_W4 = Gv_W4 + t23
+    Hv_W4 = Gv_W4 + t23
+    # Hv_b4 = sum(tdZ4, axis=0)
+    Hv_b4 = tdZ4.sum(axis=0)
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3_2, 'b3': db3_2, 'W4': dW4, 'b4': db4}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3, 'W4': Hv_W4, 'b4': Hv_b4}
+
+
+def gnvp(params, v, x, y):
+    """The loss, its gradient and the Gauss-Newton-vector product J^T H_loss J v for the direction v (a dict shaped like params): positive semi-definite."""
+    x = _data(x, 'x', (8, 8, 1))
+    y = _labels(y, 'y', 10)
+    n = _batch(x, y)
+    dt = x.dtype
+    W1 = _param(params, 'W1', (9, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (288, 32))
+    b2 = _param(params, 'b2', (32,))
+    W3 = _param(params, 'W3', (288, 64))
+    b3 = _param(params, 'b3', (64,))
+    W4 = _param(params, 'W4', (256, 10))
+    b4 = _param(params, 'b4', (10,))
+    v_W1 = _direction(v, 'W1', (9, 32))
+    v_b1 = _direction(v, 'b1', (32,))
+    v_W2 = _direction(v, 'W2', (288, 32))
+    v_b2 = _direction(v, 'b2', (32,))
+    v_W3 = _direction(v, 'W3', (288, 64))
+    v_b3 = _direction(v, 'b3', (64,))
+    v_W4 = _direction(v, 'W4', (256, 10))
+    v_b4 = _direction(v, 'b4', (10,))
+    P1 = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 9))
+    PW1 = P1 @ W1
+    C1 = PW1.reshape((n, 8, 8, 32))
+    H1 = np.maximum(C1 + b1, 0.0)
+    P2 = np.lib.stride_tricks.sliding_window_view(np.pad(H1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
+    PW2 = P2 @ W2
+    C2 = PW2.reshape((n, 8, 8, 32))
+    H2 = np.maximum(C2 + b2, 0.0)
+    Pp1 = np.lib.stride_tricks.sliding_window_view(H2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
+    Q1 = Pp1.reshape((16*n, 4, 32))
+    Max1 = Q1.max(axis=1)
+    Pool1 = Max1.reshape((n, 4, 4, 32))
+    P3 = np.lib.stride_tricks.sliding_window_view(np.pad(Pool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
+    PW3 = P3 @ W3
+    C3 = PW3.reshape((n, 4, 4, 64))
+    H3 = np.maximum(C3 + b3, 0.0)
+    Pp2 = np.lib.stride_tricks.sliding_window_view(H3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
+    Q2 = Pp2.reshape((4*n, 4, 64))
+    Max2 = Q2.max(axis=1)
+    F1 = Max2.reshape((n, 256))
+    F1W4 = F1 @ W4
+    Z4 = F1W4 + b4
+    LSE = _logsumexp(Z4)
+    CE = LSE - Z4[np.arange(n), y]
+    L = CE.mean()
+    step_H1 = np.heaviside(H1, 0.0)
+    dZ4 = np.exp(Z4 - LSE[:, None])
+    dZ4[np.arange(n), y] -= 1
+    dZ4 *= 1/n
+    dF1 = dZ4 @ W4.T
+    dMax2 = dF1.reshape((4*n, 64))
+    dQ2 = np.zeros(Q2.shape, dtype=dMax2.dtype)
+    np.put_along_axis(dQ2, np.argmax(Q2, axis=1)[:, None, :], dMax2[:, None, :], axis=1)
+    dPp2 = dQ2.reshape((4*n, 256))
+    _dH3_rows = dPp2.reshape((n, 2, 2, 2, 2, 64))
+    dH3 = np.zeros((n, 4, 4, 64), dtype=_dH3_rows.dtype)
+    for _i in range(2):   # scatter-add, one kernel offset at a time
+        for _j in range(2):
+            dH3[:, _i:_i + 3:2, _j:_j + 3:2] += _dH3_rows[:, :, :, _i, _j]
+    step_H3 = np.heaviside(H3, 0.0)
+    dZ3_2 = dH3*step_H3
+    dPW3_2 = dZ3_2.reshape((16*n, 64))
+    dP3_2 = np.matmul(dPW3_2, W3.T, out=_scratch('dP3_2', (16*n, 288), dPW3_2, W3))
+    _dPool1_2_rows = dP3_2.reshape((n, 4, 4, 3, 3, 32))
+    _dPool1_2_pad = np.zeros((n, 6, 6, 32), dtype=_dPool1_2_rows.dtype)
+    for _i in range(3):   # scatter-add, one kernel offset at a time
+        for _j in range(3):
+            _dPool1_2_pad[:, _i:_i + 4:1, _j:_j + 4:1] += _dPool1_2_rows[:, :, :, _i, _j]
+    dPool1_2 = _dPool1_2_pad[:, 1:5, 1:5]
+    dMax1_2 = dPool1_2.reshape((16*n, 32))
+    dQ1_2 = np.zeros(Q1.shape, dtype=dMax1_2.dtype)
+    np.put_along_axis(dQ1_2, np.argmax(Q1, axis=1)[:, None, :], dMax1_2[:, None, :], axis=1)
+    dPp1_2 = dQ1_2.reshape((16*n, 128))
+    _dH2_2_rows = dPp1_2.reshape((n, 4, 4, 2, 2, 32))
+    dH2_2 = np.zeros((n, 8, 8, 32), dtype=_dH2_2_rows.dtype)
+    for _i in range(2):   # scatter-add, one kernel offset at a time
+        for _j in range(2):
+            dH2_2[:, _i:_i + 7:2, _j:_j + 7:2] += _dH2_2_rows[:, :, :, _i, _j]
+    step_H2 = np.heaviside(H2, 0.0)
+    dZ2_2 = dH2_2*step_H2
+    dPW2_2 = dZ2_2.reshape((64*n, 32))
+    dP2_2 = np.matmul(dPW2_2, W2.T, out=_scratch('dP2_2', (64*n, 288), dPW2_2, W2))
+    _dH1_2_rows = dP2_2.reshape((n, 8, 8, 3, 3, 32))
+    _dH1_2_pad = np.zeros((n, 10, 10, 32), dtype=_dH1_2_rows.dtype)
+    for _i in range(3):   # scatter-add, one kernel offset at a time
+        for _j in range(3):
+            _dH1_2_pad[:, _i:_i + 8:1, _j:_j + 8:1] += _dH1_2_rows[:, :, :, _i, _j]
+    dH1_2 = _dH1_2_pad[:, 1:9, 1:9]
+    dZ1_2 = dH1_2*step_H1
+    dPW1_2 = dZ1_2.reshape((64*n, 32))
+    dW1_2 = np.matmul(P1.T, dPW1_2, out=_scratch('dW1_2', (9, 32), P1, dPW1_2))
+    db1_2 = dZ1_2.sum(axis=(0, 1, 2))
+    dW2_2 = np.matmul(P2.T, dPW2_2, out=_scratch('dW2_2', (288, 32), P2, dPW2_2))
+    db2_2 = dZ2_2.sum(axis=(0, 1, 2))
+    dW3_2 = np.matmul(P3.T, dPW3_2, out=_scratch('dW3_2', (288, 64), P3, dPW3_2))
+    db3_2 = dZ3_2.sum(axis=(0, 1, 2))
+    dW4 = F1.T @ dZ4
+    db4 = dZ4.sum(axis=0)
+    # t1 = P2 @ v_W2
+    t1 = np.matmul(P2, v_W2, out=_scratch('t1', (64*n, 32), P2, v_W2))
+    # tPW1 = P1 @ v_W1
+    tPW1 = np.matmul(P1, v_W1, out=_scratch('tPW1', (64*n, 32), P1, v_W1))
+    # tC1 = reshape(tPW1, (n, 8, 8, 32))
+    tC1 = tPW1.reshape((n, 8, 8, 32))
+    # tH1 = step_H1*(tC1 + v_b1)
+    tH1 = step_H1*(tC1 + v_b1)
+    # tP2 = im2col(tH1)
+    tP2 = np.lib.stride_tricks.sliding_window_view(np.pad(tH1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
+    # t2 = tP2 @ W2
+    t2 = np.matmul(tP2, W2, out=_scratch('t2', (64*n, 32), tP2, W2))
+    # tPW2 = t1 + t2
+    tPW2 = t1 + t2
+    # tC2 = reshape(tPW2, (n, 8, 8, 32))
+    tC2 = tPW2.reshape((n, 8, 8, 32))
+    # tH2 = step_H2*(tC2 + v_b2)
+    tH2 = step_H2*(tC2 + v_b2)
+    # tPp1 = im2col(tH2)
+    tPp1 = np.lib.stride_tricks.sliding_window_view(tH2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
+    # tQ1 = reshape(tPp1, (16*n, 4, 32))
+    tQ1 = tPp1.reshape((16*n, 4, 32))
+    # t4 = route_to_argmax(1, Q1)
+    t4 = np.zeros(Q1.shape, dtype=np.full((16*n, 32), 1, dtype=dt).dtype)
+    np.put_along_axis(t4, np.argmax(Q1, axis=1)[:, None, :], 1, axis=1)
+    # tMax1 = sum(t4*tQ1, axis=1)
+    tMax1 = np.sum(t4*tQ1, axis=1)
+    # tPool1 = reshape(tMax1, (n, 4, 4, 32))
+    tPool1 = tMax1.reshape((n, 4, 4, 32))
+    # tP3 = im2col(tPool1)
+    tP3 = np.lib.stride_tricks.sliding_window_view(np.pad(tPool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
+    # t6 = tP3 @ W3
+    t6 = np.matmul(tP3, W3, out=_scratch('t6', (16*n, 64), tP3, W3))
+    # t7 = P3 @ v_W3
+    t7 = np.matmul(P3, v_W3, out=_scratch('t7', (16*n, 64), P3, v_W3))
+    # tPW3 = t6 + t7
+    tPW3 = t6 + t7
+    # tC3 = reshape(tPW3, (n, 4, 4, 64))
+    tC3 = tPW3.reshape((n, 4, 4, 64))
+    # tH3 = step_H3*(tC3 + v_b3)
+    tH3 = step_H3*(tC3 + v_b3)
+    # tPp2 = im2col(tH3)
+    tPp2 = np.lib.stride_tricks.sliding_window_view(tH3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
+    # tQ2 = reshape(tPp2, (4*n, 4, 64))
+    tQ2 = tPp2.reshape((4*n, 4, 64))
+    # t9 = route_to_argmax(1, Q2)
+    t9 = np.zeros(Q2.shape, dtype=np.full((4*n, 64), 1, dtype=dt).dtype)
+    np.put_along_axis(t9, np.argmax(Q2, axis=1)[:, None, :], 1, axis=1)
+    # tMax2 = sum(t9*tQ2, axis=1)
+    tMax2 = np.sum(t9*tQ2, axis=1)
+    # tF1 = reshape(tMax2, (n, 256))
+    tF1 = tMax2.reshape((n, 256))
+    # t11 = tF1 @ W4
+    t11 = tF1 @ W4
+    # t12 = F1 @ v_W4
+    t12 = F1 @ v_W4
+    # tZ4 = t11 + t12 + v_b4
+    tZ4 = t11 + t12 + v_b4
+    # exp_Z4 = exp(-LSE + Z4)
+    exp_Z4 = np.exp(-LSE[:, None] + Z4)
+    # tLSE = sum(exp_Z4*tZ4, axis=1)
+    tLSE = (exp_Z4*tZ4).sum(axis=1)
+    # tdZ4 = exp_Z4*(-tLSE + tZ4)/n
+    tdZ4 = exp_Z4*(-tLSE[:, None] + tZ4)/n
+    # udF1 = tdZ4 @ W4.T
+    udF1 = np.matmul(tdZ4, W4.T, out=_scratch('udF1', (n, 256), tdZ4, W4))
+    # udMax2 = reshape(udF1, (4*n, 64))
+    udMax2 = udF1.reshape((4*n, 64))
+    # udQ2 = route_to_argmax(udMax2, Q2)
+    udQ2 = np.zeros(Q2.shape, dtype=udMax2.dtype)
+    np.put_along_axis(udQ2, np.argmax(Q2, axis=1)[:, None, :], udMax2[:, None, :], axis=1)
+    # udPp2 = reshape(udQ2, (4*n, 256))
+    udPp2 = udQ2.reshape((4*n, 256))
+    # udH3 = col2im(udPp2)
+    _udH3_rows = udPp2.reshape((n, 2, 2, 2, 2, 64))
+    udH3 = np.zeros((n, 4, 4, 64), dtype=_udH3_rows.dtype)
+    for _i in range(2):   # scatter-add, one kernel offset at a time
+        for _j in range(2):
+            udH3[:, _i:_i + 3:2, _j:_j + 3:2] += _udH3_rows[:, :, :, _i, _j]
+    # udZ3 = step_H3*udH3
+    udZ3 = step_H3*udH3
+    # udPW3 = reshape(udZ3, (16*n, 64))
+    udPW3 = udZ3.reshape((16*n, 64))
+    # udP3 = udPW3 @ W3.T
+    udP3 = np.matmul(udPW3, W3.T, out=_scratch('udP3', (16*n, 288), udPW3, W3))
+    # udPool1 = col2im(udP3)
+    _udPool1_rows = udP3.reshape((n, 4, 4, 3, 3, 32))
+    _udPool1_pad = np.zeros((n, 6, 6, 32), dtype=_udPool1_rows.dtype)
+    for _i in range(3):   # scatter-add, one kernel offset at a time
+        for _j in range(3):
+            _udPool1_pad[:, _i:_i + 4:1, _j:_j + 4:1] += _udPool1_rows[:, :, :, _i, _j]
+    udPool1 = _udPool1_pad[:, 1:5, 1:5]
+    # udMax1 = reshape(udPool1, (16*n, 32))
+    udMax1 = udPool1.reshape((16*n, 32))
+    # udQ1 = route_to_argmax(udMax1, Q1)
+    udQ1 = np.zeros(Q1.shape, dtype=udMax1.dtype)
+    np.put_along_axis(udQ1, np.argmax(Q1, axis=1)[:, None, :], udMax1[:, None, :], axis=1)
+    # udPp1 = reshape(udQ1, (16*n, 128))
+    udPp1 = udQ1.reshape((16*n, 128))
+    # udH2 = col2im(udPp1)
+    _udH2_rows = udPp1.reshape((n, 4, 4, 2, 2, 32))
+    udH2 = np.zeros((n, 8, 8, 32), dtype=_udH2_rows.dtype)
+    for _i in range(2):   # scatter-add, one kernel offset at a time
+        for _j in range(2):
+            udH2[:, _i:_i + 7:2, _j:_j + 7:2] += _udH2_rows[:, :, :, _i, _j]
+    # udZ2 = step_H2*udH2
+    udZ2 = step_H2*udH2
+    # udPW2 = reshape(udZ2, (64*n, 32))
+    udPW2 = udZ2.reshape((64*n, 32))
+    # udP2 = udPW2 @ W2.T
+    udP2 = np.matmul(udPW2, W2.T, out=_scratch('udP2', (64*n, 288), udPW2, W2))
+    # udH1 = col2im(udP2)
+    _udH1_rows = udP2.reshape((n, 8, 8, 3, 3, 32))
+    _udH1_pad = np.zeros((n, 10, 10, 32), dtype=_udH1_rows.dtype)
+    for _i in range(3):   # scatter-add, one kernel offset at a time
+        for _j in range(3):
+            _udH1_pad[:, _i:_i + 8:1, _j:_j + 8:1] += _udH1_rows[:, :, :, _i, _j]
+    udH1 = _udH1_pad[:, 1:9, 1:9]
+    # udZ1 = step_H1*udH1
+    udZ1 = step_H1*udH1
+    # udPW1 = reshape(udZ1, (64*n, 32))
+    udPW1 = udZ1.reshape((64*n, 32))
+    # Gv_W1 = P1.T @ udPW1
+    Gv_W1 = np.matmul(P1.T, udPW1, out=_scratch('Gv_W1', (9, 32), P1, udPW1))
+    # Gv_b1 = sum(udZ1, axis=(0, 1, 2))
+    Gv_b1 = udZ1.sum(axis=(0, 1, 2))
+    # Gv_W2 = P2.T @ udPW2
+    Gv_W2 = np.matmul(P2.T, udPW2, out=_scratch('Gv_W2', (288, 32), P2, udPW2))
+    # Gv_b2 = sum(udZ2, axis=(0, 1, 2))
+    Gv_b2 = udZ2.sum(axis=(0, 1, 2))
+    # Gv_W3 = P3.T @ udPW3
+    Gv_W3 = np.matmul(P3.T, udPW3, out=_scratch('Gv_W3', (288, 64), P3, udPW3))
+    # Gv_b3 = sum(udZ3, axis=(0, 1, 2))
+    Gv_b3 = udZ3.sum(axis=(0, 1, 2))
+    # Gv_W4 = F1.T @ tdZ4
+    Gv_W4 = np.matmul(F1.T, tdZ4, out=_scratch('Gv_W4', (256, 10), F1, tdZ4))
+    # Hv_b4 = sum(tdZ4, axis=0)
+    Hv_b4 = tdZ4.sum(axis=0)
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3_2, 'b3': db3_2, 'W4': dW4, 'b4': db4}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': Gv_W3, 'b3': Gv_b3, 'W4': Gv_W4, 'b4': Hv_b4}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> the model output, shape (batch,) + per-sample output shape
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
+import threading
 from collections.abc import Mapping as _Mapping
 
 import numpy as np
@@ -85,6 +87,14 @@ def _param(params, name, shape):
     return a
 
 
+
+def _direction(v, name, shape):
+    try:
+        return _param(v, name, shape)
+    except ValueError as e:
+        raise ValueError(f"v (the direction, shaped like params): {e}") from None
+
+
 # ---- argument checks shared by the NumPy and C modules (templates/_checks.py.j2) ----------
 # Each function is the slow path of a check: the callers test the common case (a plain
 # ndarray of the expected kind and shape) in one condition and call these only otherwise.
@@ -153,6 +163,22 @@ def _entry(params, name):
 
 
 _EMPTY_BATCH = "the batch is empty: forward, loss and backward need at least one sample"
+
+
+_SCRATCH = threading.local()
+_SCRATCH_LIMIT = 64 * 2**20   # bytes; larger arrays (a whole data set in one call) are not kept
+
+
+def _scratch(name, shape, *operands):
+    # This thread's array for a value that never leaves the function, reused from call to call:
+    # fresh ones each call would be returned to the OS by malloc and faulted back in.
+    dtype = np.result_type(*(np.asarray(o) if isinstance(o, (list, tuple)) else o for o in operands))
+    a = getattr(_SCRATCH, name, None)
+    if a is None or a.shape != shape or a.dtype != dtype:
+        a = np.empty(shape, dtype)
+        if a.nbytes <= _SCRATCH_LIMIT:
+            setattr(_SCRATCH, name, a)
+    return a
 
 
 def _sigmoid(x):
@@ -295,6 +321,148 @@ def backward(params, x, y):
     # dalpha = sum(dZ4*x_u_flat)
     dalpha = (dZ4*x_u_flat).sum()
     return float(L), {'W1': dW1, 'b1': db1, 'G': dG, 'c': dc, 'W2': dW2, 'b2': db2, 'u': du, 'alpha': dalpha}
+
+
+def hvp(params, v, x, y):
+    """The loss, its gradient and the Hessian-vector product Hv for the direction v (a dict shaped like params): the gradient differentiated once more along v (forward over reverse)."""
+    x = _data(x, 'x', (3,))
+    y = _data(y, 'y', ())
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (16, 3))
+    b1 = _param(params, 'b1', (16, 1))
+    G = _param(params, 'G', (16, 3))
+    c = _param(params, 'c', (16, 1))
+    W2 = _param(params, 'W2', (1, 16))
+    b2 = _param(params, 'b2', (1, 1))
+    u = _param(params, 'u', (3, 1))
+    alpha = _param(params, 'alpha', ())
+    v_W1 = _direction(v, 'W1', (16, 3))
+    v_b1 = _direction(v, 'b1', (16, 1))
+    v_G = _direction(v, 'G', (16, 3))
+    v_c = _direction(v, 'c', (16, 1))
+    v_W2 = _direction(v, 'W2', (1, 16))
+    v_b2 = _direction(v, 'b2', (1, 1))
+    v_u = _direction(v, 'u', (3, 1))
+    v_alpha = _direction(v, 'alpha', ())
+    b2_s = b2.reshape(())
+    t1 = x @ u
+    t2 = t1.reshape((n,))
+    b1T = b1.T
+    M2 = x @ W1.T
+    Z2 = M2 + b1T
+    sigmoid_Z2 = _sigmoid(1.5*Z2)
+    H2 = Z2*sigmoid_Z2
+    M1 = x @ G.T
+    cT = c.T
+    H1 = _sigmoid(M1 + cT)
+    A1 = H1*H2
+    M3m = A1 @ W2.T
+    M3 = M3m.reshape((n,))
+    Z4_2 = M3 + alpha*t2 + b2_s - y
+    L_2 = (Z4_2*Z4_2/2).mean()
+    dZ4_2 = Z4_2/n
+    dM3m_2 = dZ4_2.reshape((n, 1))
+    dA1_2 = dM3m_2 @ W2
+    dH2 = H1*dA1_2
+    dZ2_2 = dH2*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
+    dW1_2 = np.matmul(dZ2_2.T, x, out=_scratch('dW1_2', (16, 3), dZ2_2, x))
+    t8 = dZ2_2.sum(axis=0)
+    db1T_2 = t8.reshape((1, 16))
+    db1_2 = db1T_2.T
+    dH1 = H2*dA1_2
+    dZ1_2 = H1*dH1*(1 - H1)
+    dG_2 = np.matmul(dZ1_2.T, x, out=_scratch('dG_2', (16, 3), dZ1_2, x))
+    t9 = dZ1_2.sum(axis=0)
+    dcT_2 = t9.reshape((1, 16))
+    dc_2 = dcT_2.T
+    dW2_2 = dM3m_2.T @ A1
+    db2_s_2 = dZ4_2.sum()
+    db2_2 = db2_s_2.reshape((1, 1))
+    t10 = alpha*dZ4_2
+    t11 = t10.reshape((n, 1))
+    du_2 = x.T @ t11
+    dalpha_2 = (dZ4_2*t2).sum()
+    # tM1 = x @ v_G.T
+    tM1 = x @ v_G.T
+    # tcT = v_c.T
+    tcT = v_c.T
+    # tH1 = H1*(1 - H1)*(tM1 + tcT)
+    tH1 = H1*(1 - H1)*(tM1 + tcT)
+    # tM2 = x @ v_W1.T
+    tM2 = x @ v_W1.T
+    # tb1T = v_b1.T
+    tb1T = v_b1.T
+    # tZ2 = tM2 + tb1T
+    tZ2 = tM2 + tb1T
+    # tH2 = tZ2*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
+    tH2 = tZ2*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
+    # tA1 = H1*tH2 + H2*tH1
+    tA1 = H1*tH2 + H2*tH1
+    # t13 = tA1 @ W2.T
+    t13 = tA1 @ W2.T
+    # t14 = A1 @ v_W2.T
+    t14 = A1 @ v_W2.T
+    # tM3m = t13 + t14
+    tM3m = t13 + t14
+    # tM3 = reshape(tM3m, (n,))
+    tM3 = tM3m.reshape((n,))
+    # tb2_s = reshape(v_b2, ())
+    tb2_s = v_b2.reshape(())
+    # t15 = x @ v_u
+    t15 = x @ v_u
+    # t16 = reshape(t15, (n,))
+    t16 = t15.reshape((n,))
+    # tdZ4 = (alpha*t16 + t2*v_alpha + tM3 + tb2_s)/n
+    tdZ4 = (alpha*t16 + t2*v_alpha + tM3 + tb2_s)/n
+    # tdM3m = reshape(tdZ4, (n, 1))
+    tdM3m = tdZ4.reshape((n, 1))
+    # t17 = tdM3m @ W2
+    t17 = tdM3m @ W2
+    # t18 = dM3m_2 @ v_W2
+    t18 = dM3m_2 @ v_W2
+    # tdA1 = t17 + t18
+    tdA1 = t17 + t18
+    # tdZ2 = dH2*sigmoid_Z2*tZ2*(1 - sigmoid_Z2)*(1.5 - 2.25*H2) + 1.5*dH2*tH2*(1 - sigmoid_Z2) + (H1*tdA1 + dA1_2*tH1)*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
+    _tdZ2_0 = 1 - sigmoid_Z2
+    _tdZ2_1 = 1.5*_tdZ2_0
+    tdZ2 = _tdZ2_0*dH2*sigmoid_Z2*tZ2*(1.5 - 2.25*H2) + _tdZ2_1*dH2*tH2 + (H1*tdA1 + dA1_2*tH1)*(H2*_tdZ2_1 + sigmoid_Z2)
+    # Hv_W1 = tdZ2.T @ x
+    Hv_W1 = np.matmul(tdZ2.T, x, out=_scratch('Hv_W1', (16, 3), tdZ2, x))
+    # t19 = sum(tdZ2, axis=0)
+    t19 = tdZ2.sum(axis=0)
+    # tdb1T = reshape(t19, (1, 16))
+    tdb1T = t19.reshape((1, 16))
+    # Hv_b1 = tdb1T.T
+    Hv_b1 = tdb1T.T
+    # tdZ1 = H1*(1 - H1)*(H2*tdA1 + dA1_2*tH2) + dH1*tH1*(1 - 2*H1)
+    tdZ1 = H1*(1 - H1)*(H2*tdA1 + dA1_2*tH2) + dH1*tH1*(1 - 2*H1)
+    # Hv_G = tdZ1.T @ x
+    Hv_G = np.matmul(tdZ1.T, x, out=_scratch('Hv_G', (16, 3), tdZ1, x))
+    # t20 = sum(tdZ1, axis=0)
+    t20 = tdZ1.sum(axis=0)
+    # tdcT = reshape(t20, (1, 16))
+    tdcT = t20.reshape((1, 16))
+    # Hv_c = tdcT.T
+    Hv_c = tdcT.T
+    # t21 = dM3m_2.T @ tA1
+    t21 = dM3m_2.T @ tA1
+    # t22 = tdM3m.T @ A1
+    t22 = tdM3m.T @ A1
+    # Hv_W2 = t21 + t22
+    Hv_W2 = t21 + t22
+    # tdb2_s = sum(tdZ4)
+    tdb2_s = tdZ4.sum()
+    # Hv_b2 = reshape(tdb2_s, (1, 1))
+    Hv_b2 = tdb2_s.reshape((1, 1))
+    # t23 = alpha*tdZ4 + dZ4_2*v_alpha
+    t23 = alpha*tdZ4 + dZ4_2*v_alpha
+    # t24 = reshape(t23, (n, 1))
+    t24 = t23.reshape((n, 1))
+    # Hv_u = x.T @ t24
+    Hv_u = x.T @ t24
+    # Hv_alpha = sum(dZ4_2*t16 + t2*tdZ4)
+    Hv_alpha = (dZ4_2*t16 + t2*tdZ4).sum()
+    return float(L_2), {'W1': dW1_2, 'b1': db1_2, 'G': dG_2, 'c': dc_2, 'W2': dW2_2, 'b2': db2_2, 'u': du_2, 'alpha': dalpha_2}, {'W1': Hv_W1, 'b1': Hv_b1, 'G': Hv_G, 'c': Hv_c, 'W2': Hv_W2, 'b2': Hv_b2, 'u': Hv_u, 'alpha': Hv_alpha}
 
 
 # ---------------------------------------------------------------------------------------------

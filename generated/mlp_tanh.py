@@ -9,8 +9,11 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> the model output, shape (batch,) + per-sample output shape
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
+    gnvp(params, v, x, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
+import threading
 from collections.abc import Mapping as _Mapping
 
 import numpy as np
@@ -81,6 +84,14 @@ def _param(params, name, shape):
     return a
 
 
+
+def _direction(v, name, shape):
+    try:
+        return _param(v, name, shape)
+    except ValueError as e:
+        raise ValueError(f"v (the direction, shaped like params): {e}") from None
+
+
 # ---- argument checks shared by the NumPy and C modules (templates/_checks.py.j2) ----------
 # Each function is the slow path of a check: the callers test the common case (a plain
 # ndarray of the expected kind and shape) in one condition and call these only otherwise.
@@ -149,6 +160,22 @@ def _entry(params, name):
 
 
 _EMPTY_BATCH = "the batch is empty: forward, loss and backward need at least one sample"
+
+
+_SCRATCH = threading.local()
+_SCRATCH_LIMIT = 64 * 2**20   # bytes; larger arrays (a whole data set in one call) are not kept
+
+
+def _scratch(name, shape, *operands):
+    # This thread's array for a value that never leaves the function, reused from call to call:
+    # fresh ones each call would be returned to the OS by malloc and faulted back in.
+    dtype = np.result_type(*(np.asarray(o) if isinstance(o, (list, tuple)) else o for o in operands))
+    a = getattr(_SCRATCH, name, None)
+    if a is None or a.shape != shape or a.dtype != dtype:
+        a = np.empty(shape, dtype)
+        if a.nbytes <= _SCRATCH_LIMIT:
+            setattr(_SCRATCH, name, a)
+    return a
 
 
 def forward(params, x):
@@ -232,6 +259,170 @@ def backward(params, x, y):
     # db3 = sum(dZ3, axis=0)
     db3 = dZ3.sum(axis=0)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2, 'W3': dW3, 'b3': db3}
+
+
+def hvp(params, v, x, y):
+    """The loss, its gradient and the Hessian-vector product Hv for the direction v (a dict shaped like params): the gradient differentiated once more along v (forward over reverse)."""
+    x = _data(x, 'x', (2,))
+    y = _data(y, 'y', (1,))
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (2, 16))
+    b1 = _param(params, 'b1', (16,))
+    W2 = _param(params, 'W2', (16, 16))
+    b2 = _param(params, 'b2', (16,))
+    W3 = _param(params, 'W3', (16, 1))
+    b3 = _param(params, 'b3', (1,))
+    v_W1 = _direction(v, 'W1', (2, 16))
+    v_b1 = _direction(v, 'b1', (16,))
+    v_W2 = _direction(v, 'W2', (16, 16))
+    v_b2 = _direction(v, 'b2', (16,))
+    v_W3 = _direction(v, 'W3', (16, 1))
+    v_b3 = _direction(v, 'b3', (1,))
+    xW1 = x @ W1
+    H1 = np.tanh(b1 + xW1)
+    H1W2 = H1 @ W2
+    H2 = np.tanh(H1W2 + b2)
+    H2W3 = H2 @ W3
+    Z3 = H2W3 + b3
+    L = np.square(Z3 - y).mean()
+    dZ3 = (Z3 - y)*(2/n)
+    dH2 = dZ3 @ W3.T
+    H2_pow2 = H2*H2
+    dZ2_2 = dH2*(1 - H2_pow2)
+    dH1_2 = dZ2_2 @ W2.T
+    H1_pow2 = H1*H1
+    dZ1_2 = dH1_2*(1 - H1_pow2)
+    dW1_2 = np.matmul(x.T, dZ1_2, out=_scratch('dW1_2', (2, 16), x, dZ1_2))
+    db1_2 = dZ1_2.sum(axis=0)
+    dW2_2 = np.matmul(H1.T, dZ2_2, out=_scratch('dW2_2', (16, 16), H1, dZ2_2))
+    db2_2 = dZ2_2.sum(axis=0)
+    dW3 = H2.T @ dZ3
+    db3 = dZ3.sum(axis=0)
+    # txW1 = x @ v_W1
+    txW1 = x @ v_W1
+    # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    # t1 = tH1 @ W2
+    t1 = tH1 @ W2
+    # t2 = H1 @ v_W2
+    t2 = H1 @ v_W2
+    # tH2 = (1 - H2_pow2)*(t1 + t2 + v_b2)
+    tH2 = (1 - H2_pow2)*(t1 + t2 + v_b2)
+    # t3 = tH2 @ W3
+    t3 = tH2 @ W3
+    # t4 = H2 @ v_W3
+    t4 = H2 @ v_W3
+    # tdZ3 = 2*(t3 + t4 + v_b3)/n
+    tdZ3 = (t3 + t4 + v_b3)*(2/n)
+    # udH2 = tdZ3 @ W3.T
+    udH2 = tdZ3 @ W3.T
+    # t5 = dZ3 @ v_W3.T
+    t5 = dZ3 @ v_W3.T
+    # tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(t5 + udH2)
+    tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(t5 + udH2)
+    # t6 = tdZ2 @ W2.T
+    t6 = tdZ2 @ W2.T
+    # t7 = dZ2_2 @ v_W2.T
+    t7 = dZ2_2 @ v_W2.T
+    # tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(t6 + t7)
+    tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(t6 + t7)
+    # Hv_W1 = x.T @ tdZ1
+    Hv_W1 = np.matmul(x.T, tdZ1, out=_scratch('Hv_W1', (2, 16), x, tdZ1))
+    # Hv_b1 = sum(tdZ1, axis=0)
+    Hv_b1 = tdZ1.sum(axis=0)
+    # t8 = H1.T @ tdZ2
+    t8 = np.matmul(H1.T, tdZ2, out=_scratch('t8', (16, 16), H1, tdZ2))
+    # t9 = tH1.T @ dZ2_2
+    t9 = np.matmul(tH1.T, dZ2_2, out=_scratch('t9', (16, 16), tH1, dZ2_2))
+    # Hv_W2 = t8 + t9
+    Hv_W2 = t8 + t9
+    # Hv_b2 = sum(tdZ2, axis=0)
+    Hv_b2 = tdZ2.sum(axis=0)
+    # t10 = tH2.T @ dZ3
+    t10 = tH2.T @ dZ3
+    # Gv_W3 = H2.T @ tdZ3
+    Gv_W3 = H2.T @ tdZ3
+    # Hv_W3 = Gv_W3 + t10
+    Hv_W3 = Gv_W3 + t10
+    # Hv_b3 = sum(tdZ3, axis=0)
+    Hv_b3 = tdZ3.sum(axis=0)
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3}
+
+
+def gnvp(params, v, x, y):
+    """The loss, its gradient and the Gauss-Newton-vector product J^T H_loss J v for the direction v (a dict shaped like params): positive semi-definite."""
+    x = _data(x, 'x', (2,))
+    y = _data(y, 'y', (1,))
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (2, 16))
+    b1 = _param(params, 'b1', (16,))
+    W2 = _param(params, 'W2', (16, 16))
+    b2 = _param(params, 'b2', (16,))
+    W3 = _param(params, 'W3', (16, 1))
+    b3 = _param(params, 'b3', (1,))
+    v_W1 = _direction(v, 'W1', (2, 16))
+    v_b1 = _direction(v, 'b1', (16,))
+    v_W2 = _direction(v, 'W2', (16, 16))
+    v_b2 = _direction(v, 'b2', (16,))
+    v_W3 = _direction(v, 'W3', (16, 1))
+    v_b3 = _direction(v, 'b3', (1,))
+    xW1 = x @ W1
+    H1 = np.tanh(b1 + xW1)
+    H1W2 = H1 @ W2
+    H2 = np.tanh(H1W2 + b2)
+    H2W3 = H2 @ W3
+    Z3 = H2W3 + b3
+    L = np.square(Z3 - y).mean()
+    dZ3 = (Z3 - y)*(2/n)
+    dH2 = dZ3 @ W3.T
+    H2_pow2 = H2*H2
+    dZ2_2 = dH2*(1 - H2_pow2)
+    dH1_2 = dZ2_2 @ W2.T
+    H1_pow2 = H1*H1
+    dZ1_2 = dH1_2*(1 - H1_pow2)
+    dW1_2 = np.matmul(x.T, dZ1_2, out=_scratch('dW1_2', (2, 16), x, dZ1_2))
+    db1_2 = dZ1_2.sum(axis=0)
+    dW2_2 = np.matmul(H1.T, dZ2_2, out=_scratch('dW2_2', (16, 16), H1, dZ2_2))
+    db2_2 = dZ2_2.sum(axis=0)
+    dW3 = H2.T @ dZ3
+    db3 = dZ3.sum(axis=0)
+    # txW1 = x @ v_W1
+    txW1 = x @ v_W1
+    # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    # t1 = tH1 @ W2
+    t1 = tH1 @ W2
+    # t2 = H1 @ v_W2
+    t2 = H1 @ v_W2
+    # tH2 = (1 - H2_pow2)*(t1 + t2 + v_b2)
+    tH2 = (1 - H2_pow2)*(t1 + t2 + v_b2)
+    # t3 = tH2 @ W3
+    t3 = tH2 @ W3
+    # t4 = H2 @ v_W3
+    t4 = H2 @ v_W3
+    # tdZ3 = 2*(t3 + t4 + v_b3)/n
+    tdZ3 = (t3 + t4 + v_b3)*(2/n)
+    # udH2 = tdZ3 @ W3.T
+    udH2 = tdZ3 @ W3.T
+    # udZ2 = udH2*(1 - H2_pow2)
+    udZ2 = udH2*(1 - H2_pow2)
+    # udH1 = udZ2 @ W2.T
+    udH1 = udZ2 @ W2.T
+    # udZ1 = udH1*(1 - H1_pow2)
+    udZ1 = udH1*(1 - H1_pow2)
+    # Gv_W1 = x.T @ udZ1
+    Gv_W1 = np.matmul(x.T, udZ1, out=_scratch('Gv_W1', (2, 16), x, udZ1))
+    # Gv_b1 = sum(udZ1, axis=0)
+    Gv_b1 = udZ1.sum(axis=0)
+    # Gv_W2 = H1.T @ udZ2
+    Gv_W2 = np.matmul(H1.T, udZ2, out=_scratch('Gv_W2', (16, 16), H1, udZ2))
+    # Gv_b2 = sum(udZ2, axis=0)
+    Gv_b2 = udZ2.sum(axis=0)
+    # Gv_W3 = H2.T @ tdZ3
+    Gv_W3 = H2.T @ tdZ3
+    # Hv_b3 = sum(tdZ3, axis=0)
+    Hv_b3 = tdZ3.sum(axis=0)
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': Gv_W3, 'b3': Hv_b3}
 
 
 # ---------------------------------------------------------------------------------------------

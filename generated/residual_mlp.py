@@ -9,6 +9,8 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> class probabilities (softmax of the logits), shape (batch, classes)
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
+    gnvp(params, v, x, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 import threading
@@ -94,6 +96,14 @@ def _param(params, name, shape):
         if a.shape != shape:
             raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
     return a
+
+
+
+def _direction(v, name, shape):
+    try:
+        return _param(v, name, shape)
+    except ValueError as e:
+        raise ValueError(f"v (the direction, shaped like params): {e}") from None
 
 
 # ---- argument checks shared by the NumPy and C modules (templates/_checks.py.j2) ----------
@@ -364,6 +374,275 @@ def backward(params, x, y):
     # dbout = sum(dZout, axis=0)
     dbout = dZout.sum(axis=0)
     return float(L), {'Wh0': dWh0, 'bh0': dbh0, 'Wf1': dWf1, 'bf1': dbf1, 'Wf2': dWf2, 'bf2': dbf2, 'Wout': dWout, 'bout': dbout}
+
+
+def hvp(params, v, x, y):
+    """The loss, its gradient and the Hessian-vector product Hv for the direction v (a dict shaped like params): the gradient differentiated once more along v (forward over reverse)."""
+    x = _data(x, 'x', (2,))
+    y = _labels(y, 'y', 2)
+    n = _batch(x, y)
+    Wh0 = _param(params, 'Wh0', (2, 32))
+    bh0 = _param(params, 'bh0', (32,))
+    Wf1 = _param(params, 'Wf1', (32, 32))
+    bf1 = _param(params, 'bf1', (32,))
+    Wf2 = _param(params, 'Wf2', (32, 32))
+    bf2 = _param(params, 'bf2', (32,))
+    Wout = _param(params, 'Wout', (32, 2))
+    bout = _param(params, 'bout', (2,))
+    v_Wh0 = _direction(v, 'Wh0', (2, 32))
+    v_bh0 = _direction(v, 'bh0', (32,))
+    v_Wf1 = _direction(v, 'Wf1', (32, 32))
+    v_bf1 = _direction(v, 'bf1', (32,))
+    v_Wf2 = _direction(v, 'Wf2', (32, 32))
+    v_bf2 = _direction(v, 'bf2', (32,))
+    v_Wout = _direction(v, 'Wout', (32, 2))
+    v_bout = _direction(v, 'bout', (2,))
+    xWh0 = np.matmul(x, Wh0, out=_scratch('xWh0', (n, 32), x, Wh0))
+    Hh0 = xWh0
+    Hh0 += bh0
+    np.tanh(Hh0, out=Hh0)
+    Hh0Wf1 = np.matmul(Hh0, Wf1, out=_scratch('Hh0Wf1', (n, 32), Hh0, Wf1))
+    Hf1 = Hh0Wf1
+    Hf1 += bf1
+    np.tanh(Hf1, out=Hf1)
+    h1 = Hf1 + Hh0
+    h1Wf2 = np.matmul(h1, Wf2, out=_scratch('h1Wf2', (n, 32), h1, Wf2))
+    Hf2 = h1Wf2
+    Hf2 += bf2
+    np.tanh(Hf2, out=Hf2)
+    S2 = Hf2 + h1
+    S2Wout = S2 @ Wout
+    Zout = S2Wout + bout
+    LSE = _logsumexp(Zout)
+    CE = LSE - Zout[np.arange(n), y]
+    L = CE.mean()
+    Hh0_pow2 = Hh0*Hh0
+    dZout = np.exp(Zout - LSE[:, None])
+    dZout[np.arange(n), y] -= 1
+    dZout *= 1/n
+    dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
+    Hf2_pow2 = Hf2*Hf2
+    dZf2_2 = dS2*(1 - Hf2_pow2)
+    t3 = np.matmul(dZf2_2, Wf2.T, out=_scratch('t3', (n, 32), dZf2_2, Wf2))
+    dh1_2 = dS2 + t3
+    Hf1_pow2 = Hf1*Hf1
+    dZf1_2 = dh1_2*(1 - Hf1_pow2)
+    t4 = np.matmul(dZf1_2, Wf1.T, out=_scratch('t4', (n, 32), dZf1_2, Wf1))
+    dHh0 = dh1_2 + t4
+    dZh0_2 = dHh0*(1 - Hh0_pow2)
+    dWh0_2 = np.matmul(x.T, dZh0_2, out=_scratch('dWh0_2', (2, 32), x, dZh0_2))
+    dbh0_2 = dZh0_2.sum(axis=0)
+    dWf1_2 = np.matmul(Hh0.T, dZf1_2, out=_scratch('dWf1_2', (32, 32), Hh0, dZf1_2))
+    dbf1_2 = dZf1_2.sum(axis=0)
+    dWf2_2 = np.matmul(h1.T, dZf2_2, out=_scratch('dWf2_2', (32, 32), h1, dZf2_2))
+    dbf2_2 = dZf2_2.sum(axis=0)
+    dWout = S2.T @ dZout
+    dbout = dZout.sum(axis=0)
+    # t5 = dZout @ v_Wout.T
+    t5 = np.matmul(dZout, v_Wout.T, out=_scratch('t5', (n, 32), dZout, v_Wout))
+    # txWh0 = x @ v_Wh0
+    txWh0 = np.matmul(x, v_Wh0, out=_scratch('txWh0', (n, 32), x, v_Wh0))
+    # tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
+    tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
+    # t6 = tHh0 @ Wf1
+    t6 = np.matmul(tHh0, Wf1, out=_scratch('t6', (n, 32), tHh0, Wf1))
+    # t7 = Hh0 @ v_Wf1
+    t7 = np.matmul(Hh0, v_Wf1, out=_scratch('t7', (n, 32), Hh0, v_Wf1))
+    # tHf1 = (1 - Hf1_pow2)*(t6 + t7 + v_bf1)
+    tHf1 = (1 - Hf1_pow2)*(t6 + t7 + v_bf1)
+    # th1 = tHf1 + tHh0
+    th1 = tHf1 + tHh0
+    # t8 = th1 @ Wf2
+    t8 = np.matmul(th1, Wf2, out=_scratch('t8', (n, 32), th1, Wf2))
+    # t9 = h1 @ v_Wf2
+    t9 = np.matmul(h1, v_Wf2, out=_scratch('t9', (n, 32), h1, v_Wf2))
+    # tHf2 = (1 - Hf2_pow2)*(t8 + t9 + v_bf2)
+    tHf2 = (1 - Hf2_pow2)*(t8 + t9 + v_bf2)
+    # tS2 = tHf2 + th1
+    tS2 = tHf2 + th1
+    # t10 = tS2 @ Wout
+    t10 = tS2 @ Wout
+    # t11 = S2 @ v_Wout
+    t11 = S2 @ v_Wout
+    # tZout = t10 + t11 + v_bout
+    tZout = t10 + t11 + v_bout
+    # exp_Zout = exp(-LSE + Zout)
+    exp_Zout = np.exp(-LSE[:, None] + Zout)
+    # tLSE = sum(exp_Zout*tZout, axis=1)
+    tLSE = (exp_Zout*tZout).sum(axis=1)
+    # tdZout = exp_Zout*(-tLSE + tZout)/n
+    tdZout = exp_Zout*(-tLSE[:, None] + tZout)/n
+    # t13 = tdZout @ Wout.T
+    t13 = np.matmul(tdZout, Wout.T, out=_scratch('t13', (n, 32), tdZout, Wout))
+    # tdS2 = t13 + t5
+    tdS2 = t13 + t5
+    # t14 = dZf2_2 @ v_Wf2.T
+    t14 = np.matmul(dZf2_2, v_Wf2.T, out=_scratch('t14', (n, 32), dZf2_2, v_Wf2))
+    # tdZf2 = -2*Hf2*dS2*tHf2 + tdS2*(1 - Hf2_pow2)
+    tdZf2 = -2*Hf2*dS2*tHf2 + tdS2*(1 - Hf2_pow2)
+    # t15 = tdZf2 @ Wf2.T
+    t15 = np.matmul(tdZf2, Wf2.T, out=_scratch('t15', (n, 32), tdZf2, Wf2))
+    # tdh1 = t14 + t15 + tdS2
+    tdh1 = t14 + t15 + tdS2
+    # t16 = dZf1_2 @ v_Wf1.T
+    t16 = np.matmul(dZf1_2, v_Wf1.T, out=_scratch('t16', (n, 32), dZf1_2, v_Wf1))
+    # tdZf1 = -2*Hf1*dh1_2*tHf1 + tdh1*(1 - Hf1_pow2)
+    tdZf1 = -2*Hf1*dh1_2*tHf1 + tdh1*(1 - Hf1_pow2)
+    # t17 = tdZf1 @ Wf1.T
+    t17 = np.matmul(tdZf1, Wf1.T, out=_scratch('t17', (n, 32), tdZf1, Wf1))
+    # tdZh0 = -2*Hh0*dHh0*tHh0 + (1 - Hh0_pow2)*(t16 + t17 + tdh1)
+    tdZh0 = -2*Hh0*dHh0*tHh0 + (1 - Hh0_pow2)*(t16 + t17 + tdh1)
+    # Hv_Wh0 = x.T @ tdZh0
+    Hv_Wh0 = np.matmul(x.T, tdZh0, out=_scratch('Hv_Wh0', (2, 32), x, tdZh0))
+    # Hv_bh0 = sum(tdZh0, axis=0)
+    Hv_bh0 = tdZh0.sum(axis=0)
+    # t18 = tHh0.T @ dZf1_2
+    t18 = np.matmul(tHh0.T, dZf1_2, out=_scratch('t18', (32, 32), tHh0, dZf1_2))
+    # t19 = Hh0.T @ tdZf1
+    t19 = np.matmul(Hh0.T, tdZf1, out=_scratch('t19', (32, 32), Hh0, tdZf1))
+    # Hv_Wf1 = t18 + t19
+    Hv_Wf1 = t18 + t19
+    # Hv_bf1 = sum(tdZf1, axis=0)
+    Hv_bf1 = tdZf1.sum(axis=0)
+    # t20 = h1.T @ tdZf2
+    t20 = np.matmul(h1.T, tdZf2, out=_scratch('t20', (32, 32), h1, tdZf2))
+    # t21 = th1.T @ dZf2_2
+    t21 = np.matmul(th1.T, dZf2_2, out=_scratch('t21', (32, 32), th1, dZf2_2))
+    # Hv_Wf2 = t20 + t21
+    Hv_Wf2 = t20 + t21
+    # Hv_bf2 = sum(tdZf2, axis=0)
+    Hv_bf2 = tdZf2.sum(axis=0)
+    # t22 = S2.T @ tdZout
+    t22 = np.matmul(S2.T, tdZout, out=_scratch('t22', (32, 2), S2, tdZout))
+    # t23 = tS2.T @ dZout
+    t23 = np.matmul(tS2.T, dZout, out=_scratch('t23', (32, 2), tS2, dZout))
+    # Hv_Wout = t22 + t23
+    Hv_Wout = t22 + t23
+    # Hv_bout = sum(tdZout, axis=0)
+    Hv_bout = tdZout.sum(axis=0)
+    return float(L), {'Wh0': dWh0_2, 'bh0': dbh0_2, 'Wf1': dWf1_2, 'bf1': dbf1_2, 'Wf2': dWf2_2, 'bf2': dbf2_2, 'Wout': dWout, 'bout': dbout}, {'Wh0': Hv_Wh0, 'bh0': Hv_bh0, 'Wf1': Hv_Wf1, 'bf1': Hv_bf1, 'Wf2': Hv_Wf2, 'bf2': Hv_bf2, 'Wout': Hv_Wout, 'bout': Hv_bout}
+
+
+def gnvp(params, v, x, y):
+    """The loss, its gradient and the Gauss-Newton-vector product J^T H_loss J v for the direction v (a dict shaped like params): positive semi-definite."""
+    x = _data(x, 'x', (2,))
+    y = _labels(y, 'y', 2)
+    n = _batch(x, y)
+    Wh0 = _param(params, 'Wh0', (2, 32))
+    bh0 = _param(params, 'bh0', (32,))
+    Wf1 = _param(params, 'Wf1', (32, 32))
+    bf1 = _param(params, 'bf1', (32,))
+    Wf2 = _param(params, 'Wf2', (32, 32))
+    bf2 = _param(params, 'bf2', (32,))
+    Wout = _param(params, 'Wout', (32, 2))
+    bout = _param(params, 'bout', (2,))
+    v_Wh0 = _direction(v, 'Wh0', (2, 32))
+    v_bh0 = _direction(v, 'bh0', (32,))
+    v_Wf1 = _direction(v, 'Wf1', (32, 32))
+    v_bf1 = _direction(v, 'bf1', (32,))
+    v_Wf2 = _direction(v, 'Wf2', (32, 32))
+    v_bf2 = _direction(v, 'bf2', (32,))
+    v_Wout = _direction(v, 'Wout', (32, 2))
+    v_bout = _direction(v, 'bout', (2,))
+    xWh0 = np.matmul(x, Wh0, out=_scratch('xWh0', (n, 32), x, Wh0))
+    Hh0 = xWh0
+    Hh0 += bh0
+    np.tanh(Hh0, out=Hh0)
+    Hh0Wf1 = np.matmul(Hh0, Wf1, out=_scratch('Hh0Wf1', (n, 32), Hh0, Wf1))
+    Hf1 = Hh0Wf1
+    Hf1 += bf1
+    np.tanh(Hf1, out=Hf1)
+    h1 = Hf1 + Hh0
+    h1Wf2 = np.matmul(h1, Wf2, out=_scratch('h1Wf2', (n, 32), h1, Wf2))
+    Hf2 = h1Wf2
+    Hf2 += bf2
+    np.tanh(Hf2, out=Hf2)
+    S2 = Hf2 + h1
+    S2Wout = S2 @ Wout
+    Zout = S2Wout + bout
+    LSE = _logsumexp(Zout)
+    CE = LSE - Zout[np.arange(n), y]
+    L = CE.mean()
+    Hh0_pow2 = Hh0*Hh0
+    dZout = np.exp(Zout - LSE[:, None])
+    dZout[np.arange(n), y] -= 1
+    dZout *= 1/n
+    dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
+    Hf2_pow2 = Hf2*Hf2
+    dZf2_2 = dS2*(1 - Hf2_pow2)
+    t3 = np.matmul(dZf2_2, Wf2.T, out=_scratch('t3', (n, 32), dZf2_2, Wf2))
+    dh1_2 = dS2 + t3
+    Hf1_pow2 = Hf1*Hf1
+    dZf1_2 = dh1_2*(1 - Hf1_pow2)
+    t4 = np.matmul(dZf1_2, Wf1.T, out=_scratch('t4', (n, 32), dZf1_2, Wf1))
+    dZh0_3 = (1 - Hh0_pow2)*(dh1_2 + t4)
+    dWh0_3 = np.matmul(x.T, dZh0_3, out=_scratch('dWh0_3', (2, 32), x, dZh0_3))
+    dbh0_3 = dZh0_3.sum(axis=0)
+    dWf1_2 = np.matmul(Hh0.T, dZf1_2, out=_scratch('dWf1_2', (32, 32), Hh0, dZf1_2))
+    dbf1_2 = dZf1_2.sum(axis=0)
+    dWf2_2 = np.matmul(h1.T, dZf2_2, out=_scratch('dWf2_2', (32, 32), h1, dZf2_2))
+    dbf2_2 = dZf2_2.sum(axis=0)
+    dWout = S2.T @ dZout
+    dbout = dZout.sum(axis=0)
+    # exp_Zout = exp(-LSE + Zout)
+    exp_Zout = np.exp(-LSE[:, None] + Zout)
+    # t9 = h1 @ v_Wf2
+    t9 = np.matmul(h1, v_Wf2, out=_scratch('t9', (n, 32), h1, v_Wf2))
+    # txWh0 = x @ v_Wh0
+    txWh0 = np.matmul(x, v_Wh0, out=_scratch('txWh0', (n, 32), x, v_Wh0))
+    # tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
+    tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
+    # t6 = tHh0 @ Wf1
+    t6 = np.matmul(tHh0, Wf1, out=_scratch('t6', (n, 32), tHh0, Wf1))
+    # t7 = Hh0 @ v_Wf1
+    t7 = np.matmul(Hh0, v_Wf1, out=_scratch('t7', (n, 32), Hh0, v_Wf1))
+    # th1_2 = tHh0 + (1 - Hf1_pow2)*(t6 + t7 + v_bf1)
+    th1_2 = tHh0 + (1 - Hf1_pow2)*(t6 + t7 + v_bf1)
+    # t24 = th1_2 @ Wf2
+    t24 = np.matmul(th1_2, Wf2, out=_scratch('t24', (n, 32), th1_2, Wf2))
+    # tS2_2 = th1_2 + (1 - Hf2_pow2)*(t24 + t9 + v_bf2)
+    tS2_2 = th1_2 + (1 - Hf2_pow2)*(t24 + t9 + v_bf2)
+    # t25 = tS2_2 @ Wout
+    t25 = tS2_2 @ Wout
+    # t11 = S2 @ v_Wout
+    t11 = S2 @ v_Wout
+    # tZout_2 = t11 + t25 + v_bout
+    tZout_2 = t11 + t25 + v_bout
+    # tLSE_2 = sum(exp_Zout*tZout_2, axis=1)
+    tLSE_2 = (exp_Zout*tZout_2).sum(axis=1)
+    # tdZout_2 = exp_Zout*(-tLSE_2 + tZout_2)/n
+    tdZout_2 = exp_Zout*(-tLSE_2[:, None] + tZout_2)/n
+    # udS2 = tdZout_2 @ Wout.T
+    udS2 = np.matmul(tdZout_2, Wout.T, out=_scratch('udS2', (n, 32), tdZout_2, Wout))
+    # udZf2 = udS2*(1 - Hf2_pow2)
+    udZf2 = udS2*(1 - Hf2_pow2)
+    # t27 = udZf2 @ Wf2.T
+    t27 = np.matmul(udZf2, Wf2.T, out=_scratch('t27', (n, 32), udZf2, Wf2))
+    # udh1 = t27 + udS2
+    udh1 = t27 + udS2
+    # udZf1 = udh1*(1 - Hf1_pow2)
+    udZf1 = udh1*(1 - Hf1_pow2)
+    # t28 = udZf1 @ Wf1.T
+    t28 = np.matmul(udZf1, Wf1.T, out=_scratch('t28', (n, 32), udZf1, Wf1))
+    # udZh0 = (1 - Hh0_pow2)*(t28 + udh1)
+    udZh0 = (1 - Hh0_pow2)*(t28 + udh1)
+    # Gv_Wh0 = x.T @ udZh0
+    Gv_Wh0 = np.matmul(x.T, udZh0, out=_scratch('Gv_Wh0', (2, 32), x, udZh0))
+    # Gv_bh0 = sum(udZh0, axis=0)
+    Gv_bh0 = udZh0.sum(axis=0)
+    # Gv_Wf1 = Hh0.T @ udZf1
+    Gv_Wf1 = np.matmul(Hh0.T, udZf1, out=_scratch('Gv_Wf1', (32, 32), Hh0, udZf1))
+    # Gv_bf1 = sum(udZf1, axis=0)
+    Gv_bf1 = udZf1.sum(axis=0)
+    # Gv_Wf2 = h1.T @ udZf2
+    Gv_Wf2 = np.matmul(h1.T, udZf2, out=_scratch('Gv_Wf2', (32, 32), h1, udZf2))
+    # Gv_bf2 = sum(udZf2, axis=0)
+    Gv_bf2 = udZf2.sum(axis=0)
+    # Gv_Wout = S2.T @ tdZout_2
+    Gv_Wout = np.matmul(S2.T, tdZout_2, out=_scratch('Gv_Wout', (32, 2), S2, tdZout_2))
+    # Hv_bout_2 = sum(tdZout_2, axis=0)
+    Hv_bout_2 = tdZout_2.sum(axis=0)
+    return float(L), {'Wh0': dWh0_3, 'bh0': dbh0_3, 'Wf1': dWf1_2, 'bf1': dbf1_2, 'Wf2': dWf2_2, 'bf2': dbf2_2, 'Wout': dWout, 'bout': dbout}, {'Wh0': Gv_Wh0, 'bh0': Gv_bh0, 'Wf1': Gv_Wf1, 'bf1': Gv_bf1, 'Wf2': Gv_Wf2, 'bf2': Gv_bf2, 'Wout': Gv_Wout, 'bout': Hv_bout_2}
 
 
 # ---------------------------------------------------------------------------------------------

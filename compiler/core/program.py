@@ -30,6 +30,7 @@ class SecondOrder:
     nodes: tuple                # schedule
     inline: frozenset
     only: frozenset
+    updates: tuple = ()         # the running statistics' next values, as this entry point computes them
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class Program:
     def view(self, second):
         """This program as seen by the statements of ``second`` (its inline set)."""
         from dataclasses import replace
-        return replace(self, inline=second.inline, backward_only=second.only, loss=second.loss)
+        return replace(self, inline=second.inline, backward_only=second.only, loss=second.loss,
+                       stat_updates=tuple((s, u) for (s, _), u in zip(self.stat_updates, second.updates)))
 
 
 def build_program(model):
@@ -156,7 +158,8 @@ def build_program(model):
                           *s_updates], s_inline)
         base = {n.uid for n in ir.topo_order([s_loss, *(g for g in s_grads if g is not None), *s_updates])}
         built[so] = SecondOrder(so, s_loss, tuple(zip(model.params, s_grads)), tuple(zip(model.params, s_prods)),
-                                nodes, frozenset(s_inline), frozenset(n.uid for n in nodes if n.uid not in base))
+                                nodes, frozenset(s_inline), frozenset(n.uid for n in nodes if n.uid not in base),
+                                tuple(s_updates))
     return Program(model, pred, loss, grad_pairs, uniq, frozenset(inline), fwd, lss, bwd,
                    frozenset(n.uid for n in bwd if n.uid not in loss_ids),
                    {"before_simplification": before, "after_simplification": after},

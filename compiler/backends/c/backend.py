@@ -447,8 +447,9 @@ def render_c(lowered, prefix=None):
                 h_dest.append((h, "scalar" if scalar else "ptr",
                                f"hv[{info['offset']}]" if scalar else f"hv + {info['offset']}"))
         zero_h = [info_of[p.name] for p, h in so.products if h is None]
+        s_stats = [(u, "ptr", f"stats_out + {q['offset']}") for (_, u), q in zip(view.stat_updates, stats)]
         functions.append(w2.function(so.name, data + targets + masks + state, so.nodes,
-                                     loss_dest + g_dest + h_dest + stats_dest, zero_grads,
+                                     [(so.loss, "scalar", "*loss")] + g_dest + h_dest + s_stats, zero_grads,
                                      directions=dirs, zero_hv=zero_h))
         st.helpers |= st2.helpers
     work_a = max(f["work"][0] for f in functions)
