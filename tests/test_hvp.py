@@ -5,6 +5,8 @@ targets, ``hvp`` equals central differences of ``backward`` along v and returns 
 and gradients; on small models the Hessian built column by column from ``hvp`` equals the exact
 Hessian (closed form, or SymPy's), and ``gnvp`` is symmetric positive semi-definite and equals
 the Hessian where the model is linear in its parameters (MSE)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -189,3 +191,22 @@ def test_bad_direction_names_v(target):
     bad = {**{k: np.zeros_like(a) for k, a in params.items()}, "W1": np.zeros((1, 1))}
     with pytest.raises(ValueError, match=r"v \(the direction.*shape"):
         mod.hvp(params, bad, x, y)
+
+
+def test_show_hvp_text_and_latex(capsys):
+    from compiler.cli.app import main
+    from mathtext_check import parses
+    spec = str(Path(__file__).resolve().parent.parent / "examples" / "mlp_tanh.toml")
+    assert main(["show", spec, "--hvp"]) == 0
+    text = capsys.readouterr().out
+    assert "Hessian-vector product for W1, shape (2, 16):" in text
+    assert "Gauss-Newton-vector product J^T H_loss J v for b3" in text
+    assert "txW1 = x @ v_W1" in text and "Hv_W1 = x.T @ tdZ1" in text
+    assert "tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(t5 + udH2)" in text    # d(tanh') = -2 H tH, adjoint reused
+    assert main(["show", spec, "--hvp", "--format", "latex", "--param", "W1"]) == 0
+    tex = capsys.readouterr().out
+    lines = [ln.strip().rstrip("\\").strip() for ln in tex.splitlines() if "&=" in ln]
+    assert lines and all(parses(ln.replace("&=", "=")) for ln in lines)
+    assert r"\mathrm{Hv\_W}_{1} &= x^{\top} \mathrm{tdZ}_{1}" in tex
+    assert main(["show", spec, "--hvp", "--format", "dot"]) == 2
+    assert "--hvp prints formulas" in capsys.readouterr().err
