@@ -4,7 +4,7 @@ Sections (``--only`` picks some): ``step`` the 784-256-128-10 training step, ``s
 nets where call overhead dominates, ``peak`` the fraction of the machine's matmul throughput the
 step reaches, ``compile`` compile time against depth and width; not run by default: ``c`` the C
 target against hand NumPy, hand C, PyTorch and JAX, ``blas`` its loops against gemm
-(bench/c_target.py).
+(bench/c_target.py); ``hvp`` Hessian-vector products (bench/hvp.py).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from compiler.core import ir  # noqa: E402
 
 from bench.cpu import cpu_name  # noqa: E402
 from bench.frameworks import make_jax, make_torch  # noqa: E402
+from bench.hvp import hvp_section  # noqa: E402
 from bench.reference import HandMLP  # noqa: E402
 from bench.timing import compare, measure, spread  # noqa: E402
 
@@ -281,6 +282,7 @@ def _fresh_compile_seconds():
 SECTIONS = {"step": step_section, "peak": peak_section, "small": small_section, "compile": compile_section}
 from bench.c_target import blas_section, c_section  # noqa: E402
 SECTIONS.update(c=c_section, blas=blas_section)
+SECTIONS["hvp"] = hvp_section
 
 
 def describe():
@@ -293,7 +295,7 @@ def describe():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="step,peak,small,compile", help="comma-separated sections")
+    ap.add_argument("--only", default="step,peak,small,compile,hvp", help="comma-separated sections")
     ap.add_argument("--rounds", type=int, default=31, help="timing rounds (median reported)")
     ap.add_argument("--compile-repeats", type=int, default=3)
     ap.add_argument("--activation", default="tanh", choices=["tanh", "relu"])
@@ -313,6 +315,7 @@ def main(argv=None):
               "compile": "Compile time (model -> imported module)",
               "c": "The C target against hand-written NumPy and C, PyTorch and JAX",
               "blas": "The C target's matrix products: its loops against the BLAS's gemm"}
+    titles["hvp"] = f"Hessian-vector product, MLP 784-256-128-10 {args.activation}, softmax cross-entropy, batch 256"
     for name in args.only.split(","):
         print(f"\n## {titles[name]}", flush=True)
         text = SECTIONS[name](args, results)

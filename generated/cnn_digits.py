@@ -526,18 +526,18 @@ def hvp(params, v, x, y):
     dH1_2 = _dH1_2_pad[:, 1:9, 1:9]
     dZ1_2 = dH1_2*step_H1
     dPW1_2 = dZ1_2.reshape((64*n, 32))
-    dW1_2 = np.matmul(P1.T, dPW1_2, out=_scratch('dW1_2', (9, 32), P1, dPW1_2))
+    dW1_2 = P1.T @ dPW1_2
     db1_2 = dZ1_2.sum(axis=(0, 1, 2))
-    dW2_2 = np.matmul(P2.T, dPW2_2, out=_scratch('dW2_2', (288, 32), P2, dPW2_2))
+    dW2_2 = P2.T @ dPW2_2
     db2_2 = dZ2_2.sum(axis=(0, 1, 2))
-    dW3_2 = np.matmul(P3.T, dPW3_2, out=_scratch('dW3_2', (288, 64), P3, dPW3_2))
+    dW3_2 = P3.T @ dPW3_2
     db3_2 = dZ3_2.sum(axis=(0, 1, 2))
     dW4 = F1.T @ dZ4
     db4 = dZ4.sum(axis=0)
     # t1 = P2 @ v_W2
-    t1 = np.matmul(P2, v_W2, out=_scratch('t1', (64*n, 32), P2, v_W2))
+    t1 = P2 @ v_W2
     # tPW1 = P1 @ v_W1
-    tPW1 = np.matmul(P1, v_W1, out=_scratch('tPW1', (64*n, 32), P1, v_W1))
+    tPW1 = P1 @ v_W1
     # tC1 = reshape(tPW1, (n, 8, 8, 32))
     tC1 = tPW1.reshape((n, 8, 8, 32))
     # tH1 = step_H1*(tC1 + v_b1)
@@ -545,9 +545,10 @@ def hvp(params, v, x, y):
     # tP2 = im2col(tH1)
     tP2 = np.lib.stride_tricks.sliding_window_view(np.pad(tH1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
     # t2 = tP2 @ W2
-    t2 = np.matmul(tP2, W2, out=_scratch('t2', (64*n, 32), tP2, W2))
+    t2 = tP2 @ W2
     # tPW2 = t1 + t2
-    tPW2 = t1 + t2
+    tPW2 = t1
+    tPW2 += t2
     # tC2 = reshape(tPW2, (n, 8, 8, 32))
     tC2 = tPW2.reshape((n, 8, 8, 32))
     # tH2 = step_H2*(tC2 + v_b2)
@@ -566,11 +567,12 @@ def hvp(params, v, x, y):
     # tP3 = im2col(tPool1)
     tP3 = np.lib.stride_tricks.sliding_window_view(np.pad(tPool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
     # t6 = tP3 @ W3
-    t6 = np.matmul(tP3, W3, out=_scratch('t6', (16*n, 64), tP3, W3))
+    t6 = tP3 @ W3
     # t7 = P3 @ v_W3
-    t7 = np.matmul(P3, v_W3, out=_scratch('t7', (16*n, 64), P3, v_W3))
+    t7 = P3 @ v_W3
     # tPW3 = t6 + t7
-    tPW3 = t6 + t7
+    tPW3 = t6
+    tPW3 += t7
     # tC3 = reshape(tPW3, (n, 4, 4, 64))
     tC3 = tPW3.reshape((n, 4, 4, 64))
     # tH3 = step_H3*(tC3 + v_b3)
@@ -599,11 +601,12 @@ def hvp(params, v, x, y):
     # tdZ4 = exp_Z4*(-tLSE + tZ4)/n
     tdZ4 = exp_Z4*(-tLSE[:, None] + tZ4)/n
     # udF1 = tdZ4 @ W4.T
-    udF1 = np.matmul(tdZ4, W4.T, out=_scratch('udF1', (n, 256), tdZ4, W4))
+    udF1 = tdZ4 @ W4.T
     # t14 = dZ4 @ v_W4.T
-    t14 = np.matmul(dZ4, v_W4.T, out=_scratch('t14', (n, 256), dZ4, v_W4))
+    t14 = dZ4 @ v_W4.T
     # tdF1 = t14 + udF1
-    tdF1 = t14 + udF1
+    tdF1 = t14
+    tdF1 += udF1
     # tdMax2 = reshape(tdF1, (4*n, 64))
     tdMax2 = tdF1.reshape((4*n, 64))
     # tdQ2 = route_to_argmax(tdMax2, Q2)
@@ -626,7 +629,8 @@ def hvp(params, v, x, y):
     # t16 = dPW3_2 @ v_W3.T
     t16 = np.matmul(dPW3_2, v_W3.T, out=_scratch('t16', (16*n, 288), dPW3_2, v_W3))
     # tdP3 = t15 + t16
-    tdP3 = t15 + t16
+    tdP3 = t15
+    tdP3 += t16
     # tdPool1 = col2im(tdP3)
     _tdPool1_rows = tdP3.reshape((n, 4, 4, 3, 3, 32))
     _tdPool1_pad = np.zeros((n, 6, 6, 32), dtype=_tdPool1_rows.dtype)
@@ -656,7 +660,8 @@ def hvp(params, v, x, y):
     # t18 = dPW2_2 @ v_W2.T
     t18 = np.matmul(dPW2_2, v_W2.T, out=_scratch('t18', (64*n, 288), dPW2_2, v_W2))
     # tdP2 = t17 + t18
-    tdP2 = t17 + t18
+    tdP2 = t17
+    tdP2 += t18
     # tdH1 = col2im(tdP2)
     _tdH1_rows = tdP2.reshape((n, 8, 8, 3, 3, 32))
     _tdH1_pad = np.zeros((n, 10, 10, 32), dtype=_tdH1_rows.dtype)
@@ -669,31 +674,34 @@ def hvp(params, v, x, y):
     # tdPW1 = reshape(tdZ1, (64*n, 32))
     tdPW1 = tdZ1.reshape((64*n, 32))
     # Hv_W1 = P1.T @ tdPW1
-    Hv_W1 = np.matmul(P1.T, tdPW1, out=_scratch('Hv_W1', (9, 32), P1, tdPW1))
+    Hv_W1 = P1.T @ tdPW1
     # Hv_b1 = sum(tdZ1, axis=(0, 1, 2))
     Hv_b1 = tdZ1.sum(axis=(0, 1, 2))
     # t19 = tP2.T @ dPW2_2
-    t19 = np.matmul(tP2.T, dPW2_2, out=_scratch('t19', (288, 32), tP2, dPW2_2))
+    t19 = tP2.T @ dPW2_2
     # t20 = P2.T @ tdPW2
-    t20 = np.matmul(P2.T, tdPW2, out=_scratch('t20', (288, 32), P2, tdPW2))
+    t20 = P2.T @ tdPW2
     # Hv_W2 = t19 + t20
-    Hv_W2 = t19 + t20
+    Hv_W2 = t19
+    Hv_W2 += t20
     # Hv_b2 = sum(tdZ2, axis=(0, 1, 2))
     Hv_b2 = tdZ2.sum(axis=(0, 1, 2))
     # t21 = P3.T @ tdPW3
-    t21 = np.matmul(P3.T, tdPW3, out=_scratch('t21', (288, 64), P3, tdPW3))
+    t21 = P3.T @ tdPW3
     # t22 = tP3.T @ dPW3_2
-    t22 = np.matmul(tP3.T, dPW3_2, out=_scratch('t22', (288, 64), tP3, dPW3_2))
+    t22 = tP3.T @ dPW3_2
     # Hv_W3 = t21 + t22
-    Hv_W3 = t21 + t22
+    Hv_W3 = t21
+    Hv_W3 += t22
     # Hv_b3 = sum(tdZ3, axis=(0, 1, 2))
     Hv_b3 = tdZ3.sum(axis=(0, 1, 2))
     # t23 = tF1.T @ dZ4
-    t23 = np.matmul(tF1.T, dZ4, out=_scratch('t23', (256, 10), tF1, dZ4))
+    t23 = tF1.T @ dZ4
     # Gv_W4 = F1.T @ tdZ4
-    Gv_W4 = np.matmul(F1.T, tdZ4, out=_scratch('Gv_W4', (256, 10), F1, tdZ4))
+    Gv_W4 = F1.T @ tdZ4
     # Hv_W4 = Gv_W4 + t23
-    Hv_W4 = Gv_W4 + t23
+    Hv_W4 = Gv_W4
+    Hv_W4 += t23
     # Hv_b4 = sum(tdZ4, axis=0)
     Hv_b4 = tdZ4.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3_2, 'b3': db3_2, 'W4': dW4, 'b4': db4}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3, 'W4': Hv_W4, 'b4': Hv_b4}
@@ -791,18 +799,18 @@ def gnvp(params, v, x, y):
     dH1_2 = _dH1_2_pad[:, 1:9, 1:9]
     dZ1_2 = dH1_2*step_H1
     dPW1_2 = dZ1_2.reshape((64*n, 32))
-    dW1_2 = np.matmul(P1.T, dPW1_2, out=_scratch('dW1_2', (9, 32), P1, dPW1_2))
+    dW1_2 = P1.T @ dPW1_2
     db1_2 = dZ1_2.sum(axis=(0, 1, 2))
-    dW2_2 = np.matmul(P2.T, dPW2_2, out=_scratch('dW2_2', (288, 32), P2, dPW2_2))
+    dW2_2 = P2.T @ dPW2_2
     db2_2 = dZ2_2.sum(axis=(0, 1, 2))
-    dW3_2 = np.matmul(P3.T, dPW3_2, out=_scratch('dW3_2', (288, 64), P3, dPW3_2))
+    dW3_2 = P3.T @ dPW3_2
     db3_2 = dZ3_2.sum(axis=(0, 1, 2))
     dW4 = F1.T @ dZ4
     db4 = dZ4.sum(axis=0)
     # t1 = P2 @ v_W2
-    t1 = np.matmul(P2, v_W2, out=_scratch('t1', (64*n, 32), P2, v_W2))
+    t1 = P2 @ v_W2
     # tPW1 = P1 @ v_W1
-    tPW1 = np.matmul(P1, v_W1, out=_scratch('tPW1', (64*n, 32), P1, v_W1))
+    tPW1 = P1 @ v_W1
     # tC1 = reshape(tPW1, (n, 8, 8, 32))
     tC1 = tPW1.reshape((n, 8, 8, 32))
     # tH1 = step_H1*(tC1 + v_b1)
@@ -810,9 +818,10 @@ def gnvp(params, v, x, y):
     # tP2 = im2col(tH1)
     tP2 = np.lib.stride_tricks.sliding_window_view(np.pad(tH1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
     # t2 = tP2 @ W2
-    t2 = np.matmul(tP2, W2, out=_scratch('t2', (64*n, 32), tP2, W2))
+    t2 = tP2 @ W2
     # tPW2 = t1 + t2
-    tPW2 = t1 + t2
+    tPW2 = t1
+    tPW2 += t2
     # tC2 = reshape(tPW2, (n, 8, 8, 32))
     tC2 = tPW2.reshape((n, 8, 8, 32))
     # tH2 = step_H2*(tC2 + v_b2)
@@ -831,11 +840,12 @@ def gnvp(params, v, x, y):
     # tP3 = im2col(tPool1)
     tP3 = np.lib.stride_tricks.sliding_window_view(np.pad(tPool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
     # t6 = tP3 @ W3
-    t6 = np.matmul(tP3, W3, out=_scratch('t6', (16*n, 64), tP3, W3))
+    t6 = tP3 @ W3
     # t7 = P3 @ v_W3
-    t7 = np.matmul(P3, v_W3, out=_scratch('t7', (16*n, 64), P3, v_W3))
+    t7 = P3 @ v_W3
     # tPW3 = t6 + t7
-    tPW3 = t6 + t7
+    tPW3 = t6
+    tPW3 += t7
     # tC3 = reshape(tPW3, (n, 4, 4, 64))
     tC3 = tPW3.reshape((n, 4, 4, 64))
     # tH3 = step_H3*(tC3 + v_b3)
@@ -864,7 +874,7 @@ def gnvp(params, v, x, y):
     # tdZ4 = exp_Z4*(-tLSE + tZ4)/n
     tdZ4 = exp_Z4*(-tLSE[:, None] + tZ4)/n
     # udF1 = tdZ4 @ W4.T
-    udF1 = np.matmul(tdZ4, W4.T, out=_scratch('udF1', (n, 256), tdZ4, W4))
+    udF1 = tdZ4 @ W4.T
     # udMax2 = reshape(udF1, (4*n, 64))
     udMax2 = udF1.reshape((4*n, 64))
     # udQ2 = route_to_argmax(udMax2, Q2)
@@ -922,19 +932,19 @@ def gnvp(params, v, x, y):
     # udPW1 = reshape(udZ1, (64*n, 32))
     udPW1 = udZ1.reshape((64*n, 32))
     # Gv_W1 = P1.T @ udPW1
-    Gv_W1 = np.matmul(P1.T, udPW1, out=_scratch('Gv_W1', (9, 32), P1, udPW1))
+    Gv_W1 = P1.T @ udPW1
     # Gv_b1 = sum(udZ1, axis=(0, 1, 2))
     Gv_b1 = udZ1.sum(axis=(0, 1, 2))
     # Gv_W2 = P2.T @ udPW2
-    Gv_W2 = np.matmul(P2.T, udPW2, out=_scratch('Gv_W2', (288, 32), P2, udPW2))
+    Gv_W2 = P2.T @ udPW2
     # Gv_b2 = sum(udZ2, axis=(0, 1, 2))
     Gv_b2 = udZ2.sum(axis=(0, 1, 2))
     # Gv_W3 = P3.T @ udPW3
-    Gv_W3 = np.matmul(P3.T, udPW3, out=_scratch('Gv_W3', (288, 64), P3, udPW3))
+    Gv_W3 = P3.T @ udPW3
     # Gv_b3 = sum(udZ3, axis=(0, 1, 2))
     Gv_b3 = udZ3.sum(axis=(0, 1, 2))
     # Gv_W4 = F1.T @ tdZ4
-    Gv_W4 = np.matmul(F1.T, tdZ4, out=_scratch('Gv_W4', (256, 10), F1, tdZ4))
+    Gv_W4 = F1.T @ tdZ4
     # Hv_b4 = sum(tdZ4, axis=0)
     Hv_b4 = tdZ4.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3_2, 'b3': db3_2, 'W4': dW4, 'b4': db4}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': Gv_W3, 'b3': Gv_b3, 'W4': Gv_W4, 'b4': Hv_b4}

@@ -12,7 +12,6 @@ Interface (batch-first arrays; needs only numpy):
     hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
-import threading
 from collections.abc import Mapping as _Mapping
 
 import numpy as np
@@ -163,22 +162,6 @@ def _entry(params, name):
 
 
 _EMPTY_BATCH = "the batch is empty: forward, loss and backward need at least one sample"
-
-
-_SCRATCH = threading.local()
-_SCRATCH_LIMIT = 64 * 2**20   # bytes; larger arrays (a whole data set in one call) are not kept
-
-
-def _scratch(name, shape, *operands):
-    # This thread's array for a value that never leaves the function, reused from call to call:
-    # fresh ones each call would be returned to the OS by malloc and faulted back in.
-    dtype = np.result_type(*(np.asarray(o) if isinstance(o, (list, tuple)) else o for o in operands))
-    a = getattr(_SCRATCH, name, None)
-    if a is None or a.shape != shape or a.dtype != dtype:
-        a = np.empty(shape, dtype)
-        if a.nbytes <= _SCRATCH_LIMIT:
-            setattr(_SCRATCH, name, a)
-    return a
 
 
 def _sigmoid(x):
@@ -365,13 +348,13 @@ def hvp(params, v, x, y):
     dA1_2 = dM3m_2 @ W2
     dH2 = H1*dA1_2
     dZ2_2 = dH2*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
-    dW1_2 = np.matmul(dZ2_2.T, x, out=_scratch('dW1_2', (16, 3), dZ2_2, x))
+    dW1_2 = dZ2_2.T @ x
     t8 = dZ2_2.sum(axis=0)
     db1T_2 = t8.reshape((1, 16))
     db1_2 = db1T_2.T
     dH1 = H2*dA1_2
     dZ1_2 = H1*dH1*(1 - H1)
-    dG_2 = np.matmul(dZ1_2.T, x, out=_scratch('dG_2', (16, 3), dZ1_2, x))
+    dG_2 = dZ1_2.T @ x
     t9 = dZ1_2.sum(axis=0)
     dcT_2 = t9.reshape((1, 16))
     dc_2 = dcT_2.T
@@ -427,7 +410,7 @@ def hvp(params, v, x, y):
     _tdZ2_1 = 1.5*_tdZ2_0
     tdZ2 = _tdZ2_0*dH2*sigmoid_Z2*tZ2*(1.5 - 2.25*H2) + _tdZ2_1*dH2*tH2 + (H1*tdA1 + dA1_2*tH1)*(H2*_tdZ2_1 + sigmoid_Z2)
     # Hv_W1 = tdZ2.T @ x
-    Hv_W1 = np.matmul(tdZ2.T, x, out=_scratch('Hv_W1', (16, 3), tdZ2, x))
+    Hv_W1 = tdZ2.T @ x
     # t19 = sum(tdZ2, axis=0)
     t19 = tdZ2.sum(axis=0)
     # tdb1T = reshape(t19, (1, 16))
@@ -437,7 +420,7 @@ def hvp(params, v, x, y):
     # tdZ1 = H1*(1 - H1)*(H2*tdA1 + dA1_2*tH2) + dH1*tH1*(1 - 2*H1)
     tdZ1 = H1*(1 - H1)*(H2*tdA1 + dA1_2*tH2) + dH1*tH1*(1 - 2*H1)
     # Hv_G = tdZ1.T @ x
-    Hv_G = np.matmul(tdZ1.T, x, out=_scratch('Hv_G', (16, 3), tdZ1, x))
+    Hv_G = tdZ1.T @ x
     # t20 = sum(tdZ1, axis=0)
     t20 = tdZ1.sum(axis=0)
     # tdcT = reshape(t20, (1, 16))

@@ -334,10 +334,8 @@ def hvp(params, v, x, y):
     dZ2 *= 1/n
     dH1 = np.matmul(dZ2, W2.T, out=_scratch('dH1', (n, 32), dZ2, W2))
     H1_pow2 = H1*H1
-    dZ1_2 = dH1
-    _dZ1_2_0 = np.subtract(1, H1_pow2, out=_scratch('_dZ1_2_0', (n, 32), H1_pow2))
-    dZ1_2 *= _dZ1_2_0
-    dW1_2 = np.matmul(x.T, dZ1_2, out=_scratch('dW1_2', (64, 32), x, dZ1_2))
+    dZ1_2 = dH1*(1 - H1_pow2)
+    dW1_2 = x.T @ dZ1_2
     db1_2 = dZ1_2.sum(axis=0)
     dW2 = H1.T @ dZ2
     db2 = dZ2.sum(axis=0)
@@ -346,7 +344,9 @@ def hvp(params, v, x, y):
     # txW1 = x @ v_W1
     txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
     # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    tH1 = 1 - H1_pow2
+    txW1 += v_b1
+    tH1 *= txW1
     # exp_Z2 = exp(-LSE + Z2)
     exp_Z2 = np.exp(-LSE[:, None] + Z2)
     # t2 = H1 @ v_W2
@@ -363,22 +363,23 @@ def hvp(params, v, x, y):
     udH1 = np.matmul(tdZ2, W2.T, out=_scratch('udH1', (n, 32), tdZ2, W2))
     # tdZ1 = -2*H1*dH1*tH1 + (1 - H1_pow2)*(t1 + udH1)
     tdZ1 = 1 - H1_pow2
-    _tdZ1_0 = np.add(t1, udH1, out=_scratch('_tdZ1_0', (n, 32), t1, udH1))
-    tdZ1 *= _tdZ1_0
-    dH1 *= H1
-    dH1 *= tH1
-    dH1 *= 2
-    tdZ1 -= dH1
+    t1 += udH1
+    tdZ1 *= t1
+    np.multiply(H1, dH1, out=t1)
+    t1 *= tH1
+    t1 *= 2
+    tdZ1 -= t1
     # Hv_W1 = x.T @ tdZ1
-    Hv_W1 = np.matmul(x.T, tdZ1, out=_scratch('Hv_W1', (64, 32), x, tdZ1))
+    Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
     Hv_b1 = tdZ1.sum(axis=0)
     # t5 = tH1.T @ dZ2
-    t5 = np.matmul(tH1.T, dZ2, out=_scratch('t5', (32, 10), tH1, dZ2))
+    t5 = tH1.T @ dZ2
     # Gv_W2 = H1.T @ tdZ2
-    Gv_W2 = np.matmul(H1.T, tdZ2, out=_scratch('Gv_W2', (32, 10), H1, tdZ2))
+    Gv_W2 = H1.T @ tdZ2
     # Hv_W2 = Gv_W2 + t5
-    Hv_W2 = Gv_W2 + t5
+    Hv_W2 = Gv_W2
+    Hv_W2 += t5
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}
@@ -414,7 +415,7 @@ def gnvp(params, v, x, y):
     dZ1_2 = dH1
     _dZ1_2_0 = np.subtract(1, H1_pow2, out=_scratch('_dZ1_2_0', (n, 32), H1_pow2))
     dZ1_2 *= _dZ1_2_0
-    dW1_2 = np.matmul(x.T, dZ1_2, out=_scratch('dW1_2', (64, 32), x, dZ1_2))
+    dW1_2 = x.T @ dZ1_2
     db1_2 = dZ1_2.sum(axis=0)
     dW2 = H1.T @ dZ2
     db2 = dZ2.sum(axis=0)
@@ -425,7 +426,9 @@ def gnvp(params, v, x, y):
     # txW1 = x @ v_W1
     txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
     # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    tH1 = 1 - H1_pow2
+    txW1 += v_b1
+    tH1 *= txW1
     # t3 = tH1 @ W2
     t3 = tH1 @ W2
     # tZ2 = t2 + t3 + v_b2
@@ -437,13 +440,15 @@ def gnvp(params, v, x, y):
     # udH1 = tdZ2 @ W2.T
     udH1 = np.matmul(tdZ2, W2.T, out=_scratch('udH1', (n, 32), tdZ2, W2))
     # udZ1 = udH1*(1 - H1_pow2)
-    udZ1 = udH1*(1 - H1_pow2)
+    udZ1 = udH1
+    _udZ1_0 = np.subtract(1, H1_pow2, out=_scratch('_udZ1_0', (n, 32), H1_pow2))
+    udZ1 *= _udZ1_0
     # Gv_W1 = x.T @ udZ1
-    Gv_W1 = np.matmul(x.T, udZ1, out=_scratch('Gv_W1', (64, 32), x, udZ1))
+    Gv_W1 = x.T @ udZ1
     # Gv_b1 = sum(udZ1, axis=0)
     Gv_b1 = udZ1.sum(axis=0)
     # Gv_W2 = H1.T @ tdZ2
-    Gv_W2 = np.matmul(H1.T, tdZ2, out=_scratch('Gv_W2', (32, 10), H1, tdZ2))
+    Gv_W2 = H1.T @ tdZ2
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Hv_b2}

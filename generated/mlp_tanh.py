@@ -13,7 +13,6 @@ Interface (batch-first arrays; needs only numpy):
     gnvp(params, v, x, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
-import threading
 from collections.abc import Mapping as _Mapping
 
 import numpy as np
@@ -162,22 +161,6 @@ def _entry(params, name):
 _EMPTY_BATCH = "the batch is empty: forward, loss and backward need at least one sample"
 
 
-_SCRATCH = threading.local()
-_SCRATCH_LIMIT = 64 * 2**20   # bytes; larger arrays (a whole data set in one call) are not kept
-
-
-def _scratch(name, shape, *operands):
-    # This thread's array for a value that never leaves the function, reused from call to call:
-    # fresh ones each call would be returned to the OS by malloc and faulted back in.
-    dtype = np.result_type(*(np.asarray(o) if isinstance(o, (list, tuple)) else o for o in operands))
-    a = getattr(_SCRATCH, name, None)
-    if a is None or a.shape != shape or a.dtype != dtype:
-        a = np.empty(shape, dtype)
-        if a.nbytes <= _SCRATCH_LIMIT:
-            setattr(_SCRATCH, name, a)
-    return a
-
-
 def forward(params, x):
     """Predictions for a batch: the model output, shape (batch,) + per-sample output shape."""
     x = _data(x, 'x', (2,))
@@ -292,9 +275,9 @@ def hvp(params, v, x, y):
     dH1_2 = dZ2_2 @ W2.T
     H1_pow2 = H1*H1
     dZ1_2 = dH1_2*(1 - H1_pow2)
-    dW1_2 = np.matmul(x.T, dZ1_2, out=_scratch('dW1_2', (2, 16), x, dZ1_2))
+    dW1_2 = x.T @ dZ1_2
     db1_2 = dZ1_2.sum(axis=0)
-    dW2_2 = np.matmul(H1.T, dZ2_2, out=_scratch('dW2_2', (16, 16), H1, dZ2_2))
+    dW2_2 = H1.T @ dZ2_2
     db2_2 = dZ2_2.sum(axis=0)
     dW3 = H2.T @ dZ3
     db3 = dZ3.sum(axis=0)
@@ -327,15 +310,16 @@ def hvp(params, v, x, y):
     # tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(t6 + t7)
     tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(t6 + t7)
     # Hv_W1 = x.T @ tdZ1
-    Hv_W1 = np.matmul(x.T, tdZ1, out=_scratch('Hv_W1', (2, 16), x, tdZ1))
+    Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
     Hv_b1 = tdZ1.sum(axis=0)
     # t8 = H1.T @ tdZ2
-    t8 = np.matmul(H1.T, tdZ2, out=_scratch('t8', (16, 16), H1, tdZ2))
+    t8 = H1.T @ tdZ2
     # t9 = tH1.T @ dZ2_2
-    t9 = np.matmul(tH1.T, dZ2_2, out=_scratch('t9', (16, 16), tH1, dZ2_2))
+    t9 = tH1.T @ dZ2_2
     # Hv_W2 = t8 + t9
-    Hv_W2 = t8 + t9
+    Hv_W2 = t8
+    Hv_W2 += t9
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
     # t10 = tH2.T @ dZ3
@@ -380,9 +364,9 @@ def gnvp(params, v, x, y):
     dH1_2 = dZ2_2 @ W2.T
     H1_pow2 = H1*H1
     dZ1_2 = dH1_2*(1 - H1_pow2)
-    dW1_2 = np.matmul(x.T, dZ1_2, out=_scratch('dW1_2', (2, 16), x, dZ1_2))
+    dW1_2 = x.T @ dZ1_2
     db1_2 = dZ1_2.sum(axis=0)
-    dW2_2 = np.matmul(H1.T, dZ2_2, out=_scratch('dW2_2', (16, 16), H1, dZ2_2))
+    dW2_2 = H1.T @ dZ2_2
     db2_2 = dZ2_2.sum(axis=0)
     dW3 = H2.T @ dZ3
     db3 = dZ3.sum(axis=0)
@@ -411,11 +395,11 @@ def gnvp(params, v, x, y):
     # udZ1 = udH1*(1 - H1_pow2)
     udZ1 = udH1*(1 - H1_pow2)
     # Gv_W1 = x.T @ udZ1
-    Gv_W1 = np.matmul(x.T, udZ1, out=_scratch('Gv_W1', (2, 16), x, udZ1))
+    Gv_W1 = x.T @ udZ1
     # Gv_b1 = sum(udZ1, axis=0)
     Gv_b1 = udZ1.sum(axis=0)
     # Gv_W2 = H1.T @ udZ2
-    Gv_W2 = np.matmul(H1.T, udZ2, out=_scratch('Gv_W2', (16, 16), H1, udZ2))
+    Gv_W2 = H1.T @ udZ2
     # Gv_b2 = sum(udZ2, axis=0)
     Gv_b2 = udZ2.sum(axis=0)
     # Gv_W3 = H2.T @ tdZ3

@@ -424,17 +424,19 @@ def hvp(params, v, x, y):
     Hf2_pow2 = Hf2*Hf2
     dZf2_2 = dS2*(1 - Hf2_pow2)
     t3 = np.matmul(dZf2_2, Wf2.T, out=_scratch('t3', (n, 32), dZf2_2, Wf2))
-    dh1_2 = dS2 + t3
+    dh1_2 = t3
+    dh1_2 += dS2
     Hf1_pow2 = Hf1*Hf1
     dZf1_2 = dh1_2*(1 - Hf1_pow2)
     t4 = np.matmul(dZf1_2, Wf1.T, out=_scratch('t4', (n, 32), dZf1_2, Wf1))
-    dHh0 = dh1_2 + t4
+    dHh0 = t4
+    dHh0 += dh1_2
     dZh0_2 = dHh0*(1 - Hh0_pow2)
-    dWh0_2 = np.matmul(x.T, dZh0_2, out=_scratch('dWh0_2', (2, 32), x, dZh0_2))
+    dWh0_2 = x.T @ dZh0_2
     dbh0_2 = dZh0_2.sum(axis=0)
-    dWf1_2 = np.matmul(Hh0.T, dZf1_2, out=_scratch('dWf1_2', (32, 32), Hh0, dZf1_2))
+    dWf1_2 = Hh0.T @ dZf1_2
     dbf1_2 = dZf1_2.sum(axis=0)
-    dWf2_2 = np.matmul(h1.T, dZf2_2, out=_scratch('dWf2_2', (32, 32), h1, dZf2_2))
+    dWf2_2 = h1.T @ dZf2_2
     dbf2_2 = dZf2_2.sum(axis=0)
     dWout = S2.T @ dZout
     dbout = dZout.sum(axis=0)
@@ -443,13 +445,18 @@ def hvp(params, v, x, y):
     # txWh0 = x @ v_Wh0
     txWh0 = np.matmul(x, v_Wh0, out=_scratch('txWh0', (n, 32), x, v_Wh0))
     # tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
-    tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
+    tHh0 = 1 - Hh0_pow2
+    txWh0 += v_bh0
+    tHh0 *= txWh0
     # t6 = tHh0 @ Wf1
     t6 = np.matmul(tHh0, Wf1, out=_scratch('t6', (n, 32), tHh0, Wf1))
     # t7 = Hh0 @ v_Wf1
     t7 = np.matmul(Hh0, v_Wf1, out=_scratch('t7', (n, 32), Hh0, v_Wf1))
     # tHf1 = (1 - Hf1_pow2)*(t6 + t7 + v_bf1)
-    tHf1 = (1 - Hf1_pow2)*(t6 + t7 + v_bf1)
+    tHf1 = 1 - Hf1_pow2
+    t6 += t7
+    t6 += v_bf1
+    tHf1 *= t6
     # th1 = tHf1 + tHh0
     th1 = tHf1 + tHh0
     # t8 = th1 @ Wf2
@@ -457,7 +464,10 @@ def hvp(params, v, x, y):
     # t9 = h1 @ v_Wf2
     t9 = np.matmul(h1, v_Wf2, out=_scratch('t9', (n, 32), h1, v_Wf2))
     # tHf2 = (1 - Hf2_pow2)*(t8 + t9 + v_bf2)
-    tHf2 = (1 - Hf2_pow2)*(t8 + t9 + v_bf2)
+    tHf2 = 1 - Hf2_pow2
+    t8 += t9
+    t8 += v_bf2
+    tHf2 *= t8
     # tS2 = tHf2 + th1
     tS2 = tHf2 + th1
     # t10 = tS2 @ Wout
@@ -475,7 +485,8 @@ def hvp(params, v, x, y):
     # t13 = tdZout @ Wout.T
     t13 = np.matmul(tdZout, Wout.T, out=_scratch('t13', (n, 32), tdZout, Wout))
     # tdS2 = t13 + t5
-    tdS2 = t13 + t5
+    tdS2 = t13
+    tdS2 += t5
     # t14 = dZf2_2 @ v_Wf2.T
     t14 = np.matmul(dZf2_2, v_Wf2.T, out=_scratch('t14', (n, 32), dZf2_2, v_Wf2))
     # tdZf2 = -2*Hf2*dS2*tHf2 + tdS2*(1 - Hf2_pow2)
@@ -483,7 +494,9 @@ def hvp(params, v, x, y):
     # t15 = tdZf2 @ Wf2.T
     t15 = np.matmul(tdZf2, Wf2.T, out=_scratch('t15', (n, 32), tdZf2, Wf2))
     # tdh1 = t14 + t15 + tdS2
-    tdh1 = t14 + t15 + tdS2
+    tdh1 = t14
+    tdh1 += t15
+    tdh1 += tdS2
     # t16 = dZf1_2 @ v_Wf1.T
     t16 = np.matmul(dZf1_2, v_Wf1.T, out=_scratch('t16', (n, 32), dZf1_2, v_Wf1))
     # tdZf1 = -2*Hf1*dh1_2*tHf1 + tdh1*(1 - Hf1_pow2)
@@ -491,33 +504,43 @@ def hvp(params, v, x, y):
     # t17 = tdZf1 @ Wf1.T
     t17 = np.matmul(tdZf1, Wf1.T, out=_scratch('t17', (n, 32), tdZf1, Wf1))
     # tdZh0 = -2*Hh0*dHh0*tHh0 + (1 - Hh0_pow2)*(t16 + t17 + tdh1)
-    tdZh0 = -2*Hh0*dHh0*tHh0 + (1 - Hh0_pow2)*(t16 + t17 + tdh1)
+    tdZh0 = 1 - Hh0_pow2
+    t16 += t17
+    t16 += tdh1
+    tdZh0 *= t16
+    np.multiply(Hh0, dHh0, out=t16)
+    t16 *= tHh0
+    t16 *= 2
+    tdZh0 -= t16
     # Hv_Wh0 = x.T @ tdZh0
-    Hv_Wh0 = np.matmul(x.T, tdZh0, out=_scratch('Hv_Wh0', (2, 32), x, tdZh0))
+    Hv_Wh0 = x.T @ tdZh0
     # Hv_bh0 = sum(tdZh0, axis=0)
     Hv_bh0 = tdZh0.sum(axis=0)
     # t18 = tHh0.T @ dZf1_2
-    t18 = np.matmul(tHh0.T, dZf1_2, out=_scratch('t18', (32, 32), tHh0, dZf1_2))
+    t18 = tHh0.T @ dZf1_2
     # t19 = Hh0.T @ tdZf1
-    t19 = np.matmul(Hh0.T, tdZf1, out=_scratch('t19', (32, 32), Hh0, tdZf1))
+    t19 = Hh0.T @ tdZf1
     # Hv_Wf1 = t18 + t19
-    Hv_Wf1 = t18 + t19
+    Hv_Wf1 = t18
+    Hv_Wf1 += t19
     # Hv_bf1 = sum(tdZf1, axis=0)
     Hv_bf1 = tdZf1.sum(axis=0)
     # t20 = h1.T @ tdZf2
-    t20 = np.matmul(h1.T, tdZf2, out=_scratch('t20', (32, 32), h1, tdZf2))
+    t20 = h1.T @ tdZf2
     # t21 = th1.T @ dZf2_2
-    t21 = np.matmul(th1.T, dZf2_2, out=_scratch('t21', (32, 32), th1, dZf2_2))
+    t21 = th1.T @ dZf2_2
     # Hv_Wf2 = t20 + t21
-    Hv_Wf2 = t20 + t21
+    Hv_Wf2 = t20
+    Hv_Wf2 += t21
     # Hv_bf2 = sum(tdZf2, axis=0)
     Hv_bf2 = tdZf2.sum(axis=0)
     # t22 = S2.T @ tdZout
-    t22 = np.matmul(S2.T, tdZout, out=_scratch('t22', (32, 2), S2, tdZout))
+    t22 = S2.T @ tdZout
     # t23 = tS2.T @ dZout
-    t23 = np.matmul(tS2.T, dZout, out=_scratch('t23', (32, 2), tS2, dZout))
+    t23 = tS2.T @ dZout
     # Hv_Wout = t22 + t23
-    Hv_Wout = t22 + t23
+    Hv_Wout = t22
+    Hv_Wout += t23
     # Hv_bout = sum(tdZout, axis=0)
     Hv_bout = tdZout.sum(axis=0)
     return float(L), {'Wh0': dWh0_2, 'bh0': dbh0_2, 'Wf1': dWf1_2, 'bf1': dbf1_2, 'Wf2': dWf2_2, 'bf2': dbf2_2, 'Wout': dWout, 'bout': dbout}, {'Wh0': Hv_Wh0, 'bh0': Hv_bh0, 'Wf1': Hv_Wf1, 'bf1': Hv_bf1, 'Wf2': Hv_Wf2, 'bf2': Hv_bf2, 'Wout': Hv_Wout, 'bout': Hv_bout}
@@ -571,16 +594,19 @@ def gnvp(params, v, x, y):
     Hf2_pow2 = Hf2*Hf2
     dZf2_2 = dS2*(1 - Hf2_pow2)
     t3 = np.matmul(dZf2_2, Wf2.T, out=_scratch('t3', (n, 32), dZf2_2, Wf2))
-    dh1_2 = dS2 + t3
+    dh1_2 = t3
+    dh1_2 += dS2
     Hf1_pow2 = Hf1*Hf1
     dZf1_2 = dh1_2*(1 - Hf1_pow2)
     t4 = np.matmul(dZf1_2, Wf1.T, out=_scratch('t4', (n, 32), dZf1_2, Wf1))
-    dZh0_3 = (1 - Hh0_pow2)*(dh1_2 + t4)
-    dWh0_3 = np.matmul(x.T, dZh0_3, out=_scratch('dWh0_3', (2, 32), x, dZh0_3))
+    dZh0_3 = 1 - Hh0_pow2
+    t4 += dh1_2
+    dZh0_3 *= t4
+    dWh0_3 = x.T @ dZh0_3
     dbh0_3 = dZh0_3.sum(axis=0)
-    dWf1_2 = np.matmul(Hh0.T, dZf1_2, out=_scratch('dWf1_2', (32, 32), Hh0, dZf1_2))
+    dWf1_2 = Hh0.T @ dZf1_2
     dbf1_2 = dZf1_2.sum(axis=0)
-    dWf2_2 = np.matmul(h1.T, dZf2_2, out=_scratch('dWf2_2', (32, 32), h1, dZf2_2))
+    dWf2_2 = h1.T @ dZf2_2
     dbf2_2 = dZf2_2.sum(axis=0)
     dWout = S2.T @ dZout
     dbout = dZout.sum(axis=0)
@@ -591,17 +617,27 @@ def gnvp(params, v, x, y):
     # txWh0 = x @ v_Wh0
     txWh0 = np.matmul(x, v_Wh0, out=_scratch('txWh0', (n, 32), x, v_Wh0))
     # tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
-    tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
+    tHh0 = 1 - Hh0_pow2
+    txWh0 += v_bh0
+    tHh0 *= txWh0
     # t6 = tHh0 @ Wf1
     t6 = np.matmul(tHh0, Wf1, out=_scratch('t6', (n, 32), tHh0, Wf1))
     # t7 = Hh0 @ v_Wf1
     t7 = np.matmul(Hh0, v_Wf1, out=_scratch('t7', (n, 32), Hh0, v_Wf1))
     # th1_2 = tHh0 + (1 - Hf1_pow2)*(t6 + t7 + v_bf1)
-    th1_2 = tHh0 + (1 - Hf1_pow2)*(t6 + t7 + v_bf1)
+    th1_2 = 1 - Hf1_pow2
+    t6 += t7
+    t6 += v_bf1
+    th1_2 *= t6
+    th1_2 += tHh0
     # t24 = th1_2 @ Wf2
     t24 = np.matmul(th1_2, Wf2, out=_scratch('t24', (n, 32), th1_2, Wf2))
     # tS2_2 = th1_2 + (1 - Hf2_pow2)*(t24 + t9 + v_bf2)
-    tS2_2 = th1_2 + (1 - Hf2_pow2)*(t24 + t9 + v_bf2)
+    tS2_2 = 1 - Hf2_pow2
+    t24 += t9
+    t24 += v_bf2
+    tS2_2 *= t24
+    tS2_2 += th1_2
     # t25 = tS2_2 @ Wout
     t25 = tS2_2 @ Wout
     # t11 = S2 @ v_Wout
@@ -619,27 +655,30 @@ def gnvp(params, v, x, y):
     # t27 = udZf2 @ Wf2.T
     t27 = np.matmul(udZf2, Wf2.T, out=_scratch('t27', (n, 32), udZf2, Wf2))
     # udh1 = t27 + udS2
-    udh1 = t27 + udS2
+    udh1 = t27
+    udh1 += udS2
     # udZf1 = udh1*(1 - Hf1_pow2)
     udZf1 = udh1*(1 - Hf1_pow2)
     # t28 = udZf1 @ Wf1.T
     t28 = np.matmul(udZf1, Wf1.T, out=_scratch('t28', (n, 32), udZf1, Wf1))
     # udZh0 = (1 - Hh0_pow2)*(t28 + udh1)
-    udZh0 = (1 - Hh0_pow2)*(t28 + udh1)
+    udZh0 = 1 - Hh0_pow2
+    t28 += udh1
+    udZh0 *= t28
     # Gv_Wh0 = x.T @ udZh0
-    Gv_Wh0 = np.matmul(x.T, udZh0, out=_scratch('Gv_Wh0', (2, 32), x, udZh0))
+    Gv_Wh0 = x.T @ udZh0
     # Gv_bh0 = sum(udZh0, axis=0)
     Gv_bh0 = udZh0.sum(axis=0)
     # Gv_Wf1 = Hh0.T @ udZf1
-    Gv_Wf1 = np.matmul(Hh0.T, udZf1, out=_scratch('Gv_Wf1', (32, 32), Hh0, udZf1))
+    Gv_Wf1 = Hh0.T @ udZf1
     # Gv_bf1 = sum(udZf1, axis=0)
     Gv_bf1 = udZf1.sum(axis=0)
     # Gv_Wf2 = h1.T @ udZf2
-    Gv_Wf2 = np.matmul(h1.T, udZf2, out=_scratch('Gv_Wf2', (32, 32), h1, udZf2))
+    Gv_Wf2 = h1.T @ udZf2
     # Gv_bf2 = sum(udZf2, axis=0)
     Gv_bf2 = udZf2.sum(axis=0)
     # Gv_Wout = S2.T @ tdZout_2
-    Gv_Wout = np.matmul(S2.T, tdZout_2, out=_scratch('Gv_Wout', (32, 2), S2, tdZout_2))
+    Gv_Wout = S2.T @ tdZout_2
     # Hv_bout_2 = sum(tdZout_2, axis=0)
     Hv_bout_2 = tdZout_2.sum(axis=0)
     return float(L), {'Wh0': dWh0_3, 'bh0': dbh0_3, 'Wf1': dWf1_2, 'bf1': dbf1_2, 'Wf2': dWf2_2, 'bf2': dbf2_2, 'Wout': dWout, 'bout': dbout}, {'Wh0': Gv_Wh0, 'bh0': Gv_bh0, 'Wf1': Gv_Wf1, 'bf1': Gv_bf1, 'Wf2': Gv_Wf2, 'bf2': Gv_bf2, 'Wout': Gv_Wout, 'bout': Hv_bout_2}

@@ -334,7 +334,7 @@ def hvp(params, v, x, y):
     step_H1 = np.heaviside(H1, 0.0)
     dZ1_2 = dH1
     dZ1_2 *= step_H1
-    dW1_2 = np.matmul(x.T, dZ1_2, out=_scratch('dW1_2', (64, 256), x, dZ1_2))
+    dW1_2 = x.T @ dZ1_2
     db1_2 = dZ1_2.sum(axis=0)
     dW2 = H1.T @ dZ2
     db2 = dZ2.sum(axis=0)
@@ -345,7 +345,9 @@ def hvp(params, v, x, y):
     # txW1 = x @ v_W1
     txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 256), x, v_W1))
     # tH1 = step_H1*(txW1 + v_b1)
-    tH1 = step_H1*(txW1 + v_b1)
+    tH1 = txW1
+    tH1 += v_b1
+    tH1 *= step_H1
     # t2 = tH1 @ W2
     t2 = tH1 @ W2
     # t3 = H1 @ v_W2
@@ -359,17 +361,20 @@ def hvp(params, v, x, y):
     # udH1 = tdZ2 @ W2.T
     udH1 = np.matmul(tdZ2, W2.T, out=_scratch('udH1', (n, 256), tdZ2, W2))
     # tdZ1 = step_H1*(t1 + udH1)
-    tdZ1 = step_H1*(t1 + udH1)
+    tdZ1 = t1
+    tdZ1 += udH1
+    tdZ1 *= step_H1
     # Hv_W1 = x.T @ tdZ1
-    Hv_W1 = np.matmul(x.T, tdZ1, out=_scratch('Hv_W1', (64, 256), x, tdZ1))
+    Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
     Hv_b1 = tdZ1.sum(axis=0)
     # t5 = tH1.T @ dZ2
-    t5 = np.matmul(tH1.T, dZ2, out=_scratch('t5', (256, 10), tH1, dZ2))
+    t5 = tH1.T @ dZ2
     # Gv_W2 = H1.T @ tdZ2
-    Gv_W2 = np.matmul(H1.T, tdZ2, out=_scratch('Gv_W2', (256, 10), H1, tdZ2))
+    Gv_W2 = H1.T @ tdZ2
     # Hv_W2 = Gv_W2 + t5
-    Hv_W2 = Gv_W2 + t5
+    Hv_W2 = Gv_W2
+    Hv_W2 += t5
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}
@@ -404,7 +409,7 @@ def gnvp(params, v, x, y):
     step_H1 = np.heaviside(H1, 0.0)
     dZ1_2 = dH1
     dZ1_2 *= step_H1
-    dW1_2 = np.matmul(x.T, dZ1_2, out=_scratch('dW1_2', (64, 256), x, dZ1_2))
+    dW1_2 = x.T @ dZ1_2
     db1_2 = dZ1_2.sum(axis=0)
     dW2 = H1.T @ dZ2
     db2 = dZ2.sum(axis=0)
@@ -413,7 +418,9 @@ def gnvp(params, v, x, y):
     # txW1 = x @ v_W1
     txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 256), x, v_W1))
     # tH1 = step_H1*(txW1 + v_b1)
-    tH1 = step_H1*(txW1 + v_b1)
+    tH1 = txW1
+    tH1 += v_b1
+    tH1 *= step_H1
     # t2 = tH1 @ W2
     t2 = tH1 @ W2
     # t3 = H1 @ v_W2
@@ -427,13 +434,14 @@ def gnvp(params, v, x, y):
     # udH1 = tdZ2 @ W2.T
     udH1 = np.matmul(tdZ2, W2.T, out=_scratch('udH1', (n, 256), tdZ2, W2))
     # udZ1 = step_H1*udH1
-    udZ1 = step_H1*udH1
+    udZ1 = udH1
+    udZ1 *= step_H1
     # Gv_W1 = x.T @ udZ1
-    Gv_W1 = np.matmul(x.T, udZ1, out=_scratch('Gv_W1', (64, 256), x, udZ1))
+    Gv_W1 = x.T @ udZ1
     # Gv_b1 = sum(udZ1, axis=0)
     Gv_b1 = udZ1.sum(axis=0)
     # Gv_W2 = H1.T @ tdZ2
-    Gv_W2 = np.matmul(H1.T, tdZ2, out=_scratch('Gv_W2', (256, 10), H1, tdZ2))
+    Gv_W2 = H1.T @ tdZ2
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Hv_b2}

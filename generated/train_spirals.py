@@ -375,15 +375,13 @@ def hvp(params, v, x, y):
     dZ3[np.arange(n), y] -= 1
     dZ3 *= 1/n
     dH2 = np.matmul(dZ3, W3.T, out=_scratch('dH2', (n, 32), dZ3, W3))
-    dZ2_2 = dH2
-    _dZ2_2_0 = np.subtract(1, H2_pow2, out=_scratch('_dZ2_2_0', (n, 32), H2_pow2))
-    dZ2_2 *= _dZ2_2_0
+    dZ2_2 = dH2*(1 - H2_pow2)
     dH1_2 = np.matmul(dZ2_2, W2.T, out=_scratch('dH1_2', (n, 32), dZ2_2, W2))
     H1_pow2 = H1*H1
     dZ1_2 = dH1_2*(1 - H1_pow2)
-    dW1_2 = np.matmul(x.T, dZ1_2, out=_scratch('dW1_2', (2, 32), x, dZ1_2))
+    dW1_2 = x.T @ dZ1_2
     db1_2 = dZ1_2.sum(axis=0)
-    dW2_2 = np.matmul(H1.T, dZ2_2, out=_scratch('dW2_2', (32, 32), H1, dZ2_2))
+    dW2_2 = H1.T @ dZ2_2
     db2_2 = dZ2_2.sum(axis=0)
     dW3 = H2.T @ dZ3
     db3 = dZ3.sum(axis=0)
@@ -392,7 +390,9 @@ def hvp(params, v, x, y):
     # txW1 = x @ v_W1
     txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
     # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    tH1 = 1 - H1_pow2
+    txW1 += v_b1
+    tH1 *= txW1
     # t2 = dZ3 @ v_W3.T
     t2 = np.matmul(dZ3, v_W3.T, out=_scratch('t2', (n, 32), dZ3, v_W3))
     # t3 = H1 @ v_W2
@@ -400,7 +400,10 @@ def hvp(params, v, x, y):
     # t4 = tH1 @ W2
     t4 = np.matmul(tH1, W2, out=_scratch('t4', (n, 32), tH1, W2))
     # tH2 = (1 - H2_pow2)*(t3 + t4 + v_b2)
-    tH2 = (1 - H2_pow2)*(t3 + t4 + v_b2)
+    tH2 = 1 - H2_pow2
+    t3 += t4
+    t3 += v_b2
+    tH2 *= t3
     # t5 = tH2 @ W3
     t5 = tH2 @ W3
     # t6 = H2 @ v_W3
@@ -417,34 +420,42 @@ def hvp(params, v, x, y):
     udH2 = np.matmul(tdZ3, W3.T, out=_scratch('udH2', (n, 32), tdZ3, W3))
     # tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(t2 + udH2)
     tdZ2 = 1 - H2_pow2
-    _tdZ2_0 = np.add(t2, udH2, out=_scratch('_tdZ2_0', (n, 32), t2, udH2))
-    tdZ2 *= _tdZ2_0
-    dH2 *= H2
-    dH2 *= tH2
-    dH2 *= 2
-    tdZ2 -= dH2
+    t2 += udH2
+    tdZ2 *= t2
+    np.multiply(H2, dH2, out=t2)
+    t2 *= tH2
+    t2 *= 2
+    tdZ2 -= t2
     # t8 = tdZ2 @ W2.T
     t8 = np.matmul(tdZ2, W2.T, out=_scratch('t8', (n, 32), tdZ2, W2))
     # tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(t1 + t8)
-    tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(t1 + t8)
+    tdZ1 = 1 - H1_pow2
+    t1 += t8
+    tdZ1 *= t1
+    np.multiply(H1, dH1_2, out=t1)
+    t1 *= tH1
+    t1 *= 2
+    tdZ1 -= t1
     # Hv_W1 = x.T @ tdZ1
-    Hv_W1 = np.matmul(x.T, tdZ1, out=_scratch('Hv_W1', (2, 32), x, tdZ1))
+    Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
     Hv_b1 = tdZ1.sum(axis=0)
     # t9 = H1.T @ tdZ2
-    t9 = np.matmul(H1.T, tdZ2, out=_scratch('t9', (32, 32), H1, tdZ2))
+    t9 = H1.T @ tdZ2
     # t10 = tH1.T @ dZ2_2
-    t10 = np.matmul(tH1.T, dZ2_2, out=_scratch('t10', (32, 32), tH1, dZ2_2))
+    t10 = tH1.T @ dZ2_2
     # Hv_W2 = t10 + t9
-    Hv_W2 = t10 + t9
+    Hv_W2 = t10
+    Hv_W2 += t9
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
     # Gv_W3 = H2.T @ tdZ3
-    Gv_W3 = np.matmul(H2.T, tdZ3, out=_scratch('Gv_W3', (32, 2), H2, tdZ3))
+    Gv_W3 = H2.T @ tdZ3
     # t11 = tH2.T @ dZ3
-    t11 = np.matmul(tH2.T, dZ3, out=_scratch('t11', (32, 2), tH2, dZ3))
+    t11 = tH2.T @ dZ3
     # Hv_W3 = Gv_W3 + t11
-    Hv_W3 = Gv_W3 + t11
+    Hv_W3 = Gv_W3
+    Hv_W3 += t11
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = tdZ3.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3}
@@ -490,10 +501,12 @@ def gnvp(params, v, x, y):
     dZ2_2 *= _dZ2_2_0
     dH1_2 = np.matmul(dZ2_2, W2.T, out=_scratch('dH1_2', (n, 32), dZ2_2, W2))
     H1_pow2 = H1*H1
-    dZ1_2 = dH1_2*(1 - H1_pow2)
-    dW1_2 = np.matmul(x.T, dZ1_2, out=_scratch('dW1_2', (2, 32), x, dZ1_2))
+    dZ1_2 = dH1_2
+    _dZ1_2_0 = np.subtract(1, H1_pow2, out=_scratch('_dZ1_2_0', (n, 32), H1_pow2))
+    dZ1_2 *= _dZ1_2_0
+    dW1_2 = x.T @ dZ1_2
     db1_2 = dZ1_2.sum(axis=0)
-    dW2_2 = np.matmul(H1.T, dZ2_2, out=_scratch('dW2_2', (32, 32), H1, dZ2_2))
+    dW2_2 = H1.T @ dZ2_2
     db2_2 = dZ2_2.sum(axis=0)
     dW3 = H2.T @ dZ3
     db3 = dZ3.sum(axis=0)
@@ -502,11 +515,16 @@ def gnvp(params, v, x, y):
     # txW1 = x @ v_W1
     txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
     # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    tH1 = 1 - H1_pow2
+    txW1 += v_b1
+    tH1 *= txW1
     # t4 = tH1 @ W2
     t4 = np.matmul(tH1, W2, out=_scratch('t4', (n, 32), tH1, W2))
     # tH2 = (1 - H2_pow2)*(t3 + t4 + v_b2)
-    tH2 = (1 - H2_pow2)*(t3 + t4 + v_b2)
+    tH2 = 1 - H2_pow2
+    t3 += t4
+    t3 += v_b2
+    tH2 *= t3
     # t5 = tH2 @ W3
     t5 = tH2 @ W3
     # t6 = H2 @ v_W3
@@ -522,21 +540,25 @@ def gnvp(params, v, x, y):
     # udH2 = tdZ3 @ W3.T
     udH2 = np.matmul(tdZ3, W3.T, out=_scratch('udH2', (n, 32), tdZ3, W3))
     # udZ2 = udH2*(1 - H2_pow2)
-    udZ2 = udH2*(1 - H2_pow2)
+    udZ2 = udH2
+    _udZ2_0 = np.subtract(1, H2_pow2, out=_scratch('_udZ2_0', (n, 32), H2_pow2))
+    udZ2 *= _udZ2_0
     # udH1 = udZ2 @ W2.T
     udH1 = np.matmul(udZ2, W2.T, out=_scratch('udH1', (n, 32), udZ2, W2))
     # udZ1 = udH1*(1 - H1_pow2)
-    udZ1 = udH1*(1 - H1_pow2)
+    udZ1 = udH1
+    _udZ1_0 = np.subtract(1, H1_pow2, out=_scratch('_udZ1_0', (n, 32), H1_pow2))
+    udZ1 *= _udZ1_0
     # Gv_W1 = x.T @ udZ1
-    Gv_W1 = np.matmul(x.T, udZ1, out=_scratch('Gv_W1', (2, 32), x, udZ1))
+    Gv_W1 = x.T @ udZ1
     # Gv_b1 = sum(udZ1, axis=0)
     Gv_b1 = udZ1.sum(axis=0)
     # Gv_W2 = H1.T @ udZ2
-    Gv_W2 = np.matmul(H1.T, udZ2, out=_scratch('Gv_W2', (32, 32), H1, udZ2))
+    Gv_W2 = H1.T @ udZ2
     # Gv_b2 = sum(udZ2, axis=0)
     Gv_b2 = udZ2.sum(axis=0)
     # Gv_W3 = H2.T @ tdZ3
-    Gv_W3 = np.matmul(H2.T, tdZ3, out=_scratch('Gv_W3', (32, 2), H2, tdZ3))
+    Gv_W3 = H2.T @ tdZ3
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = tdZ3.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': Gv_W3, 'b3': Hv_b3}

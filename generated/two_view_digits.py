@@ -381,12 +381,12 @@ def hvp(params, v, top, bottom, y):
     dC1 = np.matmul(dZ3, W3.T, out=_scratch('dC1', (n, 256), dZ3, W3))
     dHht = dC1[..., 0:128].copy()
     dZht_2 = dHht*step_Hht
-    dWht_2 = np.matmul(top.T, dZht_2, out=_scratch('dWht_2', (32, 128), top, dZht_2))
+    dWht_2 = top.T @ dZht_2
     dbht_2 = dZht_2.sum(axis=0)
     dHhb = dC1[..., 128:256].copy()
     step_Hhb = np.heaviside(Hhb, 0.0)
     dZhb_2 = dHhb*step_Hhb
-    dWhb_2 = np.matmul(bottom.T, dZhb_2, out=_scratch('dWhb_2', (32, 128), bottom, dZhb_2))
+    dWhb_2 = bottom.T @ dZhb_2
     dbhb_2 = dZhb_2.sum(axis=0)
     dW3 = C1.T @ dZ3
     db3 = dZ3.sum(axis=0)
@@ -397,11 +397,15 @@ def hvp(params, v, top, bottom, y):
     # ttopWht = top @ v_Wht
     ttopWht = np.matmul(top, v_Wht, out=_scratch('ttopWht', (n, 128), top, v_Wht))
     # tHht = step_Hht*(ttopWht + v_bht)
-    tHht = step_Hht*(ttopWht + v_bht)
+    tHht = ttopWht
+    tHht += v_bht
+    tHht *= step_Hht
     # tXWhb = bottom @ v_Whb
     tXWhb = np.matmul(bottom, v_Whb, out=_scratch('tXWhb', (n, 128), bottom, v_Whb))
     # tHhb = step_Hhb*(tXWhb + v_bhb)
-    tHhb = step_Hhb*(tXWhb + v_bhb)
+    tHhb = tXWhb
+    tHhb += v_bhb
+    tHhb *= step_Hhb
     # tC1 = concat(tHht, tHhb)
     tC1 = np.concatenate((tHht, tHhb), axis=-1)
     # t2 = tC1 @ W3
@@ -417,13 +421,14 @@ def hvp(params, v, top, bottom, y):
     # udC1 = tdZ3 @ W3.T
     udC1 = np.matmul(tdZ3, W3.T, out=_scratch('udC1', (n, 256), tdZ3, W3))
     # tdC1 = t1 + udC1
-    tdC1 = t1 + udC1
+    tdC1 = t1
+    tdC1 += udC1
     # tdHht = tdC1[..., 0:128]
     tdHht = tdC1[..., 0:128].copy()
     # tdZht = step_Hht*tdHht
     tdZht = step_Hht*tdHht
     # Hv_Wht = top.T @ tdZht
-    Hv_Wht = np.matmul(top.T, tdZht, out=_scratch('Hv_Wht', (32, 128), top, tdZht))
+    Hv_Wht = top.T @ tdZht
     # Hv_bht = sum(tdZht, axis=0)
     Hv_bht = tdZht.sum(axis=0)
     # tdHhb = tdC1[..., 128:256]
@@ -431,15 +436,16 @@ def hvp(params, v, top, bottom, y):
     # tdZhb = step_Hhb*tdHhb
     tdZhb = step_Hhb*tdHhb
     # Hv_Whb = bottom.T @ tdZhb
-    Hv_Whb = np.matmul(bottom.T, tdZhb, out=_scratch('Hv_Whb', (32, 128), bottom, tdZhb))
+    Hv_Whb = bottom.T @ tdZhb
     # Hv_bhb = sum(tdZhb, axis=0)
     Hv_bhb = tdZhb.sum(axis=0)
     # Gv_W3 = C1.T @ tdZ3
-    Gv_W3 = np.matmul(C1.T, tdZ3, out=_scratch('Gv_W3', (256, 10), C1, tdZ3))
+    Gv_W3 = C1.T @ tdZ3
     # t5 = tC1.T @ dZ3
-    t5 = np.matmul(tC1.T, dZ3, out=_scratch('t5', (256, 10), tC1, dZ3))
+    t5 = tC1.T @ dZ3
     # Hv_W3 = Gv_W3 + t5
-    Hv_W3 = Gv_W3 + t5
+    Hv_W3 = Gv_W3
+    Hv_W3 += t5
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = tdZ3.sum(axis=0)
     return float(L), {'Wht': dWht_2, 'bht': dbht_2, 'Whb': dWhb_2, 'bhb': dbhb_2, 'W3': dW3, 'b3': db3}, {'Wht': Hv_Wht, 'bht': Hv_bht, 'Whb': Hv_Whb, 'bhb': Hv_bhb, 'W3': Hv_W3, 'b3': Hv_b3}
@@ -484,12 +490,12 @@ def gnvp(params, v, top, bottom, y):
     dC1 = np.matmul(dZ3, W3.T, out=_scratch('dC1', (n, 256), dZ3, W3))
     dHht = dC1[..., 0:128].copy()
     dZht_2 = dHht*step_Hht
-    dWht_2 = np.matmul(top.T, dZht_2, out=_scratch('dWht_2', (32, 128), top, dZht_2))
+    dWht_2 = top.T @ dZht_2
     dbht_2 = dZht_2.sum(axis=0)
     dHhb = dC1[..., 128:256].copy()
     step_Hhb = np.heaviside(Hhb, 0.0)
     dZhb_2 = dHhb*step_Hhb
-    dWhb_2 = np.matmul(bottom.T, dZhb_2, out=_scratch('dWhb_2', (32, 128), bottom, dZhb_2))
+    dWhb_2 = bottom.T @ dZhb_2
     dbhb_2 = dZhb_2.sum(axis=0)
     dW3 = C1.T @ dZ3
     db3 = dZ3.sum(axis=0)
@@ -498,11 +504,15 @@ def gnvp(params, v, top, bottom, y):
     # ttopWht = top @ v_Wht
     ttopWht = np.matmul(top, v_Wht, out=_scratch('ttopWht', (n, 128), top, v_Wht))
     # tHht = step_Hht*(ttopWht + v_bht)
-    tHht = step_Hht*(ttopWht + v_bht)
+    tHht = ttopWht
+    tHht += v_bht
+    tHht *= step_Hht
     # tXWhb = bottom @ v_Whb
     tXWhb = np.matmul(bottom, v_Whb, out=_scratch('tXWhb', (n, 128), bottom, v_Whb))
     # tHhb = step_Hhb*(tXWhb + v_bhb)
-    tHhb = step_Hhb*(tXWhb + v_bhb)
+    tHhb = tXWhb
+    tHhb += v_bhb
+    tHhb *= step_Hhb
     # tC1 = concat(tHht, tHhb)
     tC1 = np.concatenate((tHht, tHhb), axis=-1)
     # t2 = tC1 @ W3
@@ -522,7 +532,7 @@ def gnvp(params, v, top, bottom, y):
     # udZht = step_Hht*udHht
     udZht = step_Hht*udHht
     # Gv_Wht = top.T @ udZht
-    Gv_Wht = np.matmul(top.T, udZht, out=_scratch('Gv_Wht', (32, 128), top, udZht))
+    Gv_Wht = top.T @ udZht
     # Gv_bht = sum(udZht, axis=0)
     Gv_bht = udZht.sum(axis=0)
     # udHhb = udC1[..., 128:256]
@@ -530,11 +540,11 @@ def gnvp(params, v, top, bottom, y):
     # udZhb = step_Hhb*udHhb
     udZhb = step_Hhb*udHhb
     # Gv_Whb = bottom.T @ udZhb
-    Gv_Whb = np.matmul(bottom.T, udZhb, out=_scratch('Gv_Whb', (32, 128), bottom, udZhb))
+    Gv_Whb = bottom.T @ udZhb
     # Gv_bhb = sum(udZhb, axis=0)
     Gv_bhb = udZhb.sum(axis=0)
     # Gv_W3 = C1.T @ tdZ3
-    Gv_W3 = np.matmul(C1.T, tdZ3, out=_scratch('Gv_W3', (256, 10), C1, tdZ3))
+    Gv_W3 = C1.T @ tdZ3
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = tdZ3.sum(axis=0)
     return float(L), {'Wht': dWht_2, 'bht': dbht_2, 'Whb': dWhb_2, 'bhb': dbhb_2, 'W3': dW3, 'b3': db3}, {'Wht': Gv_Wht, 'bht': Gv_bht, 'Whb': Gv_Whb, 'bhb': Gv_bhb, 'W3': Gv_W3, 'b3': Hv_b3}

@@ -210,3 +210,17 @@ def test_show_hvp_text_and_latex(capsys):
     assert r"\mathrm{Hv\_W}_{1} &= x^{\top} \mathrm{tdZ}_{1}" in tex
     assert main(["show", spec, "--hvp", "--format", "dot"]) == 2
     assert "--hvp prints formulas" in capsys.readouterr().err
+
+
+def test_returned_arrays_are_fresh_on_every_call():
+    """Wide layers use reusable scratch buffers; hvp's and gnvp's returned gradients and
+    products must never be among them (a later call would overwrite an earlier result)."""
+    mod = bpc.compile_model(bpc.mlp([40, 48, 40, 10], "tanh", "softmax_cross_entropy", name="wide")).load()
+    params = mod.init_params(0)
+    x, y = random_batch(mod, batch=16, seed=1)
+    for fn in (mod.hvp, mod.gnvp):
+        _, g1, h1 = fn(params, _direction(mod, 1), x, y)
+        keep = {k: (np.array(g1[k]), np.array(h1[k])) for k in g1}
+        fn(params, _direction(mod, 2), x, y)
+        for k, (g, h) in keep.items():
+            assert np.array_equal(g1[k], g) and np.array_equal(h1[k], h), k

@@ -54,7 +54,10 @@ class Program:
     def view(self, second):
         """This program as seen by the statements of ``second`` (its inline set)."""
         from dataclasses import replace
+        # grads: every array the entry point returns (its gradients and products), so that no
+        # printer keeps a returned array in reusable scratch memory
         return replace(self, inline=second.inline, backward_only=second.only, loss=second.loss,
+                       grads=second.grads + second.products,
                        stat_updates=tuple((s, u) for (s, _), u in zip(self.stat_updates, second.updates)))
 
 
