@@ -224,3 +224,17 @@ def test_returned_arrays_are_fresh_on_every_call():
         fn(params, _direction(mod, 2), x, y)
         for k, (g, h) in keep.items():
             assert np.array_equal(g1[k], g) and np.array_equal(h1[k], h), k
+
+
+def test_second_order_can_be_left_out(tmp_path):
+    from compiler.cli.app import main
+    model = bpc.mlp([2, 3, 1], activation="tanh", name="first_only")
+    full, lean = bpc.compile_model(model), bpc.compile_model(model, second_order=False)
+    assert "def hvp(" in full.source and "def gnvp(" in full.source
+    assert "def hvp(" not in lean.source and "def gnvp(" not in lean.source
+    assert full.source_hash != lean.source_hash and full.module_name != lean.module_name
+    body = [c.source.split("def backward(")[1].split("return ")[0] for c in (full, lean)]
+    assert body[0] == body[1]
+    spec = Path(__file__).resolve().parent.parent / "examples" / "mlp_tanh.toml"
+    assert main(["compile", str(spec), "--no-hvp", "-o", str(tmp_path / "m.py")]) == 0
+    assert "def hvp(" not in (tmp_path / "m.py").read_text()

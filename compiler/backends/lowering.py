@@ -69,10 +69,11 @@ class Lowered:
     lines: Formulas          # the formula of each scheduled value (generated code's comments)
 
 
-def lower(model, dtype=None):
+def lower(model, dtype=None, second_order=True):
     """Lower ``model`` for a backend. ``dtype`` is already a name (None, "float32", "float64");
-    each backend checks which it supports."""
-    program = build_program(model)
+    each backend checks which it supports. ``second_order``: also the ``hvp`` and ``gnvp`` entry
+    points (False: backward alone, a faster compile)."""
+    program = build_program(model, second_order)
     fm = Formulas(program)
     if dtype == "float32":
         _check_float32_constants(program, fm)
@@ -113,7 +114,7 @@ def lower(model, dtype=None):
     schemes = sorted({model.init[p.name][0] for p in model.params})
     init_doc = ", ".join(_INIT_DOCS[s] for s in schemes) or "none"
     inits = tuple(init_line(p.name, p.shape, model.init[p.name]) for p in model.params)
-    return Lowered(model, program, dtype, formulas, latex, model_hash(model, dtype), classes, interface,
+    return Lowered(model, program, dtype, formulas, latex, model_hash(model, dtype, second_order), classes, interface,
                    inits, init_doc, fm)
 
 
@@ -151,8 +152,10 @@ def token_classes(model, program):
     return out
 
 
-def model_hash(model, dtype):
+def model_hash(model, dtype, second_order=True):
     h = hashlib.sha256()
+    if not second_order:       # (the default's hash is the one modules had before hvp existed)
+        h.update(b"first order only\0")
     # the spec's text, not its path: the same model hashes the same wherever it is compiled from
     for part in (__version__, model.name, str(dtype), model.source_text, model.loss_kind,
                  model.prediction.digest, model.loss.digest, *(u.digest for _, u in model.stats),

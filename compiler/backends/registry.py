@@ -32,11 +32,11 @@ BACKENDS = {
 }
 
 
-def compile_for(backend, model, dtype=None, **options):
+def compile_for(backend, model, dtype=None, second_order=True, **options):
     """Lower ``model`` once and render it with ``backend`` (a name in BACKENDS)."""
     from compiler.backends.lowering import lower
     b = BACKENDS[backend]
     if dtype not in b.dtypes:
         raise ModelError(f"the {backend} backend needs dtype " + " or ".join(d for d in b.dtypes if d)
                          + f", not {dtype!r}")
-    return b.render(lower(model, dtype), **options)
+    return b.render(lower(model, dtype, second_order), **options)

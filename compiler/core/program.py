@@ -61,7 +61,7 @@ class Program:
                        stat_updates=tuple((s, u) for (s, _), u in zip(self.stat_updates, second.updates)))
 
 
-def build_program(model):
+def build_program(model, second_order=True):
     (prediction, loss, *updates), names = split_deep([model.prediction, model.loss, *(u for _, u in model.stats)],
                                                      dict(model.names))
     leaf_names = {leaf.digest: leaf.name for leaf in model.leaves}
@@ -116,16 +116,17 @@ def build_program(model):
             inline.add(node.uid)
 
     # second order: the raw graph's gradients differentiated once more, then simplified apart
+    # (second_order=False: backward alone; a large model compiles about three times faster)
     directions = tuple(ir.input_node(_direction_name(p, model), p.shape, "direction") for p in model.params)
     raw_grads = [grads[p.uid] for p in model.params]
     by_uid = {n.uid: n for n in ir.topo_order([raw_loss, *(g for g in raw_grads if g is not None)])}
-    hv, tan = hessian_vector(raw_grads, model.params, directions)
+    hv, tan = hessian_vector(raw_grads, model.params, directions) if second_order else ([None] * len(raw_grads), {})
     for p, h in zip(model.params, hv):
         if h is not None:
             raw_names.setdefault(h.digest, "Hv_" + p.name)
     _name_values(tan, raw_names, "t", by_uid)
-    seconds = [_second("hvp", raw_loss, raw_grads, hv, raw_updates, raw_names)]
-    heads = loss_heads(model, raw_loss)
+    seconds = [_second("hvp", raw_loss, raw_grads, hv, raw_updates, raw_names)] if second_order else []
+    heads = loss_heads(model, raw_loss) if second_order else None
     if heads is not None:
         gv, parts = gauss_newton_vector(model, raw_loss, model.params, directions, heads)
         for p, g in zip(model.params, gv):

@@ -352,7 +352,8 @@ def _c_names(program):
     return out
 
 
-def compile_model_c(model: Model, dtype: str | type = "float64", prefix: str | None = None) -> CompiledC:
+def compile_model_c(model: Model, dtype: str | type = "float64", prefix: str | None = None,
+                    second_order: bool = True) -> CompiledC:
     """Compile ``model`` to standalone C plus a cffi wrapper (returns a CompiledC).
 
     ``dtype``: "float64" (C double) or "float32" (C float). ``prefix``: the C symbol prefix
@@ -362,7 +363,7 @@ def compile_model_c(model: Model, dtype: str | type = "float64", prefix: str | N
     if dtype not in PRINTERS:
         raise ModelError(f"the C backend needs dtype float32 or float64, not {dtype!r}")
     _check_prefix(prefix or model.name)
-    return render_c(lower(model, dtype), prefix)
+    return render_c(lower(model, dtype, second_order), prefix)
 
 
 def _check_prefix(prefix):

@@ -68,16 +68,17 @@ class CompiledModule(Displayed):
         return load_module(path, self.module_name)
 
 
-def compile_model(model: Model, dtype: str | type | None = None) -> CompiledModule:
+def compile_model(model: Model, dtype: str | type | None = None, second_order: bool = True) -> CompiledModule:
     """Compile ``model`` to a standalone NumPy module (returns a CompiledModule).
 
     ``dtype``: None (follow the inputs' dtype), "float32" or "float64" (cast inputs to it).
+    ``second_order``: also emit ``hvp`` and (built-in losses) ``gnvp``; False compiles faster.
     """
     if dtype is not None:
         dtype = str(getattr(dtype, "__name__", dtype))
     if dtype not in DTYPES:
         raise ModelError(f"dtype must be float32 or float64, not {dtype!r}")
-    return render_numpy(lower(model, dtype))
+    return render_numpy(lower(model, dtype, second_order))
 
 
 def render_numpy(lowered):
