@@ -91,7 +91,7 @@ def _param(params, name, shape):
 
 
 
-def _direction(v, name, shape):
+def _direction(v, name, shape):   # (hvp and gnvp: the direction's entries)
     try:
         return _param(v, name, shape)
     except ValueError as e:

@@ -22,7 +22,7 @@ TARGETS = [pytest.param("numpy", id="numpy"), pytest.param("c", id="c", marks=NE
 
 def _poly(target):
     model = load_spec(SPEC).model
-    return (bpc.compile_model(model) if target == "numpy" else bpc.compile_model_c(model)).load()
+    return (bpc.compile_model(model) if target == "numpy" else bpc.compile_model_c(model, second_order=True)).load()
 
 
 def _data():

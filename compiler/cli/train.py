@@ -368,7 +368,9 @@ def _load_model(args):
     _check_memory(limits.model_shapes(spec.model), dtype, args, spec.path)
     if args.target == "c":
         from compiler.backends.c.backend import compile_model_c as compile_model
-    compiled = compile_model(spec.model, dtype=dtype)
+    # hvp and gnvp only where the run uses them (they triple a large model's compile)
+    newton = (args.optimizer or defaults.get("optimizer")) == "newton-cg"
+    compiled = compile_model(spec.model, dtype=dtype, second_order=newton)
     try:
         # through the module cache (and, for C, the build: a missing cffi, compiler or Python.h
         # is a clear error), before the run, not after it

@@ -153,6 +153,7 @@ def render_numpy(lowered):
         has_labels=iface.has_labels, has_tokens=iface.has_tokens, vocab=iface.vocab, mode_args=iface.mode_args, dropout=iface.dropout,
         has_dropout=iface.has_dropout, stats_shapes=iface.stats_shapes, stats_init=iface.stats_init,
         helpers=sorted(st.helpers), functions=functions, has_gnvp=program.gnvp is not None,
+        has_hvp=program.hvp is not None,
     )
     return CompiledModule(model, program, text, lowered.formulas, lowered.latex, lowered.source_hash, dtype)
 
