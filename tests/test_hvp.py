@@ -253,3 +253,20 @@ def test_second_order_can_be_left_out(tmp_path):
     spec = Path(__file__).resolve().parent.parent / "examples" / "mlp_tanh.toml"
     assert main(["compile", str(spec), "--no-hvp", "-o", str(tmp_path / "m.py")]) == 0
     assert "def hvp(" not in (tmp_path / "m.py").read_text()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_parameter_named_v(target):
+    """hvp's direction argument is v, unless the model has a leaf of that name."""
+    v, w, x = sp.symbols("v w x")
+    model = bpc.expression_model(v * sp.tanh(w * x), {v: 0.5, w: -0.3}, [x], name="named_v")
+    mod = _compile(model, target)
+    params = {"v": np.asarray(0.7), "w": np.asarray(0.2)}
+    xs, ys = np.linspace(-1, 1, 5), np.linspace(0, 1, 5)
+    direction = {"v": np.asarray(1.0), "w": np.asarray(-2.0)}
+    hv = mod.hvp(params, direction, xs, ys)[2]
+    eps = 1e-6
+    gp = mod.backward({k: params[k] + eps * direction[k] for k in params}, xs, ys)[1]
+    gm = mod.backward({k: params[k] - eps * direction[k] for k in params}, xs, ys)[1]
+    for k in params:
+        assert float(hv[k]) == pytest.approx(float(gp[k] - gm[k]) / (2 * eps), rel=1e-6)

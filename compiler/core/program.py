@@ -182,6 +182,16 @@ def _name_unnamed(order, names, leaf_names):
                 names[node.digest] = base
 
 
+def direction_arg(model):
+    """The name of hvp's and gnvp's direction argument: ``v``, unless a leaf of the model has
+    that name (a parameter ``v`` of an expression model)."""
+    taken = {leaf.name for leaf in model.leaves}
+    name = "v"
+    while name in taken:
+        name += "_"
+    return name
+
+
 def _direction_name(p, model):
     taken = {leaf.name for leaf in model.leaves}
     name = "v_" + p.name

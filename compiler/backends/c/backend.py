@@ -48,7 +48,7 @@ from compiler.core import ir, ops
 from compiler.core.ops.ew import factored, shared_subexpressions
 from compiler.core.formulas import Formulas
 from compiler.core.model import Model
-from compiler.core.program import Program
+from compiler.core.program import Program, direction_arg
 from compiler.backends import cache as _cache
 from compiler.backends.c import blas as _blas
 from compiler.backends.c.printer import PRINTERS, print_c
@@ -486,7 +486,7 @@ def render_c(lowered, prefix=None):
         data_args=iface.data_args, all_args=iface.all_args, mode_args=iface.mode_args, dropout=iface.dropout,
         loss_kind=iface.loss_kind,
         has_dropout=iface.has_dropout, stats_shapes=iface.stats_shapes, stats_init=iface.stats_init,
-        has_tokens=iface.has_tokens, vocab=iface.vocab,
+        has_tokens=iface.has_tokens, vocab=iface.vocab, varg=direction_arg(model),
     )
     return CompiledC(model, program, dtype, prefix, c_source, header, wrapper, cdef, formulas, latex,
                      lowered.source_hash, ext_source)

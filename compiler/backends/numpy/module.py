@@ -16,7 +16,7 @@ from compiler.backends.templates import render
 from compiler.core import ir
 from compiler.core.formulas import Formulas
 from compiler.core.model import Model
-from compiler.core.program import Program
+from compiler.core.program import Program, direction_arg
 from compiler.errors import ModelError
 from compiler.files import write_atomic
 from compiler.freetext import py_comment
@@ -126,7 +126,8 @@ def render_numpy(lowered):
         fn = w2.function(so.name, data + targets, roots, so.nodes,
                          f"float({w2.ref(so.loss)}), {{{', '.join(ret_g)}}}, {{{', '.join(ret_h)}}}", doc, comments=True)
         used = {n.uid for n in ir.topo_order(roots)}
-        fn["args"] = "v, " + fn["args"]
+        varg = direction_arg(model)
+        fn["args"] = f"{varg}, " + fn["args"]
         bound = set(fn["prologue"])
         for p, _ in so.grads:
             line = f"{p.name} = _param(params, {p.name!r}, {shape_code(p.shape)})"
@@ -134,7 +135,7 @@ def render_numpy(lowered):
                 fn["prologue"].append(line)
                 bound.add(line)
             if dirs[p.uid].uid in used:
-                fn["prologue"].append(f"{dirs[p.uid].name} = _direction(v, {p.name!r}, {shape_code(p.shape)})")
+                fn["prologue"].append(f"{dirs[p.uid].name} = _direction({varg}, {p.name!r}, {shape_code(p.shape)})")
         functions.append(fn)
         st.helpers |= st2.helpers
 
