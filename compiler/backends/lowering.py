@@ -114,7 +114,7 @@ def lower(model, dtype=None, second_order=True):
     schemes = sorted({model.init[p.name][0] for p in model.params})
     init_doc = ", ".join(_INIT_DOCS[s] for s in schemes) or "none"
     inits = tuple(init_line(p.name, p.shape, model.init[p.name]) for p in model.params)
-    return Lowered(model, program, dtype, formulas, latex, model_hash(model, dtype, second_order), classes, interface,
+    return Lowered(model, program, dtype, formulas, latex, model_hash(model, dtype), classes, interface,
                    inits, init_doc, fm)
 
 
@@ -152,10 +152,8 @@ def token_classes(model, program):
     return out
 
 
-def model_hash(model, dtype, second_order=True):
+def model_hash(model, dtype):
     h = hashlib.sha256()
-    if not second_order:       # (the default's hash is the one modules had before hvp existed)
-        h.update(b"first order only\0")
     # the spec's text, not its path: the same model hashes the same wherever it is compiled from
     for part in (__version__, model.name, str(dtype), model.source_text, model.loss_kind,
                  model.prediction.digest, model.loss.digest, *(u.digest for _, u in model.stats),

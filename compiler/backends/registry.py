@@ -32,8 +32,11 @@ BACKENDS = {
 }
 
 
-def compile_for(backend, model, dtype=None, second_order=True, **options):
-    """Lower ``model`` once and render it with ``backend`` (a name in BACKENDS)."""
+def compile_for(backend, model, dtype=None, second_order=None, **options):
+    """Lower ``model`` once and render it with ``backend`` (a name in BACKENDS). ``second_order``:
+    also emit hvp and gnvp (None: the backend's default, on for numpy, off for c)."""
+    if second_order is None:
+        second_order = backend != "c"
     from compiler.backends.lowering import lower
     b = BACKENDS[backend]
     if dtype not in b.dtypes:

@@ -51,7 +51,8 @@ class CompiledModule(Displayed):
 
     @property
     def module_name(self) -> str:
-        return f"bpc_{self.model.name}_{self.source_hash[7:19]}"
+        # (the model's hash, and whether the module has hvp: the two variants are two files)
+        return f"bpc_{self.model.name}_{self.source_hash[7:19]}" + ("" if self.program.hvp is not None else "_fo")
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write the module to ``path`` atomically (a failed write leaves no partial file)."""
