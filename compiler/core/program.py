@@ -140,7 +140,6 @@ def build_program(model, second_order=True):
         names.setdefault(k_, v_)
     second_outs = [o for _, outs_ in seconds for o in outs_ if o is not None]
 
-    order, count = use_counts(outs)
     leaves = {n.uid for n in model.leaves} | {d.uid for d in directions}
     full_order = ir.topo_order([*outs, *second_outs])
     uniq = _unique_names(full_order, names, model, directions)
@@ -193,6 +192,7 @@ def direction_arg(model):
 
 
 def _direction_name(p, model):
+    """``v_<param>``: the leaf of p's direction in the generated code (unique among the leaves)."""
     taken = {leaf.name for leaf in model.leaves}
     name = "v_" + p.name
     while name in taken:
