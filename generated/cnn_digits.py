@@ -534,8 +534,8 @@ def hvp(params, v, x, y):
     db3_2 = dZ3_2.sum(axis=(0, 1, 2))
     dW4 = F1.T @ dZ4
     db4 = dZ4.sum(axis=0)
-    # t1 = P2 @ v_W2
-    t1 = P2 @ v_W2
+    # P2_v_W2 = P2 @ v_W2
+    P2_v_W2 = P2 @ v_W2
     # tPW1 = P1 @ v_W1
     tPW1 = P1 @ v_W1
     # tC1 = reshape(tPW1, (n, 8, 8, 32))
@@ -544,11 +544,11 @@ def hvp(params, v, x, y):
     tH1 = step_H1*(tC1 + v_b1)
     # tP2 = im2col(tH1)
     tP2 = np.lib.stride_tricks.sliding_window_view(np.pad(tH1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
-    # t2 = tP2 @ W2
-    t2 = tP2 @ W2
-    # tPW2 = t1 + t2
-    tPW2 = t1
-    tPW2 += t2
+    # tP2_W2 = tP2 @ W2
+    tP2_W2 = tP2 @ W2
+    # tPW2 = P2_v_W2 + tP2_W2
+    tPW2 = P2_v_W2
+    tPW2 += tP2_W2
     # tC2 = reshape(tPW2, (n, 8, 8, 32))
     tC2 = tPW2.reshape((n, 8, 8, 32))
     # tH2 = step_H2*(tC2 + v_b2)
@@ -557,22 +557,22 @@ def hvp(params, v, x, y):
     tPp1 = np.lib.stride_tricks.sliding_window_view(tH2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
     # tQ1 = reshape(tPp1, (16*n, 4, 32))
     tQ1 = tPp1.reshape((16*n, 4, 32))
-    # t4 = route_to_argmax(1, Q1)
-    t4 = np.zeros(Q1.shape, dtype=np.full((16*n, 32), 1, dtype=dt).dtype)
-    np.put_along_axis(t4, np.argmax(Q1, axis=1)[:, None, :], 1, axis=1)
-    # tMax1 = sum(t4*tQ1, axis=1)
-    tMax1 = np.sum(t4*tQ1, axis=1)
+    # Q1_2 = route_to_argmax(1, Q1)
+    Q1_2 = np.zeros(Q1.shape, dtype=np.full((16*n, 32), 1, dtype=dt).dtype)
+    np.put_along_axis(Q1_2, np.argmax(Q1, axis=1)[:, None, :], 1, axis=1)
+    # tMax1 = sum(Q1_2*tQ1, axis=1)
+    tMax1 = np.sum(Q1_2*tQ1, axis=1)
     # tPool1 = reshape(tMax1, (n, 4, 4, 32))
     tPool1 = tMax1.reshape((n, 4, 4, 32))
     # tP3 = im2col(tPool1)
     tP3 = np.lib.stride_tricks.sliding_window_view(np.pad(tPool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
-    # t6 = tP3 @ W3
-    t6 = tP3 @ W3
-    # t7 = P3 @ v_W3
-    t7 = P3 @ v_W3
-    # tPW3 = t6 + t7
-    tPW3 = t6
-    tPW3 += t7
+    # tP3_W3 = tP3 @ W3
+    tP3_W3 = tP3 @ W3
+    # P3_v_W3 = P3 @ v_W3
+    P3_v_W3 = P3 @ v_W3
+    # tPW3 = P3_v_W3 + tP3_W3
+    tPW3 = P3_v_W3
+    tPW3 += tP3_W3
     # tC3 = reshape(tPW3, (n, 4, 4, 64))
     tC3 = tPW3.reshape((n, 4, 4, 64))
     # tH3 = step_H3*(tC3 + v_b3)
@@ -581,32 +581,32 @@ def hvp(params, v, x, y):
     tPp2 = np.lib.stride_tricks.sliding_window_view(tH3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
     # tQ2 = reshape(tPp2, (4*n, 4, 64))
     tQ2 = tPp2.reshape((4*n, 4, 64))
-    # t9 = route_to_argmax(1, Q2)
-    t9 = np.zeros(Q2.shape, dtype=np.full((4*n, 64), 1, dtype=dt).dtype)
-    np.put_along_axis(t9, np.argmax(Q2, axis=1)[:, None, :], 1, axis=1)
-    # tMax2 = sum(t9*tQ2, axis=1)
-    tMax2 = np.sum(t9*tQ2, axis=1)
+    # Q2_2 = route_to_argmax(1, Q2)
+    Q2_2 = np.zeros(Q2.shape, dtype=np.full((4*n, 64), 1, dtype=dt).dtype)
+    np.put_along_axis(Q2_2, np.argmax(Q2, axis=1)[:, None, :], 1, axis=1)
+    # tMax2 = sum(Q2_2*tQ2, axis=1)
+    tMax2 = np.sum(Q2_2*tQ2, axis=1)
     # tF1 = reshape(tMax2, (n, 256))
     tF1 = tMax2.reshape((n, 256))
-    # t11 = tF1 @ W4
-    t11 = tF1 @ W4
-    # t12 = F1 @ v_W4
-    t12 = F1 @ v_W4
-    # tZ4 = t11 + t12 + v_b4
-    tZ4 = t11 + t12 + v_b4
+    # tF1_W4 = tF1 @ W4
+    tF1_W4 = tF1 @ W4
+    # F1_v_W4 = F1 @ v_W4
+    F1_v_W4 = F1 @ v_W4
+    # tZ4 = F1_v_W4 + tF1_W4 + v_b4
+    tZ4 = F1_v_W4 + tF1_W4 + v_b4
     # exp_Z4 = exp(-LSE + Z4)
     exp_Z4 = np.exp(-LSE[:, None] + Z4)
     # tLSE = sum(exp_Z4*tZ4, axis=1)
     tLSE = (exp_Z4*tZ4).sum(axis=1)
     # tdZ4 = exp_Z4*(-tLSE + tZ4)/n
     tdZ4 = exp_Z4*(-tLSE[:, None] + tZ4)/n
-    # udF1 = tdZ4 @ W4.T
-    udF1 = tdZ4 @ W4.T
-    # t14 = dZ4 @ v_W4.T
-    t14 = dZ4 @ v_W4.T
-    # tdF1 = t14 + udF1
-    tdF1 = t14
-    tdF1 += udF1
+    # tdZ4_W4 = tdZ4 @ W4.T
+    tdZ4_W4 = tdZ4 @ W4.T
+    # dZ4_v_W4 = dZ4 @ v_W4.T
+    dZ4_v_W4 = dZ4 @ v_W4.T
+    # tdF1 = dZ4_v_W4 + tdZ4_W4
+    tdF1 = dZ4_v_W4
+    tdF1 += tdZ4_W4
     # tdMax2 = reshape(tdF1, (4*n, 64))
     tdMax2 = tdF1.reshape((4*n, 64))
     # tdQ2 = route_to_argmax(tdMax2, Q2)
@@ -624,13 +624,13 @@ def hvp(params, v, x, y):
     tdZ3 = step_H3*tdH3
     # tdPW3 = reshape(tdZ3, (16*n, 64))
     tdPW3 = tdZ3.reshape((16*n, 64))
-    # t15 = tdPW3 @ W3.T
-    t15 = np.matmul(tdPW3, W3.T, out=_scratch('t15', (16*n, 288), tdPW3, W3))
-    # t16 = dPW3_2 @ v_W3.T
-    t16 = np.matmul(dPW3_2, v_W3.T, out=_scratch('t16', (16*n, 288), dPW3_2, v_W3))
-    # tdP3 = t15 + t16
-    tdP3 = t15
-    tdP3 += t16
+    # tdPW3_W3 = tdPW3 @ W3.T
+    tdPW3_W3 = np.matmul(tdPW3, W3.T, out=_scratch('tdPW3_W3', (16*n, 288), tdPW3, W3))
+    # dPW3_v_W3 = dPW3_2 @ v_W3.T
+    dPW3_v_W3 = np.matmul(dPW3_2, v_W3.T, out=_scratch('dPW3_v_W3', (16*n, 288), dPW3_2, v_W3))
+    # tdP3 = dPW3_v_W3 + tdPW3_W3
+    tdP3 = dPW3_v_W3
+    tdP3 += tdPW3_W3
     # tdPool1 = col2im(tdP3)
     _tdPool1_rows = tdP3.reshape((n, 4, 4, 3, 3, 32))
     _tdPool1_pad = np.zeros((n, 6, 6, 32), dtype=_tdPool1_rows.dtype)
@@ -655,13 +655,13 @@ def hvp(params, v, x, y):
     tdZ2 = step_H2*tdH2
     # tdPW2 = reshape(tdZ2, (64*n, 32))
     tdPW2 = tdZ2.reshape((64*n, 32))
-    # t17 = tdPW2 @ W2.T
-    t17 = np.matmul(tdPW2, W2.T, out=_scratch('t17', (64*n, 288), tdPW2, W2))
-    # t18 = dPW2_2 @ v_W2.T
-    t18 = np.matmul(dPW2_2, v_W2.T, out=_scratch('t18', (64*n, 288), dPW2_2, v_W2))
-    # tdP2 = t17 + t18
-    tdP2 = t17
-    tdP2 += t18
+    # tdPW2_W2 = tdPW2 @ W2.T
+    tdPW2_W2 = np.matmul(tdPW2, W2.T, out=_scratch('tdPW2_W2', (64*n, 288), tdPW2, W2))
+    # dPW2_v_W2 = dPW2_2 @ v_W2.T
+    dPW2_v_W2 = np.matmul(dPW2_2, v_W2.T, out=_scratch('dPW2_v_W2', (64*n, 288), dPW2_2, v_W2))
+    # tdP2 = dPW2_v_W2 + tdPW2_W2
+    tdP2 = dPW2_v_W2
+    tdP2 += tdPW2_W2
     # tdH1 = col2im(tdP2)
     _tdH1_rows = tdP2.reshape((n, 8, 8, 3, 3, 32))
     _tdH1_pad = np.zeros((n, 10, 10, 32), dtype=_tdH1_rows.dtype)
@@ -677,31 +677,31 @@ def hvp(params, v, x, y):
     Hv_W1 = P1.T @ tdPW1
     # Hv_b1 = sum(tdZ1, axis=(0, 1, 2))
     Hv_b1 = tdZ1.sum(axis=(0, 1, 2))
-    # t19 = tP2.T @ dPW2_2
-    t19 = tP2.T @ dPW2_2
-    # t20 = P2.T @ tdPW2
-    t20 = P2.T @ tdPW2
-    # Hv_W2 = t19 + t20
-    Hv_W2 = t19
-    Hv_W2 += t20
+    # tP2_dPW2 = tP2.T @ dPW2_2
+    tP2_dPW2 = tP2.T @ dPW2_2
+    # P2_tdPW2 = P2.T @ tdPW2
+    P2_tdPW2 = P2.T @ tdPW2
+    # Hv_W2 = P2_tdPW2 + tP2_dPW2
+    Hv_W2 = P2_tdPW2
+    Hv_W2 += tP2_dPW2
     # Hv_b2 = sum(tdZ2, axis=(0, 1, 2))
     Hv_b2 = tdZ2.sum(axis=(0, 1, 2))
-    # t21 = P3.T @ tdPW3
-    t21 = P3.T @ tdPW3
-    # t22 = tP3.T @ dPW3_2
-    t22 = tP3.T @ dPW3_2
-    # Hv_W3 = t21 + t22
-    Hv_W3 = t21
-    Hv_W3 += t22
+    # P3_tdPW3 = P3.T @ tdPW3
+    P3_tdPW3 = P3.T @ tdPW3
+    # tP3_dPW3 = tP3.T @ dPW3_2
+    tP3_dPW3 = tP3.T @ dPW3_2
+    # Hv_W3 = P3_tdPW3 + tP3_dPW3
+    Hv_W3 = P3_tdPW3
+    Hv_W3 += tP3_dPW3
     # Hv_b3 = sum(tdZ3, axis=(0, 1, 2))
     Hv_b3 = tdZ3.sum(axis=(0, 1, 2))
-    # t23 = tF1.T @ dZ4
-    t23 = tF1.T @ dZ4
-    # Gv_W4 = F1.T @ tdZ4
-    Gv_W4 = F1.T @ tdZ4
-    # Hv_W4 = Gv_W4 + t23
-    Hv_W4 = Gv_W4
-    Hv_W4 += t23
+    # tF1_dZ4 = tF1.T @ dZ4
+    tF1_dZ4 = tF1.T @ dZ4
+    # F1_tdZ4 = F1.T @ tdZ4
+    F1_tdZ4 = F1.T @ tdZ4
+    # Hv_W4 = F1_tdZ4 + tF1_dZ4
+    Hv_W4 = F1_tdZ4
+    Hv_W4 += tF1_dZ4
     # Hv_b4 = sum(tdZ4, axis=0)
     Hv_b4 = tdZ4.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3_2, 'b3': db3_2, 'W4': dW4, 'b4': db4}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3, 'W4': Hv_W4, 'b4': Hv_b4}
@@ -807,8 +807,8 @@ def gnvp(params, v, x, y):
     db3_2 = dZ3_2.sum(axis=(0, 1, 2))
     dW4 = F1.T @ dZ4
     db4 = dZ4.sum(axis=0)
-    # t1 = P2 @ v_W2
-    t1 = P2 @ v_W2
+    # P2_v_W2 = P2 @ v_W2
+    P2_v_W2 = P2 @ v_W2
     # tPW1 = P1 @ v_W1
     tPW1 = P1 @ v_W1
     # tC1 = reshape(tPW1, (n, 8, 8, 32))
@@ -817,11 +817,11 @@ def gnvp(params, v, x, y):
     tH1 = step_H1*(tC1 + v_b1)
     # tP2 = im2col(tH1)
     tP2 = np.lib.stride_tricks.sliding_window_view(np.pad(tH1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
-    # t2 = tP2 @ W2
-    t2 = tP2 @ W2
-    # tPW2 = t1 + t2
-    tPW2 = t1
-    tPW2 += t2
+    # tP2_W2 = tP2 @ W2
+    tP2_W2 = tP2 @ W2
+    # tPW2 = P2_v_W2 + tP2_W2
+    tPW2 = P2_v_W2
+    tPW2 += tP2_W2
     # tC2 = reshape(tPW2, (n, 8, 8, 32))
     tC2 = tPW2.reshape((n, 8, 8, 32))
     # tH2 = step_H2*(tC2 + v_b2)
@@ -830,22 +830,22 @@ def gnvp(params, v, x, y):
     tPp1 = np.lib.stride_tricks.sliding_window_view(tH2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
     # tQ1 = reshape(tPp1, (16*n, 4, 32))
     tQ1 = tPp1.reshape((16*n, 4, 32))
-    # t4 = route_to_argmax(1, Q1)
-    t4 = np.zeros(Q1.shape, dtype=np.full((16*n, 32), 1, dtype=dt).dtype)
-    np.put_along_axis(t4, np.argmax(Q1, axis=1)[:, None, :], 1, axis=1)
-    # tMax1 = sum(t4*tQ1, axis=1)
-    tMax1 = np.sum(t4*tQ1, axis=1)
+    # Q1_2 = route_to_argmax(1, Q1)
+    Q1_2 = np.zeros(Q1.shape, dtype=np.full((16*n, 32), 1, dtype=dt).dtype)
+    np.put_along_axis(Q1_2, np.argmax(Q1, axis=1)[:, None, :], 1, axis=1)
+    # tMax1 = sum(Q1_2*tQ1, axis=1)
+    tMax1 = np.sum(Q1_2*tQ1, axis=1)
     # tPool1 = reshape(tMax1, (n, 4, 4, 32))
     tPool1 = tMax1.reshape((n, 4, 4, 32))
     # tP3 = im2col(tPool1)
     tP3 = np.lib.stride_tricks.sliding_window_view(np.pad(tPool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
-    # t6 = tP3 @ W3
-    t6 = tP3 @ W3
-    # t7 = P3 @ v_W3
-    t7 = P3 @ v_W3
-    # tPW3 = t6 + t7
-    tPW3 = t6
-    tPW3 += t7
+    # tP3_W3 = tP3 @ W3
+    tP3_W3 = tP3 @ W3
+    # P3_v_W3 = P3 @ v_W3
+    P3_v_W3 = P3 @ v_W3
+    # tPW3 = P3_v_W3 + tP3_W3
+    tPW3 = P3_v_W3
+    tPW3 += tP3_W3
     # tC3 = reshape(tPW3, (n, 4, 4, 64))
     tC3 = tPW3.reshape((n, 4, 4, 64))
     # tH3 = step_H3*(tC3 + v_b3)
@@ -854,29 +854,29 @@ def gnvp(params, v, x, y):
     tPp2 = np.lib.stride_tricks.sliding_window_view(tH3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
     # tQ2 = reshape(tPp2, (4*n, 4, 64))
     tQ2 = tPp2.reshape((4*n, 4, 64))
-    # t9 = route_to_argmax(1, Q2)
-    t9 = np.zeros(Q2.shape, dtype=np.full((4*n, 64), 1, dtype=dt).dtype)
-    np.put_along_axis(t9, np.argmax(Q2, axis=1)[:, None, :], 1, axis=1)
-    # tMax2 = sum(t9*tQ2, axis=1)
-    tMax2 = np.sum(t9*tQ2, axis=1)
+    # Q2_2 = route_to_argmax(1, Q2)
+    Q2_2 = np.zeros(Q2.shape, dtype=np.full((4*n, 64), 1, dtype=dt).dtype)
+    np.put_along_axis(Q2_2, np.argmax(Q2, axis=1)[:, None, :], 1, axis=1)
+    # tMax2 = sum(Q2_2*tQ2, axis=1)
+    tMax2 = np.sum(Q2_2*tQ2, axis=1)
     # tF1 = reshape(tMax2, (n, 256))
     tF1 = tMax2.reshape((n, 256))
-    # t11 = tF1 @ W4
-    t11 = tF1 @ W4
-    # t12 = F1 @ v_W4
-    t12 = F1 @ v_W4
-    # tZ4 = t11 + t12 + v_b4
-    tZ4 = t11 + t12 + v_b4
+    # tF1_W4 = tF1 @ W4
+    tF1_W4 = tF1 @ W4
+    # F1_v_W4 = F1 @ v_W4
+    F1_v_W4 = F1 @ v_W4
+    # tZ4 = F1_v_W4 + tF1_W4 + v_b4
+    tZ4 = F1_v_W4 + tF1_W4 + v_b4
     # exp_Z4 = exp(-LSE + Z4)
     exp_Z4 = np.exp(-LSE[:, None] + Z4)
     # tLSE = sum(exp_Z4*tZ4, axis=1)
     tLSE = (exp_Z4*tZ4).sum(axis=1)
     # tdZ4 = exp_Z4*(-tLSE + tZ4)/n
     tdZ4 = exp_Z4*(-tLSE[:, None] + tZ4)/n
-    # udF1 = tdZ4 @ W4.T
-    udF1 = tdZ4 @ W4.T
-    # udMax2 = reshape(udF1, (4*n, 64))
-    udMax2 = udF1.reshape((4*n, 64))
+    # tdZ4_W4 = tdZ4 @ W4.T
+    tdZ4_W4 = tdZ4 @ W4.T
+    # udMax2 = reshape(tdZ4_W4, (4*n, 64))
+    udMax2 = tdZ4_W4.reshape((4*n, 64))
     # udQ2 = route_to_argmax(udMax2, Q2)
     udQ2 = np.zeros(Q2.shape, dtype=udMax2.dtype)
     np.put_along_axis(udQ2, np.argmax(Q2, axis=1)[:, None, :], udMax2[:, None, :], axis=1)
@@ -943,11 +943,11 @@ def gnvp(params, v, x, y):
     Gv_W3 = P3.T @ udPW3
     # Gv_b3 = sum(udZ3, axis=(0, 1, 2))
     Gv_b3 = udZ3.sum(axis=(0, 1, 2))
-    # Gv_W4 = F1.T @ tdZ4
-    Gv_W4 = F1.T @ tdZ4
+    # F1_tdZ4 = F1.T @ tdZ4
+    F1_tdZ4 = F1.T @ tdZ4
     # Hv_b4 = sum(tdZ4, axis=0)
     Hv_b4 = tdZ4.sum(axis=0)
-    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3_2, 'b3': db3_2, 'W4': dW4, 'b4': db4}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': Gv_W3, 'b3': Gv_b3, 'W4': Gv_W4, 'b4': Hv_b4}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3_2, 'b3': db3_2, 'W4': dW4, 'b4': db4}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': Gv_W3, 'b3': Gv_b3, 'W4': F1_tdZ4, 'b4': Hv_b4}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -328,8 +328,8 @@ def hvp(params, v, x, y):
     v_u = _direction(v, 'u', (3, 1))
     v_alpha = _direction(v, 'alpha', ())
     b2_s = b2.reshape(())
-    t1 = x @ u
-    t2 = t1.reshape((n,))
+    x_u = x @ u
+    x_u_flat = x_u.reshape((n,))
     b1T = b1.T
     M2 = x @ W1.T
     Z2 = M2 + b1T
@@ -341,7 +341,7 @@ def hvp(params, v, x, y):
     A1 = H1*H2
     M3m = A1 @ W2.T
     M3 = M3m.reshape((n,))
-    Z4_2 = M3 + alpha*t2 + b2_s - y
+    Z4_2 = M3 + alpha*x_u_flat + b2_s - y
     L_2 = (Z4_2*Z4_2/2).mean()
     dZ4_2 = Z4_2/n
     dM3m_2 = dZ4_2.reshape((n, 1))
@@ -349,22 +349,22 @@ def hvp(params, v, x, y):
     dH2 = H1*dA1_2
     dZ2_2 = dH2*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
     dW1_2 = dZ2_2.T @ x
-    t8 = dZ2_2.sum(axis=0)
-    db1T_2 = t8.reshape((1, 16))
+    sum_dZ2_2 = dZ2_2.sum(axis=0)
+    db1T_2 = sum_dZ2_2.reshape((1, 16))
     db1_2 = db1T_2.T
     dH1 = H2*dA1_2
     dZ1_2 = H1*dH1*(1 - H1)
     dG_2 = dZ1_2.T @ x
-    t9 = dZ1_2.sum(axis=0)
-    dcT_2 = t9.reshape((1, 16))
+    sum_dZ1_2 = dZ1_2.sum(axis=0)
+    dcT_2 = sum_dZ1_2.reshape((1, 16))
     dc_2 = dcT_2.T
     dW2_2 = dM3m_2.T @ A1
     db2_s_2 = dZ4_2.sum()
     db2_2 = db2_s_2.reshape((1, 1))
-    t10 = alpha*dZ4_2
-    t11 = t10.reshape((n, 1))
-    du_2 = x.T @ t11
-    dalpha_2 = (dZ4_2*t2).sum()
+    dx_u_flat_2 = alpha*dZ4_2
+    dx_u_2 = dx_u_flat_2.reshape((n, 1))
+    du_2 = x.T @ dx_u_2
+    dalpha_2 = (dZ4_2*x_u_flat).sum()
     # tM1 = x @ v_G.T
     tM1 = x @ v_G.T
     # tcT = v_c.T
@@ -381,70 +381,70 @@ def hvp(params, v, x, y):
     tH2 = tZ2*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
     # tA1 = H1*tH2 + H2*tH1
     tA1 = H1*tH2 + H2*tH1
-    # t13 = tA1 @ W2.T
-    t13 = tA1 @ W2.T
-    # t14 = A1 @ v_W2.T
-    t14 = A1 @ v_W2.T
-    # tM3m = t13 + t14
-    tM3m = t13 + t14
+    # tA1_W2 = tA1 @ W2.T
+    tA1_W2 = tA1 @ W2.T
+    # A1_v_W2 = A1 @ v_W2.T
+    A1_v_W2 = A1 @ v_W2.T
+    # tM3m = A1_v_W2 + tA1_W2
+    tM3m = A1_v_W2 + tA1_W2
     # tM3 = reshape(tM3m, (n,))
     tM3 = tM3m.reshape((n,))
     # tb2_s = reshape(v_b2, ())
     tb2_s = v_b2.reshape(())
-    # t15 = x @ v_u
-    t15 = x @ v_u
-    # t16 = reshape(t15, (n,))
-    t16 = t15.reshape((n,))
-    # tdZ4 = (alpha*t16 + t2*v_alpha + tM3 + tb2_s)/n
-    tdZ4 = (alpha*t16 + t2*v_alpha + tM3 + tb2_s)/n
+    # tx_u = x @ v_u
+    tx_u = x @ v_u
+    # tx_u_flat = reshape(tx_u, (n,))
+    tx_u_flat = tx_u.reshape((n,))
+    # tdZ4 = (alpha*tx_u_flat + tM3 + tb2_s + v_alpha*x_u_flat)/n
+    tdZ4 = (alpha*tx_u_flat + tM3 + tb2_s + v_alpha*x_u_flat)/n
     # tdM3m = reshape(tdZ4, (n, 1))
     tdM3m = tdZ4.reshape((n, 1))
-    # t17 = tdM3m @ W2
-    t17 = tdM3m @ W2
-    # t18 = dM3m_2 @ v_W2
-    t18 = dM3m_2 @ v_W2
-    # tdA1 = t17 + t18
-    tdA1 = t17 + t18
+    # tdM3m_W2 = tdM3m @ W2
+    tdM3m_W2 = tdM3m @ W2
+    # dM3m_v_W2 = dM3m_2 @ v_W2
+    dM3m_v_W2 = dM3m_2 @ v_W2
+    # tdA1 = dM3m_v_W2 + tdM3m_W2
+    tdA1 = dM3m_v_W2 + tdM3m_W2
     # tdZ2 = dH2*sigmoid_Z2*tZ2*(1 - sigmoid_Z2)*(1.5 - 2.25*H2) + 1.5*dH2*tH2*(1 - sigmoid_Z2) + (H1*tdA1 + dA1_2*tH1)*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
     _tdZ2_0 = 1 - sigmoid_Z2
     _tdZ2_1 = 1.5*_tdZ2_0
     tdZ2 = _tdZ2_0*dH2*sigmoid_Z2*tZ2*(1.5 - 2.25*H2) + _tdZ2_1*dH2*tH2 + (H1*tdA1 + dA1_2*tH1)*(H2*_tdZ2_1 + sigmoid_Z2)
     # Hv_W1 = tdZ2.T @ x
     Hv_W1 = tdZ2.T @ x
-    # t19 = sum(tdZ2, axis=0)
-    t19 = tdZ2.sum(axis=0)
-    # tdb1T = reshape(t19, (1, 16))
-    tdb1T = t19.reshape((1, 16))
+    # tsum_dZ2 = sum(tdZ2, axis=0)
+    tsum_dZ2 = tdZ2.sum(axis=0)
+    # tdb1T = reshape(tsum_dZ2, (1, 16))
+    tdb1T = tsum_dZ2.reshape((1, 16))
     # Hv_b1 = tdb1T.T
     Hv_b1 = tdb1T.T
     # tdZ1 = H1*(1 - H1)*(H2*tdA1 + dA1_2*tH2) + dH1*tH1*(1 - 2*H1)
     tdZ1 = H1*(1 - H1)*(H2*tdA1 + dA1_2*tH2) + dH1*tH1*(1 - 2*H1)
     # Hv_G = tdZ1.T @ x
     Hv_G = tdZ1.T @ x
-    # t20 = sum(tdZ1, axis=0)
-    t20 = tdZ1.sum(axis=0)
-    # tdcT = reshape(t20, (1, 16))
-    tdcT = t20.reshape((1, 16))
+    # tsum_dZ1 = sum(tdZ1, axis=0)
+    tsum_dZ1 = tdZ1.sum(axis=0)
+    # tdcT = reshape(tsum_dZ1, (1, 16))
+    tdcT = tsum_dZ1.reshape((1, 16))
     # Hv_c = tdcT.T
     Hv_c = tdcT.T
-    # t21 = dM3m_2.T @ tA1
-    t21 = dM3m_2.T @ tA1
-    # t22 = tdM3m.T @ A1
-    t22 = tdM3m.T @ A1
-    # Hv_W2 = t21 + t22
-    Hv_W2 = t21 + t22
+    # dM3m_tA1 = dM3m_2.T @ tA1
+    dM3m_tA1 = dM3m_2.T @ tA1
+    # tdM3m_A1 = tdM3m.T @ A1
+    tdM3m_A1 = tdM3m.T @ A1
+    # Hv_W2 = dM3m_tA1 + tdM3m_A1
+    Hv_W2 = dM3m_tA1 + tdM3m_A1
     # tdb2_s = sum(tdZ4)
     tdb2_s = tdZ4.sum()
     # Hv_b2 = reshape(tdb2_s, (1, 1))
     Hv_b2 = tdb2_s.reshape((1, 1))
-    # t23 = alpha*tdZ4 + dZ4_2*v_alpha
-    t23 = alpha*tdZ4 + dZ4_2*v_alpha
-    # t24 = reshape(t23, (n, 1))
-    t24 = t23.reshape((n, 1))
-    # Hv_u = x.T @ t24
-    Hv_u = x.T @ t24
-    # Hv_alpha = sum(dZ4_2*t16 + t2*tdZ4)
-    Hv_alpha = (dZ4_2*t16 + t2*tdZ4).sum()
+    # tdx_u_flat = alpha*tdZ4 + dZ4_2*v_alpha
+    tdx_u_flat = alpha*tdZ4 + dZ4_2*v_alpha
+    # tdx_u = reshape(tdx_u_flat, (n, 1))
+    tdx_u = tdx_u_flat.reshape((n, 1))
+    # Hv_u = x.T @ tdx_u
+    Hv_u = x.T @ tdx_u
+    # Hv_alpha = sum(dZ4_2*tx_u_flat + tdZ4*x_u_flat)
+    Hv_alpha = (dZ4_2*tx_u_flat + tdZ4*x_u_flat).sum()
     return float(L_2), {'W1': dW1_2, 'b1': db1_2, 'G': dG_2, 'c': dc_2, 'W2': dW2_2, 'b2': db2_2, 'u': du_2, 'alpha': dalpha_2}, {'W1': Hv_W1, 'b1': Hv_b1, 'G': Hv_G, 'c': Hv_c, 'W2': Hv_W2, 'b2': Hv_b2, 'u': Hv_u, 'alpha': Hv_alpha}
 
 

@@ -339,8 +339,8 @@ def hvp(params, v, x, y):
     db1_2 = dZ1_2.sum(axis=0)
     dW2 = H1.T @ dZ2
     db2 = dZ2.sum(axis=0)
-    # t1 = dZ2 @ v_W2.T
-    t1 = np.matmul(dZ2, v_W2.T, out=_scratch('t1', (n, 32), dZ2, v_W2))
+    # dZ2_v_W2 = dZ2 @ v_W2.T
+    dZ2_v_W2 = np.matmul(dZ2, v_W2.T, out=_scratch('dZ2_v_W2', (n, 32), dZ2, v_W2))
     # txW1 = x @ v_W1
     txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
     # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
@@ -349,37 +349,37 @@ def hvp(params, v, x, y):
     tH1 *= txW1
     # exp_Z2 = exp(-LSE + Z2)
     exp_Z2 = np.exp(-LSE[:, None] + Z2)
-    # t2 = H1 @ v_W2
-    t2 = H1 @ v_W2
-    # t3 = tH1 @ W2
-    t3 = tH1 @ W2
-    # tZ2 = t2 + t3 + v_b2
-    tZ2 = t2 + t3 + v_b2
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = H1 @ v_W2
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = tH1 @ W2
+    # tZ2 = H1_v_W2 + tH1_W2 + v_b2
+    tZ2 = H1_v_W2 + tH1_W2 + v_b2
     # tLSE = sum(exp_Z2*tZ2, axis=1)
     tLSE = (exp_Z2*tZ2).sum(axis=1)
     # tdZ2 = exp_Z2*(-tLSE + tZ2)/n
     tdZ2 = exp_Z2*(-tLSE[:, None] + tZ2)/n
-    # udH1 = tdZ2 @ W2.T
-    udH1 = np.matmul(tdZ2, W2.T, out=_scratch('udH1', (n, 32), tdZ2, W2))
-    # tdZ1 = -2*H1*dH1*tH1 + (1 - H1_pow2)*(t1 + udH1)
+    # tdZ2_W2 = tdZ2 @ W2.T
+    tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 32), tdZ2, W2))
+    # tdZ1 = -2*H1*dH1*tH1 + (1 - H1_pow2)*(dZ2_v_W2 + tdZ2_W2)
     tdZ1 = 1 - H1_pow2
-    t1 += udH1
-    tdZ1 *= t1
-    np.multiply(H1, dH1, out=t1)
-    t1 *= tH1
-    t1 *= 2
-    tdZ1 -= t1
+    dZ2_v_W2 += tdZ2_W2
+    tdZ1 *= dZ2_v_W2
+    np.multiply(H1, dH1, out=dZ2_v_W2)
+    dZ2_v_W2 *= tH1
+    dZ2_v_W2 *= 2
+    tdZ1 -= dZ2_v_W2
     # Hv_W1 = x.T @ tdZ1
     Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
     Hv_b1 = tdZ1.sum(axis=0)
-    # t5 = tH1.T @ dZ2
-    t5 = tH1.T @ dZ2
-    # Gv_W2 = H1.T @ tdZ2
-    Gv_W2 = H1.T @ tdZ2
-    # Hv_W2 = Gv_W2 + t5
-    Hv_W2 = Gv_W2
-    Hv_W2 += t5
+    # tH1_dZ2 = tH1.T @ dZ2
+    tH1_dZ2 = tH1.T @ dZ2
+    # H1_tdZ2 = H1.T @ tdZ2
+    H1_tdZ2 = H1.T @ tdZ2
+    # Hv_W2 = H1_tdZ2 + tH1_dZ2
+    Hv_W2 = H1_tdZ2
+    Hv_W2 += tH1_dZ2
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}
@@ -421,37 +421,37 @@ def gnvp(params, v, x, y):
     db2 = dZ2.sum(axis=0)
     # exp_Z2 = exp(-LSE + Z2)
     exp_Z2 = np.exp(-LSE[:, None] + Z2)
-    # t2 = H1 @ v_W2
-    t2 = H1 @ v_W2
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = H1 @ v_W2
     # txW1 = x @ v_W1
     txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
     # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
     tH1 = 1 - H1_pow2
     txW1 += v_b1
     tH1 *= txW1
-    # t3 = tH1 @ W2
-    t3 = tH1 @ W2
-    # tZ2 = t2 + t3 + v_b2
-    tZ2 = t2 + t3 + v_b2
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = tH1 @ W2
+    # tZ2 = H1_v_W2 + tH1_W2 + v_b2
+    tZ2 = H1_v_W2 + tH1_W2 + v_b2
     # tLSE = sum(exp_Z2*tZ2, axis=1)
     tLSE = (exp_Z2*tZ2).sum(axis=1)
     # tdZ2 = exp_Z2*(-tLSE + tZ2)/n
     tdZ2 = exp_Z2*(-tLSE[:, None] + tZ2)/n
-    # udH1 = tdZ2 @ W2.T
-    udH1 = np.matmul(tdZ2, W2.T, out=_scratch('udH1', (n, 32), tdZ2, W2))
-    # udZ1 = udH1*(1 - H1_pow2)
-    udZ1 = udH1
+    # tdZ2_W2 = tdZ2 @ W2.T
+    tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 32), tdZ2, W2))
+    # udZ1 = tdZ2_W2*(1 - H1_pow2)
+    udZ1 = tdZ2_W2
     _udZ1_0 = np.subtract(1, H1_pow2, out=_scratch('_udZ1_0', (n, 32), H1_pow2))
     udZ1 *= _udZ1_0
     # Gv_W1 = x.T @ udZ1
     Gv_W1 = x.T @ udZ1
     # Gv_b1 = sum(udZ1, axis=0)
     Gv_b1 = udZ1.sum(axis=0)
-    # Gv_W2 = H1.T @ tdZ2
-    Gv_W2 = H1.T @ tdZ2
+    # H1_tdZ2 = H1.T @ tdZ2
+    H1_tdZ2 = H1.T @ tdZ2
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
-    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Hv_b2}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': H1_tdZ2, 'b2': Hv_b2}
 
 
 # ---------------------------------------------------------------------------------------------

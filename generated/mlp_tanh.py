@@ -285,49 +285,49 @@ def hvp(params, v, x, y):
     txW1 = x @ v_W1
     # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
     tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    # t1 = tH1 @ W2
-    t1 = tH1 @ W2
-    # t2 = H1 @ v_W2
-    t2 = H1 @ v_W2
-    # tH2 = (1 - H2_pow2)*(t1 + t2 + v_b2)
-    tH2 = (1 - H2_pow2)*(t1 + t2 + v_b2)
-    # t3 = tH2 @ W3
-    t3 = tH2 @ W3
-    # t4 = H2 @ v_W3
-    t4 = H2 @ v_W3
-    # tdZ3 = 2*(t3 + t4 + v_b3)/n
-    tdZ3 = (t3 + t4 + v_b3)*(2/n)
-    # udH2 = tdZ3 @ W3.T
-    udH2 = tdZ3 @ W3.T
-    # t5 = dZ3 @ v_W3.T
-    t5 = dZ3 @ v_W3.T
-    # tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(t5 + udH2)
-    tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(t5 + udH2)
-    # t6 = tdZ2 @ W2.T
-    t6 = tdZ2 @ W2.T
-    # t7 = dZ2_2 @ v_W2.T
-    t7 = dZ2_2 @ v_W2.T
-    # tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(t6 + t7)
-    tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(t6 + t7)
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = tH1 @ W2
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = H1 @ v_W2
+    # tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
+    tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
+    # tH2_W3 = tH2 @ W3
+    tH2_W3 = tH2 @ W3
+    # H2_v_W3 = H2 @ v_W3
+    H2_v_W3 = H2 @ v_W3
+    # tdZ3 = 2*(H2_v_W3 + tH2_W3 + v_b3)/n
+    tdZ3 = (H2_v_W3 + tH2_W3 + v_b3)*(2/n)
+    # tdZ3_W3 = tdZ3 @ W3.T
+    tdZ3_W3 = tdZ3 @ W3.T
+    # dZ3_v_W3 = dZ3 @ v_W3.T
+    dZ3_v_W3 = dZ3 @ v_W3.T
+    # tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(dZ3_v_W3 + tdZ3_W3)
+    tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(dZ3_v_W3 + tdZ3_W3)
+    # tdZ2_W2 = tdZ2 @ W2.T
+    tdZ2_W2 = tdZ2 @ W2.T
+    # dZ2_v_W2 = dZ2_2 @ v_W2.T
+    dZ2_v_W2 = dZ2_2 @ v_W2.T
+    # tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(dZ2_v_W2 + tdZ2_W2)
+    tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(dZ2_v_W2 + tdZ2_W2)
     # Hv_W1 = x.T @ tdZ1
     Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
     Hv_b1 = tdZ1.sum(axis=0)
-    # t8 = H1.T @ tdZ2
-    t8 = H1.T @ tdZ2
-    # t9 = tH1.T @ dZ2_2
-    t9 = tH1.T @ dZ2_2
-    # Hv_W2 = t8 + t9
-    Hv_W2 = t8
-    Hv_W2 += t9
+    # H1_tdZ2 = H1.T @ tdZ2
+    H1_tdZ2 = H1.T @ tdZ2
+    # tH1_dZ2 = tH1.T @ dZ2_2
+    tH1_dZ2 = tH1.T @ dZ2_2
+    # Hv_W2 = H1_tdZ2 + tH1_dZ2
+    Hv_W2 = H1_tdZ2
+    Hv_W2 += tH1_dZ2
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
-    # t10 = tH2.T @ dZ3
-    t10 = tH2.T @ dZ3
-    # Gv_W3 = H2.T @ tdZ3
-    Gv_W3 = H2.T @ tdZ3
-    # Hv_W3 = Gv_W3 + t10
-    Hv_W3 = Gv_W3 + t10
+    # tH2_dZ3 = tH2.T @ dZ3
+    tH2_dZ3 = tH2.T @ dZ3
+    # H2_tdZ3 = H2.T @ tdZ3
+    H2_tdZ3 = H2.T @ tdZ3
+    # Hv_W3 = H2_tdZ3 + tH2_dZ3
+    Hv_W3 = H2_tdZ3 + tH2_dZ3
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = tdZ3.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3}
@@ -374,22 +374,22 @@ def gnvp(params, v, x, y):
     txW1 = x @ v_W1
     # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
     tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    # t1 = tH1 @ W2
-    t1 = tH1 @ W2
-    # t2 = H1 @ v_W2
-    t2 = H1 @ v_W2
-    # tH2 = (1 - H2_pow2)*(t1 + t2 + v_b2)
-    tH2 = (1 - H2_pow2)*(t1 + t2 + v_b2)
-    # t3 = tH2 @ W3
-    t3 = tH2 @ W3
-    # t4 = H2 @ v_W3
-    t4 = H2 @ v_W3
-    # tdZ3 = 2*(t3 + t4 + v_b3)/n
-    tdZ3 = (t3 + t4 + v_b3)*(2/n)
-    # udH2 = tdZ3 @ W3.T
-    udH2 = tdZ3 @ W3.T
-    # udZ2 = udH2*(1 - H2_pow2)
-    udZ2 = udH2*(1 - H2_pow2)
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = tH1 @ W2
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = H1 @ v_W2
+    # tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
+    tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
+    # tH2_W3 = tH2 @ W3
+    tH2_W3 = tH2 @ W3
+    # H2_v_W3 = H2 @ v_W3
+    H2_v_W3 = H2 @ v_W3
+    # tdZ3 = 2*(H2_v_W3 + tH2_W3 + v_b3)/n
+    tdZ3 = (H2_v_W3 + tH2_W3 + v_b3)*(2/n)
+    # tdZ3_W3 = tdZ3 @ W3.T
+    tdZ3_W3 = tdZ3 @ W3.T
+    # udZ2 = tdZ3_W3*(1 - H2_pow2)
+    udZ2 = tdZ3_W3*(1 - H2_pow2)
     # udH1 = udZ2 @ W2.T
     udH1 = udZ2 @ W2.T
     # udZ1 = udH1*(1 - H1_pow2)
@@ -402,11 +402,11 @@ def gnvp(params, v, x, y):
     Gv_W2 = H1.T @ udZ2
     # Gv_b2 = sum(udZ2, axis=0)
     Gv_b2 = udZ2.sum(axis=0)
-    # Gv_W3 = H2.T @ tdZ3
-    Gv_W3 = H2.T @ tdZ3
+    # H2_tdZ3 = H2.T @ tdZ3
+    H2_tdZ3 = H2.T @ tdZ3
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = tdZ3.sum(axis=0)
-    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': Gv_W3, 'b3': Hv_b3}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': H2_tdZ3, 'b3': Hv_b3}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -423,13 +423,13 @@ def hvp(params, v, x, y):
     dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
     Hf2_pow2 = Hf2*Hf2
     dZf2_2 = dS2*(1 - Hf2_pow2)
-    t3 = np.matmul(dZf2_2, Wf2.T, out=_scratch('t3', (n, 32), dZf2_2, Wf2))
-    dh1_2 = t3
+    dh1_Wf2_2 = np.matmul(dZf2_2, Wf2.T, out=_scratch('dh1_Wf2_2', (n, 32), dZf2_2, Wf2))
+    dh1_2 = dh1_Wf2_2
     dh1_2 += dS2
     Hf1_pow2 = Hf1*Hf1
     dZf1_2 = dh1_2*(1 - Hf1_pow2)
-    t4 = np.matmul(dZf1_2, Wf1.T, out=_scratch('t4', (n, 32), dZf1_2, Wf1))
-    dHh0 = t4
+    dHh0_Wf1_2 = np.matmul(dZf1_2, Wf1.T, out=_scratch('dHh0_Wf1_2', (n, 32), dZf1_2, Wf1))
+    dHh0 = dHh0_Wf1_2
     dHh0 += dh1_2
     dZh0_2 = dHh0*(1 - Hh0_pow2)
     dWh0_2 = x.T @ dZh0_2
@@ -440,107 +440,107 @@ def hvp(params, v, x, y):
     dbf2_2 = dZf2_2.sum(axis=0)
     dWout = S2.T @ dZout
     dbout = dZout.sum(axis=0)
-    # t5 = dZout @ v_Wout.T
-    t5 = np.matmul(dZout, v_Wout.T, out=_scratch('t5', (n, 32), dZout, v_Wout))
+    # dZout_v_Wout = dZout @ v_Wout.T
+    dZout_v_Wout = np.matmul(dZout, v_Wout.T, out=_scratch('dZout_v_Wout', (n, 32), dZout, v_Wout))
     # txWh0 = x @ v_Wh0
     txWh0 = np.matmul(x, v_Wh0, out=_scratch('txWh0', (n, 32), x, v_Wh0))
     # tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
     tHh0 = 1 - Hh0_pow2
     txWh0 += v_bh0
     tHh0 *= txWh0
-    # t6 = tHh0 @ Wf1
-    t6 = np.matmul(tHh0, Wf1, out=_scratch('t6', (n, 32), tHh0, Wf1))
-    # t7 = Hh0 @ v_Wf1
-    t7 = np.matmul(Hh0, v_Wf1, out=_scratch('t7', (n, 32), Hh0, v_Wf1))
-    # tHf1 = (1 - Hf1_pow2)*(t6 + t7 + v_bf1)
+    # tHh0_Wf1 = tHh0 @ Wf1
+    tHh0_Wf1 = np.matmul(tHh0, Wf1, out=_scratch('tHh0_Wf1', (n, 32), tHh0, Wf1))
+    # Hh0_v_Wf1 = Hh0 @ v_Wf1
+    Hh0_v_Wf1 = np.matmul(Hh0, v_Wf1, out=_scratch('Hh0_v_Wf1', (n, 32), Hh0, v_Wf1))
+    # tHf1 = (1 - Hf1_pow2)*(Hh0_v_Wf1 + tHh0_Wf1 + v_bf1)
     tHf1 = 1 - Hf1_pow2
-    t6 += t7
-    t6 += v_bf1
-    tHf1 *= t6
+    Hh0_v_Wf1 += tHh0_Wf1
+    Hh0_v_Wf1 += v_bf1
+    tHf1 *= Hh0_v_Wf1
     # th1 = tHf1 + tHh0
     th1 = tHf1 + tHh0
-    # t8 = th1 @ Wf2
-    t8 = np.matmul(th1, Wf2, out=_scratch('t8', (n, 32), th1, Wf2))
-    # t9 = h1 @ v_Wf2
-    t9 = np.matmul(h1, v_Wf2, out=_scratch('t9', (n, 32), h1, v_Wf2))
-    # tHf2 = (1 - Hf2_pow2)*(t8 + t9 + v_bf2)
+    # th1_Wf2 = th1 @ Wf2
+    th1_Wf2 = np.matmul(th1, Wf2, out=_scratch('th1_Wf2', (n, 32), th1, Wf2))
+    # h1_v_Wf2 = h1 @ v_Wf2
+    h1_v_Wf2 = np.matmul(h1, v_Wf2, out=_scratch('h1_v_Wf2', (n, 32), h1, v_Wf2))
+    # tHf2 = (1 - Hf2_pow2)*(h1_v_Wf2 + th1_Wf2 + v_bf2)
     tHf2 = 1 - Hf2_pow2
-    t8 += t9
-    t8 += v_bf2
-    tHf2 *= t8
+    h1_v_Wf2 += th1_Wf2
+    h1_v_Wf2 += v_bf2
+    tHf2 *= h1_v_Wf2
     # tS2 = tHf2 + th1
     tS2 = tHf2 + th1
-    # t10 = tS2 @ Wout
-    t10 = tS2 @ Wout
-    # t11 = S2 @ v_Wout
-    t11 = S2 @ v_Wout
-    # tZout = t10 + t11 + v_bout
-    tZout = t10 + t11 + v_bout
+    # tS2_Wout = tS2 @ Wout
+    tS2_Wout = tS2 @ Wout
+    # S2_v_Wout = S2 @ v_Wout
+    S2_v_Wout = S2 @ v_Wout
+    # tZout = S2_v_Wout + tS2_Wout + v_bout
+    tZout = S2_v_Wout + tS2_Wout + v_bout
     # exp_Zout = exp(-LSE + Zout)
     exp_Zout = np.exp(-LSE[:, None] + Zout)
     # tLSE = sum(exp_Zout*tZout, axis=1)
     tLSE = (exp_Zout*tZout).sum(axis=1)
     # tdZout = exp_Zout*(-tLSE + tZout)/n
     tdZout = exp_Zout*(-tLSE[:, None] + tZout)/n
-    # t13 = tdZout @ Wout.T
-    t13 = np.matmul(tdZout, Wout.T, out=_scratch('t13', (n, 32), tdZout, Wout))
-    # tdS2 = t13 + t5
-    tdS2 = t13
-    tdS2 += t5
-    # t14 = dZf2_2 @ v_Wf2.T
-    t14 = np.matmul(dZf2_2, v_Wf2.T, out=_scratch('t14', (n, 32), dZf2_2, v_Wf2))
+    # tdZout_Wout = tdZout @ Wout.T
+    tdZout_Wout = np.matmul(tdZout, Wout.T, out=_scratch('tdZout_Wout', (n, 32), tdZout, Wout))
+    # tdS2 = dZout_v_Wout + tdZout_Wout
+    tdS2 = dZout_v_Wout
+    tdS2 += tdZout_Wout
+    # dZf2_v_Wf2 = dZf2_2 @ v_Wf2.T
+    dZf2_v_Wf2 = np.matmul(dZf2_2, v_Wf2.T, out=_scratch('dZf2_v_Wf2', (n, 32), dZf2_2, v_Wf2))
     # tdZf2 = -2*Hf2*dS2*tHf2 + tdS2*(1 - Hf2_pow2)
     tdZf2 = -2*Hf2*dS2*tHf2 + tdS2*(1 - Hf2_pow2)
-    # t15 = tdZf2 @ Wf2.T
-    t15 = np.matmul(tdZf2, Wf2.T, out=_scratch('t15', (n, 32), tdZf2, Wf2))
-    # tdh1 = t14 + t15 + tdS2
-    tdh1 = t14
-    tdh1 += t15
+    # tdZf2_Wf2 = tdZf2 @ Wf2.T
+    tdZf2_Wf2 = np.matmul(tdZf2, Wf2.T, out=_scratch('tdZf2_Wf2', (n, 32), tdZf2, Wf2))
+    # tdh1 = dZf2_v_Wf2 + tdS2 + tdZf2_Wf2
+    tdh1 = dZf2_v_Wf2
     tdh1 += tdS2
-    # t16 = dZf1_2 @ v_Wf1.T
-    t16 = np.matmul(dZf1_2, v_Wf1.T, out=_scratch('t16', (n, 32), dZf1_2, v_Wf1))
+    tdh1 += tdZf2_Wf2
+    # dZf1_v_Wf1 = dZf1_2 @ v_Wf1.T
+    dZf1_v_Wf1 = np.matmul(dZf1_2, v_Wf1.T, out=_scratch('dZf1_v_Wf1', (n, 32), dZf1_2, v_Wf1))
     # tdZf1 = -2*Hf1*dh1_2*tHf1 + tdh1*(1 - Hf1_pow2)
     tdZf1 = -2*Hf1*dh1_2*tHf1 + tdh1*(1 - Hf1_pow2)
-    # t17 = tdZf1 @ Wf1.T
-    t17 = np.matmul(tdZf1, Wf1.T, out=_scratch('t17', (n, 32), tdZf1, Wf1))
-    # tdZh0 = -2*Hh0*dHh0*tHh0 + (1 - Hh0_pow2)*(t16 + t17 + tdh1)
+    # tdZf1_Wf1 = tdZf1 @ Wf1.T
+    tdZf1_Wf1 = np.matmul(tdZf1, Wf1.T, out=_scratch('tdZf1_Wf1', (n, 32), tdZf1, Wf1))
+    # tdZh0 = -2*Hh0*dHh0*tHh0 + (1 - Hh0_pow2)*(dZf1_v_Wf1 + tdZf1_Wf1 + tdh1)
     tdZh0 = 1 - Hh0_pow2
-    t16 += t17
-    t16 += tdh1
-    tdZh0 *= t16
-    np.multiply(Hh0, dHh0, out=t16)
-    t16 *= tHh0
-    t16 *= 2
-    tdZh0 -= t16
+    dZf1_v_Wf1 += tdZf1_Wf1
+    dZf1_v_Wf1 += tdh1
+    tdZh0 *= dZf1_v_Wf1
+    np.multiply(Hh0, dHh0, out=dZf1_v_Wf1)
+    dZf1_v_Wf1 *= tHh0
+    dZf1_v_Wf1 *= 2
+    tdZh0 -= dZf1_v_Wf1
     # Hv_Wh0 = x.T @ tdZh0
     Hv_Wh0 = x.T @ tdZh0
     # Hv_bh0 = sum(tdZh0, axis=0)
     Hv_bh0 = tdZh0.sum(axis=0)
-    # t18 = tHh0.T @ dZf1_2
-    t18 = tHh0.T @ dZf1_2
-    # t19 = Hh0.T @ tdZf1
-    t19 = Hh0.T @ tdZf1
-    # Hv_Wf1 = t18 + t19
-    Hv_Wf1 = t18
-    Hv_Wf1 += t19
+    # tHh0_dZf1 = tHh0.T @ dZf1_2
+    tHh0_dZf1 = tHh0.T @ dZf1_2
+    # Hh0_tdZf1 = Hh0.T @ tdZf1
+    Hh0_tdZf1 = Hh0.T @ tdZf1
+    # Hv_Wf1 = Hh0_tdZf1 + tHh0_dZf1
+    Hv_Wf1 = Hh0_tdZf1
+    Hv_Wf1 += tHh0_dZf1
     # Hv_bf1 = sum(tdZf1, axis=0)
     Hv_bf1 = tdZf1.sum(axis=0)
-    # t20 = h1.T @ tdZf2
-    t20 = h1.T @ tdZf2
-    # t21 = th1.T @ dZf2_2
-    t21 = th1.T @ dZf2_2
-    # Hv_Wf2 = t20 + t21
-    Hv_Wf2 = t20
-    Hv_Wf2 += t21
+    # h1_tdZf2 = h1.T @ tdZf2
+    h1_tdZf2 = h1.T @ tdZf2
+    # th1_dZf2 = th1.T @ dZf2_2
+    th1_dZf2 = th1.T @ dZf2_2
+    # Hv_Wf2 = h1_tdZf2 + th1_dZf2
+    Hv_Wf2 = h1_tdZf2
+    Hv_Wf2 += th1_dZf2
     # Hv_bf2 = sum(tdZf2, axis=0)
     Hv_bf2 = tdZf2.sum(axis=0)
-    # t22 = S2.T @ tdZout
-    t22 = S2.T @ tdZout
-    # t23 = tS2.T @ dZout
-    t23 = tS2.T @ dZout
-    # Hv_Wout = t22 + t23
-    Hv_Wout = t22
-    Hv_Wout += t23
+    # S2_tdZout = S2.T @ tdZout
+    S2_tdZout = S2.T @ tdZout
+    # tS2_dZout = tS2.T @ dZout
+    tS2_dZout = tS2.T @ dZout
+    # Hv_Wout = S2_tdZout + tS2_dZout
+    Hv_Wout = S2_tdZout
+    Hv_Wout += tS2_dZout
     # Hv_bout = sum(tdZout, axis=0)
     Hv_bout = tdZout.sum(axis=0)
     return float(L), {'Wh0': dWh0_2, 'bh0': dbh0_2, 'Wf1': dWf1_2, 'bf1': dbf1_2, 'Wf2': dWf2_2, 'bf2': dbf2_2, 'Wout': dWout, 'bout': dbout}, {'Wh0': Hv_Wh0, 'bh0': Hv_bh0, 'Wf1': Hv_Wf1, 'bf1': Hv_bf1, 'Wf2': Hv_Wf2, 'bf2': Hv_bf2, 'Wout': Hv_Wout, 'bout': Hv_bout}
@@ -593,15 +593,15 @@ def gnvp(params, v, x, y):
     dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
     Hf2_pow2 = Hf2*Hf2
     dZf2_2 = dS2*(1 - Hf2_pow2)
-    t3 = np.matmul(dZf2_2, Wf2.T, out=_scratch('t3', (n, 32), dZf2_2, Wf2))
-    dh1_2 = t3
+    dh1_Wf2_2 = np.matmul(dZf2_2, Wf2.T, out=_scratch('dh1_Wf2_2', (n, 32), dZf2_2, Wf2))
+    dh1_2 = dh1_Wf2_2
     dh1_2 += dS2
     Hf1_pow2 = Hf1*Hf1
     dZf1_2 = dh1_2*(1 - Hf1_pow2)
-    t4 = np.matmul(dZf1_2, Wf1.T, out=_scratch('t4', (n, 32), dZf1_2, Wf1))
+    dHh0_Wf1_2 = np.matmul(dZf1_2, Wf1.T, out=_scratch('dHh0_Wf1_2', (n, 32), dZf1_2, Wf1))
     dZh0_3 = 1 - Hh0_pow2
-    t4 += dh1_2
-    dZh0_3 *= t4
+    dHh0_Wf1_2 += dh1_2
+    dZh0_3 *= dHh0_Wf1_2
     dWh0_3 = x.T @ dZh0_3
     dbh0_3 = dZh0_3.sum(axis=0)
     dWf1_2 = Hh0.T @ dZf1_2
@@ -612,59 +612,59 @@ def gnvp(params, v, x, y):
     dbout = dZout.sum(axis=0)
     # exp_Zout = exp(-LSE + Zout)
     exp_Zout = np.exp(-LSE[:, None] + Zout)
-    # t9 = h1 @ v_Wf2
-    t9 = np.matmul(h1, v_Wf2, out=_scratch('t9', (n, 32), h1, v_Wf2))
+    # h1_v_Wf2 = h1 @ v_Wf2
+    h1_v_Wf2 = np.matmul(h1, v_Wf2, out=_scratch('h1_v_Wf2', (n, 32), h1, v_Wf2))
     # txWh0 = x @ v_Wh0
     txWh0 = np.matmul(x, v_Wh0, out=_scratch('txWh0', (n, 32), x, v_Wh0))
     # tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
     tHh0 = 1 - Hh0_pow2
     txWh0 += v_bh0
     tHh0 *= txWh0
-    # t6 = tHh0 @ Wf1
-    t6 = np.matmul(tHh0, Wf1, out=_scratch('t6', (n, 32), tHh0, Wf1))
-    # t7 = Hh0 @ v_Wf1
-    t7 = np.matmul(Hh0, v_Wf1, out=_scratch('t7', (n, 32), Hh0, v_Wf1))
-    # th1_2 = tHh0 + (1 - Hf1_pow2)*(t6 + t7 + v_bf1)
+    # tHh0_Wf1 = tHh0 @ Wf1
+    tHh0_Wf1 = np.matmul(tHh0, Wf1, out=_scratch('tHh0_Wf1', (n, 32), tHh0, Wf1))
+    # Hh0_v_Wf1 = Hh0 @ v_Wf1
+    Hh0_v_Wf1 = np.matmul(Hh0, v_Wf1, out=_scratch('Hh0_v_Wf1', (n, 32), Hh0, v_Wf1))
+    # th1_2 = tHh0 + (1 - Hf1_pow2)*(Hh0_v_Wf1 + tHh0_Wf1 + v_bf1)
     th1_2 = 1 - Hf1_pow2
-    t6 += t7
-    t6 += v_bf1
-    th1_2 *= t6
+    Hh0_v_Wf1 += tHh0_Wf1
+    Hh0_v_Wf1 += v_bf1
+    th1_2 *= Hh0_v_Wf1
     th1_2 += tHh0
-    # t24 = th1_2 @ Wf2
-    t24 = np.matmul(th1_2, Wf2, out=_scratch('t24', (n, 32), th1_2, Wf2))
-    # tS2_2 = th1_2 + (1 - Hf2_pow2)*(t24 + t9 + v_bf2)
+    # th1_Wf2_2 = th1_2 @ Wf2
+    th1_Wf2_2 = np.matmul(th1_2, Wf2, out=_scratch('th1_Wf2_2', (n, 32), th1_2, Wf2))
+    # tS2_2 = th1_2 + (1 - Hf2_pow2)*(h1_v_Wf2 + th1_Wf2_2 + v_bf2)
     tS2_2 = 1 - Hf2_pow2
-    t24 += t9
-    t24 += v_bf2
-    tS2_2 *= t24
+    h1_v_Wf2 += th1_Wf2_2
+    h1_v_Wf2 += v_bf2
+    tS2_2 *= h1_v_Wf2
     tS2_2 += th1_2
-    # t25 = tS2_2 @ Wout
-    t25 = tS2_2 @ Wout
-    # t11 = S2 @ v_Wout
-    t11 = S2 @ v_Wout
-    # tZout_2 = t11 + t25 + v_bout
-    tZout_2 = t11 + t25 + v_bout
+    # tS2_Wout_2 = tS2_2 @ Wout
+    tS2_Wout_2 = tS2_2 @ Wout
+    # S2_v_Wout = S2 @ v_Wout
+    S2_v_Wout = S2 @ v_Wout
+    # tZout_2 = S2_v_Wout + tS2_Wout_2 + v_bout
+    tZout_2 = S2_v_Wout + tS2_Wout_2 + v_bout
     # tLSE_2 = sum(exp_Zout*tZout_2, axis=1)
     tLSE_2 = (exp_Zout*tZout_2).sum(axis=1)
     # tdZout_2 = exp_Zout*(-tLSE_2 + tZout_2)/n
     tdZout_2 = exp_Zout*(-tLSE_2[:, None] + tZout_2)/n
-    # udS2 = tdZout_2 @ Wout.T
-    udS2 = np.matmul(tdZout_2, Wout.T, out=_scratch('udS2', (n, 32), tdZout_2, Wout))
-    # udZf2 = udS2*(1 - Hf2_pow2)
-    udZf2 = udS2*(1 - Hf2_pow2)
-    # t27 = udZf2 @ Wf2.T
-    t27 = np.matmul(udZf2, Wf2.T, out=_scratch('t27', (n, 32), udZf2, Wf2))
-    # udh1 = t27 + udS2
-    udh1 = t27
-    udh1 += udS2
+    # tdZout_Wout_2 = tdZout_2 @ Wout.T
+    tdZout_Wout_2 = np.matmul(tdZout_2, Wout.T, out=_scratch('tdZout_Wout_2', (n, 32), tdZout_2, Wout))
+    # udZf2 = tdZout_Wout_2*(1 - Hf2_pow2)
+    udZf2 = tdZout_Wout_2*(1 - Hf2_pow2)
+    # udZf2_Wf2 = udZf2 @ Wf2.T
+    udZf2_Wf2 = np.matmul(udZf2, Wf2.T, out=_scratch('udZf2_Wf2', (n, 32), udZf2, Wf2))
+    # udh1 = tdZout_Wout_2 + udZf2_Wf2
+    udh1 = udZf2_Wf2
+    udh1 += tdZout_Wout_2
     # udZf1 = udh1*(1 - Hf1_pow2)
     udZf1 = udh1*(1 - Hf1_pow2)
-    # t28 = udZf1 @ Wf1.T
-    t28 = np.matmul(udZf1, Wf1.T, out=_scratch('t28', (n, 32), udZf1, Wf1))
-    # udZh0 = (1 - Hh0_pow2)*(t28 + udh1)
+    # udZf1_Wf1 = udZf1 @ Wf1.T
+    udZf1_Wf1 = np.matmul(udZf1, Wf1.T, out=_scratch('udZf1_Wf1', (n, 32), udZf1, Wf1))
+    # udZh0 = (1 - Hh0_pow2)*(udZf1_Wf1 + udh1)
     udZh0 = 1 - Hh0_pow2
-    t28 += udh1
-    udZh0 *= t28
+    udZf1_Wf1 += udh1
+    udZh0 *= udZf1_Wf1
     # Gv_Wh0 = x.T @ udZh0
     Gv_Wh0 = x.T @ udZh0
     # Gv_bh0 = sum(udZh0, axis=0)
@@ -677,11 +677,11 @@ def gnvp(params, v, x, y):
     Gv_Wf2 = h1.T @ udZf2
     # Gv_bf2 = sum(udZf2, axis=0)
     Gv_bf2 = udZf2.sum(axis=0)
-    # Gv_Wout = S2.T @ tdZout_2
-    Gv_Wout = S2.T @ tdZout_2
+    # S2_tdZout_2 = S2.T @ tdZout_2
+    S2_tdZout_2 = S2.T @ tdZout_2
     # Hv_bout_2 = sum(tdZout_2, axis=0)
     Hv_bout_2 = tdZout_2.sum(axis=0)
-    return float(L), {'Wh0': dWh0_3, 'bh0': dbh0_3, 'Wf1': dWf1_2, 'bf1': dbf1_2, 'Wf2': dWf2_2, 'bf2': dbf2_2, 'Wout': dWout, 'bout': dbout}, {'Wh0': Gv_Wh0, 'bh0': Gv_bh0, 'Wf1': Gv_Wf1, 'bf1': Gv_bf1, 'Wf2': Gv_Wf2, 'bf2': Gv_bf2, 'Wout': Gv_Wout, 'bout': Hv_bout_2}
+    return float(L), {'Wh0': dWh0_3, 'bh0': dbh0_3, 'Wf1': dWf1_2, 'bf1': dbf1_2, 'Wf2': dWf2_2, 'bf2': dbf2_2, 'Wout': dWout, 'bout': dbout}, {'Wh0': Gv_Wh0, 'bh0': Gv_bh0, 'Wf1': Gv_Wf1, 'bf1': Gv_bf1, 'Wf2': Gv_Wf2, 'bf2': Gv_bf2, 'Wout': S2_tdZout_2, 'bout': Hv_bout_2}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -257,36 +257,36 @@ def hvp(params, v, x, y):
     db1 = dZ1.sum(axis=0)
     dW2 = H1.T @ dZ2
     db2 = dZ2.sum(axis=0)
-    # t1 = dZ2 @ v_W2.T
-    t1 = dZ2 @ v_W2.T
+    # dZ2_v_W2 = dZ2 @ v_W2.T
+    dZ2_v_W2 = dZ2 @ v_W2.T
     # txW1 = x @ v_W1
     txW1 = x @ v_W1
     # tZ1 = txW1 + v_b1
     tZ1 = txW1 + v_b1
     # tH1 = tZ1*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
     tH1 = tZ1*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
-    # t2 = tH1 @ W2
-    t2 = tH1 @ W2
-    # t3 = H1 @ v_W2
-    t3 = H1 @ v_W2
-    # tdZ2 = (t2 + t3 + v_b2)/n
-    tdZ2 = (t2 + t3 + v_b2)/n
-    # t4 = tdZ2 @ W2.T
-    t4 = tdZ2 @ W2.T
-    # tdZ1 = dH1*sigmoid_Z1*tZ1*(1 - sigmoid_Z1)*(1.5 - 2.25*H1) + 1.5*dH1*tH1*(1 - sigmoid_Z1) + (t1 + t4)*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = tH1 @ W2
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = H1 @ v_W2
+    # tdZ2 = (H1_v_W2 + tH1_W2 + v_b2)/n
+    tdZ2 = (H1_v_W2 + tH1_W2 + v_b2)/n
+    # tdZ2_W2 = tdZ2 @ W2.T
+    tdZ2_W2 = tdZ2 @ W2.T
+    # tdZ1 = dH1*sigmoid_Z1*tZ1*(1 - sigmoid_Z1)*(1.5 - 2.25*H1) + 1.5*dH1*tH1*(1 - sigmoid_Z1) + (dZ2_v_W2 + tdZ2_W2)*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
     _tdZ1_0 = 1 - sigmoid_Z1
     _tdZ1_1 = 1.5*_tdZ1_0
-    tdZ1 = _tdZ1_0*dH1*sigmoid_Z1*tZ1*(1.5 - 2.25*H1) + _tdZ1_1*dH1*tH1 + (t1 + t4)*(H1*_tdZ1_1 + sigmoid_Z1)
+    tdZ1 = _tdZ1_0*dH1*sigmoid_Z1*tZ1*(1.5 - 2.25*H1) + _tdZ1_1*dH1*tH1 + (dZ2_v_W2 + tdZ2_W2)*(H1*_tdZ1_1 + sigmoid_Z1)
     # Hv_W1 = x.T @ tdZ1
     Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
     Hv_b1 = tdZ1.sum(axis=0)
-    # t5 = H1.T @ tdZ2
-    t5 = H1.T @ tdZ2
-    # t6 = tH1.T @ dZ2
-    t6 = tH1.T @ dZ2
-    # Hv_W2 = t5 + t6
-    Hv_W2 = t5 + t6
+    # H1_tdZ2 = H1.T @ tdZ2
+    H1_tdZ2 = H1.T @ tdZ2
+    # tH1_dZ2 = tH1.T @ dZ2
+    tH1_dZ2 = tH1.T @ dZ2
+    # Hv_W2 = H1_tdZ2 + tH1_dZ2
+    Hv_W2 = H1_tdZ2 + tH1_dZ2
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}

@@ -338,8 +338,8 @@ def hvp(params, v, x, y):
     db1_2 = dZ1_2.sum(axis=0)
     dW2 = H1.T @ dZ2
     db2 = dZ2.sum(axis=0)
-    # t1 = dZ2 @ v_W2.T
-    t1 = np.matmul(dZ2, v_W2.T, out=_scratch('t1', (n, 256), dZ2, v_W2))
+    # dZ2_v_W2 = dZ2 @ v_W2.T
+    dZ2_v_W2 = np.matmul(dZ2, v_W2.T, out=_scratch('dZ2_v_W2', (n, 256), dZ2, v_W2))
     # exp_Z2 = exp(-LSE + Z2)
     exp_Z2 = np.exp(-LSE[:, None] + Z2)
     # txW1 = x @ v_W1
@@ -348,33 +348,33 @@ def hvp(params, v, x, y):
     tH1 = txW1
     tH1 += v_b1
     tH1 *= step_H1
-    # t2 = tH1 @ W2
-    t2 = tH1 @ W2
-    # t3 = H1 @ v_W2
-    t3 = H1 @ v_W2
-    # tZ2 = t2 + t3 + v_b2
-    tZ2 = t2 + t3 + v_b2
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = tH1 @ W2
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = H1 @ v_W2
+    # tZ2 = H1_v_W2 + tH1_W2 + v_b2
+    tZ2 = H1_v_W2 + tH1_W2 + v_b2
     # tLSE = sum(exp_Z2*tZ2, axis=1)
     tLSE = (exp_Z2*tZ2).sum(axis=1)
     # tdZ2 = exp_Z2*(-tLSE + tZ2)/n
     tdZ2 = exp_Z2*(-tLSE[:, None] + tZ2)/n
-    # udH1 = tdZ2 @ W2.T
-    udH1 = np.matmul(tdZ2, W2.T, out=_scratch('udH1', (n, 256), tdZ2, W2))
-    # tdZ1 = step_H1*(t1 + udH1)
-    tdZ1 = t1
-    tdZ1 += udH1
+    # tdZ2_W2 = tdZ2 @ W2.T
+    tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 256), tdZ2, W2))
+    # tdZ1 = step_H1*(dZ2_v_W2 + tdZ2_W2)
+    tdZ1 = dZ2_v_W2
+    tdZ1 += tdZ2_W2
     tdZ1 *= step_H1
     # Hv_W1 = x.T @ tdZ1
     Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
     Hv_b1 = tdZ1.sum(axis=0)
-    # t5 = tH1.T @ dZ2
-    t5 = tH1.T @ dZ2
-    # Gv_W2 = H1.T @ tdZ2
-    Gv_W2 = H1.T @ tdZ2
-    # Hv_W2 = Gv_W2 + t5
-    Hv_W2 = Gv_W2
-    Hv_W2 += t5
+    # tH1_dZ2 = tH1.T @ dZ2
+    tH1_dZ2 = tH1.T @ dZ2
+    # H1_tdZ2 = H1.T @ tdZ2
+    H1_tdZ2 = H1.T @ tdZ2
+    # Hv_W2 = H1_tdZ2 + tH1_dZ2
+    Hv_W2 = H1_tdZ2
+    Hv_W2 += tH1_dZ2
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}
@@ -421,30 +421,30 @@ def gnvp(params, v, x, y):
     tH1 = txW1
     tH1 += v_b1
     tH1 *= step_H1
-    # t2 = tH1 @ W2
-    t2 = tH1 @ W2
-    # t3 = H1 @ v_W2
-    t3 = H1 @ v_W2
-    # tZ2 = t2 + t3 + v_b2
-    tZ2 = t2 + t3 + v_b2
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = tH1 @ W2
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = H1 @ v_W2
+    # tZ2 = H1_v_W2 + tH1_W2 + v_b2
+    tZ2 = H1_v_W2 + tH1_W2 + v_b2
     # tLSE = sum(exp_Z2*tZ2, axis=1)
     tLSE = (exp_Z2*tZ2).sum(axis=1)
     # tdZ2 = exp_Z2*(-tLSE + tZ2)/n
     tdZ2 = exp_Z2*(-tLSE[:, None] + tZ2)/n
-    # udH1 = tdZ2 @ W2.T
-    udH1 = np.matmul(tdZ2, W2.T, out=_scratch('udH1', (n, 256), tdZ2, W2))
-    # udZ1 = step_H1*udH1
-    udZ1 = udH1
+    # tdZ2_W2 = tdZ2 @ W2.T
+    tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 256), tdZ2, W2))
+    # udZ1 = step_H1*tdZ2_W2
+    udZ1 = tdZ2_W2
     udZ1 *= step_H1
     # Gv_W1 = x.T @ udZ1
     Gv_W1 = x.T @ udZ1
     # Gv_b1 = sum(udZ1, axis=0)
     Gv_b1 = udZ1.sum(axis=0)
-    # Gv_W2 = H1.T @ tdZ2
-    Gv_W2 = H1.T @ tdZ2
+    # H1_tdZ2 = H1.T @ tdZ2
+    H1_tdZ2 = H1.T @ tdZ2
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
-    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Hv_b2}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': H1_tdZ2, 'b2': Hv_b2}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -385,77 +385,77 @@ def hvp(params, v, x, y):
     db2_2 = dZ2_2.sum(axis=0)
     dW3 = H2.T @ dZ3
     db3 = dZ3.sum(axis=0)
-    # t1 = dZ2_2 @ v_W2.T
-    t1 = np.matmul(dZ2_2, v_W2.T, out=_scratch('t1', (n, 32), dZ2_2, v_W2))
+    # dZ2_v_W2 = dZ2_2 @ v_W2.T
+    dZ2_v_W2 = np.matmul(dZ2_2, v_W2.T, out=_scratch('dZ2_v_W2', (n, 32), dZ2_2, v_W2))
     # txW1 = x @ v_W1
     txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
     # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
     tH1 = 1 - H1_pow2
     txW1 += v_b1
     tH1 *= txW1
-    # t2 = dZ3 @ v_W3.T
-    t2 = np.matmul(dZ3, v_W3.T, out=_scratch('t2', (n, 32), dZ3, v_W3))
-    # t3 = H1 @ v_W2
-    t3 = np.matmul(H1, v_W2, out=_scratch('t3', (n, 32), H1, v_W2))
-    # t4 = tH1 @ W2
-    t4 = np.matmul(tH1, W2, out=_scratch('t4', (n, 32), tH1, W2))
-    # tH2 = (1 - H2_pow2)*(t3 + t4 + v_b2)
+    # dZ3_v_W3 = dZ3 @ v_W3.T
+    dZ3_v_W3 = np.matmul(dZ3, v_W3.T, out=_scratch('dZ3_v_W3', (n, 32), dZ3, v_W3))
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = np.matmul(H1, v_W2, out=_scratch('H1_v_W2', (n, 32), H1, v_W2))
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = np.matmul(tH1, W2, out=_scratch('tH1_W2', (n, 32), tH1, W2))
+    # tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
     tH2 = 1 - H2_pow2
-    t3 += t4
-    t3 += v_b2
-    tH2 *= t3
-    # t5 = tH2 @ W3
-    t5 = tH2 @ W3
-    # t6 = H2 @ v_W3
-    t6 = H2 @ v_W3
-    # tZ3 = t5 + t6 + v_b3
-    tZ3 = t5 + t6 + v_b3
+    H1_v_W2 += tH1_W2
+    H1_v_W2 += v_b2
+    tH2 *= H1_v_W2
+    # tH2_W3 = tH2 @ W3
+    tH2_W3 = tH2 @ W3
+    # H2_v_W3 = H2 @ v_W3
+    H2_v_W3 = H2 @ v_W3
+    # tZ3 = H2_v_W3 + tH2_W3 + v_b3
+    tZ3 = H2_v_W3 + tH2_W3 + v_b3
     # exp_Z3 = exp(-LSE + Z3)
     exp_Z3 = np.exp(-LSE[:, None] + Z3)
     # tLSE = sum(exp_Z3*tZ3, axis=1)
     tLSE = (exp_Z3*tZ3).sum(axis=1)
     # tdZ3 = exp_Z3*(-tLSE + tZ3)/n
     tdZ3 = exp_Z3*(-tLSE[:, None] + tZ3)/n
-    # udH2 = tdZ3 @ W3.T
-    udH2 = np.matmul(tdZ3, W3.T, out=_scratch('udH2', (n, 32), tdZ3, W3))
-    # tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(t2 + udH2)
+    # tdZ3_W3 = tdZ3 @ W3.T
+    tdZ3_W3 = np.matmul(tdZ3, W3.T, out=_scratch('tdZ3_W3', (n, 32), tdZ3, W3))
+    # tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(dZ3_v_W3 + tdZ3_W3)
     tdZ2 = 1 - H2_pow2
-    t2 += udH2
-    tdZ2 *= t2
-    np.multiply(H2, dH2, out=t2)
-    t2 *= tH2
-    t2 *= 2
-    tdZ2 -= t2
-    # t8 = tdZ2 @ W2.T
-    t8 = np.matmul(tdZ2, W2.T, out=_scratch('t8', (n, 32), tdZ2, W2))
-    # tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(t1 + t8)
+    dZ3_v_W3 += tdZ3_W3
+    tdZ2 *= dZ3_v_W3
+    np.multiply(H2, dH2, out=dZ3_v_W3)
+    dZ3_v_W3 *= tH2
+    dZ3_v_W3 *= 2
+    tdZ2 -= dZ3_v_W3
+    # tdZ2_W2 = tdZ2 @ W2.T
+    tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 32), tdZ2, W2))
+    # tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(dZ2_v_W2 + tdZ2_W2)
     tdZ1 = 1 - H1_pow2
-    t1 += t8
-    tdZ1 *= t1
-    np.multiply(H1, dH1_2, out=t1)
-    t1 *= tH1
-    t1 *= 2
-    tdZ1 -= t1
+    dZ2_v_W2 += tdZ2_W2
+    tdZ1 *= dZ2_v_W2
+    np.multiply(H1, dH1_2, out=dZ2_v_W2)
+    dZ2_v_W2 *= tH1
+    dZ2_v_W2 *= 2
+    tdZ1 -= dZ2_v_W2
     # Hv_W1 = x.T @ tdZ1
     Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
     Hv_b1 = tdZ1.sum(axis=0)
-    # t9 = H1.T @ tdZ2
-    t9 = H1.T @ tdZ2
-    # t10 = tH1.T @ dZ2_2
-    t10 = tH1.T @ dZ2_2
-    # Hv_W2 = t10 + t9
-    Hv_W2 = t10
-    Hv_W2 += t9
+    # H1_tdZ2 = H1.T @ tdZ2
+    H1_tdZ2 = H1.T @ tdZ2
+    # tH1_dZ2 = tH1.T @ dZ2_2
+    tH1_dZ2 = tH1.T @ dZ2_2
+    # Hv_W2 = H1_tdZ2 + tH1_dZ2
+    Hv_W2 = H1_tdZ2
+    Hv_W2 += tH1_dZ2
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
-    # Gv_W3 = H2.T @ tdZ3
-    Gv_W3 = H2.T @ tdZ3
-    # t11 = tH2.T @ dZ3
-    t11 = tH2.T @ dZ3
-    # Hv_W3 = Gv_W3 + t11
-    Hv_W3 = Gv_W3
-    Hv_W3 += t11
+    # H2_tdZ3 = H2.T @ tdZ3
+    H2_tdZ3 = H2.T @ tdZ3
+    # tH2_dZ3 = tH2.T @ dZ3
+    tH2_dZ3 = tH2.T @ dZ3
+    # Hv_W3 = H2_tdZ3 + tH2_dZ3
+    Hv_W3 = H2_tdZ3
+    Hv_W3 += tH2_dZ3
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = tdZ3.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3}
@@ -510,37 +510,37 @@ def gnvp(params, v, x, y):
     db2_2 = dZ2_2.sum(axis=0)
     dW3 = H2.T @ dZ3
     db3 = dZ3.sum(axis=0)
-    # t3 = H1 @ v_W2
-    t3 = np.matmul(H1, v_W2, out=_scratch('t3', (n, 32), H1, v_W2))
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = np.matmul(H1, v_W2, out=_scratch('H1_v_W2', (n, 32), H1, v_W2))
     # txW1 = x @ v_W1
     txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
     # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
     tH1 = 1 - H1_pow2
     txW1 += v_b1
     tH1 *= txW1
-    # t4 = tH1 @ W2
-    t4 = np.matmul(tH1, W2, out=_scratch('t4', (n, 32), tH1, W2))
-    # tH2 = (1 - H2_pow2)*(t3 + t4 + v_b2)
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = np.matmul(tH1, W2, out=_scratch('tH1_W2', (n, 32), tH1, W2))
+    # tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
     tH2 = 1 - H2_pow2
-    t3 += t4
-    t3 += v_b2
-    tH2 *= t3
-    # t5 = tH2 @ W3
-    t5 = tH2 @ W3
-    # t6 = H2 @ v_W3
-    t6 = H2 @ v_W3
-    # tZ3 = t5 + t6 + v_b3
-    tZ3 = t5 + t6 + v_b3
+    H1_v_W2 += tH1_W2
+    H1_v_W2 += v_b2
+    tH2 *= H1_v_W2
+    # tH2_W3 = tH2 @ W3
+    tH2_W3 = tH2 @ W3
+    # H2_v_W3 = H2 @ v_W3
+    H2_v_W3 = H2 @ v_W3
+    # tZ3 = H2_v_W3 + tH2_W3 + v_b3
+    tZ3 = H2_v_W3 + tH2_W3 + v_b3
     # exp_Z3 = exp(-LSE + Z3)
     exp_Z3 = np.exp(-LSE[:, None] + Z3)
     # tLSE = sum(exp_Z3*tZ3, axis=1)
     tLSE = (exp_Z3*tZ3).sum(axis=1)
     # tdZ3 = exp_Z3*(-tLSE + tZ3)/n
     tdZ3 = exp_Z3*(-tLSE[:, None] + tZ3)/n
-    # udH2 = tdZ3 @ W3.T
-    udH2 = np.matmul(tdZ3, W3.T, out=_scratch('udH2', (n, 32), tdZ3, W3))
-    # udZ2 = udH2*(1 - H2_pow2)
-    udZ2 = udH2
+    # tdZ3_W3 = tdZ3 @ W3.T
+    tdZ3_W3 = np.matmul(tdZ3, W3.T, out=_scratch('tdZ3_W3', (n, 32), tdZ3, W3))
+    # udZ2 = tdZ3_W3*(1 - H2_pow2)
+    udZ2 = tdZ3_W3
     _udZ2_0 = np.subtract(1, H2_pow2, out=_scratch('_udZ2_0', (n, 32), H2_pow2))
     udZ2 *= _udZ2_0
     # udH1 = udZ2 @ W2.T
@@ -557,11 +557,11 @@ def gnvp(params, v, x, y):
     Gv_W2 = H1.T @ udZ2
     # Gv_b2 = sum(udZ2, axis=0)
     Gv_b2 = udZ2.sum(axis=0)
-    # Gv_W3 = H2.T @ tdZ3
-    Gv_W3 = H2.T @ tdZ3
+    # H2_tdZ3 = H2.T @ tdZ3
+    H2_tdZ3 = H2.T @ tdZ3
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = tdZ3.sum(axis=0)
-    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': Gv_W3, 'b3': Hv_b3}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': H2_tdZ3, 'b3': Hv_b3}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -390,8 +390,8 @@ def hvp(params, v, top, bottom, y):
     dbhb_2 = dZhb_2.sum(axis=0)
     dW3 = C1.T @ dZ3
     db3 = dZ3.sum(axis=0)
-    # t1 = dZ3 @ v_W3.T
-    t1 = np.matmul(dZ3, v_W3.T, out=_scratch('t1', (n, 256), dZ3, v_W3))
+    # dZ3_v_W3 = dZ3 @ v_W3.T
+    dZ3_v_W3 = np.matmul(dZ3, v_W3.T, out=_scratch('dZ3_v_W3', (n, 256), dZ3, v_W3))
     # exp_Z3 = exp(-LSE + Z3)
     exp_Z3 = np.exp(-LSE[:, None] + Z3)
     # ttopWht = top @ v_Wht
@@ -408,21 +408,21 @@ def hvp(params, v, top, bottom, y):
     tHhb *= step_Hhb
     # tC1 = concat(tHht, tHhb)
     tC1 = np.concatenate((tHht, tHhb), axis=-1)
-    # t2 = tC1 @ W3
-    t2 = tC1 @ W3
-    # t3 = C1 @ v_W3
-    t3 = C1 @ v_W3
-    # tZ3 = t2 + t3 + v_b3
-    tZ3 = t2 + t3 + v_b3
+    # tC1_W3 = tC1 @ W3
+    tC1_W3 = tC1 @ W3
+    # C1_v_W3 = C1 @ v_W3
+    C1_v_W3 = C1 @ v_W3
+    # tZ3 = C1_v_W3 + tC1_W3 + v_b3
+    tZ3 = C1_v_W3 + tC1_W3 + v_b3
     # tLSE = sum(exp_Z3*tZ3, axis=1)
     tLSE = (exp_Z3*tZ3).sum(axis=1)
     # tdZ3 = exp_Z3*(-tLSE + tZ3)/n
     tdZ3 = exp_Z3*(-tLSE[:, None] + tZ3)/n
-    # udC1 = tdZ3 @ W3.T
-    udC1 = np.matmul(tdZ3, W3.T, out=_scratch('udC1', (n, 256), tdZ3, W3))
-    # tdC1 = t1 + udC1
-    tdC1 = t1
-    tdC1 += udC1
+    # tdZ3_W3 = tdZ3 @ W3.T
+    tdZ3_W3 = np.matmul(tdZ3, W3.T, out=_scratch('tdZ3_W3', (n, 256), tdZ3, W3))
+    # tdC1 = dZ3_v_W3 + tdZ3_W3
+    tdC1 = dZ3_v_W3
+    tdC1 += tdZ3_W3
     # tdHht = tdC1[..., 0:128]
     tdHht = tdC1[..., 0:128].copy()
     # tdZht = step_Hht*tdHht
@@ -439,13 +439,13 @@ def hvp(params, v, top, bottom, y):
     Hv_Whb = bottom.T @ tdZhb
     # Hv_bhb = sum(tdZhb, axis=0)
     Hv_bhb = tdZhb.sum(axis=0)
-    # Gv_W3 = C1.T @ tdZ3
-    Gv_W3 = C1.T @ tdZ3
-    # t5 = tC1.T @ dZ3
-    t5 = tC1.T @ dZ3
-    # Hv_W3 = Gv_W3 + t5
-    Hv_W3 = Gv_W3
-    Hv_W3 += t5
+    # C1_tdZ3 = C1.T @ tdZ3
+    C1_tdZ3 = C1.T @ tdZ3
+    # tC1_dZ3 = tC1.T @ dZ3
+    tC1_dZ3 = tC1.T @ dZ3
+    # Hv_W3 = C1_tdZ3 + tC1_dZ3
+    Hv_W3 = C1_tdZ3
+    Hv_W3 += tC1_dZ3
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = tdZ3.sum(axis=0)
     return float(L), {'Wht': dWht_2, 'bht': dbht_2, 'Whb': dWhb_2, 'bhb': dbhb_2, 'W3': dW3, 'b3': db3}, {'Wht': Hv_Wht, 'bht': Hv_bht, 'Whb': Hv_Whb, 'bhb': Hv_bhb, 'W3': Hv_W3, 'b3': Hv_b3}
@@ -515,39 +515,39 @@ def gnvp(params, v, top, bottom, y):
     tHhb *= step_Hhb
     # tC1 = concat(tHht, tHhb)
     tC1 = np.concatenate((tHht, tHhb), axis=-1)
-    # t2 = tC1 @ W3
-    t2 = tC1 @ W3
-    # t3 = C1 @ v_W3
-    t3 = C1 @ v_W3
-    # tZ3 = t2 + t3 + v_b3
-    tZ3 = t2 + t3 + v_b3
+    # tC1_W3 = tC1 @ W3
+    tC1_W3 = tC1 @ W3
+    # C1_v_W3 = C1 @ v_W3
+    C1_v_W3 = C1 @ v_W3
+    # tZ3 = C1_v_W3 + tC1_W3 + v_b3
+    tZ3 = C1_v_W3 + tC1_W3 + v_b3
     # tLSE = sum(exp_Z3*tZ3, axis=1)
     tLSE = (exp_Z3*tZ3).sum(axis=1)
     # tdZ3 = exp_Z3*(-tLSE + tZ3)/n
     tdZ3 = exp_Z3*(-tLSE[:, None] + tZ3)/n
-    # udC1 = tdZ3 @ W3.T
-    udC1 = np.matmul(tdZ3, W3.T, out=_scratch('udC1', (n, 256), tdZ3, W3))
-    # udHht = udC1[..., 0:128]
-    udHht = udC1[..., 0:128].copy()
+    # tdZ3_W3 = tdZ3 @ W3.T
+    tdZ3_W3 = np.matmul(tdZ3, W3.T, out=_scratch('tdZ3_W3', (n, 256), tdZ3, W3))
+    # udHht = tdZ3_W3[..., 0:128]
+    udHht = tdZ3_W3[..., 0:128].copy()
     # udZht = step_Hht*udHht
     udZht = step_Hht*udHht
     # Gv_Wht = top.T @ udZht
     Gv_Wht = top.T @ udZht
     # Gv_bht = sum(udZht, axis=0)
     Gv_bht = udZht.sum(axis=0)
-    # udHhb = udC1[..., 128:256]
-    udHhb = udC1[..., 128:256].copy()
+    # udHhb = tdZ3_W3[..., 128:256]
+    udHhb = tdZ3_W3[..., 128:256].copy()
     # udZhb = step_Hhb*udHhb
     udZhb = step_Hhb*udHhb
     # Gv_Whb = bottom.T @ udZhb
     Gv_Whb = bottom.T @ udZhb
     # Gv_bhb = sum(udZhb, axis=0)
     Gv_bhb = udZhb.sum(axis=0)
-    # Gv_W3 = C1.T @ tdZ3
-    Gv_W3 = C1.T @ tdZ3
+    # C1_tdZ3 = C1.T @ tdZ3
+    C1_tdZ3 = C1.T @ tdZ3
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = tdZ3.sum(axis=0)
-    return float(L), {'Wht': dWht_2, 'bht': dbht_2, 'Whb': dWhb_2, 'bhb': dbhb_2, 'W3': dW3, 'b3': db3}, {'Wht': Gv_Wht, 'bht': Gv_bht, 'Whb': Gv_Whb, 'bhb': Gv_bhb, 'W3': Gv_W3, 'b3': Hv_b3}
+    return float(L), {'Wht': dWht_2, 'bht': dbht_2, 'Whb': dWhb_2, 'bhb': dbhb_2, 'W3': dW3, 'b3': db3}, {'Wht': Gv_Wht, 'bht': Gv_bht, 'Whb': Gv_Whb, 'bhb': Gv_bhb, 'W3': C1_tdZ3, 'b3': Hv_b3}
 
 
 # ---------------------------------------------------------------------------------------------

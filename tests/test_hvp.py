@@ -214,7 +214,7 @@ def test_show_hvp_text_and_latex(capsys):
     assert "Hessian-vector product for W1, shape (2, 16):" in text
     assert "Gauss-Newton-vector product J^T H_loss J v for b3" in text
     assert "txW1 = x @ v_W1" in text and "Hv_W1 = x.T @ tdZ1" in text
-    assert "tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(t5 + udH2)" in text    # d(tanh') = -2 H tH, adjoint reused
+    assert "tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(dZ3_v_W3 + tdZ3_W3)" in text    # d(tanh') = -2 H tH, dH2 reused
     assert main(["show", spec, "--hvp", "--format", "latex", "--param", "W1"]) == 0
     tex = capsys.readouterr().out
     lines = [ln.strip().rstrip("\\").strip() for ln in tex.splitlines() if "&=" in ln]

@@ -125,6 +125,7 @@ def build_program(model, second_order=True):
         if h is not None:
             raw_names.setdefault(h.digest, "Hv_" + p.name)
     _name_values(tan, raw_names, "t", by_uid)
+    _name_unnamed(ir.topo_order([h for h in hv if h is not None]), raw_names, {**leaf_names, **{d.digest: d.name for d in directions}})
     seconds = [_second("hvp", raw_loss, raw_grads, hv, raw_updates, raw_names)] if second_order else []
     heads = loss_heads(model, raw_loss) if second_order else None
     if heads is not None:
@@ -135,6 +136,8 @@ def build_program(model, second_order=True):
         _name_values(parts.get("tangents", {}), raw_names, "t", by_uid)
         _name_values(parts.get("curvature", {}), raw_names, "u", by_uid)
         _name_values(parts.get("back", {}), raw_names, "ud", by_uid)
+        _name_unnamed(ir.topo_order([g for g in gv if g is not None]), raw_names,
+                      {**leaf_names, **{d.digest: d.name for d in directions}})
         seconds.append(_second("gnvp", raw_loss, raw_grads, gv, raw_updates, raw_names))
     for k_, v_ in raw_names.items():
         names.setdefault(k_, v_)
