@@ -75,7 +75,7 @@ model = Model("probe", (x,), (y,), (W,), s, loss, names={h.digest: "H", s.digest
               init={"W": ("glorot", 3, 4)})
 targets = sys.argv[2].split(",")
 for target in targets:
-    compiled = bpc.compile_model(model, "float64") if target == "numpy" else bpc.compile_model_c(model, "float64")
+    compiled = bpc.compile_model(model, "float64") if target == "numpy" else bpc.compile_model_c(model, "float64", second_order=True)
     fm = Formulas(compiled.program)
     assert fm.line(compiled.program.prediction) == "S = sumsq(H)"
     assert fm.line(compiled.program.prediction, latex=True) == r"S = \sum_j H^2"
