@@ -117,7 +117,8 @@ def build_program(model, second_order=True):
 
     # second order: the raw graph's gradients differentiated once more, then simplified apart
     # (second_order=False: backward alone; a large model compiles about three times faster)
-    directions = tuple(ir.input_node(_direction_name(p, model), p.shape, "direction") for p in model.params)
+    taken = {leaf.name for leaf in model.leaves}      # (once: a model may declare thousands of parameters)
+    directions = tuple(ir.input_node(_direction_name(p, taken), p.shape, "direction") for p in model.params)
     raw_grads = [grads[p.uid] for p in model.params]
     by_uid = {n.uid: n for n in ir.topo_order([raw_loss, *(g for g in raw_grads if g is not None)])}
     hv, tan = hessian_vector(raw_grads, model.params, directions) if second_order else ([None] * len(raw_grads), {})
@@ -194,12 +195,13 @@ def direction_arg(model):
     return name
 
 
-def _direction_name(p, model):
-    """``v_<param>``: the leaf of p's direction in the generated code (unique among the leaves)."""
-    taken = {leaf.name for leaf in model.leaves}
+def _direction_name(p, taken):
+    """``v_<param>``: the leaf of p's direction in the generated code, unique among the leaves
+    (``taken``: their names)."""
     name = "v_" + p.name
     while name in taken:
         name += "_"
+    taken.add(name)
     return name
 
 
