@@ -2,9 +2,14 @@
 
 Sections (``--only`` picks some): ``step`` the 784-256-128-10 training step, ``small`` 2-16-16-1
 nets where call overhead dominates, ``peak`` the fraction of the machine's matmul throughput the
-step reaches, ``compile`` compile time against depth and width; not run by default: ``c`` the C
+step reaches, ``compile`` compile time against depth and width, ``block`` a transformer block's
+training step against PyTorch and JAX (bench/block.py), ``cnn`` two CNN training steps
+against PyTorch and JAX (bench/cnn.py); not run by default: ``c`` the C
 target against hand NumPy, hand C, PyTorch and JAX, ``blas`` its loops against gemm
-(bench/c_target.py); ``hvp`` Hessian-vector products (bench/hvp.py).
+(bench/c_target.py), ``dask`` data-parallel training on 1 and 2 Dask workers against one process
+(bench/dask_scaling.py; needs dask.distributed), ``per_example`` per-example gradients against
+torch.func and JAX vmap (bench/per_example.py), ``moments`` the polynomial fit with its data
+moments hoisted (bench/moments.py), ``hvp`` Hessian-vector products (bench/hvp.py).
 """
 from __future__ import annotations
 
@@ -25,8 +30,10 @@ sys.path.insert(0, str(ROOT))
 import compiler as bpc  # noqa: E402
 from compiler.core import ir  # noqa: E402
 
+from bench import moments, per_example  # noqa: E402
 from bench.cpu import cpu_name  # noqa: E402
 from bench.frameworks import make_jax, make_torch  # noqa: E402
+from bench.block import block_section  # noqa: E402
 from bench.hvp import hvp_section  # noqa: E402
 from bench.reference import HandMLP  # noqa: E402
 from bench.timing import compare, measure, spread  # noqa: E402
@@ -279,9 +286,26 @@ def _fresh_compile_seconds():
     return float(out.stdout.strip().splitlines()[-1])
 
 
-SECTIONS = {"step": step_section, "peak": peak_section, "small": small_section, "compile": compile_section}
+SECTIONS = {"step": step_section, "peak": peak_section, "small": small_section, "compile": compile_section,
+            "block": lambda args, rows_out: block_section(args, rows_out, note)}
 from bench.c_target import blas_section, c_section  # noqa: E402
 SECTIONS.update(c=c_section, blas=blas_section)
+# sections in modules of their own: section(args, rows_out, note, table, skipped frameworks)
+for _m in (per_example, moments):
+    SECTIONS[_m.__name__.rsplit(".", 1)[1]] = (lambda m: lambda args, rows: m.section(
+        args, rows, note, table, set(filter(None, args.skip.split(",")))))(_m)
+
+from bench.cnn import cnn_section  # noqa: E402  (the CNN training steps: bench/cnn.py)
+
+SECTIONS["cnn"] = lambda args, rows_out: cnn_section(args, rows_out, note=note)
+
+
+def dask_section(args, rows_out):
+    from bench.dask_scaling import section     # needs dask.distributed: not in the default --only
+    return section(args, rows_out)
+
+
+SECTIONS["dask"] = dask_section
 SECTIONS["hvp"] = hvp_section
 
 
@@ -295,7 +319,7 @@ def describe():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="step,peak,small,compile,hvp", help="comma-separated sections")
+    ap.add_argument("--only", default="step,peak,small,compile,block,cnn", help="comma-separated sections")
     ap.add_argument("--rounds", type=int, default=31, help="timing rounds (median reported)")
     ap.add_argument("--compile-repeats", type=int, default=3)
     ap.add_argument("--activation", default="tanh", choices=["tanh", "relu"])
@@ -303,7 +327,8 @@ def main(argv=None):
                     "(their thread pools add noise to the NumPy-only comparison)")
     ap.add_argument("--coretype", default=None, help="OPENBLAS_CORETYPE (or 'default'); read in __main__")
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
-    ap.add_argument("--threads", type=int, default=1, help="BLAS threads of sections c and blas (threadpoolctl)")
+    ap.add_argument("--threads", type=int, default=1, help="BLAS threads of sections c, blas and cnn "
+                    "(threadpoolctl; cnn also sets PyTorch's and XLA's)")
     args = ap.parse_args(argv)
     os.environ.setdefault("BPC_CACHE", tempfile.mkdtemp(prefix="bpc-bench-"))
     header = f"Machine: {describe()}\nCommand: python -m bench {' '.join(argv or [])}".rstrip()
@@ -313,7 +338,12 @@ def main(argv=None):
               "peak": "Share of the machine's matrix-multiply peak",
               "small": "Small net 2-16-16-1 tanh, MSE, float64 (call overhead)",
               "compile": "Compile time (model -> imported module)",
+              "block": "Training step of a transformer block, one thread each",
               "c": "The C target against hand-written NumPy and C, PyTorch and JAX",
+              "blas": "The C target's matrix products: its loops against the BLAS's gemm",
+              "dask": "Data-parallel training on Dask: 1 and 2 single-threaded workers against one process",
+              "cnn": "CNN training step, float32 (generated NumPy, PyTorch eager, JAX jit)",
+              "per_example": per_example.TITLE, "moments": moments.TITLE}
               "blas": "The C target's matrix products: its loops against the BLAS's gemm"}
     titles["hvp"] = f"Hessian-vector product, MLP 784-256-128-10 {args.activation}, softmax cross-entropy, batch 256"
     for name in args.only.split(","):

@@ -28,14 +28,19 @@ def spread(samples):
     return (q[2] - q[0]) / statistics.median(samples)
 
 
-def measure(fns, rounds=15, warmup=3, target=0.02):
-    """{name: [seconds per call in each round]} for the callables in ``fns``, timed interleaved."""
+def measure(fns, rounds=15, warmup=3, target=0.02, clock=time.perf_counter, cpu=None):
+    """{name: [seconds per call in each round]} for the callables in ``fns``, timed interleaved
+    (``clock``: wall time by default; ``time.process_time`` gives the CPU time of the process).
+    ``cpu``: a dict to fill likewise with the process's CPU seconds per call (all its threads:
+    a runtime that spins two cores for one second of wall time costs two)."""
     loops = {}
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
         loops[name] = calibrate(fn, target)
     samples = {name: [] for name in fns}
+    if cpu is not None:
+        cpu.update({name: [] for name in fns})
     names = list(fns)
     for r in range(rounds):
         # rotate the order, so that no candidate always runs right after the same one (another
@@ -43,8 +48,11 @@ def measure(fns, rounds=15, warmup=3, target=0.02):
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn, n = fns[name], loops[name]
             fn()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), clock()
             for _ in range(n):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / n)
+            t1, c1 = clock(), time.process_time()
+            samples[name].append((t1 - t0) / n)
+            if cpu is not None:
+                cpu[name].append((c1 - c0) / n)
     return samples

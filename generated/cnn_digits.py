@@ -11,6 +11,7 @@ Interface (batch-first arrays; needs only numpy):
     backward(params, x, y)  -> (loss, grads), grads shaped like params
     hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
     gnvp(params, v, x, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 import threading
@@ -226,6 +227,116 @@ def _scratch(name, shape, *operands):
     return a
 
 
+def _padded(x, pads, name=None):
+    # x (n, H, W, C) inside a zero border of pads (top, bottom, left, right): with a name, this
+    # thread's buffer reused from call to call, of which only the border is zeroed.
+    pt, pb, pl, pr = pads
+    n, h, w, c = x.shape
+    if name is None:
+        return np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    a = _scratch(name, (n, h + pt + pb, w + pl + pr, c), x)
+    a[:, :pt] = 0
+    a[:, pt + h:] = 0
+    a[:, pt:pt + h, :pl] = 0
+    a[:, pt:pt + h, pl + w:] = 0
+    a[:, pt:pt + h, pl:pl + w] = x
+    return a
+
+
+def _im2col(x, kernel, stride, pads, name=None):
+    # im2col: every (kh, kw) window of x (n, H, W, C), zero-padded by pads, every stride pixels,
+    # as one row (n*OH*OW, kh*kw*C) in (kernel row, kernel column, channel) order: a strided
+    # view of x, copied once (into this thread's reused buffer when named).
+    (kh, kw), (sh, sw) = kernel, stride
+    if any(pads):
+        x = _padded(x, pads, name and name + ":pad")
+    n, h, w, c = x.shape
+    rows = (n * ((h - kh) // sh + 1) * ((w - kw) // sw + 1), kh * kw * c)
+    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::sh, ::sw].transpose(0, 1, 2, 4, 5, 3)
+    if name is None:
+        return win.reshape(rows)
+    out = _scratch(name, rows, x)
+    np.copyto(out.reshape(win.shape), win)
+    return out
+
+
+def _col2im(rows, image, kernel, stride, pads):
+    # col2im, the adjoint of im2col: every row (n*OH*OW, kh*kw*C) added back onto the pixels
+    # its window covers, an image batch (n, H, W, C); one vectorised add per kernel offset.
+    (h, w, c), (kh, kw), (sh, sw), (pt, pb, pl, pr) = image, kernel, stride, pads
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    n = rows.shape[0] // (oh * ow)
+    r = rows.reshape((n, oh, ow, kh, kw, c))
+    if (kh, kw) == (sh, sw) and (oh * kh, ow * kw) == (h, w) and not any((pt, pb, pl, pr)):
+        # windows side by side, tiling the image: a permutation of the rows' entries
+        out = np.empty((n, h, w, c), rows.dtype)
+        out.reshape((n, oh, kh, ow, kw, c))[...] = r.transpose(0, 1, 3, 2, 4, 5)
+        return out
+    full = np.zeros((n, h + pt + pb, w + pl + pr, c), rows.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            full[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += r[:, :, :, i, j]
+    return full[:, pt:pt + h, pl:pl + w]
+
+
+def _col2im_product(g, w, image, kernel, stride, pads, name):
+    # col2im(g @ w.T) for rows g (n*OH*OW, F) and w (kh*kw*C, F): the product of each kernel
+    # offset apart, (kh*kw, n*OH*OW, C) in one batched product, so that each offset's add onto
+    # the image reads whole image rows (the rows of g @ w.T hold only C numbers in a run).
+    (h, wd, c), (kh, kw), (sh, sw), (pt, pb, pl, pr) = image, kernel, stride, pads
+    oh, ow, f = (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1, g.shape[1]
+    n = g.shape[0] // (oh * ow)
+    parts = np.matmul(g, w.reshape((kh * kw, c, f)).transpose(0, 2, 1),
+                      out=_scratch(name + ":parts", (kh * kw, g.shape[0], c), g, w))
+    full = np.zeros((n, h + pt + pb, wd + pl + pr, c), parts.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            full[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += parts[i * kw + j].reshape((n, oh, ow, c))
+    return full[:, pt:pt + h, pl:pl + wd]
+
+
+def _conv_transpose(g, w, image, kernel, pads, name, keep=False):
+    # col2im(g @ w.T) of a stride-1 convolution computed as a convolution: the windows of g
+    # (n*OH*OW, F) seen as images (n, OH, OW, F) and zero-padded by kernel - 1 - pads, times w
+    # (kh*kw*C, F) with its kernel flipped and its C and F axes swapped. One matrix product;
+    # no (n*OH*OW, kh*kw*C) product to scatter-add. keep: the result in a reused buffer too.
+    (h, wd, c), (kh, kw), (pt, pb, pl, pr) = image, kernel, pads
+    oh, ow, f = h + pt + pb - kh + 1, wd + pl + pr - kw + 1, g.shape[1]
+    n = g.shape[0] // (oh * ow)
+    cols = _im2col(g.reshape((n, oh, ow, f)), kernel, (1, 1),
+                   (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr), name + ":cols")
+    flipped = w.reshape((kh, kw, c, f))[::-1, ::-1].transpose(0, 1, 3, 2).reshape((kh * kw * f, c))
+    out = np.matmul(cols, flipped, out=_scratch(name, (n * h * wd, c), cols, w) if keep else None)
+    return out.reshape((n, h, wd, c))
+
+
+def _window_max(p):
+    # The largest of the k entries of each (row, channel) of windows p (m, k, c): k - 1
+    # elementwise maxima of (m, c) slices (a reduction over the middle axis is slower).
+    if p.shape[1] == 1:
+        return p[:, 0].copy()
+    best = np.maximum(p[:, 0], p[:, 1])
+    for i in range(2, p.shape[1]):
+        np.maximum(best, p[:, i], out=best)
+    return best
+
+
+def _route_to_argmax(p, g):
+    # The adjoint of the window maximum of windows p (m, k, c): each entry of g (m, c) goes to
+    # the first position of its window's maximum, zeros elsewhere; a few passes over (m, c) per
+    # window position, no index arrays.
+    best = _window_max(p)
+    out = np.empty(p.shape, g.dtype)
+    free = np.ones(best.shape, bool)   # windows whose maximum is not yet routed
+    hit = np.empty(best.shape, bool)
+    for i in range(p.shape[1]):
+        np.equal(p[:, i], best, out=hit)
+        hit &= free
+        free ^= hit
+        np.multiply(g, hit, out=out[:, i])
+    return out
+
+
 def _logsumexp(z):
     m = np.max(z, axis=1)
     return m + np.log(np.sum(np.exp(z - m[:, None]), axis=1))
@@ -248,25 +359,31 @@ def forward(params, x):
     b3 = _param(params, 'b3', (64,))
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
-    P1 = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 9))
-    PW1 = P1 @ W1
+    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
+    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
-    H1 = np.maximum(C1 + b1, 0.0)
-    P2 = np.lib.stride_tricks.sliding_window_view(np.pad(H1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
-    PW2 = P2 @ W2
+    H1 = C1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
+    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
+    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
-    H2 = np.maximum(C2 + b2, 0.0)
-    Pp1 = np.lib.stride_tricks.sliding_window_view(H2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
+    H2 = C2
+    H2 += b2
+    np.maximum(H2, 0.0, out=H2)
+    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
     Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = Q1.max(axis=1)
+    Max1 = _window_max(Q1)
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = np.lib.stride_tricks.sliding_window_view(np.pad(Pool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
-    PW3 = P3 @ W3
+    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
+    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
-    H3 = np.maximum(C3 + b3, 0.0)
-    Pp2 = np.lib.stride_tricks.sliding_window_view(H3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
+    H3 = C3
+    H3 += b3
+    np.maximum(H3, 0.0, out=H3)
+    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
     Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = Q2.max(axis=1)
+    Max2 = _window_max(Q2)
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -287,25 +404,31 @@ def loss(params, x, y):
     b3 = _param(params, 'b3', (64,))
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
-    P1 = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 9))
-    PW1 = P1 @ W1
+    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
+    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
-    H1 = np.maximum(C1 + b1, 0.0)
-    P2 = np.lib.stride_tricks.sliding_window_view(np.pad(H1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
-    PW2 = P2 @ W2
+    H1 = C1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
+    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
+    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
-    H2 = np.maximum(C2 + b2, 0.0)
-    Pp1 = np.lib.stride_tricks.sliding_window_view(H2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
+    H2 = C2
+    H2 += b2
+    np.maximum(H2, 0.0, out=H2)
+    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
     Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = Q1.max(axis=1)
+    Max1 = _window_max(Q1)
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = np.lib.stride_tricks.sliding_window_view(np.pad(Pool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
-    PW3 = P3 @ W3
+    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
+    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
-    H3 = np.maximum(C3 + b3, 0.0)
-    Pp2 = np.lib.stride_tricks.sliding_window_view(H3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
+    H3 = C3
+    H3 += b3
+    np.maximum(H3, 0.0, out=H3)
+    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
     Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = Q2.max(axis=1)
+    Max2 = _window_max(Q2)
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -328,25 +451,31 @@ def backward(params, x, y):
     b3 = _param(params, 'b3', (64,))
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
-    P1 = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 9))
-    PW1 = P1 @ W1
+    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
+    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
-    H1 = np.maximum(C1 + b1, 0.0)
-    P2 = np.lib.stride_tricks.sliding_window_view(np.pad(H1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
-    PW2 = P2 @ W2
+    H1 = C1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
+    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
+    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
-    H2 = np.maximum(C2 + b2, 0.0)
-    Pp1 = np.lib.stride_tricks.sliding_window_view(H2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
+    H2 = C2
+    H2 += b2
+    np.maximum(H2, 0.0, out=H2)
+    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
     Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = Q1.max(axis=1)
+    Max1 = _window_max(Q1)
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = np.lib.stride_tricks.sliding_window_view(np.pad(Pool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
-    PW3 = P3 @ W3
+    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
+    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
-    H3 = np.maximum(C3 + b3, 0.0)
-    Pp2 = np.lib.stride_tricks.sliding_window_view(H3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
+    H3 = C3
+    H3 += b3
+    np.maximum(H3, 0.0, out=H3)
+    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
     Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = Q2.max(axis=1)
+    Max2 = _window_max(Q2)
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -358,61 +487,44 @@ def backward(params, x, y):
     dZ4[np.arange(n), y] -= 1
     dZ4 *= 1/n
     # dF1 = dZ4 @ W4.T
-    dF1 = dZ4 @ W4.T
+    dF1 = np.matmul(dZ4, W4.T, out=_scratch('dF1', (n, 256), dZ4, W4))
     # dMax2 = reshape(dF1, (4*n, 64))
     dMax2 = dF1.reshape((4*n, 64))
     # dQ2 = route_to_argmax(dMax2, Q2)
-    dQ2 = np.zeros(Q2.shape, dtype=dMax2.dtype)
-    np.put_along_axis(dQ2, np.argmax(Q2, axis=1)[:, None, :], dMax2[:, None, :], axis=1)
+    dQ2 = _route_to_argmax(Q2, dMax2)
     # dPp2 = reshape(dQ2, (4*n, 256))
     dPp2 = dQ2.reshape((4*n, 256))
     # dH3 = col2im(dPp2)
-    _dH3_rows = dPp2.reshape((n, 2, 2, 2, 2, 64))
-    dH3 = np.zeros((n, 4, 4, 64), dtype=_dH3_rows.dtype)
-    for _i in range(2):   # scatter-add, one kernel offset at a time
-        for _j in range(2):
-            dH3[:, _i:_i + 3:2, _j:_j + 3:2] += _dH3_rows[:, :, :, _i, _j]
+    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
     # dZ3 = dH3*step(H3)
-    dZ3 = dH3*np.heaviside(H3, 0.0)
+    dZ3 = dH3
+    dZ3 *= (H3 > 0.0)
     # dPW3 = reshape(dZ3, (16*n, 64))
     dPW3 = dZ3.reshape((16*n, 64))
     # dP3 = dPW3 @ W3.T
-    dP3 = np.matmul(dPW3, W3.T, out=_scratch('dP3', (16*n, 288), dPW3, W3))
+    # (not formed: dPool1 = col2im(dP3) computes it, see below)
     # dPool1 = col2im(dP3)
-    _dPool1_rows = dP3.reshape((n, 4, 4, 3, 3, 32))
-    _dPool1_pad = np.zeros((n, 6, 6, 32), dtype=_dPool1_rows.dtype)
-    for _i in range(3):   # scatter-add, one kernel offset at a time
-        for _j in range(3):
-            _dPool1_pad[:, _i:_i + 4:1, _j:_j + 4:1] += _dPool1_rows[:, :, :, _i, _j]
-    dPool1 = _dPool1_pad[:, 1:5, 1:5]
+    dPool1 = _col2im_product(dPW3, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1')
     # dMax1 = reshape(dPool1, (16*n, 32))
     dMax1 = dPool1.reshape((16*n, 32))
     # dQ1 = route_to_argmax(dMax1, Q1)
-    dQ1 = np.zeros(Q1.shape, dtype=dMax1.dtype)
-    np.put_along_axis(dQ1, np.argmax(Q1, axis=1)[:, None, :], dMax1[:, None, :], axis=1)
+    dQ1 = _route_to_argmax(Q1, dMax1)
     # dPp1 = reshape(dQ1, (16*n, 128))
     dPp1 = dQ1.reshape((16*n, 128))
     # dH2 = col2im(dPp1)
-    _dH2_rows = dPp1.reshape((n, 4, 4, 2, 2, 32))
-    dH2 = np.zeros((n, 8, 8, 32), dtype=_dH2_rows.dtype)
-    for _i in range(2):   # scatter-add, one kernel offset at a time
-        for _j in range(2):
-            dH2[:, _i:_i + 7:2, _j:_j + 7:2] += _dH2_rows[:, :, :, _i, _j]
+    dH2 = _col2im(dPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
     # dZ2 = dH2*step(H2)
-    dZ2 = dH2*np.heaviside(H2, 0.0)
+    dZ2 = dH2
+    dZ2 *= (H2 > 0.0)
     # dPW2 = reshape(dZ2, (64*n, 32))
     dPW2 = dZ2.reshape((64*n, 32))
     # dP2 = dPW2 @ W2.T
-    dP2 = np.matmul(dPW2, W2.T, out=_scratch('dP2', (64*n, 288), dPW2, W2))
+    # (not formed: dH1 = col2im(dP2) computes it, see below)
     # dH1 = col2im(dP2)
-    _dH1_rows = dP2.reshape((n, 8, 8, 3, 3, 32))
-    _dH1_pad = np.zeros((n, 10, 10, 32), dtype=_dH1_rows.dtype)
-    for _i in range(3):   # scatter-add, one kernel offset at a time
-        for _j in range(3):
-            _dH1_pad[:, _i:_i + 8:1, _j:_j + 8:1] += _dH1_rows[:, :, :, _i, _j]
-    dH1 = _dH1_pad[:, 1:9, 1:9]
+    dH1 = _conv_transpose(dPW2, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'dH1', keep=True)
     # dZ1 = dH1*step(H1)
-    dZ1 = dH1*np.heaviside(H1, 0.0)
+    dZ1 = dH1
+    dZ1 *= (H1 > 0.0)
     # dPW1 = reshape(dZ1, (64*n, 32))
     dPW1 = dZ1.reshape((64*n, 32))
     # dW1 = P1.T @ dPW1
@@ -456,25 +568,31 @@ def hvp(params, v, x, y):
     v_b3 = _direction(v, 'b3', (64,))
     v_W4 = _direction(v, 'W4', (256, 10))
     v_b4 = _direction(v, 'b4', (10,))
-    P1 = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 9))
-    PW1 = P1 @ W1
+    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
+    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
-    H1 = np.maximum(C1 + b1, 0.0)
-    P2 = np.lib.stride_tricks.sliding_window_view(np.pad(H1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
-    PW2 = P2 @ W2
+    H1 = C1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
+    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
+    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
-    H2 = np.maximum(C2 + b2, 0.0)
-    Pp1 = np.lib.stride_tricks.sliding_window_view(H2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
+    H2 = C2
+    H2 += b2
+    np.maximum(H2, 0.0, out=H2)
+    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
     Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = Q1.max(axis=1)
+    Max1 = _window_max(Q1)
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = np.lib.stride_tricks.sliding_window_view(np.pad(Pool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
-    PW3 = P3 @ W3
+    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
+    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
-    H3 = np.maximum(C3 + b3, 0.0)
-    Pp2 = np.lib.stride_tricks.sliding_window_view(H3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
+    H3 = C3
+    H3 += b3
+    np.maximum(H3, 0.0, out=H3)
+    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
     Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = Q2.max(axis=1)
+    Max2 = _window_max(Q2)
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -485,46 +603,29 @@ def hvp(params, v, x, y):
     dZ4 = np.exp(Z4 - LSE[:, None])
     dZ4[np.arange(n), y] -= 1
     dZ4 *= 1/n
-    dF1 = dZ4 @ W4.T
+    dF1 = np.matmul(dZ4, W4.T, out=_scratch('dF1', (n, 256), dZ4, W4))
     dMax2 = dF1.reshape((4*n, 64))
-    dQ2 = np.zeros(Q2.shape, dtype=dMax2.dtype)
-    np.put_along_axis(dQ2, np.argmax(Q2, axis=1)[:, None, :], dMax2[:, None, :], axis=1)
+    dQ2 = _route_to_argmax(Q2, dMax2)
     dPp2 = dQ2.reshape((4*n, 256))
-    _dH3_rows = dPp2.reshape((n, 2, 2, 2, 2, 64))
-    dH3 = np.zeros((n, 4, 4, 64), dtype=_dH3_rows.dtype)
-    for _i in range(2):   # scatter-add, one kernel offset at a time
-        for _j in range(2):
-            dH3[:, _i:_i + 3:2, _j:_j + 3:2] += _dH3_rows[:, :, :, _i, _j]
+    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
     step_H3 = np.heaviside(H3, 0.0)
-    dZ3_2 = dH3*step_H3
+    dZ3_2 = dH3
+    dZ3_2 *= step_H3
     dPW3_2 = dZ3_2.reshape((16*n, 64))
-    dP3_2 = np.matmul(dPW3_2, W3.T, out=_scratch('dP3_2', (16*n, 288), dPW3_2, W3))
-    _dPool1_2_rows = dP3_2.reshape((n, 4, 4, 3, 3, 32))
-    _dPool1_2_pad = np.zeros((n, 6, 6, 32), dtype=_dPool1_2_rows.dtype)
-    for _i in range(3):   # scatter-add, one kernel offset at a time
-        for _j in range(3):
-            _dPool1_2_pad[:, _i:_i + 4:1, _j:_j + 4:1] += _dPool1_2_rows[:, :, :, _i, _j]
-    dPool1_2 = _dPool1_2_pad[:, 1:5, 1:5]
+    # (not formed: dPool1_2 = col2im(dP3_2) computes it, see below)
+    dPool1_2 = _col2im_product(dPW3_2, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1_2')
     dMax1_2 = dPool1_2.reshape((16*n, 32))
-    dQ1_2 = np.zeros(Q1.shape, dtype=dMax1_2.dtype)
-    np.put_along_axis(dQ1_2, np.argmax(Q1, axis=1)[:, None, :], dMax1_2[:, None, :], axis=1)
+    dQ1_2 = _route_to_argmax(Q1, dMax1_2)
     dPp1_2 = dQ1_2.reshape((16*n, 128))
-    _dH2_2_rows = dPp1_2.reshape((n, 4, 4, 2, 2, 32))
-    dH2_2 = np.zeros((n, 8, 8, 32), dtype=_dH2_2_rows.dtype)
-    for _i in range(2):   # scatter-add, one kernel offset at a time
-        for _j in range(2):
-            dH2_2[:, _i:_i + 7:2, _j:_j + 7:2] += _dH2_2_rows[:, :, :, _i, _j]
+    dH2_2 = _col2im(dPp1_2, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
     step_H2 = np.heaviside(H2, 0.0)
-    dZ2_2 = dH2_2*step_H2
+    dZ2_2 = dH2_2
+    dZ2_2 *= step_H2
     dPW2_2 = dZ2_2.reshape((64*n, 32))
-    dP2_2 = np.matmul(dPW2_2, W2.T, out=_scratch('dP2_2', (64*n, 288), dPW2_2, W2))
-    _dH1_2_rows = dP2_2.reshape((n, 8, 8, 3, 3, 32))
-    _dH1_2_pad = np.zeros((n, 10, 10, 32), dtype=_dH1_2_rows.dtype)
-    for _i in range(3):   # scatter-add, one kernel offset at a time
-        for _j in range(3):
-            _dH1_2_pad[:, _i:_i + 8:1, _j:_j + 8:1] += _dH1_2_rows[:, :, :, _i, _j]
-    dH1_2 = _dH1_2_pad[:, 1:9, 1:9]
-    dZ1_2 = dH1_2*step_H1
+    # (not formed: dH1_2 = col2im(dP2_2) computes it, see below)
+    dH1_2 = _conv_transpose(dPW2_2, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'dH1_2', keep=True)
+    dZ1_2 = dH1_2
+    dZ1_2 *= step_H1
     dPW1_2 = dZ1_2.reshape((64*n, 32))
     dW1_2 = P1.T @ dPW1_2
     db1_2 = dZ1_2.sum(axis=(0, 1, 2))
@@ -535,55 +636,59 @@ def hvp(params, v, x, y):
     dW4 = F1.T @ dZ4
     db4 = dZ4.sum(axis=0)
     # P2_v_W2 = P2 @ v_W2
-    P2_v_W2 = P2 @ v_W2
+    P2_v_W2 = np.matmul(P2, v_W2, out=_scratch('P2_v_W2', (64*n, 32), P2, v_W2))
     # tPW1 = P1 @ v_W1
-    tPW1 = P1 @ v_W1
+    tPW1 = np.matmul(P1, v_W1, out=_scratch('tPW1', (64*n, 32), P1, v_W1))
     # tC1 = reshape(tPW1, (n, 8, 8, 32))
     tC1 = tPW1.reshape((n, 8, 8, 32))
     # tH1 = step_H1*(tC1 + v_b1)
-    tH1 = step_H1*(tC1 + v_b1)
+    tH1 = tC1
+    tH1 += v_b1
+    tH1 *= step_H1
     # tP2 = im2col(tH1)
-    tP2 = np.lib.stride_tricks.sliding_window_view(np.pad(tH1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
+    tP2 = _im2col(tH1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2')
     # tP2_W2 = tP2 @ W2
-    tP2_W2 = tP2 @ W2
+    tP2_W2 = np.matmul(tP2, W2, out=_scratch('tP2_W2', (64*n, 32), tP2, W2))
     # tPW2 = P2_v_W2 + tP2_W2
     tPW2 = P2_v_W2
     tPW2 += tP2_W2
     # tC2 = reshape(tPW2, (n, 8, 8, 32))
     tC2 = tPW2.reshape((n, 8, 8, 32))
     # tH2 = step_H2*(tC2 + v_b2)
-    tH2 = step_H2*(tC2 + v_b2)
+    tH2 = tC2
+    tH2 += v_b2
+    tH2 *= step_H2
     # tPp1 = im2col(tH2)
-    tPp1 = np.lib.stride_tricks.sliding_window_view(tH2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
+    tPp1 = _im2col(tH2, (2, 2), (2, 2), (0, 0, 0, 0), 'tPp1')
     # tQ1 = reshape(tPp1, (16*n, 4, 32))
     tQ1 = tPp1.reshape((16*n, 4, 32))
     # Q1_2 = route_to_argmax(1, Q1)
-    Q1_2 = np.zeros(Q1.shape, dtype=np.full((16*n, 32), 1, dtype=dt).dtype)
-    np.put_along_axis(Q1_2, np.argmax(Q1, axis=1)[:, None, :], 1, axis=1)
+    Q1_2 = _route_to_argmax(Q1, np.full((16*n, 32), 1, dtype=dt))
     # tMax1 = sum(Q1_2*tQ1, axis=1)
     tMax1 = np.sum(Q1_2*tQ1, axis=1)
     # tPool1 = reshape(tMax1, (n, 4, 4, 32))
     tPool1 = tMax1.reshape((n, 4, 4, 32))
     # tP3 = im2col(tPool1)
-    tP3 = np.lib.stride_tricks.sliding_window_view(np.pad(tPool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
+    tP3 = _im2col(tPool1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3')
     # tP3_W3 = tP3 @ W3
-    tP3_W3 = tP3 @ W3
+    tP3_W3 = np.matmul(tP3, W3, out=_scratch('tP3_W3', (16*n, 64), tP3, W3))
     # P3_v_W3 = P3 @ v_W3
-    P3_v_W3 = P3 @ v_W3
+    P3_v_W3 = np.matmul(P3, v_W3, out=_scratch('P3_v_W3', (16*n, 64), P3, v_W3))
     # tPW3 = P3_v_W3 + tP3_W3
     tPW3 = P3_v_W3
     tPW3 += tP3_W3
     # tC3 = reshape(tPW3, (n, 4, 4, 64))
     tC3 = tPW3.reshape((n, 4, 4, 64))
     # tH3 = step_H3*(tC3 + v_b3)
-    tH3 = step_H3*(tC3 + v_b3)
+    tH3 = tC3
+    tH3 += v_b3
+    tH3 *= step_H3
     # tPp2 = im2col(tH3)
-    tPp2 = np.lib.stride_tricks.sliding_window_view(tH3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
+    tPp2 = _im2col(tH3, (2, 2), (2, 2), (0, 0, 0, 0), 'tPp2')
     # tQ2 = reshape(tPp2, (4*n, 4, 64))
     tQ2 = tPp2.reshape((4*n, 4, 64))
     # Q2_2 = route_to_argmax(1, Q2)
-    Q2_2 = np.zeros(Q2.shape, dtype=np.full((4*n, 64), 1, dtype=dt).dtype)
-    np.put_along_axis(Q2_2, np.argmax(Q2, axis=1)[:, None, :], 1, axis=1)
+    Q2_2 = _route_to_argmax(Q2, np.full((4*n, 64), 1, dtype=dt))
     # tMax2 = sum(Q2_2*tQ2, axis=1)
     tMax2 = np.sum(Q2_2*tQ2, axis=1)
     # tF1 = reshape(tMax2, (n, 256))
@@ -601,27 +706,23 @@ def hvp(params, v, x, y):
     # tdZ4 = exp_Z4*(-tLSE + tZ4)/n
     tdZ4 = exp_Z4*(-tLSE[:, None] + tZ4)/n
     # tdZ4_W4 = tdZ4 @ W4.T
-    tdZ4_W4 = tdZ4 @ W4.T
+    tdZ4_W4 = np.matmul(tdZ4, W4.T, out=_scratch('tdZ4_W4', (n, 256), tdZ4, W4))
     # dZ4_v_W4 = dZ4 @ v_W4.T
-    dZ4_v_W4 = dZ4 @ v_W4.T
+    dZ4_v_W4 = np.matmul(dZ4, v_W4.T, out=_scratch('dZ4_v_W4', (n, 256), dZ4, v_W4))
     # tdF1 = dZ4_v_W4 + tdZ4_W4
     tdF1 = dZ4_v_W4
     tdF1 += tdZ4_W4
     # tdMax2 = reshape(tdF1, (4*n, 64))
     tdMax2 = tdF1.reshape((4*n, 64))
     # tdQ2 = route_to_argmax(tdMax2, Q2)
-    tdQ2 = np.zeros(Q2.shape, dtype=tdMax2.dtype)
-    np.put_along_axis(tdQ2, np.argmax(Q2, axis=1)[:, None, :], tdMax2[:, None, :], axis=1)
+    tdQ2 = _route_to_argmax(Q2, tdMax2)
     # tdPp2 = reshape(tdQ2, (4*n, 256))
     tdPp2 = tdQ2.reshape((4*n, 256))
     # tdH3 = col2im(tdPp2)
-    _tdH3_rows = tdPp2.reshape((n, 2, 2, 2, 2, 64))
-    tdH3 = np.zeros((n, 4, 4, 64), dtype=_tdH3_rows.dtype)
-    for _i in range(2):   # scatter-add, one kernel offset at a time
-        for _j in range(2):
-            tdH3[:, _i:_i + 3:2, _j:_j + 3:2] += _tdH3_rows[:, :, :, _i, _j]
+    tdH3 = _col2im(tdPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
     # tdZ3 = step_H3*tdH3
-    tdZ3 = step_H3*tdH3
+    tdZ3 = tdH3
+    tdZ3 *= step_H3
     # tdPW3 = reshape(tdZ3, (16*n, 64))
     tdPW3 = tdZ3.reshape((16*n, 64))
     # tdPW3_W3 = tdPW3 @ W3.T
@@ -632,27 +733,18 @@ def hvp(params, v, x, y):
     tdP3 = dPW3_v_W3
     tdP3 += tdPW3_W3
     # tdPool1 = col2im(tdP3)
-    _tdPool1_rows = tdP3.reshape((n, 4, 4, 3, 3, 32))
-    _tdPool1_pad = np.zeros((n, 6, 6, 32), dtype=_tdPool1_rows.dtype)
-    for _i in range(3):   # scatter-add, one kernel offset at a time
-        for _j in range(3):
-            _tdPool1_pad[:, _i:_i + 4:1, _j:_j + 4:1] += _tdPool1_rows[:, :, :, _i, _j]
-    tdPool1 = _tdPool1_pad[:, 1:5, 1:5]
+    tdPool1 = _col2im(tdP3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1))
     # tdMax1 = reshape(tdPool1, (16*n, 32))
     tdMax1 = tdPool1.reshape((16*n, 32))
     # tdQ1 = route_to_argmax(tdMax1, Q1)
-    tdQ1 = np.zeros(Q1.shape, dtype=tdMax1.dtype)
-    np.put_along_axis(tdQ1, np.argmax(Q1, axis=1)[:, None, :], tdMax1[:, None, :], axis=1)
+    tdQ1 = _route_to_argmax(Q1, tdMax1)
     # tdPp1 = reshape(tdQ1, (16*n, 128))
     tdPp1 = tdQ1.reshape((16*n, 128))
     # tdH2 = col2im(tdPp1)
-    _tdH2_rows = tdPp1.reshape((n, 4, 4, 2, 2, 32))
-    tdH2 = np.zeros((n, 8, 8, 32), dtype=_tdH2_rows.dtype)
-    for _i in range(2):   # scatter-add, one kernel offset at a time
-        for _j in range(2):
-            tdH2[:, _i:_i + 7:2, _j:_j + 7:2] += _tdH2_rows[:, :, :, _i, _j]
+    tdH2 = _col2im(tdPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
     # tdZ2 = step_H2*tdH2
-    tdZ2 = step_H2*tdH2
+    tdZ2 = tdH2
+    tdZ2 *= step_H2
     # tdPW2 = reshape(tdZ2, (64*n, 32))
     tdPW2 = tdZ2.reshape((64*n, 32))
     # tdPW2_W2 = tdPW2 @ W2.T
@@ -663,14 +755,10 @@ def hvp(params, v, x, y):
     tdP2 = dPW2_v_W2
     tdP2 += tdPW2_W2
     # tdH1 = col2im(tdP2)
-    _tdH1_rows = tdP2.reshape((n, 8, 8, 3, 3, 32))
-    _tdH1_pad = np.zeros((n, 10, 10, 32), dtype=_tdH1_rows.dtype)
-    for _i in range(3):   # scatter-add, one kernel offset at a time
-        for _j in range(3):
-            _tdH1_pad[:, _i:_i + 8:1, _j:_j + 8:1] += _tdH1_rows[:, :, :, _i, _j]
-    tdH1 = _tdH1_pad[:, 1:9, 1:9]
+    tdH1 = _col2im(tdP2, (8, 8, 32), (3, 3), (1, 1), (1, 1, 1, 1))
     # tdZ1 = step_H1*tdH1
-    tdZ1 = step_H1*tdH1
+    tdZ1 = tdH1
+    tdZ1 *= step_H1
     # tdPW1 = reshape(tdZ1, (64*n, 32))
     tdPW1 = tdZ1.reshape((64*n, 32))
     # Hv_W1 = P1.T @ tdPW1
@@ -729,25 +817,31 @@ def gnvp(params, v, x, y):
     v_b3 = _direction(v, 'b3', (64,))
     v_W4 = _direction(v, 'W4', (256, 10))
     v_b4 = _direction(v, 'b4', (10,))
-    P1 = np.lib.stride_tricks.sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 9))
-    PW1 = P1 @ W1
+    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
+    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
-    H1 = np.maximum(C1 + b1, 0.0)
-    P2 = np.lib.stride_tricks.sliding_window_view(np.pad(H1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
-    PW2 = P2 @ W2
+    H1 = C1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
+    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
+    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
-    H2 = np.maximum(C2 + b2, 0.0)
-    Pp1 = np.lib.stride_tricks.sliding_window_view(H2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
+    H2 = C2
+    H2 += b2
+    np.maximum(H2, 0.0, out=H2)
+    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
     Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = Q1.max(axis=1)
+    Max1 = _window_max(Q1)
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = np.lib.stride_tricks.sliding_window_view(np.pad(Pool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
-    PW3 = P3 @ W3
+    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
+    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
-    H3 = np.maximum(C3 + b3, 0.0)
-    Pp2 = np.lib.stride_tricks.sliding_window_view(H3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
+    H3 = C3
+    H3 += b3
+    np.maximum(H3, 0.0, out=H3)
+    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
     Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = Q2.max(axis=1)
+    Max2 = _window_max(Q2)
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -758,46 +852,29 @@ def gnvp(params, v, x, y):
     dZ4 = np.exp(Z4 - LSE[:, None])
     dZ4[np.arange(n), y] -= 1
     dZ4 *= 1/n
-    dF1 = dZ4 @ W4.T
+    dF1 = np.matmul(dZ4, W4.T, out=_scratch('dF1', (n, 256), dZ4, W4))
     dMax2 = dF1.reshape((4*n, 64))
-    dQ2 = np.zeros(Q2.shape, dtype=dMax2.dtype)
-    np.put_along_axis(dQ2, np.argmax(Q2, axis=1)[:, None, :], dMax2[:, None, :], axis=1)
+    dQ2 = _route_to_argmax(Q2, dMax2)
     dPp2 = dQ2.reshape((4*n, 256))
-    _dH3_rows = dPp2.reshape((n, 2, 2, 2, 2, 64))
-    dH3 = np.zeros((n, 4, 4, 64), dtype=_dH3_rows.dtype)
-    for _i in range(2):   # scatter-add, one kernel offset at a time
-        for _j in range(2):
-            dH3[:, _i:_i + 3:2, _j:_j + 3:2] += _dH3_rows[:, :, :, _i, _j]
+    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
     step_H3 = np.heaviside(H3, 0.0)
-    dZ3_2 = dH3*step_H3
+    dZ3_2 = dH3
+    dZ3_2 *= step_H3
     dPW3_2 = dZ3_2.reshape((16*n, 64))
-    dP3_2 = np.matmul(dPW3_2, W3.T, out=_scratch('dP3_2', (16*n, 288), dPW3_2, W3))
-    _dPool1_2_rows = dP3_2.reshape((n, 4, 4, 3, 3, 32))
-    _dPool1_2_pad = np.zeros((n, 6, 6, 32), dtype=_dPool1_2_rows.dtype)
-    for _i in range(3):   # scatter-add, one kernel offset at a time
-        for _j in range(3):
-            _dPool1_2_pad[:, _i:_i + 4:1, _j:_j + 4:1] += _dPool1_2_rows[:, :, :, _i, _j]
-    dPool1_2 = _dPool1_2_pad[:, 1:5, 1:5]
+    # (not formed: dPool1_2 = col2im(dP3_2) computes it, see below)
+    dPool1_2 = _col2im_product(dPW3_2, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1_2')
     dMax1_2 = dPool1_2.reshape((16*n, 32))
-    dQ1_2 = np.zeros(Q1.shape, dtype=dMax1_2.dtype)
-    np.put_along_axis(dQ1_2, np.argmax(Q1, axis=1)[:, None, :], dMax1_2[:, None, :], axis=1)
+    dQ1_2 = _route_to_argmax(Q1, dMax1_2)
     dPp1_2 = dQ1_2.reshape((16*n, 128))
-    _dH2_2_rows = dPp1_2.reshape((n, 4, 4, 2, 2, 32))
-    dH2_2 = np.zeros((n, 8, 8, 32), dtype=_dH2_2_rows.dtype)
-    for _i in range(2):   # scatter-add, one kernel offset at a time
-        for _j in range(2):
-            dH2_2[:, _i:_i + 7:2, _j:_j + 7:2] += _dH2_2_rows[:, :, :, _i, _j]
+    dH2_2 = _col2im(dPp1_2, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
     step_H2 = np.heaviside(H2, 0.0)
-    dZ2_2 = dH2_2*step_H2
+    dZ2_2 = dH2_2
+    dZ2_2 *= step_H2
     dPW2_2 = dZ2_2.reshape((64*n, 32))
-    dP2_2 = np.matmul(dPW2_2, W2.T, out=_scratch('dP2_2', (64*n, 288), dPW2_2, W2))
-    _dH1_2_rows = dP2_2.reshape((n, 8, 8, 3, 3, 32))
-    _dH1_2_pad = np.zeros((n, 10, 10, 32), dtype=_dH1_2_rows.dtype)
-    for _i in range(3):   # scatter-add, one kernel offset at a time
-        for _j in range(3):
-            _dH1_2_pad[:, _i:_i + 8:1, _j:_j + 8:1] += _dH1_2_rows[:, :, :, _i, _j]
-    dH1_2 = _dH1_2_pad[:, 1:9, 1:9]
-    dZ1_2 = dH1_2*step_H1
+    # (not formed: dH1_2 = col2im(dP2_2) computes it, see below)
+    dH1_2 = _conv_transpose(dPW2_2, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'dH1_2', keep=True)
+    dZ1_2 = dH1_2
+    dZ1_2 *= step_H1
     dPW1_2 = dZ1_2.reshape((64*n, 32))
     dW1_2 = P1.T @ dPW1_2
     db1_2 = dZ1_2.sum(axis=(0, 1, 2))
@@ -808,55 +885,59 @@ def gnvp(params, v, x, y):
     dW4 = F1.T @ dZ4
     db4 = dZ4.sum(axis=0)
     # P2_v_W2 = P2 @ v_W2
-    P2_v_W2 = P2 @ v_W2
+    P2_v_W2 = np.matmul(P2, v_W2, out=_scratch('P2_v_W2', (64*n, 32), P2, v_W2))
     # tPW1 = P1 @ v_W1
-    tPW1 = P1 @ v_W1
+    tPW1 = np.matmul(P1, v_W1, out=_scratch('tPW1', (64*n, 32), P1, v_W1))
     # tC1 = reshape(tPW1, (n, 8, 8, 32))
     tC1 = tPW1.reshape((n, 8, 8, 32))
     # tH1 = step_H1*(tC1 + v_b1)
-    tH1 = step_H1*(tC1 + v_b1)
+    tH1 = tC1
+    tH1 += v_b1
+    tH1 *= step_H1
     # tP2 = im2col(tH1)
-    tP2 = np.lib.stride_tricks.sliding_window_view(np.pad(tH1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((64*n, 288))
+    tP2 = _im2col(tH1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2')
     # tP2_W2 = tP2 @ W2
-    tP2_W2 = tP2 @ W2
+    tP2_W2 = np.matmul(tP2, W2, out=_scratch('tP2_W2', (64*n, 32), tP2, W2))
     # tPW2 = P2_v_W2 + tP2_W2
     tPW2 = P2_v_W2
     tPW2 += tP2_W2
     # tC2 = reshape(tPW2, (n, 8, 8, 32))
     tC2 = tPW2.reshape((n, 8, 8, 32))
     # tH2 = step_H2*(tC2 + v_b2)
-    tH2 = step_H2*(tC2 + v_b2)
+    tH2 = tC2
+    tH2 += v_b2
+    tH2 *= step_H2
     # tPp1 = im2col(tH2)
-    tPp1 = np.lib.stride_tricks.sliding_window_view(tH2, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 128))
+    tPp1 = _im2col(tH2, (2, 2), (2, 2), (0, 0, 0, 0), 'tPp1')
     # tQ1 = reshape(tPp1, (16*n, 4, 32))
     tQ1 = tPp1.reshape((16*n, 4, 32))
     # Q1_2 = route_to_argmax(1, Q1)
-    Q1_2 = np.zeros(Q1.shape, dtype=np.full((16*n, 32), 1, dtype=dt).dtype)
-    np.put_along_axis(Q1_2, np.argmax(Q1, axis=1)[:, None, :], 1, axis=1)
+    Q1_2 = _route_to_argmax(Q1, np.full((16*n, 32), 1, dtype=dt))
     # tMax1 = sum(Q1_2*tQ1, axis=1)
     tMax1 = np.sum(Q1_2*tQ1, axis=1)
     # tPool1 = reshape(tMax1, (n, 4, 4, 32))
     tPool1 = tMax1.reshape((n, 4, 4, 32))
     # tP3 = im2col(tPool1)
-    tP3 = np.lib.stride_tricks.sliding_window_view(np.pad(tPool1, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3).reshape((16*n, 288))
+    tP3 = _im2col(tPool1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3')
     # tP3_W3 = tP3 @ W3
-    tP3_W3 = tP3 @ W3
+    tP3_W3 = np.matmul(tP3, W3, out=_scratch('tP3_W3', (16*n, 64), tP3, W3))
     # P3_v_W3 = P3 @ v_W3
-    P3_v_W3 = P3 @ v_W3
+    P3_v_W3 = np.matmul(P3, v_W3, out=_scratch('P3_v_W3', (16*n, 64), P3, v_W3))
     # tPW3 = P3_v_W3 + tP3_W3
     tPW3 = P3_v_W3
     tPW3 += tP3_W3
     # tC3 = reshape(tPW3, (n, 4, 4, 64))
     tC3 = tPW3.reshape((n, 4, 4, 64))
     # tH3 = step_H3*(tC3 + v_b3)
-    tH3 = step_H3*(tC3 + v_b3)
+    tH3 = tC3
+    tH3 += v_b3
+    tH3 *= step_H3
     # tPp2 = im2col(tH3)
-    tPp2 = np.lib.stride_tricks.sliding_window_view(tH3, (2, 2), axis=(1, 2))[:, ::2, ::2].transpose(0, 1, 2, 4, 5, 3).reshape((4*n, 256))
+    tPp2 = _im2col(tH3, (2, 2), (2, 2), (0, 0, 0, 0), 'tPp2')
     # tQ2 = reshape(tPp2, (4*n, 4, 64))
     tQ2 = tPp2.reshape((4*n, 4, 64))
     # Q2_2 = route_to_argmax(1, Q2)
-    Q2_2 = np.zeros(Q2.shape, dtype=np.full((4*n, 64), 1, dtype=dt).dtype)
-    np.put_along_axis(Q2_2, np.argmax(Q2, axis=1)[:, None, :], 1, axis=1)
+    Q2_2 = _route_to_argmax(Q2, np.full((4*n, 64), 1, dtype=dt))
     # tMax2 = sum(Q2_2*tQ2, axis=1)
     tMax2 = np.sum(Q2_2*tQ2, axis=1)
     # tF1 = reshape(tMax2, (n, 256))
@@ -874,61 +955,44 @@ def gnvp(params, v, x, y):
     # tdZ4 = exp_Z4*(-tLSE + tZ4)/n
     tdZ4 = exp_Z4*(-tLSE[:, None] + tZ4)/n
     # tdZ4_W4 = tdZ4 @ W4.T
-    tdZ4_W4 = tdZ4 @ W4.T
+    tdZ4_W4 = np.matmul(tdZ4, W4.T, out=_scratch('tdZ4_W4', (n, 256), tdZ4, W4))
     # udMax2 = reshape(tdZ4_W4, (4*n, 64))
     udMax2 = tdZ4_W4.reshape((4*n, 64))
     # udQ2 = route_to_argmax(udMax2, Q2)
-    udQ2 = np.zeros(Q2.shape, dtype=udMax2.dtype)
-    np.put_along_axis(udQ2, np.argmax(Q2, axis=1)[:, None, :], udMax2[:, None, :], axis=1)
+    udQ2 = _route_to_argmax(Q2, udMax2)
     # udPp2 = reshape(udQ2, (4*n, 256))
     udPp2 = udQ2.reshape((4*n, 256))
     # udH3 = col2im(udPp2)
-    _udH3_rows = udPp2.reshape((n, 2, 2, 2, 2, 64))
-    udH3 = np.zeros((n, 4, 4, 64), dtype=_udH3_rows.dtype)
-    for _i in range(2):   # scatter-add, one kernel offset at a time
-        for _j in range(2):
-            udH3[:, _i:_i + 3:2, _j:_j + 3:2] += _udH3_rows[:, :, :, _i, _j]
+    udH3 = _col2im(udPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
     # udZ3 = step_H3*udH3
-    udZ3 = step_H3*udH3
+    udZ3 = udH3
+    udZ3 *= step_H3
     # udPW3 = reshape(udZ3, (16*n, 64))
     udPW3 = udZ3.reshape((16*n, 64))
     # udP3 = udPW3 @ W3.T
-    udP3 = np.matmul(udPW3, W3.T, out=_scratch('udP3', (16*n, 288), udPW3, W3))
+    # (not formed: udPool1 = col2im(udP3) computes it, see below)
     # udPool1 = col2im(udP3)
-    _udPool1_rows = udP3.reshape((n, 4, 4, 3, 3, 32))
-    _udPool1_pad = np.zeros((n, 6, 6, 32), dtype=_udPool1_rows.dtype)
-    for _i in range(3):   # scatter-add, one kernel offset at a time
-        for _j in range(3):
-            _udPool1_pad[:, _i:_i + 4:1, _j:_j + 4:1] += _udPool1_rows[:, :, :, _i, _j]
-    udPool1 = _udPool1_pad[:, 1:5, 1:5]
+    udPool1 = _col2im_product(udPW3, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'udPool1')
     # udMax1 = reshape(udPool1, (16*n, 32))
     udMax1 = udPool1.reshape((16*n, 32))
     # udQ1 = route_to_argmax(udMax1, Q1)
-    udQ1 = np.zeros(Q1.shape, dtype=udMax1.dtype)
-    np.put_along_axis(udQ1, np.argmax(Q1, axis=1)[:, None, :], udMax1[:, None, :], axis=1)
+    udQ1 = _route_to_argmax(Q1, udMax1)
     # udPp1 = reshape(udQ1, (16*n, 128))
     udPp1 = udQ1.reshape((16*n, 128))
     # udH2 = col2im(udPp1)
-    _udH2_rows = udPp1.reshape((n, 4, 4, 2, 2, 32))
-    udH2 = np.zeros((n, 8, 8, 32), dtype=_udH2_rows.dtype)
-    for _i in range(2):   # scatter-add, one kernel offset at a time
-        for _j in range(2):
-            udH2[:, _i:_i + 7:2, _j:_j + 7:2] += _udH2_rows[:, :, :, _i, _j]
+    udH2 = _col2im(udPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
     # udZ2 = step_H2*udH2
-    udZ2 = step_H2*udH2
+    udZ2 = udH2
+    udZ2 *= step_H2
     # udPW2 = reshape(udZ2, (64*n, 32))
     udPW2 = udZ2.reshape((64*n, 32))
     # udP2 = udPW2 @ W2.T
-    udP2 = np.matmul(udPW2, W2.T, out=_scratch('udP2', (64*n, 288), udPW2, W2))
+    # (not formed: udH1 = col2im(udP2) computes it, see below)
     # udH1 = col2im(udP2)
-    _udH1_rows = udP2.reshape((n, 8, 8, 3, 3, 32))
-    _udH1_pad = np.zeros((n, 10, 10, 32), dtype=_udH1_rows.dtype)
-    for _i in range(3):   # scatter-add, one kernel offset at a time
-        for _j in range(3):
-            _udH1_pad[:, _i:_i + 8:1, _j:_j + 8:1] += _udH1_rows[:, :, :, _i, _j]
-    udH1 = _udH1_pad[:, 1:9, 1:9]
+    udH1 = _conv_transpose(udPW2, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'udH1', keep=True)
     # udZ1 = step_H1*udH1
-    udZ1 = step_H1*udH1
+    udZ1 = udH1
+    udZ1 *= step_H1
     # udPW1 = reshape(udZ1, (64*n, 32))
     udPW1 = udZ1.reshape((64*n, 32))
     # Gv_W1 = P1.T @ udPW1
@@ -948,6 +1012,113 @@ def gnvp(params, v, x, y):
     # Hv_b4 = sum(tdZ4, axis=0)
     Hv_b4 = tdZ4.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3_2, 'b3': db3_2, 'W4': dW4, 'b4': db4}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': Gv_W3, 'b3': Gv_b3, 'W4': F1_tdZ4, 'b4': Hv_b4}
+
+
+def per_example_grads(params, x, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    x = _data(x, 'x', (8, 8, 1))
+    y = _labels(y, 'y', 10)
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (9, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (288, 32))
+    b2 = _param(params, 'b2', (32,))
+    W3 = _param(params, 'W3', (288, 64))
+    b3 = _param(params, 'b3', (64,))
+    W4 = _param(params, 'W4', (256, 10))
+    b4 = _param(params, 'b4', (10,))
+    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
+    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
+    C1 = PW1.reshape((n, 8, 8, 32))
+    H1 = C1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
+    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
+    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
+    C2 = PW2.reshape((n, 8, 8, 32))
+    H2 = C2
+    H2 += b2
+    np.maximum(H2, 0.0, out=H2)
+    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
+    Q1 = Pp1.reshape((16*n, 4, 32))
+    Max1 = _window_max(Q1)
+    Pool1 = Max1.reshape((n, 4, 4, 32))
+    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
+    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
+    C3 = PW3.reshape((n, 4, 4, 64))
+    H3 = C3
+    H3 += b3
+    np.maximum(H3, 0.0, out=H3)
+    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
+    Q2 = Pp2.reshape((4*n, 4, 64))
+    Max2 = _window_max(Q2)
+    F1 = Max2.reshape((n, 256))
+    F1W4 = F1 @ W4
+    Z4 = F1W4 + b4
+    LSE = _logsumexp(Z4)
+    CE = LSE - Z4[np.arange(n), y]
+    # dZ4_i = (softmax(Z4) - onehot(y))
+    dZ4_i = np.exp(Z4 - LSE[:, None])
+    dZ4_i[np.arange(n), y] -= 1
+    # dF1_i = dZ4_i @ W4.T
+    dF1_i = np.matmul(dZ4_i, W4.T, out=_scratch('dF1_i', (n, 256), dZ4_i, W4))
+    # dMax2_i = reshape(dF1_i, (4*n, 64))
+    dMax2_i = dF1_i.reshape((4*n, 64))
+    # dQ2_i = route_to_argmax(dMax2_i, Q2)
+    dQ2_i = _route_to_argmax(Q2, dMax2_i)
+    # dPp2_i = reshape(dQ2_i, (4*n, 256))
+    dPp2_i = dQ2_i.reshape((4*n, 256))
+    # dH3_i = col2im(dPp2_i)
+    dH3_i = _col2im(dPp2_i, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    # dZ3_i = dH3_i*step(H3)
+    dZ3_i = dH3_i
+    dZ3_i *= (H3 > 0.0)
+    # dPW3_i = reshape(dZ3_i, (16*n, 64))
+    dPW3_i = dZ3_i.reshape((16*n, 64))
+    # dP3_i = dPW3_i @ W3.T
+    # (not formed: dPool1_i = col2im(dP3_i) computes it, see below)
+    # dPool1_i = col2im(dP3_i)
+    dPool1_i = _col2im_product(dPW3_i, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1_i')
+    # dMax1_i = reshape(dPool1_i, (16*n, 32))
+    dMax1_i = dPool1_i.reshape((16*n, 32))
+    # dQ1_i = route_to_argmax(dMax1_i, Q1)
+    dQ1_i = _route_to_argmax(Q1, dMax1_i)
+    # dPp1_i = reshape(dQ1_i, (16*n, 128))
+    dPp1_i = dQ1_i.reshape((16*n, 128))
+    # dH2_i = col2im(dPp1_i)
+    dH2_i = _col2im(dPp1_i, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    # dZ2_i = dH2_i*step(H2)
+    dZ2_i = dH2_i
+    dZ2_i *= (H2 > 0.0)
+    # dPW2_i = reshape(dZ2_i, (64*n, 32))
+    dPW2_i = dZ2_i.reshape((64*n, 32))
+    # dP2_i = dPW2_i @ W2.T
+    # (not formed: dH1_i = col2im(dP2_i) computes it, see below)
+    # dH1_i = col2im(dP2_i)
+    dH1_i = _conv_transpose(dPW2_i, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'dH1_i', keep=True)
+    # dZ1_i = dH1_i*step(H1)
+    dZ1_i = dH1_i
+    dZ1_i *= (H1 > 0.0)
+    # dPW1_i = reshape(dZ1_i, (64*n, 32))
+    dPW1_i = dZ1_i.reshape((64*n, 32))
+    # dW1_i = per_sample(P1.T @ dPW1_i)
+    dW1_i = np.matmul(P1.reshape(n, 64, 9).transpose(0, 2, 1), dPW1_i.reshape(n, 64, 32))
+    # db1_i = sum(dZ1_i, axis=(1, 2))
+    db1_i = dZ1_i.sum(axis=(1, 2))
+    # dW2_i = per_sample(P2.T @ dPW2_i)
+    dW2_i = np.matmul(P2.reshape(n, 64, 288).transpose(0, 2, 1), dPW2_i.reshape(n, 64, 32))
+    # db2_i = sum(dZ2_i, axis=(1, 2))
+    db2_i = dZ2_i.sum(axis=(1, 2))
+    # dW3_i = per_sample(P3.T @ dPW3_i)
+    dW3_i = np.matmul(P3.reshape(n, 16, 288).transpose(0, 2, 1), dPW3_i.reshape(n, 16, 64))
+    # db3_i = sum(dZ3_i, axis=(1, 2))
+    db3_i = dZ3_i.sum(axis=(1, 2))
+    # dW4_i = per_sample(F1.T @ dZ4_i)
+    dW4_i = np.einsum('ni,nj->nij', F1, dZ4_i)
+    return CE, {'W1': dW1_i, 'b1': db1_i, 'W2': dW2_i, 'b2': db2_i, 'W3': dW3_i, 'b3': db3_i, 'W4': dW4_i, 'b4': dZ4_i}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Interface (batch-first arrays; needs only numpy):
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
     hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 from collections.abc import Mapping as _Mapping
@@ -446,6 +447,11 @@ def hvp(params, v, x, y):
     # Hv_alpha = sum(dZ4_2*tx_u_flat + tdZ4*x_u_flat)
     Hv_alpha = (dZ4_2*tx_u_flat + tdZ4*x_u_flat).sum()
     return float(L_2), {'W1': dW1_2, 'b1': db1_2, 'G': dG_2, 'c': dc_2, 'W2': dW2_2, 'b2': db2_2, 'u': du_2, 'alpha': dalpha_2}, {'W1': Hv_W1, 'b1': Hv_b1, 'G': Hv_G, 'c': Hv_c, 'W2': Hv_W2, 'b2': Hv_b2, 'u': Hv_u, 'alpha': Hv_alpha}
+
+
+def per_example_grads(params, x, y):
+    """Not available for this model: raises NotImplementedError (the reason)."""
+    raise NotImplementedError("per-example gradients are not defined for model 'matrix_mlp': 'dx_u', a value summed over the batch, is combined with 'x', a value per sample: the forward mixes samples (statistics of the batch, or a loss that is not a mean over samples)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Interface (batch-first arrays; needs only numpy):
     backward(params, x, y)  -> (loss, grads), grads shaped like params
     hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
     gnvp(params, v, x, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 import threading
@@ -334,7 +335,8 @@ def hvp(params, v, x, y):
     dZ2 *= 1/n
     dH1 = np.matmul(dZ2, W2.T, out=_scratch('dH1', (n, 32), dZ2, W2))
     H1_pow2 = H1*H1
-    dZ1_2 = dH1*(1 - H1_pow2)
+    dZ1_2 = np.subtract(1, H1_pow2, out=_scratch('dZ1_2', (n, 32), H1_pow2))
+    dZ1_2 *= dH1
     dW1_2 = x.T @ dZ1_2
     db1_2 = dZ1_2.sum(axis=0)
     dW2 = H1.T @ dZ2
@@ -344,7 +346,7 @@ def hvp(params, v, x, y):
     # txW1 = x @ v_W1
     txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
     # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    tH1 = 1 - H1_pow2
+    tH1 = np.subtract(1, H1_pow2, out=_scratch('tH1', (n, 32), H1_pow2))
     txW1 += v_b1
     tH1 *= txW1
     # exp_Z2 = exp(-LSE + Z2)
@@ -362,7 +364,7 @@ def hvp(params, v, x, y):
     # tdZ2_W2 = tdZ2 @ W2.T
     tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 32), tdZ2, W2))
     # tdZ1 = -2*H1*dH1*tH1 + (1 - H1_pow2)*(dZ2_v_W2 + tdZ2_W2)
-    tdZ1 = 1 - H1_pow2
+    tdZ1 = np.subtract(1, H1_pow2, out=_scratch('tdZ1', (n, 32), H1_pow2))
     dZ2_v_W2 += tdZ2_W2
     tdZ1 *= dZ2_v_W2
     np.multiply(H1, dH1, out=dZ2_v_W2)
@@ -426,7 +428,7 @@ def gnvp(params, v, x, y):
     # txW1 = x @ v_W1
     txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
     # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    tH1 = 1 - H1_pow2
+    tH1 = np.subtract(1, H1_pow2, out=_scratch('tH1', (n, 32), H1_pow2))
     txW1 += v_b1
     tH1 *= txW1
     # tH1_W2 = tH1 @ W2
@@ -452,6 +454,43 @@ def gnvp(params, v, x, y):
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': H1_tdZ2, 'b2': Hv_b2}
+
+
+def per_example_grads(params, x, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    x = _data(x, 'x', (64,))
+    y = _labels(y, 'y', 10)
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (64, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (32, 10))
+    b2 = _param(params, 'b2', (10,))
+    xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
+    H1 = xW1
+    H1 += b1
+    np.tanh(H1, out=H1)
+    H1W2 = H1 @ W2
+    Z2 = H1W2 + b2
+    LSE = _logsumexp(Z2)
+    CE = LSE - Z2[np.arange(n), y]
+    # dZ2_i = (softmax(Z2) - onehot(y))
+    dZ2_i = np.exp(Z2 - LSE[:, None])
+    dZ2_i[np.arange(n), y] -= 1
+    # dH1_i = dZ2_i @ W2.T
+    dH1_i = dZ2_i @ W2.T
+    # dZ1_i = dH1_i*(1 - H1**2)
+    dZ1_i = dH1_i
+    _dZ1_i_0 = np.multiply(H1, H1, out=_scratch('_dZ1_i_0', (n, 32), H1))
+    np.subtract(1, _dZ1_i_0, out=_dZ1_i_0)
+    dZ1_i *= _dZ1_i_0
+    # dW1_i = per_sample(x.T @ dZ1_i)
+    dW1_i = np.einsum('ni,nj->nij', x, dZ1_i)
+    # dW2_i = per_sample(H1.T @ dZ2_i)
+    dW2_i = np.einsum('ni,nj->nij', H1, dZ2_i)
+    return CE, {'W1': dW1_i, 'b1': dZ1_i, 'W2': dW2_i, 'b2': dZ2_i}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Interface (batch-first arrays; needs only numpy):
     backward(params, x, y)  -> (loss, grads), grads shaped like params
     hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
     gnvp(params, v, x, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 from collections.abc import Mapping as _Mapping
@@ -407,6 +408,47 @@ def gnvp(params, v, x, y):
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = tdZ3.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': H2_tdZ3, 'b3': Hv_b3}
+
+
+def per_example_grads(params, x, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    x = _data(x, 'x', (2,))
+    y = _data(y, 'y', (1,))
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (2, 16))
+    b1 = _param(params, 'b1', (16,))
+    W2 = _param(params, 'W2', (16, 16))
+    b2 = _param(params, 'b2', (16,))
+    W3 = _param(params, 'W3', (16, 1))
+    b3 = _param(params, 'b3', (1,))
+    xW1 = x @ W1
+    H1 = np.tanh(b1 + xW1)
+    H1W2 = H1 @ W2
+    H2 = np.tanh(H1W2 + b2)
+    H2W3 = H2 @ W3
+    Z3 = H2W3 + b3
+    E = np.square(Z3 - y)
+    L_i = E.reshape((n,))
+    # dZ3_i = 2*Z3 - 2*y
+    dZ3_i = 2*Z3 - 2*y
+    # dH2_i = dZ3_i @ W3.T
+    dH2_i = dZ3_i @ W3.T
+    # dZ2_i = dH2_i*(1 - H2**2)
+    dZ2_i = dH2_i*(1 - H2*H2)
+    # dH1_i = dZ2_i @ W2.T
+    dH1_i = dZ2_i @ W2.T
+    # dZ1_i = dH1_i*(1 - H1**2)
+    dZ1_i = dH1_i*(1 - H1*H1)
+    # dW1_i = per_sample(x.T @ dZ1_i)
+    dW1_i = np.einsum('ni,nj->nij', x, dZ1_i)
+    # dW2_i = per_sample(H1.T @ dZ2_i)
+    dW2_i = np.einsum('ni,nj->nij', H1, dZ2_i)
+    # dW3_i = per_sample(H2.T @ dZ3_i)
+    dW3_i = np.einsum('ni,nj->nij', H2, dZ3_i)
+    return L_i, {'W1': dW1_i, 'b1': dZ1_i, 'W2': dW2_i, 'b2': dZ2_i, 'W3': dW3_i, 'b3': dZ3_i}
 
 
 # ---------------------------------------------------------------------------------------------

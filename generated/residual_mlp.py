@@ -11,6 +11,7 @@ Interface (batch-first arrays; needs only numpy):
     backward(params, x, y)  -> (loss, grads), grads shaped like params
     hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
     gnvp(params, v, x, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 import threading
@@ -342,18 +343,22 @@ def backward(params, x, y):
     # dS2 = dZout @ Wout.T
     dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
     # dZf2 = dS2*(1 - Hf2**2)
-    dZf2 = dS2*(1 - Hf2*Hf2)
+    dZf2 = np.multiply(Hf2, Hf2, out=_scratch('dZf2', (n, 32), Hf2))
+    np.subtract(1, dZf2, out=dZf2)
+    dZf2 *= dS2
     # dh1_Wf2 = dZf2 @ Wf2.T
     dh1_Wf2 = np.matmul(dZf2, Wf2.T, out=_scratch('dh1_Wf2', (n, 32), dZf2, Wf2))
     # dh1 = dS2 + dh1_Wf2
     dh1 = dh1_Wf2
     dh1 += dS2
     # dZf1 = dh1*(1 - Hf1**2)
-    dZf1 = dh1*(1 - Hf1*Hf1)
+    dZf1 = np.multiply(Hf1, Hf1, out=_scratch('dZf1', (n, 32), Hf1))
+    np.subtract(1, dZf1, out=dZf1)
+    dZf1 *= dh1
     # dHh0_Wf1 = dZf1 @ Wf1.T
     dHh0_Wf1 = np.matmul(dZf1, Wf1.T, out=_scratch('dHh0_Wf1', (n, 32), dZf1, Wf1))
     # dZh0 = (1 - Hh0**2)*(dHh0_Wf1 + dh1)
-    dZh0 = Hh0*Hh0
+    dZh0 = np.multiply(Hh0, Hh0, out=_scratch('dZh0', (n, 32), Hh0))
     np.subtract(1, dZh0, out=dZh0)
     dHh0_Wf1 += dh1
     dZh0 *= dHh0_Wf1
@@ -422,16 +427,19 @@ def hvp(params, v, x, y):
     dZout *= 1/n
     dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
     Hf2_pow2 = Hf2*Hf2
-    dZf2_2 = dS2*(1 - Hf2_pow2)
+    dZf2_2 = np.subtract(1, Hf2_pow2, out=_scratch('dZf2_2', (n, 32), Hf2_pow2))
+    dZf2_2 *= dS2
     dh1_Wf2_2 = np.matmul(dZf2_2, Wf2.T, out=_scratch('dh1_Wf2_2', (n, 32), dZf2_2, Wf2))
     dh1_2 = dh1_Wf2_2
     dh1_2 += dS2
     Hf1_pow2 = Hf1*Hf1
-    dZf1_2 = dh1_2*(1 - Hf1_pow2)
+    dZf1_2 = np.subtract(1, Hf1_pow2, out=_scratch('dZf1_2', (n, 32), Hf1_pow2))
+    dZf1_2 *= dh1_2
     dHh0_Wf1_2 = np.matmul(dZf1_2, Wf1.T, out=_scratch('dHh0_Wf1_2', (n, 32), dZf1_2, Wf1))
     dHh0 = dHh0_Wf1_2
     dHh0 += dh1_2
-    dZh0_2 = dHh0*(1 - Hh0_pow2)
+    dZh0_2 = np.subtract(1, Hh0_pow2, out=_scratch('dZh0_2', (n, 32), Hh0_pow2))
+    dZh0_2 *= dHh0
     dWh0_2 = x.T @ dZh0_2
     dbh0_2 = dZh0_2.sum(axis=0)
     dWf1_2 = Hh0.T @ dZf1_2
@@ -445,7 +453,7 @@ def hvp(params, v, x, y):
     # txWh0 = x @ v_Wh0
     txWh0 = np.matmul(x, v_Wh0, out=_scratch('txWh0', (n, 32), x, v_Wh0))
     # tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
-    tHh0 = 1 - Hh0_pow2
+    tHh0 = np.subtract(1, Hh0_pow2, out=_scratch('tHh0', (n, 32), Hh0_pow2))
     txWh0 += v_bh0
     tHh0 *= txWh0
     # tHh0_Wf1 = tHh0 @ Wf1
@@ -453,7 +461,7 @@ def hvp(params, v, x, y):
     # Hh0_v_Wf1 = Hh0 @ v_Wf1
     Hh0_v_Wf1 = np.matmul(Hh0, v_Wf1, out=_scratch('Hh0_v_Wf1', (n, 32), Hh0, v_Wf1))
     # tHf1 = (1 - Hf1_pow2)*(Hh0_v_Wf1 + tHh0_Wf1 + v_bf1)
-    tHf1 = 1 - Hf1_pow2
+    tHf1 = np.subtract(1, Hf1_pow2, out=_scratch('tHf1', (n, 32), Hf1_pow2))
     Hh0_v_Wf1 += tHh0_Wf1
     Hh0_v_Wf1 += v_bf1
     tHf1 *= Hh0_v_Wf1
@@ -464,7 +472,7 @@ def hvp(params, v, x, y):
     # h1_v_Wf2 = h1 @ v_Wf2
     h1_v_Wf2 = np.matmul(h1, v_Wf2, out=_scratch('h1_v_Wf2', (n, 32), h1, v_Wf2))
     # tHf2 = (1 - Hf2_pow2)*(h1_v_Wf2 + th1_Wf2 + v_bf2)
-    tHf2 = 1 - Hf2_pow2
+    tHf2 = np.subtract(1, Hf2_pow2, out=_scratch('tHf2', (n, 32), Hf2_pow2))
     h1_v_Wf2 += th1_Wf2
     h1_v_Wf2 += v_bf2
     tHf2 *= h1_v_Wf2
@@ -490,7 +498,12 @@ def hvp(params, v, x, y):
     # dZf2_v_Wf2 = dZf2_2 @ v_Wf2.T
     dZf2_v_Wf2 = np.matmul(dZf2_2, v_Wf2.T, out=_scratch('dZf2_v_Wf2', (n, 32), dZf2_2, v_Wf2))
     # tdZf2 = -2*Hf2*dS2*tHf2 + tdS2*(1 - Hf2_pow2)
-    tdZf2 = -2*Hf2*dS2*tHf2 + tdS2*(1 - Hf2_pow2)
+    tdZf2 = np.subtract(1, Hf2_pow2, out=_scratch('tdZf2', (n, 32), Hf2_pow2))
+    tdZf2 *= tdS2
+    _tdZf2_0 = np.multiply(Hf2, dS2, out=_scratch('_tdZf2_0', (n, 32), Hf2, dS2))
+    _tdZf2_0 *= tHf2
+    _tdZf2_0 *= 2
+    tdZf2 -= _tdZf2_0
     # tdZf2_Wf2 = tdZf2 @ Wf2.T
     tdZf2_Wf2 = np.matmul(tdZf2, Wf2.T, out=_scratch('tdZf2_Wf2', (n, 32), tdZf2, Wf2))
     # tdh1 = dZf2_v_Wf2 + tdS2 + tdZf2_Wf2
@@ -500,11 +513,16 @@ def hvp(params, v, x, y):
     # dZf1_v_Wf1 = dZf1_2 @ v_Wf1.T
     dZf1_v_Wf1 = np.matmul(dZf1_2, v_Wf1.T, out=_scratch('dZf1_v_Wf1', (n, 32), dZf1_2, v_Wf1))
     # tdZf1 = -2*Hf1*dh1_2*tHf1 + tdh1*(1 - Hf1_pow2)
-    tdZf1 = -2*Hf1*dh1_2*tHf1 + tdh1*(1 - Hf1_pow2)
+    tdZf1 = np.subtract(1, Hf1_pow2, out=_scratch('tdZf1', (n, 32), Hf1_pow2))
+    tdZf1 *= tdh1
+    _tdZf1_0 = np.multiply(Hf1, dh1_2, out=_scratch('_tdZf1_0', (n, 32), Hf1, dh1_2))
+    _tdZf1_0 *= tHf1
+    _tdZf1_0 *= 2
+    tdZf1 -= _tdZf1_0
     # tdZf1_Wf1 = tdZf1 @ Wf1.T
     tdZf1_Wf1 = np.matmul(tdZf1, Wf1.T, out=_scratch('tdZf1_Wf1', (n, 32), tdZf1, Wf1))
     # tdZh0 = -2*Hh0*dHh0*tHh0 + (1 - Hh0_pow2)*(dZf1_v_Wf1 + tdZf1_Wf1 + tdh1)
-    tdZh0 = 1 - Hh0_pow2
+    tdZh0 = np.subtract(1, Hh0_pow2, out=_scratch('tdZh0', (n, 32), Hh0_pow2))
     dZf1_v_Wf1 += tdZf1_Wf1
     dZf1_v_Wf1 += tdh1
     tdZh0 *= dZf1_v_Wf1
@@ -592,14 +610,16 @@ def gnvp(params, v, x, y):
     dZout *= 1/n
     dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
     Hf2_pow2 = Hf2*Hf2
-    dZf2_2 = dS2*(1 - Hf2_pow2)
+    dZf2_2 = np.subtract(1, Hf2_pow2, out=_scratch('dZf2_2', (n, 32), Hf2_pow2))
+    dZf2_2 *= dS2
     dh1_Wf2_2 = np.matmul(dZf2_2, Wf2.T, out=_scratch('dh1_Wf2_2', (n, 32), dZf2_2, Wf2))
     dh1_2 = dh1_Wf2_2
     dh1_2 += dS2
     Hf1_pow2 = Hf1*Hf1
-    dZf1_2 = dh1_2*(1 - Hf1_pow2)
+    dZf1_2 = np.subtract(1, Hf1_pow2, out=_scratch('dZf1_2', (n, 32), Hf1_pow2))
+    dZf1_2 *= dh1_2
     dHh0_Wf1_2 = np.matmul(dZf1_2, Wf1.T, out=_scratch('dHh0_Wf1_2', (n, 32), dZf1_2, Wf1))
-    dZh0_3 = 1 - Hh0_pow2
+    dZh0_3 = np.subtract(1, Hh0_pow2, out=_scratch('dZh0_3', (n, 32), Hh0_pow2))
     dHh0_Wf1_2 += dh1_2
     dZh0_3 *= dHh0_Wf1_2
     dWh0_3 = x.T @ dZh0_3
@@ -617,7 +637,7 @@ def gnvp(params, v, x, y):
     # txWh0 = x @ v_Wh0
     txWh0 = np.matmul(x, v_Wh0, out=_scratch('txWh0', (n, 32), x, v_Wh0))
     # tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
-    tHh0 = 1 - Hh0_pow2
+    tHh0 = np.subtract(1, Hh0_pow2, out=_scratch('tHh0', (n, 32), Hh0_pow2))
     txWh0 += v_bh0
     tHh0 *= txWh0
     # tHh0_Wf1 = tHh0 @ Wf1
@@ -625,7 +645,7 @@ def gnvp(params, v, x, y):
     # Hh0_v_Wf1 = Hh0 @ v_Wf1
     Hh0_v_Wf1 = np.matmul(Hh0, v_Wf1, out=_scratch('Hh0_v_Wf1', (n, 32), Hh0, v_Wf1))
     # th1_2 = tHh0 + (1 - Hf1_pow2)*(Hh0_v_Wf1 + tHh0_Wf1 + v_bf1)
-    th1_2 = 1 - Hf1_pow2
+    th1_2 = np.subtract(1, Hf1_pow2, out=_scratch('th1_2', (n, 32), Hf1_pow2))
     Hh0_v_Wf1 += tHh0_Wf1
     Hh0_v_Wf1 += v_bf1
     th1_2 *= Hh0_v_Wf1
@@ -633,7 +653,7 @@ def gnvp(params, v, x, y):
     # th1_Wf2_2 = th1_2 @ Wf2
     th1_Wf2_2 = np.matmul(th1_2, Wf2, out=_scratch('th1_Wf2_2', (n, 32), th1_2, Wf2))
     # tS2_2 = th1_2 + (1 - Hf2_pow2)*(h1_v_Wf2 + th1_Wf2_2 + v_bf2)
-    tS2_2 = 1 - Hf2_pow2
+    tS2_2 = np.subtract(1, Hf2_pow2, out=_scratch('tS2_2', (n, 32), Hf2_pow2))
     h1_v_Wf2 += th1_Wf2_2
     h1_v_Wf2 += v_bf2
     tS2_2 *= h1_v_Wf2
@@ -651,18 +671,20 @@ def gnvp(params, v, x, y):
     # tdZout_Wout_2 = tdZout_2 @ Wout.T
     tdZout_Wout_2 = np.matmul(tdZout_2, Wout.T, out=_scratch('tdZout_Wout_2', (n, 32), tdZout_2, Wout))
     # udZf2 = tdZout_Wout_2*(1 - Hf2_pow2)
-    udZf2 = tdZout_Wout_2*(1 - Hf2_pow2)
+    udZf2 = np.subtract(1, Hf2_pow2, out=_scratch('udZf2', (n, 32), Hf2_pow2))
+    udZf2 *= tdZout_Wout_2
     # udZf2_Wf2 = udZf2 @ Wf2.T
     udZf2_Wf2 = np.matmul(udZf2, Wf2.T, out=_scratch('udZf2_Wf2', (n, 32), udZf2, Wf2))
     # udh1 = tdZout_Wout_2 + udZf2_Wf2
     udh1 = udZf2_Wf2
     udh1 += tdZout_Wout_2
     # udZf1 = udh1*(1 - Hf1_pow2)
-    udZf1 = udh1*(1 - Hf1_pow2)
+    udZf1 = np.subtract(1, Hf1_pow2, out=_scratch('udZf1', (n, 32), Hf1_pow2))
+    udZf1 *= udh1
     # udZf1_Wf1 = udZf1 @ Wf1.T
     udZf1_Wf1 = np.matmul(udZf1, Wf1.T, out=_scratch('udZf1_Wf1', (n, 32), udZf1, Wf1))
     # udZh0 = (1 - Hh0_pow2)*(udZf1_Wf1 + udh1)
-    udZh0 = 1 - Hh0_pow2
+    udZh0 = np.subtract(1, Hh0_pow2, out=_scratch('udZh0', (n, 32), Hh0_pow2))
     udZf1_Wf1 += udh1
     udZh0 *= udZf1_Wf1
     # Gv_Wh0 = x.T @ udZh0
@@ -682,6 +704,76 @@ def gnvp(params, v, x, y):
     # Hv_bout_2 = sum(tdZout_2, axis=0)
     Hv_bout_2 = tdZout_2.sum(axis=0)
     return float(L), {'Wh0': dWh0_3, 'bh0': dbh0_3, 'Wf1': dWf1_2, 'bf1': dbf1_2, 'Wf2': dWf2_2, 'bf2': dbf2_2, 'Wout': dWout, 'bout': dbout}, {'Wh0': Gv_Wh0, 'bh0': Gv_bh0, 'Wf1': Gv_Wf1, 'bf1': Gv_bf1, 'Wf2': Gv_Wf2, 'bf2': Gv_bf2, 'Wout': S2_tdZout_2, 'bout': Hv_bout_2}
+
+
+def per_example_grads(params, x, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    x = _data(x, 'x', (2,))
+    y = _labels(y, 'y', 2)
+    n = _batch(x, y)
+    Wh0 = _param(params, 'Wh0', (2, 32))
+    bh0 = _param(params, 'bh0', (32,))
+    Wf1 = _param(params, 'Wf1', (32, 32))
+    bf1 = _param(params, 'bf1', (32,))
+    Wf2 = _param(params, 'Wf2', (32, 32))
+    bf2 = _param(params, 'bf2', (32,))
+    Wout = _param(params, 'Wout', (32, 2))
+    bout = _param(params, 'bout', (2,))
+    xWh0 = np.matmul(x, Wh0, out=_scratch('xWh0', (n, 32), x, Wh0))
+    Hh0 = xWh0
+    Hh0 += bh0
+    np.tanh(Hh0, out=Hh0)
+    Hh0Wf1 = np.matmul(Hh0, Wf1, out=_scratch('Hh0Wf1', (n, 32), Hh0, Wf1))
+    Hf1 = Hh0Wf1
+    Hf1 += bf1
+    np.tanh(Hf1, out=Hf1)
+    h1 = Hf1 + Hh0
+    h1Wf2 = np.matmul(h1, Wf2, out=_scratch('h1Wf2', (n, 32), h1, Wf2))
+    Hf2 = h1Wf2
+    Hf2 += bf2
+    np.tanh(Hf2, out=Hf2)
+    S2 = Hf2 + h1
+    S2Wout = S2 @ Wout
+    Zout = S2Wout + bout
+    LSE = _logsumexp(Zout)
+    CE = LSE - Zout[np.arange(n), y]
+    # dZout_i = (softmax(Zout) - onehot(y))
+    dZout_i = np.exp(Zout - LSE[:, None])
+    dZout_i[np.arange(n), y] -= 1
+    # dS2_i = dZout_i @ Wout.T
+    dS2_i = np.matmul(dZout_i, Wout.T, out=_scratch('dS2_i', (n, 32), dZout_i, Wout))
+    # dZf2_i = dS2_i*(1 - Hf2**2)
+    dZf2_i = Hf2*Hf2
+    np.subtract(1, dZf2_i, out=dZf2_i)
+    dZf2_i *= dS2_i
+    # dh1_Wf2_i = dZf2_i @ Wf2.T
+    dh1_Wf2_i = np.matmul(dZf2_i, Wf2.T, out=_scratch('dh1_Wf2_i', (n, 32), dZf2_i, Wf2))
+    # dh1_i = dS2_i + dh1_Wf2_i
+    dh1_i = dh1_Wf2_i
+    dh1_i += dS2_i
+    # dZf1_i = dh1_i*(1 - Hf1**2)
+    dZf1_i = Hf1*Hf1
+    np.subtract(1, dZf1_i, out=dZf1_i)
+    dZf1_i *= dh1_i
+    # dHh0_Wf1_i = dZf1_i @ Wf1.T
+    dHh0_Wf1_i = dZf1_i @ Wf1.T
+    # dZh0_i = (1 - Hh0**2)*(dHh0_Wf1_i + dh1_i)
+    dZh0_i = Hh0*Hh0
+    np.subtract(1, dZh0_i, out=dZh0_i)
+    dHh0_Wf1_i += dh1_i
+    dZh0_i *= dHh0_Wf1_i
+    # dWh0_i = per_sample(x.T @ dZh0_i)
+    dWh0_i = np.einsum('ni,nj->nij', x, dZh0_i)
+    # dWf1_i = per_sample(Hh0.T @ dZf1_i)
+    dWf1_i = np.einsum('ni,nj->nij', Hh0, dZf1_i)
+    # dWf2_i = per_sample(h1.T @ dZf2_i)
+    dWf2_i = np.einsum('ni,nj->nij', h1, dZf2_i)
+    # dWout_i = per_sample(S2.T @ dZout_i)
+    dWout_i = np.einsum('ni,nj->nij', S2, dZout_i)
+    return CE, {'Wh0': dWh0_i, 'bh0': dZh0_i, 'Wf1': dWf1_i, 'bf1': dZf1_i, 'Wf2': dWf2_i, 'bf2': dZf2_i, 'Wout': dWout_i, 'bout': dZout_i}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Interface (batch-first arrays; needs only numpy):
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
     hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 from collections.abc import Mapping as _Mapping
@@ -290,6 +291,39 @@ def hvp(params, v, x, y):
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}
+
+
+def per_example_grads(params, x, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    x = _data(x, 'x', (3,))
+    y = _data(y, 'y', (1,))
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (3, 8))
+    b1 = _param(params, 'b1', (8,))
+    W2 = _param(params, 'W2', (8, 1))
+    b2 = _param(params, 'b2', (1,))
+    xW1 = x @ W1
+    Z1 = b1 + xW1
+    sigmoid_Z1 = _sigmoid(1.5*Z1)
+    H1 = Z1*sigmoid_Z1
+    H1W2 = H1 @ W2
+    Z2 = H1W2 + b2
+    E = np.square(Z2 - y)/2
+    L_i = E.reshape((n,))
+    # dZ2_i = Z2 - y
+    dZ2_i = Z2 - y
+    # dH1_i = dZ2_i @ W2.T
+    dH1_i = dZ2_i @ W2.T
+    # dZ1_i = dH1_i*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
+    dZ1_i = dH1_i*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
+    # dW1_i = per_sample(x.T @ dZ1_i)
+    dW1_i = np.einsum('ni,nj->nij', x, dZ1_i)
+    # dW2_i = per_sample(H1.T @ dZ2_i)
+    dW2_i = np.einsum('ni,nj->nij', H1, dZ2_i)
+    return L_i, {'W1': dW1_i, 'b1': dZ1_i, 'W2': dW2_i, 'b2': dZ2_i}
 
 
 # ---------------------------------------------------------------------------------------------

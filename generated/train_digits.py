@@ -11,6 +11,7 @@ Interface (batch-first arrays; needs only numpy):
     backward(params, x, y)  -> (loss, grads), grads shaped like params
     hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
     gnvp(params, v, x, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 import threading
@@ -445,6 +446,41 @@ def gnvp(params, v, x, y):
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = tdZ2.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': H1_tdZ2, 'b2': Hv_b2}
+
+
+def per_example_grads(params, x, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    x = _data(x, 'x', (64,))
+    y = _labels(y, 'y', 10)
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (64, 256))
+    b1 = _param(params, 'b1', (256,))
+    W2 = _param(params, 'W2', (256, 10))
+    b2 = _param(params, 'b2', (10,))
+    xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 256), x, W1))
+    H1 = xW1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
+    H1W2 = H1 @ W2
+    Z2 = H1W2 + b2
+    LSE = _logsumexp(Z2)
+    CE = LSE - Z2[np.arange(n), y]
+    # dZ2_i = (softmax(Z2) - onehot(y))
+    dZ2_i = np.exp(Z2 - LSE[:, None])
+    dZ2_i[np.arange(n), y] -= 1
+    # dH1_i = dZ2_i @ W2.T
+    dH1_i = dZ2_i @ W2.T
+    # dZ1_i = dH1_i*step(H1)
+    dZ1_i = dH1_i
+    dZ1_i *= (H1 > 0.0)
+    # dW1_i = per_sample(x.T @ dZ1_i)
+    dW1_i = np.einsum('ni,nj->nij', x, dZ1_i)
+    # dW2_i = per_sample(H1.T @ dZ2_i)
+    dW2_i = np.einsum('ni,nj->nij', H1, dZ2_i)
+    return CE, {'W1': dW1_i, 'b1': dZ1_i, 'W2': dW2_i, 'b2': dZ2_i}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ Interface (batch-first arrays; needs only numpy):
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
     hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
+    moments = precompute(x, y)  -> the data's sufficient statistics (float64), once
+    loss_from_moments(params, moments), backward_from_moments(params, moments)  -> as loss, backward
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 from collections.abc import Mapping as _Mapping
@@ -156,6 +159,20 @@ def _entry(params, name):
 _EMPTY_BATCH = "the batch is empty: forward, loss and backward need at least one sample"
 
 
+MOMENT_STATS = ['mean_x', 'mean_y', 'scale_x', 'scale_y', 'm_x1', 'm_y1', 'm_x2', 'm_x1_y1', 'm_y2', 'm_x3', 'm_x2_y1', 'm_x4', 'm_x3_y1', 'm_x5', 'm_x6']
+_CHUNK = 1 << 16     # rows per chunk of precompute
+
+
+def _statistics(moments):
+    """The values of precompute's dict, in MOMENT_STATS' order, as float64."""
+    if not isinstance(moments, _Mapping):
+        raise ValueError(f"moments must be the dict that precompute returns, got {type(moments).__name__}")
+    missing = [k for k in MOMENT_STATS if k not in moments]
+    if missing:
+        raise ValueError(f"moments has no entry {missing[0]!r}: pass the dict that precompute returns")
+    return np.array([moments[k] for k in MOMENT_STATS], dtype=np.float64)
+
+
 def forward(params, x):
     """Predictions for a batch: the model output, shape (batch,) + per-sample output shape."""
     x = _data(x, 'x', ())
@@ -245,6 +262,111 @@ def hvp(params, v, x, y):
     # Hv_d = sum(tdp)
     Hv_d = tdp.sum()
     return float(L), {'a': da, 'b': db, 'c': dc, 'd': dd}, {'a': Hv_a, 'b': Hv_b, 'c': Hv_c, 'd': Hv_d}
+
+
+def per_example_grads(params, x, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    x = _data(x, 'x', ())
+    y = _data(y, 'y', ())
+    n = _batch(x, y)
+    a = _param(params, 'a', ())
+    b = _param(params, 'b', ())
+    c = _param(params, 'c', ())
+    d = _param(params, 'd', ())
+    x_pow3 = x*x*x
+    x_pow2 = x*x
+    p = a*x_pow3 + b*x_pow2 + c*x + d
+    E = np.square(p - y)
+    # dp_i = 2*p - 2*y
+    dp_i = 2*p - 2*y
+    # dp_times_x_i = dp_i*x_pow3
+    dp_times_x_i = dp_i*x_pow3
+    # dp_times_x_i_2 = dp_i*x_pow2
+    dp_times_x_i_2 = dp_i*x_pow2
+    # dp_times_x_i_3 = dp_i*x
+    dp_times_x_i_3 = dp_i*x
+    return E, {'a': dp_times_x_i, 'b': dp_times_x_i_2, 'c': dp_times_x_i_3, 'd': dp_i}
+
+
+def precompute(x, y):
+    """The data reduced once to the sufficient statistics of the loss (float64), a dict: statistics
+    mean_x, mean_y, scale_x, scale_y, m_x1, m_y1, m_x2, m_x1_y1, m_y2, m_x3, m_x2_y1, m_x4,
+    m_x3_y1, m_x5, m_x6: the mean and standard deviation of each of x, y, and the means of
+    products of powers of their standardized values (m_x2_y1 = mean(u_x**2 * u_y), u_x = (x
+    - mean_x)/scale_x). loss_from_moments and backward_from_moments take it: their cost does
+    not depend on n."""
+    x = _data(x, 'x', ()).reshape(-1).astype(np.float64)
+    y = _data(y, 'y', ()).reshape(-1).astype(np.float64)
+    n = _batch(x, y)
+    _mean0 = float(np.mean(x))
+    _scale0 = float(np.std(x)) or 1.0
+    _mean1 = float(np.mean(y))
+    _scale1 = float(np.std(y)) or 1.0
+    _sums = np.zeros(11)
+    for _lo in range(0, n, _CHUNK):   # chunks of rows: the powers of a chunk fit in memory
+        _u0_1 = (x[_lo:_lo + _CHUNK] - _mean0) / _scale0
+        _u0_2 = _u0_1 * _u0_1
+        _u0_3 = _u0_2 * _u0_1
+        _u0_4 = _u0_3 * _u0_1
+        _u0_5 = _u0_4 * _u0_1
+        _u0_6 = _u0_5 * _u0_1
+        _u1_1 = (y[_lo:_lo + _CHUNK] - _mean1) / _scale1
+        _u1_2 = _u1_1 * _u1_1
+        _sums += (np.sum(_u0_1), np.sum(_u1_1), np.sum(_u0_2), np.sum(_u0_1*_u1_1), np.sum(_u1_2), np.sum(_u0_3), np.sum(_u0_2*_u1_1), np.sum(_u0_4), np.sum(_u0_3*_u1_1), np.sum(_u0_5), np.sum(_u0_6))
+    return {'mean_x': _mean0, 'mean_y': _mean1, 'scale_x': _scale0, 'scale_y': _scale1, 'm_x1': float(_sums[0]) / n, 'm_y1': float(_sums[1]) / n, 'm_x2': float(_sums[2]) / n, 'm_x1_y1': float(_sums[3]) / n, 'm_y2': float(_sums[4]) / n, 'm_x3': float(_sums[5]) / n, 'm_x2_y1': float(_sums[6]) / n, 'm_x4': float(_sums[7]) / n, 'm_x3_y1': float(_sums[8]) / n, 'm_x5': float(_sums[9]) / n, 'm_x6': float(_sums[10]) / n}
+
+
+def loss_from_moments(params, moments):
+    """The loss from precompute's statistics: equal to loss(params, data) on the same data."""
+    a = float(_param(params, 'a', ()))
+    b = float(_param(params, 'b', ()))
+    c = float(_param(params, 'c', ()))
+    d = float(_param(params, 'd', ()))
+    _s0, _s1, _s2, _s3, _s4, _s5, _s6, _s7, _s8, _s9, _s10, _s11, _s12, _s13, _s14 = _statistics(moments).tolist()
+    _r0 = _s2*_s2*_s2*a
+    _c1_0 = _s2*_s2
+    _r1 = 3*_c1_0*_s0*a + _c1_0*b
+    _r2 = 3*_s0*_s0*_s2*a + 2*_s0*_s2*b + _s2*c
+    _r3 = -_s3
+    _r4 = _s0*_s0*_s0*a + _s0*_s0*b + _s0*c - _s1 + d
+    _c5_0 = 2*_r0
+    _c5_1 = 2*_r1
+    _c5_2 = 2*_r2
+    _P0 = _c5_0*_r1*_s13 + _c5_0*_r2*_s11 + _c5_0*_r3*_s12 + _c5_0*_r4*_s9 + _c5_1*_r2*_s9 + _c5_1*_r3*_s10 + _c5_1*_r4*_s6 + _c5_2*_r3*_s7 + _c5_2*_r4*_s4 + _r0*_r0*_s14 + _r1*_r1*_s11 + _r2*_r2*_s6 + _r3*_r3*_s8 + 2*_r3*_r4*_s5 + _r4*_r4
+    _L = _P0
+    return float(_L)
+
+
+def backward_from_moments(params, moments):
+    """(loss, grads) from precompute's statistics: equal to backward(params, data) on the same data."""
+    a = float(_param(params, 'a', ()))
+    b = float(_param(params, 'b', ()))
+    c = float(_param(params, 'c', ()))
+    d = float(_param(params, 'd', ()))
+    _s0, _s1, _s2, _s3, _s4, _s5, _s6, _s7, _s8, _s9, _s10, _s11, _s12, _s13, _s14 = _statistics(moments).tolist()
+    _r0 = _s2*_s2*_s2*a
+    _c1_0 = _s2*_s2
+    _r1 = 3*_c1_0*_s0*a + _c1_0*b
+    _r2 = 3*_s0*_s0*_s2*a + 2*_s0*_s2*b + _s2*c
+    _r3 = -_s3
+    _r4 = _s0*_s0*_s0*a + _s0*_s0*b + _s0*c - _s1 + d
+    _g5 = 2*_r0*_s14 + 2*_r1*_s13 + 2*_r2*_s11 + 2*_r3*_s12 + 2*_r4*_s9
+    _g6 = 2*_r0*_s13 + 2*_r1*_s11 + 2*_r2*_s9 + 2*_r3*_s10 + 2*_r4*_s6
+    _g7 = 2*_r0*_s11 + 2*_r1*_s9 + 2*_r2*_s6 + 2*_r3*_s7 + 2*_r4*_s4
+    _g9 = 2*_r0*_s9 + 2*_r1*_s6 + 2*_r2*_s4 + 2*_r3*_s5 + 2*_r4
+    _c9_0 = 2*_r0
+    _c9_1 = 2*_r1
+    _c9_2 = 2*_r2
+    _P0 = _c9_0*_r1*_s13 + _c9_0*_r2*_s11 + _c9_0*_r3*_s12 + _c9_0*_r4*_s9 + _c9_1*_r2*_s9 + _c9_1*_r3*_s10 + _c9_1*_r4*_s6 + _c9_2*_r3*_s7 + _c9_2*_r4*_s4 + _r0*_r0*_s14 + _r1*_r1*_s11 + _r2*_r2*_s6 + _r3*_r3*_s8 + 2*_r3*_r4*_s5 + _r4*_r4
+    _L = _P0
+    _d_a = _g5*_s2*_s2*_s2 + 3*_g6*_s0*_s2*_s2 + 3*_g7*_s0*_s0*_s2 + _g9*_s0*_s0*_s0
+    _d_b = _g6*_s2*_s2 + 2*_g7*_s0*_s2 + _g9*_s0*_s0
+    _d_c = _g7*_s2 + _g9*_s0
+    _d_d = _g9
+    return float(_L), {'a': np.float64(_d_a), 'b': np.float64(_d_b), 'c': np.float64(_d_c), 'd': np.float64(_d_d)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Interface (batch-first arrays; needs only numpy):
     backward(params, x, y)  -> (loss, grads), grads shaped like params
     hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
     gnvp(params, v, x, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
+    per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 import threading
@@ -375,10 +376,12 @@ def hvp(params, v, x, y):
     dZ3[np.arange(n), y] -= 1
     dZ3 *= 1/n
     dH2 = np.matmul(dZ3, W3.T, out=_scratch('dH2', (n, 32), dZ3, W3))
-    dZ2_2 = dH2*(1 - H2_pow2)
+    dZ2_2 = np.subtract(1, H2_pow2, out=_scratch('dZ2_2', (n, 32), H2_pow2))
+    dZ2_2 *= dH2
     dH1_2 = np.matmul(dZ2_2, W2.T, out=_scratch('dH1_2', (n, 32), dZ2_2, W2))
     H1_pow2 = H1*H1
-    dZ1_2 = dH1_2*(1 - H1_pow2)
+    dZ1_2 = np.subtract(1, H1_pow2, out=_scratch('dZ1_2', (n, 32), H1_pow2))
+    dZ1_2 *= dH1_2
     dW1_2 = x.T @ dZ1_2
     db1_2 = dZ1_2.sum(axis=0)
     dW2_2 = H1.T @ dZ2_2
@@ -390,7 +393,7 @@ def hvp(params, v, x, y):
     # txW1 = x @ v_W1
     txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
     # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    tH1 = 1 - H1_pow2
+    tH1 = np.subtract(1, H1_pow2, out=_scratch('tH1', (n, 32), H1_pow2))
     txW1 += v_b1
     tH1 *= txW1
     # dZ3_v_W3 = dZ3 @ v_W3.T
@@ -400,7 +403,7 @@ def hvp(params, v, x, y):
     # tH1_W2 = tH1 @ W2
     tH1_W2 = np.matmul(tH1, W2, out=_scratch('tH1_W2', (n, 32), tH1, W2))
     # tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
-    tH2 = 1 - H2_pow2
+    tH2 = np.subtract(1, H2_pow2, out=_scratch('tH2', (n, 32), H2_pow2))
     H1_v_W2 += tH1_W2
     H1_v_W2 += v_b2
     tH2 *= H1_v_W2
@@ -419,7 +422,7 @@ def hvp(params, v, x, y):
     # tdZ3_W3 = tdZ3 @ W3.T
     tdZ3_W3 = np.matmul(tdZ3, W3.T, out=_scratch('tdZ3_W3', (n, 32), tdZ3, W3))
     # tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(dZ3_v_W3 + tdZ3_W3)
-    tdZ2 = 1 - H2_pow2
+    tdZ2 = np.subtract(1, H2_pow2, out=_scratch('tdZ2', (n, 32), H2_pow2))
     dZ3_v_W3 += tdZ3_W3
     tdZ2 *= dZ3_v_W3
     np.multiply(H2, dH2, out=dZ3_v_W3)
@@ -429,7 +432,7 @@ def hvp(params, v, x, y):
     # tdZ2_W2 = tdZ2 @ W2.T
     tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 32), tdZ2, W2))
     # tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(dZ2_v_W2 + tdZ2_W2)
-    tdZ1 = 1 - H1_pow2
+    tdZ1 = np.subtract(1, H1_pow2, out=_scratch('tdZ1', (n, 32), H1_pow2))
     dZ2_v_W2 += tdZ2_W2
     tdZ1 *= dZ2_v_W2
     np.multiply(H1, dH1_2, out=dZ2_v_W2)
@@ -515,13 +518,13 @@ def gnvp(params, v, x, y):
     # txW1 = x @ v_W1
     txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
     # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    tH1 = 1 - H1_pow2
+    tH1 = np.subtract(1, H1_pow2, out=_scratch('tH1', (n, 32), H1_pow2))
     txW1 += v_b1
     tH1 *= txW1
     # tH1_W2 = tH1 @ W2
     tH1_W2 = np.matmul(tH1, W2, out=_scratch('tH1_W2', (n, 32), tH1, W2))
     # tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
-    tH2 = 1 - H2_pow2
+    tH2 = np.subtract(1, H2_pow2, out=_scratch('tH2', (n, 32), H2_pow2))
     H1_v_W2 += tH1_W2
     H1_v_W2 += v_b2
     tH2 *= H1_v_W2
@@ -562,6 +565,58 @@ def gnvp(params, v, x, y):
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = tdZ3.sum(axis=0)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': H2_tdZ3, 'b3': Hv_b3}
+
+
+def per_example_grads(params, x, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    x = _data(x, 'x', (2,))
+    y = _labels(y, 'y', 2)
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (2, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (32, 32))
+    b2 = _param(params, 'b2', (32,))
+    W3 = _param(params, 'W3', (32, 2))
+    b3 = _param(params, 'b3', (2,))
+    xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
+    H1 = xW1
+    H1 += b1
+    np.tanh(H1, out=H1)
+    H1W2 = np.matmul(H1, W2, out=_scratch('H1W2', (n, 32), H1, W2))
+    H2 = H1W2
+    H2 += b2
+    np.tanh(H2, out=H2)
+    H2W3 = H2 @ W3
+    Z3 = H2W3 + b3
+    LSE = _logsumexp(Z3)
+    CE = LSE - Z3[np.arange(n), y]
+    # dZ3_i = (softmax(Z3) - onehot(y))
+    dZ3_i = np.exp(Z3 - LSE[:, None])
+    dZ3_i[np.arange(n), y] -= 1
+    # dH2_i = dZ3_i @ W3.T
+    dH2_i = dZ3_i @ W3.T
+    # dZ2_i = dH2_i*(1 - H2**2)
+    dZ2_i = dH2_i
+    _dZ2_i_0 = np.multiply(H2, H2, out=_scratch('_dZ2_i_0', (n, 32), H2))
+    np.subtract(1, _dZ2_i_0, out=_dZ2_i_0)
+    dZ2_i *= _dZ2_i_0
+    # dH1_i = dZ2_i @ W2.T
+    dH1_i = dZ2_i @ W2.T
+    # dZ1_i = dH1_i*(1 - H1**2)
+    dZ1_i = dH1_i
+    _dZ1_i_0 = np.multiply(H1, H1, out=_scratch('_dZ1_i_0', (n, 32), H1))
+    np.subtract(1, _dZ1_i_0, out=_dZ1_i_0)
+    dZ1_i *= _dZ1_i_0
+    # dW1_i = per_sample(x.T @ dZ1_i)
+    dW1_i = np.einsum('ni,nj->nij', x, dZ1_i)
+    # dW2_i = per_sample(H1.T @ dZ2_i)
+    dW2_i = np.einsum('ni,nj->nij', H1, dZ2_i)
+    # dW3_i = per_sample(H2.T @ dZ3_i)
+    dW3_i = np.einsum('ni,nj->nij', H2, dZ3_i)
+    return CE, {'W1': dW1_i, 'b1': dZ1_i, 'W2': dW2_i, 'b2': dZ2_i, 'W3': dW3_i, 'b3': dZ3_i}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Interface (batch-first arrays; needs only numpy):
     backward(params, top, bottom, y)  -> (loss, grads), grads shaped like params
     hvp(params, v, top, bottom, y)  -> (loss, grads, Hv), v and Hv shaped like params
     gnvp(params, v, top, bottom, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
+    per_example_grads(params, top, bottom, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
 import threading
@@ -548,6 +549,56 @@ def gnvp(params, v, top, bottom, y):
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = tdZ3.sum(axis=0)
     return float(L), {'Wht': dWht_2, 'bht': dbht_2, 'Whb': dWhb_2, 'bhb': dbhb_2, 'W3': dW3, 'b3': db3}, {'Wht': Gv_Wht, 'bht': Gv_bht, 'Whb': Gv_Whb, 'bhb': Gv_bhb, 'W3': C1_tdZ3, 'b3': Hv_b3}
+
+
+def per_example_grads(params, top, bottom, y):
+    """Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)
+    + the parameter's shape: row i is what backward gives for a batch of sample i alone,
+    and the mean over rows is backward's gradient. No loop over samples: each batch sum
+    of the gradient keeps its batch axis."""
+    top = _data(top, 'top', (32,))
+    bottom = _data(bottom, 'bottom', (32,))
+    y = _labels(y, 'y', 10)
+    n = _batch(top, bottom, y)
+    Wht = _param(params, 'Wht', (32, 128))
+    bht = _param(params, 'bht', (128,))
+    Whb = _param(params, 'Whb', (32, 128))
+    bhb = _param(params, 'bhb', (128,))
+    W3 = _param(params, 'W3', (256, 10))
+    b3 = _param(params, 'b3', (10,))
+    topWht = np.matmul(top, Wht, out=_scratch('topWht', (n, 128), top, Wht))
+    Hht = topWht
+    Hht += bht
+    np.maximum(Hht, 0.0, out=Hht)
+    XWhb = np.matmul(bottom, Whb, out=_scratch('XWhb', (n, 128), bottom, Whb))
+    Hhb = XWhb
+    Hhb += bhb
+    np.maximum(Hhb, 0.0, out=Hhb)
+    C1 = np.concatenate((Hht, Hhb), axis=-1)
+    C1W3 = C1 @ W3
+    Z3 = C1W3 + b3
+    LSE = _logsumexp(Z3)
+    CE = LSE - Z3[np.arange(n), y]
+    # dZ3_i = (softmax(Z3) - onehot(y))
+    dZ3_i = np.exp(Z3 - LSE[:, None])
+    dZ3_i[np.arange(n), y] -= 1
+    # dC1_i = dZ3_i @ W3.T
+    dC1_i = np.matmul(dZ3_i, W3.T, out=_scratch('dC1_i', (n, 256), dZ3_i, W3))
+    # dHht_i = dC1_i[..., 0:128]
+    dHht_i = dC1_i[..., 0:128].copy()
+    # dZht_i = dHht_i*step(Hht)
+    dZht_i = dHht_i*np.heaviside(Hht, 0.0)
+    # dWht_i = per_sample(top.T @ dZht_i)
+    dWht_i = np.einsum('ni,nj->nij', top, dZht_i)
+    # dHhb_i = dC1_i[..., 128:256]
+    dHhb_i = dC1_i[..., 128:256].copy()
+    # dZhb_i = dHhb_i*step(Hhb)
+    dZhb_i = dHhb_i*np.heaviside(Hhb, 0.0)
+    # dWhb_i = per_sample(bottom.T @ dZhb_i)
+    dWhb_i = np.einsum('ni,nj->nij', bottom, dZhb_i)
+    # dW3_i = per_sample(C1.T @ dZ3_i)
+    dW3_i = np.einsum('ni,nj->nij', C1, dZ3_i)
+    return CE, {'Wht': dWht_i, 'bht': dZht_i, 'Whb': dWhb_i, 'bhb': dZhb_i, 'W3': dW3_i, 'b3': dZ3_i}
 
 
 # ---------------------------------------------------------------------------------------------

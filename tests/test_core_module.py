@@ -177,7 +177,7 @@ def test_formulas_are_the_chain_of_named_adjoints():
 def test_simplification_reuses_forward_values(width):
     def backward_src(act, fn="backward"):
         src = bpc.compile_model(bpc.mlp([2, width, 1], act, name="s")).source
-        return src.split(f"\ndef {fn}(")[1].split("\ndef ")[0]
+        return src.split(f"\ndef {fn}(")[1].split("\ndef ")[0]   # (up to the next function)
     # each activation is evaluated once (forward); its derivative is built from its output H1
     tanh = backward_src("tanh")
     assert tanh.count("np.tanh(") == 1 and "H1*H1" in tanh.replace("H1, H1", "H1*H1")

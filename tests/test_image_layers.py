@@ -349,3 +349,60 @@ def test_image_layers_in_a_graph(backend):
     params = mod.init_params(0)
     rows = check_gradients(mod, params, random_batch(mod, 4, 1))
     assert rows and all(r.ok for r in rows), format_table(rows)
+
+
+# The NumPy statement of a convolution's input adjoint col2im(dZ @ W.T) depends on its geometry
+# (compiler/core/ops/windows.py): a transposed convolution (stride 1, dZ's windows no larger than
+# the product), one product per kernel offset (otherwise), the plain scatter-add (pool windows).
+INPUT_ADJOINTS = [   # (image, first filters, second filters, kernel, stride, padding, helper)
+    ((5, 5, 2), 3, 3, 3, 1, "same", "_conv_transpose("),
+    ((6, 5, 2), 3, 2, (3, 2), 1, "same", "_conv_transpose("),      # asymmetric 'same' padding
+    ((6, 6, 1), 2, 3, 3, 1, "valid", "_col2im_product("),          # full padding would copy more
+    ((6, 6, 1), 3, 1, 2, 1, "valid", "_conv_transpose("),
+    ((7, 6, 2), 2, 3, 3, 2, "same", "_col2im_product("),           # stride 2
+    ((4, 4, 2), 2, 2, 4, 1, "same", "_conv_transpose("),           # kernel = input size, pads 1 and 2
+    ((6, 6, 1), 2, 3, (3, 2), 1, "valid", "_col2im_product("),
+]
+
+
+@pytest.mark.parametrize("backend", TARGETS)
+@pytest.mark.parametrize("case", INPUT_ADJOINTS, ids=[f"{c[0]}-{c[3]}-{c[4]}-{c[5]}" for c in INPUT_ADJOINTS])
+def test_input_adjoint_of_every_numpy_form(backend, case):
+    """Two convolutions, so that the first one's gradients run through the second one's input
+    adjoint: against central differences on each backend, the NumPy module using the form
+    the case names."""
+    from compiler.gradcheck import check_gradients, format_table
+    image, f1, f2, kernel, stride, padding, helper = case
+    net = bpc.Network("two_conv")
+    h = net.conv2d(net.input("x", shape=image), f1, kernel, stride=stride, padding=padding, activation="tanh")
+    h = net.conv2d(h, f2, kernel, stride=stride, padding=padding, activation="tanh")
+    model = net.build(net.dense(net.flatten(h), 2), "mse", net.target("y", 2))
+    if backend == "numpy":
+        source = bpc.compile_model(model, "float64").source
+        assert f"    dH1 = {helper}" in source, [line for line in source.splitlines() if "dH1 = " in line]
+    mod = _load(model, backend)
+    rows = check_gradients(mod, mod.init_params(0), random_batch(mod, 3, 1), entries=None)
+    assert rows and all(r.ok for r in rows), format_table(rows)
+
+
+def test_float32_stays_float32_through_every_image_statement():
+    """A float32 CNN (padding, both input-adjoint forms, max and average pools) computes in
+    float32: every gradient is float32 and matches the float64 module's to float32 precision."""
+    net = bpc.Network("cnn32")
+    h = net.conv2d(net.input("x", shape=(8, 8, 2)), 4, 3, padding="same", activation="relu")
+    h = net.conv2d(h, 4, 3, padding="same", activation="relu")
+    h = net.maxpool2d(h, 2)
+    h = net.conv2d(h, 6, 3, padding="valid", activation="relu")
+    h = net.avgpool2d(h, 2)
+    model = net.build(net.dense(net.flatten(h), 3), "softmax_cross_entropy", net.target("y", kind="label"))
+    source = bpc.compile_model(model, "float32").source
+    assert "_conv_transpose(" in source and "_col2im_product(" in source
+    m32, m64 = bpc.compile_model(model, "float32").load(), bpc.compile_model(model, "float64").load()
+    p64 = m64.init_params(0)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((5, 8, 8, 2)), rng.integers(0, 3, 5)
+    _, g64 = m64.backward(p64, x, y)
+    _, g32 = m32.backward({k: v.astype(np.float32) for k, v in p64.items()}, x.astype(np.float32), y)
+    for k, g in g32.items():
+        assert g.dtype == np.float32, k
+        np.testing.assert_allclose(g, g64[k], rtol=1e-3, atol=1e-5, err_msg=k)

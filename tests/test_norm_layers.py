@@ -388,3 +388,123 @@ def test_bpc_train_saves_the_statistics_and_tests_in_inference_mode(tmp_path, mo
     assert test_loss == pytest.approx(m.loss(saved, x, np.stack([x[:, 0], -x[:, 1]], axis=1), stats=stats), rel=1e-5)
     # a resumed run reads the statistics saved beside the parameters
     assert main(["train", "b.toml", "--data", "d.npz", "--resume", "p.npz", "--out", "q.npz", "-q"]) == 0
+
+
+def test_bpc_train_checkpoint_resume_carries_the_running_statistics(tmp_path, monkeypatch, capsys):
+    """A batchnorm model stopped after 3 epochs (checkpoint) and resumed for 3 more ends exactly
+    where 6 uninterrupted epochs end, running statistics included; the checkpoint holds them
+    (current and best), and the resumed run reads them: the same checkpoint with other
+    statistics ends elsewhere. Resuming from a parameters file starts from the statistics saved
+    beside the parameters (as the Python API given them, not init_stats()), and the test figures
+    are inference-mode ones with the saved statistics."""
+    from compiler.cli import main
+    from compiler.train import TrainConfig, train
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b.toml").write_text(SPEC.format(kind="batchnorm", extra="") + "[train]\nepochs = 6\nlr = 0.02\n")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 3)) + 5
+    y = np.stack([x[:, 0], -x[:, 1]], axis=1)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+
+    def run(*flags):
+        assert main(["train", "b.toml", "--data", "d.npz", "-q", *flags]) == 0, capsys.readouterr().err
+        return capsys.readouterr().out
+
+    def saved(name):
+        with np.load(tmp_path / name) as f:
+            return {k: f[k] for k in f.files}
+
+    run("--out", "full.npz")
+    run("--epochs", "3", "--checkpoint-every", "3", "--out", "half.npz")
+    ckpt = saved("half.ckpt.npz")
+    stat_keys = {"running/running_mean2", "running/running_var2", "bestrunning/running_mean2", "bestrunning/running_var2"}
+    assert stat_keys <= set(ckpt)
+    assert not np.allclose(ckpt["running/running_mean2"], 0.0)   # moved from init_stats() (mean 0, var 1)
+    run("--resume", "half.ckpt.npz", "--out", "resumed.npz")
+    full, resumed = saved("full.npz"), saved("resumed.npz")
+    assert {"running_mean2", "running_var2"} <= set(full)
+    assert sorted(full) == sorted(resumed)
+    for k in full:
+        np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
+    # the resumed run does read the checkpoint's statistics: other statistics, another end
+    other = dict(ckpt, **{k: np.full_like(ckpt[k], 1.0 if "var" in k else 0.0) for k in stat_keys})
+    np.savez(tmp_path / "other.ckpt.npz", **other)
+    run("--resume", "other.ckpt.npz", "--out", "other.npz")
+    assert not np.allclose(saved("other.npz")["running_mean2"], full["running_mean2"])
+
+    # from a parameters file: its statistics are the starting ones
+    out = run("--resume", "half.npz", "--epochs", "1", "--test", "d.npz", "--out", "one.npz")
+    m = bpc.compile_model(loads_spec((tmp_path / "b.toml").read_text(), "b.toml").model).load()
+    half = saved("half.npz")
+    start = {k: half.pop(k) for k in m.STATS}
+    cfg = TrainConfig(lr=0.02, epochs=1)   # the spec's [train] with --epochs 1, other keys defaults
+    api = train(m, {"x": x, "y": y}, cfg, params={k: v.copy() for k, v in half.items()}, stats=dict(start))
+    fresh = train(m, {"x": x, "y": y}, cfg, params={k: v.copy() for k, v in half.items()})
+    one = saved("one.npz")
+    for k in m.STATS:
+        np.testing.assert_allclose(one[k], api.stats[k], rtol=1e-12, err_msg=k)
+    assert not np.allclose(one["running_mean2"], fresh.stats["running_mean2"])
+    # the test line: inference mode with the saved statistics (not the batch's, nor init_stats())
+    test_loss = float(re.search(r"test\s+loss (\S+)", out).group(1))
+    params = {k: one[k] for k in m.PARAMS}
+    stats = {k: one[k] for k in m.STATS}
+    assert test_loss == pytest.approx(m.loss(params, x, y, stats=stats), rel=1e-5)
+    assert test_loss != pytest.approx(m.loss(params, x, y, stats=m.init_stats()), rel=1e-3)
+    assert test_loss != pytest.approx(m.loss(params, x, y, training=True), rel=1e-3)
+
+
+def _bn_conv_model():
+    """conv -> batchnorm -> relu -> batchnorm -> dense: two norms, per channel on images."""
+    net = bpc.Network("bn_conv")
+    h = net.conv2d(net.input("x", shape=(4, 4, 2)), 3, 3, padding="same")
+    h = net.activation(net.batchnorm(h), "relu")
+    h = net.batchnorm(net.flatten(h))
+    return net.build(net.dense(h, 2), "mse", net.target("y", 2))
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("build", [lambda: _bn_model((3, 2, 4), name="bn_infer"), _bn_conv_model],
+                         ids=["image", "conv"])
+def test_batchnorm_inference_uses_only_the_running_statistics(backend, build):
+    """In inference mode a sample's outputs, loss and gradients do not depend on the other
+    samples of its batch: each sample alone gives what it gives in a batch, even beside samples
+    of 1e150, inf or nan (whose batch statistics would be inf or nan). The batch statistics
+    are computed in training mode only (under the training flag in both targets)."""
+    model = build()
+    m = _load(model, backend)
+    params, stats = m.init_params(0), m.init_stats()
+    rng = np.random.default_rng(3)
+    stats = {k: (rng.uniform(0.5, 2.0, v.shape) if "var" in k else rng.normal(size=v.shape)) for k, v in stats.items()}
+    shape = next(iter(m.INPUTS.values()))
+    x = rng.normal(size=(4, *shape))
+    y = rng.normal(size=(4, 2))
+    alone = np.concatenate([m.forward(params, x[i:i + 1], stats=stats) for i in range(4)])
+    for bad in (1e150, np.inf, np.nan):
+        xb = np.concatenate([x, np.full((2, *shape), bad)])
+        with np.errstate(all="ignore"):    # the bad samples' own outputs are inf or nan
+            out = m.forward(params, xb, stats=stats)
+        np.testing.assert_allclose(out[:4], alone, rtol=1e-13, atol=1e-13)
+    # the loss and gradients of a batch are the mean of its samples' (running statistics fixed)
+    loss, grads = m.backward(params, x, y, stats=stats)
+    each = [m.backward(params, x[i:i + 1], y[i:i + 1], stats=stats) for i in range(4)]
+    assert loss == pytest.approx(np.mean([e[0] for e in each]), rel=1e-12)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], np.mean([e[1][k] for e in each], axis=0), rtol=1e-10, atol=1e-13)
+    # training mode does depend on the batch (the test above could not pass by accident)
+    assert not np.allclose(m.forward(params, x, training=True)[:1], m.forward(params, x[:1], training=True))
+    if backend == "numpy":
+        from compiler.core.program import build_program
+        program = build_program(model)
+        batch_stats = {program.names[u] for u in program.training_only}
+        assert {"Mb1", "Vb1"} <= batch_stats or {"Mb2", "Vb2"} <= batch_stats, batch_stats
+        source = bpc.compile_model(model).source
+        for fn in ("forward", "loss", "backward"):
+            body = source[source.index(f"def {fn}("):].split("\n\n\n")[0]
+            block = False
+            for line in body.splitlines():
+                if line.strip().startswith("if bn_training:"):
+                    block = True
+                elif block and not line.startswith("        "):
+                    block = False
+                if re.match(r"\s+(Mb|Vb)\d+ = ", line) and "np.zeros" not in line:
+                    assert block, f"{fn}: {line.strip()} outside the training-only block"

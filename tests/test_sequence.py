@@ -385,3 +385,28 @@ def test_masks_in_float32_on_both_targets():
     for module in (bpc.compile_model(built, "float32").load(), bpc.compile_model_c(built, dtype="float32").load()):
         assert float32_mismatches(module, ref, params32, arrays32) == []
         assert module.forward(params32, *arrays32[:-1]).dtype == np.float32
+
+
+# ---- bpc train's data checks, accuracy and evaluation in chunks ----------------------------
+
+def test_training_data_of_token_ids():
+    from compiler.train.loop import TrainError, check_data, evaluate
+    m = _load(_lm(block=False, name="train_ids"), "numpy")
+    params, (x, y) = _batch(m, 11, n=4)
+    data = check_data(m, {"x": x.astype(np.uint8), "y": y.astype(np.uint8)}, "d.npz")
+    assert data["x"].dtype.kind == "u" and data["y"].shape == (4, T)
+    pred = m.forward(params, x)
+    want = float(np.mean(np.argmax(pred, axis=-1) == y))
+    assert evaluate(m, params, data)["accuracy"] == pytest.approx(want)
+    # chunks count positions: 2*T positions are two sequences a chunk, the same loss as one call
+    assert evaluate(m, params, data, chunk=2 * T)["loss"] == pytest.approx(m.loss(params, x, y), rel=1e-12)
+    assert evaluate(m, params, data, chunk=1)["loss"] == pytest.approx(m.loss(params, x, y), rel=1e-12)
+    for arrays, message in [
+        ({"x": x.astype(float), "y": y}, "d.npz: x must hold integer token ids in 0..4, got dtype float64"),
+        ({"x": np.where(x == x[3, 5], 9, x), "y": y}, "d.npz: x must hold token ids in 0..4, got 9"),
+        ({"x": x, "y": np.full_like(y, 7)}, "d.npz: y must hold labels in 0..4, got 7 at y[0, 0]"),
+        ({"x": x[:, :3], "y": y}, "d.npz: array 'x' must have shape (samples,) + (6,), got (4, 3)"),
+    ]:
+        with pytest.raises(TrainError) as e:
+            check_data(m, arrays, "d.npz")
+        assert message in str(e.value)

@@ -80,7 +80,8 @@ def test_each_flag_of_bpc_train_comes_from_its_option(key):
 
 def test_bpc_train_has_no_option_flags_beyond_the_declared_ones():
     others = {"--data", "--test", "--dtype", "--target", "--out", "--resume", "--checkpoint-every", "--checkpoint", "--plot",
-              "--plot-grads", "--boundary", "--history", "--threads", "--max-param-memory", "--quiet", "--help"}
+              "--plot-grads", "--boundary", "--history", "--threads", "--max-param-memory", "--quiet", "--help",
+              "--workers", "--scheduler"}
     assert set(_flags("train")) - others == {OPTIONS[k].flag for k in FLAG_KEYS}
 
 

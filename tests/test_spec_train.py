@@ -42,7 +42,7 @@ OUT_OF_RANGE = {
     "lr": ["0", "-0.1", "-1"], "epochs": ["0", "-5"], "batch_size": ["-1"], "momentum": ["1", "-0.1", "1.5"],
     "weight_decay": ["-1e-9"], "step_size": ["0", "-1"], "gamma": ["0", "-0.5"], "min_lr": ["-1"],
     "clip": ["0", "-1"], "seed": ["-1"], "val_split": ["1", "1.0", "-0.1", "2"], "patience": ["0", "-3"],
-    "min_delta": ["-0.001"], "tol": ["0", "-1e-12"],
+    "min_delta": ["-0.001"], "tol": ["0", "-1e-12"], "dp_clip": ["0", "-1"], "dp_noise": ["-0.5"], "dp_delta": ["0", "1", "-1e-5"],
 }
 CASES = []
 for key in SPEC_KEYS:

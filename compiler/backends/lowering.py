@@ -19,6 +19,7 @@ from compiler.backends.constants import numeric_constants_to_floats
 from compiler.core import ir
 from compiler.core.formulas import Formulas
 from compiler.core.ir import format_shape as shape_code
+from compiler.core.moments import plan as moments_plan
 from compiler.core.program import build_program
 from compiler.errors import ModelError, UnsupportedError
 
@@ -67,6 +68,7 @@ class Lowered:
     init_lines: tuple        # the body of init_params (Python, NumPy)
     init_doc: str
     lines: Formulas          # the formula of each scheduled value (generated code's comments)
+    moments: object = None   # MomentsPlan (compiler.core.moments) when the data moments can be hoisted
 
 
 def lower(model, dtype=None, second_order=True):
@@ -115,7 +117,7 @@ def lower(model, dtype=None, second_order=True):
     init_doc = ", ".join(_INIT_DOCS[s] for s in schemes) or "none"
     inits = tuple(init_line(p.name, p.shape, model.init[p.name]) for p in model.params)
     return Lowered(model, program, dtype, formulas, latex, model_hash(model, dtype), classes, interface,
-                   inits, init_doc, fm)
+                   inits, init_doc, fm, moments_plan(model))
 
 
 def mode_args(model):

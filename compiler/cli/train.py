@@ -11,7 +11,9 @@ per-parameter gradient norms) otherwise; warns on vanishing or exploding gradien
 NaN/Inf loss keeping the last good parameters (exit 1); Ctrl-C, SIGTERM and SIGHUP save the best
 parameters so far (exit 130, 143, 129). Every output is checked before the run; --checkpoint-every
 N saves the whole state of the run, which --resume continues exactly. Prints the final loss (and
-accuracy for classifiers) on the training, validation and --test data.
+accuracy for classifiers) on the training, validation and --test data. --workers N (a local
+Dask cluster) or --scheduler ADDRESS (an existing one) computes each step's gradients
+data-parallel on Dask workers, with the same updates (compiler/train/distributed.py).
 """
 from __future__ import annotations
 
@@ -53,6 +55,15 @@ def add_arguments(parser):
                      "small layers and safe on a busy machine, unless OMP_NUM_THREADS, OPENBLAS_NUM_THREADS "
                      "or MKL_NUM_THREADS is set: then the library keeps what that says)")
     limits.add_argument(out)
+    d = parser.add_argument_group("distributed (Dask: pip install \"bpc[dask]\")")
+    where = d.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="train data-parallel on a local Dask cluster of N single-threaded worker processes; "
+                       "each step's global batch is split over them, the updates are the single-process run's")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="train on the existing Dask cluster whose scheduler listens at ADDRESS "
+                       "(tcp://host:8786); with --workers or --scheduler, --test may name a directory or a "
+                       "glob of .npz/.csv partitions, evaluated on the workers")
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines, only the summary")
 
 
@@ -142,8 +153,19 @@ def _run(args):
             if path and other and _same_file(path, other):
                 raise TrainError(f"{what} {path} is the --{option} file; choose another output" if option != "spec"
                                  else f"{what} {path} is the spec file; choose another output")
+    if args.workers is not None and args.workers < 1:
+        raise TrainError(f"--workers must be >= 1, got {args.workers}")
+    distributed = args.workers is not None or args.scheduler is not None
+    if distributed:
+        from compiler.train.distributed import require_dask
+        require_dask()
     data = load_data(args.data, module)
-    test = load_data(args.test, module) if args.test else None
+    test_parts = None
+    if args.test and distributed and _partitioned(args.test):
+        from compiler.train.partitions import partition_paths
+        test, test_parts = None, partition_paths(args.test)
+    else:
+        test = load_data(args.test, module) if args.test else None
     params, resume, stats = None, None, None
     if args.resume:
         arrays = read_npz(args.resume)
@@ -184,12 +206,29 @@ def _run(args):
               + (f", resuming from {args.resume}" if args.resume else "")
               + (f" (epoch {resume.epoch})" if resume else ""), flush=True)
     stop = StopRequest()
-    with _stop_signals(stop):
-        # from here on SIGINT, SIGTERM and SIGHUP never raise: they ask the run to stop after its
-        # step, and a later one while the parameters are evaluated and saved is only noted
-        result = train(module, data, config, params=params, verbose=not args.quiet, stop=stop,
-                       resume=resume, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, stats=stats)
-        saved, save_error = _save(save_params, result.params, out, label, result.stats)
+    client = cluster = None
+    if distributed:
+        from compiler.train.distributed import connect
+        client, cluster = connect(args.workers, args.scheduler)
+        if not args.quiet:
+            print(f"on Dask: {len(client.nthreads())} worker(s), scheduler {client.scheduler.address}", flush=True)
+    try:
+        with _stop_signals(stop):
+            # from here on SIGINT, SIGTERM and SIGHUP never raise: they ask the run to stop after its
+            # step, and a later one while the parameters are evaluated and saved is only noted
+            result = train(module, data, config, params=params, verbose=not args.quiet, stop=stop,
+                           resume=resume, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, stats=stats,
+                           client=client)
+            saved, save_error = _save(save_params, result.params, out, label, result.stats)
+        test_ev = None
+        if test_parts is not None and saved is not None and result.stopped != "workers_lost":
+            from compiler.train.partitions import evaluate_partitions
+            test_ev = evaluate_partitions(module, result.params, test_parts, client, stats=result.stats)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
     for w in result.warnings if args.quiet else ():
         print(f"bpc: warning: {w}", file=sys.stderr)
     if saved is None:
@@ -224,6 +263,9 @@ def _run(args):
         from compiler.train.loop import evaluate
         ev = evaluate(module, result.params, test, stats=result.stats)      # inference mode
         rows.append(("test", ev["loss"], ev["accuracy"]))
+    if test_ev is not None:
+        rows.append((f"test ({test_ev['partitions']} partitions, {test_ev['samples']} samples, on Dask)",
+                     test_ev["loss"], test_ev["accuracy"]))
     width = max(len(r[0]) for r in rows)
     for name, loss, acc in rows:
         print(f"  {name:<{width}}  " + ("not evaluated (interrupted)" if loss is None else f"loss {loss:.6g}"
@@ -237,6 +279,9 @@ def _run(args):
         return 2
     if result.stopped == "diverged":
         print(f"bpc: training diverged: {result.message}", file=sys.stderr)
+        return 1
+    if result.stopped == "workers_lost":
+        print(f"bpc: {result.message}; the parameters are saved in {saved}", file=sys.stderr)
         return 1
     if result.stopped == "interrupted":
         why = f"interrupted by {stop.reason}" if stop.reason else "interrupted"
@@ -281,6 +326,12 @@ class _stop_signals:
         for number, handler in self.previous.items():
             signal.signal(number, signal.SIG_DFL if handler is None else handler)   # None: set outside Python
         return False
+
+
+def _partitioned(path):
+    """--test names partitions (a directory or a glob), not one data file."""
+    from pathlib import Path
+    return Path(path).is_dir() or any(c in str(path) for c in "*?[")
 
 
 def _fallback_dirs():

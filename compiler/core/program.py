@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from compiler.core import ir, ops
 from compiler.core.adjoints import gradients
 from compiler.core.naming import contribution_name, derived_name
+from compiler.core.per_example import PerExampleError, derive as derive_per_example
 from compiler.core.simplify import fuse, op_counts, share, split_deep, use_counts
 from compiler.core.tangents import gauss_newton_vector, hessian_vector, loss_heads
 
@@ -34,6 +35,20 @@ class SecondOrder:
 
 
 @dataclass(frozen=True)
+class PerExampleGrads:
+    """The per-example entry point (compiler.core.per_example): each sample's loss (n,) and
+    gradients (n,) + shape, simplified on their own (fusion and sharing over these outputs, so
+    backward's statements do not change); ``inline`` is its own, ``only`` the uids of its nodes
+    that do not compute the losses (the gradient statements, commented with their formulas)."""
+
+    loss: object
+    grads: tuple                # (param node, node or None) in PARAMS order
+    nodes: tuple                # schedule
+    inline: frozenset
+    only: frozenset
+
+
+@dataclass(frozen=True)
 class Program:
     model: object
     prediction: object          # node
@@ -47,16 +62,29 @@ class Program:
     backward_only: frozenset    # uids of backward() nodes not computed by loss()
     stats: dict
     stat_updates: tuple = ()    # (running statistic leaf, node of its next value), every function computes them
+    # uids of values that only training mode needs (batch statistics, the statistics' next
+    # values): in inference mode the training flag multiplies them by 0 wherever they are used,
+    # so the backends compute them only in training mode (and give them zeros otherwise)
+    training_only: frozenset = frozenset()
+    per_example: object = None  # PerExampleGrads, or None when the model has none (see per_example_error)
+    per_example_error: str = ""
     directions: tuple = ()      # (param node, its direction leaf v_<name>) in PARAMS order
     hvp: object = None          # SecondOrder: the Hessian-vector product
     gnvp: object = None         # SecondOrder: the Gauss-Newton-vector product (built-in losses), or None
+
+    def per_example_view(self):
+        """This program as seen by the statements of per_example_grads: its outputs and inline set."""
+        from dataclasses import replace
+        pe = self.per_example
+        return replace(self, loss=pe.loss, grads=pe.grads, inline=pe.inline, backward_only=pe.only)
 
     def view(self, second):
         """This program as seen by the statements of ``second`` (its inline set)."""
         from dataclasses import replace
         # grads: every array the entry point returns (its gradients and products), so that no
         # printer keeps a returned array in reusable scratch memory
-        return replace(self, inline=second.inline, backward_only=second.only, loss=second.loss,
+        # training_only: its uids are backward's; the entry point's own graph computes everything
+        return replace(self, inline=second.inline, backward_only=second.only, loss=second.loss, training_only=frozenset(),
                        grads=second.grads + second.products,
                        stat_updates=tuple((s, u) for (s, _), u in zip(self.stat_updates, second.updates)))
 
@@ -81,12 +109,12 @@ def build_program(model, second_order=True):
         if g is not None:
             names.setdefault(g.digest, "d" + p.name)
     # the part of an adjoint that flows back through one of its value's several users
-    users = {}
+    contributions = {}
     for inp, _, _ in trace:
-        users[inp.uid] = users.get(inp.uid, 0) + 1
+        contributions[inp.uid] = contributions.get(inp.uid, 0) + 1
     for inp, user, contrib in trace:
         total, user_name = names.get(adjoints[inp.uid].digest), names.get(user.digest)
-        if users[inp.uid] > 1 and total and user_name:
+        if contributions[inp.uid] > 1 and total and user_name:
             value_name = leaf_names.get(inp.digest) or names.get(inp.digest)
             names.setdefault(contrib.digest, contribution_name(total, value_name, user_name))
     _name_unnamed(ir.topo_order([loss, *(g for g in grads.values() if g is not None)]), names, leaf_names)
@@ -94,6 +122,8 @@ def build_program(model, second_order=True):
     raw_names = dict(names)
     grad_nodes = [grads[p.uid] for p in model.params if grads[p.uid] is not None]
     before = op_counts([loss, *grad_nodes])
+    pe_outs, pe_names, pe_error = _per_example(model, loss, [grads[p.uid] for p in model.params], dict(names),
+                                               leaf_names)
     outs, names = fuse([prediction, loss, *grad_nodes, *updates], names)
     outs, names = share(outs, names)
     pred, loss = outs[0], outs[1]
@@ -102,18 +132,9 @@ def build_program(model, second_order=True):
     grad_pairs = tuple((p, next(it) if grads[p.uid] is not None else None) for p in model.params)
     after = op_counts([loss, *new_grads])
 
-    order, count = use_counts(outs)
-    outputs = {o.uid for o in outs}
-    users = ir.consumers(order)
-    inline = set()
-    for node in order:
-        if node.uid in outputs or node.op != "ew":
-            continue
-        us = users.get(node.uid, [])
-        if not node.inputs:
-            inline.add(node.uid)     # broadcast constants are printed where they are used
-        elif count[node.uid] == 1 and us and ops.get(us[0].op).reduction:
-            inline.add(node.uid)
+    inline = _inline_set(outs)
+    for k_, v_ in pe_names.items():
+        names.setdefault(k_, v_)
 
     # second order: the raw graph's gradients differentiated once more, then simplified apart
     # (second_order=False: backward alone; a large model compiles about three times faster)
@@ -145,8 +166,8 @@ def build_program(model, second_order=True):
     second_outs = [o for _, outs_ in seconds for o in outs_ if o is not None]
 
     leaves = {n.uid for n in model.leaves} | {d.uid for d in directions}
-    full_order = ir.topo_order([*outs, *second_outs])
-    uniq = _unique_names(full_order, names, model, directions)
+    uniq = _unique_names(ir.topo_order([*outs, *(o for o in pe_outs if o is not None), *second_outs]), names, model,
+                         directions)
 
     def schedule(roots, inline_set=inline):
         return tuple(n for n in ir.topo_order(roots)
@@ -156,6 +177,14 @@ def build_program(model, second_order=True):
     lss = schedule([loss, *updates])
     bwd = schedule([loss, *new_grads, *updates])
     loss_ids = {n.uid for n in lss}
+    per_example = None
+    if pe_outs:
+        pe_inline = _inline_set([o for o in pe_outs if o is not None])
+        roots = [o for o in pe_outs if o is not None]
+        nodes = schedule(roots, pe_inline)
+        losses = {n.uid for n in ir.topo_order([pe_outs[0]])}
+        per_example = PerExampleGrads(pe_outs[0], tuple(zip(model.params, pe_outs[1:])), nodes,
+                                      frozenset(pe_inline), frozenset(n.uid for n in nodes if n.uid not in losses))
     built = {}
     for so, so_outs in seconds:
         k = len(model.params)
@@ -167,22 +196,31 @@ def build_program(model, second_order=True):
         built[so] = SecondOrder(so, s_loss, tuple(zip(model.params, s_grads)), tuple(zip(model.params, s_prods)),
                                 nodes, frozenset(s_inline), frozenset(n.uid for n in nodes if n.uid not in base),
                                 tuple(s_updates))
+    order = ir.topo_order(outs)
     return Program(model, pred, loss, grad_pairs, uniq, frozenset(inline), fwd, lss, bwd,
                    frozenset(n.uid for n in bwd if n.uid not in loss_ids),
                    {"before_simplification": before, "after_simplification": after},
                    tuple(zip((s for s, _ in model.stats), updates)),
-                   tuple(zip(model.params, directions)), built.get("hvp"), built.get("gnvp"))
+                   _training_only(model.mode, order, ir.consumers(order),
+                                  {o.uid for o in outs[:len(outs) - len(updates)]}, updates),
+                   per_example=per_example, per_example_error=pe_error,
+                   directions=tuple(zip(model.params, directions)), hvp=built.get("hvp"), gnvp=built.get("gnvp"))
 
 
-def _name_unnamed(order, names, leaf_names):
-    """Give each unnamed value of ``order`` a name derived from what it computes (naming.py)."""
-    def name_of(node):
-        return leaf_names.get(node.digest) or names.get(node.digest)
-    for node in order:
-        if node.inputs and node.digest not in names:
-            base = derived_name(node, name_of)
-            if base:
-                names[node.digest] = base
+def _per_example(model, loss, grads, names, leaf_names):
+    """(outputs [losses, grads (None where zero)...], names of their nodes, error text) of the
+    per-example gradients, simplified like backward's; no outputs and the reason when the model
+    has none."""
+    try:
+        pe = derive_per_example(model, loss, grads, names)
+    except PerExampleError as e:
+        return [], {}, str(e)
+    raw = [pe.loss, *pe.grads]
+    _name_unnamed(ir.topo_order([o for o in raw if o is not None]), names, leaf_names)
+    outs, pe_names = fuse([o for o in raw if o is not None], names)
+    outs, pe_names = share(outs, pe_names)
+    it = iter(outs)
+    return [next(it) if o is not None else None for o in raw], pe_names, ""
 
 
 def direction_arg(model):
@@ -229,9 +267,11 @@ def _second(name, loss, raw_grads, products, updates, names):
 
 
 def _inline_set(outs):
-    real = [o for o in outs if o is not None]
-    order, count = use_counts(real)
-    outputs = {o.uid for o in real}
+    """uids of the values printed inside their user: broadcast constants, and elementwise
+    values used once, by a reduction."""
+    outs = [o for o in outs if o is not None]
+    order, count = use_counts(outs)
+    outputs = {o.uid for o in outs}
     users = ir.consumers(order)
     inline = set()
     for node in order:
@@ -239,10 +279,47 @@ def _inline_set(outs):
             continue
         us = users.get(node.uid, [])
         if not node.inputs:
-            inline.add(node.uid)
+            inline.add(node.uid)     # broadcast constants are printed where they are used
         elif count[node.uid] == 1 and us and ops.get(us[0].op).reduction:
             inline.add(node.uid)
     return inline
+
+
+def _training_only(mode, order, users, outputs, updates):
+    """uids of the values that inference mode does not need: the running statistics' next
+    values, and every value whose users are such values or elementwise expressions from which
+    it vanishes when the training flag ``mode`` is 0 (``Mb*t + running*(1 - t)``)."""
+    if mode is None:
+        return frozenset()
+    only = {u.uid for u in updates}
+    for node in reversed(order):
+        if node.uid in only or not node.inputs or node.uid in outputs:
+            continue
+        us = users.get(node.uid, [])
+        if us and all(u.uid in only or _vanishes_in_inference(u, node, mode) for u in us):
+            only.add(node.uid)
+    return frozenset(only)
+
+
+def _vanishes_in_inference(user, node, mode):
+    if user.op != "ew":
+        return False
+    uids = [i.uid for i in user.inputs]
+    if mode.uid not in uids:
+        return False
+    at_zero = user.attr("expr").xreplace({ir.ARG[uids.index(mode.uid)]: 0})
+    return ir.ARG[uids.index(node.uid)] not in at_zero.free_symbols
+
+
+def _name_unnamed(order, names, leaf_names):
+    """Give each unnamed value of ``order`` a name derived from what it computes (naming.py)."""
+    def name_of(node):
+        return leaf_names.get(node.digest) or names.get(node.digest)
+    for node in order:
+        if node.inputs and node.digest not in names:
+            base = derived_name(node, name_of)
+            if base:
+                names[node.digest] = base
 
 
 def _unique_names(order, names, model, extra_leaves=()):

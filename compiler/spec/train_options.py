@@ -84,6 +84,14 @@ class TrainConfig:
     min_lr: float = _option(0.0, "float", 0, metavar="LR", help="cosine schedule: final learning rate (default: {default})")
     clip: float | None = _option(None, "float", 0, low_open=True, optional=True, metavar="NORM",
                                  help="clip the global gradient norm to NORM")
+    dp_clip: float | None = _option(   # DP-SGD: each sample's gradient clipped to this L2 norm
+        None, "float", 0, low_open=True, optional=True, metavar="C",
+        help="DP-SGD: clip each sample's gradient (all parameters together) to L2 norm C; needs --dp-noise")
+    dp_noise: float | None = _option(  # DP-SGD: noise multiplier sigma (noise std sigma*C on the summed gradient)
+        None, "float", 0, optional=True, metavar="SIGMA",
+        help="DP-SGD: add N(0, (SIGMA*C)^2) noise to the sum of the clipped gradients; needs --dp-clip")
+    dp_delta: float = _option(1e-5, "float", 0, 1, low_open=True, metavar="DELTA",
+                              help="DP-SGD: the delta at which epsilon is reported (default: {default})")
     seed: int = _option(0, "int", 0, metavar="S", help="initialisation, split and shuffling (default: {default})")
     shuffle: bool = _option(True, "bool", in_spec=False)
     val_split: float = _option(0.0, "float", 0, 1, metavar="F", help="fraction held out for validation (default: {default})")
@@ -108,7 +116,17 @@ class TrainConfig:
                 check_option(name, getattr(self, name))
             except OptionError as e:
                 raise TrainError(f"{name} {e}") from None
+        if (self.dp_clip is None) != (self.dp_noise is None):
+            raise TrainError("DP-SGD needs both dp_clip (--dp-clip C) and dp_noise (--dp-noise SIGMA)")
+        if self.dp_clip is not None and self.clip is not None:
+            raise TrainError("clip and dp_clip together: DP-SGD clips each sample's gradient (dp_clip); "
+                             "leave clip out")
         return self
+
+    @property
+    def private(self):
+        """Whether the run is DP-SGD."""
+        return self.dp_clip is not None
 
     @property
     def base_lr(self):

@@ -32,6 +32,7 @@ import numpy as np
 
 # the options, TrainConfig and TrainError are declared in options (pure Python); re-exported here
 from compiler.spec.train_options import DEFAULT_LR, SECOND_ORDER, TrainConfig, TrainError  # noqa: F401
+from compiler.train import privacy
 
 
 def lr_at(config, epoch):
@@ -67,7 +68,9 @@ def _rendered(name, module_name):
     from compiler.backends.templates import render, template_dir
     namespace = types.ModuleType(module_name)
     namespace.np, namespace._Mapping = np, Mapping
-    exec(compile(render(name), str(template_dir() / name), "exec"), namespace.__dict__)
+    # has_tokens: the checks of token ids and of a sequence's labels too (modules render them
+    # only when they have such arguments)
+    exec(compile(render(name, has_tokens=True), str(template_dir() / name), "exec"), namespace.__dict__)
     return namespace
 
 
@@ -124,6 +127,7 @@ def check_data(module, data, what="data"):
                          f"{', '.join(names)}; found {', '.join(map(repr, data)) or 'none'}){several}")
     kinds = getattr(module, "TARGET_KINDS", {})
     classes = getattr(module, "CLASSES", {})
+    vocab = getattr(module, "VOCAB", {})
     out, count = {}, None
     for name in names:
         shape = tuple(module.INPUTS.get(name, module.TARGETS.get(name)))
@@ -131,7 +135,7 @@ def check_data(module, data, what="data"):
         label = kinds.get(name) == "label"
         if a.dtype.kind not in "biuf":
             raise TrainError(f"{what}: array {name!r} must hold numbers, got dtype {a.dtype}")
-        want = () if label else shape
+        want = shape    # () for one label per sample, (T,) for a sequence's labels or token ids
         if a.ndim >= 1 and a.shape[1:] != want:
             if a.shape[1:] and want and math.prod(a.shape[1:]) == math.prod(want):
                 a = a.reshape((a.shape[0],) + want)       # (n, 8, 8) for (64,); (n, 64) for (8, 8, 1)
@@ -154,12 +158,23 @@ def check_data(module, data, what="data"):
                 row = int(np.argmin(finite))
                 raise TrainError(f"{what}: array {name!r} holds NaN or Inf (first at sample {row}, "
                                  f"{int((~finite).sum())} sample(s) in all); clean the data first")
-        if label:
+        if name in vocab or (label and shape):
+            a = _tokens(a, what, name, vocab.get(name, classes.get(name)), shape,
+                        "token ids" if name in vocab else "labels")
+        elif label:
             a = _labels(a, f"{what}: target {name!r}", classes.get(name))
         elif a.dtype.kind != "f":
             a = a.astype(np.float64)
         out[name] = a
     return out
+
+
+def _tokens(a, where, name, classes, shape, kind):
+    """Token ids or a sequence's labels, judged by the modules' ``_tokens`` (integers in range)."""
+    try:
+        return module_checks()._tokens(a, name, classes, shape, kind)
+    except ValueError as e:
+        raise TrainError(f"{where}: {e}") from None
 
 
 def _labels(a, name, classes):
@@ -197,10 +212,14 @@ def _rows(data, index):
 
 
 def evaluate(module, params, data, chunk=8192, stats=None):
-    """``{"loss": ..., "accuracy": ... or None}`` on ``data`` (checked dict), in chunks, in
-    inference mode (a model with batchnorm normalises with the running statistics ``stats``;
-    default: those before training, ``init_stats()``)."""
+    """``{"loss": ..., "accuracy": ... or None}`` on ``data`` (checked dict), in chunks of
+    ``chunk`` positions (samples of one position, or ``chunk // T`` sequences of T token ids:
+    a language model's attention holds T*T scores per head and sample), in inference mode (a
+    model with batchnorm normalises with the running statistics ``stats``; default: those
+    before training, ``init_stats()``)."""
     arrays = list(data.values())
+    positions = max([math.prod(module.INPUTS[k]) for k in getattr(module, "VOCAB", {})] or [1])
+    chunk = max(1, chunk // positions)
     mode = {}
     if getattr(module, "STATS", None):
         mode = {"stats": stats if stats is not None else module.init_stats(_float_dtype(arrays))}
@@ -216,8 +235,10 @@ def evaluate(module, params, data, chunk=8192, stats=None):
             pred = np.asarray(module.forward(params, *part[:n_in], **mode))
             y = part[n_in]
             if kind == "multiclass":
-                labels = y if y.ndim == 1 else np.argmax(y, axis=1)
-                correct += int(np.sum(np.argmax(pred, axis=1) == labels))
+                # a sequence's labels (n, T) against probabilities (n, T, classes): per sample,
+                # the fraction of its positions classified right
+                labels = y if y.ndim == pred.ndim - 1 else np.argmax(y, axis=-1)
+                correct += float(np.sum(np.argmax(pred, axis=-1) == labels)) / max(1, labels[0].size)
             else:  # per sample, the fraction of its outputs on the right side of 0.5
                 if pred.shape != y.shape and pred.size == y.size:
                     pred = pred.reshape(y.shape)    # a (n, 1) output against a (n,) target
@@ -338,12 +359,13 @@ class TrainResult:
 
     params: dict
     history: History
-    stopped: str            # "completed" | "early_stopping" | "diverged" | "interrupted"
+    stopped: str            # "completed" | "early_stopping" | "diverged" | "interrupted" | "workers_lost"
     message: str
     best_epoch: int | None
     final: dict             # train_loss, train_accuracy, val_loss, val_accuracy (None where absent)
     warnings: list
     stats: dict | None = None   # batchnorm: the running statistics that go with params
+    privacy: dict | None = None  # DP-SGD: epsilon at delta and how it was reached (privacy_report)
 
 
 class _Reporter:
@@ -560,7 +582,7 @@ def _upcast(params, dtype, warn):
 
 
 def train(module, data, config=None, *, params=None, val_data=None, verbose=False, on_epoch=None,
-          stop=None, resume=None, checkpoint=None, checkpoint_every=None, stats=None):
+          stop=None, resume=None, checkpoint=None, checkpoint_every=None, stats=None, client=None):
     """Train ``module`` on ``data`` and return a TrainResult.
 
     ``data``: a dict name -> array (names of INPUTS and TARGETS) or a sequence in that order.
@@ -578,6 +600,9 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
     every step updates them, evaluation uses them, and the result carries those of its params.
     ``resume``: a Checkpoint (``load_checkpoint``) to continue from: the same options (but
     ``epochs``, which counts the whole run, and the monitoring options) and the same data.
+    ``client``: a ``dask.distributed.Client``: the gradients of every global batch are computed
+    on its workers (compiler.train.distributed), the rest of the run is this one; a run that
+    loses all its workers stops (``stopped == "workers_lost"``) keeping the last step's parameters.
 
     Ctrl-C (or a StopRequest) stops the run; the result carries the best parameters so far
     (``stopped == "interrupted"``). A NaN or Inf loss or gradient stops the run and keeps the
@@ -607,14 +632,25 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
     params = check_params(module, params)
     train_set, val_set = _in_module_dtype(module, train_set), _in_module_dtype(module, val_set)
     if config.optimizer in SECOND_ORDER:
+        if client is not None or config.private:
+            raise TrainError(f"--optimizer {config.optimizer} is a full-batch fit in one process: no Dask client "
+                             "and no DP-SGD (leave those out, or use a first-order optimizer)")
         return _second_order(module, config, train_set, val_set, params, verbose, resume, checkpoint)
 
     run = _Run(module, config, train_set, val_set, params, digest, resume, verbose, checkpoint, checkpoint_every)
+    if config.private:
+        if client is not None:
+            raise TrainError("DP-SGD runs on one process: its per-example clipping is not distributed to Dask "
+                             "workers (leave out the client, or dp_clip/dp_noise)")
+        _check_private(module, train_set, params)
     if getattr(module, "STATS", None) and run.running is None:
         run.running = dict(stats) if stats is not None else module.init_stats(_run_dtype(module, train_set))
         run.last_good_running = dict(run.running)
     stopped, message, in_step = "completed", "", False
     try:
+        if client is not None:
+            from compiler.train.distributed import DaskGradients
+            run.remote = DaskGradients(client, module, train_set, run.warn)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite values are handled
             for epoch in range(run.start + 1, config.epochs + 1):
                 end = _epoch(run, epoch, stop, on_epoch)
@@ -623,6 +659,11 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
                     break
     except _Diverged as e:
         stopped, message, in_step = "diverged", str(e), e.in_step
+    except TrainError as e:
+        from compiler.train.distributed import WorkersLost
+        if not isinstance(e, WorkersLost):
+            raise
+        stopped, message = "workers_lost", str(e)
     except (KeyboardInterrupt, _Stopped) as e:
         stopped = "interrupted"
         reason = getattr(stop, "reason", None) if isinstance(e, _Stopped) else None
@@ -631,7 +672,10 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
                                           else " (no epoch completed: the last parameters with a finite loss)"))
     finally:
         run.report.close()
-    if run.snapshot is not None and run.snapshot.epoch > run.written and stopped in ("interrupted", "early_stopping"):
+        if run.remote is not None:
+            run.remote.close()
+    if run.snapshot is not None and run.snapshot.epoch > run.written and stopped in ("interrupted", "early_stopping",
+                                                                                     "workers_lost"):
         run.save_snapshot()        # a stopped run can be resumed from its last complete epoch
     return _outcome(run, stopped, message, in_step)
 
@@ -659,6 +703,28 @@ def _second_order(module, config, train_set, val_set, params, verbose, resume, c
         ev = evaluate(module, params, val_set)
         final["val_loss"], final["val_accuracy"] = ev["loss"], ev["accuracy"]
     return TrainResult(params, history, stopped, message, None, final, [])
+
+
+def _check_private(module, train_set, params):
+    """DP-SGD needs per-example gradients: a TrainError naming why a module has none."""
+    if not hasattr(module, "per_example_grads"):
+        raise TrainError("DP-SGD needs the module's per_example_grads (compile it again with this bpc)")
+    one = [a[:1] for a in train_set.values()]
+    mode = {"training": True, "seed": 0} if getattr(module, "DROPOUT", None) else {}
+    try:
+        module.per_example_grads(params, *one, **mode)
+    except NotImplementedError as e:
+        raise TrainError(f"DP-SGD: {e}") from None
+
+
+def privacy_report(run_or_config, steps, n, batch):
+    """The accounting of a DP-SGD run (compiler.train.privacy): a dict of epsilon at delta, the
+    best order, steps, sampling rate, noise multiplier and clip norm."""
+    config = run_or_config
+    q = batch / n
+    eps, order = privacy.epsilon(q, config.dp_noise, steps, config.dp_delta)
+    return {"epsilon": eps, "delta": config.dp_delta, "order": order, "steps": steps, "sampling_rate": q,
+            "noise_multiplier": config.dp_noise, "clip": config.dp_clip}
 
 
 class _Diverged(Exception):
@@ -712,6 +778,11 @@ class _Run:
         self.monitor = "validation loss" if val_set is not None else "training loss"
         self.t0 = time.monotonic() - (self.history.seconds[-1] if self.history.seconds else 0.0)
         self.epoch = self.start
+        self.remote = None      # compiler.train.distributed.DaskGradients: the gradients from Dask workers
+        # DP-SGD: steps taken (for the accounting) and the sum over them of the fraction of
+        # samples whose gradient was clipped; a resumed run continues the count
+        self.dp_steps = self.start * self.steps_per_epoch
+        self.dp_clipped = 0.0
 
     def warn(self, key, text):
         if key not in self.warned:
@@ -745,13 +816,26 @@ def _step(run, index, lr, where, step=()):
     norm; raises _Diverged (the parameters untouched) when one of them is not finite. A module
     with dropout runs in training mode, its masks seeded by the run's seed and ``step`` (epoch,
     step), so a run (and a resumed one) draws the same masks; evaluation stays in inference mode."""
-    arrays = _rows(run.train_set, index) if run.steps_per_epoch > 1 else list(run.train_set.values())
     mode = {"training": True, "seed": (run.config.seed, *step)} if getattr(run.module, "DROPOUT", None) else {}
     running = None
     if run.running is not None:      # batchnorm: batch statistics, and the running ones' next values
         running = dict(run.running)
         mode.update(training=True, stats=running)
-    value, grads = run.module.backward(run.params, *arrays, **mode)
+    if run.remote is not None:       # the same global batch, its slices on Dask workers
+        value, grads = run.remote(run.params, index if run.steps_per_epoch > 1 else None, mode, where)
+    else:
+        arrays = _rows(run.train_set, index) if run.steps_per_epoch > 1 else list(run.train_set.values())
+        if run.config.private:
+            # DP-SGD: each sample's gradient clipped, the sum noised (seeded by the run's seed and
+            # the step, so a resumed run draws the same noise), divided by the batch size
+            losses, per_example = run.module.per_example_grads(run.params, *arrays, **mode)
+            value = float(np.mean(losses))
+            grads, clipped = privacy.private_gradient(per_example, run.config.dp_clip, run.config.dp_noise,
+                                                      np.random.default_rng([run.config.seed, 3, *step]))
+            run.dp_steps += 1
+            run.dp_clipped += clipped
+        else:
+            value, grads = run.module.backward(run.params, *arrays, **mode)
     sq = {k: float(np.vdot(g64, g64)) for k, g in grads.items() for g64 in [np.asarray(g, dtype=np.float64)]}
     if not math.isfinite(value) or not all(math.isfinite(v) for v in sq.values()):
         bad = [k for k, v in sq.items() if not math.isfinite(v)]
@@ -857,7 +941,15 @@ def _outcome(run, stopped, message, in_step):
             final["val_loss"], final["val_accuracy"] = ev["loss"], ev["accuracy"]
     except KeyboardInterrupt:
         pass
-    return TrainResult(params, run.history, stopped, message, run.best_epoch, final, run.warnings, running)
+    dp = None
+    if run.config.private:
+        dp = privacy_report(run.config, run.dp_steps, run.n, run.batch)
+        done = run.dp_steps - run.start * run.steps_per_epoch
+        dp["clipped_fraction"] = run.dp_clipped / done if done else 0.0
+        message += (f"; DP-SGD: (epsilon {dp['epsilon']:.3g}, delta {dp['delta']:g}) after {dp['steps']} steps "
+                    f"(sampling rate {dp['sampling_rate']:.3g}, noise multiplier {dp['noise_multiplier']:g}, "
+                    f"clip {dp['clip']:g}; RDP accountant)")
+    return TrainResult(params, run.history, stopped, message, run.best_epoch, final, run.warnings, running, dp)
 
 
 def _epoch_line(epoch, epochs, h, has_val):

@@ -45,8 +45,8 @@ import sympy as sp
 
 from compiler import __version__
 from compiler.core import ir, ops
-from compiler.core.ops.ew import factored, shared_subexpressions
 from compiler.core.formulas import Formulas
+from compiler.core.ops.ew import factored, shared_subexpressions
 from compiler.core.model import Model
 from compiler.core.program import Program, direction_arg
 from compiler.backends import cache as _cache
@@ -454,6 +454,9 @@ def render_c(lowered, prefix=None):
                                      [(so.loss, "scalar", "*loss")] + g_dest + h_dest + s_stats, zero_grads,
                                      directions=dirs, zero_hv=zero_h))
         st.helpers |= st2.helpers
+    if program.per_example is not None:
+        functions.append(_per_example_function(lowered, cnames, params, info_of,
+                                               data + targets + masks + state, stats_dest, st))
     work_a = max(f["work"][0] for f in functions)
     work_b = max(f["work"][1] for f in functions)
 
@@ -465,6 +468,8 @@ def render_c(lowered, prefix=None):
         params=params, n_params=n_params, inputs=writer.arg_list(data), targets=writer.arg_list(targets), masks=writer.arg_list(masks),
         state=writer.arg_list(state), stats=[{k: v for k, v in q.items() if k != "node"} for q in stats], n_stats=offset,
         functions=functions, zero_grads=zero_grads, work_a=work_a, work_b=work_b,
+        per_example_error=program.per_example_error,
+        moments=_moments_context(lowered, info_of, real, st),
         pred_size=_size_code(pred.shape), pred_shape_doc=shape_code(pred.shape),
         pred_per_sample=tuple(int(d) for d in (pred.shape[1:] if ir.is_batch(pred.shape) else pred.shape)), pred_batched=ir.is_batch(pred.shape),
         helpers=sorted(st.helpers), prediction_doc=iface.prediction_doc,
@@ -472,6 +477,9 @@ def render_c(lowered, prefix=None):
         formulas=[(p["name"], formulas[p["name"]]) for p in params],
         steps=_step_args(real), steps_def=dict(_step_args(real, "restrict ")),
     )
+    if common["moments"]:
+        common["moment_protos"] = dict(_moment_protos(common, "restrict "))
+        common["moment_decls"] = dict(_moment_protos(common))
     header = render("c_model.h.j2", **common)
     c_source = render("c_model.c.j2", **common)
     cdef = _cdef(common)
@@ -499,6 +507,9 @@ class _CFunctions:
         self.lowered, self.st, self.params = lowered, st, params
         self.program = lowered.program
         self.real = st.real
+        p = self.program
+        self.users = ir.consumers(ir.topo_order([p.prediction, p.loss, *(g for _, g in p.grads if g is not None),
+                                                 *(u for _, u in p.stat_updates)]))
 
     def arg_list(self, leaves):
         out = []
@@ -515,6 +526,29 @@ class _CFunctions:
                         "per_sample": tuple(int(d) for d in x.shape[1:]),
                         "size": _size_code(x.shape), "shape_doc": shape_code(x.shape)})
         return out
+
+    def training_block(self, run):
+        """Statements that only training mode needs (batch statistics and their gradients, the
+        running statistics' next values) under ``if (training flag)``; in inference mode the
+        values that other statements read are zeros (which the flag multiplies), never
+        whatever an earlier call left in the work buffer."""
+        if not run:
+            return []
+        st, only = self.st, self.program.training_only
+        zeros = []
+        for node, _ in run:
+            if node.uid in st.aliases:
+                continue   # a pointer into its input's data: nothing of its own to zero
+            if any(u.uid not in only for u in self.users.get(node.uid, [])):
+                if node.uid in st.locals:
+                    zeros.append(f"{st.name(node)} = {st.lit(0)};")
+                else:
+                    zeros.append(f"for (size_t _i = 0; _i < {_size_code(node.shape)}; _i++) "
+                                 f"{st.name(node)}[_i] = {st.lit(0)};")
+        lines = [f"if ({st.elem(self.lowered.model.mode, [])} != 0) {{   /* training mode only */"]
+        lines += ["    " + line if line else line for _, body in run for line in body]
+        lines += (["} else {"] + ["    " + z for z in zeros] if zeros else []) + ["}"]
+        return lines
 
     def function(self, fname, leaves, nodes, outputs, zero_grads=(), directions=(), zero_hv=()):
         """outputs: list of (node, destination kind, C destination) where kind is 'ptr'
@@ -542,11 +576,16 @@ class _CFunctions:
             decls.append(f"{real} *restrict const {st.name(n, use=False)} = _work + {off};  /* {shape_code(n.shape)} */")
             work_a += a
             work_b += b
-        body = []
+        body, only = [], []   # only: a run of training-only statements, emitted under one if
         for n in nodes:
-            body.append("")
-            body.append(f"/* {c_comment(fm.line(n), lead='')} */")
-            body.extend(statement(st, fm, n))
+            lines = ["", f"/* {c_comment(fm.line(n), lead='')} */", *statement(st, fm, n)]
+            if n.uid in self.program.training_only:
+                only.append((n, lines))
+                continue
+            body += self.training_block(only)
+            only = []
+            body += lines
+        body += self.training_block(only)
         tail = []
         for node, kind, dest in outputs:
             if node.uid in direct and direct[node.uid] == dest:
@@ -580,6 +619,100 @@ class _CFunctions:
                 "proto": _proto_args(fn, real), "definition": _proto_args(fn, real, "restrict "),
                 "body": body, "tail": tail, "work": (work_a, work_b), "labels": labels,
                 "uses_nf": st.uses_nf, "needs_batch": fname != "forward", "second": fname in SECOND_ORDER}
+
+
+def _moments_context(lowered, info_of, real, st):
+    """The C of the hoisted moments (compiler.core.moments), or None: precompute's loops over the
+    samples (statistics in double, summed per block of rows and then over the blocks) and the
+    scalar statements of loss_from_moments and backward_from_moments, in double."""
+    plan = lowered.moments
+    if plan is None:
+        return None
+    from compiler.backends import moments_code
+
+    def printer(e, symbols):
+        code, helpers = print_c(e, symbols, "float64")
+        st.helpers |= helpers
+        return code
+
+    D = len(plan.data)
+    terms = moments_code.product_terms(plan)
+    pre = []
+    for i, d in enumerate(plan.data):
+        x = f"{C_NAME_PREFIX}{d}"
+        # the corrected two-pass mean and variance, each sum over blocks of 4096 rows
+        pre += [f"double _mean{i} = 0.0, _dev{i} = 0.0, _var{i} = 0.0;",
+                "for (size_t _lo = 0; _lo < n; _lo += 4096) {",
+                "    double _b = 0.0;",
+                f"    for (size_t _j = _lo; _j < (n - _lo < 4096 ? n : _lo + 4096); _j++) _b += (double){x}[_j];",
+                f"    _mean{i} += _b;",
+                "}",
+                f"_mean{i} /= (double)n;",
+                "for (size_t _lo = 0; _lo < n; _lo += 4096) {",
+                "    double _b = 0.0, _q = 0.0;",
+                f"    for (size_t _j = _lo; _j < (n - _lo < 4096 ? n : _lo + 4096); _j++) {{",
+                f"        const double _e = (double){x}[_j] - _mean{i};",
+                "        _b += _e;",
+                "        _q += _e*_e;",
+                "    }",
+                f"    _dev{i} += _b;",
+                f"    _var{i} += _q;",
+                "}",
+                f"_var{i} = (_var{i} - _dev{i}*_dev{i}/(double)n) / (double)n;",
+                f"_mean{i} += _dev{i} / (double)n;",
+                f"double _scale{i} = _var{i} > 0.0 ? sqrt(_var{i}) : 0.0;",
+                f"if (!(_scale{i} > 0.0)) _scale{i} = 1.0;"]
+    pre += [f"double _tot[{len(terms)}] = {{0}};",
+            "for (size_t _lo = 0; _lo < n; _lo += 4096) {   /* blocks of rows: each summed, then added */",
+            f"    double _blk[{len(terms)}] = {{0}};",
+            "    const size_t _hi = n - _lo < 4096 ? n : _lo + 4096;",
+            "    for (size_t _j = _lo; _j < _hi; _j++) {"]
+    for i, d in enumerate(plan.data):
+        top = plan.max_power[i]
+        if top:
+            pre.append(f"        const double _u{i}_1 = ((double){C_NAME_PREFIX}{d}[_j] - _mean{i}) / _scale{i};")
+        for k in range(2, top + 1):
+            pre.append(f"        const double _u{i}_{k} = _u{i}_{k - 1} * _u{i}_1;")
+    for j, t in enumerate(terms):
+        pre.append(f"        _blk[{j}] += {'*'.join(f'_u{i}_{k}' for i, k in t)};")
+    pre += ["    }", f"    for (size_t _k = 0; _k < {len(terms)}; _k++) _tot[_k] += _blk[_k];", "}"]
+    pre += [f"stats[{i}] = _mean{i};" for i in range(D)] + [f"stats[{D + i}] = _scale{i};" for i in range(D)]
+    pre.append(f"for (size_t _k = 0; _k < {len(terms)}; _k++) stats[{2 * D} + _k] = _tot[_k] / (double)n;")
+    bind = [f"const double {C_NAME_PREFIX}{p} = (double)params[{info_of[p]['offset']}];" for p in plan.params]
+    bind += [f"const double {v} = stats[{i}];" for i, v in enumerate(moments_code.stat_locals(plan).values())]
+    loss = moments_code.statements(plan, [plan.loss], printer, "const double ", C_NAME_PREFIX)
+    roots = [plan.loss] + [g for g in plan.grads if g is not None]
+    back = moments_code.statements(plan, roots, printer, "const double ", C_NAME_PREFIX)
+    tail = [f"grads[{info_of[p]['offset']}] = ({real}){g.name if g is not None else '0.0'};"
+            for p, g in zip(plan.params, plan.grads)]
+    return {"stats": list(plan.stats), "count": len(plan.stats), "data": [f"{C_NAME_PREFIX}{d}" for d in plan.data],
+            "data_names": list(plan.data), "precompute": pre, "bind": bind, "loss": [x + ";" for x in loss],
+            "backward": [x + ";" for x in back], "grads": tail, "loss_name": plan.loss.name,
+            "doc": moments_code.doc(plan)}
+
+
+def _per_example_function(lowered, cnames, params, info_of, leaves, stats_dest, st):
+    """per_example_grads: its statements over the program's per-example view. The losses go to
+    ``loss`` (n values), the gradients to ``grads`` parameter by parameter, each (n,) + its shape
+    at offset <P>_OFFSET_<name>*n (n*<P>_NUM_PARAMS values in all)."""
+    program = lowered.program
+    view = program.per_example_view()
+    st2 = CStatements(view, lowered.dtype, cnames)
+    writer = _CFunctions(replace(lowered, program=view, lines=Formulas(view)), st2, params)
+    pe = program.per_example
+    dest, zero = [(pe.loss, "ptr", "loss")], []
+    for p, g in pe.grads:
+        info = info_of[p.name]
+        if g is None:
+            zero.append(info)
+        else:
+            dest.append((g, "ptr", f"grads + {info['offset']}*n" if info["offset"] else "grads"))
+    fn = writer.function("per_example_grads", leaves, pe.nodes, dest + stats_dest)
+    for info in zero:
+        fn["tail"].append(f"for (size_t _i = 0; _i < {info['size']}*n; _i++) grads[{info['offset']}*n + _i] = "
+                          f"{st2.lit(0)};  /* d{info['name']} = 0: the loss does not depend on {info['name']} */")
+    st.helpers |= st2.helpers
+    return fn
 
 
 def _scalar(st, node):
@@ -629,6 +762,8 @@ def _cdef(ctx):
         lines.append(f"int {prefix}_{fn['name']}({fn['proto']});")
     lines += [f"void {prefix}_{name}({args});" for name, args in ctx["steps"]]
     lines.append(f"double {prefix}_sum_squares(const {ctx['real']} *x, size_t count);")
+    if ctx["moments"]:
+        lines += [f"int {prefix}_{name}({args});" for name, args in _moment_protos(ctx)]
     for fn in ctx["functions"]:
         lines.append(f"int _bpc_{prefix}_{fn['name']}({_glue_args(fn)});")
     lines.append(f"void _bpc_{prefix}_pack({_pack_args(ctx)});")
@@ -644,7 +779,8 @@ def _glue_args(fn):
     """The glue's arguments: untyped pointers named by position (_a0, ...)."""
     args = ["const void *params"] + (["const void *v"] if fn["name"] in SECOND_ORDER else [])
     args += [f"const void *_a{k}" for k in range(len(fn["leaves"]))] + ["size_t n"]
-    args.append("void *out" if fn["name"] == "forward" else "void *loss" if fn["name"] == "loss" else "void *grads")
+    args.append("void *out" if fn["name"] == "forward" else "void *loss" if fn["name"] == "loss"
+                else "void *loss, void *grads" if fn["name"] == "per_example_grads" else "void *grads")
     if fn["name"] in SECOND_ORDER:
         args.append("void *hv")
     if fn["stats"]:
@@ -667,6 +803,8 @@ def _ext_source(ctx):
             names.append("out")
         elif fn["name"] == "loss":
             names.append("loss")
+        elif fn["name"] == "per_example_grads":
+            names += ["loss", "grads"]
         else:
             names += [f"({real} *)grads + {P}_NUM_PARAMS", "grads"]
         if fn["name"] in SECOND_ORDER:
@@ -706,6 +844,15 @@ static int _bpc_@prefix@_blas_threads(int k)
 }"""
 
 
+def _moment_protos(ctx, restrict=""):
+    """(name, argument list) of the hoisted-moments functions (templates/c_model.h.j2)."""
+    r, x, m = restrict, ctx["real"], ctx["moments"]
+    data = ", ".join(f"const {x} *{r}{d}" for d in m["data"])
+    return [("precompute", f"{data}, size_t n, double *{r}stats"),
+            ("loss_from_moments", f"const {x} *{r}params, const double *{r}stats, double *{r}loss"),
+            ("backward_from_moments", f"const {x} *{r}params, const double *{r}stats, double *{r}loss, {x} *{r}grads")]
+
+
 def _step_args(real, restrict=""):
     """(name, argument list) of each update step (templates/c_model.h.j2 documents them)."""
     r, x = restrict, real
@@ -728,7 +875,7 @@ def _proto_args(fn, real, restrict=""):
         args.append(f"{real} *{r}out")
     else:
         args.append(f"{real} *{r}loss")
-    if fn["name"] in ("backward", *SECOND_ORDER):
+    if fn["name"] in ("backward", "per_example_grads", *SECOND_ORDER):
         args.append(f"{real} *{r}grads")
     if fn["name"] in SECOND_ORDER:
         args.append(f"{real} *{r}hv")

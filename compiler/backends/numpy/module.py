@@ -3,13 +3,16 @@ NumPy module; CompiledModule writes it atomically and loads it."""
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
 from compiler import __version__, dtypes
 from compiler.backends.cache import cache_dir, load_module, write_cached
+from compiler.backends import moments_code
 from compiler.backends.lowering import is_tokens, lower, per_sample, statement
+from compiler.backends.numpy.printer import print_numpy
 from compiler.backends.numpy.statements import NumpyStatements, shape_code
 from compiler.backends.show import Displayed
 from compiler.backends.templates import render
@@ -139,6 +142,9 @@ def render_numpy(lowered):
                 fn["prologue"].append(f"{dirs[p.uid].name} = _direction({varg}, {p.name!r}, {shape_code(p.shape)})")
         functions.append(fn)
         st.helpers |= st2.helpers
+    functions.append(_per_example_function(lowered, st, data + targets))
+    if lowered.moments is not None:
+        functions += _moment_functions(lowered.moments, data + targets, st)
 
     text = render(
         "numpy_module.py.j2",
@@ -156,8 +162,89 @@ def render_numpy(lowered):
         has_dropout=iface.has_dropout, stats_shapes=iface.stats_shapes, stats_init=iface.stats_init,
         helpers=sorted(st.helpers), functions=functions, has_gnvp=program.gnvp is not None,
         has_hvp=program.hvp is not None,
+        moment_stats=list(lowered.moments.stats) if lowered.moments is not None else None,
     )
     return CompiledModule(model, program, text, lowered.formulas, lowered.latex, lowered.source_hash, dtype)
+
+
+PER_EXAMPLE_DOC = ("Each sample's loss (batch,) and gradients, each with a leading batch axis (batch,)\n"
+                   "    + the parameter's shape: row i is what backward gives for a batch of sample i alone,\n"
+                   "    and the mean over rows is backward's gradient. No loop over samples: each batch sum\n"
+                   "    of the gradient keeps its batch axis.")
+
+
+def _per_example_function(lowered, st, leaves):
+    """per_example_grads: its statements over the program's per-example view, or (a model whose
+    forward mixes samples) a function that raises the reason."""
+    program = lowered.program
+    if program.per_example is None:
+        return {"name": "per_example_grads", "args": ", ".join(x.name for x in leaves) + lowered.interface.mode_args,
+                "doc": "Not available for this model: raises NotImplementedError (the reason).",
+                "prologue": [], "body": [f"raise NotImplementedError({program.per_example_error!r})"], "ret": None}
+    view = program.per_example_view()
+    st2 = NumpyStatements(view)
+    writer = _Functions(replace(lowered, program=view, lines=Formulas(view)), st2)
+    pe = program.per_example
+    ret = []
+    for p, g in pe.grads:
+        if g is None:
+            ret.append(f"{p.name!r}: np.zeros((n,) + {shape_code(p.shape)}, dtype={writer.ref(pe.loss)}.dtype)")
+        else:
+            ret.append(f"{p.name!r}: {writer.ref(g)}")
+    fn = writer.function("per_example_grads", leaves, [pe.loss, *(g for _, g in pe.grads if g is not None)],
+                         pe.nodes, f"{writer.ref(pe.loss)}, {{{', '.join(ret)}}}", PER_EXAMPLE_DOC, comments=True)
+    st.helpers |= st2.helpers
+    return fn
+
+
+def _moment_functions(plan, leaves, st):
+    """precompute, loss_from_moments and backward_from_moments (compiler.core.moments)."""
+    def printer(e, symbols):
+        code, helpers = print_numpy(e, symbols)
+        st.helpers |= helpers
+        return code
+
+    names = [x.name for x in leaves]
+    pro = [f"{x.name} = _data({x.name}, {x.name!r}, ()).reshape(-1).astype(np.float64)" for x in leaves]
+    pro.append(f"n = _batch({', '.join(names)})")
+    body = []
+    for i, d in enumerate(names):
+        body += [f"_mean{i} = float(np.mean({d}))", f"_scale{i} = float(np.std({d})) or 1.0"]
+    terms = moments_code.product_terms(plan)
+    body += [f"_sums = np.zeros({len(terms)})",
+             "for _lo in range(0, n, _CHUNK):   # chunks of rows: the powers of a chunk fit in memory"]
+    for i, d in enumerate(names):
+        top = plan.max_power[i]
+        if top:
+            body.append(f"    _u{i}_1 = ({d}[_lo:_lo + _CHUNK] - _mean{i}) / _scale{i}")
+        for k in range(2, top + 1):
+            body.append(f"    _u{i}_{k} = _u{i}_{k - 1} * _u{i}_1")
+    prods = ["*".join(f"_u{i}_{k}" for i, k in t) for t in terms]
+    body.append("    _sums += (" + ", ".join(f"np.sum({p})" for p in prods) + ("," if len(prods) == 1 else "") + ")")
+    ret = ("{" + ", ".join([f"'mean_{d}': _mean{i}" for i, d in enumerate(names)]
+                           + [f"'scale_{d}': _scale{i}" for i, d in enumerate(names)]
+                           + [f"{name!r}: float(_sums[{j}]) / n" for j, name in enumerate(plan.stats[2 * len(names):])]) + "}")
+    pre = {"name": "precompute", "signature": ", ".join(names), "args": "", "prologue": pro, "body": body, "ret": ret,
+           "doc": textwrap.fill("The data reduced once to the sufficient statistics of the loss (float64), a dict: "
+                                + moments_code.doc(plan) + ". loss_from_moments and backward_from_moments take "
+                                "it: their cost does not depend on n.", 92, subsequent_indent="    ")}
+    # Python floats: a step is a few hundred scalar operations, which NumPy scalars make 3-5x slower
+    bind = [f"{p} = float(_param(params, {p!r}, ()))" for p in plan.params]
+    unpack = [", ".join(moments_code.stat_locals(plan).values()) + f"{',' if len(plan.stats) == 1 else ''} = "
+              f"_statistics(moments).tolist()"]
+    loss_body = moments_code.statements(plan, [plan.loss], printer)
+    loss_fn = {"name": "loss_from_moments", "args": "moments", "prologue": bind + unpack, "body": loss_body,
+               "ret": f"float({plan.loss.name})",
+               "doc": "The loss from precompute's statistics: equal to loss(params, data) on the same data."}
+    roots = [plan.loss] + [g for g in plan.grads if g is not None]
+    grads = ", ".join(f"{p!r}: np.float64({g.name})" if g is not None else f"{p!r}: np.float64(0.0)"
+                      for p, g in zip(plan.params, plan.grads))
+    back = {"name": "backward_from_moments", "args": "moments", "prologue": bind + unpack,
+            "body": moments_code.statements(plan, roots, printer),
+            "ret": f"float({plan.loss.name}), {{{grads}}}",
+            "doc": "(loss, grads) from precompute's statistics: equal to backward(params, data) on the same data."}
+    st.helpers.add("moments")
+    return [pre, loss_fn, back]
 
 
 class _Functions:
@@ -205,14 +292,38 @@ class _Functions:
         p = self.model.params[0]
         return f"_param(params, {p.name!r}, {shape_code(p.shape)})"
 
+    def training_block(self, run):
+        """Statements that only training mode needs (batch statistics and their gradients, the
+        running statistics' next values), under ``if <training flag>:``; in inference mode their
+        values are zeros, which the training flag multiplies wherever they are used."""
+        if not run:
+            return []
+        st = self.st
+        st.needs_dt = True
+        lines = [f"if {self.program.names[self.model.mode.uid]}:   # training mode only"]
+        lines += ["    " + line for _, body in run for line in body]
+        # zeros for the values that statements outside the block read (others stay unbound)
+        zeros = [node for node, _ in run
+                 if any(u.uid not in self.program.training_only for u in st.users.get(node.uid, []))]
+        if zeros:
+            lines.append("else:")
+            lines += [f"    {st.name(node)} = np.zeros({shape_code(node.shape)}, dtype=dt)" for node in zeros]
+        return lines
+
     def function(self, fname, leaves, roots, nodes, ret, doc, comments=False):
         st, fm = self.st, self.lowered.lines
         st.begin_function()
-        body = []
+        body, only = [], []   # only: a run of training-only statements, emitted under one if
         for node in nodes:
-            if comments and node.uid in self.program.backward_only:
-                body.append(py_comment(fm.line(node)))
-            body.extend(statement(st, fm, node))
+            lines = [py_comment(fm.line(node))] if comments and node.uid in self.program.backward_only else []
+            lines += statement(st, fm, node)
+            if node.uid in self.program.training_only:
+                only.append((node, lines))
+                continue
+            body += self.training_block(only)
+            only = []
+            body += lines
+        body += self.training_block(only)
         if self.program.stat_updates:
             # training mode: the running statistics' next values replace the caller's entries
             body.append("if training and stats is not None:")

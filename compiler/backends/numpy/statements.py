@@ -66,24 +66,42 @@ class NumpyStatements:
         order, self.uses = use_counts(outputs)
         self.users = ir.consumers(order)
         self.outputs = {o.uid for o in outputs}
+        self._private = {}
 
     def begin_function(self):
         """Start the statements of one function."""
         self.needs_dt = False    # whether they refer to the local dt (the inputs' dtype)
 
     def private(self, node):
-        """Whether ``node``'s array can never reach the caller: it is not returned, no view of it
-        is taken, and no elementwise statement that may update it in place is returned either.
-        Such arrays may live in per-thread scratch buffers reused from call to call."""
-        x = node
-        while x.uid not in self.outputs:
-            users = self.users.get(x.uid, [])
-            if any(u.op in ("transpose", "reshape") for u in users):
-                return False
-            if not (self.uses[x.uid] == 1 and users and users[0].op == "ew" and users[0].shape == x.shape):
-                return True
-            x = users[0]
-        return False
+        """Whether ``node``'s array can never reach the caller: it is not returned, and every
+        value that may share its memory (a view of it, an elementwise statement that may update
+        it in place, a plain alias) is private too. Such arrays may live in per-thread scratch
+        buffers reused from call to call."""
+        known = self._private.get(node.uid)
+        if known is None:
+            known = node.uid not in self.outputs and all(
+                self.private(u) for u in self.users.get(node.uid, []) if self._may_share(node, u))
+            self._private[node.uid] = known
+        return known
+
+    def _may_share(self, x, user):
+        """Whether ``user``'s array may be (a view of) ``x``'s."""
+        if user.op in _VIEW_OPS:
+            return True
+        return user.op == "ew" and user.shape == x.shape and (self.uses[x.uid] == 1 or user.attr("expr").is_Symbol)
+
+    def owned(self, node):
+        """Whether ``node``'s array is one this function made (a product, an elementwise result,
+        ...; or a view or reshaped copy of one), never a parameter, a caller's array or an inline
+        expression, and the value's single use anywhere in the program is the statement at
+        hand: that statement may overwrite it."""
+        if node.uid in self.p.inline or node.shape == () or self.uses[node.uid] != 1:
+            return False
+        if node.op in _VIEW_OPS:
+            return self.owned(node.inputs[0])
+        if node.op == "ew":
+            return not node.attr("expr").is_Symbol
+        return node.op in _OWNED_OPS
 
     def scratch(self, name, shape, operands):
         """``_scratch(name, shape, *operands)``: the call that returns this thread's reusable
@@ -137,6 +155,31 @@ class NumpyStatements:
         """Whether ``node`` has enough numbers per sample to be worth a reused buffer."""
         return _per_sample_size(node.shape) >= self.INPLACE_MIN_SIZE
 
+    def product_terms(self, node):
+        """``(coefficient code, [operand codes])`` when ``node`` is an inline elementwise value
+        ``c*a*b`` (or ``c*a**2``, or ``c*a``) of full-shape arrays and a number ``c`` (None
+        when it is 1): a sum of it needs no array of the product (``np.einsum``). Else None."""
+        if node.op != "ew" or node.uid not in self.p.inline:
+            return None
+        coeff, factors = factored(node.attr("expr")).as_coeff_mul()
+        args = {ARG[i]: inp for i, inp in enumerate(node.inputs)}
+        operands = []
+        for f in factors:
+            base, power = f.as_base_exp()
+            if base not in args or power not in (1, 2):
+                return None
+            inp = args[base]
+            if inp.shape != node.shape or inp.uid in self.p.inline:
+                return None
+            operands += [self.name(inp)] * int(power)
+        if not 1 <= len(operands) <= 2 or not coeff.is_number:
+            return None
+        code = None
+        if coeff != 1:
+            code, helpers = print_numpy(coeff, {})
+            self.helpers |= helpers
+        return code, operands
+
     def constant(self, node):
         """Code of an inline constant's value."""
         value, helpers = print_numpy(node.attr("expr"), {})
@@ -188,7 +231,9 @@ class NumpyStatements:
 # ---- elementwise statements as in-place ufunc calls ---------------------------------------
 
 _BINARY = {"add": "+", "subtract": "-", "multiply": "*", "divide": "/"}
-_OWNED_OPS = ("matmul", "ew", "xent_grad", "softmax")   # ops whose statement allocates a fresh array
+# ops whose statement gives a fresh array (or updates an owned input in place)
+_OWNED_OPS = ("matmul", "bmm", "ew", "xent_grad", "softmax", "causal_mask", "key_mask", "col2im")
+_VIEW_OPS = ("reshape", "permute", "transpose")   # a view of their input (reshape: or a copy)
 _NAME = re.compile(r"[A-Za-z_]\w*")
 _NUMBER = re.compile(r"-?\d+(\.\d*)?(e-?\d+)?(/\d+)?")
 _ATOM = re.compile(r"[A-Za-z_][\w.]*|\d+(\.\d*)?(e-?\d+)?")
@@ -198,12 +243,15 @@ class InPlace:
     """Prints one elementwise statement as NumPy ufunc calls that write into buffers (``out=``),
     so a statement allocates at most one temporary instead of one per operation.
 
-    A statement may overwrite an input array when this function made it (a matrix product or
-    another elementwise result, never a parameter, a user's array or a view), it has the
-    statement's shape, and the statement is its only use anywhere in the program (so it is dead
-    afterwards in every function that computes it). Values of smaller shapes (biases, per-row
-    scalars, constants) stay ordinary expressions. ``lines`` returns None when there is no
-    input to reuse: then the one-line form reads better and allocates no more.
+    A statement may overwrite an input array when this function made it (a matrix product,
+    another elementwise result, a softmax, a mask, or a reshape or permutation of one; never a
+    parameter, a user's array or a view of one), it has the statement's shape, and the statement
+    is its only use anywhere in the program (so it is dead afterwards in every function that
+    computes it: ``NumpyStatements.owned``). Without such an input, a statement of several
+    operations computes them all in its result's array; the result itself is a scratch array
+    when it never reaches the caller (``NumpyStatements.private``). Values of smaller shapes
+    (biases, per-row scalars, constants) stay ordinary expressions. ``lines`` returns None for
+    a single operation on inputs it may not overwrite: the one-line form allocates no more.
     """
 
     def __init__(self, st, node, out, symbols):
@@ -216,8 +264,7 @@ class InPlace:
             if inp.shape != node.shape or inp.uid in st.p.inline:
                 continue
             self.full.add(sym)
-            if (inp.op in _OWNED_OPS and st.uses[inp.uid] == 1 and inp.shape != ()
-                    and not (inp.op == "ew" and inp.attr("expr").is_Symbol)):
+            if st.owned(inp):
                 self.reusable.add(sym)
         self.ops = []   # (kind, payload, operands): operands are ("sym", name) | ("val", k) | ("code", s) | ("gt0", operand)
 
@@ -230,8 +277,8 @@ class InPlace:
             top = self._lower(expr)
         except _Plain:
             return None
-        if top[0] != "val" or not (expr.free_symbols & self.reusable):
-            return None
+        if top[0] != "val" or not (expr.free_symbols & self.reusable or len(self.ops) > 1):
+            return None   # one operation and no input to reuse: the one-line form allocates no more
         return self._emit()
 
     def _is_full(self, e):
@@ -403,7 +450,7 @@ class InPlace:
     def _scratch(self, kind, operands, args, name):
         """The out= buffer of a new temporary: a scratch array when its dtype follows from
         array names and number literals alone; None (a plain allocation) otherwise."""
-        if name == self.out or kind == "expr":
+        if kind == "expr" or (name == self.out and not self.st.private(self.node)):
             return None
         arrays = []
         for o, a in zip(operands, args):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from compiler.core.ir import format_shape, make
 from compiler.core.ops import Op, register
 from compiler.core.ops.matmul import product_adjoint, product_jvp, product_latex
+from compiler.core.ops.permute import inverse
 from compiler.errors import ShapeError
 
 
@@ -40,7 +41,20 @@ def _numpy(st, node):
     a, b = node.inputs
     x = st.ref(a) + (".swapaxes(-1, -2)" if node.attr("ta") else "")
     y = st.ref(b) + (".swapaxes(-1, -2)" if node.attr("tb") else "")
-    return [f"{st.name(node)} = np.matmul({x}, {y})"]
+    out = st.name(node)
+    users = st.users.get(node.uid, [])
+    if (len(users) == 1 and users[0].op == "permute" and st.large(node)
+            and a.uid not in st.p.inline and b.uid not in st.p.inline):
+        # the heads merged back, (n, h, T, dk) -> (n, T, h, dk): the products are written
+        # straight into an array of the permuted layout, so the permutation is that array and
+        # the reshape after it, to (n*T, d) rows for the next matrix product, is a view, not a copy
+        perm = users[0]
+        if st.private(node):
+            buf = st.scratch(out, perm.shape, [st.ref(a), st.ref(b)])
+        else:
+            buf = f"np.empty({st.shape_code(perm.shape)}, np.result_type({st.ref(a)}, {st.ref(b)}))"
+        return [f"{out} = np.matmul({x}, {y}, out={buf}.transpose({inverse(perm.attr('axes'))}))"]
+    return [f"{out} = np.matmul({x}, {y})"]
 
 
 def _c(st, node):

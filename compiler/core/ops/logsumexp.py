@@ -104,8 +104,20 @@ def _softmax_jvp(node, t):
 
 
 def _softmax_numpy(st, node):
-    st.helpers.add("softmax")
     z = node.inputs[0]
+    if len(z.shape) > 2 and st.large(node):
+        # the rows of every position (attention weights: every head and query) in one buffer,
+        # without the temporaries of the plain form: the dead input itself, else a scratch
+        # array when the weights never reach the caller
+        st.helpers.add("softmax_into")
+        if st.owned(z):
+            dest = st.ref(z)
+        elif st.private(node):
+            dest = st.scratch(st.name(node), node.shape, [st.ref(z)])
+        else:
+            dest = f"np.empty_like({st.ref(z)})"
+        return [f"{st.name(node)} = _softmax_into({st.ref(z)}, {dest})"]
+    st.helpers.add("softmax")
     if len(z.shape) > 2:
         return [f"{st.name(node)} = _softmax({st.ref(z)}.reshape(-1, {z.shape[-1]})).reshape({st.shape_code(node.shape)})"]
     return [f"{st.name(node)} = _softmax({st.ref(z)})"]

@@ -49,8 +49,13 @@ def _fill(node):
 
 def _numpy(st, node):
     T = node.shape[-1]
+    (s,) = node.inputs
+    if st.owned(s) and st.large(node):
+        # the dead input updated in place: the future keys (j > i, off np.tri) get the fill
+        return [f"{st.name(node)} = {st.ref(s)}",
+                f"np.copyto({st.name(node)}, {_fill(node)}, where=~np.tri({T}, dtype=bool))"]
     # np.tri: True on and below the diagonal (j <= i)
-    return [f"{st.name(node)} = np.where(np.tri({T}, dtype=bool), {st.ref(node.inputs[0])}, {_fill(node)})"]
+    return [f"{st.name(node)} = np.where(np.tri({T}, dtype=bool), {st.ref(s)}, {_fill(node)})"]
 
 
 def _c(st, node):
@@ -69,6 +74,9 @@ def _c(st, node):
 def _key_numpy(st, node):
     s, m = node.inputs
     keys = ", ".join([":"] + ["None"] * (len(s.shape) - 2) + [":"])
+    if st.owned(s) and st.large(node):
+        return [f"{st.name(node)} = {st.ref(s)}",
+                f"np.copyto({st.name(node)}, {_fill(node)}, where={st.ref(m)}[{keys}] == 0)"]
     return [f"{st.name(node)} = np.where({st.ref(m)}[{keys}] != 0, {st.ref(s)}, {_fill(node)})"]
 
 

@@ -70,6 +70,11 @@ def _numpy(st, node):
     ta = ".T" if node.attr("ta") else ""
     tb = ".T" if node.attr("tb") else ""
     x, y = st.ref(a), st.ref(b)
+    users = st.users.get(node.uid, [])
+    if len(users) == 1 and users[0].op == "col2im":
+        from compiler.core.ops.windows import fused_product
+        if fused_product(st, users[0]) is node:
+            return [f"# (not formed: {st.name(users[0])} = col2im({out}) computes it, see below)"]
     if a.uid not in st.p.inline and b.uid not in st.p.inline and st.large(node) and st.private(node):
         # a fresh array each call would be returned to the OS by malloc and faulted back in
         return [f"{out} = np.matmul({x}{ta}, {y}{tb}, out={st.scratch(out, node.shape, [x, y])})"]

@@ -56,11 +56,35 @@ def _sum_latex(node, a, fm):
     return rf"\sum_{{\mathrm{{axis}}\,{','.join(map(str, node.attr('axes')))}}} {a[0]}"
 
 
+def _einsum(st, node):
+    """The sum over the last axis, or over all axes but the last, of a product ``c*a*b`` as
+    ``c*np.einsum(...)``: no array of the product (a layer norm's row variance, the softmax
+    adjoint's row sums, a norm's scale gradient). None for other sums."""
+    x = node.inputs[0]
+    axes, rank = node.attr("axes"), len(x.shape)
+    terms = st.product_terms(x) if rank >= 2 and st.large(x) else None
+    if terms is None or rank > 8 or axes not in ((rank - 1,), tuple(range(rank - 1))):
+        return None
+    coeff, operands = terms
+    coeff = None if coeff is None else ("-" if coeff == "-1" else coeff + "*")
+    if len(operands) == 1:       # c*a: the sum of a, times c (no array of c*a)
+        ax = axes[0] if len(axes) == 1 else axes
+        return [f"{st.name(node)} = {coeff or ''}{operands[0]}.sum(axis={ax})"]
+    letters = "abcdefgh"[:rank]
+    kept = letters[:-1] if axes == (rank - 1,) else letters[-1]
+    spec = f"{letters},{letters}->{kept}"
+    code = f"np.einsum({spec!r}, {operands[0]}, {operands[1]})"
+    return [f"{st.name(node)} = {coeff or ''}{code}"]
+
+
 def _sum_numpy(st, node):
     x = node.inputs[0]
     out = st.name(node)
     axes = node.attr("axes")
     ax = "" if len(axes) == len(x.shape) else "axis=" + (str(axes[0]) if len(axes) == 1 else str(tuple(axes)))
+    lines = _einsum(st, node)
+    if lines is not None:
+        return lines
     if st.computed(x):
         return [f"{out} = {st.method_target(x)}.sum({ax})"]
     return [f"{out} = np.sum({st.ref(x, bare=True)}{', ' + ax if ax else ''})"]

@@ -40,20 +40,16 @@ def _max_jvp(node, t):
 
 
 def _max_numpy(st, node):
-    return [f"{st.name(node)} = {st.method_target(node.inputs[0])}.max(axis=1)"]
+    st.helpers.add("window_max")
+    return [f"{st.name(node)} = _window_max({st.ref(node.inputs[0], bare=True)})"]
 
 
 def _grad_numpy(st, node):
     p, g = node.inputs
     out = st.name(node)
-    return [f"{out} = np.zeros({st.ref(p)}.shape, dtype={st.ref(g)}.dtype)",
-            f"np.put_along_axis({out}, np.argmax({st.ref(p, bare=True)}, axis=1)[:, None, :], "
-            f"{_g(st, g)}, axis=1)"]
-
-
-def _g(st, g):
-    """The adjoint's values as (rows, 1, channels), or the constant (the tangent rule's ones)."""
-    return st.constant(g) if g.uid in st.p.inline and not g.inputs else f"{st.ref(g)}[:, None, :]"
+    # (g may be the tangent rule's inline constant of ones: ref gives it as an array)
+    st.helpers |= {"route_to_argmax", "window_max"}
+    return [f"{out} = _route_to_argmax({st.ref(p, bare=True)}, {st.ref(g, bare=True)})"]
 
 
 def _argmax_loop(st, p, body):

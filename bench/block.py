@@ -1,0 +1,283 @@
+"""Benchmark section ``block``: one training step (loss + every gradient) of a transformer block,
+generated NumPy against PyTorch eager and JAX ``jit(value_and_grad)``, interleaved in one run.
+
+The model: x (n, T, d) -> pre-norm causal transformer block (layernorm, 4-head self-attention,
+residual, layernorm, dense mlp gelu, dense d, residual) -> softmax cross-entropy of the block's
+d outputs at every position against integer labels y (n, T) in 0..d-1: the loss touches every
+output, and every parameter of the block gets a gradient. Batch 16, T 64, d 128, 4 heads, MLP
+512, float32 (issue 13, item 7).
+
+    python -m bench --only block                 # the section, with PyTorch and JAX if installed
+    python -m bench.block --profile              # where the generated step's time goes, per statement
+
+The PyTorch step is written as a PyTorch user writes it: ``F.layer_norm``,
+``F.scaled_dot_product_attention(is_causal=True)`` (its fused CPU kernel) and ``F.gelu(approximate
+="tanh")``; a second PyTorch row spells the attention out as bpc builds it (scores, a causal
+``masked_fill``, ``softmax``, products). JAX is the same written-out block under ``jit``. Every
+candidate's loss is checked against the generated module's before timing.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SIZES = {"n": 16, "T": 64, "d": 128, "heads": 4, "mlp": 512}
+NAMES = ("g1", "s1", "Wq2", "Wk2", "Wv2", "Wo2", "bo2", "g3", "s3", "W4", "b4", "W5", "b5")
+
+
+def block_model(T=64, d=128, heads=4, mlp=512):
+    import compiler as bpc
+    net = bpc.Network("bench_block")
+    x = net.input("x", shape=(T, d))
+    h = net.transformer_block(x, heads=heads, mlp=mlp, causal=True)
+    return net.build(h, loss="softmax_cross_entropy", target=net.target("y", kind="label", length=T))
+
+
+def data(module, n=16, T=64, d=128, dtype=np.float32, seed=0):
+    """(params, x, y): the module's initial parameters (biases and norms perturbed, so that no
+    gradient is trivially structured) and a random batch."""
+    rng = np.random.default_rng(seed)
+    params = module.init_params(seed=seed, dtype=dtype)
+    for k, v in params.items():
+        if v.ndim == 1:
+            v += (0.1 * rng.standard_normal(v.shape)).astype(dtype)
+    x = rng.standard_normal((n, T, d)).astype(dtype)
+    y = rng.integers(0, d, (n, T))
+    return params, x, y
+
+
+def make_torch(params, x, y, heads, sdpa=True, threads=None):
+    """forward + backward of the block in PyTorch eager, or (None, why)."""
+    try:
+        import torch
+    except Exception as e:
+        return None, f"torch not installed ({type(e).__name__}); pip install torch==2.13.0"
+    if threads:
+        torch.set_num_threads(threads)
+    F = torch.nn.functional
+    ps = [torch.from_numpy(np.array(params[k])).requires_grad_() for k in NAMES]
+    tx, ty = torch.from_numpy(x), torch.from_numpy(np.asarray(y, np.int64))
+    n, T, d = x.shape
+    dk = d // heads
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+
+    def step():
+        for p in ps:
+            p.grad = None
+        g1, s1, Wq, Wk, Wv, Wo, bo, g3, s3, W4, b4, W5, b5 = ps
+        h = F.layer_norm(tx, (d,), g1, s1, 1e-5)
+        q, k, v = ((h @ W).view(n, T, heads, dk).transpose(1, 2) for W in (Wq, Wk, Wv))
+        if sdpa:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(dk))
+            o = torch.softmax(s.masked_fill(future, -1e9), dim=-1) @ v
+        r = tx + torch.addmm(bo, o.transpose(1, 2).reshape(n * T, d), Wo).view(n, T, d)
+        h2 = F.layer_norm(r, (d,), g3, s3, 1e-5).view(n * T, d)
+        m = torch.addmm(b5, F.gelu(torch.addmm(b4, h2, W4), approximate="tanh"), W5)
+        value = F.cross_entropy(r.view(n * T, d) + m, ty.view(-1))
+        value.backward()
+        return value.item(), [p.grad for p in ps]
+
+    return step, f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def make_jax(params, x, y, heads):
+    """``jit(value_and_grad)`` of the block in JAX on the CPU, or (None, why)."""
+    try:
+        import jax
+    except Exception as e:
+        return None, f"jax not installed ({type(e).__name__}); pip install jax"
+    jnp = jax.numpy
+    n, T, d = x.shape
+    dk = d // heads
+    keep = np.tri(T, dtype=bool)
+
+    def norm(h, g, s):
+        mu = h.mean(-1, keepdims=True)
+        c = h - mu
+        return c * jax.lax.rsqrt((c * c).mean(-1, keepdims=True) + 1e-5) * g + s
+
+    def loss_fn(ps, x, y):
+        g1, s1, Wq, Wk, Wv, Wo, bo, g3, s3, W4, b4, W5, b5 = ps
+        h = norm(x, g1, s1)
+        q, k, v = ((h @ W).reshape(n, T, heads, dk).transpose(0, 2, 1, 3) for W in (Wq, Wk, Wv))
+        s = jnp.where(keep, (q @ k.transpose(0, 1, 3, 2)) / math.sqrt(dk), -1e9)
+        o = (jax.nn.softmax(s, axis=-1) @ v).transpose(0, 2, 1, 3).reshape(n, T, d)
+        r = x + o @ Wo + bo
+        out = r + jax.nn.gelu(norm(r, g3, s3) @ W4 + b4, approximate=True) @ W5 + b5
+        logp = jax.nn.log_softmax(out, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, y[..., None], axis=-1))
+
+    f = jax.jit(jax.value_and_grad(loss_fn))
+    cpu = jax.devices("cpu")[0]
+    jps = [jax.device_put(params[k], cpu) for k in NAMES]
+    jx, jy = jax.device_put(x, cpu), jax.device_put(np.asarray(y, np.int32), cpu)
+
+    def step():
+        value, grads = f(jps, jx, jy)
+        jax.block_until_ready(grads)
+        return float(value), grads
+
+    return step, f"jax {jax.__version__}"
+
+
+def candidates(skip=(), dtype=np.float32):
+    """({label: step callable}, loss of the generated step, notes) for one run."""
+    import compiler as bpc
+    s = SIZES
+    module = bpc.compile_model(block_model(s["T"], s["d"], s["heads"], s["mlp"]), np.dtype(dtype).name).load()
+    params, x, y = data(module, s["n"], s["T"], s["d"], dtype)
+    ref = module.backward(params, x, y)[0]
+    fns, notes = {"generated NumPy": lambda: module.backward(params, x, y)}, []
+    makers = []
+    if "torch" not in skip:
+        makers += [("PyTorch eager (scaled_dot_product_attention)", lambda: make_torch(params, x, y, s["heads"])),
+                   ("PyTorch eager, attention written out", lambda: make_torch(params, x, y, s["heads"], sdpa=False))]
+    if "jax" not in skip:
+        makers.append(("JAX jit(value_and_grad)", lambda: make_jax(params, x, y, s["heads"])))
+    for label, make in makers:
+        fn, info = make()
+        if fn is None:
+            notes.append(f"{label} skipped: {info}")
+            continue
+        got = fn()[0]
+        if not np.isclose(got, ref, rtol=1e-4, atol=1e-4):
+            raise SystemExit(f"{label}: loss {got} differs from the generated module's {ref}")
+        fns[label] = fn
+    return fns, ref, notes
+
+
+def one_thread(note=print):
+    """One thread for every candidate (NumPy's BLAS is limited by the caller, threadpoolctl):
+    PyTorch's intra-op pool and XLA's (its flags are read when JAX starts its CPU backend, so a
+    JAX already started keeps its threads, which is noted). On a shared 2-core machine two BLAS
+    threads wait on each other while other jobs hold the cores: a step then takes 5-30x longer
+    and no ratio means anything."""
+    import os
+    flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    if "jax" in sys.modules:
+        note("block: JAX was started before this section and keeps its default threads")
+    elif flags not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+    try:
+        import torch
+        torch.set_num_threads(1)
+    except Exception:
+        pass
+
+
+def block_section(args, rows_out, note=print):
+    """The ``block`` section of ``python -m bench``: a markdown table of ms per step and the
+    ratio of the generated step's time to each candidate's."""
+    from threadpoolctl import threadpool_limits
+
+    from bench.timing import measure, spread
+    skip = set(filter(None, getattr(args, "skip", "").split(",")))
+    one_thread(note)
+    with threadpool_limits(1):
+        fns, _, notes = candidates(skip)
+        for text in notes:
+            note(text)
+        print("  timing float32 (CPU time, then wall time) ...", flush=True)
+        cpu = measure(fns, rounds=args.rounds, clock=time.process_time)
+        wall = measure(fns, rounds=args.rounds)
+    for what, samples in (("CPU", cpu), ("wall", wall)):
+        if spread(samples["generated NumPy"]) > 0.2:
+            note(f"block ({what} time): noisy machine (generated NumPy: interquartile range "
+                 f"{spread(samples['generated NumPy']):.0%} of the median); rerun before trusting these ratios")
+    tc = {name: statistics.median(v) for name, v in cpu.items()}
+    tw = {name: statistics.median(v) for name, v in wall.items()}
+    gc, gw = tc["generated NumPy"], tw["generated NumPy"]
+    rows = [(name, f"{tc[name] * 1e3:.2f}", f"{gc / tc[name]:.2f}x", f"{tw[name] * 1e3:.2f}", f"{gw / tw[name]:.2f}x")
+            for name in fns]
+    s = SIZES
+    header = ["implementation", "CPU ms per step", "generated / this (CPU)", "wall ms per step",
+              "generated / this (wall)"]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    text = (f"batch {s['n']}, T {s['T']}, d {s['d']}, {s['heads']} heads, MLP {s['mlp']}, float32, causal, one "
+            "thread each; a ratio <= 1.00x: the generated step is no slower than that candidate\n\n" + "\n".join(out))
+    t = {"cpu": tc, "wall": tw}
+    rows_out["block"] = (text, t)
+    return text
+
+
+# ---- where the time goes ------------------------------------------------------------------
+
+def profile(module, params, x, y, repeats=100):
+    """[(seconds per call, source line)] of ``backward``'s statements, slowest first: the
+    function's body is re-run with a timer around each top-level statement."""
+    import ast
+    import inspect
+    import textwrap
+    src = textwrap.dedent(inspect.getsource(module.backward))
+    fn = ast.parse(src).body[0]
+    lines = src.splitlines()
+    body, labels = [], []
+    for i, stmt in enumerate(fn.body):
+        text = " ".join(lines[stmt.lineno - 1:stmt.end_lineno]).strip()
+        if isinstance(stmt, ast.Expr) and isinstance(getattr(stmt, "value", None), ast.Constant):
+            continue                                   # the docstring
+        labels.append(text)
+        k = len(labels) - 1
+        start = ast.parse(f"_t0 = _clock()").body[0]
+        stop = ast.parse(f"_acc[{k}] += _clock() - _t0").body[0]
+        if isinstance(stmt, ast.Return):
+            tmp = ast.parse("_ret = 0").body[0]
+            tmp.value = stmt.value
+            body += [start, tmp, stop, ast.parse("return _ret").body[0]]
+        else:
+            body += [start, stmt, stop]
+    fn.body = body
+    fn.name = "_timed_backward"
+    tree = ast.fix_missing_locations(ast.Module(body=[fn], type_ignores=[]))
+    acc = [0.0] * len(labels)
+    namespace = dict(module.__dict__, _clock=time.process_time, _acc=acc)
+    exec(compile(tree, f"<timed {module.__name__}.backward>", "exec"), namespace)
+    timed = namespace["_timed_backward"]
+    for _ in range(3):
+        timed(params, x, y)
+    acc[:] = [0.0] * len(labels)
+    for _ in range(repeats):
+        timed(params, x, y)
+    return sorted(((a / repeats, label) for a, label in zip(acc, labels)), reverse=True)
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m bench.block", description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", action="store_true", help="per-statement times of the generated backward")
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--skip", default="", help="torch,jax")
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1, help="BLAS / framework threads (default 1)")
+    args = ap.parse_args(argv)
+    if args.profile:
+        import compiler as bpc
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(args.threads)
+        s = SIZES
+        module = bpc.compile_model(block_model(s["T"], s["d"], s["heads"], s["mlp"]), "float32").load()
+        params, x, y = data(module, s["n"], s["T"], s["d"])
+        rows = profile(module, params, x, y)
+        total = sum(t for t, _ in rows)
+        print(f"backward: {total * 1e3:.2f} ms of CPU per call (statements timed one by one, process CPU time)")
+        for t, label in rows[:args.top]:
+            print(f"{t * 1e3:8.3f} ms {t / total:6.1%}  {label[:110]}")
+        return 0
+    print(block_section(args, {}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
