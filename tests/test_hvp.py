@@ -248,6 +248,7 @@ def test_second_order_can_be_left_out(tmp_path):
     from compiler.backends.c.backend import compile_model_c
     assert "_hvp(" not in compile_model_c(model).c_source          # C: opt-in (a longer gcc build)
     assert "_hvp(" in compile_model_c(model, second_order=True).c_source
+    assert "def hvp(" in compile_model_c(model).wrapper_source   # ...but the name is there, with the way to get it
     body = [c.source.split("def backward(")[1].split("return ")[0] for c in (full, lean)]
     assert body[0] == body[1]
     spec = Path(__file__).resolve().parent.parent / "examples" / "mlp_tanh.toml"
@@ -270,3 +271,14 @@ def test_a_parameter_named_v(target):
     gm = mod.backward({k: params[k] - eps * direction[k] for k in params}, xs, ys)[1]
     for k in params:
         assert float(hv[k]) == pytest.approx(float(gp[k] - gm[k]) / (2 * eps), rel=1e-6)
+
+
+@NEEDS_CC
+def test_a_c_module_without_second_order_says_how_to_get_it():
+    from compiler.backends.c.backend import compile_model_c
+    mod = compile_model_c(bpc.mlp([2, 3, 1], activation="tanh", name="first_only_c")).load()
+    params = mod.init_params(seed=0)
+    x, y = np.zeros((4, 2)), np.zeros((4, 1))
+    for fn in (mod.hvp, mod.gnvp):
+        with pytest.raises(NotImplementedError, match=r"second_order=True.*--hvp"):
+            fn(params, params, x, y)
