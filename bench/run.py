@@ -9,7 +9,7 @@ target against hand NumPy, hand C, PyTorch and JAX, ``blas`` its loops against g
 (bench/c_target.py), ``dask`` data-parallel training on 1 and 2 Dask workers against one process
 (bench/dask_scaling.py; needs dask.distributed), ``per_example`` per-example gradients against
 torch.func and JAX vmap (bench/per_example.py), ``moments`` the polynomial fit with its data
-moments hoisted (bench/moments.py).
+moments hoisted (bench/moments.py), ``hvp`` Hessian-vector products (bench/hvp.py).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from bench import moments, per_example  # noqa: E402
 from bench.cpu import cpu_name  # noqa: E402
 from bench.frameworks import make_jax, make_torch  # noqa: E402
 from bench.block import block_section  # noqa: E402
+from bench.hvp import hvp_section  # noqa: E402
 from bench.reference import HandMLP  # noqa: E402
 from bench.timing import compare, measure, spread  # noqa: E402
 
@@ -305,6 +306,7 @@ def dask_section(args, rows_out):
 
 
 SECTIONS["dask"] = dask_section
+SECTIONS["hvp"] = hvp_section
 
 
 def describe():
@@ -342,6 +344,8 @@ def main(argv=None):
               "dask": "Data-parallel training on Dask: 1 and 2 single-threaded workers against one process",
               "cnn": "CNN training step, float32 (generated NumPy, PyTorch eager, JAX jit)",
               "per_example": per_example.TITLE, "moments": moments.TITLE}
+              "blas": "The C target's matrix products: its loops against the BLAS's gemm"}
+    titles["hvp"] = f"Hessian-vector product, MLP 784-256-128-10 {args.activation}, softmax cross-entropy, batch 256"
     for name in args.only.split(","):
         print(f"\n## {titles[name]}", flush=True)
         text = SECTIONS[name](args, results)

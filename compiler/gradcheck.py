@@ -37,7 +37,7 @@ class TrainingMode:
 
     def __getattr__(self, name):
         value = getattr(self.module, name)
-        if name in ("forward", "loss", "backward"):
+        if name in ("forward", "loss", "backward", "hvp", "gnvp"):
             return lambda *args, **kw: value(*args, **{**self.mode, **kw})
         return value
 

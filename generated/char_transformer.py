@@ -9,6 +9,8 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> class probabilities (softmax of the logits) at every position, shape (batch, T, classes)
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
+    gnvp(params, v, x, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
     per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: inputs are cast to float32
 """
@@ -145,6 +147,14 @@ def _param(params, name, shape):
         if a.shape != shape:
             raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
     return a
+
+
+
+def _direction(v, name, shape):   # (hvp and gnvp: the direction's entries)
+    try:
+        return _param(v, name, shape)
+    except ValueError as e:
+        raise ValueError(f"v (the direction, shaped like params): {e}") from None
 
 
 # ---- argument checks shared by the NumPy and C modules (templates/_checks.py.j2) ----------
@@ -1184,6 +1194,2395 @@ def backward(params, x, y):
     # db14 = sum(dZ14, axis=(0, 1))
     db14 = dZ14.sum(axis=(0, 1))
     return float(L), {'E1': dE1, 'P2': dP2, 'g3': dg3, 's3': ds3, 'Wq4': dWq4, 'Wk4': dWk4, 'Wv4': dWv4, 'Wo4': dWo4, 'bo4': dbo4, 'g5': dg5, 's5': ds5, 'W6': dW6, 'b6': db6, 'W7': dW7, 'b7': db7, 'g8': dg8, 's8': ds8, 'Wq9': dWq9, 'Wk9': dWk9, 'Wv9': dWv9, 'Wo9': dWo9, 'bo9': dbo9, 'g10': dg10, 's10': ds10, 'W11': dW11, 'b11': db11, 'W12': dW12, 'b12': db12, 'g13': dg13, 's13': ds13, 'W14': dW14, 'b14': db14}
+
+
+def hvp(params, v, x, y):
+    """The loss, its gradient and the Hessian-vector product Hv for the direction v (a dict shaped like params): the gradient differentiated once more along v (forward over reverse)."""
+    x = _tokens(x, 'x', 96, (64,), 'token ids')
+    y = _tokens(y, 'y', 96, (64,), 'labels')
+    n = _batch(x, y)
+    dt = _param(params, 'E1', (96, 64)).dtype
+    E1 = _param(params, 'E1', (96, 64))
+    P2 = _param(params, 'P2', (64, 64))
+    g3 = _param(params, 'g3', (64,))
+    s3 = _param(params, 's3', (64,))
+    Wq4 = _param(params, 'Wq4', (64, 64))
+    Wk4 = _param(params, 'Wk4', (64, 64))
+    Wv4 = _param(params, 'Wv4', (64, 64))
+    Wo4 = _param(params, 'Wo4', (64, 64))
+    bo4 = _param(params, 'bo4', (64,))
+    g5 = _param(params, 'g5', (64,))
+    s5 = _param(params, 's5', (64,))
+    W6 = _param(params, 'W6', (64, 256))
+    b6 = _param(params, 'b6', (256,))
+    W7 = _param(params, 'W7', (256, 64))
+    b7 = _param(params, 'b7', (64,))
+    g8 = _param(params, 'g8', (64,))
+    s8 = _param(params, 's8', (64,))
+    Wq9 = _param(params, 'Wq9', (64, 64))
+    Wk9 = _param(params, 'Wk9', (64, 64))
+    Wv9 = _param(params, 'Wv9', (64, 64))
+    Wo9 = _param(params, 'Wo9', (64, 64))
+    bo9 = _param(params, 'bo9', (64,))
+    g10 = _param(params, 'g10', (64,))
+    s10 = _param(params, 's10', (64,))
+    W11 = _param(params, 'W11', (64, 256))
+    b11 = _param(params, 'b11', (256,))
+    W12 = _param(params, 'W12', (256, 64))
+    b12 = _param(params, 'b12', (64,))
+    g13 = _param(params, 'g13', (64,))
+    s13 = _param(params, 's13', (64,))
+    W14 = _param(params, 'W14', (64, 96))
+    b14 = _param(params, 'b14', (96,))
+    v_E1 = _direction(v, 'E1', (96, 64))
+    v_P2 = _direction(v, 'P2', (64, 64))
+    v_g3 = _direction(v, 'g3', (64,))
+    v_s3 = _direction(v, 's3', (64,))
+    v_Wq4 = _direction(v, 'Wq4', (64, 64))
+    v_Wk4 = _direction(v, 'Wk4', (64, 64))
+    v_Wv4 = _direction(v, 'Wv4', (64, 64))
+    v_Wo4 = _direction(v, 'Wo4', (64, 64))
+    v_bo4 = _direction(v, 'bo4', (64,))
+    v_g5 = _direction(v, 'g5', (64,))
+    v_s5 = _direction(v, 's5', (64,))
+    v_W6 = _direction(v, 'W6', (64, 256))
+    v_b6 = _direction(v, 'b6', (256,))
+    v_W7 = _direction(v, 'W7', (256, 64))
+    v_b7 = _direction(v, 'b7', (64,))
+    v_g8 = _direction(v, 'g8', (64,))
+    v_s8 = _direction(v, 's8', (64,))
+    v_Wq9 = _direction(v, 'Wq9', (64, 64))
+    v_Wk9 = _direction(v, 'Wk9', (64, 64))
+    v_Wv9 = _direction(v, 'Wv9', (64, 64))
+    v_Wo9 = _direction(v, 'Wo9', (64, 64))
+    v_bo9 = _direction(v, 'bo9', (64,))
+    v_g10 = _direction(v, 'g10', (64,))
+    v_s10 = _direction(v, 's10', (64,))
+    v_W11 = _direction(v, 'W11', (64, 256))
+    v_b11 = _direction(v, 'b11', (256,))
+    v_W12 = _direction(v, 'W12', (256, 64))
+    v_b12 = _direction(v, 'b12', (64,))
+    v_g13 = _direction(v, 'g13', (64,))
+    v_s13 = _direction(v, 's13', (64,))
+    v_W14 = _direction(v, 'W14', (64, 96))
+    v_b14 = _direction(v, 'b14', (96,))
+    Em1 = E1[x]
+    H2 = Em1 + P2
+    sum_H2 = H2.sum(axis=2)
+    M3 = sum_H2/64
+    C3 = H2 - M3[:, :, None]
+    V3 = 1/64*np.einsum('abc,abc->ab', C3, C3)
+    R3 = np.add(V3, 1e-05, out=_scratch('R3', (n, 64), V3))
+    np.sqrt(R3, out=R3)
+    np.divide(1.0, R3, out=R3)
+    Xn3 = C3*R3[:, :, None]
+    H3 = np.multiply(Xn3, g3, out=_scratch('H3', (n, 64, 64), Xn3, g3))
+    H3 += s3
+    X4 = H3.reshape((64*n, 64))
+    XQ4 = np.matmul(X4, Wq4, out=_scratch('XQ4', (64*n, 64), X4, Wq4))
+    Qs4 = XQ4.reshape((n, 64, 4, 16))
+    Q4 = Qs4.transpose((0, 2, 1, 3))
+    XK4 = np.matmul(X4, Wk4, out=_scratch('XK4', (64*n, 64), X4, Wk4))
+    Ks4 = XK4.reshape((n, 64, 4, 16))
+    K4 = Ks4.transpose((0, 2, 1, 3))
+    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2))
+    Sc4 = QK4
+    Sc4 *= 1/4
+    S4 = Sc4
+    np.copyto(S4, -1e+09, where=~np.tri(64, dtype=bool))
+    A4 = _softmax_into(S4, S4)
+    XV4 = np.matmul(X4, Wv4, out=_scratch('XV4', (64*n, 64), X4, Wv4))
+    Vs4 = XV4.reshape((n, 64, 4, 16))
+    V4 = Vs4.transpose((0, 2, 1, 3))
+    O4 = np.matmul(A4, V4, out=_scratch('O4', (n, 64, 4, 16), A4, V4).transpose((0, 2, 1, 3)))
+    Ot4 = O4.transpose((0, 2, 1, 3))
+    Oc4 = Ot4.reshape((64*n, 64))
+    OW4 = np.matmul(Oc4, Wo4, out=_scratch('OW4', (64*n, 64), Oc4, Wo4))
+    OWs4 = OW4.reshape((n, 64, 64))
+    R4 = OWs4
+    R4 += H2
+    R4 += bo4
+    sum_R4 = R4.sum(axis=2)
+    M5 = sum_R4/64
+    C5 = -M5[:, :, None] + R4
+    V5 = 1/64*np.einsum('abc,abc->ab', C5, C5)
+    R5 = np.add(V5, 1e-05, out=_scratch('R5', (n, 64), V5))
+    np.sqrt(R5, out=R5)
+    np.divide(1.0, R5, out=R5)
+    Xn5 = C5*R5[:, :, None]
+    H5 = np.multiply(Xn5, g5, out=_scratch('H5', (n, 64, 64), Xn5, g5))
+    H5 += s5
+    X6 = H5.reshape((64*n, 64))
+    XW6 = np.matmul(X6, W6, out=_scratch('XW6', (64*n, 256), X6, W6))
+    XWs6 = XW6.reshape((n, 64, 256))
+    Z6 = XWs6
+    Z6 += b6
+    tanh_Z6 = np.multiply(Z6, Z6, out=_scratch('tanh_Z6', (n, 64, 256), Z6))
+    tanh_Z6 *= 0.044715
+    tanh_Z6 += 1
+    tanh_Z6 *= Z6
+    tanh_Z6 *= 0.7978845608028654
+    np.tanh(tanh_Z6, out=tanh_Z6)
+    H6 = np.add(tanh_Z6, 1, out=_scratch('H6', (n, 64, 256), tanh_Z6))
+    H6 *= Z6
+    H6 *= 1/2
+    X7 = H6.reshape((64*n, 256))
+    XW7 = np.matmul(X7, W7, out=_scratch('XW7', (64*n, 64), X7, W7))
+    XWs7 = XW7.reshape((n, 64, 64))
+    R7 = XWs7
+    R7 += R4
+    R7 += b7
+    sum_R7 = R7.sum(axis=2)
+    M8 = sum_R7/64
+    C8 = -M8[:, :, None] + R7
+    V8 = 1/64*np.einsum('abc,abc->ab', C8, C8)
+    R8 = np.add(V8, 1e-05, out=_scratch('R8', (n, 64), V8))
+    np.sqrt(R8, out=R8)
+    np.divide(1.0, R8, out=R8)
+    Xn8 = C8*R8[:, :, None]
+    H8 = np.multiply(Xn8, g8, out=_scratch('H8', (n, 64, 64), Xn8, g8))
+    H8 += s8
+    X9 = H8.reshape((64*n, 64))
+    XQ9 = np.matmul(X9, Wq9, out=_scratch('XQ9', (64*n, 64), X9, Wq9))
+    Qs9 = XQ9.reshape((n, 64, 4, 16))
+    Q9 = Qs9.transpose((0, 2, 1, 3))
+    XK9 = np.matmul(X9, Wk9, out=_scratch('XK9', (64*n, 64), X9, Wk9))
+    Ks9 = XK9.reshape((n, 64, 4, 16))
+    K9 = Ks9.transpose((0, 2, 1, 3))
+    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2))
+    Sc9 = QK9
+    Sc9 *= 1/4
+    S9 = Sc9
+    np.copyto(S9, -1e+09, where=~np.tri(64, dtype=bool))
+    A9 = _softmax_into(S9, S9)
+    XV9 = np.matmul(X9, Wv9, out=_scratch('XV9', (64*n, 64), X9, Wv9))
+    Vs9 = XV9.reshape((n, 64, 4, 16))
+    V9 = Vs9.transpose((0, 2, 1, 3))
+    O9 = np.matmul(A9, V9, out=_scratch('O9', (n, 64, 4, 16), A9, V9).transpose((0, 2, 1, 3)))
+    Ot9 = O9.transpose((0, 2, 1, 3))
+    Oc9 = Ot9.reshape((64*n, 64))
+    OW9 = np.matmul(Oc9, Wo9, out=_scratch('OW9', (64*n, 64), Oc9, Wo9))
+    OWs9 = OW9.reshape((n, 64, 64))
+    R9 = OWs9
+    R9 += R7
+    R9 += bo9
+    sum_R9 = R9.sum(axis=2)
+    M10 = sum_R9/64
+    C10 = -M10[:, :, None] + R9
+    V10 = 1/64*np.einsum('abc,abc->ab', C10, C10)
+    R10 = np.add(V10, 1e-05, out=_scratch('R10', (n, 64), V10))
+    np.sqrt(R10, out=R10)
+    np.divide(1.0, R10, out=R10)
+    Xn10 = C10*R10[:, :, None]
+    H10 = np.multiply(Xn10, g10, out=_scratch('H10', (n, 64, 64), Xn10, g10))
+    H10 += s10
+    X11 = H10.reshape((64*n, 64))
+    XW11 = np.matmul(X11, W11, out=_scratch('XW11', (64*n, 256), X11, W11))
+    XWs11 = XW11.reshape((n, 64, 256))
+    Z11 = XWs11
+    Z11 += b11
+    tanh_Z11 = np.multiply(Z11, Z11, out=_scratch('tanh_Z11', (n, 64, 256), Z11))
+    tanh_Z11 *= 0.044715
+    tanh_Z11 += 1
+    tanh_Z11 *= Z11
+    tanh_Z11 *= 0.7978845608028654
+    np.tanh(tanh_Z11, out=tanh_Z11)
+    H11 = np.add(tanh_Z11, 1, out=_scratch('H11', (n, 64, 256), tanh_Z11))
+    H11 *= Z11
+    H11 *= 1/2
+    X12 = H11.reshape((64*n, 256))
+    XW12 = np.matmul(X12, W12, out=_scratch('XW12', (64*n, 64), X12, W12))
+    XWs12 = XW12.reshape((n, 64, 64))
+    R12 = XWs12
+    R12 += R9
+    R12 += b12
+    sum_R12 = R12.sum(axis=2)
+    M13 = sum_R12/64
+    C13 = -M13[:, :, None] + R12
+    V13 = 1/64*np.einsum('abc,abc->ab', C13, C13)
+    R13 = np.add(V13, 1e-05, out=_scratch('R13', (n, 64), V13))
+    np.sqrt(R13, out=R13)
+    np.divide(1.0, R13, out=R13)
+    Xn13 = C13*R13[:, :, None]
+    H13 = np.multiply(Xn13, g13, out=_scratch('H13', (n, 64, 64), Xn13, g13))
+    H13 += s13
+    X14 = H13.reshape((64*n, 64))
+    XW14 = np.matmul(X14, W14, out=_scratch('XW14', (64*n, 96), X14, W14))
+    XWs14 = XW14.reshape((n, 64, 96))
+    Z14 = XWs14
+    Z14 += b14
+    LSE = _logsumexp(Z14.reshape(-1, 96)).reshape((n, 64))
+    CE = LSE - np.take_along_axis(Z14, y[..., None], axis=-1)[..., 0]
+    L = CE.mean()
+    R3_pow3 = np.multiply(R3, R3, out=_scratch('R3_pow3', (n, 64), R3))
+    R3_pow3 *= R3
+    dZ14 = np.exp(Z14 - LSE[..., None])
+    dZ14.reshape(-1, 96)[np.arange(y.size), y.reshape(-1)] -= 1
+    dZ14 *= 1/(64*n)
+    dXW14 = dZ14.reshape((64*n, 96))
+    dX14 = np.matmul(dXW14, W14.T, out=_scratch('dX14', (64*n, 64), dXW14, W14))
+    dH13 = dX14.reshape((n, 64, 64))
+    dXn13 = dH13*g13
+    dR13 = np.einsum('abc,abc->ab', dXn13, C13)
+    R13_pow3 = np.multiply(R13, R13, out=_scratch('R13_pow3', (n, 64), R13))
+    R13_pow3 *= R13
+    dV13_2 = np.multiply(R13_pow3, dR13, out=_scratch('dV13_2', (n, 64), R13_pow3, dR13))
+    dV13_2 *= -1/2
+    dC13_e_2 = np.full((n, 64, 64), dV13_2[:, :, None], dtype=dt)
+    dC13_2 = dXn13*(R13[:, :, None])
+    _dC13_2_0 = np.multiply(C13, dC13_e_2, out=_scratch('_dC13_2_0', (n, 64, 64), C13, dC13_e_2))
+    _dC13_2_0 *= 1/32
+    dC13_2 += _dC13_2_0
+    dM13_2 = -dC13_2.sum(axis=2)
+    dsum_R12_2 = dM13_2/64
+    dR12_2 = dC13_2 + dsum_R12_2[:, :, None]
+    dXW12_2 = dR12_2.reshape((64*n, 64))
+    dX12_2 = np.matmul(dXW12_2, W12.T, out=_scratch('dX12_2', (64*n, 256), dXW12_2, W12))
+    dH11_2 = dX12_2.reshape((n, 64, 256))
+    t_pow2 = tanh_Z11*tanh_Z11
+    Z11_pow2 = Z11*Z11
+    dZ11_2 = np.subtract(1, t_pow2, out=_scratch('dZ11_2', (n, 64, 256), t_pow2))
+    dZ11_2 *= Z11
+    _dZ11_2_0 = np.multiply(Z11_pow2, 0.134145, out=_scratch('_dZ11_2_0', (n, 64, 256), Z11_pow2))
+    _dZ11_2_0 += 1
+    dZ11_2 *= _dZ11_2_0
+    dZ11_2 *= 0.7978845608028654
+    dZ11_2 += tanh_Z11
+    dZ11_2 += 1
+    dZ11_2 *= dH11_2
+    dZ11_2 *= 1/2
+    dXW11_2 = dZ11_2.reshape((64*n, 256))
+    dX11_2 = np.matmul(dXW11_2, W11.T, out=_scratch('dX11_2', (64*n, 64), dXW11_2, W11))
+    dH10_2 = dX11_2.reshape((n, 64, 64))
+    dXn10_2 = dH10_2*g10
+    R10_pow3 = np.multiply(R10, R10, out=_scratch('R10_pow3', (n, 64), R10))
+    R10_pow3 *= R10
+    dR10_2 = np.einsum('abc,abc->ab', dXn10_2, C10)
+    dV10_2 = np.multiply(R10_pow3, dR10_2, out=_scratch('dV10_2', (n, 64), R10_pow3, dR10_2))
+    dV10_2 *= -1/2
+    dC10_e_2 = np.full((n, 64, 64), dV10_2[:, :, None], dtype=dt)
+    dC10_2 = dXn10_2*(R10[:, :, None])
+    _dC10_2_0 = np.multiply(C10, dC10_e_2, out=_scratch('_dC10_2_0', (n, 64, 64), C10, dC10_e_2))
+    _dC10_2_0 *= 1/32
+    dC10_2 += _dC10_2_0
+    dM10_2 = -dC10_2.sum(axis=2)
+    dsum_R9_2 = dM10_2/64
+    dR9_2 = np.add(dC10_2, dR12_2, out=_scratch('dR9_2', (n, 64, 64), dC10_2, dR12_2))
+    dR9_2 += dsum_R9_2[:, :, None]
+    dOW9_2 = dR9_2.reshape((64*n, 64))
+    dOc9_2 = np.matmul(dOW9_2, Wo9.T, out=_scratch('dOc9_2', (64*n, 64), dOW9_2, Wo9))
+    dOt9_2 = dOc9_2.reshape((n, 64, 4, 16))
+    dO9_2 = dOt9_2.transpose((0, 2, 1, 3))
+    dA9_2 = np.matmul(dO9_2, V9.swapaxes(-1, -2))
+    sum_dA9_times_A9_2 = np.einsum('abcd,abcd->abc', A9, dA9_2)
+    dS9_2 = dA9_2 + (-sum_dA9_times_A9_2[:, :, :, None])
+    dS9_2 *= A9
+    dSc9_2 = dS9_2
+    np.copyto(dSc9_2, 0, where=~np.tri(64, dtype=bool))
+    dQK9_2 = dSc9_2
+    dQK9_2 *= 1/4
+    dK9_2 = np.matmul(dQK9_2.swapaxes(-1, -2), Q9, out=_scratch('dK9_2', (n, 64, 4, 16), dQK9_2, Q9).transpose((0, 2, 1, 3)))
+    dKs9_2 = dK9_2.transpose((0, 2, 1, 3))
+    dXK9_2 = dKs9_2.reshape((64*n, 64))
+    dX9_XK9_2 = np.matmul(dXK9_2, Wk9.T, out=_scratch('dX9_XK9_2', (64*n, 64), dXK9_2, Wk9))
+    dQ9_2 = np.matmul(dQK9_2, K9, out=_scratch('dQ9_2', (n, 64, 4, 16), dQK9_2, K9).transpose((0, 2, 1, 3)))
+    dQs9_2 = dQ9_2.transpose((0, 2, 1, 3))
+    dXQ9_2 = dQs9_2.reshape((64*n, 64))
+    dX9_XQ9_2 = np.matmul(dXQ9_2, Wq9.T, out=_scratch('dX9_XQ9_2', (64*n, 64), dXQ9_2, Wq9))
+    dV9_2 = np.matmul(A9.swapaxes(-1, -2), dO9_2, out=_scratch('dV9_2', (n, 64, 4, 16), A9, dO9_2).transpose((0, 2, 1, 3)))
+    dVs9_2 = dV9_2.transpose((0, 2, 1, 3))
+    dXV9_2 = dVs9_2.reshape((64*n, 64))
+    dX9_XV9_2 = np.matmul(dXV9_2, Wv9.T, out=_scratch('dX9_XV9_2', (64*n, 64), dXV9_2, Wv9))
+    dX9_2 = dX9_XK9_2
+    dX9_2 += dX9_XQ9_2
+    dX9_2 += dX9_XV9_2
+    dH8_2 = dX9_2.reshape((n, 64, 64))
+    dXn8_2 = dH8_2*g8
+    dR8_2 = np.einsum('abc,abc->ab', dXn8_2, C8)
+    R8_pow3 = np.multiply(R8, R8, out=_scratch('R8_pow3', (n, 64), R8))
+    R8_pow3 *= R8
+    dV8_2 = np.multiply(R8_pow3, dR8_2, out=_scratch('dV8_2', (n, 64), R8_pow3, dR8_2))
+    dV8_2 *= -1/2
+    dC8_e_2 = np.full((n, 64, 64), dV8_2[:, :, None], dtype=dt)
+    dC8_2 = dXn8_2*(R8[:, :, None])
+    _dC8_2_0 = np.multiply(C8, dC8_e_2, out=_scratch('_dC8_2_0', (n, 64, 64), C8, dC8_e_2))
+    _dC8_2_0 *= 1/32
+    dC8_2 += _dC8_2_0
+    dM8_2 = -dC8_2.sum(axis=2)
+    dsum_R7_2 = dM8_2/64
+    dR7_2 = np.add(dC8_2, dR9_2, out=_scratch('dR7_2', (n, 64, 64), dC8_2, dR9_2))
+    dR7_2 += dsum_R7_2[:, :, None]
+    Z6_pow2 = Z6*Z6
+    dXW7_2 = dR7_2.reshape((64*n, 64))
+    dX7_2 = np.matmul(dXW7_2, W7.T, out=_scratch('dX7_2', (64*n, 256), dXW7_2, W7))
+    dH6_2 = dX7_2.reshape((n, 64, 256))
+    t_pow2_2 = tanh_Z6*tanh_Z6
+    dZ6_2 = np.subtract(1, t_pow2_2, out=_scratch('dZ6_2', (n, 64, 256), t_pow2_2))
+    dZ6_2 *= Z6
+    _dZ6_2_0 = np.multiply(Z6_pow2, 0.134145, out=_scratch('_dZ6_2_0', (n, 64, 256), Z6_pow2))
+    _dZ6_2_0 += 1
+    dZ6_2 *= _dZ6_2_0
+    dZ6_2 *= 0.7978845608028654
+    dZ6_2 += tanh_Z6
+    dZ6_2 += 1
+    dZ6_2 *= dH6_2
+    dZ6_2 *= 1/2
+    dXW6_2 = dZ6_2.reshape((64*n, 256))
+    dX6_2 = np.matmul(dXW6_2, W6.T, out=_scratch('dX6_2', (64*n, 64), dXW6_2, W6))
+    dH5_2 = dX6_2.reshape((n, 64, 64))
+    dXn5_2 = dH5_2*g5
+    dR5_2 = np.einsum('abc,abc->ab', C5, dXn5_2)
+    R5_pow3 = np.multiply(R5, R5, out=_scratch('R5_pow3', (n, 64), R5))
+    R5_pow3 *= R5
+    dV5_2 = np.multiply(R5_pow3, dR5_2, out=_scratch('dV5_2', (n, 64), R5_pow3, dR5_2))
+    dV5_2 *= -1/2
+    dC5_e_2 = np.full((n, 64, 64), dV5_2[:, :, None], dtype=dt)
+    dC5_2 = dXn5_2*(R5[:, :, None])
+    _dC5_2_0 = np.multiply(C5, dC5_e_2, out=_scratch('_dC5_2_0', (n, 64, 64), C5, dC5_e_2))
+    _dC5_2_0 *= 1/32
+    dC5_2 += _dC5_2_0
+    dM5_2 = -dC5_2.sum(axis=2)
+    dsum_R4_2 = dM5_2/64
+    dR4_2 = np.add(dC5_2, dR7_2, out=_scratch('dR4_2', (n, 64, 64), dC5_2, dR7_2))
+    dR4_2 += dsum_R4_2[:, :, None]
+    dOW4_2 = dR4_2.reshape((64*n, 64))
+    dOc4_2 = np.matmul(dOW4_2, Wo4.T, out=_scratch('dOc4_2', (64*n, 64), dOW4_2, Wo4))
+    dOt4_2 = dOc4_2.reshape((n, 64, 4, 16))
+    dO4_2 = dOt4_2.transpose((0, 2, 1, 3))
+    dA4_2 = np.matmul(dO4_2, V4.swapaxes(-1, -2))
+    sum_dA4_times_A4_2 = np.einsum('abcd,abcd->abc', A4, dA4_2)
+    dS4_2 = dA4_2 + (-sum_dA4_times_A4_2[:, :, :, None])
+    dS4_2 *= A4
+    dSc4_2 = dS4_2
+    np.copyto(dSc4_2, 0, where=~np.tri(64, dtype=bool))
+    dQK4_2 = dSc4_2
+    dQK4_2 *= 1/4
+    dQ4_2 = np.matmul(dQK4_2, K4, out=_scratch('dQ4_2', (n, 64, 4, 16), dQK4_2, K4).transpose((0, 2, 1, 3)))
+    dQs4_2 = dQ4_2.transpose((0, 2, 1, 3))
+    dXQ4_2 = dQs4_2.reshape((64*n, 64))
+    dX4_XQ4_2 = np.matmul(dXQ4_2, Wq4.T, out=_scratch('dX4_XQ4_2', (64*n, 64), dXQ4_2, Wq4))
+    dV4_2 = np.matmul(A4.swapaxes(-1, -2), dO4_2, out=_scratch('dV4_2', (n, 64, 4, 16), A4, dO4_2).transpose((0, 2, 1, 3)))
+    dVs4_2 = dV4_2.transpose((0, 2, 1, 3))
+    dXV4_2 = dVs4_2.reshape((64*n, 64))
+    dX4_XV4_2 = np.matmul(dXV4_2, Wv4.T, out=_scratch('dX4_XV4_2', (64*n, 64), dXV4_2, Wv4))
+    dK4_2 = np.matmul(dQK4_2.swapaxes(-1, -2), Q4, out=_scratch('dK4_2', (n, 64, 4, 16), dQK4_2, Q4).transpose((0, 2, 1, 3)))
+    dKs4_2 = dK4_2.transpose((0, 2, 1, 3))
+    dXK4_2 = dKs4_2.reshape((64*n, 64))
+    dX4_XK4_2 = np.matmul(dXK4_2, Wk4.T, out=_scratch('dX4_XK4_2', (64*n, 64), dXK4_2, Wk4))
+    dX4_2 = dX4_XK4_2
+    dX4_2 += dX4_XQ4_2
+    dX4_2 += dX4_XV4_2
+    dH3_2 = dX4_2.reshape((n, 64, 64))
+    dXn3_2 = dH3_2*g3
+    dR3_2 = np.einsum('abc,abc->ab', C3, dXn3_2)
+    dV3_2 = np.multiply(R3_pow3, dR3_2, out=_scratch('dV3_2', (n, 64), R3_pow3, dR3_2))
+    dV3_2 *= -1/2
+    dC3_e_2 = np.full((n, 64, 64), dV3_2[:, :, None], dtype=dt)
+    dC3_2 = dXn3_2*(R3[:, :, None])
+    _dC3_2_0 = np.multiply(C3, dC3_e_2, out=_scratch('_dC3_2_0', (n, 64, 64), C3, dC3_e_2))
+    _dC3_2_0 *= 1/32
+    dC3_2 += _dC3_2_0
+    dM3_2 = -dC3_2.sum(axis=2)
+    dsum_H2_2 = dM3_2/64
+    dH2_2 = np.add(dC3_2, dR4_2, out=_scratch('dH2_2', (n, 64, 64), dC3_2, dR4_2))
+    dH2_2 += dsum_H2_2[:, :, None]
+    dE1_2 = np.zeros((96, 64), dtype=dH2_2.dtype)
+    np.add.at(dE1_2, x.reshape(-1), dH2_2.reshape(-1, 64))   # repeated ids add up
+    dP2_2 = dH2_2.sum(axis=0)
+    dg3_2 = np.einsum('abc,abc->c', Xn3, dH3_2)
+    ds3_2 = dH3_2.sum(axis=(0, 1))
+    dWq4_2 = X4.T @ dXQ4_2
+    dWk4_2 = X4.T @ dXK4_2
+    dWv4_2 = X4.T @ dXV4_2
+    dWo4_2 = Oc4.T @ dOW4_2
+    dbo4_2 = dR4_2.sum(axis=(0, 1))
+    dg5_2 = np.einsum('abc,abc->c', Xn5, dH5_2)
+    ds5_2 = dH5_2.sum(axis=(0, 1))
+    dW6_2 = X6.T @ dXW6_2
+    db6_2 = dZ6_2.sum(axis=(0, 1))
+    dW7_2 = X7.T @ dXW7_2
+    db7_2 = dR7_2.sum(axis=(0, 1))
+    dg8_2 = np.einsum('abc,abc->c', Xn8, dH8_2)
+    ds8_2 = dH8_2.sum(axis=(0, 1))
+    dWq9_2 = X9.T @ dXQ9_2
+    dWk9_2 = X9.T @ dXK9_2
+    dWv9_2 = X9.T @ dXV9_2
+    dWo9_2 = Oc9.T @ dOW9_2
+    dbo9_2 = dR9_2.sum(axis=(0, 1))
+    dg10_2 = np.einsum('abc,abc->c', Xn10, dH10_2)
+    ds10_2 = dH10_2.sum(axis=(0, 1))
+    dW11_2 = X11.T @ dXW11_2
+    db11_2 = dZ11_2.sum(axis=(0, 1))
+    dW12_2 = X12.T @ dXW12_2
+    db12_2 = dR12_2.sum(axis=(0, 1))
+    dg13 = np.einsum('abc,abc->c', Xn13, dH13)
+    ds13 = dH13.sum(axis=(0, 1))
+    dW14 = X14.T @ dXW14
+    db14 = dZ14.sum(axis=(0, 1))
+    # tEm1 = v_E1[x]
+    tEm1 = v_E1[x]
+    # tH2 = tEm1 + v_P2
+    tH2 = tEm1 + v_P2
+    # tsum_H2 = sum(tH2, axis=2)
+    tsum_H2 = tH2.sum(axis=2)
+    # tM3 = tsum_H2/64
+    tM3 = tsum_H2/64
+    # tC3 = tH2 - tM3
+    tC3 = tH2 - tM3[:, :, None]
+    # dXV4_v_Wv4 = dXV4_2 @ v_Wv4.T
+    dXV4_v_Wv4 = np.matmul(dXV4_2, v_Wv4.T, out=_scratch('dXV4_v_Wv4', (64*n, 64), dXV4_2, v_Wv4))
+    # Oc4_v_Wo4 = Oc4 @ v_Wo4
+    Oc4_v_Wo4 = np.matmul(Oc4, v_Wo4, out=_scratch('Oc4_v_Wo4', (64*n, 64), Oc4, v_Wo4))
+    # tV3 = sum(C3*tC3/32, axis=2)
+    tV3 = 1/32*np.einsum('abc,abc->ab', tC3, C3)
+    # tR3 = -R3_pow3*tV3/2
+    tR3 = np.multiply(R3_pow3, tV3, out=_scratch('tR3', (n, 64), R3_pow3, tV3))
+    tR3 *= -1/2
+    # tXn3 = C3*tR3 + R3*tC3
+    tXn3 = C3*(tR3[:, :, None])
+    _tXn3_0 = tC3*(R3[:, :, None])
+    tXn3 += _tXn3_0
+    # tH3 = Xn3*v_g3 + g3*tXn3 + v_s3
+    tH3 = np.multiply(Xn3, v_g3, out=_scratch('tH3', (n, 64, 64), Xn3, v_g3))
+    _tH3_0 = np.multiply(tXn3, g3, out=_scratch('_tH3_0', (n, 64, 64), tXn3, g3))
+    tH3 += _tH3_0
+    tH3 += v_s3
+    # tX4 = reshape(tH3, (64*n, 64))
+    tX4 = tH3.reshape((64*n, 64))
+    # tX4_Wv4 = tX4 @ Wv4
+    tX4_Wv4 = np.matmul(tX4, Wv4, out=_scratch('tX4_Wv4', (64*n, 64), tX4, Wv4))
+    # X4_v_Wv4 = X4 @ v_Wv4
+    X4_v_Wv4 = np.matmul(X4, v_Wv4, out=_scratch('X4_v_Wv4', (64*n, 64), X4, v_Wv4))
+    # tXV4 = X4_v_Wv4 + tX4_Wv4
+    tXV4 = X4_v_Wv4
+    tXV4 += tX4_Wv4
+    # tVs4 = reshape(tXV4, (n, 64, 4, 16))
+    tVs4 = tXV4.reshape((n, 64, 4, 16))
+    # tV4 = tVs4.transpose((0, 2, 1, 3))
+    tV4 = tVs4.transpose((0, 2, 1, 3))
+    # A4_tV4 = A4 @ tV4
+    A4_tV4 = np.matmul(A4, tV4)
+    # X4_v_Wq4 = X4 @ v_Wq4
+    X4_v_Wq4 = np.matmul(X4, v_Wq4, out=_scratch('X4_v_Wq4', (64*n, 64), X4, v_Wq4))
+    # tX4_Wq4 = tX4 @ Wq4
+    tX4_Wq4 = np.matmul(tX4, Wq4, out=_scratch('tX4_Wq4', (64*n, 64), tX4, Wq4))
+    # tXQ4 = X4_v_Wq4 + tX4_Wq4
+    tXQ4 = X4_v_Wq4
+    tXQ4 += tX4_Wq4
+    # tQs4 = reshape(tXQ4, (n, 64, 4, 16))
+    tQs4 = tXQ4.reshape((n, 64, 4, 16))
+    # tQ4 = tQs4.transpose((0, 2, 1, 3))
+    tQ4 = tQs4.transpose((0, 2, 1, 3))
+    # tQ4_K4 = tQ4 @ K4.mT
+    tQ4_K4 = np.matmul(tQ4, K4.swapaxes(-1, -2))
+    # tX4_Wk4 = tX4 @ Wk4
+    tX4_Wk4 = np.matmul(tX4, Wk4, out=_scratch('tX4_Wk4', (64*n, 64), tX4, Wk4))
+    # X4_v_Wk4 = X4 @ v_Wk4
+    X4_v_Wk4 = np.matmul(X4, v_Wk4, out=_scratch('X4_v_Wk4', (64*n, 64), X4, v_Wk4))
+    # tXK4 = X4_v_Wk4 + tX4_Wk4
+    tXK4 = X4_v_Wk4
+    tXK4 += tX4_Wk4
+    # tKs4 = reshape(tXK4, (n, 64, 4, 16))
+    tKs4 = tXK4.reshape((n, 64, 4, 16))
+    # tK4 = tKs4.transpose((0, 2, 1, 3))
+    tK4 = tKs4.transpose((0, 2, 1, 3))
+    # Q4_tK4 = Q4 @ tK4.mT
+    Q4_tK4 = np.matmul(Q4, tK4.swapaxes(-1, -2))
+    # tSc4 = Q4_tK4/4 + tQ4_K4/4
+    tSc4 = Q4_tK4
+    tSc4 *= 1/4
+    tQ4_K4 *= 1/4
+    tSc4 += tQ4_K4
+    # tS4 = causal_mask(tSc4, fill=0)
+    tS4 = tSc4
+    np.copyto(tS4, 0, where=~np.tri(64, dtype=bool))
+    # sum_tS4_times_A4 = sum(A4*tS4, axis=3)
+    sum_tS4_times_A4 = np.einsum('abcd,abcd->abc', A4, tS4)
+    # tA4 = A4*(-sum_tS4_times_A4 + tS4)
+    tA4 = tS4 + (-sum_tS4_times_A4[:, :, :, None])
+    tA4 *= A4
+    # tA4_V4 = tA4 @ V4
+    tA4_V4 = np.matmul(tA4, V4)
+    # tO4 = A4_tV4 + tA4_V4
+    tO4 = A4_tV4
+    tO4 += tA4_V4
+    # tOt4 = tO4.transpose((0, 2, 1, 3))
+    tOt4 = tO4.transpose((0, 2, 1, 3))
+    # tOc4 = reshape(tOt4, (64*n, 64))
+    tOc4 = tOt4.reshape((64*n, 64))
+    # tOc4_Wo4 = tOc4 @ Wo4
+    tOc4_Wo4 = np.matmul(tOc4, Wo4, out=_scratch('tOc4_Wo4', (64*n, 64), tOc4, Wo4))
+    # tOW4 = Oc4_v_Wo4 + tOc4_Wo4
+    tOW4 = Oc4_v_Wo4
+    tOW4 += tOc4_Wo4
+    # tOWs4 = reshape(tOW4, (n, 64, 64))
+    tOWs4 = tOW4.reshape((n, 64, 64))
+    # tR4 = tH2 + tOWs4 + v_bo4
+    tR4 = tOWs4
+    tR4 += tH2
+    tR4 += v_bo4
+    # tsum_R4 = sum(tR4, axis=2)
+    tsum_R4 = tR4.sum(axis=2)
+    # tM5 = tsum_R4/64
+    tM5 = tsum_R4/64
+    # tC5 = -tM5 + tR4
+    tC5 = -tM5[:, :, None] + tR4
+    # X9_v_Wk9 = X9 @ v_Wk9
+    X9_v_Wk9 = np.matmul(X9, v_Wk9, out=_scratch('X9_v_Wk9', (64*n, 64), X9, v_Wk9))
+    # X6_v_W6 = X6 @ v_W6
+    X6_v_W6 = np.matmul(X6, v_W6, out=_scratch('X6_v_W6', (64*n, 256), X6, v_W6))
+    # tV5 = sum(C5*tC5/32, axis=2)
+    tV5 = 1/32*np.einsum('abc,abc->ab', C5, tC5)
+    # tR5 = -R5_pow3*tV5/2
+    tR5 = np.multiply(R5_pow3, tV5, out=_scratch('tR5', (n, 64), R5_pow3, tV5))
+    tR5 *= -1/2
+    # tXn5 = C5*tR5 + R5*tC5
+    tXn5 = C5*(tR5[:, :, None])
+    _tXn5_0 = tC5*(R5[:, :, None])
+    tXn5 += _tXn5_0
+    # tH5 = Xn5*v_g5 + g5*tXn5 + v_s5
+    tH5 = np.multiply(Xn5, v_g5, out=_scratch('tH5', (n, 64, 64), Xn5, v_g5))
+    _tH5_0 = np.multiply(tXn5, g5, out=_scratch('_tH5_0', (n, 64, 64), tXn5, g5))
+    tH5 += _tH5_0
+    tH5 += v_s5
+    # tX6 = reshape(tH5, (64*n, 64))
+    tX6 = tH5.reshape((64*n, 64))
+    # tX6_W6 = tX6 @ W6
+    tX6_W6 = np.matmul(tX6, W6, out=_scratch('tX6_W6', (64*n, 256), tX6, W6))
+    # tXW6 = X6_v_W6 + tX6_W6
+    tXW6 = X6_v_W6
+    tXW6 += tX6_W6
+    # tXWs6 = reshape(tXW6, (n, 64, 256))
+    tXWs6 = tXW6.reshape((n, 64, 256))
+    # tZ6 = tXWs6 + v_b6
+    tZ6 = tXWs6
+    tZ6 += v_b6
+    # tH6 = tZ6*(sqrt(2)*Z6*(1 - t_pow2_2)*(0.134145*Z6_pow2 + 1)/sqrt(pi) + tanh_Z6 + 1)/2
+    tH6 = np.subtract(1, t_pow2_2, out=_scratch('tH6', (n, 64, 256), t_pow2_2))
+    tH6 *= Z6
+    _tH6_0 = np.multiply(Z6_pow2, 0.134145, out=_scratch('_tH6_0', (n, 64, 256), Z6_pow2))
+    _tH6_0 += 1
+    tH6 *= _tH6_0
+    tH6 *= 0.7978845608028654
+    tH6 += tanh_Z6
+    tH6 += 1
+    tH6 *= tZ6
+    tH6 *= 1/2
+    # tX7 = reshape(tH6, (64*n, 256))
+    tX7 = tH6.reshape((64*n, 256))
+    # tX7_W7 = tX7 @ W7
+    tX7_W7 = np.matmul(tX7, W7, out=_scratch('tX7_W7', (64*n, 64), tX7, W7))
+    # X7_v_W7 = X7 @ v_W7
+    X7_v_W7 = np.matmul(X7, v_W7, out=_scratch('X7_v_W7', (64*n, 64), X7, v_W7))
+    # tXW7 = X7_v_W7 + tX7_W7
+    tXW7 = X7_v_W7
+    tXW7 += tX7_W7
+    # tXWs7 = reshape(tXW7, (n, 64, 64))
+    tXWs7 = tXW7.reshape((n, 64, 64))
+    # tR7 = tR4 + tXWs7 + v_b7
+    tR7 = tXWs7
+    tR7 += tR4
+    tR7 += v_b7
+    # tsum_R7 = sum(tR7, axis=2)
+    tsum_R7 = tR7.sum(axis=2)
+    # tM8 = tsum_R7/64
+    tM8 = tsum_R7/64
+    # tC8 = -tM8 + tR7
+    tC8 = -tM8[:, :, None] + tR7
+    # tV8 = sum(C8*tC8/32, axis=2)
+    tV8 = 1/32*np.einsum('abc,abc->ab', tC8, C8)
+    # tR8 = -R8_pow3*tV8/2
+    tR8 = np.multiply(R8_pow3, tV8, out=_scratch('tR8', (n, 64), R8_pow3, tV8))
+    tR8 *= -1/2
+    # tXn8 = C8*tR8 + R8*tC8
+    tXn8 = C8*(tR8[:, :, None])
+    _tXn8_0 = tC8*(R8[:, :, None])
+    tXn8 += _tXn8_0
+    # tH8 = Xn8*v_g8 + g8*tXn8 + v_s8
+    tH8 = np.multiply(Xn8, v_g8, out=_scratch('tH8', (n, 64, 64), Xn8, v_g8))
+    _tH8_0 = np.multiply(tXn8, g8, out=_scratch('_tH8_0', (n, 64, 64), tXn8, g8))
+    tH8 += _tH8_0
+    tH8 += v_s8
+    # tX9 = reshape(tH8, (64*n, 64))
+    tX9 = tH8.reshape((64*n, 64))
+    # tX9_Wk9 = tX9 @ Wk9
+    tX9_Wk9 = np.matmul(tX9, Wk9, out=_scratch('tX9_Wk9', (64*n, 64), tX9, Wk9))
+    # tXK9 = X9_v_Wk9 + tX9_Wk9
+    tXK9 = X9_v_Wk9
+    tXK9 += tX9_Wk9
+    # tKs9 = reshape(tXK9, (n, 64, 4, 16))
+    tKs9 = tXK9.reshape((n, 64, 4, 16))
+    # tK9 = tKs9.transpose((0, 2, 1, 3))
+    tK9 = tKs9.transpose((0, 2, 1, 3))
+    # dQK9_tK9 = dQK9_2 @ tK9
+    dQK9_tK9 = np.matmul(dQK9_2, tK9)
+    # Q9_tK9 = Q9 @ tK9.mT
+    Q9_tK9 = np.matmul(Q9, tK9.swapaxes(-1, -2))
+    # tX9_Wq9 = tX9 @ Wq9
+    tX9_Wq9 = np.matmul(tX9, Wq9, out=_scratch('tX9_Wq9', (64*n, 64), tX9, Wq9))
+    # X9_v_Wq9 = X9 @ v_Wq9
+    X9_v_Wq9 = np.matmul(X9, v_Wq9, out=_scratch('X9_v_Wq9', (64*n, 64), X9, v_Wq9))
+    # tXQ9 = X9_v_Wq9 + tX9_Wq9
+    tXQ9 = X9_v_Wq9
+    tXQ9 += tX9_Wq9
+    # tQs9 = reshape(tXQ9, (n, 64, 4, 16))
+    tQs9 = tXQ9.reshape((n, 64, 4, 16))
+    # tQ9 = tQs9.transpose((0, 2, 1, 3))
+    tQ9 = tQs9.transpose((0, 2, 1, 3))
+    # tQ9_K9 = tQ9 @ K9.mT
+    tQ9_K9 = np.matmul(tQ9, K9.swapaxes(-1, -2))
+    # tSc9 = Q9_tK9/4 + tQ9_K9/4
+    tSc9 = Q9_tK9
+    tSc9 *= 1/4
+    tQ9_K9 *= 1/4
+    tSc9 += tQ9_K9
+    # tS9 = causal_mask(tSc9, fill=0)
+    tS9 = tSc9
+    np.copyto(tS9, 0, where=~np.tri(64, dtype=bool))
+    # sum_A9_times_tS9 = sum(A9*tS9, axis=3)
+    sum_A9_times_tS9 = np.einsum('abcd,abcd->abc', A9, tS9)
+    # tA9 = A9*(-sum_A9_times_tS9 + tS9)
+    tA9 = tS9 + (-sum_A9_times_tS9[:, :, :, None])
+    tA9 *= A9
+    # tA9_V9 = tA9 @ V9
+    tA9_V9 = np.matmul(tA9, V9)
+    # X9_v_Wv9 = X9 @ v_Wv9
+    X9_v_Wv9 = np.matmul(X9, v_Wv9, out=_scratch('X9_v_Wv9', (64*n, 64), X9, v_Wv9))
+    # tX9_Wv9 = tX9 @ Wv9
+    tX9_Wv9 = np.matmul(tX9, Wv9, out=_scratch('tX9_Wv9', (64*n, 64), tX9, Wv9))
+    # tXV9 = X9_v_Wv9 + tX9_Wv9
+    tXV9 = X9_v_Wv9
+    tXV9 += tX9_Wv9
+    # tVs9 = reshape(tXV9, (n, 64, 4, 16))
+    tVs9 = tXV9.reshape((n, 64, 4, 16))
+    # tV9 = tVs9.transpose((0, 2, 1, 3))
+    tV9 = tVs9.transpose((0, 2, 1, 3))
+    # A9_tV9 = A9 @ tV9
+    A9_tV9 = np.matmul(A9, tV9)
+    # tO9 = A9_tV9 + tA9_V9
+    tO9 = A9_tV9
+    tO9 += tA9_V9
+    # tOt9 = tO9.transpose((0, 2, 1, 3))
+    tOt9 = tO9.transpose((0, 2, 1, 3))
+    # tOc9 = reshape(tOt9, (64*n, 64))
+    tOc9 = tOt9.reshape((64*n, 64))
+    # tOc9_Wo9 = tOc9 @ Wo9
+    tOc9_Wo9 = np.matmul(tOc9, Wo9, out=_scratch('tOc9_Wo9', (64*n, 64), tOc9, Wo9))
+    # Oc9_v_Wo9 = Oc9 @ v_Wo9
+    Oc9_v_Wo9 = np.matmul(Oc9, v_Wo9, out=_scratch('Oc9_v_Wo9', (64*n, 64), Oc9, v_Wo9))
+    # tOW9 = Oc9_v_Wo9 + tOc9_Wo9
+    tOW9 = Oc9_v_Wo9
+    tOW9 += tOc9_Wo9
+    # tOWs9 = reshape(tOW9, (n, 64, 64))
+    tOWs9 = tOW9.reshape((n, 64, 64))
+    # tR9 = tOWs9 + tR7 + v_bo9
+    tR9 = tOWs9
+    tR9 += tR7
+    tR9 += v_bo9
+    # X12_v_W12 = X12 @ v_W12
+    X12_v_W12 = np.matmul(X12, v_W12, out=_scratch('X12_v_W12', (64*n, 64), X12, v_W12))
+    # X11_v_W11 = X11 @ v_W11
+    X11_v_W11 = np.matmul(X11, v_W11, out=_scratch('X11_v_W11', (64*n, 256), X11, v_W11))
+    # tsum_R9 = sum(tR9, axis=2)
+    tsum_R9 = tR9.sum(axis=2)
+    # tM10 = tsum_R9/64
+    tM10 = tsum_R9/64
+    # tC10 = -tM10 + tR9
+    tC10 = -tM10[:, :, None] + tR9
+    # tV10 = sum(C10*tC10/32, axis=2)
+    tV10 = 1/32*np.einsum('abc,abc->ab', tC10, C10)
+    # tR10 = -R10_pow3*tV10/2
+    tR10 = np.multiply(R10_pow3, tV10, out=_scratch('tR10', (n, 64), R10_pow3, tV10))
+    tR10 *= -1/2
+    # tXn10 = C10*tR10 + R10*tC10
+    tXn10 = C10*(tR10[:, :, None])
+    _tXn10_0 = tC10*(R10[:, :, None])
+    tXn10 += _tXn10_0
+    # tH10 = Xn10*v_g10 + g10*tXn10 + v_s10
+    tH10 = np.multiply(Xn10, v_g10, out=_scratch('tH10', (n, 64, 64), Xn10, v_g10))
+    _tH10_0 = np.multiply(tXn10, g10, out=_scratch('_tH10_0', (n, 64, 64), tXn10, g10))
+    tH10 += _tH10_0
+    tH10 += v_s10
+    # tX11 = reshape(tH10, (64*n, 64))
+    tX11 = tH10.reshape((64*n, 64))
+    # tX11_W11 = tX11 @ W11
+    tX11_W11 = np.matmul(tX11, W11, out=_scratch('tX11_W11', (64*n, 256), tX11, W11))
+    # tXW11 = X11_v_W11 + tX11_W11
+    tXW11 = X11_v_W11
+    tXW11 += tX11_W11
+    # tXWs11 = reshape(tXW11, (n, 64, 256))
+    tXWs11 = tXW11.reshape((n, 64, 256))
+    # tZ11 = tXWs11 + v_b11
+    tZ11 = tXWs11
+    tZ11 += v_b11
+    # tH11 = tZ11*(sqrt(2)*Z11*(1 - t_pow2)*(0.134145*Z11_pow2 + 1)/sqrt(pi) + tanh_Z11 + 1)/2
+    tH11 = np.subtract(1, t_pow2, out=_scratch('tH11', (n, 64, 256), t_pow2))
+    tH11 *= Z11
+    _tH11_0 = np.multiply(Z11_pow2, 0.134145, out=_scratch('_tH11_0', (n, 64, 256), Z11_pow2))
+    _tH11_0 += 1
+    tH11 *= _tH11_0
+    tH11 *= 0.7978845608028654
+    tH11 += tanh_Z11
+    tH11 += 1
+    tH11 *= tZ11
+    tH11 *= 1/2
+    # tX12 = reshape(tH11, (64*n, 256))
+    tX12 = tH11.reshape((64*n, 256))
+    # tX12_W12 = tX12 @ W12
+    tX12_W12 = np.matmul(tX12, W12, out=_scratch('tX12_W12', (64*n, 64), tX12, W12))
+    # tXW12 = X12_v_W12 + tX12_W12
+    tXW12 = X12_v_W12
+    tXW12 += tX12_W12
+    # tXWs12 = reshape(tXW12, (n, 64, 64))
+    tXWs12 = tXW12.reshape((n, 64, 64))
+    # tR12 = tR9 + tXWs12 + v_b12
+    tR12 = tXWs12
+    tR12 += tR9
+    tR12 += v_b12
+    # tsum_R12 = sum(tR12, axis=2)
+    tsum_R12 = tR12.sum(axis=2)
+    # tM13 = tsum_R12/64
+    tM13 = tsum_R12/64
+    # tC13 = -tM13 + tR12
+    tC13 = -tM13[:, :, None] + tR12
+    # tV13 = sum(C13*tC13/32, axis=2)
+    tV13 = 1/32*np.einsum('abc,abc->ab', C13, tC13)
+    # tR13 = -R13_pow3*tV13/2
+    tR13 = np.multiply(R13_pow3, tV13, out=_scratch('tR13', (n, 64), R13_pow3, tV13))
+    tR13 *= -1/2
+    # exp_Z14 = exp(-LSE + Z14)
+    exp_Z14 = Z14 + (-LSE[:, :, None])
+    np.exp(exp_Z14, out=exp_Z14)
+    # X14_v_W14 = X14 @ v_W14
+    X14_v_W14 = np.matmul(X14, v_W14, out=_scratch('X14_v_W14', (64*n, 96), X14, v_W14))
+    # tXn13 = C13*tR13 + R13*tC13
+    tXn13 = C13*(tR13[:, :, None])
+    _tXn13_0 = tC13*(R13[:, :, None])
+    tXn13 += _tXn13_0
+    # tH13 = Xn13*v_g13 + g13*tXn13 + v_s13
+    tH13 = np.multiply(Xn13, v_g13, out=_scratch('tH13', (n, 64, 64), Xn13, v_g13))
+    _tH13_0 = np.multiply(tXn13, g13, out=_scratch('_tH13_0', (n, 64, 64), tXn13, g13))
+    tH13 += _tH13_0
+    tH13 += v_s13
+    # tX14 = reshape(tH13, (64*n, 64))
+    tX14 = tH13.reshape((64*n, 64))
+    # tX14_W14 = tX14 @ W14
+    tX14_W14 = np.matmul(tX14, W14, out=_scratch('tX14_W14', (64*n, 96), tX14, W14))
+    # tXW14 = X14_v_W14 + tX14_W14
+    tXW14 = X14_v_W14
+    tXW14 += tX14_W14
+    # tXWs14 = reshape(tXW14, (n, 64, 96))
+    tXWs14 = tXW14.reshape((n, 64, 96))
+    # tZ14 = tXWs14 + v_b14
+    tZ14 = tXWs14
+    tZ14 += v_b14
+    # tLSE = sum(exp_Z14*tZ14, axis=2)
+    tLSE = np.einsum('abc,abc->ab', exp_Z14, tZ14)
+    # tdZ14 = exp_Z14*(-tLSE + tZ14)/(64*n)
+    tdZ14 = tZ14 + (-tLSE[:, :, None])
+    tdZ14 *= exp_Z14
+    tdZ14 *= 1/(64*n)
+    # tdXW14 = reshape(tdZ14, (64*n, 96))
+    tdXW14 = tdZ14.reshape((64*n, 96))
+    # tdXW14_W14 = tdXW14 @ W14.T
+    tdXW14_W14 = np.matmul(tdXW14, W14.T, out=_scratch('tdXW14_W14', (64*n, 64), tdXW14, W14))
+    # dXW14_v_W14 = dXW14 @ v_W14.T
+    dXW14_v_W14 = np.matmul(dXW14, v_W14.T, out=_scratch('dXW14_v_W14', (64*n, 64), dXW14, v_W14))
+    # tdX14 = dXW14_v_W14 + tdXW14_W14
+    tdX14 = dXW14_v_W14
+    tdX14 += tdXW14_W14
+    # tdH13 = reshape(tdX14, (n, 64, 64))
+    tdH13 = tdX14.reshape((n, 64, 64))
+    # tdXn13 = dH13*v_g13 + g13*tdH13
+    tdXn13 = np.multiply(dH13, v_g13, out=_scratch('tdXn13', (n, 64, 64), dH13, v_g13))
+    _tdXn13_0 = np.multiply(tdH13, g13, out=_scratch('_tdXn13_0', (n, 64, 64), tdH13, g13))
+    tdXn13 += _tdXn13_0
+    # tdR13 = sum(C13*tdXn13 + dXn13*tC13, axis=2)
+    tdR13 = (C13*tdXn13 + dXn13*tC13).sum(axis=2)
+    # tdV13 = -3*R13**2*dR13*tR13/2 - R13_pow3*tdR13/2
+    tdV13 = np.multiply(R13_pow3, tdR13, out=_scratch('tdV13', (n, 64), R13_pow3, tdR13))
+    tdV13 *= 1/2
+    np.negative(tdV13, out=tdV13)
+    _tdV13_0 = np.multiply(dR13, tR13, out=_scratch('_tdV13_0', (n, 64), dR13, tR13))
+    _tdV13_1 = np.multiply(R13, R13, out=_scratch('_tdV13_1', (n, 64), R13))
+    _tdV13_0 *= _tdV13_1
+    _tdV13_0 *= 3/2
+    tdV13 -= _tdV13_0
+    # tdC13 = C13*tdV13/32 + R13*tdXn13 + dC13_e_2*tC13/32 + dXn13*tR13
+    tdC13 = tdXn13*(R13[:, :, None])
+    _tdC13_0 = dXn13*(tR13[:, :, None])
+    tdC13 += _tdC13_0
+    np.multiply(C13, tdV13[:, :, None]/32, out=_tdC13_0)
+    tdC13 += _tdC13_0
+    np.multiply(dC13_e_2, tC13, out=_tdC13_0)
+    _tdC13_0 *= 1/32
+    tdC13 += _tdC13_0
+    # tdM13 = sum(-tdC13, axis=2)
+    tdM13 = -tdC13.sum(axis=2)
+    # tdsum_R12 = tdM13/64
+    tdsum_R12 = tdM13/64
+    # tdR12 = tdC13 + tdsum_R12
+    tdR12 = tdC13 + tdsum_R12[:, :, None]
+    # dXW11_v_W11 = dXW11_2 @ v_W11.T
+    dXW11_v_W11 = np.matmul(dXW11_2, v_W11.T, out=_scratch('dXW11_v_W11', (64*n, 64), dXW11_2, v_W11))
+    # tdXW12 = reshape(tdR12, (64*n, 64))
+    tdXW12 = tdR12.reshape((64*n, 64))
+    # tdXW12_W12 = tdXW12 @ W12.T
+    tdXW12_W12 = np.matmul(tdXW12, W12.T, out=_scratch('tdXW12_W12', (64*n, 256), tdXW12, W12))
+    # dXW12_v_W12 = dXW12_2 @ v_W12.T
+    dXW12_v_W12 = np.matmul(dXW12_2, v_W12.T, out=_scratch('dXW12_v_W12', (64*n, 256), dXW12_2, v_W12))
+    # tdX12 = dXW12_v_W12 + tdXW12_W12
+    tdX12 = dXW12_v_W12
+    tdX12 += tdXW12_W12
+    # tdH11 = reshape(tdX12, (n, 64, 256))
+    tdH11 = tdX12.reshape((n, 64, 256))
+    # tdZ11 = dH11_2*tZ11*(1 - t_pow2)*(-2*Z11*tanh_Z11*(0.134145*Z11_pow2 + 1)**2/pi + 0.134145*sqrt(2)*Z11_pow2/sqrt(pi) + sqrt(2)*(0.134145*Z11_pow2 + 1)/sqrt(pi)) + tdH11*(sqrt(2)*Z11*(1 - t_pow2)*(0.134145*Z11_pow2 + 1)/sqrt(pi) + tanh_Z11 + 1)/2
+    _tdZ11_0 = 0.134145*Z11_pow2 + 1
+    _tdZ11_1 = 1 - t_pow2
+    tdZ11 = _tdZ11_1*dH11_2*tZ11*(-0.6366197723675814*Z11*_tdZ11_0*_tdZ11_0*tanh_Z11 + 0.21406444881780073*Z11_pow2 + 0.7978845608028654) + tdH11*(0.7978845608028654*Z11*_tdZ11_0*_tdZ11_1 + tanh_Z11 + 1)/2
+    # tdXW11 = reshape(tdZ11, (64*n, 256))
+    tdXW11 = tdZ11.reshape((64*n, 256))
+    # tdXW11_W11 = tdXW11 @ W11.T
+    tdXW11_W11 = np.matmul(tdXW11, W11.T, out=_scratch('tdXW11_W11', (64*n, 64), tdXW11, W11))
+    # tdX11 = dXW11_v_W11 + tdXW11_W11
+    tdX11 = dXW11_v_W11
+    tdX11 += tdXW11_W11
+    # tdH10 = reshape(tdX11, (n, 64, 64))
+    tdH10 = tdX11.reshape((n, 64, 64))
+    # tdXn10 = dH10_2*v_g10 + g10*tdH10
+    tdXn10 = np.multiply(dH10_2, v_g10, out=_scratch('tdXn10', (n, 64, 64), dH10_2, v_g10))
+    _tdXn10_0 = np.multiply(tdH10, g10, out=_scratch('_tdXn10_0', (n, 64, 64), tdH10, g10))
+    tdXn10 += _tdXn10_0
+    # tdR10 = sum(C10*tdXn10 + dXn10_2*tC10, axis=2)
+    tdR10 = (C10*tdXn10 + dXn10_2*tC10).sum(axis=2)
+    # tdV10 = -3*R10**2*dR10_2*tR10/2 - R10_pow3*tdR10/2
+    tdV10 = np.multiply(R10_pow3, tdR10, out=_scratch('tdV10', (n, 64), R10_pow3, tdR10))
+    tdV10 *= 1/2
+    np.negative(tdV10, out=tdV10)
+    _tdV10_0 = np.multiply(dR10_2, tR10, out=_scratch('_tdV10_0', (n, 64), dR10_2, tR10))
+    _tdV10_1 = np.multiply(R10, R10, out=_scratch('_tdV10_1', (n, 64), R10))
+    _tdV10_0 *= _tdV10_1
+    _tdV10_0 *= 3/2
+    tdV10 -= _tdV10_0
+    # tdC10 = C10*tdV10/32 + R10*tdXn10 + dC10_e_2*tC10/32 + dXn10_2*tR10
+    tdC10 = tdXn10*(R10[:, :, None])
+    _tdC10_0 = dXn10_2*(tR10[:, :, None])
+    tdC10 += _tdC10_0
+    np.multiply(C10, tdV10[:, :, None]/32, out=_tdC10_0)
+    tdC10 += _tdC10_0
+    np.multiply(dC10_e_2, tC10, out=_tdC10_0)
+    _tdC10_0 *= 1/32
+    tdC10 += _tdC10_0
+    # tdM10 = sum(-tdC10, axis=2)
+    tdM10 = -tdC10.sum(axis=2)
+    # tdsum_R9 = tdM10/64
+    tdsum_R9 = tdM10/64
+    # tdR9 = tdC10 + tdR12 + tdsum_R9
+    tdR9 = np.add(tdC10, tdR12, out=_scratch('tdR9', (n, 64, 64), tdC10, tdR12))
+    tdR9 += tdsum_R9[:, :, None]
+    # tdOW9 = reshape(tdR9, (64*n, 64))
+    tdOW9 = tdR9.reshape((64*n, 64))
+    # tdOW9_Wo9 = tdOW9 @ Wo9.T
+    tdOW9_Wo9 = np.matmul(tdOW9, Wo9.T, out=_scratch('tdOW9_Wo9', (64*n, 64), tdOW9, Wo9))
+    # dOW9_v_Wo9 = dOW9_2 @ v_Wo9.T
+    dOW9_v_Wo9 = np.matmul(dOW9_2, v_Wo9.T, out=_scratch('dOW9_v_Wo9', (64*n, 64), dOW9_2, v_Wo9))
+    # tdOc9 = dOW9_v_Wo9 + tdOW9_Wo9
+    tdOc9 = dOW9_v_Wo9
+    tdOc9 += tdOW9_Wo9
+    # tdOt9 = reshape(tdOc9, (n, 64, 4, 16))
+    tdOt9 = tdOc9.reshape((n, 64, 4, 16))
+    # tdO9 = tdOt9.transpose((0, 2, 1, 3))
+    tdO9 = tdOt9.transpose((0, 2, 1, 3))
+    # tdO9_V9 = tdO9 @ V9.mT
+    tdO9_V9 = np.matmul(tdO9, V9.swapaxes(-1, -2))
+    # dO9_tV9 = dO9_2 @ tV9.mT
+    dO9_tV9 = np.matmul(dO9_2, tV9.swapaxes(-1, -2))
+    # tdA9 = dO9_tV9 + tdO9_V9
+    tdA9 = dO9_tV9
+    tdA9 += tdO9_V9
+    # tsum_dA9_times_A9 = sum(A9*tdA9 + dA9_2*tA9, axis=3)
+    tsum_dA9_times_A9 = (A9*tdA9 + dA9_2*tA9).sum(axis=3)
+    # tdS9 = A9*tdA9 - A9*tsum_dA9_times_A9 + tA9*(dA9_2 - sum_dA9_times_A9_2)
+    tdS9 = np.multiply(A9, tdA9, out=_scratch('tdS9', (n, 4, 64, 64), A9, tdA9))
+    _tdS9_0 = dA9_2 + (-sum_dA9_times_A9_2[:, :, :, None])
+    _tdS9_0 *= tA9
+    tdS9 += _tdS9_0
+    np.multiply(A9, tsum_dA9_times_A9[:, :, :, None], out=_tdS9_0)
+    tdS9 -= _tdS9_0
+    # tdSc9 = causal_mask(tdS9, fill=0)
+    tdSc9 = tdS9
+    np.copyto(tdSc9, 0, where=~np.tri(64, dtype=bool))
+    # tdQK9 = tdSc9/4
+    tdQK9 = tdSc9
+    tdQK9 *= 1/4
+    # tdQK9_K9 = tdQK9 @ K9
+    tdQK9_K9 = np.matmul(tdQK9, K9)
+    # tdQ9 = dQK9_tK9 + tdQK9_K9
+    tdQ9 = dQK9_tK9
+    tdQ9 += tdQK9_K9
+    # tdQs9 = tdQ9.transpose((0, 2, 1, 3))
+    tdQs9 = tdQ9.transpose((0, 2, 1, 3))
+    # tdXQ9 = reshape(tdQs9, (64*n, 64))
+    tdXQ9 = tdQs9.reshape((64*n, 64))
+    # tdXQ9_Wq9 = tdXQ9 @ Wq9.T
+    tdXQ9_Wq9 = np.matmul(tdXQ9, Wq9.T, out=_scratch('tdXQ9_Wq9', (64*n, 64), tdXQ9, Wq9))
+    # tA9_dO9 = tA9.mT @ dO9_2
+    tA9_dO9 = np.matmul(tA9.swapaxes(-1, -2), dO9_2)
+    # A9_tdO9 = A9.mT @ tdO9
+    A9_tdO9 = np.matmul(A9.swapaxes(-1, -2), tdO9)
+    # tdV9 = A9_tdO9 + tA9_dO9
+    tdV9 = A9_tdO9
+    tdV9 += tA9_dO9
+    # tdVs9 = tdV9.transpose((0, 2, 1, 3))
+    tdVs9 = tdV9.transpose((0, 2, 1, 3))
+    # tdXV9 = reshape(tdVs9, (64*n, 64))
+    tdXV9 = tdVs9.reshape((64*n, 64))
+    # tdXV9_Wv9 = tdXV9 @ Wv9.T
+    tdXV9_Wv9 = np.matmul(tdXV9, Wv9.T, out=_scratch('tdXV9_Wv9', (64*n, 64), tdXV9, Wv9))
+    # dQK9_tQ9 = dQK9_2.mT @ tQ9
+    dQK9_tQ9 = np.matmul(dQK9_2.swapaxes(-1, -2), tQ9)
+    # tdQK9_Q9 = tdQK9.mT @ Q9
+    tdQK9_Q9 = np.matmul(tdQK9.swapaxes(-1, -2), Q9)
+    # tdK9 = dQK9_tQ9 + tdQK9_Q9
+    tdK9 = dQK9_tQ9
+    tdK9 += tdQK9_Q9
+    # tdKs9 = tdK9.transpose((0, 2, 1, 3))
+    tdKs9 = tdK9.transpose((0, 2, 1, 3))
+    # tdXK9 = reshape(tdKs9, (64*n, 64))
+    tdXK9 = tdKs9.reshape((64*n, 64))
+    # tdXK9_Wk9 = tdXK9 @ Wk9.T
+    tdXK9_Wk9 = np.matmul(tdXK9, Wk9.T, out=_scratch('tdXK9_Wk9', (64*n, 64), tdXK9, Wk9))
+    # dXV9_v_Wv9 = dXV9_2 @ v_Wv9.T
+    dXV9_v_Wv9 = np.matmul(dXV9_2, v_Wv9.T, out=_scratch('dXV9_v_Wv9', (64*n, 64), dXV9_2, v_Wv9))
+    # dXK9_v_Wk9 = dXK9_2 @ v_Wk9.T
+    dXK9_v_Wk9 = np.matmul(dXK9_2, v_Wk9.T, out=_scratch('dXK9_v_Wk9', (64*n, 64), dXK9_2, v_Wk9))
+    # dXQ9_v_Wq9 = dXQ9_2 @ v_Wq9.T
+    dXQ9_v_Wq9 = np.matmul(dXQ9_2, v_Wq9.T, out=_scratch('dXQ9_v_Wq9', (64*n, 64), dXQ9_2, v_Wq9))
+    # tdX9 = dXK9_v_Wk9 + dXQ9_v_Wq9 + dXV9_v_Wv9 + tdXK9_Wk9 + tdXQ9_Wq9 + tdXV9_Wv9
+    tdX9 = dXK9_v_Wk9
+    tdX9 += dXQ9_v_Wq9
+    tdX9 += dXV9_v_Wv9
+    tdX9 += tdXK9_Wk9
+    tdX9 += tdXQ9_Wq9
+    tdX9 += tdXV9_Wv9
+    # tdH8 = reshape(tdX9, (n, 64, 64))
+    tdH8 = tdX9.reshape((n, 64, 64))
+    # tdXn8 = dH8_2*v_g8 + g8*tdH8
+    tdXn8 = np.multiply(dH8_2, v_g8, out=_scratch('tdXn8', (n, 64, 64), dH8_2, v_g8))
+    _tdXn8_0 = np.multiply(tdH8, g8, out=_scratch('_tdXn8_0', (n, 64, 64), tdH8, g8))
+    tdXn8 += _tdXn8_0
+    # tdR8 = sum(C8*tdXn8 + dXn8_2*tC8, axis=2)
+    tdR8 = (C8*tdXn8 + dXn8_2*tC8).sum(axis=2)
+    # tdV8 = -3*R8**2*dR8_2*tR8/2 - R8_pow3*tdR8/2
+    tdV8 = np.multiply(R8_pow3, tdR8, out=_scratch('tdV8', (n, 64), R8_pow3, tdR8))
+    tdV8 *= 1/2
+    np.negative(tdV8, out=tdV8)
+    _tdV8_0 = np.multiply(dR8_2, tR8, out=_scratch('_tdV8_0', (n, 64), dR8_2, tR8))
+    _tdV8_1 = np.multiply(R8, R8, out=_scratch('_tdV8_1', (n, 64), R8))
+    _tdV8_0 *= _tdV8_1
+    _tdV8_0 *= 3/2
+    tdV8 -= _tdV8_0
+    # tdC8 = C8*tdV8/32 + R8*tdXn8 + dC8_e_2*tC8/32 + dXn8_2*tR8
+    tdC8 = tdXn8*(R8[:, :, None])
+    _tdC8_0 = dXn8_2*(tR8[:, :, None])
+    tdC8 += _tdC8_0
+    np.multiply(C8, tdV8[:, :, None]/32, out=_tdC8_0)
+    tdC8 += _tdC8_0
+    np.multiply(dC8_e_2, tC8, out=_tdC8_0)
+    _tdC8_0 *= 1/32
+    tdC8 += _tdC8_0
+    # tdM8 = sum(-tdC8, axis=2)
+    tdM8 = -tdC8.sum(axis=2)
+    # tdsum_R7 = tdM8/64
+    tdsum_R7 = tdM8/64
+    # tdR7 = tdC8 + tdR9 + tdsum_R7
+    tdR7 = np.add(tdC8, tdR9, out=_scratch('tdR7', (n, 64, 64), tdC8, tdR9))
+    tdR7 += tdsum_R7[:, :, None]
+    # tdXW7 = reshape(tdR7, (64*n, 64))
+    tdXW7 = tdR7.reshape((64*n, 64))
+    # tdXW7_W7 = tdXW7 @ W7.T
+    tdXW7_W7 = np.matmul(tdXW7, W7.T, out=_scratch('tdXW7_W7', (64*n, 256), tdXW7, W7))
+    # dXW7_v_W7 = dXW7_2 @ v_W7.T
+    dXW7_v_W7 = np.matmul(dXW7_2, v_W7.T, out=_scratch('dXW7_v_W7', (64*n, 256), dXW7_2, v_W7))
+    # tdX7 = dXW7_v_W7 + tdXW7_W7
+    tdX7 = dXW7_v_W7
+    tdX7 += tdXW7_W7
+    # tdH6 = reshape(tdX7, (n, 64, 256))
+    tdH6 = tdX7.reshape((n, 64, 256))
+    # tdZ6 = dH6_2*tZ6*(1 - t_pow2_2)*(-2*Z6*tanh_Z6*(0.134145*Z6_pow2 + 1)**2/pi + 0.134145*sqrt(2)*Z6_pow2/sqrt(pi) + sqrt(2)*(0.134145*Z6_pow2 + 1)/sqrt(pi)) + tdH6*(sqrt(2)*Z6*(1 - t_pow2_2)*(0.134145*Z6_pow2 + 1)/sqrt(pi) + tanh_Z6 + 1)/2
+    _tdZ6_0 = 0.134145*Z6_pow2 + 1
+    _tdZ6_1 = 1 - t_pow2_2
+    tdZ6 = _tdZ6_1*dH6_2*tZ6*(-0.6366197723675814*Z6*_tdZ6_0*_tdZ6_0*tanh_Z6 + 0.21406444881780073*Z6_pow2 + 0.7978845608028654) + tdH6*(0.7978845608028654*Z6*_tdZ6_0*_tdZ6_1 + tanh_Z6 + 1)/2
+    # tdXW6 = reshape(tdZ6, (64*n, 256))
+    tdXW6 = tdZ6.reshape((64*n, 256))
+    # tdXW6_W6 = tdXW6 @ W6.T
+    tdXW6_W6 = np.matmul(tdXW6, W6.T, out=_scratch('tdXW6_W6', (64*n, 64), tdXW6, W6))
+    # dXW6_v_W6 = dXW6_2 @ v_W6.T
+    dXW6_v_W6 = np.matmul(dXW6_2, v_W6.T, out=_scratch('dXW6_v_W6', (64*n, 64), dXW6_2, v_W6))
+    # tdX6 = dXW6_v_W6 + tdXW6_W6
+    tdX6 = dXW6_v_W6
+    tdX6 += tdXW6_W6
+    # tdH5 = reshape(tdX6, (n, 64, 64))
+    tdH5 = tdX6.reshape((n, 64, 64))
+    # tdXn5 = dH5_2*v_g5 + g5*tdH5
+    tdXn5 = np.multiply(dH5_2, v_g5, out=_scratch('tdXn5', (n, 64, 64), dH5_2, v_g5))
+    _tdXn5_0 = np.multiply(tdH5, g5, out=_scratch('_tdXn5_0', (n, 64, 64), tdH5, g5))
+    tdXn5 += _tdXn5_0
+    # tdR5 = sum(C5*tdXn5 + dXn5_2*tC5, axis=2)
+    tdR5 = (C5*tdXn5 + dXn5_2*tC5).sum(axis=2)
+    # tdV5 = -3*R5**2*dR5_2*tR5/2 - R5_pow3*tdR5/2
+    tdV5 = np.multiply(R5_pow3, tdR5, out=_scratch('tdV5', (n, 64), R5_pow3, tdR5))
+    tdV5 *= 1/2
+    np.negative(tdV5, out=tdV5)
+    _tdV5_0 = np.multiply(dR5_2, tR5, out=_scratch('_tdV5_0', (n, 64), dR5_2, tR5))
+    _tdV5_1 = np.multiply(R5, R5, out=_scratch('_tdV5_1', (n, 64), R5))
+    _tdV5_0 *= _tdV5_1
+    _tdV5_0 *= 3/2
+    tdV5 -= _tdV5_0
+    # tdC5 = C5*tdV5/32 + R5*tdXn5 + dC5_e_2*tC5/32 + dXn5_2*tR5
+    tdC5 = tdXn5*(R5[:, :, None])
+    _tdC5_0 = dXn5_2*(tR5[:, :, None])
+    tdC5 += _tdC5_0
+    np.multiply(C5, tdV5[:, :, None]/32, out=_tdC5_0)
+    tdC5 += _tdC5_0
+    np.multiply(dC5_e_2, tC5, out=_tdC5_0)
+    _tdC5_0 *= 1/32
+    tdC5 += _tdC5_0
+    # tdM5 = sum(-tdC5, axis=2)
+    tdM5 = -tdC5.sum(axis=2)
+    # tdsum_R4 = tdM5/64
+    tdsum_R4 = tdM5/64
+    # tdR4 = tdC5 + tdR7 + tdsum_R4
+    tdR4 = np.add(tdC5, tdR7, out=_scratch('tdR4', (n, 64, 64), tdC5, tdR7))
+    tdR4 += tdsum_R4[:, :, None]
+    # tdOW4 = reshape(tdR4, (64*n, 64))
+    tdOW4 = tdR4.reshape((64*n, 64))
+    # tdOW4_Wo4 = tdOW4 @ Wo4.T
+    tdOW4_Wo4 = np.matmul(tdOW4, Wo4.T, out=_scratch('tdOW4_Wo4', (64*n, 64), tdOW4, Wo4))
+    # dOW4_v_Wo4 = dOW4_2 @ v_Wo4.T
+    dOW4_v_Wo4 = np.matmul(dOW4_2, v_Wo4.T, out=_scratch('dOW4_v_Wo4', (64*n, 64), dOW4_2, v_Wo4))
+    # tdOc4 = dOW4_v_Wo4 + tdOW4_Wo4
+    tdOc4 = dOW4_v_Wo4
+    tdOc4 += tdOW4_Wo4
+    # tdOt4 = reshape(tdOc4, (n, 64, 4, 16))
+    tdOt4 = tdOc4.reshape((n, 64, 4, 16))
+    # tdO4 = tdOt4.transpose((0, 2, 1, 3))
+    tdO4 = tdOt4.transpose((0, 2, 1, 3))
+    # A4_tdO4 = A4.mT @ tdO4
+    A4_tdO4 = np.matmul(A4.swapaxes(-1, -2), tdO4)
+    # tA4_dO4 = tA4.mT @ dO4_2
+    tA4_dO4 = np.matmul(tA4.swapaxes(-1, -2), dO4_2)
+    # tdV4 = A4_tdO4 + tA4_dO4
+    tdV4 = A4_tdO4
+    tdV4 += tA4_dO4
+    # tdVs4 = tdV4.transpose((0, 2, 1, 3))
+    tdVs4 = tdV4.transpose((0, 2, 1, 3))
+    # tdXV4 = reshape(tdVs4, (64*n, 64))
+    tdXV4 = tdVs4.reshape((64*n, 64))
+    # tdXV4_Wv4 = tdXV4 @ Wv4.T
+    tdXV4_Wv4 = np.matmul(tdXV4, Wv4.T, out=_scratch('tdXV4_Wv4', (64*n, 64), tdXV4, Wv4))
+    # dXQ4_v_Wq4 = dXQ4_2 @ v_Wq4.T
+    dXQ4_v_Wq4 = np.matmul(dXQ4_2, v_Wq4.T, out=_scratch('dXQ4_v_Wq4', (64*n, 64), dXQ4_2, v_Wq4))
+    # dXK4_v_Wk4 = dXK4_2 @ v_Wk4.T
+    dXK4_v_Wk4 = np.matmul(dXK4_2, v_Wk4.T, out=_scratch('dXK4_v_Wk4', (64*n, 64), dXK4_2, v_Wk4))
+    # tdO4_V4 = tdO4 @ V4.mT
+    tdO4_V4 = np.matmul(tdO4, V4.swapaxes(-1, -2))
+    # dO4_tV4 = dO4_2 @ tV4.mT
+    dO4_tV4 = np.matmul(dO4_2, tV4.swapaxes(-1, -2))
+    # tdA4 = dO4_tV4 + tdO4_V4
+    tdA4 = dO4_tV4
+    tdA4 += tdO4_V4
+    # tsum_dA4_times_A4 = sum(A4*tdA4 + dA4_2*tA4, axis=3)
+    tsum_dA4_times_A4 = (A4*tdA4 + dA4_2*tA4).sum(axis=3)
+    # tdS4 = A4*tdA4 - A4*tsum_dA4_times_A4 + tA4*(dA4_2 - sum_dA4_times_A4_2)
+    tdS4 = np.multiply(A4, tdA4, out=_scratch('tdS4', (n, 4, 64, 64), A4, tdA4))
+    _tdS4_0 = dA4_2 + (-sum_dA4_times_A4_2[:, :, :, None])
+    _tdS4_0 *= tA4
+    tdS4 += _tdS4_0
+    np.multiply(A4, tsum_dA4_times_A4[:, :, :, None], out=_tdS4_0)
+    tdS4 -= _tdS4_0
+    # tdSc4 = causal_mask(tdS4, fill=0)
+    tdSc4 = tdS4
+    np.copyto(tdSc4, 0, where=~np.tri(64, dtype=bool))
+    # tdQK4 = tdSc4/4
+    tdQK4 = tdSc4
+    tdQK4 *= 1/4
+    # tdQK4_K4 = tdQK4 @ K4
+    tdQK4_K4 = np.matmul(tdQK4, K4)
+    # dQK4_tK4 = dQK4_2 @ tK4
+    dQK4_tK4 = np.matmul(dQK4_2, tK4)
+    # tdQ4 = dQK4_tK4 + tdQK4_K4
+    tdQ4 = dQK4_tK4
+    tdQ4 += tdQK4_K4
+    # tdQs4 = tdQ4.transpose((0, 2, 1, 3))
+    tdQs4 = tdQ4.transpose((0, 2, 1, 3))
+    # tdXQ4 = reshape(tdQs4, (64*n, 64))
+    tdXQ4 = tdQs4.reshape((64*n, 64))
+    # tdXQ4_Wq4 = tdXQ4 @ Wq4.T
+    tdXQ4_Wq4 = np.matmul(tdXQ4, Wq4.T, out=_scratch('tdXQ4_Wq4', (64*n, 64), tdXQ4, Wq4))
+    # tdQK4_Q4 = tdQK4.mT @ Q4
+    tdQK4_Q4 = np.matmul(tdQK4.swapaxes(-1, -2), Q4)
+    # dQK4_tQ4 = dQK4_2.mT @ tQ4
+    dQK4_tQ4 = np.matmul(dQK4_2.swapaxes(-1, -2), tQ4)
+    # tdK4 = dQK4_tQ4 + tdQK4_Q4
+    tdK4 = dQK4_tQ4
+    tdK4 += tdQK4_Q4
+    # tdKs4 = tdK4.transpose((0, 2, 1, 3))
+    tdKs4 = tdK4.transpose((0, 2, 1, 3))
+    # tdXK4 = reshape(tdKs4, (64*n, 64))
+    tdXK4 = tdKs4.reshape((64*n, 64))
+    # tdXK4_Wk4 = tdXK4 @ Wk4.T
+    tdXK4_Wk4 = np.matmul(tdXK4, Wk4.T, out=_scratch('tdXK4_Wk4', (64*n, 64), tdXK4, Wk4))
+    # tdX4 = dXK4_v_Wk4 + dXQ4_v_Wq4 + dXV4_v_Wv4 + tdXK4_Wk4 + tdXQ4_Wq4 + tdXV4_Wv4
+    tdX4 = dXK4_v_Wk4
+    tdX4 += dXQ4_v_Wq4
+    tdX4 += dXV4_v_Wv4
+    tdX4 += tdXK4_Wk4
+    tdX4 += tdXQ4_Wq4
+    tdX4 += tdXV4_Wv4
+    # tdH3 = reshape(tdX4, (n, 64, 64))
+    tdH3 = tdX4.reshape((n, 64, 64))
+    # tdXn3 = dH3_2*v_g3 + g3*tdH3
+    tdXn3 = np.multiply(dH3_2, v_g3, out=_scratch('tdXn3', (n, 64, 64), dH3_2, v_g3))
+    _tdXn3_0 = np.multiply(tdH3, g3, out=_scratch('_tdXn3_0', (n, 64, 64), tdH3, g3))
+    tdXn3 += _tdXn3_0
+    # tdR3 = sum(C3*tdXn3 + dXn3_2*tC3, axis=2)
+    tdR3 = (C3*tdXn3 + dXn3_2*tC3).sum(axis=2)
+    # tdV3 = -3*R3**2*dR3_2*tR3/2 - R3_pow3*tdR3/2
+    tdV3 = np.multiply(R3_pow3, tdR3, out=_scratch('tdV3', (n, 64), R3_pow3, tdR3))
+    tdV3 *= 1/2
+    np.negative(tdV3, out=tdV3)
+    _tdV3_0 = np.multiply(dR3_2, tR3, out=_scratch('_tdV3_0', (n, 64), dR3_2, tR3))
+    _tdV3_1 = np.multiply(R3, R3, out=_scratch('_tdV3_1', (n, 64), R3))
+    _tdV3_0 *= _tdV3_1
+    _tdV3_0 *= 3/2
+    tdV3 -= _tdV3_0
+    # tdC3 = C3*tdV3/32 + R3*tdXn3 + dC3_e_2*tC3/32 + dXn3_2*tR3
+    tdC3 = tdXn3*(R3[:, :, None])
+    _tdC3_0 = dXn3_2*(tR3[:, :, None])
+    tdC3 += _tdC3_0
+    np.multiply(C3, tdV3[:, :, None]/32, out=_tdC3_0)
+    tdC3 += _tdC3_0
+    np.multiply(dC3_e_2, tC3, out=_tdC3_0)
+    _tdC3_0 *= 1/32
+    tdC3 += _tdC3_0
+    # tdM3 = sum(-tdC3, axis=2)
+    tdM3 = -tdC3.sum(axis=2)
+    # tdsum_H2 = tdM3/64
+    tdsum_H2 = tdM3/64
+    # tdH2 = tdC3 + tdR4 + tdsum_H2
+    tdH2 = np.add(tdC3, tdR4, out=_scratch('tdH2', (n, 64, 64), tdC3, tdR4))
+    tdH2 += tdsum_H2[:, :, None]
+    # Hv_E1 = scatter_add(x, tdH2)
+    Hv_E1 = np.zeros((96, 64), dtype=tdH2.dtype)
+    np.add.at(Hv_E1, x.reshape(-1), tdH2.reshape(-1, 64))   # repeated ids add up
+    # Hv_P2 = sum(tdH2, axis=0)
+    Hv_P2 = tdH2.sum(axis=0)
+    # Hv_g3 = sum(Xn3*tdH3 + dH3_2*tXn3, axis=(0, 1))
+    Hv_g3 = (Xn3*tdH3 + dH3_2*tXn3).sum(axis=(0, 1))
+    # Hv_s3 = sum(tdH3, axis=(0, 1))
+    Hv_s3 = tdH3.sum(axis=(0, 1))
+    # X4_tdXQ4 = X4.T @ tdXQ4
+    X4_tdXQ4 = X4.T @ tdXQ4
+    # tX4_dXQ4 = tX4.T @ dXQ4_2
+    tX4_dXQ4 = tX4.T @ dXQ4_2
+    # Hv_Wq4 = X4_tdXQ4 + tX4_dXQ4
+    Hv_Wq4 = X4_tdXQ4
+    Hv_Wq4 += tX4_dXQ4
+    # tX4_dXK4 = tX4.T @ dXK4_2
+    tX4_dXK4 = tX4.T @ dXK4_2
+    # X4_tdXK4 = X4.T @ tdXK4
+    X4_tdXK4 = X4.T @ tdXK4
+    # Hv_Wk4 = X4_tdXK4 + tX4_dXK4
+    Hv_Wk4 = X4_tdXK4
+    Hv_Wk4 += tX4_dXK4
+    # X4_tdXV4 = X4.T @ tdXV4
+    X4_tdXV4 = X4.T @ tdXV4
+    # tX4_dXV4 = tX4.T @ dXV4_2
+    tX4_dXV4 = tX4.T @ dXV4_2
+    # Hv_Wv4 = X4_tdXV4 + tX4_dXV4
+    Hv_Wv4 = X4_tdXV4
+    Hv_Wv4 += tX4_dXV4
+    # tOc4_dOW4 = tOc4.T @ dOW4_2
+    tOc4_dOW4 = tOc4.T @ dOW4_2
+    # Oc4_tdOW4 = Oc4.T @ tdOW4
+    Oc4_tdOW4 = Oc4.T @ tdOW4
+    # Hv_Wo4 = Oc4_tdOW4 + tOc4_dOW4
+    Hv_Wo4 = Oc4_tdOW4
+    Hv_Wo4 += tOc4_dOW4
+    # Hv_bo4 = sum(tdR4, axis=(0, 1))
+    Hv_bo4 = tdR4.sum(axis=(0, 1))
+    # Hv_g5 = sum(Xn5*tdH5 + dH5_2*tXn5, axis=(0, 1))
+    Hv_g5 = (Xn5*tdH5 + dH5_2*tXn5).sum(axis=(0, 1))
+    # Hv_s5 = sum(tdH5, axis=(0, 1))
+    Hv_s5 = tdH5.sum(axis=(0, 1))
+    # tX6_dXW6 = tX6.T @ dXW6_2
+    tX6_dXW6 = tX6.T @ dXW6_2
+    # X6_tdXW6 = X6.T @ tdXW6
+    X6_tdXW6 = X6.T @ tdXW6
+    # Hv_W6 = X6_tdXW6 + tX6_dXW6
+    Hv_W6 = X6_tdXW6
+    Hv_W6 += tX6_dXW6
+    # Hv_b6 = sum(tdZ6, axis=(0, 1))
+    Hv_b6 = tdZ6.sum(axis=(0, 1))
+    # X7_tdXW7 = X7.T @ tdXW7
+    X7_tdXW7 = X7.T @ tdXW7
+    # tX7_dXW7 = tX7.T @ dXW7_2
+    tX7_dXW7 = tX7.T @ dXW7_2
+    # Hv_W7 = X7_tdXW7 + tX7_dXW7
+    Hv_W7 = X7_tdXW7
+    Hv_W7 += tX7_dXW7
+    # Hv_b7 = sum(tdR7, axis=(0, 1))
+    Hv_b7 = tdR7.sum(axis=(0, 1))
+    # Hv_g8 = sum(Xn8*tdH8 + dH8_2*tXn8, axis=(0, 1))
+    Hv_g8 = (Xn8*tdH8 + dH8_2*tXn8).sum(axis=(0, 1))
+    # Hv_s8 = sum(tdH8, axis=(0, 1))
+    Hv_s8 = tdH8.sum(axis=(0, 1))
+    # tX9_dXQ9 = tX9.T @ dXQ9_2
+    tX9_dXQ9 = tX9.T @ dXQ9_2
+    # X9_tdXQ9 = X9.T @ tdXQ9
+    X9_tdXQ9 = X9.T @ tdXQ9
+    # Hv_Wq9 = X9_tdXQ9 + tX9_dXQ9
+    Hv_Wq9 = X9_tdXQ9
+    Hv_Wq9 += tX9_dXQ9
+    # X9_tdXK9 = X9.T @ tdXK9
+    X9_tdXK9 = X9.T @ tdXK9
+    # tX9_dXK9 = tX9.T @ dXK9_2
+    tX9_dXK9 = tX9.T @ dXK9_2
+    # Hv_Wk9 = X9_tdXK9 + tX9_dXK9
+    Hv_Wk9 = X9_tdXK9
+    Hv_Wk9 += tX9_dXK9
+    # X9_tdXV9 = X9.T @ tdXV9
+    X9_tdXV9 = X9.T @ tdXV9
+    # tX9_dXV9 = tX9.T @ dXV9_2
+    tX9_dXV9 = tX9.T @ dXV9_2
+    # Hv_Wv9 = X9_tdXV9 + tX9_dXV9
+    Hv_Wv9 = X9_tdXV9
+    Hv_Wv9 += tX9_dXV9
+    # Oc9_tdOW9 = Oc9.T @ tdOW9
+    Oc9_tdOW9 = Oc9.T @ tdOW9
+    # tOc9_dOW9 = tOc9.T @ dOW9_2
+    tOc9_dOW9 = tOc9.T @ dOW9_2
+    # Hv_Wo9 = Oc9_tdOW9 + tOc9_dOW9
+    Hv_Wo9 = Oc9_tdOW9
+    Hv_Wo9 += tOc9_dOW9
+    # Hv_bo9 = sum(tdR9, axis=(0, 1))
+    Hv_bo9 = tdR9.sum(axis=(0, 1))
+    # Hv_g10 = sum(Xn10*tdH10 + dH10_2*tXn10, axis=(0, 1))
+    Hv_g10 = (Xn10*tdH10 + dH10_2*tXn10).sum(axis=(0, 1))
+    # Hv_s10 = sum(tdH10, axis=(0, 1))
+    Hv_s10 = tdH10.sum(axis=(0, 1))
+    # X11_tdXW11 = X11.T @ tdXW11
+    X11_tdXW11 = X11.T @ tdXW11
+    # tX11_dXW11 = tX11.T @ dXW11_2
+    tX11_dXW11 = tX11.T @ dXW11_2
+    # Hv_W11 = X11_tdXW11 + tX11_dXW11
+    Hv_W11 = X11_tdXW11
+    Hv_W11 += tX11_dXW11
+    # Hv_b11 = sum(tdZ11, axis=(0, 1))
+    Hv_b11 = tdZ11.sum(axis=(0, 1))
+    # tX12_dXW12 = tX12.T @ dXW12_2
+    tX12_dXW12 = tX12.T @ dXW12_2
+    # X12_tdXW12 = X12.T @ tdXW12
+    X12_tdXW12 = X12.T @ tdXW12
+    # Hv_W12 = X12_tdXW12 + tX12_dXW12
+    Hv_W12 = X12_tdXW12
+    Hv_W12 += tX12_dXW12
+    # Hv_b12 = sum(tdR12, axis=(0, 1))
+    Hv_b12 = tdR12.sum(axis=(0, 1))
+    # Hv_g13 = sum(Xn13*tdH13 + dH13*tXn13, axis=(0, 1))
+    Hv_g13 = (Xn13*tdH13 + dH13*tXn13).sum(axis=(0, 1))
+    # Hv_s13 = sum(tdH13, axis=(0, 1))
+    Hv_s13 = tdH13.sum(axis=(0, 1))
+    # tX14_dXW14 = tX14.T @ dXW14
+    tX14_dXW14 = tX14.T @ dXW14
+    # X14_tdXW14 = X14.T @ tdXW14
+    X14_tdXW14 = X14.T @ tdXW14
+    # Hv_W14 = X14_tdXW14 + tX14_dXW14
+    Hv_W14 = X14_tdXW14
+    Hv_W14 += tX14_dXW14
+    # Hv_b14 = sum(tdZ14, axis=(0, 1))
+    Hv_b14 = tdZ14.sum(axis=(0, 1))
+    return float(L), {'E1': dE1_2, 'P2': dP2_2, 'g3': dg3_2, 's3': ds3_2, 'Wq4': dWq4_2, 'Wk4': dWk4_2, 'Wv4': dWv4_2, 'Wo4': dWo4_2, 'bo4': dbo4_2, 'g5': dg5_2, 's5': ds5_2, 'W6': dW6_2, 'b6': db6_2, 'W7': dW7_2, 'b7': db7_2, 'g8': dg8_2, 's8': ds8_2, 'Wq9': dWq9_2, 'Wk9': dWk9_2, 'Wv9': dWv9_2, 'Wo9': dWo9_2, 'bo9': dbo9_2, 'g10': dg10_2, 's10': ds10_2, 'W11': dW11_2, 'b11': db11_2, 'W12': dW12_2, 'b12': db12_2, 'g13': dg13, 's13': ds13, 'W14': dW14, 'b14': db14}, {'E1': Hv_E1, 'P2': Hv_P2, 'g3': Hv_g3, 's3': Hv_s3, 'Wq4': Hv_Wq4, 'Wk4': Hv_Wk4, 'Wv4': Hv_Wv4, 'Wo4': Hv_Wo4, 'bo4': Hv_bo4, 'g5': Hv_g5, 's5': Hv_s5, 'W6': Hv_W6, 'b6': Hv_b6, 'W7': Hv_W7, 'b7': Hv_b7, 'g8': Hv_g8, 's8': Hv_s8, 'Wq9': Hv_Wq9, 'Wk9': Hv_Wk9, 'Wv9': Hv_Wv9, 'Wo9': Hv_Wo9, 'bo9': Hv_bo9, 'g10': Hv_g10, 's10': Hv_s10, 'W11': Hv_W11, 'b11': Hv_b11, 'W12': Hv_W12, 'b12': Hv_b12, 'g13': Hv_g13, 's13': Hv_s13, 'W14': Hv_W14, 'b14': Hv_b14}
+
+
+def gnvp(params, v, x, y):
+    """The loss, its gradient and the Gauss-Newton-vector product J^T H_loss J v for the direction v (a dict shaped like params): positive semi-definite."""
+    x = _tokens(x, 'x', 96, (64,), 'token ids')
+    y = _tokens(y, 'y', 96, (64,), 'labels')
+    n = _batch(x, y)
+    E1 = _param(params, 'E1', (96, 64))
+    P2 = _param(params, 'P2', (64, 64))
+    g3 = _param(params, 'g3', (64,))
+    s3 = _param(params, 's3', (64,))
+    Wq4 = _param(params, 'Wq4', (64, 64))
+    Wk4 = _param(params, 'Wk4', (64, 64))
+    Wv4 = _param(params, 'Wv4', (64, 64))
+    Wo4 = _param(params, 'Wo4', (64, 64))
+    bo4 = _param(params, 'bo4', (64,))
+    g5 = _param(params, 'g5', (64,))
+    s5 = _param(params, 's5', (64,))
+    W6 = _param(params, 'W6', (64, 256))
+    b6 = _param(params, 'b6', (256,))
+    W7 = _param(params, 'W7', (256, 64))
+    b7 = _param(params, 'b7', (64,))
+    g8 = _param(params, 'g8', (64,))
+    s8 = _param(params, 's8', (64,))
+    Wq9 = _param(params, 'Wq9', (64, 64))
+    Wk9 = _param(params, 'Wk9', (64, 64))
+    Wv9 = _param(params, 'Wv9', (64, 64))
+    Wo9 = _param(params, 'Wo9', (64, 64))
+    bo9 = _param(params, 'bo9', (64,))
+    g10 = _param(params, 'g10', (64,))
+    s10 = _param(params, 's10', (64,))
+    W11 = _param(params, 'W11', (64, 256))
+    b11 = _param(params, 'b11', (256,))
+    W12 = _param(params, 'W12', (256, 64))
+    b12 = _param(params, 'b12', (64,))
+    g13 = _param(params, 'g13', (64,))
+    s13 = _param(params, 's13', (64,))
+    W14 = _param(params, 'W14', (64, 96))
+    b14 = _param(params, 'b14', (96,))
+    v_E1 = _direction(v, 'E1', (96, 64))
+    v_P2 = _direction(v, 'P2', (64, 64))
+    v_g3 = _direction(v, 'g3', (64,))
+    v_s3 = _direction(v, 's3', (64,))
+    v_Wq4 = _direction(v, 'Wq4', (64, 64))
+    v_Wk4 = _direction(v, 'Wk4', (64, 64))
+    v_Wv4 = _direction(v, 'Wv4', (64, 64))
+    v_Wo4 = _direction(v, 'Wo4', (64, 64))
+    v_bo4 = _direction(v, 'bo4', (64,))
+    v_g5 = _direction(v, 'g5', (64,))
+    v_s5 = _direction(v, 's5', (64,))
+    v_W6 = _direction(v, 'W6', (64, 256))
+    v_b6 = _direction(v, 'b6', (256,))
+    v_W7 = _direction(v, 'W7', (256, 64))
+    v_b7 = _direction(v, 'b7', (64,))
+    v_g8 = _direction(v, 'g8', (64,))
+    v_s8 = _direction(v, 's8', (64,))
+    v_Wq9 = _direction(v, 'Wq9', (64, 64))
+    v_Wk9 = _direction(v, 'Wk9', (64, 64))
+    v_Wv9 = _direction(v, 'Wv9', (64, 64))
+    v_Wo9 = _direction(v, 'Wo9', (64, 64))
+    v_bo9 = _direction(v, 'bo9', (64,))
+    v_g10 = _direction(v, 'g10', (64,))
+    v_s10 = _direction(v, 's10', (64,))
+    v_W11 = _direction(v, 'W11', (64, 256))
+    v_b11 = _direction(v, 'b11', (256,))
+    v_W12 = _direction(v, 'W12', (256, 64))
+    v_b12 = _direction(v, 'b12', (64,))
+    v_g13 = _direction(v, 'g13', (64,))
+    v_s13 = _direction(v, 's13', (64,))
+    v_W14 = _direction(v, 'W14', (64, 96))
+    v_b14 = _direction(v, 'b14', (96,))
+    Em1 = E1[x]
+    H2 = Em1 + P2
+    sum_H2 = H2.sum(axis=2)
+    M3 = sum_H2/64
+    C3 = H2 - M3[:, :, None]
+    V3 = 1/64*np.einsum('abc,abc->ab', C3, C3)
+    R3 = np.add(V3, 1e-05, out=_scratch('R3', (n, 64), V3))
+    np.sqrt(R3, out=R3)
+    np.divide(1.0, R3, out=R3)
+    Xn3 = C3*R3[:, :, None]
+    H3 = np.multiply(Xn3, g3, out=_scratch('H3', (n, 64, 64), Xn3, g3))
+    H3 += s3
+    X4 = H3.reshape((64*n, 64))
+    XQ4 = np.matmul(X4, Wq4, out=_scratch('XQ4', (64*n, 64), X4, Wq4))
+    Qs4 = XQ4.reshape((n, 64, 4, 16))
+    Q4 = Qs4.transpose((0, 2, 1, 3))
+    XK4 = np.matmul(X4, Wk4, out=_scratch('XK4', (64*n, 64), X4, Wk4))
+    Ks4 = XK4.reshape((n, 64, 4, 16))
+    K4 = Ks4.transpose((0, 2, 1, 3))
+    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2))
+    Sc4 = QK4
+    Sc4 *= 1/4
+    S4 = Sc4
+    np.copyto(S4, -1e+09, where=~np.tri(64, dtype=bool))
+    A4 = _softmax_into(S4, S4)
+    XV4 = np.matmul(X4, Wv4, out=_scratch('XV4', (64*n, 64), X4, Wv4))
+    Vs4 = XV4.reshape((n, 64, 4, 16))
+    V4 = Vs4.transpose((0, 2, 1, 3))
+    O4 = np.matmul(A4, V4, out=_scratch('O4', (n, 64, 4, 16), A4, V4).transpose((0, 2, 1, 3)))
+    Ot4 = O4.transpose((0, 2, 1, 3))
+    Oc4 = Ot4.reshape((64*n, 64))
+    OW4 = np.matmul(Oc4, Wo4, out=_scratch('OW4', (64*n, 64), Oc4, Wo4))
+    OWs4 = OW4.reshape((n, 64, 64))
+    R4 = OWs4
+    R4 += H2
+    R4 += bo4
+    sum_R4 = R4.sum(axis=2)
+    M5 = sum_R4/64
+    C5 = -M5[:, :, None] + R4
+    V5 = 1/64*np.einsum('abc,abc->ab', C5, C5)
+    R5 = np.add(V5, 1e-05, out=_scratch('R5', (n, 64), V5))
+    np.sqrt(R5, out=R5)
+    np.divide(1.0, R5, out=R5)
+    Xn5 = C5*R5[:, :, None]
+    H5 = np.multiply(Xn5, g5, out=_scratch('H5', (n, 64, 64), Xn5, g5))
+    H5 += s5
+    X6 = H5.reshape((64*n, 64))
+    XW6 = np.matmul(X6, W6, out=_scratch('XW6', (64*n, 256), X6, W6))
+    XWs6 = XW6.reshape((n, 64, 256))
+    Z6 = XWs6
+    Z6 += b6
+    tanh_Z6 = np.multiply(Z6, Z6, out=_scratch('tanh_Z6', (n, 64, 256), Z6))
+    tanh_Z6 *= 0.044715
+    tanh_Z6 += 1
+    tanh_Z6 *= Z6
+    tanh_Z6 *= 0.7978845608028654
+    np.tanh(tanh_Z6, out=tanh_Z6)
+    H6 = np.add(tanh_Z6, 1, out=_scratch('H6', (n, 64, 256), tanh_Z6))
+    H6 *= Z6
+    H6 *= 1/2
+    X7 = H6.reshape((64*n, 256))
+    XW7 = np.matmul(X7, W7, out=_scratch('XW7', (64*n, 64), X7, W7))
+    XWs7 = XW7.reshape((n, 64, 64))
+    R7 = XWs7
+    R7 += R4
+    R7 += b7
+    sum_R7 = R7.sum(axis=2)
+    M8 = sum_R7/64
+    C8 = -M8[:, :, None] + R7
+    V8 = 1/64*np.einsum('abc,abc->ab', C8, C8)
+    R8 = np.add(V8, 1e-05, out=_scratch('R8', (n, 64), V8))
+    np.sqrt(R8, out=R8)
+    np.divide(1.0, R8, out=R8)
+    Xn8 = C8*R8[:, :, None]
+    H8 = np.multiply(Xn8, g8, out=_scratch('H8', (n, 64, 64), Xn8, g8))
+    H8 += s8
+    X9 = H8.reshape((64*n, 64))
+    XQ9 = np.matmul(X9, Wq9, out=_scratch('XQ9', (64*n, 64), X9, Wq9))
+    Qs9 = XQ9.reshape((n, 64, 4, 16))
+    Q9 = Qs9.transpose((0, 2, 1, 3))
+    XK9 = np.matmul(X9, Wk9, out=_scratch('XK9', (64*n, 64), X9, Wk9))
+    Ks9 = XK9.reshape((n, 64, 4, 16))
+    K9 = Ks9.transpose((0, 2, 1, 3))
+    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2))
+    Sc9 = QK9
+    Sc9 *= 1/4
+    S9 = Sc9
+    np.copyto(S9, -1e+09, where=~np.tri(64, dtype=bool))
+    A9 = _softmax_into(S9, S9)
+    XV9 = np.matmul(X9, Wv9, out=_scratch('XV9', (64*n, 64), X9, Wv9))
+    Vs9 = XV9.reshape((n, 64, 4, 16))
+    V9 = Vs9.transpose((0, 2, 1, 3))
+    O9 = np.matmul(A9, V9, out=_scratch('O9', (n, 64, 4, 16), A9, V9).transpose((0, 2, 1, 3)))
+    Ot9 = O9.transpose((0, 2, 1, 3))
+    Oc9 = Ot9.reshape((64*n, 64))
+    OW9 = np.matmul(Oc9, Wo9, out=_scratch('OW9', (64*n, 64), Oc9, Wo9))
+    OWs9 = OW9.reshape((n, 64, 64))
+    R9 = OWs9
+    R9 += R7
+    R9 += bo9
+    sum_R9 = R9.sum(axis=2)
+    M10 = sum_R9/64
+    C10 = -M10[:, :, None] + R9
+    V10 = 1/64*np.einsum('abc,abc->ab', C10, C10)
+    R10 = np.add(V10, 1e-05, out=_scratch('R10', (n, 64), V10))
+    np.sqrt(R10, out=R10)
+    np.divide(1.0, R10, out=R10)
+    Xn10 = C10*R10[:, :, None]
+    H10 = np.multiply(Xn10, g10, out=_scratch('H10', (n, 64, 64), Xn10, g10))
+    H10 += s10
+    X11 = H10.reshape((64*n, 64))
+    XW11 = np.matmul(X11, W11, out=_scratch('XW11', (64*n, 256), X11, W11))
+    XWs11 = XW11.reshape((n, 64, 256))
+    Z11 = XWs11
+    Z11 += b11
+    tanh_Z11 = np.multiply(Z11, Z11, out=_scratch('tanh_Z11', (n, 64, 256), Z11))
+    tanh_Z11 *= 0.044715
+    tanh_Z11 += 1
+    tanh_Z11 *= Z11
+    tanh_Z11 *= 0.7978845608028654
+    np.tanh(tanh_Z11, out=tanh_Z11)
+    H11 = np.add(tanh_Z11, 1, out=_scratch('H11', (n, 64, 256), tanh_Z11))
+    H11 *= Z11
+    H11 *= 1/2
+    X12 = H11.reshape((64*n, 256))
+    XW12 = np.matmul(X12, W12, out=_scratch('XW12', (64*n, 64), X12, W12))
+    XWs12 = XW12.reshape((n, 64, 64))
+    R12 = XWs12
+    R12 += R9
+    R12 += b12
+    sum_R12 = R12.sum(axis=2)
+    M13 = sum_R12/64
+    C13 = -M13[:, :, None] + R12
+    V13 = 1/64*np.einsum('abc,abc->ab', C13, C13)
+    R13 = np.add(V13, 1e-05, out=_scratch('R13', (n, 64), V13))
+    np.sqrt(R13, out=R13)
+    np.divide(1.0, R13, out=R13)
+    Xn13 = C13*R13[:, :, None]
+    H13 = np.multiply(Xn13, g13, out=_scratch('H13', (n, 64, 64), Xn13, g13))
+    H13 += s13
+    X14 = H13.reshape((64*n, 64))
+    XW14 = np.matmul(X14, W14, out=_scratch('XW14', (64*n, 96), X14, W14))
+    XWs14 = XW14.reshape((n, 64, 96))
+    Z14 = XWs14
+    Z14 += b14
+    LSE = _logsumexp(Z14.reshape(-1, 96)).reshape((n, 64))
+    CE = LSE - np.take_along_axis(Z14, y[..., None], axis=-1)[..., 0]
+    L = CE.mean()
+    Z6_pow2 = Z6*Z6
+    R10_pow3 = np.multiply(R10, R10, out=_scratch('R10_pow3', (n, 64), R10))
+    R10_pow3 *= R10
+    dZ14 = np.exp(Z14 - LSE[..., None])
+    dZ14.reshape(-1, 96)[np.arange(y.size), y.reshape(-1)] -= 1
+    dZ14 *= 1/(64*n)
+    dXW14 = dZ14.reshape((64*n, 96))
+    dX14 = np.matmul(dXW14, W14.T, out=_scratch('dX14', (64*n, 64), dXW14, W14))
+    dH13 = dX14.reshape((n, 64, 64))
+    dXn13 = dH13*g13
+    dR13 = np.einsum('abc,abc->ab', dXn13, C13)
+    R13_pow3 = np.multiply(R13, R13, out=_scratch('R13_pow3', (n, 64), R13))
+    R13_pow3 *= R13
+    dV13_2 = np.multiply(R13_pow3, dR13, out=_scratch('dV13_2', (n, 64), R13_pow3, dR13))
+    dV13_2 *= -1/2
+    dC13_3 = dXn13*(R13[:, :, None])
+    _dC13_3_0 = C13*(dV13_2[:, :, None]/32)
+    dC13_3 += _dC13_3_0
+    dM13_3 = -dC13_3.sum(axis=2)
+    dsum_R12_3 = dM13_3/64
+    dR12_3 = dC13_3 + dsum_R12_3[:, :, None]
+    dXW12_3 = dR12_3.reshape((64*n, 64))
+    dX12_3 = np.matmul(dXW12_3, W12.T, out=_scratch('dX12_3', (64*n, 256), dXW12_3, W12))
+    dH11_3 = dX12_3.reshape((n, 64, 256))
+    t_pow2 = tanh_Z11*tanh_Z11
+    Z11_pow2 = Z11*Z11
+    dZ11_3 = dH11_3
+    _dZ11_3_0 = np.subtract(1, t_pow2, out=_scratch('_dZ11_3_0', (n, 64, 256), t_pow2))
+    _dZ11_3_0 *= Z11
+    _dZ11_3_1 = np.multiply(Z11_pow2, 0.134145, out=_scratch('_dZ11_3_1', (n, 64, 256), Z11_pow2))
+    _dZ11_3_1 += 1
+    _dZ11_3_0 *= _dZ11_3_1
+    _dZ11_3_0 *= 0.7978845608028654
+    _dZ11_3_0 += tanh_Z11
+    _dZ11_3_0 += 1
+    dZ11_3 *= _dZ11_3_0
+    dZ11_3 *= 1/2
+    dXW11_3 = dZ11_3.reshape((64*n, 256))
+    dX11_3 = np.matmul(dXW11_3, W11.T, out=_scratch('dX11_3', (64*n, 64), dXW11_3, W11))
+    dH10_3 = dX11_3.reshape((n, 64, 64))
+    dXn10_3 = dH10_3*g10
+    dR10_3 = np.einsum('abc,abc->ab', C10, dXn10_3)
+    dV10_3 = np.multiply(R10_pow3, dR10_3, out=_scratch('dV10_3', (n, 64), R10_pow3, dR10_3))
+    dV10_3 *= -1/2
+    dC10_3 = dXn10_3*(R10[:, :, None])
+    _dC10_3_0 = C10*(dV10_3[:, :, None]/32)
+    dC10_3 += _dC10_3_0
+    dM10_3 = -dC10_3.sum(axis=2)
+    dsum_R9_3 = dM10_3/64
+    dR9_3 = np.add(dC10_3, dR12_3, out=_scratch('dR9_3', (n, 64, 64), dC10_3, dR12_3))
+    dR9_3 += dsum_R9_3[:, :, None]
+    dOW9_3 = dR9_3.reshape((64*n, 64))
+    dOc9_3 = np.matmul(dOW9_3, Wo9.T, out=_scratch('dOc9_3', (64*n, 64), dOW9_3, Wo9))
+    dOt9_3 = dOc9_3.reshape((n, 64, 4, 16))
+    dO9_3 = dOt9_3.transpose((0, 2, 1, 3))
+    dA9_3 = np.matmul(dO9_3, V9.swapaxes(-1, -2))
+    sum_dA9_times_A9_3 = np.einsum('abcd,abcd->abc', dA9_3, A9)
+    dS9_3 = dA9_3 + (-sum_dA9_times_A9_3[:, :, :, None])
+    dS9_3 *= A9
+    dSc9_3 = dS9_3
+    np.copyto(dSc9_3, 0, where=~np.tri(64, dtype=bool))
+    dQK9_3 = dSc9_3
+    dQK9_3 *= 1/4
+    dK9_3 = np.matmul(dQK9_3.swapaxes(-1, -2), Q9, out=_scratch('dK9_3', (n, 64, 4, 16), dQK9_3, Q9).transpose((0, 2, 1, 3)))
+    dKs9_3 = dK9_3.transpose((0, 2, 1, 3))
+    dXK9_3 = dKs9_3.reshape((64*n, 64))
+    dX9_XK9_3 = np.matmul(dXK9_3, Wk9.T, out=_scratch('dX9_XK9_3', (64*n, 64), dXK9_3, Wk9))
+    dV9_3 = np.matmul(A9.swapaxes(-1, -2), dO9_3, out=_scratch('dV9_3', (n, 64, 4, 16), A9, dO9_3).transpose((0, 2, 1, 3)))
+    dVs9_3 = dV9_3.transpose((0, 2, 1, 3))
+    dXV9_3 = dVs9_3.reshape((64*n, 64))
+    dX9_XV9_3 = np.matmul(dXV9_3, Wv9.T, out=_scratch('dX9_XV9_3', (64*n, 64), dXV9_3, Wv9))
+    dQ9_3 = np.matmul(dQK9_3, K9, out=_scratch('dQ9_3', (n, 64, 4, 16), dQK9_3, K9).transpose((0, 2, 1, 3)))
+    dQs9_3 = dQ9_3.transpose((0, 2, 1, 3))
+    dXQ9_3 = dQs9_3.reshape((64*n, 64))
+    dX9_XQ9_3 = np.matmul(dXQ9_3, Wq9.T, out=_scratch('dX9_XQ9_3', (64*n, 64), dXQ9_3, Wq9))
+    dX9_3 = dX9_XK9_3
+    dX9_3 += dX9_XQ9_3
+    dX9_3 += dX9_XV9_3
+    dH8_3 = dX9_3.reshape((n, 64, 64))
+    dXn8_3 = dH8_3*g8
+    R8_pow3 = np.multiply(R8, R8, out=_scratch('R8_pow3', (n, 64), R8))
+    R8_pow3 *= R8
+    dR8_3 = np.einsum('abc,abc->ab', dXn8_3, C8)
+    dV8_3 = np.multiply(R8_pow3, dR8_3, out=_scratch('dV8_3', (n, 64), R8_pow3, dR8_3))
+    dV8_3 *= -1/2
+    dC8_3 = dXn8_3*(R8[:, :, None])
+    _dC8_3_0 = C8*(dV8_3[:, :, None]/32)
+    dC8_3 += _dC8_3_0
+    dM8_3 = -dC8_3.sum(axis=2)
+    dsum_R7_3 = dM8_3/64
+    dR7_3 = np.add(dC8_3, dR9_3, out=_scratch('dR7_3', (n, 64, 64), dC8_3, dR9_3))
+    dR7_3 += dsum_R7_3[:, :, None]
+    dXW7_3 = dR7_3.reshape((64*n, 64))
+    dX7_3 = np.matmul(dXW7_3, W7.T, out=_scratch('dX7_3', (64*n, 256), dXW7_3, W7))
+    dH6_3 = dX7_3.reshape((n, 64, 256))
+    t_pow2_2 = tanh_Z6*tanh_Z6
+    dZ6_3 = dH6_3
+    _dZ6_3_0 = np.subtract(1, t_pow2_2, out=_scratch('_dZ6_3_0', (n, 64, 256), t_pow2_2))
+    _dZ6_3_0 *= Z6
+    _dZ6_3_1 = np.multiply(Z6_pow2, 0.134145, out=_scratch('_dZ6_3_1', (n, 64, 256), Z6_pow2))
+    _dZ6_3_1 += 1
+    _dZ6_3_0 *= _dZ6_3_1
+    _dZ6_3_0 *= 0.7978845608028654
+    _dZ6_3_0 += tanh_Z6
+    _dZ6_3_0 += 1
+    dZ6_3 *= _dZ6_3_0
+    dZ6_3 *= 1/2
+    dXW6_3 = dZ6_3.reshape((64*n, 256))
+    dX6_3 = np.matmul(dXW6_3, W6.T, out=_scratch('dX6_3', (64*n, 64), dXW6_3, W6))
+    dH5_3 = dX6_3.reshape((n, 64, 64))
+    dXn5_3 = dH5_3*g5
+    dR5_3 = np.einsum('abc,abc->ab', C5, dXn5_3)
+    R5_pow3 = np.multiply(R5, R5, out=_scratch('R5_pow3', (n, 64), R5))
+    R5_pow3 *= R5
+    dV5_3 = np.multiply(R5_pow3, dR5_3, out=_scratch('dV5_3', (n, 64), R5_pow3, dR5_3))
+    dV5_3 *= -1/2
+    dC5_3 = dXn5_3*(R5[:, :, None])
+    _dC5_3_0 = C5*(dV5_3[:, :, None]/32)
+    dC5_3 += _dC5_3_0
+    dM5_3 = -dC5_3.sum(axis=2)
+    dsum_R4_3 = dM5_3/64
+    dR4_3 = np.add(dC5_3, dR7_3, out=_scratch('dR4_3', (n, 64, 64), dC5_3, dR7_3))
+    dR4_3 += dsum_R4_3[:, :, None]
+    dOW4_3 = dR4_3.reshape((64*n, 64))
+    dOc4_3 = np.matmul(dOW4_3, Wo4.T, out=_scratch('dOc4_3', (64*n, 64), dOW4_3, Wo4))
+    dOt4_3 = dOc4_3.reshape((n, 64, 4, 16))
+    dO4_3 = dOt4_3.transpose((0, 2, 1, 3))
+    dA4_3 = np.matmul(dO4_3, V4.swapaxes(-1, -2))
+    sum_dA4_times_A4_3 = np.einsum('abcd,abcd->abc', A4, dA4_3)
+    dS4_3 = dA4_3 + (-sum_dA4_times_A4_3[:, :, :, None])
+    dS4_3 *= A4
+    dSc4_3 = dS4_3
+    np.copyto(dSc4_3, 0, where=~np.tri(64, dtype=bool))
+    dQK4_3 = dSc4_3
+    dQK4_3 *= 1/4
+    dK4_3 = np.matmul(dQK4_3.swapaxes(-1, -2), Q4, out=_scratch('dK4_3', (n, 64, 4, 16), dQK4_3, Q4).transpose((0, 2, 1, 3)))
+    dKs4_3 = dK4_3.transpose((0, 2, 1, 3))
+    dXK4_3 = dKs4_3.reshape((64*n, 64))
+    dX4_XK4_3 = np.matmul(dXK4_3, Wk4.T, out=_scratch('dX4_XK4_3', (64*n, 64), dXK4_3, Wk4))
+    dQ4_3 = np.matmul(dQK4_3, K4, out=_scratch('dQ4_3', (n, 64, 4, 16), dQK4_3, K4).transpose((0, 2, 1, 3)))
+    dQs4_3 = dQ4_3.transpose((0, 2, 1, 3))
+    dXQ4_3 = dQs4_3.reshape((64*n, 64))
+    dX4_XQ4_3 = np.matmul(dXQ4_3, Wq4.T, out=_scratch('dX4_XQ4_3', (64*n, 64), dXQ4_3, Wq4))
+    dV4_3 = np.matmul(A4.swapaxes(-1, -2), dO4_3, out=_scratch('dV4_3', (n, 64, 4, 16), A4, dO4_3).transpose((0, 2, 1, 3)))
+    dVs4_3 = dV4_3.transpose((0, 2, 1, 3))
+    dXV4_3 = dVs4_3.reshape((64*n, 64))
+    dX4_XV4_3 = np.matmul(dXV4_3, Wv4.T, out=_scratch('dX4_XV4_3', (64*n, 64), dXV4_3, Wv4))
+    dX4_3 = dX4_XK4_3
+    dX4_3 += dX4_XQ4_3
+    dX4_3 += dX4_XV4_3
+    dH3_3 = dX4_3.reshape((n, 64, 64))
+    dXn3_3 = dH3_3*g3
+    dR3_3 = np.einsum('abc,abc->ab', C3, dXn3_3)
+    R3_pow3 = np.multiply(R3, R3, out=_scratch('R3_pow3', (n, 64), R3))
+    R3_pow3 *= R3
+    dV3_3 = np.multiply(R3_pow3, dR3_3, out=_scratch('dV3_3', (n, 64), R3_pow3, dR3_3))
+    dV3_3 *= -1/2
+    dC3_3 = dXn3_3*(R3[:, :, None])
+    _dC3_3_0 = C3*(dV3_3[:, :, None]/32)
+    dC3_3 += _dC3_3_0
+    dM3_3 = -dC3_3.sum(axis=2)
+    dsum_H2_3 = dM3_3/64
+    dH2_3 = np.add(dC3_3, dR4_3, out=_scratch('dH2_3', (n, 64, 64), dC3_3, dR4_3))
+    dH2_3 += dsum_H2_3[:, :, None]
+    dE1_3 = np.zeros((96, 64), dtype=dH2_3.dtype)
+    np.add.at(dE1_3, x.reshape(-1), dH2_3.reshape(-1, 64))   # repeated ids add up
+    dP2_3 = dH2_3.sum(axis=0)
+    dg3_3 = np.einsum('abc,abc->c', Xn3, dH3_3)
+    ds3_3 = dH3_3.sum(axis=(0, 1))
+    dWq4_3 = X4.T @ dXQ4_3
+    dWk4_3 = X4.T @ dXK4_3
+    dWv4_3 = X4.T @ dXV4_3
+    dWo4_3 = Oc4.T @ dOW4_3
+    dbo4_3 = dR4_3.sum(axis=(0, 1))
+    dg5_3 = np.einsum('abc,abc->c', dH5_3, Xn5)
+    ds5_3 = dH5_3.sum(axis=(0, 1))
+    dW6_3 = X6.T @ dXW6_3
+    db6_3 = dZ6_3.sum(axis=(0, 1))
+    dW7_3 = X7.T @ dXW7_3
+    db7_3 = dR7_3.sum(axis=(0, 1))
+    dg8_3 = np.einsum('abc,abc->c', Xn8, dH8_3)
+    ds8_3 = dH8_3.sum(axis=(0, 1))
+    dWq9_3 = X9.T @ dXQ9_3
+    dWk9_3 = X9.T @ dXK9_3
+    dWv9_3 = X9.T @ dXV9_3
+    dWo9_3 = Oc9.T @ dOW9_3
+    dbo9_3 = dR9_3.sum(axis=(0, 1))
+    dg10_3 = np.einsum('abc,abc->c', dH10_3, Xn10)
+    ds10_3 = dH10_3.sum(axis=(0, 1))
+    dW11_3 = X11.T @ dXW11_3
+    db11_3 = dZ11_3.sum(axis=(0, 1))
+    dW12_3 = X12.T @ dXW12_3
+    db12_3 = dR12_3.sum(axis=(0, 1))
+    dg13 = np.einsum('abc,abc->c', Xn13, dH13)
+    ds13 = dH13.sum(axis=(0, 1))
+    dW14 = X14.T @ dXW14
+    db14 = dZ14.sum(axis=(0, 1))
+    # X9_v_Wk9 = X9 @ v_Wk9
+    X9_v_Wk9 = np.matmul(X9, v_Wk9, out=_scratch('X9_v_Wk9', (64*n, 64), X9, v_Wk9))
+    # X6_v_W6 = X6 @ v_W6
+    X6_v_W6 = np.matmul(X6, v_W6, out=_scratch('X6_v_W6', (64*n, 256), X6, v_W6))
+    # tEm1 = v_E1[x]
+    tEm1 = v_E1[x]
+    # tH2 = tEm1 + v_P2
+    tH2 = tEm1 + v_P2
+    # Oc4_v_Wo4 = Oc4 @ v_Wo4
+    Oc4_v_Wo4 = np.matmul(Oc4, v_Wo4, out=_scratch('Oc4_v_Wo4', (64*n, 64), Oc4, v_Wo4))
+    # tsum_H2 = sum(tH2, axis=2)
+    tsum_H2 = tH2.sum(axis=2)
+    # tM3 = tsum_H2/64
+    tM3 = tsum_H2/64
+    # tC3 = tH2 - tM3
+    tC3 = tH2 - tM3[:, :, None]
+    # tV3 = sum(C3*tC3/32, axis=2)
+    tV3 = 1/32*np.einsum('abc,abc->ab', tC3, C3)
+    # tR3 = -R3_pow3*tV3/2
+    tR3 = np.multiply(R3_pow3, tV3, out=_scratch('tR3', (n, 64), R3_pow3, tV3))
+    tR3 *= -1/2
+    # tH3_2 = Xn3*v_g3 + g3*(C3*tR3 + R3*tC3) + v_s3
+    tH3_2 = np.multiply(Xn3, v_g3, out=_scratch('tH3_2', (n, 64, 64), Xn3, v_g3))
+    _tH3_2_0 = C3*(tR3[:, :, None])
+    _tH3_2_1 = tC3*(R3[:, :, None])
+    _tH3_2_0 += _tH3_2_1
+    _tH3_2_0 *= g3
+    tH3_2 += _tH3_2_0
+    tH3_2 += v_s3
+    # tX4_2 = reshape(tH3_2, (64*n, 64))
+    tX4_2 = tH3_2.reshape((64*n, 64))
+    # tX4_Wq4_2 = tX4_2 @ Wq4
+    tX4_Wq4_2 = np.matmul(tX4_2, Wq4, out=_scratch('tX4_Wq4_2', (64*n, 64), tX4_2, Wq4))
+    # X4_v_Wq4 = X4 @ v_Wq4
+    X4_v_Wq4 = np.matmul(X4, v_Wq4, out=_scratch('X4_v_Wq4', (64*n, 64), X4, v_Wq4))
+    # tXQ4_2 = X4_v_Wq4 + tX4_Wq4_2
+    tXQ4_2 = X4_v_Wq4
+    tXQ4_2 += tX4_Wq4_2
+    # tQs4_2 = reshape(tXQ4_2, (n, 64, 4, 16))
+    tQs4_2 = tXQ4_2.reshape((n, 64, 4, 16))
+    # tQ4_2 = tQs4_2.transpose((0, 2, 1, 3))
+    tQ4_2 = tQs4_2.transpose((0, 2, 1, 3))
+    # tQ4_K4_2 = tQ4_2 @ K4.mT
+    tQ4_K4_2 = np.matmul(tQ4_2, K4.swapaxes(-1, -2))
+    # X4_v_Wk4 = X4 @ v_Wk4
+    X4_v_Wk4 = np.matmul(X4, v_Wk4, out=_scratch('X4_v_Wk4', (64*n, 64), X4, v_Wk4))
+    # tX4_Wk4_2 = tX4_2 @ Wk4
+    tX4_Wk4_2 = np.matmul(tX4_2, Wk4, out=_scratch('tX4_Wk4_2', (64*n, 64), tX4_2, Wk4))
+    # tXK4_2 = X4_v_Wk4 + tX4_Wk4_2
+    tXK4_2 = X4_v_Wk4
+    tXK4_2 += tX4_Wk4_2
+    # tKs4_2 = reshape(tXK4_2, (n, 64, 4, 16))
+    tKs4_2 = tXK4_2.reshape((n, 64, 4, 16))
+    # tK4_2 = tKs4_2.transpose((0, 2, 1, 3))
+    tK4_2 = tKs4_2.transpose((0, 2, 1, 3))
+    # Q4_tK4_2 = Q4 @ tK4_2.mT
+    Q4_tK4_2 = np.matmul(Q4, tK4_2.swapaxes(-1, -2))
+    # tSc4_2 = Q4_tK4_2/4 + tQ4_K4_2/4
+    tSc4_2 = Q4_tK4_2
+    tSc4_2 *= 1/4
+    tQ4_K4_2 *= 1/4
+    tSc4_2 += tQ4_K4_2
+    # tS4_2 = causal_mask(tSc4_2, fill=0)
+    tS4_2 = tSc4_2
+    np.copyto(tS4_2, 0, where=~np.tri(64, dtype=bool))
+    # sum_tS4_times_A4_2 = sum(A4*tS4_2, axis=3)
+    sum_tS4_times_A4_2 = np.einsum('abcd,abcd->abc', A4, tS4_2)
+    # tA4_2 = A4*(-sum_tS4_times_A4_2 + tS4_2)
+    tA4_2 = tS4_2 + (-sum_tS4_times_A4_2[:, :, :, None])
+    tA4_2 *= A4
+    # tA4_V4_2 = tA4_2 @ V4
+    tA4_V4_2 = np.matmul(tA4_2, V4)
+    # tX4_Wv4_2 = tX4_2 @ Wv4
+    tX4_Wv4_2 = np.matmul(tX4_2, Wv4, out=_scratch('tX4_Wv4_2', (64*n, 64), tX4_2, Wv4))
+    # X4_v_Wv4 = X4 @ v_Wv4
+    X4_v_Wv4 = np.matmul(X4, v_Wv4, out=_scratch('X4_v_Wv4', (64*n, 64), X4, v_Wv4))
+    # tXV4_2 = X4_v_Wv4 + tX4_Wv4_2
+    tXV4_2 = X4_v_Wv4
+    tXV4_2 += tX4_Wv4_2
+    # tVs4_2 = reshape(tXV4_2, (n, 64, 4, 16))
+    tVs4_2 = tXV4_2.reshape((n, 64, 4, 16))
+    # tV4_2 = tVs4_2.transpose((0, 2, 1, 3))
+    tV4_2 = tVs4_2.transpose((0, 2, 1, 3))
+    # A4_tV4_2 = A4 @ tV4_2
+    A4_tV4_2 = np.matmul(A4, tV4_2)
+    # tO4_2 = A4_tV4_2 + tA4_V4_2
+    tO4_2 = A4_tV4_2
+    tO4_2 += tA4_V4_2
+    # tOt4_2 = tO4_2.transpose((0, 2, 1, 3))
+    tOt4_2 = tO4_2.transpose((0, 2, 1, 3))
+    # tOc4_2 = reshape(tOt4_2, (64*n, 64))
+    tOc4_2 = tOt4_2.reshape((64*n, 64))
+    # tOc4_Wo4_2 = tOc4_2 @ Wo4
+    tOc4_Wo4_2 = np.matmul(tOc4_2, Wo4, out=_scratch('tOc4_Wo4_2', (64*n, 64), tOc4_2, Wo4))
+    # tOW4_2 = Oc4_v_Wo4 + tOc4_Wo4_2
+    tOW4_2 = Oc4_v_Wo4
+    tOW4_2 += tOc4_Wo4_2
+    # tOWs4_2 = reshape(tOW4_2, (n, 64, 64))
+    tOWs4_2 = tOW4_2.reshape((n, 64, 64))
+    # tR4_2 = tH2 + tOWs4_2 + v_bo4
+    tR4_2 = tOWs4_2
+    tR4_2 += tH2
+    tR4_2 += v_bo4
+    # tsum_R4_2 = sum(tR4_2, axis=2)
+    tsum_R4_2 = tR4_2.sum(axis=2)
+    # tM5_2 = tsum_R4_2/64
+    tM5_2 = tsum_R4_2/64
+    # tC5_2 = -tM5_2 + tR4_2
+    tC5_2 = -tM5_2[:, :, None] + tR4_2
+    # tV5_2 = sum(C5*tC5_2/32, axis=2)
+    tV5_2 = 1/32*np.einsum('abc,abc->ab', C5, tC5_2)
+    # tR5_2 = -R5_pow3*tV5_2/2
+    tR5_2 = np.multiply(R5_pow3, tV5_2, out=_scratch('tR5_2', (n, 64), R5_pow3, tV5_2))
+    tR5_2 *= -1/2
+    # tH5_2 = Xn5*v_g5 + g5*(C5*tR5_2 + R5*tC5_2) + v_s5
+    tH5_2 = np.multiply(Xn5, v_g5, out=_scratch('tH5_2', (n, 64, 64), Xn5, v_g5))
+    _tH5_2_0 = C5*(tR5_2[:, :, None])
+    _tH5_2_1 = tC5_2*(R5[:, :, None])
+    _tH5_2_0 += _tH5_2_1
+    _tH5_2_0 *= g5
+    tH5_2 += _tH5_2_0
+    tH5_2 += v_s5
+    # tX6_2 = reshape(tH5_2, (64*n, 64))
+    tX6_2 = tH5_2.reshape((64*n, 64))
+    # tX6_W6_2 = tX6_2 @ W6
+    tX6_W6_2 = np.matmul(tX6_2, W6, out=_scratch('tX6_W6_2', (64*n, 256), tX6_2, W6))
+    # tXW6_2 = X6_v_W6 + tX6_W6_2
+    tXW6_2 = X6_v_W6
+    tXW6_2 += tX6_W6_2
+    # tXWs6_2 = reshape(tXW6_2, (n, 64, 256))
+    tXWs6_2 = tXW6_2.reshape((n, 64, 256))
+    # tH6_2 = (tXWs6_2 + v_b6)*(sqrt(2)*Z6*(1 - t_pow2_2)*(0.134145*Z6_pow2 + 1)/sqrt(pi) + tanh_Z6 + 1)/2
+    tH6_2 = tXWs6_2
+    tH6_2 += v_b6
+    _tH6_2_0 = np.subtract(1, t_pow2_2, out=_scratch('_tH6_2_0', (n, 64, 256), t_pow2_2))
+    _tH6_2_0 *= Z6
+    _tH6_2_1 = np.multiply(Z6_pow2, 0.134145, out=_scratch('_tH6_2_1', (n, 64, 256), Z6_pow2))
+    _tH6_2_1 += 1
+    _tH6_2_0 *= _tH6_2_1
+    _tH6_2_0 *= 0.7978845608028654
+    _tH6_2_0 += tanh_Z6
+    _tH6_2_0 += 1
+    tH6_2 *= _tH6_2_0
+    tH6_2 *= 1/2
+    # tX7_2 = reshape(tH6_2, (64*n, 256))
+    tX7_2 = tH6_2.reshape((64*n, 256))
+    # tX7_W7_2 = tX7_2 @ W7
+    tX7_W7_2 = np.matmul(tX7_2, W7, out=_scratch('tX7_W7_2', (64*n, 64), tX7_2, W7))
+    # X7_v_W7 = X7 @ v_W7
+    X7_v_W7 = np.matmul(X7, v_W7, out=_scratch('X7_v_W7', (64*n, 64), X7, v_W7))
+    # tXW7_2 = X7_v_W7 + tX7_W7_2
+    tXW7_2 = X7_v_W7
+    tXW7_2 += tX7_W7_2
+    # tXWs7_2 = reshape(tXW7_2, (n, 64, 64))
+    tXWs7_2 = tXW7_2.reshape((n, 64, 64))
+    # tR7_2 = tR4_2 + tXWs7_2 + v_b7
+    tR7_2 = tXWs7_2
+    tR7_2 += tR4_2
+    tR7_2 += v_b7
+    # tsum_R7_2 = sum(tR7_2, axis=2)
+    tsum_R7_2 = tR7_2.sum(axis=2)
+    # tM8_2 = tsum_R7_2/64
+    tM8_2 = tsum_R7_2/64
+    # tC8_2 = -tM8_2 + tR7_2
+    tC8_2 = -tM8_2[:, :, None] + tR7_2
+    # tV8_2 = sum(C8*tC8_2/32, axis=2)
+    tV8_2 = 1/32*np.einsum('abc,abc->ab', tC8_2, C8)
+    # tR8_2 = -R8_pow3*tV8_2/2
+    tR8_2 = np.multiply(R8_pow3, tV8_2, out=_scratch('tR8_2', (n, 64), R8_pow3, tV8_2))
+    tR8_2 *= -1/2
+    # tH8_2 = Xn8*v_g8 + g8*(C8*tR8_2 + R8*tC8_2) + v_s8
+    tH8_2 = np.multiply(Xn8, v_g8, out=_scratch('tH8_2', (n, 64, 64), Xn8, v_g8))
+    _tH8_2_0 = C8*(tR8_2[:, :, None])
+    _tH8_2_1 = tC8_2*(R8[:, :, None])
+    _tH8_2_0 += _tH8_2_1
+    _tH8_2_0 *= g8
+    tH8_2 += _tH8_2_0
+    tH8_2 += v_s8
+    # tX9_2 = reshape(tH8_2, (64*n, 64))
+    tX9_2 = tH8_2.reshape((64*n, 64))
+    # tX9_Wk9_2 = tX9_2 @ Wk9
+    tX9_Wk9_2 = np.matmul(tX9_2, Wk9, out=_scratch('tX9_Wk9_2', (64*n, 64), tX9_2, Wk9))
+    # tXK9_2 = X9_v_Wk9 + tX9_Wk9_2
+    tXK9_2 = X9_v_Wk9
+    tXK9_2 += tX9_Wk9_2
+    # tKs9_2 = reshape(tXK9_2, (n, 64, 4, 16))
+    tKs9_2 = tXK9_2.reshape((n, 64, 4, 16))
+    # tK9_2 = tKs9_2.transpose((0, 2, 1, 3))
+    tK9_2 = tKs9_2.transpose((0, 2, 1, 3))
+    # Q9_tK9_2 = Q9 @ tK9_2.mT
+    Q9_tK9_2 = np.matmul(Q9, tK9_2.swapaxes(-1, -2))
+    # tX9_Wq9_2 = tX9_2 @ Wq9
+    tX9_Wq9_2 = np.matmul(tX9_2, Wq9, out=_scratch('tX9_Wq9_2', (64*n, 64), tX9_2, Wq9))
+    # X9_v_Wq9 = X9 @ v_Wq9
+    X9_v_Wq9 = np.matmul(X9, v_Wq9, out=_scratch('X9_v_Wq9', (64*n, 64), X9, v_Wq9))
+    # tXQ9_2 = X9_v_Wq9 + tX9_Wq9_2
+    tXQ9_2 = X9_v_Wq9
+    tXQ9_2 += tX9_Wq9_2
+    # tQs9_2 = reshape(tXQ9_2, (n, 64, 4, 16))
+    tQs9_2 = tXQ9_2.reshape((n, 64, 4, 16))
+    # tQ9_2 = tQs9_2.transpose((0, 2, 1, 3))
+    tQ9_2 = tQs9_2.transpose((0, 2, 1, 3))
+    # tQ9_K9_2 = tQ9_2 @ K9.mT
+    tQ9_K9_2 = np.matmul(tQ9_2, K9.swapaxes(-1, -2))
+    # tSc9_2 = Q9_tK9_2/4 + tQ9_K9_2/4
+    tSc9_2 = Q9_tK9_2
+    tSc9_2 *= 1/4
+    tQ9_K9_2 *= 1/4
+    tSc9_2 += tQ9_K9_2
+    # tS9_2 = causal_mask(tSc9_2, fill=0)
+    tS9_2 = tSc9_2
+    np.copyto(tS9_2, 0, where=~np.tri(64, dtype=bool))
+    # sum_A9_times_tS9_2 = sum(A9*tS9_2, axis=3)
+    sum_A9_times_tS9_2 = np.einsum('abcd,abcd->abc', A9, tS9_2)
+    # tA9_2 = A9*(-sum_A9_times_tS9_2 + tS9_2)
+    tA9_2 = tS9_2 + (-sum_A9_times_tS9_2[:, :, :, None])
+    tA9_2 *= A9
+    # tA9_V9_2 = tA9_2 @ V9
+    tA9_V9_2 = np.matmul(tA9_2, V9)
+    # X9_v_Wv9 = X9 @ v_Wv9
+    X9_v_Wv9 = np.matmul(X9, v_Wv9, out=_scratch('X9_v_Wv9', (64*n, 64), X9, v_Wv9))
+    # tX9_Wv9_2 = tX9_2 @ Wv9
+    tX9_Wv9_2 = np.matmul(tX9_2, Wv9, out=_scratch('tX9_Wv9_2', (64*n, 64), tX9_2, Wv9))
+    # tXV9_2 = X9_v_Wv9 + tX9_Wv9_2
+    tXV9_2 = X9_v_Wv9
+    tXV9_2 += tX9_Wv9_2
+    # tVs9_2 = reshape(tXV9_2, (n, 64, 4, 16))
+    tVs9_2 = tXV9_2.reshape((n, 64, 4, 16))
+    # tV9_2 = tVs9_2.transpose((0, 2, 1, 3))
+    tV9_2 = tVs9_2.transpose((0, 2, 1, 3))
+    # A9_tV9_2 = A9 @ tV9_2
+    A9_tV9_2 = np.matmul(A9, tV9_2)
+    # tO9_2 = A9_tV9_2 + tA9_V9_2
+    tO9_2 = A9_tV9_2
+    tO9_2 += tA9_V9_2
+    # tOt9_2 = tO9_2.transpose((0, 2, 1, 3))
+    tOt9_2 = tO9_2.transpose((0, 2, 1, 3))
+    # tOc9_2 = reshape(tOt9_2, (64*n, 64))
+    tOc9_2 = tOt9_2.reshape((64*n, 64))
+    # tOc9_Wo9_2 = tOc9_2 @ Wo9
+    tOc9_Wo9_2 = np.matmul(tOc9_2, Wo9, out=_scratch('tOc9_Wo9_2', (64*n, 64), tOc9_2, Wo9))
+    # Oc9_v_Wo9 = Oc9 @ v_Wo9
+    Oc9_v_Wo9 = np.matmul(Oc9, v_Wo9, out=_scratch('Oc9_v_Wo9', (64*n, 64), Oc9, v_Wo9))
+    # tOW9_2 = Oc9_v_Wo9 + tOc9_Wo9_2
+    tOW9_2 = Oc9_v_Wo9
+    tOW9_2 += tOc9_Wo9_2
+    # tOWs9_2 = reshape(tOW9_2, (n, 64, 64))
+    tOWs9_2 = tOW9_2.reshape((n, 64, 64))
+    # tR9_2 = tOWs9_2 + tR7_2 + v_bo9
+    tR9_2 = tOWs9_2
+    tR9_2 += tR7_2
+    tR9_2 += v_bo9
+    # X12_v_W12 = X12 @ v_W12
+    X12_v_W12 = np.matmul(X12, v_W12, out=_scratch('X12_v_W12', (64*n, 64), X12, v_W12))
+    # tsum_R9_2 = sum(tR9_2, axis=2)
+    tsum_R9_2 = tR9_2.sum(axis=2)
+    # tM10_2 = tsum_R9_2/64
+    tM10_2 = tsum_R9_2/64
+    # tC10_2 = -tM10_2 + tR9_2
+    tC10_2 = -tM10_2[:, :, None] + tR9_2
+    # tV10_2 = sum(C10*tC10_2/32, axis=2)
+    tV10_2 = 1/32*np.einsum('abc,abc->ab', tC10_2, C10)
+    # tR10_2 = -R10_pow3*tV10_2/2
+    tR10_2 = np.multiply(R10_pow3, tV10_2, out=_scratch('tR10_2', (n, 64), R10_pow3, tV10_2))
+    tR10_2 *= -1/2
+    # tH10_2 = Xn10*v_g10 + g10*(C10*tR10_2 + R10*tC10_2) + v_s10
+    tH10_2 = np.multiply(Xn10, v_g10, out=_scratch('tH10_2', (n, 64, 64), Xn10, v_g10))
+    _tH10_2_0 = C10*(tR10_2[:, :, None])
+    _tH10_2_1 = tC10_2*(R10[:, :, None])
+    _tH10_2_0 += _tH10_2_1
+    _tH10_2_0 *= g10
+    tH10_2 += _tH10_2_0
+    tH10_2 += v_s10
+    # tX11_2 = reshape(tH10_2, (64*n, 64))
+    tX11_2 = tH10_2.reshape((64*n, 64))
+    # tX11_W11_2 = tX11_2 @ W11
+    tX11_W11_2 = np.matmul(tX11_2, W11, out=_scratch('tX11_W11_2', (64*n, 256), tX11_2, W11))
+    # X11_v_W11 = X11 @ v_W11
+    X11_v_W11 = np.matmul(X11, v_W11, out=_scratch('X11_v_W11', (64*n, 256), X11, v_W11))
+    # tXW11_2 = X11_v_W11 + tX11_W11_2
+    tXW11_2 = X11_v_W11
+    tXW11_2 += tX11_W11_2
+    # tXWs11_2 = reshape(tXW11_2, (n, 64, 256))
+    tXWs11_2 = tXW11_2.reshape((n, 64, 256))
+    # tH11_2 = (tXWs11_2 + v_b11)*(sqrt(2)*Z11*(1 - t_pow2)*(0.134145*Z11_pow2 + 1)/sqrt(pi) + tanh_Z11 + 1)/2
+    tH11_2 = tXWs11_2
+    tH11_2 += v_b11
+    _tH11_2_0 = np.subtract(1, t_pow2, out=_scratch('_tH11_2_0', (n, 64, 256), t_pow2))
+    _tH11_2_0 *= Z11
+    _tH11_2_1 = np.multiply(Z11_pow2, 0.134145, out=_scratch('_tH11_2_1', (n, 64, 256), Z11_pow2))
+    _tH11_2_1 += 1
+    _tH11_2_0 *= _tH11_2_1
+    _tH11_2_0 *= 0.7978845608028654
+    _tH11_2_0 += tanh_Z11
+    _tH11_2_0 += 1
+    tH11_2 *= _tH11_2_0
+    tH11_2 *= 1/2
+    # tX12_2 = reshape(tH11_2, (64*n, 256))
+    tX12_2 = tH11_2.reshape((64*n, 256))
+    # tX12_W12_2 = tX12_2 @ W12
+    tX12_W12_2 = np.matmul(tX12_2, W12, out=_scratch('tX12_W12_2', (64*n, 64), tX12_2, W12))
+    # tXW12_2 = X12_v_W12 + tX12_W12_2
+    tXW12_2 = X12_v_W12
+    tXW12_2 += tX12_W12_2
+    # tXWs12_2 = reshape(tXW12_2, (n, 64, 64))
+    tXWs12_2 = tXW12_2.reshape((n, 64, 64))
+    # tR12_2 = tR9_2 + tXWs12_2 + v_b12
+    tR12_2 = tXWs12_2
+    tR12_2 += tR9_2
+    tR12_2 += v_b12
+    # tsum_R12_2 = sum(tR12_2, axis=2)
+    tsum_R12_2 = tR12_2.sum(axis=2)
+    # tM13_2 = tsum_R12_2/64
+    tM13_2 = tsum_R12_2/64
+    # tC13_2 = -tM13_2 + tR12_2
+    tC13_2 = -tM13_2[:, :, None] + tR12_2
+    # tV13_2 = sum(C13*tC13_2/32, axis=2)
+    tV13_2 = 1/32*np.einsum('abc,abc->ab', C13, tC13_2)
+    # tR13_2 = -R13_pow3*tV13_2/2
+    tR13_2 = np.multiply(R13_pow3, tV13_2, out=_scratch('tR13_2', (n, 64), R13_pow3, tV13_2))
+    tR13_2 *= -1/2
+    # tH13_2 = Xn13*v_g13 + g13*(C13*tR13_2 + R13*tC13_2) + v_s13
+    tH13_2 = np.multiply(Xn13, v_g13, out=_scratch('tH13_2', (n, 64, 64), Xn13, v_g13))
+    _tH13_2_0 = C13*(tR13_2[:, :, None])
+    _tH13_2_1 = tC13_2*(R13[:, :, None])
+    _tH13_2_0 += _tH13_2_1
+    _tH13_2_0 *= g13
+    tH13_2 += _tH13_2_0
+    tH13_2 += v_s13
+    # tX14_2 = reshape(tH13_2, (64*n, 64))
+    tX14_2 = tH13_2.reshape((64*n, 64))
+    # tX14_W14_2 = tX14_2 @ W14
+    tX14_W14_2 = np.matmul(tX14_2, W14, out=_scratch('tX14_W14_2', (64*n, 96), tX14_2, W14))
+    # X14_v_W14 = X14 @ v_W14
+    X14_v_W14 = np.matmul(X14, v_W14, out=_scratch('X14_v_W14', (64*n, 96), X14, v_W14))
+    # tXW14_2 = X14_v_W14 + tX14_W14_2
+    tXW14_2 = X14_v_W14
+    tXW14_2 += tX14_W14_2
+    # tXWs14_2 = reshape(tXW14_2, (n, 64, 96))
+    tXWs14_2 = tXW14_2.reshape((n, 64, 96))
+    # tZ14_2 = tXWs14_2 + v_b14
+    tZ14_2 = tXWs14_2
+    tZ14_2 += v_b14
+    # exp_Z14 = exp(-LSE + Z14)
+    exp_Z14 = Z14 + (-LSE[:, :, None])
+    np.exp(exp_Z14, out=exp_Z14)
+    # tLSE_2 = sum(exp_Z14*tZ14_2, axis=2)
+    tLSE_2 = np.einsum('abc,abc->ab', tZ14_2, exp_Z14)
+    # tdZ14_2 = exp_Z14*(-tLSE_2 + tZ14_2)/(64*n)
+    tdZ14_2 = tZ14_2 + (-tLSE_2[:, :, None])
+    tdZ14_2 *= exp_Z14
+    tdZ14_2 *= 1/(64*n)
+    # tdXW14_2 = reshape(tdZ14_2, (64*n, 96))
+    tdXW14_2 = tdZ14_2.reshape((64*n, 96))
+    # tdXW14_W14_2 = tdXW14_2 @ W14.T
+    tdXW14_W14_2 = np.matmul(tdXW14_2, W14.T, out=_scratch('tdXW14_W14_2', (64*n, 64), tdXW14_2, W14))
+    # udH13 = reshape(tdXW14_W14_2, (n, 64, 64))
+    udH13 = tdXW14_W14_2.reshape((n, 64, 64))
+    # udXn13 = g13*udH13
+    udXn13 = g13*udH13
+    # udR13 = sum(C13*udXn13, axis=2)
+    udR13 = np.einsum('abc,abc->ab', udXn13, C13)
+    # udV13 = -R13_pow3*udR13/2
+    udV13 = np.multiply(R13_pow3, udR13, out=_scratch('udV13', (n, 64), R13_pow3, udR13))
+    udV13 *= -1/2
+    # udC13 = C13*udV13/32 + R13*udXn13
+    udC13 = udXn13*(R13[:, :, None])
+    _udC13_0 = C13*(udV13[:, :, None]/32)
+    udC13 += _udC13_0
+    # udM13 = sum(-udC13, axis=2)
+    udM13 = -udC13.sum(axis=2)
+    # udsum_R12 = udM13/64
+    udsum_R12 = udM13/64
+    # udR12 = udC13 + udsum_R12
+    udR12 = udC13 + udsum_R12[:, :, None]
+    # udXW12 = reshape(udR12, (64*n, 64))
+    udXW12 = udR12.reshape((64*n, 64))
+    # udX12 = udXW12 @ W12.T
+    udX12 = np.matmul(udXW12, W12.T, out=_scratch('udX12', (64*n, 256), udXW12, W12))
+    # udH11 = reshape(udX12, (n, 64, 256))
+    udH11 = udX12.reshape((n, 64, 256))
+    # udZ11 = udH11*(sqrt(2)*Z11*(1 - t_pow2)*(0.134145*Z11_pow2 + 1)/sqrt(pi) + tanh_Z11 + 1)/2
+    udZ11 = udH11
+    _udZ11_0 = np.subtract(1, t_pow2, out=_scratch('_udZ11_0', (n, 64, 256), t_pow2))
+    _udZ11_0 *= Z11
+    _udZ11_1 = np.multiply(Z11_pow2, 0.134145, out=_scratch('_udZ11_1', (n, 64, 256), Z11_pow2))
+    _udZ11_1 += 1
+    _udZ11_0 *= _udZ11_1
+    _udZ11_0 *= 0.7978845608028654
+    _udZ11_0 += tanh_Z11
+    _udZ11_0 += 1
+    udZ11 *= _udZ11_0
+    udZ11 *= 1/2
+    # udXW11 = reshape(udZ11, (64*n, 256))
+    udXW11 = udZ11.reshape((64*n, 256))
+    # udX11 = udXW11 @ W11.T
+    udX11 = np.matmul(udXW11, W11.T, out=_scratch('udX11', (64*n, 64), udXW11, W11))
+    # udH10 = reshape(udX11, (n, 64, 64))
+    udH10 = udX11.reshape((n, 64, 64))
+    # udXn10 = g10*udH10
+    udXn10 = g10*udH10
+    # udR10 = sum(C10*udXn10, axis=2)
+    udR10 = np.einsum('abc,abc->ab', C10, udXn10)
+    # udV10 = -R10_pow3*udR10/2
+    udV10 = np.multiply(R10_pow3, udR10, out=_scratch('udV10', (n, 64), R10_pow3, udR10))
+    udV10 *= -1/2
+    # udC10 = C10*udV10/32 + R10*udXn10
+    udC10 = udXn10*(R10[:, :, None])
+    _udC10_0 = C10*(udV10[:, :, None]/32)
+    udC10 += _udC10_0
+    # udM10 = sum(-udC10, axis=2)
+    udM10 = -udC10.sum(axis=2)
+    # udsum_R9 = udM10/64
+    udsum_R9 = udM10/64
+    # udR9 = udC10 + udR12 + udsum_R9
+    udR9 = np.add(udC10, udR12, out=_scratch('udR9', (n, 64, 64), udC10, udR12))
+    udR9 += udsum_R9[:, :, None]
+    # udOW9 = reshape(udR9, (64*n, 64))
+    udOW9 = udR9.reshape((64*n, 64))
+    # udOc9 = udOW9 @ Wo9.T
+    udOc9 = np.matmul(udOW9, Wo9.T, out=_scratch('udOc9', (64*n, 64), udOW9, Wo9))
+    # udOt9 = reshape(udOc9, (n, 64, 4, 16))
+    udOt9 = udOc9.reshape((n, 64, 4, 16))
+    # udO9 = udOt9.transpose((0, 2, 1, 3))
+    udO9 = udOt9.transpose((0, 2, 1, 3))
+    # udA9 = udO9 @ V9.mT
+    udA9 = np.matmul(udO9, V9.swapaxes(-1, -2))
+    # sum_udA9_times_A9 = sum(A9*udA9, axis=3)
+    sum_udA9_times_A9 = np.einsum('abcd,abcd->abc', A9, udA9)
+    # udS9 = A9*(-sum_udA9_times_A9 + udA9)
+    udS9 = udA9 + (-sum_udA9_times_A9[:, :, :, None])
+    udS9 *= A9
+    # udSc9 = causal_mask(udS9, fill=0)
+    udSc9 = udS9
+    np.copyto(udSc9, 0, where=~np.tri(64, dtype=bool))
+    # udQK9 = udSc9/4
+    udQK9 = udSc9
+    udQK9 *= 1/4
+    # udK9 = udQK9.mT @ Q9
+    udK9 = np.matmul(udQK9.swapaxes(-1, -2), Q9, out=_scratch('udK9', (n, 64, 4, 16), udQK9, Q9).transpose((0, 2, 1, 3)))
+    # udKs9 = udK9.transpose((0, 2, 1, 3))
+    udKs9 = udK9.transpose((0, 2, 1, 3))
+    # udXK9 = reshape(udKs9, (64*n, 64))
+    udXK9 = udKs9.reshape((64*n, 64))
+    # udXK9_Wk9 = udXK9 @ Wk9.T
+    udXK9_Wk9 = np.matmul(udXK9, Wk9.T, out=_scratch('udXK9_Wk9', (64*n, 64), udXK9, Wk9))
+    # udQ9 = udQK9 @ K9
+    udQ9 = np.matmul(udQK9, K9, out=_scratch('udQ9', (n, 64, 4, 16), udQK9, K9).transpose((0, 2, 1, 3)))
+    # udQs9 = udQ9.transpose((0, 2, 1, 3))
+    udQs9 = udQ9.transpose((0, 2, 1, 3))
+    # udXQ9 = reshape(udQs9, (64*n, 64))
+    udXQ9 = udQs9.reshape((64*n, 64))
+    # udXQ9_Wq9 = udXQ9 @ Wq9.T
+    udXQ9_Wq9 = np.matmul(udXQ9, Wq9.T, out=_scratch('udXQ9_Wq9', (64*n, 64), udXQ9, Wq9))
+    # udV9 = A9.mT @ udO9
+    udV9 = np.matmul(A9.swapaxes(-1, -2), udO9, out=_scratch('udV9', (n, 64, 4, 16), A9, udO9).transpose((0, 2, 1, 3)))
+    # udVs9 = udV9.transpose((0, 2, 1, 3))
+    udVs9 = udV9.transpose((0, 2, 1, 3))
+    # udXV9 = reshape(udVs9, (64*n, 64))
+    udXV9 = udVs9.reshape((64*n, 64))
+    # udXV9_Wv9 = udXV9 @ Wv9.T
+    udXV9_Wv9 = np.matmul(udXV9, Wv9.T, out=_scratch('udXV9_Wv9', (64*n, 64), udXV9, Wv9))
+    # udX9 = udXK9_Wk9 + udXQ9_Wq9 + udXV9_Wv9
+    udX9 = udXK9_Wk9
+    udX9 += udXQ9_Wq9
+    udX9 += udXV9_Wv9
+    # udH8 = reshape(udX9, (n, 64, 64))
+    udH8 = udX9.reshape((n, 64, 64))
+    # udXn8 = g8*udH8
+    udXn8 = g8*udH8
+    # udR8 = sum(C8*udXn8, axis=2)
+    udR8 = np.einsum('abc,abc->ab', udXn8, C8)
+    # udV8 = -R8_pow3*udR8/2
+    udV8 = np.multiply(R8_pow3, udR8, out=_scratch('udV8', (n, 64), R8_pow3, udR8))
+    udV8 *= -1/2
+    # udC8 = C8*udV8/32 + R8*udXn8
+    udC8 = udXn8*(R8[:, :, None])
+    _udC8_0 = C8*(udV8[:, :, None]/32)
+    udC8 += _udC8_0
+    # udM8 = sum(-udC8, axis=2)
+    udM8 = -udC8.sum(axis=2)
+    # udsum_R7 = udM8/64
+    udsum_R7 = udM8/64
+    # udR7 = udC8 + udR9 + udsum_R7
+    udR7 = np.add(udC8, udR9, out=_scratch('udR7', (n, 64, 64), udC8, udR9))
+    udR7 += udsum_R7[:, :, None]
+    # udXW7 = reshape(udR7, (64*n, 64))
+    udXW7 = udR7.reshape((64*n, 64))
+    # udX7 = udXW7 @ W7.T
+    udX7 = np.matmul(udXW7, W7.T, out=_scratch('udX7', (64*n, 256), udXW7, W7))
+    # udH6 = reshape(udX7, (n, 64, 256))
+    udH6 = udX7.reshape((n, 64, 256))
+    # udZ6 = udH6*(sqrt(2)*Z6*(1 - t_pow2_2)*(0.134145*Z6_pow2 + 1)/sqrt(pi) + tanh_Z6 + 1)/2
+    udZ6 = udH6
+    _udZ6_0 = np.subtract(1, t_pow2_2, out=_scratch('_udZ6_0', (n, 64, 256), t_pow2_2))
+    _udZ6_0 *= Z6
+    _udZ6_1 = np.multiply(Z6_pow2, 0.134145, out=_scratch('_udZ6_1', (n, 64, 256), Z6_pow2))
+    _udZ6_1 += 1
+    _udZ6_0 *= _udZ6_1
+    _udZ6_0 *= 0.7978845608028654
+    _udZ6_0 += tanh_Z6
+    _udZ6_0 += 1
+    udZ6 *= _udZ6_0
+    udZ6 *= 1/2
+    # udXW6 = reshape(udZ6, (64*n, 256))
+    udXW6 = udZ6.reshape((64*n, 256))
+    # udX6 = udXW6 @ W6.T
+    udX6 = np.matmul(udXW6, W6.T, out=_scratch('udX6', (64*n, 64), udXW6, W6))
+    # udH5 = reshape(udX6, (n, 64, 64))
+    udH5 = udX6.reshape((n, 64, 64))
+    # udXn5 = g5*udH5
+    udXn5 = g5*udH5
+    # udR5 = sum(C5*udXn5, axis=2)
+    udR5 = np.einsum('abc,abc->ab', C5, udXn5)
+    # udV5 = -R5_pow3*udR5/2
+    udV5 = np.multiply(R5_pow3, udR5, out=_scratch('udV5', (n, 64), R5_pow3, udR5))
+    udV5 *= -1/2
+    # udC5 = C5*udV5/32 + R5*udXn5
+    udC5 = udXn5*(R5[:, :, None])
+    _udC5_0 = C5*(udV5[:, :, None]/32)
+    udC5 += _udC5_0
+    # udM5 = sum(-udC5, axis=2)
+    udM5 = -udC5.sum(axis=2)
+    # udsum_R4 = udM5/64
+    udsum_R4 = udM5/64
+    # udR4 = udC5 + udR7 + udsum_R4
+    udR4 = np.add(udC5, udR7, out=_scratch('udR4', (n, 64, 64), udC5, udR7))
+    udR4 += udsum_R4[:, :, None]
+    # udOW4 = reshape(udR4, (64*n, 64))
+    udOW4 = udR4.reshape((64*n, 64))
+    # udOc4 = udOW4 @ Wo4.T
+    udOc4 = np.matmul(udOW4, Wo4.T, out=_scratch('udOc4', (64*n, 64), udOW4, Wo4))
+    # udOt4 = reshape(udOc4, (n, 64, 4, 16))
+    udOt4 = udOc4.reshape((n, 64, 4, 16))
+    # udO4 = udOt4.transpose((0, 2, 1, 3))
+    udO4 = udOt4.transpose((0, 2, 1, 3))
+    # udV4 = A4.mT @ udO4
+    udV4 = np.matmul(A4.swapaxes(-1, -2), udO4, out=_scratch('udV4', (n, 64, 4, 16), A4, udO4).transpose((0, 2, 1, 3)))
+    # udVs4 = udV4.transpose((0, 2, 1, 3))
+    udVs4 = udV4.transpose((0, 2, 1, 3))
+    # udXV4 = reshape(udVs4, (64*n, 64))
+    udXV4 = udVs4.reshape((64*n, 64))
+    # udXV4_Wv4 = udXV4 @ Wv4.T
+    udXV4_Wv4 = np.matmul(udXV4, Wv4.T, out=_scratch('udXV4_Wv4', (64*n, 64), udXV4, Wv4))
+    # udA4 = udO4 @ V4.mT
+    udA4 = np.matmul(udO4, V4.swapaxes(-1, -2))
+    # sum_A4_times_udA4 = sum(A4*udA4, axis=3)
+    sum_A4_times_udA4 = np.einsum('abcd,abcd->abc', udA4, A4)
+    # udS4 = A4*(-sum_A4_times_udA4 + udA4)
+    udS4 = udA4 + (-sum_A4_times_udA4[:, :, :, None])
+    udS4 *= A4
+    # udSc4 = causal_mask(udS4, fill=0)
+    udSc4 = udS4
+    np.copyto(udSc4, 0, where=~np.tri(64, dtype=bool))
+    # udQK4 = udSc4/4
+    udQK4 = udSc4
+    udQK4 *= 1/4
+    # udK4 = udQK4.mT @ Q4
+    udK4 = np.matmul(udQK4.swapaxes(-1, -2), Q4, out=_scratch('udK4', (n, 64, 4, 16), udQK4, Q4).transpose((0, 2, 1, 3)))
+    # udKs4 = udK4.transpose((0, 2, 1, 3))
+    udKs4 = udK4.transpose((0, 2, 1, 3))
+    # udXK4 = reshape(udKs4, (64*n, 64))
+    udXK4 = udKs4.reshape((64*n, 64))
+    # udXK4_Wk4 = udXK4 @ Wk4.T
+    udXK4_Wk4 = np.matmul(udXK4, Wk4.T, out=_scratch('udXK4_Wk4', (64*n, 64), udXK4, Wk4))
+    # udQ4 = udQK4 @ K4
+    udQ4 = np.matmul(udQK4, K4, out=_scratch('udQ4', (n, 64, 4, 16), udQK4, K4).transpose((0, 2, 1, 3)))
+    # udQs4 = udQ4.transpose((0, 2, 1, 3))
+    udQs4 = udQ4.transpose((0, 2, 1, 3))
+    # udXQ4 = reshape(udQs4, (64*n, 64))
+    udXQ4 = udQs4.reshape((64*n, 64))
+    # udXQ4_Wq4 = udXQ4 @ Wq4.T
+    udXQ4_Wq4 = np.matmul(udXQ4, Wq4.T, out=_scratch('udXQ4_Wq4', (64*n, 64), udXQ4, Wq4))
+    # udX4 = udXK4_Wk4 + udXQ4_Wq4 + udXV4_Wv4
+    udX4 = udXK4_Wk4
+    udX4 += udXQ4_Wq4
+    udX4 += udXV4_Wv4
+    # udH3 = reshape(udX4, (n, 64, 64))
+    udH3 = udX4.reshape((n, 64, 64))
+    # udXn3 = g3*udH3
+    udXn3 = g3*udH3
+    # udR3 = sum(C3*udXn3, axis=2)
+    udR3 = np.einsum('abc,abc->ab', udXn3, C3)
+    # udV3 = -R3_pow3*udR3/2
+    udV3 = np.multiply(R3_pow3, udR3, out=_scratch('udV3', (n, 64), R3_pow3, udR3))
+    udV3 *= -1/2
+    # udC3 = C3*udV3/32 + R3*udXn3
+    udC3 = udXn3*(R3[:, :, None])
+    _udC3_0 = C3*(udV3[:, :, None]/32)
+    udC3 += _udC3_0
+    # udM3 = sum(-udC3, axis=2)
+    udM3 = -udC3.sum(axis=2)
+    # udsum_H2 = udM3/64
+    udsum_H2 = udM3/64
+    # udH2 = udC3 + udR4 + udsum_H2
+    udH2 = np.add(udC3, udR4, out=_scratch('udH2', (n, 64, 64), udC3, udR4))
+    udH2 += udsum_H2[:, :, None]
+    # Gv_E1 = scatter_add(x, udH2)
+    Gv_E1 = np.zeros((96, 64), dtype=udH2.dtype)
+    np.add.at(Gv_E1, x.reshape(-1), udH2.reshape(-1, 64))   # repeated ids add up
+    # Gv_P2 = sum(udH2, axis=0)
+    Gv_P2 = udH2.sum(axis=0)
+    # Gv_g3 = sum(Xn3*udH3, axis=(0, 1))
+    Gv_g3 = np.einsum('abc,abc->c', Xn3, udH3)
+    # Gv_s3 = sum(udH3, axis=(0, 1))
+    Gv_s3 = udH3.sum(axis=(0, 1))
+    # Gv_Wq4 = X4.T @ udXQ4
+    Gv_Wq4 = X4.T @ udXQ4
+    # Gv_Wk4 = X4.T @ udXK4
+    Gv_Wk4 = X4.T @ udXK4
+    # Gv_Wv4 = X4.T @ udXV4
+    Gv_Wv4 = X4.T @ udXV4
+    # Gv_Wo4 = Oc4.T @ udOW4
+    Gv_Wo4 = Oc4.T @ udOW4
+    # Gv_bo4 = sum(udR4, axis=(0, 1))
+    Gv_bo4 = udR4.sum(axis=(0, 1))
+    # Gv_g5 = sum(Xn5*udH5, axis=(0, 1))
+    Gv_g5 = np.einsum('abc,abc->c', Xn5, udH5)
+    # Gv_s5 = sum(udH5, axis=(0, 1))
+    Gv_s5 = udH5.sum(axis=(0, 1))
+    # Gv_W6 = X6.T @ udXW6
+    Gv_W6 = X6.T @ udXW6
+    # Gv_b6 = sum(udZ6, axis=(0, 1))
+    Gv_b6 = udZ6.sum(axis=(0, 1))
+    # Gv_W7 = X7.T @ udXW7
+    Gv_W7 = X7.T @ udXW7
+    # Gv_b7 = sum(udR7, axis=(0, 1))
+    Gv_b7 = udR7.sum(axis=(0, 1))
+    # Gv_g8 = sum(Xn8*udH8, axis=(0, 1))
+    Gv_g8 = np.einsum('abc,abc->c', Xn8, udH8)
+    # Gv_s8 = sum(udH8, axis=(0, 1))
+    Gv_s8 = udH8.sum(axis=(0, 1))
+    # Gv_Wq9 = X9.T @ udXQ9
+    Gv_Wq9 = X9.T @ udXQ9
+    # Gv_Wk9 = X9.T @ udXK9
+    Gv_Wk9 = X9.T @ udXK9
+    # Gv_Wv9 = X9.T @ udXV9
+    Gv_Wv9 = X9.T @ udXV9
+    # Gv_Wo9 = Oc9.T @ udOW9
+    Gv_Wo9 = Oc9.T @ udOW9
+    # Gv_bo9 = sum(udR9, axis=(0, 1))
+    Gv_bo9 = udR9.sum(axis=(0, 1))
+    # Gv_g10 = sum(Xn10*udH10, axis=(0, 1))
+    Gv_g10 = np.einsum('abc,abc->c', Xn10, udH10)
+    # Gv_s10 = sum(udH10, axis=(0, 1))
+    Gv_s10 = udH10.sum(axis=(0, 1))
+    # Gv_W11 = X11.T @ udXW11
+    Gv_W11 = X11.T @ udXW11
+    # Gv_b11 = sum(udZ11, axis=(0, 1))
+    Gv_b11 = udZ11.sum(axis=(0, 1))
+    # Gv_W12 = X12.T @ udXW12
+    Gv_W12 = X12.T @ udXW12
+    # Gv_b12 = sum(udR12, axis=(0, 1))
+    Gv_b12 = udR12.sum(axis=(0, 1))
+    # Gv_g13 = sum(Xn13*udH13, axis=(0, 1))
+    Gv_g13 = np.einsum('abc,abc->c', Xn13, udH13)
+    # Gv_s13 = sum(udH13, axis=(0, 1))
+    Gv_s13 = udH13.sum(axis=(0, 1))
+    # X14_tdXW14_2 = X14.T @ tdXW14_2
+    X14_tdXW14_2 = X14.T @ tdXW14_2
+    # Hv_b14_2 = sum(tdZ14_2, axis=(0, 1))
+    Hv_b14_2 = tdZ14_2.sum(axis=(0, 1))
+    return float(L), {'E1': dE1_3, 'P2': dP2_3, 'g3': dg3_3, 's3': ds3_3, 'Wq4': dWq4_3, 'Wk4': dWk4_3, 'Wv4': dWv4_3, 'Wo4': dWo4_3, 'bo4': dbo4_3, 'g5': dg5_3, 's5': ds5_3, 'W6': dW6_3, 'b6': db6_3, 'W7': dW7_3, 'b7': db7_3, 'g8': dg8_3, 's8': ds8_3, 'Wq9': dWq9_3, 'Wk9': dWk9_3, 'Wv9': dWv9_3, 'Wo9': dWo9_3, 'bo9': dbo9_3, 'g10': dg10_3, 's10': ds10_3, 'W11': dW11_3, 'b11': db11_3, 'W12': dW12_3, 'b12': db12_3, 'g13': dg13, 's13': ds13, 'W14': dW14, 'b14': db14}, {'E1': Gv_E1, 'P2': Gv_P2, 'g3': Gv_g3, 's3': Gv_s3, 'Wq4': Gv_Wq4, 'Wk4': Gv_Wk4, 'Wv4': Gv_Wv4, 'Wo4': Gv_Wo4, 'bo4': Gv_bo4, 'g5': Gv_g5, 's5': Gv_s5, 'W6': Gv_W6, 'b6': Gv_b6, 'W7': Gv_W7, 'b7': Gv_b7, 'g8': Gv_g8, 's8': Gv_s8, 'Wq9': Gv_Wq9, 'Wk9': Gv_Wk9, 'Wv9': Gv_Wv9, 'Wo9': Gv_Wo9, 'bo9': Gv_bo9, 'g10': Gv_g10, 's10': Gv_s10, 'W11': Gv_W11, 'b11': Gv_b11, 'W12': Gv_W12, 'b12': Gv_b12, 'g13': Gv_g13, 's13': Gv_s13, 'W14': X14_tdXW14_2, 'b14': Hv_b14_2}
 
 
 def per_example_grads(params, x, y):

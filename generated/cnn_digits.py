@@ -9,6 +9,8 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> class probabilities (softmax of the logits), shape (batch, classes)
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
+    gnvp(params, v, x, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
     per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
@@ -95,6 +97,14 @@ def _param(params, name, shape):
         if a.shape != shape:
             raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
     return a
+
+
+
+def _direction(v, name, shape):   # (hvp and gnvp: the direction's entries)
+    try:
+        return _param(v, name, shape)
+    except ValueError as e:
+        raise ValueError(f"v (the direction, shaped like params): {e}") from None
 
 
 # ---- argument checks shared by the NumPy and C modules (templates/_checks.py.j2) ----------
@@ -534,6 +544,474 @@ def backward(params, x, y):
     # db4 = sum(dZ4, axis=0)
     db4 = dZ4.sum(axis=0)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2, 'W3': dW3, 'b3': db3, 'W4': dW4, 'b4': db4}
+
+
+def hvp(params, v, x, y):
+    """The loss, its gradient and the Hessian-vector product Hv for the direction v (a dict shaped like params): the gradient differentiated once more along v (forward over reverse)."""
+    x = _data(x, 'x', (8, 8, 1))
+    y = _labels(y, 'y', 10)
+    n = _batch(x, y)
+    dt = x.dtype
+    W1 = _param(params, 'W1', (9, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (288, 32))
+    b2 = _param(params, 'b2', (32,))
+    W3 = _param(params, 'W3', (288, 64))
+    b3 = _param(params, 'b3', (64,))
+    W4 = _param(params, 'W4', (256, 10))
+    b4 = _param(params, 'b4', (10,))
+    v_W1 = _direction(v, 'W1', (9, 32))
+    v_b1 = _direction(v, 'b1', (32,))
+    v_W2 = _direction(v, 'W2', (288, 32))
+    v_b2 = _direction(v, 'b2', (32,))
+    v_W3 = _direction(v, 'W3', (288, 64))
+    v_b3 = _direction(v, 'b3', (64,))
+    v_W4 = _direction(v, 'W4', (256, 10))
+    v_b4 = _direction(v, 'b4', (10,))
+    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
+    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
+    C1 = PW1.reshape((n, 8, 8, 32))
+    H1 = C1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
+    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
+    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
+    C2 = PW2.reshape((n, 8, 8, 32))
+    H2 = C2
+    H2 += b2
+    np.maximum(H2, 0.0, out=H2)
+    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
+    Q1 = Pp1.reshape((16*n, 4, 32))
+    Max1 = _window_max(Q1)
+    Pool1 = Max1.reshape((n, 4, 4, 32))
+    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
+    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
+    C3 = PW3.reshape((n, 4, 4, 64))
+    H3 = C3
+    H3 += b3
+    np.maximum(H3, 0.0, out=H3)
+    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
+    Q2 = Pp2.reshape((4*n, 4, 64))
+    Max2 = _window_max(Q2)
+    F1 = Max2.reshape((n, 256))
+    F1W4 = F1 @ W4
+    Z4 = F1W4 + b4
+    LSE = _logsumexp(Z4)
+    CE = LSE - Z4[np.arange(n), y]
+    L = CE.mean()
+    step_H1 = np.heaviside(H1, 0.0)
+    dZ4 = np.exp(Z4 - LSE[:, None])
+    dZ4[np.arange(n), y] -= 1
+    dZ4 *= 1/n
+    dF1 = np.matmul(dZ4, W4.T, out=_scratch('dF1', (n, 256), dZ4, W4))
+    dMax2 = dF1.reshape((4*n, 64))
+    dQ2 = _route_to_argmax(Q2, dMax2)
+    dPp2 = dQ2.reshape((4*n, 256))
+    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    step_H3 = np.heaviside(H3, 0.0)
+    dZ3_2 = dH3
+    dZ3_2 *= step_H3
+    dPW3_2 = dZ3_2.reshape((16*n, 64))
+    # (not formed: dPool1_2 = col2im(dP3_2) computes it, see below)
+    dPool1_2 = _col2im_product(dPW3_2, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1_2')
+    dMax1_2 = dPool1_2.reshape((16*n, 32))
+    dQ1_2 = _route_to_argmax(Q1, dMax1_2)
+    dPp1_2 = dQ1_2.reshape((16*n, 128))
+    dH2_2 = _col2im(dPp1_2, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    step_H2 = np.heaviside(H2, 0.0)
+    dZ2_2 = dH2_2
+    dZ2_2 *= step_H2
+    dPW2_2 = dZ2_2.reshape((64*n, 32))
+    # (not formed: dH1_2 = col2im(dP2_2) computes it, see below)
+    dH1_2 = _conv_transpose(dPW2_2, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'dH1_2', keep=True)
+    dZ1_2 = dH1_2
+    dZ1_2 *= step_H1
+    dPW1_2 = dZ1_2.reshape((64*n, 32))
+    dW1_2 = P1.T @ dPW1_2
+    db1_2 = dZ1_2.sum(axis=(0, 1, 2))
+    dW2_2 = P2.T @ dPW2_2
+    db2_2 = dZ2_2.sum(axis=(0, 1, 2))
+    dW3_2 = P3.T @ dPW3_2
+    db3_2 = dZ3_2.sum(axis=(0, 1, 2))
+    dW4 = F1.T @ dZ4
+    db4 = dZ4.sum(axis=0)
+    # P2_v_W2 = P2 @ v_W2
+    P2_v_W2 = np.matmul(P2, v_W2, out=_scratch('P2_v_W2', (64*n, 32), P2, v_W2))
+    # tPW1 = P1 @ v_W1
+    tPW1 = np.matmul(P1, v_W1, out=_scratch('tPW1', (64*n, 32), P1, v_W1))
+    # tC1 = reshape(tPW1, (n, 8, 8, 32))
+    tC1 = tPW1.reshape((n, 8, 8, 32))
+    # tH1 = step_H1*(tC1 + v_b1)
+    tH1 = tC1
+    tH1 += v_b1
+    tH1 *= step_H1
+    # tP2 = im2col(tH1)
+    tP2 = _im2col(tH1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2')
+    # tP2_W2 = tP2 @ W2
+    tP2_W2 = np.matmul(tP2, W2, out=_scratch('tP2_W2', (64*n, 32), tP2, W2))
+    # tPW2 = P2_v_W2 + tP2_W2
+    tPW2 = P2_v_W2
+    tPW2 += tP2_W2
+    # tC2 = reshape(tPW2, (n, 8, 8, 32))
+    tC2 = tPW2.reshape((n, 8, 8, 32))
+    # tH2 = step_H2*(tC2 + v_b2)
+    tH2 = tC2
+    tH2 += v_b2
+    tH2 *= step_H2
+    # tPp1 = im2col(tH2)
+    tPp1 = _im2col(tH2, (2, 2), (2, 2), (0, 0, 0, 0), 'tPp1')
+    # tQ1 = reshape(tPp1, (16*n, 4, 32))
+    tQ1 = tPp1.reshape((16*n, 4, 32))
+    # Q1_2 = route_to_argmax(1, Q1)
+    Q1_2 = _route_to_argmax(Q1, np.full((16*n, 32), 1, dtype=dt))
+    # tMax1 = sum(Q1_2*tQ1, axis=1)
+    tMax1 = np.sum(Q1_2*tQ1, axis=1)
+    # tPool1 = reshape(tMax1, (n, 4, 4, 32))
+    tPool1 = tMax1.reshape((n, 4, 4, 32))
+    # tP3 = im2col(tPool1)
+    tP3 = _im2col(tPool1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3')
+    # tP3_W3 = tP3 @ W3
+    tP3_W3 = np.matmul(tP3, W3, out=_scratch('tP3_W3', (16*n, 64), tP3, W3))
+    # P3_v_W3 = P3 @ v_W3
+    P3_v_W3 = np.matmul(P3, v_W3, out=_scratch('P3_v_W3', (16*n, 64), P3, v_W3))
+    # tPW3 = P3_v_W3 + tP3_W3
+    tPW3 = P3_v_W3
+    tPW3 += tP3_W3
+    # tC3 = reshape(tPW3, (n, 4, 4, 64))
+    tC3 = tPW3.reshape((n, 4, 4, 64))
+    # tH3 = step_H3*(tC3 + v_b3)
+    tH3 = tC3
+    tH3 += v_b3
+    tH3 *= step_H3
+    # tPp2 = im2col(tH3)
+    tPp2 = _im2col(tH3, (2, 2), (2, 2), (0, 0, 0, 0), 'tPp2')
+    # tQ2 = reshape(tPp2, (4*n, 4, 64))
+    tQ2 = tPp2.reshape((4*n, 4, 64))
+    # Q2_2 = route_to_argmax(1, Q2)
+    Q2_2 = _route_to_argmax(Q2, np.full((4*n, 64), 1, dtype=dt))
+    # tMax2 = sum(Q2_2*tQ2, axis=1)
+    tMax2 = np.sum(Q2_2*tQ2, axis=1)
+    # tF1 = reshape(tMax2, (n, 256))
+    tF1 = tMax2.reshape((n, 256))
+    # tF1_W4 = tF1 @ W4
+    tF1_W4 = tF1 @ W4
+    # F1_v_W4 = F1 @ v_W4
+    F1_v_W4 = F1 @ v_W4
+    # tZ4 = F1_v_W4 + tF1_W4 + v_b4
+    tZ4 = F1_v_W4 + tF1_W4 + v_b4
+    # exp_Z4 = exp(-LSE + Z4)
+    exp_Z4 = np.exp(-LSE[:, None] + Z4)
+    # tLSE = sum(exp_Z4*tZ4, axis=1)
+    tLSE = (exp_Z4*tZ4).sum(axis=1)
+    # tdZ4 = exp_Z4*(-tLSE + tZ4)/n
+    tdZ4 = exp_Z4*(-tLSE[:, None] + tZ4)/n
+    # tdZ4_W4 = tdZ4 @ W4.T
+    tdZ4_W4 = np.matmul(tdZ4, W4.T, out=_scratch('tdZ4_W4', (n, 256), tdZ4, W4))
+    # dZ4_v_W4 = dZ4 @ v_W4.T
+    dZ4_v_W4 = np.matmul(dZ4, v_W4.T, out=_scratch('dZ4_v_W4', (n, 256), dZ4, v_W4))
+    # tdF1 = dZ4_v_W4 + tdZ4_W4
+    tdF1 = dZ4_v_W4
+    tdF1 += tdZ4_W4
+    # tdMax2 = reshape(tdF1, (4*n, 64))
+    tdMax2 = tdF1.reshape((4*n, 64))
+    # tdQ2 = route_to_argmax(tdMax2, Q2)
+    tdQ2 = _route_to_argmax(Q2, tdMax2)
+    # tdPp2 = reshape(tdQ2, (4*n, 256))
+    tdPp2 = tdQ2.reshape((4*n, 256))
+    # tdH3 = col2im(tdPp2)
+    tdH3 = _col2im(tdPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    # tdZ3 = step_H3*tdH3
+    tdZ3 = tdH3
+    tdZ3 *= step_H3
+    # tdPW3 = reshape(tdZ3, (16*n, 64))
+    tdPW3 = tdZ3.reshape((16*n, 64))
+    # tdPW3_W3 = tdPW3 @ W3.T
+    tdPW3_W3 = np.matmul(tdPW3, W3.T, out=_scratch('tdPW3_W3', (16*n, 288), tdPW3, W3))
+    # dPW3_v_W3 = dPW3_2 @ v_W3.T
+    dPW3_v_W3 = np.matmul(dPW3_2, v_W3.T, out=_scratch('dPW3_v_W3', (16*n, 288), dPW3_2, v_W3))
+    # tdP3 = dPW3_v_W3 + tdPW3_W3
+    tdP3 = dPW3_v_W3
+    tdP3 += tdPW3_W3
+    # tdPool1 = col2im(tdP3)
+    tdPool1 = _col2im(tdP3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1))
+    # tdMax1 = reshape(tdPool1, (16*n, 32))
+    tdMax1 = tdPool1.reshape((16*n, 32))
+    # tdQ1 = route_to_argmax(tdMax1, Q1)
+    tdQ1 = _route_to_argmax(Q1, tdMax1)
+    # tdPp1 = reshape(tdQ1, (16*n, 128))
+    tdPp1 = tdQ1.reshape((16*n, 128))
+    # tdH2 = col2im(tdPp1)
+    tdH2 = _col2im(tdPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    # tdZ2 = step_H2*tdH2
+    tdZ2 = tdH2
+    tdZ2 *= step_H2
+    # tdPW2 = reshape(tdZ2, (64*n, 32))
+    tdPW2 = tdZ2.reshape((64*n, 32))
+    # tdPW2_W2 = tdPW2 @ W2.T
+    tdPW2_W2 = np.matmul(tdPW2, W2.T, out=_scratch('tdPW2_W2', (64*n, 288), tdPW2, W2))
+    # dPW2_v_W2 = dPW2_2 @ v_W2.T
+    dPW2_v_W2 = np.matmul(dPW2_2, v_W2.T, out=_scratch('dPW2_v_W2', (64*n, 288), dPW2_2, v_W2))
+    # tdP2 = dPW2_v_W2 + tdPW2_W2
+    tdP2 = dPW2_v_W2
+    tdP2 += tdPW2_W2
+    # tdH1 = col2im(tdP2)
+    tdH1 = _col2im(tdP2, (8, 8, 32), (3, 3), (1, 1), (1, 1, 1, 1))
+    # tdZ1 = step_H1*tdH1
+    tdZ1 = tdH1
+    tdZ1 *= step_H1
+    # tdPW1 = reshape(tdZ1, (64*n, 32))
+    tdPW1 = tdZ1.reshape((64*n, 32))
+    # Hv_W1 = P1.T @ tdPW1
+    Hv_W1 = P1.T @ tdPW1
+    # Hv_b1 = sum(tdZ1, axis=(0, 1, 2))
+    Hv_b1 = tdZ1.sum(axis=(0, 1, 2))
+    # tP2_dPW2 = tP2.T @ dPW2_2
+    tP2_dPW2 = tP2.T @ dPW2_2
+    # P2_tdPW2 = P2.T @ tdPW2
+    P2_tdPW2 = P2.T @ tdPW2
+    # Hv_W2 = P2_tdPW2 + tP2_dPW2
+    Hv_W2 = P2_tdPW2
+    Hv_W2 += tP2_dPW2
+    # Hv_b2 = sum(tdZ2, axis=(0, 1, 2))
+    Hv_b2 = tdZ2.sum(axis=(0, 1, 2))
+    # P3_tdPW3 = P3.T @ tdPW3
+    P3_tdPW3 = P3.T @ tdPW3
+    # tP3_dPW3 = tP3.T @ dPW3_2
+    tP3_dPW3 = tP3.T @ dPW3_2
+    # Hv_W3 = P3_tdPW3 + tP3_dPW3
+    Hv_W3 = P3_tdPW3
+    Hv_W3 += tP3_dPW3
+    # Hv_b3 = sum(tdZ3, axis=(0, 1, 2))
+    Hv_b3 = tdZ3.sum(axis=(0, 1, 2))
+    # tF1_dZ4 = tF1.T @ dZ4
+    tF1_dZ4 = tF1.T @ dZ4
+    # F1_tdZ4 = F1.T @ tdZ4
+    F1_tdZ4 = F1.T @ tdZ4
+    # Hv_W4 = F1_tdZ4 + tF1_dZ4
+    Hv_W4 = F1_tdZ4
+    Hv_W4 += tF1_dZ4
+    # Hv_b4 = sum(tdZ4, axis=0)
+    Hv_b4 = tdZ4.sum(axis=0)
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3_2, 'b3': db3_2, 'W4': dW4, 'b4': db4}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3, 'W4': Hv_W4, 'b4': Hv_b4}
+
+
+def gnvp(params, v, x, y):
+    """The loss, its gradient and the Gauss-Newton-vector product J^T H_loss J v for the direction v (a dict shaped like params): positive semi-definite."""
+    x = _data(x, 'x', (8, 8, 1))
+    y = _labels(y, 'y', 10)
+    n = _batch(x, y)
+    dt = x.dtype
+    W1 = _param(params, 'W1', (9, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (288, 32))
+    b2 = _param(params, 'b2', (32,))
+    W3 = _param(params, 'W3', (288, 64))
+    b3 = _param(params, 'b3', (64,))
+    W4 = _param(params, 'W4', (256, 10))
+    b4 = _param(params, 'b4', (10,))
+    v_W1 = _direction(v, 'W1', (9, 32))
+    v_b1 = _direction(v, 'b1', (32,))
+    v_W2 = _direction(v, 'W2', (288, 32))
+    v_b2 = _direction(v, 'b2', (32,))
+    v_W3 = _direction(v, 'W3', (288, 64))
+    v_b3 = _direction(v, 'b3', (64,))
+    v_W4 = _direction(v, 'W4', (256, 10))
+    v_b4 = _direction(v, 'b4', (10,))
+    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
+    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
+    C1 = PW1.reshape((n, 8, 8, 32))
+    H1 = C1
+    H1 += b1
+    np.maximum(H1, 0.0, out=H1)
+    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
+    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
+    C2 = PW2.reshape((n, 8, 8, 32))
+    H2 = C2
+    H2 += b2
+    np.maximum(H2, 0.0, out=H2)
+    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
+    Q1 = Pp1.reshape((16*n, 4, 32))
+    Max1 = _window_max(Q1)
+    Pool1 = Max1.reshape((n, 4, 4, 32))
+    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
+    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
+    C3 = PW3.reshape((n, 4, 4, 64))
+    H3 = C3
+    H3 += b3
+    np.maximum(H3, 0.0, out=H3)
+    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
+    Q2 = Pp2.reshape((4*n, 4, 64))
+    Max2 = _window_max(Q2)
+    F1 = Max2.reshape((n, 256))
+    F1W4 = F1 @ W4
+    Z4 = F1W4 + b4
+    LSE = _logsumexp(Z4)
+    CE = LSE - Z4[np.arange(n), y]
+    L = CE.mean()
+    step_H1 = np.heaviside(H1, 0.0)
+    dZ4 = np.exp(Z4 - LSE[:, None])
+    dZ4[np.arange(n), y] -= 1
+    dZ4 *= 1/n
+    dF1 = np.matmul(dZ4, W4.T, out=_scratch('dF1', (n, 256), dZ4, W4))
+    dMax2 = dF1.reshape((4*n, 64))
+    dQ2 = _route_to_argmax(Q2, dMax2)
+    dPp2 = dQ2.reshape((4*n, 256))
+    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    step_H3 = np.heaviside(H3, 0.0)
+    dZ3_2 = dH3
+    dZ3_2 *= step_H3
+    dPW3_2 = dZ3_2.reshape((16*n, 64))
+    # (not formed: dPool1_2 = col2im(dP3_2) computes it, see below)
+    dPool1_2 = _col2im_product(dPW3_2, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1_2')
+    dMax1_2 = dPool1_2.reshape((16*n, 32))
+    dQ1_2 = _route_to_argmax(Q1, dMax1_2)
+    dPp1_2 = dQ1_2.reshape((16*n, 128))
+    dH2_2 = _col2im(dPp1_2, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    step_H2 = np.heaviside(H2, 0.0)
+    dZ2_2 = dH2_2
+    dZ2_2 *= step_H2
+    dPW2_2 = dZ2_2.reshape((64*n, 32))
+    # (not formed: dH1_2 = col2im(dP2_2) computes it, see below)
+    dH1_2 = _conv_transpose(dPW2_2, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'dH1_2', keep=True)
+    dZ1_2 = dH1_2
+    dZ1_2 *= step_H1
+    dPW1_2 = dZ1_2.reshape((64*n, 32))
+    dW1_2 = P1.T @ dPW1_2
+    db1_2 = dZ1_2.sum(axis=(0, 1, 2))
+    dW2_2 = P2.T @ dPW2_2
+    db2_2 = dZ2_2.sum(axis=(0, 1, 2))
+    dW3_2 = P3.T @ dPW3_2
+    db3_2 = dZ3_2.sum(axis=(0, 1, 2))
+    dW4 = F1.T @ dZ4
+    db4 = dZ4.sum(axis=0)
+    # P2_v_W2 = P2 @ v_W2
+    P2_v_W2 = np.matmul(P2, v_W2, out=_scratch('P2_v_W2', (64*n, 32), P2, v_W2))
+    # tPW1 = P1 @ v_W1
+    tPW1 = np.matmul(P1, v_W1, out=_scratch('tPW1', (64*n, 32), P1, v_W1))
+    # tC1 = reshape(tPW1, (n, 8, 8, 32))
+    tC1 = tPW1.reshape((n, 8, 8, 32))
+    # tH1 = step_H1*(tC1 + v_b1)
+    tH1 = tC1
+    tH1 += v_b1
+    tH1 *= step_H1
+    # tP2 = im2col(tH1)
+    tP2 = _im2col(tH1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2')
+    # tP2_W2 = tP2 @ W2
+    tP2_W2 = np.matmul(tP2, W2, out=_scratch('tP2_W2', (64*n, 32), tP2, W2))
+    # tPW2 = P2_v_W2 + tP2_W2
+    tPW2 = P2_v_W2
+    tPW2 += tP2_W2
+    # tC2 = reshape(tPW2, (n, 8, 8, 32))
+    tC2 = tPW2.reshape((n, 8, 8, 32))
+    # tH2 = step_H2*(tC2 + v_b2)
+    tH2 = tC2
+    tH2 += v_b2
+    tH2 *= step_H2
+    # tPp1 = im2col(tH2)
+    tPp1 = _im2col(tH2, (2, 2), (2, 2), (0, 0, 0, 0), 'tPp1')
+    # tQ1 = reshape(tPp1, (16*n, 4, 32))
+    tQ1 = tPp1.reshape((16*n, 4, 32))
+    # Q1_2 = route_to_argmax(1, Q1)
+    Q1_2 = _route_to_argmax(Q1, np.full((16*n, 32), 1, dtype=dt))
+    # tMax1 = sum(Q1_2*tQ1, axis=1)
+    tMax1 = np.sum(Q1_2*tQ1, axis=1)
+    # tPool1 = reshape(tMax1, (n, 4, 4, 32))
+    tPool1 = tMax1.reshape((n, 4, 4, 32))
+    # tP3 = im2col(tPool1)
+    tP3 = _im2col(tPool1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3')
+    # tP3_W3 = tP3 @ W3
+    tP3_W3 = np.matmul(tP3, W3, out=_scratch('tP3_W3', (16*n, 64), tP3, W3))
+    # P3_v_W3 = P3 @ v_W3
+    P3_v_W3 = np.matmul(P3, v_W3, out=_scratch('P3_v_W3', (16*n, 64), P3, v_W3))
+    # tPW3 = P3_v_W3 + tP3_W3
+    tPW3 = P3_v_W3
+    tPW3 += tP3_W3
+    # tC3 = reshape(tPW3, (n, 4, 4, 64))
+    tC3 = tPW3.reshape((n, 4, 4, 64))
+    # tH3 = step_H3*(tC3 + v_b3)
+    tH3 = tC3
+    tH3 += v_b3
+    tH3 *= step_H3
+    # tPp2 = im2col(tH3)
+    tPp2 = _im2col(tH3, (2, 2), (2, 2), (0, 0, 0, 0), 'tPp2')
+    # tQ2 = reshape(tPp2, (4*n, 4, 64))
+    tQ2 = tPp2.reshape((4*n, 4, 64))
+    # Q2_2 = route_to_argmax(1, Q2)
+    Q2_2 = _route_to_argmax(Q2, np.full((4*n, 64), 1, dtype=dt))
+    # tMax2 = sum(Q2_2*tQ2, axis=1)
+    tMax2 = np.sum(Q2_2*tQ2, axis=1)
+    # tF1 = reshape(tMax2, (n, 256))
+    tF1 = tMax2.reshape((n, 256))
+    # tF1_W4 = tF1 @ W4
+    tF1_W4 = tF1 @ W4
+    # F1_v_W4 = F1 @ v_W4
+    F1_v_W4 = F1 @ v_W4
+    # tZ4 = F1_v_W4 + tF1_W4 + v_b4
+    tZ4 = F1_v_W4 + tF1_W4 + v_b4
+    # exp_Z4 = exp(-LSE + Z4)
+    exp_Z4 = np.exp(-LSE[:, None] + Z4)
+    # tLSE = sum(exp_Z4*tZ4, axis=1)
+    tLSE = (exp_Z4*tZ4).sum(axis=1)
+    # tdZ4 = exp_Z4*(-tLSE + tZ4)/n
+    tdZ4 = exp_Z4*(-tLSE[:, None] + tZ4)/n
+    # tdZ4_W4 = tdZ4 @ W4.T
+    tdZ4_W4 = np.matmul(tdZ4, W4.T, out=_scratch('tdZ4_W4', (n, 256), tdZ4, W4))
+    # udMax2 = reshape(tdZ4_W4, (4*n, 64))
+    udMax2 = tdZ4_W4.reshape((4*n, 64))
+    # udQ2 = route_to_argmax(udMax2, Q2)
+    udQ2 = _route_to_argmax(Q2, udMax2)
+    # udPp2 = reshape(udQ2, (4*n, 256))
+    udPp2 = udQ2.reshape((4*n, 256))
+    # udH3 = col2im(udPp2)
+    udH3 = _col2im(udPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    # udZ3 = step_H3*udH3
+    udZ3 = udH3
+    udZ3 *= step_H3
+    # udPW3 = reshape(udZ3, (16*n, 64))
+    udPW3 = udZ3.reshape((16*n, 64))
+    # udP3 = udPW3 @ W3.T
+    # (not formed: udPool1 = col2im(udP3) computes it, see below)
+    # udPool1 = col2im(udP3)
+    udPool1 = _col2im_product(udPW3, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'udPool1')
+    # udMax1 = reshape(udPool1, (16*n, 32))
+    udMax1 = udPool1.reshape((16*n, 32))
+    # udQ1 = route_to_argmax(udMax1, Q1)
+    udQ1 = _route_to_argmax(Q1, udMax1)
+    # udPp1 = reshape(udQ1, (16*n, 128))
+    udPp1 = udQ1.reshape((16*n, 128))
+    # udH2 = col2im(udPp1)
+    udH2 = _col2im(udPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    # udZ2 = step_H2*udH2
+    udZ2 = udH2
+    udZ2 *= step_H2
+    # udPW2 = reshape(udZ2, (64*n, 32))
+    udPW2 = udZ2.reshape((64*n, 32))
+    # udP2 = udPW2 @ W2.T
+    # (not formed: udH1 = col2im(udP2) computes it, see below)
+    # udH1 = col2im(udP2)
+    udH1 = _conv_transpose(udPW2, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'udH1', keep=True)
+    # udZ1 = step_H1*udH1
+    udZ1 = udH1
+    udZ1 *= step_H1
+    # udPW1 = reshape(udZ1, (64*n, 32))
+    udPW1 = udZ1.reshape((64*n, 32))
+    # Gv_W1 = P1.T @ udPW1
+    Gv_W1 = P1.T @ udPW1
+    # Gv_b1 = sum(udZ1, axis=(0, 1, 2))
+    Gv_b1 = udZ1.sum(axis=(0, 1, 2))
+    # Gv_W2 = P2.T @ udPW2
+    Gv_W2 = P2.T @ udPW2
+    # Gv_b2 = sum(udZ2, axis=(0, 1, 2))
+    Gv_b2 = udZ2.sum(axis=(0, 1, 2))
+    # Gv_W3 = P3.T @ udPW3
+    Gv_W3 = P3.T @ udPW3
+    # Gv_b3 = sum(udZ3, axis=(0, 1, 2))
+    Gv_b3 = udZ3.sum(axis=(0, 1, 2))
+    # F1_tdZ4 = F1.T @ tdZ4
+    F1_tdZ4 = F1.T @ tdZ4
+    # Hv_b4 = sum(tdZ4, axis=0)
+    Hv_b4 = tdZ4.sum(axis=0)
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3_2, 'b3': db3_2, 'W4': dW4, 'b4': db4}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': Gv_W3, 'b3': Gv_b3, 'W4': F1_tdZ4, 'b4': Hv_b4}
 
 
 def per_example_grads(params, x, y):

@@ -9,6 +9,7 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> the model output, shape (batch,) + per-sample output shape
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
     per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
@@ -84,6 +85,14 @@ def _param(params, name, shape):
         if a.shape != shape:
             raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
     return a
+
+
+
+def _direction(v, name, shape):   # (hvp and gnvp: the direction's entries)
+    try:
+        return _param(v, name, shape)
+    except ValueError as e:
+        raise ValueError(f"v (the direction, shaped like params): {e}") from None
 
 
 # ---- argument checks shared by the NumPy and C modules (templates/_checks.py.j2) ----------
@@ -296,6 +305,148 @@ def backward(params, x, y):
     # dalpha = sum(dZ4*x_u_flat)
     dalpha = (dZ4*x_u_flat).sum()
     return float(L), {'W1': dW1, 'b1': db1, 'G': dG, 'c': dc, 'W2': dW2, 'b2': db2, 'u': du, 'alpha': dalpha}
+
+
+def hvp(params, v, x, y):
+    """The loss, its gradient and the Hessian-vector product Hv for the direction v (a dict shaped like params): the gradient differentiated once more along v (forward over reverse)."""
+    x = _data(x, 'x', (3,))
+    y = _data(y, 'y', ())
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (16, 3))
+    b1 = _param(params, 'b1', (16, 1))
+    G = _param(params, 'G', (16, 3))
+    c = _param(params, 'c', (16, 1))
+    W2 = _param(params, 'W2', (1, 16))
+    b2 = _param(params, 'b2', (1, 1))
+    u = _param(params, 'u', (3, 1))
+    alpha = _param(params, 'alpha', ())
+    v_W1 = _direction(v, 'W1', (16, 3))
+    v_b1 = _direction(v, 'b1', (16, 1))
+    v_G = _direction(v, 'G', (16, 3))
+    v_c = _direction(v, 'c', (16, 1))
+    v_W2 = _direction(v, 'W2', (1, 16))
+    v_b2 = _direction(v, 'b2', (1, 1))
+    v_u = _direction(v, 'u', (3, 1))
+    v_alpha = _direction(v, 'alpha', ())
+    b2_s = b2.reshape(())
+    x_u = x @ u
+    x_u_flat = x_u.reshape((n,))
+    b1T = b1.T
+    M2 = x @ W1.T
+    Z2 = M2 + b1T
+    sigmoid_Z2 = _sigmoid(1.5*Z2)
+    H2 = Z2*sigmoid_Z2
+    M1 = x @ G.T
+    cT = c.T
+    H1 = _sigmoid(M1 + cT)
+    A1 = H1*H2
+    M3m = A1 @ W2.T
+    M3 = M3m.reshape((n,))
+    Z4_2 = M3 + alpha*x_u_flat + b2_s - y
+    L_2 = (Z4_2*Z4_2/2).mean()
+    dZ4_2 = Z4_2/n
+    dM3m_2 = dZ4_2.reshape((n, 1))
+    dA1_2 = dM3m_2 @ W2
+    dH2 = H1*dA1_2
+    dZ2_2 = dH2*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
+    dW1_2 = dZ2_2.T @ x
+    sum_dZ2_2 = dZ2_2.sum(axis=0)
+    db1T_2 = sum_dZ2_2.reshape((1, 16))
+    db1_2 = db1T_2.T
+    dH1 = H2*dA1_2
+    dZ1_2 = H1*dH1*(1 - H1)
+    dG_2 = dZ1_2.T @ x
+    sum_dZ1_2 = dZ1_2.sum(axis=0)
+    dcT_2 = sum_dZ1_2.reshape((1, 16))
+    dc_2 = dcT_2.T
+    dW2_2 = dM3m_2.T @ A1
+    db2_s_2 = dZ4_2.sum()
+    db2_2 = db2_s_2.reshape((1, 1))
+    dx_u_flat_2 = alpha*dZ4_2
+    dx_u_2 = dx_u_flat_2.reshape((n, 1))
+    du_2 = x.T @ dx_u_2
+    dalpha_2 = (dZ4_2*x_u_flat).sum()
+    # tM1 = x @ v_G.T
+    tM1 = x @ v_G.T
+    # tcT = v_c.T
+    tcT = v_c.T
+    # tH1 = H1*(1 - H1)*(tM1 + tcT)
+    tH1 = H1*(1 - H1)*(tM1 + tcT)
+    # tM2 = x @ v_W1.T
+    tM2 = x @ v_W1.T
+    # tb1T = v_b1.T
+    tb1T = v_b1.T
+    # tZ2 = tM2 + tb1T
+    tZ2 = tM2 + tb1T
+    # tH2 = tZ2*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
+    tH2 = tZ2*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
+    # tA1 = H1*tH2 + H2*tH1
+    tA1 = H1*tH2 + H2*tH1
+    # tA1_W2 = tA1 @ W2.T
+    tA1_W2 = tA1 @ W2.T
+    # A1_v_W2 = A1 @ v_W2.T
+    A1_v_W2 = A1 @ v_W2.T
+    # tM3m = A1_v_W2 + tA1_W2
+    tM3m = A1_v_W2 + tA1_W2
+    # tM3 = reshape(tM3m, (n,))
+    tM3 = tM3m.reshape((n,))
+    # tb2_s = reshape(v_b2, ())
+    tb2_s = v_b2.reshape(())
+    # tx_u = x @ v_u
+    tx_u = x @ v_u
+    # tx_u_flat = reshape(tx_u, (n,))
+    tx_u_flat = tx_u.reshape((n,))
+    # tdZ4 = (alpha*tx_u_flat + tM3 + tb2_s + v_alpha*x_u_flat)/n
+    tdZ4 = (alpha*tx_u_flat + tM3 + tb2_s + v_alpha*x_u_flat)/n
+    # tdM3m = reshape(tdZ4, (n, 1))
+    tdM3m = tdZ4.reshape((n, 1))
+    # tdM3m_W2 = tdM3m @ W2
+    tdM3m_W2 = tdM3m @ W2
+    # dM3m_v_W2 = dM3m_2 @ v_W2
+    dM3m_v_W2 = dM3m_2 @ v_W2
+    # tdA1 = dM3m_v_W2 + tdM3m_W2
+    tdA1 = dM3m_v_W2 + tdM3m_W2
+    # tdZ2 = dH2*sigmoid_Z2*tZ2*(1 - sigmoid_Z2)*(1.5 - 2.25*H2) + 1.5*dH2*tH2*(1 - sigmoid_Z2) + (H1*tdA1 + dA1_2*tH1)*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
+    _tdZ2_0 = 1 - sigmoid_Z2
+    _tdZ2_1 = 1.5*_tdZ2_0
+    tdZ2 = _tdZ2_0*dH2*sigmoid_Z2*tZ2*(1.5 - 2.25*H2) + _tdZ2_1*dH2*tH2 + (H1*tdA1 + dA1_2*tH1)*(H2*_tdZ2_1 + sigmoid_Z2)
+    # Hv_W1 = tdZ2.T @ x
+    Hv_W1 = tdZ2.T @ x
+    # tsum_dZ2 = sum(tdZ2, axis=0)
+    tsum_dZ2 = tdZ2.sum(axis=0)
+    # tdb1T = reshape(tsum_dZ2, (1, 16))
+    tdb1T = tsum_dZ2.reshape((1, 16))
+    # Hv_b1 = tdb1T.T
+    Hv_b1 = tdb1T.T
+    # tdZ1 = H1*(1 - H1)*(H2*tdA1 + dA1_2*tH2) + dH1*tH1*(1 - 2*H1)
+    tdZ1 = H1*(1 - H1)*(H2*tdA1 + dA1_2*tH2) + dH1*tH1*(1 - 2*H1)
+    # Hv_G = tdZ1.T @ x
+    Hv_G = tdZ1.T @ x
+    # tsum_dZ1 = sum(tdZ1, axis=0)
+    tsum_dZ1 = tdZ1.sum(axis=0)
+    # tdcT = reshape(tsum_dZ1, (1, 16))
+    tdcT = tsum_dZ1.reshape((1, 16))
+    # Hv_c = tdcT.T
+    Hv_c = tdcT.T
+    # dM3m_tA1 = dM3m_2.T @ tA1
+    dM3m_tA1 = dM3m_2.T @ tA1
+    # tdM3m_A1 = tdM3m.T @ A1
+    tdM3m_A1 = tdM3m.T @ A1
+    # Hv_W2 = dM3m_tA1 + tdM3m_A1
+    Hv_W2 = dM3m_tA1 + tdM3m_A1
+    # tdb2_s = sum(tdZ4)
+    tdb2_s = tdZ4.sum()
+    # Hv_b2 = reshape(tdb2_s, (1, 1))
+    Hv_b2 = tdb2_s.reshape((1, 1))
+    # tdx_u_flat = alpha*tdZ4 + dZ4_2*v_alpha
+    tdx_u_flat = alpha*tdZ4 + dZ4_2*v_alpha
+    # tdx_u = reshape(tdx_u_flat, (n, 1))
+    tdx_u = tdx_u_flat.reshape((n, 1))
+    # Hv_u = x.T @ tdx_u
+    Hv_u = x.T @ tdx_u
+    # Hv_alpha = sum(dZ4_2*tx_u_flat + tdZ4*x_u_flat)
+    Hv_alpha = (dZ4_2*tx_u_flat + tdZ4*x_u_flat).sum()
+    return float(L_2), {'W1': dW1_2, 'b1': db1_2, 'G': dG_2, 'c': dc_2, 'W2': dW2_2, 'b2': db2_2, 'u': du_2, 'alpha': dalpha_2}, {'W1': Hv_W1, 'b1': Hv_b1, 'G': Hv_G, 'c': Hv_c, 'W2': Hv_W2, 'b2': Hv_b2, 'u': Hv_u, 'alpha': Hv_alpha}
 
 
 def per_example_grads(params, x, y):

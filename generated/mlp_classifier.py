@@ -9,6 +9,8 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> class probabilities (softmax of the logits), shape (batch, classes)
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
+    gnvp(params, v, x, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
     per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
@@ -87,6 +89,14 @@ def _param(params, name, shape):
         if a.shape != shape:
             raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
     return a
+
+
+
+def _direction(v, name, shape):   # (hvp and gnvp: the direction's entries)
+    try:
+        return _param(v, name, shape)
+    except ValueError as e:
+        raise ValueError(f"v (the direction, shaped like params): {e}") from None
 
 
 # ---- argument checks shared by the NumPy and C modules (templates/_checks.py.j2) ----------
@@ -296,6 +306,154 @@ def backward(params, x, y):
     # db2 = sum(dZ2, axis=0)
     db2 = dZ2.sum(axis=0)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}
+
+
+def hvp(params, v, x, y):
+    """The loss, its gradient and the Hessian-vector product Hv for the direction v (a dict shaped like params): the gradient differentiated once more along v (forward over reverse)."""
+    x = _data(x, 'x', (64,))
+    y = _labels(y, 'y', 10)
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (64, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (32, 10))
+    b2 = _param(params, 'b2', (10,))
+    v_W1 = _direction(v, 'W1', (64, 32))
+    v_b1 = _direction(v, 'b1', (32,))
+    v_W2 = _direction(v, 'W2', (32, 10))
+    v_b2 = _direction(v, 'b2', (10,))
+    xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
+    H1 = xW1
+    H1 += b1
+    np.tanh(H1, out=H1)
+    H1W2 = H1 @ W2
+    Z2 = H1W2 + b2
+    LSE = _logsumexp(Z2)
+    CE = LSE - Z2[np.arange(n), y]
+    L = CE.mean()
+    dZ2 = np.exp(Z2 - LSE[:, None])
+    dZ2[np.arange(n), y] -= 1
+    dZ2 *= 1/n
+    dH1 = np.matmul(dZ2, W2.T, out=_scratch('dH1', (n, 32), dZ2, W2))
+    H1_pow2 = H1*H1
+    dZ1_2 = np.subtract(1, H1_pow2, out=_scratch('dZ1_2', (n, 32), H1_pow2))
+    dZ1_2 *= dH1
+    dW1_2 = x.T @ dZ1_2
+    db1_2 = dZ1_2.sum(axis=0)
+    dW2 = H1.T @ dZ2
+    db2 = dZ2.sum(axis=0)
+    # dZ2_v_W2 = dZ2 @ v_W2.T
+    dZ2_v_W2 = np.matmul(dZ2, v_W2.T, out=_scratch('dZ2_v_W2', (n, 32), dZ2, v_W2))
+    # txW1 = x @ v_W1
+    txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
+    # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    tH1 = np.subtract(1, H1_pow2, out=_scratch('tH1', (n, 32), H1_pow2))
+    txW1 += v_b1
+    tH1 *= txW1
+    # exp_Z2 = exp(-LSE + Z2)
+    exp_Z2 = np.exp(-LSE[:, None] + Z2)
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = H1 @ v_W2
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = tH1 @ W2
+    # tZ2 = H1_v_W2 + tH1_W2 + v_b2
+    tZ2 = H1_v_W2 + tH1_W2 + v_b2
+    # tLSE = sum(exp_Z2*tZ2, axis=1)
+    tLSE = (exp_Z2*tZ2).sum(axis=1)
+    # tdZ2 = exp_Z2*(-tLSE + tZ2)/n
+    tdZ2 = exp_Z2*(-tLSE[:, None] + tZ2)/n
+    # tdZ2_W2 = tdZ2 @ W2.T
+    tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 32), tdZ2, W2))
+    # tdZ1 = -2*H1*dH1*tH1 + (1 - H1_pow2)*(dZ2_v_W2 + tdZ2_W2)
+    tdZ1 = np.subtract(1, H1_pow2, out=_scratch('tdZ1', (n, 32), H1_pow2))
+    dZ2_v_W2 += tdZ2_W2
+    tdZ1 *= dZ2_v_W2
+    np.multiply(H1, dH1, out=dZ2_v_W2)
+    dZ2_v_W2 *= tH1
+    dZ2_v_W2 *= 2
+    tdZ1 -= dZ2_v_W2
+    # Hv_W1 = x.T @ tdZ1
+    Hv_W1 = x.T @ tdZ1
+    # Hv_b1 = sum(tdZ1, axis=0)
+    Hv_b1 = tdZ1.sum(axis=0)
+    # tH1_dZ2 = tH1.T @ dZ2
+    tH1_dZ2 = tH1.T @ dZ2
+    # H1_tdZ2 = H1.T @ tdZ2
+    H1_tdZ2 = H1.T @ tdZ2
+    # Hv_W2 = H1_tdZ2 + tH1_dZ2
+    Hv_W2 = H1_tdZ2
+    Hv_W2 += tH1_dZ2
+    # Hv_b2 = sum(tdZ2, axis=0)
+    Hv_b2 = tdZ2.sum(axis=0)
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}
+
+
+def gnvp(params, v, x, y):
+    """The loss, its gradient and the Gauss-Newton-vector product J^T H_loss J v for the direction v (a dict shaped like params): positive semi-definite."""
+    x = _data(x, 'x', (64,))
+    y = _labels(y, 'y', 10)
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (64, 32))
+    b1 = _param(params, 'b1', (32,))
+    W2 = _param(params, 'W2', (32, 10))
+    b2 = _param(params, 'b2', (10,))
+    v_W1 = _direction(v, 'W1', (64, 32))
+    v_b1 = _direction(v, 'b1', (32,))
+    v_W2 = _direction(v, 'W2', (32, 10))
+    v_b2 = _direction(v, 'b2', (10,))
+    xW1 = np.matmul(x, W1, out=_scratch('xW1', (n, 32), x, W1))
+    H1 = xW1
+    H1 += b1
+    np.tanh(H1, out=H1)
+    H1W2 = H1 @ W2
+    Z2 = H1W2 + b2
+    LSE = _logsumexp(Z2)
+    CE = LSE - Z2[np.arange(n), y]
+    L = CE.mean()
+    dZ2 = np.exp(Z2 - LSE[:, None])
+    dZ2[np.arange(n), y] -= 1
+    dZ2 *= 1/n
+    dH1 = np.matmul(dZ2, W2.T, out=_scratch('dH1', (n, 32), dZ2, W2))
+    H1_pow2 = H1*H1
+    dZ1_2 = dH1
+    _dZ1_2_0 = np.subtract(1, H1_pow2, out=_scratch('_dZ1_2_0', (n, 32), H1_pow2))
+    dZ1_2 *= _dZ1_2_0
+    dW1_2 = x.T @ dZ1_2
+    db1_2 = dZ1_2.sum(axis=0)
+    dW2 = H1.T @ dZ2
+    db2 = dZ2.sum(axis=0)
+    # exp_Z2 = exp(-LSE + Z2)
+    exp_Z2 = np.exp(-LSE[:, None] + Z2)
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = H1 @ v_W2
+    # txW1 = x @ v_W1
+    txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
+    # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    tH1 = np.subtract(1, H1_pow2, out=_scratch('tH1', (n, 32), H1_pow2))
+    txW1 += v_b1
+    tH1 *= txW1
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = tH1 @ W2
+    # tZ2 = H1_v_W2 + tH1_W2 + v_b2
+    tZ2 = H1_v_W2 + tH1_W2 + v_b2
+    # tLSE = sum(exp_Z2*tZ2, axis=1)
+    tLSE = (exp_Z2*tZ2).sum(axis=1)
+    # tdZ2 = exp_Z2*(-tLSE + tZ2)/n
+    tdZ2 = exp_Z2*(-tLSE[:, None] + tZ2)/n
+    # tdZ2_W2 = tdZ2 @ W2.T
+    tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 32), tdZ2, W2))
+    # udZ1 = tdZ2_W2*(1 - H1_pow2)
+    udZ1 = tdZ2_W2
+    _udZ1_0 = np.subtract(1, H1_pow2, out=_scratch('_udZ1_0', (n, 32), H1_pow2))
+    udZ1 *= _udZ1_0
+    # Gv_W1 = x.T @ udZ1
+    Gv_W1 = x.T @ udZ1
+    # Gv_b1 = sum(udZ1, axis=0)
+    Gv_b1 = udZ1.sum(axis=0)
+    # H1_tdZ2 = H1.T @ tdZ2
+    H1_tdZ2 = H1.T @ tdZ2
+    # Hv_b2 = sum(tdZ2, axis=0)
+    Hv_b2 = tdZ2.sum(axis=0)
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': H1_tdZ2, 'b2': Hv_b2}
 
 
 def per_example_grads(params, x, y):

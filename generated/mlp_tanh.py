@@ -9,6 +9,8 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> the model output, shape (batch,) + per-sample output shape
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
+    gnvp(params, v, x, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
     per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
@@ -80,6 +82,14 @@ def _param(params, name, shape):
         if a.shape != shape:
             raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
     return a
+
+
+
+def _direction(v, name, shape):   # (hvp and gnvp: the direction's entries)
+    try:
+        return _param(v, name, shape)
+    except ValueError as e:
+        raise ValueError(f"v (the direction, shaped like params): {e}") from None
 
 
 # ---- argument checks shared by the NumPy and C modules (templates/_checks.py.j2) ----------
@@ -233,6 +243,171 @@ def backward(params, x, y):
     # db3 = sum(dZ3, axis=0)
     db3 = dZ3.sum(axis=0)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2, 'W3': dW3, 'b3': db3}
+
+
+def hvp(params, v, x, y):
+    """The loss, its gradient and the Hessian-vector product Hv for the direction v (a dict shaped like params): the gradient differentiated once more along v (forward over reverse)."""
+    x = _data(x, 'x', (2,))
+    y = _data(y, 'y', (1,))
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (2, 16))
+    b1 = _param(params, 'b1', (16,))
+    W2 = _param(params, 'W2', (16, 16))
+    b2 = _param(params, 'b2', (16,))
+    W3 = _param(params, 'W3', (16, 1))
+    b3 = _param(params, 'b3', (1,))
+    v_W1 = _direction(v, 'W1', (2, 16))
+    v_b1 = _direction(v, 'b1', (16,))
+    v_W2 = _direction(v, 'W2', (16, 16))
+    v_b2 = _direction(v, 'b2', (16,))
+    v_W3 = _direction(v, 'W3', (16, 1))
+    v_b3 = _direction(v, 'b3', (1,))
+    xW1 = x @ W1
+    H1 = np.tanh(b1 + xW1)
+    H1W2 = H1 @ W2
+    H2 = np.tanh(H1W2 + b2)
+    H2W3 = H2 @ W3
+    Z3 = H2W3 + b3
+    L = np.square(Z3 - y).mean()
+    dZ3 = (Z3 - y)*(2/n)
+    dH2 = dZ3 @ W3.T
+    H2_pow2 = H2*H2
+    dZ2_2 = dH2*(1 - H2_pow2)
+    dH1_2 = dZ2_2 @ W2.T
+    H1_pow2 = H1*H1
+    dZ1_2 = dH1_2*(1 - H1_pow2)
+    dW1_2 = x.T @ dZ1_2
+    db1_2 = dZ1_2.sum(axis=0)
+    dW2_2 = H1.T @ dZ2_2
+    db2_2 = dZ2_2.sum(axis=0)
+    dW3 = H2.T @ dZ3
+    db3 = dZ3.sum(axis=0)
+    # txW1 = x @ v_W1
+    txW1 = x @ v_W1
+    # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = tH1 @ W2
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = H1 @ v_W2
+    # tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
+    tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
+    # tH2_W3 = tH2 @ W3
+    tH2_W3 = tH2 @ W3
+    # H2_v_W3 = H2 @ v_W3
+    H2_v_W3 = H2 @ v_W3
+    # tdZ3 = 2*(H2_v_W3 + tH2_W3 + v_b3)/n
+    tdZ3 = (H2_v_W3 + tH2_W3 + v_b3)*(2/n)
+    # tdZ3_W3 = tdZ3 @ W3.T
+    tdZ3_W3 = tdZ3 @ W3.T
+    # dZ3_v_W3 = dZ3 @ v_W3.T
+    dZ3_v_W3 = dZ3 @ v_W3.T
+    # tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(dZ3_v_W3 + tdZ3_W3)
+    tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(dZ3_v_W3 + tdZ3_W3)
+    # tdZ2_W2 = tdZ2 @ W2.T
+    tdZ2_W2 = tdZ2 @ W2.T
+    # dZ2_v_W2 = dZ2_2 @ v_W2.T
+    dZ2_v_W2 = dZ2_2 @ v_W2.T
+    # tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(dZ2_v_W2 + tdZ2_W2)
+    tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(dZ2_v_W2 + tdZ2_W2)
+    # Hv_W1 = x.T @ tdZ1
+    Hv_W1 = x.T @ tdZ1
+    # Hv_b1 = sum(tdZ1, axis=0)
+    Hv_b1 = tdZ1.sum(axis=0)
+    # H1_tdZ2 = H1.T @ tdZ2
+    H1_tdZ2 = H1.T @ tdZ2
+    # tH1_dZ2 = tH1.T @ dZ2_2
+    tH1_dZ2 = tH1.T @ dZ2_2
+    # Hv_W2 = H1_tdZ2 + tH1_dZ2
+    Hv_W2 = H1_tdZ2
+    Hv_W2 += tH1_dZ2
+    # Hv_b2 = sum(tdZ2, axis=0)
+    Hv_b2 = tdZ2.sum(axis=0)
+    # tH2_dZ3 = tH2.T @ dZ3
+    tH2_dZ3 = tH2.T @ dZ3
+    # H2_tdZ3 = H2.T @ tdZ3
+    H2_tdZ3 = H2.T @ tdZ3
+    # Hv_W3 = H2_tdZ3 + tH2_dZ3
+    Hv_W3 = H2_tdZ3 + tH2_dZ3
+    # Hv_b3 = sum(tdZ3, axis=0)
+    Hv_b3 = tdZ3.sum(axis=0)
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3}
+
+
+def gnvp(params, v, x, y):
+    """The loss, its gradient and the Gauss-Newton-vector product J^T H_loss J v for the direction v (a dict shaped like params): positive semi-definite."""
+    x = _data(x, 'x', (2,))
+    y = _data(y, 'y', (1,))
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (2, 16))
+    b1 = _param(params, 'b1', (16,))
+    W2 = _param(params, 'W2', (16, 16))
+    b2 = _param(params, 'b2', (16,))
+    W3 = _param(params, 'W3', (16, 1))
+    b3 = _param(params, 'b3', (1,))
+    v_W1 = _direction(v, 'W1', (2, 16))
+    v_b1 = _direction(v, 'b1', (16,))
+    v_W2 = _direction(v, 'W2', (16, 16))
+    v_b2 = _direction(v, 'b2', (16,))
+    v_W3 = _direction(v, 'W3', (16, 1))
+    v_b3 = _direction(v, 'b3', (1,))
+    xW1 = x @ W1
+    H1 = np.tanh(b1 + xW1)
+    H1W2 = H1 @ W2
+    H2 = np.tanh(H1W2 + b2)
+    H2W3 = H2 @ W3
+    Z3 = H2W3 + b3
+    L = np.square(Z3 - y).mean()
+    dZ3 = (Z3 - y)*(2/n)
+    dH2 = dZ3 @ W3.T
+    H2_pow2 = H2*H2
+    dZ2_2 = dH2*(1 - H2_pow2)
+    dH1_2 = dZ2_2 @ W2.T
+    H1_pow2 = H1*H1
+    dZ1_2 = dH1_2*(1 - H1_pow2)
+    dW1_2 = x.T @ dZ1_2
+    db1_2 = dZ1_2.sum(axis=0)
+    dW2_2 = H1.T @ dZ2_2
+    db2_2 = dZ2_2.sum(axis=0)
+    dW3 = H2.T @ dZ3
+    db3 = dZ3.sum(axis=0)
+    # txW1 = x @ v_W1
+    txW1 = x @ v_W1
+    # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = tH1 @ W2
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = H1 @ v_W2
+    # tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
+    tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
+    # tH2_W3 = tH2 @ W3
+    tH2_W3 = tH2 @ W3
+    # H2_v_W3 = H2 @ v_W3
+    H2_v_W3 = H2 @ v_W3
+    # tdZ3 = 2*(H2_v_W3 + tH2_W3 + v_b3)/n
+    tdZ3 = (H2_v_W3 + tH2_W3 + v_b3)*(2/n)
+    # tdZ3_W3 = tdZ3 @ W3.T
+    tdZ3_W3 = tdZ3 @ W3.T
+    # udZ2 = tdZ3_W3*(1 - H2_pow2)
+    udZ2 = tdZ3_W3*(1 - H2_pow2)
+    # udH1 = udZ2 @ W2.T
+    udH1 = udZ2 @ W2.T
+    # udZ1 = udH1*(1 - H1_pow2)
+    udZ1 = udH1*(1 - H1_pow2)
+    # Gv_W1 = x.T @ udZ1
+    Gv_W1 = x.T @ udZ1
+    # Gv_b1 = sum(udZ1, axis=0)
+    Gv_b1 = udZ1.sum(axis=0)
+    # Gv_W2 = H1.T @ udZ2
+    Gv_W2 = H1.T @ udZ2
+    # Gv_b2 = sum(udZ2, axis=0)
+    Gv_b2 = udZ2.sum(axis=0)
+    # H2_tdZ3 = H2.T @ tdZ3
+    H2_tdZ3 = H2.T @ tdZ3
+    # Hv_b3 = sum(tdZ3, axis=0)
+    Hv_b3 = tdZ3.sum(axis=0)
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': H2_tdZ3, 'b3': Hv_b3}
 
 
 def per_example_grads(params, x, y):

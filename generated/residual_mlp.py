@@ -9,6 +9,8 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> class probabilities (softmax of the logits), shape (batch, classes)
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
+    gnvp(params, v, x, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
     per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
@@ -95,6 +97,14 @@ def _param(params, name, shape):
         if a.shape != shape:
             raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
     return a
+
+
+
+def _direction(v, name, shape):   # (hvp and gnvp: the direction's entries)
+    try:
+        return _param(v, name, shape)
+    except ValueError as e:
+        raise ValueError(f"v (the direction, shaped like params): {e}") from None
 
 
 # ---- argument checks shared by the NumPy and C modules (templates/_checks.py.j2) ----------
@@ -369,6 +379,331 @@ def backward(params, x, y):
     # dbout = sum(dZout, axis=0)
     dbout = dZout.sum(axis=0)
     return float(L), {'Wh0': dWh0, 'bh0': dbh0, 'Wf1': dWf1, 'bf1': dbf1, 'Wf2': dWf2, 'bf2': dbf2, 'Wout': dWout, 'bout': dbout}
+
+
+def hvp(params, v, x, y):
+    """The loss, its gradient and the Hessian-vector product Hv for the direction v (a dict shaped like params): the gradient differentiated once more along v (forward over reverse)."""
+    x = _data(x, 'x', (2,))
+    y = _labels(y, 'y', 2)
+    n = _batch(x, y)
+    Wh0 = _param(params, 'Wh0', (2, 32))
+    bh0 = _param(params, 'bh0', (32,))
+    Wf1 = _param(params, 'Wf1', (32, 32))
+    bf1 = _param(params, 'bf1', (32,))
+    Wf2 = _param(params, 'Wf2', (32, 32))
+    bf2 = _param(params, 'bf2', (32,))
+    Wout = _param(params, 'Wout', (32, 2))
+    bout = _param(params, 'bout', (2,))
+    v_Wh0 = _direction(v, 'Wh0', (2, 32))
+    v_bh0 = _direction(v, 'bh0', (32,))
+    v_Wf1 = _direction(v, 'Wf1', (32, 32))
+    v_bf1 = _direction(v, 'bf1', (32,))
+    v_Wf2 = _direction(v, 'Wf2', (32, 32))
+    v_bf2 = _direction(v, 'bf2', (32,))
+    v_Wout = _direction(v, 'Wout', (32, 2))
+    v_bout = _direction(v, 'bout', (2,))
+    xWh0 = np.matmul(x, Wh0, out=_scratch('xWh0', (n, 32), x, Wh0))
+    Hh0 = xWh0
+    Hh0 += bh0
+    np.tanh(Hh0, out=Hh0)
+    Hh0Wf1 = np.matmul(Hh0, Wf1, out=_scratch('Hh0Wf1', (n, 32), Hh0, Wf1))
+    Hf1 = Hh0Wf1
+    Hf1 += bf1
+    np.tanh(Hf1, out=Hf1)
+    h1 = Hf1 + Hh0
+    h1Wf2 = np.matmul(h1, Wf2, out=_scratch('h1Wf2', (n, 32), h1, Wf2))
+    Hf2 = h1Wf2
+    Hf2 += bf2
+    np.tanh(Hf2, out=Hf2)
+    S2 = Hf2 + h1
+    S2Wout = S2 @ Wout
+    Zout = S2Wout + bout
+    LSE = _logsumexp(Zout)
+    CE = LSE - Zout[np.arange(n), y]
+    L = CE.mean()
+    Hh0_pow2 = Hh0*Hh0
+    dZout = np.exp(Zout - LSE[:, None])
+    dZout[np.arange(n), y] -= 1
+    dZout *= 1/n
+    dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
+    Hf2_pow2 = Hf2*Hf2
+    dZf2_2 = np.subtract(1, Hf2_pow2, out=_scratch('dZf2_2', (n, 32), Hf2_pow2))
+    dZf2_2 *= dS2
+    dh1_Wf2_2 = np.matmul(dZf2_2, Wf2.T, out=_scratch('dh1_Wf2_2', (n, 32), dZf2_2, Wf2))
+    dh1_2 = dh1_Wf2_2
+    dh1_2 += dS2
+    Hf1_pow2 = Hf1*Hf1
+    dZf1_2 = np.subtract(1, Hf1_pow2, out=_scratch('dZf1_2', (n, 32), Hf1_pow2))
+    dZf1_2 *= dh1_2
+    dHh0_Wf1_2 = np.matmul(dZf1_2, Wf1.T, out=_scratch('dHh0_Wf1_2', (n, 32), dZf1_2, Wf1))
+    dHh0 = dHh0_Wf1_2
+    dHh0 += dh1_2
+    dZh0_2 = np.subtract(1, Hh0_pow2, out=_scratch('dZh0_2', (n, 32), Hh0_pow2))
+    dZh0_2 *= dHh0
+    dWh0_2 = x.T @ dZh0_2
+    dbh0_2 = dZh0_2.sum(axis=0)
+    dWf1_2 = Hh0.T @ dZf1_2
+    dbf1_2 = dZf1_2.sum(axis=0)
+    dWf2_2 = h1.T @ dZf2_2
+    dbf2_2 = dZf2_2.sum(axis=0)
+    dWout = S2.T @ dZout
+    dbout = dZout.sum(axis=0)
+    # dZout_v_Wout = dZout @ v_Wout.T
+    dZout_v_Wout = np.matmul(dZout, v_Wout.T, out=_scratch('dZout_v_Wout', (n, 32), dZout, v_Wout))
+    # txWh0 = x @ v_Wh0
+    txWh0 = np.matmul(x, v_Wh0, out=_scratch('txWh0', (n, 32), x, v_Wh0))
+    # tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
+    tHh0 = np.subtract(1, Hh0_pow2, out=_scratch('tHh0', (n, 32), Hh0_pow2))
+    txWh0 += v_bh0
+    tHh0 *= txWh0
+    # tHh0_Wf1 = tHh0 @ Wf1
+    tHh0_Wf1 = np.matmul(tHh0, Wf1, out=_scratch('tHh0_Wf1', (n, 32), tHh0, Wf1))
+    # Hh0_v_Wf1 = Hh0 @ v_Wf1
+    Hh0_v_Wf1 = np.matmul(Hh0, v_Wf1, out=_scratch('Hh0_v_Wf1', (n, 32), Hh0, v_Wf1))
+    # tHf1 = (1 - Hf1_pow2)*(Hh0_v_Wf1 + tHh0_Wf1 + v_bf1)
+    tHf1 = np.subtract(1, Hf1_pow2, out=_scratch('tHf1', (n, 32), Hf1_pow2))
+    Hh0_v_Wf1 += tHh0_Wf1
+    Hh0_v_Wf1 += v_bf1
+    tHf1 *= Hh0_v_Wf1
+    # th1 = tHf1 + tHh0
+    th1 = tHf1 + tHh0
+    # th1_Wf2 = th1 @ Wf2
+    th1_Wf2 = np.matmul(th1, Wf2, out=_scratch('th1_Wf2', (n, 32), th1, Wf2))
+    # h1_v_Wf2 = h1 @ v_Wf2
+    h1_v_Wf2 = np.matmul(h1, v_Wf2, out=_scratch('h1_v_Wf2', (n, 32), h1, v_Wf2))
+    # tHf2 = (1 - Hf2_pow2)*(h1_v_Wf2 + th1_Wf2 + v_bf2)
+    tHf2 = np.subtract(1, Hf2_pow2, out=_scratch('tHf2', (n, 32), Hf2_pow2))
+    h1_v_Wf2 += th1_Wf2
+    h1_v_Wf2 += v_bf2
+    tHf2 *= h1_v_Wf2
+    # tS2 = tHf2 + th1
+    tS2 = tHf2 + th1
+    # tS2_Wout = tS2 @ Wout
+    tS2_Wout = tS2 @ Wout
+    # S2_v_Wout = S2 @ v_Wout
+    S2_v_Wout = S2 @ v_Wout
+    # tZout = S2_v_Wout + tS2_Wout + v_bout
+    tZout = S2_v_Wout + tS2_Wout + v_bout
+    # exp_Zout = exp(-LSE + Zout)
+    exp_Zout = np.exp(-LSE[:, None] + Zout)
+    # tLSE = sum(exp_Zout*tZout, axis=1)
+    tLSE = (exp_Zout*tZout).sum(axis=1)
+    # tdZout = exp_Zout*(-tLSE + tZout)/n
+    tdZout = exp_Zout*(-tLSE[:, None] + tZout)/n
+    # tdZout_Wout = tdZout @ Wout.T
+    tdZout_Wout = np.matmul(tdZout, Wout.T, out=_scratch('tdZout_Wout', (n, 32), tdZout, Wout))
+    # tdS2 = dZout_v_Wout + tdZout_Wout
+    tdS2 = dZout_v_Wout
+    tdS2 += tdZout_Wout
+    # dZf2_v_Wf2 = dZf2_2 @ v_Wf2.T
+    dZf2_v_Wf2 = np.matmul(dZf2_2, v_Wf2.T, out=_scratch('dZf2_v_Wf2', (n, 32), dZf2_2, v_Wf2))
+    # tdZf2 = -2*Hf2*dS2*tHf2 + tdS2*(1 - Hf2_pow2)
+    tdZf2 = np.subtract(1, Hf2_pow2, out=_scratch('tdZf2', (n, 32), Hf2_pow2))
+    tdZf2 *= tdS2
+    _tdZf2_0 = np.multiply(Hf2, dS2, out=_scratch('_tdZf2_0', (n, 32), Hf2, dS2))
+    _tdZf2_0 *= tHf2
+    _tdZf2_0 *= 2
+    tdZf2 -= _tdZf2_0
+    # tdZf2_Wf2 = tdZf2 @ Wf2.T
+    tdZf2_Wf2 = np.matmul(tdZf2, Wf2.T, out=_scratch('tdZf2_Wf2', (n, 32), tdZf2, Wf2))
+    # tdh1 = dZf2_v_Wf2 + tdS2 + tdZf2_Wf2
+    tdh1 = dZf2_v_Wf2
+    tdh1 += tdS2
+    tdh1 += tdZf2_Wf2
+    # dZf1_v_Wf1 = dZf1_2 @ v_Wf1.T
+    dZf1_v_Wf1 = np.matmul(dZf1_2, v_Wf1.T, out=_scratch('dZf1_v_Wf1', (n, 32), dZf1_2, v_Wf1))
+    # tdZf1 = -2*Hf1*dh1_2*tHf1 + tdh1*(1 - Hf1_pow2)
+    tdZf1 = np.subtract(1, Hf1_pow2, out=_scratch('tdZf1', (n, 32), Hf1_pow2))
+    tdZf1 *= tdh1
+    _tdZf1_0 = np.multiply(Hf1, dh1_2, out=_scratch('_tdZf1_0', (n, 32), Hf1, dh1_2))
+    _tdZf1_0 *= tHf1
+    _tdZf1_0 *= 2
+    tdZf1 -= _tdZf1_0
+    # tdZf1_Wf1 = tdZf1 @ Wf1.T
+    tdZf1_Wf1 = np.matmul(tdZf1, Wf1.T, out=_scratch('tdZf1_Wf1', (n, 32), tdZf1, Wf1))
+    # tdZh0 = -2*Hh0*dHh0*tHh0 + (1 - Hh0_pow2)*(dZf1_v_Wf1 + tdZf1_Wf1 + tdh1)
+    tdZh0 = np.subtract(1, Hh0_pow2, out=_scratch('tdZh0', (n, 32), Hh0_pow2))
+    dZf1_v_Wf1 += tdZf1_Wf1
+    dZf1_v_Wf1 += tdh1
+    tdZh0 *= dZf1_v_Wf1
+    np.multiply(Hh0, dHh0, out=dZf1_v_Wf1)
+    dZf1_v_Wf1 *= tHh0
+    dZf1_v_Wf1 *= 2
+    tdZh0 -= dZf1_v_Wf1
+    # Hv_Wh0 = x.T @ tdZh0
+    Hv_Wh0 = x.T @ tdZh0
+    # Hv_bh0 = sum(tdZh0, axis=0)
+    Hv_bh0 = tdZh0.sum(axis=0)
+    # tHh0_dZf1 = tHh0.T @ dZf1_2
+    tHh0_dZf1 = tHh0.T @ dZf1_2
+    # Hh0_tdZf1 = Hh0.T @ tdZf1
+    Hh0_tdZf1 = Hh0.T @ tdZf1
+    # Hv_Wf1 = Hh0_tdZf1 + tHh0_dZf1
+    Hv_Wf1 = Hh0_tdZf1
+    Hv_Wf1 += tHh0_dZf1
+    # Hv_bf1 = sum(tdZf1, axis=0)
+    Hv_bf1 = tdZf1.sum(axis=0)
+    # h1_tdZf2 = h1.T @ tdZf2
+    h1_tdZf2 = h1.T @ tdZf2
+    # th1_dZf2 = th1.T @ dZf2_2
+    th1_dZf2 = th1.T @ dZf2_2
+    # Hv_Wf2 = h1_tdZf2 + th1_dZf2
+    Hv_Wf2 = h1_tdZf2
+    Hv_Wf2 += th1_dZf2
+    # Hv_bf2 = sum(tdZf2, axis=0)
+    Hv_bf2 = tdZf2.sum(axis=0)
+    # S2_tdZout = S2.T @ tdZout
+    S2_tdZout = S2.T @ tdZout
+    # tS2_dZout = tS2.T @ dZout
+    tS2_dZout = tS2.T @ dZout
+    # Hv_Wout = S2_tdZout + tS2_dZout
+    Hv_Wout = S2_tdZout
+    Hv_Wout += tS2_dZout
+    # Hv_bout = sum(tdZout, axis=0)
+    Hv_bout = tdZout.sum(axis=0)
+    return float(L), {'Wh0': dWh0_2, 'bh0': dbh0_2, 'Wf1': dWf1_2, 'bf1': dbf1_2, 'Wf2': dWf2_2, 'bf2': dbf2_2, 'Wout': dWout, 'bout': dbout}, {'Wh0': Hv_Wh0, 'bh0': Hv_bh0, 'Wf1': Hv_Wf1, 'bf1': Hv_bf1, 'Wf2': Hv_Wf2, 'bf2': Hv_bf2, 'Wout': Hv_Wout, 'bout': Hv_bout}
+
+
+def gnvp(params, v, x, y):
+    """The loss, its gradient and the Gauss-Newton-vector product J^T H_loss J v for the direction v (a dict shaped like params): positive semi-definite."""
+    x = _data(x, 'x', (2,))
+    y = _labels(y, 'y', 2)
+    n = _batch(x, y)
+    Wh0 = _param(params, 'Wh0', (2, 32))
+    bh0 = _param(params, 'bh0', (32,))
+    Wf1 = _param(params, 'Wf1', (32, 32))
+    bf1 = _param(params, 'bf1', (32,))
+    Wf2 = _param(params, 'Wf2', (32, 32))
+    bf2 = _param(params, 'bf2', (32,))
+    Wout = _param(params, 'Wout', (32, 2))
+    bout = _param(params, 'bout', (2,))
+    v_Wh0 = _direction(v, 'Wh0', (2, 32))
+    v_bh0 = _direction(v, 'bh0', (32,))
+    v_Wf1 = _direction(v, 'Wf1', (32, 32))
+    v_bf1 = _direction(v, 'bf1', (32,))
+    v_Wf2 = _direction(v, 'Wf2', (32, 32))
+    v_bf2 = _direction(v, 'bf2', (32,))
+    v_Wout = _direction(v, 'Wout', (32, 2))
+    v_bout = _direction(v, 'bout', (2,))
+    xWh0 = np.matmul(x, Wh0, out=_scratch('xWh0', (n, 32), x, Wh0))
+    Hh0 = xWh0
+    Hh0 += bh0
+    np.tanh(Hh0, out=Hh0)
+    Hh0Wf1 = np.matmul(Hh0, Wf1, out=_scratch('Hh0Wf1', (n, 32), Hh0, Wf1))
+    Hf1 = Hh0Wf1
+    Hf1 += bf1
+    np.tanh(Hf1, out=Hf1)
+    h1 = Hf1 + Hh0
+    h1Wf2 = np.matmul(h1, Wf2, out=_scratch('h1Wf2', (n, 32), h1, Wf2))
+    Hf2 = h1Wf2
+    Hf2 += bf2
+    np.tanh(Hf2, out=Hf2)
+    S2 = Hf2 + h1
+    S2Wout = S2 @ Wout
+    Zout = S2Wout + bout
+    LSE = _logsumexp(Zout)
+    CE = LSE - Zout[np.arange(n), y]
+    L = CE.mean()
+    Hh0_pow2 = Hh0*Hh0
+    dZout = np.exp(Zout - LSE[:, None])
+    dZout[np.arange(n), y] -= 1
+    dZout *= 1/n
+    dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
+    Hf2_pow2 = Hf2*Hf2
+    dZf2_2 = np.subtract(1, Hf2_pow2, out=_scratch('dZf2_2', (n, 32), Hf2_pow2))
+    dZf2_2 *= dS2
+    dh1_Wf2_2 = np.matmul(dZf2_2, Wf2.T, out=_scratch('dh1_Wf2_2', (n, 32), dZf2_2, Wf2))
+    dh1_2 = dh1_Wf2_2
+    dh1_2 += dS2
+    Hf1_pow2 = Hf1*Hf1
+    dZf1_2 = np.subtract(1, Hf1_pow2, out=_scratch('dZf1_2', (n, 32), Hf1_pow2))
+    dZf1_2 *= dh1_2
+    dHh0_Wf1_2 = np.matmul(dZf1_2, Wf1.T, out=_scratch('dHh0_Wf1_2', (n, 32), dZf1_2, Wf1))
+    dZh0_3 = np.subtract(1, Hh0_pow2, out=_scratch('dZh0_3', (n, 32), Hh0_pow2))
+    dHh0_Wf1_2 += dh1_2
+    dZh0_3 *= dHh0_Wf1_2
+    dWh0_3 = x.T @ dZh0_3
+    dbh0_3 = dZh0_3.sum(axis=0)
+    dWf1_2 = Hh0.T @ dZf1_2
+    dbf1_2 = dZf1_2.sum(axis=0)
+    dWf2_2 = h1.T @ dZf2_2
+    dbf2_2 = dZf2_2.sum(axis=0)
+    dWout = S2.T @ dZout
+    dbout = dZout.sum(axis=0)
+    # exp_Zout = exp(-LSE + Zout)
+    exp_Zout = np.exp(-LSE[:, None] + Zout)
+    # h1_v_Wf2 = h1 @ v_Wf2
+    h1_v_Wf2 = np.matmul(h1, v_Wf2, out=_scratch('h1_v_Wf2', (n, 32), h1, v_Wf2))
+    # txWh0 = x @ v_Wh0
+    txWh0 = np.matmul(x, v_Wh0, out=_scratch('txWh0', (n, 32), x, v_Wh0))
+    # tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
+    tHh0 = np.subtract(1, Hh0_pow2, out=_scratch('tHh0', (n, 32), Hh0_pow2))
+    txWh0 += v_bh0
+    tHh0 *= txWh0
+    # tHh0_Wf1 = tHh0 @ Wf1
+    tHh0_Wf1 = np.matmul(tHh0, Wf1, out=_scratch('tHh0_Wf1', (n, 32), tHh0, Wf1))
+    # Hh0_v_Wf1 = Hh0 @ v_Wf1
+    Hh0_v_Wf1 = np.matmul(Hh0, v_Wf1, out=_scratch('Hh0_v_Wf1', (n, 32), Hh0, v_Wf1))
+    # th1_2 = tHh0 + (1 - Hf1_pow2)*(Hh0_v_Wf1 + tHh0_Wf1 + v_bf1)
+    th1_2 = np.subtract(1, Hf1_pow2, out=_scratch('th1_2', (n, 32), Hf1_pow2))
+    Hh0_v_Wf1 += tHh0_Wf1
+    Hh0_v_Wf1 += v_bf1
+    th1_2 *= Hh0_v_Wf1
+    th1_2 += tHh0
+    # th1_Wf2_2 = th1_2 @ Wf2
+    th1_Wf2_2 = np.matmul(th1_2, Wf2, out=_scratch('th1_Wf2_2', (n, 32), th1_2, Wf2))
+    # tS2_2 = th1_2 + (1 - Hf2_pow2)*(h1_v_Wf2 + th1_Wf2_2 + v_bf2)
+    tS2_2 = np.subtract(1, Hf2_pow2, out=_scratch('tS2_2', (n, 32), Hf2_pow2))
+    h1_v_Wf2 += th1_Wf2_2
+    h1_v_Wf2 += v_bf2
+    tS2_2 *= h1_v_Wf2
+    tS2_2 += th1_2
+    # tS2_Wout_2 = tS2_2 @ Wout
+    tS2_Wout_2 = tS2_2 @ Wout
+    # S2_v_Wout = S2 @ v_Wout
+    S2_v_Wout = S2 @ v_Wout
+    # tZout_2 = S2_v_Wout + tS2_Wout_2 + v_bout
+    tZout_2 = S2_v_Wout + tS2_Wout_2 + v_bout
+    # tLSE_2 = sum(exp_Zout*tZout_2, axis=1)
+    tLSE_2 = (exp_Zout*tZout_2).sum(axis=1)
+    # tdZout_2 = exp_Zout*(-tLSE_2 + tZout_2)/n
+    tdZout_2 = exp_Zout*(-tLSE_2[:, None] + tZout_2)/n
+    # tdZout_Wout_2 = tdZout_2 @ Wout.T
+    tdZout_Wout_2 = np.matmul(tdZout_2, Wout.T, out=_scratch('tdZout_Wout_2', (n, 32), tdZout_2, Wout))
+    # udZf2 = tdZout_Wout_2*(1 - Hf2_pow2)
+    udZf2 = np.subtract(1, Hf2_pow2, out=_scratch('udZf2', (n, 32), Hf2_pow2))
+    udZf2 *= tdZout_Wout_2
+    # udZf2_Wf2 = udZf2 @ Wf2.T
+    udZf2_Wf2 = np.matmul(udZf2, Wf2.T, out=_scratch('udZf2_Wf2', (n, 32), udZf2, Wf2))
+    # udh1 = tdZout_Wout_2 + udZf2_Wf2
+    udh1 = udZf2_Wf2
+    udh1 += tdZout_Wout_2
+    # udZf1 = udh1*(1 - Hf1_pow2)
+    udZf1 = np.subtract(1, Hf1_pow2, out=_scratch('udZf1', (n, 32), Hf1_pow2))
+    udZf1 *= udh1
+    # udZf1_Wf1 = udZf1 @ Wf1.T
+    udZf1_Wf1 = np.matmul(udZf1, Wf1.T, out=_scratch('udZf1_Wf1', (n, 32), udZf1, Wf1))
+    # udZh0 = (1 - Hh0_pow2)*(udZf1_Wf1 + udh1)
+    udZh0 = np.subtract(1, Hh0_pow2, out=_scratch('udZh0', (n, 32), Hh0_pow2))
+    udZf1_Wf1 += udh1
+    udZh0 *= udZf1_Wf1
+    # Gv_Wh0 = x.T @ udZh0
+    Gv_Wh0 = x.T @ udZh0
+    # Gv_bh0 = sum(udZh0, axis=0)
+    Gv_bh0 = udZh0.sum(axis=0)
+    # Gv_Wf1 = Hh0.T @ udZf1
+    Gv_Wf1 = Hh0.T @ udZf1
+    # Gv_bf1 = sum(udZf1, axis=0)
+    Gv_bf1 = udZf1.sum(axis=0)
+    # Gv_Wf2 = h1.T @ udZf2
+    Gv_Wf2 = h1.T @ udZf2
+    # Gv_bf2 = sum(udZf2, axis=0)
+    Gv_bf2 = udZf2.sum(axis=0)
+    # S2_tdZout_2 = S2.T @ tdZout_2
+    S2_tdZout_2 = S2.T @ tdZout_2
+    # Hv_bout_2 = sum(tdZout_2, axis=0)
+    Hv_bout_2 = tdZout_2.sum(axis=0)
+    return float(L), {'Wh0': dWh0_3, 'bh0': dbh0_3, 'Wf1': dWf1_2, 'bf1': dbf1_2, 'Wf2': dWf2_2, 'bf2': dbf2_2, 'Wout': dWout, 'bout': dbout}, {'Wh0': Gv_Wh0, 'bh0': Gv_bh0, 'Wf1': Gv_Wf1, 'bf1': Gv_bf1, 'Wf2': Gv_Wf2, 'bf2': Gv_bf2, 'Wout': S2_tdZout_2, 'bout': Hv_bout_2}
 
 
 def per_example_grads(params, x, y):

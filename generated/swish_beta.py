@@ -9,6 +9,7 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> the model output, shape (batch,) + per-sample output shape
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
     per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
@@ -76,6 +77,14 @@ def _param(params, name, shape):
         if a.shape != shape:
             raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
     return a
+
+
+
+def _direction(v, name, shape):   # (hvp and gnvp: the direction's entries)
+    try:
+        return _param(v, name, shape)
+    except ValueError as e:
+        raise ValueError(f"v (the direction, shaped like params): {e}") from None
 
 
 # ---- argument checks shared by the NumPy and C modules (templates/_checks.py.j2) ----------
@@ -220,6 +229,68 @@ def backward(params, x, y):
     # db2 = sum(dZ2, axis=0)
     db2 = dZ2.sum(axis=0)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}
+
+
+def hvp(params, v, x, y):
+    """The loss, its gradient and the Hessian-vector product Hv for the direction v (a dict shaped like params): the gradient differentiated once more along v (forward over reverse)."""
+    x = _data(x, 'x', (3,))
+    y = _data(y, 'y', (1,))
+    n = _batch(x, y)
+    W1 = _param(params, 'W1', (3, 8))
+    b1 = _param(params, 'b1', (8,))
+    W2 = _param(params, 'W2', (8, 1))
+    b2 = _param(params, 'b2', (1,))
+    v_W1 = _direction(v, 'W1', (3, 8))
+    v_b1 = _direction(v, 'b1', (8,))
+    v_W2 = _direction(v, 'W2', (8, 1))
+    v_b2 = _direction(v, 'b2', (1,))
+    xW1 = x @ W1
+    Z1 = b1 + xW1
+    sigmoid_Z1 = _sigmoid(1.5*Z1)
+    H1 = Z1*sigmoid_Z1
+    H1W2 = H1 @ W2
+    Z2 = H1W2 + b2
+    L = (np.square(Z2 - y)/2).mean()
+    dZ2 = (Z2 - y)/n
+    dH1 = dZ2 @ W2.T
+    dZ1 = dH1*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
+    dW1 = x.T @ dZ1
+    db1 = dZ1.sum(axis=0)
+    dW2 = H1.T @ dZ2
+    db2 = dZ2.sum(axis=0)
+    # dZ2_v_W2 = dZ2 @ v_W2.T
+    dZ2_v_W2 = dZ2 @ v_W2.T
+    # txW1 = x @ v_W1
+    txW1 = x @ v_W1
+    # tZ1 = txW1 + v_b1
+    tZ1 = txW1 + v_b1
+    # tH1 = tZ1*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
+    tH1 = tZ1*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = tH1 @ W2
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = H1 @ v_W2
+    # tdZ2 = (H1_v_W2 + tH1_W2 + v_b2)/n
+    tdZ2 = (H1_v_W2 + tH1_W2 + v_b2)/n
+    # tdZ2_W2 = tdZ2 @ W2.T
+    tdZ2_W2 = tdZ2 @ W2.T
+    # tdZ1 = dH1*sigmoid_Z1*tZ1*(1 - sigmoid_Z1)*(1.5 - 2.25*H1) + 1.5*dH1*tH1*(1 - sigmoid_Z1) + (dZ2_v_W2 + tdZ2_W2)*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
+    _tdZ1_0 = 1 - sigmoid_Z1
+    _tdZ1_1 = 1.5*_tdZ1_0
+    tdZ1 = _tdZ1_0*dH1*sigmoid_Z1*tZ1*(1.5 - 2.25*H1) + _tdZ1_1*dH1*tH1 + (dZ2_v_W2 + tdZ2_W2)*(H1*_tdZ1_1 + sigmoid_Z1)
+    # Hv_W1 = x.T @ tdZ1
+    Hv_W1 = x.T @ tdZ1
+    # Hv_b1 = sum(tdZ1, axis=0)
+    Hv_b1 = tdZ1.sum(axis=0)
+    # H1_tdZ2 = H1.T @ tdZ2
+    H1_tdZ2 = H1.T @ tdZ2
+    # tH1_dZ2 = tH1.T @ dZ2
+    tH1_dZ2 = tH1.T @ dZ2
+    # Hv_W2 = H1_tdZ2 + tH1_dZ2
+    Hv_W2 = H1_tdZ2 + tH1_dZ2
+    # Hv_b2 = sum(tdZ2, axis=0)
+    Hv_b2 = tdZ2.sum(axis=0)
+    return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}
 
 
 def per_example_grads(params, x, y):

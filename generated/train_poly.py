@@ -9,6 +9,7 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, x)  -> the model output, shape (batch,) + per-sample output shape
     loss(params, x, y)  -> float, the batch mean
     backward(params, x, y)  -> (loss, grads), grads shaped like params
+    hvp(params, v, x, y)  -> (loss, grads, Hv), v and Hv shaped like params
     per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
     moments = precompute(x, y)  -> the data's sufficient statistics (float64), once
     loss_from_moments(params, moments), backward_from_moments(params, moments)  -> as loss, backward
@@ -78,6 +79,14 @@ def _param(params, name, shape):
         if a.shape != shape:
             raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
     return a
+
+
+
+def _direction(v, name, shape):   # (hvp and gnvp: the direction's entries)
+    try:
+        return _param(v, name, shape)
+    except ValueError as e:
+        raise ValueError(f"v (the direction, shaped like params): {e}") from None
 
 
 # ---- argument checks shared by the NumPy and C modules (templates/_checks.py.j2) ----------
@@ -218,6 +227,41 @@ def backward(params, x, y):
     # dd = sum(dp)
     dd = dp.sum()
     return float(L), {'a': da, 'b': db, 'c': dc, 'd': dd}
+
+
+def hvp(params, v, x, y):
+    """The loss, its gradient and the Hessian-vector product Hv for the direction v (a dict shaped like params): the gradient differentiated once more along v (forward over reverse)."""
+    x = _data(x, 'x', ())
+    y = _data(y, 'y', ())
+    n = _batch(x, y)
+    a = _param(params, 'a', ())
+    b = _param(params, 'b', ())
+    c = _param(params, 'c', ())
+    d = _param(params, 'd', ())
+    v_a = _direction(v, 'a', ())
+    v_b = _direction(v, 'b', ())
+    v_c = _direction(v, 'c', ())
+    v_d = _direction(v, 'd', ())
+    x_pow3 = x*x*x
+    x_pow2 = x*x
+    p = a*x_pow3 + b*x_pow2 + c*x + d
+    L = np.square(p - y).mean()
+    dp = (p - y)*(2/n)
+    da = (dp*x_pow3).sum()
+    db = (dp*x_pow2).sum()
+    dc = (dp*x).sum()
+    dd = dp.sum()
+    # tdp = 2*(v_a*x_pow3 + v_b*x_pow2 + v_c*x + v_d)/n
+    tdp = (v_a*x_pow3 + v_b*x_pow2 + v_c*x + v_d)*(2/n)
+    # Hv_a = sum(tdp*x_pow3)
+    Hv_a = (tdp*x_pow3).sum()
+    # Hv_b = sum(tdp*x_pow2)
+    Hv_b = (tdp*x_pow2).sum()
+    # Hv_c = sum(tdp*x)
+    Hv_c = (tdp*x).sum()
+    # Hv_d = sum(tdp)
+    Hv_d = tdp.sum()
+    return float(L), {'a': da, 'b': db, 'c': dc, 'd': dd}, {'a': Hv_a, 'b': Hv_b, 'c': Hv_c, 'd': Hv_d}
 
 
 def per_example_grads(params, x, y):

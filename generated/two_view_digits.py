@@ -9,6 +9,8 @@ Interface (batch-first arrays; needs only numpy):
     forward(params, top, bottom)  -> class probabilities (softmax of the logits), shape (batch, classes)
     loss(params, top, bottom, y)  -> float, the batch mean
     backward(params, top, bottom, y)  -> (loss, grads), grads shaped like params
+    hvp(params, v, top, bottom, y)  -> (loss, grads, Hv), v and Hv shaped like params
+    gnvp(params, v, top, bottom, y)  -> (loss, grads, Gv), Gv = J^T H_loss J v (PSD)
     per_example_grads(params, top, bottom, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
@@ -91,6 +93,14 @@ def _param(params, name, shape):
         if a.shape != shape:
             raise ValueError(f"parameter {name!r} must have shape {shape}, got {a.shape}")
     return a
+
+
+
+def _direction(v, name, shape):   # (hvp and gnvp: the direction's entries)
+    try:
+        return _param(v, name, shape)
+    except ValueError as e:
+        raise ValueError(f"v (the direction, shaped like params): {e}") from None
 
 
 # ---- argument checks shared by the NumPy and C modules (templates/_checks.py.j2) ----------
@@ -331,6 +341,214 @@ def backward(params, top, bottom, y):
     # db3 = sum(dZ3, axis=0)
     db3 = dZ3.sum(axis=0)
     return float(L), {'Wht': dWht, 'bht': dbht, 'Whb': dWhb, 'bhb': dbhb, 'W3': dW3, 'b3': db3}
+
+
+def hvp(params, v, top, bottom, y):
+    """The loss, its gradient and the Hessian-vector product Hv for the direction v (a dict shaped like params): the gradient differentiated once more along v (forward over reverse)."""
+    top = _data(top, 'top', (32,))
+    bottom = _data(bottom, 'bottom', (32,))
+    y = _labels(y, 'y', 10)
+    n = _batch(top, bottom, y)
+    Wht = _param(params, 'Wht', (32, 128))
+    bht = _param(params, 'bht', (128,))
+    Whb = _param(params, 'Whb', (32, 128))
+    bhb = _param(params, 'bhb', (128,))
+    W3 = _param(params, 'W3', (256, 10))
+    b3 = _param(params, 'b3', (10,))
+    v_Wht = _direction(v, 'Wht', (32, 128))
+    v_bht = _direction(v, 'bht', (128,))
+    v_Whb = _direction(v, 'Whb', (32, 128))
+    v_bhb = _direction(v, 'bhb', (128,))
+    v_W3 = _direction(v, 'W3', (256, 10))
+    v_b3 = _direction(v, 'b3', (10,))
+    topWht = np.matmul(top, Wht, out=_scratch('topWht', (n, 128), top, Wht))
+    Hht = topWht
+    Hht += bht
+    np.maximum(Hht, 0.0, out=Hht)
+    XWhb = np.matmul(bottom, Whb, out=_scratch('XWhb', (n, 128), bottom, Whb))
+    Hhb = XWhb
+    Hhb += bhb
+    np.maximum(Hhb, 0.0, out=Hhb)
+    C1 = np.concatenate((Hht, Hhb), axis=-1)
+    C1W3 = C1 @ W3
+    Z3 = C1W3 + b3
+    LSE = _logsumexp(Z3)
+    CE = LSE - Z3[np.arange(n), y]
+    L = CE.mean()
+    step_Hht = np.heaviside(Hht, 0.0)
+    dZ3 = np.exp(Z3 - LSE[:, None])
+    dZ3[np.arange(n), y] -= 1
+    dZ3 *= 1/n
+    dC1 = np.matmul(dZ3, W3.T, out=_scratch('dC1', (n, 256), dZ3, W3))
+    dHht = dC1[..., 0:128].copy()
+    dZht_2 = dHht*step_Hht
+    dWht_2 = top.T @ dZht_2
+    dbht_2 = dZht_2.sum(axis=0)
+    dHhb = dC1[..., 128:256].copy()
+    step_Hhb = np.heaviside(Hhb, 0.0)
+    dZhb_2 = dHhb*step_Hhb
+    dWhb_2 = bottom.T @ dZhb_2
+    dbhb_2 = dZhb_2.sum(axis=0)
+    dW3 = C1.T @ dZ3
+    db3 = dZ3.sum(axis=0)
+    # dZ3_v_W3 = dZ3 @ v_W3.T
+    dZ3_v_W3 = np.matmul(dZ3, v_W3.T, out=_scratch('dZ3_v_W3', (n, 256), dZ3, v_W3))
+    # exp_Z3 = exp(-LSE + Z3)
+    exp_Z3 = np.exp(-LSE[:, None] + Z3)
+    # ttopWht = top @ v_Wht
+    ttopWht = np.matmul(top, v_Wht, out=_scratch('ttopWht', (n, 128), top, v_Wht))
+    # tHht = step_Hht*(ttopWht + v_bht)
+    tHht = ttopWht
+    tHht += v_bht
+    tHht *= step_Hht
+    # tXWhb = bottom @ v_Whb
+    tXWhb = np.matmul(bottom, v_Whb, out=_scratch('tXWhb', (n, 128), bottom, v_Whb))
+    # tHhb = step_Hhb*(tXWhb + v_bhb)
+    tHhb = tXWhb
+    tHhb += v_bhb
+    tHhb *= step_Hhb
+    # tC1 = concat(tHht, tHhb)
+    tC1 = np.concatenate((tHht, tHhb), axis=-1)
+    # tC1_W3 = tC1 @ W3
+    tC1_W3 = tC1 @ W3
+    # C1_v_W3 = C1 @ v_W3
+    C1_v_W3 = C1 @ v_W3
+    # tZ3 = C1_v_W3 + tC1_W3 + v_b3
+    tZ3 = C1_v_W3 + tC1_W3 + v_b3
+    # tLSE = sum(exp_Z3*tZ3, axis=1)
+    tLSE = (exp_Z3*tZ3).sum(axis=1)
+    # tdZ3 = exp_Z3*(-tLSE + tZ3)/n
+    tdZ3 = exp_Z3*(-tLSE[:, None] + tZ3)/n
+    # tdZ3_W3 = tdZ3 @ W3.T
+    tdZ3_W3 = np.matmul(tdZ3, W3.T, out=_scratch('tdZ3_W3', (n, 256), tdZ3, W3))
+    # tdC1 = dZ3_v_W3 + tdZ3_W3
+    tdC1 = dZ3_v_W3
+    tdC1 += tdZ3_W3
+    # tdHht = tdC1[..., 0:128]
+    tdHht = tdC1[..., 0:128].copy()
+    # tdZht = step_Hht*tdHht
+    tdZht = step_Hht*tdHht
+    # Hv_Wht = top.T @ tdZht
+    Hv_Wht = top.T @ tdZht
+    # Hv_bht = sum(tdZht, axis=0)
+    Hv_bht = tdZht.sum(axis=0)
+    # tdHhb = tdC1[..., 128:256]
+    tdHhb = tdC1[..., 128:256].copy()
+    # tdZhb = step_Hhb*tdHhb
+    tdZhb = step_Hhb*tdHhb
+    # Hv_Whb = bottom.T @ tdZhb
+    Hv_Whb = bottom.T @ tdZhb
+    # Hv_bhb = sum(tdZhb, axis=0)
+    Hv_bhb = tdZhb.sum(axis=0)
+    # C1_tdZ3 = C1.T @ tdZ3
+    C1_tdZ3 = C1.T @ tdZ3
+    # tC1_dZ3 = tC1.T @ dZ3
+    tC1_dZ3 = tC1.T @ dZ3
+    # Hv_W3 = C1_tdZ3 + tC1_dZ3
+    Hv_W3 = C1_tdZ3
+    Hv_W3 += tC1_dZ3
+    # Hv_b3 = sum(tdZ3, axis=0)
+    Hv_b3 = tdZ3.sum(axis=0)
+    return float(L), {'Wht': dWht_2, 'bht': dbht_2, 'Whb': dWhb_2, 'bhb': dbhb_2, 'W3': dW3, 'b3': db3}, {'Wht': Hv_Wht, 'bht': Hv_bht, 'Whb': Hv_Whb, 'bhb': Hv_bhb, 'W3': Hv_W3, 'b3': Hv_b3}
+
+
+def gnvp(params, v, top, bottom, y):
+    """The loss, its gradient and the Gauss-Newton-vector product J^T H_loss J v for the direction v (a dict shaped like params): positive semi-definite."""
+    top = _data(top, 'top', (32,))
+    bottom = _data(bottom, 'bottom', (32,))
+    y = _labels(y, 'y', 10)
+    n = _batch(top, bottom, y)
+    Wht = _param(params, 'Wht', (32, 128))
+    bht = _param(params, 'bht', (128,))
+    Whb = _param(params, 'Whb', (32, 128))
+    bhb = _param(params, 'bhb', (128,))
+    W3 = _param(params, 'W3', (256, 10))
+    b3 = _param(params, 'b3', (10,))
+    v_Wht = _direction(v, 'Wht', (32, 128))
+    v_bht = _direction(v, 'bht', (128,))
+    v_Whb = _direction(v, 'Whb', (32, 128))
+    v_bhb = _direction(v, 'bhb', (128,))
+    v_W3 = _direction(v, 'W3', (256, 10))
+    v_b3 = _direction(v, 'b3', (10,))
+    topWht = np.matmul(top, Wht, out=_scratch('topWht', (n, 128), top, Wht))
+    Hht = topWht
+    Hht += bht
+    np.maximum(Hht, 0.0, out=Hht)
+    XWhb = np.matmul(bottom, Whb, out=_scratch('XWhb', (n, 128), bottom, Whb))
+    Hhb = XWhb
+    Hhb += bhb
+    np.maximum(Hhb, 0.0, out=Hhb)
+    C1 = np.concatenate((Hht, Hhb), axis=-1)
+    C1W3 = C1 @ W3
+    Z3 = C1W3 + b3
+    LSE = _logsumexp(Z3)
+    CE = LSE - Z3[np.arange(n), y]
+    L = CE.mean()
+    step_Hht = np.heaviside(Hht, 0.0)
+    dZ3 = np.exp(Z3 - LSE[:, None])
+    dZ3[np.arange(n), y] -= 1
+    dZ3 *= 1/n
+    dC1 = np.matmul(dZ3, W3.T, out=_scratch('dC1', (n, 256), dZ3, W3))
+    dHht = dC1[..., 0:128].copy()
+    dZht_2 = dHht*step_Hht
+    dWht_2 = top.T @ dZht_2
+    dbht_2 = dZht_2.sum(axis=0)
+    dHhb = dC1[..., 128:256].copy()
+    step_Hhb = np.heaviside(Hhb, 0.0)
+    dZhb_2 = dHhb*step_Hhb
+    dWhb_2 = bottom.T @ dZhb_2
+    dbhb_2 = dZhb_2.sum(axis=0)
+    dW3 = C1.T @ dZ3
+    db3 = dZ3.sum(axis=0)
+    # exp_Z3 = exp(-LSE + Z3)
+    exp_Z3 = np.exp(-LSE[:, None] + Z3)
+    # ttopWht = top @ v_Wht
+    ttopWht = np.matmul(top, v_Wht, out=_scratch('ttopWht', (n, 128), top, v_Wht))
+    # tHht = step_Hht*(ttopWht + v_bht)
+    tHht = ttopWht
+    tHht += v_bht
+    tHht *= step_Hht
+    # tXWhb = bottom @ v_Whb
+    tXWhb = np.matmul(bottom, v_Whb, out=_scratch('tXWhb', (n, 128), bottom, v_Whb))
+    # tHhb = step_Hhb*(tXWhb + v_bhb)
+    tHhb = tXWhb
+    tHhb += v_bhb
+    tHhb *= step_Hhb
+    # tC1 = concat(tHht, tHhb)
+    tC1 = np.concatenate((tHht, tHhb), axis=-1)
+    # tC1_W3 = tC1 @ W3
+    tC1_W3 = tC1 @ W3
+    # C1_v_W3 = C1 @ v_W3
+    C1_v_W3 = C1 @ v_W3
+    # tZ3 = C1_v_W3 + tC1_W3 + v_b3
+    tZ3 = C1_v_W3 + tC1_W3 + v_b3
+    # tLSE = sum(exp_Z3*tZ3, axis=1)
+    tLSE = (exp_Z3*tZ3).sum(axis=1)
+    # tdZ3 = exp_Z3*(-tLSE + tZ3)/n
+    tdZ3 = exp_Z3*(-tLSE[:, None] + tZ3)/n
+    # tdZ3_W3 = tdZ3 @ W3.T
+    tdZ3_W3 = np.matmul(tdZ3, W3.T, out=_scratch('tdZ3_W3', (n, 256), tdZ3, W3))
+    # udHht = tdZ3_W3[..., 0:128]
+    udHht = tdZ3_W3[..., 0:128].copy()
+    # udZht = step_Hht*udHht
+    udZht = step_Hht*udHht
+    # Gv_Wht = top.T @ udZht
+    Gv_Wht = top.T @ udZht
+    # Gv_bht = sum(udZht, axis=0)
+    Gv_bht = udZht.sum(axis=0)
+    # udHhb = tdZ3_W3[..., 128:256]
+    udHhb = tdZ3_W3[..., 128:256].copy()
+    # udZhb = step_Hhb*udHhb
+    udZhb = step_Hhb*udHhb
+    # Gv_Whb = bottom.T @ udZhb
+    Gv_Whb = bottom.T @ udZhb
+    # Gv_bhb = sum(udZhb, axis=0)
+    Gv_bhb = udZhb.sum(axis=0)
+    # C1_tdZ3 = C1.T @ tdZ3
+    C1_tdZ3 = C1.T @ tdZ3
+    # Hv_b3 = sum(tdZ3, axis=0)
+    Hv_b3 = tdZ3.sum(axis=0)
+    return float(L), {'Wht': dWht_2, 'bht': dbht_2, 'Whb': dWhb_2, 'bhb': dbhb_2, 'W3': dW3, 'b3': db3}, {'Wht': Gv_Wht, 'bht': Gv_bht, 'Whb': Gv_Whb, 'bhb': Gv_bhb, 'W3': C1_tdZ3, 'b3': Hv_b3}
 
 
 def per_example_grads(params, top, bottom, y):

@@ -295,7 +295,7 @@ class _Inference:
 
     def __getattr__(self, name):
         value = getattr(self.module, name)
-        if name in ("forward", "loss", "backward"):
+        if name in ("forward", "loss", "backward", "hvp", "gnvp"):
             return lambda *a, **kw: value(*a, stats=self.stats, **kw)
         return value
 
@@ -305,16 +305,17 @@ class _Inference:
 MODES = {"batchnorm": TrainingMode, "batchnorm_image": TrainingMode, "batchnorm_inference": _Inference}
 
 
-def build(model_id, backend="numpy", dtype=None):
+def build(model_id, backend="numpy", dtype=None, second_order=False):
     """The loaded module of ``model_id`` for ``backend`` compiled for ``dtype`` (None: NumPy
-    follows the inputs), built once per session, called in the mode of MODES."""
-    key = (model_id, backend, dtype)
+    follows the inputs), built once per session, called in the mode of MODES. NumPy modules
+    always have hvp (and gnvp); C modules only with ``second_order`` (a longer C build)."""
+    key = (model_id, backend, dtype, second_order and backend == "c")
     if key not in _built:
         if backend == "numpy":
             _built[key] = bpc.compile_model(model(model_id), dtype).load()
         else:
             from compiler.backends.c.backend import compile_model_c
-            _built[key] = compile_model_c(model(model_id), dtype or "float64").load()
+            _built[key] = compile_model_c(model(model_id), dtype or "float64", second_order=second_order).load()
         if model_id in MODES:
             _built[key] = MODES[model_id](_built[key])
     return _built[key]

@@ -175,12 +175,14 @@ def test_formulas_are_the_chain_of_named_adjoints():
 
 @pytest.mark.parametrize("width", [3, 64])   # the one-line and the in-place statement forms
 def test_simplification_reuses_forward_values(width):
-    def backward_src(act):
+    def backward_src(act, fn="backward"):
         src = bpc.compile_model(bpc.mlp([2, width, 1], act, name="s")).source
-        return src.split("def backward")[1].split("\ndef ")[0]   # (per_example_grads follows)
+        return src.split(f"\ndef {fn}(")[1].split("\ndef ")[0]   # (up to the next function)
     # each activation is evaluated once (forward); its derivative is built from its output H1
     tanh = backward_src("tanh")
     assert tanh.count("np.tanh(") == 1 and "H1*H1" in tanh.replace("H1, H1", "H1*H1")
+    # and so in hvp, whose second derivatives are built from H1 too
+    assert backward_src("tanh", "hvp").count("np.tanh(") == 1
     sig = backward_src("sigmoid")
     assert sig.count("_sigmoid(") == 1 and ("1 - H1" in sig or "np.subtract(1, H1" in sig)
     ex = backward_src("exp")

@@ -1,5 +1,5 @@
-"""Adding an op is one module: a record registered with its constructor, adjoint rule, formulas
-and a statement per backend is differentiated, printed and compiled on every backend, with
+"""Adding an op is one module: a record registered with its constructor, adjoint rule, tangent
+rule, formulas and a statement per backend is differentiated, printed and compiled on every backend, with
 nothing else changed. (In a subprocess: the probe op must not stay in this process's registry.)"""
 import os
 import shutil
@@ -28,6 +28,11 @@ def _adjoint(node, g, wants):
     return [ir.ew(2 * ARG[0] * ARG[1], [z, g], shape=z.shape)]
 
 
+def _jvp(node, t):
+    z = node.inputs[0]
+    return ir.reduce_sum(ir.ew(2 * ARG[0] * ARG[1], [z, t[0]], shape=z.shape), (1,))
+
+
 def _numpy(st, node):
     return [f"{st.name(node)} = np.sum(np.square({st.ref(node.inputs[0])}), axis=1)"]
 
@@ -45,7 +50,7 @@ def _c(st, node):
 register(Op("sumsq", (sumsq,), _adjoint,
             text=lambda node, a, fm: f"sumsq({a[0]})",
             latex=lambda node, a, fm: rf"\sum_j {a[0]}^2",
-            statements={"numpy": _numpy, "c": _c}))
+            statements={"numpy": _numpy, "c": _c}, jvp=_jvp))
 '''
 
 SCRIPT = r'''
@@ -70,7 +75,7 @@ model = Model("probe", (x,), (y,), (W,), s, loss, names={h.digest: "H", s.digest
               init={"W": ("glorot", 3, 4)})
 targets = sys.argv[2].split(",")
 for target in targets:
-    compiled = bpc.compile_model(model, "float64") if target == "numpy" else bpc.compile_model_c(model, "float64")
+    compiled = bpc.compile_model(model, "float64") if target == "numpy" else bpc.compile_model_c(model, "float64", second_order=True)
     fm = Formulas(compiled.program)
     assert fm.line(compiled.program.prediction) == "S = sumsq(H)"
     assert fm.line(compiled.program.prediction, latex=True) == r"S = \sum_j H^2"
@@ -79,6 +84,12 @@ for target in targets:
     arrays = random_batch(module, batch=5, seed=1)
     rows = check_gradients(module, params, arrays, rtol=1e-6, atol=1e-9)
     assert rows and all(r.ok for r in rows), rows
+    # and its tangent rule: the Hessian-vector product against central differences of backward
+    v = {"W": np.random.default_rng(2).standard_normal((3, 4))}
+    hv = module.hvp(params, v, *arrays)[2]["W"]
+    gp = module.backward({"W": params["W"] + 1e-6 * v["W"]}, *arrays)[1]["W"]
+    gm = module.backward({"W": params["W"] - 1e-6 * v["W"]}, *arrays)[1]["W"]
+    assert np.max(np.abs(hv - (gp - gm) / 2e-6)) < 1e-6 * np.max(np.abs(hv)), (hv, (gp - gm) / 2e-6)
     print(target, "ok")
 '''
 

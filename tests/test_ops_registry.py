@@ -92,11 +92,11 @@ def test_every_op_module_is_registered():
 
 def test_rules_are_the_registry_adjoints():
     assert set(RULES) == set(ops.REGISTRY) - {"xent_grad", "slice_last", "window_max_grad", "embed_grad",
-                                              "sample_product", "embed_grad_each"}
+                                              "sample_product", "embed_grad_each", "zeros_like"}
     # xent_grad, slice_last (the adjoint of concat), window_max_grad and embed_grad (the
     # scatter-add of an embedding), and the per-sample forms sample_product and embed_grad_each
-    # (per-example gradients), exist only in gradients: differentiating them again is
-    # refused, not silently zero
+    # (per-example gradients), exist only in gradients, zeros_like only in tangents (of a concat
+    # with data): differentiating them again is refused, not silently zero
     s = ir.slice_last(ir.input_node("a", (ir.N, 5), "data"), 1, 3)
     with pytest.raises(ops.UnsupportedError, match="no adjoint rule for operation 'slice_last'"):
         ops.get(s.op).adjoint(s, s, [True])

@@ -42,7 +42,7 @@ OUT_OF_RANGE = {
     "lr": ["0", "-0.1", "-1"], "epochs": ["0", "-5"], "batch_size": ["-1"], "momentum": ["1", "-0.1", "1.5"],
     "weight_decay": ["-1e-9"], "step_size": ["0", "-1"], "gamma": ["0", "-0.5"], "min_lr": ["-1"],
     "clip": ["0", "-1"], "seed": ["-1"], "val_split": ["1", "1.0", "-0.1", "2"], "patience": ["0", "-3"],
-    "min_delta": ["-0.001"], "dp_clip": ["0", "-1"], "dp_noise": ["-0.5"], "dp_delta": ["0", "1", "-1e-5"],
+    "min_delta": ["-0.001"], "tol": ["0", "-1e-12"], "dp_clip": ["0", "-1"], "dp_noise": ["-0.5"], "dp_delta": ["0", "1", "-1e-5"],
 }
 CASES = []
 for key in SPEC_KEYS:
@@ -111,7 +111,7 @@ GOOD = [("optimizer", '"nesterov"', "nesterov"), ("lr", "1", 1.0), ("lr", "1e-5"
         ("batch_size", "0", 0), ("momentum", "0", 0.0), ("weight_decay", "0.01", 0.01),
         ("schedule", '"cosine"', "cosine"), ("step_size", "3", 3), ("gamma", "0.5", 0.5), ("min_lr", "0", 0.0),
         ("clip", "5", 5.0), ("seed", "123456789012", 123456789012), ("val_split", "0.25", 0.25),
-        ("patience", "4", 4), ("min_delta", "1e-9", 1e-9)]
+        ("patience", "4", 4), ("min_delta", "1e-9", 1e-9), ("tol", "1e-10", 1e-10)]
 
 
 @pytest.mark.parametrize("key,text,value", GOOD, ids=[f"{k}={t}" for k, t, _ in GOOD])

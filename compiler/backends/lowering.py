@@ -71,10 +71,11 @@ class Lowered:
     moments: object = None   # MomentsPlan (compiler.core.moments) when the data moments can be hoisted
 
 
-def lower(model, dtype=None):
+def lower(model, dtype=None, second_order=True):
     """Lower ``model`` for a backend. ``dtype`` is already a name (None, "float32", "float64");
-    each backend checks which it supports."""
-    program = build_program(model)
+    each backend checks which it supports. ``second_order``: also the ``hvp`` and ``gnvp`` entry
+    points (False: backward alone, a faster compile)."""
+    program = build_program(model, second_order)
     fm = Formulas(program)
     if dtype == "float32":
         _check_float32_constants(program, fm)

@@ -32,11 +32,14 @@ BACKENDS = {
 }
 
 
-def compile_for(backend, model, dtype=None, **options):
-    """Lower ``model`` once and render it with ``backend`` (a name in BACKENDS)."""
+def compile_for(backend, model, dtype=None, second_order=None, **options):
+    """Lower ``model`` once and render it with ``backend`` (a name in BACKENDS). ``second_order``:
+    also emit hvp and gnvp (None: the backend's default, on for numpy, off for c)."""
+    if second_order is None:
+        second_order = backend != "c"
     from compiler.backends.lowering import lower
     b = BACKENDS[backend]
     if dtype not in b.dtypes:
         raise ModelError(f"the {backend} backend needs dtype " + " or ".join(d for d in b.dtypes if d)
                          + f", not {dtype!r}")
-    return b.render(lower(model, dtype), **options)
+    return b.render(lower(model, dtype, second_order), **options)

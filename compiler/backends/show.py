@@ -29,11 +29,16 @@ def gradients(model, program, param=None):
     return chosen
 
 
-def render(model, program, format="text", param=None):
-    """The text of ``bpc show`` (format "text", "latex" or "dot") for all parameters or one."""
+def render(model, program, format="text", param=None, hvp=False):
+    """The text of ``bpc show`` (format "text", "latex" or "dot") for all parameters or one;
+    ``hvp``: the Hessian-vector (and Gauss-Newton-vector) products' formulas instead."""
     if format not in FORMATS:
         raise BpcError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     grads = gradients(model, program, param)
+    if hvp:
+        if format == "dot":
+            raise BpcError("--hvp prints formulas: use --format text or latex")
+        return _second_order(model, program, [p for p, _ in grads], latex=format == "latex")
     renderer = {"text": _text, "latex": _latex, "dot": _dot}[format]
     return renderer(model, program, grads, whole=param is None)
 
@@ -80,6 +85,36 @@ def _text(model, program, grads, whole):
         out.append("")
     if whole:
         out.extend(_stats(program.stats))
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _second_order(model, program, params, latex):
+    """Each parameter's Hessian-vector product Hv (and Gauss-Newton-vector product Gv) as the
+    chain of tangent statements after backward's: t<name> is the tangent of <name> along the
+    direction v (v_<param>), forward values and adjoints reused."""
+    chosen = {p.uid for p in params}
+    out = [latex_comment(_title(model)) if latex else _title(model),
+           ("% " if latex else "") + "direction v: v_<param>, shaped like <param>; t<name>: the tangent of <name> along v", ""]
+    for so, what in ((program.hvp, "Hessian-vector product"), (program.gnvp, "Gauss-Newton-vector product J^T H_loss J v")):
+        if so is None:
+            out.append(("% " if latex else "") + f"(no {what.split(' J')[0]}: the loss is not a built-in one)")
+            continue
+        view = program.view(so)
+        fm = Formulas(view)
+        for p, h in so.products:
+            if p.uid not in chosen:
+                continue
+            head = f"{what} for {p.name}, shape {format_shape(p.shape)}"
+            if h is None:
+                out += [("% " if latex else "") + head + ": 0", ""]
+                continue
+            if latex:
+                out += [f"% {head}", r"\begin{aligned}",
+                        " \\\\\n".join("  " + line.replace(" = ", " &= ", 1) for line in fm.chain(h, latex=True)),
+                        r"\end{aligned}", ""]
+            else:
+                nodes = [n for n in topo_order([h]) if n.uid in so.only and n.uid not in so.inline]
+                out += [head + ":"] + _rows([(fm.line(n), format_shape(n.shape)) for n in nodes]) + [""]
     return "\n".join(out).rstrip("\n") + "\n"
 
 

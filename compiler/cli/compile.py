@@ -29,6 +29,13 @@ def add_arguments(parser):
     parser.add_argument("--emit-test", action="store_true",
                         help="also write test_<module>.py beside the module: a check of its gradients against "
                         "central differences that needs numpy alone (run it with pytest or python)")
+    hvp = parser.add_mutually_exclusive_group()
+    hvp.add_argument("--hvp", dest="second_order", action="store_true", default=None,
+                     help="also emit the second-order entry points hvp and gnvp (default for numpy; for c "
+                     "they make the C compiler's work 2.5-5 times longer, so c needs this flag)")
+    hvp.add_argument("--no-hvp", dest="second_order", action="store_false",
+                     help="emit backward alone, without hvp and gnvp (default for c; a large model compiles "
+                     "about three times faster)")
     limits.add_argument(parser)
 
 
@@ -38,14 +45,14 @@ def run(args):
     limits.check_parameter_memory(limits.model_shapes(spec.model), dtype,
                                   args.max_param_memory, what=spec.path)
     if args.target == "c":
-        return _compile_c(spec, dtype, args.output, args.emit_test)
+        return _compile_c(spec, dtype, args.output, args.emit_test, bool(args.second_order))
     from compiler.backends.numpy.module import compile_model, write_atomic
     out = _numpy_output(args.output, spec)
     if out is None and args.emit_test:
         from compiler.errors import BpcError
         raise BpcError("--emit-test writes test_<module>.py beside the module, which needs a file: "
                        "give -o FILE.py or a directory instead of -")
-    compiled = compile_model(spec.model, dtype=dtype)
+    compiled = compile_model(spec.model, dtype=dtype, second_order=args.second_order is not False)
     if out is None:
         sys.stdout.write(compiled.source)
         return 0
@@ -125,7 +132,7 @@ def _check_module_name(out, fix):
                         f"e.g. {stem}_model.py")
 
 
-def _compile_c(spec, dtype, option, emit_test=False):
+def _compile_c(spec, dtype, option, emit_test=False, second_order=False):
     from pathlib import Path
 
     from compiler.errors import BpcError
@@ -146,7 +153,7 @@ def _compile_c(spec, dtype, option, emit_test=False):
     _check_module_name(out_dir / f"{spec.model.name}.py",
                        "choose another model.name (the C target names its files after it)")
     # C has no "follow the inputs": a fixed type, float64 unless asked otherwise
-    result = compile_model_c(spec.model, dtype or dtypes.DEFAULT)
+    result = compile_model_c(spec.model, dtype or dtypes.DEFAULT, second_order=second_order)
     # the wrapper is <prefix>.py: a .py there without its .c beside it is some other module
     # (typically the NumPy one, from `-o generated`), which must not be replaced
     prefix = getattr(result, "prefix", spec.model.name)

@@ -13,6 +13,9 @@ def add_arguments(parser):
     add_spec_argument(parser)
     parser.add_argument("--param", metavar="NAME", default=None,
                         help="only the gradient of this parameter")
+    parser.add_argument("--hvp", action="store_true",
+                        help="the Hessian-vector product (hvp) and, for built-in losses, the "
+                        "Gauss-Newton-vector product (gnvp) formulas instead of the gradients'")
     parser.add_argument("--format", choices=("text", "latex", "dot"), default="text",
                         help="text (default): formulas with shapes and operation counts; latex: the "
                         "gradient formulas as LaTeX; dot: the computational graph for Graphviz")
@@ -25,7 +28,7 @@ def run(args):
     spec = load(args.spec)
     compiled = compile_model(spec.model, dtype=spec.dtype)
     try:
-        text = render(compiled.model, compiled.program, args.format, args.param)
+        text = render(compiled.model, compiled.program, args.format, args.param, hvp=args.hvp)
     except BpcError as e:   # an unknown --param: name the spec file
         raise BpcError(f"{spec.path}: {e}") from None
     print(terminal(text))

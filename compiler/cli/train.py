@@ -21,7 +21,7 @@ import argparse
 
 from compiler import dtypes, limits
 from compiler.backends.registry import BACKENDS
-from compiler.spec.train_options import FLAG_KEYS, OPTIONS, SPEC_KEYS, add_flag
+from compiler.spec.train_options import FLAG_KEYS, OPTIONS, SECOND_ORDER, SPEC_KEYS, add_flag
 
 
 def add_arguments(parser):
@@ -199,8 +199,10 @@ def _run(args):
         batch = "full batch" if not config.batch_size else f"batch {config.batch_size}"
         print(f"training {label} ({nparams} parameters) on {args.data}: {n - n_val} samples"
               + (f" + {n_val} for validation" if n_val else "")
-              + f"; {config.optimizer}, lr {config.base_lr:g} ({config.schedule}), {batch}, "
-              f"{config.epochs} epochs" + (f", clip {config.clip:g}" if config.clip else "")
+              + (f"; {config.optimizer}, full batch, at most {config.epochs} iterations, tol {config.tol:g}"
+                 if config.optimizer in SECOND_ORDER else
+                 f"; {config.optimizer}, lr {config.base_lr:g} ({config.schedule}), {batch}, "
+                 f"{config.epochs} epochs" + (f", clip {config.clip:g}" if config.clip else ""))
               + (f", resuming from {args.resume}" if args.resume else "")
               + (f" (epoch {resume.epoch})" if resume else ""), flush=True)
     stop = StopRequest()
@@ -417,7 +419,9 @@ def _load_model(args):
     _check_memory(limits.model_shapes(spec.model), dtype, args, spec.path)
     if args.target == "c":
         from compiler.backends.c.backend import compile_model_c as compile_model
-    compiled = compile_model(spec.model, dtype=dtype)
+    # hvp and gnvp only where the run uses them (they triple a large model's compile)
+    newton = (args.optimizer or defaults.get("optimizer")) == "newton-cg"
+    compiled = compile_model(spec.model, dtype=dtype, second_order=newton)
     try:
         # through the module cache (and, for C, the build: a missing cffi, compiler or Python.h
         # is a clear error), before the run, not after it

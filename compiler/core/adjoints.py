@@ -22,12 +22,22 @@ def gradients(loss, params, trace=None):
     """
     if loss.shape != ():
         raise ShapeError(f"the loss must be a scalar, it has shape {ir.format_shape(loss.shape)}")
-    order = ir.topo_order([loss])
+    return vjp([(loss, ir.ew(1, [], shape=()))], params, trace)
+
+
+def vjp(seeds, params, trace=None):
+    """The reverse sweep from ``seeds``, (node, adjoint of node) pairs, to ``params``: the
+    vector-Jacobian product. Returns ``(grads, adjoints)`` as ``gradients`` does (and fills
+    ``trace`` as it does)."""
+    order = ir.topo_order([node for node, _ in seeds])
     param_ids = {p.uid for p in params}
     needs = {}
     for node in order:
         needs[node.uid] = node.uid in param_ids or any(needs[i.uid] for i in node.inputs)
-    adj = {loss.uid: ir.ew(1, [], shape=())}
+    adj = {}
+    for node, a in seeds:
+        prev = adj.get(node.uid)
+        adj[node.uid] = a if prev is None else ir.ew(ARG[0] + ARG[1], [prev, a], shape=node.shape)
     for node in reversed(order):
         g = adj.get(node.uid)
         if g is None or not node.inputs:

@@ -17,10 +17,13 @@ from dataclasses import dataclass, field, fields, replace
 
 from compiler.errors import BpcError
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
+# lbfgs and newton-cg: full-batch second-order fits through scipy (compiler/train/second_order.py)
+SECOND_ORDER = ("lbfgs", "newton-cg")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", *SECOND_ORDER)
 SCHEDULES = ("constant", "step", "cosine")
 MAX_INT = 2**63 - 1      # what numpy and C can count to; an epoch count beyond it is no plan
-DEFAULT_LR = {"sgd": 0.01, "momentum": 0.01, "nesterov": 0.01, "adam": 0.001}
+DEFAULT_LR = {"sgd": 0.01, "momentum": 0.01, "nesterov": 0.01, "adam": 0.001,
+              "lbfgs": 1.0, "newton-cg": 1.0}     # (second-order methods take no learning rate)
 
 
 class TrainError(BpcError):
@@ -59,7 +62,9 @@ def _option(default, kind, low=None, high=None, **declaration):
 class TrainConfig:
     """Options of a training run; ``validate()`` checks them (``train`` calls it)."""
 
-    optimizer: str = _option("adam", "choice", choices=OPTIMIZERS, help="default: {default}")
+    optimizer: str = _option("adam", "choice", choices=OPTIMIZERS,
+                             help="default: {default}; lbfgs and newton-cg (exact Hessian-vector products) fit "
+                             "the whole training set with scipy, epochs = iterations")
     lr: float | None = _option(      # None: 0.01 for SGD/momentum, 0.001 for Adam
         None, "float", 0, low_open=True, optional=True, metavar="LR",
         help=f"learning rate (default: {DEFAULT_LR['adam']:g} for adam, {DEFAULT_LR['sgd']:g} otherwise)")
@@ -98,6 +103,8 @@ class TrainConfig:
         1e-4, "float", 0, in_spec=False)
     vanish_floor: float = _option(1e-6, "float", 0, in_spec=False)   # ... and the largest is above this
     explode_norm: float = _option(1e3, "float", 0, low_open=True, in_spec=False)   # warn above this global norm
+    tol: float = _option(1e-12, "float", 0, low_open=True, metavar="TOL",
+                         help="lbfgs/newton-cg: scipy's convergence tolerance (default: {default})")
     log_every: int | None = _option(   # epochs between log lines (default: about 10 lines per run)
         None, "int", 1, optional=True, in_spec=False, metavar="N",
         help="epochs between log lines (default: about 10 lines)")

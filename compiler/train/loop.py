@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 # the options, TrainConfig and TrainError are declared in options (pure Python); re-exported here
-from compiler.spec.train_options import DEFAULT_LR, TrainConfig, TrainError  # noqa: F401
+from compiler.spec.train_options import DEFAULT_LR, SECOND_ORDER, TrainConfig, TrainError  # noqa: F401
 from compiler.train import privacy
 
 
@@ -631,6 +631,11 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
         params = module.init_params(seed=config.seed, dtype=_run_dtype(module, train_set))
     params = check_params(module, params)
     train_set, val_set = _in_module_dtype(module, train_set), _in_module_dtype(module, val_set)
+    if config.optimizer in SECOND_ORDER:
+        if client is not None or config.private:
+            raise TrainError(f"--optimizer {config.optimizer} is a full-batch fit in one process: no Dask client "
+                             "and no DP-SGD (leave those out, or use a first-order optimizer)")
+        return _second_order(module, config, train_set, val_set, params, verbose, resume, checkpoint)
 
     run = _Run(module, config, train_set, val_set, params, digest, resume, verbose, checkpoint, checkpoint_every)
     if config.private:
@@ -673,6 +678,31 @@ def train(module, data, config=None, *, params=None, val_data=None, verbose=Fals
                                                                                      "workers_lost"):
         run.save_snapshot()        # a stopped run can be resumed from its last complete epoch
     return _outcome(run, stopped, message, in_step)
+
+
+def _second_order(module, config, train_set, val_set, params, verbose, resume, checkpoint):
+    """A full-batch L-BFGS or Newton-CG fit (compiler/train/second_order.py) as a TrainResult."""
+    from compiler.train import second_order
+    second_order.check_second_order(module, config)
+    if resume is not None or checkpoint is not None:
+        raise TrainError(f"--optimizer {config.optimizer} runs in one go: no --checkpoint or --resume")
+    history = History(param_grad_norms={k: [] for k in module.PARAMS})
+    report = _Reporter(verbose, config.epochs)
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            params, stopped, message = second_order.fit(module, config, train_set, val_set, params,
+                                                        data_names(module), verbose, history, report, evaluate)
+    except KeyboardInterrupt:
+        stopped, message = "interrupted", f"interrupted; kept the initial parameters ({config.optimizer})"
+    finally:
+        report.close()
+    final = {"train_loss": None, "train_accuracy": None, "val_loss": None, "val_accuracy": None}
+    ev = evaluate(module, params, train_set)
+    final["train_loss"], final["train_accuracy"] = ev["loss"], ev["accuracy"]
+    if val_set is not None:
+        ev = evaluate(module, params, val_set)
+        final["val_loss"], final["val_accuracy"] = ev["loss"], ev["accuracy"]
+    return TrainResult(params, history, stopped, message, None, final, [])
 
 
 def _check_private(module, train_set, params):

@@ -48,7 +48,7 @@ from compiler.core import ir, ops
 from compiler.core.formulas import Formulas
 from compiler.core.ops.ew import factored, shared_subexpressions
 from compiler.core.model import Model
-from compiler.core.program import Program
+from compiler.core.program import Program, direction_arg
 from compiler.backends import cache as _cache
 from compiler.backends.c import blas as _blas
 from compiler.backends.c.printer import PRINTERS, print_c
@@ -337,6 +337,9 @@ class CompiledC(Displayed):
 C_NAME_PREFIX = "v_"
 
 
+SECOND_ORDER = ("hvp", "gnvp")     # entry points that take a direction v and write a product hv
+
+
 def _c_names(program):
     """uid -> C identifier: ``v_<name>`` for each of the program's names (see C_NAME_PREFIX)."""
     out, taken = {}, set()
@@ -349,17 +352,19 @@ def _c_names(program):
     return out
 
 
-def compile_model_c(model: Model, dtype: str | type = "float64", prefix: str | None = None) -> CompiledC:
+def compile_model_c(model: Model, dtype: str | type = "float64", prefix: str | None = None,
+                    second_order: bool = False) -> CompiledC:
     """Compile ``model`` to standalone C plus a cffi wrapper (returns a CompiledC).
 
     ``dtype``: "float64" (C double) or "float32" (C float). ``prefix``: the C symbol prefix
-    (default: the model's name).
+    (default: the model's name). ``second_order``: also emit ``hvp`` and (built-in losses)
+    ``gnvp``; off by default in C, where they make the C compiler's work 2.5-5 times longer.
     """
     dtype = str(getattr(dtype, "__name__", dtype))
     if dtype not in PRINTERS:
         raise ModelError(f"the C backend needs dtype float32 or float64, not {dtype!r}")
     _check_prefix(prefix or model.name)
-    return render_c(lower(model, dtype), prefix)
+    return render_c(lower(model, dtype, second_order), prefix)
 
 
 def _check_prefix(prefix):
@@ -422,6 +427,33 @@ def render_c(lowered, prefix=None):
                         loss_dest + [(g, k, d) for g, k, d, _ in grad_dest if g is not None] + stats_dest,
                         zero_grads),
     ]
+    # second order: hvp (and gnvp), each over its own view of the program; v is a flat array of
+    # params' layout, the product goes to hv (same layout), the loss and gradients as backward's
+    directions = {p.uid: v for p, v in program.directions}
+    for so in (program.hvp, program.gnvp):
+        if so is None:
+            continue
+        view = program.view(so)
+        st2 = CStatements(view, dtype, cnames)
+        w2 = _CFunctions(replace(lowered, program=view, lines=Formulas(view)), st2, params)
+        dirs = [dict(cname=cnames[directions[p.uid].uid], offset=q["offset"], shape_code=q["shape_code"])
+                for p, q in zip(model.params, params)]
+        g_dest, h_dest = [], []
+        for (p, g), (_, h) in zip(so.grads, so.products):
+            info = info_of[p.name]
+            scalar = p.shape == ()
+            if g is not None:
+                g_dest.append((g, "scalar" if scalar else "ptr",
+                               f"grads[{info['offset']}]" if scalar else f"grads + {info['offset']}"))
+            if h is not None:
+                h_dest.append((h, "scalar" if scalar else "ptr",
+                               f"hv[{info['offset']}]" if scalar else f"hv + {info['offset']}"))
+        zero_h = [info_of[p.name] for p, h in so.products if h is None]
+        s_stats = [(u, "ptr", f"stats_out + {q['offset']}") for (_, u), q in zip(view.stat_updates, stats)]
+        functions.append(w2.function(so.name, data + targets + masks + state, so.nodes,
+                                     [(so.loss, "scalar", "*loss")] + g_dest + h_dest + s_stats, zero_grads,
+                                     directions=dirs, zero_hv=zero_h))
+        st.helpers |= st2.helpers
     if program.per_example is not None:
         functions.append(_per_example_function(lowered, cnames, params, info_of,
                                                data + targets + masks + state, stats_dest, st))
@@ -462,7 +494,7 @@ def render_c(lowered, prefix=None):
         data_args=iface.data_args, all_args=iface.all_args, mode_args=iface.mode_args, dropout=iface.dropout,
         loss_kind=iface.loss_kind,
         has_dropout=iface.has_dropout, stats_shapes=iface.stats_shapes, stats_init=iface.stats_init,
-        has_tokens=iface.has_tokens, vocab=iface.vocab,
+        has_tokens=iface.has_tokens, vocab=iface.vocab, varg=direction_arg(model),
     )
     return CompiledC(model, program, dtype, prefix, c_source, header, wrapper, cdef, formulas, latex,
                      lowered.source_hash, ext_source)
@@ -518,7 +550,7 @@ class _CFunctions:
         lines += (["} else {"] + ["    " + z for z in zeros] if zeros else []) + ["}"]
         return lines
 
-    def function(self, fname, leaves, nodes, outputs, zero_grads=()):
+    def function(self, fname, leaves, nodes, outputs, zero_grads=(), directions=(), zero_hv=()):
         """outputs: list of (node, destination kind, C destination) where kind is 'ptr'
         (a non-scalar output array), or 'scalar' (written as ``dest = value``)."""
         st, real, fm = self.st, self.real, self.lowered.lines
@@ -566,19 +598,27 @@ class _CFunctions:
         used = st.used
         param_decls = [f"const {real} *restrict const {p['cname']} = params + {p['offset']};  /* {p['shape_code']} */"
                        for p in self.params if p["cname"] in used]
+        dir_decls = [f"const {real} *const {d['cname']} = v + {d['offset']};  /* {d['shape_code']}, direction */"
+                     for d in directions if d["cname"] in used]
         args = self.arg_list(leaves)
         labels = [x for x in args if x["label"]]
         unused = [x["cname"] for x in args if x["cname"] not in used]
+        if directions and not dir_decls:
+            unused.insert(0, "v")
         if not param_decls:
             unused.insert(0, "params")
+        param_decls += dir_decls
         for info in zero_grads:
             tail.append(f"for (size_t _i = 0; _i < {info['size']}; _i++) grads[{info['offset']} + _i] = {st.lit(0)};"
                         f"  /* d{info['name']} = 0: the loss does not depend on {info['name']} */")
+        for info in zero_hv:
+            tail.append(f"for (size_t _i = 0; _i < {info['size']}; _i++) hv[{info['offset']} + _i] = {st.lit(0)};"
+                        f"  /* zero: the gradient of {info['name']} does not change along v */")
         fn = {"name": fname, "leaves": args, "stats": bool(self.program.stat_updates)}
         return {"name": fname, "leaves": args, "stats": fn["stats"], "decls": param_decls + decls, "unused": unused,
                 "proto": _proto_args(fn, real), "definition": _proto_args(fn, real, "restrict "),
                 "body": body, "tail": tail, "work": (work_a, work_b), "labels": labels,
-                "uses_nf": st.uses_nf, "needs_batch": fname != "forward"}
+                "uses_nf": st.uses_nf, "needs_batch": fname != "forward", "second": fname in SECOND_ORDER}
 
 
 def _moments_context(lowered, info_of, real, st):
@@ -737,9 +777,12 @@ def _pack_args(ctx):
 
 def _glue_args(fn):
     """The glue's arguments: untyped pointers named by position (_a0, ...)."""
-    args = ["const void *params"] + [f"const void *_a{k}" for k in range(len(fn["leaves"]))] + ["size_t n"]
+    args = ["const void *params"] + (["const void *v"] if fn["name"] in SECOND_ORDER else [])
+    args += [f"const void *_a{k}" for k in range(len(fn["leaves"]))] + ["size_t n"]
     args.append("void *out" if fn["name"] == "forward" else "void *loss" if fn["name"] == "loss"
                 else "void *loss, void *grads" if fn["name"] == "per_example_grads" else "void *grads")
+    if fn["name"] in SECOND_ORDER:
+        args.append("void *hv")
     if fn["stats"]:
         args.append("void *stats_out")
     return ", ".join(args + ["void *work"])
@@ -754,7 +797,8 @@ def _ext_source(ctx):
     prefix, P, real = ctx["prefix"], ctx["P"], ctx["real"]
     out = [f'#include "{prefix}.c"', "#include <string.h>", ""]
     for fn in ctx["functions"]:
-        names = ["params"] + [f"_a{k}" for k in range(len(fn["leaves"]))] + ["n"]
+        names = ["params"] + (["v"] if fn["name"] in SECOND_ORDER else [])
+        names += [f"_a{k}" for k in range(len(fn["leaves"]))] + ["n"]
         if fn["name"] == "forward":
             names.append("out")
         elif fn["name"] == "loss":
@@ -763,6 +807,8 @@ def _ext_source(ctx):
             names += ["loss", "grads"]
         else:
             names += [f"({real} *)grads + {P}_NUM_PARAMS", "grads"]
+        if fn["name"] in SECOND_ORDER:
+            names.append("hv")
         if fn["stats"]:
             names.append("stats_out")
         out += [f"static int _bpc_{prefix}_{fn['name']}({_glue_args(fn)})",
@@ -821,14 +867,18 @@ def _step_args(real, restrict=""):
 def _proto_args(fn, real, restrict=""):
     r = restrict
     args = [f"const {real} *{r}params"]
+    if fn["name"] in SECOND_ORDER:
+        args.append(f"const {real} *{r}v")
     args += [f"const {x['ctype']} *{r}{x['cname']}" for x in fn["leaves"]]
     args.append("size_t n")
     if fn["name"] == "forward":
         args.append(f"{real} *{r}out")
     else:
         args.append(f"{real} *{r}loss")
-    if fn["name"] in ("backward", "per_example_grads"):
+    if fn["name"] in ("backward", "per_example_grads", *SECOND_ORDER):
         args.append(f"{real} *{r}grads")
+    if fn["name"] in SECOND_ORDER:
+        args.append(f"{real} *{r}hv")
     if fn["stats"]:
         args.append(f"{real} *{r}stats_out")
     args.append(f"{real} *{r}work")

@@ -19,12 +19,17 @@ from compiler.backends.templates import render
 from compiler.core import ir
 from compiler.core.formulas import Formulas
 from compiler.core.model import Model
-from compiler.core.program import Program
+from compiler.core.program import Program, direction_arg
 from compiler.errors import ModelError
 from compiler.files import write_atomic
 from compiler.freetext import py_comment
 
 DTYPES = (None, *dtypes.NAMES)     # None: follow the inputs
+
+HVP_DOC = ("The loss, its gradient and the Hessian-vector product Hv for the direction v (a dict "
+           "shaped like params): the gradient differentiated once more along v (forward over reverse).")
+GNVP_DOC = ("The loss, its gradient and the Gauss-Newton-vector product J^T H_loss J v for the "
+            "direction v (a dict shaped like params): positive semi-definite.")
 
 
 @dataclass(frozen=True, repr=False)
@@ -49,7 +54,8 @@ class CompiledModule(Displayed):
 
     @property
     def module_name(self) -> str:
-        return f"bpc_{self.model.name}_{self.source_hash[7:19]}"
+        # (the model's hash, and whether the module has hvp: the two variants are two files)
+        return f"bpc_{self.model.name}_{self.source_hash[7:19]}" + ("" if self.program.hvp is not None else "_fo")
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write the module to ``path`` atomically (a failed write leaves no partial file)."""
@@ -66,16 +72,17 @@ class CompiledModule(Displayed):
         return load_module(path, self.module_name)
 
 
-def compile_model(model: Model, dtype: str | type | None = None) -> CompiledModule:
+def compile_model(model: Model, dtype: str | type | None = None, second_order: bool = True) -> CompiledModule:
     """Compile ``model`` to a standalone NumPy module (returns a CompiledModule).
 
     ``dtype``: None (follow the inputs' dtype), "float32" or "float64" (cast inputs to it).
+    ``second_order``: also emit ``hvp`` and (built-in losses) ``gnvp``; False compiles faster.
     """
     if dtype is not None:
         dtype = str(getattr(dtype, "__name__", dtype))
     if dtype not in DTYPES:
         raise ModelError(f"dtype must be float32 or float64, not {dtype!r}")
-    return render_numpy(lower(model, dtype))
+    return render_numpy(lower(model, dtype, second_order))
 
 
 def render_numpy(lowered):
@@ -105,6 +112,36 @@ def render_numpy(lowered):
             bwd["prologue"].append(line)
             bound.add(line)
 
+    # second order: hvp (and gnvp for the built-in losses), each printed over its own view of
+    # the program (its own fusion and inline values); the direction v is a dict like params
+    for so, doc in ((program.hvp, HVP_DOC), (program.gnvp, GNVP_DOC)):
+        if so is None:
+            continue
+        view = program.view(so)
+        st2 = NumpyStatements(view)
+        w2 = _Functions(replace(lowered, program=view, lines=Formulas(view)), st2)
+        dirs = dict((p.uid, v) for p, v in program.directions)
+        prods = {p.uid: h for p, h in so.products}
+        ret_g = [f"{p.name!r}: {w2.ref(g)}" if g is not None else f"{p.name!r}: np.zeros_like({p.name})"
+                 for p, g in so.grads]
+        ret_h = [f"{p.name!r}: {w2.ref(prods[p.uid])}" if prods[p.uid] is not None else f"{p.name!r}: np.zeros_like({p.name})"
+                 for p, _ in so.grads]
+        roots = [so.loss, *(g for _, g in so.grads if g is not None), *(h for _, h in so.products if h is not None)]
+        fn = w2.function(so.name, data + targets, roots, so.nodes,
+                         f"float({w2.ref(so.loss)}), {{{', '.join(ret_g)}}}, {{{', '.join(ret_h)}}}", doc, comments=True)
+        used = {n.uid for n in ir.topo_order(roots)}
+        varg = direction_arg(model)
+        fn["args"] = f"{varg}, " + fn["args"]
+        bound = set(fn["prologue"])
+        for p, _ in so.grads:
+            line = f"{p.name} = _param(params, {p.name!r}, {shape_code(p.shape)})"
+            if line not in bound:
+                fn["prologue"].append(line)
+                bound.add(line)
+            if dirs[p.uid].uid in used:
+                fn["prologue"].append(f"{dirs[p.uid].name} = _direction({varg}, {p.name!r}, {shape_code(p.shape)})")
+        functions.append(fn)
+        st.helpers |= st2.helpers
     functions.append(_per_example_function(lowered, st, data + targets))
     if lowered.moments is not None:
         functions += _moment_functions(lowered.moments, data + targets, st)
@@ -123,7 +160,8 @@ def render_numpy(lowered):
         init_doc=lowered.init_doc, init_lines=list(lowered.init_lines),
         has_labels=iface.has_labels, has_tokens=iface.has_tokens, vocab=iface.vocab, mode_args=iface.mode_args, dropout=iface.dropout,
         has_dropout=iface.has_dropout, stats_shapes=iface.stats_shapes, stats_init=iface.stats_init,
-        helpers=sorted(st.helpers), functions=functions,
+        helpers=sorted(st.helpers), functions=functions, has_gnvp=program.gnvp is not None,
+        has_hvp=program.hvp is not None,
         moment_stats=list(lowered.moments.stats) if lowered.moments is not None else None,
     )
     return CompiledModule(model, program, text, lowered.formulas, lowered.latex, lowered.source_hash, dtype)

@@ -18,6 +18,12 @@ gradient; they return one adjoint contribution per input (None where there is no
 from the same constructors as the forward graph, so the backward graph shares forward values.
 Formula functions get the node, its operands' formulas (in the same notation) and the
 ``Formulas`` being printed.
+
+Tangent (``jvp``) rules get the node and the tangent of each input (None where it is zero) and
+return the node's tangent (None when zero), built from the same constructors: forward-mode
+differentiation of any graph, forward or backward. ``compiler.core.tangents`` pushes them
+through a gradient graph to get Hessian-vector products (forward over reverse);
+tests/test_tangents.py fails when an op has none.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ class Op:
     latex: Callable              # (node, operands, formulas) -> LaTeX right-hand side
     statements: Mapping = field(default_factory=dict)   # backend name -> (emitter, node) -> lines
     reduction: bool = False      # reduces its input whole: an elementwise input prints inline
+    jvp: Callable = None         # (node, tangents of its inputs, None where zero) -> tangent or None
 
 
 REGISTRY = {}
@@ -71,6 +78,26 @@ def statement(backend, node):
 def first_order_only(node, g, wants):
     """The adjoint of an op that only appears in gradients: bpc differentiates once."""
     raise UnsupportedError(f"no adjoint rule for operation {node.op!r}")
+
+
+def tangent_sum(parts, shape):
+    """The sum of the tangent contributions ``parts`` (None entries are zero), or None."""
+    from compiler.core import ir
+    from compiler.core.ir import ARG
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    if len(parts) == 1 and tuple(parts[0].shape) == tuple(shape):
+        return parts[0]
+    return ir.ew(sum(ARG[i] for i in range(len(parts))), parts, shape=shape)
+
+
+def linear_jvp(build):
+    """The tangent rule of an op linear in its first input: ``build(node, t0)`` (the op applied
+    to the tangent, same attrs); zero when that tangent is."""
+    def rule(node, t):
+        return None if t[0] is None else build(node, t[0])
+    return rule
 
 
 def _register_all():

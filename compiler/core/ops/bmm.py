@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from compiler.core.ir import format_shape, make
 from compiler.core.ops import Op, register
-from compiler.core.ops.matmul import product_adjoint, product_latex
+from compiler.core.ops.matmul import product_adjoint, product_jvp, product_latex
 from compiler.core.ops.permute import inverse
 from compiler.errors import ShapeError
 
@@ -87,4 +87,5 @@ def _c(st, node):
                    "        }", "    }", "}"]
 
 
-register(Op("bmm", (bmm,), product_adjoint(bmm), _text, product_latex, statements={"numpy": _numpy, "c": _c}))
+register(Op("bmm", (bmm,), product_adjoint(bmm), _text, product_latex, statements={"numpy": _numpy, "c": _c},
+            jvp=product_jvp(bmm)))

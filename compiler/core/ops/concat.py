@@ -8,7 +8,7 @@ import re
 
 from compiler.core import ir
 from compiler.core.ir import format_shape, make
-from compiler.core.ops import Op, first_order_only, register
+from compiler.core.ops import Op, first_order_only, linear_jvp, register
 from compiler.errors import ShapeError
 
 
@@ -61,6 +61,13 @@ def _adjoint(node, g, wants):
             for p, o, w in zip(node.inputs, _offsets(node), wants)]
 
 
+def _concat_jvp(node, t):
+    if all(x is None for x in t):
+        return None
+    # a part without a tangent (data joined to features) contributes zeros of its shape
+    return concat(*(x if x is not None else ir.zeros_like(p) for p, x in zip(node.inputs, t)))
+
+
 def _concat_numpy(st, node):
     parts = ", ".join(st.ref(p, bare=True) for p in node.inputs)
     return [f"{st.name(node)} = np.concatenate(({parts}), axis=-1)"]
@@ -91,7 +98,7 @@ def _slice_c(st, node):
 register(Op("concat", (concat,), _adjoint,
             text=lambda node, a, fm: f"concat({', '.join(a)})",
             latex=lambda node, a, fm: r"\left[" + r" \;\middle|\; ".join(a) + r"\right]",
-            statements={"numpy": _concat_numpy, "c": _concat_c}))
+            statements={"numpy": _concat_numpy, "c": _concat_c}, jvp=_concat_jvp))
 
 def _atom(code):
     return code if re.fullmatch(r"[\w.]+", code) else f"({code})"
@@ -101,4 +108,5 @@ register(Op("slice_last", (slice_last,), first_order_only,
             text=lambda node, a, fm: f"{_atom(a[0])}[..., {node.attr('start')}:{node.attr('stop')}]",
             # (an index, not a subscript: dC_{2}_{...} would be a double subscript)
             latex=lambda node, a, fm: f"{a[0]}\\left[:,\\,{node.attr('start')}:{node.attr('stop')}\\right]",
-            statements={"numpy": _slice_numpy, "c": _slice_c}))
+            statements={"numpy": _slice_numpy, "c": _slice_c},
+            jvp=linear_jvp(lambda node, t: slice_last(t, node.attr("start"), node.attr("stop")))))

@@ -11,7 +11,7 @@ which accumulates repeated indices, unlike ``dE[ids] += g``). Attr ``vocab``.
 from __future__ import annotations
 
 from compiler.core.ir import N, format_shape, make
-from compiler.core.ops import Op, first_order_only, register
+from compiler.core.ops import Op, first_order_only, linear_jvp, register
 from compiler.errors import ShapeError
 
 
@@ -86,8 +86,10 @@ def _grad_c(st, node):
 register(Op("embed", (embed,), _adjoint,
             text=lambda node, a, fm: f"{a[0]}[{a[1]}]",
             latex=lambda node, a, fm: rf"{a[0]}\left[{a[1]}\right]",
-            statements={"numpy": _embed_numpy, "c": _embed_c}))
+            statements={"numpy": _embed_numpy, "c": _embed_c},
+            jvp=linear_jvp(lambda node, t: embed(t, node.inputs[1]))))     # linear in the table
 register(Op("embed_grad", (embed_grad,), first_order_only,
             text=lambda node, a, fm: f"scatter_add({a[0]}, {a[1]})",
             latex=lambda node, a, fm: rf"\operatorname{{scatter\_add}}\left({a[0]},\, {a[1]}\right)",
-            statements={"numpy": _grad_numpy, "c": _grad_c}))
+            statements={"numpy": _grad_numpy, "c": _grad_c},
+            jvp=lambda node, t: None if t[1] is None else embed_grad(node.inputs[0], t[1], node.attr("vocab"))))

@@ -71,6 +71,21 @@ def unbroadcast(contrib, arg_shape):
     return ir.reshape(summed, arg_shape)
 
 
+def _partial(partials, expr, i, y, reuse):
+    """d expr / d ARG[i], with the forward output ``expr`` written as ``y`` where it occurs."""
+    d = partials.diff(ARG[i])
+    if reuse:
+        # the exact occurrences first: cheap, and what is left is small (the derivative of
+        # tanh(big sum) holds the sum, which subs would walk for every input)
+        d = d.xreplace({expr: y})
+    if d.has(sp.DiracDelta):
+        # derivatives of sign/step: zero almost everywhere, as for relu at its kink
+        d = d.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.Integer(0))
+    if reuse:
+        d = d.subs(expr, y)  # reuse the forward output
+    return d
+
+
 def _ew_rule(node, g, wants):
     expr = node.attr("expr")
     k = len(node.inputs)
@@ -83,16 +98,7 @@ def _ew_rule(node, g, wants):
         if not wants[i]:
             out.append(None)
             continue
-        d = partials.diff(ARG[i])
-        if reuse:
-            # the exact occurrences first: cheap, and what is left is small (the derivative of
-            # tanh(big sum) holds the sum, which subs would walk for every input)
-            d = d.xreplace({expr: y})
-        if d.has(sp.DiracDelta):
-            # derivatives of sign/step: zero almost everywhere, as for relu at its kink
-            d = d.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.Integer(0))
-        if reuse:
-            d = d.subs(expr, y)  # reuse the forward output
+        d = _partial(partials, expr, i, y, reuse)
         # bind only the inputs the derivative uses: the term of one input of a big sum needs
         # few of them, and binding all k for each input would be quadratic in k
         used = sorted((position[s] for s in d.free_symbols if s in position))
@@ -102,6 +108,31 @@ def _ew_rule(node, g, wants):
         contrib = ir.ew(ARG[0] * d.xreplace(bind), args, shape=node.shape)
         out.append(unbroadcast(contrib, inp.shape))
     return out
+
+
+def _ew_jvp(node, t):
+    """Tangent of an elementwise node: the sum over inputs of its partial derivative (the same
+    partials as the adjoint rule, forward output reused) times the input's tangent."""
+    if not any(ti is not None for ti in t):
+        return None
+    expr = node.attr("expr")
+    k = len(node.inputs)
+    y = sp.Symbol("_y", real=True)
+    partials = _Partials(expr)
+    reuse = not expr.is_Symbol and not expr.is_Add
+    args = [*node.inputs, node]
+    terms = []
+    for i, ti in enumerate(t):
+        if ti is None:
+            continue
+        d = _partial(partials, expr, i, y, reuse).xreplace({y: ARG[k]})
+        if d == 0:
+            continue
+        terms.append(ARG[len(args)] * d)
+        args.append(ti)
+    if not terms:
+        return None
+    return ir.ew(sp.Add(*terms), args, shape=node.shape)
 
 
 class _Partials:
@@ -202,4 +233,4 @@ def _latex(node, a, fm):
 register(Op("ew", (ew,), _ew_rule, _text, _latex, statements={
     "numpy": lambda st, node: st.elementwise(node),
     "c": lambda st, node: st.elementwise(node),
-}))
+}, jvp=_ew_jvp))

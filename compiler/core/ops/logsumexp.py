@@ -8,7 +8,7 @@ import sympy as sp
 
 from compiler.core import ir
 from compiler.core.ir import ARG, format_shape, make
-from compiler.core.ops import Op, register
+from compiler.core.ops import Op, linear_jvp, register
 from compiler.errors import ShapeError
 
 
@@ -50,6 +50,12 @@ def _lse_adjoint(node, g, wants):
     return [ir.ew(sp.exp(ARG[0] - ARG[1]) * ARG[2], [z, node, g], shape=z.shape)]
 
 
+def _lse_jvp(node, t):
+    z = node.inputs[0]
+    # d lse = sum(softmax(z) * dz) over the row
+    return ir.reduce_sum(ir.ew(sp.exp(ARG[0] - ARG[1]) * ARG[2], [z, node, t[0]], shape=z.shape), (len(z.shape) - 1,))
+
+
 def _lse_numpy(st, node):
     st.helpers.add("logsumexp")
     z = node.inputs[0]
@@ -81,7 +87,7 @@ def _lse_c(st, node):
 register(Op("lse", (lse,), _lse_adjoint,
             text=lambda node, a, fm: f"logsumexp({a[0]}, axis={1 if len(node.shape) == 1 else -1})",
             latex=lambda node, a, fm: rf"\operatorname{{logsumexp}}\left({a[0]}\right)",
-            statements={"numpy": _lse_numpy, "c": _lse_c}))
+            statements={"numpy": _lse_numpy, "c": _lse_c}, jvp=linear_jvp(lambda node, t: _lse_jvp(node, [t]))))
 
 
 # ---- softmax ------------------------------------------------------------------------------
@@ -90,6 +96,11 @@ def _softmax_adjoint(node, g, wants):
     z = node.inputs[0]
     t = ir.reduce_sum(ir.ew(ARG[0] * ARG[1], [g, node]), (len(z.shape) - 1,))
     return [ir.ew(ARG[1] * (ARG[0] - ARG[2]), [g, node, t], shape=z.shape)]
+
+
+def _softmax_jvp(node, t):
+    # d softmax = s * (dz - sum(s * dz)): the softmax adjoint's form (the Jacobian is symmetric)
+    return _softmax_adjoint(node, t, [True])[0]
 
 
 def _softmax_numpy(st, node):
@@ -136,4 +147,4 @@ def _softmax_c(st, node):
 register(Op("softmax", (softmax,), _softmax_adjoint,
             text=lambda node, a, fm: f"softmax({a[0]})",
             latex=lambda node, a, fm: rf"\operatorname{{softmax}}\left({a[0]}\right)",
-            statements={"numpy": _softmax_numpy, "c": _softmax_c}))
+            statements={"numpy": _softmax_numpy, "c": _softmax_c}, jvp=linear_jvp(_softmax_jvp)))

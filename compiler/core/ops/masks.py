@@ -16,7 +16,7 @@ with fill 0 (a masked entry does not depend on s); the mask m gets none (it is d
 from __future__ import annotations
 
 from compiler.core.ir import N, format_shape, make
-from compiler.core.ops import Op, register
+from compiler.core.ops import Op, linear_jvp, register
 from compiler.errors import ShapeError
 
 
@@ -100,8 +100,11 @@ def _latex_fill(name, node, a):
 register(Op("key_mask", (key_mask,), _key_adjoint,
             text=lambda node, a, fm: f"key_mask({a[0]}, {a[1]}, fill={_fill(node)})",
             latex=lambda node, a, fm: _latex_fill("mask", node, f"{a[0]},\\, {a[1]}"),
-            statements={"numpy": _key_numpy, "c": _key_c}))
+            statements={"numpy": _key_numpy, "c": _key_c},
+            # a selection: the kept entries' tangents, zero where the fill is (a constant)
+            jvp=linear_jvp(lambda node, t: key_mask(t, node.inputs[1], 0.0))))
 register(Op("causal_mask", (causal_mask,), _adjoint,
             text=lambda node, a, fm: f"causal_mask({a[0]}, fill={_fill(node)})",
             latex=lambda node, a, fm: _latex_fill("causal", node, a[0]),
-            statements={"numpy": _numpy, "c": _c}))
+            statements={"numpy": _numpy, "c": _c},
+            jvp=linear_jvp(lambda node, t: causal_mask(t, 0.0))))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from compiler.core import ir
 from compiler.core.ir import ARG, format_shape, make
-from compiler.core.ops import Op, register
+from compiler.core.ops import Op, register, tangent_sum
 from compiler.errors import ShapeError
 
 
@@ -42,6 +42,16 @@ def product_adjoint(product):
         if wants[1]:
             db = product(g, a, ta=True, tb=ta) if tb else product(a, g, ta=not ta)
         return [da, db]
+    return rule
+
+
+def product_jvp(product):
+    """The tangent rule of a product ``op(A) @ op(B)``: ``op(tA) @ op(B) + op(A) @ op(tB)``."""
+    def rule(node, t):
+        a, b = node.inputs
+        ta, tb = node.attr("ta"), node.attr("tb")
+        return tangent_sum([product(t[0], b, ta=ta, tb=tb) if t[0] is not None else None,
+                            product(a, t[1], ta=ta, tb=tb) if t[1] is not None else None], node.shape)
     return rule
 
 
@@ -123,4 +133,5 @@ def _loops(st, node, rows, cols, inner, A, B, C, zero, real):
                     "    }", "}"]
 
 
-register(Op("matmul", (matmul,), product_adjoint(matmul), _text, product_latex, statements={"numpy": _numpy, "c": _c}))
+register(Op("matmul", (matmul,), product_adjoint(matmul), _text, product_latex, statements={"numpy": _numpy, "c": _c},
+            jvp=product_jvp(matmul)))

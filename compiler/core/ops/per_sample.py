@@ -15,7 +15,7 @@ from __future__ import annotations
 import sympy as sp
 
 from compiler.core.ir import N, format_shape, make
-from compiler.core.ops import Op, first_order_only, register
+from compiler.core.ops import Op, first_order_only, register, tangent_sum
 from compiler.core.ops.embed import check_ids
 from compiler.errors import ShapeError
 
@@ -85,7 +85,11 @@ def _product_c(st, node):
 register(Op("sample_product", (sample_product,), first_order_only,
             text=lambda node, a, fm: f"per_sample({a[0]}.T @ {a[1]})",
             latex=lambda node, a, fm: rf"\operatorname{{per\_sample}}\left({a[0]}^{{\top}} {a[1]}\right)",
-            statements={"numpy": _product_numpy, "c": _product_c}))
+            statements={"numpy": _product_numpy, "c": _product_c},
+            # bilinear: the tangent is the sum of the products with one factor's tangent each
+            jvp=lambda node, t: tangent_sum([None if t[0] is None else sample_product(t[0], node.inputs[1]),
+                                             None if t[1] is None else sample_product(node.inputs[0], t[1])],
+                                            node.shape)))
 
 
 # ---- embed_grad_each ----------------------------------------------------------------------
@@ -115,4 +119,6 @@ def _each_c(st, node):
 register(Op("embed_grad_each", (embed_grad_each,), first_order_only,
             text=lambda node, a, fm: f"scatter_add_per_sample({a[0]}, {a[1]})",
             latex=lambda node, a, fm: rf"\operatorname{{scatter\_add\_per\_sample}}\left({a[0]},\, {a[1]}\right)",
-            statements={"numpy": _each_numpy, "c": _each_c}))
+            statements={"numpy": _each_numpy, "c": _each_c},
+            # linear in g (the ids are integers: no tangent)
+            jvp=lambda node, t: None if t[1] is None else embed_grad_each(node.inputs[0], t[1], node.attr("vocab"))))

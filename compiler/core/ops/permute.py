@@ -6,7 +6,7 @@ Its adjoint is the inverse permutation. NumPy prints a view (``x.transpose(axes)
 from __future__ import annotations
 
 from compiler.core.ir import format_shape, make
-from compiler.core.ops import Op, register
+from compiler.core.ops import Op, linear_jvp, register
 from compiler.errors import ShapeError
 
 
@@ -56,4 +56,5 @@ def _latex(node, a, fm):
     return rf"\operatorname{{permute}}_{{{','.join(map(str, node.attr('axes')))}}}\left({a[0]}\right)"
 
 
-register(Op("permute", (permute,), _adjoint, _text, _latex, statements={"numpy": _numpy, "c": _c}))
+register(Op("permute", (permute,), _adjoint, _text, _latex, statements={"numpy": _numpy, "c": _c},
+            jvp=linear_jvp(lambda node, t: permute(t, node.attr("axes")))))

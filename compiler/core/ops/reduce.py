@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from compiler.core import ir
 from compiler.core.ir import ARG, make, size_of
-from compiler.core.ops import Op, register
+from compiler.core.ops import Op, linear_jvp, register
 from compiler.errors import ShapeError
 
 
@@ -104,7 +104,8 @@ def _sum_c(st, node):
 
 
 register(Op("sum", (reduce_sum,), _sum_adjoint, _sum_text, _sum_latex,
-            statements={"numpy": _sum_numpy, "c": _sum_c}, reduction=True))
+            statements={"numpy": _sum_numpy, "c": _sum_c}, reduction=True,
+            jvp=linear_jvp(lambda node, t: reduce_sum(t, node.attr("axes")))))
 
 
 # ---- mean ---------------------------------------------------------------------------------
@@ -135,4 +136,5 @@ def _mean_c(st, node):
 register(Op("mean", (mean,), _mean_adjoint,
             text=lambda node, a, fm: f"mean({a[0]})",
             latex=lambda node, a, fm: rf"\operatorname{{mean}}\left({a[0]}\right)",
-            statements={"numpy": _mean_numpy, "c": _mean_c}, reduction=True))
+            statements={"numpy": _mean_numpy, "c": _mean_c}, reduction=True,
+            jvp=linear_jvp(lambda node, t: mean(t))))

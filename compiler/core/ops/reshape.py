@@ -6,7 +6,7 @@ import sympy as sp
 
 from compiler.core import ir
 from compiler.core.ir import format_shape, make, size_of
-from compiler.core.ops import Op, register
+from compiler.core.ops import Op, linear_jvp, register
 from compiler.errors import ShapeError
 
 
@@ -45,4 +45,5 @@ def _c(st, node):
 register(Op("reshape", (reshape,), _adjoint,
             text=lambda node, a, fm: f"reshape({a[0]}, {format_shape(node.shape)})",
             latex=lambda node, a, fm: a[0],
-            statements={"numpy": _numpy, "c": _c}))
+            statements={"numpy": _numpy, "c": _c},
+            jvp=linear_jvp(lambda node, t: reshape(t, node.shape))))

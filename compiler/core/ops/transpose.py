@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from compiler.core import ir
 from compiler.core.ir import format_shape, make
-from compiler.core.ops import Op, register
+from compiler.core.ops import Op, linear_jvp, register
 from compiler.errors import ShapeError
 
 
@@ -34,4 +34,5 @@ def _c(st, node):
 register(Op("transpose", (transpose,), _adjoint,
             text=lambda node, a, fm: f"{a[0]}.T",
             latex=lambda node, a, fm: f"{a[0]}^{{\\top}}",
-            statements={"numpy": _numpy, "c": _c}))
+            statements={"numpy": _numpy, "c": _c},
+            jvp=linear_jvp(lambda node, t: transpose(t))))

@@ -6,7 +6,8 @@ framework. A max pooling layer is ``window_max`` of ``im2col`` rows seen as (m, 
 """
 from __future__ import annotations
 
-from compiler.core.ir import format_shape, make
+from compiler.core import ir
+from compiler.core.ir import ARG, format_shape, make
 from compiler.core.ops import Op, first_order_only, register
 from compiler.errors import ShapeError
 
@@ -28,6 +29,16 @@ def _adjoint(node, g, wants):
     return [window_max_grad(node.inputs[0], g)]
 
 
+def _max_jvp(node, t):
+    # the tangent at each window's (first) maximum: the windows' tangents weighted by the
+    # argmax indicator, which is window_max_grad of an adjoint of ones
+    (p,), (tp,) = node.inputs, t
+    if tp is None:
+        return None
+    ones = ir.ew(1, [], shape=node.shape)
+    return ir.reduce_sum(ir.ew(ARG[0] * ARG[1], [window_max_grad(p, ones), tp], shape=p.shape), (1,))
+
+
 def _max_numpy(st, node):
     st.helpers.add("window_max")
     return [f"{st.name(node)} = _window_max({st.ref(node.inputs[0], bare=True)})"]
@@ -36,6 +47,7 @@ def _max_numpy(st, node):
 def _grad_numpy(st, node):
     p, g = node.inputs
     out = st.name(node)
+    # (g may be the tangent rule's inline constant of ones: ref gives it as an array)
     st.helpers |= {"route_to_argmax", "window_max"}
     return [f"{out} = _route_to_argmax({st.ref(p, bare=True)}, {st.ref(g, bare=True)})"]
 
@@ -65,14 +77,15 @@ def _grad_c(st, node):
     return st.block(_argmax_loop(st, p, [
         "(void)_m;",
         f"for (size_t _k = 0; _k < {k}; _k++) {out}[(_r*{k} + _k)*{c} + _c] = {st.lit(0)};",
-        f"{out}[(_r*{k} + _a)*{c} + _c] = {st.name(g)}[_r*{c} + _c];"]))
+        f"{out}[(_r*{k} + _a)*{c} + _c] = {st.elem(g, ['_r', '_c'])};"]))
 
 
 register(Op("window_max", (window_max,), _adjoint,
             text=lambda node, a, fm: f"max({a[0]}, axis=1)",
             latex=lambda node, a, fm: rf"\max_{{\mathrm{{window}}}} {a[0]}",
-            statements={"numpy": _max_numpy, "c": _max_c}))
+            statements={"numpy": _max_numpy, "c": _max_c}, jvp=_max_jvp))
 register(Op("window_max_grad", (window_max_grad,), first_order_only,
             text=lambda node, a, fm: f"route_to_argmax({a[1]}, {a[0]})",
             latex=lambda node, a, fm: rf"\operatorname{{route}}_{{\arg\max {a[0]}}}\left({a[1]}\right)",
-            statements={"numpy": _grad_numpy, "c": _grad_c}))
+            statements={"numpy": _grad_numpy, "c": _grad_c},
+            jvp=lambda node, t: None if t[1] is None else window_max_grad(node.inputs[0], t[1])))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numbers
 
 from compiler.core.ir import N, format_shape, make
-from compiler.core.ops import Op, register
+from compiler.core.ops import Op, linear_jvp, register
 from compiler.errors import ShapeError
 
 PADDINGS = ("valid", "same")
@@ -224,8 +224,10 @@ def _latex_call(name):
 
 register(Op("im2col", (im2col,), _im2col_adjoint,
             text=lambda node, a, fm: f"im2col({a[0]})", latex=_latex_call("im2col"),
-            statements={"numpy": _im2col_numpy, "c": _im2col_c}))
+            statements={"numpy": _im2col_numpy, "c": _im2col_c},
+            jvp=linear_jvp(lambda node, t: im2col(t, node.attr("kernel"), node.attr("stride"), node.attr("pads")))))
 register(Op("col2im", (col2im,), _col2im_adjoint,
             text=lambda node, a, fm: f"col2im({a[0]})", latex=_latex_call("col2im"),
-            statements={"numpy": _col2im_numpy, "c": _col2im_c}))
+            statements={"numpy": _col2im_numpy, "c": _col2im_c},
+            jvp=linear_jvp(lambda node, t: col2im(t, *_attrs(node)))))
 

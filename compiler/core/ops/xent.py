@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import sympy as sp
 
-from compiler.core.ir import N, format_shape, make
-from compiler.core.ops import Op, first_order_only, register
+from compiler.core import ir
+from compiler.core.ir import ARG, N, format_shape, make
+from compiler.core.ops import Op, first_order_only, register, tangent_sum
 from compiler.core.ops.logsumexp import flat_rows, lse, rows
 from compiler.errors import ShapeError
 
@@ -32,6 +33,25 @@ def _xent_adjoint(node, g, wants):
     z, l, y = node.inputs
     # the rule for z already includes the path through lse: (softmax(z) - onehot(y)) * g
     return [xent_grad(z, l, y, g, node.attr("kind")) if wants[0] else None, None, None]
+
+
+def _xent_jvp(node, t):
+    # xent = l - z[y] (labels) or l - sum(y*z) (rows), as a function of its inputs (z, l, y)
+    z, l, y = node.inputs
+    tz, tl, ty = t
+    last = (len(z.shape) - 1,)
+    parts = [tl]
+    if tz is not None and node.attr("kind") == "label":
+        # -tz[y] = sum((softmax(z) - onehot(y)) * tz) - sum(softmax(z) * tz), with the rows of
+        # xent_grad (adjoint 1) as (softmax(z) - onehot(y))
+        ones = ir.ew(1, [], shape=l.shape)
+        parts.append(ir.reduce_sum(ir.ew(ARG[0] * ARG[3] - sp.exp(ARG[1] - ARG[2]) * ARG[3],
+                                         [xent_grad(z, l, y, ones, "label"), z, l, tz], shape=z.shape), last))
+    elif tz is not None:
+        parts.append(ir.reduce_sum(ir.ew(-ARG[0] * ARG[1], [y, tz], shape=z.shape), last))
+    if ty is not None:
+        parts.append(ir.reduce_sum(ir.ew(-ARG[0] * ARG[1], [ty, z], shape=z.shape), last))
+    return tangent_sum(parts, node.shape)
 
 
 def _xent_text(node, a, fm):
@@ -85,10 +105,24 @@ def _xent_c(st, node):
 
 
 register(Op("xent", (xent,), _xent_adjoint, _xent_text, _xent_latex,
-            statements={"numpy": _xent_numpy, "c": _xent_c}))
+            statements={"numpy": _xent_numpy, "c": _xent_c}, jvp=_xent_jvp))
 
 
 # ---- xent_grad ----------------------------------------------------------------------------
+
+def _grad_jvp(node, t):
+    # (exp(z - l) - onehot(y)) * g: linear in g; d exp(z - l) = exp(z - l) * (dz - dl)
+    z, l, y, g = node.inputs
+    tz, tl, ty, tg = t
+    if ty is not None:
+        raise ValueError("internal: softmax cross-entropy targets have no tangent")
+    parts = [xent_grad(z, l, y, tg, node.attr("kind")) if tg is not None else None]
+    inner = (ARG[2] if tz is not None else 0) - (ARG[3] if tl is not None else 0)
+    if tz is not None or tl is not None:
+        args = [z, l, tz if tz is not None else z, tl if tl is not None else l, g]
+        parts.append(ir.ew(sp.exp(ARG[0] - ARG[1]) * inner * ARG[4], args, shape=z.shape))
+    return tangent_sum(parts, node.shape)
+
 
 def _constant_adjoint(fm, node):
     """The value of xent_grad's adjoint when it is an inline constant (the 1/n of a mean), else None."""
@@ -177,4 +211,4 @@ def _grad_c(st, node):
 register(Op("xent_grad", (xent_grad,), first_order_only,
             text=lambda node, a, fm: _grad_formula(node, a, fm, latex=False),
             latex=lambda node, a, fm: _grad_formula(node, a, fm, latex=True),
-            statements={"numpy": _grad_numpy, "c": _grad_c}))
+            statements={"numpy": _grad_numpy, "c": _grad_c}, jvp=_grad_jvp))
