@@ -344,7 +344,6 @@ def main(argv=None):
               "dask": "Data-parallel training on Dask: 1 and 2 single-threaded workers against one process",
               "cnn": "CNN training step, float32 (generated NumPy, PyTorch eager, JAX jit)",
               "per_example": per_example.TITLE, "moments": moments.TITLE}
-              "blas": "The C target's matrix products: its loops against the BLAS's gemm"}
     titles["hvp"] = f"Hessian-vector product, MLP 784-256-128-10 {args.activation}, softmax cross-entropy, batch 256"
     for name in args.only.split(","):
         print(f"\n## {titles[name]}", flush=True)
