@@ -327,8 +327,8 @@ def main(argv=None):
                     "(their thread pools add noise to the NumPy-only comparison)")
     ap.add_argument("--coretype", default=None, help="OPENBLAS_CORETYPE (or 'default'); read in __main__")
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
-    ap.add_argument("--threads", type=int, default=1, help="BLAS threads of sections c, blas and cnn "
-                    "(threadpoolctl; cnn also sets PyTorch's and XLA's)")
+    ap.add_argument("--threads", type=int, default=1, help="BLAS threads of sections c, blas, cnn, per_example and hvp "
+                    "(threadpoolctl; cnn, per_example and hvp also set PyTorch's and XLA's)")
     args = ap.parse_args(argv)
     os.environ.setdefault("BPC_CACHE", tempfile.mkdtemp(prefix="bpc-bench-"))
     header = f"Machine: {describe()}\nCommand: python -m bench {' '.join(argv or [])}".rstrip()

@@ -56,3 +56,40 @@ def measure(fns, rounds=15, warmup=3, target=0.02, clock=time.perf_counter, cpu=
             if cpu is not None:
                 cpu[name].append((c1 - c0) / n)
     return samples
+
+
+class threads_limited:
+    """``with threads_limited(k, note, "section"):`` every candidate on ``k`` threads (None: the
+    libraries' defaults): NumPy's BLAS (threadpoolctl), PyTorch's intra-op pool and XLA's (its
+    flags are read when JAX starts its CPU backend: a JAX started earlier in the process keeps its
+    threads, which is noted). On a shared 2-core machine, idle BLAS threads spin while other jobs
+    hold the cores, and a call that takes 3 ms alone takes 70 ms of CPU: that measures the load,
+    not the code."""
+
+    def __init__(self, k, note=print, section=""):
+        self.k, self.note, self.section, self.limit = k, note, section, None
+
+    def __enter__(self):
+        import os
+        import sys
+        if not self.k:
+            return self
+        flags = f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={self.k}"
+        if "jax" in sys.modules:
+            if flags not in os.environ.get("XLA_FLAGS", ""):
+                self.note(f"{self.section}: JAX was started before this section and keeps its threads")
+        else:
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+        try:
+            import torch
+            torch.set_num_threads(self.k)
+        except Exception:  # noqa: BLE001 - not installed
+            pass
+        from threadpoolctl import threadpool_limits
+        self.limit = threadpool_limits(self.k)
+        return self
+
+    def __exit__(self, *exc):
+        if self.limit is not None:
+            self.limit.unregister()
+        return False
