@@ -14,6 +14,7 @@ Interface (batch-first arrays; needs only numpy):
     per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: inputs are cast to float32
 """
+import sys
 import threading
 from collections.abc import Mapping as _Mapping
 
@@ -294,9 +295,41 @@ def _scratch(name, shape, *operands):
     return a
 
 
+_RETURNED = threading.local()
+_RETURNED_RANGE = (2**20, 64 * 2**20)   # bytes: smaller arrays come from malloc's heap; larger are not kept
+
+
+def _returned(name, shape, *operands):
+    # A large array this function returns (a per-sample gradient), written in place. It is the
+    # array this thread returned last time for ``name`` when the caller has let go of it (no
+    # reference left but this one: no dict, view or memoryview of it anywhere), else a new one.
+    # A fresh array this size would be mapped from the OS and zeroed page by page on every call.
+    dtype = np.result_type(*operands)
+    a = getattr(_RETURNED, name, None)
+    if a is not None and a.shape == shape and a.dtype == dtype and sys.getrefcount(a) == 3:
+        return a                # 3: _RETURNED's entry, the name a, getrefcount's argument
+    a = np.empty(shape, dtype)
+    if _RETURNED_RANGE[0] <= a.nbytes <= _RETURNED_RANGE[1]:
+        setattr(_RETURNED, name, a)
+    return a
+
+
+def _rowmax(z):
+    # the maximum of each row of z (2-D): over short rows (classes) argmax and a gather take a
+    # third of np.max's time; a NaN in a row gives NaN either way
+    if z.shape[1] > 512:
+        return np.max(z, axis=1)
+    return z[np.arange(z.shape[0]), np.argmax(z, axis=1)]
+
+
 def _logsumexp(z):
-    m = np.max(z, axis=1)
-    return m + np.log(np.sum(np.exp(z - m[:, None]), axis=1))
+    m = _rowmax(z)
+    e = z - m[:, None]
+    np.exp(e, out=e)
+    s = e.sum(axis=1)
+    np.log(s, out=s)
+    s += m
+    return s
 
 
 def _softmax_into(z, out):
@@ -4045,13 +4078,13 @@ def per_example_grads(params, x, y):
     # ds3_i = sum(dH3_i, axis=1)
     ds3_i = dH3_i.sum(axis=1)
     # dWq4_i = per_sample(X4.T @ dXQ4_i)
-    dWq4_i = np.matmul(X4.reshape(n, 64, 64).transpose(0, 2, 1), dXQ4_i.reshape(n, 64, 64))
+    dWq4_i = np.matmul(X4.reshape(n, 64, 64).transpose(0, 2, 1), dXQ4_i.reshape(n, 64, 64), out=_returned('dWq4_i', (n, 64, 64), X4, dXQ4_i))
     # dWk4_i = per_sample(X4.T @ dXK4_i)
-    dWk4_i = np.matmul(X4.reshape(n, 64, 64).transpose(0, 2, 1), dXK4_i.reshape(n, 64, 64))
+    dWk4_i = np.matmul(X4.reshape(n, 64, 64).transpose(0, 2, 1), dXK4_i.reshape(n, 64, 64), out=_returned('dWk4_i', (n, 64, 64), X4, dXK4_i))
     # dWv4_i = per_sample(X4.T @ dXV4_i)
-    dWv4_i = np.matmul(X4.reshape(n, 64, 64).transpose(0, 2, 1), dXV4_i.reshape(n, 64, 64))
+    dWv4_i = np.matmul(X4.reshape(n, 64, 64).transpose(0, 2, 1), dXV4_i.reshape(n, 64, 64), out=_returned('dWv4_i', (n, 64, 64), X4, dXV4_i))
     # dWo4_i = per_sample(Oc4.T @ dOW4_i)
-    dWo4_i = np.matmul(Oc4.reshape(n, 64, 64).transpose(0, 2, 1), dOW4_i.reshape(n, 64, 64))
+    dWo4_i = np.matmul(Oc4.reshape(n, 64, 64).transpose(0, 2, 1), dOW4_i.reshape(n, 64, 64), out=_returned('dWo4_i', (n, 64, 64), Oc4, dOW4_i))
     # dbo4_i = sum(dR4_i, axis=1)
     dbo4_i = dR4_i.sum(axis=1)
     # dg5_i = sum(Xn5*dH5_i, axis=1)
@@ -4059,11 +4092,11 @@ def per_example_grads(params, x, y):
     # ds5_i = sum(dH5_i, axis=1)
     ds5_i = dH5_i.sum(axis=1)
     # dW6_i = per_sample(X6.T @ dXW6_i)
-    dW6_i = np.matmul(X6.reshape(n, 64, 64).transpose(0, 2, 1), dXW6_i.reshape(n, 64, 256))
+    dW6_i = np.matmul(X6.reshape(n, 64, 64).transpose(0, 2, 1), dXW6_i.reshape(n, 64, 256), out=_returned('dW6_i', (n, 64, 256), X6, dXW6_i))
     # db6_i = sum(dZ6_i, axis=1)
     db6_i = dZ6_i.sum(axis=1)
     # dW7_i = per_sample(X7.T @ dXW7_i)
-    dW7_i = np.matmul(X7.reshape(n, 64, 256).transpose(0, 2, 1), dXW7_i.reshape(n, 64, 64))
+    dW7_i = np.matmul(X7.reshape(n, 64, 256).transpose(0, 2, 1), dXW7_i.reshape(n, 64, 64), out=_returned('dW7_i', (n, 256, 64), X7, dXW7_i))
     # db7_i = sum(dR7_i, axis=1)
     db7_i = dR7_i.sum(axis=1)
     # dg8_i = sum(Xn8*dH8_i, axis=1)
@@ -4071,13 +4104,13 @@ def per_example_grads(params, x, y):
     # ds8_i = sum(dH8_i, axis=1)
     ds8_i = dH8_i.sum(axis=1)
     # dWq9_i = per_sample(X9.T @ dXQ9_i)
-    dWq9_i = np.matmul(X9.reshape(n, 64, 64).transpose(0, 2, 1), dXQ9_i.reshape(n, 64, 64))
+    dWq9_i = np.matmul(X9.reshape(n, 64, 64).transpose(0, 2, 1), dXQ9_i.reshape(n, 64, 64), out=_returned('dWq9_i', (n, 64, 64), X9, dXQ9_i))
     # dWk9_i = per_sample(X9.T @ dXK9_i)
-    dWk9_i = np.matmul(X9.reshape(n, 64, 64).transpose(0, 2, 1), dXK9_i.reshape(n, 64, 64))
+    dWk9_i = np.matmul(X9.reshape(n, 64, 64).transpose(0, 2, 1), dXK9_i.reshape(n, 64, 64), out=_returned('dWk9_i', (n, 64, 64), X9, dXK9_i))
     # dWv9_i = per_sample(X9.T @ dXV9_i)
-    dWv9_i = np.matmul(X9.reshape(n, 64, 64).transpose(0, 2, 1), dXV9_i.reshape(n, 64, 64))
+    dWv9_i = np.matmul(X9.reshape(n, 64, 64).transpose(0, 2, 1), dXV9_i.reshape(n, 64, 64), out=_returned('dWv9_i', (n, 64, 64), X9, dXV9_i))
     # dWo9_i = per_sample(Oc9.T @ dOW9_i)
-    dWo9_i = np.matmul(Oc9.reshape(n, 64, 64).transpose(0, 2, 1), dOW9_i.reshape(n, 64, 64))
+    dWo9_i = np.matmul(Oc9.reshape(n, 64, 64).transpose(0, 2, 1), dOW9_i.reshape(n, 64, 64), out=_returned('dWo9_i', (n, 64, 64), Oc9, dOW9_i))
     # dbo9_i = sum(dR9_i, axis=1)
     dbo9_i = dR9_i.sum(axis=1)
     # dg10_i = sum(Xn10*dH10_i, axis=1)
@@ -4085,11 +4118,11 @@ def per_example_grads(params, x, y):
     # ds10_i = sum(dH10_i, axis=1)
     ds10_i = dH10_i.sum(axis=1)
     # dW11_i = per_sample(X11.T @ dXW11_i)
-    dW11_i = np.matmul(X11.reshape(n, 64, 64).transpose(0, 2, 1), dXW11_i.reshape(n, 64, 256))
+    dW11_i = np.matmul(X11.reshape(n, 64, 64).transpose(0, 2, 1), dXW11_i.reshape(n, 64, 256), out=_returned('dW11_i', (n, 64, 256), X11, dXW11_i))
     # db11_i = sum(dZ11_i, axis=1)
     db11_i = dZ11_i.sum(axis=1)
     # dW12_i = per_sample(X12.T @ dXW12_i)
-    dW12_i = np.matmul(X12.reshape(n, 64, 256).transpose(0, 2, 1), dXW12_i.reshape(n, 64, 64))
+    dW12_i = np.matmul(X12.reshape(n, 64, 256).transpose(0, 2, 1), dXW12_i.reshape(n, 64, 64), out=_returned('dW12_i', (n, 256, 64), X12, dXW12_i))
     # db12_i = sum(dR12_i, axis=1)
     db12_i = dR12_i.sum(axis=1)
     # dg13_i = sum(Xn13*dH13_i, axis=1)
@@ -4097,7 +4130,7 @@ def per_example_grads(params, x, y):
     # ds13_i = sum(dH13_i, axis=1)
     ds13_i = dH13_i.sum(axis=1)
     # dW14_i = per_sample(X14.T @ dXW14_i)
-    dW14_i = np.matmul(X14.reshape(n, 64, 64).transpose(0, 2, 1), dXW14_i.reshape(n, 64, 96))
+    dW14_i = np.matmul(X14.reshape(n, 64, 64).transpose(0, 2, 1), dXW14_i.reshape(n, 64, 96), out=_returned('dW14_i', (n, 64, 96), X14, dXW14_i))
     # db14_i = sum(dZ14_i, axis=1)
     db14_i = dZ14_i.sum(axis=1)
     return L_i, {'E1': dE1_i, 'P2': dH2_i, 'g3': dg3_i, 's3': ds3_i, 'Wq4': dWq4_i, 'Wk4': dWk4_i, 'Wv4': dWv4_i, 'Wo4': dWo4_i, 'bo4': dbo4_i, 'g5': dg5_i, 's5': ds5_i, 'W6': dW6_i, 'b6': db6_i, 'W7': dW7_i, 'b7': db7_i, 'g8': dg8_i, 's8': ds8_i, 'Wq9': dWq9_i, 'Wk9': dWk9_i, 'Wv9': dWv9_i, 'Wo9': dWo9_i, 'bo9': dbo9_i, 'g10': dg10_i, 's10': ds10_i, 'W11': dW11_i, 'b11': db11_i, 'W12': dW12_i, 'b12': db12_i, 'g13': dg13_i, 's13': ds13_i, 'W14': dW14_i, 'b14': db14_i}

@@ -14,6 +14,7 @@ Interface (batch-first arrays; needs only numpy):
     per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
+import sys
 import threading
 from collections.abc import Mapping as _Mapping
 
@@ -227,6 +228,25 @@ def _scratch(name, shape, *operands):
     return a
 
 
+_RETURNED = threading.local()
+_RETURNED_RANGE = (2**20, 64 * 2**20)   # bytes: smaller arrays come from malloc's heap; larger are not kept
+
+
+def _returned(name, shape, *operands):
+    # A large array this function returns (a per-sample gradient), written in place. It is the
+    # array this thread returned last time for ``name`` when the caller has let go of it (no
+    # reference left but this one: no dict, view or memoryview of it anywhere), else a new one.
+    # A fresh array this size would be mapped from the OS and zeroed page by page on every call.
+    dtype = np.result_type(*operands)
+    a = getattr(_RETURNED, name, None)
+    if a is not None and a.shape == shape and a.dtype == dtype and sys.getrefcount(a) == 3:
+        return a                # 3: _RETURNED's entry, the name a, getrefcount's argument
+    a = np.empty(shape, dtype)
+    if _RETURNED_RANGE[0] <= a.nbytes <= _RETURNED_RANGE[1]:
+        setattr(_RETURNED, name, a)
+    return a
+
+
 def _padded(x, pads, name=None):
     # x (n, H, W, C) inside a zero border of pads (top, bottom, left, right): with a name, this
     # thread's buffer reused from call to call, of which only the border is zeroed.
@@ -337,14 +357,47 @@ def _route_to_argmax(p, g):
     return out
 
 
+_ONES = {}   # (rows, dtype) -> a read-only vector of ones
+
+
+def _colsum(a):
+    # the sum over axis 0 of a 2-D array: a product with ones (BLAS gemv) takes a third to a half
+    # of a.sum(axis=0)'s time; both add each column's entries one after another
+    if a.dtype.kind != "f" or not a.size:
+        return a.sum(axis=0)
+    ones = _ONES.get((a.shape[0], a.dtype))
+    if ones is None:
+        if len(_ONES) > 16:
+            _ONES.clear()
+        ones = np.ones(a.shape[0], a.dtype)
+        ones.flags.writeable = False
+        _ONES[(a.shape[0], a.dtype)] = ones
+    return ones @ a
+
+
+def _rowmax(z):
+    # the maximum of each row of z (2-D): over short rows (classes) argmax and a gather take a
+    # third of np.max's time; a NaN in a row gives NaN either way
+    if z.shape[1] > 512:
+        return np.max(z, axis=1)
+    return z[np.arange(z.shape[0]), np.argmax(z, axis=1)]
+
+
 def _logsumexp(z):
-    m = np.max(z, axis=1)
-    return m + np.log(np.sum(np.exp(z - m[:, None]), axis=1))
+    m = _rowmax(z)
+    e = z - m[:, None]
+    np.exp(e, out=e)
+    s = e.sum(axis=1)
+    np.log(s, out=s)
+    s += m
+    return s
 
 
 def _softmax(z):
-    e = np.exp(z - np.max(z, axis=1, keepdims=True))
-    return e / np.sum(e, axis=1, keepdims=True)
+    e = z - _rowmax(z)[:, None]
+    np.exp(e, out=e)
+    e /= e.sum(axis=1, keepdims=True)
+    return e
 
 
 def forward(params, x):
@@ -542,7 +595,7 @@ def backward(params, x, y):
     # dW4 = F1.T @ dZ4
     dW4 = F1.T @ dZ4
     # db4 = sum(dZ4, axis=0)
-    db4 = dZ4.sum(axis=0)
+    db4 = _colsum(dZ4)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2, 'W3': dW3, 'b3': db3, 'W4': dW4, 'b4': db4}
 
 
@@ -634,7 +687,7 @@ def hvp(params, v, x, y):
     dW3_2 = P3.T @ dPW3_2
     db3_2 = dZ3_2.sum(axis=(0, 1, 2))
     dW4 = F1.T @ dZ4
-    db4 = dZ4.sum(axis=0)
+    db4 = _colsum(dZ4)
     # P2_v_W2 = P2 @ v_W2
     P2_v_W2 = np.matmul(P2, v_W2, out=_scratch('P2_v_W2', (64*n, 32), P2, v_W2))
     # tPW1 = P1 @ v_W1
@@ -791,7 +844,7 @@ def hvp(params, v, x, y):
     Hv_W4 = F1_tdZ4
     Hv_W4 += tF1_dZ4
     # Hv_b4 = sum(tdZ4, axis=0)
-    Hv_b4 = tdZ4.sum(axis=0)
+    Hv_b4 = _colsum(tdZ4)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3_2, 'b3': db3_2, 'W4': dW4, 'b4': db4}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3, 'W4': Hv_W4, 'b4': Hv_b4}
 
 
@@ -883,7 +936,7 @@ def gnvp(params, v, x, y):
     dW3_2 = P3.T @ dPW3_2
     db3_2 = dZ3_2.sum(axis=(0, 1, 2))
     dW4 = F1.T @ dZ4
-    db4 = dZ4.sum(axis=0)
+    db4 = _colsum(dZ4)
     # P2_v_W2 = P2 @ v_W2
     P2_v_W2 = np.matmul(P2, v_W2, out=_scratch('P2_v_W2', (64*n, 32), P2, v_W2))
     # tPW1 = P1 @ v_W1
@@ -1010,7 +1063,7 @@ def gnvp(params, v, x, y):
     # F1_tdZ4 = F1.T @ tdZ4
     F1_tdZ4 = F1.T @ tdZ4
     # Hv_b4 = sum(tdZ4, axis=0)
-    Hv_b4 = tdZ4.sum(axis=0)
+    Hv_b4 = _colsum(tdZ4)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3_2, 'b3': db3_2, 'W4': dW4, 'b4': db4}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': Gv_W3, 'b3': Gv_b3, 'W4': F1_tdZ4, 'b4': Hv_b4}
 
 
@@ -1109,11 +1162,11 @@ def per_example_grads(params, x, y):
     # db1_i = sum(dZ1_i, axis=(1, 2))
     db1_i = dZ1_i.sum(axis=(1, 2))
     # dW2_i = per_sample(P2.T @ dPW2_i)
-    dW2_i = np.matmul(P2.reshape(n, 64, 288).transpose(0, 2, 1), dPW2_i.reshape(n, 64, 32))
+    dW2_i = np.matmul(P2.reshape(n, 64, 288).transpose(0, 2, 1), dPW2_i.reshape(n, 64, 32), out=_returned('dW2_i', (n, 288, 32), P2, dPW2_i))
     # db2_i = sum(dZ2_i, axis=(1, 2))
     db2_i = dZ2_i.sum(axis=(1, 2))
     # dW3_i = per_sample(P3.T @ dPW3_i)
-    dW3_i = np.matmul(P3.reshape(n, 16, 288).transpose(0, 2, 1), dPW3_i.reshape(n, 16, 64))
+    dW3_i = np.matmul(P3.reshape(n, 16, 288).transpose(0, 2, 1), dPW3_i.reshape(n, 16, 64), out=_returned('dW3_i', (n, 288, 64), P3, dPW3_i))
     # db3_i = sum(dZ3_i, axis=(1, 2))
     db3_i = dZ3_i.sum(axis=(1, 2))
     # dW4_i = per_sample(F1.T @ dZ4_i)

@@ -170,6 +170,24 @@ def _sigmoid(x):
     return np.exp(-np.logaddexp(0.0, -x))
 
 
+_ONES = {}   # (rows, dtype) -> a read-only vector of ones
+
+
+def _colsum(a):
+    # the sum over axis 0 of a 2-D array: a product with ones (BLAS gemv) takes a third to a half
+    # of a.sum(axis=0)'s time; both add each column's entries one after another
+    if a.dtype.kind != "f" or not a.size:
+        return a.sum(axis=0)
+    ones = _ONES.get((a.shape[0], a.dtype))
+    if ones is None:
+        if len(_ONES) > 16:
+            _ONES.clear()
+        ones = np.ones(a.shape[0], a.dtype)
+        ones.flags.writeable = False
+        _ONES[(a.shape[0], a.dtype)] = ones
+    return ones @ a
+
+
 def forward(params, x):
     """Predictions for a batch: the model output, shape (batch,) + per-sample output shape."""
     x = _data(x, 'x', (3,))
@@ -275,7 +293,7 @@ def backward(params, x, y):
     # dW1 = dZ2.T @ x
     dW1 = dZ2.T @ x
     # sum_dZ2 = sum(dZ2, axis=0)
-    sum_dZ2 = dZ2.sum(axis=0)
+    sum_dZ2 = _colsum(dZ2)
     # db1T = reshape(sum_dZ2, (1, 16))
     db1T = sum_dZ2.reshape((1, 16))
     # db1 = db1T.T
@@ -285,7 +303,7 @@ def backward(params, x, y):
     # dG = dZ1.T @ x
     dG = dZ1.T @ x
     # sum_dZ1 = sum(dZ1, axis=0)
-    sum_dZ1 = dZ1.sum(axis=0)
+    sum_dZ1 = _colsum(dZ1)
     # dcT = reshape(sum_dZ1, (1, 16))
     dcT = sum_dZ1.reshape((1, 16))
     # dc = dcT.T
@@ -350,13 +368,13 @@ def hvp(params, v, x, y):
     dH2 = H1*dA1_2
     dZ2_2 = dH2*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
     dW1_2 = dZ2_2.T @ x
-    sum_dZ2_2 = dZ2_2.sum(axis=0)
+    sum_dZ2_2 = _colsum(dZ2_2)
     db1T_2 = sum_dZ2_2.reshape((1, 16))
     db1_2 = db1T_2.T
     dH1 = H2*dA1_2
     dZ1_2 = H1*dH1*(1 - H1)
     dG_2 = dZ1_2.T @ x
-    sum_dZ1_2 = dZ1_2.sum(axis=0)
+    sum_dZ1_2 = _colsum(dZ1_2)
     dcT_2 = sum_dZ1_2.reshape((1, 16))
     dc_2 = dcT_2.T
     dW2_2 = dM3m_2.T @ A1
@@ -413,7 +431,7 @@ def hvp(params, v, x, y):
     # Hv_W1 = tdZ2.T @ x
     Hv_W1 = tdZ2.T @ x
     # tsum_dZ2 = sum(tdZ2, axis=0)
-    tsum_dZ2 = tdZ2.sum(axis=0)
+    tsum_dZ2 = _colsum(tdZ2)
     # tdb1T = reshape(tsum_dZ2, (1, 16))
     tdb1T = tsum_dZ2.reshape((1, 16))
     # Hv_b1 = tdb1T.T
@@ -423,7 +441,7 @@ def hvp(params, v, x, y):
     # Hv_G = tdZ1.T @ x
     Hv_G = tdZ1.T @ x
     # tsum_dZ1 = sum(tdZ1, axis=0)
-    tsum_dZ1 = tdZ1.sum(axis=0)
+    tsum_dZ1 = _colsum(tdZ1)
     # tdcT = reshape(tsum_dZ1, (1, 16))
     tdcT = tsum_dZ1.reshape((1, 16))
     # Hv_c = tdcT.T

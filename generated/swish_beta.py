@@ -162,6 +162,24 @@ def _sigmoid(x):
     return np.exp(-np.logaddexp(0.0, -x))
 
 
+_ONES = {}   # (rows, dtype) -> a read-only vector of ones
+
+
+def _colsum(a):
+    # the sum over axis 0 of a 2-D array: a product with ones (BLAS gemv) takes a third to a half
+    # of a.sum(axis=0)'s time; both add each column's entries one after another
+    if a.dtype.kind != "f" or not a.size:
+        return a.sum(axis=0)
+    ones = _ONES.get((a.shape[0], a.dtype))
+    if ones is None:
+        if len(_ONES) > 16:
+            _ONES.clear()
+        ones = np.ones(a.shape[0], a.dtype)
+        ones.flags.writeable = False
+        _ONES[(a.shape[0], a.dtype)] = ones
+    return ones @ a
+
+
 def forward(params, x):
     """Predictions for a batch: the model output, shape (batch,) + per-sample output shape."""
     x = _data(x, 'x', (3,))
@@ -223,11 +241,11 @@ def backward(params, x, y):
     # dW1 = x.T @ dZ1
     dW1 = x.T @ dZ1
     # db1 = sum(dZ1, axis=0)
-    db1 = dZ1.sum(axis=0)
+    db1 = _colsum(dZ1)
     # dW2 = H1.T @ dZ2
     dW2 = H1.T @ dZ2
     # db2 = sum(dZ2, axis=0)
-    db2 = dZ2.sum(axis=0)
+    db2 = _colsum(dZ2)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}
 
 
@@ -255,9 +273,9 @@ def hvp(params, v, x, y):
     dH1 = dZ2 @ W2.T
     dZ1 = dH1*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
     dW1 = x.T @ dZ1
-    db1 = dZ1.sum(axis=0)
+    db1 = _colsum(dZ1)
     dW2 = H1.T @ dZ2
-    db2 = dZ2.sum(axis=0)
+    db2 = _colsum(dZ2)
     # dZ2_v_W2 = dZ2 @ v_W2.T
     dZ2_v_W2 = dZ2 @ v_W2.T
     # txW1 = x @ v_W1
@@ -281,7 +299,7 @@ def hvp(params, v, x, y):
     # Hv_W1 = x.T @ tdZ1
     Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
-    Hv_b1 = tdZ1.sum(axis=0)
+    Hv_b1 = _colsum(tdZ1)
     # H1_tdZ2 = H1.T @ tdZ2
     H1_tdZ2 = H1.T @ tdZ2
     # tH1_dZ2 = tH1.T @ dZ2
@@ -289,7 +307,7 @@ def hvp(params, v, x, y):
     # Hv_W2 = H1_tdZ2 + tH1_dZ2
     Hv_W2 = H1_tdZ2 + tH1_dZ2
     # Hv_b2 = sum(tdZ2, axis=0)
-    Hv_b2 = tdZ2.sum(axis=0)
+    Hv_b2 = _colsum(tdZ2)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}
 
 

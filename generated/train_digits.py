@@ -14,6 +14,7 @@ Interface (batch-first arrays; needs only numpy):
     per_example_grads(params, x, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
+import sys
 import threading
 from collections.abc import Mapping as _Mapping
 
@@ -219,14 +220,66 @@ def _scratch(name, shape, *operands):
     return a
 
 
+_RETURNED = threading.local()
+_RETURNED_RANGE = (2**20, 64 * 2**20)   # bytes: smaller arrays come from malloc's heap; larger are not kept
+
+
+def _returned(name, shape, *operands):
+    # A large array this function returns (a per-sample gradient), written in place. It is the
+    # array this thread returned last time for ``name`` when the caller has let go of it (no
+    # reference left but this one: no dict, view or memoryview of it anywhere), else a new one.
+    # A fresh array this size would be mapped from the OS and zeroed page by page on every call.
+    dtype = np.result_type(*operands)
+    a = getattr(_RETURNED, name, None)
+    if a is not None and a.shape == shape and a.dtype == dtype and sys.getrefcount(a) == 3:
+        return a                # 3: _RETURNED's entry, the name a, getrefcount's argument
+    a = np.empty(shape, dtype)
+    if _RETURNED_RANGE[0] <= a.nbytes <= _RETURNED_RANGE[1]:
+        setattr(_RETURNED, name, a)
+    return a
+
+
+_ONES = {}   # (rows, dtype) -> a read-only vector of ones
+
+
+def _colsum(a):
+    # the sum over axis 0 of a 2-D array: a product with ones (BLAS gemv) takes a third to a half
+    # of a.sum(axis=0)'s time; both add each column's entries one after another
+    if a.dtype.kind != "f" or not a.size:
+        return a.sum(axis=0)
+    ones = _ONES.get((a.shape[0], a.dtype))
+    if ones is None:
+        if len(_ONES) > 16:
+            _ONES.clear()
+        ones = np.ones(a.shape[0], a.dtype)
+        ones.flags.writeable = False
+        _ONES[(a.shape[0], a.dtype)] = ones
+    return ones @ a
+
+
+def _rowmax(z):
+    # the maximum of each row of z (2-D): over short rows (classes) argmax and a gather take a
+    # third of np.max's time; a NaN in a row gives NaN either way
+    if z.shape[1] > 512:
+        return np.max(z, axis=1)
+    return z[np.arange(z.shape[0]), np.argmax(z, axis=1)]
+
+
 def _logsumexp(z):
-    m = np.max(z, axis=1)
-    return m + np.log(np.sum(np.exp(z - m[:, None]), axis=1))
+    m = _rowmax(z)
+    e = z - m[:, None]
+    np.exp(e, out=e)
+    s = e.sum(axis=1)
+    np.log(s, out=s)
+    s += m
+    return s
 
 
 def _softmax(z):
-    e = np.exp(z - np.max(z, axis=1, keepdims=True))
-    return e / np.sum(e, axis=1, keepdims=True)
+    e = z - _rowmax(z)[:, None]
+    np.exp(e, out=e)
+    e /= e.sum(axis=1, keepdims=True)
+    return e
 
 
 def forward(params, x):
@@ -298,11 +351,11 @@ def backward(params, x, y):
     # dW1 = x.T @ dZ1
     dW1 = x.T @ dZ1
     # db1 = sum(dZ1, axis=0)
-    db1 = dZ1.sum(axis=0)
+    db1 = _colsum(dZ1)
     # dW2 = H1.T @ dZ2
     dW2 = H1.T @ dZ2
     # db2 = sum(dZ2, axis=0)
-    db2 = dZ2.sum(axis=0)
+    db2 = _colsum(dZ2)
     return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}
 
 
@@ -336,9 +389,9 @@ def hvp(params, v, x, y):
     dZ1_2 = dH1
     dZ1_2 *= step_H1
     dW1_2 = x.T @ dZ1_2
-    db1_2 = dZ1_2.sum(axis=0)
+    db1_2 = _colsum(dZ1_2)
     dW2 = H1.T @ dZ2
-    db2 = dZ2.sum(axis=0)
+    db2 = _colsum(dZ2)
     # dZ2_v_W2 = dZ2 @ v_W2.T
     dZ2_v_W2 = np.matmul(dZ2, v_W2.T, out=_scratch('dZ2_v_W2', (n, 256), dZ2, v_W2))
     # exp_Z2 = exp(-LSE + Z2)
@@ -368,7 +421,7 @@ def hvp(params, v, x, y):
     # Hv_W1 = x.T @ tdZ1
     Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
-    Hv_b1 = tdZ1.sum(axis=0)
+    Hv_b1 = _colsum(tdZ1)
     # tH1_dZ2 = tH1.T @ dZ2
     tH1_dZ2 = tH1.T @ dZ2
     # H1_tdZ2 = H1.T @ tdZ2
@@ -377,7 +430,7 @@ def hvp(params, v, x, y):
     Hv_W2 = H1_tdZ2
     Hv_W2 += tH1_dZ2
     # Hv_b2 = sum(tdZ2, axis=0)
-    Hv_b2 = tdZ2.sum(axis=0)
+    Hv_b2 = _colsum(tdZ2)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}
 
 
@@ -411,9 +464,9 @@ def gnvp(params, v, x, y):
     dZ1_2 = dH1
     dZ1_2 *= step_H1
     dW1_2 = x.T @ dZ1_2
-    db1_2 = dZ1_2.sum(axis=0)
+    db1_2 = _colsum(dZ1_2)
     dW2 = H1.T @ dZ2
-    db2 = dZ2.sum(axis=0)
+    db2 = _colsum(dZ2)
     # exp_Z2 = exp(-LSE + Z2)
     exp_Z2 = np.exp(-LSE[:, None] + Z2)
     # txW1 = x @ v_W1
@@ -440,11 +493,11 @@ def gnvp(params, v, x, y):
     # Gv_W1 = x.T @ udZ1
     Gv_W1 = x.T @ udZ1
     # Gv_b1 = sum(udZ1, axis=0)
-    Gv_b1 = udZ1.sum(axis=0)
+    Gv_b1 = _colsum(udZ1)
     # H1_tdZ2 = H1.T @ tdZ2
     H1_tdZ2 = H1.T @ tdZ2
     # Hv_b2 = sum(tdZ2, axis=0)
-    Hv_b2 = tdZ2.sum(axis=0)
+    Hv_b2 = _colsum(tdZ2)
     return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': H1_tdZ2, 'b2': Hv_b2}
 
 
@@ -477,7 +530,7 @@ def per_example_grads(params, x, y):
     dZ1_i = dH1_i
     dZ1_i *= (H1 > 0.0)
     # dW1_i = per_sample(x.T @ dZ1_i)
-    dW1_i = np.einsum('ni,nj->nij', x, dZ1_i)
+    dW1_i = np.einsum('ni,nj->nij', x, dZ1_i, out=_returned('dW1_i', (n, 64, 256), x, dZ1_i))
     # dW2_i = per_sample(H1.T @ dZ2_i)
     dW2_i = np.einsum('ni,nj->nij', H1, dZ2_i)
     return CE, {'W1': dW1_i, 'b1': dZ1_i, 'W2': dW2_i, 'b2': dZ2_i}

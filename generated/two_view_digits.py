@@ -14,6 +14,7 @@ Interface (batch-first arrays; needs only numpy):
     per_example_grads(params, top, bottom, y)  -> (losses, grads), each sample's, batch axis first
 dtype: follows the inputs (float32 stays float32; integers become float64)
 """
+import sys
 import threading
 from collections.abc import Mapping as _Mapping
 
@@ -223,14 +224,66 @@ def _scratch(name, shape, *operands):
     return a
 
 
+_RETURNED = threading.local()
+_RETURNED_RANGE = (2**20, 64 * 2**20)   # bytes: smaller arrays come from malloc's heap; larger are not kept
+
+
+def _returned(name, shape, *operands):
+    # A large array this function returns (a per-sample gradient), written in place. It is the
+    # array this thread returned last time for ``name`` when the caller has let go of it (no
+    # reference left but this one: no dict, view or memoryview of it anywhere), else a new one.
+    # A fresh array this size would be mapped from the OS and zeroed page by page on every call.
+    dtype = np.result_type(*operands)
+    a = getattr(_RETURNED, name, None)
+    if a is not None and a.shape == shape and a.dtype == dtype and sys.getrefcount(a) == 3:
+        return a                # 3: _RETURNED's entry, the name a, getrefcount's argument
+    a = np.empty(shape, dtype)
+    if _RETURNED_RANGE[0] <= a.nbytes <= _RETURNED_RANGE[1]:
+        setattr(_RETURNED, name, a)
+    return a
+
+
+_ONES = {}   # (rows, dtype) -> a read-only vector of ones
+
+
+def _colsum(a):
+    # the sum over axis 0 of a 2-D array: a product with ones (BLAS gemv) takes a third to a half
+    # of a.sum(axis=0)'s time; both add each column's entries one after another
+    if a.dtype.kind != "f" or not a.size:
+        return a.sum(axis=0)
+    ones = _ONES.get((a.shape[0], a.dtype))
+    if ones is None:
+        if len(_ONES) > 16:
+            _ONES.clear()
+        ones = np.ones(a.shape[0], a.dtype)
+        ones.flags.writeable = False
+        _ONES[(a.shape[0], a.dtype)] = ones
+    return ones @ a
+
+
+def _rowmax(z):
+    # the maximum of each row of z (2-D): over short rows (classes) argmax and a gather take a
+    # third of np.max's time; a NaN in a row gives NaN either way
+    if z.shape[1] > 512:
+        return np.max(z, axis=1)
+    return z[np.arange(z.shape[0]), np.argmax(z, axis=1)]
+
+
 def _logsumexp(z):
-    m = np.max(z, axis=1)
-    return m + np.log(np.sum(np.exp(z - m[:, None]), axis=1))
+    m = _rowmax(z)
+    e = z - m[:, None]
+    np.exp(e, out=e)
+    s = e.sum(axis=1)
+    np.log(s, out=s)
+    s += m
+    return s
 
 
 def _softmax(z):
-    e = np.exp(z - np.max(z, axis=1, keepdims=True))
-    return e / np.sum(e, axis=1, keepdims=True)
+    e = z - _rowmax(z)[:, None]
+    np.exp(e, out=e)
+    e /= e.sum(axis=1, keepdims=True)
+    return e
 
 
 def forward(params, top, bottom):
@@ -327,7 +380,7 @@ def backward(params, top, bottom, y):
     # dWht = top.T @ dZht
     dWht = top.T @ dZht
     # dbht = sum(dZht, axis=0)
-    dbht = dZht.sum(axis=0)
+    dbht = _colsum(dZht)
     # dHhb = dC1[..., 128:256]
     dHhb = dC1[..., 128:256].copy()
     # dZhb = dHhb*step(Hhb)
@@ -335,11 +388,11 @@ def backward(params, top, bottom, y):
     # dWhb = bottom.T @ dZhb
     dWhb = bottom.T @ dZhb
     # dbhb = sum(dZhb, axis=0)
-    dbhb = dZhb.sum(axis=0)
+    dbhb = _colsum(dZhb)
     # dW3 = C1.T @ dZ3
     dW3 = C1.T @ dZ3
     # db3 = sum(dZ3, axis=0)
-    db3 = dZ3.sum(axis=0)
+    db3 = _colsum(dZ3)
     return float(L), {'Wht': dWht, 'bht': dbht, 'Whb': dWhb, 'bhb': dbhb, 'W3': dW3, 'b3': db3}
 
 
@@ -383,14 +436,14 @@ def hvp(params, v, top, bottom, y):
     dHht = dC1[..., 0:128].copy()
     dZht_2 = dHht*step_Hht
     dWht_2 = top.T @ dZht_2
-    dbht_2 = dZht_2.sum(axis=0)
+    dbht_2 = _colsum(dZht_2)
     dHhb = dC1[..., 128:256].copy()
     step_Hhb = np.heaviside(Hhb, 0.0)
     dZhb_2 = dHhb*step_Hhb
     dWhb_2 = bottom.T @ dZhb_2
-    dbhb_2 = dZhb_2.sum(axis=0)
+    dbhb_2 = _colsum(dZhb_2)
     dW3 = C1.T @ dZ3
-    db3 = dZ3.sum(axis=0)
+    db3 = _colsum(dZ3)
     # dZ3_v_W3 = dZ3 @ v_W3.T
     dZ3_v_W3 = np.matmul(dZ3, v_W3.T, out=_scratch('dZ3_v_W3', (n, 256), dZ3, v_W3))
     # exp_Z3 = exp(-LSE + Z3)
@@ -431,7 +484,7 @@ def hvp(params, v, top, bottom, y):
     # Hv_Wht = top.T @ tdZht
     Hv_Wht = top.T @ tdZht
     # Hv_bht = sum(tdZht, axis=0)
-    Hv_bht = tdZht.sum(axis=0)
+    Hv_bht = _colsum(tdZht)
     # tdHhb = tdC1[..., 128:256]
     tdHhb = tdC1[..., 128:256].copy()
     # tdZhb = step_Hhb*tdHhb
@@ -439,7 +492,7 @@ def hvp(params, v, top, bottom, y):
     # Hv_Whb = bottom.T @ tdZhb
     Hv_Whb = bottom.T @ tdZhb
     # Hv_bhb = sum(tdZhb, axis=0)
-    Hv_bhb = tdZhb.sum(axis=0)
+    Hv_bhb = _colsum(tdZhb)
     # C1_tdZ3 = C1.T @ tdZ3
     C1_tdZ3 = C1.T @ tdZ3
     # tC1_dZ3 = tC1.T @ dZ3
@@ -448,7 +501,7 @@ def hvp(params, v, top, bottom, y):
     Hv_W3 = C1_tdZ3
     Hv_W3 += tC1_dZ3
     # Hv_b3 = sum(tdZ3, axis=0)
-    Hv_b3 = tdZ3.sum(axis=0)
+    Hv_b3 = _colsum(tdZ3)
     return float(L), {'Wht': dWht_2, 'bht': dbht_2, 'Whb': dWhb_2, 'bhb': dbhb_2, 'W3': dW3, 'b3': db3}, {'Wht': Hv_Wht, 'bht': Hv_bht, 'Whb': Hv_Whb, 'bhb': Hv_bhb, 'W3': Hv_W3, 'b3': Hv_b3}
 
 
@@ -492,14 +545,14 @@ def gnvp(params, v, top, bottom, y):
     dHht = dC1[..., 0:128].copy()
     dZht_2 = dHht*step_Hht
     dWht_2 = top.T @ dZht_2
-    dbht_2 = dZht_2.sum(axis=0)
+    dbht_2 = _colsum(dZht_2)
     dHhb = dC1[..., 128:256].copy()
     step_Hhb = np.heaviside(Hhb, 0.0)
     dZhb_2 = dHhb*step_Hhb
     dWhb_2 = bottom.T @ dZhb_2
-    dbhb_2 = dZhb_2.sum(axis=0)
+    dbhb_2 = _colsum(dZhb_2)
     dW3 = C1.T @ dZ3
-    db3 = dZ3.sum(axis=0)
+    db3 = _colsum(dZ3)
     # exp_Z3 = exp(-LSE + Z3)
     exp_Z3 = np.exp(-LSE[:, None] + Z3)
     # ttopWht = top @ v_Wht
@@ -535,7 +588,7 @@ def gnvp(params, v, top, bottom, y):
     # Gv_Wht = top.T @ udZht
     Gv_Wht = top.T @ udZht
     # Gv_bht = sum(udZht, axis=0)
-    Gv_bht = udZht.sum(axis=0)
+    Gv_bht = _colsum(udZht)
     # udHhb = tdZ3_W3[..., 128:256]
     udHhb = tdZ3_W3[..., 128:256].copy()
     # udZhb = step_Hhb*udHhb
@@ -543,11 +596,11 @@ def gnvp(params, v, top, bottom, y):
     # Gv_Whb = bottom.T @ udZhb
     Gv_Whb = bottom.T @ udZhb
     # Gv_bhb = sum(udZhb, axis=0)
-    Gv_bhb = udZhb.sum(axis=0)
+    Gv_bhb = _colsum(udZhb)
     # C1_tdZ3 = C1.T @ tdZ3
     C1_tdZ3 = C1.T @ tdZ3
     # Hv_b3 = sum(tdZ3, axis=0)
-    Hv_b3 = tdZ3.sum(axis=0)
+    Hv_b3 = _colsum(tdZ3)
     return float(L), {'Wht': dWht_2, 'bht': dbht_2, 'Whb': dWhb_2, 'bhb': dbhb_2, 'W3': dW3, 'b3': db3}, {'Wht': Gv_Wht, 'bht': Gv_bht, 'Whb': Gv_Whb, 'bhb': Gv_bhb, 'W3': C1_tdZ3, 'b3': Hv_b3}
 
 
@@ -589,13 +642,13 @@ def per_example_grads(params, top, bottom, y):
     # dZht_i = dHht_i*step(Hht)
     dZht_i = dHht_i*np.heaviside(Hht, 0.0)
     # dWht_i = per_sample(top.T @ dZht_i)
-    dWht_i = np.einsum('ni,nj->nij', top, dZht_i)
+    dWht_i = np.einsum('ni,nj->nij', top, dZht_i, out=_returned('dWht_i', (n, 32, 128), top, dZht_i))
     # dHhb_i = dC1_i[..., 128:256]
     dHhb_i = dC1_i[..., 128:256].copy()
     # dZhb_i = dHhb_i*step(Hhb)
     dZhb_i = dHhb_i*np.heaviside(Hhb, 0.0)
     # dWhb_i = per_sample(bottom.T @ dZhb_i)
-    dWhb_i = np.einsum('ni,nj->nij', bottom, dZhb_i)
+    dWhb_i = np.einsum('ni,nj->nij', bottom, dZhb_i, out=_returned('dWhb_i', (n, 32, 128), bottom, dZhb_i))
     # dW3_i = per_sample(C1.T @ dZ3_i)
     dW3_i = np.einsum('ni,nj->nij', C1, dZ3_i)
     return CE, {'Wht': dWht_i, 'bht': dZht_i, 'Whb': dWhb_i, 'bhb': dZhb_i, 'W3': dW3_i, 'b3': dZ3_i}

@@ -74,8 +74,34 @@ def test_numpy_has_no_loop_and_shows_the_formulas():
     text = inspect.getsource(_module("mlp_tanh_mse", "numpy").per_example_grads)
     # a dense layer's per-sample outer product, the biases' adjoints kept per sample, no 1/n
     assert "# dW1_i = per_sample(x.T @ dZ1_i)" in text
-    assert "np.einsum('ni,nj->nij', x, dZ1_i)" in text
+    assert "np.einsum('ni,nj->nij', x, dZ1_i)" in text      # small: a new array (see below)
     assert "'b1': dZ1_i" in text and "/n" not in text.split("def per_example_grads")[-1]
+
+
+def test_a_returned_gradient_is_written_again_only_once_the_caller_has_dropped_it():
+    # per_example_grads writes its large per-sample products into the array it returned last
+    # call, if nothing but its cache refers to it (no dict, view or memoryview): no page faults
+    mod = bpc.compile_model(bpc.mlp([64, 128, 4], "tanh", "mse", name="pe_reuse")).load()
+    p = mod.init_params(seed=0)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((32, 64)), rng.standard_normal((32, 4))
+    x2 = rng.standard_normal((32, 64))
+    first = mod.per_example_grads(p, x, y)[1]
+    kept = first["W1"].copy()
+    second = mod.per_example_grads(p, x2, y)[1]          # ``first`` still held: a new array
+    assert second["W1"] is not first["W1"] and np.array_equal(first["W1"], kept)
+    view = second["W1"][3]                               # a view keeps its base alive as well
+    address = second["W1"].__array_interface__["data"][0]
+    del second
+    third = mod.per_example_grads(p, x, y)[1]
+    assert third["W1"].__array_interface__["data"][0] != address
+    assert np.array_equal(third["W1"], kept)
+    expect = view.copy()
+    address = third["W1"].__array_interface__["data"][0]
+    del third
+    fourth = mod.per_example_grads(p, x2, y)[1]          # nothing refers to ``third``: reused
+    assert fourth["W1"].__array_interface__["data"][0] == address
+    assert np.array_equal(view, expect) and np.array_equal(fourth["W1"][3], expect)
 
 
 def _mean_model(outer):

@@ -110,6 +110,14 @@ class NumpyStatements:
         operands = list(dict.fromkeys(operands))
         return f"_scratch({name!r}, {shape_code(shape)}, {', '.join(operands)})"
 
+    def returned(self, name, shape, operands):
+        """``_returned(name, shape, *operands)``: the call that returns the array this thread
+        returned last time for ``name`` when the caller has let go of it, else a new one (for
+        large results written in place: a fresh one is faulted in page by page each call)."""
+        self.helpers.add("returned")
+        operands = list(dict.fromkeys(operands))
+        return f"_returned({name!r}, {shape_code(shape)}, {', '.join(operands)})"
+
     # -- operands -----------------------------------------------------------------------
     def name(self, node):
         return self.p.names[node.uid]

@@ -20,6 +20,9 @@ from compiler.core.ops.embed import check_ids
 from compiler.errors import ShapeError
 
 
+_LARGE = 4096   # entries per sample from which the product is written into a reused array
+
+
 def _rows(dim):
     if dim == N:
         return 1
@@ -50,9 +53,14 @@ def _product_numpy(st, node):
     out, x, y = st.name(node), st.ref(a), st.ref(b)
     k = _rows(a.shape[0])
     i, j = node.shape[1], node.shape[2]
-    if k == 1:   # the outer product of each sample's rows (einsum: faster than a broadcast multiply)
-        return [f"{out} = np.einsum('ni,nj->nij', {x}, {y})"]
-    return [f"{out} = np.matmul({x}.reshape(n, {k}, {i}).transpose(0, 2, 1), {y}.reshape(n, {k}, {j}))"]
+    # written into the array returned last call when the caller has dropped it (a fresh one of
+    # this size costs page faults, the kernel zeroing it, as much as the product itself)
+    size = i * j
+    large = bool(getattr(size, "is_Integer", isinstance(size, int))) and int(size) >= _LARGE
+    into = f", out={st.returned(out, (N, i, j), [x, y])}" if large and x.isidentifier() and y.isidentifier() else ""
+    if k == 1:   # the outer product of each sample's rows (einsum: faster than a broadcast multiply or matmul)
+        return [f"{out} = np.einsum('ni,nj->nij', {x}, {y}{into})"]
+    return [f"{out} = np.matmul({x}.reshape(n, {k}, {i}).transpose(0, 2, 1), {y}.reshape(n, {k}, {j}){into})"]
 
 
 def _product_c(st, node):
