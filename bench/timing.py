@@ -86,10 +86,17 @@ class threads_limited:
         except Exception:  # noqa: BLE001 - not installed
             pass
         from threadpoolctl import threadpool_limits
-        self.limit = threadpool_limits(self.k)
+        self.limit = [threadpool_limits(self.k)]
         return self
 
+    def again(self):
+        """Limit as well the thread pools of libraries loaded since (a compiled C module's
+        BLAS: threadpoolctl limits the libraries loaded when it is called)."""
+        if self.k:
+            from threadpoolctl import threadpool_limits
+            self.limit.append(threadpool_limits(self.k))
+
     def __exit__(self, *exc):
-        if self.limit is not None:
-            self.limit.unregister()
+        for limit in reversed(self.limit or []):
+            limit.unregister()
         return False
