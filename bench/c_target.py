@@ -14,7 +14,11 @@ NumPy's BLAS and the C target's through threadpoolctl and for PyTorch by set_num
 
 ``blas``: d-d-d linear nets (batch d, so that every product is d^3 multiply-adds), built with
 every product on the loops and with every product on gemm, one BLAS thread: where gemm starts
-to win is the threshold (products at and above GEMM_MIN_MACS multiply-adds go to gemm).
+to win is the threshold (products at and above GEMM_MIN_MACS multiply-adds go to gemm). Then the
+batched products (``bmm``: attention's Q @ K^T, weights @ V and their adjoints) of a causal
+transformer block's training step, built twice from the same source: its batched products on
+the loops (their gemm branch switched off in the source) against one gemm per batch index
+(the default); the 2-D products take gemm above the threshold in both builds.
 """
 from __future__ import annotations
 
@@ -266,6 +270,44 @@ def blas_section(args, rows_out):
                        "loops / gemm"], rows)
             + f"\n\n(backward of a d-d-d linear net at batch d: 5 products of d^3 each; the C target sends "
               f"products of at least GEMM_MIN_MACS multiply-adds to gemm: "
-              + ", ".join(f"{v} in {k}" for k, v in saved.items()) + ")")
+              + ", ".join(f"{v} in {k}" for k, v in saved.items()) + ")"
+            + "\n\nBatched products (bmm) of a causal transformer block, backward at batch 16, one BLAS thread:\n\n"
+            + _bmm_rows(args, run))
     rows_out["blas"] = text
     return text
+
+
+BMM_BLOCKS = ((32, 64, 4, 128), (64, 128, 4, 512))   # (T, d, heads, mlp)
+
+
+def _bmm_rows(args, run):
+    """The transformer block's backward with its batched products on the loops against on gemm."""
+    import dataclasses
+    import re
+    from bench.block import block_model, data
+    from bench.timing import measure
+    from compiler.backends.c import backend as cb
+    rows = []
+    for dtype in ("float64", "float32"):
+        for T, d, heads, mlp in BMM_BLOCKS:
+            compiled = cb.compile_model_c(block_model(T, d, heads, mlp), dtype)
+            # the batched products' gemm branch (`if (BPC_GEMM(m, p, k)) { for (... _q ...) bpc_gemm`)
+            # switched off: the loops of the same build run them
+            source, count = re.subn(r"if \(BPC_GEMM\((\d+), (\d+), (\d+)\)\) \{\n(\s+)for \(size_t _q",
+                                    r"if (0 && BPC_GEMM(\1, \2, \3)) {\n\4for (size_t _q", compiled.c_source)
+            assert count, "no batched product on gemm in the block"
+            variants = {"loops": dataclasses.replace(compiled, c_source=source).load(), "gemm": compiled.load()}
+            for module in variants.values():
+                module.blas_threads(1)
+            params, x, y = data(variants["gemm"], n=16, T=T, d=d, dtype=np.dtype(dtype))
+            kept = {k: m.Params() for k, m in variants.items()}
+            losses = {k: m.backward(params, x, y)[0] for k, m in variants.items()}
+            assert abs(losses["loops"] - losses["gemm"]) <= (1e-4 if dtype == "float32" else 1e-10) * abs(losses["gemm"])
+            cpu = {}
+            measure({k: (lambda m=m, g=kept[k]: m.backward(params, x, y, grads=g)) for k, m in variants.items()},
+                    rounds=args.rounds, cpu=cpu)
+            t = {k: statistics.median(v) for k, v in cpu.items()}   # CPU time (the machine may be shared)
+            rows.append((dtype, f"T={T} d={d} heads={heads}", f"{T}x{T}x{d // heads}",
+                         f"{t['loops'] * 1e3:.2f}", f"{t['gemm'] * 1e3:.2f}", f"{t['loops'] / t['gemm']:.2f}"))
+    return run.table(["dtype", "block", "a product (m x n x k)", "bmm on loops, CPU ms", "bmm on gemm, CPU ms",
+                      "loops / gemm"], rows)
