@@ -12,6 +12,10 @@ BLAS, preallocated outputs), and the share of the machine's matmul peak (a 2048^
 through that BLAS, best round) each reaches. BLAS threads: ``--threads`` (default 1), set for
 NumPy's BLAS and the C target's through threadpoolctl and for PyTorch by set_num_threads.
 
+(c) The scalar functions of the elementwise loops: a loop applying each of the C target's
+vectorisable helpers (compiler/core/scalar_c_math.py) against the same loop calling libm (the
+form the C target used before), over 100000 arguments, CPU time per element.
+
 ``blas``: d-d-d linear nets (batch d, so that every product is d^3 multiply-adds), built with
 every product on the loops and with every product on gemm, one BLAS thread: where gemm starts
 to win is the threshold (products at and above GEMM_MIN_MACS multiply-adds go to gemm). Then the
@@ -230,7 +234,9 @@ def c_section(args, rows_out):
         return text
     with _limits(args):
         text = ("2-16-16-1 tanh, MSE, float64 (backward: loss and every gradient)\n\n" + small_c(args, run, note)
-                + "\n\n784-256-128-10 tanh, softmax cross-entropy, batch 256 (backward)\n\n" + big_c(args, run, note))
+                + "\n\n784-256-128-10 tanh, softmax cross-entropy, batch 256 (backward)\n\n" + big_c(args, run, note)
+                + "\n\nScalar functions in a loop over 100000 arguments, ns per element (CPU time)\n\n"
+                + elementwise(args, run))
     rows_out["c"] = text
     return text
 
@@ -311,3 +317,50 @@ def _bmm_rows(args, run):
                          f"{t['loops'] * 1e3:.2f}", f"{t['gemm'] * 1e3:.2f}", f"{t['loops'] / t['gemm']:.2f}"))
     return run.table(["dtype", "block", "a product (m x n x k)", "bmm on loops, CPU ms", "bmm on gemm, CPU ms",
                       "loops / gemm"], rows)
+
+
+# libm's spelling of each helper (the C target's form before the helpers), $r the type, $f the suffix
+LIBM = {"exp": "exp$f(x[i])", "tanh": "tanh$f(x[i])", "sigmoid": "($r)1 / (($r)1 + exp$f(-x[i]))",
+        "log": "log$f(x[i])", "softplus": "(x[i] > 0 ? x[i] : ($r)0) + log1p$f(exp$f(-fabs$f(x[i])))"}
+ARGUMENTS = {"exp": (-20, 20), "tanh": (-5, 5), "sigmoid": (-20, 20), "log": (1e-3, 1e3), "softplus": (-20, 20)}
+
+
+def elementwise(args, run):
+    """Each helper's loop against libm's, per element (see the module docstring, (c))."""
+    import string
+    import subprocess
+    import tempfile
+    from pathlib import Path
+    from bench.timing import measure
+    from compiler.backends.c import backend as cb
+    from compiler.core import scalar_functions
+    lines = ["#include <math.h>", "#include <stddef.h>", "#include <stdint.h>", "#include <string.h>"]
+    types = {"float64": ("double", ""), "float32": ("float", "f")}
+    for real, fs in types.values():
+        lines += scalar_functions.helper_sources(set(LIBM), "c_helper", real=real, fs=fs)
+        for name, form in LIBM.items():
+            call = string.Template(form).substitute(r=real, f=fs)
+            for kind, body in (("bpc", f"bpc_{name}{fs}(x[i])"), ("libm", call)):
+                lines.append(f"void loop_{kind}_{name}{fs}(const {real} *restrict x, {real} *restrict y, size_t n)"
+                             f" {{ for (size_t i = 0; i < n; i++) y[i] = {body}; }}")
+    d = Path(tempfile.mkdtemp(prefix="bpc_bench_ew"))
+    (d / "ew.c").write_text("\n\n".join(lines) + "\n")
+    cc = list(cb._toolchain()[0])
+    subprocess.run([*cc, *cb.CFLAGS, *cb._native()[0], "-std=c99", "-shared", "ew.c", "-o", "ew.so", "-lm"],
+                   cwd=d, check=True, capture_output=True)
+    lib = ctypes.CDLL(str(d / "ew.so"))
+    count = 100000
+    rows = []
+    rng = np.random.default_rng(0)
+    for dtype, (real, fs) in types.items():
+        for name, (lo, hi) in ARGUMENTS.items():
+            x = rng.uniform(lo, hi, count).astype(dtype)
+            y = np.empty_like(x)
+            px, py = x.ctypes.data_as(ctypes.c_void_p), y.ctypes.data_as(ctypes.c_void_p)
+            fns = {kind: (lambda f=getattr(lib, f"loop_{kind}_{name}{fs}"): f(px, py, ctypes.c_size_t(count)))
+                   for kind in ("libm", "bpc")}
+            cpu = {}
+            measure(fns, rounds=max(5, args.rounds // 3), cpu=cpu)
+            t = {k: statistics.median(v) / count * 1e9 for k, v in cpu.items()}
+            rows.append((dtype, name, f"{t['libm']:.2f}", f"{t['bpc']:.2f}", f"{t['libm'] / t['bpc']:.1f}x"))
+    return run.table(["dtype", "function", "libm loop, ns", "vectorised helper, ns", "speed-up"], rows)
