@@ -2,6 +2,9 @@
 C, PyTorch and JAX, in one run (issue 14, item 5); and the measurement behind the C target's
 threshold between its own loops and the BLAS's gemm (``GEMM_MIN_MACS``).
 
+Every figure is CPU time of the process (``_cpu``: candidates interleaved, medians; the
+matmul peak the best round), so that a machine shared with other work still gives fair ratios.
+
 ``c``: (a) 2-16-16-1 tanh, MSE, float64, batch 1 and 32: time per backward (loss and every
 gradient) relative to a hand-written C function called through cffi with its pointers made once
 (bench/hand_c.py), with the raw cffi call of the generated C function (every pointer made once:
@@ -35,6 +38,16 @@ BIG = [784, 256, 128, 10]
 SMALL = [2, 16, 16, 1]
 
 
+def _cpu(fns, **kw):
+    """{name: [CPU seconds per call in each round]}, timed interleaved: the figures of this module
+    are CPU time of the process (the machine may be shared; BLAS runs one thread unless
+    --threads says otherwise, and then a thread's work counts as it costs)."""
+    from bench.timing import measure
+    cpu = {}
+    measure(fns, cpu=cpu, **kw)
+    return cpu
+
+
 def _limits(args):
     from threadpoolctl import threadpool_limits
     from compiler.backends.c.blas import preload
@@ -52,7 +65,6 @@ def small_c(args, run, note):
     from bench import hand_c
     from bench.frameworks import make_jax, make_torch
     from bench.reference import HandMLP
-    from bench.timing import measure
     model = bpc.mlp(SMALL, "tanh", "mse", name="bench_csmall")
     npm = bpc.compile_model(model).load()
     cm = _c_module(model, "float64")
@@ -94,7 +106,7 @@ def small_c(args, run, note):
             if not np.isclose(float(value), ref, rtol=1e-10):
                 raise SystemExit(f"{name}: loss {float(value)} differs from the reference's {ref}")
         print(f"  timing 2-16-16-1 batch {n} ...", flush=True)
-        t = {k: statistics.median(v) for k, v in measure(fns, rounds=args.rounds, target=0.01).items()}
+        t = {k: statistics.median(v) for k, v in _cpu(fns, rounds=args.rounds, target=0.01).items()}
         base = t.get("hand-written C (cffi, pointers made once)")
         for name, sec in sorted(t.items(), key=lambda kv: kv[1]):
             rows.append((n, name, f"{sec * 1e6:.2f}", f"{sec / base:.2f}x" if base else "",
@@ -158,7 +170,6 @@ def big_c(args, run, note):
     import compiler as bpc
     from bench.frameworks import make_jax, make_torch
     from bench.reference import HandMLP
-    from bench.timing import compare, measure
     n = 256
     rng = np.random.default_rng(0)
     rows, peak_rows = [], []
@@ -196,7 +207,7 @@ def big_c(args, run, note):
             if isinstance(got, tuple) and not np.isclose(float(got[0]), ref, rtol=tol):
                 raise SystemExit(f"{name}: loss {float(got[0])} differs from the reference's {ref}")
         print(f"  timing 784-256-128-10 {dt.name} ...", flush=True)
-        t = {k: statistics.median(v) for k, v in measure(fns, rounds=args.rounds).items()}
+        t = {k: statistics.median(v) for k, v in _cpu(fns, rounds=args.rounds).items()}
         floor = t.get("8 products alone (the C target's BLAS)", t["8 products alone (NumPy's BLAS)"])
         m = 2048
         a = np.random.default_rng(1).standard_normal((m, m)).astype(dt)
@@ -206,7 +217,7 @@ def big_c(args, run, note):
             fn, real = gemm
             pa, pc = a.ctypes.data_as(ctypes.c_void_p), c.ctypes.data_as(ctypes.c_void_p)
             peak_fns["the C target's BLAS"] = lambda: fn(101, 111, 111, m, m, m, real(1), pa, m, pa, m, real(0), pc, m)
-        best = compare(peak_fns, rounds=5, warmup=1, target=0.2, stat=min)
+        best = {k: min(v) for k, v in _cpu(peak_fns, rounds=5, warmup=1, target=0.2).items()}
         peak = max(2 * m ** 3 / s for s in best.values())
         for name, sec in sorted(t.items(), key=lambda kv: kv[1]):
             rows.append((dt.name, name, f"{sec * 1e3:.2f}", f"{sec / t['hand-written NumPy']:.2f}x",
@@ -245,7 +256,6 @@ def blas_section(args, rows_out):
     """Loops against gemm per product size (see the module docstring)."""
     import compiler as bpc
     from bench import run
-    from bench.timing import compare
     from compiler.backends.c import backend as cb
     from compiler.backends.c.blas import find_scipy_openblas32
     if find_scipy_openblas32() is None:
@@ -266,8 +276,9 @@ def blas_section(args, rows_out):
                 rng = np.random.default_rng(0)
                 x, y = (rng.standard_normal((d, d)).astype(dtype) for _ in range(2))
                 pl, pg, gl, gg = loops.init_params(0), gemm.init_params(0), loops.Params(), gemm.Params()
-                t = compare({"loops": lambda: loops.backward(pl, x, y, grads=gl),
-                             "gemm": lambda: gemm.backward(pg, x, y, grads=gg)}, rounds=args.rounds)
+                t = {k: statistics.median(v) for k, v in _cpu({"loops": lambda: loops.backward(pl, x, y, grads=gl),
+                                                              "gemm": lambda: gemm.backward(pg, x, y, grads=gg)},
+                                                             rounds=args.rounds).items()}
                 rows.append((dtype, d, d ** 3, f"{t['loops'] * 1e6:.2f}", f"{t['gemm'] * 1e6:.2f}",
                              f"{t['loops'] / t['gemm']:.2f}"))
     finally:
@@ -291,7 +302,6 @@ def _bmm_rows(args, run):
     import dataclasses
     import re
     from bench.block import block_model, data
-    from bench.timing import measure
     from compiler.backends.c import backend as cb
     rows = []
     for dtype in ("float64", "float32"):
@@ -309,10 +319,9 @@ def _bmm_rows(args, run):
             kept = {k: m.Params() for k, m in variants.items()}
             losses = {k: m.backward(params, x, y)[0] for k, m in variants.items()}
             assert abs(losses["loops"] - losses["gemm"]) <= (1e-4 if dtype == "float32" else 1e-10) * abs(losses["gemm"])
-            cpu = {}
-            measure({k: (lambda m=m, g=kept[k]: m.backward(params, x, y, grads=g)) for k, m in variants.items()},
-                    rounds=args.rounds, cpu=cpu)
-            t = {k: statistics.median(v) for k, v in cpu.items()}   # CPU time (the machine may be shared)
+            cpu = _cpu({k: (lambda m=m, g=kept[k]: m.backward(params, x, y, grads=g)) for k, m in variants.items()},
+                       rounds=args.rounds)
+            t = {k: statistics.median(v) for k, v in cpu.items()}
             rows.append((dtype, f"T={T} d={d} heads={heads}", f"{T}x{T}x{d // heads}",
                          f"{t['loops'] * 1e3:.2f}", f"{t['gemm'] * 1e3:.2f}", f"{t['loops'] / t['gemm']:.2f}"))
     return run.table(["dtype", "block", "a product (m x n x k)", "bmm on loops, CPU ms", "bmm on gemm, CPU ms",
@@ -331,7 +340,6 @@ def elementwise(args, run):
     import subprocess
     import tempfile
     from pathlib import Path
-    from bench.timing import measure
     from compiler.backends.c import backend as cb
     from compiler.core import scalar_functions
     lines = ["#include <math.h>", "#include <stddef.h>", "#include <stdint.h>", "#include <string.h>"]
@@ -359,8 +367,7 @@ def elementwise(args, run):
             px, py = x.ctypes.data_as(ctypes.c_void_p), y.ctypes.data_as(ctypes.c_void_p)
             fns = {kind: (lambda f=getattr(lib, f"loop_{kind}_{name}{fs}"): f(px, py, ctypes.c_size_t(count)))
                    for kind in ("libm", "bpc")}
-            cpu = {}
-            measure(fns, rounds=max(5, args.rounds // 3), cpu=cpu)
+            cpu = _cpu(fns, rounds=max(5, args.rounds // 3))
             t = {k: statistics.median(v) / count * 1e9 for k, v in cpu.items()}
             rows.append((dtype, name, f"{t['libm']:.2f}", f"{t['bpc']:.2f}", f"{t['libm'] / t['bpc']:.1f}x"))
     return run.table(["dtype", "function", "libm loop, ns", "vectorised helper, ns", "speed-up"], rows)
