@@ -1,7 +1,8 @@
 """backward's lean path on the C target (issue 14, item 3): a call with the same Params, kept
 gradient buffer and data arrays as the last such call skips the checks and pointer conversions,
 and still sees everything that can change in place: the arrays' contents, an entry of the
-Params replaced, an array's dtype or shape assigned. Its results are those of the full path."""
+Params replaced, an array's dtype or shape assigned. Its results are those of the full path.
+The same for calls without grads= (fresh results), whose results it never holds on to."""
 import numpy as np
 import pytest
 
@@ -81,6 +82,42 @@ def test_other_objects_and_errors_take_the_full_path(mods):
     fresh = cm.backward(p, x2, y)      # no grads=: a result of its own, never the kept buffer
     assert fresh[1] is not g
     _same(fresh, _ref(npm, p, x2, y))
+
+
+def test_fresh_results_take_the_lean_path_too(mods):
+    cm, npm = mods
+    rng = np.random.default_rng(4)
+    p = cm.init_params(4)
+    x, y = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    first = cm.backward(p, x, y)
+    assert cm._LAST[0] is p and cm._LAST[1] is None and cm._LAST[2] is x   # not the result
+    want = _ref(npm, p, x, y)
+    _same(first, want)
+    x[0, 0] = 3.0                      # the lean path, contents changed: a result of its own
+    second = cm.backward(p, x, y)
+    assert second[1] is not first[1]
+    _same(first, want)                 # the kept result is never changed by a later call
+    _same(second, _ref(npm, p, x, y))
+    del first, second
+    ids = {id(cm.backward(p, x, y)[1]) for _ in range(6)}
+    assert len(ids) <= 2               # results nothing refers to are recycled (a ring of two)
+    p.flat[0] += 0.5
+    _same(cm.backward(p, x, y), _ref(npm, p, x, y))
+    y.shape = (2, 4)
+    with pytest.raises(ValueError, match="shape"):
+        cm.backward(p, x, y)
+    y.shape = (4, 2)
+    _same(cm.backward(p, x, y), _ref(npm, p, x, y))
+    x.dtype = np.int64
+    _same(cm.backward(p, x, y), _ref(npm, p, x.astype(np.float64), y))
+    x.dtype = np.float64
+    g = cm.Params()                    # a kept buffer after fresh calls, and fresh calls after it
+    _same(cm.backward(p, x, y, grads=g), _ref(npm, p, x, y))
+    assert cm.backward(p, x, y)[1] is not g
+    assert cm.backward(p, x, y, grads=g)[1] is g
+    p["W1"] = p["W1"] * 2              # an entry replaced: the full path, every call
+    _same(cm.backward(p, x, y), _ref(npm, p, x, y))
+    _same(cm.backward(p, x, y), _ref(npm, p, x, y))
 
 
 def test_parameters_and_gradients_in_one_buffer(mods):

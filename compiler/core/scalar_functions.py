@@ -148,13 +148,6 @@ def _erf(x):
     return _erf_scalar(x).astype(x.dtype)"""
 
 # C helpers: $real is the element type, $fs the suffix of its math functions (expf, ...)
-_C_SOFTPLUS = """\
-/* log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)): finite for every finite x */
-static $real bpc_softplus$fs($real x)
-{
-    return (x > 0 ? x : ($real)0) + log1p$fs(exp$fs(-fabs$fs(x)));
-}"""
-
 _C_RELU = """\
 /* max(x, 0), propagating nan like numpy.maximum */
 static $real bpc_relu$fs($real x)
@@ -203,7 +196,7 @@ def _libm(sympy, c, derivative, domain=(-3.0, 3.0), numpy=None, **columns):
 # helpers are defined in table order
 SCALAR_FUNCTIONS = (
     _libm(sp.exp, "bpc_exp", Y, c_helper=scalar_c_math.c_exp, activation="glorot"),
-    _libm(sp.log, "log", 1 / X, domain=(0.1, 5.0)),
+    _libm(sp.log, "bpc_log", 1 / X, domain=(0.1, 5.0), c_helper=scalar_c_math.c_log),
     _libm(sp.tanh, "bpc_tanh", 1 - Y**2, c_helper=scalar_c_math.c_tanh, activation="glorot"),
     _libm(sp.sinh, "sinh", sp.cosh(X)),
     _libm(sp.cosh, "cosh", sp.sinh(X)),
@@ -216,7 +209,7 @@ SCALAR_FUNCTIONS = (
     _entry(sigmoid, Y * (1 - Y), numpy="_sigmoid({0})", numpy_helper=_NUMPY_SIGMOID, c="bpc_sigmoid",
            c_helper=scalar_c_math.c_sigmoid, spec_names=("sigmoid",), definition=1 / (1 + sp.exp(-X)), activation="glorot"),
     _entry(softplus, sigmoid(X), numpy="np.logaddexp(0.0, {0})", numpy_out=True, c="bpc_softplus",
-           c_helper=_C_SOFTPLUS, spec_names=("softplus",), definition=sp.log(1 + sp.exp(X)), activation="he"),
+           c_helper=scalar_c_math.c_softplus, spec_names=("softplus",), definition=sp.log(1 + sp.exp(X)), activation="he"),
     _entry(relu, step(Y), numpy="np.maximum({0}, 0.0)", numpy_out=True, c="bpc_relu", c_helper=_C_RELU,
            spec_names=("relu",), definition=sp.Max(0, X), activation="he"),
     # sign and step are flat almost everywhere: 0, as the derivative of relu at its kink;

@@ -144,6 +144,12 @@ class CStatements:
     def lit(self, value):
         return self.printer({})._lit(value)
 
+    def exp(self):
+        """The name of the vectorisable exp (compiler/core/scalar_c_math.py) that op statements
+        call in their loops (libm's exp keeps a loop scalar)."""
+        self.helpers.add("exp")
+        return f"bpc_exp{self.fs}"
+
     def name(self, node, use=True):
         """The C name of ``node``; ``use``: the code being written refers to it."""
         cname = self.cnames[node.uid]

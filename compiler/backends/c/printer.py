@@ -90,7 +90,7 @@ class CPrinter(StrPrinter):
         if ex == -sp.Rational(1, 2):
             return f"{one}/sqrt{self.fsuffix}({self._print(base)})"
         if base == sp.E:
-            return f"exp{self.fsuffix}({self._print(ex)})"
+            return self._print(sp.exp(ex, evaluate=False))   # the table's (vectorisable) exp
         return f"pow{self.fsuffix}({self._print(base)}, {self._print(ex)})"
 
     def _print_Function(self, e):

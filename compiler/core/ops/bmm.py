@@ -4,7 +4,9 @@ transpose the last two axes of a/b (``Q @ K.mT``, the scores of attention, is
 ``bmm(Q, K, tb=True)``). The adjoint is two batched products, as for ``matmul``.
 
 NumPy: one ``np.matmul`` over the whole batch (no Python loop over samples or heads); C: a
-loop over the leading axes around the matrix product.
+loop over the leading axes around the matrix product: one gemm call per leading index when the
+build has an optimised BLAS and each product is large enough (``BPC_GEMM``, the threshold of
+``matmul``'s: templates/c_model.c.j2), the portable loops otherwise.
 """
 from __future__ import annotations
 
@@ -68,6 +70,20 @@ def _c(st, node):
     A = (lambda i, kk: f"_a[{kk}*{m} + {i}]") if ta else (lambda i, kk: f"_a[{i}*{k} + {kk}]")
     B = (lambda kk, j: f"_b[{j}*{k} + {kk}]") if tb else (lambda kk, j: f"_b[{kk}*{p} + {j}]")
     real = st.real
+    loops = _loops(st, node, A, B, out, real, batch, sa, sb, m, p, k)
+    st.uses_gemm = True
+    return ([f"if (BPC_GEMM({m}, {p}, {k})) {{",
+             f"    for (size_t _q = 0; _q < {batch}; _q++)",
+             f"        bpc_gemm({int(ta)}, {int(tb)}, {m}, {p}, {k}, {st.name(a)} + _q*{sa}, {st.name(b)} + _q*{sb}, "
+             f"{out} + _q*{m * p});",
+             "} else {"]
+            + ["    " + line for line in loops] + ["}"])
+
+
+def _loops(st, node, A, B, out, real, batch, sa, sb, m, p, k):
+    """The products as portable loops (C99; gcc -O3 vectorises the innermost loop)."""
+    a, b = node.inputs
+    tb = node.attr("tb")
     head = [f"for (size_t _q = 0; _q < {batch}; _q++) {{",
             f"    const {real} *const _a = {st.name(a)} + _q*{sa};",
             f"    const {real} *const _b = {st.name(b)} + _q*{sb};",

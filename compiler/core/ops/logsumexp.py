@@ -69,7 +69,7 @@ def _flat_lse_c(st, node):
     rows, k, zij, head = _flat_row_max(st, node.inputs[0])
     return [f"for (size_t _i = 0; _i < {rows}; _i++) {{", *head,
             f"    {st.real} _s = {st.lit(0)};",
-            f"    for (size_t _j = 0; _j < {k}; _j++) _s += exp{st.fs}({zij} - _m);",
+            f"    for (size_t _j = 0; _j < {k}; _j++) _s += {st.exp()}({zij} - _m);",
             f"    {st.name(node)}[_i] = _m + log{st.fs}(_s);", "}"]
 
 
@@ -80,7 +80,7 @@ def _lse_c(st, node):
     k, zij, head = st.row_max(z)
     return ["for (size_t _i = 0; _i < n; _i++) {", *head,
             f"    {st.real} _s = {st.lit(0)};",
-            f"    for (size_t _j = 0; _j < {k}; _j++) _s += exp{st.fs}({zij} - _m);",
+            f"    for (size_t _j = 0; _j < {k}; _j++) _s += {st.exp()}({zij} - _m);",
             f"    {st.name(node)}[_i] = _m + log{st.fs}(_s);", "}"]
 
 
@@ -128,7 +128,7 @@ def _flat_softmax_c(st, node):
     out = f"{st.name(node)}[_i*{k} + _j]"
     return [f"for (size_t _i = 0; _i < {rows}; _i++) {{", *head,
             f"    {st.real} _s = {st.lit(0)};",
-            f"    for (size_t _j = 0; _j < {k}; _j++) {{ {out} = exp{st.fs}({zij} - _m); _s += {out}; }}",
+            f"    for (size_t _j = 0; _j < {k}; _j++) {{ {out} = {st.exp()}({zij} - _m); _s += {out}; }}",
             f"    for (size_t _j = 0; _j < {k}; _j++) {out} /= _s;", "}"]
 
 
@@ -140,7 +140,7 @@ def _softmax_c(st, node):
     out = f"{st.name(node)}[_i*{k} + _j]"
     return ["for (size_t _i = 0; _i < n; _i++) {", *head,
             f"    {st.real} _s = {st.lit(0)};",
-            f"    for (size_t _j = 0; _j < {k}; _j++) {{ {out} = exp{st.fs}({zij} - _m); _s += {out}; }}",
+            f"    for (size_t _j = 0; _j < {k}; _j++) {{ {out} = {st.exp()}({zij} - _m); _s += {out}; }}",
             f"    for (size_t _j = 0; _j < {k}; _j++) {out} /= _s;", "}"]
 
 

@@ -104,6 +104,13 @@ def _sum_c(st, node):
         return st.block([f"{st.real} _s = {st.lit(0)};"] + st.loops(x.shape, [f"_s += {value};"]) +
                         [f"{st.target(node, [])} = _s;"])
     out_idx = [i for a, i in enumerate(idx) if a not in axes]
+    keep = len(x.shape) - len(axes)
+    if sorted(axes) == list(range(keep, len(x.shape))):
+        # the trailing axes: each sum in a local, in the same order (a loop gcc vectorises;
+        # an accumulation into memory stays scalar)
+        inner = st.loops(x.shape[keep:], [f"_s += {value};"], idx[keep:])
+        return st.loops(x.shape[:keep], [f"{st.real} _s = {st.lit(0)};", *inner,
+                                         f"{st.target(node, out_idx)} = _s;"])
     zero = [f"for (size_t _i = 0; _i < {st.size_code(node.shape)}; _i++) {st.name(node)}[_i] = {st.lit(0)};"]
     return zero + st.loops(x.shape, [f"{st.target(node, out_idx)} += {value};"])
 

@@ -180,7 +180,7 @@ def _grad_numpy(st, node):
 def _flat_grad_c(st, node):
     z, l, y, g = node.inputs
     rows, k = flat_rows(st, z)
-    e = f"exp{st.fs}({st.name(z)}[_i*{k} + _j] - {st.name(l)}[_i])"
+    e = f"{st.exp()}({st.name(z)}[_i*{k} + _j] - {st.name(l)}[_i])"
     if node.attr("kind") == "label":
         e = f"{e} - ((size_t){st.name(y)}[_i] == _j ? {st.lit(1)} : {st.lit(0)})"
     else:
@@ -195,7 +195,7 @@ def _grad_c(st, node):
     if len(node.shape) > 2:
         return _flat_grad_c(st, node)
     k = st.dims(z.shape)[1]
-    e = f"exp{st.fs}({st.elem(z, ['_i', '_j'])} - {st.elem(l, ['_i'])})"
+    e = f"{st.exp()}({st.elem(z, ['_i', '_j'])} - {st.elem(l, ['_i'])})"
     if node.attr("kind") == "label":
         e = f"{e} - ((size_t){st.name(y)}[_i] == _j ? {st.lit(1)} : {st.lit(0)})"
     else:
