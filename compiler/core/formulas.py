@@ -4,6 +4,7 @@ and the CLI print the same formulas.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import sympy as sp
@@ -34,7 +35,14 @@ class FormulaPrinter(StrPrinter):
 
 
 def print_formula(expr, symbols):
-    expr, table = _named(expr, symbols)
+    return _print_formula(expr, tuple(symbols.items()))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _print_formula(expr, symbols):
+    # memoised: the comments of forward, backward, per_example_grads, hvp and gnvp repeat the
+    # formulas of their shared values over the same names
+    expr, table = _named(expr, dict(symbols))
     return FormulaPrinter(table).doprint(expr)
 
 

@@ -153,10 +153,24 @@ def _srepr(expr):
     return sp.srepr(expr)
 
 
+_DIM_TEXT = {}
+
+
+def _dim_text(d):
+    # str(N) goes through SymPy's printer: a tenth of a large model's compile when done per node
+    try:
+        return _DIM_TEXT[d]
+    except KeyError:
+        text = _DIM_TEXT[d] = str(d)
+        return text
+    except TypeError:          # unhashable: not a dimension this IR makes, printed as it is
+        return str(d)
+
+
 def make(op, inputs, shape, attrs=()):
     """Create a node, or return the existing node with the same op, inputs, shape and attrs."""
     attrs = tuple(sorted(attrs, key=lambda kv: kv[0]))
-    text = repr((op, [i.digest for i in inputs], [str(d) for d in shape],
+    text = repr((op, [i.digest for i in inputs], [_dim_text(d) for d in shape],
                  [(k, _srepr(v) if isinstance(v, sp.Basic) else repr(v)) for k, v in attrs]))
     digest = hashlib.sha1(text.encode()).hexdigest()[:20]
     node = _intern.get(digest)

@@ -35,21 +35,38 @@ def use_counts(outputs):
     return order, count
 
 
-def fuse(outputs, names):
+def fuse(outputs, names, cache=None):
     """Fold single-use elementwise nodes and broadcast constants into their elementwise users.
 
-    Returns (new outputs, names carried over to the new nodes).
+    Returns (new outputs, names carried over to the new nodes). ``cache``: a dict shared by
+    the fusions of several graphs over the same nodes (backward, per-example gradients, hvp and
+    gnvp each fuse the loss and its gradients): a node whose inputs fused to the same nodes,
+    with the same single uses, fuses to the same node, built once.
     """
     order, count = use_counts(outputs)
+    cache = {} if cache is None else cache
     memo = {}
     new_names = {}
     for node in order:
-        if node.op == "ew" and node.inputs:
-            new = _fuse_ew(node, memo, count)
-        elif node.op == "sum":
-            new = ir.reduce_sum(memo[node.inputs[0].uid], node.attr("axes"))
+        if not node.inputs:
+            new = node
         else:
-            new = ir.make(node.op, [memo[i.uid] for i in node.inputs], node.shape, node.attrs)
+            new_inputs = [memo[i.uid] for i in node.inputs]
+            if node.op == "ew":
+                key = (node.uid, tuple(i.uid for i in new_inputs), tuple(count[i.uid] == 1 for i in node.inputs))
+            else:
+                key = (node.uid, tuple(i.uid for i in new_inputs))
+            new = cache.get(key)
+            if new is None:
+                if node.op == "ew":
+                    new = _fuse_ew(node, memo, count)
+                elif node.op == "sum":
+                    new = ir.reduce_sum(new_inputs[0], node.attr("axes"))
+                elif all(a is b for a, b in zip(new_inputs, node.inputs)):
+                    new = node      # what make would return: the same op on the same inputs
+                else:
+                    new = ir.make(node.op, new_inputs, node.shape, node.attrs)
+                cache[key] = new
         memo[node.uid] = new
         if node.digest in names:
             new_names.setdefault(new.digest, names[node.digest])

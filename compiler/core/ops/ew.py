@@ -86,19 +86,34 @@ def _partial(partials, expr, i, y, reuse):
     return d
 
 
+_Y = sp.Symbol("_y", real=True)     # the forward output in a partial derivative
+
+
+@functools.lru_cache(maxsize=4096)
+def _partials_of(expr):
+    return _Partials(expr)
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def partial(expr, i):
+    """d expr / d ARG[i], the forward output written ``_y`` where it occurs (see _partial);
+    memoised: the layers of a deep network repeat the same expressions, and the adjoint rule,
+    the tangent rule (hvp, gnvp) and the per-example rules all take the same partials."""
+    reuse = not expr.is_Symbol and not expr.is_Add
+    return _partial(_partials_of(expr), expr, i, _Y, reuse)
+
+
 def _ew_rule(node, g, wants):
     expr = node.attr("expr")
     k = len(node.inputs)
-    y = sp.Symbol("_y", real=True)
-    partials = _Partials(expr)
-    reuse = not expr.is_Symbol and not expr.is_Add
+    y = _Y
     position = {ARG[i]: i for i in range(k)}
     out = []
     for i, inp in enumerate(node.inputs):
         if not wants[i]:
             out.append(None)
             continue
-        d = _partial(partials, expr, i, y, reuse)
+        d = partial(expr, i)
         # bind only the inputs the derivative uses: the term of one input of a big sum needs
         # few of them, and binding all k for each input would be quadratic in k
         used = sorted((position[s] for s in d.free_symbols if s in position))
@@ -117,15 +132,13 @@ def _ew_jvp(node, t):
         return None
     expr = node.attr("expr")
     k = len(node.inputs)
-    y = sp.Symbol("_y", real=True)
-    partials = _Partials(expr)
-    reuse = not expr.is_Symbol and not expr.is_Add
+    y = _Y
     args = [*node.inputs, node]
     terms = []
     for i, ti in enumerate(t):
         if ti is None:
             continue
-        d = _partial(partials, expr, i, y, reuse).xreplace({y: ARG[k]})
+        d = partial(expr, i).xreplace({y: ARG[k]})
         if d == 0:
             continue
         terms.append(ARG[len(args)] * d)
