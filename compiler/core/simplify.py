@@ -15,6 +15,7 @@ outputs, and zero adjoints were never built. What is left here:
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import sympy as sp
@@ -153,9 +154,24 @@ def _split_ew(expr, inputs, shape):
     return _bind(rebuilt[expr], bound, shape)
 
 
+def rebind(node, inputs):
+    """The elementwise ``node`` over new ``inputs`` (one per input, same shapes): what
+    ``ir.ew(expr, inputs)`` gives, without walking the expression when the new inputs keep
+    the canonical order (ascending digests, no two the same) that ``ir.ew`` would sort them into."""
+    digests = [i.digest for i in inputs]
+    if all(a < b for a, b in zip(digests, digests[1:])):
+        return ir.make("ew", inputs, node.shape, node.attrs)
+    return ir.ew(node.attr("expr"), inputs, shape=node.shape)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _stabilized(expr):
+    return stabilize(expr)
+
+
 def _fuse_ew(node, memo, count):
     expr = node.attr("expr")
-    args, subs = [], {}
+    args, subs, folded = [], {}, False
     top = height(expr)
     for i, inp in enumerate(node.inputs):
         new_inp = memo[inp.uid]
@@ -165,6 +181,7 @@ def _fuse_ew(node, memo, count):
             inline = (top + height(new_inp.attr("expr")) - 1 <= MAX_FUSED_HEIGHT
                       and len(args) + len(new_inp.inputs) + len(node.inputs) - i - 1 <= MAX_FUSED_INPUTS)
         if inline:
+            folded = True
             child = new_inp.attr("expr")
             offset = len(args)
             subs[ARG[i]] = child.xreplace({ARG[j]: _tmp(offset + j) for j in range(len(new_inp.inputs))})
@@ -172,8 +189,14 @@ def _fuse_ew(node, memo, count):
         else:
             subs[ARG[i]] = _tmp(len(args))
             args.append(new_inp)
+    if not folded:
+        # nothing folded in: the expression is the node's own (over the same positions)
+        fused = _stabilized(expr)
+        if fused == expr:
+            return rebind(node, args)
+        return ir.ew(fused, args, shape=node.shape)
     fused = expr.xreplace(subs).xreplace({_tmp(j): ARG[j] for j in range(len(args))})
-    return ir.ew(stabilize(fused), args, shape=node.shape)
+    return ir.ew(_stabilized(fused), args, shape=node.shape)
 
 
 _TMP = ir.Symbols("_f")
@@ -218,31 +241,67 @@ _LEAF = ir.Symbols("_u")     # an input of the graph, by position in the node or
 _SHARED = ir.Symbols("_h")   # a shared subexpression
 
 
-def share(outputs, names):
+class ShareCache:
+    """What ``share`` computes per node, kept across the graphs of one program (backward,
+    per-example gradients, hvp, gnvp share most of their nodes): each node's symbol ``_u<k>``
+    (k: the order in which nodes were first seen, which is the position in the first graph),
+    each elementwise node's expression over its inputs' symbols, and its costly subexpressions."""
+
+    def __init__(self):
+        self.index = {}       # uid -> k of its symbol _LEAF[k]
+        self.nodes = []       # k -> node
+        self.exprs = {}       # uid -> (expression over _LEAF symbols, its costly subexpressions)
+
+    def see(self, order):
+        for n in order:
+            if n.uid not in self.index:
+                self.index[n.uid] = len(self.nodes)
+                self.nodes.append(n)
+
+    def expr(self, n):
+        hit = self.exprs.get(n.uid)
+        if hit is None:
+            e = n.attr("expr").xreplace({ARG[i]: _LEAF[self.index[a.uid]] for i, a in enumerate(n.inputs)})
+            hit = self.exprs[n.uid] = (e, _keys(e))
+        return hit
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _share_rank(key):
+    # larger first (sympy's count_ops, then the printed form: a deterministic order)
+    return -sp.count_ops(key), -len(key.args), sp.srepr(key)
+
+
+def share(outputs, names, cache=None):
     """Compute once what several elementwise nodes compute: the forward's ``tanh`` of a GELU
     that its derivative needs again, ``x**3`` of a polynomial model in the prediction and in a
     gradient. A costly subexpression (see ``_costly``) of the same values in two or more
     elementwise nodes becomes a node of its own, which they then read; larger ones first, so
     ``tanh(k*(Z + 0.044715*Z**3))`` is shared whole, and ``Z**3`` too if it is also used apart.
 
-    Returns (new outputs, names: the shared nodes are named after what they compute)."""
+    Returns (new outputs, names: the shared nodes are named after what they compute).
+    ``cache``: a ShareCache shared by the graphs of one program.
+    """
+    cache = ShareCache() if cache is None else cache
     order = ir.topo_order(outputs)
+    cache.see(order)
     position = {n.uid: k for k, n in enumerate(order)}
     ew_nodes = [n for n in order if n.op == "ew" and n.inputs]
-    # each elementwise expression over its inputs' positions in the graph, so that equal
-    # subexpressions of different nodes are equal expressions
-    exprs = {n.uid: n.attr("expr").xreplace({ARG[i]: _LEAF[position[a.uid]] for i, a in enumerate(n.inputs)})
-             for n in ew_nodes}
-    holders = {}
-    for uid, e in exprs.items():
-        for key in _keys(e):
-            holders.setdefault(key, []).append(uid)
+    # each elementwise expression over its inputs' symbols, so that equal subexpressions of
+    # different nodes are equal expressions
+    exprs, holders = {}, {}
+    for n in ew_nodes:
+        e, keys = cache.expr(n)
+        exprs[n.uid] = e
+        for key in keys:
+            holders.setdefault(key, []).append(n.uid)
     shared = [k for k, us in holders.items() if len(us) >= 2]
     if not shared:
         return list(outputs), names
-    # larger first (sympy's count_ops, then the printed form: a deterministic order)
-    shared.sort(key=lambda k: (-sp.count_ops(k), -len(k.args), sp.srepr(k)))
+    # larger first; equal ranks hold none of each other, so their order changes no result
+    shared.sort(key=_share_rank)
     hoisted = {}                      # symbol -> its expression (over _u and earlier _h symbols)
+    changed = set()                   # uids whose expression now reads a shared value
     for key in shared:
         users = [uid for uid in holders[key] if exprs[uid].has(key)]
         users += [s for s, e in hoisted.items() if e.has(key)]
@@ -253,6 +312,7 @@ def share(outputs, names):
         hoisted[sym] = key
         for uid in holders[key]:
             exprs[uid] = exprs[uid].xreplace({key: sym})
+            changed.add(uid)
     if not hoisted:
         return list(outputs), names
 
@@ -266,32 +326,36 @@ def share(outputs, names):
 
     def bound(sym):
         if sym.name.startswith(_LEAF.prefix):
-            return memo[order[int(sym.name[len(_LEAF.prefix):])].uid]
+            return memo[cache.nodes[int(sym.name[len(_LEAF.prefix):])].uid]
         if sym not in made:
             made[sym] = bind(hoisted[sym])
-            new_names.setdefault(made[sym].digest, _shared_name(hoisted[sym], order, new_names))
+            new_names.setdefault(made[sym].digest,
+                                 _shared_name(hoisted[sym], lambda k: order[k], position, cache, new_names))
         return made[sym]
 
     made = {}
     for node in order:
-        if node.uid in exprs:
-            e = exprs[node.uid]
-            new = bind(e, node.shape)
-        elif node.inputs:
+        same_inputs = all(memo[i.uid] is i for i in node.inputs)
+        if node.uid in changed:
+            new = bind(exprs[node.uid], node.shape)
+        elif node.uid in exprs and not same_inputs:
+            new = rebind(node, [memo[i.uid] for i in node.inputs])
+        elif node.inputs and not same_inputs:
             new = ir.make(node.op, [memo[i.uid] for i in node.inputs], node.shape, node.attrs)
         else:
-            new = node
+            new = node        # what binding or making it again would give: nothing it reads changed
         memo[node.uid] = new
         if node.digest in names:
             new_names.setdefault(new.digest, names[node.digest])
     return [memo[o.uid] for o in outputs], new_names
 
 
-def _shared_name(expr, order, names):
-    """``x_pow3`` for x**3, ``tanh_Z1`` for tanh(...Z1...): what a shared value computes."""
-    leaves = sorted((s for s in expr.free_symbols if s.name.startswith(_LEAF.prefix)),
-                    key=lambda s: int(s.name[len(_LEAF.prefix):]))
-    base = names.get(order[int(leaves[0].name[len(_LEAF.prefix):])].digest, "t") if leaves else "t"
+def _shared_name(expr, at, position, cache, names):
+    """``x_pow3`` for x**3, ``tanh_Z1`` for tanh(...Z1...): what a shared value computes (named
+    after the first of its inputs in the graph's order)."""
+    leaves = sorted(position[cache.nodes[int(s.name[len(_LEAF.prefix):])].uid]
+                    for s in expr.free_symbols if s.name.startswith(_LEAF.prefix))
+    base = names.get(at(leaves[0]).digest, "t") if leaves else "t"
     if isinstance(expr, sp.Pow) and expr.exp.is_Integer:
         return f"{base}_pow{expr.exp}" if expr.exp > 0 else f"{base}_pow_m{-expr.exp}"
     if isinstance(expr, sp.Pow):
