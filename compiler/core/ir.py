@@ -133,7 +133,7 @@ def _operators():
 def format_shape(shape):
     """``(n, 3)``, ``(4,)``, ``()``: a shape as a Python tuple (the batch axis is ``n``), the same
     text in messages, in ``bpc show`` and in generated code."""
-    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+    return "(" + ", ".join(_dim_text(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 def size_of(shape):
