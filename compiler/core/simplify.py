@@ -250,7 +250,8 @@ class ShareCache:
     def __init__(self):
         self.index = {}       # uid -> k of its symbol _LEAF[k]
         self.nodes = []       # k -> node
-        self.exprs = {}       # uid -> (expression over _LEAF symbols, its costly subexpressions)
+        self.exprs = {}       # uid -> expression over _LEAF symbols (made when needed)
+        self.keys_of = {}     # uid -> its costly subexpressions over _LEAF symbols
 
     def see(self, order):
         for n in order:
@@ -258,12 +259,32 @@ class ShareCache:
                 self.index[n.uid] = len(self.nodes)
                 self.nodes.append(n)
 
+    def keys(self, n):
+        """The costly subexpressions of n's expression, over its inputs' symbols."""
+        hit = self.keys_of.get(n.uid)
+        if hit is None:
+            keys = _arg_keys(n.attr("expr"))
+            if keys:
+                to_leaf = self._to_leaf(n)
+                keys = tuple(k.xreplace(to_leaf) for k in keys)
+            hit = self.keys_of[n.uid] = keys
+        return hit
+
     def expr(self, n):
+        """n's expression over its inputs' symbols."""
         hit = self.exprs.get(n.uid)
         if hit is None:
-            e = n.attr("expr").xreplace({ARG[i]: _LEAF[self.index[a.uid]] for i, a in enumerate(n.inputs)})
-            hit = self.exprs[n.uid] = (e, _keys(e))
+            hit = self.exprs[n.uid] = n.attr("expr").xreplace(self._to_leaf(n))
         return hit
+
+    def _to_leaf(self, n):
+        return {ARG[i]: _LEAF[self.index[a.uid]] for i, a in enumerate(n.inputs)}
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _arg_keys(expr):
+    # per expression: the layers of a deep network repeat the same elementwise expressions
+    return tuple(_keys(expr))
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -289,11 +310,17 @@ def share(outputs, names, cache=None):
     ew_nodes = [n for n in order if n.op == "ew" and n.inputs]
     # each elementwise expression over its inputs' symbols, so that equal subexpressions of
     # different nodes are equal expressions
+    by_uid = {n.uid: n for n in ew_nodes}
     exprs, holders = {}, {}
+
+    def expr(uid):
+        e = exprs.get(uid)
+        if e is None:
+            e = exprs[uid] = cache.expr(by_uid[uid])
+        return e
+
     for n in ew_nodes:
-        e, keys = cache.expr(n)
-        exprs[n.uid] = e
-        for key in keys:
+        for key in cache.keys(n):
             holders.setdefault(key, []).append(n.uid)
     shared = [k for k, us in holders.items() if len(us) >= 2]
     if not shared:
@@ -303,7 +330,7 @@ def share(outputs, names, cache=None):
     hoisted = {}                      # symbol -> its expression (over _u and earlier _h symbols)
     changed = set()                   # uids whose expression now reads a shared value
     for key in shared:
-        users = [uid for uid in holders[key] if exprs[uid].has(key)]
+        users = [uid for uid in holders[key] if expr(uid).has(key)]
         users += [s for s, e in hoisted.items() if e.has(key)]
         if len(users) < 2:
             continue
@@ -311,7 +338,7 @@ def share(outputs, names, cache=None):
         hoisted = {s: e.xreplace({key: sym}) for s, e in hoisted.items()}
         hoisted[sym] = key
         for uid in holders[key]:
-            exprs[uid] = exprs[uid].xreplace({key: sym})
+            exprs[uid] = expr(uid).xreplace({key: sym})
             changed.add(uid)
     if not hoisted:
         return list(outputs), names
@@ -338,7 +365,7 @@ def share(outputs, names, cache=None):
         same_inputs = all(memo[i.uid] is i for i in node.inputs)
         if node.uid in changed:
             new = bind(exprs[node.uid], node.shape)
-        elif node.uid in exprs and not same_inputs:
+        elif node.uid in by_uid and not same_inputs:
             new = rebind(node, [memo[i.uid] for i in node.inputs])
         elif node.inputs and not same_inputs:
             new = ir.make(node.op, [memo[i.uid] for i in node.inputs], node.shape, node.attrs)

@@ -48,12 +48,19 @@ def ew(expr, inputs, shape=None):
     if subs:
         expr = expr.xreplace(subs)
     keep = sorted(first_of.items(), key=lambda kv: inputs[kv[1]].digest)  # canonical order
-    renum = {ARG[i]: ARG[j] for j, (_, i) in enumerate(keep)}
-    expr = expr.xreplace(renum)
+    if any(i != j for j, (_, i) in enumerate(keep)):
+        expr = _renumbered(expr, tuple(i for _, i in keep))
     new_inputs = tuple(inputs[i] for _, i in keep)
     if expr == ARG[0] and len(new_inputs) == 1 and new_inputs[0].shape == out_shape:
         return new_inputs[0]
     return make("ew", new_inputs, out_shape, (("expr", expr),))
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _renumbered(expr, order):
+    """``expr`` with ARG[order[j]] renamed ARG[j]: the same few expressions over inputs in
+    another order recur in every layer."""
+    return expr.xreplace({ARG[i]: ARG[j] for j, i in enumerate(order)})
 
 
 def unbroadcast(contrib, arg_shape):
