@@ -123,6 +123,7 @@ class Formulas:
     def __init__(self, program):
         self.p = program
         self._lines = {}
+        self._chains = {}
         self._forward = None
 
     def _name(self, node, latex):
@@ -170,8 +171,10 @@ class Formulas:
         # to its own length (a walk of the whole graph per parameter is quadratic)
         if self._forward is None:
             self._forward = frozenset(n.uid for n in ir.topo_order([self.p.loss]))
-        nodes = [n for n in ir.topo_order([grad], stop=self._forward)
-                 if n.uid in self.p.backward_only and n.uid not in self.p.inline]
+        nodes = self._chains.get(grad.uid)
+        if nodes is None:     # (once per gradient: its text and its LaTeX walk the same chain)
+            nodes = self._chains[grad.uid] = [n for n in ir.topo_order([grad], stop=self._forward)
+                                              if n.uid in self.p.backward_only and n.uid not in self.p.inline]
         if not latex:
             return [self.line(n) for n in nodes]
         # for people: reshapes are not lines (see operand), and a gradient that reshapes the
