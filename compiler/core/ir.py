@@ -35,6 +35,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import sympy as sp
+from sympy.printing.repr import ReprPrinter
 
 from compiler.errors import ShapeError
 
@@ -147,10 +148,30 @@ def size_of(shape):
 _intern = weakref.WeakValueDictionary()
 
 
+class _MemoRepr(ReprPrinter):
+    """SymPy's ``srepr``, each subexpression printed once per process: the expressions that
+    simplification makes (fusing, sharing, renumbering inputs) are mostly new combinations of
+    subexpressions printed before."""
+
+    _memo = {}
+
+    def _print(self, expr, **kwargs):
+        if kwargs or not isinstance(expr, sp.Basic) or not expr.args:
+            return super()._print(expr, **kwargs)
+        key = (type(expr), expr)
+        text = self._memo.get(key)
+        if text is None:
+            text = super()._print(expr)
+            if len(self._memo) >= 1 << 16:
+                self._memo.clear()
+            self._memo[key] = text
+        return text
+
+
 @functools.lru_cache(maxsize=16384)
 def _srepr(expr):
     # the same few expressions recur in every layer of a deep network: printed once each
-    return sp.srepr(expr)
+    return _MemoRepr().doprint(expr)
 
 
 _DIM_TEXT = {}
