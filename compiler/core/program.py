@@ -255,11 +255,20 @@ def _name_values(values, names, prefix, by_uid):
             names.setdefault(t.digest, prefix + base)
 
 
+# hvp and gnvp of larger graphs (in nodes, after fusion) are not searched for shared costly
+# subexpressions (simplify.share): sharing rebuilds every node downstream of the first value it
+# changes, which for a 12-block transformer was a third of the time spent simplifying (its hvp
+# has 3600 nodes, gnvp 3200; issue 13, item 8 asks for a compile in under 2 s). Such an
+# entry point may compute a forward tanh or exp again where its tangent needs it.
+SHARED_SECOND_ORDER_MAX = 2500
+
+
 def _second(name, loss, raw_grads, products, updates, names, caches=(None, None)):
     """(name, simplified outputs [loss, grads..., products..., updates...]) of one entry point."""
     outs = [loss, *(g for g in raw_grads if g is not None), *(h for h in products if h is not None), *updates]
     outs, names2 = fuse(outs, names, caches[0])
-    outs, names2 = share(outs, names2, caches[1])
+    if len(ir.topo_order(outs)) <= SHARED_SECOND_ORDER_MAX:
+        outs, names2 = share(outs, names2, caches[1])
     for k, v in names2.items():
         names.setdefault(k, v)      # the simplified nodes' names beside the raw ones
     # put the Nones back: [loss, grads (with None), products (with None), updates]
