@@ -138,21 +138,30 @@ def _ew_jvp(node, t):
     if not any(ti is not None for ti in t):
         return None
     expr = node.attr("expr")
-    k = len(node.inputs)
-    y = _Y
-    args = [*node.inputs, node]
-    terms = []
-    for i, ti in enumerate(t):
-        if ti is None:
+    tangent, used = _tangent(expr, len(node.inputs), tuple(ti is not None for ti in t))
+    if tangent is None:
+        return None
+    return ir.ew(tangent, [*node.inputs, node, *(t[i] for i in used)], shape=node.shape)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _tangent(expr, k, has):
+    """(sum over inputs i with a tangent (``has[i]``) of d expr/d ARG[i] * ARG[k + 1 + j], the
+    inputs i whose term is not zero, in order: j counts them), or (None, ()); the forward output
+    is ARG[k]. Memoised: every block of a deep network has the same expressions, and SymPy
+    evaluates each function again as it substitutes."""
+    terms, used = [], []
+    for i, has_tangent in enumerate(has):
+        if not has_tangent:
             continue
-        d = partial(expr, i).xreplace({y: ARG[k]})
+        d = partial(expr, i).xreplace({_Y: ARG[k]})
         if d == 0:
             continue
-        terms.append(ARG[len(args)] * d)
-        args.append(ti)
+        terms.append(ARG[k + 1 + len(used)] * d)
+        used.append(i)
     if not terms:
-        return None
-    return ir.ew(sp.Add(*terms), args, shape=node.shape)
+        return None, ()
+    return sp.Add(*terms), tuple(used)
 
 
 class _Partials:
