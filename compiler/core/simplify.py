@@ -171,32 +171,51 @@ def _stabilized(expr):
 
 def _fuse_ew(node, memo, count):
     expr = node.attr("expr")
-    args, subs, folded = [], {}, False
-    top = height(expr)
+    args, pattern = [], []
+    top = _height(expr)
     for i, inp in enumerate(node.inputs):
         new_inp = memo[inp.uid]
         inline = new_inp.op == "ew" and (not new_inp.inputs or (count[inp.uid] == 1 and new_inp.shape == node.shape))
         if inline and new_inp.inputs:
             # an upper bound of the fused height: the child replaces a leaf of this expression
-            inline = (top + height(new_inp.attr("expr")) - 1 <= MAX_FUSED_HEIGHT
+            inline = (top + _height(new_inp.attr("expr")) - 1 <= MAX_FUSED_HEIGHT
                       and len(args) + len(new_inp.inputs) + len(node.inputs) - i - 1 <= MAX_FUSED_INPUTS)
         if inline:
-            folded = True
-            child = new_inp.attr("expr")
-            offset = len(args)
-            subs[ARG[i]] = child.xreplace({ARG[j]: _tmp(offset + j) for j in range(len(new_inp.inputs))})
+            pattern.append((new_inp.attr("expr"), len(new_inp.inputs)))
             args.extend(new_inp.inputs)
         else:
-            subs[ARG[i]] = _tmp(len(args))
+            pattern.append(None)
             args.append(new_inp)
-    if not folded:
+    if not any(pattern):
         # nothing folded in: the expression is the node's own (over the same positions)
         fused = _stabilized(expr)
         if fused == expr:
             return rebind(node, args)
         return ir.ew(fused, args, shape=node.shape)
-    fused = expr.xreplace(subs).xreplace({_tmp(j): ARG[j] for j in range(len(args))})
-    return ir.ew(_stabilized(fused), args, shape=node.shape)
+    return ir.ew(_folded(expr, tuple(pattern)), args, shape=node.shape)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _height(expr):
+    return height(expr)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _folded(expr, pattern):
+    """``expr`` with each ARG[i] whose ``pattern[i]`` is (child expression, its input count)
+    replaced by the child, over the inputs renumbered in order (a child's inputs in the place
+    of ARG[i]), stabilized. Memoised: the blocks of a deep network fold the same expressions."""
+    subs, k = {}, 0
+    for i, child in enumerate(pattern):
+        if child is None:
+            subs[ARG[i]] = _tmp(k)
+            k += 1
+        else:
+            child_expr, m = child
+            subs[ARG[i]] = child_expr.xreplace({ARG[j]: _tmp(k + j) for j in range(m)})
+            k += m
+    fused = expr.xreplace(subs).xreplace({_tmp(j): ARG[j] for j in range(k)})
+    return _stabilized(fused)
 
 
 _TMP = ir.Symbols("_f")
