@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+from compiler.backends.pause_gc import paused
 from compiler.files import write_atomic
 
 # a build directory no process of this host owns, or older than this, is a leftover
@@ -163,6 +164,7 @@ def remove_stale_builds(root):
     return sorted(removed)
 
 
+@paused
 def load_module(path: str | os.PathLike, name: str | None = None) -> ModuleType:
     """Import a generated module from a file path (a fresh module object each call)."""
     path = Path(path)

@@ -3,12 +3,15 @@ refusal. Shared by the NumPy and C printers (siblings: neither imports the other
 """
 from __future__ import annotations
 
+import functools
+
 import sympy as sp
 
 from compiler.core.functions import float64_problem, float64_value, show_constant
 from compiler.errors import UnsupportedError
 
 
+@functools.lru_cache(maxsize=1 << 15)
 def numeric_constants_to_floats(expr):
     """Replace irrational numeric subexpressions (pi, sqrt(2), ...) by Float values.
 
@@ -32,4 +35,4 @@ def numeric_constants_to_floats(expr):
         return sp.Float(value, 17)
     if not expr.args:
         return expr
-    return expr.func(*[numeric_constants_to_floats(a) for a in expr.args])
+    return expr.func(*[numeric_constants_to_floats.__wrapped__(a) for a in expr.args])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import sympy as sp
@@ -85,13 +86,10 @@ def lower(model, dtype=None, second_order=True):
         if node.op == "xent":
             classes[node.inputs[2].uid] = int(node.inputs[0].shape[-1])
 
-    formulas, latex = {}, {}
+    formulas = {}
     for p, g in program.grads:
-        if g is None:
-            formulas[p.name] = latex[p.name] = "0"
-        else:
-            formulas[p.name] = "; ".join(fm.chain(g)) or fm.line(g)
-            latex[p.name] = r" \\ ".join(fm.chain(g, latex=True)) or fm.line(g, latex=True)
+        formulas[p.name] = "0" if g is None else "; ".join(fm.chain(g)) or fm.line(g)
+    latex = LatexChains(program, fm)
 
     data, targets = list(model.inputs), list(model.targets)
     interface = Interface(
@@ -118,6 +116,39 @@ def lower(model, dtype=None, second_order=True):
     inits = tuple(init_line(p.name, p.shape, model.init[p.name]) for p in model.params)
     return Lowered(model, program, dtype, formulas, latex, model_hash(model, dtype), classes, interface,
                    inits, init_doc, fm, moments_plan(model))
+
+
+class LatexChains(Mapping):
+    """param -> its gradient's formula chain in LaTeX, made on first use: a compile that nobody
+    shows (training, a benchmark) does not print every backward statement in LaTeX too (a
+    tenth of a second for a 12-block transformer). Equal to the dict it stands for, and
+    pickled as one."""
+
+    def __init__(self, program, fm):
+        self._program, self._fm, self._made = program, fm, None
+
+    def _chains(self):
+        if self._made is None:
+            fm, made = self._fm, {}
+            for p, g in self._program.grads:
+                made[p.name] = "0" if g is None else r" \\ ".join(fm.chain(g, latex=True)) or fm.line(g, latex=True)
+            self._made = made
+        return self._made
+
+    def __getitem__(self, name):
+        return self._chains()[name]
+
+    def __iter__(self):
+        return iter(self._chains())
+
+    def __len__(self):
+        return len(self._program.grads)
+
+    def __repr__(self):
+        return repr(self._chains())
+
+    def __reduce__(self):
+        return dict, (dict(self._chains()),)
 
 
 def mode_args(model):

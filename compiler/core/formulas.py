@@ -4,6 +4,7 @@ and the CLI print the same formulas.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import sympy as sp
@@ -34,7 +35,14 @@ class FormulaPrinter(StrPrinter):
 
 
 def print_formula(expr, symbols):
-    expr, table = _named(expr, symbols)
+    return _print_formula(expr, tuple(symbols.items()))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _print_formula(expr, symbols):
+    # memoised: the comments of forward, backward, per_example_grads, hvp and gnvp repeat the
+    # formulas of their shared values over the same names
+    expr, table = _named(expr, dict(symbols))
     return FormulaPrinter(table).doprint(expr)
 
 
@@ -115,6 +123,7 @@ class Formulas:
     def __init__(self, program):
         self.p = program
         self._lines = {}
+        self._chains = {}
         self._forward = None
 
     def _name(self, node, latex):
@@ -162,8 +171,10 @@ class Formulas:
         # to its own length (a walk of the whole graph per parameter is quadratic)
         if self._forward is None:
             self._forward = frozenset(n.uid for n in ir.topo_order([self.p.loss]))
-        nodes = [n for n in ir.topo_order([grad], stop=self._forward)
-                 if n.uid in self.p.backward_only and n.uid not in self.p.inline]
+        nodes = self._chains.get(grad.uid)
+        if nodes is None:     # (once per gradient: its text and its LaTeX walk the same chain)
+            nodes = self._chains[grad.uid] = [n for n in ir.topo_order([grad], stop=self._forward)
+                                              if n.uid in self.p.backward_only and n.uid not in self.p.inline]
         if not latex:
             return [self.line(n) for n in nodes]
         # for people: reshapes are not lines (see operand), and a gradient that reshapes the

@@ -35,6 +35,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import sympy as sp
+from sympy.printing.repr import ReprPrinter
 
 from compiler.errors import ShapeError
 
@@ -133,7 +134,7 @@ def _operators():
 def format_shape(shape):
     """``(n, 3)``, ``(4,)``, ``()``: a shape as a Python tuple (the batch axis is ``n``), the same
     text in messages, in ``bpc show`` and in generated code."""
-    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+    return "(" + ", ".join(_dim_text(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 def size_of(shape):
@@ -147,16 +148,50 @@ def size_of(shape):
 _intern = weakref.WeakValueDictionary()
 
 
+class _MemoRepr(ReprPrinter):
+    """SymPy's ``srepr``, each subexpression printed once per process: the expressions that
+    simplification makes (fusing, sharing, renumbering inputs) are mostly new combinations of
+    subexpressions printed before."""
+
+    _memo = {}
+
+    def _print(self, expr, **kwargs):
+        if kwargs or not isinstance(expr, sp.Basic) or not expr.args:
+            return super()._print(expr, **kwargs)
+        key = (type(expr), expr)
+        text = self._memo.get(key)
+        if text is None:
+            text = super()._print(expr)
+            if len(self._memo) >= 1 << 16:
+                self._memo.clear()
+            self._memo[key] = text
+        return text
+
+
 @functools.lru_cache(maxsize=16384)
 def _srepr(expr):
     # the same few expressions recur in every layer of a deep network: printed once each
-    return sp.srepr(expr)
+    return _MemoRepr().doprint(expr)
+
+
+_DIM_TEXT = {}
+
+
+def _dim_text(d):
+    # str(N) goes through SymPy's printer: a tenth of a large model's compile when done per node
+    try:
+        return _DIM_TEXT[d]
+    except KeyError:
+        text = _DIM_TEXT[d] = str(d)
+        return text
+    except TypeError:          # unhashable: not a dimension this IR makes, printed as it is
+        return str(d)
 
 
 def make(op, inputs, shape, attrs=()):
     """Create a node, or return the existing node with the same op, inputs, shape and attrs."""
     attrs = tuple(sorted(attrs, key=lambda kv: kv[0]))
-    text = repr((op, [i.digest for i in inputs], [str(d) for d in shape],
+    text = repr((op, [i.digest for i in inputs], [_dim_text(d) for d in shape],
                  [(k, _srepr(v) if isinstance(v, sp.Basic) else repr(v)) for k, v in attrs]))
     digest = hashlib.sha1(text.encode()).hexdigest()[:20]
     node = _intern.get(digest)
@@ -260,21 +295,27 @@ def topo_order(outputs, stop=frozenset()):
     """Nodes reachable from ``outputs``, inputs before users, in a deterministic order.
 
     Nodes whose uid is in ``stop`` are left out, and so is what only they lead to."""
+    # depth first, each node after its inputs in their order (an iterator per open node: the
+    # hottest loop of a compile, called for every schedule, use count and formula chain)
     seen, order = set(), []
+    add, append = seen.add, order.append
     for out in outputs:
-        stack = [] if out.uid in stop else [(out, False)]
+        if out.uid in seen or out.uid in stop:
+            continue
+        add(out.uid)
+        stack = [(out, iter(out.inputs))]
+        push, pop = stack.append, stack.pop
         while stack:
-            node, done = stack.pop()
-            if done:
-                order.append(node)
-                continue
-            if node.uid in seen:
-                continue
-            seen.add(node.uid)
-            stack.append((node, True))
-            for inp in reversed(node.inputs):
-                if inp.uid not in seen and inp.uid not in stop:
-                    stack.append((inp, False))
+            node, it = stack[-1]
+            for inp in it:
+                uid = inp.uid
+                if uid not in seen and uid not in stop:
+                    add(uid)
+                    push((inp, iter(inp.inputs)))
+                    break
+            else:
+                pop()
+                append(node)
     return order
 
 

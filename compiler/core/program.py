@@ -12,7 +12,7 @@ from compiler.core import ir, ops
 from compiler.core.adjoints import gradients
 from compiler.core.naming import contribution_name, derived_name
 from compiler.core.per_example import PerExampleError, derive as derive_per_example
-from compiler.core.simplify import fuse, op_counts, share, split_deep, use_counts
+from compiler.core.simplify import ShareCache, fuse, op_counts, share, split_deep, use_counts
 from compiler.core.tangents import gauss_newton_vector, hessian_vector, loss_heads
 
 
@@ -122,10 +122,13 @@ def build_program(model, second_order=True):
     raw_names = dict(names)
     grad_nodes = [grads[p.uid] for p in model.params if grads[p.uid] is not None]
     before = op_counts([loss, *grad_nodes])
+    # one cache for the fusions of backward, per-example gradients, hvp and gnvp: they share the
+    # loss and most of the gradients' graph, which is fused once
+    fused, shared = {}, ShareCache()
     pe_outs, pe_names, pe_error = _per_example(model, loss, [grads[p.uid] for p in model.params], dict(names),
-                                               leaf_names)
-    outs, names = fuse([prediction, loss, *grad_nodes, *updates], names)
-    outs, names = share(outs, names)
+                                               leaf_names, (fused, shared))
+    outs, names = fuse([prediction, loss, *grad_nodes, *updates], names, fused)
+    outs, names = share(outs, names, shared)
     pred, loss = outs[0], outs[1]
     new_grads, updates = outs[2:len(outs) - len(updates)], outs[len(outs) - len(updates):]
     it = iter(new_grads)
@@ -148,7 +151,7 @@ def build_program(model, second_order=True):
             raw_names.setdefault(h.digest, "Hv_" + p.name)
     _name_values(tan, raw_names, "t", by_uid)
     _name_unnamed(ir.topo_order([h for h in hv if h is not None]), raw_names, {**leaf_names, **{d.digest: d.name for d in directions}})
-    seconds = [_second("hvp", raw_loss, raw_grads, hv, raw_updates, raw_names)] if second_order else []
+    seconds = [_second("hvp", raw_loss, raw_grads, hv, raw_updates, raw_names, (fused, shared))] if second_order else []
     heads = loss_heads(model, raw_loss) if second_order else None
     if heads is not None:
         gv, parts = gauss_newton_vector(model, raw_loss, model.params, directions, heads)
@@ -160,7 +163,7 @@ def build_program(model, second_order=True):
         _name_values(parts.get("back", {}), raw_names, "ud", by_uid)
         _name_unnamed(ir.topo_order([g for g in gv if g is not None]), raw_names,
                       {**leaf_names, **{d.digest: d.name for d in directions}})
-        seconds.append(_second("gnvp", raw_loss, raw_grads, gv, raw_updates, raw_names))
+        seconds.append(_second("gnvp", raw_loss, raw_grads, gv, raw_updates, raw_names, (fused, shared)))
     for k_, v_ in raw_names.items():
         names.setdefault(k_, v_)
     second_outs = [o for _, outs_ in seconds for o in outs_ if o is not None]
@@ -207,7 +210,7 @@ def build_program(model, second_order=True):
                    directions=tuple(zip(model.params, directions)), hvp=built.get("hvp"), gnvp=built.get("gnvp"))
 
 
-def _per_example(model, loss, grads, names, leaf_names):
+def _per_example(model, loss, grads, names, leaf_names, caches=(None, None)):
     """(outputs [losses, grads (None where zero)...], names of their nodes, error text) of the
     per-example gradients, simplified like backward's; no outputs and the reason when the model
     has none."""
@@ -217,8 +220,8 @@ def _per_example(model, loss, grads, names, leaf_names):
         return [], {}, str(e)
     raw = [pe.loss, *pe.grads]
     _name_unnamed(ir.topo_order([o for o in raw if o is not None]), names, leaf_names)
-    outs, pe_names = fuse([o for o in raw if o is not None], names)
-    outs, pe_names = share(outs, pe_names)
+    outs, pe_names = fuse([o for o in raw if o is not None], names, caches[0])
+    outs, pe_names = share(outs, pe_names, caches[1])
     it = iter(outs)
     return [next(it) if o is not None else None for o in raw], pe_names, ""
 
@@ -252,11 +255,20 @@ def _name_values(values, names, prefix, by_uid):
             names.setdefault(t.digest, prefix + base)
 
 
-def _second(name, loss, raw_grads, products, updates, names):
+# hvp and gnvp of larger graphs (in nodes, after fusion) are not searched for shared costly
+# subexpressions (simplify.share): sharing rebuilds every node downstream of the first value it
+# changes, which for a 12-block transformer was a third of the time spent simplifying (its hvp
+# has 3600 nodes, gnvp 3200; issue 13, item 8 asks for a compile in under 2 s). Such an
+# entry point may compute a forward tanh or exp again where its tangent needs it.
+SHARED_SECOND_ORDER_MAX = 2500
+
+
+def _second(name, loss, raw_grads, products, updates, names, caches=(None, None)):
     """(name, simplified outputs [loss, grads..., products..., updates...]) of one entry point."""
     outs = [loss, *(g for g in raw_grads if g is not None), *(h for h in products if h is not None), *updates]
-    outs, names2 = fuse(outs, names)
-    outs, names2 = share(outs, names2)
+    outs, names2 = fuse(outs, names, caches[0])
+    if len(ir.topo_order(outs)) <= SHARED_SECOND_ORDER_MAX:
+        outs, names2 = share(outs, names2, caches[1])
     for k, v in names2.items():
         names.setdefault(k, v)      # the simplified nodes' names beside the raw ones
     # put the Nones back: [loss, grads (with None), products (with None), updates]

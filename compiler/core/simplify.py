@@ -15,6 +15,7 @@ outputs, and zero adjoints were never built. What is left here:
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import sympy as sp
@@ -35,21 +36,38 @@ def use_counts(outputs):
     return order, count
 
 
-def fuse(outputs, names):
+def fuse(outputs, names, cache=None):
     """Fold single-use elementwise nodes and broadcast constants into their elementwise users.
 
-    Returns (new outputs, names carried over to the new nodes).
+    Returns (new outputs, names carried over to the new nodes). ``cache``: a dict shared by
+    the fusions of several graphs over the same nodes (backward, per-example gradients, hvp and
+    gnvp each fuse the loss and its gradients): a node whose inputs fused to the same nodes,
+    with the same single uses, fuses to the same node, built once.
     """
     order, count = use_counts(outputs)
+    cache = {} if cache is None else cache
     memo = {}
     new_names = {}
     for node in order:
-        if node.op == "ew" and node.inputs:
-            new = _fuse_ew(node, memo, count)
-        elif node.op == "sum":
-            new = ir.reduce_sum(memo[node.inputs[0].uid], node.attr("axes"))
+        if not node.inputs:
+            new = node
         else:
-            new = ir.make(node.op, [memo[i.uid] for i in node.inputs], node.shape, node.attrs)
+            new_inputs = [memo[i.uid] for i in node.inputs]
+            if node.op == "ew":
+                key = (node.uid, tuple(i.uid for i in new_inputs), tuple(count[i.uid] == 1 for i in node.inputs))
+            else:
+                key = (node.uid, tuple(i.uid for i in new_inputs))
+            new = cache.get(key)
+            if new is None:
+                if node.op == "ew":
+                    new = _fuse_ew(node, memo, count)
+                elif node.op == "sum":
+                    new = ir.reduce_sum(new_inputs[0], node.attr("axes"))
+                elif all(a is b for a, b in zip(new_inputs, node.inputs)):
+                    new = node      # what make would return: the same op on the same inputs
+                else:
+                    new = ir.make(node.op, new_inputs, node.shape, node.attrs)
+                cache[key] = new
         memo[node.uid] = new
         if node.digest in names:
             new_names.setdefault(new.digest, names[node.digest])
@@ -136,27 +154,68 @@ def _split_ew(expr, inputs, shape):
     return _bind(rebuilt[expr], bound, shape)
 
 
+def rebind(node, inputs):
+    """The elementwise ``node`` over new ``inputs`` (one per input, same shapes): what
+    ``ir.ew(expr, inputs)`` gives, without walking the expression when the new inputs keep
+    the canonical order (ascending digests, no two the same) that ``ir.ew`` would sort them into."""
+    digests = [i.digest for i in inputs]
+    if all(a < b for a, b in zip(digests, digests[1:])):
+        return ir.make("ew", inputs, node.shape, node.attrs)
+    return ir.ew(node.attr("expr"), inputs, shape=node.shape)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _stabilized(expr):
+    return stabilize(expr)
+
+
 def _fuse_ew(node, memo, count):
     expr = node.attr("expr")
-    args, subs = [], {}
-    top = height(expr)
+    args, pattern = [], []
+    top = _height(expr)
     for i, inp in enumerate(node.inputs):
         new_inp = memo[inp.uid]
         inline = new_inp.op == "ew" and (not new_inp.inputs or (count[inp.uid] == 1 and new_inp.shape == node.shape))
         if inline and new_inp.inputs:
             # an upper bound of the fused height: the child replaces a leaf of this expression
-            inline = (top + height(new_inp.attr("expr")) - 1 <= MAX_FUSED_HEIGHT
+            inline = (top + _height(new_inp.attr("expr")) - 1 <= MAX_FUSED_HEIGHT
                       and len(args) + len(new_inp.inputs) + len(node.inputs) - i - 1 <= MAX_FUSED_INPUTS)
         if inline:
-            child = new_inp.attr("expr")
-            offset = len(args)
-            subs[ARG[i]] = child.xreplace({ARG[j]: _tmp(offset + j) for j in range(len(new_inp.inputs))})
+            pattern.append((new_inp.attr("expr"), len(new_inp.inputs)))
             args.extend(new_inp.inputs)
         else:
-            subs[ARG[i]] = _tmp(len(args))
+            pattern.append(None)
             args.append(new_inp)
-    fused = expr.xreplace(subs).xreplace({_tmp(j): ARG[j] for j in range(len(args))})
-    return ir.ew(stabilize(fused), args, shape=node.shape)
+    if not any(pattern):
+        # nothing folded in: the expression is the node's own (over the same positions)
+        fused = _stabilized(expr)
+        if fused == expr:
+            return rebind(node, args)
+        return ir.ew(fused, args, shape=node.shape)
+    return ir.ew(_folded(expr, tuple(pattern)), args, shape=node.shape)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _height(expr):
+    return height(expr)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _folded(expr, pattern):
+    """``expr`` with each ARG[i] whose ``pattern[i]`` is (child expression, its input count)
+    replaced by the child, over the inputs renumbered in order (a child's inputs in the place
+    of ARG[i]), stabilized. Memoised: the blocks of a deep network fold the same expressions."""
+    subs, k = {}, 0
+    for i, child in enumerate(pattern):
+        if child is None:
+            subs[ARG[i]] = _tmp(k)
+            k += 1
+        else:
+            child_expr, m = child
+            subs[ARG[i]] = child_expr.xreplace({ARG[j]: _tmp(k + j) for j in range(m)})
+            k += m
+    fused = expr.xreplace(subs).xreplace({_tmp(j): ARG[j] for j in range(k)})
+    return _stabilized(fused)
 
 
 _TMP = ir.Symbols("_f")
@@ -201,33 +260,96 @@ _LEAF = ir.Symbols("_u")     # an input of the graph, by position in the node or
 _SHARED = ir.Symbols("_h")   # a shared subexpression
 
 
-def share(outputs, names):
+class ShareCache:
+    """What ``share`` computes per node, kept across the graphs of one program (backward,
+    per-example gradients, hvp, gnvp share most of their nodes): each node's symbol ``_u<k>``
+    (k: the order in which nodes were first seen, which is the position in the first graph),
+    each elementwise node's expression over its inputs' symbols, and its costly subexpressions."""
+
+    def __init__(self):
+        self.index = {}       # uid -> k of its symbol _LEAF[k]
+        self.nodes = []       # k -> node
+        self.exprs = {}       # uid -> expression over _LEAF symbols (made when needed)
+        self.keys_of = {}     # uid -> its costly subexpressions over _LEAF symbols
+
+    def see(self, order):
+        for n in order:
+            if n.uid not in self.index:
+                self.index[n.uid] = len(self.nodes)
+                self.nodes.append(n)
+
+    def keys(self, n):
+        """The costly subexpressions of n's expression, over its inputs' symbols."""
+        hit = self.keys_of.get(n.uid)
+        if hit is None:
+            keys = _arg_keys(n.attr("expr"))
+            if keys:
+                to_leaf = self._to_leaf(n)
+                keys = tuple(k.xreplace(to_leaf) for k in keys)
+            hit = self.keys_of[n.uid] = keys
+        return hit
+
+    def expr(self, n):
+        """n's expression over its inputs' symbols."""
+        hit = self.exprs.get(n.uid)
+        if hit is None:
+            hit = self.exprs[n.uid] = n.attr("expr").xreplace(self._to_leaf(n))
+        return hit
+
+    def _to_leaf(self, n):
+        return {ARG[i]: _LEAF[self.index[a.uid]] for i, a in enumerate(n.inputs)}
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _arg_keys(expr):
+    # per expression: the layers of a deep network repeat the same elementwise expressions
+    return tuple(_keys(expr))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _share_rank(key):
+    # larger first (sympy's count_ops, then the printed form: a deterministic order)
+    return -sp.count_ops(key), -len(key.args), sp.srepr(key)
+
+
+def share(outputs, names, cache=None):
     """Compute once what several elementwise nodes compute: the forward's ``tanh`` of a GELU
     that its derivative needs again, ``x**3`` of a polynomial model in the prediction and in a
     gradient. A costly subexpression (see ``_costly``) of the same values in two or more
     elementwise nodes becomes a node of its own, which they then read; larger ones first, so
     ``tanh(k*(Z + 0.044715*Z**3))`` is shared whole, and ``Z**3`` too if it is also used apart.
 
-    Returns (new outputs, names: the shared nodes are named after what they compute)."""
+    Returns (new outputs, names: the shared nodes are named after what they compute).
+    ``cache``: a ShareCache shared by the graphs of one program.
+    """
+    cache = ShareCache() if cache is None else cache
     order = ir.topo_order(outputs)
+    cache.see(order)
     position = {n.uid: k for k, n in enumerate(order)}
     ew_nodes = [n for n in order if n.op == "ew" and n.inputs]
-    # each elementwise expression over its inputs' positions in the graph, so that equal
-    # subexpressions of different nodes are equal expressions
-    exprs = {n.uid: n.attr("expr").xreplace({ARG[i]: _LEAF[position[a.uid]] for i, a in enumerate(n.inputs)})
-             for n in ew_nodes}
-    holders = {}
-    for uid, e in exprs.items():
-        for key in _keys(e):
-            holders.setdefault(key, []).append(uid)
+    # each elementwise expression over its inputs' symbols, so that equal subexpressions of
+    # different nodes are equal expressions
+    by_uid = {n.uid: n for n in ew_nodes}
+    exprs, holders = {}, {}
+
+    def expr(uid):
+        e = exprs.get(uid)
+        if e is None:
+            e = exprs[uid] = cache.expr(by_uid[uid])
+        return e
+
+    for n in ew_nodes:
+        for key in cache.keys(n):
+            holders.setdefault(key, []).append(n.uid)
     shared = [k for k, us in holders.items() if len(us) >= 2]
     if not shared:
         return list(outputs), names
-    # larger first (sympy's count_ops, then the printed form: a deterministic order)
-    shared.sort(key=lambda k: (-sp.count_ops(k), -len(k.args), sp.srepr(k)))
+    # larger first; equal ranks hold none of each other, so their order changes no result
+    shared.sort(key=_share_rank)
     hoisted = {}                      # symbol -> its expression (over _u and earlier _h symbols)
+    changed = set()                   # uids whose expression now reads a shared value
     for key in shared:
-        users = [uid for uid in holders[key] if exprs[uid].has(key)]
+        users = [uid for uid in holders[key] if expr(uid).has(key)]
         users += [s for s, e in hoisted.items() if e.has(key)]
         if len(users) < 2:
             continue
@@ -235,7 +357,8 @@ def share(outputs, names):
         hoisted = {s: e.xreplace({key: sym}) for s, e in hoisted.items()}
         hoisted[sym] = key
         for uid in holders[key]:
-            exprs[uid] = exprs[uid].xreplace({key: sym})
+            exprs[uid] = expr(uid).xreplace({key: sym})
+            changed.add(uid)
     if not hoisted:
         return list(outputs), names
 
@@ -249,32 +372,36 @@ def share(outputs, names):
 
     def bound(sym):
         if sym.name.startswith(_LEAF.prefix):
-            return memo[order[int(sym.name[len(_LEAF.prefix):])].uid]
+            return memo[cache.nodes[int(sym.name[len(_LEAF.prefix):])].uid]
         if sym not in made:
             made[sym] = bind(hoisted[sym])
-            new_names.setdefault(made[sym].digest, _shared_name(hoisted[sym], order, new_names))
+            new_names.setdefault(made[sym].digest,
+                                 _shared_name(hoisted[sym], lambda k: order[k], position, cache, new_names))
         return made[sym]
 
     made = {}
     for node in order:
-        if node.uid in exprs:
-            e = exprs[node.uid]
-            new = bind(e, node.shape)
-        elif node.inputs:
+        same_inputs = all(memo[i.uid] is i for i in node.inputs)
+        if node.uid in changed:
+            new = bind(exprs[node.uid], node.shape)
+        elif node.uid in by_uid and not same_inputs:
+            new = rebind(node, [memo[i.uid] for i in node.inputs])
+        elif node.inputs and not same_inputs:
             new = ir.make(node.op, [memo[i.uid] for i in node.inputs], node.shape, node.attrs)
         else:
-            new = node
+            new = node        # what binding or making it again would give: nothing it reads changed
         memo[node.uid] = new
         if node.digest in names:
             new_names.setdefault(new.digest, names[node.digest])
     return [memo[o.uid] for o in outputs], new_names
 
 
-def _shared_name(expr, order, names):
-    """``x_pow3`` for x**3, ``tanh_Z1`` for tanh(...Z1...): what a shared value computes."""
-    leaves = sorted((s for s in expr.free_symbols if s.name.startswith(_LEAF.prefix)),
-                    key=lambda s: int(s.name[len(_LEAF.prefix):]))
-    base = names.get(order[int(leaves[0].name[len(_LEAF.prefix):])].digest, "t") if leaves else "t"
+def _shared_name(expr, at, position, cache, names):
+    """``x_pow3`` for x**3, ``tanh_Z1`` for tanh(...Z1...): what a shared value computes (named
+    after the first of its inputs in the graph's order)."""
+    leaves = sorted(position[cache.nodes[int(s.name[len(_LEAF.prefix):])].uid]
+                    for s in expr.free_symbols if s.name.startswith(_LEAF.prefix))
+    base = names.get(at(leaves[0]).digest, "t") if leaves else "t"
     if isinstance(expr, sp.Pow) and expr.exp.is_Integer:
         return f"{base}_pow{expr.exp}" if expr.exp > 0 else f"{base}_pow_m{-expr.exp}"
     if isinstance(expr, sp.Pow):

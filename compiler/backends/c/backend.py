@@ -52,6 +52,7 @@ from compiler.core.program import Program, direction_arg
 from compiler.backends import cache as _cache
 from compiler.backends.c import blas as _blas
 from compiler.backends.c.printer import PRINTERS, print_c
+from compiler.backends.pause_gc import paused
 from compiler.backends.cache import cache_dir, load_module
 from compiler.backends.lowering import is_tokens, lower, shape_code, statement
 from compiler.backends.show import Displayed
@@ -358,6 +359,7 @@ def _c_names(program):
     return out
 
 
+@paused
 def compile_model_c(model: Model, dtype: str | type = "float64", prefix: str | None = None,
                     second_order: bool = False) -> CompiledC:
     """Compile ``model`` to standalone C plus a cffi wrapper (returns a CompiledC).

@@ -13,6 +13,7 @@ from compiler.backends.cache import cache_dir, load_module, write_cached
 from compiler.backends import moments_code
 from compiler.backends.lowering import is_tokens, lower, per_sample, statement
 from compiler.backends.numpy.printer import print_numpy
+from compiler.backends.pause_gc import paused
 from compiler.backends.numpy.statements import NumpyStatements, shape_code
 from compiler.backends.show import Displayed
 from compiler.backends.templates import render
@@ -25,6 +26,12 @@ from compiler.files import write_atomic
 from compiler.freetext import py_comment
 
 DTYPES = (None, *dtypes.NAMES)     # None: follow the inputs
+
+# hvp and gnvp of more statements than this are printed without a formula comment per statement:
+# printing those formulas was a quarter of the time to compile a 12-block transformer (its hvp
+# has 3100 statements, gnvp 2700; issue 13, item 8 asks for under 2 s), and nobody reads
+# thousands of them in a module: `bpc show --hvp` prints them. Smaller modules keep them.
+COMMENTED_SECOND_ORDER_MAX = 1500
 
 HVP_DOC = ("The loss, its gradient and the Hessian-vector product Hv for the direction v (a dict "
            "shaped like params): the gradient differentiated once more along v (forward over reverse).")
@@ -72,6 +79,7 @@ class CompiledModule(Displayed):
         return load_module(path, self.module_name)
 
 
+@paused
 def compile_model(model: Model, dtype: str | type | None = None, second_order: bool = True) -> CompiledModule:
     """Compile ``model`` to a standalone NumPy module (returns a CompiledModule).
 
@@ -128,7 +136,11 @@ def render_numpy(lowered):
                  for p, _ in so.grads]
         roots = [so.loss, *(g for _, g in so.grads if g is not None), *(h for _, h in so.products if h is not None)]
         fn = w2.function(so.name, data + targets, roots, so.nodes,
-                         f"float({w2.ref(so.loss)}), {{{', '.join(ret_g)}}}, {{{', '.join(ret_h)}}}", doc, comments=True)
+                         f"float({w2.ref(so.loss)}), {{{', '.join(ret_g)}}}, {{{', '.join(ret_h)}}}", doc,
+                         comments=len(so.nodes) <= COMMENTED_SECOND_ORDER_MAX)
+        if len(so.nodes) > COMMENTED_SECOND_ORDER_MAX:
+            fn["doc"] += (f"\n    ({len(so.nodes)} statements, printed without formula comments: `bpc show --hvp` "
+                          "prints the formulas.)")
         used = {n.uid for n in ir.topo_order(roots)}
         varg = direction_arg(model)
         fn["args"] = f"{varg}, " + fn["args"]

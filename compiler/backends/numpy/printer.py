@@ -7,6 +7,8 @@ constant is printed as a Python float literal, which keeps float32 arrays float3
 """
 from __future__ import annotations
 
+import functools
+
 import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.str import StrPrinter
@@ -117,9 +119,16 @@ def _named(expr, symbols):
 
 def print_numpy(expr, symbols):
     """(code, helpers needed) for an elementwise expression; ``symbols`` maps symbol -> code."""
-    expr, table = _named(numeric_constants_to_floats(expr), symbols)
+    return _print_numpy(expr, tuple(symbols.items()))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _print_numpy(expr, symbols):
+    # memoised: a value shared by forward, backward, per_example_grads, hvp and gnvp is printed
+    # in each of them over the same names (a 12-block transformer prints most lines 4-5 times)
+    expr, table = _named(numeric_constants_to_floats(expr), dict(symbols))
     p = NumpyPrinter(table)
-    return p.doprint(expr), p.helpers
+    return p.doprint(expr), frozenset(p.helpers)
 
 
 __all__ = ["print_numpy"]

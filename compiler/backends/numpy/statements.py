@@ -220,7 +220,7 @@ class NumpyStatements:
         reps, body = shared_subexpressions(numeric_constants_to_floats(expr))
         symbols = {ARG[i]: self.ref(inp) + _suffix(inp.shape, node.shape) for i, inp in enumerate(node.inputs)}
         if not reps and node.shape != () and self.large(node):
-            lines = InPlace(self, node, out, symbols).lines(body)
+            lines = InPlace(self, node, out, symbols).cached_lines(body)
             if lines is not None:
                 return lines
         lines = []
@@ -275,6 +275,31 @@ class InPlace:
             if st.owned(inp):
                 self.reusable.add(sym)
         self.ops = []   # (kind, payload, operands): operands are ("sym", name) | ("val", k) | ("code", s) | ("gt0", operand)
+
+    _memo = {}
+
+    def cached_lines(self, expr):
+        """``lines(expr)``, memoised over what it depends on: the same value printed by several
+        functions (forward, backward, per_example_grads, hvp, gnvp each compute the forward
+        pass) over the same names, inputs it may overwrite and scratch choice gives the same lines."""
+        st = self.st
+        key = (expr, tuple(self.table.items()), self.node.shape, self.out, frozenset(self.full),
+               frozenset(self.reusable), st.private(self.node))
+        hit = InPlace._memo.get(key)
+        if hit is None:
+            # every helper these lines need (not only those new to this module)
+            kept, st.helpers = st.helpers, set()
+            try:
+                lines = self.lines(expr)
+                hit = (tuple(lines) if lines is not None else None, frozenset(st.helpers))
+            finally:
+                st.helpers = kept | st.helpers
+            if len(InPlace._memo) >= 1 << 15:
+                InPlace._memo.clear()
+            InPlace._memo[key] = hit
+        lines, helpers = hit
+        st.helpers |= helpers
+        return list(lines) if lines is not None else None
 
     # -- pass 1: lower the expression tree to operations on whole arrays ------------------------
     def lines(self, expr):

@@ -48,12 +48,19 @@ def ew(expr, inputs, shape=None):
     if subs:
         expr = expr.xreplace(subs)
     keep = sorted(first_of.items(), key=lambda kv: inputs[kv[1]].digest)  # canonical order
-    renum = {ARG[i]: ARG[j] for j, (_, i) in enumerate(keep)}
-    expr = expr.xreplace(renum)
+    if any(i != j for j, (_, i) in enumerate(keep)):
+        expr = _renumbered(expr, tuple(i for _, i in keep))
     new_inputs = tuple(inputs[i] for _, i in keep)
     if expr == ARG[0] and len(new_inputs) == 1 and new_inputs[0].shape == out_shape:
         return new_inputs[0]
     return make("ew", new_inputs, out_shape, (("expr", expr),))
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _renumbered(expr, order):
+    """``expr`` with ARG[order[j]] renamed ARG[j]: the same few expressions over inputs in
+    another order recur in every layer."""
+    return expr.xreplace({ARG[i]: ARG[j] for j, i in enumerate(order)})
 
 
 def unbroadcast(contrib, arg_shape):
@@ -86,19 +93,34 @@ def _partial(partials, expr, i, y, reuse):
     return d
 
 
+_Y = sp.Symbol("_y", real=True)     # the forward output in a partial derivative
+
+
+@functools.lru_cache(maxsize=4096)
+def _partials_of(expr):
+    return _Partials(expr)
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def partial(expr, i):
+    """d expr / d ARG[i], the forward output written ``_y`` where it occurs (see _partial);
+    memoised: the layers of a deep network repeat the same expressions, and the adjoint rule,
+    the tangent rule (hvp, gnvp) and the per-example rules all take the same partials."""
+    reuse = not expr.is_Symbol and not expr.is_Add
+    return _partial(_partials_of(expr), expr, i, _Y, reuse)
+
+
 def _ew_rule(node, g, wants):
     expr = node.attr("expr")
     k = len(node.inputs)
-    y = sp.Symbol("_y", real=True)
-    partials = _Partials(expr)
-    reuse = not expr.is_Symbol and not expr.is_Add
+    y = _Y
     position = {ARG[i]: i for i in range(k)}
     out = []
     for i, inp in enumerate(node.inputs):
         if not wants[i]:
             out.append(None)
             continue
-        d = _partial(partials, expr, i, y, reuse)
+        d = partial(expr, i)
         # bind only the inputs the derivative uses: the term of one input of a big sum needs
         # few of them, and binding all k for each input would be quadratic in k
         used = sorted((position[s] for s in d.free_symbols if s in position))
@@ -116,23 +138,30 @@ def _ew_jvp(node, t):
     if not any(ti is not None for ti in t):
         return None
     expr = node.attr("expr")
-    k = len(node.inputs)
-    y = sp.Symbol("_y", real=True)
-    partials = _Partials(expr)
-    reuse = not expr.is_Symbol and not expr.is_Add
-    args = [*node.inputs, node]
-    terms = []
-    for i, ti in enumerate(t):
-        if ti is None:
+    tangent, used = _tangent(expr, len(node.inputs), tuple(ti is not None for ti in t))
+    if tangent is None:
+        return None
+    return ir.ew(tangent, [*node.inputs, node, *(t[i] for i in used)], shape=node.shape)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _tangent(expr, k, has):
+    """(sum over inputs i with a tangent (``has[i]``) of d expr/d ARG[i] * ARG[k + 1 + j], the
+    inputs i whose term is not zero, in order: j counts them), or (None, ()); the forward output
+    is ARG[k]. Memoised: every block of a deep network has the same expressions, and SymPy
+    evaluates each function again as it substitutes."""
+    terms, used = [], []
+    for i, has_tangent in enumerate(has):
+        if not has_tangent:
             continue
-        d = _partial(partials, expr, i, y, reuse).xreplace({y: ARG[k]})
+        d = partial(expr, i).xreplace({_Y: ARG[k]})
         if d == 0:
             continue
-        terms.append(ARG[len(args)] * d)
-        args.append(ti)
+        terms.append(ARG[k + 1 + len(used)] * d)
+        used.append(i)
     if not terms:
-        return None
-    return ir.ew(sp.Add(*terms), args, shape=node.shape)
+        return None, ()
+    return sp.Add(*terms), tuple(used)
 
 
 class _Partials:
