@@ -294,16 +294,33 @@ def _scratch(name, shape, *operands):
     return a
 
 
+def _shifted_exp(z, out):
+    # exp(z - c) into out (not z itself) and its sums over the last axis, for the softmax and
+    # log-sum-exp of each row. c is 0 for every row whose sum stays finite and at least the
+    # square root of the smallest normal number: no row maximum to find (a reduction over a
+    # short last axis costs some 30 times more than the exponentials), and exact, any shift
+    # is. A row outside that range is done again with c its own maximum, as is usual; either
+    # way a row's result depends on that row alone.
+    with np.errstate(over="ignore"):
+        np.exp(z, out=out)
+    sums = np.einsum("...i->...", out)     # the same steps for every row (a BLAS product's vary)
+    bad = ~((sums >= np.sqrt(np.finfo(out.dtype).tiny)) & (sums <= np.finfo(out.dtype).max))
+    c = np.zeros(sums.shape, out.dtype)
+    if bad.any():
+        c[bad] = np.max(z[bad], axis=-1)
+        out[bad] = np.exp(z[bad] - c[bad][..., None])
+        sums[bad] = np.einsum("...i->...", out[bad])
+    return c, sums
+
+
 def _logsumexp(z):
-    m = np.max(z, axis=1)
-    return m + np.log(np.sum(np.exp(z - m[:, None]), axis=1))
+    c, sums = _shifted_exp(z, np.empty(z.shape, np.result_type(z, np.float32)))
+    return np.log(sums) + c
 
 
 def _softmax_into(z, out):
-    # the softmax over the last axis of z, computed in out (which may be z itself)
-    np.subtract(z, np.max(z, axis=-1, keepdims=True), out=out)
-    np.exp(out, out=out)
-    out /= np.sum(out, axis=-1, keepdims=True)
+    # the softmax over the last axis of z, computed in out (not z itself)
+    out /= _shifted_exp(z, out)[1][..., None]
     return out
 
 
@@ -345,15 +362,17 @@ def forward(params, x):
     b14 = _param(params, 'b14', (96,))
     Em1 = E1[x]
     H2 = Em1 + P2
-    sum_H2 = H2.sum(axis=2)
+    sum_H2 = np.einsum('...i->...', H2)
     M3 = sum_H2/64
     C3 = H2 - M3[:, :, None]
     V3 = 1/64*np.einsum('abc,abc->ab', C3, C3)
     R3 = np.add(V3, 1e-05, out=_scratch('R3', (n, 64), V3))
     np.sqrt(R3, out=R3)
     np.divide(1.0, R3, out=R3)
-    Xn3 = C3*R3[:, :, None]
-    H3 = np.multiply(Xn3, g3, out=_scratch('H3', (n, 64, 64), Xn3, g3))
+    Xn3 = C3
+    Xn3 *= R3[:, :, None]
+    H3 = Xn3
+    H3 *= g3
     H3 += s3
     X4 = H3.reshape((64*n, 64))
     XQ4 = np.matmul(X4, Wq4, out=_scratch('XQ4', (64*n, 64), X4, Wq4))
@@ -362,12 +381,12 @@ def forward(params, x):
     XK4 = np.matmul(X4, Wk4, out=_scratch('XK4', (64*n, 64), X4, Wk4))
     Ks4 = XK4.reshape((n, 64, 4, 16))
     K4 = Ks4.transpose((0, 2, 1, 3))
-    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2))
+    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2), out=_scratch('QK4', (n, 4, 64, 64), Q4, K4))
     Sc4 = QK4
     Sc4 *= 1/4
     S4 = Sc4
     np.copyto(S4, -1e+09, where=~np.tri(64, dtype=bool))
-    A4 = _softmax_into(S4, S4)
+    A4 = _softmax_into(S4, _scratch('A4', (n, 4, 64, 64), S4))
     XV4 = np.matmul(X4, Wv4, out=_scratch('XV4', (64*n, 64), X4, Wv4))
     Vs4 = XV4.reshape((n, 64, 4, 16))
     V4 = Vs4.transpose((0, 2, 1, 3))
@@ -376,18 +395,20 @@ def forward(params, x):
     Oc4 = Ot4.reshape((64*n, 64))
     OW4 = np.matmul(Oc4, Wo4, out=_scratch('OW4', (64*n, 64), Oc4, Wo4))
     OWs4 = OW4.reshape((n, 64, 64))
-    R4 = OWs4
-    R4 += H2
+    R4 = H2
+    R4 += OWs4
     R4 += bo4
-    sum_R4 = R4.sum(axis=2)
+    sum_R4 = np.einsum('...i->...', R4)
     M5 = sum_R4/64
     C5 = -M5[:, :, None] + R4
     V5 = 1/64*np.einsum('abc,abc->ab', C5, C5)
     R5 = np.add(V5, 1e-05, out=_scratch('R5', (n, 64), V5))
     np.sqrt(R5, out=R5)
     np.divide(1.0, R5, out=R5)
-    Xn5 = C5*R5[:, :, None]
-    H5 = np.multiply(Xn5, g5, out=_scratch('H5', (n, 64, 64), Xn5, g5))
+    Xn5 = C5
+    Xn5 *= R5[:, :, None]
+    H5 = Xn5
+    H5 *= g5
     H5 += s5
     X6 = H5.reshape((64*n, 64))
     XW6 = np.matmul(X6, W6, out=_scratch('XW6', (64*n, 256), X6, W6))
@@ -395,29 +416,31 @@ def forward(params, x):
     Z6 = XWs6
     Z6 += b6
     tanh_Z6 = np.multiply(Z6, Z6, out=_scratch('tanh_Z6', (n, 64, 256), Z6))
-    tanh_Z6 *= 0.044715
-    tanh_Z6 += 1
+    tanh_Z6 *= 0.035677408136300125
+    tanh_Z6 += 0.7978845608028654
     tanh_Z6 *= Z6
-    tanh_Z6 *= 0.7978845608028654
     np.tanh(tanh_Z6, out=tanh_Z6)
-    H6 = np.add(tanh_Z6, 1, out=_scratch('H6', (n, 64, 256), tanh_Z6))
-    H6 *= Z6
+    H6 = Z6
+    tanh_Z6 += 1
+    H6 *= tanh_Z6
     H6 *= 1/2
     X7 = H6.reshape((64*n, 256))
     XW7 = np.matmul(X7, W7, out=_scratch('XW7', (64*n, 64), X7, W7))
     XWs7 = XW7.reshape((n, 64, 64))
-    R7 = XWs7
-    R7 += R4
+    R7 = R4
+    R7 += XWs7
     R7 += b7
-    sum_R7 = R7.sum(axis=2)
+    sum_R7 = np.einsum('...i->...', R7)
     M8 = sum_R7/64
     C8 = -M8[:, :, None] + R7
     V8 = 1/64*np.einsum('abc,abc->ab', C8, C8)
     R8 = np.add(V8, 1e-05, out=_scratch('R8', (n, 64), V8))
     np.sqrt(R8, out=R8)
     np.divide(1.0, R8, out=R8)
-    Xn8 = C8*R8[:, :, None]
-    H8 = np.multiply(Xn8, g8, out=_scratch('H8', (n, 64, 64), Xn8, g8))
+    Xn8 = C8
+    Xn8 *= R8[:, :, None]
+    H8 = Xn8
+    H8 *= g8
     H8 += s8
     X9 = H8.reshape((64*n, 64))
     XQ9 = np.matmul(X9, Wq9, out=_scratch('XQ9', (64*n, 64), X9, Wq9))
@@ -426,12 +449,12 @@ def forward(params, x):
     XK9 = np.matmul(X9, Wk9, out=_scratch('XK9', (64*n, 64), X9, Wk9))
     Ks9 = XK9.reshape((n, 64, 4, 16))
     K9 = Ks9.transpose((0, 2, 1, 3))
-    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2))
+    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2), out=_scratch('QK9', (n, 4, 64, 64), Q9, K9))
     Sc9 = QK9
     Sc9 *= 1/4
     S9 = Sc9
     np.copyto(S9, -1e+09, where=~np.tri(64, dtype=bool))
-    A9 = _softmax_into(S9, S9)
+    A9 = _softmax_into(S9, _scratch('A9', (n, 4, 64, 64), S9))
     XV9 = np.matmul(X9, Wv9, out=_scratch('XV9', (64*n, 64), X9, Wv9))
     Vs9 = XV9.reshape((n, 64, 4, 16))
     V9 = Vs9.transpose((0, 2, 1, 3))
@@ -443,15 +466,17 @@ def forward(params, x):
     R9 = OWs9
     R9 += R7
     R9 += bo9
-    sum_R9 = R9.sum(axis=2)
+    sum_R9 = np.einsum('...i->...', R9)
     M10 = sum_R9/64
     C10 = -M10[:, :, None] + R9
     V10 = 1/64*np.einsum('abc,abc->ab', C10, C10)
     R10 = np.add(V10, 1e-05, out=_scratch('R10', (n, 64), V10))
     np.sqrt(R10, out=R10)
     np.divide(1.0, R10, out=R10)
-    Xn10 = C10*R10[:, :, None]
-    H10 = np.multiply(Xn10, g10, out=_scratch('H10', (n, 64, 64), Xn10, g10))
+    Xn10 = C10
+    Xn10 *= R10[:, :, None]
+    H10 = Xn10
+    H10 *= g10
     H10 += s10
     X11 = H10.reshape((64*n, 64))
     XW11 = np.matmul(X11, W11, out=_scratch('XW11', (64*n, 256), X11, W11))
@@ -459,29 +484,32 @@ def forward(params, x):
     Z11 = XWs11
     Z11 += b11
     tanh_Z11 = np.multiply(Z11, Z11, out=_scratch('tanh_Z11', (n, 64, 256), Z11))
-    tanh_Z11 *= 0.044715
-    tanh_Z11 += 1
+    tanh_Z11 *= 0.035677408136300125
+    tanh_Z11 += 0.7978845608028654
     tanh_Z11 *= Z11
-    tanh_Z11 *= 0.7978845608028654
     np.tanh(tanh_Z11, out=tanh_Z11)
-    H11 = np.add(tanh_Z11, 1, out=_scratch('H11', (n, 64, 256), tanh_Z11))
-    H11 *= Z11
+    H11 = Z11
+    tanh_Z11 += 1
+    H11 *= tanh_Z11
     H11 *= 1/2
     X12 = H11.reshape((64*n, 256))
     XW12 = np.matmul(X12, W12, out=_scratch('XW12', (64*n, 64), X12, W12))
     XWs12 = XW12.reshape((n, 64, 64))
-    R12 = XWs12
-    R12 += R9
+    R12 = R9
+    R12 += XWs12
     R12 += b12
-    sum_R12 = R12.sum(axis=2)
+    sum_R12 = np.einsum('...i->...', R12)
     M13 = sum_R12/64
-    C13 = -M13[:, :, None] + R12
+    C13 = R12
+    C13 += -M13[:, :, None]
     V13 = 1/64*np.einsum('abc,abc->ab', C13, C13)
     R13 = np.add(V13, 1e-05, out=_scratch('R13', (n, 64), V13))
     np.sqrt(R13, out=R13)
     np.divide(1.0, R13, out=R13)
-    Xn13 = C13*R13[:, :, None]
-    H13 = np.multiply(Xn13, g13, out=_scratch('H13', (n, 64, 64), Xn13, g13))
+    Xn13 = C13
+    Xn13 *= R13[:, :, None]
+    H13 = Xn13
+    H13 *= g13
     H13 += s13
     X14 = H13.reshape((64*n, 64))
     XW14 = np.matmul(X14, W14, out=_scratch('XW14', (64*n, 96), X14, W14))
@@ -531,15 +559,17 @@ def loss(params, x, y):
     b14 = _param(params, 'b14', (96,))
     Em1 = E1[x]
     H2 = Em1 + P2
-    sum_H2 = H2.sum(axis=2)
+    sum_H2 = np.einsum('...i->...', H2)
     M3 = sum_H2/64
     C3 = H2 - M3[:, :, None]
     V3 = 1/64*np.einsum('abc,abc->ab', C3, C3)
     R3 = np.add(V3, 1e-05, out=_scratch('R3', (n, 64), V3))
     np.sqrt(R3, out=R3)
     np.divide(1.0, R3, out=R3)
-    Xn3 = C3*R3[:, :, None]
-    H3 = np.multiply(Xn3, g3, out=_scratch('H3', (n, 64, 64), Xn3, g3))
+    Xn3 = C3
+    Xn3 *= R3[:, :, None]
+    H3 = Xn3
+    H3 *= g3
     H3 += s3
     X4 = H3.reshape((64*n, 64))
     XQ4 = np.matmul(X4, Wq4, out=_scratch('XQ4', (64*n, 64), X4, Wq4))
@@ -548,12 +578,12 @@ def loss(params, x, y):
     XK4 = np.matmul(X4, Wk4, out=_scratch('XK4', (64*n, 64), X4, Wk4))
     Ks4 = XK4.reshape((n, 64, 4, 16))
     K4 = Ks4.transpose((0, 2, 1, 3))
-    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2))
+    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2), out=_scratch('QK4', (n, 4, 64, 64), Q4, K4))
     Sc4 = QK4
     Sc4 *= 1/4
     S4 = Sc4
     np.copyto(S4, -1e+09, where=~np.tri(64, dtype=bool))
-    A4 = _softmax_into(S4, S4)
+    A4 = _softmax_into(S4, _scratch('A4', (n, 4, 64, 64), S4))
     XV4 = np.matmul(X4, Wv4, out=_scratch('XV4', (64*n, 64), X4, Wv4))
     Vs4 = XV4.reshape((n, 64, 4, 16))
     V4 = Vs4.transpose((0, 2, 1, 3))
@@ -562,18 +592,20 @@ def loss(params, x, y):
     Oc4 = Ot4.reshape((64*n, 64))
     OW4 = np.matmul(Oc4, Wo4, out=_scratch('OW4', (64*n, 64), Oc4, Wo4))
     OWs4 = OW4.reshape((n, 64, 64))
-    R4 = OWs4
-    R4 += H2
+    R4 = H2
+    R4 += OWs4
     R4 += bo4
-    sum_R4 = R4.sum(axis=2)
+    sum_R4 = np.einsum('...i->...', R4)
     M5 = sum_R4/64
     C5 = -M5[:, :, None] + R4
     V5 = 1/64*np.einsum('abc,abc->ab', C5, C5)
     R5 = np.add(V5, 1e-05, out=_scratch('R5', (n, 64), V5))
     np.sqrt(R5, out=R5)
     np.divide(1.0, R5, out=R5)
-    Xn5 = C5*R5[:, :, None]
-    H5 = np.multiply(Xn5, g5, out=_scratch('H5', (n, 64, 64), Xn5, g5))
+    Xn5 = C5
+    Xn5 *= R5[:, :, None]
+    H5 = Xn5
+    H5 *= g5
     H5 += s5
     X6 = H5.reshape((64*n, 64))
     XW6 = np.matmul(X6, W6, out=_scratch('XW6', (64*n, 256), X6, W6))
@@ -581,29 +613,31 @@ def loss(params, x, y):
     Z6 = XWs6
     Z6 += b6
     tanh_Z6 = np.multiply(Z6, Z6, out=_scratch('tanh_Z6', (n, 64, 256), Z6))
-    tanh_Z6 *= 0.044715
-    tanh_Z6 += 1
+    tanh_Z6 *= 0.035677408136300125
+    tanh_Z6 += 0.7978845608028654
     tanh_Z6 *= Z6
-    tanh_Z6 *= 0.7978845608028654
     np.tanh(tanh_Z6, out=tanh_Z6)
-    H6 = np.add(tanh_Z6, 1, out=_scratch('H6', (n, 64, 256), tanh_Z6))
-    H6 *= Z6
+    H6 = Z6
+    tanh_Z6 += 1
+    H6 *= tanh_Z6
     H6 *= 1/2
     X7 = H6.reshape((64*n, 256))
     XW7 = np.matmul(X7, W7, out=_scratch('XW7', (64*n, 64), X7, W7))
     XWs7 = XW7.reshape((n, 64, 64))
-    R7 = XWs7
-    R7 += R4
+    R7 = R4
+    R7 += XWs7
     R7 += b7
-    sum_R7 = R7.sum(axis=2)
+    sum_R7 = np.einsum('...i->...', R7)
     M8 = sum_R7/64
     C8 = -M8[:, :, None] + R7
     V8 = 1/64*np.einsum('abc,abc->ab', C8, C8)
     R8 = np.add(V8, 1e-05, out=_scratch('R8', (n, 64), V8))
     np.sqrt(R8, out=R8)
     np.divide(1.0, R8, out=R8)
-    Xn8 = C8*R8[:, :, None]
-    H8 = np.multiply(Xn8, g8, out=_scratch('H8', (n, 64, 64), Xn8, g8))
+    Xn8 = C8
+    Xn8 *= R8[:, :, None]
+    H8 = Xn8
+    H8 *= g8
     H8 += s8
     X9 = H8.reshape((64*n, 64))
     XQ9 = np.matmul(X9, Wq9, out=_scratch('XQ9', (64*n, 64), X9, Wq9))
@@ -612,12 +646,12 @@ def loss(params, x, y):
     XK9 = np.matmul(X9, Wk9, out=_scratch('XK9', (64*n, 64), X9, Wk9))
     Ks9 = XK9.reshape((n, 64, 4, 16))
     K9 = Ks9.transpose((0, 2, 1, 3))
-    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2))
+    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2), out=_scratch('QK9', (n, 4, 64, 64), Q9, K9))
     Sc9 = QK9
     Sc9 *= 1/4
     S9 = Sc9
     np.copyto(S9, -1e+09, where=~np.tri(64, dtype=bool))
-    A9 = _softmax_into(S9, S9)
+    A9 = _softmax_into(S9, _scratch('A9', (n, 4, 64, 64), S9))
     XV9 = np.matmul(X9, Wv9, out=_scratch('XV9', (64*n, 64), X9, Wv9))
     Vs9 = XV9.reshape((n, 64, 4, 16))
     V9 = Vs9.transpose((0, 2, 1, 3))
@@ -629,15 +663,17 @@ def loss(params, x, y):
     R9 = OWs9
     R9 += R7
     R9 += bo9
-    sum_R9 = R9.sum(axis=2)
+    sum_R9 = np.einsum('...i->...', R9)
     M10 = sum_R9/64
     C10 = -M10[:, :, None] + R9
     V10 = 1/64*np.einsum('abc,abc->ab', C10, C10)
     R10 = np.add(V10, 1e-05, out=_scratch('R10', (n, 64), V10))
     np.sqrt(R10, out=R10)
     np.divide(1.0, R10, out=R10)
-    Xn10 = C10*R10[:, :, None]
-    H10 = np.multiply(Xn10, g10, out=_scratch('H10', (n, 64, 64), Xn10, g10))
+    Xn10 = C10
+    Xn10 *= R10[:, :, None]
+    H10 = Xn10
+    H10 *= g10
     H10 += s10
     X11 = H10.reshape((64*n, 64))
     XW11 = np.matmul(X11, W11, out=_scratch('XW11', (64*n, 256), X11, W11))
@@ -645,29 +681,32 @@ def loss(params, x, y):
     Z11 = XWs11
     Z11 += b11
     tanh_Z11 = np.multiply(Z11, Z11, out=_scratch('tanh_Z11', (n, 64, 256), Z11))
-    tanh_Z11 *= 0.044715
-    tanh_Z11 += 1
+    tanh_Z11 *= 0.035677408136300125
+    tanh_Z11 += 0.7978845608028654
     tanh_Z11 *= Z11
-    tanh_Z11 *= 0.7978845608028654
     np.tanh(tanh_Z11, out=tanh_Z11)
-    H11 = np.add(tanh_Z11, 1, out=_scratch('H11', (n, 64, 256), tanh_Z11))
-    H11 *= Z11
+    H11 = Z11
+    tanh_Z11 += 1
+    H11 *= tanh_Z11
     H11 *= 1/2
     X12 = H11.reshape((64*n, 256))
     XW12 = np.matmul(X12, W12, out=_scratch('XW12', (64*n, 64), X12, W12))
     XWs12 = XW12.reshape((n, 64, 64))
-    R12 = XWs12
-    R12 += R9
+    R12 = R9
+    R12 += XWs12
     R12 += b12
-    sum_R12 = R12.sum(axis=2)
+    sum_R12 = np.einsum('...i->...', R12)
     M13 = sum_R12/64
-    C13 = -M13[:, :, None] + R12
+    C13 = R12
+    C13 += -M13[:, :, None]
     V13 = 1/64*np.einsum('abc,abc->ab', C13, C13)
     R13 = np.add(V13, 1e-05, out=_scratch('R13', (n, 64), V13))
     np.sqrt(R13, out=R13)
     np.divide(1.0, R13, out=R13)
-    Xn13 = C13*R13[:, :, None]
-    H13 = np.multiply(Xn13, g13, out=_scratch('H13', (n, 64, 64), Xn13, g13))
+    Xn13 = C13
+    Xn13 *= R13[:, :, None]
+    H13 = Xn13
+    H13 *= g13
     H13 += s13
     X14 = H13.reshape((64*n, 64))
     XW14 = np.matmul(X14, W14, out=_scratch('XW14', (64*n, 96), X14, W14))
@@ -719,7 +758,7 @@ def backward(params, x, y):
     b14 = _param(params, 'b14', (96,))
     Em1 = E1[x]
     H2 = Em1 + P2
-    sum_H2 = H2.sum(axis=2)
+    sum_H2 = np.einsum('...i->...', H2)
     M3 = sum_H2/64
     C3 = H2 - M3[:, :, None]
     V3 = 1/64*np.einsum('abc,abc->ab', C3, C3)
@@ -736,12 +775,12 @@ def backward(params, x, y):
     XK4 = np.matmul(X4, Wk4, out=_scratch('XK4', (64*n, 64), X4, Wk4))
     Ks4 = XK4.reshape((n, 64, 4, 16))
     K4 = Ks4.transpose((0, 2, 1, 3))
-    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2))
+    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2), out=_scratch('QK4', (n, 4, 64, 64), Q4, K4))
     Sc4 = QK4
     Sc4 *= 1/4
     S4 = Sc4
     np.copyto(S4, -1e+09, where=~np.tri(64, dtype=bool))
-    A4 = _softmax_into(S4, S4)
+    A4 = _softmax_into(S4, _scratch('A4', (n, 4, 64, 64), S4))
     XV4 = np.matmul(X4, Wv4, out=_scratch('XV4', (64*n, 64), X4, Wv4))
     Vs4 = XV4.reshape((n, 64, 4, 16))
     V4 = Vs4.transpose((0, 2, 1, 3))
@@ -750,10 +789,10 @@ def backward(params, x, y):
     Oc4 = Ot4.reshape((64*n, 64))
     OW4 = np.matmul(Oc4, Wo4, out=_scratch('OW4', (64*n, 64), Oc4, Wo4))
     OWs4 = OW4.reshape((n, 64, 64))
-    R4 = OWs4
-    R4 += H2
+    R4 = H2
+    R4 += OWs4
     R4 += bo4
-    sum_R4 = R4.sum(axis=2)
+    sum_R4 = np.einsum('...i->...', R4)
     M5 = sum_R4/64
     C5 = -M5[:, :, None] + R4
     V5 = 1/64*np.einsum('abc,abc->ab', C5, C5)
@@ -769,10 +808,9 @@ def backward(params, x, y):
     Z6 = XWs6
     Z6 += b6
     tanh_Z6 = np.multiply(Z6, Z6, out=_scratch('tanh_Z6', (n, 64, 256), Z6))
-    tanh_Z6 *= 0.044715
-    tanh_Z6 += 1
+    tanh_Z6 *= 0.035677408136300125
+    tanh_Z6 += 0.7978845608028654
     tanh_Z6 *= Z6
-    tanh_Z6 *= 0.7978845608028654
     np.tanh(tanh_Z6, out=tanh_Z6)
     H6 = np.add(tanh_Z6, 1, out=_scratch('H6', (n, 64, 256), tanh_Z6))
     H6 *= Z6
@@ -780,10 +818,10 @@ def backward(params, x, y):
     X7 = H6.reshape((64*n, 256))
     XW7 = np.matmul(X7, W7, out=_scratch('XW7', (64*n, 64), X7, W7))
     XWs7 = XW7.reshape((n, 64, 64))
-    R7 = XWs7
-    R7 += R4
+    R7 = R4
+    R7 += XWs7
     R7 += b7
-    sum_R7 = R7.sum(axis=2)
+    sum_R7 = np.einsum('...i->...', R7)
     M8 = sum_R7/64
     C8 = -M8[:, :, None] + R7
     V8 = 1/64*np.einsum('abc,abc->ab', C8, C8)
@@ -800,12 +838,12 @@ def backward(params, x, y):
     XK9 = np.matmul(X9, Wk9, out=_scratch('XK9', (64*n, 64), X9, Wk9))
     Ks9 = XK9.reshape((n, 64, 4, 16))
     K9 = Ks9.transpose((0, 2, 1, 3))
-    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2))
+    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2), out=_scratch('QK9', (n, 4, 64, 64), Q9, K9))
     Sc9 = QK9
     Sc9 *= 1/4
     S9 = Sc9
     np.copyto(S9, -1e+09, where=~np.tri(64, dtype=bool))
-    A9 = _softmax_into(S9, S9)
+    A9 = _softmax_into(S9, _scratch('A9', (n, 4, 64, 64), S9))
     XV9 = np.matmul(X9, Wv9, out=_scratch('XV9', (64*n, 64), X9, Wv9))
     Vs9 = XV9.reshape((n, 64, 4, 16))
     V9 = Vs9.transpose((0, 2, 1, 3))
@@ -817,7 +855,7 @@ def backward(params, x, y):
     R9 = OWs9
     R9 += R7
     R9 += bo9
-    sum_R9 = R9.sum(axis=2)
+    sum_R9 = np.einsum('...i->...', R9)
     M10 = sum_R9/64
     C10 = -M10[:, :, None] + R9
     V10 = 1/64*np.einsum('abc,abc->ab', C10, C10)
@@ -833,10 +871,9 @@ def backward(params, x, y):
     Z11 = XWs11
     Z11 += b11
     tanh_Z11 = np.multiply(Z11, Z11, out=_scratch('tanh_Z11', (n, 64, 256), Z11))
-    tanh_Z11 *= 0.044715
-    tanh_Z11 += 1
+    tanh_Z11 *= 0.035677408136300125
+    tanh_Z11 += 0.7978845608028654
     tanh_Z11 *= Z11
-    tanh_Z11 *= 0.7978845608028654
     np.tanh(tanh_Z11, out=tanh_Z11)
     H11 = np.add(tanh_Z11, 1, out=_scratch('H11', (n, 64, 256), tanh_Z11))
     H11 *= Z11
@@ -844,12 +881,13 @@ def backward(params, x, y):
     X12 = H11.reshape((64*n, 256))
     XW12 = np.matmul(X12, W12, out=_scratch('XW12', (64*n, 64), X12, W12))
     XWs12 = XW12.reshape((n, 64, 64))
-    R12 = XWs12
-    R12 += R9
+    R12 = R9
+    R12 += XWs12
     R12 += b12
-    sum_R12 = R12.sum(axis=2)
+    sum_R12 = np.einsum('...i->...', R12)
     M13 = sum_R12/64
-    C13 = -M13[:, :, None] + R12
+    C13 = R12
+    C13 += -M13[:, :, None]
     V13 = 1/64*np.einsum('abc,abc->ab', C13, C13)
     R13 = np.add(V13, 1e-05, out=_scratch('R13', (n, 64), V13))
     np.sqrt(R13, out=R13)
@@ -885,15 +923,17 @@ def backward(params, x, y):
     dV13 *= dR13
     dV13 *= -1/2
     # dC13 = C13*dV13/32 + R13*dXn13
-    dC13 = dXn13*(R13[:, :, None])
-    _dC13_0 = C13*(dV13[:, :, None]/32)
-    dC13 += _dC13_0
+    dC13 = dXn13
+    dC13 *= R13[:, :, None]
+    C13 *= dV13[:, :, None]/32
+    dC13 += C13
     # dM13 = sum(-dC13, axis=2)
-    dM13 = -dC13.sum(axis=2)
+    dM13 = -np.einsum('...i->...', dC13)
     # dsum_R12 = dM13/64
     dsum_R12 = dM13/64
     # dR12 = dC13 + dsum_R12
-    dR12 = dC13 + dsum_R12[:, :, None]
+    dR12 = dC13
+    dR12 += dsum_R12[:, :, None]
     # dXW12 = reshape(dR12, (64*n, 64))
     dXW12 = dR12.reshape((64*n, 64))
     # dX12 = dXW12 @ W12.T
@@ -905,14 +945,13 @@ def backward(params, x, y):
     _dZ11_0 = np.multiply(tanh_Z11, tanh_Z11, out=_scratch('_dZ11_0', (n, 64, 256), tanh_Z11))
     np.subtract(1, _dZ11_0, out=_dZ11_0)
     _dZ11_0 *= Z11
-    _dZ11_1 = np.multiply(Z11, Z11, out=_scratch('_dZ11_1', (n, 64, 256), Z11))
-    _dZ11_1 *= 0.134145
-    _dZ11_1 += 1
-    _dZ11_0 *= _dZ11_1
-    _dZ11_0 *= 0.7978845608028654
-    _dZ11_0 += tanh_Z11
-    _dZ11_0 += 1
-    dZ11 *= _dZ11_0
+    Z11 *= Z11
+    Z11 *= 0.10703222440890037
+    Z11 += 0.7978845608028654
+    _dZ11_0 *= Z11
+    tanh_Z11 += _dZ11_0
+    tanh_Z11 += 1
+    dZ11 *= tanh_Z11
     dZ11 *= 1/2
     # dXW11 = reshape(dZ11, (64*n, 256))
     dXW11 = dZ11.reshape((64*n, 256))
@@ -930,15 +969,17 @@ def backward(params, x, y):
     dV10 *= dR10
     dV10 *= -1/2
     # dC10 = C10*dV10/32 + R10*dXn10
-    dC10 = dXn10*(R10[:, :, None])
-    _dC10_0 = C10*(dV10[:, :, None]/32)
-    dC10 += _dC10_0
+    dC10 = dXn10
+    dC10 *= R10[:, :, None]
+    C10 *= dV10[:, :, None]/32
+    dC10 += C10
     # dM10 = sum(-dC10, axis=2)
-    dM10 = -dC10.sum(axis=2)
+    dM10 = -np.einsum('...i->...', dC10)
     # dsum_R9 = dM10/64
     dsum_R9 = dM10/64
     # dR9 = dC10 + dR12 + dsum_R9
-    dR9 = np.add(dC10, dR12, out=_scratch('dR9', (n, 64, 64), dC10, dR12))
+    dR9 = dC10
+    dR9 += dR12
     dR9 += dsum_R9[:, :, None]
     # dOW9 = reshape(dR9, (64*n, 64))
     dOW9 = dR9.reshape((64*n, 64))
@@ -949,11 +990,12 @@ def backward(params, x, y):
     # dO9 = dOt9.transpose((0, 2, 1, 3))
     dO9 = dOt9.transpose((0, 2, 1, 3))
     # dA9 = dO9 @ V9.mT
-    dA9 = np.matmul(dO9, V9.swapaxes(-1, -2))
+    dA9 = np.matmul(dO9, V9.swapaxes(-1, -2), out=_scratch('dA9', (n, 4, 64, 64), dO9, V9))
     # sum_dA9_times_A9 = sum(A9*dA9, axis=3)
     sum_dA9_times_A9 = np.einsum('abcd,abcd->abc', A9, dA9)
     # dS9 = A9*(dA9 - sum_dA9_times_A9)
-    dS9 = dA9 + (-sum_dA9_times_A9[:, :, :, None])
+    dS9 = dA9
+    dS9 += -sum_dA9_times_A9[:, :, :, None]
     dS9 *= A9
     # dSc9 = causal_mask(dS9, fill=0)
     dSc9 = dS9
@@ -1001,15 +1043,17 @@ def backward(params, x, y):
     dV8 *= dR8
     dV8 *= -1/2
     # dC8 = C8*dV8/32 + R8*dXn8
-    dC8 = dXn8*(R8[:, :, None])
-    _dC8_0 = C8*(dV8[:, :, None]/32)
-    dC8 += _dC8_0
+    dC8 = dXn8
+    dC8 *= R8[:, :, None]
+    C8 *= dV8[:, :, None]/32
+    dC8 += C8
     # dM8 = sum(-dC8, axis=2)
-    dM8 = -dC8.sum(axis=2)
+    dM8 = -np.einsum('...i->...', dC8)
     # dsum_R7 = dM8/64
     dsum_R7 = dM8/64
     # dR7 = dC8 + dR9 + dsum_R7
-    dR7 = np.add(dC8, dR9, out=_scratch('dR7', (n, 64, 64), dC8, dR9))
+    dR7 = dC8
+    dR7 += dR9
     dR7 += dsum_R7[:, :, None]
     # dXW7 = reshape(dR7, (64*n, 64))
     dXW7 = dR7.reshape((64*n, 64))
@@ -1022,14 +1066,13 @@ def backward(params, x, y):
     _dZ6_0 = np.multiply(tanh_Z6, tanh_Z6, out=_scratch('_dZ6_0', (n, 64, 256), tanh_Z6))
     np.subtract(1, _dZ6_0, out=_dZ6_0)
     _dZ6_0 *= Z6
-    _dZ6_1 = np.multiply(Z6, Z6, out=_scratch('_dZ6_1', (n, 64, 256), Z6))
-    _dZ6_1 *= 0.134145
-    _dZ6_1 += 1
-    _dZ6_0 *= _dZ6_1
-    _dZ6_0 *= 0.7978845608028654
-    _dZ6_0 += tanh_Z6
-    _dZ6_0 += 1
-    dZ6 *= _dZ6_0
+    Z6 *= Z6
+    Z6 *= 0.10703222440890037
+    Z6 += 0.7978845608028654
+    _dZ6_0 *= Z6
+    tanh_Z6 += _dZ6_0
+    tanh_Z6 += 1
+    dZ6 *= tanh_Z6
     dZ6 *= 1/2
     # dXW6 = reshape(dZ6, (64*n, 256))
     dXW6 = dZ6.reshape((64*n, 256))
@@ -1047,15 +1090,17 @@ def backward(params, x, y):
     dV5 *= dR5
     dV5 *= -1/2
     # dC5 = C5*dV5/32 + R5*dXn5
-    dC5 = dXn5*(R5[:, :, None])
-    _dC5_0 = C5*(dV5[:, :, None]/32)
-    dC5 += _dC5_0
+    dC5 = dXn5
+    dC5 *= R5[:, :, None]
+    C5 *= dV5[:, :, None]/32
+    dC5 += C5
     # dM5 = sum(-dC5, axis=2)
-    dM5 = -dC5.sum(axis=2)
+    dM5 = -np.einsum('...i->...', dC5)
     # dsum_R4 = dM5/64
     dsum_R4 = dM5/64
     # dR4 = dC5 + dR7 + dsum_R4
-    dR4 = np.add(dC5, dR7, out=_scratch('dR4', (n, 64, 64), dC5, dR7))
+    dR4 = dC5
+    dR4 += dR7
     dR4 += dsum_R4[:, :, None]
     # dOW4 = reshape(dR4, (64*n, 64))
     dOW4 = dR4.reshape((64*n, 64))
@@ -1066,11 +1111,12 @@ def backward(params, x, y):
     # dO4 = dOt4.transpose((0, 2, 1, 3))
     dO4 = dOt4.transpose((0, 2, 1, 3))
     # dA4 = dO4 @ V4.mT
-    dA4 = np.matmul(dO4, V4.swapaxes(-1, -2))
+    dA4 = np.matmul(dO4, V4.swapaxes(-1, -2), out=_scratch('dA4', (n, 4, 64, 64), dO4, V4))
     # sum_dA4_times_A4 = sum(A4*dA4, axis=3)
     sum_dA4_times_A4 = np.einsum('abcd,abcd->abc', dA4, A4)
     # dS4 = A4*(dA4 - sum_dA4_times_A4)
-    dS4 = dA4 + (-sum_dA4_times_A4[:, :, :, None])
+    dS4 = dA4
+    dS4 += -sum_dA4_times_A4[:, :, :, None]
     dS4 *= A4
     # dSc4 = causal_mask(dS4, fill=0)
     dSc4 = dS4
@@ -1118,15 +1164,17 @@ def backward(params, x, y):
     dV3 *= dR3
     dV3 *= -1/2
     # dC3 = C3*dV3/32 + R3*dXn3
-    dC3 = dXn3*(R3[:, :, None])
-    _dC3_0 = C3*(dV3[:, :, None]/32)
-    dC3 += _dC3_0
+    dC3 = dXn3
+    dC3 *= R3[:, :, None]
+    C3 *= dV3[:, :, None]/32
+    dC3 += C3
     # dM3 = sum(-dC3, axis=2)
-    dM3 = -dC3.sum(axis=2)
+    dM3 = -np.einsum('...i->...', dC3)
     # dsum_H2 = dM3/64
     dsum_H2 = dM3/64
     # dH2 = dC3 + dR4 + dsum_H2
-    dH2 = np.add(dC3, dR4, out=_scratch('dH2', (n, 64, 64), dC3, dR4))
+    dH2 = dC3
+    dH2 += dR4
     dH2 += dsum_H2[:, :, None]
     # dE1 = scatter_add(x, dH2)
     dE1 = np.zeros((96, 64), dtype=dH2.dtype)
@@ -3627,7 +3675,7 @@ def per_example_grads(params, x, y):
     b14 = _param(params, 'b14', (96,))
     Em1 = E1[x]
     H2 = Em1 + P2
-    sum_H2 = H2.sum(axis=2)
+    sum_H2 = np.einsum('...i->...', H2)
     M3 = sum_H2/64
     C3 = H2 - M3[:, :, None]
     V3 = 1/64*np.einsum('abc,abc->ab', C3, C3)
@@ -3644,12 +3692,12 @@ def per_example_grads(params, x, y):
     XK4 = np.matmul(X4, Wk4, out=_scratch('XK4', (64*n, 64), X4, Wk4))
     Ks4 = XK4.reshape((n, 64, 4, 16))
     K4 = Ks4.transpose((0, 2, 1, 3))
-    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2))
+    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2), out=_scratch('QK4', (n, 4, 64, 64), Q4, K4))
     Sc4 = QK4
     Sc4 *= 1/4
     S4 = Sc4
     np.copyto(S4, -1e+09, where=~np.tri(64, dtype=bool))
-    A4 = _softmax_into(S4, S4)
+    A4 = _softmax_into(S4, _scratch('A4', (n, 4, 64, 64), S4))
     XV4 = np.matmul(X4, Wv4, out=_scratch('XV4', (64*n, 64), X4, Wv4))
     Vs4 = XV4.reshape((n, 64, 4, 16))
     V4 = Vs4.transpose((0, 2, 1, 3))
@@ -3658,10 +3706,10 @@ def per_example_grads(params, x, y):
     Oc4 = Ot4.reshape((64*n, 64))
     OW4 = np.matmul(Oc4, Wo4, out=_scratch('OW4', (64*n, 64), Oc4, Wo4))
     OWs4 = OW4.reshape((n, 64, 64))
-    R4 = OWs4
-    R4 += H2
+    R4 = H2
+    R4 += OWs4
     R4 += bo4
-    sum_R4 = R4.sum(axis=2)
+    sum_R4 = np.einsum('...i->...', R4)
     M5 = sum_R4/64
     C5 = -M5[:, :, None] + R4
     V5 = 1/64*np.einsum('abc,abc->ab', C5, C5)
@@ -3677,10 +3725,9 @@ def per_example_grads(params, x, y):
     Z6 = XWs6
     Z6 += b6
     tanh_Z6 = np.multiply(Z6, Z6, out=_scratch('tanh_Z6', (n, 64, 256), Z6))
-    tanh_Z6 *= 0.044715
-    tanh_Z6 += 1
+    tanh_Z6 *= 0.035677408136300125
+    tanh_Z6 += 0.7978845608028654
     tanh_Z6 *= Z6
-    tanh_Z6 *= 0.7978845608028654
     np.tanh(tanh_Z6, out=tanh_Z6)
     H6 = np.add(tanh_Z6, 1, out=_scratch('H6', (n, 64, 256), tanh_Z6))
     H6 *= Z6
@@ -3688,10 +3735,10 @@ def per_example_grads(params, x, y):
     X7 = H6.reshape((64*n, 256))
     XW7 = np.matmul(X7, W7, out=_scratch('XW7', (64*n, 64), X7, W7))
     XWs7 = XW7.reshape((n, 64, 64))
-    R7 = XWs7
-    R7 += R4
+    R7 = R4
+    R7 += XWs7
     R7 += b7
-    sum_R7 = R7.sum(axis=2)
+    sum_R7 = np.einsum('...i->...', R7)
     M8 = sum_R7/64
     C8 = -M8[:, :, None] + R7
     V8 = 1/64*np.einsum('abc,abc->ab', C8, C8)
@@ -3708,12 +3755,12 @@ def per_example_grads(params, x, y):
     XK9 = np.matmul(X9, Wk9, out=_scratch('XK9', (64*n, 64), X9, Wk9))
     Ks9 = XK9.reshape((n, 64, 4, 16))
     K9 = Ks9.transpose((0, 2, 1, 3))
-    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2))
+    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2), out=_scratch('QK9', (n, 4, 64, 64), Q9, K9))
     Sc9 = QK9
     Sc9 *= 1/4
     S9 = Sc9
     np.copyto(S9, -1e+09, where=~np.tri(64, dtype=bool))
-    A9 = _softmax_into(S9, S9)
+    A9 = _softmax_into(S9, _scratch('A9', (n, 4, 64, 64), S9))
     XV9 = np.matmul(X9, Wv9, out=_scratch('XV9', (64*n, 64), X9, Wv9))
     Vs9 = XV9.reshape((n, 64, 4, 16))
     V9 = Vs9.transpose((0, 2, 1, 3))
@@ -3725,7 +3772,7 @@ def per_example_grads(params, x, y):
     R9 = OWs9
     R9 += R7
     R9 += bo9
-    sum_R9 = R9.sum(axis=2)
+    sum_R9 = np.einsum('...i->...', R9)
     M10 = sum_R9/64
     C10 = -M10[:, :, None] + R9
     V10 = 1/64*np.einsum('abc,abc->ab', C10, C10)
@@ -3741,10 +3788,9 @@ def per_example_grads(params, x, y):
     Z11 = XWs11
     Z11 += b11
     tanh_Z11 = np.multiply(Z11, Z11, out=_scratch('tanh_Z11', (n, 64, 256), Z11))
-    tanh_Z11 *= 0.044715
-    tanh_Z11 += 1
+    tanh_Z11 *= 0.035677408136300125
+    tanh_Z11 += 0.7978845608028654
     tanh_Z11 *= Z11
-    tanh_Z11 *= 0.7978845608028654
     np.tanh(tanh_Z11, out=tanh_Z11)
     H11 = np.add(tanh_Z11, 1, out=_scratch('H11', (n, 64, 256), tanh_Z11))
     H11 *= Z11
@@ -3752,12 +3798,13 @@ def per_example_grads(params, x, y):
     X12 = H11.reshape((64*n, 256))
     XW12 = np.matmul(X12, W12, out=_scratch('XW12', (64*n, 64), X12, W12))
     XWs12 = XW12.reshape((n, 64, 64))
-    R12 = XWs12
-    R12 += R9
+    R12 = R9
+    R12 += XWs12
     R12 += b12
-    sum_R12 = R12.sum(axis=2)
+    sum_R12 = np.einsum('...i->...', R12)
     M13 = sum_R12/64
-    C13 = -M13[:, :, None] + R12
+    C13 = R12
+    C13 += -M13[:, :, None]
     V13 = 1/64*np.einsum('abc,abc->ab', C13, C13)
     R13 = np.add(V13, 1e-05, out=_scratch('R13', (n, 64), V13))
     np.sqrt(R13, out=R13)
@@ -3772,7 +3819,7 @@ def per_example_grads(params, x, y):
     Z14 += b14
     LSE = _logsumexp(Z14.reshape(-1, 96)).reshape((n, 64))
     CE = LSE - np.take_along_axis(Z14, y[..., None], axis=-1)[..., 0]
-    sum_CE = CE.sum(axis=1)
+    sum_CE = np.einsum('...i->...', CE)
     L_i = sum_CE/64
     # dZ14_i = (softmax(Z14) - onehot(y))/64
     dZ14_i = np.exp(Z14 - LSE[..., None])
@@ -3794,15 +3841,17 @@ def per_example_grads(params, x, y):
     dV13_i *= dR13_i
     dV13_i *= -1/2
     # dC13_i = C13*dV13_i/32 + R13*dXn13_i
-    dC13_i = dXn13_i*(R13[:, :, None])
-    _dC13_i_0 = C13*(dV13_i[:, :, None]/32)
-    dC13_i += _dC13_i_0
+    dC13_i = dXn13_i
+    dC13_i *= R13[:, :, None]
+    C13 *= dV13_i[:, :, None]/32
+    dC13_i += C13
     # dM13_i = sum(-dC13_i, axis=2)
-    dM13_i = -dC13_i.sum(axis=2)
+    dM13_i = -np.einsum('...i->...', dC13_i)
     # dsum_R12_i = dM13_i/64
     dsum_R12_i = dM13_i/64
     # dR12_i = dC13_i + dsum_R12_i
-    dR12_i = dC13_i + dsum_R12_i[:, :, None]
+    dR12_i = dC13_i
+    dR12_i += dsum_R12_i[:, :, None]
     # dXW12_i = reshape(dR12_i, (64*n, 64))
     dXW12_i = dR12_i.reshape((64*n, 64))
     # dX12_i = dXW12_i @ W12.T
@@ -3814,14 +3863,13 @@ def per_example_grads(params, x, y):
     _dZ11_i_0 = np.multiply(tanh_Z11, tanh_Z11, out=_scratch('_dZ11_i_0', (n, 64, 256), tanh_Z11))
     np.subtract(1, _dZ11_i_0, out=_dZ11_i_0)
     _dZ11_i_0 *= Z11
-    _dZ11_i_1 = np.multiply(Z11, Z11, out=_scratch('_dZ11_i_1', (n, 64, 256), Z11))
-    _dZ11_i_1 *= 0.134145
-    _dZ11_i_1 += 1
-    _dZ11_i_0 *= _dZ11_i_1
-    _dZ11_i_0 *= 0.7978845608028654
-    _dZ11_i_0 += tanh_Z11
-    _dZ11_i_0 += 1
-    dZ11_i *= _dZ11_i_0
+    Z11 *= Z11
+    Z11 *= 0.10703222440890037
+    Z11 += 0.7978845608028654
+    _dZ11_i_0 *= Z11
+    tanh_Z11 += _dZ11_i_0
+    tanh_Z11 += 1
+    dZ11_i *= tanh_Z11
     dZ11_i *= 1/2
     # dXW11_i = reshape(dZ11_i, (64*n, 256))
     dXW11_i = dZ11_i.reshape((64*n, 256))
@@ -3839,15 +3887,17 @@ def per_example_grads(params, x, y):
     dV10_i *= dR10_i
     dV10_i *= -1/2
     # dC10_i = C10*dV10_i/32 + R10*dXn10_i
-    dC10_i = dXn10_i*(R10[:, :, None])
-    _dC10_i_0 = C10*(dV10_i[:, :, None]/32)
-    dC10_i += _dC10_i_0
+    dC10_i = dXn10_i
+    dC10_i *= R10[:, :, None]
+    C10 *= dV10_i[:, :, None]/32
+    dC10_i += C10
     # dM10_i = sum(-dC10_i, axis=2)
-    dM10_i = -dC10_i.sum(axis=2)
+    dM10_i = -np.einsum('...i->...', dC10_i)
     # dsum_R9_i = dM10_i/64
     dsum_R9_i = dM10_i/64
     # dR9_i = dC10_i + dR12_i + dsum_R9_i
-    dR9_i = np.add(dC10_i, dR12_i, out=_scratch('dR9_i', (n, 64, 64), dC10_i, dR12_i))
+    dR9_i = dC10_i
+    dR9_i += dR12_i
     dR9_i += dsum_R9_i[:, :, None]
     # dOW9_i = reshape(dR9_i, (64*n, 64))
     dOW9_i = dR9_i.reshape((64*n, 64))
@@ -3858,11 +3908,12 @@ def per_example_grads(params, x, y):
     # dO9_i = dOt9_i.transpose((0, 2, 1, 3))
     dO9_i = dOt9_i.transpose((0, 2, 1, 3))
     # dA9_i = dO9_i @ V9.mT
-    dA9_i = np.matmul(dO9_i, V9.swapaxes(-1, -2))
+    dA9_i = np.matmul(dO9_i, V9.swapaxes(-1, -2), out=_scratch('dA9_i', (n, 4, 64, 64), dO9_i, V9))
     # sum_dA9_times_A9_i = sum(A9*dA9_i, axis=3)
     sum_dA9_times_A9_i = np.einsum('abcd,abcd->abc', dA9_i, A9)
     # dS9_i = A9*(dA9_i - sum_dA9_times_A9_i)
-    dS9_i = dA9_i + (-sum_dA9_times_A9_i[:, :, :, None])
+    dS9_i = dA9_i
+    dS9_i += -sum_dA9_times_A9_i[:, :, :, None]
     dS9_i *= A9
     # dSc9_i = causal_mask(dS9_i, fill=0)
     dSc9_i = dS9_i
@@ -3910,15 +3961,17 @@ def per_example_grads(params, x, y):
     dV8_i *= dR8_i
     dV8_i *= -1/2
     # dC8_i = C8*dV8_i/32 + R8*dXn8_i
-    dC8_i = dXn8_i*(R8[:, :, None])
-    _dC8_i_0 = C8*(dV8_i[:, :, None]/32)
-    dC8_i += _dC8_i_0
+    dC8_i = dXn8_i
+    dC8_i *= R8[:, :, None]
+    C8 *= dV8_i[:, :, None]/32
+    dC8_i += C8
     # dM8_i = sum(-dC8_i, axis=2)
-    dM8_i = -dC8_i.sum(axis=2)
+    dM8_i = -np.einsum('...i->...', dC8_i)
     # dsum_R7_i = dM8_i/64
     dsum_R7_i = dM8_i/64
     # dR7_i = dC8_i + dR9_i + dsum_R7_i
-    dR7_i = np.add(dC8_i, dR9_i, out=_scratch('dR7_i', (n, 64, 64), dC8_i, dR9_i))
+    dR7_i = dC8_i
+    dR7_i += dR9_i
     dR7_i += dsum_R7_i[:, :, None]
     # dXW7_i = reshape(dR7_i, (64*n, 64))
     dXW7_i = dR7_i.reshape((64*n, 64))
@@ -3931,14 +3984,13 @@ def per_example_grads(params, x, y):
     _dZ6_i_0 = np.multiply(tanh_Z6, tanh_Z6, out=_scratch('_dZ6_i_0', (n, 64, 256), tanh_Z6))
     np.subtract(1, _dZ6_i_0, out=_dZ6_i_0)
     _dZ6_i_0 *= Z6
-    _dZ6_i_1 = np.multiply(Z6, Z6, out=_scratch('_dZ6_i_1', (n, 64, 256), Z6))
-    _dZ6_i_1 *= 0.134145
-    _dZ6_i_1 += 1
-    _dZ6_i_0 *= _dZ6_i_1
-    _dZ6_i_0 *= 0.7978845608028654
-    _dZ6_i_0 += tanh_Z6
-    _dZ6_i_0 += 1
-    dZ6_i *= _dZ6_i_0
+    Z6 *= Z6
+    Z6 *= 0.10703222440890037
+    Z6 += 0.7978845608028654
+    _dZ6_i_0 *= Z6
+    tanh_Z6 += _dZ6_i_0
+    tanh_Z6 += 1
+    dZ6_i *= tanh_Z6
     dZ6_i *= 1/2
     # dXW6_i = reshape(dZ6_i, (64*n, 256))
     dXW6_i = dZ6_i.reshape((64*n, 256))
@@ -3956,15 +4008,17 @@ def per_example_grads(params, x, y):
     dV5_i *= dR5_i
     dV5_i *= -1/2
     # dC5_i = C5*dV5_i/32 + R5*dXn5_i
-    dC5_i = dXn5_i*(R5[:, :, None])
-    _dC5_i_0 = C5*(dV5_i[:, :, None]/32)
-    dC5_i += _dC5_i_0
+    dC5_i = dXn5_i
+    dC5_i *= R5[:, :, None]
+    C5 *= dV5_i[:, :, None]/32
+    dC5_i += C5
     # dM5_i = sum(-dC5_i, axis=2)
-    dM5_i = -dC5_i.sum(axis=2)
+    dM5_i = -np.einsum('...i->...', dC5_i)
     # dsum_R4_i = dM5_i/64
     dsum_R4_i = dM5_i/64
     # dR4_i = dC5_i + dR7_i + dsum_R4_i
-    dR4_i = np.add(dC5_i, dR7_i, out=_scratch('dR4_i', (n, 64, 64), dC5_i, dR7_i))
+    dR4_i = dC5_i
+    dR4_i += dR7_i
     dR4_i += dsum_R4_i[:, :, None]
     # dOW4_i = reshape(dR4_i, (64*n, 64))
     dOW4_i = dR4_i.reshape((64*n, 64))
@@ -3983,11 +4037,12 @@ def per_example_grads(params, x, y):
     # dX4_XV4_i = dXV4_i @ Wv4.T
     dX4_XV4_i = np.matmul(dXV4_i, Wv4.T, out=_scratch('dX4_XV4_i', (64*n, 64), dXV4_i, Wv4))
     # dA4_i = dO4_i @ V4.mT
-    dA4_i = np.matmul(dO4_i, V4.swapaxes(-1, -2))
+    dA4_i = np.matmul(dO4_i, V4.swapaxes(-1, -2), out=_scratch('dA4_i', (n, 4, 64, 64), dO4_i, V4))
     # sum_dA4_times_A4_i = sum(A4*dA4_i, axis=3)
     sum_dA4_times_A4_i = np.einsum('abcd,abcd->abc', A4, dA4_i)
     # dS4_i = A4*(dA4_i - sum_dA4_times_A4_i)
-    dS4_i = dA4_i + (-sum_dA4_times_A4_i[:, :, :, None])
+    dS4_i = dA4_i
+    dS4_i += -sum_dA4_times_A4_i[:, :, :, None]
     dS4_i *= A4
     # dSc4_i = causal_mask(dS4_i, fill=0)
     dSc4_i = dS4_i
@@ -4027,11 +4082,12 @@ def per_example_grads(params, x, y):
     dV3_i *= dR3_i
     dV3_i *= -1/2
     # dC3_i = C3*dV3_i/32 + R3*dXn3_i
-    dC3_i = dXn3_i*(R3[:, :, None])
-    _dC3_i_0 = C3*(dV3_i[:, :, None]/32)
-    dC3_i += _dC3_i_0
+    dC3_i = dXn3_i
+    dC3_i *= R3[:, :, None]
+    C3 *= dV3_i[:, :, None]/32
+    dC3_i += C3
     # dM3_i = sum(-dC3_i, axis=2)
-    dM3_i = -dC3_i.sum(axis=2)
+    dM3_i = -np.einsum('...i->...', dC3_i)
     # dsum_H2_i = dM3_i/64
     dsum_H2_i = dM3_i/64
     # dH2_i = dC3_i + dR4_i + dsum_H2_i
