@@ -324,6 +324,7 @@ class _Functions:
             body += self.training_block(only)
             only = []
             body += lines
+        st.current = None
         body += self.training_block(only)
         if self.program.stat_updates:
             # training mode: the running statistics' next values replace the caller's entries
