@@ -741,8 +741,8 @@ def hvp(params, v, x, y):
     # tdH3 = col2im(tdPp2)
     tdH3 = _col2im(tdPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
     # tdZ3 = step_H3*tdH3
-    tdZ3 = tdH3
-    tdZ3 *= step_H3
+    tdZ3 = step_H3
+    tdZ3 *= tdH3
     # tdPW3 = reshape(tdZ3, (16*n, 64))
     tdPW3 = tdZ3.reshape((16*n, 64))
     # tdPW3_W3 = tdPW3 @ W3.T
@@ -763,8 +763,8 @@ def hvp(params, v, x, y):
     # tdH2 = col2im(tdPp1)
     tdH2 = _col2im(tdPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
     # tdZ2 = step_H2*tdH2
-    tdZ2 = tdH2
-    tdZ2 *= step_H2
+    tdZ2 = step_H2
+    tdZ2 *= tdH2
     # tdPW2 = reshape(tdZ2, (64*n, 32))
     tdPW2 = tdZ2.reshape((64*n, 32))
     # tdPW2_W2 = tdPW2 @ W2.T
@@ -777,8 +777,8 @@ def hvp(params, v, x, y):
     # tdH1 = col2im(tdP2)
     tdH1 = _col2im(tdP2, (8, 8, 32), (3, 3), (1, 1), (1, 1, 1, 1))
     # tdZ1 = step_H1*tdH1
-    tdZ1 = tdH1
-    tdZ1 *= step_H1
+    tdZ1 = step_H1
+    tdZ1 *= tdH1
     # tdPW1 = reshape(tdZ1, (64*n, 32))
     tdPW1 = tdZ1.reshape((64*n, 32))
     # Hv_W1 = P1.T @ tdPW1
@@ -985,8 +985,8 @@ def gnvp(params, v, x, y):
     # udH3 = col2im(udPp2)
     udH3 = _col2im(udPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
     # udZ3 = step_H3*udH3
-    udZ3 = udH3
-    udZ3 *= step_H3
+    udZ3 = step_H3
+    udZ3 *= udH3
     # udPW3 = reshape(udZ3, (16*n, 64))
     udPW3 = udZ3.reshape((16*n, 64))
     # udP3 = udPW3 @ W3.T
@@ -1002,8 +1002,8 @@ def gnvp(params, v, x, y):
     # udH2 = col2im(udPp1)
     udH2 = _col2im(udPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
     # udZ2 = step_H2*udH2
-    udZ2 = udH2
-    udZ2 *= step_H2
+    udZ2 = step_H2
+    udZ2 *= udH2
     # udPW2 = reshape(udZ2, (64*n, 32))
     udPW2 = udZ2.reshape((64*n, 32))
     # udP2 = udPW2 @ W2.T
@@ -1011,8 +1011,8 @@ def gnvp(params, v, x, y):
     # udH1 = col2im(udP2)
     udH1 = _conv_transpose(udPW2, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'udH1', keep=True)
     # udZ1 = step_H1*udH1
-    udZ1 = udH1
-    udZ1 *= step_H1
+    udZ1 = step_H1
+    udZ1 *= udH1
     # udPW1 = reshape(udZ1, (64*n, 32))
     udPW1 = udZ1.reshape((64*n, 32))
     # Gv_W1 = P1.T @ udPW1

@@ -384,13 +384,14 @@ def hvp(params, v, x, y):
     # tdZ2_W2 = tdZ2 @ W2.T
     tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 32), tdZ2, W2))
     # tdZ1 = -2*H1*dH1*tH1 + (1 - H1_pow2)*(dZ2_v_W2 + tdZ2_W2)
-    tdZ1 = np.subtract(1, H1_pow2, out=_scratch('tdZ1', (n, 32), H1_pow2))
+    tdZ1 = H1_pow2
+    np.subtract(1, tdZ1, out=tdZ1)
     dZ2_v_W2 += tdZ2_W2
     tdZ1 *= dZ2_v_W2
-    np.multiply(H1, dH1, out=dZ2_v_W2)
-    dZ2_v_W2 *= tH1
-    dZ2_v_W2 *= 2
-    tdZ1 -= dZ2_v_W2
+    dH1 *= H1
+    dH1 *= tH1
+    dH1 *= 2
+    tdZ1 -= dH1
     # Hv_W1 = x.T @ tdZ1
     Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
@@ -463,8 +464,8 @@ def gnvp(params, v, x, y):
     tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 32), tdZ2, W2))
     # udZ1 = tdZ2_W2*(1 - H1_pow2)
     udZ1 = tdZ2_W2
-    _udZ1_0 = np.subtract(1, H1_pow2, out=_scratch('_udZ1_0', (n, 32), H1_pow2))
-    udZ1 *= _udZ1_0
+    np.subtract(1, H1_pow2, out=H1_pow2)
+    udZ1 *= H1_pow2
     # Gv_W1 = x.T @ udZ1
     Gv_W1 = x.T @ udZ1
     # Gv_b1 = sum(udZ1, axis=0)

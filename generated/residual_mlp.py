@@ -524,12 +524,13 @@ def hvp(params, v, x, y):
     # dZf2_v_Wf2 = dZf2_2 @ v_Wf2.T
     dZf2_v_Wf2 = np.matmul(dZf2_2, v_Wf2.T, out=_scratch('dZf2_v_Wf2', (n, 32), dZf2_2, v_Wf2))
     # tdZf2 = -2*Hf2*dS2*tHf2 + tdS2*(1 - Hf2_pow2)
-    tdZf2 = np.subtract(1, Hf2_pow2, out=_scratch('tdZf2', (n, 32), Hf2_pow2))
+    tdZf2 = Hf2_pow2
+    np.subtract(1, tdZf2, out=tdZf2)
     tdZf2 *= tdS2
-    _tdZf2_0 = np.multiply(Hf2, dS2, out=_scratch('_tdZf2_0', (n, 32), Hf2, dS2))
-    _tdZf2_0 *= tHf2
-    _tdZf2_0 *= 2
-    tdZf2 -= _tdZf2_0
+    Hf2 *= dS2
+    Hf2 *= tHf2
+    Hf2 *= 2
+    tdZf2 -= Hf2
     # tdZf2_Wf2 = tdZf2 @ Wf2.T
     tdZf2_Wf2 = np.matmul(tdZf2, Wf2.T, out=_scratch('tdZf2_Wf2', (n, 32), tdZf2, Wf2))
     # tdh1 = dZf2_v_Wf2 + tdS2 + tdZf2_Wf2
@@ -539,23 +540,25 @@ def hvp(params, v, x, y):
     # dZf1_v_Wf1 = dZf1_2 @ v_Wf1.T
     dZf1_v_Wf1 = np.matmul(dZf1_2, v_Wf1.T, out=_scratch('dZf1_v_Wf1', (n, 32), dZf1_2, v_Wf1))
     # tdZf1 = -2*Hf1*dh1_2*tHf1 + tdh1*(1 - Hf1_pow2)
-    tdZf1 = np.subtract(1, Hf1_pow2, out=_scratch('tdZf1', (n, 32), Hf1_pow2))
+    tdZf1 = Hf1_pow2
+    np.subtract(1, tdZf1, out=tdZf1)
     tdZf1 *= tdh1
-    _tdZf1_0 = np.multiply(Hf1, dh1_2, out=_scratch('_tdZf1_0', (n, 32), Hf1, dh1_2))
-    _tdZf1_0 *= tHf1
-    _tdZf1_0 *= 2
-    tdZf1 -= _tdZf1_0
+    Hf1 *= dh1_2
+    Hf1 *= tHf1
+    Hf1 *= 2
+    tdZf1 -= Hf1
     # tdZf1_Wf1 = tdZf1 @ Wf1.T
     tdZf1_Wf1 = np.matmul(tdZf1, Wf1.T, out=_scratch('tdZf1_Wf1', (n, 32), tdZf1, Wf1))
     # tdZh0 = -2*Hh0*dHh0*tHh0 + (1 - Hh0_pow2)*(dZf1_v_Wf1 + tdZf1_Wf1 + tdh1)
-    tdZh0 = np.subtract(1, Hh0_pow2, out=_scratch('tdZh0', (n, 32), Hh0_pow2))
+    tdZh0 = Hh0_pow2
+    np.subtract(1, tdZh0, out=tdZh0)
     dZf1_v_Wf1 += tdZf1_Wf1
     dZf1_v_Wf1 += tdh1
     tdZh0 *= dZf1_v_Wf1
-    np.multiply(Hh0, dHh0, out=dZf1_v_Wf1)
-    dZf1_v_Wf1 *= tHh0
-    dZf1_v_Wf1 *= 2
-    tdZh0 -= dZf1_v_Wf1
+    dHh0 *= Hh0
+    dHh0 *= tHh0
+    dHh0 *= 2
+    tdZh0 -= dHh0
     # Hv_Wh0 = x.T @ tdZh0
     Hv_Wh0 = x.T @ tdZh0
     # Hv_bh0 = sum(tdZh0, axis=0)
@@ -635,13 +638,15 @@ def gnvp(params, v, x, y):
     dZout[np.arange(n), y] -= 1
     dZout *= 1/n
     dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
-    Hf2_pow2 = Hf2*Hf2
+    Hf2_pow2 = Hf2
+    Hf2_pow2 *= Hf2_pow2
     dZf2_2 = np.subtract(1, Hf2_pow2, out=_scratch('dZf2_2', (n, 32), Hf2_pow2))
     dZf2_2 *= dS2
     dh1_Wf2_2 = np.matmul(dZf2_2, Wf2.T, out=_scratch('dh1_Wf2_2', (n, 32), dZf2_2, Wf2))
-    dh1_2 = dh1_Wf2_2
-    dh1_2 += dS2
-    Hf1_pow2 = Hf1*Hf1
+    dh1_2 = dS2
+    dh1_2 += dh1_Wf2_2
+    Hf1_pow2 = Hf1
+    Hf1_pow2 *= Hf1_pow2
     dZf1_2 = np.subtract(1, Hf1_pow2, out=_scratch('dZf1_2', (n, 32), Hf1_pow2))
     dZf1_2 *= dh1_2
     dHh0_Wf1_2 = np.matmul(dZf1_2, Wf1.T, out=_scratch('dHh0_Wf1_2', (n, 32), dZf1_2, Wf1))
@@ -671,19 +676,21 @@ def gnvp(params, v, x, y):
     # Hh0_v_Wf1 = Hh0 @ v_Wf1
     Hh0_v_Wf1 = np.matmul(Hh0, v_Wf1, out=_scratch('Hh0_v_Wf1', (n, 32), Hh0, v_Wf1))
     # th1_2 = tHh0 + (1 - Hf1_pow2)*(Hh0_v_Wf1 + tHh0_Wf1 + v_bf1)
-    th1_2 = np.subtract(1, Hf1_pow2, out=_scratch('th1_2', (n, 32), Hf1_pow2))
+    th1_2 = tHh0
+    _th1_2_0 = np.subtract(1, Hf1_pow2, out=_scratch('_th1_2_0', (n, 32), Hf1_pow2))
     Hh0_v_Wf1 += tHh0_Wf1
     Hh0_v_Wf1 += v_bf1
-    th1_2 *= Hh0_v_Wf1
-    th1_2 += tHh0
+    _th1_2_0 *= Hh0_v_Wf1
+    th1_2 += _th1_2_0
     # th1_Wf2_2 = th1_2 @ Wf2
     th1_Wf2_2 = np.matmul(th1_2, Wf2, out=_scratch('th1_Wf2_2', (n, 32), th1_2, Wf2))
     # tS2_2 = th1_2 + (1 - Hf2_pow2)*(h1_v_Wf2 + th1_Wf2_2 + v_bf2)
-    tS2_2 = np.subtract(1, Hf2_pow2, out=_scratch('tS2_2', (n, 32), Hf2_pow2))
+    tS2_2 = th1_2
+    _tS2_2_0 = np.subtract(1, Hf2_pow2, out=_scratch('_tS2_2_0', (n, 32), Hf2_pow2))
     h1_v_Wf2 += th1_Wf2_2
     h1_v_Wf2 += v_bf2
-    tS2_2 *= h1_v_Wf2
-    tS2_2 += th1_2
+    _tS2_2_0 *= h1_v_Wf2
+    tS2_2 += _tS2_2_0
     # tS2_Wout_2 = tS2_2 @ Wout
     tS2_Wout_2 = tS2_2 @ Wout
     # S2_v_Wout = S2 @ v_Wout
@@ -697,20 +704,23 @@ def gnvp(params, v, x, y):
     # tdZout_Wout_2 = tdZout_2 @ Wout.T
     tdZout_Wout_2 = np.matmul(tdZout_2, Wout.T, out=_scratch('tdZout_Wout_2', (n, 32), tdZout_2, Wout))
     # udZf2 = tdZout_Wout_2*(1 - Hf2_pow2)
-    udZf2 = np.subtract(1, Hf2_pow2, out=_scratch('udZf2', (n, 32), Hf2_pow2))
+    udZf2 = Hf2_pow2
+    np.subtract(1, udZf2, out=udZf2)
     udZf2 *= tdZout_Wout_2
     # udZf2_Wf2 = udZf2 @ Wf2.T
     udZf2_Wf2 = np.matmul(udZf2, Wf2.T, out=_scratch('udZf2_Wf2', (n, 32), udZf2, Wf2))
     # udh1 = tdZout_Wout_2 + udZf2_Wf2
-    udh1 = udZf2_Wf2
-    udh1 += tdZout_Wout_2
+    udh1 = tdZout_Wout_2
+    udh1 += udZf2_Wf2
     # udZf1 = udh1*(1 - Hf1_pow2)
-    udZf1 = np.subtract(1, Hf1_pow2, out=_scratch('udZf1', (n, 32), Hf1_pow2))
+    udZf1 = Hf1_pow2
+    np.subtract(1, udZf1, out=udZf1)
     udZf1 *= udh1
     # udZf1_Wf1 = udZf1 @ Wf1.T
     udZf1_Wf1 = np.matmul(udZf1, Wf1.T, out=_scratch('udZf1_Wf1', (n, 32), udZf1, Wf1))
     # udZh0 = (1 - Hh0_pow2)*(udZf1_Wf1 + udh1)
-    udZh0 = np.subtract(1, Hh0_pow2, out=_scratch('udZh0', (n, 32), Hh0_pow2))
+    udZh0 = Hh0_pow2
+    np.subtract(1, udZh0, out=udZh0)
     udZf1_Wf1 += udh1
     udZh0 *= udZf1_Wf1
     # Gv_Wh0 = x.T @ udZh0

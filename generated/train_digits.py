@@ -382,9 +382,9 @@ def hvp(params, v, x, y):
     # tdZ2_W2 = tdZ2 @ W2.T
     tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 256), tdZ2, W2))
     # tdZ1 = step_H1*(dZ2_v_W2 + tdZ2_W2)
-    tdZ1 = dZ2_v_W2
-    tdZ1 += tdZ2_W2
-    tdZ1 *= step_H1
+    tdZ1 = step_H1
+    dZ2_v_W2 += tdZ2_W2
+    tdZ1 *= dZ2_v_W2
     # Hv_W1 = x.T @ tdZ1
     Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
@@ -455,8 +455,8 @@ def gnvp(params, v, x, y):
     # tdZ2_W2 = tdZ2 @ W2.T
     tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 256), tdZ2, W2))
     # udZ1 = step_H1*tdZ2_W2
-    udZ1 = tdZ2_W2
-    udZ1 *= step_H1
+    udZ1 = step_H1
+    udZ1 *= tdZ2_W2
     # Gv_W1 = x.T @ udZ1
     Gv_W1 = x.T @ udZ1
     # Gv_b1 = sum(udZ1, axis=0)

@@ -442,23 +442,25 @@ def hvp(params, v, x, y):
     # tdZ3_W3 = tdZ3 @ W3.T
     tdZ3_W3 = np.matmul(tdZ3, W3.T, out=_scratch('tdZ3_W3', (n, 32), tdZ3, W3))
     # tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(dZ3_v_W3 + tdZ3_W3)
-    tdZ2 = np.subtract(1, H2_pow2, out=_scratch('tdZ2', (n, 32), H2_pow2))
+    tdZ2 = H2_pow2
+    np.subtract(1, tdZ2, out=tdZ2)
     dZ3_v_W3 += tdZ3_W3
     tdZ2 *= dZ3_v_W3
-    np.multiply(H2, dH2, out=dZ3_v_W3)
-    dZ3_v_W3 *= tH2
-    dZ3_v_W3 *= 2
-    tdZ2 -= dZ3_v_W3
+    dH2 *= H2
+    dH2 *= tH2
+    dH2 *= 2
+    tdZ2 -= dH2
     # tdZ2_W2 = tdZ2 @ W2.T
     tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 32), tdZ2, W2))
     # tdZ1 = -2*H1*dH1_2*tH1 + (1 - H1_pow2)*(dZ2_v_W2 + tdZ2_W2)
-    tdZ1 = np.subtract(1, H1_pow2, out=_scratch('tdZ1', (n, 32), H1_pow2))
+    tdZ1 = H1_pow2
+    np.subtract(1, tdZ1, out=tdZ1)
     dZ2_v_W2 += tdZ2_W2
     tdZ1 *= dZ2_v_W2
-    np.multiply(H1, dH1_2, out=dZ2_v_W2)
-    dZ2_v_W2 *= tH1
-    dZ2_v_W2 *= 2
-    tdZ1 -= dZ2_v_W2
+    dH1_2 *= H1
+    dH1_2 *= tH1
+    dH1_2 *= 2
+    tdZ1 -= dH1_2
     # Hv_W1 = x.T @ tdZ1
     Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
@@ -564,14 +566,14 @@ def gnvp(params, v, x, y):
     tdZ3_W3 = np.matmul(tdZ3, W3.T, out=_scratch('tdZ3_W3', (n, 32), tdZ3, W3))
     # udZ2 = tdZ3_W3*(1 - H2_pow2)
     udZ2 = tdZ3_W3
-    _udZ2_0 = np.subtract(1, H2_pow2, out=_scratch('_udZ2_0', (n, 32), H2_pow2))
-    udZ2 *= _udZ2_0
+    np.subtract(1, H2_pow2, out=H2_pow2)
+    udZ2 *= H2_pow2
     # udH1 = udZ2 @ W2.T
     udH1 = np.matmul(udZ2, W2.T, out=_scratch('udH1', (n, 32), udZ2, W2))
     # udZ1 = udH1*(1 - H1_pow2)
     udZ1 = udH1
-    _udZ1_0 = np.subtract(1, H1_pow2, out=_scratch('_udZ1_0', (n, 32), H1_pow2))
-    udZ1 *= _udZ1_0
+    np.subtract(1, H1_pow2, out=H1_pow2)
+    udZ1 *= H1_pow2
     # Gv_W1 = x.T @ udZ1
     Gv_W1 = x.T @ udZ1
     # Gv_b1 = sum(udZ1, axis=0)

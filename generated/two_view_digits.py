@@ -449,7 +449,8 @@ def hvp(params, v, top, bottom, y):
     # tdHht = tdC1[..., 0:128]
     tdHht = tdC1[..., 0:128].copy()
     # tdZht = step_Hht*tdHht
-    tdZht = step_Hht*tdHht
+    tdZht = step_Hht
+    tdZht *= tdHht
     # Hv_Wht = top.T @ tdZht
     Hv_Wht = top.T @ tdZht
     # Hv_bht = sum(tdZht, axis=0)
@@ -457,7 +458,8 @@ def hvp(params, v, top, bottom, y):
     # tdHhb = tdC1[..., 128:256]
     tdHhb = tdC1[..., 128:256].copy()
     # tdZhb = step_Hhb*tdHhb
-    tdZhb = step_Hhb*tdHhb
+    tdZhb = step_Hhb
+    tdZhb *= tdHhb
     # Hv_Whb = bottom.T @ tdZhb
     Hv_Whb = bottom.T @ tdZhb
     # Hv_bhb = sum(tdZhb, axis=0)
@@ -553,7 +555,8 @@ def gnvp(params, v, top, bottom, y):
     # udHht = tdZ3_W3[..., 0:128]
     udHht = tdZ3_W3[..., 0:128].copy()
     # udZht = step_Hht*udHht
-    udZht = step_Hht*udHht
+    udZht = step_Hht
+    udZht *= udHht
     # Gv_Wht = top.T @ udZht
     Gv_Wht = top.T @ udZht
     # Gv_bht = sum(udZht, axis=0)
@@ -561,7 +564,8 @@ def gnvp(params, v, top, bottom, y):
     # udHhb = tdZ3_W3[..., 128:256]
     udHhb = tdZ3_W3[..., 128:256].copy()
     # udZhb = step_Hhb*udHhb
-    udZhb = step_Hhb*udHhb
+    udZhb = step_Hhb
+    udZhb *= udHhb
     # Gv_Whb = bottom.T @ udZhb
     Gv_Whb = bottom.T @ udZhb
     # Gv_bhb = sum(udZhb, axis=0)
