@@ -314,29 +314,33 @@ def _returned(name, shape, *operands):
     return a
 
 
-def _rowmax(z):
-    # the maximum of each row of z (2-D): over short rows (classes) argmax and a gather take a
-    # third of np.max's time; a NaN in a row gives NaN either way
-    if z.shape[1] > 512:
-        return np.max(z, axis=1)
-    return z[np.arange(z.shape[0]), np.argmax(z, axis=1)]
+def _shifted_exp(z, out):
+    # exp(z - c) into out (not z itself) and its sums over the last axis, for the softmax and
+    # log-sum-exp of each row. c is 0 for every row whose sum stays finite and at least the
+    # square root of the smallest normal number: no row maximum to find (a reduction over a
+    # short last axis costs some 30 times more than the exponentials), and exact, any shift
+    # is. A row outside that range is done again with c its own maximum, as is usual; either
+    # way a row's result depends on that row alone.
+    with np.errstate(over="ignore"):
+        np.exp(z, out=out)
+    sums = np.einsum("...i->...", out)     # the same steps for every row (a BLAS product's vary)
+    bad = ~((sums >= np.sqrt(np.finfo(out.dtype).tiny)) & (sums <= np.finfo(out.dtype).max))
+    c = np.zeros(sums.shape, out.dtype)
+    if bad.any():
+        c[bad] = np.max(z[bad], axis=-1)
+        out[bad] = np.exp(z[bad] - c[bad][..., None])
+        sums[bad] = np.einsum("...i->...", out[bad])
+    return c, sums
 
 
 def _logsumexp(z):
-    m = _rowmax(z)
-    e = z - m[:, None]
-    np.exp(e, out=e)
-    s = e.sum(axis=1)
-    np.log(s, out=s)
-    s += m
-    return s
+    c, sums = _shifted_exp(z, np.empty(z.shape, np.result_type(z, np.float32)))
+    return np.log(sums) + c
 
 
 def _softmax_into(z, out):
-    # the softmax over the last axis of z, computed in out (which may be z itself)
-    np.subtract(z, np.max(z, axis=-1, keepdims=True), out=out)
-    np.exp(out, out=out)
-    out /= np.sum(out, axis=-1, keepdims=True)
+    # the softmax over the last axis of z, computed in out (not z itself)
+    out /= _shifted_exp(z, out)[1][..., None]
     return out
 
 
@@ -378,15 +382,17 @@ def forward(params, x):
     b14 = _param(params, 'b14', (96,))
     Em1 = E1[x]
     H2 = Em1 + P2
-    sum_H2 = H2.sum(axis=2)
+    sum_H2 = np.einsum('...i->...', H2)
     M3 = sum_H2/64
     C3 = H2 - M3[:, :, None]
     V3 = 1/64*np.einsum('abc,abc->ab', C3, C3)
     R3 = np.add(V3, 1e-05, out=_scratch('R3', (n, 64), V3))
     np.sqrt(R3, out=R3)
     np.divide(1.0, R3, out=R3)
-    Xn3 = C3*R3[:, :, None]
-    H3 = np.multiply(Xn3, g3, out=_scratch('H3', (n, 64, 64), Xn3, g3))
+    Xn3 = C3
+    Xn3 *= R3[:, :, None]
+    H3 = Xn3
+    H3 *= g3
     H3 += s3
     X4 = H3.reshape((64*n, 64))
     XQ4 = np.matmul(X4, Wq4, out=_scratch('XQ4', (64*n, 64), X4, Wq4))
@@ -395,12 +401,12 @@ def forward(params, x):
     XK4 = np.matmul(X4, Wk4, out=_scratch('XK4', (64*n, 64), X4, Wk4))
     Ks4 = XK4.reshape((n, 64, 4, 16))
     K4 = Ks4.transpose((0, 2, 1, 3))
-    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2))
+    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2), out=_scratch('QK4', (n, 4, 64, 64), Q4, K4))
     Sc4 = QK4
     Sc4 *= 1/4
     S4 = Sc4
     np.copyto(S4, -1e+09, where=~np.tri(64, dtype=bool))
-    A4 = _softmax_into(S4, S4)
+    A4 = _softmax_into(S4, _scratch('A4', (n, 4, 64, 64), S4))
     XV4 = np.matmul(X4, Wv4, out=_scratch('XV4', (64*n, 64), X4, Wv4))
     Vs4 = XV4.reshape((n, 64, 4, 16))
     V4 = Vs4.transpose((0, 2, 1, 3))
@@ -409,18 +415,20 @@ def forward(params, x):
     Oc4 = Ot4.reshape((64*n, 64))
     OW4 = np.matmul(Oc4, Wo4, out=_scratch('OW4', (64*n, 64), Oc4, Wo4))
     OWs4 = OW4.reshape((n, 64, 64))
-    R4 = OWs4
-    R4 += H2
+    R4 = H2
+    R4 += OWs4
     R4 += bo4
-    sum_R4 = R4.sum(axis=2)
+    sum_R4 = np.einsum('...i->...', R4)
     M5 = sum_R4/64
     C5 = -M5[:, :, None] + R4
     V5 = 1/64*np.einsum('abc,abc->ab', C5, C5)
     R5 = np.add(V5, 1e-05, out=_scratch('R5', (n, 64), V5))
     np.sqrt(R5, out=R5)
     np.divide(1.0, R5, out=R5)
-    Xn5 = C5*R5[:, :, None]
-    H5 = np.multiply(Xn5, g5, out=_scratch('H5', (n, 64, 64), Xn5, g5))
+    Xn5 = C5
+    Xn5 *= R5[:, :, None]
+    H5 = Xn5
+    H5 *= g5
     H5 += s5
     X6 = H5.reshape((64*n, 64))
     XW6 = np.matmul(X6, W6, out=_scratch('XW6', (64*n, 256), X6, W6))
@@ -428,29 +436,31 @@ def forward(params, x):
     Z6 = XWs6
     Z6 += b6
     tanh_Z6 = np.multiply(Z6, Z6, out=_scratch('tanh_Z6', (n, 64, 256), Z6))
-    tanh_Z6 *= 0.044715
-    tanh_Z6 += 1
+    tanh_Z6 *= 0.035677408136300125
+    tanh_Z6 += 0.7978845608028654
     tanh_Z6 *= Z6
-    tanh_Z6 *= 0.7978845608028654
     np.tanh(tanh_Z6, out=tanh_Z6)
-    H6 = np.add(tanh_Z6, 1, out=_scratch('H6', (n, 64, 256), tanh_Z6))
-    H6 *= Z6
+    H6 = Z6
+    tanh_Z6 += 1
+    H6 *= tanh_Z6
     H6 *= 1/2
     X7 = H6.reshape((64*n, 256))
     XW7 = np.matmul(X7, W7, out=_scratch('XW7', (64*n, 64), X7, W7))
     XWs7 = XW7.reshape((n, 64, 64))
-    R7 = XWs7
-    R7 += R4
+    R7 = R4
+    R7 += XWs7
     R7 += b7
-    sum_R7 = R7.sum(axis=2)
+    sum_R7 = np.einsum('...i->...', R7)
     M8 = sum_R7/64
     C8 = -M8[:, :, None] + R7
     V8 = 1/64*np.einsum('abc,abc->ab', C8, C8)
     R8 = np.add(V8, 1e-05, out=_scratch('R8', (n, 64), V8))
     np.sqrt(R8, out=R8)
     np.divide(1.0, R8, out=R8)
-    Xn8 = C8*R8[:, :, None]
-    H8 = np.multiply(Xn8, g8, out=_scratch('H8', (n, 64, 64), Xn8, g8))
+    Xn8 = C8
+    Xn8 *= R8[:, :, None]
+    H8 = Xn8
+    H8 *= g8
     H8 += s8
     X9 = H8.reshape((64*n, 64))
     XQ9 = np.matmul(X9, Wq9, out=_scratch('XQ9', (64*n, 64), X9, Wq9))
@@ -459,12 +469,12 @@ def forward(params, x):
     XK9 = np.matmul(X9, Wk9, out=_scratch('XK9', (64*n, 64), X9, Wk9))
     Ks9 = XK9.reshape((n, 64, 4, 16))
     K9 = Ks9.transpose((0, 2, 1, 3))
-    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2))
+    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2), out=_scratch('QK9', (n, 4, 64, 64), Q9, K9))
     Sc9 = QK9
     Sc9 *= 1/4
     S9 = Sc9
     np.copyto(S9, -1e+09, where=~np.tri(64, dtype=bool))
-    A9 = _softmax_into(S9, S9)
+    A9 = _softmax_into(S9, _scratch('A9', (n, 4, 64, 64), S9))
     XV9 = np.matmul(X9, Wv9, out=_scratch('XV9', (64*n, 64), X9, Wv9))
     Vs9 = XV9.reshape((n, 64, 4, 16))
     V9 = Vs9.transpose((0, 2, 1, 3))
@@ -476,15 +486,17 @@ def forward(params, x):
     R9 = OWs9
     R9 += R7
     R9 += bo9
-    sum_R9 = R9.sum(axis=2)
+    sum_R9 = np.einsum('...i->...', R9)
     M10 = sum_R9/64
     C10 = -M10[:, :, None] + R9
     V10 = 1/64*np.einsum('abc,abc->ab', C10, C10)
     R10 = np.add(V10, 1e-05, out=_scratch('R10', (n, 64), V10))
     np.sqrt(R10, out=R10)
     np.divide(1.0, R10, out=R10)
-    Xn10 = C10*R10[:, :, None]
-    H10 = np.multiply(Xn10, g10, out=_scratch('H10', (n, 64, 64), Xn10, g10))
+    Xn10 = C10
+    Xn10 *= R10[:, :, None]
+    H10 = Xn10
+    H10 *= g10
     H10 += s10
     X11 = H10.reshape((64*n, 64))
     XW11 = np.matmul(X11, W11, out=_scratch('XW11', (64*n, 256), X11, W11))
@@ -492,29 +504,32 @@ def forward(params, x):
     Z11 = XWs11
     Z11 += b11
     tanh_Z11 = np.multiply(Z11, Z11, out=_scratch('tanh_Z11', (n, 64, 256), Z11))
-    tanh_Z11 *= 0.044715
-    tanh_Z11 += 1
+    tanh_Z11 *= 0.035677408136300125
+    tanh_Z11 += 0.7978845608028654
     tanh_Z11 *= Z11
-    tanh_Z11 *= 0.7978845608028654
     np.tanh(tanh_Z11, out=tanh_Z11)
-    H11 = np.add(tanh_Z11, 1, out=_scratch('H11', (n, 64, 256), tanh_Z11))
-    H11 *= Z11
+    H11 = Z11
+    tanh_Z11 += 1
+    H11 *= tanh_Z11
     H11 *= 1/2
     X12 = H11.reshape((64*n, 256))
     XW12 = np.matmul(X12, W12, out=_scratch('XW12', (64*n, 64), X12, W12))
     XWs12 = XW12.reshape((n, 64, 64))
-    R12 = XWs12
-    R12 += R9
+    R12 = R9
+    R12 += XWs12
     R12 += b12
-    sum_R12 = R12.sum(axis=2)
+    sum_R12 = np.einsum('...i->...', R12)
     M13 = sum_R12/64
-    C13 = -M13[:, :, None] + R12
+    C13 = R12
+    C13 += -M13[:, :, None]
     V13 = 1/64*np.einsum('abc,abc->ab', C13, C13)
     R13 = np.add(V13, 1e-05, out=_scratch('R13', (n, 64), V13))
     np.sqrt(R13, out=R13)
     np.divide(1.0, R13, out=R13)
-    Xn13 = C13*R13[:, :, None]
-    H13 = np.multiply(Xn13, g13, out=_scratch('H13', (n, 64, 64), Xn13, g13))
+    Xn13 = C13
+    Xn13 *= R13[:, :, None]
+    H13 = Xn13
+    H13 *= g13
     H13 += s13
     X14 = H13.reshape((64*n, 64))
     XW14 = np.matmul(X14, W14, out=_scratch('XW14', (64*n, 96), X14, W14))
@@ -564,15 +579,17 @@ def loss(params, x, y):
     b14 = _param(params, 'b14', (96,))
     Em1 = E1[x]
     H2 = Em1 + P2
-    sum_H2 = H2.sum(axis=2)
+    sum_H2 = np.einsum('...i->...', H2)
     M3 = sum_H2/64
     C3 = H2 - M3[:, :, None]
     V3 = 1/64*np.einsum('abc,abc->ab', C3, C3)
     R3 = np.add(V3, 1e-05, out=_scratch('R3', (n, 64), V3))
     np.sqrt(R3, out=R3)
     np.divide(1.0, R3, out=R3)
-    Xn3 = C3*R3[:, :, None]
-    H3 = np.multiply(Xn3, g3, out=_scratch('H3', (n, 64, 64), Xn3, g3))
+    Xn3 = C3
+    Xn3 *= R3[:, :, None]
+    H3 = Xn3
+    H3 *= g3
     H3 += s3
     X4 = H3.reshape((64*n, 64))
     XQ4 = np.matmul(X4, Wq4, out=_scratch('XQ4', (64*n, 64), X4, Wq4))
@@ -581,12 +598,12 @@ def loss(params, x, y):
     XK4 = np.matmul(X4, Wk4, out=_scratch('XK4', (64*n, 64), X4, Wk4))
     Ks4 = XK4.reshape((n, 64, 4, 16))
     K4 = Ks4.transpose((0, 2, 1, 3))
-    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2))
+    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2), out=_scratch('QK4', (n, 4, 64, 64), Q4, K4))
     Sc4 = QK4
     Sc4 *= 1/4
     S4 = Sc4
     np.copyto(S4, -1e+09, where=~np.tri(64, dtype=bool))
-    A4 = _softmax_into(S4, S4)
+    A4 = _softmax_into(S4, _scratch('A4', (n, 4, 64, 64), S4))
     XV4 = np.matmul(X4, Wv4, out=_scratch('XV4', (64*n, 64), X4, Wv4))
     Vs4 = XV4.reshape((n, 64, 4, 16))
     V4 = Vs4.transpose((0, 2, 1, 3))
@@ -595,18 +612,20 @@ def loss(params, x, y):
     Oc4 = Ot4.reshape((64*n, 64))
     OW4 = np.matmul(Oc4, Wo4, out=_scratch('OW4', (64*n, 64), Oc4, Wo4))
     OWs4 = OW4.reshape((n, 64, 64))
-    R4 = OWs4
-    R4 += H2
+    R4 = H2
+    R4 += OWs4
     R4 += bo4
-    sum_R4 = R4.sum(axis=2)
+    sum_R4 = np.einsum('...i->...', R4)
     M5 = sum_R4/64
     C5 = -M5[:, :, None] + R4
     V5 = 1/64*np.einsum('abc,abc->ab', C5, C5)
     R5 = np.add(V5, 1e-05, out=_scratch('R5', (n, 64), V5))
     np.sqrt(R5, out=R5)
     np.divide(1.0, R5, out=R5)
-    Xn5 = C5*R5[:, :, None]
-    H5 = np.multiply(Xn5, g5, out=_scratch('H5', (n, 64, 64), Xn5, g5))
+    Xn5 = C5
+    Xn5 *= R5[:, :, None]
+    H5 = Xn5
+    H5 *= g5
     H5 += s5
     X6 = H5.reshape((64*n, 64))
     XW6 = np.matmul(X6, W6, out=_scratch('XW6', (64*n, 256), X6, W6))
@@ -614,29 +633,31 @@ def loss(params, x, y):
     Z6 = XWs6
     Z6 += b6
     tanh_Z6 = np.multiply(Z6, Z6, out=_scratch('tanh_Z6', (n, 64, 256), Z6))
-    tanh_Z6 *= 0.044715
-    tanh_Z6 += 1
+    tanh_Z6 *= 0.035677408136300125
+    tanh_Z6 += 0.7978845608028654
     tanh_Z6 *= Z6
-    tanh_Z6 *= 0.7978845608028654
     np.tanh(tanh_Z6, out=tanh_Z6)
-    H6 = np.add(tanh_Z6, 1, out=_scratch('H6', (n, 64, 256), tanh_Z6))
-    H6 *= Z6
+    H6 = Z6
+    tanh_Z6 += 1
+    H6 *= tanh_Z6
     H6 *= 1/2
     X7 = H6.reshape((64*n, 256))
     XW7 = np.matmul(X7, W7, out=_scratch('XW7', (64*n, 64), X7, W7))
     XWs7 = XW7.reshape((n, 64, 64))
-    R7 = XWs7
-    R7 += R4
+    R7 = R4
+    R7 += XWs7
     R7 += b7
-    sum_R7 = R7.sum(axis=2)
+    sum_R7 = np.einsum('...i->...', R7)
     M8 = sum_R7/64
     C8 = -M8[:, :, None] + R7
     V8 = 1/64*np.einsum('abc,abc->ab', C8, C8)
     R8 = np.add(V8, 1e-05, out=_scratch('R8', (n, 64), V8))
     np.sqrt(R8, out=R8)
     np.divide(1.0, R8, out=R8)
-    Xn8 = C8*R8[:, :, None]
-    H8 = np.multiply(Xn8, g8, out=_scratch('H8', (n, 64, 64), Xn8, g8))
+    Xn8 = C8
+    Xn8 *= R8[:, :, None]
+    H8 = Xn8
+    H8 *= g8
     H8 += s8
     X9 = H8.reshape((64*n, 64))
     XQ9 = np.matmul(X9, Wq9, out=_scratch('XQ9', (64*n, 64), X9, Wq9))
@@ -645,12 +666,12 @@ def loss(params, x, y):
     XK9 = np.matmul(X9, Wk9, out=_scratch('XK9', (64*n, 64), X9, Wk9))
     Ks9 = XK9.reshape((n, 64, 4, 16))
     K9 = Ks9.transpose((0, 2, 1, 3))
-    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2))
+    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2), out=_scratch('QK9', (n, 4, 64, 64), Q9, K9))
     Sc9 = QK9
     Sc9 *= 1/4
     S9 = Sc9
     np.copyto(S9, -1e+09, where=~np.tri(64, dtype=bool))
-    A9 = _softmax_into(S9, S9)
+    A9 = _softmax_into(S9, _scratch('A9', (n, 4, 64, 64), S9))
     XV9 = np.matmul(X9, Wv9, out=_scratch('XV9', (64*n, 64), X9, Wv9))
     Vs9 = XV9.reshape((n, 64, 4, 16))
     V9 = Vs9.transpose((0, 2, 1, 3))
@@ -662,15 +683,17 @@ def loss(params, x, y):
     R9 = OWs9
     R9 += R7
     R9 += bo9
-    sum_R9 = R9.sum(axis=2)
+    sum_R9 = np.einsum('...i->...', R9)
     M10 = sum_R9/64
     C10 = -M10[:, :, None] + R9
     V10 = 1/64*np.einsum('abc,abc->ab', C10, C10)
     R10 = np.add(V10, 1e-05, out=_scratch('R10', (n, 64), V10))
     np.sqrt(R10, out=R10)
     np.divide(1.0, R10, out=R10)
-    Xn10 = C10*R10[:, :, None]
-    H10 = np.multiply(Xn10, g10, out=_scratch('H10', (n, 64, 64), Xn10, g10))
+    Xn10 = C10
+    Xn10 *= R10[:, :, None]
+    H10 = Xn10
+    H10 *= g10
     H10 += s10
     X11 = H10.reshape((64*n, 64))
     XW11 = np.matmul(X11, W11, out=_scratch('XW11', (64*n, 256), X11, W11))
@@ -678,29 +701,32 @@ def loss(params, x, y):
     Z11 = XWs11
     Z11 += b11
     tanh_Z11 = np.multiply(Z11, Z11, out=_scratch('tanh_Z11', (n, 64, 256), Z11))
-    tanh_Z11 *= 0.044715
-    tanh_Z11 += 1
+    tanh_Z11 *= 0.035677408136300125
+    tanh_Z11 += 0.7978845608028654
     tanh_Z11 *= Z11
-    tanh_Z11 *= 0.7978845608028654
     np.tanh(tanh_Z11, out=tanh_Z11)
-    H11 = np.add(tanh_Z11, 1, out=_scratch('H11', (n, 64, 256), tanh_Z11))
-    H11 *= Z11
+    H11 = Z11
+    tanh_Z11 += 1
+    H11 *= tanh_Z11
     H11 *= 1/2
     X12 = H11.reshape((64*n, 256))
     XW12 = np.matmul(X12, W12, out=_scratch('XW12', (64*n, 64), X12, W12))
     XWs12 = XW12.reshape((n, 64, 64))
-    R12 = XWs12
-    R12 += R9
+    R12 = R9
+    R12 += XWs12
     R12 += b12
-    sum_R12 = R12.sum(axis=2)
+    sum_R12 = np.einsum('...i->...', R12)
     M13 = sum_R12/64
-    C13 = -M13[:, :, None] + R12
+    C13 = R12
+    C13 += -M13[:, :, None]
     V13 = 1/64*np.einsum('abc,abc->ab', C13, C13)
     R13 = np.add(V13, 1e-05, out=_scratch('R13', (n, 64), V13))
     np.sqrt(R13, out=R13)
     np.divide(1.0, R13, out=R13)
-    Xn13 = C13*R13[:, :, None]
-    H13 = np.multiply(Xn13, g13, out=_scratch('H13', (n, 64, 64), Xn13, g13))
+    Xn13 = C13
+    Xn13 *= R13[:, :, None]
+    H13 = Xn13
+    H13 *= g13
     H13 += s13
     X14 = H13.reshape((64*n, 64))
     XW14 = np.matmul(X14, W14, out=_scratch('XW14', (64*n, 96), X14, W14))
@@ -752,7 +778,7 @@ def backward(params, x, y):
     b14 = _param(params, 'b14', (96,))
     Em1 = E1[x]
     H2 = Em1 + P2
-    sum_H2 = H2.sum(axis=2)
+    sum_H2 = np.einsum('...i->...', H2)
     M3 = sum_H2/64
     C3 = H2 - M3[:, :, None]
     V3 = 1/64*np.einsum('abc,abc->ab', C3, C3)
@@ -769,12 +795,12 @@ def backward(params, x, y):
     XK4 = np.matmul(X4, Wk4, out=_scratch('XK4', (64*n, 64), X4, Wk4))
     Ks4 = XK4.reshape((n, 64, 4, 16))
     K4 = Ks4.transpose((0, 2, 1, 3))
-    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2))
+    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2), out=_scratch('QK4', (n, 4, 64, 64), Q4, K4))
     Sc4 = QK4
     Sc4 *= 1/4
     S4 = Sc4
     np.copyto(S4, -1e+09, where=~np.tri(64, dtype=bool))
-    A4 = _softmax_into(S4, S4)
+    A4 = _softmax_into(S4, _scratch('A4', (n, 4, 64, 64), S4))
     XV4 = np.matmul(X4, Wv4, out=_scratch('XV4', (64*n, 64), X4, Wv4))
     Vs4 = XV4.reshape((n, 64, 4, 16))
     V4 = Vs4.transpose((0, 2, 1, 3))
@@ -783,10 +809,10 @@ def backward(params, x, y):
     Oc4 = Ot4.reshape((64*n, 64))
     OW4 = np.matmul(Oc4, Wo4, out=_scratch('OW4', (64*n, 64), Oc4, Wo4))
     OWs4 = OW4.reshape((n, 64, 64))
-    R4 = OWs4
-    R4 += H2
+    R4 = H2
+    R4 += OWs4
     R4 += bo4
-    sum_R4 = R4.sum(axis=2)
+    sum_R4 = np.einsum('...i->...', R4)
     M5 = sum_R4/64
     C5 = -M5[:, :, None] + R4
     V5 = 1/64*np.einsum('abc,abc->ab', C5, C5)
@@ -802,10 +828,9 @@ def backward(params, x, y):
     Z6 = XWs6
     Z6 += b6
     tanh_Z6 = np.multiply(Z6, Z6, out=_scratch('tanh_Z6', (n, 64, 256), Z6))
-    tanh_Z6 *= 0.044715
-    tanh_Z6 += 1
+    tanh_Z6 *= 0.035677408136300125
+    tanh_Z6 += 0.7978845608028654
     tanh_Z6 *= Z6
-    tanh_Z6 *= 0.7978845608028654
     np.tanh(tanh_Z6, out=tanh_Z6)
     H6 = np.add(tanh_Z6, 1, out=_scratch('H6', (n, 64, 256), tanh_Z6))
     H6 *= Z6
@@ -813,10 +838,10 @@ def backward(params, x, y):
     X7 = H6.reshape((64*n, 256))
     XW7 = np.matmul(X7, W7, out=_scratch('XW7', (64*n, 64), X7, W7))
     XWs7 = XW7.reshape((n, 64, 64))
-    R7 = XWs7
-    R7 += R4
+    R7 = R4
+    R7 += XWs7
     R7 += b7
-    sum_R7 = R7.sum(axis=2)
+    sum_R7 = np.einsum('...i->...', R7)
     M8 = sum_R7/64
     C8 = -M8[:, :, None] + R7
     V8 = 1/64*np.einsum('abc,abc->ab', C8, C8)
@@ -833,12 +858,12 @@ def backward(params, x, y):
     XK9 = np.matmul(X9, Wk9, out=_scratch('XK9', (64*n, 64), X9, Wk9))
     Ks9 = XK9.reshape((n, 64, 4, 16))
     K9 = Ks9.transpose((0, 2, 1, 3))
-    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2))
+    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2), out=_scratch('QK9', (n, 4, 64, 64), Q9, K9))
     Sc9 = QK9
     Sc9 *= 1/4
     S9 = Sc9
     np.copyto(S9, -1e+09, where=~np.tri(64, dtype=bool))
-    A9 = _softmax_into(S9, S9)
+    A9 = _softmax_into(S9, _scratch('A9', (n, 4, 64, 64), S9))
     XV9 = np.matmul(X9, Wv9, out=_scratch('XV9', (64*n, 64), X9, Wv9))
     Vs9 = XV9.reshape((n, 64, 4, 16))
     V9 = Vs9.transpose((0, 2, 1, 3))
@@ -850,7 +875,7 @@ def backward(params, x, y):
     R9 = OWs9
     R9 += R7
     R9 += bo9
-    sum_R9 = R9.sum(axis=2)
+    sum_R9 = np.einsum('...i->...', R9)
     M10 = sum_R9/64
     C10 = -M10[:, :, None] + R9
     V10 = 1/64*np.einsum('abc,abc->ab', C10, C10)
@@ -866,10 +891,9 @@ def backward(params, x, y):
     Z11 = XWs11
     Z11 += b11
     tanh_Z11 = np.multiply(Z11, Z11, out=_scratch('tanh_Z11', (n, 64, 256), Z11))
-    tanh_Z11 *= 0.044715
-    tanh_Z11 += 1
+    tanh_Z11 *= 0.035677408136300125
+    tanh_Z11 += 0.7978845608028654
     tanh_Z11 *= Z11
-    tanh_Z11 *= 0.7978845608028654
     np.tanh(tanh_Z11, out=tanh_Z11)
     H11 = np.add(tanh_Z11, 1, out=_scratch('H11', (n, 64, 256), tanh_Z11))
     H11 *= Z11
@@ -877,12 +901,13 @@ def backward(params, x, y):
     X12 = H11.reshape((64*n, 256))
     XW12 = np.matmul(X12, W12, out=_scratch('XW12', (64*n, 64), X12, W12))
     XWs12 = XW12.reshape((n, 64, 64))
-    R12 = XWs12
-    R12 += R9
+    R12 = R9
+    R12 += XWs12
     R12 += b12
-    sum_R12 = R12.sum(axis=2)
+    sum_R12 = np.einsum('...i->...', R12)
     M13 = sum_R12/64
-    C13 = -M13[:, :, None] + R12
+    C13 = R12
+    C13 += -M13[:, :, None]
     V13 = 1/64*np.einsum('abc,abc->ab', C13, C13)
     R13 = np.add(V13, 1e-05, out=_scratch('R13', (n, 64), V13))
     np.sqrt(R13, out=R13)
@@ -918,15 +943,17 @@ def backward(params, x, y):
     dV13 *= dR13
     dV13 *= -1/2
     # dC13 = C13*dV13/32 + R13*dXn13
-    dC13 = dXn13*(R13[:, :, None])
-    _dC13_0 = C13*(dV13[:, :, None]/32)
-    dC13 += _dC13_0
+    dC13 = dXn13
+    dC13 *= R13[:, :, None]
+    C13 *= dV13[:, :, None]/32
+    dC13 += C13
     # dM13 = sum(-dC13, axis=2)
-    dM13 = -dC13.sum(axis=2)
+    dM13 = -np.einsum('...i->...', dC13)
     # dsum_R12 = dM13/64
     dsum_R12 = dM13/64
     # dR12 = dC13 + dsum_R12
-    dR12 = dC13 + dsum_R12[:, :, None]
+    dR12 = dC13
+    dR12 += dsum_R12[:, :, None]
     # dXW12 = reshape(dR12, (64*n, 64))
     dXW12 = dR12.reshape((64*n, 64))
     # dX12 = dXW12 @ W12.T
@@ -938,14 +965,13 @@ def backward(params, x, y):
     _dZ11_0 = np.multiply(tanh_Z11, tanh_Z11, out=_scratch('_dZ11_0', (n, 64, 256), tanh_Z11))
     np.subtract(1, _dZ11_0, out=_dZ11_0)
     _dZ11_0 *= Z11
-    _dZ11_1 = np.multiply(Z11, Z11, out=_scratch('_dZ11_1', (n, 64, 256), Z11))
-    _dZ11_1 *= 0.134145
-    _dZ11_1 += 1
-    _dZ11_0 *= _dZ11_1
-    _dZ11_0 *= 0.7978845608028654
-    _dZ11_0 += tanh_Z11
-    _dZ11_0 += 1
-    dZ11 *= _dZ11_0
+    Z11 *= Z11
+    Z11 *= 0.10703222440890037
+    Z11 += 0.7978845608028654
+    _dZ11_0 *= Z11
+    tanh_Z11 += _dZ11_0
+    tanh_Z11 += 1
+    dZ11 *= tanh_Z11
     dZ11 *= 1/2
     # dXW11 = reshape(dZ11, (64*n, 256))
     dXW11 = dZ11.reshape((64*n, 256))
@@ -963,15 +989,17 @@ def backward(params, x, y):
     dV10 *= dR10
     dV10 *= -1/2
     # dC10 = C10*dV10/32 + R10*dXn10
-    dC10 = dXn10*(R10[:, :, None])
-    _dC10_0 = C10*(dV10[:, :, None]/32)
-    dC10 += _dC10_0
+    dC10 = dXn10
+    dC10 *= R10[:, :, None]
+    C10 *= dV10[:, :, None]/32
+    dC10 += C10
     # dM10 = sum(-dC10, axis=2)
-    dM10 = -dC10.sum(axis=2)
+    dM10 = -np.einsum('...i->...', dC10)
     # dsum_R9 = dM10/64
     dsum_R9 = dM10/64
     # dR9 = dC10 + dR12 + dsum_R9
-    dR9 = np.add(dC10, dR12, out=_scratch('dR9', (n, 64, 64), dC10, dR12))
+    dR9 = dC10
+    dR9 += dR12
     dR9 += dsum_R9[:, :, None]
     # dOW9 = reshape(dR9, (64*n, 64))
     dOW9 = dR9.reshape((64*n, 64))
@@ -982,11 +1010,12 @@ def backward(params, x, y):
     # dO9 = dOt9.transpose((0, 2, 1, 3))
     dO9 = dOt9.transpose((0, 2, 1, 3))
     # dA9 = dO9 @ V9.mT
-    dA9 = np.matmul(dO9, V9.swapaxes(-1, -2))
+    dA9 = np.matmul(dO9, V9.swapaxes(-1, -2), out=_scratch('dA9', (n, 4, 64, 64), dO9, V9))
     # sum_dA9_times_A9 = sum(A9*dA9, axis=3)
     sum_dA9_times_A9 = np.einsum('abcd,abcd->abc', A9, dA9)
     # dS9 = A9*(dA9 - sum_dA9_times_A9)
-    dS9 = dA9 + (-sum_dA9_times_A9[:, :, :, None])
+    dS9 = dA9
+    dS9 += -sum_dA9_times_A9[:, :, :, None]
     dS9 *= A9
     # dSc9 = causal_mask(dS9, fill=0)
     dSc9 = dS9
@@ -1034,15 +1063,17 @@ def backward(params, x, y):
     dV8 *= dR8
     dV8 *= -1/2
     # dC8 = C8*dV8/32 + R8*dXn8
-    dC8 = dXn8*(R8[:, :, None])
-    _dC8_0 = C8*(dV8[:, :, None]/32)
-    dC8 += _dC8_0
+    dC8 = dXn8
+    dC8 *= R8[:, :, None]
+    C8 *= dV8[:, :, None]/32
+    dC8 += C8
     # dM8 = sum(-dC8, axis=2)
-    dM8 = -dC8.sum(axis=2)
+    dM8 = -np.einsum('...i->...', dC8)
     # dsum_R7 = dM8/64
     dsum_R7 = dM8/64
     # dR7 = dC8 + dR9 + dsum_R7
-    dR7 = np.add(dC8, dR9, out=_scratch('dR7', (n, 64, 64), dC8, dR9))
+    dR7 = dC8
+    dR7 += dR9
     dR7 += dsum_R7[:, :, None]
     # dXW7 = reshape(dR7, (64*n, 64))
     dXW7 = dR7.reshape((64*n, 64))
@@ -1055,14 +1086,13 @@ def backward(params, x, y):
     _dZ6_0 = np.multiply(tanh_Z6, tanh_Z6, out=_scratch('_dZ6_0', (n, 64, 256), tanh_Z6))
     np.subtract(1, _dZ6_0, out=_dZ6_0)
     _dZ6_0 *= Z6
-    _dZ6_1 = np.multiply(Z6, Z6, out=_scratch('_dZ6_1', (n, 64, 256), Z6))
-    _dZ6_1 *= 0.134145
-    _dZ6_1 += 1
-    _dZ6_0 *= _dZ6_1
-    _dZ6_0 *= 0.7978845608028654
-    _dZ6_0 += tanh_Z6
-    _dZ6_0 += 1
-    dZ6 *= _dZ6_0
+    Z6 *= Z6
+    Z6 *= 0.10703222440890037
+    Z6 += 0.7978845608028654
+    _dZ6_0 *= Z6
+    tanh_Z6 += _dZ6_0
+    tanh_Z6 += 1
+    dZ6 *= tanh_Z6
     dZ6 *= 1/2
     # dXW6 = reshape(dZ6, (64*n, 256))
     dXW6 = dZ6.reshape((64*n, 256))
@@ -1080,15 +1110,17 @@ def backward(params, x, y):
     dV5 *= dR5
     dV5 *= -1/2
     # dC5 = C5*dV5/32 + R5*dXn5
-    dC5 = dXn5*(R5[:, :, None])
-    _dC5_0 = C5*(dV5[:, :, None]/32)
-    dC5 += _dC5_0
+    dC5 = dXn5
+    dC5 *= R5[:, :, None]
+    C5 *= dV5[:, :, None]/32
+    dC5 += C5
     # dM5 = sum(-dC5, axis=2)
-    dM5 = -dC5.sum(axis=2)
+    dM5 = -np.einsum('...i->...', dC5)
     # dsum_R4 = dM5/64
     dsum_R4 = dM5/64
     # dR4 = dC5 + dR7 + dsum_R4
-    dR4 = np.add(dC5, dR7, out=_scratch('dR4', (n, 64, 64), dC5, dR7))
+    dR4 = dC5
+    dR4 += dR7
     dR4 += dsum_R4[:, :, None]
     # dOW4 = reshape(dR4, (64*n, 64))
     dOW4 = dR4.reshape((64*n, 64))
@@ -1099,11 +1131,12 @@ def backward(params, x, y):
     # dO4 = dOt4.transpose((0, 2, 1, 3))
     dO4 = dOt4.transpose((0, 2, 1, 3))
     # dA4 = dO4 @ V4.mT
-    dA4 = np.matmul(dO4, V4.swapaxes(-1, -2))
+    dA4 = np.matmul(dO4, V4.swapaxes(-1, -2), out=_scratch('dA4', (n, 4, 64, 64), dO4, V4))
     # sum_dA4_times_A4 = sum(A4*dA4, axis=3)
     sum_dA4_times_A4 = np.einsum('abcd,abcd->abc', dA4, A4)
     # dS4 = A4*(dA4 - sum_dA4_times_A4)
-    dS4 = dA4 + (-sum_dA4_times_A4[:, :, :, None])
+    dS4 = dA4
+    dS4 += -sum_dA4_times_A4[:, :, :, None]
     dS4 *= A4
     # dSc4 = causal_mask(dS4, fill=0)
     dSc4 = dS4
@@ -1151,15 +1184,17 @@ def backward(params, x, y):
     dV3 *= dR3
     dV3 *= -1/2
     # dC3 = C3*dV3/32 + R3*dXn3
-    dC3 = dXn3*(R3[:, :, None])
-    _dC3_0 = C3*(dV3[:, :, None]/32)
-    dC3 += _dC3_0
+    dC3 = dXn3
+    dC3 *= R3[:, :, None]
+    C3 *= dV3[:, :, None]/32
+    dC3 += C3
     # dM3 = sum(-dC3, axis=2)
-    dM3 = -dC3.sum(axis=2)
+    dM3 = -np.einsum('...i->...', dC3)
     # dsum_H2 = dM3/64
     dsum_H2 = dM3/64
     # dH2 = dC3 + dR4 + dsum_H2
-    dH2 = np.add(dC3, dR4, out=_scratch('dH2', (n, 64, 64), dC3, dR4))
+    dH2 = dC3
+    dH2 += dR4
     dH2 += dsum_H2[:, :, None]
     # dE1 = scatter_add(x, dH2)
     dE1 = np.zeros((96, 64), dtype=dH2.dtype)
@@ -1301,7 +1336,7 @@ def hvp(params, v, x, y):
     v_b14 = _direction(v, 'b14', (96,))
     Em1 = E1[x]
     H2 = Em1 + P2
-    sum_H2 = H2.sum(axis=2)
+    sum_H2 = np.einsum('...i->...', H2)
     M3 = sum_H2/64
     C3 = H2 - M3[:, :, None]
     V3 = 1/64*np.einsum('abc,abc->ab', C3, C3)
@@ -1318,12 +1353,12 @@ def hvp(params, v, x, y):
     XK4 = np.matmul(X4, Wk4, out=_scratch('XK4', (64*n, 64), X4, Wk4))
     Ks4 = XK4.reshape((n, 64, 4, 16))
     K4 = Ks4.transpose((0, 2, 1, 3))
-    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2))
+    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2), out=_scratch('QK4', (n, 4, 64, 64), Q4, K4))
     Sc4 = QK4
     Sc4 *= 1/4
     S4 = Sc4
     np.copyto(S4, -1e+09, where=~np.tri(64, dtype=bool))
-    A4 = _softmax_into(S4, S4)
+    A4 = _softmax_into(S4, _scratch('A4', (n, 4, 64, 64), S4))
     XV4 = np.matmul(X4, Wv4, out=_scratch('XV4', (64*n, 64), X4, Wv4))
     Vs4 = XV4.reshape((n, 64, 4, 16))
     V4 = Vs4.transpose((0, 2, 1, 3))
@@ -1332,10 +1367,10 @@ def hvp(params, v, x, y):
     Oc4 = Ot4.reshape((64*n, 64))
     OW4 = np.matmul(Oc4, Wo4, out=_scratch('OW4', (64*n, 64), Oc4, Wo4))
     OWs4 = OW4.reshape((n, 64, 64))
-    R4 = OWs4
-    R4 += H2
+    R4 = H2
+    R4 += OWs4
     R4 += bo4
-    sum_R4 = R4.sum(axis=2)
+    sum_R4 = np.einsum('...i->...', R4)
     M5 = sum_R4/64
     C5 = -M5[:, :, None] + R4
     V5 = 1/64*np.einsum('abc,abc->ab', C5, C5)
@@ -1351,10 +1386,9 @@ def hvp(params, v, x, y):
     Z6 = XWs6
     Z6 += b6
     tanh_Z6 = np.multiply(Z6, Z6, out=_scratch('tanh_Z6', (n, 64, 256), Z6))
-    tanh_Z6 *= 0.044715
-    tanh_Z6 += 1
+    tanh_Z6 *= 0.035677408136300125
+    tanh_Z6 += 0.7978845608028654
     tanh_Z6 *= Z6
-    tanh_Z6 *= 0.7978845608028654
     np.tanh(tanh_Z6, out=tanh_Z6)
     H6 = np.add(tanh_Z6, 1, out=_scratch('H6', (n, 64, 256), tanh_Z6))
     H6 *= Z6
@@ -1362,10 +1396,10 @@ def hvp(params, v, x, y):
     X7 = H6.reshape((64*n, 256))
     XW7 = np.matmul(X7, W7, out=_scratch('XW7', (64*n, 64), X7, W7))
     XWs7 = XW7.reshape((n, 64, 64))
-    R7 = XWs7
-    R7 += R4
+    R7 = R4
+    R7 += XWs7
     R7 += b7
-    sum_R7 = R7.sum(axis=2)
+    sum_R7 = np.einsum('...i->...', R7)
     M8 = sum_R7/64
     C8 = -M8[:, :, None] + R7
     V8 = 1/64*np.einsum('abc,abc->ab', C8, C8)
@@ -1382,12 +1416,12 @@ def hvp(params, v, x, y):
     XK9 = np.matmul(X9, Wk9, out=_scratch('XK9', (64*n, 64), X9, Wk9))
     Ks9 = XK9.reshape((n, 64, 4, 16))
     K9 = Ks9.transpose((0, 2, 1, 3))
-    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2))
+    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2), out=_scratch('QK9', (n, 4, 64, 64), Q9, K9))
     Sc9 = QK9
     Sc9 *= 1/4
     S9 = Sc9
     np.copyto(S9, -1e+09, where=~np.tri(64, dtype=bool))
-    A9 = _softmax_into(S9, S9)
+    A9 = _softmax_into(S9, _scratch('A9', (n, 4, 64, 64), S9))
     XV9 = np.matmul(X9, Wv9, out=_scratch('XV9', (64*n, 64), X9, Wv9))
     Vs9 = XV9.reshape((n, 64, 4, 16))
     V9 = Vs9.transpose((0, 2, 1, 3))
@@ -1399,7 +1433,7 @@ def hvp(params, v, x, y):
     R9 = OWs9
     R9 += R7
     R9 += bo9
-    sum_R9 = R9.sum(axis=2)
+    sum_R9 = np.einsum('...i->...', R9)
     M10 = sum_R9/64
     C10 = -M10[:, :, None] + R9
     V10 = 1/64*np.einsum('abc,abc->ab', C10, C10)
@@ -1415,10 +1449,9 @@ def hvp(params, v, x, y):
     Z11 = XWs11
     Z11 += b11
     tanh_Z11 = np.multiply(Z11, Z11, out=_scratch('tanh_Z11', (n, 64, 256), Z11))
-    tanh_Z11 *= 0.044715
-    tanh_Z11 += 1
+    tanh_Z11 *= 0.035677408136300125
+    tanh_Z11 += 0.7978845608028654
     tanh_Z11 *= Z11
-    tanh_Z11 *= 0.7978845608028654
     np.tanh(tanh_Z11, out=tanh_Z11)
     H11 = np.add(tanh_Z11, 1, out=_scratch('H11', (n, 64, 256), tanh_Z11))
     H11 *= Z11
@@ -1426,12 +1459,13 @@ def hvp(params, v, x, y):
     X12 = H11.reshape((64*n, 256))
     XW12 = np.matmul(X12, W12, out=_scratch('XW12', (64*n, 64), X12, W12))
     XWs12 = XW12.reshape((n, 64, 64))
-    R12 = XWs12
-    R12 += R9
+    R12 = R9
+    R12 += XWs12
     R12 += b12
-    sum_R12 = R12.sum(axis=2)
+    sum_R12 = np.einsum('...i->...', R12)
     M13 = sum_R12/64
-    C13 = -M13[:, :, None] + R12
+    C13 = R12
+    C13 += -M13[:, :, None]
     V13 = 1/64*np.einsum('abc,abc->ab', C13, C13)
     R13 = np.add(V13, 1e-05, out=_scratch('R13', (n, 64), V13))
     np.sqrt(R13, out=R13)
@@ -1466,9 +1500,10 @@ def hvp(params, v, x, y):
     _dC13_2_0 = np.multiply(C13, dC13_e_2, out=_scratch('_dC13_2_0', (n, 64, 64), C13, dC13_e_2))
     _dC13_2_0 *= 1/32
     dC13_2 += _dC13_2_0
-    dM13_2 = -dC13_2.sum(axis=2)
+    dM13_2 = -np.einsum('...i->...', dC13_2)
     dsum_R12_2 = dM13_2/64
-    dR12_2 = dC13_2 + dsum_R12_2[:, :, None]
+    dR12_2 = dC13_2
+    dR12_2 += dsum_R12_2[:, :, None]
     dXW12_2 = dR12_2.reshape((64*n, 64))
     dX12_2 = np.matmul(dXW12_2, W12.T, out=_scratch('dX12_2', (64*n, 256), dXW12_2, W12))
     dH11_2 = dX12_2.reshape((n, 64, 256))
@@ -1476,10 +1511,9 @@ def hvp(params, v, x, y):
     Z11_pow2 = Z11*Z11
     dZ11_2 = np.subtract(1, t_pow2, out=_scratch('dZ11_2', (n, 64, 256), t_pow2))
     dZ11_2 *= Z11
-    _dZ11_2_0 = np.multiply(Z11_pow2, 0.134145, out=_scratch('_dZ11_2_0', (n, 64, 256), Z11_pow2))
-    _dZ11_2_0 += 1
+    _dZ11_2_0 = np.multiply(Z11_pow2, 0.10703222440890037, out=_scratch('_dZ11_2_0', (n, 64, 256), Z11_pow2))
+    _dZ11_2_0 += 0.7978845608028654
     dZ11_2 *= _dZ11_2_0
-    dZ11_2 *= 0.7978845608028654
     dZ11_2 += tanh_Z11
     dZ11_2 += 1
     dZ11_2 *= dH11_2
@@ -1498,15 +1532,16 @@ def hvp(params, v, x, y):
     _dC10_2_0 = np.multiply(C10, dC10_e_2, out=_scratch('_dC10_2_0', (n, 64, 64), C10, dC10_e_2))
     _dC10_2_0 *= 1/32
     dC10_2 += _dC10_2_0
-    dM10_2 = -dC10_2.sum(axis=2)
+    dM10_2 = -np.einsum('...i->...', dC10_2)
     dsum_R9_2 = dM10_2/64
-    dR9_2 = np.add(dC10_2, dR12_2, out=_scratch('dR9_2', (n, 64, 64), dC10_2, dR12_2))
+    dR9_2 = dC10_2
+    dR9_2 += dR12_2
     dR9_2 += dsum_R9_2[:, :, None]
     dOW9_2 = dR9_2.reshape((64*n, 64))
     dOc9_2 = np.matmul(dOW9_2, Wo9.T, out=_scratch('dOc9_2', (64*n, 64), dOW9_2, Wo9))
     dOt9_2 = dOc9_2.reshape((n, 64, 4, 16))
     dO9_2 = dOt9_2.transpose((0, 2, 1, 3))
-    dA9_2 = np.matmul(dO9_2, V9.swapaxes(-1, -2))
+    dA9_2 = np.matmul(dO9_2, V9.swapaxes(-1, -2), out=_scratch('dA9_2', (n, 4, 64, 64), dO9_2, V9))
     sum_dA9_times_A9_2 = np.einsum('abcd,abcd->abc', A9, dA9_2)
     dS9_2 = dA9_2 + (-sum_dA9_times_A9_2[:, :, :, None])
     dS9_2 *= A9
@@ -1541,9 +1576,10 @@ def hvp(params, v, x, y):
     _dC8_2_0 = np.multiply(C8, dC8_e_2, out=_scratch('_dC8_2_0', (n, 64, 64), C8, dC8_e_2))
     _dC8_2_0 *= 1/32
     dC8_2 += _dC8_2_0
-    dM8_2 = -dC8_2.sum(axis=2)
+    dM8_2 = -np.einsum('...i->...', dC8_2)
     dsum_R7_2 = dM8_2/64
-    dR7_2 = np.add(dC8_2, dR9_2, out=_scratch('dR7_2', (n, 64, 64), dC8_2, dR9_2))
+    dR7_2 = dC8_2
+    dR7_2 += dR9_2
     dR7_2 += dsum_R7_2[:, :, None]
     Z6_pow2 = Z6*Z6
     dXW7_2 = dR7_2.reshape((64*n, 64))
@@ -1552,10 +1588,9 @@ def hvp(params, v, x, y):
     t_pow2_2 = tanh_Z6*tanh_Z6
     dZ6_2 = np.subtract(1, t_pow2_2, out=_scratch('dZ6_2', (n, 64, 256), t_pow2_2))
     dZ6_2 *= Z6
-    _dZ6_2_0 = np.multiply(Z6_pow2, 0.134145, out=_scratch('_dZ6_2_0', (n, 64, 256), Z6_pow2))
-    _dZ6_2_0 += 1
+    _dZ6_2_0 = np.multiply(Z6_pow2, 0.10703222440890037, out=_scratch('_dZ6_2_0', (n, 64, 256), Z6_pow2))
+    _dZ6_2_0 += 0.7978845608028654
     dZ6_2 *= _dZ6_2_0
-    dZ6_2 *= 0.7978845608028654
     dZ6_2 += tanh_Z6
     dZ6_2 += 1
     dZ6_2 *= dH6_2
@@ -1574,15 +1609,16 @@ def hvp(params, v, x, y):
     _dC5_2_0 = np.multiply(C5, dC5_e_2, out=_scratch('_dC5_2_0', (n, 64, 64), C5, dC5_e_2))
     _dC5_2_0 *= 1/32
     dC5_2 += _dC5_2_0
-    dM5_2 = -dC5_2.sum(axis=2)
+    dM5_2 = -np.einsum('...i->...', dC5_2)
     dsum_R4_2 = dM5_2/64
-    dR4_2 = np.add(dC5_2, dR7_2, out=_scratch('dR4_2', (n, 64, 64), dC5_2, dR7_2))
+    dR4_2 = dC5_2
+    dR4_2 += dR7_2
     dR4_2 += dsum_R4_2[:, :, None]
     dOW4_2 = dR4_2.reshape((64*n, 64))
     dOc4_2 = np.matmul(dOW4_2, Wo4.T, out=_scratch('dOc4_2', (64*n, 64), dOW4_2, Wo4))
     dOt4_2 = dOc4_2.reshape((n, 64, 4, 16))
     dO4_2 = dOt4_2.transpose((0, 2, 1, 3))
-    dA4_2 = np.matmul(dO4_2, V4.swapaxes(-1, -2))
+    dA4_2 = np.matmul(dO4_2, V4.swapaxes(-1, -2), out=_scratch('dA4_2', (n, 4, 64, 64), dO4_2, V4))
     sum_dA4_times_A4_2 = np.einsum('abcd,abcd->abc', A4, dA4_2)
     dS4_2 = dA4_2 + (-sum_dA4_times_A4_2[:, :, :, None])
     dS4_2 *= A4
@@ -1615,9 +1651,10 @@ def hvp(params, v, x, y):
     _dC3_2_0 = np.multiply(C3, dC3_e_2, out=_scratch('_dC3_2_0', (n, 64, 64), C3, dC3_e_2))
     _dC3_2_0 *= 1/32
     dC3_2 += _dC3_2_0
-    dM3_2 = -dC3_2.sum(axis=2)
+    dM3_2 = -np.einsum('...i->...', dC3_2)
     dsum_H2_2 = dM3_2/64
-    dH2_2 = np.add(dC3_2, dR4_2, out=_scratch('dH2_2', (n, 64, 64), dC3_2, dR4_2))
+    dH2_2 = dC3_2
+    dH2_2 += dR4_2
     dH2_2 += dsum_H2_2[:, :, None]
     dE1_2 = np.zeros((96, 64), dtype=dH2_2.dtype)
     np.add.at(dE1_2, x.reshape(-1), dH2_2.reshape(-1, 64))   # repeated ids add up
@@ -1657,7 +1694,7 @@ def hvp(params, v, x, y):
     # tH2 = tEm1 + v_P2
     tH2 = tEm1 + v_P2
     # tsum_H2 = sum(tH2, axis=2)
-    tsum_H2 = tH2.sum(axis=2)
+    tsum_H2 = np.einsum('...i->...', tH2)
     # tM3 = tsum_H2/64
     tM3 = tsum_H2/64
     # tC3 = tH2 - tM3
@@ -1694,7 +1731,7 @@ def hvp(params, v, x, y):
     # tV4 = tVs4.transpose((0, 2, 1, 3))
     tV4 = tVs4.transpose((0, 2, 1, 3))
     # A4_tV4 = A4 @ tV4
-    A4_tV4 = np.matmul(A4, tV4)
+    A4_tV4 = np.matmul(A4, tV4, out=_scratch('A4_tV4', (n, 4, 64, 16), A4, tV4))
     # X4_v_Wq4 = X4 @ v_Wq4
     X4_v_Wq4 = np.matmul(X4, v_Wq4, out=_scratch('X4_v_Wq4', (64*n, 64), X4, v_Wq4))
     # tX4_Wq4 = tX4 @ Wq4
@@ -1707,7 +1744,7 @@ def hvp(params, v, x, y):
     # tQ4 = tQs4.transpose((0, 2, 1, 3))
     tQ4 = tQs4.transpose((0, 2, 1, 3))
     # tQ4_K4 = tQ4 @ K4.mT
-    tQ4_K4 = np.matmul(tQ4, K4.swapaxes(-1, -2))
+    tQ4_K4 = np.matmul(tQ4, K4.swapaxes(-1, -2), out=_scratch('tQ4_K4', (n, 4, 64, 64), tQ4, K4))
     # tX4_Wk4 = tX4 @ Wk4
     tX4_Wk4 = np.matmul(tX4, Wk4, out=_scratch('tX4_Wk4', (64*n, 64), tX4, Wk4))
     # X4_v_Wk4 = X4 @ v_Wk4
@@ -1720,7 +1757,7 @@ def hvp(params, v, x, y):
     # tK4 = tKs4.transpose((0, 2, 1, 3))
     tK4 = tKs4.transpose((0, 2, 1, 3))
     # Q4_tK4 = Q4 @ tK4.mT
-    Q4_tK4 = np.matmul(Q4, tK4.swapaxes(-1, -2))
+    Q4_tK4 = np.matmul(Q4, tK4.swapaxes(-1, -2), out=_scratch('Q4_tK4', (n, 4, 64, 64), Q4, tK4))
     # tSc4 = Q4_tK4/4 + tQ4_K4/4
     tSc4 = Q4_tK4
     tSc4 *= 1/4
@@ -1735,7 +1772,7 @@ def hvp(params, v, x, y):
     tA4 = tS4 + (-sum_tS4_times_A4[:, :, :, None])
     tA4 *= A4
     # tA4_V4 = tA4 @ V4
-    tA4_V4 = np.matmul(tA4, V4)
+    tA4_V4 = np.matmul(tA4, V4, out=_scratch('tA4_V4', (n, 4, 64, 16), tA4, V4))
     # tO4 = A4_tV4 + tA4_V4
     tO4 = A4_tV4
     tO4 += tA4_V4
@@ -1751,11 +1788,11 @@ def hvp(params, v, x, y):
     # tOWs4 = reshape(tOW4, (n, 64, 64))
     tOWs4 = tOW4.reshape((n, 64, 64))
     # tR4 = tH2 + tOWs4 + v_bo4
-    tR4 = tOWs4
-    tR4 += tH2
+    tR4 = tH2
+    tR4 += tOWs4
     tR4 += v_bo4
     # tsum_R4 = sum(tR4, axis=2)
-    tsum_R4 = tR4.sum(axis=2)
+    tsum_R4 = np.einsum('...i->...', tR4)
     # tM5 = tsum_R4/64
     tM5 = tsum_R4/64
     # tC5 = -tM5 + tR4
@@ -1793,10 +1830,9 @@ def hvp(params, v, x, y):
     # tH6 = tZ6*(sqrt(2)*Z6*(1 - t_pow2_2)*(0.134145*Z6_pow2 + 1)/sqrt(pi) + tanh_Z6 + 1)/2
     tH6 = np.subtract(1, t_pow2_2, out=_scratch('tH6', (n, 64, 256), t_pow2_2))
     tH6 *= Z6
-    _tH6_0 = np.multiply(Z6_pow2, 0.134145, out=_scratch('_tH6_0', (n, 64, 256), Z6_pow2))
-    _tH6_0 += 1
+    _tH6_0 = np.multiply(Z6_pow2, 0.10703222440890037, out=_scratch('_tH6_0', (n, 64, 256), Z6_pow2))
+    _tH6_0 += 0.7978845608028654
     tH6 *= _tH6_0
-    tH6 *= 0.7978845608028654
     tH6 += tanh_Z6
     tH6 += 1
     tH6 *= tZ6
@@ -1813,11 +1849,11 @@ def hvp(params, v, x, y):
     # tXWs7 = reshape(tXW7, (n, 64, 64))
     tXWs7 = tXW7.reshape((n, 64, 64))
     # tR7 = tR4 + tXWs7 + v_b7
-    tR7 = tXWs7
-    tR7 += tR4
+    tR7 = tR4
+    tR7 += tXWs7
     tR7 += v_b7
     # tsum_R7 = sum(tR7, axis=2)
-    tsum_R7 = tR7.sum(axis=2)
+    tsum_R7 = np.einsum('...i->...', tR7)
     # tM8 = tsum_R7/64
     tM8 = tsum_R7/64
     # tC8 = -tM8 + tR7
@@ -1848,9 +1884,9 @@ def hvp(params, v, x, y):
     # tK9 = tKs9.transpose((0, 2, 1, 3))
     tK9 = tKs9.transpose((0, 2, 1, 3))
     # dQK9_tK9 = dQK9_2 @ tK9
-    dQK9_tK9 = np.matmul(dQK9_2, tK9)
+    dQK9_tK9 = np.matmul(dQK9_2, tK9, out=_scratch('dQK9_tK9', (n, 4, 64, 16), dQK9_2, tK9))
     # Q9_tK9 = Q9 @ tK9.mT
-    Q9_tK9 = np.matmul(Q9, tK9.swapaxes(-1, -2))
+    Q9_tK9 = np.matmul(Q9, tK9.swapaxes(-1, -2), out=_scratch('Q9_tK9', (n, 4, 64, 64), Q9, tK9))
     # tX9_Wq9 = tX9 @ Wq9
     tX9_Wq9 = np.matmul(tX9, Wq9, out=_scratch('tX9_Wq9', (64*n, 64), tX9, Wq9))
     # X9_v_Wq9 = X9 @ v_Wq9
@@ -1863,7 +1899,7 @@ def hvp(params, v, x, y):
     # tQ9 = tQs9.transpose((0, 2, 1, 3))
     tQ9 = tQs9.transpose((0, 2, 1, 3))
     # tQ9_K9 = tQ9 @ K9.mT
-    tQ9_K9 = np.matmul(tQ9, K9.swapaxes(-1, -2))
+    tQ9_K9 = np.matmul(tQ9, K9.swapaxes(-1, -2), out=_scratch('tQ9_K9', (n, 4, 64, 64), tQ9, K9))
     # tSc9 = Q9_tK9/4 + tQ9_K9/4
     tSc9 = Q9_tK9
     tSc9 *= 1/4
@@ -1878,7 +1914,7 @@ def hvp(params, v, x, y):
     tA9 = tS9 + (-sum_A9_times_tS9[:, :, :, None])
     tA9 *= A9
     # tA9_V9 = tA9 @ V9
-    tA9_V9 = np.matmul(tA9, V9)
+    tA9_V9 = np.matmul(tA9, V9, out=_scratch('tA9_V9', (n, 4, 64, 16), tA9, V9))
     # X9_v_Wv9 = X9 @ v_Wv9
     X9_v_Wv9 = np.matmul(X9, v_Wv9, out=_scratch('X9_v_Wv9', (64*n, 64), X9, v_Wv9))
     # tX9_Wv9 = tX9 @ Wv9
@@ -1891,7 +1927,7 @@ def hvp(params, v, x, y):
     # tV9 = tVs9.transpose((0, 2, 1, 3))
     tV9 = tVs9.transpose((0, 2, 1, 3))
     # A9_tV9 = A9 @ tV9
-    A9_tV9 = np.matmul(A9, tV9)
+    A9_tV9 = np.matmul(A9, tV9, out=_scratch('A9_tV9', (n, 4, 64, 16), A9, tV9))
     # tO9 = A9_tV9 + tA9_V9
     tO9 = A9_tV9
     tO9 += tA9_V9
@@ -1917,7 +1953,7 @@ def hvp(params, v, x, y):
     # X11_v_W11 = X11 @ v_W11
     X11_v_W11 = np.matmul(X11, v_W11, out=_scratch('X11_v_W11', (64*n, 256), X11, v_W11))
     # tsum_R9 = sum(tR9, axis=2)
-    tsum_R9 = tR9.sum(axis=2)
+    tsum_R9 = np.einsum('...i->...', tR9)
     # tM10 = tsum_R9/64
     tM10 = tsum_R9/64
     # tC10 = -tM10 + tR9
@@ -1951,10 +1987,9 @@ def hvp(params, v, x, y):
     # tH11 = tZ11*(sqrt(2)*Z11*(1 - t_pow2)*(0.134145*Z11_pow2 + 1)/sqrt(pi) + tanh_Z11 + 1)/2
     tH11 = np.subtract(1, t_pow2, out=_scratch('tH11', (n, 64, 256), t_pow2))
     tH11 *= Z11
-    _tH11_0 = np.multiply(Z11_pow2, 0.134145, out=_scratch('_tH11_0', (n, 64, 256), Z11_pow2))
-    _tH11_0 += 1
+    _tH11_0 = np.multiply(Z11_pow2, 0.10703222440890037, out=_scratch('_tH11_0', (n, 64, 256), Z11_pow2))
+    _tH11_0 += 0.7978845608028654
     tH11 *= _tH11_0
-    tH11 *= 0.7978845608028654
     tH11 += tanh_Z11
     tH11 += 1
     tH11 *= tZ11
@@ -1969,22 +2004,24 @@ def hvp(params, v, x, y):
     # tXWs12 = reshape(tXW12, (n, 64, 64))
     tXWs12 = tXW12.reshape((n, 64, 64))
     # tR12 = tR9 + tXWs12 + v_b12
-    tR12 = tXWs12
-    tR12 += tR9
+    tR12 = tR9
+    tR12 += tXWs12
     tR12 += v_b12
     # tsum_R12 = sum(tR12, axis=2)
-    tsum_R12 = tR12.sum(axis=2)
+    tsum_R12 = np.einsum('...i->...', tR12)
     # tM13 = tsum_R12/64
     tM13 = tsum_R12/64
     # tC13 = -tM13 + tR12
-    tC13 = -tM13[:, :, None] + tR12
+    tC13 = tR12
+    tC13 += -tM13[:, :, None]
     # tV13 = sum(C13*tC13/32, axis=2)
     tV13 = 1/32*np.einsum('abc,abc->ab', C13, tC13)
     # tR13 = -R13_pow3*tV13/2
     tR13 = np.multiply(R13_pow3, tV13, out=_scratch('tR13', (n, 64), R13_pow3, tV13))
     tR13 *= -1/2
     # exp_Z14 = exp(-LSE + Z14)
-    exp_Z14 = Z14 + (-LSE[:, :, None])
+    exp_Z14 = Z14
+    exp_Z14 += -LSE[:, :, None]
     np.exp(exp_Z14, out=exp_Z14)
     # X14_v_W14 = X14 @ v_W14
     X14_v_W14 = np.matmul(X14, v_W14, out=_scratch('X14_v_W14', (64*n, 96), X14, v_W14))
@@ -2012,8 +2049,9 @@ def hvp(params, v, x, y):
     # tLSE = sum(exp_Z14*tZ14, axis=2)
     tLSE = np.einsum('abc,abc->ab', exp_Z14, tZ14)
     # tdZ14 = exp_Z14*(-tLSE + tZ14)/(64*n)
-    tdZ14 = tZ14 + (-tLSE[:, :, None])
-    tdZ14 *= exp_Z14
+    tdZ14 = exp_Z14
+    tZ14 += -tLSE[:, :, None]
+    tdZ14 *= tZ14
     tdZ14 *= 1/(64*n)
     # tdXW14 = reshape(tdZ14, (64*n, 96))
     tdXW14 = tdZ14.reshape((64*n, 96))
@@ -2031,9 +2069,10 @@ def hvp(params, v, x, y):
     _tdXn13_0 = np.multiply(tdH13, g13, out=_scratch('_tdXn13_0', (n, 64, 64), tdH13, g13))
     tdXn13 += _tdXn13_0
     # tdR13 = sum(C13*tdXn13 + dXn13*tC13, axis=2)
-    tdR13 = (C13*tdXn13 + dXn13*tC13).sum(axis=2)
+    tdR13 = np.einsum('...i->...', C13*tdXn13 + dXn13*tC13)
     # tdV13 = -3*R13**2*dR13*tR13/2 - R13_pow3*tdR13/2
-    tdV13 = np.multiply(R13_pow3, tdR13, out=_scratch('tdV13', (n, 64), R13_pow3, tdR13))
+    tdV13 = R13_pow3
+    tdV13 *= tdR13
     tdV13 *= 1/2
     np.negative(tdV13, out=tdV13)
     _tdV13_0 = np.multiply(dR13, tR13, out=_scratch('_tdV13_0', (n, 64), dR13, tR13))
@@ -2042,20 +2081,22 @@ def hvp(params, v, x, y):
     _tdV13_0 *= 3/2
     tdV13 -= _tdV13_0
     # tdC13 = C13*tdV13/32 + R13*tdXn13 + dC13_e_2*tC13/32 + dXn13*tR13
-    tdC13 = tdXn13*(R13[:, :, None])
-    _tdC13_0 = dXn13*(tR13[:, :, None])
-    tdC13 += _tdC13_0
-    np.multiply(C13, tdV13[:, :, None]/32, out=_tdC13_0)
-    tdC13 += _tdC13_0
-    np.multiply(dC13_e_2, tC13, out=_tdC13_0)
-    _tdC13_0 *= 1/32
-    tdC13 += _tdC13_0
+    tdC13 = tdXn13
+    tdC13 *= R13[:, :, None]
+    dXn13 *= tR13[:, :, None]
+    tdC13 += dXn13
+    C13 *= tdV13[:, :, None]/32
+    tdC13 += C13
+    tC13 *= dC13_e_2
+    tC13 *= 1/32
+    tdC13 += tC13
     # tdM13 = sum(-tdC13, axis=2)
-    tdM13 = -tdC13.sum(axis=2)
+    tdM13 = -np.einsum('...i->...', tdC13)
     # tdsum_R12 = tdM13/64
     tdsum_R12 = tdM13/64
     # tdR12 = tdC13 + tdsum_R12
-    tdR12 = tdC13 + tdsum_R12[:, :, None]
+    tdR12 = tdC13
+    tdR12 += tdsum_R12[:, :, None]
     # dXW11_v_W11 = dXW11_2 @ v_W11.T
     dXW11_v_W11 = np.matmul(dXW11_2, v_W11.T, out=_scratch('dXW11_v_W11', (64*n, 64), dXW11_2, v_W11))
     # tdXW12 = reshape(tdR12, (64*n, 64))
@@ -2087,9 +2128,10 @@ def hvp(params, v, x, y):
     _tdXn10_0 = np.multiply(tdH10, g10, out=_scratch('_tdXn10_0', (n, 64, 64), tdH10, g10))
     tdXn10 += _tdXn10_0
     # tdR10 = sum(C10*tdXn10 + dXn10_2*tC10, axis=2)
-    tdR10 = (C10*tdXn10 + dXn10_2*tC10).sum(axis=2)
+    tdR10 = np.einsum('...i->...', C10*tdXn10 + dXn10_2*tC10)
     # tdV10 = -3*R10**2*dR10_2*tR10/2 - R10_pow3*tdR10/2
-    tdV10 = np.multiply(R10_pow3, tdR10, out=_scratch('tdV10', (n, 64), R10_pow3, tdR10))
+    tdV10 = R10_pow3
+    tdV10 *= tdR10
     tdV10 *= 1/2
     np.negative(tdV10, out=tdV10)
     _tdV10_0 = np.multiply(dR10_2, tR10, out=_scratch('_tdV10_0', (n, 64), dR10_2, tR10))
@@ -2098,20 +2140,22 @@ def hvp(params, v, x, y):
     _tdV10_0 *= 3/2
     tdV10 -= _tdV10_0
     # tdC10 = C10*tdV10/32 + R10*tdXn10 + dC10_e_2*tC10/32 + dXn10_2*tR10
-    tdC10 = tdXn10*(R10[:, :, None])
-    _tdC10_0 = dXn10_2*(tR10[:, :, None])
-    tdC10 += _tdC10_0
-    np.multiply(C10, tdV10[:, :, None]/32, out=_tdC10_0)
-    tdC10 += _tdC10_0
-    np.multiply(dC10_e_2, tC10, out=_tdC10_0)
-    _tdC10_0 *= 1/32
-    tdC10 += _tdC10_0
+    tdC10 = tdXn10
+    tdC10 *= R10[:, :, None]
+    dXn10_2 *= tR10[:, :, None]
+    tdC10 += dXn10_2
+    C10 *= tdV10[:, :, None]/32
+    tdC10 += C10
+    tC10 *= dC10_e_2
+    tC10 *= 1/32
+    tdC10 += tC10
     # tdM10 = sum(-tdC10, axis=2)
-    tdM10 = -tdC10.sum(axis=2)
+    tdM10 = -np.einsum('...i->...', tdC10)
     # tdsum_R9 = tdM10/64
     tdsum_R9 = tdM10/64
     # tdR9 = tdC10 + tdR12 + tdsum_R9
-    tdR9 = np.add(tdC10, tdR12, out=_scratch('tdR9', (n, 64, 64), tdC10, tdR12))
+    tdR9 = tdC10
+    tdR9 += tdR12
     tdR9 += tdsum_R9[:, :, None]
     # tdOW9 = reshape(tdR9, (64*n, 64))
     tdOW9 = tdR9.reshape((64*n, 64))
@@ -2127,21 +2171,22 @@ def hvp(params, v, x, y):
     # tdO9 = tdOt9.transpose((0, 2, 1, 3))
     tdO9 = tdOt9.transpose((0, 2, 1, 3))
     # tdO9_V9 = tdO9 @ V9.mT
-    tdO9_V9 = np.matmul(tdO9, V9.swapaxes(-1, -2))
+    tdO9_V9 = np.matmul(tdO9, V9.swapaxes(-1, -2), out=_scratch('tdO9_V9', (n, 4, 64, 64), tdO9, V9))
     # dO9_tV9 = dO9_2 @ tV9.mT
-    dO9_tV9 = np.matmul(dO9_2, tV9.swapaxes(-1, -2))
+    dO9_tV9 = np.matmul(dO9_2, tV9.swapaxes(-1, -2), out=_scratch('dO9_tV9', (n, 4, 64, 64), dO9_2, tV9))
     # tdA9 = dO9_tV9 + tdO9_V9
     tdA9 = dO9_tV9
     tdA9 += tdO9_V9
     # tsum_dA9_times_A9 = sum(A9*tdA9 + dA9_2*tA9, axis=3)
-    tsum_dA9_times_A9 = (A9*tdA9 + dA9_2*tA9).sum(axis=3)
+    tsum_dA9_times_A9 = np.einsum('...i->...', A9*tdA9 + dA9_2*tA9)
     # tdS9 = A9*tdA9 - A9*tsum_dA9_times_A9 + tA9*(dA9_2 - sum_dA9_times_A9_2)
-    tdS9 = np.multiply(A9, tdA9, out=_scratch('tdS9', (n, 4, 64, 64), A9, tdA9))
-    _tdS9_0 = dA9_2 + (-sum_dA9_times_A9_2[:, :, :, None])
-    _tdS9_0 *= tA9
-    tdS9 += _tdS9_0
-    np.multiply(A9, tsum_dA9_times_A9[:, :, :, None], out=_tdS9_0)
-    tdS9 -= _tdS9_0
+    tdS9 = tdA9
+    tdS9 *= A9
+    dA9_2 += -sum_dA9_times_A9_2[:, :, :, None]
+    dA9_2 *= tA9
+    tdS9 += dA9_2
+    np.multiply(A9, tsum_dA9_times_A9[:, :, :, None], out=dA9_2)
+    tdS9 -= dA9_2
     # tdSc9 = causal_mask(tdS9, fill=0)
     tdSc9 = tdS9
     np.copyto(tdSc9, 0, where=~np.tri(64, dtype=bool))
@@ -2149,7 +2194,7 @@ def hvp(params, v, x, y):
     tdQK9 = tdSc9
     tdQK9 *= 1/4
     # tdQK9_K9 = tdQK9 @ K9
-    tdQK9_K9 = np.matmul(tdQK9, K9)
+    tdQK9_K9 = np.matmul(tdQK9, K9, out=_scratch('tdQK9_K9', (n, 4, 64, 16), tdQK9, K9))
     # tdQ9 = dQK9_tK9 + tdQK9_K9
     tdQ9 = dQK9_tK9
     tdQ9 += tdQK9_K9
@@ -2160,9 +2205,9 @@ def hvp(params, v, x, y):
     # tdXQ9_Wq9 = tdXQ9 @ Wq9.T
     tdXQ9_Wq9 = np.matmul(tdXQ9, Wq9.T, out=_scratch('tdXQ9_Wq9', (64*n, 64), tdXQ9, Wq9))
     # tA9_dO9 = tA9.mT @ dO9_2
-    tA9_dO9 = np.matmul(tA9.swapaxes(-1, -2), dO9_2)
+    tA9_dO9 = np.matmul(tA9.swapaxes(-1, -2), dO9_2, out=_scratch('tA9_dO9', (n, 4, 64, 16), tA9, dO9_2))
     # A9_tdO9 = A9.mT @ tdO9
-    A9_tdO9 = np.matmul(A9.swapaxes(-1, -2), tdO9)
+    A9_tdO9 = np.matmul(A9.swapaxes(-1, -2), tdO9, out=_scratch('A9_tdO9', (n, 4, 64, 16), A9, tdO9))
     # tdV9 = A9_tdO9 + tA9_dO9
     tdV9 = A9_tdO9
     tdV9 += tA9_dO9
@@ -2173,9 +2218,9 @@ def hvp(params, v, x, y):
     # tdXV9_Wv9 = tdXV9 @ Wv9.T
     tdXV9_Wv9 = np.matmul(tdXV9, Wv9.T, out=_scratch('tdXV9_Wv9', (64*n, 64), tdXV9, Wv9))
     # dQK9_tQ9 = dQK9_2.mT @ tQ9
-    dQK9_tQ9 = np.matmul(dQK9_2.swapaxes(-1, -2), tQ9)
+    dQK9_tQ9 = np.matmul(dQK9_2.swapaxes(-1, -2), tQ9, out=_scratch('dQK9_tQ9', (n, 4, 64, 16), dQK9_2, tQ9))
     # tdQK9_Q9 = tdQK9.mT @ Q9
-    tdQK9_Q9 = np.matmul(tdQK9.swapaxes(-1, -2), Q9)
+    tdQK9_Q9 = np.matmul(tdQK9.swapaxes(-1, -2), Q9, out=_scratch('tdQK9_Q9', (n, 4, 64, 16), tdQK9, Q9))
     # tdK9 = dQK9_tQ9 + tdQK9_Q9
     tdK9 = dQK9_tQ9
     tdK9 += tdQK9_Q9
@@ -2205,9 +2250,10 @@ def hvp(params, v, x, y):
     _tdXn8_0 = np.multiply(tdH8, g8, out=_scratch('_tdXn8_0', (n, 64, 64), tdH8, g8))
     tdXn8 += _tdXn8_0
     # tdR8 = sum(C8*tdXn8 + dXn8_2*tC8, axis=2)
-    tdR8 = (C8*tdXn8 + dXn8_2*tC8).sum(axis=2)
+    tdR8 = np.einsum('...i->...', C8*tdXn8 + dXn8_2*tC8)
     # tdV8 = -3*R8**2*dR8_2*tR8/2 - R8_pow3*tdR8/2
-    tdV8 = np.multiply(R8_pow3, tdR8, out=_scratch('tdV8', (n, 64), R8_pow3, tdR8))
+    tdV8 = R8_pow3
+    tdV8 *= tdR8
     tdV8 *= 1/2
     np.negative(tdV8, out=tdV8)
     _tdV8_0 = np.multiply(dR8_2, tR8, out=_scratch('_tdV8_0', (n, 64), dR8_2, tR8))
@@ -2216,20 +2262,22 @@ def hvp(params, v, x, y):
     _tdV8_0 *= 3/2
     tdV8 -= _tdV8_0
     # tdC8 = C8*tdV8/32 + R8*tdXn8 + dC8_e_2*tC8/32 + dXn8_2*tR8
-    tdC8 = tdXn8*(R8[:, :, None])
-    _tdC8_0 = dXn8_2*(tR8[:, :, None])
-    tdC8 += _tdC8_0
-    np.multiply(C8, tdV8[:, :, None]/32, out=_tdC8_0)
-    tdC8 += _tdC8_0
-    np.multiply(dC8_e_2, tC8, out=_tdC8_0)
-    _tdC8_0 *= 1/32
-    tdC8 += _tdC8_0
+    tdC8 = tdXn8
+    tdC8 *= R8[:, :, None]
+    dXn8_2 *= tR8[:, :, None]
+    tdC8 += dXn8_2
+    C8 *= tdV8[:, :, None]/32
+    tdC8 += C8
+    tC8 *= dC8_e_2
+    tC8 *= 1/32
+    tdC8 += tC8
     # tdM8 = sum(-tdC8, axis=2)
-    tdM8 = -tdC8.sum(axis=2)
+    tdM8 = -np.einsum('...i->...', tdC8)
     # tdsum_R7 = tdM8/64
     tdsum_R7 = tdM8/64
     # tdR7 = tdC8 + tdR9 + tdsum_R7
-    tdR7 = np.add(tdC8, tdR9, out=_scratch('tdR7', (n, 64, 64), tdC8, tdR9))
+    tdR7 = tdC8
+    tdR7 += tdR9
     tdR7 += tdsum_R7[:, :, None]
     # tdXW7 = reshape(tdR7, (64*n, 64))
     tdXW7 = tdR7.reshape((64*n, 64))
@@ -2262,9 +2310,10 @@ def hvp(params, v, x, y):
     _tdXn5_0 = np.multiply(tdH5, g5, out=_scratch('_tdXn5_0', (n, 64, 64), tdH5, g5))
     tdXn5 += _tdXn5_0
     # tdR5 = sum(C5*tdXn5 + dXn5_2*tC5, axis=2)
-    tdR5 = (C5*tdXn5 + dXn5_2*tC5).sum(axis=2)
+    tdR5 = np.einsum('...i->...', C5*tdXn5 + dXn5_2*tC5)
     # tdV5 = -3*R5**2*dR5_2*tR5/2 - R5_pow3*tdR5/2
-    tdV5 = np.multiply(R5_pow3, tdR5, out=_scratch('tdV5', (n, 64), R5_pow3, tdR5))
+    tdV5 = R5_pow3
+    tdV5 *= tdR5
     tdV5 *= 1/2
     np.negative(tdV5, out=tdV5)
     _tdV5_0 = np.multiply(dR5_2, tR5, out=_scratch('_tdV5_0', (n, 64), dR5_2, tR5))
@@ -2273,20 +2322,22 @@ def hvp(params, v, x, y):
     _tdV5_0 *= 3/2
     tdV5 -= _tdV5_0
     # tdC5 = C5*tdV5/32 + R5*tdXn5 + dC5_e_2*tC5/32 + dXn5_2*tR5
-    tdC5 = tdXn5*(R5[:, :, None])
-    _tdC5_0 = dXn5_2*(tR5[:, :, None])
-    tdC5 += _tdC5_0
-    np.multiply(C5, tdV5[:, :, None]/32, out=_tdC5_0)
-    tdC5 += _tdC5_0
-    np.multiply(dC5_e_2, tC5, out=_tdC5_0)
-    _tdC5_0 *= 1/32
-    tdC5 += _tdC5_0
+    tdC5 = tdXn5
+    tdC5 *= R5[:, :, None]
+    dXn5_2 *= tR5[:, :, None]
+    tdC5 += dXn5_2
+    C5 *= tdV5[:, :, None]/32
+    tdC5 += C5
+    tC5 *= dC5_e_2
+    tC5 *= 1/32
+    tdC5 += tC5
     # tdM5 = sum(-tdC5, axis=2)
-    tdM5 = -tdC5.sum(axis=2)
+    tdM5 = -np.einsum('...i->...', tdC5)
     # tdsum_R4 = tdM5/64
     tdsum_R4 = tdM5/64
     # tdR4 = tdC5 + tdR7 + tdsum_R4
-    tdR4 = np.add(tdC5, tdR7, out=_scratch('tdR4', (n, 64, 64), tdC5, tdR7))
+    tdR4 = tdC5
+    tdR4 += tdR7
     tdR4 += tdsum_R4[:, :, None]
     # tdOW4 = reshape(tdR4, (64*n, 64))
     tdOW4 = tdR4.reshape((64*n, 64))
@@ -2302,9 +2353,9 @@ def hvp(params, v, x, y):
     # tdO4 = tdOt4.transpose((0, 2, 1, 3))
     tdO4 = tdOt4.transpose((0, 2, 1, 3))
     # A4_tdO4 = A4.mT @ tdO4
-    A4_tdO4 = np.matmul(A4.swapaxes(-1, -2), tdO4)
+    A4_tdO4 = np.matmul(A4.swapaxes(-1, -2), tdO4, out=_scratch('A4_tdO4', (n, 4, 64, 16), A4, tdO4))
     # tA4_dO4 = tA4.mT @ dO4_2
-    tA4_dO4 = np.matmul(tA4.swapaxes(-1, -2), dO4_2)
+    tA4_dO4 = np.matmul(tA4.swapaxes(-1, -2), dO4_2, out=_scratch('tA4_dO4', (n, 4, 64, 16), tA4, dO4_2))
     # tdV4 = A4_tdO4 + tA4_dO4
     tdV4 = A4_tdO4
     tdV4 += tA4_dO4
@@ -2319,21 +2370,22 @@ def hvp(params, v, x, y):
     # dXK4_v_Wk4 = dXK4_2 @ v_Wk4.T
     dXK4_v_Wk4 = np.matmul(dXK4_2, v_Wk4.T, out=_scratch('dXK4_v_Wk4', (64*n, 64), dXK4_2, v_Wk4))
     # tdO4_V4 = tdO4 @ V4.mT
-    tdO4_V4 = np.matmul(tdO4, V4.swapaxes(-1, -2))
+    tdO4_V4 = np.matmul(tdO4, V4.swapaxes(-1, -2), out=_scratch('tdO4_V4', (n, 4, 64, 64), tdO4, V4))
     # dO4_tV4 = dO4_2 @ tV4.mT
-    dO4_tV4 = np.matmul(dO4_2, tV4.swapaxes(-1, -2))
+    dO4_tV4 = np.matmul(dO4_2, tV4.swapaxes(-1, -2), out=_scratch('dO4_tV4', (n, 4, 64, 64), dO4_2, tV4))
     # tdA4 = dO4_tV4 + tdO4_V4
     tdA4 = dO4_tV4
     tdA4 += tdO4_V4
     # tsum_dA4_times_A4 = sum(A4*tdA4 + dA4_2*tA4, axis=3)
-    tsum_dA4_times_A4 = (A4*tdA4 + dA4_2*tA4).sum(axis=3)
+    tsum_dA4_times_A4 = np.einsum('...i->...', A4*tdA4 + dA4_2*tA4)
     # tdS4 = A4*tdA4 - A4*tsum_dA4_times_A4 + tA4*(dA4_2 - sum_dA4_times_A4_2)
-    tdS4 = np.multiply(A4, tdA4, out=_scratch('tdS4', (n, 4, 64, 64), A4, tdA4))
-    _tdS4_0 = dA4_2 + (-sum_dA4_times_A4_2[:, :, :, None])
-    _tdS4_0 *= tA4
-    tdS4 += _tdS4_0
-    np.multiply(A4, tsum_dA4_times_A4[:, :, :, None], out=_tdS4_0)
-    tdS4 -= _tdS4_0
+    tdS4 = tdA4
+    tdS4 *= A4
+    dA4_2 += -sum_dA4_times_A4_2[:, :, :, None]
+    tA4 *= dA4_2
+    tdS4 += tA4
+    np.multiply(A4, tsum_dA4_times_A4[:, :, :, None], out=dA4_2)
+    tdS4 -= dA4_2
     # tdSc4 = causal_mask(tdS4, fill=0)
     tdSc4 = tdS4
     np.copyto(tdSc4, 0, where=~np.tri(64, dtype=bool))
@@ -2341,9 +2393,9 @@ def hvp(params, v, x, y):
     tdQK4 = tdSc4
     tdQK4 *= 1/4
     # tdQK4_K4 = tdQK4 @ K4
-    tdQK4_K4 = np.matmul(tdQK4, K4)
+    tdQK4_K4 = np.matmul(tdQK4, K4, out=_scratch('tdQK4_K4', (n, 4, 64, 16), tdQK4, K4))
     # dQK4_tK4 = dQK4_2 @ tK4
-    dQK4_tK4 = np.matmul(dQK4_2, tK4)
+    dQK4_tK4 = np.matmul(dQK4_2, tK4, out=_scratch('dQK4_tK4', (n, 4, 64, 16), dQK4_2, tK4))
     # tdQ4 = dQK4_tK4 + tdQK4_K4
     tdQ4 = dQK4_tK4
     tdQ4 += tdQK4_K4
@@ -2354,9 +2406,9 @@ def hvp(params, v, x, y):
     # tdXQ4_Wq4 = tdXQ4 @ Wq4.T
     tdXQ4_Wq4 = np.matmul(tdXQ4, Wq4.T, out=_scratch('tdXQ4_Wq4', (64*n, 64), tdXQ4, Wq4))
     # tdQK4_Q4 = tdQK4.mT @ Q4
-    tdQK4_Q4 = np.matmul(tdQK4.swapaxes(-1, -2), Q4)
+    tdQK4_Q4 = np.matmul(tdQK4.swapaxes(-1, -2), Q4, out=_scratch('tdQK4_Q4', (n, 4, 64, 16), tdQK4, Q4))
     # dQK4_tQ4 = dQK4_2.mT @ tQ4
-    dQK4_tQ4 = np.matmul(dQK4_2.swapaxes(-1, -2), tQ4)
+    dQK4_tQ4 = np.matmul(dQK4_2.swapaxes(-1, -2), tQ4, out=_scratch('dQK4_tQ4', (n, 4, 64, 16), dQK4_2, tQ4))
     # tdK4 = dQK4_tQ4 + tdQK4_Q4
     tdK4 = dQK4_tQ4
     tdK4 += tdQK4_Q4
@@ -2380,9 +2432,10 @@ def hvp(params, v, x, y):
     _tdXn3_0 = np.multiply(tdH3, g3, out=_scratch('_tdXn3_0', (n, 64, 64), tdH3, g3))
     tdXn3 += _tdXn3_0
     # tdR3 = sum(C3*tdXn3 + dXn3_2*tC3, axis=2)
-    tdR3 = (C3*tdXn3 + dXn3_2*tC3).sum(axis=2)
+    tdR3 = np.einsum('...i->...', C3*tdXn3 + dXn3_2*tC3)
     # tdV3 = -3*R3**2*dR3_2*tR3/2 - R3_pow3*tdR3/2
-    tdV3 = np.multiply(R3_pow3, tdR3, out=_scratch('tdV3', (n, 64), R3_pow3, tdR3))
+    tdV3 = R3_pow3
+    tdV3 *= tdR3
     tdV3 *= 1/2
     np.negative(tdV3, out=tdV3)
     _tdV3_0 = np.multiply(dR3_2, tR3, out=_scratch('_tdV3_0', (n, 64), dR3_2, tR3))
@@ -2391,20 +2444,22 @@ def hvp(params, v, x, y):
     _tdV3_0 *= 3/2
     tdV3 -= _tdV3_0
     # tdC3 = C3*tdV3/32 + R3*tdXn3 + dC3_e_2*tC3/32 + dXn3_2*tR3
-    tdC3 = tdXn3*(R3[:, :, None])
-    _tdC3_0 = dXn3_2*(tR3[:, :, None])
-    tdC3 += _tdC3_0
-    np.multiply(C3, tdV3[:, :, None]/32, out=_tdC3_0)
-    tdC3 += _tdC3_0
-    np.multiply(dC3_e_2, tC3, out=_tdC3_0)
-    _tdC3_0 *= 1/32
-    tdC3 += _tdC3_0
+    tdC3 = tdXn3
+    tdC3 *= R3[:, :, None]
+    dXn3_2 *= tR3[:, :, None]
+    tdC3 += dXn3_2
+    C3 *= tdV3[:, :, None]/32
+    tdC3 += C3
+    tC3 *= dC3_e_2
+    tC3 *= 1/32
+    tdC3 += tC3
     # tdM3 = sum(-tdC3, axis=2)
-    tdM3 = -tdC3.sum(axis=2)
+    tdM3 = -np.einsum('...i->...', tdC3)
     # tdsum_H2 = tdM3/64
     tdsum_H2 = tdM3/64
     # tdH2 = tdC3 + tdR4 + tdsum_H2
-    tdH2 = np.add(tdC3, tdR4, out=_scratch('tdH2', (n, 64, 64), tdC3, tdR4))
+    tdH2 = tdC3
+    tdH2 += tdR4
     tdH2 += tdsum_H2[:, :, None]
     # Hv_E1 = scatter_add(x, tdH2)
     Hv_E1 = np.zeros((96, 64), dtype=tdH2.dtype)
@@ -2610,7 +2665,7 @@ def gnvp(params, v, x, y):
     v_b14 = _direction(v, 'b14', (96,))
     Em1 = E1[x]
     H2 = Em1 + P2
-    sum_H2 = H2.sum(axis=2)
+    sum_H2 = np.einsum('...i->...', H2)
     M3 = sum_H2/64
     C3 = H2 - M3[:, :, None]
     V3 = 1/64*np.einsum('abc,abc->ab', C3, C3)
@@ -2627,12 +2682,12 @@ def gnvp(params, v, x, y):
     XK4 = np.matmul(X4, Wk4, out=_scratch('XK4', (64*n, 64), X4, Wk4))
     Ks4 = XK4.reshape((n, 64, 4, 16))
     K4 = Ks4.transpose((0, 2, 1, 3))
-    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2))
+    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2), out=_scratch('QK4', (n, 4, 64, 64), Q4, K4))
     Sc4 = QK4
     Sc4 *= 1/4
     S4 = Sc4
     np.copyto(S4, -1e+09, where=~np.tri(64, dtype=bool))
-    A4 = _softmax_into(S4, S4)
+    A4 = _softmax_into(S4, _scratch('A4', (n, 4, 64, 64), S4))
     XV4 = np.matmul(X4, Wv4, out=_scratch('XV4', (64*n, 64), X4, Wv4))
     Vs4 = XV4.reshape((n, 64, 4, 16))
     V4 = Vs4.transpose((0, 2, 1, 3))
@@ -2641,10 +2696,10 @@ def gnvp(params, v, x, y):
     Oc4 = Ot4.reshape((64*n, 64))
     OW4 = np.matmul(Oc4, Wo4, out=_scratch('OW4', (64*n, 64), Oc4, Wo4))
     OWs4 = OW4.reshape((n, 64, 64))
-    R4 = OWs4
-    R4 += H2
+    R4 = H2
+    R4 += OWs4
     R4 += bo4
-    sum_R4 = R4.sum(axis=2)
+    sum_R4 = np.einsum('...i->...', R4)
     M5 = sum_R4/64
     C5 = -M5[:, :, None] + R4
     V5 = 1/64*np.einsum('abc,abc->ab', C5, C5)
@@ -2660,10 +2715,9 @@ def gnvp(params, v, x, y):
     Z6 = XWs6
     Z6 += b6
     tanh_Z6 = np.multiply(Z6, Z6, out=_scratch('tanh_Z6', (n, 64, 256), Z6))
-    tanh_Z6 *= 0.044715
-    tanh_Z6 += 1
+    tanh_Z6 *= 0.035677408136300125
+    tanh_Z6 += 0.7978845608028654
     tanh_Z6 *= Z6
-    tanh_Z6 *= 0.7978845608028654
     np.tanh(tanh_Z6, out=tanh_Z6)
     H6 = np.add(tanh_Z6, 1, out=_scratch('H6', (n, 64, 256), tanh_Z6))
     H6 *= Z6
@@ -2671,10 +2725,10 @@ def gnvp(params, v, x, y):
     X7 = H6.reshape((64*n, 256))
     XW7 = np.matmul(X7, W7, out=_scratch('XW7', (64*n, 64), X7, W7))
     XWs7 = XW7.reshape((n, 64, 64))
-    R7 = XWs7
-    R7 += R4
+    R7 = R4
+    R7 += XWs7
     R7 += b7
-    sum_R7 = R7.sum(axis=2)
+    sum_R7 = np.einsum('...i->...', R7)
     M8 = sum_R7/64
     C8 = -M8[:, :, None] + R7
     V8 = 1/64*np.einsum('abc,abc->ab', C8, C8)
@@ -2691,12 +2745,12 @@ def gnvp(params, v, x, y):
     XK9 = np.matmul(X9, Wk9, out=_scratch('XK9', (64*n, 64), X9, Wk9))
     Ks9 = XK9.reshape((n, 64, 4, 16))
     K9 = Ks9.transpose((0, 2, 1, 3))
-    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2))
+    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2), out=_scratch('QK9', (n, 4, 64, 64), Q9, K9))
     Sc9 = QK9
     Sc9 *= 1/4
     S9 = Sc9
     np.copyto(S9, -1e+09, where=~np.tri(64, dtype=bool))
-    A9 = _softmax_into(S9, S9)
+    A9 = _softmax_into(S9, _scratch('A9', (n, 4, 64, 64), S9))
     XV9 = np.matmul(X9, Wv9, out=_scratch('XV9', (64*n, 64), X9, Wv9))
     Vs9 = XV9.reshape((n, 64, 4, 16))
     V9 = Vs9.transpose((0, 2, 1, 3))
@@ -2708,7 +2762,7 @@ def gnvp(params, v, x, y):
     R9 = OWs9
     R9 += R7
     R9 += bo9
-    sum_R9 = R9.sum(axis=2)
+    sum_R9 = np.einsum('...i->...', R9)
     M10 = sum_R9/64
     C10 = -M10[:, :, None] + R9
     V10 = 1/64*np.einsum('abc,abc->ab', C10, C10)
@@ -2724,10 +2778,9 @@ def gnvp(params, v, x, y):
     Z11 = XWs11
     Z11 += b11
     tanh_Z11 = np.multiply(Z11, Z11, out=_scratch('tanh_Z11', (n, 64, 256), Z11))
-    tanh_Z11 *= 0.044715
-    tanh_Z11 += 1
+    tanh_Z11 *= 0.035677408136300125
+    tanh_Z11 += 0.7978845608028654
     tanh_Z11 *= Z11
-    tanh_Z11 *= 0.7978845608028654
     np.tanh(tanh_Z11, out=tanh_Z11)
     H11 = np.add(tanh_Z11, 1, out=_scratch('H11', (n, 64, 256), tanh_Z11))
     H11 *= Z11
@@ -2735,12 +2788,13 @@ def gnvp(params, v, x, y):
     X12 = H11.reshape((64*n, 256))
     XW12 = np.matmul(X12, W12, out=_scratch('XW12', (64*n, 64), X12, W12))
     XWs12 = XW12.reshape((n, 64, 64))
-    R12 = XWs12
-    R12 += R9
+    R12 = R9
+    R12 += XWs12
     R12 += b12
-    sum_R12 = R12.sum(axis=2)
+    sum_R12 = np.einsum('...i->...', R12)
     M13 = sum_R12/64
-    C13 = -M13[:, :, None] + R12
+    C13 = R12
+    C13 += -M13[:, :, None]
     V13 = 1/64*np.einsum('abc,abc->ab', C13, C13)
     R13 = np.add(V13, 1e-05, out=_scratch('R13', (n, 64), V13))
     np.sqrt(R13, out=R13)
@@ -2771,12 +2825,14 @@ def gnvp(params, v, x, y):
     R13_pow3 *= R13
     dV13_2 = np.multiply(R13_pow3, dR13, out=_scratch('dV13_2', (n, 64), R13_pow3, dR13))
     dV13_2 *= -1/2
-    dC13_3 = dXn13*(R13[:, :, None])
+    dC13_3 = dXn13
+    dC13_3 *= R13[:, :, None]
     _dC13_3_0 = C13*(dV13_2[:, :, None]/32)
     dC13_3 += _dC13_3_0
-    dM13_3 = -dC13_3.sum(axis=2)
+    dM13_3 = -np.einsum('...i->...', dC13_3)
     dsum_R12_3 = dM13_3/64
-    dR12_3 = dC13_3 + dsum_R12_3[:, :, None]
+    dR12_3 = dC13_3
+    dR12_3 += dsum_R12_3[:, :, None]
     dXW12_3 = dR12_3.reshape((64*n, 64))
     dX12_3 = np.matmul(dXW12_3, W12.T, out=_scratch('dX12_3', (64*n, 256), dXW12_3, W12))
     dH11_3 = dX12_3.reshape((n, 64, 256))
@@ -2785,10 +2841,9 @@ def gnvp(params, v, x, y):
     dZ11_3 = dH11_3
     _dZ11_3_0 = np.subtract(1, t_pow2, out=_scratch('_dZ11_3_0', (n, 64, 256), t_pow2))
     _dZ11_3_0 *= Z11
-    _dZ11_3_1 = np.multiply(Z11_pow2, 0.134145, out=_scratch('_dZ11_3_1', (n, 64, 256), Z11_pow2))
-    _dZ11_3_1 += 1
+    _dZ11_3_1 = np.multiply(Z11_pow2, 0.10703222440890037, out=_scratch('_dZ11_3_1', (n, 64, 256), Z11_pow2))
+    _dZ11_3_1 += 0.7978845608028654
     _dZ11_3_0 *= _dZ11_3_1
-    _dZ11_3_0 *= 0.7978845608028654
     _dZ11_3_0 += tanh_Z11
     _dZ11_3_0 += 1
     dZ11_3 *= _dZ11_3_0
@@ -2800,20 +2855,23 @@ def gnvp(params, v, x, y):
     dR10_3 = np.einsum('abc,abc->ab', C10, dXn10_3)
     dV10_3 = np.multiply(R10_pow3, dR10_3, out=_scratch('dV10_3', (n, 64), R10_pow3, dR10_3))
     dV10_3 *= -1/2
-    dC10_3 = dXn10_3*(R10[:, :, None])
+    dC10_3 = dXn10_3
+    dC10_3 *= R10[:, :, None]
     _dC10_3_0 = C10*(dV10_3[:, :, None]/32)
     dC10_3 += _dC10_3_0
-    dM10_3 = -dC10_3.sum(axis=2)
+    dM10_3 = -np.einsum('...i->...', dC10_3)
     dsum_R9_3 = dM10_3/64
-    dR9_3 = np.add(dC10_3, dR12_3, out=_scratch('dR9_3', (n, 64, 64), dC10_3, dR12_3))
+    dR9_3 = dC10_3
+    dR9_3 += dR12_3
     dR9_3 += dsum_R9_3[:, :, None]
     dOW9_3 = dR9_3.reshape((64*n, 64))
     dOc9_3 = np.matmul(dOW9_3, Wo9.T, out=_scratch('dOc9_3', (64*n, 64), dOW9_3, Wo9))
     dOt9_3 = dOc9_3.reshape((n, 64, 4, 16))
     dO9_3 = dOt9_3.transpose((0, 2, 1, 3))
-    dA9_3 = np.matmul(dO9_3, V9.swapaxes(-1, -2))
+    dA9_3 = np.matmul(dO9_3, V9.swapaxes(-1, -2), out=_scratch('dA9_3', (n, 4, 64, 64), dO9_3, V9))
     sum_dA9_times_A9_3 = np.einsum('abcd,abcd->abc', dA9_3, A9)
-    dS9_3 = dA9_3 + (-sum_dA9_times_A9_3[:, :, :, None])
+    dS9_3 = dA9_3
+    dS9_3 += -sum_dA9_times_A9_3[:, :, :, None]
     dS9_3 *= A9
     dSc9_3 = dS9_3
     np.copyto(dSc9_3, 0, where=~np.tri(64, dtype=bool))
@@ -2841,12 +2899,14 @@ def gnvp(params, v, x, y):
     dR8_3 = np.einsum('abc,abc->ab', dXn8_3, C8)
     dV8_3 = np.multiply(R8_pow3, dR8_3, out=_scratch('dV8_3', (n, 64), R8_pow3, dR8_3))
     dV8_3 *= -1/2
-    dC8_3 = dXn8_3*(R8[:, :, None])
+    dC8_3 = dXn8_3
+    dC8_3 *= R8[:, :, None]
     _dC8_3_0 = C8*(dV8_3[:, :, None]/32)
     dC8_3 += _dC8_3_0
-    dM8_3 = -dC8_3.sum(axis=2)
+    dM8_3 = -np.einsum('...i->...', dC8_3)
     dsum_R7_3 = dM8_3/64
-    dR7_3 = np.add(dC8_3, dR9_3, out=_scratch('dR7_3', (n, 64, 64), dC8_3, dR9_3))
+    dR7_3 = dC8_3
+    dR7_3 += dR9_3
     dR7_3 += dsum_R7_3[:, :, None]
     dXW7_3 = dR7_3.reshape((64*n, 64))
     dX7_3 = np.matmul(dXW7_3, W7.T, out=_scratch('dX7_3', (64*n, 256), dXW7_3, W7))
@@ -2855,10 +2915,9 @@ def gnvp(params, v, x, y):
     dZ6_3 = dH6_3
     _dZ6_3_0 = np.subtract(1, t_pow2_2, out=_scratch('_dZ6_3_0', (n, 64, 256), t_pow2_2))
     _dZ6_3_0 *= Z6
-    _dZ6_3_1 = np.multiply(Z6_pow2, 0.134145, out=_scratch('_dZ6_3_1', (n, 64, 256), Z6_pow2))
-    _dZ6_3_1 += 1
+    _dZ6_3_1 = np.multiply(Z6_pow2, 0.10703222440890037, out=_scratch('_dZ6_3_1', (n, 64, 256), Z6_pow2))
+    _dZ6_3_1 += 0.7978845608028654
     _dZ6_3_0 *= _dZ6_3_1
-    _dZ6_3_0 *= 0.7978845608028654
     _dZ6_3_0 += tanh_Z6
     _dZ6_3_0 += 1
     dZ6_3 *= _dZ6_3_0
@@ -2872,20 +2931,23 @@ def gnvp(params, v, x, y):
     R5_pow3 *= R5
     dV5_3 = np.multiply(R5_pow3, dR5_3, out=_scratch('dV5_3', (n, 64), R5_pow3, dR5_3))
     dV5_3 *= -1/2
-    dC5_3 = dXn5_3*(R5[:, :, None])
+    dC5_3 = dXn5_3
+    dC5_3 *= R5[:, :, None]
     _dC5_3_0 = C5*(dV5_3[:, :, None]/32)
     dC5_3 += _dC5_3_0
-    dM5_3 = -dC5_3.sum(axis=2)
+    dM5_3 = -np.einsum('...i->...', dC5_3)
     dsum_R4_3 = dM5_3/64
-    dR4_3 = np.add(dC5_3, dR7_3, out=_scratch('dR4_3', (n, 64, 64), dC5_3, dR7_3))
+    dR4_3 = dC5_3
+    dR4_3 += dR7_3
     dR4_3 += dsum_R4_3[:, :, None]
     dOW4_3 = dR4_3.reshape((64*n, 64))
     dOc4_3 = np.matmul(dOW4_3, Wo4.T, out=_scratch('dOc4_3', (64*n, 64), dOW4_3, Wo4))
     dOt4_3 = dOc4_3.reshape((n, 64, 4, 16))
     dO4_3 = dOt4_3.transpose((0, 2, 1, 3))
-    dA4_3 = np.matmul(dO4_3, V4.swapaxes(-1, -2))
+    dA4_3 = np.matmul(dO4_3, V4.swapaxes(-1, -2), out=_scratch('dA4_3', (n, 4, 64, 64), dO4_3, V4))
     sum_dA4_times_A4_3 = np.einsum('abcd,abcd->abc', A4, dA4_3)
-    dS4_3 = dA4_3 + (-sum_dA4_times_A4_3[:, :, :, None])
+    dS4_3 = dA4_3
+    dS4_3 += -sum_dA4_times_A4_3[:, :, :, None]
     dS4_3 *= A4
     dSc4_3 = dS4_3
     np.copyto(dSc4_3, 0, where=~np.tri(64, dtype=bool))
@@ -2913,12 +2975,14 @@ def gnvp(params, v, x, y):
     R3_pow3 *= R3
     dV3_3 = np.multiply(R3_pow3, dR3_3, out=_scratch('dV3_3', (n, 64), R3_pow3, dR3_3))
     dV3_3 *= -1/2
-    dC3_3 = dXn3_3*(R3[:, :, None])
+    dC3_3 = dXn3_3
+    dC3_3 *= R3[:, :, None]
     _dC3_3_0 = C3*(dV3_3[:, :, None]/32)
     dC3_3 += _dC3_3_0
-    dM3_3 = -dC3_3.sum(axis=2)
+    dM3_3 = -np.einsum('...i->...', dC3_3)
     dsum_H2_3 = dM3_3/64
-    dH2_3 = np.add(dC3_3, dR4_3, out=_scratch('dH2_3', (n, 64, 64), dC3_3, dR4_3))
+    dH2_3 = dC3_3
+    dH2_3 += dR4_3
     dH2_3 += dsum_H2_3[:, :, None]
     dE1_3 = np.zeros((96, 64), dtype=dH2_3.dtype)
     np.add.at(dE1_3, x.reshape(-1), dH2_3.reshape(-1, 64))   # repeated ids add up
@@ -2964,7 +3028,7 @@ def gnvp(params, v, x, y):
     # Oc4_v_Wo4 = Oc4 @ v_Wo4
     Oc4_v_Wo4 = np.matmul(Oc4, v_Wo4, out=_scratch('Oc4_v_Wo4', (64*n, 64), Oc4, v_Wo4))
     # tsum_H2 = sum(tH2, axis=2)
-    tsum_H2 = tH2.sum(axis=2)
+    tsum_H2 = np.einsum('...i->...', tH2)
     # tM3 = tsum_H2/64
     tM3 = tsum_H2/64
     # tC3 = tH2 - tM3
@@ -2977,8 +3041,8 @@ def gnvp(params, v, x, y):
     # tH3_2 = Xn3*v_g3 + g3*(C3*tR3 + R3*tC3) + v_s3
     tH3_2 = np.multiply(Xn3, v_g3, out=_scratch('tH3_2', (n, 64, 64), Xn3, v_g3))
     _tH3_2_0 = C3*(tR3[:, :, None])
-    _tH3_2_1 = tC3*(R3[:, :, None])
-    _tH3_2_0 += _tH3_2_1
+    tC3 *= R3[:, :, None]
+    _tH3_2_0 += tC3
     _tH3_2_0 *= g3
     tH3_2 += _tH3_2_0
     tH3_2 += v_s3
@@ -2996,7 +3060,7 @@ def gnvp(params, v, x, y):
     # tQ4_2 = tQs4_2.transpose((0, 2, 1, 3))
     tQ4_2 = tQs4_2.transpose((0, 2, 1, 3))
     # tQ4_K4_2 = tQ4_2 @ K4.mT
-    tQ4_K4_2 = np.matmul(tQ4_2, K4.swapaxes(-1, -2))
+    tQ4_K4_2 = np.matmul(tQ4_2, K4.swapaxes(-1, -2), out=_scratch('tQ4_K4_2', (n, 4, 64, 64), tQ4_2, K4))
     # X4_v_Wk4 = X4 @ v_Wk4
     X4_v_Wk4 = np.matmul(X4, v_Wk4, out=_scratch('X4_v_Wk4', (64*n, 64), X4, v_Wk4))
     # tX4_Wk4_2 = tX4_2 @ Wk4
@@ -3009,7 +3073,7 @@ def gnvp(params, v, x, y):
     # tK4_2 = tKs4_2.transpose((0, 2, 1, 3))
     tK4_2 = tKs4_2.transpose((0, 2, 1, 3))
     # Q4_tK4_2 = Q4 @ tK4_2.mT
-    Q4_tK4_2 = np.matmul(Q4, tK4_2.swapaxes(-1, -2))
+    Q4_tK4_2 = np.matmul(Q4, tK4_2.swapaxes(-1, -2), out=_scratch('Q4_tK4_2', (n, 4, 64, 64), Q4, tK4_2))
     # tSc4_2 = Q4_tK4_2/4 + tQ4_K4_2/4
     tSc4_2 = Q4_tK4_2
     tSc4_2 *= 1/4
@@ -3024,7 +3088,7 @@ def gnvp(params, v, x, y):
     tA4_2 = tS4_2 + (-sum_tS4_times_A4_2[:, :, :, None])
     tA4_2 *= A4
     # tA4_V4_2 = tA4_2 @ V4
-    tA4_V4_2 = np.matmul(tA4_2, V4)
+    tA4_V4_2 = np.matmul(tA4_2, V4, out=_scratch('tA4_V4_2', (n, 4, 64, 16), tA4_2, V4))
     # tX4_Wv4_2 = tX4_2 @ Wv4
     tX4_Wv4_2 = np.matmul(tX4_2, Wv4, out=_scratch('tX4_Wv4_2', (64*n, 64), tX4_2, Wv4))
     # X4_v_Wv4 = X4 @ v_Wv4
@@ -3037,7 +3101,7 @@ def gnvp(params, v, x, y):
     # tV4_2 = tVs4_2.transpose((0, 2, 1, 3))
     tV4_2 = tVs4_2.transpose((0, 2, 1, 3))
     # A4_tV4_2 = A4 @ tV4_2
-    A4_tV4_2 = np.matmul(A4, tV4_2)
+    A4_tV4_2 = np.matmul(A4, tV4_2, out=_scratch('A4_tV4_2', (n, 4, 64, 16), A4, tV4_2))
     # tO4_2 = A4_tV4_2 + tA4_V4_2
     tO4_2 = A4_tV4_2
     tO4_2 += tA4_V4_2
@@ -3053,11 +3117,11 @@ def gnvp(params, v, x, y):
     # tOWs4_2 = reshape(tOW4_2, (n, 64, 64))
     tOWs4_2 = tOW4_2.reshape((n, 64, 64))
     # tR4_2 = tH2 + tOWs4_2 + v_bo4
-    tR4_2 = tOWs4_2
-    tR4_2 += tH2
+    tR4_2 = tH2
+    tR4_2 += tOWs4_2
     tR4_2 += v_bo4
     # tsum_R4_2 = sum(tR4_2, axis=2)
-    tsum_R4_2 = tR4_2.sum(axis=2)
+    tsum_R4_2 = np.einsum('...i->...', tR4_2)
     # tM5_2 = tsum_R4_2/64
     tM5_2 = tsum_R4_2/64
     # tC5_2 = -tM5_2 + tR4_2
@@ -3070,8 +3134,8 @@ def gnvp(params, v, x, y):
     # tH5_2 = Xn5*v_g5 + g5*(C5*tR5_2 + R5*tC5_2) + v_s5
     tH5_2 = np.multiply(Xn5, v_g5, out=_scratch('tH5_2', (n, 64, 64), Xn5, v_g5))
     _tH5_2_0 = C5*(tR5_2[:, :, None])
-    _tH5_2_1 = tC5_2*(R5[:, :, None])
-    _tH5_2_0 += _tH5_2_1
+    tC5_2 *= R5[:, :, None]
+    _tH5_2_0 += tC5_2
     _tH5_2_0 *= g5
     tH5_2 += _tH5_2_0
     tH5_2 += v_s5
@@ -3089,10 +3153,9 @@ def gnvp(params, v, x, y):
     tH6_2 += v_b6
     _tH6_2_0 = np.subtract(1, t_pow2_2, out=_scratch('_tH6_2_0', (n, 64, 256), t_pow2_2))
     _tH6_2_0 *= Z6
-    _tH6_2_1 = np.multiply(Z6_pow2, 0.134145, out=_scratch('_tH6_2_1', (n, 64, 256), Z6_pow2))
-    _tH6_2_1 += 1
+    _tH6_2_1 = np.multiply(Z6_pow2, 0.10703222440890037, out=_scratch('_tH6_2_1', (n, 64, 256), Z6_pow2))
+    _tH6_2_1 += 0.7978845608028654
     _tH6_2_0 *= _tH6_2_1
-    _tH6_2_0 *= 0.7978845608028654
     _tH6_2_0 += tanh_Z6
     _tH6_2_0 += 1
     tH6_2 *= _tH6_2_0
@@ -3109,11 +3172,11 @@ def gnvp(params, v, x, y):
     # tXWs7_2 = reshape(tXW7_2, (n, 64, 64))
     tXWs7_2 = tXW7_2.reshape((n, 64, 64))
     # tR7_2 = tR4_2 + tXWs7_2 + v_b7
-    tR7_2 = tXWs7_2
-    tR7_2 += tR4_2
+    tR7_2 = tR4_2
+    tR7_2 += tXWs7_2
     tR7_2 += v_b7
     # tsum_R7_2 = sum(tR7_2, axis=2)
-    tsum_R7_2 = tR7_2.sum(axis=2)
+    tsum_R7_2 = np.einsum('...i->...', tR7_2)
     # tM8_2 = tsum_R7_2/64
     tM8_2 = tsum_R7_2/64
     # tC8_2 = -tM8_2 + tR7_2
@@ -3126,8 +3189,8 @@ def gnvp(params, v, x, y):
     # tH8_2 = Xn8*v_g8 + g8*(C8*tR8_2 + R8*tC8_2) + v_s8
     tH8_2 = np.multiply(Xn8, v_g8, out=_scratch('tH8_2', (n, 64, 64), Xn8, v_g8))
     _tH8_2_0 = C8*(tR8_2[:, :, None])
-    _tH8_2_1 = tC8_2*(R8[:, :, None])
-    _tH8_2_0 += _tH8_2_1
+    tC8_2 *= R8[:, :, None]
+    _tH8_2_0 += tC8_2
     _tH8_2_0 *= g8
     tH8_2 += _tH8_2_0
     tH8_2 += v_s8
@@ -3143,7 +3206,7 @@ def gnvp(params, v, x, y):
     # tK9_2 = tKs9_2.transpose((0, 2, 1, 3))
     tK9_2 = tKs9_2.transpose((0, 2, 1, 3))
     # Q9_tK9_2 = Q9 @ tK9_2.mT
-    Q9_tK9_2 = np.matmul(Q9, tK9_2.swapaxes(-1, -2))
+    Q9_tK9_2 = np.matmul(Q9, tK9_2.swapaxes(-1, -2), out=_scratch('Q9_tK9_2', (n, 4, 64, 64), Q9, tK9_2))
     # tX9_Wq9_2 = tX9_2 @ Wq9
     tX9_Wq9_2 = np.matmul(tX9_2, Wq9, out=_scratch('tX9_Wq9_2', (64*n, 64), tX9_2, Wq9))
     # X9_v_Wq9 = X9 @ v_Wq9
@@ -3156,7 +3219,7 @@ def gnvp(params, v, x, y):
     # tQ9_2 = tQs9_2.transpose((0, 2, 1, 3))
     tQ9_2 = tQs9_2.transpose((0, 2, 1, 3))
     # tQ9_K9_2 = tQ9_2 @ K9.mT
-    tQ9_K9_2 = np.matmul(tQ9_2, K9.swapaxes(-1, -2))
+    tQ9_K9_2 = np.matmul(tQ9_2, K9.swapaxes(-1, -2), out=_scratch('tQ9_K9_2', (n, 4, 64, 64), tQ9_2, K9))
     # tSc9_2 = Q9_tK9_2/4 + tQ9_K9_2/4
     tSc9_2 = Q9_tK9_2
     tSc9_2 *= 1/4
@@ -3171,7 +3234,7 @@ def gnvp(params, v, x, y):
     tA9_2 = tS9_2 + (-sum_A9_times_tS9_2[:, :, :, None])
     tA9_2 *= A9
     # tA9_V9_2 = tA9_2 @ V9
-    tA9_V9_2 = np.matmul(tA9_2, V9)
+    tA9_V9_2 = np.matmul(tA9_2, V9, out=_scratch('tA9_V9_2', (n, 4, 64, 16), tA9_2, V9))
     # X9_v_Wv9 = X9 @ v_Wv9
     X9_v_Wv9 = np.matmul(X9, v_Wv9, out=_scratch('X9_v_Wv9', (64*n, 64), X9, v_Wv9))
     # tX9_Wv9_2 = tX9_2 @ Wv9
@@ -3184,7 +3247,7 @@ def gnvp(params, v, x, y):
     # tV9_2 = tVs9_2.transpose((0, 2, 1, 3))
     tV9_2 = tVs9_2.transpose((0, 2, 1, 3))
     # A9_tV9_2 = A9 @ tV9_2
-    A9_tV9_2 = np.matmul(A9, tV9_2)
+    A9_tV9_2 = np.matmul(A9, tV9_2, out=_scratch('A9_tV9_2', (n, 4, 64, 16), A9, tV9_2))
     # tO9_2 = A9_tV9_2 + tA9_V9_2
     tO9_2 = A9_tV9_2
     tO9_2 += tA9_V9_2
@@ -3208,7 +3271,7 @@ def gnvp(params, v, x, y):
     # X12_v_W12 = X12 @ v_W12
     X12_v_W12 = np.matmul(X12, v_W12, out=_scratch('X12_v_W12', (64*n, 64), X12, v_W12))
     # tsum_R9_2 = sum(tR9_2, axis=2)
-    tsum_R9_2 = tR9_2.sum(axis=2)
+    tsum_R9_2 = np.einsum('...i->...', tR9_2)
     # tM10_2 = tsum_R9_2/64
     tM10_2 = tsum_R9_2/64
     # tC10_2 = -tM10_2 + tR9_2
@@ -3221,8 +3284,8 @@ def gnvp(params, v, x, y):
     # tH10_2 = Xn10*v_g10 + g10*(C10*tR10_2 + R10*tC10_2) + v_s10
     tH10_2 = np.multiply(Xn10, v_g10, out=_scratch('tH10_2', (n, 64, 64), Xn10, v_g10))
     _tH10_2_0 = C10*(tR10_2[:, :, None])
-    _tH10_2_1 = tC10_2*(R10[:, :, None])
-    _tH10_2_0 += _tH10_2_1
+    tC10_2 *= R10[:, :, None]
+    _tH10_2_0 += tC10_2
     _tH10_2_0 *= g10
     tH10_2 += _tH10_2_0
     tH10_2 += v_s10
@@ -3242,10 +3305,9 @@ def gnvp(params, v, x, y):
     tH11_2 += v_b11
     _tH11_2_0 = np.subtract(1, t_pow2, out=_scratch('_tH11_2_0', (n, 64, 256), t_pow2))
     _tH11_2_0 *= Z11
-    _tH11_2_1 = np.multiply(Z11_pow2, 0.134145, out=_scratch('_tH11_2_1', (n, 64, 256), Z11_pow2))
-    _tH11_2_1 += 1
+    _tH11_2_1 = np.multiply(Z11_pow2, 0.10703222440890037, out=_scratch('_tH11_2_1', (n, 64, 256), Z11_pow2))
+    _tH11_2_1 += 0.7978845608028654
     _tH11_2_0 *= _tH11_2_1
-    _tH11_2_0 *= 0.7978845608028654
     _tH11_2_0 += tanh_Z11
     _tH11_2_0 += 1
     tH11_2 *= _tH11_2_0
@@ -3260,15 +3322,16 @@ def gnvp(params, v, x, y):
     # tXWs12_2 = reshape(tXW12_2, (n, 64, 64))
     tXWs12_2 = tXW12_2.reshape((n, 64, 64))
     # tR12_2 = tR9_2 + tXWs12_2 + v_b12
-    tR12_2 = tXWs12_2
-    tR12_2 += tR9_2
+    tR12_2 = tR9_2
+    tR12_2 += tXWs12_2
     tR12_2 += v_b12
     # tsum_R12_2 = sum(tR12_2, axis=2)
-    tsum_R12_2 = tR12_2.sum(axis=2)
+    tsum_R12_2 = np.einsum('...i->...', tR12_2)
     # tM13_2 = tsum_R12_2/64
     tM13_2 = tsum_R12_2/64
     # tC13_2 = -tM13_2 + tR12_2
-    tC13_2 = -tM13_2[:, :, None] + tR12_2
+    tC13_2 = tR12_2
+    tC13_2 += -tM13_2[:, :, None]
     # tV13_2 = sum(C13*tC13_2/32, axis=2)
     tV13_2 = 1/32*np.einsum('abc,abc->ab', C13, tC13_2)
     # tR13_2 = -R13_pow3*tV13_2/2
@@ -3277,8 +3340,8 @@ def gnvp(params, v, x, y):
     # tH13_2 = Xn13*v_g13 + g13*(C13*tR13_2 + R13*tC13_2) + v_s13
     tH13_2 = np.multiply(Xn13, v_g13, out=_scratch('tH13_2', (n, 64, 64), Xn13, v_g13))
     _tH13_2_0 = C13*(tR13_2[:, :, None])
-    _tH13_2_1 = tC13_2*(R13[:, :, None])
-    _tH13_2_0 += _tH13_2_1
+    tC13_2 *= R13[:, :, None]
+    _tH13_2_0 += tC13_2
     _tH13_2_0 *= g13
     tH13_2 += _tH13_2_0
     tH13_2 += v_s13
@@ -3297,13 +3360,15 @@ def gnvp(params, v, x, y):
     tZ14_2 = tXWs14_2
     tZ14_2 += v_b14
     # exp_Z14 = exp(-LSE + Z14)
-    exp_Z14 = Z14 + (-LSE[:, :, None])
+    exp_Z14 = Z14
+    exp_Z14 += -LSE[:, :, None]
     np.exp(exp_Z14, out=exp_Z14)
     # tLSE_2 = sum(exp_Z14*tZ14_2, axis=2)
     tLSE_2 = np.einsum('abc,abc->ab', tZ14_2, exp_Z14)
     # tdZ14_2 = exp_Z14*(-tLSE_2 + tZ14_2)/(64*n)
-    tdZ14_2 = tZ14_2 + (-tLSE_2[:, :, None])
-    tdZ14_2 *= exp_Z14
+    tdZ14_2 = exp_Z14
+    tZ14_2 += -tLSE_2[:, :, None]
+    tdZ14_2 *= tZ14_2
     tdZ14_2 *= 1/(64*n)
     # tdXW14_2 = reshape(tdZ14_2, (64*n, 96))
     tdXW14_2 = tdZ14_2.reshape((64*n, 96))
@@ -3316,18 +3381,21 @@ def gnvp(params, v, x, y):
     # udR13 = sum(C13*udXn13, axis=2)
     udR13 = np.einsum('abc,abc->ab', udXn13, C13)
     # udV13 = -R13_pow3*udR13/2
-    udV13 = np.multiply(R13_pow3, udR13, out=_scratch('udV13', (n, 64), R13_pow3, udR13))
+    udV13 = R13_pow3
+    udV13 *= udR13
     udV13 *= -1/2
     # udC13 = C13*udV13/32 + R13*udXn13
-    udC13 = udXn13*(R13[:, :, None])
-    _udC13_0 = C13*(udV13[:, :, None]/32)
-    udC13 += _udC13_0
+    udC13 = udXn13
+    udC13 *= R13[:, :, None]
+    C13 *= udV13[:, :, None]/32
+    udC13 += C13
     # udM13 = sum(-udC13, axis=2)
-    udM13 = -udC13.sum(axis=2)
+    udM13 = -np.einsum('...i->...', udC13)
     # udsum_R12 = udM13/64
     udsum_R12 = udM13/64
     # udR12 = udC13 + udsum_R12
-    udR12 = udC13 + udsum_R12[:, :, None]
+    udR12 = udC13
+    udR12 += udsum_R12[:, :, None]
     # udXW12 = reshape(udR12, (64*n, 64))
     udXW12 = udR12.reshape((64*n, 64))
     # udX12 = udXW12 @ W12.T
@@ -3336,15 +3404,14 @@ def gnvp(params, v, x, y):
     udH11 = udX12.reshape((n, 64, 256))
     # udZ11 = udH11*(sqrt(2)*Z11*(1 - t_pow2)*(0.134145*Z11_pow2 + 1)/sqrt(pi) + tanh_Z11 + 1)/2
     udZ11 = udH11
-    _udZ11_0 = np.subtract(1, t_pow2, out=_scratch('_udZ11_0', (n, 64, 256), t_pow2))
-    _udZ11_0 *= Z11
-    _udZ11_1 = np.multiply(Z11_pow2, 0.134145, out=_scratch('_udZ11_1', (n, 64, 256), Z11_pow2))
-    _udZ11_1 += 1
-    _udZ11_0 *= _udZ11_1
-    _udZ11_0 *= 0.7978845608028654
-    _udZ11_0 += tanh_Z11
-    _udZ11_0 += 1
-    udZ11 *= _udZ11_0
+    np.subtract(1, t_pow2, out=t_pow2)
+    Z11 *= t_pow2
+    Z11_pow2 *= 0.10703222440890037
+    Z11_pow2 += 0.7978845608028654
+    Z11 *= Z11_pow2
+    tanh_Z11 += Z11
+    tanh_Z11 += 1
+    udZ11 *= tanh_Z11
     udZ11 *= 1/2
     # udXW11 = reshape(udZ11, (64*n, 256))
     udXW11 = udZ11.reshape((64*n, 256))
@@ -3357,18 +3424,21 @@ def gnvp(params, v, x, y):
     # udR10 = sum(C10*udXn10, axis=2)
     udR10 = np.einsum('abc,abc->ab', C10, udXn10)
     # udV10 = -R10_pow3*udR10/2
-    udV10 = np.multiply(R10_pow3, udR10, out=_scratch('udV10', (n, 64), R10_pow3, udR10))
+    udV10 = R10_pow3
+    udV10 *= udR10
     udV10 *= -1/2
     # udC10 = C10*udV10/32 + R10*udXn10
-    udC10 = udXn10*(R10[:, :, None])
-    _udC10_0 = C10*(udV10[:, :, None]/32)
-    udC10 += _udC10_0
+    udC10 = udXn10
+    udC10 *= R10[:, :, None]
+    C10 *= udV10[:, :, None]/32
+    udC10 += C10
     # udM10 = sum(-udC10, axis=2)
-    udM10 = -udC10.sum(axis=2)
+    udM10 = -np.einsum('...i->...', udC10)
     # udsum_R9 = udM10/64
     udsum_R9 = udM10/64
     # udR9 = udC10 + udR12 + udsum_R9
-    udR9 = np.add(udC10, udR12, out=_scratch('udR9', (n, 64, 64), udC10, udR12))
+    udR9 = udC10
+    udR9 += udR12
     udR9 += udsum_R9[:, :, None]
     # udOW9 = reshape(udR9, (64*n, 64))
     udOW9 = udR9.reshape((64*n, 64))
@@ -3379,11 +3449,12 @@ def gnvp(params, v, x, y):
     # udO9 = udOt9.transpose((0, 2, 1, 3))
     udO9 = udOt9.transpose((0, 2, 1, 3))
     # udA9 = udO9 @ V9.mT
-    udA9 = np.matmul(udO9, V9.swapaxes(-1, -2))
+    udA9 = np.matmul(udO9, V9.swapaxes(-1, -2), out=_scratch('udA9', (n, 4, 64, 64), udO9, V9))
     # sum_udA9_times_A9 = sum(A9*udA9, axis=3)
     sum_udA9_times_A9 = np.einsum('abcd,abcd->abc', A9, udA9)
     # udS9 = A9*(-sum_udA9_times_A9 + udA9)
-    udS9 = udA9 + (-sum_udA9_times_A9[:, :, :, None])
+    udS9 = udA9
+    udS9 += -sum_udA9_times_A9[:, :, :, None]
     udS9 *= A9
     # udSc9 = causal_mask(udS9, fill=0)
     udSc9 = udS9
@@ -3426,18 +3497,21 @@ def gnvp(params, v, x, y):
     # udR8 = sum(C8*udXn8, axis=2)
     udR8 = np.einsum('abc,abc->ab', udXn8, C8)
     # udV8 = -R8_pow3*udR8/2
-    udV8 = np.multiply(R8_pow3, udR8, out=_scratch('udV8', (n, 64), R8_pow3, udR8))
+    udV8 = R8_pow3
+    udV8 *= udR8
     udV8 *= -1/2
     # udC8 = C8*udV8/32 + R8*udXn8
-    udC8 = udXn8*(R8[:, :, None])
-    _udC8_0 = C8*(udV8[:, :, None]/32)
-    udC8 += _udC8_0
+    udC8 = udXn8
+    udC8 *= R8[:, :, None]
+    C8 *= udV8[:, :, None]/32
+    udC8 += C8
     # udM8 = sum(-udC8, axis=2)
-    udM8 = -udC8.sum(axis=2)
+    udM8 = -np.einsum('...i->...', udC8)
     # udsum_R7 = udM8/64
     udsum_R7 = udM8/64
     # udR7 = udC8 + udR9 + udsum_R7
-    udR7 = np.add(udC8, udR9, out=_scratch('udR7', (n, 64, 64), udC8, udR9))
+    udR7 = udC8
+    udR7 += udR9
     udR7 += udsum_R7[:, :, None]
     # udXW7 = reshape(udR7, (64*n, 64))
     udXW7 = udR7.reshape((64*n, 64))
@@ -3447,15 +3521,14 @@ def gnvp(params, v, x, y):
     udH6 = udX7.reshape((n, 64, 256))
     # udZ6 = udH6*(sqrt(2)*Z6*(1 - t_pow2_2)*(0.134145*Z6_pow2 + 1)/sqrt(pi) + tanh_Z6 + 1)/2
     udZ6 = udH6
-    _udZ6_0 = np.subtract(1, t_pow2_2, out=_scratch('_udZ6_0', (n, 64, 256), t_pow2_2))
-    _udZ6_0 *= Z6
-    _udZ6_1 = np.multiply(Z6_pow2, 0.134145, out=_scratch('_udZ6_1', (n, 64, 256), Z6_pow2))
-    _udZ6_1 += 1
-    _udZ6_0 *= _udZ6_1
-    _udZ6_0 *= 0.7978845608028654
-    _udZ6_0 += tanh_Z6
-    _udZ6_0 += 1
-    udZ6 *= _udZ6_0
+    np.subtract(1, t_pow2_2, out=t_pow2_2)
+    Z6 *= t_pow2_2
+    Z6_pow2 *= 0.10703222440890037
+    Z6_pow2 += 0.7978845608028654
+    Z6 *= Z6_pow2
+    tanh_Z6 += Z6
+    tanh_Z6 += 1
+    udZ6 *= tanh_Z6
     udZ6 *= 1/2
     # udXW6 = reshape(udZ6, (64*n, 256))
     udXW6 = udZ6.reshape((64*n, 256))
@@ -3468,18 +3541,21 @@ def gnvp(params, v, x, y):
     # udR5 = sum(C5*udXn5, axis=2)
     udR5 = np.einsum('abc,abc->ab', C5, udXn5)
     # udV5 = -R5_pow3*udR5/2
-    udV5 = np.multiply(R5_pow3, udR5, out=_scratch('udV5', (n, 64), R5_pow3, udR5))
+    udV5 = R5_pow3
+    udV5 *= udR5
     udV5 *= -1/2
     # udC5 = C5*udV5/32 + R5*udXn5
-    udC5 = udXn5*(R5[:, :, None])
-    _udC5_0 = C5*(udV5[:, :, None]/32)
-    udC5 += _udC5_0
+    udC5 = udXn5
+    udC5 *= R5[:, :, None]
+    C5 *= udV5[:, :, None]/32
+    udC5 += C5
     # udM5 = sum(-udC5, axis=2)
-    udM5 = -udC5.sum(axis=2)
+    udM5 = -np.einsum('...i->...', udC5)
     # udsum_R4 = udM5/64
     udsum_R4 = udM5/64
     # udR4 = udC5 + udR7 + udsum_R4
-    udR4 = np.add(udC5, udR7, out=_scratch('udR4', (n, 64, 64), udC5, udR7))
+    udR4 = udC5
+    udR4 += udR7
     udR4 += udsum_R4[:, :, None]
     # udOW4 = reshape(udR4, (64*n, 64))
     udOW4 = udR4.reshape((64*n, 64))
@@ -3498,11 +3574,12 @@ def gnvp(params, v, x, y):
     # udXV4_Wv4 = udXV4 @ Wv4.T
     udXV4_Wv4 = np.matmul(udXV4, Wv4.T, out=_scratch('udXV4_Wv4', (64*n, 64), udXV4, Wv4))
     # udA4 = udO4 @ V4.mT
-    udA4 = np.matmul(udO4, V4.swapaxes(-1, -2))
+    udA4 = np.matmul(udO4, V4.swapaxes(-1, -2), out=_scratch('udA4', (n, 4, 64, 64), udO4, V4))
     # sum_A4_times_udA4 = sum(A4*udA4, axis=3)
     sum_A4_times_udA4 = np.einsum('abcd,abcd->abc', udA4, A4)
     # udS4 = A4*(-sum_A4_times_udA4 + udA4)
-    udS4 = udA4 + (-sum_A4_times_udA4[:, :, :, None])
+    udS4 = udA4
+    udS4 += -sum_A4_times_udA4[:, :, :, None]
     udS4 *= A4
     # udSc4 = causal_mask(udS4, fill=0)
     udSc4 = udS4
@@ -3537,18 +3614,21 @@ def gnvp(params, v, x, y):
     # udR3 = sum(C3*udXn3, axis=2)
     udR3 = np.einsum('abc,abc->ab', udXn3, C3)
     # udV3 = -R3_pow3*udR3/2
-    udV3 = np.multiply(R3_pow3, udR3, out=_scratch('udV3', (n, 64), R3_pow3, udR3))
+    udV3 = R3_pow3
+    udV3 *= udR3
     udV3 *= -1/2
     # udC3 = C3*udV3/32 + R3*udXn3
-    udC3 = udXn3*(R3[:, :, None])
-    _udC3_0 = C3*(udV3[:, :, None]/32)
-    udC3 += _udC3_0
+    udC3 = udXn3
+    udC3 *= R3[:, :, None]
+    C3 *= udV3[:, :, None]/32
+    udC3 += C3
     # udM3 = sum(-udC3, axis=2)
-    udM3 = -udC3.sum(axis=2)
+    udM3 = -np.einsum('...i->...', udC3)
     # udsum_H2 = udM3/64
     udsum_H2 = udM3/64
     # udH2 = udC3 + udR4 + udsum_H2
-    udH2 = np.add(udC3, udR4, out=_scratch('udH2', (n, 64, 64), udC3, udR4))
+    udH2 = udC3
+    udH2 += udR4
     udH2 += udsum_H2[:, :, None]
     # Gv_E1 = scatter_add(x, udH2)
     Gv_E1 = np.zeros((96, 64), dtype=udH2.dtype)
@@ -3660,7 +3740,7 @@ def per_example_grads(params, x, y):
     b14 = _param(params, 'b14', (96,))
     Em1 = E1[x]
     H2 = Em1 + P2
-    sum_H2 = H2.sum(axis=2)
+    sum_H2 = np.einsum('...i->...', H2)
     M3 = sum_H2/64
     C3 = H2 - M3[:, :, None]
     V3 = 1/64*np.einsum('abc,abc->ab', C3, C3)
@@ -3677,12 +3757,12 @@ def per_example_grads(params, x, y):
     XK4 = np.matmul(X4, Wk4, out=_scratch('XK4', (64*n, 64), X4, Wk4))
     Ks4 = XK4.reshape((n, 64, 4, 16))
     K4 = Ks4.transpose((0, 2, 1, 3))
-    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2))
+    QK4 = np.matmul(Q4, K4.swapaxes(-1, -2), out=_scratch('QK4', (n, 4, 64, 64), Q4, K4))
     Sc4 = QK4
     Sc4 *= 1/4
     S4 = Sc4
     np.copyto(S4, -1e+09, where=~np.tri(64, dtype=bool))
-    A4 = _softmax_into(S4, S4)
+    A4 = _softmax_into(S4, _scratch('A4', (n, 4, 64, 64), S4))
     XV4 = np.matmul(X4, Wv4, out=_scratch('XV4', (64*n, 64), X4, Wv4))
     Vs4 = XV4.reshape((n, 64, 4, 16))
     V4 = Vs4.transpose((0, 2, 1, 3))
@@ -3691,10 +3771,10 @@ def per_example_grads(params, x, y):
     Oc4 = Ot4.reshape((64*n, 64))
     OW4 = np.matmul(Oc4, Wo4, out=_scratch('OW4', (64*n, 64), Oc4, Wo4))
     OWs4 = OW4.reshape((n, 64, 64))
-    R4 = OWs4
-    R4 += H2
+    R4 = H2
+    R4 += OWs4
     R4 += bo4
-    sum_R4 = R4.sum(axis=2)
+    sum_R4 = np.einsum('...i->...', R4)
     M5 = sum_R4/64
     C5 = -M5[:, :, None] + R4
     V5 = 1/64*np.einsum('abc,abc->ab', C5, C5)
@@ -3710,10 +3790,9 @@ def per_example_grads(params, x, y):
     Z6 = XWs6
     Z6 += b6
     tanh_Z6 = np.multiply(Z6, Z6, out=_scratch('tanh_Z6', (n, 64, 256), Z6))
-    tanh_Z6 *= 0.044715
-    tanh_Z6 += 1
+    tanh_Z6 *= 0.035677408136300125
+    tanh_Z6 += 0.7978845608028654
     tanh_Z6 *= Z6
-    tanh_Z6 *= 0.7978845608028654
     np.tanh(tanh_Z6, out=tanh_Z6)
     H6 = np.add(tanh_Z6, 1, out=_scratch('H6', (n, 64, 256), tanh_Z6))
     H6 *= Z6
@@ -3721,10 +3800,10 @@ def per_example_grads(params, x, y):
     X7 = H6.reshape((64*n, 256))
     XW7 = np.matmul(X7, W7, out=_scratch('XW7', (64*n, 64), X7, W7))
     XWs7 = XW7.reshape((n, 64, 64))
-    R7 = XWs7
-    R7 += R4
+    R7 = R4
+    R7 += XWs7
     R7 += b7
-    sum_R7 = R7.sum(axis=2)
+    sum_R7 = np.einsum('...i->...', R7)
     M8 = sum_R7/64
     C8 = -M8[:, :, None] + R7
     V8 = 1/64*np.einsum('abc,abc->ab', C8, C8)
@@ -3741,12 +3820,12 @@ def per_example_grads(params, x, y):
     XK9 = np.matmul(X9, Wk9, out=_scratch('XK9', (64*n, 64), X9, Wk9))
     Ks9 = XK9.reshape((n, 64, 4, 16))
     K9 = Ks9.transpose((0, 2, 1, 3))
-    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2))
+    QK9 = np.matmul(Q9, K9.swapaxes(-1, -2), out=_scratch('QK9', (n, 4, 64, 64), Q9, K9))
     Sc9 = QK9
     Sc9 *= 1/4
     S9 = Sc9
     np.copyto(S9, -1e+09, where=~np.tri(64, dtype=bool))
-    A9 = _softmax_into(S9, S9)
+    A9 = _softmax_into(S9, _scratch('A9', (n, 4, 64, 64), S9))
     XV9 = np.matmul(X9, Wv9, out=_scratch('XV9', (64*n, 64), X9, Wv9))
     Vs9 = XV9.reshape((n, 64, 4, 16))
     V9 = Vs9.transpose((0, 2, 1, 3))
@@ -3758,7 +3837,7 @@ def per_example_grads(params, x, y):
     R9 = OWs9
     R9 += R7
     R9 += bo9
-    sum_R9 = R9.sum(axis=2)
+    sum_R9 = np.einsum('...i->...', R9)
     M10 = sum_R9/64
     C10 = -M10[:, :, None] + R9
     V10 = 1/64*np.einsum('abc,abc->ab', C10, C10)
@@ -3774,10 +3853,9 @@ def per_example_grads(params, x, y):
     Z11 = XWs11
     Z11 += b11
     tanh_Z11 = np.multiply(Z11, Z11, out=_scratch('tanh_Z11', (n, 64, 256), Z11))
-    tanh_Z11 *= 0.044715
-    tanh_Z11 += 1
+    tanh_Z11 *= 0.035677408136300125
+    tanh_Z11 += 0.7978845608028654
     tanh_Z11 *= Z11
-    tanh_Z11 *= 0.7978845608028654
     np.tanh(tanh_Z11, out=tanh_Z11)
     H11 = np.add(tanh_Z11, 1, out=_scratch('H11', (n, 64, 256), tanh_Z11))
     H11 *= Z11
@@ -3785,12 +3863,13 @@ def per_example_grads(params, x, y):
     X12 = H11.reshape((64*n, 256))
     XW12 = np.matmul(X12, W12, out=_scratch('XW12', (64*n, 64), X12, W12))
     XWs12 = XW12.reshape((n, 64, 64))
-    R12 = XWs12
-    R12 += R9
+    R12 = R9
+    R12 += XWs12
     R12 += b12
-    sum_R12 = R12.sum(axis=2)
+    sum_R12 = np.einsum('...i->...', R12)
     M13 = sum_R12/64
-    C13 = -M13[:, :, None] + R12
+    C13 = R12
+    C13 += -M13[:, :, None]
     V13 = 1/64*np.einsum('abc,abc->ab', C13, C13)
     R13 = np.add(V13, 1e-05, out=_scratch('R13', (n, 64), V13))
     np.sqrt(R13, out=R13)
@@ -3805,7 +3884,7 @@ def per_example_grads(params, x, y):
     Z14 += b14
     LSE = _logsumexp(Z14.reshape(-1, 96)).reshape((n, 64))
     CE = LSE - np.take_along_axis(Z14, y[..., None], axis=-1)[..., 0]
-    sum_CE = CE.sum(axis=1)
+    sum_CE = np.einsum('...i->...', CE)
     L_i = sum_CE/64
     # dZ14_i = (softmax(Z14) - onehot(y))/64
     dZ14_i = np.exp(Z14 - LSE[..., None])
@@ -3827,15 +3906,17 @@ def per_example_grads(params, x, y):
     dV13_i *= dR13_i
     dV13_i *= -1/2
     # dC13_i = C13*dV13_i/32 + R13*dXn13_i
-    dC13_i = dXn13_i*(R13[:, :, None])
-    _dC13_i_0 = C13*(dV13_i[:, :, None]/32)
-    dC13_i += _dC13_i_0
+    dC13_i = dXn13_i
+    dC13_i *= R13[:, :, None]
+    C13 *= dV13_i[:, :, None]/32
+    dC13_i += C13
     # dM13_i = sum(-dC13_i, axis=2)
-    dM13_i = -dC13_i.sum(axis=2)
+    dM13_i = -np.einsum('...i->...', dC13_i)
     # dsum_R12_i = dM13_i/64
     dsum_R12_i = dM13_i/64
     # dR12_i = dC13_i + dsum_R12_i
-    dR12_i = dC13_i + dsum_R12_i[:, :, None]
+    dR12_i = dC13_i
+    dR12_i += dsum_R12_i[:, :, None]
     # dXW12_i = reshape(dR12_i, (64*n, 64))
     dXW12_i = dR12_i.reshape((64*n, 64))
     # dX12_i = dXW12_i @ W12.T
@@ -3847,14 +3928,13 @@ def per_example_grads(params, x, y):
     _dZ11_i_0 = np.multiply(tanh_Z11, tanh_Z11, out=_scratch('_dZ11_i_0', (n, 64, 256), tanh_Z11))
     np.subtract(1, _dZ11_i_0, out=_dZ11_i_0)
     _dZ11_i_0 *= Z11
-    _dZ11_i_1 = np.multiply(Z11, Z11, out=_scratch('_dZ11_i_1', (n, 64, 256), Z11))
-    _dZ11_i_1 *= 0.134145
-    _dZ11_i_1 += 1
-    _dZ11_i_0 *= _dZ11_i_1
-    _dZ11_i_0 *= 0.7978845608028654
-    _dZ11_i_0 += tanh_Z11
-    _dZ11_i_0 += 1
-    dZ11_i *= _dZ11_i_0
+    Z11 *= Z11
+    Z11 *= 0.10703222440890037
+    Z11 += 0.7978845608028654
+    _dZ11_i_0 *= Z11
+    tanh_Z11 += _dZ11_i_0
+    tanh_Z11 += 1
+    dZ11_i *= tanh_Z11
     dZ11_i *= 1/2
     # dXW11_i = reshape(dZ11_i, (64*n, 256))
     dXW11_i = dZ11_i.reshape((64*n, 256))
@@ -3872,15 +3952,17 @@ def per_example_grads(params, x, y):
     dV10_i *= dR10_i
     dV10_i *= -1/2
     # dC10_i = C10*dV10_i/32 + R10*dXn10_i
-    dC10_i = dXn10_i*(R10[:, :, None])
-    _dC10_i_0 = C10*(dV10_i[:, :, None]/32)
-    dC10_i += _dC10_i_0
+    dC10_i = dXn10_i
+    dC10_i *= R10[:, :, None]
+    C10 *= dV10_i[:, :, None]/32
+    dC10_i += C10
     # dM10_i = sum(-dC10_i, axis=2)
-    dM10_i = -dC10_i.sum(axis=2)
+    dM10_i = -np.einsum('...i->...', dC10_i)
     # dsum_R9_i = dM10_i/64
     dsum_R9_i = dM10_i/64
     # dR9_i = dC10_i + dR12_i + dsum_R9_i
-    dR9_i = np.add(dC10_i, dR12_i, out=_scratch('dR9_i', (n, 64, 64), dC10_i, dR12_i))
+    dR9_i = dC10_i
+    dR9_i += dR12_i
     dR9_i += dsum_R9_i[:, :, None]
     # dOW9_i = reshape(dR9_i, (64*n, 64))
     dOW9_i = dR9_i.reshape((64*n, 64))
@@ -3891,11 +3973,12 @@ def per_example_grads(params, x, y):
     # dO9_i = dOt9_i.transpose((0, 2, 1, 3))
     dO9_i = dOt9_i.transpose((0, 2, 1, 3))
     # dA9_i = dO9_i @ V9.mT
-    dA9_i = np.matmul(dO9_i, V9.swapaxes(-1, -2))
+    dA9_i = np.matmul(dO9_i, V9.swapaxes(-1, -2), out=_scratch('dA9_i', (n, 4, 64, 64), dO9_i, V9))
     # sum_dA9_times_A9_i = sum(A9*dA9_i, axis=3)
     sum_dA9_times_A9_i = np.einsum('abcd,abcd->abc', dA9_i, A9)
     # dS9_i = A9*(dA9_i - sum_dA9_times_A9_i)
-    dS9_i = dA9_i + (-sum_dA9_times_A9_i[:, :, :, None])
+    dS9_i = dA9_i
+    dS9_i += -sum_dA9_times_A9_i[:, :, :, None]
     dS9_i *= A9
     # dSc9_i = causal_mask(dS9_i, fill=0)
     dSc9_i = dS9_i
@@ -3943,15 +4026,17 @@ def per_example_grads(params, x, y):
     dV8_i *= dR8_i
     dV8_i *= -1/2
     # dC8_i = C8*dV8_i/32 + R8*dXn8_i
-    dC8_i = dXn8_i*(R8[:, :, None])
-    _dC8_i_0 = C8*(dV8_i[:, :, None]/32)
-    dC8_i += _dC8_i_0
+    dC8_i = dXn8_i
+    dC8_i *= R8[:, :, None]
+    C8 *= dV8_i[:, :, None]/32
+    dC8_i += C8
     # dM8_i = sum(-dC8_i, axis=2)
-    dM8_i = -dC8_i.sum(axis=2)
+    dM8_i = -np.einsum('...i->...', dC8_i)
     # dsum_R7_i = dM8_i/64
     dsum_R7_i = dM8_i/64
     # dR7_i = dC8_i + dR9_i + dsum_R7_i
-    dR7_i = np.add(dC8_i, dR9_i, out=_scratch('dR7_i', (n, 64, 64), dC8_i, dR9_i))
+    dR7_i = dC8_i
+    dR7_i += dR9_i
     dR7_i += dsum_R7_i[:, :, None]
     # dXW7_i = reshape(dR7_i, (64*n, 64))
     dXW7_i = dR7_i.reshape((64*n, 64))
@@ -3964,14 +4049,13 @@ def per_example_grads(params, x, y):
     _dZ6_i_0 = np.multiply(tanh_Z6, tanh_Z6, out=_scratch('_dZ6_i_0', (n, 64, 256), tanh_Z6))
     np.subtract(1, _dZ6_i_0, out=_dZ6_i_0)
     _dZ6_i_0 *= Z6
-    _dZ6_i_1 = np.multiply(Z6, Z6, out=_scratch('_dZ6_i_1', (n, 64, 256), Z6))
-    _dZ6_i_1 *= 0.134145
-    _dZ6_i_1 += 1
-    _dZ6_i_0 *= _dZ6_i_1
-    _dZ6_i_0 *= 0.7978845608028654
-    _dZ6_i_0 += tanh_Z6
-    _dZ6_i_0 += 1
-    dZ6_i *= _dZ6_i_0
+    Z6 *= Z6
+    Z6 *= 0.10703222440890037
+    Z6 += 0.7978845608028654
+    _dZ6_i_0 *= Z6
+    tanh_Z6 += _dZ6_i_0
+    tanh_Z6 += 1
+    dZ6_i *= tanh_Z6
     dZ6_i *= 1/2
     # dXW6_i = reshape(dZ6_i, (64*n, 256))
     dXW6_i = dZ6_i.reshape((64*n, 256))
@@ -3989,15 +4073,17 @@ def per_example_grads(params, x, y):
     dV5_i *= dR5_i
     dV5_i *= -1/2
     # dC5_i = C5*dV5_i/32 + R5*dXn5_i
-    dC5_i = dXn5_i*(R5[:, :, None])
-    _dC5_i_0 = C5*(dV5_i[:, :, None]/32)
-    dC5_i += _dC5_i_0
+    dC5_i = dXn5_i
+    dC5_i *= R5[:, :, None]
+    C5 *= dV5_i[:, :, None]/32
+    dC5_i += C5
     # dM5_i = sum(-dC5_i, axis=2)
-    dM5_i = -dC5_i.sum(axis=2)
+    dM5_i = -np.einsum('...i->...', dC5_i)
     # dsum_R4_i = dM5_i/64
     dsum_R4_i = dM5_i/64
     # dR4_i = dC5_i + dR7_i + dsum_R4_i
-    dR4_i = np.add(dC5_i, dR7_i, out=_scratch('dR4_i', (n, 64, 64), dC5_i, dR7_i))
+    dR4_i = dC5_i
+    dR4_i += dR7_i
     dR4_i += dsum_R4_i[:, :, None]
     # dOW4_i = reshape(dR4_i, (64*n, 64))
     dOW4_i = dR4_i.reshape((64*n, 64))
@@ -4016,11 +4102,12 @@ def per_example_grads(params, x, y):
     # dX4_XV4_i = dXV4_i @ Wv4.T
     dX4_XV4_i = np.matmul(dXV4_i, Wv4.T, out=_scratch('dX4_XV4_i', (64*n, 64), dXV4_i, Wv4))
     # dA4_i = dO4_i @ V4.mT
-    dA4_i = np.matmul(dO4_i, V4.swapaxes(-1, -2))
+    dA4_i = np.matmul(dO4_i, V4.swapaxes(-1, -2), out=_scratch('dA4_i', (n, 4, 64, 64), dO4_i, V4))
     # sum_dA4_times_A4_i = sum(A4*dA4_i, axis=3)
     sum_dA4_times_A4_i = np.einsum('abcd,abcd->abc', A4, dA4_i)
     # dS4_i = A4*(dA4_i - sum_dA4_times_A4_i)
-    dS4_i = dA4_i + (-sum_dA4_times_A4_i[:, :, :, None])
+    dS4_i = dA4_i
+    dS4_i += -sum_dA4_times_A4_i[:, :, :, None]
     dS4_i *= A4
     # dSc4_i = causal_mask(dS4_i, fill=0)
     dSc4_i = dS4_i
@@ -4060,11 +4147,12 @@ def per_example_grads(params, x, y):
     dV3_i *= dR3_i
     dV3_i *= -1/2
     # dC3_i = C3*dV3_i/32 + R3*dXn3_i
-    dC3_i = dXn3_i*(R3[:, :, None])
-    _dC3_i_0 = C3*(dV3_i[:, :, None]/32)
-    dC3_i += _dC3_i_0
+    dC3_i = dXn3_i
+    dC3_i *= R3[:, :, None]
+    C3 *= dV3_i[:, :, None]/32
+    dC3_i += C3
     # dM3_i = sum(-dC3_i, axis=2)
-    dM3_i = -dC3_i.sum(axis=2)
+    dM3_i = -np.einsum('...i->...', dC3_i)
     # dsum_H2_i = dM3_i/64
     dsum_H2_i = dM3_i/64
     # dH2_i = dC3_i + dR4_i + dsum_H2_i

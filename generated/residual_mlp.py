@@ -245,28 +245,33 @@ def _colsum(a):
     return ones @ a
 
 
-def _rowmax(z):
-    # the maximum of each row of z (2-D): over short rows (classes) argmax and a gather take a
-    # third of np.max's time; a NaN in a row gives NaN either way
-    if z.shape[1] > 512:
-        return np.max(z, axis=1)
-    return z[np.arange(z.shape[0]), np.argmax(z, axis=1)]
+def _shifted_exp(z, out):
+    # exp(z - c) into out (not z itself) and its sums over the last axis, for the softmax and
+    # log-sum-exp of each row. c is 0 for every row whose sum stays finite and at least the
+    # square root of the smallest normal number: no row maximum to find (a reduction over a
+    # short last axis costs some 30 times more than the exponentials), and exact, any shift
+    # is. A row outside that range is done again with c its own maximum, as is usual; either
+    # way a row's result depends on that row alone.
+    with np.errstate(over="ignore"):
+        np.exp(z, out=out)
+    sums = np.einsum("...i->...", out)     # the same steps for every row (a BLAS product's vary)
+    bad = ~((sums >= np.sqrt(np.finfo(out.dtype).tiny)) & (sums <= np.finfo(out.dtype).max))
+    c = np.zeros(sums.shape, out.dtype)
+    if bad.any():
+        c[bad] = np.max(z[bad], axis=-1)
+        out[bad] = np.exp(z[bad] - c[bad][..., None])
+        sums[bad] = np.einsum("...i->...", out[bad])
+    return c, sums
 
 
 def _logsumexp(z):
-    m = _rowmax(z)
-    e = z - m[:, None]
-    np.exp(e, out=e)
-    s = e.sum(axis=1)
-    np.log(s, out=s)
-    s += m
-    return s
+    c, sums = _shifted_exp(z, np.empty(z.shape, np.result_type(z, np.float32)))
+    return np.log(sums) + c
 
 
 def _softmax(z):
-    e = z - _rowmax(z)[:, None]
-    np.exp(e, out=e)
-    e /= e.sum(axis=1, keepdims=True)
+    e = np.empty(z.shape, np.result_type(z, np.float32))
+    e /= _shifted_exp(z, e)[1][..., None]
     return e
 
 
@@ -290,12 +295,14 @@ def forward(params, x):
     Hf1 = Hh0Wf1
     Hf1 += bf1
     np.tanh(Hf1, out=Hf1)
-    h1 = Hf1 + Hh0
+    h1 = Hf1
+    h1 += Hh0
     h1Wf2 = np.matmul(h1, Wf2, out=_scratch('h1Wf2', (n, 32), h1, Wf2))
     Hf2 = h1Wf2
     Hf2 += bf2
     np.tanh(Hf2, out=Hf2)
-    S2 = Hf2 + h1
+    S2 = Hf2
+    S2 += h1
     S2Wout = S2 @ Wout
     Zout = S2Wout + bout
     P = _softmax(Zout)
@@ -323,12 +330,14 @@ def loss(params, x, y):
     Hf1 = Hh0Wf1
     Hf1 += bf1
     np.tanh(Hf1, out=Hf1)
-    h1 = Hf1 + Hh0
+    h1 = Hf1
+    h1 += Hh0
     h1Wf2 = np.matmul(h1, Wf2, out=_scratch('h1Wf2', (n, 32), h1, Wf2))
     Hf2 = h1Wf2
     Hf2 += bf2
     np.tanh(Hf2, out=Hf2)
-    S2 = Hf2 + h1
+    S2 = Hf2
+    S2 += h1
     S2Wout = S2 @ Wout
     Zout = S2Wout + bout
     LSE = _logsumexp(Zout)
@@ -376,16 +385,18 @@ def backward(params, x, y):
     # dS2 = dZout @ Wout.T
     dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
     # dZf2 = dS2*(1 - Hf2**2)
-    dZf2 = np.multiply(Hf2, Hf2, out=_scratch('dZf2', (n, 32), Hf2))
+    dZf2 = Hf2
+    dZf2 *= dZf2
     np.subtract(1, dZf2, out=dZf2)
     dZf2 *= dS2
     # dh1_Wf2 = dZf2 @ Wf2.T
     dh1_Wf2 = np.matmul(dZf2, Wf2.T, out=_scratch('dh1_Wf2', (n, 32), dZf2, Wf2))
     # dh1 = dS2 + dh1_Wf2
-    dh1 = dh1_Wf2
-    dh1 += dS2
+    dh1 = dS2
+    dh1 += dh1_Wf2
     # dZf1 = dh1*(1 - Hf1**2)
-    dZf1 = np.multiply(Hf1, Hf1, out=_scratch('dZf1', (n, 32), Hf1))
+    dZf1 = Hf1
+    dZf1 *= dZf1
     np.subtract(1, dZf1, out=dZf1)
     dZf1 *= dh1
     # dHh0_Wf1 = dZf1 @ Wf1.T
@@ -531,12 +542,13 @@ def hvp(params, v, x, y):
     # dZf2_v_Wf2 = dZf2_2 @ v_Wf2.T
     dZf2_v_Wf2 = np.matmul(dZf2_2, v_Wf2.T, out=_scratch('dZf2_v_Wf2', (n, 32), dZf2_2, v_Wf2))
     # tdZf2 = -2*Hf2*dS2*tHf2 + tdS2*(1 - Hf2_pow2)
-    tdZf2 = np.subtract(1, Hf2_pow2, out=_scratch('tdZf2', (n, 32), Hf2_pow2))
+    tdZf2 = Hf2_pow2
+    np.subtract(1, tdZf2, out=tdZf2)
     tdZf2 *= tdS2
-    _tdZf2_0 = np.multiply(Hf2, dS2, out=_scratch('_tdZf2_0', (n, 32), Hf2, dS2))
-    _tdZf2_0 *= tHf2
-    _tdZf2_0 *= 2
-    tdZf2 -= _tdZf2_0
+    Hf2 *= dS2
+    Hf2 *= tHf2
+    Hf2 *= 2
+    tdZf2 -= Hf2
     # tdZf2_Wf2 = tdZf2 @ Wf2.T
     tdZf2_Wf2 = np.matmul(tdZf2, Wf2.T, out=_scratch('tdZf2_Wf2', (n, 32), tdZf2, Wf2))
     # tdh1 = dZf2_v_Wf2 + tdS2 + tdZf2_Wf2
@@ -546,23 +558,25 @@ def hvp(params, v, x, y):
     # dZf1_v_Wf1 = dZf1_2 @ v_Wf1.T
     dZf1_v_Wf1 = np.matmul(dZf1_2, v_Wf1.T, out=_scratch('dZf1_v_Wf1', (n, 32), dZf1_2, v_Wf1))
     # tdZf1 = -2*Hf1*dh1_2*tHf1 + tdh1*(1 - Hf1_pow2)
-    tdZf1 = np.subtract(1, Hf1_pow2, out=_scratch('tdZf1', (n, 32), Hf1_pow2))
+    tdZf1 = Hf1_pow2
+    np.subtract(1, tdZf1, out=tdZf1)
     tdZf1 *= tdh1
-    _tdZf1_0 = np.multiply(Hf1, dh1_2, out=_scratch('_tdZf1_0', (n, 32), Hf1, dh1_2))
-    _tdZf1_0 *= tHf1
-    _tdZf1_0 *= 2
-    tdZf1 -= _tdZf1_0
+    Hf1 *= dh1_2
+    Hf1 *= tHf1
+    Hf1 *= 2
+    tdZf1 -= Hf1
     # tdZf1_Wf1 = tdZf1 @ Wf1.T
     tdZf1_Wf1 = np.matmul(tdZf1, Wf1.T, out=_scratch('tdZf1_Wf1', (n, 32), tdZf1, Wf1))
     # tdZh0 = -2*Hh0*dHh0*tHh0 + (1 - Hh0_pow2)*(dZf1_v_Wf1 + tdZf1_Wf1 + tdh1)
-    tdZh0 = np.subtract(1, Hh0_pow2, out=_scratch('tdZh0', (n, 32), Hh0_pow2))
+    tdZh0 = Hh0_pow2
+    np.subtract(1, tdZh0, out=tdZh0)
     dZf1_v_Wf1 += tdZf1_Wf1
     dZf1_v_Wf1 += tdh1
     tdZh0 *= dZf1_v_Wf1
-    np.multiply(Hh0, dHh0, out=dZf1_v_Wf1)
-    dZf1_v_Wf1 *= tHh0
-    dZf1_v_Wf1 *= 2
-    tdZh0 -= dZf1_v_Wf1
+    dHh0 *= Hh0
+    dHh0 *= tHh0
+    dHh0 *= 2
+    tdZh0 -= dHh0
     # Hv_Wh0 = x.T @ tdZh0
     Hv_Wh0 = x.T @ tdZh0
     # Hv_bh0 = sum(tdZh0, axis=0)
@@ -642,13 +656,15 @@ def gnvp(params, v, x, y):
     dZout[np.arange(n), y] -= 1
     dZout *= 1/n
     dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
-    Hf2_pow2 = Hf2*Hf2
+    Hf2_pow2 = Hf2
+    Hf2_pow2 *= Hf2_pow2
     dZf2_2 = np.subtract(1, Hf2_pow2, out=_scratch('dZf2_2', (n, 32), Hf2_pow2))
     dZf2_2 *= dS2
     dh1_Wf2_2 = np.matmul(dZf2_2, Wf2.T, out=_scratch('dh1_Wf2_2', (n, 32), dZf2_2, Wf2))
-    dh1_2 = dh1_Wf2_2
-    dh1_2 += dS2
-    Hf1_pow2 = Hf1*Hf1
+    dh1_2 = dS2
+    dh1_2 += dh1_Wf2_2
+    Hf1_pow2 = Hf1
+    Hf1_pow2 *= Hf1_pow2
     dZf1_2 = np.subtract(1, Hf1_pow2, out=_scratch('dZf1_2', (n, 32), Hf1_pow2))
     dZf1_2 *= dh1_2
     dHh0_Wf1_2 = np.matmul(dZf1_2, Wf1.T, out=_scratch('dHh0_Wf1_2', (n, 32), dZf1_2, Wf1))
@@ -678,19 +694,21 @@ def gnvp(params, v, x, y):
     # Hh0_v_Wf1 = Hh0 @ v_Wf1
     Hh0_v_Wf1 = np.matmul(Hh0, v_Wf1, out=_scratch('Hh0_v_Wf1', (n, 32), Hh0, v_Wf1))
     # th1_2 = tHh0 + (1 - Hf1_pow2)*(Hh0_v_Wf1 + tHh0_Wf1 + v_bf1)
-    th1_2 = np.subtract(1, Hf1_pow2, out=_scratch('th1_2', (n, 32), Hf1_pow2))
+    th1_2 = tHh0
+    _th1_2_0 = np.subtract(1, Hf1_pow2, out=_scratch('_th1_2_0', (n, 32), Hf1_pow2))
     Hh0_v_Wf1 += tHh0_Wf1
     Hh0_v_Wf1 += v_bf1
-    th1_2 *= Hh0_v_Wf1
-    th1_2 += tHh0
+    _th1_2_0 *= Hh0_v_Wf1
+    th1_2 += _th1_2_0
     # th1_Wf2_2 = th1_2 @ Wf2
     th1_Wf2_2 = np.matmul(th1_2, Wf2, out=_scratch('th1_Wf2_2', (n, 32), th1_2, Wf2))
     # tS2_2 = th1_2 + (1 - Hf2_pow2)*(h1_v_Wf2 + th1_Wf2_2 + v_bf2)
-    tS2_2 = np.subtract(1, Hf2_pow2, out=_scratch('tS2_2', (n, 32), Hf2_pow2))
+    tS2_2 = th1_2
+    _tS2_2_0 = np.subtract(1, Hf2_pow2, out=_scratch('_tS2_2_0', (n, 32), Hf2_pow2))
     h1_v_Wf2 += th1_Wf2_2
     h1_v_Wf2 += v_bf2
-    tS2_2 *= h1_v_Wf2
-    tS2_2 += th1_2
+    _tS2_2_0 *= h1_v_Wf2
+    tS2_2 += _tS2_2_0
     # tS2_Wout_2 = tS2_2 @ Wout
     tS2_Wout_2 = tS2_2 @ Wout
     # S2_v_Wout = S2 @ v_Wout
@@ -704,20 +722,23 @@ def gnvp(params, v, x, y):
     # tdZout_Wout_2 = tdZout_2 @ Wout.T
     tdZout_Wout_2 = np.matmul(tdZout_2, Wout.T, out=_scratch('tdZout_Wout_2', (n, 32), tdZout_2, Wout))
     # udZf2 = tdZout_Wout_2*(1 - Hf2_pow2)
-    udZf2 = np.subtract(1, Hf2_pow2, out=_scratch('udZf2', (n, 32), Hf2_pow2))
+    udZf2 = Hf2_pow2
+    np.subtract(1, udZf2, out=udZf2)
     udZf2 *= tdZout_Wout_2
     # udZf2_Wf2 = udZf2 @ Wf2.T
     udZf2_Wf2 = np.matmul(udZf2, Wf2.T, out=_scratch('udZf2_Wf2', (n, 32), udZf2, Wf2))
     # udh1 = tdZout_Wout_2 + udZf2_Wf2
-    udh1 = udZf2_Wf2
-    udh1 += tdZout_Wout_2
+    udh1 = tdZout_Wout_2
+    udh1 += udZf2_Wf2
     # udZf1 = udh1*(1 - Hf1_pow2)
-    udZf1 = np.subtract(1, Hf1_pow2, out=_scratch('udZf1', (n, 32), Hf1_pow2))
+    udZf1 = Hf1_pow2
+    np.subtract(1, udZf1, out=udZf1)
     udZf1 *= udh1
     # udZf1_Wf1 = udZf1 @ Wf1.T
     udZf1_Wf1 = np.matmul(udZf1, Wf1.T, out=_scratch('udZf1_Wf1', (n, 32), udZf1, Wf1))
     # udZh0 = (1 - Hh0_pow2)*(udZf1_Wf1 + udh1)
-    udZh0 = np.subtract(1, Hh0_pow2, out=_scratch('udZh0', (n, 32), Hh0_pow2))
+    udZh0 = Hh0_pow2
+    np.subtract(1, udZh0, out=udZh0)
     udZf1_Wf1 += udh1
     udZh0 *= udZf1_Wf1
     # Gv_Wh0 = x.T @ udZh0
@@ -785,8 +806,8 @@ def per_example_grads(params, x, y):
     # dh1_Wf2_i = dZf2_i @ Wf2.T
     dh1_Wf2_i = np.matmul(dZf2_i, Wf2.T, out=_scratch('dh1_Wf2_i', (n, 32), dZf2_i, Wf2))
     # dh1_i = dS2_i + dh1_Wf2_i
-    dh1_i = dh1_Wf2_i
-    dh1_i += dS2_i
+    dh1_i = dS2_i
+    dh1_i += dh1_Wf2_i
     # dZf1_i = dh1_i*(1 - Hf1**2)
     dZf1_i = Hf1*Hf1
     np.subtract(1, dZf1_i, out=dZf1_i)

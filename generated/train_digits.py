@@ -257,28 +257,33 @@ def _colsum(a):
     return ones @ a
 
 
-def _rowmax(z):
-    # the maximum of each row of z (2-D): over short rows (classes) argmax and a gather take a
-    # third of np.max's time; a NaN in a row gives NaN either way
-    if z.shape[1] > 512:
-        return np.max(z, axis=1)
-    return z[np.arange(z.shape[0]), np.argmax(z, axis=1)]
+def _shifted_exp(z, out):
+    # exp(z - c) into out (not z itself) and its sums over the last axis, for the softmax and
+    # log-sum-exp of each row. c is 0 for every row whose sum stays finite and at least the
+    # square root of the smallest normal number: no row maximum to find (a reduction over a
+    # short last axis costs some 30 times more than the exponentials), and exact, any shift
+    # is. A row outside that range is done again with c its own maximum, as is usual; either
+    # way a row's result depends on that row alone.
+    with np.errstate(over="ignore"):
+        np.exp(z, out=out)
+    sums = np.einsum("...i->...", out)     # the same steps for every row (a BLAS product's vary)
+    bad = ~((sums >= np.sqrt(np.finfo(out.dtype).tiny)) & (sums <= np.finfo(out.dtype).max))
+    c = np.zeros(sums.shape, out.dtype)
+    if bad.any():
+        c[bad] = np.max(z[bad], axis=-1)
+        out[bad] = np.exp(z[bad] - c[bad][..., None])
+        sums[bad] = np.einsum("...i->...", out[bad])
+    return c, sums
 
 
 def _logsumexp(z):
-    m = _rowmax(z)
-    e = z - m[:, None]
-    np.exp(e, out=e)
-    s = e.sum(axis=1)
-    np.log(s, out=s)
-    s += m
-    return s
+    c, sums = _shifted_exp(z, np.empty(z.shape, np.result_type(z, np.float32)))
+    return np.log(sums) + c
 
 
 def _softmax(z):
-    e = z - _rowmax(z)[:, None]
-    np.exp(e, out=e)
-    e /= e.sum(axis=1, keepdims=True)
+    e = np.empty(z.shape, np.result_type(z, np.float32))
+    e /= _shifted_exp(z, e)[1][..., None]
     return e
 
 
@@ -415,9 +420,9 @@ def hvp(params, v, x, y):
     # tdZ2_W2 = tdZ2 @ W2.T
     tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 256), tdZ2, W2))
     # tdZ1 = step_H1*(dZ2_v_W2 + tdZ2_W2)
-    tdZ1 = dZ2_v_W2
-    tdZ1 += tdZ2_W2
-    tdZ1 *= step_H1
+    tdZ1 = step_H1
+    dZ2_v_W2 += tdZ2_W2
+    tdZ1 *= dZ2_v_W2
     # Hv_W1 = x.T @ tdZ1
     Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
@@ -488,8 +493,8 @@ def gnvp(params, v, x, y):
     # tdZ2_W2 = tdZ2 @ W2.T
     tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 256), tdZ2, W2))
     # udZ1 = step_H1*tdZ2_W2
-    udZ1 = tdZ2_W2
-    udZ1 *= step_H1
+    udZ1 = step_H1
+    udZ1 *= tdZ2_W2
     # Gv_W1 = x.T @ udZ1
     Gv_W1 = x.T @ udZ1
     # Gv_b1 = sum(udZ1, axis=0)

@@ -261,28 +261,33 @@ def _colsum(a):
     return ones @ a
 
 
-def _rowmax(z):
-    # the maximum of each row of z (2-D): over short rows (classes) argmax and a gather take a
-    # third of np.max's time; a NaN in a row gives NaN either way
-    if z.shape[1] > 512:
-        return np.max(z, axis=1)
-    return z[np.arange(z.shape[0]), np.argmax(z, axis=1)]
+def _shifted_exp(z, out):
+    # exp(z - c) into out (not z itself) and its sums over the last axis, for the softmax and
+    # log-sum-exp of each row. c is 0 for every row whose sum stays finite and at least the
+    # square root of the smallest normal number: no row maximum to find (a reduction over a
+    # short last axis costs some 30 times more than the exponentials), and exact, any shift
+    # is. A row outside that range is done again with c its own maximum, as is usual; either
+    # way a row's result depends on that row alone.
+    with np.errstate(over="ignore"):
+        np.exp(z, out=out)
+    sums = np.einsum("...i->...", out)     # the same steps for every row (a BLAS product's vary)
+    bad = ~((sums >= np.sqrt(np.finfo(out.dtype).tiny)) & (sums <= np.finfo(out.dtype).max))
+    c = np.zeros(sums.shape, out.dtype)
+    if bad.any():
+        c[bad] = np.max(z[bad], axis=-1)
+        out[bad] = np.exp(z[bad] - c[bad][..., None])
+        sums[bad] = np.einsum("...i->...", out[bad])
+    return c, sums
 
 
 def _logsumexp(z):
-    m = _rowmax(z)
-    e = z - m[:, None]
-    np.exp(e, out=e)
-    s = e.sum(axis=1)
-    np.log(s, out=s)
-    s += m
-    return s
+    c, sums = _shifted_exp(z, np.empty(z.shape, np.result_type(z, np.float32)))
+    return np.log(sums) + c
 
 
 def _softmax(z):
-    e = z - _rowmax(z)[:, None]
-    np.exp(e, out=e)
-    e /= e.sum(axis=1, keepdims=True)
+    e = np.empty(z.shape, np.result_type(z, np.float32))
+    e /= _shifted_exp(z, e)[1][..., None]
     return e
 
 
@@ -376,7 +381,8 @@ def backward(params, top, bottom, y):
     # dHht = dC1[..., 0:128]
     dHht = dC1[..., 0:128].copy()
     # dZht = dHht*step(Hht)
-    dZht = dHht*np.heaviside(Hht, 0.0)
+    dZht = Hht
+    np.multiply(dHht, (dZht > 0.0), out=dZht)
     # dWht = top.T @ dZht
     dWht = top.T @ dZht
     # dbht = sum(dZht, axis=0)
@@ -384,7 +390,8 @@ def backward(params, top, bottom, y):
     # dHhb = dC1[..., 128:256]
     dHhb = dC1[..., 128:256].copy()
     # dZhb = dHhb*step(Hhb)
-    dZhb = dHhb*np.heaviside(Hhb, 0.0)
+    dZhb = Hhb
+    np.multiply(dHhb, (dZhb > 0.0), out=dZhb)
     # dWhb = bottom.T @ dZhb
     dWhb = bottom.T @ dZhb
     # dbhb = sum(dZhb, axis=0)
@@ -480,7 +487,8 @@ def hvp(params, v, top, bottom, y):
     # tdHht = tdC1[..., 0:128]
     tdHht = tdC1[..., 0:128].copy()
     # tdZht = step_Hht*tdHht
-    tdZht = step_Hht*tdHht
+    tdZht = step_Hht
+    tdZht *= tdHht
     # Hv_Wht = top.T @ tdZht
     Hv_Wht = top.T @ tdZht
     # Hv_bht = sum(tdZht, axis=0)
@@ -488,7 +496,8 @@ def hvp(params, v, top, bottom, y):
     # tdHhb = tdC1[..., 128:256]
     tdHhb = tdC1[..., 128:256].copy()
     # tdZhb = step_Hhb*tdHhb
-    tdZhb = step_Hhb*tdHhb
+    tdZhb = step_Hhb
+    tdZhb *= tdHhb
     # Hv_Whb = bottom.T @ tdZhb
     Hv_Whb = bottom.T @ tdZhb
     # Hv_bhb = sum(tdZhb, axis=0)
@@ -584,7 +593,8 @@ def gnvp(params, v, top, bottom, y):
     # udHht = tdZ3_W3[..., 0:128]
     udHht = tdZ3_W3[..., 0:128].copy()
     # udZht = step_Hht*udHht
-    udZht = step_Hht*udHht
+    udZht = step_Hht
+    udZht *= udHht
     # Gv_Wht = top.T @ udZht
     Gv_Wht = top.T @ udZht
     # Gv_bht = sum(udZht, axis=0)
@@ -592,7 +602,8 @@ def gnvp(params, v, top, bottom, y):
     # udHhb = tdZ3_W3[..., 128:256]
     udHhb = tdZ3_W3[..., 128:256].copy()
     # udZhb = step_Hhb*udHhb
-    udZhb = step_Hhb*udHhb
+    udZhb = step_Hhb
+    udZhb *= udHhb
     # Gv_Whb = bottom.T @ udZhb
     Gv_Whb = bottom.T @ udZhb
     # Gv_bhb = sum(udZhb, axis=0)

@@ -73,3 +73,46 @@ def test_dtype_option_casts_inputs():
     assert out.dtype == np.float32
     loss, grads = mod.backward(params, [[1, 2]], [[3]])  # lists and integers too
     assert isinstance(loss, float) and grads["W1"].dtype == np.float32
+
+
+def _rows_in_every_regime(dtype):
+    """Rows of logits (9, 6): ordinary, large (exp overflows), very negative (exp underflows),
+    mixed scales, a fully masked row, and ties; the reference softmax shifts by the row maximum."""
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((9, 6))
+    z[1] += 1000.0
+    z[2] -= 1000.0
+    z[3] *= 300.0
+    z[4] = -1e9
+    z[5, :3] = 500.0
+    z[6] = z[6] * 30 - 80          # float32: some entries underflow, the row sum stays normal
+    z[7] = np.linspace(-120, 60, 6)
+    return z.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_softmax_and_logsumexp_helpers_in_every_regime(dtype):
+    # the helpers shift rows by 0 where that is safe and by the row maximum elsewhere: against
+    # the row-maximum form in float64, and each row's result independent of the other rows
+    net = bpc.Network("sm_helpers")
+    h = net.attention(net.input("x", shape=(4, 6)), 2, causal=True)
+    mod = bpc.compile_model(net.build(h, "softmax_cross_entropy",
+                                      net.target("y", kind="label", length=4))).load()
+    z = _rows_in_every_regime(dtype)
+    z64 = z.astype(np.float64)
+    e = np.exp(z64 - z64.max(axis=1, keepdims=True))
+    want = e / e.sum(axis=1, keepdims=True)
+    want_lse = z64.max(axis=1) + np.log(e.sum(axis=1))
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    stacked = np.stack([z, z[::-1]])          # (2, 9, 6): the rows of a sequence, reversed
+    for got in (mod._softmax_into(z, np.empty_like(z)), mod._softmax_into(stacked, np.empty_like(stacked))[1][::-1]):
+        assert got.dtype == dtype and np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=tol * 10, atol=tol)
+    lse = mod._logsumexp(z)
+    assert lse.dtype == dtype
+    np.testing.assert_allclose(lse, want_lse, rtol=tol, atol=tol)
+    # a row's value does not depend on its neighbours, bit for bit
+    for i in range(len(z)):
+        assert np.array_equal(mod._softmax_into(z[i:i + 1], np.empty_like(z[i:i + 1]))[0],
+                              mod._softmax_into(z, np.empty_like(z))[i])
+        assert np.array_equal(mod._logsumexp(z[i:i + 1])[0], lse[i])

@@ -190,3 +190,35 @@ def test_inplace_sequence_model_equals_plain_form(causal, mask, dtype):
         fast.backward(p, *[a[::-1].copy() for a in arrays])
         assert all(np.array_equal(gf[k], kept[k]) for k in kept)
         assert np.array_equal(pred, fast.forward(p, *arrays[:-1]))
+
+
+def test_values_are_overwritten_at_their_last_use():
+    """GELU's derivative is the last statement to read Z and tanh(...) (the forward statements
+    read them first): it works in their arrays and needs one temporary, not two. The numbers:
+    test_inplace_form_equals_plain_form."""
+    back = bpc.compile_model(_model("gelu", "mse", "last_use")).source.split("def backward")[1]
+    back = back.split("\ndef ")[0]
+    assert "_dZ2_0 = " in back and "_dZ2_1" not in back, back
+    assert "Z2 *= Z2" in back, back
+
+
+def _residual_output_model():
+    """The prediction is h + dense(h): the last use of h, but a value the caller keeps."""
+    net = bpc.Network("ip_last_out")
+    h = net.dense(net.input("x", 7), W, "tanh")
+    return net.build(h + net.dense(h, W), "mse", net.target("y", W))
+
+
+def test_a_last_use_never_puts_a_result_in_a_reused_array():
+    model = _residual_output_model()
+    fast, plain = bpc.compile_model(model).load(), _plain(model)
+    p = fast.init_params(seed=0)
+    x1, y1 = _data(fast, 8, np.float64, 1)
+    x2, y2 = _data(fast, 8, np.float64, 2)
+    pred, (_, grads) = fast.forward(p, x1), fast.backward(p, x1, y1)
+    np.testing.assert_allclose(pred, plain.forward(p, x1), rtol=1e-12, atol=1e-12)
+    kept = pred.copy(), {k: g.copy() for k, g in grads.items()}
+    fast.forward(p, x2), fast.backward(p, x2, y2), fast.loss(p, x2, y2)
+    np.testing.assert_array_equal(pred, kept[0])
+    for k in grads:
+        np.testing.assert_array_equal(grads[k], kept[1][k])

@@ -324,10 +324,11 @@ class _Functions:
 
     def function(self, fname, leaves, roots, nodes, ret, doc, comments=False):
         st, fm = self.st, self.lowered.lines
-        st.begin_function()
+        st.begin_function(nodes)
         body, only = [], []   # only: a run of training-only statements, emitted under one if
         for node in nodes:
             lines = [py_comment(fm.line(node))] if comments and node.uid in self.program.backward_only else []
+            st.current = node
             lines += statement(st, fm, node)
             if node.uid in self.program.training_only:
                 only.append((node, lines))
@@ -335,6 +336,7 @@ class _Functions:
             body += self.training_block(only)
             only = []
             body += lines
+        st.current = None
         body += self.training_block(only)
         if self.program.stat_updates:
             # training mode: the running statistics' next values replace the caller's entries

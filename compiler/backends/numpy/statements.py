@@ -68,9 +68,11 @@ class NumpyStatements:
         self.outputs = {o.uid for o in outputs}
         self._private = {}
 
-    def begin_function(self):
-        """Start the statements of one function."""
+    def begin_function(self, nodes=None):
+        """Start the statements of one function (``nodes``: its statements' nodes, in order)."""
         self.needs_dt = False    # whether they refer to the local dt (the inputs' dtype)
+        self.order = None if nodes is None else {node.uid: k for k, node in enumerate(nodes)}
+        self.current = None      # the node whose statement is being printed (set by the caller)
 
     def private(self, node):
         """Whether ``node``'s array can never reach the caller: it is not returned, and every
@@ -94,14 +96,43 @@ class NumpyStatements:
         """Whether ``node``'s array is one this function made (a product, an elementwise result,
         ...; or a view or reshaped copy of one), never a parameter, a caller's array or an inline
         expression, and the value's single use anywhere in the program is the statement at
-        hand: that statement may overwrite it."""
-        if node.uid in self.p.inline or node.shape == () or self.uses[node.uid] != 1:
+        hand (or its last use in this function: ``last_use``): that statement may overwrite it."""
+        if node.uid in self.p.inline or node.shape == ():
             return False
+        if self.uses[node.uid] != 1:
+            return self.last_use(node)
         if node.op in _VIEW_OPS:
             return self.owned(node.inputs[0])
         if node.op == "ew":
             return not node.attr("expr").is_Symbol
         return node.op in _OWNED_OPS
+
+    def last_use(self, node):
+        """Whether the statement at hand is the last in this function to read ``node``, a value
+        of several uses that this function made in an array of its own (not a view, an alias or
+        an output), no view or inline expression of it is read elsewhere, and the statement's own
+        value never reaches the caller: then it may overwrite ``node`` as if it were its single
+        use (a GELU's derivative in its forward values' arrays, the softmax adjoint in dA's)."""
+        order, cur = self.order, self.current
+        if order is None or cur is None or cur.uid not in order or node.uid in self.outputs:
+            return False
+        if node.op not in _OWNED_OPS or node.op in ("softmax", "causal_mask", "key_mask") or (
+                node.op == "ew" and node.attr("expr").is_Symbol):
+            return False
+        for user in self.users.get(node.uid, []):
+            if user.op in _VIEW_OPS or user.op in ("causal_mask", "key_mask") or (
+                    user.op == "ew" and user.attr("expr").is_Symbol and user.uid not in self.p.inline):
+                return False     # an alias of its array
+            if any(k > order[cur.uid] for k in self._reads(user, order)):
+                return False
+        return self.private(cur)
+
+    def _reads(self, user, order):
+        """Positions in this function of the statements that evaluate ``user``: its own, or for an
+        inline expression those of the statements it is written into."""
+        if user.uid not in self.p.inline:
+            return [order[user.uid]] if user.uid in order else []
+        return [k for u in self.users.get(user.uid, []) for k in self._reads(u, order)]
 
     def scratch(self, name, shape, operands):
         """``_scratch(name, shape, *operands)``: the call that returns this thread's reusable
@@ -383,6 +414,7 @@ class InPlace:
                 num.append(f)
         if not num:
             raise _Plain   # e.g. a lone step(x)*c: the one-line form keeps the dtype right
+        num, small = self._distribute(num, small)
         v = self._lower(num[0])
         for f in num[1:]:
             v = self._op("bin", "multiply", v, self._lower(f))
@@ -394,6 +426,18 @@ class InPlace:
         for f in den:
             v = self._op("bin", "divide", v, self._lower(f))
         return v
+
+    def _distribute(self, num, small):
+        """A number c times a sum whose every array term already has a number of its own
+        (``c*x*(a*x**2 + b)``): ``x*(c*a*x**2 + c*b)``, one pass over the arrays fewer. Sums
+        with a bare array term (``c*(x + 1)``) stay: there it would cost a pass more."""
+        c = sp.Mul(*small)
+        if not c.is_Number or c == 1:
+            return num, small
+        for i, f in enumerate(num):
+            if f.is_Add and all(abs(t.as_coeff_Mul()[0]) != 1 for t in f.args if self._is_full(t)):
+                return num[:i] + [sp.Add(*[c * t for t in f.args])] + num[i + 1:], [sp.Integer(1)]
+        return num, small
 
     def _lower_pow(self, e):
         base, ex = e.as_base_exp()

@@ -56,6 +56,9 @@ def _numpy(st, node):
         else:
             buf = f"np.empty({st.shape_code(perm.shape)}, np.result_type({st.ref(a)}, {st.ref(b)}))"
         return [f"{out} = np.matmul({x}, {y}, out={buf}.transpose({inverse(perm.attr('axes'))}))"]
+    if st.private(node) and st.large(node) and a.uid not in st.p.inline and b.uid not in st.p.inline:
+        # attention scores and their adjoint: this thread's buffer, reused from call to call
+        return [f"{out} = np.matmul({x}, {y}, out={st.scratch(out, node.shape, [st.ref(a), st.ref(b)])})"]
     return [f"{out} = np.matmul({x}, {y})"]
 
 

@@ -1,5 +1,5 @@
 """Row-wise log-sum-exp ``lse`` (n, k) -> (n,) and ``softmax`` (n, k) -> (n, k) of one input z,
-both stable (the row maximum is subtracted before exponentiating); no attrs. A row is the last
+both stable (a maximum is subtracted before exponentiating); no attrs. A row is the last
 axis: logits (n, T, k) of a sequence (or attention scores (n, heads, T, T)) give ``lse`` of
 shape (n, T) and a softmax over each row of k."""
 from __future__ import annotations
@@ -107,12 +107,10 @@ def _softmax_numpy(st, node):
     z = node.inputs[0]
     if len(z.shape) > 2 and st.large(node):
         # the rows of every position (attention weights: every head and query) in one buffer,
-        # without the temporaries of the plain form: the dead input itself, else a scratch
-        # array when the weights never reach the caller
+        # without the temporaries of the plain form: a scratch array when the weights never
+        # reach the caller. Not the dead input itself: _shifted_exp may need z again.
         st.helpers.add("softmax_into")
-        if st.owned(z):
-            dest = st.ref(z)
-        elif st.private(node):
+        if st.private(node):
             dest = st.scratch(st.name(node), node.shape, [st.ref(z)])
         else:
             dest = f"np.empty_like({st.ref(z)})"

@@ -68,6 +68,8 @@ def _einsum(st, node):
     coeff, operands = terms
     coeff = None if coeff is None else ("-" if coeff == "-1" else coeff + "*")
     if len(operands) == 1:       # c*a: the sum of a, times c (no array of c*a)
+        if _short_rows(x, axes):
+            return [f"{st.name(node)} = {coeff or ''}np.einsum('...i->...', {operands[0]})"]
         ax = axes[0] if len(axes) == 1 else axes
         return [f"{st.name(node)} = {coeff or ''}{operands[0]}.sum(axis={ax})"]
     letters = "abcdefgh"[:rank]
@@ -75,6 +77,15 @@ def _einsum(st, node):
     spec = f"{letters},{letters}->{kept}"
     code = f"np.einsum({spec!r}, {operands[0]}, {operands[1]})"
     return [f"{st.name(node)} = {coeff or ''}{code}"]
+
+
+def _short_rows(x, axes):
+    """Whether a sum of ``x`` is over its last axis alone, of at most 1024 numbers: NumPy's
+    ``sum`` spends more on each short row than on its numbers (a layer norm's row sums of
+    (n, T, 128) take 3 times as long as ``np.einsum('...i->...')``, which sums a short row
+    as accurately)."""
+    k = x.shape[-1] if x.shape else None
+    return len(x.shape) >= 2 and tuple(axes) == (len(x.shape) - 1,) and isinstance(k, int) and k <= 1024
 
 
 def _sum_numpy(st, node):
@@ -85,6 +96,8 @@ def _sum_numpy(st, node):
     lines = _einsum(st, node)
     if lines is not None:
         return lines
+    if _short_rows(x, axes) and st.large(x):
+        return [f"{out} = np.einsum('...i->...', {st.ref(x, bare=True)})"]
     if st.computed(x):
         target = st.method_target(x)
         if len(x.shape) == 2 and axes == (0,) and target.isidentifier():
