@@ -352,8 +352,8 @@ def test_image_layers_in_a_graph(backend):
 
 
 # The NumPy statement of a convolution's input adjoint col2im(dZ @ W.T) depends on its geometry
-# (compiler/core/ops/windows.py): a transposed convolution (stride 1, dZ's windows no larger than
-# the product), one product per kernel offset (otherwise), the plain scatter-add (pool windows).
+# (compiler/core/ops/windows.py): a transposed convolution (stride 1, dZ's windows at most 3
+# times the product), one product per kernel offset (otherwise), the plain scatter-add (pool windows).
 INPUT_ADJOINTS = [   # (image, first filters, second filters, kernel, stride, padding, helper)
     ((5, 5, 2), 3, 3, 3, 1, "same", "_conv_transpose("),
     ((6, 5, 2), 3, 2, (3, 2), 1, "same", "_conv_transpose("),      # asymmetric 'same' padding

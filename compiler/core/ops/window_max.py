@@ -39,9 +39,18 @@ def _max_jvp(node, t):
     return ir.reduce_sum(ir.ew(ARG[0] * ARG[1], [window_max_grad(p, ones), tp], shape=p.shape), (1,))
 
 
+def _keep(st, node):
+    """The buffer name argument of the helper: the value's name when its array may live in a
+    reused buffer (large and private: NumpyStatements.private), else nothing."""
+    if st.large(node) and st.private(node):
+        st.helpers.add("scratch")
+        return f", {st.name(node)!r}"
+    return ""
+
+
 def _max_numpy(st, node):
     st.helpers.add("window_max")
-    return [f"{st.name(node)} = _window_max({st.ref(node.inputs[0], bare=True)})"]
+    return [f"{st.name(node)} = _window_max({st.ref(node.inputs[0], bare=True)}{_keep(st, node)})"]
 
 
 def _grad_numpy(st, node):
@@ -49,7 +58,7 @@ def _grad_numpy(st, node):
     out = st.name(node)
     # (g may be the tangent rule's inline constant of ones: ref gives it as an array)
     st.helpers |= {"route_to_argmax", "window_max"}
-    return [f"{out} = _route_to_argmax({st.ref(p, bare=True)}, {st.ref(g, bare=True)})"]
+    return [f"{out} = _route_to_argmax({st.ref(p, bare=True)}, {st.ref(g, bare=True)}{_keep(st, node)})"]
 
 
 def _argmax_loop(st, p, body):
