@@ -210,7 +210,7 @@ def _col2im_numpy(st, node):
         st.helpers.add("col2im_product")
         keep = ", keep=True" if st.large(node) and st.private(node) else ""
         return [f"{out} = _col2im_product({rows}, {weights}, {image}, {kernel}, {stride}, {pads}, {out!r}{keep})"]
-    st.helpers |= {"col2im", "scratch"}
+    st.helpers.add("col2im")
     return [f"{out} = _col2im({st.ref(g, bare=True)}, {image}, {kernel}, {stride}, {pads}{_keep(st, node)})"]
 
 
