@@ -385,6 +385,66 @@ def test_input_adjoint_of_every_numpy_form(backend, case):
     assert rows and all(r.ok for r in rows), format_table(rows)
 
 
+def _chunked_cnn():
+    """Convolutions of stride 1 ("same") and 2 ("valid"), max pooling, and a dense layer."""
+    net = bpc.Network("chunked_cnn")
+    h = net.conv2d(net.input("x", shape=(7, 6, 2)), 3, 3, padding="same", activation="tanh")
+    h = net.conv2d(h, 4, (3, 2), stride=2, padding="valid", activation="relu")
+    h = net.maxpool2d(net.conv2d(h, 4, 2, padding="same", activation="tanh"), 2)
+    return net.build(net.dense(net.flatten(h), 3), "softmax_cross_entropy", net.target("y", kind="label"))
+
+
+def test_convolutions_take_im2col_rows_a_chunk_of_samples_at_a_time():
+    """A convolution's rows im2col(x) are never formed: _conv and _conv_weight_grad copy the
+    windows of a chunk of samples at a time. With chunks of one sample (and of a few), the
+    gradients still agree with central differences and with one chunk for the whole batch."""
+    from compiler.gradcheck import check_gradients, format_table
+    compiled = bpc.compile_model(_chunked_cnn(), "float64")
+    src = compiled.source
+    body = src[src.index("def backward("):src.index("def per_example_grads(")]
+    assert body.count(" = _conv(") == 3 and body.count(" = _conv_weight_grad(") == 3
+    formed = re.findall(r"(\w+) = _im2col\(", body)
+    assert formed == ["Pp1"], formed   # only the pooling windows
+    mod = compiled.load()
+    params = mod.init_params(0)
+    batch = random_batch(mod, 5, 1)
+    whole = mod.backward(params, *batch)
+    default = mod._CHUNK_BYTES
+    try:
+        for chunk in (1, 2 * 42 * 8 * 8):   # one sample per chunk; two (the last chunk: one)
+            mod._CHUNK_BYTES = chunk
+            value, grads = mod.backward(params, *batch)
+            assert value == pytest.approx(whole[0], rel=1e-13)
+            for k, g in grads.items():
+                np.testing.assert_allclose(g, whole[1][k], rtol=1e-11, atol=1e-13, err_msg=k)
+        mod._CHUNK_BYTES = 1
+        rows = check_gradients(mod, params, batch, entries=None)
+        assert rows and all(r.ok for r in rows), format_table(rows)
+    finally:
+        mod._CHUNK_BYTES = default
+
+
+def test_image_statements_never_return_a_reused_buffer():
+    """Gradients, losses and predictions of a CNN (whose large intermediate values live in
+    buffers reused from call to call) are not changed by a later call with other data."""
+    mod = bpc.compile_model(_chunked_cnn(), "float64").load()
+    params = mod.init_params(0)
+    first, second = random_batch(mod, 6, 1), random_batch(mod, 6, 2)
+    value, grads = mod.backward(params, *first)
+    probs, per_example = mod.forward(params, first[0]), mod.per_example_grads(params, *first)
+    kept = ({k: g.copy() for k, g in grads.items()}, probs.copy(),
+            per_example[0].copy(), {k: g.copy() for k, g in per_example[1].items()})
+    mod.backward(params, *second)
+    mod.forward(params, second[0])
+    mod.per_example_grads(params, *second)
+    for k in grads:
+        np.testing.assert_array_equal(grads[k], kept[0][k], err_msg=k)
+        np.testing.assert_array_equal(per_example[1][k], kept[3][k], err_msg=k)
+    np.testing.assert_array_equal(probs, kept[1])
+    np.testing.assert_array_equal(per_example[0], kept[2])
+    assert mod.backward(params, *first)[0] == value
+
+
 def test_float32_stays_float32_through_every_image_statement():
     """A float32 CNN (padding, both input-adjoint forms, max and average pools) computes in
     float32: every gradient is float32 and matches the float64 module's to float32 precision."""

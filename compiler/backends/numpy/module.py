@@ -329,6 +329,7 @@ class _Functions:
         for node in nodes:
             lines = [py_comment(fm.line(node))] if comments and node.uid in self.program.backward_only else []
             lines += statement(st, fm, node)
+            st.emitted.add(node.uid)
             if node.uid in self.program.training_only:
                 only.append((node, lines))
                 continue

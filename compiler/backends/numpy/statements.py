@@ -71,6 +71,7 @@ class NumpyStatements:
     def begin_function(self):
         """Start the statements of one function."""
         self.needs_dt = False    # whether they refer to the local dt (the inputs' dtype)
+        self.emitted = set()     # uids of the nodes whose statements it has so far
 
     def private(self, node):
         """Whether ``node``'s array can never reach the caller: it is not returned, and every

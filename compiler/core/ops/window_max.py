@@ -58,7 +58,14 @@ def _grad_numpy(st, node):
     out = st.name(node)
     # (g may be the tangent rule's inline constant of ones: ref gives it as an array)
     st.helpers |= {"route_to_argmax", "window_max"}
-    return [f"{out} = _route_to_argmax({st.ref(p, bare=True)}, {st.ref(g, bare=True)}{_keep(st, node)})"]
+    # the forward's window maximum of p, when this function has computed it (it is never
+    # updated in place: window_max is not an op whose result a statement may overwrite)
+    best = next((u for u in st.users.get(p.uid, []) if u.op == "window_max" and u.uid in st.emitted), None)
+    keep = _keep(st, node)
+    reuse = f", best={st.name(best)}" if best is not None else ""
+    if reuse and not keep:
+        keep = ", None"
+    return [f"{out} = _route_to_argmax({st.ref(p, bare=True)}, {st.ref(g, bare=True)}{keep}{reuse})"]
 
 
 def _argmax_loop(st, p, body):
