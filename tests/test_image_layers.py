@@ -112,6 +112,44 @@ def test_maxpool_gradient_goes_to_the_first_maximum(backend):
     np.testing.assert_allclose(g["W1"], [[2.0]])
 
 
+# (image, pool, stride, whether the NumPy module keeps the windows in image layout: they tile it)
+POOL_LAYOUTS = [((8, 6, 3), 2, 2, True), ((4, 6, 2), (2, 3), (2, 3), True), ((7, 6, 2), 2, 2, False),
+                ((6, 6, 2), 3, 1, False), ((6, 6, 2), 2, 3, False)]
+
+
+@NEEDS_CC
+@pytest.mark.parametrize("case", POOL_LAYOUTS, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in POOL_LAYOUTS])
+def test_maxpool_adjoint_in_every_layout_agrees_with_c(case):
+    """Max pooling of a 2x2 convolution with weights in {-1, 0, 1} of images with pixels in
+    {0, 1} (many ties between different windows of the input, each routed to its pool window's
+    first maximum): the NumPy module, whose windows are a view of the image when they tile it
+    (no im2col copy, the adjoint routed straight into the image), gives the C module's
+    gradients."""
+    from compiler.backends.c.backend import compile_model_c
+    image, pool, stride, tiled = case
+    net = bpc.Network("pool_layout")
+    h = net.conv2d(net.input("x", shape=image), 3, 2, padding="same")
+    h = net.conv2d(net.maxpool2d(h, pool, stride), 2, 1, activation="tanh")
+    model = net.build(net.dense(net.flatten(h), 2), "mse", net.target("y", 2))
+    source = bpc.compile_model(model, "float64").source
+    body = source[source.index("def backward("):source.index("def per_example_grads(")]
+    assert ("# the pool's windows tile the image: a view" in body) == tiled
+    assert ("_col2im(" in body) != tiled
+    numpy_mod, c_mod = bpc.compile_model(model, "float64").load(), compile_model_c(model, "float64").load()
+    params = numpy_mod.init_params(3)
+    rng = np.random.default_rng(6)
+    params["W1"] = rng.integers(-1, 2, params["W1"].shape).astype(float)
+    x, y = random_batch(numpy_mod, 4, 5)
+    batch = (rng.integers(0, 2, x.shape).astype(float), y)
+    (v1, g1), (v2, g2) = numpy_mod.backward(params, *batch), c_mod.backward(params, *batch)
+    assert v1 == pytest.approx(v2, rel=1e-12)
+    for k in g1:
+        np.testing.assert_allclose(g1[k], g2[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    pe1, pe2 = numpy_mod.per_example_grads(params, *batch), c_mod.per_example_grads(params, *batch)
+    for k in pe1[1]:
+        np.testing.assert_allclose(pe1[1][k], pe2[1][k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
 @pytest.mark.parametrize("backend", TARGETS)
 def test_image_inputs_are_checked(backend):
     net = bpc.Network("checked")

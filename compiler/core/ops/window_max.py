@@ -39,6 +39,56 @@ def _max_jvp(node, t):
     return ir.reduce_sum(ir.ew(ARG[0] * ARG[1], [window_max_grad(p, ones), tp], shape=p.shape), (1,))
 
 
+def pool_windows(st, pp):
+    """Whether im2col ``pp``'s windows tile its image (kernel = stride, no padding, no pixel
+    left over) and serve only a max pool: ``pp`` is reshaped to windows (m, k, c) used only by
+    their window maximum and its adjoint, and each adjoint is reshaped to rows and added back
+    by col2im of the same geometry. Then the NumPy statements keep the windows in image layout:
+    ``pp`` is a view of the image (n, OH, kh, OW, kw, C), not im2col's copy, the adjoint is
+    routed straight into an image, and col2im is a reshape (no copy, no permutation)."""
+    if pp.op != "im2col" or pp.uid in st.outputs:
+        return False
+    (H, W, C), (kh, kw), stride, pads = (pp.attr(a) for a in ("image", "kernel", "stride", "pads"))
+    if (kh, kw) != tuple(stride) or any(pads) or H % kh or W % kw:
+        return False
+    users = st.users.get(pp.uid, [])
+    if len(users) != 1 or users[0].op != "reshape" or not _plain(st, users[0]):
+        return False
+    q = users[0]
+    if tuple(q.shape) != (pp.shape[0], kh * kw, C):
+        return False
+    for u in st.users.get(q.uid, []):
+        if u.op == "window_max" and _plain(st, u):
+            continue
+        if u.op != "window_max_grad" or u.inputs[0] is not q or u.inputs[1] is q or not _plain(st, u):
+            return False
+        after = st.users.get(u.uid, [])
+        if len(after) != 1 or after[0].op != "reshape" or not _plain(st, after[0]):
+            return False
+        back = st.users.get(after[0].uid, [])
+        if len(back) != 1 or back[0].op != "col2im" or any(
+                back[0].attr(a) != pp.attr(a) for a in ("image", "kernel", "stride", "pads")):
+            return False
+    return True
+
+
+def _plain(st, node):
+    return node.uid not in st.outputs and node.uid not in st.p.inline
+
+
+def pooled_windows(st, node):
+    """For a reshape or col2im ``node``: the im2col whose windows ``pool_windows`` keeps in
+    image layout, when ``node`` is the reshape of those windows, or the reshape or col2im of
+    their adjoint; else None."""
+    chain = []
+    while node.op in ("reshape", "col2im", "window_max_grad") and len(chain) < 4:
+        chain.append(node.op)
+        node = node.inputs[0]
+    ok = chain in (["reshape"], ["reshape", "window_max_grad", "reshape"],
+                   ["col2im", "reshape", "window_max_grad", "reshape"])
+    return node if ok and node.op == "im2col" and pool_windows(st, node) else None
+
+
 def _keep(st, node):
     """The buffer name argument of the helper: the value's name when its array may live in a
     reused buffer (large and private: NumpyStatements.private), else nothing."""

@@ -138,6 +138,11 @@ def _im2col_numpy(st, node):
     if convolved(st, node):
         return [f"# {st.name(node)} = im2col({src}): not formed; the products with it take its rows "
                 "a chunk of samples at a time"]
+    from compiler.core.ops.window_max import pool_windows
+    if pool_windows(st, node):
+        (H, W, C), (kh, kw) = image, kernel
+        shape = st.shape_code((N, H // kh, kh, W // kw, kw, C))
+        return [f"{st.name(node)} = {st.ref(x)}.reshape({shape})   # the pool's windows tile the image: a view"]
     return [f"{st.name(node)} = _im2col({src}, {kernel}, {stride}, {pads}{_keep(st, node, src)})"]
 
 
@@ -210,6 +215,9 @@ def _col2im_numpy(st, node):
         st.helpers.add("col2im_product")
         keep = ", keep=True" if st.large(node) and st.private(node) else ""
         return [f"{out} = _col2im_product({rows}, {weights}, {image}, {kernel}, {stride}, {pads}, {out!r}{keep})"]
+    from compiler.core.ops.window_max import pooled_windows
+    if pooled_windows(st, node) is not None:   # routed straight into the image (window_max.py)
+        return [f"{out} = {st.ref(g)}.reshape({st.shape_code(node.shape)})"]
     st.helpers.add("col2im")
     return [f"{out} = _col2im({st.ref(g, bare=True)}, {image}, {kernel}, {stride}, {pads}{_keep(st, node)})"]
 
