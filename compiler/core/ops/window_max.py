@@ -69,6 +69,8 @@ def pool_windows(st, pp):
         if len(back) != 1 or back[0].op != "col2im" or any(
                 back[0].attr(a) != pp.attr(a) for a in ("image", "kernel", "stride", "pads")):
             return False
+        if not (_plain(st, back[0]) and st.private(back[0])):
+            return False   # col2im is then a view of the adjoint's array: it must never be returned
     return True
 
 
