@@ -315,6 +315,30 @@ def _col2im_product(g, w, image, kernel, stride, pads, name):
     return full[:, pt:pt + h, pl:pl + wd]
 
 
+def _col2im(rows, image, kernel, stride, pads, name=None):
+    # col2im, the adjoint of im2col: every row (n*OH*OW, kh*kw*C) added back onto the pixels
+    # its window covers, an image batch (n, H, W, C); one vectorised add per kernel offset.
+    # name: the result in this thread's buffer reused from call to call.
+    (h, w, c), (kh, kw), (sh, sw), (pt, pb, pl, pr) = image, kernel, stride, pads
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    n = rows.shape[0] // (oh * ow)
+    r = rows.reshape((n, oh, ow, kh, kw, c))
+    if (kh, kw) == (sh, sw) and (oh * kh, ow * kw) == (h, w) and not any((pt, pb, pl, pr)):
+        # windows side by side, tiling the image: a permutation of the rows' entries
+        out = _scratch(name, (n, h, w, c), rows) if name else np.empty((n, h, w, c), rows.dtype)
+        out.reshape((n, oh, kh, ow, kw, c))[...] = r.transpose(0, 1, 3, 2, 4, 5)
+        return out
+    if name is None:
+        full = np.zeros((n, h + pt + pb, w + pl + pr, c), rows.dtype)
+    else:
+        full = _scratch(name, (n, h + pt + pb, w + pl + pr, c), rows)
+        full.fill(0)
+    for i in range(kh):
+        for j in range(kw):
+            full[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += r[:, :, :, i, j]
+    return full[:, pt:pt + h, pl:pl + w]
+
+
 def _conv_transpose(g, w, image, kernel, pads, name, keep=False):
     # col2im(g @ w.T) of a stride-1 convolution computed as a convolution: the windows of g
     # (n*OH*OW, F) seen as images (n, OH, OW, F) and zero-padded by kernel - 1 - pads, times w
@@ -621,31 +645,31 @@ def hvp(params, v, x, y):
     v_b3 = _direction(v, 'b3', (64,))
     v_W4 = _direction(v, 'W4', (256, 10))
     v_b4 = _direction(v, 'b4', (10,))
-    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
-    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
+    # P1 = im2col(x): not formed; the products with it take its rows a chunk of samples at a time
+    PW1 = _conv(x, W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('PW1', (64*n, 32), x, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
     H1 = C1
     H1 += b1
     np.maximum(H1, 0.0, out=H1)
-    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
-    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
+    # P2 = im2col(H1): not formed; the products with it take its rows a chunk of samples at a time
+    PW2 = _conv(H1, W2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2', out=_scratch('PW2', (64*n, 32), H1, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
     H2 = C2
     H2 += b2
     np.maximum(H2, 0.0, out=H2)
     Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
     Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = _window_max(Q1)
+    Max1 = _window_max(Q1, 'Max1')
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
-    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
+    # P3 = im2col(Pool1): not formed; the products with it take its rows a chunk of samples at a time
+    PW3 = _conv(Pool1, W3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3', out=_scratch('PW3', (16*n, 64), Pool1, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
     H3 = C3
     H3 += b3
     np.maximum(H3, 0.0, out=H3)
     Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
     Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = _window_max(Q2)
+    Max2 = _window_max(Q2, 'Max2')
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -658,19 +682,19 @@ def hvp(params, v, x, y):
     dZ4 *= 1/n
     dF1 = np.matmul(dZ4, W4.T, out=_scratch('dF1', (n, 256), dZ4, W4))
     dMax2 = dF1.reshape((4*n, 64))
-    dQ2 = _route_to_argmax(Q2, dMax2)
+    dQ2 = _route_to_argmax(Q2, dMax2, 'dQ2', best=Max2)
     dPp2 = dQ2.reshape((4*n, 256))
-    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0), 'dH3')
     step_H3 = np.heaviside(H3, 0.0)
     dZ3_2 = dH3
     dZ3_2 *= step_H3
     dPW3_2 = dZ3_2.reshape((16*n, 64))
     # (not formed: dPool1_2 = col2im(dP3_2) computes it, see below)
-    dPool1_2 = _col2im_product(dPW3_2, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1_2')
+    dPool1_2 = _conv_transpose(dPW3_2, W3, (4, 4, 32), (3, 3), (1, 1, 1, 1), 'dPool1_2', keep=True)
     dMax1_2 = dPool1_2.reshape((16*n, 32))
-    dQ1_2 = _route_to_argmax(Q1, dMax1_2)
+    dQ1_2 = _route_to_argmax(Q1, dMax1_2, 'dQ1_2', best=Max1)
     dPp1_2 = dQ1_2.reshape((16*n, 128))
-    dH2_2 = _col2im(dPp1_2, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH2_2 = _col2im(dPp1_2, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0), 'dH2_2')
     step_H2 = np.heaviside(H2, 0.0)
     dZ2_2 = dH2_2
     dZ2_2 *= step_H2
@@ -680,18 +704,18 @@ def hvp(params, v, x, y):
     dZ1_2 = dH1_2
     dZ1_2 *= step_H1
     dPW1_2 = dZ1_2.reshape((64*n, 32))
-    dW1_2 = P1.T @ dPW1_2
+    dW1_2 = _conv_weight_grad(x, dPW1_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
     db1_2 = dZ1_2.sum(axis=(0, 1, 2))
-    dW2_2 = P2.T @ dPW2_2
+    dW2_2 = _conv_weight_grad(H1, dPW2_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
     db2_2 = dZ2_2.sum(axis=(0, 1, 2))
-    dW3_2 = P3.T @ dPW3_2
+    dW3_2 = _conv_weight_grad(Pool1, dPW3_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     db3_2 = dZ3_2.sum(axis=(0, 1, 2))
     dW4 = F1.T @ dZ4
     db4 = _colsum(dZ4)
     # P2_v_W2 = P2 @ v_W2
-    P2_v_W2 = np.matmul(P2, v_W2, out=_scratch('P2_v_W2', (64*n, 32), P2, v_W2))
+    P2_v_W2 = _conv(H1, v_W2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2', out=_scratch('P2_v_W2', (64*n, 32), H1, v_W2))
     # tPW1 = P1 @ v_W1
-    tPW1 = np.matmul(P1, v_W1, out=_scratch('tPW1', (64*n, 32), P1, v_W1))
+    tPW1 = _conv(x, v_W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('tPW1', (64*n, 32), x, v_W1))
     # tC1 = reshape(tPW1, (n, 8, 8, 32))
     tC1 = tPW1.reshape((n, 8, 8, 32))
     # tH1 = step_H1*(tC1 + v_b1)
@@ -699,9 +723,9 @@ def hvp(params, v, x, y):
     tH1 += v_b1
     tH1 *= step_H1
     # tP2 = im2col(tH1)
-    tP2 = _im2col(tH1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2')
+    # tP2 = im2col(tH1): not formed; the products with it take its rows a chunk of samples at a time
     # tP2_W2 = tP2 @ W2
-    tP2_W2 = np.matmul(tP2, W2, out=_scratch('tP2_W2', (64*n, 32), tP2, W2))
+    tP2_W2 = _conv(tH1, W2, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2', out=_scratch('tP2_W2', (64*n, 32), tH1, W2))
     # tPW2 = P2_v_W2 + tP2_W2
     tPW2 = P2_v_W2
     tPW2 += tP2_W2
@@ -716,17 +740,17 @@ def hvp(params, v, x, y):
     # tQ1 = reshape(tPp1, (16*n, 4, 32))
     tQ1 = tPp1.reshape((16*n, 4, 32))
     # Q1_2 = route_to_argmax(1, Q1)
-    Q1_2 = _route_to_argmax(Q1, np.full((16*n, 32), 1, dtype=dt))
+    Q1_2 = _route_to_argmax(Q1, np.full((16*n, 32), 1, dtype=dt), 'Q1_2', best=Max1)
     # tMax1 = sum(Q1_2*tQ1, axis=1)
     tMax1 = np.sum(Q1_2*tQ1, axis=1)
     # tPool1 = reshape(tMax1, (n, 4, 4, 32))
     tPool1 = tMax1.reshape((n, 4, 4, 32))
     # tP3 = im2col(tPool1)
-    tP3 = _im2col(tPool1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3')
+    # tP3 = im2col(tPool1): not formed; the products with it take its rows a chunk of samples at a time
     # tP3_W3 = tP3 @ W3
-    tP3_W3 = np.matmul(tP3, W3, out=_scratch('tP3_W3', (16*n, 64), tP3, W3))
+    tP3_W3 = _conv(tPool1, W3, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3', out=_scratch('tP3_W3', (16*n, 64), tPool1, W3))
     # P3_v_W3 = P3 @ v_W3
-    P3_v_W3 = np.matmul(P3, v_W3, out=_scratch('P3_v_W3', (16*n, 64), P3, v_W3))
+    P3_v_W3 = _conv(Pool1, v_W3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3', out=_scratch('P3_v_W3', (16*n, 64), Pool1, v_W3))
     # tPW3 = P3_v_W3 + tP3_W3
     tPW3 = P3_v_W3
     tPW3 += tP3_W3
@@ -741,7 +765,7 @@ def hvp(params, v, x, y):
     # tQ2 = reshape(tPp2, (4*n, 4, 64))
     tQ2 = tPp2.reshape((4*n, 4, 64))
     # Q2_2 = route_to_argmax(1, Q2)
-    Q2_2 = _route_to_argmax(Q2, np.full((4*n, 64), 1, dtype=dt))
+    Q2_2 = _route_to_argmax(Q2, np.full((4*n, 64), 1, dtype=dt), 'Q2_2', best=Max2)
     # tMax2 = sum(Q2_2*tQ2, axis=1)
     tMax2 = np.sum(Q2_2*tQ2, axis=1)
     # tF1 = reshape(tMax2, (n, 256))
@@ -768,11 +792,11 @@ def hvp(params, v, x, y):
     # tdMax2 = reshape(tdF1, (4*n, 64))
     tdMax2 = tdF1.reshape((4*n, 64))
     # tdQ2 = route_to_argmax(tdMax2, Q2)
-    tdQ2 = _route_to_argmax(Q2, tdMax2)
+    tdQ2 = _route_to_argmax(Q2, tdMax2, 'tdQ2', best=Max2)
     # tdPp2 = reshape(tdQ2, (4*n, 256))
     tdPp2 = tdQ2.reshape((4*n, 256))
     # tdH3 = col2im(tdPp2)
-    tdH3 = _col2im(tdPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    tdH3 = _col2im(tdPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0), 'tdH3')
     # tdZ3 = step_H3*tdH3
     tdZ3 = tdH3
     tdZ3 *= step_H3
@@ -786,15 +810,15 @@ def hvp(params, v, x, y):
     tdP3 = dPW3_v_W3
     tdP3 += tdPW3_W3
     # tdPool1 = col2im(tdP3)
-    tdPool1 = _col2im(tdP3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1))
+    tdPool1 = _col2im(tdP3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'tdPool1')
     # tdMax1 = reshape(tdPool1, (16*n, 32))
     tdMax1 = tdPool1.reshape((16*n, 32))
     # tdQ1 = route_to_argmax(tdMax1, Q1)
-    tdQ1 = _route_to_argmax(Q1, tdMax1)
+    tdQ1 = _route_to_argmax(Q1, tdMax1, 'tdQ1', best=Max1)
     # tdPp1 = reshape(tdQ1, (16*n, 128))
     tdPp1 = tdQ1.reshape((16*n, 128))
     # tdH2 = col2im(tdPp1)
-    tdH2 = _col2im(tdPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    tdH2 = _col2im(tdPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0), 'tdH2')
     # tdZ2 = step_H2*tdH2
     tdZ2 = tdH2
     tdZ2 *= step_H2
@@ -808,29 +832,29 @@ def hvp(params, v, x, y):
     tdP2 = dPW2_v_W2
     tdP2 += tdPW2_W2
     # tdH1 = col2im(tdP2)
-    tdH1 = _col2im(tdP2, (8, 8, 32), (3, 3), (1, 1), (1, 1, 1, 1))
+    tdH1 = _col2im(tdP2, (8, 8, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'tdH1')
     # tdZ1 = step_H1*tdH1
     tdZ1 = tdH1
     tdZ1 *= step_H1
     # tdPW1 = reshape(tdZ1, (64*n, 32))
     tdPW1 = tdZ1.reshape((64*n, 32))
     # Hv_W1 = P1.T @ tdPW1
-    Hv_W1 = P1.T @ tdPW1
+    Hv_W1 = _conv_weight_grad(x, tdPW1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
     # Hv_b1 = sum(tdZ1, axis=(0, 1, 2))
     Hv_b1 = tdZ1.sum(axis=(0, 1, 2))
     # tP2_dPW2 = tP2.T @ dPW2_2
-    tP2_dPW2 = tP2.T @ dPW2_2
+    tP2_dPW2 = _conv_weight_grad(tH1, dPW2_2, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2')
     # P2_tdPW2 = P2.T @ tdPW2
-    P2_tdPW2 = P2.T @ tdPW2
+    P2_tdPW2 = _conv_weight_grad(H1, tdPW2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
     # Hv_W2 = P2_tdPW2 + tP2_dPW2
     Hv_W2 = P2_tdPW2
     Hv_W2 += tP2_dPW2
     # Hv_b2 = sum(tdZ2, axis=(0, 1, 2))
     Hv_b2 = tdZ2.sum(axis=(0, 1, 2))
     # P3_tdPW3 = P3.T @ tdPW3
-    P3_tdPW3 = P3.T @ tdPW3
+    P3_tdPW3 = _conv_weight_grad(Pool1, tdPW3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     # tP3_dPW3 = tP3.T @ dPW3_2
-    tP3_dPW3 = tP3.T @ dPW3_2
+    tP3_dPW3 = _conv_weight_grad(tPool1, dPW3_2, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3')
     # Hv_W3 = P3_tdPW3 + tP3_dPW3
     Hv_W3 = P3_tdPW3
     Hv_W3 += tP3_dPW3
@@ -870,31 +894,31 @@ def gnvp(params, v, x, y):
     v_b3 = _direction(v, 'b3', (64,))
     v_W4 = _direction(v, 'W4', (256, 10))
     v_b4 = _direction(v, 'b4', (10,))
-    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
-    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
+    # P1 = im2col(x): not formed; the products with it take its rows a chunk of samples at a time
+    PW1 = _conv(x, W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('PW1', (64*n, 32), x, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
     H1 = C1
     H1 += b1
     np.maximum(H1, 0.0, out=H1)
-    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
-    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
+    # P2 = im2col(H1): not formed; the products with it take its rows a chunk of samples at a time
+    PW2 = _conv(H1, W2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2', out=_scratch('PW2', (64*n, 32), H1, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
     H2 = C2
     H2 += b2
     np.maximum(H2, 0.0, out=H2)
     Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
     Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = _window_max(Q1)
+    Max1 = _window_max(Q1, 'Max1')
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
-    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
+    # P3 = im2col(Pool1): not formed; the products with it take its rows a chunk of samples at a time
+    PW3 = _conv(Pool1, W3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3', out=_scratch('PW3', (16*n, 64), Pool1, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
     H3 = C3
     H3 += b3
     np.maximum(H3, 0.0, out=H3)
     Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
     Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = _window_max(Q2)
+    Max2 = _window_max(Q2, 'Max2')
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -907,19 +931,19 @@ def gnvp(params, v, x, y):
     dZ4 *= 1/n
     dF1 = np.matmul(dZ4, W4.T, out=_scratch('dF1', (n, 256), dZ4, W4))
     dMax2 = dF1.reshape((4*n, 64))
-    dQ2 = _route_to_argmax(Q2, dMax2)
+    dQ2 = _route_to_argmax(Q2, dMax2, 'dQ2', best=Max2)
     dPp2 = dQ2.reshape((4*n, 256))
-    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0), 'dH3')
     step_H3 = np.heaviside(H3, 0.0)
     dZ3_2 = dH3
     dZ3_2 *= step_H3
     dPW3_2 = dZ3_2.reshape((16*n, 64))
     # (not formed: dPool1_2 = col2im(dP3_2) computes it, see below)
-    dPool1_2 = _col2im_product(dPW3_2, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1_2')
+    dPool1_2 = _conv_transpose(dPW3_2, W3, (4, 4, 32), (3, 3), (1, 1, 1, 1), 'dPool1_2', keep=True)
     dMax1_2 = dPool1_2.reshape((16*n, 32))
-    dQ1_2 = _route_to_argmax(Q1, dMax1_2)
+    dQ1_2 = _route_to_argmax(Q1, dMax1_2, 'dQ1_2', best=Max1)
     dPp1_2 = dQ1_2.reshape((16*n, 128))
-    dH2_2 = _col2im(dPp1_2, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH2_2 = _col2im(dPp1_2, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0), 'dH2_2')
     step_H2 = np.heaviside(H2, 0.0)
     dZ2_2 = dH2_2
     dZ2_2 *= step_H2
@@ -929,18 +953,18 @@ def gnvp(params, v, x, y):
     dZ1_2 = dH1_2
     dZ1_2 *= step_H1
     dPW1_2 = dZ1_2.reshape((64*n, 32))
-    dW1_2 = P1.T @ dPW1_2
+    dW1_2 = _conv_weight_grad(x, dPW1_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
     db1_2 = dZ1_2.sum(axis=(0, 1, 2))
-    dW2_2 = P2.T @ dPW2_2
+    dW2_2 = _conv_weight_grad(H1, dPW2_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
     db2_2 = dZ2_2.sum(axis=(0, 1, 2))
-    dW3_2 = P3.T @ dPW3_2
+    dW3_2 = _conv_weight_grad(Pool1, dPW3_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     db3_2 = dZ3_2.sum(axis=(0, 1, 2))
     dW4 = F1.T @ dZ4
     db4 = _colsum(dZ4)
     # P2_v_W2 = P2 @ v_W2
-    P2_v_W2 = np.matmul(P2, v_W2, out=_scratch('P2_v_W2', (64*n, 32), P2, v_W2))
+    P2_v_W2 = _conv(H1, v_W2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2', out=_scratch('P2_v_W2', (64*n, 32), H1, v_W2))
     # tPW1 = P1 @ v_W1
-    tPW1 = np.matmul(P1, v_W1, out=_scratch('tPW1', (64*n, 32), P1, v_W1))
+    tPW1 = _conv(x, v_W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('tPW1', (64*n, 32), x, v_W1))
     # tC1 = reshape(tPW1, (n, 8, 8, 32))
     tC1 = tPW1.reshape((n, 8, 8, 32))
     # tH1 = step_H1*(tC1 + v_b1)
@@ -948,9 +972,9 @@ def gnvp(params, v, x, y):
     tH1 += v_b1
     tH1 *= step_H1
     # tP2 = im2col(tH1)
-    tP2 = _im2col(tH1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2')
+    # tP2 = im2col(tH1): not formed; the products with it take its rows a chunk of samples at a time
     # tP2_W2 = tP2 @ W2
-    tP2_W2 = np.matmul(tP2, W2, out=_scratch('tP2_W2', (64*n, 32), tP2, W2))
+    tP2_W2 = _conv(tH1, W2, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2', out=_scratch('tP2_W2', (64*n, 32), tH1, W2))
     # tPW2 = P2_v_W2 + tP2_W2
     tPW2 = P2_v_W2
     tPW2 += tP2_W2
@@ -965,17 +989,17 @@ def gnvp(params, v, x, y):
     # tQ1 = reshape(tPp1, (16*n, 4, 32))
     tQ1 = tPp1.reshape((16*n, 4, 32))
     # Q1_2 = route_to_argmax(1, Q1)
-    Q1_2 = _route_to_argmax(Q1, np.full((16*n, 32), 1, dtype=dt))
+    Q1_2 = _route_to_argmax(Q1, np.full((16*n, 32), 1, dtype=dt), 'Q1_2', best=Max1)
     # tMax1 = sum(Q1_2*tQ1, axis=1)
     tMax1 = np.sum(Q1_2*tQ1, axis=1)
     # tPool1 = reshape(tMax1, (n, 4, 4, 32))
     tPool1 = tMax1.reshape((n, 4, 4, 32))
     # tP3 = im2col(tPool1)
-    tP3 = _im2col(tPool1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3')
+    # tP3 = im2col(tPool1): not formed; the products with it take its rows a chunk of samples at a time
     # tP3_W3 = tP3 @ W3
-    tP3_W3 = np.matmul(tP3, W3, out=_scratch('tP3_W3', (16*n, 64), tP3, W3))
+    tP3_W3 = _conv(tPool1, W3, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3', out=_scratch('tP3_W3', (16*n, 64), tPool1, W3))
     # P3_v_W3 = P3 @ v_W3
-    P3_v_W3 = np.matmul(P3, v_W3, out=_scratch('P3_v_W3', (16*n, 64), P3, v_W3))
+    P3_v_W3 = _conv(Pool1, v_W3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3', out=_scratch('P3_v_W3', (16*n, 64), Pool1, v_W3))
     # tPW3 = P3_v_W3 + tP3_W3
     tPW3 = P3_v_W3
     tPW3 += tP3_W3
@@ -990,7 +1014,7 @@ def gnvp(params, v, x, y):
     # tQ2 = reshape(tPp2, (4*n, 4, 64))
     tQ2 = tPp2.reshape((4*n, 4, 64))
     # Q2_2 = route_to_argmax(1, Q2)
-    Q2_2 = _route_to_argmax(Q2, np.full((4*n, 64), 1, dtype=dt))
+    Q2_2 = _route_to_argmax(Q2, np.full((4*n, 64), 1, dtype=dt), 'Q2_2', best=Max2)
     # tMax2 = sum(Q2_2*tQ2, axis=1)
     tMax2 = np.sum(Q2_2*tQ2, axis=1)
     # tF1 = reshape(tMax2, (n, 256))
@@ -1012,11 +1036,11 @@ def gnvp(params, v, x, y):
     # udMax2 = reshape(tdZ4_W4, (4*n, 64))
     udMax2 = tdZ4_W4.reshape((4*n, 64))
     # udQ2 = route_to_argmax(udMax2, Q2)
-    udQ2 = _route_to_argmax(Q2, udMax2)
+    udQ2 = _route_to_argmax(Q2, udMax2, 'udQ2', best=Max2)
     # udPp2 = reshape(udQ2, (4*n, 256))
     udPp2 = udQ2.reshape((4*n, 256))
     # udH3 = col2im(udPp2)
-    udH3 = _col2im(udPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    udH3 = _col2im(udPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0), 'udH3')
     # udZ3 = step_H3*udH3
     udZ3 = udH3
     udZ3 *= step_H3
@@ -1025,15 +1049,15 @@ def gnvp(params, v, x, y):
     # udP3 = udPW3 @ W3.T
     # (not formed: udPool1 = col2im(udP3) computes it, see below)
     # udPool1 = col2im(udP3)
-    udPool1 = _col2im_product(udPW3, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'udPool1')
+    udPool1 = _conv_transpose(udPW3, W3, (4, 4, 32), (3, 3), (1, 1, 1, 1), 'udPool1', keep=True)
     # udMax1 = reshape(udPool1, (16*n, 32))
     udMax1 = udPool1.reshape((16*n, 32))
     # udQ1 = route_to_argmax(udMax1, Q1)
-    udQ1 = _route_to_argmax(Q1, udMax1)
+    udQ1 = _route_to_argmax(Q1, udMax1, 'udQ1', best=Max1)
     # udPp1 = reshape(udQ1, (16*n, 128))
     udPp1 = udQ1.reshape((16*n, 128))
     # udH2 = col2im(udPp1)
-    udH2 = _col2im(udPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    udH2 = _col2im(udPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0), 'udH2')
     # udZ2 = step_H2*udH2
     udZ2 = udH2
     udZ2 *= step_H2
@@ -1049,15 +1073,15 @@ def gnvp(params, v, x, y):
     # udPW1 = reshape(udZ1, (64*n, 32))
     udPW1 = udZ1.reshape((64*n, 32))
     # Gv_W1 = P1.T @ udPW1
-    Gv_W1 = P1.T @ udPW1
+    Gv_W1 = _conv_weight_grad(x, udPW1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
     # Gv_b1 = sum(udZ1, axis=(0, 1, 2))
     Gv_b1 = udZ1.sum(axis=(0, 1, 2))
     # Gv_W2 = P2.T @ udPW2
-    Gv_W2 = P2.T @ udPW2
+    Gv_W2 = _conv_weight_grad(H1, udPW2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
     # Gv_b2 = sum(udZ2, axis=(0, 1, 2))
     Gv_b2 = udZ2.sum(axis=(0, 1, 2))
     # Gv_W3 = P3.T @ udPW3
-    Gv_W3 = P3.T @ udPW3
+    Gv_W3 = _conv_weight_grad(Pool1, udPW3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     # Gv_b3 = sum(udZ3, axis=(0, 1, 2))
     Gv_b3 = udZ3.sum(axis=(0, 1, 2))
     # F1_tdZ4 = F1.T @ tdZ4
