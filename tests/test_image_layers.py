@@ -26,6 +26,13 @@ def _load(model, backend):
     return compile_model_c(model, "float64").load()
 
 
+def _function_source(source, name):
+    """The text of function ``name`` in a generated module's source."""
+    start = source.index(f"\ndef {name}(")
+    end = source.find("\ndef ", start + 1)
+    return source[start:end if end >= 0 else len(source)]
+
+
 # ---- an independent reference: direct loops over output pixels ------------------------------
 
 def _pads(size, k, s, padding):
@@ -132,7 +139,7 @@ def test_maxpool_adjoint_in_every_layout_agrees_with_c(case):
     h = net.conv2d(net.maxpool2d(h, pool, stride), 2, 1, activation="tanh")
     model = net.build(net.dense(net.flatten(h), 2), "mse", net.target("y", 2))
     source = bpc.compile_model(model, "float64").source
-    body = source[source.index("def backward("):source.index("def per_example_grads(")]
+    body = _function_source(source, "backward")
     assert ("# the pool's windows tile the image: a view" in body) == tiled
     assert ("_col2im(" in body) != tiled
     numpy_mod, c_mod = bpc.compile_model(model, "float64").load(), compile_model_c(model, "float64").load()
@@ -438,8 +445,7 @@ def test_convolutions_take_im2col_rows_a_chunk_of_samples_at_a_time():
     gradients still agree with central differences and with one chunk for the whole batch."""
     from compiler.gradcheck import check_gradients, format_table
     compiled = bpc.compile_model(_chunked_cnn(), "float64")
-    src = compiled.source
-    body = src[src.index("def backward("):src.index("def per_example_grads(")]
+    body = _function_source(compiled.source, "backward")
     assert body.count(" = _conv(") == 3 and body.count(" = _conv_weight_grad(") == 3
     formed = re.findall(r"(\w+) = _im2col\(", body)
     assert formed == ["Pp1"], formed   # only the pooling windows
