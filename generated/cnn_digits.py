@@ -263,16 +263,23 @@ def _padded(x, pads, name=None):
     return a
 
 
+def _windows(x, kernel, stride, pads, name=None):
+    # every (kh, kw) window of x (n, H, W, C), zero-padded by pads, every stride pixels: a
+    # strided view (n, OH, OW, kh, kw, C) of x (or of its padded copy, this thread's reused
+    # buffer when named), no copy.
+    (kh, kw), (sh, sw) = kernel, stride
+    if any(pads):
+        x = _padded(x, pads, name and name + ":pad")
+    return np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::sh, ::sw].transpose(0, 1, 2, 4, 5, 3)
+
+
 def _im2col(x, kernel, stride, pads, name=None):
     # im2col: every (kh, kw) window of x (n, H, W, C), zero-padded by pads, every stride pixels,
     # as one row (n*OH*OW, kh*kw*C) in (kernel row, kernel column, channel) order: a strided
     # view of x, copied once (into this thread's reused buffer when named).
-    (kh, kw), (sh, sw) = kernel, stride
-    if any(pads):
-        x = _padded(x, pads, name and name + ":pad")
-    n, h, w, c = x.shape
-    rows = (n * ((h - kh) // sh + 1) * ((w - kw) // sw + 1), kh * kw * c)
-    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::sh, ::sw].transpose(0, 1, 2, 4, 5, 3)
+    win = _windows(x, kernel, stride, pads, name)
+    n, oh, ow, kh, kw, c = win.shape
+    rows = (n * oh * ow, kh * kw * c)
     if name is None:
         return win.reshape(rows)
     out = _scratch(name, rows, x)
@@ -280,39 +287,49 @@ def _im2col(x, kernel, stride, pads, name=None):
     return out
 
 
-def _col2im(rows, image, kernel, stride, pads):
-    # col2im, the adjoint of im2col: every row (n*OH*OW, kh*kw*C) added back onto the pixels
-    # its window covers, an image batch (n, H, W, C); one vectorised add per kernel offset.
-    (h, w, c), (kh, kw), (sh, sw), (pt, pb, pl, pr) = image, kernel, stride, pads
-    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
-    n = rows.shape[0] // (oh * ow)
-    r = rows.reshape((n, oh, ow, kh, kw, c))
-    if (kh, kw) == (sh, sw) and (oh * kh, ow * kw) == (h, w) and not any((pt, pb, pl, pr)):
-        # windows side by side, tiling the image: a permutation of the rows' entries
-        out = np.empty((n, h, w, c), rows.dtype)
-        out.reshape((n, oh, kh, ow, kw, c))[...] = r.transpose(0, 1, 3, 2, 4, 5)
-        return out
-    full = np.zeros((n, h + pt + pb, w + pl + pr, c), rows.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            full[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += r[:, :, :, i, j]
-    return full[:, pt:pt + h, pl:pl + w]
+_CHUNK_BYTES = 1 << 20   # im2col rows of one chunk of samples: small enough to stay in cache
 
 
-def _col2im_product(g, w, image, kernel, stride, pads, name):
-    # col2im(g @ w.T) for rows g (n*OH*OW, F) and w (kh*kw*C, F): the product of each kernel
-    # offset apart, (kh*kw, n*OH*OW, C) in one batched product, so that each offset's add onto
-    # the image reads whole image rows (the rows of g @ w.T hold only C numbers in a run).
-    (h, wd, c), (kh, kw), (sh, sw), (pt, pb, pl, pr) = image, kernel, stride, pads
-    oh, ow, f = (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1, g.shape[1]
-    n = g.shape[0] // (oh * ow)
-    parts = np.matmul(g, w.reshape((kh * kw, c, f)).transpose(0, 2, 1),
-                      out=_scratch(name + ":parts", (kh * kw, g.shape[0], c), g, w))
-    full = np.zeros((n, h + pt + pb, wd + pl + pr, c), parts.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            full[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += parts[i * kw + j].reshape((n, oh, ow, c))
-    return full[:, pt:pt + h, pl:pl + wd]
+def _chunks(win, name):
+    # (samples per chunk, this thread's buffer of one chunk's im2col rows) for windows win
+    n, oh, ow, kh, kw, c = win.shape
+    step = max(1, _CHUNK_BYTES // max(1, oh * ow * kh * kw * c * win.itemsize))
+    return step, _scratch(name + ":chunk", (min(step, n) * oh * ow, kh * kw * c), win)
+
+
+def _conv(x, w, kernel, stride, pads, name, out=None):
+    # im2col(x) @ w for x (n, H, W, C) and w (kh*kw*C, F): rows (n*OH*OW, F). The im2col rows
+    # of all samples are never formed (at a large batch they are many times the cache, written
+    # once and read back from memory): a chunk of samples at a time is copied into a small
+    # buffer and multiplied while it is in cache. out: the array of the result (else a new one).
+    win = _windows(x, kernel, stride, pads, name)
+    n, r = win.shape[0], win.shape[1] * win.shape[2]
+    if out is None:
+        out = np.empty((n * r, w.shape[1]), np.result_type(x, w))
+    step, buf = _chunks(win, name)
+    for s in range(0, n, step):
+        m = min(step, n - s)
+        np.copyto(buf[:m * r].reshape((m,) + win.shape[1:]), win[s:s + m])
+        np.matmul(buf[:m * r], w, out=out[s * r:(s + m) * r])
+    return out
+
+
+def _conv_weight_grad(x, g, kernel, stride, pads, name):
+    # im2col(x).T @ g for x (n, H, W, C) and rows g (n*OH*OW, F): (kh*kw*C, F), summed over
+    # chunks of samples whose im2col rows are formed one chunk at a time (as in _conv).
+    win = _windows(x, kernel, stride, pads, name)
+    n, r = win.shape[0], win.shape[1] * win.shape[2]
+    step, buf = _chunks(win, name)
+    out = part = None
+    for s in range(0, n, step):
+        m = min(step, n - s)
+        np.copyto(buf[:m * r].reshape((m,) + win.shape[1:]), win[s:s + m])
+        if out is None:
+            out = buf[:m * r].T @ g[:m * r]
+            part = np.empty_like(out) if m < n else None
+        else:
+            out += np.matmul(buf[:m * r].T, g[s * r:(s + m) * r], out=part)
+    return out
 
 
 def _col2im(rows, image, kernel, stride, pads, name=None):
@@ -342,42 +359,73 @@ def _col2im(rows, image, kernel, stride, pads, name=None):
 def _conv_transpose(g, w, image, kernel, pads, name, keep=False):
     # col2im(g @ w.T) of a stride-1 convolution computed as a convolution: the windows of g
     # (n*OH*OW, F) seen as images (n, OH, OW, F) and zero-padded by kernel - 1 - pads, times w
-    # (kh*kw*C, F) with its kernel flipped and its C and F axes swapped. One matrix product;
-    # no (n*OH*OW, kh*kw*C) product to scatter-add. keep: the result in a reused buffer too.
+    # (kh*kw*C, F) with its kernel flipped and its C and F axes swapped (_conv: a chunk of
+    # samples at a time). No (n*OH*OW, kh*kw*C) product to scatter-add. keep: the result in a
+    # reused buffer too.
     (h, wd, c), (kh, kw), (pt, pb, pl, pr) = image, kernel, pads
     oh, ow, f = h + pt + pb - kh + 1, wd + pl + pr - kw + 1, g.shape[1]
     n = g.shape[0] // (oh * ow)
-    cols = _im2col(g.reshape((n, oh, ow, f)), kernel, (1, 1),
-                   (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr), name + ":cols")
     flipped = w.reshape((kh, kw, c, f))[::-1, ::-1].transpose(0, 1, 3, 2).reshape((kh * kw * f, c))
-    out = np.matmul(cols, flipped, out=_scratch(name, (n * h * wd, c), cols, w) if keep else None)
+    out = _scratch(name, (n * h * wd, c), g, w) if keep else None
+    out = _conv(g.reshape((n, oh, ow, f)), flipped, kernel, (1, 1),
+                (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr), name + ":cols", out)
     return out.reshape((n, h, wd, c))
 
 
-def _window_max(p):
-    # The largest of the k entries of each (row, channel) of windows p (m, k, c): k - 1
-    # elementwise maxima of (m, c) slices (a reduction over the middle axis is slower).
-    if p.shape[1] == 1:
-        return p[:, 0].copy()
-    best = np.maximum(p[:, 0], p[:, 1])
-    for i in range(2, p.shape[1]):
-        np.maximum(best, p[:, i], out=best)
-    return best
+def _positions(p):
+    # The windows p as (k views of shape s, s): p (m, k, c), or p (n, OH, kh, OW, kw, C) when
+    # the windows tile an image (p is then a view of it), whose k = kh*kw views are (n, OH, OW, C).
+    if p.ndim == 6:
+        n, oh, kh, ow, kw, c = p.shape
+        return [p[:, :, i, :, j] for i in range(kh) for j in range(kw)], (n, oh, ow, c)
+    return [p[:, i] for i in range(p.shape[1])], (p.shape[0], p.shape[2])
 
 
-def _route_to_argmax(p, g):
+def _window_max(p, name=None):
+    # The largest of the k entries of each (row, channel) of windows p (m, k, c) (or of tiles,
+    # see _positions): k - 1 elementwise maxima of (m, c) slices (a reduction over the middle
+    # axis is slower). name: the result in this thread's buffer reused from call to call.
+    views, shape = _positions(p)
+    rows = (views[0].size // p.shape[-1], p.shape[-1])
+    best = _scratch(name, rows, p).reshape(shape) if name else None
+    if len(views) == 1:
+        if best is None:
+            return views[0].copy().reshape(rows)
+        np.copyto(best, views[0])
+        return best.reshape(rows)
+    best = np.maximum(views[0], views[1], out=best)
+    for v in views[2:]:
+        np.maximum(best, v, out=best)
+    return best.reshape(rows)
+
+
+def _route_to_argmax(p, g, name=None, best=None):
     # The adjoint of the window maximum of windows p (m, k, c): each entry of g (m, c) goes to
     # the first position of its window's maximum, zeros elsewhere; a few passes over (m, c) per
-    # window position, no index arrays.
-    best = _window_max(p)
-    out = np.empty(p.shape, g.dtype)
-    free = np.ones(best.shape, bool)   # windows whose maximum is not yet routed
-    hit = np.empty(best.shape, bool)
-    for i in range(p.shape[1]):
-        np.equal(p[:, i], best, out=hit)
-        hit &= free
-        free ^= hit
-        np.multiply(g, hit, out=out[:, i])
+    # window position, no index arrays. Tiles p (n, OH, kh, OW, kw, C) (see _positions) give an
+    # image (the same shape, the windows' pixels in place). best: the window maximum when the
+    # caller has it (else computed here). name: the result and the work arrays in this
+    # thread's reused buffers.
+    views, shape = _positions(p)
+    if best is None:
+        best = _window_max(p, name and name + ":max")
+    best, g = best.reshape(shape), g.reshape(shape)
+    if name is None:
+        out, hit, free = np.empty(p.shape, g.dtype), np.empty(shape, bool), np.empty(shape, bool)
+    else:
+        out = _scratch(name, p.shape, g)
+        hit, free = _scratch(name + ":hit", shape, np.bool_), _scratch(name + ":free", shape, np.bool_)
+    targets, _ = _positions(out)
+    k = len(views)
+    for i in range(k):
+        np.equal(views[i], best, out=hit)
+        if i == 0:
+            np.logical_not(hit, out=free)   # windows whose maximum is not yet routed
+        else:
+            hit &= free
+            if i < k - 1:
+                free ^= hit
+        np.multiply(g, hit, out=targets[i])
     return out
 
 
@@ -436,31 +484,31 @@ def forward(params, x):
     b3 = _param(params, 'b3', (64,))
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
-    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
-    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
+    # P1 = im2col(x): not formed; the products with it take its rows a chunk of samples at a time
+    PW1 = _conv(x, W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('PW1', (64*n, 32), x, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
     H1 = C1
     H1 += b1
     np.maximum(H1, 0.0, out=H1)
-    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
-    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
+    # P2 = im2col(H1): not formed; the products with it take its rows a chunk of samples at a time
+    PW2 = _conv(H1, W2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2', out=_scratch('PW2', (64*n, 32), H1, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
     H2 = C2
     H2 += b2
     np.maximum(H2, 0.0, out=H2)
-    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
-    Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = _window_max(Q1)
+    Pp1 = H2.reshape((n, 4, 2, 4, 2, 32))   # the pool's windows tile the image: a view
+    Q1 = Pp1   # in image layout
+    Max1 = _window_max(Q1, 'Max1')
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
-    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
+    # P3 = im2col(Pool1): not formed; the products with it take its rows a chunk of samples at a time
+    PW3 = _conv(Pool1, W3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3', out=_scratch('PW3', (16*n, 64), Pool1, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
     H3 = C3
     H3 += b3
     np.maximum(H3, 0.0, out=H3)
-    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
-    Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = _window_max(Q2)
+    Pp2 = H3.reshape((n, 2, 2, 2, 2, 64))   # the pool's windows tile the image: a view
+    Q2 = Pp2   # in image layout
+    Max2 = _window_max(Q2, 'Max2')
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -481,31 +529,31 @@ def loss(params, x, y):
     b3 = _param(params, 'b3', (64,))
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
-    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
-    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
+    # P1 = im2col(x): not formed; the products with it take its rows a chunk of samples at a time
+    PW1 = _conv(x, W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('PW1', (64*n, 32), x, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
     H1 = C1
     H1 += b1
     np.maximum(H1, 0.0, out=H1)
-    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
-    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
+    # P2 = im2col(H1): not formed; the products with it take its rows a chunk of samples at a time
+    PW2 = _conv(H1, W2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2', out=_scratch('PW2', (64*n, 32), H1, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
     H2 = C2
     H2 += b2
     np.maximum(H2, 0.0, out=H2)
-    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
-    Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = _window_max(Q1)
+    Pp1 = H2.reshape((n, 4, 2, 4, 2, 32))   # the pool's windows tile the image: a view
+    Q1 = Pp1   # in image layout
+    Max1 = _window_max(Q1, 'Max1')
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
-    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
+    # P3 = im2col(Pool1): not formed; the products with it take its rows a chunk of samples at a time
+    PW3 = _conv(Pool1, W3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3', out=_scratch('PW3', (16*n, 64), Pool1, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
     H3 = C3
     H3 += b3
     np.maximum(H3, 0.0, out=H3)
-    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
-    Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = _window_max(Q2)
+    Pp2 = H3.reshape((n, 2, 2, 2, 2, 64))   # the pool's windows tile the image: a view
+    Q2 = Pp2   # in image layout
+    Max2 = _window_max(Q2, 'Max2')
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -528,31 +576,31 @@ def backward(params, x, y):
     b3 = _param(params, 'b3', (64,))
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
-    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
-    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
+    # P1 = im2col(x): not formed; the products with it take its rows a chunk of samples at a time
+    PW1 = _conv(x, W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('PW1', (64*n, 32), x, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
     H1 = C1
     H1 += b1
     np.maximum(H1, 0.0, out=H1)
-    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
-    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
+    # P2 = im2col(H1): not formed; the products with it take its rows a chunk of samples at a time
+    PW2 = _conv(H1, W2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2', out=_scratch('PW2', (64*n, 32), H1, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
     H2 = C2
     H2 += b2
     np.maximum(H2, 0.0, out=H2)
-    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
-    Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = _window_max(Q1)
+    Pp1 = H2.reshape((n, 4, 2, 4, 2, 32))   # the pool's windows tile the image: a view
+    Q1 = Pp1   # in image layout
+    Max1 = _window_max(Q1, 'Max1')
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
-    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
+    # P3 = im2col(Pool1): not formed; the products with it take its rows a chunk of samples at a time
+    PW3 = _conv(Pool1, W3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3', out=_scratch('PW3', (16*n, 64), Pool1, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
     H3 = C3
     H3 += b3
     np.maximum(H3, 0.0, out=H3)
-    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
-    Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = _window_max(Q2)
+    Pp2 = H3.reshape((n, 2, 2, 2, 2, 64))   # the pool's windows tile the image: a view
+    Q2 = Pp2   # in image layout
+    Max2 = _window_max(Q2, 'Max2')
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -568,11 +616,11 @@ def backward(params, x, y):
     # dMax2 = reshape(dF1, (4*n, 64))
     dMax2 = dF1.reshape((4*n, 64))
     # dQ2 = route_to_argmax(dMax2, Q2)
-    dQ2 = _route_to_argmax(Q2, dMax2)
+    dQ2 = _route_to_argmax(Q2, dMax2, 'dQ2', best=Max2)
     # dPp2 = reshape(dQ2, (4*n, 256))
-    dPp2 = dQ2.reshape((4*n, 256))
+    dPp2 = dQ2   # in image layout
     # dH3 = col2im(dPp2)
-    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH3 = dPp2.reshape((n, 4, 4, 64))
     # dZ3 = dH3*step(H3)
     dZ3 = dH3
     dZ3 *= (H3 > 0.0)
@@ -581,15 +629,15 @@ def backward(params, x, y):
     # dP3 = dPW3 @ W3.T
     # (not formed: dPool1 = col2im(dP3) computes it, see below)
     # dPool1 = col2im(dP3)
-    dPool1 = _col2im_product(dPW3, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1')
+    dPool1 = _conv_transpose(dPW3, W3, (4, 4, 32), (3, 3), (1, 1, 1, 1), 'dPool1', keep=True)
     # dMax1 = reshape(dPool1, (16*n, 32))
     dMax1 = dPool1.reshape((16*n, 32))
     # dQ1 = route_to_argmax(dMax1, Q1)
-    dQ1 = _route_to_argmax(Q1, dMax1)
+    dQ1 = _route_to_argmax(Q1, dMax1, 'dQ1', best=Max1)
     # dPp1 = reshape(dQ1, (16*n, 128))
-    dPp1 = dQ1.reshape((16*n, 128))
+    dPp1 = dQ1   # in image layout
     # dH2 = col2im(dPp1)
-    dH2 = _col2im(dPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH2 = dPp1.reshape((n, 8, 8, 32))
     # dZ2 = dH2*step(H2)
     dZ2 = dH2
     dZ2 *= (H2 > 0.0)
@@ -605,15 +653,15 @@ def backward(params, x, y):
     # dPW1 = reshape(dZ1, (64*n, 32))
     dPW1 = dZ1.reshape((64*n, 32))
     # dW1 = P1.T @ dPW1
-    dW1 = P1.T @ dPW1
+    dW1 = _conv_weight_grad(x, dPW1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
     # db1 = sum(dZ1, axis=(0, 1, 2))
     db1 = dZ1.sum(axis=(0, 1, 2))
     # dW2 = P2.T @ dPW2
-    dW2 = P2.T @ dPW2
+    dW2 = _conv_weight_grad(H1, dPW2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
     # db2 = sum(dZ2, axis=(0, 1, 2))
     db2 = dZ2.sum(axis=(0, 1, 2))
     # dW3 = P3.T @ dPW3
-    dW3 = P3.T @ dPW3
+    dW3 = _conv_weight_grad(Pool1, dPW3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     # db3 = sum(dZ3, axis=(0, 1, 2))
     db3 = dZ3.sum(axis=(0, 1, 2))
     # dW4 = F1.T @ dZ4
@@ -1119,9 +1167,9 @@ def per_example_grads(params, x, y):
     H2 = C2
     H2 += b2
     np.maximum(H2, 0.0, out=H2)
-    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
-    Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = _window_max(Q1)
+    Pp1 = H2.reshape((n, 4, 2, 4, 2, 32))   # the pool's windows tile the image: a view
+    Q1 = Pp1   # in image layout
+    Max1 = _window_max(Q1, 'Max1')
     Pool1 = Max1.reshape((n, 4, 4, 32))
     P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
@@ -1129,9 +1177,9 @@ def per_example_grads(params, x, y):
     H3 = C3
     H3 += b3
     np.maximum(H3, 0.0, out=H3)
-    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
-    Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = _window_max(Q2)
+    Pp2 = H3.reshape((n, 2, 2, 2, 2, 64))   # the pool's windows tile the image: a view
+    Q2 = Pp2   # in image layout
+    Max2 = _window_max(Q2, 'Max2')
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -1145,11 +1193,11 @@ def per_example_grads(params, x, y):
     # dMax2_i = reshape(dF1_i, (4*n, 64))
     dMax2_i = dF1_i.reshape((4*n, 64))
     # dQ2_i = route_to_argmax(dMax2_i, Q2)
-    dQ2_i = _route_to_argmax(Q2, dMax2_i)
+    dQ2_i = _route_to_argmax(Q2, dMax2_i, 'dQ2_i', best=Max2)
     # dPp2_i = reshape(dQ2_i, (4*n, 256))
-    dPp2_i = dQ2_i.reshape((4*n, 256))
+    dPp2_i = dQ2_i   # in image layout
     # dH3_i = col2im(dPp2_i)
-    dH3_i = _col2im(dPp2_i, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH3_i = dPp2_i.reshape((n, 4, 4, 64))
     # dZ3_i = dH3_i*step(H3)
     dZ3_i = dH3_i
     dZ3_i *= (H3 > 0.0)
@@ -1158,15 +1206,15 @@ def per_example_grads(params, x, y):
     # dP3_i = dPW3_i @ W3.T
     # (not formed: dPool1_i = col2im(dP3_i) computes it, see below)
     # dPool1_i = col2im(dP3_i)
-    dPool1_i = _col2im_product(dPW3_i, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1_i')
+    dPool1_i = _conv_transpose(dPW3_i, W3, (4, 4, 32), (3, 3), (1, 1, 1, 1), 'dPool1_i', keep=True)
     # dMax1_i = reshape(dPool1_i, (16*n, 32))
     dMax1_i = dPool1_i.reshape((16*n, 32))
     # dQ1_i = route_to_argmax(dMax1_i, Q1)
-    dQ1_i = _route_to_argmax(Q1, dMax1_i)
+    dQ1_i = _route_to_argmax(Q1, dMax1_i, 'dQ1_i', best=Max1)
     # dPp1_i = reshape(dQ1_i, (16*n, 128))
-    dPp1_i = dQ1_i.reshape((16*n, 128))
+    dPp1_i = dQ1_i   # in image layout
     # dH2_i = col2im(dPp1_i)
-    dH2_i = _col2im(dPp1_i, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH2_i = dPp1_i.reshape((n, 8, 8, 32))
     # dZ2_i = dH2_i*step(H2)
     dZ2_i = dH2_i
     dZ2_i *= (H2 > 0.0)
