@@ -263,16 +263,23 @@ def _padded(x, pads, name=None):
     return a
 
 
+def _windows(x, kernel, stride, pads, name=None):
+    # every (kh, kw) window of x (n, H, W, C), zero-padded by pads, every stride pixels: a
+    # strided view (n, OH, OW, kh, kw, C) of x (or of its padded copy, this thread's reused
+    # buffer when named), no copy.
+    (kh, kw), (sh, sw) = kernel, stride
+    if any(pads):
+        x = _padded(x, pads, name and name + ":pad")
+    return np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::sh, ::sw].transpose(0, 1, 2, 4, 5, 3)
+
+
 def _im2col(x, kernel, stride, pads, name=None):
     # im2col: every (kh, kw) window of x (n, H, W, C), zero-padded by pads, every stride pixels,
     # as one row (n*OH*OW, kh*kw*C) in (kernel row, kernel column, channel) order: a strided
     # view of x, copied once (into this thread's reused buffer when named).
-    (kh, kw), (sh, sw) = kernel, stride
-    if any(pads):
-        x = _padded(x, pads, name and name + ":pad")
-    n, h, w, c = x.shape
-    rows = (n * ((h - kh) // sh + 1) * ((w - kw) // sw + 1), kh * kw * c)
-    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::sh, ::sw].transpose(0, 1, 2, 4, 5, 3)
+    win = _windows(x, kernel, stride, pads, name)
+    n, oh, ow, kh, kw, c = win.shape
+    rows = (n * oh * ow, kh * kw * c)
     if name is None:
         return win.reshape(rows)
     out = _scratch(name, rows, x)
@@ -280,80 +287,145 @@ def _im2col(x, kernel, stride, pads, name=None):
     return out
 
 
-def _col2im(rows, image, kernel, stride, pads):
+_CHUNK_BYTES = 1 << 20   # im2col rows of one chunk of samples: small enough to stay in cache
+
+
+def _chunks(win, name):
+    # (samples per chunk, this thread's buffer of one chunk's im2col rows) for windows win
+    n, oh, ow, kh, kw, c = win.shape
+    step = max(1, _CHUNK_BYTES // max(1, oh * ow * kh * kw * c * win.itemsize))
+    return step, _scratch(name + ":chunk", (min(step, n) * oh * ow, kh * kw * c), win)
+
+
+def _conv(x, w, kernel, stride, pads, name, out=None):
+    # im2col(x) @ w for x (n, H, W, C) and w (kh*kw*C, F): rows (n*OH*OW, F). The im2col rows
+    # of all samples are never formed (at a large batch they are many times the cache, written
+    # once and read back from memory): a chunk of samples at a time is copied into a small
+    # buffer and multiplied while it is in cache. out: the array of the result (else a new one).
+    win = _windows(x, kernel, stride, pads, name)
+    n, r = win.shape[0], win.shape[1] * win.shape[2]
+    if out is None:
+        out = np.empty((n * r, w.shape[1]), np.result_type(x, w))
+    step, buf = _chunks(win, name)
+    for s in range(0, n, step):
+        m = min(step, n - s)
+        np.copyto(buf[:m * r].reshape((m,) + win.shape[1:]), win[s:s + m])
+        np.matmul(buf[:m * r], w, out=out[s * r:(s + m) * r])
+    return out
+
+
+def _conv_weight_grad(x, g, kernel, stride, pads, name):
+    # im2col(x).T @ g for x (n, H, W, C) and rows g (n*OH*OW, F): (kh*kw*C, F), summed over
+    # chunks of samples whose im2col rows are formed one chunk at a time (as in _conv).
+    win = _windows(x, kernel, stride, pads, name)
+    n, r = win.shape[0], win.shape[1] * win.shape[2]
+    step, buf = _chunks(win, name)
+    out = part = None
+    for s in range(0, n, step):
+        m = min(step, n - s)
+        np.copyto(buf[:m * r].reshape((m,) + win.shape[1:]), win[s:s + m])
+        if out is None:
+            out = buf[:m * r].T @ g[:m * r]
+            part = np.empty_like(out) if m < n else None
+        else:
+            out += np.matmul(buf[:m * r].T, g[s * r:(s + m) * r], out=part)
+    return out
+
+
+def _col2im(rows, image, kernel, stride, pads, name=None):
     # col2im, the adjoint of im2col: every row (n*OH*OW, kh*kw*C) added back onto the pixels
     # its window covers, an image batch (n, H, W, C); one vectorised add per kernel offset.
+    # name: the result in this thread's buffer reused from call to call.
     (h, w, c), (kh, kw), (sh, sw), (pt, pb, pl, pr) = image, kernel, stride, pads
     oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
     n = rows.shape[0] // (oh * ow)
     r = rows.reshape((n, oh, ow, kh, kw, c))
     if (kh, kw) == (sh, sw) and (oh * kh, ow * kw) == (h, w) and not any((pt, pb, pl, pr)):
         # windows side by side, tiling the image: a permutation of the rows' entries
-        out = np.empty((n, h, w, c), rows.dtype)
+        out = _scratch(name, (n, h, w, c), rows) if name else np.empty((n, h, w, c), rows.dtype)
         out.reshape((n, oh, kh, ow, kw, c))[...] = r.transpose(0, 1, 3, 2, 4, 5)
         return out
-    full = np.zeros((n, h + pt + pb, w + pl + pr, c), rows.dtype)
+    if name is None:
+        full = np.zeros((n, h + pt + pb, w + pl + pr, c), rows.dtype)
+    else:
+        full = _scratch(name, (n, h + pt + pb, w + pl + pr, c), rows)
+        full.fill(0)
     for i in range(kh):
         for j in range(kw):
             full[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += r[:, :, :, i, j]
     return full[:, pt:pt + h, pl:pl + w]
 
 
-def _col2im_product(g, w, image, kernel, stride, pads, name):
-    # col2im(g @ w.T) for rows g (n*OH*OW, F) and w (kh*kw*C, F): the product of each kernel
-    # offset apart, (kh*kw, n*OH*OW, C) in one batched product, so that each offset's add onto
-    # the image reads whole image rows (the rows of g @ w.T hold only C numbers in a run).
-    (h, wd, c), (kh, kw), (sh, sw), (pt, pb, pl, pr) = image, kernel, stride, pads
-    oh, ow, f = (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1, g.shape[1]
-    n = g.shape[0] // (oh * ow)
-    parts = np.matmul(g, w.reshape((kh * kw, c, f)).transpose(0, 2, 1),
-                      out=_scratch(name + ":parts", (kh * kw, g.shape[0], c), g, w))
-    full = np.zeros((n, h + pt + pb, wd + pl + pr, c), parts.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            full[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += parts[i * kw + j].reshape((n, oh, ow, c))
-    return full[:, pt:pt + h, pl:pl + wd]
-
-
 def _conv_transpose(g, w, image, kernel, pads, name, keep=False):
     # col2im(g @ w.T) of a stride-1 convolution computed as a convolution: the windows of g
     # (n*OH*OW, F) seen as images (n, OH, OW, F) and zero-padded by kernel - 1 - pads, times w
-    # (kh*kw*C, F) with its kernel flipped and its C and F axes swapped. One matrix product;
-    # no (n*OH*OW, kh*kw*C) product to scatter-add. keep: the result in a reused buffer too.
+    # (kh*kw*C, F) with its kernel flipped and its C and F axes swapped (_conv: a chunk of
+    # samples at a time). No (n*OH*OW, kh*kw*C) product to scatter-add. keep: the result in a
+    # reused buffer too.
     (h, wd, c), (kh, kw), (pt, pb, pl, pr) = image, kernel, pads
     oh, ow, f = h + pt + pb - kh + 1, wd + pl + pr - kw + 1, g.shape[1]
     n = g.shape[0] // (oh * ow)
-    cols = _im2col(g.reshape((n, oh, ow, f)), kernel, (1, 1),
-                   (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr), name + ":cols")
     flipped = w.reshape((kh, kw, c, f))[::-1, ::-1].transpose(0, 1, 3, 2).reshape((kh * kw * f, c))
-    out = np.matmul(cols, flipped, out=_scratch(name, (n * h * wd, c), cols, w) if keep else None)
+    out = _scratch(name, (n * h * wd, c), g, w) if keep else None
+    out = _conv(g.reshape((n, oh, ow, f)), flipped, kernel, (1, 1),
+                (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr), name + ":cols", out)
     return out.reshape((n, h, wd, c))
 
 
-def _window_max(p):
-    # The largest of the k entries of each (row, channel) of windows p (m, k, c): k - 1
-    # elementwise maxima of (m, c) slices (a reduction over the middle axis is slower).
-    if p.shape[1] == 1:
-        return p[:, 0].copy()
-    best = np.maximum(p[:, 0], p[:, 1])
-    for i in range(2, p.shape[1]):
-        np.maximum(best, p[:, i], out=best)
-    return best
+def _positions(p):
+    # The windows p as (k views of shape s, s): p (m, k, c), or p (n, OH, kh, OW, kw, C) when
+    # the windows tile an image (p is then a view of it), whose k = kh*kw views are (n, OH, OW, C).
+    if p.ndim == 6:
+        n, oh, kh, ow, kw, c = p.shape
+        return [p[:, :, i, :, j] for i in range(kh) for j in range(kw)], (n, oh, ow, c)
+    return [p[:, i] for i in range(p.shape[1])], (p.shape[0], p.shape[2])
 
 
-def _route_to_argmax(p, g):
+def _window_max(p, name=None):
+    # The largest of the k entries of each (row, channel) of windows p (m, k, c) (or of tiles,
+    # see _positions): k - 1 elementwise maxima of (m, c) slices (a reduction over the middle
+    # axis is slower). name: the result in this thread's buffer reused from call to call.
+    views, shape = _positions(p)
+    rows = (views[0].size // p.shape[-1], p.shape[-1])
+    best = _scratch(name, rows, p).reshape(shape) if name else None
+    if len(views) == 1:
+        if best is None:
+            return views[0].copy().reshape(rows)
+        np.copyto(best, views[0])
+        return best.reshape(rows)
+    best = np.maximum(views[0], views[1], out=best)
+    for v in views[2:]:
+        np.maximum(best, v, out=best)
+    return best.reshape(rows)
+
+
+def _route_to_argmax(p, g, name=None, best=None):
     # The adjoint of the window maximum of windows p (m, k, c): each entry of g (m, c) goes to
     # the first position of its window's maximum, zeros elsewhere; a few passes over (m, c) per
-    # window position, no index arrays.
-    best = _window_max(p)
-    out = np.empty(p.shape, g.dtype)
-    free = np.ones(best.shape, bool)   # windows whose maximum is not yet routed
-    hit = np.empty(best.shape, bool)
-    for i in range(p.shape[1]):
-        np.equal(p[:, i], best, out=hit)
-        hit &= free
-        free ^= hit
-        np.multiply(g, hit, out=out[:, i])
+    # window position, no index arrays. Tiles p (n, OH, kh, OW, kw, C) (see _positions) give an
+    # image (the same shape, the windows' pixels in place). best: the window maximum when the
+    # caller has it (else computed here). name: the result and the work arrays in this
+    # thread's reused buffers.
+    views, shape = _positions(p)
+    if best is None:
+        best = _window_max(p, name and name + ":max")
+    best, g = best.reshape(shape), g.reshape(shape)
+    if name is None:
+        out, hit, free = np.empty(p.shape, g.dtype), np.empty(shape, bool), np.empty(shape, bool)
+    else:
+        out = _scratch(name, p.shape, g)
+        hit, free = _scratch(name + ":hit", shape, np.bool_), _scratch(name + ":free", shape, np.bool_)
+    targets, _ = _positions(out)
+    k = len(views)
+    for i in range(k):
+        np.equal(views[i], best, out=hit)
+        if i == 0:
+            np.logical_not(hit, out=free)   # windows whose maximum is not yet routed
+        else:
+            hit &= free
+            if i < k - 1:
+                free ^= hit
+        np.multiply(g, hit, out=targets[i])
     return out
 
 
@@ -417,31 +489,31 @@ def forward(params, x):
     b3 = _param(params, 'b3', (64,))
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
-    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
-    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
+    # P1 = im2col(x): not formed; the products with it take its rows a chunk of samples at a time
+    PW1 = _conv(x, W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('PW1', (64*n, 32), x, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
     H1 = C1
     H1 += b1
     np.maximum(H1, 0.0, out=H1)
-    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
-    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
+    # P2 = im2col(H1): not formed; the products with it take its rows a chunk of samples at a time
+    PW2 = _conv(H1, W2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2', out=_scratch('PW2', (64*n, 32), H1, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
     H2 = C2
     H2 += b2
     np.maximum(H2, 0.0, out=H2)
-    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
-    Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = _window_max(Q1)
+    Pp1 = H2.reshape((n, 4, 2, 4, 2, 32))   # the pool's windows tile the image: a view
+    Q1 = Pp1   # in image layout
+    Max1 = _window_max(Q1, 'Max1')
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
-    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
+    # P3 = im2col(Pool1): not formed; the products with it take its rows a chunk of samples at a time
+    PW3 = _conv(Pool1, W3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3', out=_scratch('PW3', (16*n, 64), Pool1, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
     H3 = C3
     H3 += b3
     np.maximum(H3, 0.0, out=H3)
-    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
-    Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = _window_max(Q2)
+    Pp2 = H3.reshape((n, 2, 2, 2, 2, 64))   # the pool's windows tile the image: a view
+    Q2 = Pp2   # in image layout
+    Max2 = _window_max(Q2, 'Max2')
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -462,31 +534,31 @@ def loss(params, x, y):
     b3 = _param(params, 'b3', (64,))
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
-    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
-    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
+    # P1 = im2col(x): not formed; the products with it take its rows a chunk of samples at a time
+    PW1 = _conv(x, W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('PW1', (64*n, 32), x, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
     H1 = C1
     H1 += b1
     np.maximum(H1, 0.0, out=H1)
-    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
-    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
+    # P2 = im2col(H1): not formed; the products with it take its rows a chunk of samples at a time
+    PW2 = _conv(H1, W2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2', out=_scratch('PW2', (64*n, 32), H1, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
     H2 = C2
     H2 += b2
     np.maximum(H2, 0.0, out=H2)
-    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
-    Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = _window_max(Q1)
+    Pp1 = H2.reshape((n, 4, 2, 4, 2, 32))   # the pool's windows tile the image: a view
+    Q1 = Pp1   # in image layout
+    Max1 = _window_max(Q1, 'Max1')
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
-    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
+    # P3 = im2col(Pool1): not formed; the products with it take its rows a chunk of samples at a time
+    PW3 = _conv(Pool1, W3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3', out=_scratch('PW3', (16*n, 64), Pool1, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
     H3 = C3
     H3 += b3
     np.maximum(H3, 0.0, out=H3)
-    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
-    Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = _window_max(Q2)
+    Pp2 = H3.reshape((n, 2, 2, 2, 2, 64))   # the pool's windows tile the image: a view
+    Q2 = Pp2   # in image layout
+    Max2 = _window_max(Q2, 'Max2')
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -509,31 +581,31 @@ def backward(params, x, y):
     b3 = _param(params, 'b3', (64,))
     W4 = _param(params, 'W4', (256, 10))
     b4 = _param(params, 'b4', (10,))
-    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
-    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
+    # P1 = im2col(x): not formed; the products with it take its rows a chunk of samples at a time
+    PW1 = _conv(x, W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('PW1', (64*n, 32), x, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
     H1 = C1
     H1 += b1
     np.maximum(H1, 0.0, out=H1)
-    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
-    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
+    # P2 = im2col(H1): not formed; the products with it take its rows a chunk of samples at a time
+    PW2 = _conv(H1, W2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2', out=_scratch('PW2', (64*n, 32), H1, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
     H2 = C2
     H2 += b2
     np.maximum(H2, 0.0, out=H2)
-    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
-    Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = _window_max(Q1)
+    Pp1 = H2.reshape((n, 4, 2, 4, 2, 32))   # the pool's windows tile the image: a view
+    Q1 = Pp1   # in image layout
+    Max1 = _window_max(Q1, 'Max1')
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
-    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
+    # P3 = im2col(Pool1): not formed; the products with it take its rows a chunk of samples at a time
+    PW3 = _conv(Pool1, W3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3', out=_scratch('PW3', (16*n, 64), Pool1, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
     H3 = C3
     H3 += b3
     np.maximum(H3, 0.0, out=H3)
-    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
-    Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = _window_max(Q2)
+    Pp2 = H3.reshape((n, 2, 2, 2, 2, 64))   # the pool's windows tile the image: a view
+    Q2 = Pp2   # in image layout
+    Max2 = _window_max(Q2, 'Max2')
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -549,11 +621,11 @@ def backward(params, x, y):
     # dMax2 = reshape(dF1, (4*n, 64))
     dMax2 = dF1.reshape((4*n, 64))
     # dQ2 = route_to_argmax(dMax2, Q2)
-    dQ2 = _route_to_argmax(Q2, dMax2)
+    dQ2 = _route_to_argmax(Q2, dMax2, 'dQ2', best=Max2)
     # dPp2 = reshape(dQ2, (4*n, 256))
-    dPp2 = dQ2.reshape((4*n, 256))
+    dPp2 = dQ2   # in image layout
     # dH3 = col2im(dPp2)
-    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH3 = dPp2.reshape((n, 4, 4, 64))
     # dZ3 = dH3*step(H3)
     dZ3 = dH3
     dZ3 *= (H3 > 0.0)
@@ -562,15 +634,15 @@ def backward(params, x, y):
     # dP3 = dPW3 @ W3.T
     # (not formed: dPool1 = col2im(dP3) computes it, see below)
     # dPool1 = col2im(dP3)
-    dPool1 = _col2im_product(dPW3, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1')
+    dPool1 = _conv_transpose(dPW3, W3, (4, 4, 32), (3, 3), (1, 1, 1, 1), 'dPool1', keep=True)
     # dMax1 = reshape(dPool1, (16*n, 32))
     dMax1 = dPool1.reshape((16*n, 32))
     # dQ1 = route_to_argmax(dMax1, Q1)
-    dQ1 = _route_to_argmax(Q1, dMax1)
+    dQ1 = _route_to_argmax(Q1, dMax1, 'dQ1', best=Max1)
     # dPp1 = reshape(dQ1, (16*n, 128))
-    dPp1 = dQ1.reshape((16*n, 128))
+    dPp1 = dQ1   # in image layout
     # dH2 = col2im(dPp1)
-    dH2 = _col2im(dPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH2 = dPp1.reshape((n, 8, 8, 32))
     # dZ2 = dH2*step(H2)
     dZ2 = dH2
     dZ2 *= (H2 > 0.0)
@@ -586,15 +658,15 @@ def backward(params, x, y):
     # dPW1 = reshape(dZ1, (64*n, 32))
     dPW1 = dZ1.reshape((64*n, 32))
     # dW1 = P1.T @ dPW1
-    dW1 = P1.T @ dPW1
+    dW1 = _conv_weight_grad(x, dPW1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
     # db1 = sum(dZ1, axis=(0, 1, 2))
     db1 = dZ1.sum(axis=(0, 1, 2))
     # dW2 = P2.T @ dPW2
-    dW2 = P2.T @ dPW2
+    dW2 = _conv_weight_grad(H1, dPW2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
     # db2 = sum(dZ2, axis=(0, 1, 2))
     db2 = dZ2.sum(axis=(0, 1, 2))
     # dW3 = P3.T @ dPW3
-    dW3 = P3.T @ dPW3
+    dW3 = _conv_weight_grad(Pool1, dPW3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     # db3 = sum(dZ3, axis=(0, 1, 2))
     db3 = dZ3.sum(axis=(0, 1, 2))
     # dW4 = F1.T @ dZ4
@@ -626,31 +698,31 @@ def hvp(params, v, x, y):
     v_b3 = _direction(v, 'b3', (64,))
     v_W4 = _direction(v, 'W4', (256, 10))
     v_b4 = _direction(v, 'b4', (10,))
-    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
-    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
+    # P1 = im2col(x): not formed; the products with it take its rows a chunk of samples at a time
+    PW1 = _conv(x, W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('PW1', (64*n, 32), x, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
     H1 = C1
     H1 += b1
     np.maximum(H1, 0.0, out=H1)
-    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
-    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
+    # P2 = im2col(H1): not formed; the products with it take its rows a chunk of samples at a time
+    PW2 = _conv(H1, W2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2', out=_scratch('PW2', (64*n, 32), H1, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
     H2 = C2
     H2 += b2
     np.maximum(H2, 0.0, out=H2)
     Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
     Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = _window_max(Q1)
+    Max1 = _window_max(Q1, 'Max1')
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
-    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
+    # P3 = im2col(Pool1): not formed; the products with it take its rows a chunk of samples at a time
+    PW3 = _conv(Pool1, W3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3', out=_scratch('PW3', (16*n, 64), Pool1, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
     H3 = C3
     H3 += b3
     np.maximum(H3, 0.0, out=H3)
     Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
     Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = _window_max(Q2)
+    Max2 = _window_max(Q2, 'Max2')
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -663,19 +735,19 @@ def hvp(params, v, x, y):
     dZ4 *= 1/n
     dF1 = np.matmul(dZ4, W4.T, out=_scratch('dF1', (n, 256), dZ4, W4))
     dMax2 = dF1.reshape((4*n, 64))
-    dQ2 = _route_to_argmax(Q2, dMax2)
+    dQ2 = _route_to_argmax(Q2, dMax2, 'dQ2', best=Max2)
     dPp2 = dQ2.reshape((4*n, 256))
-    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0), 'dH3')
     step_H3 = np.heaviside(H3, 0.0)
     dZ3_2 = dH3
     dZ3_2 *= step_H3
     dPW3_2 = dZ3_2.reshape((16*n, 64))
     # (not formed: dPool1_2 = col2im(dP3_2) computes it, see below)
-    dPool1_2 = _col2im_product(dPW3_2, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1_2')
+    dPool1_2 = _conv_transpose(dPW3_2, W3, (4, 4, 32), (3, 3), (1, 1, 1, 1), 'dPool1_2', keep=True)
     dMax1_2 = dPool1_2.reshape((16*n, 32))
-    dQ1_2 = _route_to_argmax(Q1, dMax1_2)
+    dQ1_2 = _route_to_argmax(Q1, dMax1_2, 'dQ1_2', best=Max1)
     dPp1_2 = dQ1_2.reshape((16*n, 128))
-    dH2_2 = _col2im(dPp1_2, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH2_2 = _col2im(dPp1_2, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0), 'dH2_2')
     step_H2 = np.heaviside(H2, 0.0)
     dZ2_2 = dH2_2
     dZ2_2 *= step_H2
@@ -685,18 +757,18 @@ def hvp(params, v, x, y):
     dZ1_2 = dH1_2
     dZ1_2 *= step_H1
     dPW1_2 = dZ1_2.reshape((64*n, 32))
-    dW1_2 = P1.T @ dPW1_2
+    dW1_2 = _conv_weight_grad(x, dPW1_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
     db1_2 = dZ1_2.sum(axis=(0, 1, 2))
-    dW2_2 = P2.T @ dPW2_2
+    dW2_2 = _conv_weight_grad(H1, dPW2_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
     db2_2 = dZ2_2.sum(axis=(0, 1, 2))
-    dW3_2 = P3.T @ dPW3_2
+    dW3_2 = _conv_weight_grad(Pool1, dPW3_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     db3_2 = dZ3_2.sum(axis=(0, 1, 2))
     dW4 = F1.T @ dZ4
     db4 = _colsum(dZ4)
     # P2_v_W2 = P2 @ v_W2
-    P2_v_W2 = np.matmul(P2, v_W2, out=_scratch('P2_v_W2', (64*n, 32), P2, v_W2))
+    P2_v_W2 = _conv(H1, v_W2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2', out=_scratch('P2_v_W2', (64*n, 32), H1, v_W2))
     # tPW1 = P1 @ v_W1
-    tPW1 = np.matmul(P1, v_W1, out=_scratch('tPW1', (64*n, 32), P1, v_W1))
+    tPW1 = _conv(x, v_W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('tPW1', (64*n, 32), x, v_W1))
     # tC1 = reshape(tPW1, (n, 8, 8, 32))
     tC1 = tPW1.reshape((n, 8, 8, 32))
     # tH1 = step_H1*(tC1 + v_b1)
@@ -704,9 +776,9 @@ def hvp(params, v, x, y):
     tH1 += v_b1
     tH1 *= step_H1
     # tP2 = im2col(tH1)
-    tP2 = _im2col(tH1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2')
+    # tP2 = im2col(tH1): not formed; the products with it take its rows a chunk of samples at a time
     # tP2_W2 = tP2 @ W2
-    tP2_W2 = np.matmul(tP2, W2, out=_scratch('tP2_W2', (64*n, 32), tP2, W2))
+    tP2_W2 = _conv(tH1, W2, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2', out=_scratch('tP2_W2', (64*n, 32), tH1, W2))
     # tPW2 = P2_v_W2 + tP2_W2
     tPW2 = P2_v_W2
     tPW2 += tP2_W2
@@ -721,17 +793,17 @@ def hvp(params, v, x, y):
     # tQ1 = reshape(tPp1, (16*n, 4, 32))
     tQ1 = tPp1.reshape((16*n, 4, 32))
     # Q1_2 = route_to_argmax(1, Q1)
-    Q1_2 = _route_to_argmax(Q1, np.full((16*n, 32), 1, dtype=dt))
+    Q1_2 = _route_to_argmax(Q1, np.full((16*n, 32), 1, dtype=dt), 'Q1_2', best=Max1)
     # tMax1 = sum(Q1_2*tQ1, axis=1)
     tMax1 = np.sum(Q1_2*tQ1, axis=1)
     # tPool1 = reshape(tMax1, (n, 4, 4, 32))
     tPool1 = tMax1.reshape((n, 4, 4, 32))
     # tP3 = im2col(tPool1)
-    tP3 = _im2col(tPool1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3')
+    # tP3 = im2col(tPool1): not formed; the products with it take its rows a chunk of samples at a time
     # tP3_W3 = tP3 @ W3
-    tP3_W3 = np.matmul(tP3, W3, out=_scratch('tP3_W3', (16*n, 64), tP3, W3))
+    tP3_W3 = _conv(tPool1, W3, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3', out=_scratch('tP3_W3', (16*n, 64), tPool1, W3))
     # P3_v_W3 = P3 @ v_W3
-    P3_v_W3 = np.matmul(P3, v_W3, out=_scratch('P3_v_W3', (16*n, 64), P3, v_W3))
+    P3_v_W3 = _conv(Pool1, v_W3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3', out=_scratch('P3_v_W3', (16*n, 64), Pool1, v_W3))
     # tPW3 = P3_v_W3 + tP3_W3
     tPW3 = P3_v_W3
     tPW3 += tP3_W3
@@ -746,7 +818,7 @@ def hvp(params, v, x, y):
     # tQ2 = reshape(tPp2, (4*n, 4, 64))
     tQ2 = tPp2.reshape((4*n, 4, 64))
     # Q2_2 = route_to_argmax(1, Q2)
-    Q2_2 = _route_to_argmax(Q2, np.full((4*n, 64), 1, dtype=dt))
+    Q2_2 = _route_to_argmax(Q2, np.full((4*n, 64), 1, dtype=dt), 'Q2_2', best=Max2)
     # tMax2 = sum(Q2_2*tQ2, axis=1)
     tMax2 = np.sum(Q2_2*tQ2, axis=1)
     # tF1 = reshape(tMax2, (n, 256))
@@ -773,11 +845,11 @@ def hvp(params, v, x, y):
     # tdMax2 = reshape(tdF1, (4*n, 64))
     tdMax2 = tdF1.reshape((4*n, 64))
     # tdQ2 = route_to_argmax(tdMax2, Q2)
-    tdQ2 = _route_to_argmax(Q2, tdMax2)
+    tdQ2 = _route_to_argmax(Q2, tdMax2, 'tdQ2', best=Max2)
     # tdPp2 = reshape(tdQ2, (4*n, 256))
     tdPp2 = tdQ2.reshape((4*n, 256))
     # tdH3 = col2im(tdPp2)
-    tdH3 = _col2im(tdPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    tdH3 = _col2im(tdPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0), 'tdH3')
     # tdZ3 = step_H3*tdH3
     tdZ3 = step_H3
     tdZ3 *= tdH3
@@ -791,15 +863,15 @@ def hvp(params, v, x, y):
     tdP3 = dPW3_v_W3
     tdP3 += tdPW3_W3
     # tdPool1 = col2im(tdP3)
-    tdPool1 = _col2im(tdP3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1))
+    tdPool1 = _col2im(tdP3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'tdPool1')
     # tdMax1 = reshape(tdPool1, (16*n, 32))
     tdMax1 = tdPool1.reshape((16*n, 32))
     # tdQ1 = route_to_argmax(tdMax1, Q1)
-    tdQ1 = _route_to_argmax(Q1, tdMax1)
+    tdQ1 = _route_to_argmax(Q1, tdMax1, 'tdQ1', best=Max1)
     # tdPp1 = reshape(tdQ1, (16*n, 128))
     tdPp1 = tdQ1.reshape((16*n, 128))
     # tdH2 = col2im(tdPp1)
-    tdH2 = _col2im(tdPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    tdH2 = _col2im(tdPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0), 'tdH2')
     # tdZ2 = step_H2*tdH2
     tdZ2 = step_H2
     tdZ2 *= tdH2
@@ -813,29 +885,29 @@ def hvp(params, v, x, y):
     tdP2 = dPW2_v_W2
     tdP2 += tdPW2_W2
     # tdH1 = col2im(tdP2)
-    tdH1 = _col2im(tdP2, (8, 8, 32), (3, 3), (1, 1), (1, 1, 1, 1))
+    tdH1 = _col2im(tdP2, (8, 8, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'tdH1')
     # tdZ1 = step_H1*tdH1
     tdZ1 = step_H1
     tdZ1 *= tdH1
     # tdPW1 = reshape(tdZ1, (64*n, 32))
     tdPW1 = tdZ1.reshape((64*n, 32))
     # Hv_W1 = P1.T @ tdPW1
-    Hv_W1 = P1.T @ tdPW1
+    Hv_W1 = _conv_weight_grad(x, tdPW1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
     # Hv_b1 = sum(tdZ1, axis=(0, 1, 2))
     Hv_b1 = tdZ1.sum(axis=(0, 1, 2))
     # tP2_dPW2 = tP2.T @ dPW2_2
-    tP2_dPW2 = tP2.T @ dPW2_2
+    tP2_dPW2 = _conv_weight_grad(tH1, dPW2_2, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2')
     # P2_tdPW2 = P2.T @ tdPW2
-    P2_tdPW2 = P2.T @ tdPW2
+    P2_tdPW2 = _conv_weight_grad(H1, tdPW2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
     # Hv_W2 = P2_tdPW2 + tP2_dPW2
     Hv_W2 = P2_tdPW2
     Hv_W2 += tP2_dPW2
     # Hv_b2 = sum(tdZ2, axis=(0, 1, 2))
     Hv_b2 = tdZ2.sum(axis=(0, 1, 2))
     # P3_tdPW3 = P3.T @ tdPW3
-    P3_tdPW3 = P3.T @ tdPW3
+    P3_tdPW3 = _conv_weight_grad(Pool1, tdPW3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     # tP3_dPW3 = tP3.T @ dPW3_2
-    tP3_dPW3 = tP3.T @ dPW3_2
+    tP3_dPW3 = _conv_weight_grad(tPool1, dPW3_2, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3')
     # Hv_W3 = P3_tdPW3 + tP3_dPW3
     Hv_W3 = P3_tdPW3
     Hv_W3 += tP3_dPW3
@@ -875,31 +947,31 @@ def gnvp(params, v, x, y):
     v_b3 = _direction(v, 'b3', (64,))
     v_W4 = _direction(v, 'W4', (256, 10))
     v_b4 = _direction(v, 'b4', (10,))
-    P1 = _im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
-    PW1 = np.matmul(P1, W1, out=_scratch('PW1', (64*n, 32), P1, W1))
+    # P1 = im2col(x): not formed; the products with it take its rows a chunk of samples at a time
+    PW1 = _conv(x, W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('PW1', (64*n, 32), x, W1))
     C1 = PW1.reshape((n, 8, 8, 32))
     H1 = C1
     H1 += b1
     np.maximum(H1, 0.0, out=H1)
-    P2 = _im2col(H1, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
-    PW2 = np.matmul(P2, W2, out=_scratch('PW2', (64*n, 32), P2, W2))
+    # P2 = im2col(H1): not formed; the products with it take its rows a chunk of samples at a time
+    PW2 = _conv(H1, W2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2', out=_scratch('PW2', (64*n, 32), H1, W2))
     C2 = PW2.reshape((n, 8, 8, 32))
     H2 = C2
     H2 += b2
     np.maximum(H2, 0.0, out=H2)
     Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
     Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = _window_max(Q1)
+    Max1 = _window_max(Q1, 'Max1')
     Pool1 = Max1.reshape((n, 4, 4, 32))
-    P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
-    PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
+    # P3 = im2col(Pool1): not formed; the products with it take its rows a chunk of samples at a time
+    PW3 = _conv(Pool1, W3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3', out=_scratch('PW3', (16*n, 64), Pool1, W3))
     C3 = PW3.reshape((n, 4, 4, 64))
     H3 = C3
     H3 += b3
     np.maximum(H3, 0.0, out=H3)
     Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
     Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = _window_max(Q2)
+    Max2 = _window_max(Q2, 'Max2')
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -912,19 +984,19 @@ def gnvp(params, v, x, y):
     dZ4 *= 1/n
     dF1 = np.matmul(dZ4, W4.T, out=_scratch('dF1', (n, 256), dZ4, W4))
     dMax2 = dF1.reshape((4*n, 64))
-    dQ2 = _route_to_argmax(Q2, dMax2)
+    dQ2 = _route_to_argmax(Q2, dMax2, 'dQ2', best=Max2)
     dPp2 = dQ2.reshape((4*n, 256))
-    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0), 'dH3')
     step_H3 = np.heaviside(H3, 0.0)
     dZ3_2 = dH3
     dZ3_2 *= step_H3
     dPW3_2 = dZ3_2.reshape((16*n, 64))
     # (not formed: dPool1_2 = col2im(dP3_2) computes it, see below)
-    dPool1_2 = _col2im_product(dPW3_2, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1_2')
+    dPool1_2 = _conv_transpose(dPW3_2, W3, (4, 4, 32), (3, 3), (1, 1, 1, 1), 'dPool1_2', keep=True)
     dMax1_2 = dPool1_2.reshape((16*n, 32))
-    dQ1_2 = _route_to_argmax(Q1, dMax1_2)
+    dQ1_2 = _route_to_argmax(Q1, dMax1_2, 'dQ1_2', best=Max1)
     dPp1_2 = dQ1_2.reshape((16*n, 128))
-    dH2_2 = _col2im(dPp1_2, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH2_2 = _col2im(dPp1_2, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0), 'dH2_2')
     step_H2 = np.heaviside(H2, 0.0)
     dZ2_2 = dH2_2
     dZ2_2 *= step_H2
@@ -934,18 +1006,18 @@ def gnvp(params, v, x, y):
     dZ1_2 = dH1_2
     dZ1_2 *= step_H1
     dPW1_2 = dZ1_2.reshape((64*n, 32))
-    dW1_2 = P1.T @ dPW1_2
+    dW1_2 = _conv_weight_grad(x, dPW1_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
     db1_2 = dZ1_2.sum(axis=(0, 1, 2))
-    dW2_2 = P2.T @ dPW2_2
+    dW2_2 = _conv_weight_grad(H1, dPW2_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
     db2_2 = dZ2_2.sum(axis=(0, 1, 2))
-    dW3_2 = P3.T @ dPW3_2
+    dW3_2 = _conv_weight_grad(Pool1, dPW3_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     db3_2 = dZ3_2.sum(axis=(0, 1, 2))
     dW4 = F1.T @ dZ4
     db4 = _colsum(dZ4)
     # P2_v_W2 = P2 @ v_W2
-    P2_v_W2 = np.matmul(P2, v_W2, out=_scratch('P2_v_W2', (64*n, 32), P2, v_W2))
+    P2_v_W2 = _conv(H1, v_W2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2', out=_scratch('P2_v_W2', (64*n, 32), H1, v_W2))
     # tPW1 = P1 @ v_W1
-    tPW1 = np.matmul(P1, v_W1, out=_scratch('tPW1', (64*n, 32), P1, v_W1))
+    tPW1 = _conv(x, v_W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('tPW1', (64*n, 32), x, v_W1))
     # tC1 = reshape(tPW1, (n, 8, 8, 32))
     tC1 = tPW1.reshape((n, 8, 8, 32))
     # tH1 = step_H1*(tC1 + v_b1)
@@ -953,9 +1025,9 @@ def gnvp(params, v, x, y):
     tH1 += v_b1
     tH1 *= step_H1
     # tP2 = im2col(tH1)
-    tP2 = _im2col(tH1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2')
+    # tP2 = im2col(tH1): not formed; the products with it take its rows a chunk of samples at a time
     # tP2_W2 = tP2 @ W2
-    tP2_W2 = np.matmul(tP2, W2, out=_scratch('tP2_W2', (64*n, 32), tP2, W2))
+    tP2_W2 = _conv(tH1, W2, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2', out=_scratch('tP2_W2', (64*n, 32), tH1, W2))
     # tPW2 = P2_v_W2 + tP2_W2
     tPW2 = P2_v_W2
     tPW2 += tP2_W2
@@ -970,17 +1042,17 @@ def gnvp(params, v, x, y):
     # tQ1 = reshape(tPp1, (16*n, 4, 32))
     tQ1 = tPp1.reshape((16*n, 4, 32))
     # Q1_2 = route_to_argmax(1, Q1)
-    Q1_2 = _route_to_argmax(Q1, np.full((16*n, 32), 1, dtype=dt))
+    Q1_2 = _route_to_argmax(Q1, np.full((16*n, 32), 1, dtype=dt), 'Q1_2', best=Max1)
     # tMax1 = sum(Q1_2*tQ1, axis=1)
     tMax1 = np.sum(Q1_2*tQ1, axis=1)
     # tPool1 = reshape(tMax1, (n, 4, 4, 32))
     tPool1 = tMax1.reshape((n, 4, 4, 32))
     # tP3 = im2col(tPool1)
-    tP3 = _im2col(tPool1, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3')
+    # tP3 = im2col(tPool1): not formed; the products with it take its rows a chunk of samples at a time
     # tP3_W3 = tP3 @ W3
-    tP3_W3 = np.matmul(tP3, W3, out=_scratch('tP3_W3', (16*n, 64), tP3, W3))
+    tP3_W3 = _conv(tPool1, W3, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3', out=_scratch('tP3_W3', (16*n, 64), tPool1, W3))
     # P3_v_W3 = P3 @ v_W3
-    P3_v_W3 = np.matmul(P3, v_W3, out=_scratch('P3_v_W3', (16*n, 64), P3, v_W3))
+    P3_v_W3 = _conv(Pool1, v_W3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3', out=_scratch('P3_v_W3', (16*n, 64), Pool1, v_W3))
     # tPW3 = P3_v_W3 + tP3_W3
     tPW3 = P3_v_W3
     tPW3 += tP3_W3
@@ -995,7 +1067,7 @@ def gnvp(params, v, x, y):
     # tQ2 = reshape(tPp2, (4*n, 4, 64))
     tQ2 = tPp2.reshape((4*n, 4, 64))
     # Q2_2 = route_to_argmax(1, Q2)
-    Q2_2 = _route_to_argmax(Q2, np.full((4*n, 64), 1, dtype=dt))
+    Q2_2 = _route_to_argmax(Q2, np.full((4*n, 64), 1, dtype=dt), 'Q2_2', best=Max2)
     # tMax2 = sum(Q2_2*tQ2, axis=1)
     tMax2 = np.sum(Q2_2*tQ2, axis=1)
     # tF1 = reshape(tMax2, (n, 256))
@@ -1017,11 +1089,11 @@ def gnvp(params, v, x, y):
     # udMax2 = reshape(tdZ4_W4, (4*n, 64))
     udMax2 = tdZ4_W4.reshape((4*n, 64))
     # udQ2 = route_to_argmax(udMax2, Q2)
-    udQ2 = _route_to_argmax(Q2, udMax2)
+    udQ2 = _route_to_argmax(Q2, udMax2, 'udQ2', best=Max2)
     # udPp2 = reshape(udQ2, (4*n, 256))
     udPp2 = udQ2.reshape((4*n, 256))
     # udH3 = col2im(udPp2)
-    udH3 = _col2im(udPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    udH3 = _col2im(udPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0), 'udH3')
     # udZ3 = step_H3*udH3
     udZ3 = step_H3
     udZ3 *= udH3
@@ -1030,15 +1102,15 @@ def gnvp(params, v, x, y):
     # udP3 = udPW3 @ W3.T
     # (not formed: udPool1 = col2im(udP3) computes it, see below)
     # udPool1 = col2im(udP3)
-    udPool1 = _col2im_product(udPW3, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'udPool1')
+    udPool1 = _conv_transpose(udPW3, W3, (4, 4, 32), (3, 3), (1, 1, 1, 1), 'udPool1', keep=True)
     # udMax1 = reshape(udPool1, (16*n, 32))
     udMax1 = udPool1.reshape((16*n, 32))
     # udQ1 = route_to_argmax(udMax1, Q1)
-    udQ1 = _route_to_argmax(Q1, udMax1)
+    udQ1 = _route_to_argmax(Q1, udMax1, 'udQ1', best=Max1)
     # udPp1 = reshape(udQ1, (16*n, 128))
     udPp1 = udQ1.reshape((16*n, 128))
     # udH2 = col2im(udPp1)
-    udH2 = _col2im(udPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    udH2 = _col2im(udPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0), 'udH2')
     # udZ2 = step_H2*udH2
     udZ2 = step_H2
     udZ2 *= udH2
@@ -1054,15 +1126,15 @@ def gnvp(params, v, x, y):
     # udPW1 = reshape(udZ1, (64*n, 32))
     udPW1 = udZ1.reshape((64*n, 32))
     # Gv_W1 = P1.T @ udPW1
-    Gv_W1 = P1.T @ udPW1
+    Gv_W1 = _conv_weight_grad(x, udPW1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
     # Gv_b1 = sum(udZ1, axis=(0, 1, 2))
     Gv_b1 = udZ1.sum(axis=(0, 1, 2))
     # Gv_W2 = P2.T @ udPW2
-    Gv_W2 = P2.T @ udPW2
+    Gv_W2 = _conv_weight_grad(H1, udPW2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
     # Gv_b2 = sum(udZ2, axis=(0, 1, 2))
     Gv_b2 = udZ2.sum(axis=(0, 1, 2))
     # Gv_W3 = P3.T @ udPW3
-    Gv_W3 = P3.T @ udPW3
+    Gv_W3 = _conv_weight_grad(Pool1, udPW3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     # Gv_b3 = sum(udZ3, axis=(0, 1, 2))
     Gv_b3 = udZ3.sum(axis=(0, 1, 2))
     # F1_tdZ4 = F1.T @ tdZ4
@@ -1100,9 +1172,9 @@ def per_example_grads(params, x, y):
     H2 = C2
     H2 += b2
     np.maximum(H2, 0.0, out=H2)
-    Pp1 = _im2col(H2, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp1')
-    Q1 = Pp1.reshape((16*n, 4, 32))
-    Max1 = _window_max(Q1)
+    Pp1 = H2.reshape((n, 4, 2, 4, 2, 32))   # the pool's windows tile the image: a view
+    Q1 = Pp1   # in image layout
+    Max1 = _window_max(Q1, 'Max1')
     Pool1 = Max1.reshape((n, 4, 4, 32))
     P3 = _im2col(Pool1, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     PW3 = np.matmul(P3, W3, out=_scratch('PW3', (16*n, 64), P3, W3))
@@ -1110,9 +1182,9 @@ def per_example_grads(params, x, y):
     H3 = C3
     H3 += b3
     np.maximum(H3, 0.0, out=H3)
-    Pp2 = _im2col(H3, (2, 2), (2, 2), (0, 0, 0, 0), 'Pp2')
-    Q2 = Pp2.reshape((4*n, 4, 64))
-    Max2 = _window_max(Q2)
+    Pp2 = H3.reshape((n, 2, 2, 2, 2, 64))   # the pool's windows tile the image: a view
+    Q2 = Pp2   # in image layout
+    Max2 = _window_max(Q2, 'Max2')
     F1 = Max2.reshape((n, 256))
     F1W4 = F1 @ W4
     Z4 = F1W4 + b4
@@ -1126,11 +1198,11 @@ def per_example_grads(params, x, y):
     # dMax2_i = reshape(dF1_i, (4*n, 64))
     dMax2_i = dF1_i.reshape((4*n, 64))
     # dQ2_i = route_to_argmax(dMax2_i, Q2)
-    dQ2_i = _route_to_argmax(Q2, dMax2_i)
+    dQ2_i = _route_to_argmax(Q2, dMax2_i, 'dQ2_i', best=Max2)
     # dPp2_i = reshape(dQ2_i, (4*n, 256))
-    dPp2_i = dQ2_i.reshape((4*n, 256))
+    dPp2_i = dQ2_i   # in image layout
     # dH3_i = col2im(dPp2_i)
-    dH3_i = _col2im(dPp2_i, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH3_i = dPp2_i.reshape((n, 4, 4, 64))
     # dZ3_i = dH3_i*step(H3)
     dZ3_i = dH3_i
     dZ3_i *= (H3 > 0.0)
@@ -1139,15 +1211,15 @@ def per_example_grads(params, x, y):
     # dP3_i = dPW3_i @ W3.T
     # (not formed: dPool1_i = col2im(dP3_i) computes it, see below)
     # dPool1_i = col2im(dP3_i)
-    dPool1_i = _col2im_product(dPW3_i, W3, (4, 4, 32), (3, 3), (1, 1), (1, 1, 1, 1), 'dPool1_i')
+    dPool1_i = _conv_transpose(dPW3_i, W3, (4, 4, 32), (3, 3), (1, 1, 1, 1), 'dPool1_i', keep=True)
     # dMax1_i = reshape(dPool1_i, (16*n, 32))
     dMax1_i = dPool1_i.reshape((16*n, 32))
     # dQ1_i = route_to_argmax(dMax1_i, Q1)
-    dQ1_i = _route_to_argmax(Q1, dMax1_i)
+    dQ1_i = _route_to_argmax(Q1, dMax1_i, 'dQ1_i', best=Max1)
     # dPp1_i = reshape(dQ1_i, (16*n, 128))
-    dPp1_i = dQ1_i.reshape((16*n, 128))
+    dPp1_i = dQ1_i   # in image layout
     # dH2_i = col2im(dPp1_i)
-    dH2_i = _col2im(dPp1_i, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0))
+    dH2_i = dPp1_i.reshape((n, 8, 8, 32))
     # dZ2_i = dH2_i*step(H2)
     dZ2_i = dH2_i
     dZ2_i *= (H2 > 0.0)

@@ -26,6 +26,13 @@ def _load(model, backend):
     return compile_model_c(model, "float64").load()
 
 
+def _function_source(source, name):
+    """The text of function ``name`` in a generated module's source."""
+    start = source.index(f"\ndef {name}(")
+    end = source.find("\ndef ", start + 1)
+    return source[start:end if end >= 0 else len(source)]
+
+
 # ---- an independent reference: direct loops over output pixels ------------------------------
 
 def _pads(size, k, s, padding):
@@ -110,6 +117,44 @@ def test_maxpool_gradient_goes_to_the_first_maximum(backend):
     _, g = mod.backward(params, np.ones((1, 2, 2, 1)), np.zeros((1, 1)))
     # d/dW of (max of 4 equal values W*1)**2 = 2*W through one entry, not four
     np.testing.assert_allclose(g["W1"], [[2.0]])
+
+
+# (image, pool, stride, whether the NumPy module keeps the windows in image layout: they tile it)
+POOL_LAYOUTS = [((8, 6, 3), 2, 2, True), ((4, 6, 2), (2, 3), (2, 3), True), ((7, 6, 2), 2, 2, False),
+                ((6, 6, 2), 3, 1, False), ((6, 6, 2), 2, 3, False)]
+
+
+@NEEDS_CC
+@pytest.mark.parametrize("case", POOL_LAYOUTS, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in POOL_LAYOUTS])
+def test_maxpool_adjoint_in_every_layout_agrees_with_c(case):
+    """Max pooling of a 2x2 convolution with weights in {-1, 0, 1} of images with pixels in
+    {0, 1} (many ties between different windows of the input, each routed to its pool window's
+    first maximum): the NumPy module, whose windows are a view of the image when they tile it
+    (no im2col copy, the adjoint routed straight into the image), gives the C module's
+    gradients."""
+    from compiler.backends.c.backend import compile_model_c
+    image, pool, stride, tiled = case
+    net = bpc.Network("pool_layout")
+    h = net.conv2d(net.input("x", shape=image), 3, 2, padding="same")
+    h = net.conv2d(net.maxpool2d(h, pool, stride), 2, 1, activation="tanh")
+    model = net.build(net.dense(net.flatten(h), 2), "mse", net.target("y", 2))
+    source = bpc.compile_model(model, "float64").source
+    body = _function_source(source, "backward")
+    assert ("# the pool's windows tile the image: a view" in body) == tiled
+    assert ("_col2im(" in body) != tiled
+    numpy_mod, c_mod = bpc.compile_model(model, "float64").load(), compile_model_c(model, "float64").load()
+    params = numpy_mod.init_params(3)
+    rng = np.random.default_rng(6)
+    params["W1"] = rng.integers(-1, 2, params["W1"].shape).astype(float)
+    x, y = random_batch(numpy_mod, 4, 5)
+    batch = (rng.integers(0, 2, x.shape).astype(float), y)
+    (v1, g1), (v2, g2) = numpy_mod.backward(params, *batch), c_mod.backward(params, *batch)
+    assert v1 == pytest.approx(v2, rel=1e-12)
+    for k in g1:
+        np.testing.assert_allclose(g1[k], g2[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    pe1, pe2 = numpy_mod.per_example_grads(params, *batch), c_mod.per_example_grads(params, *batch)
+    for k in pe1[1]:
+        np.testing.assert_allclose(pe1[1][k], pe2[1][k], rtol=1e-10, atol=1e-12, err_msg=k)
 
 
 @pytest.mark.parametrize("backend", TARGETS)
@@ -352,8 +397,8 @@ def test_image_layers_in_a_graph(backend):
 
 
 # The NumPy statement of a convolution's input adjoint col2im(dZ @ W.T) depends on its geometry
-# (compiler/core/ops/windows.py): a transposed convolution (stride 1, dZ's windows no larger than
-# the product), one product per kernel offset (otherwise), the plain scatter-add (pool windows).
+# (compiler/core/ops/windows.py): a transposed convolution (stride 1, dZ's windows at most 3
+# times the product), one product per kernel offset (otherwise), the plain scatter-add (pool windows).
 INPUT_ADJOINTS = [   # (image, first filters, second filters, kernel, stride, padding, helper)
     ((5, 5, 2), 3, 3, 3, 1, "same", "_conv_transpose("),
     ((6, 5, 2), 3, 2, (3, 2), 1, "same", "_conv_transpose("),      # asymmetric 'same' padding
@@ -383,6 +428,65 @@ def test_input_adjoint_of_every_numpy_form(backend, case):
     mod = _load(model, backend)
     rows = check_gradients(mod, mod.init_params(0), random_batch(mod, 3, 1), entries=None)
     assert rows and all(r.ok for r in rows), format_table(rows)
+
+
+def _chunked_cnn():
+    """Convolutions of stride 1 ("same") and 2 ("valid"), max pooling, and a dense layer."""
+    net = bpc.Network("chunked_cnn")
+    h = net.conv2d(net.input("x", shape=(7, 6, 2)), 3, 3, padding="same", activation="tanh")
+    h = net.conv2d(h, 4, (3, 2), stride=2, padding="valid", activation="relu")
+    h = net.maxpool2d(net.conv2d(h, 4, 2, padding="same", activation="tanh"), 2)
+    return net.build(net.dense(net.flatten(h), 3), "softmax_cross_entropy", net.target("y", kind="label"))
+
+
+def test_convolutions_take_im2col_rows_a_chunk_of_samples_at_a_time():
+    """A convolution's rows im2col(x) are never formed: _conv and _conv_weight_grad copy the
+    windows of a chunk of samples at a time. With chunks of one sample (and of a few), the
+    gradients still agree with central differences and with one chunk for the whole batch."""
+    from compiler.gradcheck import check_gradients, format_table
+    compiled = bpc.compile_model(_chunked_cnn(), "float64")
+    body = _function_source(compiled.source, "backward")
+    assert body.count(" = _conv(") == 3 and body.count(" = _conv_weight_grad(") == 3
+    formed = re.findall(r"(\w+) = _im2col\(", body)
+    assert formed == ["Pp1"], formed   # only the pooling windows
+    mod = compiled.load()
+    params = mod.init_params(0)
+    batch = random_batch(mod, 5, 1)
+    whole = mod.backward(params, *batch)
+    default = mod._CHUNK_BYTES
+    try:
+        for chunk in (1, 2 * 42 * 8 * 8):   # one sample per chunk; two (the last chunk: one)
+            mod._CHUNK_BYTES = chunk
+            value, grads = mod.backward(params, *batch)
+            assert value == pytest.approx(whole[0], rel=1e-13)
+            for k, g in grads.items():
+                np.testing.assert_allclose(g, whole[1][k], rtol=1e-11, atol=1e-13, err_msg=k)
+        mod._CHUNK_BYTES = 1
+        rows = check_gradients(mod, params, batch, entries=None)
+        assert rows and all(r.ok for r in rows), format_table(rows)
+    finally:
+        mod._CHUNK_BYTES = default
+
+
+def test_image_statements_never_return_a_reused_buffer():
+    """Gradients, losses and predictions of a CNN (whose large intermediate values live in
+    buffers reused from call to call) are not changed by a later call with other data."""
+    mod = bpc.compile_model(_chunked_cnn(), "float64").load()
+    params = mod.init_params(0)
+    first, second = random_batch(mod, 6, 1), random_batch(mod, 6, 2)
+    value, grads = mod.backward(params, *first)
+    probs, per_example = mod.forward(params, first[0]), mod.per_example_grads(params, *first)
+    kept = ({k: g.copy() for k, g in grads.items()}, probs.copy(),
+            per_example[0].copy(), {k: g.copy() for k, g in per_example[1].items()})
+    mod.backward(params, *second)
+    mod.forward(params, second[0])
+    mod.per_example_grads(params, *second)
+    for k in grads:
+        np.testing.assert_array_equal(grads[k], kept[0][k], err_msg=k)
+        np.testing.assert_array_equal(per_example[1][k], kept[3][k], err_msg=k)
+    np.testing.assert_array_equal(probs, kept[1])
+    np.testing.assert_array_equal(per_example[0], kept[2])
+    assert mod.backward(params, *first)[0] == value
 
 
 def test_float32_stays_float32_through_every_image_statement():

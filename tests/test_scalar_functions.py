@@ -163,8 +163,8 @@ def test_helpers_are_defined_by_the_table_alone():
     module templates define only the helpers of tensor ops."""
     numpy_blocks = set(re.findall(r'\{% if "(\w+)" in helpers %\}', (ROOT / "templates" / "numpy_module.py.j2").read_text()))
     c_blocks = set(re.findall(r'\{% if "(\w+)" in helpers %\}', (ROOT / "templates" / "c_model.c.j2").read_text()))
-    image_ops = {"padded", "im2col", "col2im", "col2im_product", "conv_transpose", "window_max", "route_to_argmax"}
-    assert numpy_blocks == {"scratch", "logsumexp", "softmax", "softmax_into"} | image_ops and c_blocks == set()
+    image_ops = {"padded", "im2col", "conv", "col2im", "col2im_product", "conv_transpose", "window_max", "route_to_argmax"}
+    assert numpy_blocks == {"scratch", "returned", "colsum", "logsumexp", "softmax", "softmax_into"} | image_ops and c_blocks == set()
     for f in SCALAR_FUNCTIONS:
         callee = f.numpy.split("(")[0] if f.numpy else None
         if f.numpy_helper:

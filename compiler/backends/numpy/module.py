@@ -330,6 +330,7 @@ class _Functions:
             lines = [py_comment(fm.line(node))] if comments and node.uid in self.program.backward_only else []
             st.current = node
             lines += statement(st, fm, node)
+            st.emitted.add(node.uid)
             if node.uid in self.program.training_only:
                 only.append((node, lines))
                 continue

@@ -73,6 +73,7 @@ class NumpyStatements:
         self.needs_dt = False    # whether they refer to the local dt (the inputs' dtype)
         self.order = None if nodes is None else {node.uid: k for k, node in enumerate(nodes)}
         self.current = None      # the node whose statement is being printed (set by the caller)
+        self.emitted = set()     # uids of the nodes whose statements it has so far
 
     def private(self, node):
         """Whether ``node``'s array can never reach the caller: it is not returned, and every
@@ -116,7 +117,8 @@ class NumpyStatements:
         order, cur = self.order, self.current
         if order is None or cur is None or cur.uid not in order or node.uid in self.outputs:
             return False
-        if node.op not in _OWNED_OPS or node.op in ("softmax", "causal_mask", "key_mask") or (
+        # (window_max: its adjoint's statement reads the forward maximum, outside the graph's edges)
+        if node.op not in _OWNED_OPS or node.op in ("softmax", "causal_mask", "key_mask", "window_max") or (
                 node.op == "ew" and node.attr("expr").is_Symbol):
             return False
         for user in self.users.get(node.uid, []):
@@ -130,9 +132,21 @@ class NumpyStatements:
     def _reads(self, user, order):
         """Positions in this function of the statements that evaluate ``user``: its own, or for an
         inline expression those of the statements it is written into."""
-        if user.uid not in self.p.inline:
+        if user.uid not in self.p.inline and not self._deferred(user):
             return [order[user.uid]] if user.uid in order else []
         return [k for u in self.users.get(user.uid, []) for k in self._reads(u, order)]
+
+    def _deferred(self, node):
+        """Whether ``node``'s statement does not compute it, and the statements of its users read
+        its operands instead: an im2col that is not formed (each product with it reads the
+        image), a product that its col2im computes (a transposed convolution)."""
+        from compiler.core.ops.windows import convolved, fused_product
+        if node.op == "im2col":
+            return convolved(self, node)
+        if node.op == "matmul":
+            users = self.users.get(node.uid, [])
+            return len(users) == 1 and users[0].op == "col2im" and fused_product(self, users[0]) is node
+        return False
 
     def scratch(self, name, shape, operands):
         """``_scratch(name, shape, *operands)``: the call that returns this thread's reusable

@@ -75,7 +75,13 @@ def _numpy(st, node):
         from compiler.core.ops.windows import fused_product
         if fused_product(st, users[0]) is node:
             return [f"# (not formed: {st.name(users[0])} = col2im({out}) computes it, see below)"]
-    if a.uid not in st.p.inline and b.uid not in st.p.inline and st.large(node) and st.private(node):
+    scratch = a.uid not in st.p.inline and b.uid not in st.p.inline and st.large(node) and st.private(node)
+    if a.op == "im2col":
+        from compiler.core.ops.windows import conv_statement, convolved
+        if convolved(st, a):
+            x0 = st.ref(a.inputs[0], bare=True)
+            return conv_statement(st, node, st.scratch(out, node.shape, [x0, y]) if scratch else None)
+    if scratch:
         # a fresh array each call would be returned to the OS by malloc and faulted back in
         return [f"{out} = np.matmul({x}{ta}, {y}{tb}, out={st.scratch(out, node.shape, [x, y])})"]
     return [f"{out} = {x}{ta} @ {y}{tb}"]

@@ -31,6 +31,9 @@ def _adjoint(node, g, wants):
 
 
 def _numpy(st, node):
+    from compiler.core.ops.window_max import pooled_windows
+    if pooled_windows(st, node) is not None:   # pool windows kept in image layout (window_max.py)
+        return [f"{st.name(node)} = {st.ref(node.inputs[0])}   # in image layout"]
     return [f"{st.name(node)} = {st.ref(node.inputs[0])}.reshape({st.shape_code(node.shape)})"]
 
 

@@ -11,11 +11,15 @@ convolution is then ``im2col(x) @ W`` with W (kh*kw*C, filters): one BLAS produc
 same attrs otherwise) adds every row back onto the pixels its window covers: the adjoint of
 ``im2col`` (a scatter-add), and ``im2col`` is the adjoint of ``col2im``.
 
-NumPy statements are vectorised: ``sliding_window_view`` copied once for im2col; a
-convolution's input adjoint ``col2im(dZ @ W.T)`` is computed as a transposed convolution (the
-windows of dZ times the flipped kernel: one BLAS product, no scatter-add) when that copies no
-more, else as one product per kernel offset, each added onto the image in one vectorised add;
-other col2im by one vectorised add per kernel offset (never a loop over samples or pixels).
+NumPy statements are vectorised: ``sliding_window_view`` copied once for im2col, or, when the
+rows are used only in matrix products (a convolution ``im2col(x) @ W`` and its weights'
+adjoint ``im2col(x).T @ dZ``), not formed at all: each product copies the windows of a chunk
+of samples into a small buffer that stays in cache (``convolved``). A convolution's input
+adjoint ``col2im(dZ @ W.T)`` is computed as a transposed convolution (the windows of dZ times
+the flipped kernel, chunked likewise; no scatter-add) when that copies at most 3 times the
+product's size, else as one product per kernel offset, each added onto the image in one
+vectorised add; other col2im by one vectorised add per kernel offset (never a loop over
+samples or pixels).
 C statements are plain loops.
 """
 from __future__ import annotations
@@ -117,7 +121,7 @@ def _col2im_adjoint(node, g, wants):
 # _col2im and _conv_transpose. Arrays that never leave the function live in per-thread
 # buffers reused from call to call (named by the value), as matrix products' do.
 
-def _keep(st, node, operand):
+def _keep(st, node, operand="_"):
     """The buffer name argument of a helper call: the value's name when its array may live in
     a reused buffer (large, private, and the operand a plain name), else nothing."""
     if st.large(node) and st.private(node) and operand.isidentifier():
@@ -131,7 +135,41 @@ def _im2col_numpy(st, node):
     image, kernel, stride, pads = _attrs(node)
     src = st.ref(x, bare=True)
     st.helpers |= {"im2col", "padded", "scratch"} if any(pads) else {"im2col"}
+    if convolved(st, node):
+        return [f"# {st.name(node)} = im2col({src}): not formed; the products with it take its rows "
+                "a chunk of samples at a time"]
+    from compiler.core.ops.window_max import pool_windows
+    if pool_windows(st, node):
+        (H, W, C), (kh, kw) = image, kernel
+        shape = st.shape_code((N, H // kh, kh, W // kw, kw, C))
+        return [f"{st.name(node)} = {st.ref(x)}.reshape({shape})   # the pool's windows tile the image: a view"]
     return [f"{st.name(node)} = _im2col({src}, {kernel}, {stride}, {pads}{_keep(st, node, src)})"]
+
+
+def convolved(st, node):
+    """Whether the rows of im2col ``node`` are used only as the left operand of matrix products
+    (``P @ W``, a convolution, and ``P.T @ dZ``, its weights' adjoint): then no statement forms
+    them, and each product is computed by a helper that forms the rows of a chunk of samples at
+    a time (_conv, _conv_weight_grad: at a large batch all rows are many times the cache)."""
+    users = st.users.get(node.uid, [])
+    return bool(users) and node.uid not in st.outputs and node.inputs[0].uid not in st.p.inline and all(
+        u.op == "matmul" and u.inputs[0] is node and u.inputs[1] is not node for u in users)
+
+
+def conv_statement(st, product, out_arg):
+    """The statement of a matrix product ``P @ W`` or ``P.T @ dZ`` whose left operand P is an
+    im2col that is not formed (``convolved``); ``out_arg``: the code of the result's buffer, or
+    None for a new array."""
+    p, other = product.inputs
+    image, kernel, stride, pads = _attrs(p)
+    x = st.ref(p.inputs[0], bare=True)
+    y = st.ref(other) + (".T" if product.attr("tb") else "")
+    st.helpers |= {"conv", "im2col", "padded", "scratch"}
+    out = st.name(product)
+    if product.attr("ta"):
+        return [f"{out} = _conv_weight_grad({x}, {y}, {kernel}, {stride}, {pads}, {st.name(p)!r})"]
+    buffer = f", out={out_arg}" if out_arg else ""
+    return [f"{out} = _conv({x}, {y}, {kernel}, {stride}, {pads}, {st.name(p)!r}{buffer})"]
 
 
 def fused_product(st, node):
@@ -147,16 +185,17 @@ def fused_product(st, node):
 
 def transposed(node, product):
     """Whether col2im(product) is best computed as a transposed convolution (stride 1): the
-    windows of dZ, kh*kw*F numbers per input pixel, are then copied instead of the product's
-    kh*kw*C per output pixel being added; worth it up to the same size (measured: 8x8x32
-    images 1.9x faster; 30x30, C 32 -> F 64: 1.8x slower than the per-offset products)."""
+    windows of dZ, kh*kw*F numbers per input pixel, are then copied (a chunk of samples at a
+    time, in cache) instead of the product's kh*kw*C per output pixel being added; worth it up
+    to 3 times the size (measured, float32, one thread: 8x8x32 images 1.75x faster, 30x30,
+    C 32 -> F 64 1.25x faster; C 8 -> F 64 on 16x16 1.1x and C 16 -> F 128 1.6x slower)."""
     (H, W, C), (kh, kw), (sh, sw), pads = _attrs(node)
     (pt, pb, pl, pr) = pads
     if (sh, sw) != (1, 1) or max(pt, pb) >= kh or max(pl, pr) >= kw:
         return False
     F = product.inputs[0].shape[0 if product.attr("ta") else 1]
     oh, ow = out_size((H, W, C), (kh, kw), (sh, sw), pads)
-    return F * H * W <= C * oh * ow
+    return F * H * W <= 3 * C * oh * ow
 
 
 def _col2im_numpy(st, node):
@@ -170,13 +209,17 @@ def _col2im_numpy(st, node):
         weights = st.ref(b) + ("" if m.attr("tb") else ".T")
         st.helpers.add("scratch")   # the helpers' own arrays never leave them
         if transposed(node, m):
-            st.helpers |= {"conv_transpose", "im2col", "padded"}
+            st.helpers |= {"conv_transpose", "conv", "im2col", "padded"}
             keep = ", keep=True" if st.large(node) and st.private(node) else ""
             return [f"{out} = _conv_transpose({rows}, {weights}, {image}, {kernel}, {pads}, {out!r}{keep})"]
         st.helpers.add("col2im_product")
-        return [f"{out} = _col2im_product({rows}, {weights}, {image}, {kernel}, {stride}, {pads}, {out!r})"]
+        keep = ", keep=True" if st.large(node) and st.private(node) else ""
+        return [f"{out} = _col2im_product({rows}, {weights}, {image}, {kernel}, {stride}, {pads}, {out!r}{keep})"]
+    from compiler.core.ops.window_max import pooled_windows
+    if pooled_windows(st, node) is not None:   # routed straight into the image (window_max.py)
+        return [f"{out} = {st.ref(g)}.reshape({st.shape_code(node.shape)})"]
     st.helpers.add("col2im")
-    return [f"{out} = _col2im({st.ref(g, bare=True)}, {image}, {kernel}, {stride}, {pads})"]
+    return [f"{out} = _col2im({st.ref(g, bare=True)}, {image}, {kernel}, {stride}, {pads}{_keep(st, node)})"]
 
 
 # ---- C ------------------------------------------------------------------------------------
