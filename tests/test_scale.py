@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import sympy as sp
+from sympy.core.cache import clear_cache
 
 import compiler as bpc
 from compiler import limits
@@ -66,10 +67,14 @@ def _compile_c(model):
 
 def _seconds(build, n, compile_fn, repeats=2):
     """The least CPU time of ``repeats`` cold compiles (CPU time of this process: other
-    processes on the machine slow it far less than wall time)."""
+    processes on the machine slow it far less than wall time). Cold means SymPy's cache too:
+    its LRU holds 1000 entries, so a repeat of a small model ran from a warm cache while a repeat
+    of a large one missed, a 2x step between 104 and 108 summed parameters that read as
+    superlinear growth (CI, stop 21: 100 -> 0.064 s, 400 -> 0.791 s)."""
     best = float("inf")
     for _ in range(repeats):
         ir._intern.clear()
+        clear_cache()
         t0 = time.process_time()
         compile_fn(build(n))
         best = min(best, time.process_time() - t0)
