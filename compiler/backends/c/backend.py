@@ -485,6 +485,7 @@ def render_c(lowered, prefix=None):
         formulas=[(p["name"], formulas[p["name"]]) for p in params],
         steps=_step_args(real), steps_def=dict(_step_args(real, "restrict ")),
     )
+    common["packed_backward"] = _packed_backward(common) is not None
     if common["moments"]:
         common["moment_protos"] = dict(_moment_protos(common, "restrict "))
         common["moment_decls"] = dict(_moment_protos(common))
@@ -774,9 +775,28 @@ def _cdef(ctx):
         lines += [f"int {prefix}_{name}({args});" for name, args in _moment_protos(ctx)]
     for fn in ctx["functions"]:
         lines.append(f"int _bpc_{prefix}_{fn['name']}({_glue_args(fn)});")
+    packed = _packed_backward(ctx)
+    if packed:
+        lines += packed[0] + [packed[1] + ";"]
     lines.append(f"void _bpc_{prefix}_pack({_pack_args(ctx)});")
     lines.append(f"int _bpc_{prefix}_blas_threads(int k);")
     return "\n".join(lines) + "\n"
+
+
+def _packed_backward(ctx):
+    """(the lines of a struct of backward's glue arguments, the prototype of a glue taking one
+    pointer to it), or None for a model with batch statistics (no lean path). The wrapper's lean
+    path (a repeat call with the same objects and a kept gradient buffer) fills one struct
+    when it remembers a call and then passes one argument instead of one per array: cffi
+    converts each argument on every call, 20-30 ns apiece, a tenth of a small model's call."""
+    fn = next((f for f in ctx["functions"] if f["name"] == "backward"), None)
+    if fn is None or fn["stats"]:
+        return None
+    prefix = ctx["prefix"]
+    fields = ["const void *params"] + [f"const void *_a{k}" for k in range(len(fn["leaves"]))]
+    fields += ["size_t n", "void *grads", "void *work"]
+    struct = ["typedef struct {"] + [f"    {f};" for f in fields] + [f"}} _bpc_{prefix}_backward_args;"]
+    return struct, f"int _bpc_{prefix}_backward_packed(const _bpc_{prefix}_backward_args *a)"
 
 
 def _pack_args(ctx):
@@ -821,6 +841,11 @@ def _ext_source(ctx):
             names.append("stats_out")
         out += [f"static int _bpc_{prefix}_{fn['name']}({_glue_args(fn)})",
                 "{", f"    return {prefix}_{fn['name']}({', '.join(names + ['work'])});", "}", ""]
+    packed = _packed_backward(ctx)
+    if packed:
+        fn = next(f for f in ctx["functions"] if f["name"] == "backward")
+        names = ["a->params"] + [f"a->_a{k}" for k in range(len(fn["leaves"]))] + ["a->n", "a->grads", "a->work"]
+        out += packed[0] + ["static " + packed[1], "{", f"    return _bpc_{prefix}_backward({', '.join(names)});", "}", ""]
     out += [f"static void _bpc_{prefix}_pack({_pack_args(ctx)})", "{"]
     out += [f"    memcpy(({real} *)dst + {p['offset']}, _p{k}, sizeof({real}) * {p['size']});  /* {p['name']} */"
             for k, p in enumerate(ctx["params"])]
