@@ -100,9 +100,9 @@ def test_tanh_mlp_latex(param, expected):
 def test_scalar_factors_multiply_by_juxtaposition():
     a, b, x = sp.symbols("a b x")
     compiled = bpc.compile_model(bpc.expression_model(a * sp.sin(b * x), {a: 1.0, b: 0.5}, [x], name="s"))
-    # a and b are numbers (shape ()); dp, x and cos(x b) are batches: their product is elementwise
+    # a and b are numbers (shape ()); dp, x and cos(b x) are batches: their product is elementwise
     assert compiled.latex["b"].split(r" \\ ")[-1] == (
-        r"\mathrm{db} = \sum a x \odot \mathrm{dp} \odot \cos{\left(x b \right)}")
+        r"\mathrm{db} = \sum a \mathrm{dp} \odot x \odot \cos{\left(b x \right)}")
 
 
 def test_no_internal_names_in_latex():

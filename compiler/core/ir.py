@@ -73,6 +73,12 @@ class Node:
     shape: tuple
     attrs: tuple = ()
     digest: str = ""  # structural hash: equal computations, equal digest, in any process
+    # the canonical order of an elementwise node's inputs (ops.ew): by what each computes locally
+    # (its op, shape and attributes other than a leaf's name, with those of its inputs), then by
+    # digest;
+    # so the same layer in every block of a deep network orders its inputs alike and is the same
+    # expression (whose derivatives, factored form and printing are memoised per expression)
+    rank: tuple = ()
     uid: int = field(default_factory=lambda: next(_uids))
 
     def attr(self, key, default=None):
@@ -191,14 +197,26 @@ def _dim_text(d):
 def make(op, inputs, shape, attrs=()):
     """Create a node, or return the existing node with the same op, inputs, shape and attrs."""
     attrs = tuple(sorted(attrs, key=lambda kv: kv[0]))
-    text = repr((op, [i.digest for i in inputs], [_dim_text(d) for d in shape],
-                 [(k, _srepr(v) if isinstance(v, sp.Basic) else repr(v)) for k, v in attrs]))
+    shape_text = [_dim_text(d) for d in shape]
+    attrs_text = [(k, _srepr(v) if isinstance(v, sp.Basic) else repr(v)) for k, v in attrs]
+    text = repr((op, [i.digest for i in inputs], shape_text, attrs_text))
     digest = hashlib.sha1(text.encode()).hexdigest()[:20]
     node = _intern.get(digest)
     if node is None:
-        node = Node(op, tuple(inputs), tuple(shape), attrs, digest)
+        local = _local_rank(op, tuple(shape_text), tuple(attrs_text))
+        context = local[0] + hashlib.sha1((local + "".join(i.rank[1] for i in inputs)).encode()).hexdigest()[:12]
+        rank = (context, local, digest)
+        node = Node(op, tuple(inputs), tuple(shape), attrs, digest, rank)
         _intern[digest] = node
     return node
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _local_rank(op, shape_text, attrs_text):
+    # what a node computes apart from its inputs and a leaf's name (a hash, the same in any process)
+    # (computed values before parameters, parameters before data: ``Z - y``, ``b x`` in LaTeX)
+    kind = {"param": "1", "input": "2"}.get(op, "0")
+    return kind + hashlib.sha1(repr((op, shape_text, [kv for kv in attrs_text if kv[0] != "name"])).encode()).hexdigest()[:12]
 
 
 def is_batch(shape):

@@ -95,7 +95,6 @@ def build_program(model, second_order=True):
     leaf_names = {leaf.digest: leaf.name for leaf in model.leaves}
     forward = ir.topo_order([prediction, loss, *updates])
     _name_unnamed(forward, names, leaf_names)
-    raw_loss, raw_updates = loss, list(updates)
     trace = []
     grads, adjoints = gradients(loss, model.params, trace)
     # adjoint names: the node closest to the loss names its adjoint first (dZ2 before dXW2)
@@ -119,7 +118,6 @@ def build_program(model, second_order=True):
             names.setdefault(contrib.digest, contribution_name(total, value_name, user_name))
     _name_unnamed(ir.topo_order([loss, *(g for g in grads.values() if g is not None)]), names, leaf_names)
 
-    raw_names = dict(names)
     grad_nodes = [grads[p.uid] for p in model.params if grads[p.uid] is not None]
     before = op_counts([loss, *grad_nodes])
     # one cache for the fusions of backward, per-example gradients, hvp and gnvp: they share the
@@ -139,33 +137,35 @@ def build_program(model, second_order=True):
     for k_, v_ in pe_names.items():
         names.setdefault(k_, v_)
 
-    # second order: the raw graph's gradients differentiated once more, then simplified apart
-    # (second_order=False: backward alone; a large model compiles about three times faster)
+    # second order: backward's simplified graph differentiated once more, its nodes kept as they
+    # are (so hvp and gnvp compute the loss and gradients with backward's very statements) and
+    # only the new nodes simplified (second_order=False: backward alone, a faster compile)
     taken = {leaf.name for leaf in model.leaves}      # (once: a model may declare thousands of parameters)
     directions = tuple(ir.input_node(_direction_name(p, taken), p.shape, "direction") for p in model.params)
-    raw_grads = [grads[p.uid] for p in model.params]
-    by_uid = {n.uid: n for n in ir.topo_order([raw_loss, *(g for g in raw_grads if g is not None)])}
-    hv, tan = hessian_vector(raw_grads, model.params, directions) if second_order else ([None] * len(raw_grads), {})
-    for p, h in zip(model.params, hv):
-        if h is not None:
-            raw_names.setdefault(h.digest, "Hv_" + p.name)
-    _name_values(tan, raw_names, "t", by_uid)
-    _name_unnamed(ir.topo_order([h for h in hv if h is not None]), raw_names, {**leaf_names, **{d.digest: d.name for d in directions}})
-    seconds = [_second("hvp", raw_loss, raw_grads, hv, raw_updates, raw_names, (fused, shared))] if second_order else []
-    heads = loss_heads(model, raw_loss) if second_order else None
-    if heads is not None:
-        gv, parts = gauss_newton_vector(model, raw_loss, model.params, directions, heads)
-        for p, g in zip(model.params, gv):
-            if g is not None:
-                raw_names.setdefault(g.digest, "Gv_" + p.name)
-        _name_values(parts.get("tangents", {}), raw_names, "t", by_uid)
-        _name_values(parts.get("curvature", {}), raw_names, "u", by_uid)
-        _name_values(parts.get("back", {}), raw_names, "ud", by_uid)
-        _name_unnamed(ir.topo_order([g for g in gv if g is not None]), raw_names,
-                      {**leaf_names, **{d.digest: d.name for d in directions}})
-        seconds.append(_second("gnvp", raw_loss, raw_grads, gv, raw_updates, raw_names, (fused, shared)))
-    for k_, v_ in raw_names.items():
-        names.setdefault(k_, v_)
+    seconds = []
+    if second_order:
+        base_grads = [g for _, g in grad_pairs]
+        base = {n.uid: n for n in ir.topo_order([loss, *new_grads, *updates])}
+        fixed = frozenset(base)
+        dir_names = {**leaf_names, **{d.digest: d.name for d in directions}}
+        hv, tan = hessian_vector(base_grads, model.params, directions)
+        for p, h in zip(model.params, hv):
+            if h is not None:
+                names.setdefault(h.digest, "Hv_" + p.name)
+        _name_values(tan, names, "t", base)
+        _name_unnamed(ir.topo_order([h for h in hv if h is not None]), names, dir_names)
+        seconds.append(_second("hvp", loss, base_grads, hv, updates, names, (fused, shared), fixed))
+        heads = loss_heads(model, loss)
+        if heads is not None:
+            gv, parts = gauss_newton_vector(model, loss, model.params, directions, heads)
+            for p, g in zip(model.params, gv):
+                if g is not None:
+                    names.setdefault(g.digest, "Gv_" + p.name)
+            _name_values(parts.get("tangents", {}), names, "t", base)
+            _name_values(parts.get("curvature", {}), names, "u", base)
+            _name_values(parts.get("back", {}), names, "ud", base)
+            _name_unnamed(ir.topo_order([g for g in gv if g is not None]), names, dir_names)
+            seconds.append(_second("gnvp", loss, base_grads, gv, updates, names, (fused, shared), fixed))
     second_outs = [o for _, outs_ in seconds for o in outs_ if o is not None]
 
     leaves = {n.uid for n in model.leaves} | {d.uid for d in directions}
@@ -255,20 +255,21 @@ def _name_values(values, names, prefix, by_uid):
             names.setdefault(t.digest, prefix + base)
 
 
-# hvp and gnvp of larger graphs (in nodes, after fusion) are not searched for shared costly
-# subexpressions (simplify.share): sharing rebuilds every node downstream of the first value it
-# changes, which for a 12-block transformer was a third of the time spent simplifying (its hvp
-# has 3600 nodes, gnvp 3200; issue 13, item 8 asks for a compile in under 2 s). Such an
-# entry point may compute a forward tanh or exp again where its tangent needs it.
-SHARED_SECOND_ORDER_MAX = 2500
+# hvp and gnvp with more new nodes than this (after fusion; backward's are not counted) are not
+# searched for shared costly subexpressions among those nodes (simplify.share): for a 12-block
+# transformer (1800 new nodes in hvp, 1400 in gnvp) sharing took a tenth of the compile (issue 13,
+# item 8 asks for under 2 s), and what it finds there are powers such as H**2 computed again in
+# two tangents: the forward's tanh and exp are backward's shared values, which they read.
+SHARED_SECOND_ORDER_MAX = 1000
 
 
-def _second(name, loss, raw_grads, products, updates, names, caches=(None, None)):
-    """(name, simplified outputs [loss, grads..., products..., updates...]) of one entry point."""
+def _second(name, loss, raw_grads, products, updates, names, caches=(None, None), fixed=frozenset()):
+    """(name, simplified outputs [loss, grads..., products..., updates...]) of one entry point;
+    ``fixed``: the uids of backward's simplified graph, which it keeps as they are."""
     outs = [loss, *(g for g in raw_grads if g is not None), *(h for h in products if h is not None), *updates]
-    outs, names2 = fuse(outs, names, caches[0])
-    if len(ir.topo_order(outs)) <= SHARED_SECOND_ORDER_MAX:
-        outs, names2 = share(outs, names2, caches[1])
+    outs, names2 = fuse(outs, names, caches[0], fixed)
+    if len(ir.topo_order(outs)) - len(fixed) <= SHARED_SECOND_ORDER_MAX:
+        outs, names2 = share(outs, names2, caches[1], fixed)
     for k, v in names2.items():
         names.setdefault(k, v)      # the simplified nodes' names beside the raw ones
     # put the Nones back: [loss, grads (with None), products (with None), updates]

@@ -36,20 +36,22 @@ def use_counts(outputs):
     return order, count
 
 
-def fuse(outputs, names, cache=None):
+def fuse(outputs, names, cache=None, fixed=frozenset()):
     """Fold single-use elementwise nodes and broadcast constants into their elementwise users.
 
     Returns (new outputs, names carried over to the new nodes). ``cache``: a dict shared by
     the fusions of several graphs over the same nodes (backward, per-example gradients, hvp and
     gnvp each fuse the loss and its gradients): a node whose inputs fused to the same nodes,
-    with the same single uses, fuses to the same node, built once.
+    with the same single uses, fuses to the same node, built once. ``fixed``: uids of nodes of
+    an already simplified graph (with every input of each in it too), kept as they are: hvp and
+    gnvp are built on backward's simplified graph, whose nodes only gain users.
     """
     order, count = use_counts(outputs)
     cache = {} if cache is None else cache
     memo = {}
     new_names = {}
     for node in order:
-        if not node.inputs:
+        if not node.inputs or node.uid in fixed:
             new = node
         else:
             new_inputs = [memo[i.uid] for i in node.inputs]
@@ -157,9 +159,9 @@ def _split_ew(expr, inputs, shape):
 def rebind(node, inputs):
     """The elementwise ``node`` over new ``inputs`` (one per input, same shapes): what
     ``ir.ew(expr, inputs)`` gives, without walking the expression when the new inputs keep
-    the canonical order (ascending digests, no two the same) that ``ir.ew`` would sort them into."""
-    digests = [i.digest for i in inputs]
-    if all(a < b for a, b in zip(digests, digests[1:])):
+    the canonical order (ascending ranks, no two the same) that ``ir.ew`` would sort them into."""
+    ranks = [i.rank for i in inputs]
+    if all(a < b for a, b in zip(ranks, ranks[1:])):
         return ir.make("ew", inputs, node.shape, node.attrs)
     return ir.ew(node.attr("expr"), inputs, shape=node.shape)
 
@@ -312,7 +314,7 @@ def _share_rank(key):
     return -sp.count_ops(key), -len(key.args), sp.srepr(key)
 
 
-def share(outputs, names, cache=None):
+def share(outputs, names, cache=None, fixed=frozenset()):
     """Compute once what several elementwise nodes compute: the forward's ``tanh`` of a GELU
     that its derivative needs again, ``x**3`` of a polynomial model in the prediction and in a
     gradient. A costly subexpression (see ``_costly``) of the same values in two or more
@@ -320,13 +322,15 @@ def share(outputs, names, cache=None):
     ``tanh(k*(Z + 0.044715*Z**3))`` is shared whole, and ``Z**3`` too if it is also used apart.
 
     Returns (new outputs, names: the shared nodes are named after what they compute).
-    ``cache``: a ShareCache shared by the graphs of one program.
+    ``cache``: a ShareCache shared by the graphs of one program. ``fixed``: uids of nodes kept
+    as they are (an already simplified graph, closed under inputs; see ``fuse``): only the
+    other nodes share subexpressions among themselves.
     """
     cache = ShareCache() if cache is None else cache
     order = ir.topo_order(outputs)
     cache.see(order)
     position = {n.uid: k for k, n in enumerate(order)}
-    ew_nodes = [n for n in order if n.op == "ew" and n.inputs]
+    ew_nodes = [n for n in order if n.op == "ew" and n.inputs and n.uid not in fixed]
     # each elementwise expression over its inputs' symbols, so that equal subexpressions of
     # different nodes are equal expressions
     by_uid = {n.uid: n for n in ew_nodes}
@@ -397,11 +401,12 @@ def share(outputs, names, cache=None):
 
 
 def _shared_name(expr, at, position, cache, names):
-    """``x_pow3`` for x**3, ``tanh_Z1`` for tanh(...Z1...): what a shared value computes (named
-    after the first of its inputs in the graph's order)."""
-    leaves = sorted(position[cache.nodes[int(s.name[len(_LEAF.prefix):])].uid]
-                    for s in expr.free_symbols if s.name.startswith(_LEAF.prefix))
-    base = names.get(at(leaves[0]).digest, "t") if leaves else "t"
+    """``x_pow3`` for x**3, ``tanh_Z1`` for tanh(...Z1...), ``sin_x`` for sin(b*x): what a shared
+    value computes (named after the first of its inputs in the graph's order that is not a
+    parameter, else its first)."""
+    nodes = [cache.nodes[int(s.name[len(_LEAF.prefix):])] for s in expr.free_symbols if s.name.startswith(_LEAF.prefix)]
+    leaves = sorted((n.op == "param", position[n.uid]) for n in nodes)
+    base = names.get(at(leaves[0][1]).digest, "t") if leaves else "t"
     if isinstance(expr, sp.Pow) and expr.exp.is_Integer:
         return f"{base}_pow{expr.exp}" if expr.exp > 0 else f"{base}_pow_m{-expr.exp}"
     if isinstance(expr, sp.Pow):

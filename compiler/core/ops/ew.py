@@ -47,7 +47,7 @@ def ew(expr, inputs, shape=None):
             first_of[node.uid] = i
     if subs:
         expr = expr.xreplace(subs)
-    keep = sorted(first_of.items(), key=lambda kv: inputs[kv[1]].digest)  # canonical order
+    keep = sorted(first_of.items(), key=lambda kv: inputs[kv[1]].rank)  # canonical order (ir.Node.rank)
     if any(i != j for j, (_, i) in enumerate(keep)):
         expr = _renumbered(expr, tuple(i for _, i in keep))
     new_inputs = tuple(inputs[i] for _, i in keep)
