@@ -1488,199 +1488,198 @@ def hvp(params, v, x, y):
     dH13 = dX14.reshape((n, 64, 64))
     dXn13 = dH13*g13
     dR13 = np.einsum('abc,abc->ab', dXn13, C13)
-    dV13 = np.multiply(R13, R13, out=_scratch('dV13', (n, 64), R13))
-    dV13 *= R13
-    dV13 *= dR13
-    dV13 *= -1/2
-    dC13 = dXn13*(R13[:, :, None])
-    _dC13_0 = C13*(dV13[:, :, None]/32)
-    dC13 += _dC13_0
-    dM13 = -np.einsum('...i->...', dC13)
-    dsum_R12 = dM13/64
-    dR12 = dC13
-    dR12 += dsum_R12[:, :, None]
-    dXW12 = dR12.reshape((64*n, 64))
-    dX12 = np.matmul(dXW12, W12.T, out=_scratch('dX12', (64*n, 256), dXW12, W12))
-    dH11 = dX12.reshape((n, 64, 256))
-    dZ11 = np.multiply(tanh_Z11, tanh_Z11, out=_scratch('dZ11', (n, 64, 256), tanh_Z11))
-    np.subtract(1, dZ11, out=dZ11)
-    dZ11 *= Z11
-    _dZ11_0 = np.multiply(Z11, Z11, out=_scratch('_dZ11_0', (n, 64, 256), Z11))
-    _dZ11_0 *= 0.10703222440890037
-    _dZ11_0 += 0.7978845608028654
-    dZ11 *= _dZ11_0
-    dZ11 += tanh_Z11
-    dZ11 += 1
-    dZ11 *= dH11
-    dZ11 *= 1/2
-    dXW11 = dZ11.reshape((64*n, 256))
-    dX11 = np.matmul(dXW11, W11.T, out=_scratch('dX11', (64*n, 64), dXW11, W11))
-    dH10 = dX11.reshape((n, 64, 64))
-    dXn10 = dH10*g10
-    dR10 = np.einsum('abc,abc->ab', dXn10, C10)
-    dV10 = np.multiply(R10, R10, out=_scratch('dV10', (n, 64), R10))
-    dV10 *= R10
-    dV10 *= dR10
-    dV10 *= -1/2
-    dC10 = dXn10*(R10[:, :, None])
-    _dC10_0 = C10*(dV10[:, :, None]/32)
-    dC10 += _dC10_0
-    dM10 = -np.einsum('...i->...', dC10)
-    dsum_R9 = dM10/64
-    dR9 = dC10
-    dR9 += dR12
-    dR9 += dsum_R9[:, :, None]
-    dOW9 = dR9.reshape((64*n, 64))
-    dOc9 = np.matmul(dOW9, Wo9.T, out=_scratch('dOc9', (64*n, 64), dOW9, Wo9))
-    dOt9 = dOc9.reshape((n, 64, 4, 16))
-    dO9 = dOt9.transpose((0, 2, 1, 3))
-    dA9 = np.matmul(dO9, V9.swapaxes(-1, -2), out=_scratch('dA9', (n, 4, 64, 64), dO9, V9))
-    sum_dA9_times_A9 = np.einsum('abcd,abcd->abc', dA9, A9)
-    dS9 = dA9 + (-sum_dA9_times_A9[:, :, :, None])
-    dS9 *= A9
-    dSc9 = dS9
-    np.copyto(dSc9, 0, where=~np.tri(64, dtype=bool))
-    dQK9 = dSc9
-    dQK9 *= 1/4
-    dK9 = np.matmul(dQK9.swapaxes(-1, -2), Q9, out=_scratch('dK9', (n, 64, 4, 16), dQK9, Q9).transpose((0, 2, 1, 3)))
-    dKs9 = dK9.transpose((0, 2, 1, 3))
-    dXK9 = dKs9.reshape((64*n, 64))
-    dX9_XK9 = np.matmul(dXK9, Wk9.T, out=_scratch('dX9_XK9', (64*n, 64), dXK9, Wk9))
-    dV9 = np.matmul(A9.swapaxes(-1, -2), dO9, out=_scratch('dV9', (n, 64, 4, 16), A9, dO9).transpose((0, 2, 1, 3)))
-    dVs9 = dV9.transpose((0, 2, 1, 3))
-    dXV9 = dVs9.reshape((64*n, 64))
-    dX9_XV9 = np.matmul(dXV9, Wv9.T, out=_scratch('dX9_XV9', (64*n, 64), dXV9, Wv9))
-    dQ9 = np.matmul(dQK9, K9, out=_scratch('dQ9', (n, 64, 4, 16), dQK9, K9).transpose((0, 2, 1, 3)))
-    dQs9 = dQ9.transpose((0, 2, 1, 3))
-    dXQ9 = dQs9.reshape((64*n, 64))
-    dX9_XQ9 = np.matmul(dXQ9, Wq9.T, out=_scratch('dX9_XQ9', (64*n, 64), dXQ9, Wq9))
-    dX9 = dX9_XK9
-    dX9 += dX9_XQ9
-    dX9 += dX9_XV9
-    dH8 = dX9.reshape((n, 64, 64))
-    dXn8 = dH8*g8
-    dR8 = np.einsum('abc,abc->ab', dXn8, C8)
-    dV8 = np.multiply(R8, R8, out=_scratch('dV8', (n, 64), R8))
-    dV8 *= R8
-    dV8 *= dR8
-    dV8 *= -1/2
-    dC8 = dXn8*(R8[:, :, None])
-    _dC8_0 = C8*(dV8[:, :, None]/32)
-    dC8 += _dC8_0
-    dM8 = -np.einsum('...i->...', dC8)
-    dsum_R7 = dM8/64
-    dR7 = dC8
-    dR7 += dR9
-    dR7 += dsum_R7[:, :, None]
-    dXW7 = dR7.reshape((64*n, 64))
-    dX7 = np.matmul(dXW7, W7.T, out=_scratch('dX7', (64*n, 256), dXW7, W7))
-    dH6 = dX7.reshape((n, 64, 256))
-    dZ6 = np.multiply(tanh_Z6, tanh_Z6, out=_scratch('dZ6', (n, 64, 256), tanh_Z6))
-    np.subtract(1, dZ6, out=dZ6)
-    dZ6 *= Z6
-    _dZ6_0 = np.multiply(Z6, Z6, out=_scratch('_dZ6_0', (n, 64, 256), Z6))
-    _dZ6_0 *= 0.10703222440890037
-    _dZ6_0 += 0.7978845608028654
-    dZ6 *= _dZ6_0
-    dZ6 += tanh_Z6
-    dZ6 += 1
-    dZ6 *= dH6
-    dZ6 *= 1/2
-    dXW6 = dZ6.reshape((64*n, 256))
-    dX6 = np.matmul(dXW6, W6.T, out=_scratch('dX6', (64*n, 64), dXW6, W6))
-    dH5 = dX6.reshape((n, 64, 64))
-    dXn5 = dH5*g5
-    dR5 = np.einsum('abc,abc->ab', dXn5, C5)
-    dV5 = np.multiply(R5, R5, out=_scratch('dV5', (n, 64), R5))
-    dV5 *= R5
-    dV5 *= dR5
-    dV5 *= -1/2
-    dC5 = dXn5*(R5[:, :, None])
-    _dC5_0 = C5*(dV5[:, :, None]/32)
-    dC5 += _dC5_0
-    dM5 = -np.einsum('...i->...', dC5)
-    dsum_R4 = dM5/64
-    dR4 = dC5
-    dR4 += dR7
-    dR4 += dsum_R4[:, :, None]
-    dOW4 = dR4.reshape((64*n, 64))
-    dOc4 = np.matmul(dOW4, Wo4.T, out=_scratch('dOc4', (64*n, 64), dOW4, Wo4))
-    dOt4 = dOc4.reshape((n, 64, 4, 16))
-    dO4 = dOt4.transpose((0, 2, 1, 3))
-    dA4 = np.matmul(dO4, V4.swapaxes(-1, -2), out=_scratch('dA4', (n, 4, 64, 64), dO4, V4))
-    sum_dA4_times_A4 = np.einsum('abcd,abcd->abc', dA4, A4)
-    dS4 = dA4 + (-sum_dA4_times_A4[:, :, :, None])
-    dS4 *= A4
-    dSc4 = dS4
-    np.copyto(dSc4, 0, where=~np.tri(64, dtype=bool))
-    dQK4 = dSc4
-    dQK4 *= 1/4
-    dQ4 = np.matmul(dQK4, K4, out=_scratch('dQ4', (n, 64, 4, 16), dQK4, K4).transpose((0, 2, 1, 3)))
-    dQs4 = dQ4.transpose((0, 2, 1, 3))
-    dXQ4 = dQs4.reshape((64*n, 64))
-    dX4_XQ4 = np.matmul(dXQ4, Wq4.T, out=_scratch('dX4_XQ4', (64*n, 64), dXQ4, Wq4))
-    dV4 = np.matmul(A4.swapaxes(-1, -2), dO4, out=_scratch('dV4', (n, 64, 4, 16), A4, dO4).transpose((0, 2, 1, 3)))
-    dVs4 = dV4.transpose((0, 2, 1, 3))
-    dXV4 = dVs4.reshape((64*n, 64))
-    dX4_XV4 = np.matmul(dXV4, Wv4.T, out=_scratch('dX4_XV4', (64*n, 64), dXV4, Wv4))
-    dK4 = np.matmul(dQK4.swapaxes(-1, -2), Q4, out=_scratch('dK4', (n, 64, 4, 16), dQK4, Q4).transpose((0, 2, 1, 3)))
-    dKs4 = dK4.transpose((0, 2, 1, 3))
-    dXK4 = dKs4.reshape((64*n, 64))
-    dX4_XK4 = np.matmul(dXK4, Wk4.T, out=_scratch('dX4_XK4', (64*n, 64), dXK4, Wk4))
-    dX4 = dX4_XK4
-    dX4 += dX4_XQ4
-    dX4 += dX4_XV4
-    dH3 = dX4.reshape((n, 64, 64))
-    dXn3 = dH3*g3
-    dR3 = np.einsum('abc,abc->ab', dXn3, C3)
-    dV3 = np.multiply(R3, R3, out=_scratch('dV3', (n, 64), R3))
-    dV3 *= R3
-    dV3 *= dR3
-    dV3 *= -1/2
-    dC3 = dXn3*(R3[:, :, None])
-    _dC3_0 = C3*(dV3[:, :, None]/32)
-    dC3 += _dC3_0
-    dM3 = -np.einsum('...i->...', dC3)
-    dsum_H2 = dM3/64
-    dH2 = dC3
-    dH2 += dR4
-    dH2 += dsum_H2[:, :, None]
-    dE1 = np.zeros((96, 64), dtype=dH2.dtype)
-    np.add.at(dE1, x.reshape(-1), dH2.reshape(-1, 64))   # repeated ids add up
-    dP2 = dH2.sum(axis=0)
-    dg3 = np.einsum('abc,abc->c', Xn3, dH3)
-    ds3 = dH3.sum(axis=(0, 1))
-    dWq4 = X4.T @ dXQ4
-    dWk4 = X4.T @ dXK4
-    dWv4 = X4.T @ dXV4
-    dWo4 = Oc4.T @ dOW4
-    dbo4 = dR4.sum(axis=(0, 1))
-    dg5 = np.einsum('abc,abc->c', Xn5, dH5)
-    ds5 = dH5.sum(axis=(0, 1))
-    dW6 = X6.T @ dXW6
-    db6 = dZ6.sum(axis=(0, 1))
-    dW7 = X7.T @ dXW7
-    db7 = dR7.sum(axis=(0, 1))
-    dg8 = np.einsum('abc,abc->c', Xn8, dH8)
-    ds8 = dH8.sum(axis=(0, 1))
-    dWq9 = X9.T @ dXQ9
-    dWk9 = X9.T @ dXK9
-    dWv9 = X9.T @ dXV9
-    dWo9 = Oc9.T @ dOW9
-    dbo9 = dR9.sum(axis=(0, 1))
-    dg10 = np.einsum('abc,abc->c', Xn10, dH10)
-    ds10 = dH10.sum(axis=(0, 1))
-    dW11 = X11.T @ dXW11
-    db11 = dZ11.sum(axis=(0, 1))
-    dW12 = X12.T @ dXW12
-    db12 = dR12.sum(axis=(0, 1))
+    R13_pow3 = np.multiply(R13, R13, out=_scratch('R13_pow3', (n, 64), R13))
+    R13_pow3 *= R13
+    dV13_2 = np.multiply(R13_pow3, dR13, out=_scratch('dV13_2', (n, 64), R13_pow3, dR13))
+    dV13_2 *= -1/2
+    dC13_2 = dXn13*(R13[:, :, None])
+    _dC13_2_0 = C13*(dV13_2[:, :, None]/32)
+    dC13_2 += _dC13_2_0
+    dM13_2 = -np.einsum('...i->...', dC13_2)
+    dsum_R12_2 = dM13_2/64
+    dR12_2 = dC13_2
+    dR12_2 += dsum_R12_2[:, :, None]
+    dXW12_2 = dR12_2.reshape((64*n, 64))
+    dX12_2 = np.matmul(dXW12_2, W12.T, out=_scratch('dX12_2', (64*n, 256), dXW12_2, W12))
+    dH11_2 = dX12_2.reshape((n, 64, 256))
+    Z11_pow2 = Z11*Z11
+    t_e = np.multiply(Z11_pow2, 0.134145, out=_scratch('t_e', (n, 64, 256), Z11_pow2))
+    t_e += 1
+    tanh_Z11_e = np.multiply(tanh_Z11, tanh_Z11, out=_scratch('tanh_Z11_e', (n, 64, 256), tanh_Z11))
+    np.subtract(1, tanh_Z11_e, out=tanh_Z11_e)
+    Z11_e = np.multiply(tanh_Z11, 1/2, out=_scratch('Z11_e', (n, 64, 256), tanh_Z11))
+    _Z11_e_0 = np.multiply(Z11, t_e, out=_scratch('_Z11_e_0', (n, 64, 256), Z11, t_e))
+    _Z11_e_0 *= tanh_Z11_e
+    _Z11_e_0 *= 0.3989422804014327
+    Z11_e += _Z11_e_0
+    Z11_e += 1/2
+    dZ11_2 = Z11_e*dH11_2
+    dXW11_2 = dZ11_2.reshape((64*n, 256))
+    dX11_2 = np.matmul(dXW11_2, W11.T, out=_scratch('dX11_2', (64*n, 64), dXW11_2, W11))
+    dH10_2 = dX11_2.reshape((n, 64, 64))
+    dXn10_2 = dH10_2*g10
+    dR10_2 = np.einsum('abc,abc->ab', dXn10_2, C10)
+    R10_pow3 = np.multiply(R10, R10, out=_scratch('R10_pow3', (n, 64), R10))
+    R10_pow3 *= R10
+    dV10_2 = np.multiply(R10_pow3, dR10_2, out=_scratch('dV10_2', (n, 64), R10_pow3, dR10_2))
+    dV10_2 *= -1/2
+    dC10_2 = dXn10_2*(R10[:, :, None])
+    _dC10_2_0 = C10*(dV10_2[:, :, None]/32)
+    dC10_2 += _dC10_2_0
+    dM10_2 = -np.einsum('...i->...', dC10_2)
+    dsum_R9_2 = dM10_2/64
+    dR9_2 = dC10_2
+    dR9_2 += dR12_2
+    dR9_2 += dsum_R9_2[:, :, None]
+    dOW9_2 = dR9_2.reshape((64*n, 64))
+    dOc9_2 = np.matmul(dOW9_2, Wo9.T, out=_scratch('dOc9_2', (64*n, 64), dOW9_2, Wo9))
+    dOt9_2 = dOc9_2.reshape((n, 64, 4, 16))
+    dO9_2 = dOt9_2.transpose((0, 2, 1, 3))
+    dA9_2 = np.matmul(dO9_2, V9.swapaxes(-1, -2), out=_scratch('dA9_2', (n, 4, 64, 64), dO9_2, V9))
+    sum_dA9_times_A9_2 = np.einsum('abcd,abcd->abc', dA9_2, A9)
+    dA9_e = dA9_2 - sum_dA9_times_A9_2[:, :, :, None]
+    dS9_2 = A9*dA9_e
+    dSc9_2 = dS9_2
+    np.copyto(dSc9_2, 0, where=~np.tri(64, dtype=bool))
+    dQK9_2 = dSc9_2
+    dQK9_2 *= 1/4
+    dQ9_2 = np.matmul(dQK9_2, K9, out=_scratch('dQ9_2', (n, 64, 4, 16), dQK9_2, K9).transpose((0, 2, 1, 3)))
+    dQs9_2 = dQ9_2.transpose((0, 2, 1, 3))
+    dXQ9_2 = dQs9_2.reshape((64*n, 64))
+    dX9_XQ9_2 = np.matmul(dXQ9_2, Wq9.T, out=_scratch('dX9_XQ9_2', (64*n, 64), dXQ9_2, Wq9))
+    dV9_2 = np.matmul(A9.swapaxes(-1, -2), dO9_2, out=_scratch('dV9_2', (n, 64, 4, 16), A9, dO9_2).transpose((0, 2, 1, 3)))
+    dVs9_2 = dV9_2.transpose((0, 2, 1, 3))
+    dXV9_2 = dVs9_2.reshape((64*n, 64))
+    dX9_XV9_2 = np.matmul(dXV9_2, Wv9.T, out=_scratch('dX9_XV9_2', (64*n, 64), dXV9_2, Wv9))
+    dK9_2 = np.matmul(dQK9_2.swapaxes(-1, -2), Q9, out=_scratch('dK9_2', (n, 64, 4, 16), dQK9_2, Q9).transpose((0, 2, 1, 3)))
+    dKs9_2 = dK9_2.transpose((0, 2, 1, 3))
+    dXK9_2 = dKs9_2.reshape((64*n, 64))
+    dX9_XK9_2 = np.matmul(dXK9_2, Wk9.T, out=_scratch('dX9_XK9_2', (64*n, 64), dXK9_2, Wk9))
+    dX9_2 = dX9_XK9_2
+    dX9_2 += dX9_XQ9_2
+    dX9_2 += dX9_XV9_2
+    dH8_2 = dX9_2.reshape((n, 64, 64))
+    dXn8_2 = dH8_2*g8
+    dR8_2 = np.einsum('abc,abc->ab', dXn8_2, C8)
+    R8_pow3 = np.multiply(R8, R8, out=_scratch('R8_pow3', (n, 64), R8))
+    R8_pow3 *= R8
+    dV8_2 = np.multiply(R8_pow3, dR8_2, out=_scratch('dV8_2', (n, 64), R8_pow3, dR8_2))
+    dV8_2 *= -1/2
+    dC8_2 = dXn8_2*(R8[:, :, None])
+    _dC8_2_0 = C8*(dV8_2[:, :, None]/32)
+    dC8_2 += _dC8_2_0
+    dM8_2 = -np.einsum('...i->...', dC8_2)
+    dsum_R7_2 = dM8_2/64
+    dR7_2 = dC8_2
+    dR7_2 += dR9_2
+    dR7_2 += dsum_R7_2[:, :, None]
+    dXW7_2 = dR7_2.reshape((64*n, 64))
+    dX7_2 = np.matmul(dXW7_2, W7.T, out=_scratch('dX7_2', (64*n, 256), dXW7_2, W7))
+    dH6_2 = dX7_2.reshape((n, 64, 256))
+    Z6_pow2 = Z6*Z6
+    t_e_2 = np.multiply(Z6_pow2, 0.134145, out=_scratch('t_e_2', (n, 64, 256), Z6_pow2))
+    t_e_2 += 1
+    tanh_Z6_e = np.multiply(tanh_Z6, tanh_Z6, out=_scratch('tanh_Z6_e', (n, 64, 256), tanh_Z6))
+    np.subtract(1, tanh_Z6_e, out=tanh_Z6_e)
+    Z6_e = np.multiply(tanh_Z6, 1/2, out=_scratch('Z6_e', (n, 64, 256), tanh_Z6))
+    _Z6_e_0 = np.multiply(Z6, t_e_2, out=_scratch('_Z6_e_0', (n, 64, 256), Z6, t_e_2))
+    _Z6_e_0 *= tanh_Z6_e
+    _Z6_e_0 *= 0.3989422804014327
+    Z6_e += _Z6_e_0
+    Z6_e += 1/2
+    dZ6_2 = Z6_e*dH6_2
+    dXW6_2 = dZ6_2.reshape((64*n, 256))
+    dX6_2 = np.matmul(dXW6_2, W6.T, out=_scratch('dX6_2', (64*n, 64), dXW6_2, W6))
+    dH5_2 = dX6_2.reshape((n, 64, 64))
+    dXn5_2 = dH5_2*g5
+    dR5_2 = np.einsum('abc,abc->ab', dXn5_2, C5)
+    R5_pow3 = np.multiply(R5, R5, out=_scratch('R5_pow3', (n, 64), R5))
+    R5_pow3 *= R5
+    dV5_2 = np.multiply(R5_pow3, dR5_2, out=_scratch('dV5_2', (n, 64), R5_pow3, dR5_2))
+    dV5_2 *= -1/2
+    dC5_2 = dXn5_2*(R5[:, :, None])
+    _dC5_2_0 = C5*(dV5_2[:, :, None]/32)
+    dC5_2 += _dC5_2_0
+    dM5_2 = -np.einsum('...i->...', dC5_2)
+    dsum_R4_2 = dM5_2/64
+    dR4_2 = dC5_2
+    dR4_2 += dR7_2
+    dR4_2 += dsum_R4_2[:, :, None]
+    dOW4_2 = dR4_2.reshape((64*n, 64))
+    dOc4_2 = np.matmul(dOW4_2, Wo4.T, out=_scratch('dOc4_2', (64*n, 64), dOW4_2, Wo4))
+    dOt4_2 = dOc4_2.reshape((n, 64, 4, 16))
+    dO4_2 = dOt4_2.transpose((0, 2, 1, 3))
+    dA4_2 = np.matmul(dO4_2, V4.swapaxes(-1, -2), out=_scratch('dA4_2', (n, 4, 64, 64), dO4_2, V4))
+    sum_dA4_times_A4_2 = np.einsum('abcd,abcd->abc', dA4_2, A4)
+    dA4_e = dA4_2 - sum_dA4_times_A4_2[:, :, :, None]
+    dS4_2 = A4*dA4_e
+    dSc4_2 = dS4_2
+    np.copyto(dSc4_2, 0, where=~np.tri(64, dtype=bool))
+    dQK4_2 = dSc4_2
+    dQK4_2 *= 1/4
+    dK4_2 = np.matmul(dQK4_2.swapaxes(-1, -2), Q4, out=_scratch('dK4_2', (n, 64, 4, 16), dQK4_2, Q4).transpose((0, 2, 1, 3)))
+    dKs4_2 = dK4_2.transpose((0, 2, 1, 3))
+    dXK4_2 = dKs4_2.reshape((64*n, 64))
+    dX4_XK4_2 = np.matmul(dXK4_2, Wk4.T, out=_scratch('dX4_XK4_2', (64*n, 64), dXK4_2, Wk4))
+    dV4_2 = np.matmul(A4.swapaxes(-1, -2), dO4_2, out=_scratch('dV4_2', (n, 64, 4, 16), A4, dO4_2).transpose((0, 2, 1, 3)))
+    dVs4_2 = dV4_2.transpose((0, 2, 1, 3))
+    dXV4_2 = dVs4_2.reshape((64*n, 64))
+    dX4_XV4_2 = np.matmul(dXV4_2, Wv4.T, out=_scratch('dX4_XV4_2', (64*n, 64), dXV4_2, Wv4))
+    dQ4_2 = np.matmul(dQK4_2, K4, out=_scratch('dQ4_2', (n, 64, 4, 16), dQK4_2, K4).transpose((0, 2, 1, 3)))
+    dQs4_2 = dQ4_2.transpose((0, 2, 1, 3))
+    dXQ4_2 = dQs4_2.reshape((64*n, 64))
+    dX4_XQ4_2 = np.matmul(dXQ4_2, Wq4.T, out=_scratch('dX4_XQ4_2', (64*n, 64), dXQ4_2, Wq4))
+    dX4_2 = dX4_XK4_2
+    dX4_2 += dX4_XQ4_2
+    dX4_2 += dX4_XV4_2
+    dH3_2 = dX4_2.reshape((n, 64, 64))
+    dXn3_2 = dH3_2*g3
+    dR3_2 = np.einsum('abc,abc->ab', dXn3_2, C3)
+    R3_pow3 = np.multiply(R3, R3, out=_scratch('R3_pow3', (n, 64), R3))
+    R3_pow3 *= R3
+    dV3_2 = np.multiply(R3_pow3, dR3_2, out=_scratch('dV3_2', (n, 64), R3_pow3, dR3_2))
+    dV3_2 *= -1/2
+    dC3_2 = dXn3_2*(R3[:, :, None])
+    _dC3_2_0 = C3*(dV3_2[:, :, None]/32)
+    dC3_2 += _dC3_2_0
+    dM3_2 = -np.einsum('...i->...', dC3_2)
+    dsum_H2_2 = dM3_2/64
+    dH2_2 = dC3_2
+    dH2_2 += dR4_2
+    dH2_2 += dsum_H2_2[:, :, None]
+    dE1_2 = np.zeros((96, 64), dtype=dH2_2.dtype)
+    np.add.at(dE1_2, x.reshape(-1), dH2_2.reshape(-1, 64))   # repeated ids add up
+    dP2_2 = dH2_2.sum(axis=0)
+    dg3_2 = np.einsum('abc,abc->c', Xn3, dH3_2)
+    ds3_2 = dH3_2.sum(axis=(0, 1))
+    dWq4_2 = X4.T @ dXQ4_2
+    dWk4_2 = X4.T @ dXK4_2
+    dWv4_2 = X4.T @ dXV4_2
+    dWo4_2 = Oc4.T @ dOW4_2
+    dbo4_2 = dR4_2.sum(axis=(0, 1))
+    dg5_2 = np.einsum('abc,abc->c', Xn5, dH5_2)
+    ds5_2 = dH5_2.sum(axis=(0, 1))
+    dW6_2 = X6.T @ dXW6_2
+    db6_2 = dZ6_2.sum(axis=(0, 1))
+    dW7_2 = X7.T @ dXW7_2
+    db7_2 = dR7_2.sum(axis=(0, 1))
+    dg8_2 = np.einsum('abc,abc->c', Xn8, dH8_2)
+    ds8_2 = dH8_2.sum(axis=(0, 1))
+    dWq9_2 = X9.T @ dXQ9_2
+    dWk9_2 = X9.T @ dXK9_2
+    dWv9_2 = X9.T @ dXV9_2
+    dWo9_2 = Oc9.T @ dOW9_2
+    dbo9_2 = dR9_2.sum(axis=(0, 1))
+    dg10_2 = np.einsum('abc,abc->c', Xn10, dH10_2)
+    ds10_2 = dH10_2.sum(axis=(0, 1))
+    dW11_2 = X11.T @ dXW11_2
+    db11_2 = dZ11_2.sum(axis=(0, 1))
+    dW12_2 = X12.T @ dXW12_2
+    db12_2 = dR12_2.sum(axis=(0, 1))
     dg13 = np.einsum('abc,abc->c', Xn13, dH13)
     ds13 = dH13.sum(axis=(0, 1))
     dW14 = X14.T @ dXW14
     db14 = dZ14.sum(axis=(0, 1))
-    # R3_pow3 = R3**3
-    R3_pow3 = np.multiply(R3, R3, out=_scratch('R3_pow3', (n, 64), R3))
-    R3_pow3 *= R3
     # tEm1 = v_E1[x]
     tEm1 = v_E1[x]
     # tH2 = tEm1 + v_P2
@@ -1696,9 +1695,6 @@ def hvp(params, v, x, y):
     # tR3 = -R3_pow3*tV3/2
     tR3 = np.multiply(R3_pow3, tV3, out=_scratch('tR3', (n, 64), R3_pow3, tV3))
     tR3 *= -1/2
-    # R5_pow3 = R5**3
-    R5_pow3 = np.multiply(R5, R5, out=_scratch('R5_pow3', (n, 64), R5))
-    R5_pow3 *= R5
     # tXn3 = C3*tR3 + R3*tC3
     tXn3 = C3*(tR3[:, :, None])
     _tXn3_0 = tC3*(R3[:, :, None])
@@ -1795,13 +1791,6 @@ def hvp(params, v, x, y):
     # tR5 = -R5_pow3*tV5/2
     tR5 = np.multiply(R5_pow3, tV5, out=_scratch('tR5', (n, 64), R5_pow3, tV5))
     tR5 *= -1/2
-    # R8_pow3 = R8**3
-    R8_pow3 = np.multiply(R8, R8, out=_scratch('R8_pow3', (n, 64), R8))
-    R8_pow3 *= R8
-    # Z6_pow2 = Z6**2
-    Z6_pow2 = Z6*Z6
-    # tanh_Z6_pow2 = tanh_Z6**2
-    tanh_Z6_pow2 = tanh_Z6*tanh_Z6
     # tXn5 = C5*tR5 + R5*tC5
     tXn5 = C5*(tR5[:, :, None])
     _tXn5_0 = tC5*(R5[:, :, None])
@@ -1825,12 +1814,10 @@ def hvp(params, v, x, y):
     # tZ6 = tXWs6 + v_b6
     tZ6 = tXWs6
     tZ6 += v_b6
-    # ttanh_Z6 = sqrt(2)*tZ6*(1 - tanh_Z6_pow2)*(0.134145*Z6_pow2 + 1)/sqrt(pi)
-    ttanh_Z6 = np.subtract(1, tanh_Z6_pow2, out=_scratch('ttanh_Z6', (n, 64, 256), tanh_Z6_pow2))
-    ttanh_Z6 *= tZ6
-    _ttanh_Z6_0 = np.multiply(Z6_pow2, 0.10703222440890037, out=_scratch('_ttanh_Z6_0', (n, 64, 256), Z6_pow2))
-    _ttanh_Z6_0 += 0.7978845608028654
-    ttanh_Z6 *= _ttanh_Z6_0
+    # ttanh_Z6 = sqrt(2)*tZ6*t_e_2*tanh_Z6_e/sqrt(pi)
+    ttanh_Z6 = np.multiply(tZ6, t_e_2, out=_scratch('ttanh_Z6', (n, 64, 256), tZ6, t_e_2))
+    ttanh_Z6 *= tanh_Z6_e
+    ttanh_Z6 *= 0.7978845608028654
     # tH6 = Z6*ttanh_Z6/2 + tZ6*(tanh_Z6 + 1)/2
     tH6 = np.multiply(Z6, ttanh_Z6, out=_scratch('tH6', (n, 64, 256), Z6, ttanh_Z6))
     tH6 *= 1/2
@@ -1864,9 +1851,6 @@ def hvp(params, v, x, y):
     # tR8 = -R8_pow3*tV8/2
     tR8 = np.multiply(R8_pow3, tV8, out=_scratch('tR8', (n, 64), R8_pow3, tV8))
     tR8 *= -1/2
-    # R10_pow3 = R10**3
-    R10_pow3 = np.multiply(R10, R10, out=_scratch('R10_pow3', (n, 64), R10))
-    R10_pow3 *= R10
     # tXn8 = C8*tR8 + R8*tC8
     tXn8 = C8*(tR8[:, :, None])
     _tXn8_0 = tC8*(R8[:, :, None])
@@ -1917,8 +1901,6 @@ def hvp(params, v, x, y):
     # tA9 = A9*(-sum_tS9_times_A9 + tS9)
     tA9 = tS9 + (-sum_tS9_times_A9[:, :, :, None])
     tA9 *= A9
-    # tA9_V9 = tA9 @ V9
-    tA9_V9 = np.matmul(tA9, V9, out=_scratch('tA9_V9', (n, 4, 64, 16), tA9, V9))
     # tX9_Wv9 = tX9 @ Wv9
     tX9_Wv9 = np.matmul(tX9, Wv9, out=_scratch('tX9_Wv9', (64*n, 64), tX9, Wv9))
     # X9_v_Wv9 = X9 @ v_Wv9
@@ -1930,6 +1912,10 @@ def hvp(params, v, x, y):
     tVs9 = tXV9.reshape((n, 64, 4, 16))
     # tV9 = tVs9.transpose((0, 2, 1, 3))
     tV9 = tVs9.transpose((0, 2, 1, 3))
+    # dO9_tV9 = dO9_2 @ tV9.mT
+    dO9_tV9 = np.matmul(dO9_2, tV9.swapaxes(-1, -2), out=_scratch('dO9_tV9', (n, 4, 64, 64), dO9_2, tV9))
+    # tA9_V9 = tA9 @ V9
+    tA9_V9 = np.matmul(tA9, V9, out=_scratch('tA9_V9', (n, 4, 64, 16), tA9, V9))
     # A9_tV9 = A9 @ tV9
     A9_tV9 = np.matmul(A9, tV9, out=_scratch('A9_tV9', (n, 4, 64, 16), A9, tV9))
     # tO9 = A9_tV9 + tA9_V9
@@ -1963,13 +1949,6 @@ def hvp(params, v, x, y):
     # tR10 = -R10_pow3*tV10/2
     tR10 = np.multiply(R10_pow3, tV10, out=_scratch('tR10', (n, 64), R10_pow3, tV10))
     tR10 *= -1/2
-    # R13_pow3 = R13**3
-    R13_pow3 = np.multiply(R13, R13, out=_scratch('R13_pow3', (n, 64), R13))
-    R13_pow3 *= R13
-    # Z11_pow2 = Z11**2
-    Z11_pow2 = Z11*Z11
-    # tanh_Z11_pow2 = tanh_Z11**2
-    tanh_Z11_pow2 = tanh_Z11*tanh_Z11
     # tXn10 = C10*tR10 + R10*tC10
     tXn10 = C10*(tR10[:, :, None])
     _tXn10_0 = tC10*(R10[:, :, None])
@@ -1993,12 +1972,10 @@ def hvp(params, v, x, y):
     # tZ11 = tXWs11 + v_b11
     tZ11 = tXWs11
     tZ11 += v_b11
-    # ttanh_Z11 = sqrt(2)*tZ11*(1 - tanh_Z11_pow2)*(0.134145*Z11_pow2 + 1)/sqrt(pi)
-    ttanh_Z11 = np.subtract(1, tanh_Z11_pow2, out=_scratch('ttanh_Z11', (n, 64, 256), tanh_Z11_pow2))
-    ttanh_Z11 *= tZ11
-    _ttanh_Z11_0 = np.multiply(Z11_pow2, 0.10703222440890037, out=_scratch('_ttanh_Z11_0', (n, 64, 256), Z11_pow2))
-    _ttanh_Z11_0 += 0.7978845608028654
-    ttanh_Z11 *= _ttanh_Z11_0
+    # ttanh_Z11 = sqrt(2)*tZ11*t_e*tanh_Z11_e/sqrt(pi)
+    ttanh_Z11 = np.multiply(tZ11, t_e, out=_scratch('ttanh_Z11', (n, 64, 256), tZ11, t_e))
+    ttanh_Z11 *= tanh_Z11_e
+    ttanh_Z11 *= 0.7978845608028654
     # tH11 = Z11*ttanh_Z11/2 + tZ11*(tanh_Z11 + 1)/2
     tH11 = np.multiply(Z11, ttanh_Z11, out=_scratch('tH11', (n, 64, 256), Z11, ttanh_Z11))
     tH11 *= 1/2
@@ -2094,14 +2071,14 @@ def hvp(params, v, x, y):
     _tdV13_0 *= _tdV13_1
     _tdV13_0 *= 3/2
     tdV13 -= _tdV13_0
-    # tdC13 = C13*tdV13/32 + R13*tdXn13 + dV13*tC13/32 + dXn13*tR13
+    # tdC13 = C13*tdV13/32 + R13*tdXn13 + dV13_2*tC13/32 + dXn13*tR13
     tdC13 = tdXn13
     tdC13 *= R13[:, :, None]
     dXn13 *= tR13[:, :, None]
     tdC13 += dXn13
     C13 *= tdV13[:, :, None]/32
     tdC13 += C13
-    tC13 *= dV13[:, :, None]/32
+    tC13 *= dV13_2[:, :, None]/32
     tdC13 += tC13
     # tdM13 = sum(-tdC13, axis=2)
     tdM13 = -np.einsum('...i->...', tdC13)
@@ -2114,52 +2091,65 @@ def hvp(params, v, x, y):
     tdXW12 = tdR12.reshape((64*n, 64))
     # tdXW12_W12 = tdXW12 @ W12.T
     tdXW12_W12 = np.matmul(tdXW12, W12.T, out=_scratch('tdXW12_W12', (64*n, 256), tdXW12, W12))
-    # dXW12_v_W12 = dXW12 @ v_W12.T
-    dXW12_v_W12 = np.matmul(dXW12, v_W12.T, out=_scratch('dXW12_v_W12', (64*n, 256), dXW12, v_W12))
+    # dXW12_v_W12 = dXW12_2 @ v_W12.T
+    dXW12_v_W12 = np.matmul(dXW12_2, v_W12.T, out=_scratch('dXW12_v_W12', (64*n, 256), dXW12_2, v_W12))
     # tdX12 = dXW12_v_W12 + tdXW12_W12
     tdX12 = dXW12_v_W12
     tdX12 += tdXW12_W12
     # tdH11 = reshape(tdX12, (n, 64, 256))
     tdH11 = tdX12.reshape((n, 64, 256))
-    # tdZ11 = sqrt(2)*dH11*tZ11*(1 - tanh_Z11_pow2)*(0.402435*Z11_pow2 + 1)/(2*sqrt(pi)) + dH11*ttanh_Z11*(-2*sqrt(2)*Z11*tanh_Z11*(0.134145*Z11_pow2 + 1)/sqrt(pi) + 1)/2 + tdH11*(sqrt(2)*Z11*(1 - tanh_Z11_pow2)*(0.134145*Z11_pow2 + 1)/sqrt(pi) + tanh_Z11 + 1)/2
-    _tdZ11_0 = 1 - tanh_Z11_pow2
-    _tdZ11_1 = Z11*(0.134145*Z11_pow2 + 1)
-    tdZ11 = 0.3989422804014327*_tdZ11_0*dH11*tZ11*(0.402435*Z11_pow2 + 1) + dH11*ttanh_Z11*(-1.5957691216057308*_tdZ11_1*tanh_Z11 + 1)/2 + tdH11*(0.7978845608028654*_tdZ11_0*_tdZ11_1 + tanh_Z11 + 1)/2
+    # tdZ11 = Z11_e*tdH11 + sqrt(2)*dH11_2*tZ11*tanh_Z11_e*(0.26829*Z11_pow2 + t_e)/(2*sqrt(pi)) + dH11_2*ttanh_Z11*(-2*sqrt(2)*Z11*t_e*tanh_Z11/sqrt(pi) + 1)/2
+    tdZ11 = Z11_e
+    tdZ11 *= tdH11
+    ttanh_Z11 *= dH11_2
+    Z11 *= t_e
+    Z11 *= tanh_Z11
+    Z11 *= 0.7978845608028654
+    np.subtract(1/2, Z11, out=Z11)
+    ttanh_Z11 *= Z11
+    tdZ11 += ttanh_Z11
+    tZ11 *= dH11_2
+    tZ11 *= tanh_Z11_e
+    Z11_pow2 *= 0.26829
+    t_e += Z11_pow2
+    tZ11 *= t_e
+    tZ11 *= 0.3989422804014327
+    tdZ11 += tZ11
     # tdXW11 = reshape(tdZ11, (64*n, 256))
     tdXW11 = tdZ11.reshape((64*n, 256))
     # tdXW11_W11 = tdXW11 @ W11.T
     tdXW11_W11 = np.matmul(tdXW11, W11.T, out=_scratch('tdXW11_W11', (64*n, 64), tdXW11, W11))
-    # dXW11_v_W11 = dXW11 @ v_W11.T
-    dXW11_v_W11 = np.matmul(dXW11, v_W11.T, out=_scratch('dXW11_v_W11', (64*n, 64), dXW11, v_W11))
+    # dXW11_v_W11 = dXW11_2 @ v_W11.T
+    dXW11_v_W11 = np.matmul(dXW11_2, v_W11.T, out=_scratch('dXW11_v_W11', (64*n, 64), dXW11_2, v_W11))
     # tdX11 = dXW11_v_W11 + tdXW11_W11
     tdX11 = dXW11_v_W11
     tdX11 += tdXW11_W11
     # tdH10 = reshape(tdX11, (n, 64, 64))
     tdH10 = tdX11.reshape((n, 64, 64))
-    # tdXn10 = dH10*v_g10 + g10*tdH10
-    tdXn10 = np.multiply(dH10, v_g10, out=_scratch('tdXn10', (n, 64, 64), dH10, v_g10))
+    # tdXn10 = dH10_2*v_g10 + g10*tdH10
+    tdXn10 = np.multiply(dH10_2, v_g10, out=_scratch('tdXn10', (n, 64, 64), dH10_2, v_g10))
     _tdXn10_0 = np.multiply(tdH10, g10, out=_scratch('_tdXn10_0', (n, 64, 64), tdH10, g10))
     tdXn10 += _tdXn10_0
-    # tdR10 = sum(C10*tdXn10 + dXn10*tC10, axis=2)
-    tdR10 = np.einsum('...i->...', C10*tdXn10 + dXn10*tC10)
-    # tdV10 = -3*R10**2*dR10*tR10/2 - R10_pow3*tdR10/2
+    # tdR10 = sum(C10*tdXn10 + dXn10_2*tC10, axis=2)
+    tdR10 = np.einsum('...i->...', C10*tdXn10 + dXn10_2*tC10)
+    # tdV10 = -3*R10**2*dR10_2*tR10/2 - R10_pow3*tdR10/2
     tdV10 = R10_pow3
     tdV10 *= tdR10
     tdV10 *= 1/2
     np.negative(tdV10, out=tdV10)
-    _tdV10_0 = np.multiply(dR10, tR10, out=_scratch('_tdV10_0', (n, 64), dR10, tR10))
+    _tdV10_0 = np.multiply(dR10_2, tR10, out=_scratch('_tdV10_0', (n, 64), dR10_2, tR10))
     _tdV10_1 = np.multiply(R10, R10, out=_scratch('_tdV10_1', (n, 64), R10))
     _tdV10_0 *= _tdV10_1
     _tdV10_0 *= 3/2
     tdV10 -= _tdV10_0
-    # tdC10 = C10*tdV10/32 + R10*tdXn10 + dV10*tC10/32 + dXn10*tR10
+    # tdC10 = C10*tdV10/32 + R10*tdXn10 + dV10_2*tC10/32 + dXn10_2*tR10
     tdC10 = tdXn10
     tdC10 *= R10[:, :, None]
-    dXn10 *= tR10[:, :, None]
-    tdC10 += dXn10
+    dXn10_2 *= tR10[:, :, None]
+    tdC10 += dXn10_2
     C10 *= tdV10[:, :, None]/32
     tdC10 += C10
-    tC10 *= dV10[:, :, None]/32
+    tC10 *= dV10_2[:, :, None]/32
     tdC10 += tC10
     # tdM10 = sum(-tdC10, axis=2)
     tdM10 = -np.einsum('...i->...', tdC10)
@@ -2173,8 +2163,8 @@ def hvp(params, v, x, y):
     tdOW9 = tdR9.reshape((64*n, 64))
     # tdOW9_Wo9 = tdOW9 @ Wo9.T
     tdOW9_Wo9 = np.matmul(tdOW9, Wo9.T, out=_scratch('tdOW9_Wo9', (64*n, 64), tdOW9, Wo9))
-    # dOW9_v_Wo9 = dOW9 @ v_Wo9.T
-    dOW9_v_Wo9 = np.matmul(dOW9, v_Wo9.T, out=_scratch('dOW9_v_Wo9', (64*n, 64), dOW9, v_Wo9))
+    # dOW9_v_Wo9 = dOW9_2 @ v_Wo9.T
+    dOW9_v_Wo9 = np.matmul(dOW9_2, v_Wo9.T, out=_scratch('dOW9_v_Wo9', (64*n, 64), dOW9_2, v_Wo9))
     # tdOc9 = dOW9_v_Wo9 + tdOW9_Wo9
     tdOc9 = dOW9_v_Wo9
     tdOc9 += tdOW9_Wo9
@@ -2182,38 +2172,20 @@ def hvp(params, v, x, y):
     tdOt9 = tdOc9.reshape((n, 64, 4, 16))
     # tdO9 = tdOt9.transpose((0, 2, 1, 3))
     tdO9 = tdOt9.transpose((0, 2, 1, 3))
-    # A9_tdO9 = A9.mT @ tdO9
-    A9_tdO9 = np.matmul(A9.swapaxes(-1, -2), tdO9, out=_scratch('A9_tdO9', (n, 4, 64, 16), A9, tdO9))
-    # tA9_dO9 = tA9.mT @ dO9
-    tA9_dO9 = np.matmul(tA9.swapaxes(-1, -2), dO9, out=_scratch('tA9_dO9', (n, 4, 64, 16), tA9, dO9))
-    # tdV9 = A9_tdO9 + tA9_dO9
-    tdV9 = A9_tdO9
-    tdV9 += tA9_dO9
-    # tdVs9 = tdV9.transpose((0, 2, 1, 3))
-    tdVs9 = tdV9.transpose((0, 2, 1, 3))
-    # tdXV9 = reshape(tdVs9, (64*n, 64))
-    tdXV9 = tdVs9.reshape((64*n, 64))
-    # tdXV9_Wv9 = tdXV9 @ Wv9.T
-    tdXV9_Wv9 = np.matmul(tdXV9, Wv9.T, out=_scratch('tdXV9_Wv9', (64*n, 64), tdXV9, Wv9))
-    # dQK9_tK9 = dQK9 @ tK9
-    dQK9_tK9 = np.matmul(dQK9, tK9, out=_scratch('dQK9_tK9', (n, 4, 64, 16), dQK9, tK9))
     # tdO9_V9 = tdO9 @ V9.mT
     tdO9_V9 = np.matmul(tdO9, V9.swapaxes(-1, -2), out=_scratch('tdO9_V9', (n, 4, 64, 64), tdO9, V9))
-    # dO9_tV9 = dO9 @ tV9.mT
-    dO9_tV9 = np.matmul(dO9, tV9.swapaxes(-1, -2), out=_scratch('dO9_tV9', (n, 4, 64, 64), dO9, tV9))
     # tdA9 = dO9_tV9 + tdO9_V9
     tdA9 = dO9_tV9
     tdA9 += tdO9_V9
-    # tsum_dA9_times_A9 = sum(A9*tdA9 + dA9*tA9, axis=3)
-    tsum_dA9_times_A9 = np.einsum('...i->...', A9*tdA9 + dA9*tA9)
-    # tdS9 = A9*tdA9 - A9*tsum_dA9_times_A9 + tA9*(dA9 - sum_dA9_times_A9)
+    # tsum_dA9_times_A9 = sum(A9*tdA9 + dA9_2*tA9, axis=3)
+    tsum_dA9_times_A9 = np.einsum('...i->...', A9*tdA9 + dA9_2*tA9)
+    # tdS9 = A9*tdA9 - A9*tsum_dA9_times_A9 + dA9_e*tA9
     tdS9 = tdA9
     tdS9 *= A9
-    dA9 += -sum_dA9_times_A9[:, :, :, None]
-    tA9 *= dA9
-    tdS9 += tA9
-    np.multiply(A9, tsum_dA9_times_A9[:, :, :, None], out=dA9)
-    tdS9 -= dA9
+    dA9_e *= tA9
+    tdS9 += dA9_e
+    np.multiply(A9, tsum_dA9_times_A9[:, :, :, None], out=dA9_e)
+    tdS9 -= dA9_e
     # tdSc9 = causal_mask(tdS9, fill=0)
     tdSc9 = tdS9
     np.copyto(tdSc9, 0, where=~np.tri(64, dtype=bool))
@@ -2222,6 +2194,8 @@ def hvp(params, v, x, y):
     tdQK9 *= 1/4
     # tdQK9_K9 = tdQK9 @ K9
     tdQK9_K9 = np.matmul(tdQK9, K9, out=_scratch('tdQK9_K9', (n, 4, 64, 16), tdQK9, K9))
+    # dQK9_tK9 = dQK9_2 @ tK9
+    dQK9_tK9 = np.matmul(dQK9_2, tK9, out=_scratch('dQK9_tK9', (n, 4, 64, 16), dQK9_2, tK9))
     # tdQ9 = dQK9_tK9 + tdQK9_K9
     tdQ9 = dQK9_tK9
     tdQ9 += tdQK9_K9
@@ -2233,8 +2207,8 @@ def hvp(params, v, x, y):
     tdXQ9_Wq9 = np.matmul(tdXQ9, Wq9.T, out=_scratch('tdXQ9_Wq9', (64*n, 64), tdXQ9, Wq9))
     # tdQK9_Q9 = tdQK9.mT @ Q9
     tdQK9_Q9 = np.matmul(tdQK9.swapaxes(-1, -2), Q9, out=_scratch('tdQK9_Q9', (n, 4, 64, 16), tdQK9, Q9))
-    # dQK9_tQ9 = dQK9.mT @ tQ9
-    dQK9_tQ9 = np.matmul(dQK9.swapaxes(-1, -2), tQ9, out=_scratch('dQK9_tQ9', (n, 4, 64, 16), dQK9, tQ9))
+    # dQK9_tQ9 = dQK9_2.mT @ tQ9
+    dQK9_tQ9 = np.matmul(dQK9_2.swapaxes(-1, -2), tQ9, out=_scratch('dQK9_tQ9', (n, 4, 64, 16), dQK9_2, tQ9))
     # tdK9 = dQK9_tQ9 + tdQK9_Q9
     tdK9 = dQK9_tQ9
     tdK9 += tdQK9_Q9
@@ -2244,12 +2218,25 @@ def hvp(params, v, x, y):
     tdXK9 = tdKs9.reshape((64*n, 64))
     # tdXK9_Wk9 = tdXK9 @ Wk9.T
     tdXK9_Wk9 = np.matmul(tdXK9, Wk9.T, out=_scratch('tdXK9_Wk9', (64*n, 64), tdXK9, Wk9))
-    # dXK9_v_Wk9 = dXK9 @ v_Wk9.T
-    dXK9_v_Wk9 = np.matmul(dXK9, v_Wk9.T, out=_scratch('dXK9_v_Wk9', (64*n, 64), dXK9, v_Wk9))
-    # dXQ9_v_Wq9 = dXQ9 @ v_Wq9.T
-    dXQ9_v_Wq9 = np.matmul(dXQ9, v_Wq9.T, out=_scratch('dXQ9_v_Wq9', (64*n, 64), dXQ9, v_Wq9))
-    # dXV9_v_Wv9 = dXV9 @ v_Wv9.T
-    dXV9_v_Wv9 = np.matmul(dXV9, v_Wv9.T, out=_scratch('dXV9_v_Wv9', (64*n, 64), dXV9, v_Wv9))
+    # A9_tdO9 = A9.mT @ tdO9
+    A9_tdO9 = np.matmul(A9.swapaxes(-1, -2), tdO9, out=_scratch('A9_tdO9', (n, 4, 64, 16), A9, tdO9))
+    # tA9_dO9 = tA9.mT @ dO9_2
+    tA9_dO9 = np.matmul(tA9.swapaxes(-1, -2), dO9_2, out=_scratch('tA9_dO9', (n, 4, 64, 16), tA9, dO9_2))
+    # tdV9 = A9_tdO9 + tA9_dO9
+    tdV9 = A9_tdO9
+    tdV9 += tA9_dO9
+    # tdVs9 = tdV9.transpose((0, 2, 1, 3))
+    tdVs9 = tdV9.transpose((0, 2, 1, 3))
+    # tdXV9 = reshape(tdVs9, (64*n, 64))
+    tdXV9 = tdVs9.reshape((64*n, 64))
+    # tdXV9_Wv9 = tdXV9 @ Wv9.T
+    tdXV9_Wv9 = np.matmul(tdXV9, Wv9.T, out=_scratch('tdXV9_Wv9', (64*n, 64), tdXV9, Wv9))
+    # dXV9_v_Wv9 = dXV9_2 @ v_Wv9.T
+    dXV9_v_Wv9 = np.matmul(dXV9_2, v_Wv9.T, out=_scratch('dXV9_v_Wv9', (64*n, 64), dXV9_2, v_Wv9))
+    # dXQ9_v_Wq9 = dXQ9_2 @ v_Wq9.T
+    dXQ9_v_Wq9 = np.matmul(dXQ9_2, v_Wq9.T, out=_scratch('dXQ9_v_Wq9', (64*n, 64), dXQ9_2, v_Wq9))
+    # dXK9_v_Wk9 = dXK9_2 @ v_Wk9.T
+    dXK9_v_Wk9 = np.matmul(dXK9_2, v_Wk9.T, out=_scratch('dXK9_v_Wk9', (64*n, 64), dXK9_2, v_Wk9))
     # tdX9 = dXK9_v_Wk9 + dXQ9_v_Wq9 + dXV9_v_Wv9 + tdXK9_Wk9 + tdXQ9_Wq9 + tdXV9_Wv9
     tdX9 = dXK9_v_Wk9
     tdX9 += dXQ9_v_Wq9
@@ -2259,30 +2246,30 @@ def hvp(params, v, x, y):
     tdX9 += tdXV9_Wv9
     # tdH8 = reshape(tdX9, (n, 64, 64))
     tdH8 = tdX9.reshape((n, 64, 64))
-    # tdXn8 = dH8*v_g8 + g8*tdH8
-    tdXn8 = np.multiply(dH8, v_g8, out=_scratch('tdXn8', (n, 64, 64), dH8, v_g8))
+    # tdXn8 = dH8_2*v_g8 + g8*tdH8
+    tdXn8 = np.multiply(dH8_2, v_g8, out=_scratch('tdXn8', (n, 64, 64), dH8_2, v_g8))
     _tdXn8_0 = np.multiply(tdH8, g8, out=_scratch('_tdXn8_0', (n, 64, 64), tdH8, g8))
     tdXn8 += _tdXn8_0
-    # tdR8 = sum(C8*tdXn8 + dXn8*tC8, axis=2)
-    tdR8 = np.einsum('...i->...', C8*tdXn8 + dXn8*tC8)
-    # tdV8 = -3*R8**2*dR8*tR8/2 - R8_pow3*tdR8/2
+    # tdR8 = sum(C8*tdXn8 + dXn8_2*tC8, axis=2)
+    tdR8 = np.einsum('...i->...', C8*tdXn8 + dXn8_2*tC8)
+    # tdV8 = -3*R8**2*dR8_2*tR8/2 - R8_pow3*tdR8/2
     tdV8 = R8_pow3
     tdV8 *= tdR8
     tdV8 *= 1/2
     np.negative(tdV8, out=tdV8)
-    _tdV8_0 = np.multiply(dR8, tR8, out=_scratch('_tdV8_0', (n, 64), dR8, tR8))
+    _tdV8_0 = np.multiply(dR8_2, tR8, out=_scratch('_tdV8_0', (n, 64), dR8_2, tR8))
     _tdV8_1 = np.multiply(R8, R8, out=_scratch('_tdV8_1', (n, 64), R8))
     _tdV8_0 *= _tdV8_1
     _tdV8_0 *= 3/2
     tdV8 -= _tdV8_0
-    # tdC8 = C8*tdV8/32 + R8*tdXn8 + dV8*tC8/32 + dXn8*tR8
+    # tdC8 = C8*tdV8/32 + R8*tdXn8 + dV8_2*tC8/32 + dXn8_2*tR8
     tdC8 = tdXn8
     tdC8 *= R8[:, :, None]
-    dXn8 *= tR8[:, :, None]
-    tdC8 += dXn8
+    dXn8_2 *= tR8[:, :, None]
+    tdC8 += dXn8_2
     C8 *= tdV8[:, :, None]/32
     tdC8 += C8
-    tC8 *= dV8[:, :, None]/32
+    tC8 *= dV8_2[:, :, None]/32
     tdC8 += tC8
     # tdM8 = sum(-tdC8, axis=2)
     tdM8 = -np.einsum('...i->...', tdC8)
@@ -2296,52 +2283,65 @@ def hvp(params, v, x, y):
     tdXW7 = tdR7.reshape((64*n, 64))
     # tdXW7_W7 = tdXW7 @ W7.T
     tdXW7_W7 = np.matmul(tdXW7, W7.T, out=_scratch('tdXW7_W7', (64*n, 256), tdXW7, W7))
-    # dXW7_v_W7 = dXW7 @ v_W7.T
-    dXW7_v_W7 = np.matmul(dXW7, v_W7.T, out=_scratch('dXW7_v_W7', (64*n, 256), dXW7, v_W7))
+    # dXW7_v_W7 = dXW7_2 @ v_W7.T
+    dXW7_v_W7 = np.matmul(dXW7_2, v_W7.T, out=_scratch('dXW7_v_W7', (64*n, 256), dXW7_2, v_W7))
     # tdX7 = dXW7_v_W7 + tdXW7_W7
     tdX7 = dXW7_v_W7
     tdX7 += tdXW7_W7
     # tdH6 = reshape(tdX7, (n, 64, 256))
     tdH6 = tdX7.reshape((n, 64, 256))
-    # tdZ6 = sqrt(2)*dH6*tZ6*(1 - tanh_Z6_pow2)*(0.402435*Z6_pow2 + 1)/(2*sqrt(pi)) + dH6*ttanh_Z6*(-2*sqrt(2)*Z6*tanh_Z6*(0.134145*Z6_pow2 + 1)/sqrt(pi) + 1)/2 + tdH6*(sqrt(2)*Z6*(1 - tanh_Z6_pow2)*(0.134145*Z6_pow2 + 1)/sqrt(pi) + tanh_Z6 + 1)/2
-    _tdZ6_0 = 1 - tanh_Z6_pow2
-    _tdZ6_1 = Z6*(0.134145*Z6_pow2 + 1)
-    tdZ6 = 0.3989422804014327*_tdZ6_0*dH6*tZ6*(0.402435*Z6_pow2 + 1) + dH6*ttanh_Z6*(-1.5957691216057308*_tdZ6_1*tanh_Z6 + 1)/2 + tdH6*(0.7978845608028654*_tdZ6_0*_tdZ6_1 + tanh_Z6 + 1)/2
+    # tdZ6 = Z6_e*tdH6 + sqrt(2)*dH6_2*tZ6*tanh_Z6_e*(0.26829*Z6_pow2 + t_e_2)/(2*sqrt(pi)) + dH6_2*ttanh_Z6*(-2*sqrt(2)*Z6*t_e_2*tanh_Z6/sqrt(pi) + 1)/2
+    tdZ6 = Z6_e
+    tdZ6 *= tdH6
+    ttanh_Z6 *= dH6_2
+    Z6 *= t_e_2
+    Z6 *= tanh_Z6
+    Z6 *= 0.7978845608028654
+    np.subtract(1/2, Z6, out=Z6)
+    ttanh_Z6 *= Z6
+    tdZ6 += ttanh_Z6
+    tZ6 *= dH6_2
+    tZ6 *= tanh_Z6_e
+    Z6_pow2 *= 0.26829
+    t_e_2 += Z6_pow2
+    tZ6 *= t_e_2
+    tZ6 *= 0.3989422804014327
+    tdZ6 += tZ6
     # tdXW6 = reshape(tdZ6, (64*n, 256))
     tdXW6 = tdZ6.reshape((64*n, 256))
     # tdXW6_W6 = tdXW6 @ W6.T
     tdXW6_W6 = np.matmul(tdXW6, W6.T, out=_scratch('tdXW6_W6', (64*n, 64), tdXW6, W6))
-    # dXW6_v_W6 = dXW6 @ v_W6.T
-    dXW6_v_W6 = np.matmul(dXW6, v_W6.T, out=_scratch('dXW6_v_W6', (64*n, 64), dXW6, v_W6))
+    # dXW6_v_W6 = dXW6_2 @ v_W6.T
+    dXW6_v_W6 = np.matmul(dXW6_2, v_W6.T, out=_scratch('dXW6_v_W6', (64*n, 64), dXW6_2, v_W6))
     # tdX6 = dXW6_v_W6 + tdXW6_W6
     tdX6 = dXW6_v_W6
     tdX6 += tdXW6_W6
     # tdH5 = reshape(tdX6, (n, 64, 64))
     tdH5 = tdX6.reshape((n, 64, 64))
-    # tdXn5 = dH5*v_g5 + g5*tdH5
-    tdXn5 = np.multiply(dH5, v_g5, out=_scratch('tdXn5', (n, 64, 64), dH5, v_g5))
+    # tdXn5 = dH5_2*v_g5 + g5*tdH5
+    tdXn5 = np.multiply(dH5_2, v_g5, out=_scratch('tdXn5', (n, 64, 64), dH5_2, v_g5))
     _tdXn5_0 = np.multiply(tdH5, g5, out=_scratch('_tdXn5_0', (n, 64, 64), tdH5, g5))
     tdXn5 += _tdXn5_0
-    # tdR5 = sum(C5*tdXn5 + dXn5*tC5, axis=2)
-    tdR5 = np.einsum('...i->...', C5*tdXn5 + dXn5*tC5)
-    # tdV5 = -3*R5**2*dR5*tR5/2 - R5_pow3*tdR5/2
+    # tdR5 = sum(C5*tdXn5 + dXn5_2*tC5, axis=2)
+    tdR5 = np.einsum('...i->...', C5*tdXn5 + dXn5_2*tC5)
+    # tdV5 = -3*R5**2*dR5_2*tR5/2 - R5_pow3*tdR5/2
     tdV5 = R5_pow3
     tdV5 *= tdR5
     tdV5 *= 1/2
     np.negative(tdV5, out=tdV5)
-    _tdV5_0 = np.multiply(dR5, tR5, out=_scratch('_tdV5_0', (n, 64), dR5, tR5))
+    _tdV5_0 = np.multiply(dR5_2, tR5, out=_scratch('_tdV5_0', (n, 64), dR5_2, tR5))
     _tdV5_1 = np.multiply(R5, R5, out=_scratch('_tdV5_1', (n, 64), R5))
     _tdV5_0 *= _tdV5_1
     _tdV5_0 *= 3/2
     tdV5 -= _tdV5_0
-    # tdC5 = C5*tdV5/32 + R5*tdXn5 + dV5*tC5/32 + dXn5*tR5
+    # tdC5 = C5*tdV5/32 + R5*tdXn5 + dV5_2*tC5/32 + dXn5_2*tR5
     tdC5 = tdXn5
     tdC5 *= R5[:, :, None]
-    dXn5 *= tR5[:, :, None]
-    tdC5 += dXn5
+    dXn5_2 *= tR5[:, :, None]
+    tdC5 += dXn5_2
     C5 *= tdV5[:, :, None]/32
     tdC5 += C5
-    tC5 *= dV5[:, :, None]/32
+    tC5 *= dV5_2[:, :, None]/32
     tdC5 += tC5
     # tdM5 = sum(-tdC5, axis=2)
     tdM5 = -np.einsum('...i->...', tdC5)
@@ -2351,12 +2351,14 @@ def hvp(params, v, x, y):
     tdR4 = tdC5
     tdR4 += tdR7
     tdR4 += tdsum_R4[:, :, None]
+    # dQK4_tQ4 = dQK4_2.mT @ tQ4
+    dQK4_tQ4 = np.matmul(dQK4_2.swapaxes(-1, -2), tQ4, out=_scratch('dQK4_tQ4', (n, 4, 64, 16), dQK4_2, tQ4))
     # tdOW4 = reshape(tdR4, (64*n, 64))
     tdOW4 = tdR4.reshape((64*n, 64))
     # tdOW4_Wo4 = tdOW4 @ Wo4.T
     tdOW4_Wo4 = np.matmul(tdOW4, Wo4.T, out=_scratch('tdOW4_Wo4', (64*n, 64), tdOW4, Wo4))
-    # dOW4_v_Wo4 = dOW4 @ v_Wo4.T
-    dOW4_v_Wo4 = np.matmul(dOW4, v_Wo4.T, out=_scratch('dOW4_v_Wo4', (64*n, 64), dOW4, v_Wo4))
+    # dOW4_v_Wo4 = dOW4_2 @ v_Wo4.T
+    dOW4_v_Wo4 = np.matmul(dOW4_2, v_Wo4.T, out=_scratch('dOW4_v_Wo4', (64*n, 64), dOW4_2, v_Wo4))
     # tdOc4 = dOW4_v_Wo4 + tdOW4_Wo4
     tdOc4 = dOW4_v_Wo4
     tdOc4 += tdOW4_Wo4
@@ -2364,57 +2366,28 @@ def hvp(params, v, x, y):
     tdOt4 = tdOc4.reshape((n, 64, 4, 16))
     # tdO4 = tdOt4.transpose((0, 2, 1, 3))
     tdO4 = tdOt4.transpose((0, 2, 1, 3))
-    # A4_tdO4 = A4.mT @ tdO4
-    A4_tdO4 = np.matmul(A4.swapaxes(-1, -2), tdO4, out=_scratch('A4_tdO4', (n, 4, 64, 16), A4, tdO4))
-    # tA4_dO4 = tA4.mT @ dO4
-    tA4_dO4 = np.matmul(tA4.swapaxes(-1, -2), dO4, out=_scratch('tA4_dO4', (n, 4, 64, 16), tA4, dO4))
-    # tdV4 = A4_tdO4 + tA4_dO4
-    tdV4 = A4_tdO4
-    tdV4 += tA4_dO4
-    # tdVs4 = tdV4.transpose((0, 2, 1, 3))
-    tdVs4 = tdV4.transpose((0, 2, 1, 3))
-    # tdXV4 = reshape(tdVs4, (64*n, 64))
-    tdXV4 = tdVs4.reshape((64*n, 64))
-    # tdXV4_Wv4 = tdXV4 @ Wv4.T
-    tdXV4_Wv4 = np.matmul(tdXV4, Wv4.T, out=_scratch('tdXV4_Wv4', (64*n, 64), tdXV4, Wv4))
-    # dO4_tV4 = dO4 @ tV4.mT
-    dO4_tV4 = np.matmul(dO4, tV4.swapaxes(-1, -2), out=_scratch('dO4_tV4', (n, 4, 64, 64), dO4, tV4))
     # tdO4_V4 = tdO4 @ V4.mT
     tdO4_V4 = np.matmul(tdO4, V4.swapaxes(-1, -2), out=_scratch('tdO4_V4', (n, 4, 64, 64), tdO4, V4))
+    # dO4_tV4 = dO4_2 @ tV4.mT
+    dO4_tV4 = np.matmul(dO4_2, tV4.swapaxes(-1, -2), out=_scratch('dO4_tV4', (n, 4, 64, 64), dO4_2, tV4))
     # tdA4 = dO4_tV4 + tdO4_V4
     tdA4 = dO4_tV4
     tdA4 += tdO4_V4
-    # tsum_dA4_times_A4 = sum(A4*tdA4 + dA4*tA4, axis=3)
-    tsum_dA4_times_A4 = np.einsum('...i->...', A4*tdA4 + dA4*tA4)
-    # tdS4 = A4*tdA4 - A4*tsum_dA4_times_A4 + tA4*(dA4 - sum_dA4_times_A4)
+    # tsum_dA4_times_A4 = sum(A4*tdA4 + dA4_2*tA4, axis=3)
+    tsum_dA4_times_A4 = np.einsum('...i->...', A4*tdA4 + dA4_2*tA4)
+    # tdS4 = A4*tdA4 - A4*tsum_dA4_times_A4 + dA4_e*tA4
     tdS4 = tdA4
     tdS4 *= A4
-    dA4 += -sum_dA4_times_A4[:, :, :, None]
-    tA4 *= dA4
-    tdS4 += tA4
-    np.multiply(A4, tsum_dA4_times_A4[:, :, :, None], out=dA4)
-    tdS4 -= dA4
+    dA4_e *= tA4
+    tdS4 += dA4_e
+    np.multiply(A4, tsum_dA4_times_A4[:, :, :, None], out=dA4_e)
+    tdS4 -= dA4_e
     # tdSc4 = causal_mask(tdS4, fill=0)
     tdSc4 = tdS4
     np.copyto(tdSc4, 0, where=~np.tri(64, dtype=bool))
     # tdQK4 = tdSc4/4
     tdQK4 = tdSc4
     tdQK4 *= 1/4
-    # tdQK4_K4 = tdQK4 @ K4
-    tdQK4_K4 = np.matmul(tdQK4, K4, out=_scratch('tdQK4_K4', (n, 4, 64, 16), tdQK4, K4))
-    # dQK4_tK4 = dQK4 @ tK4
-    dQK4_tK4 = np.matmul(dQK4, tK4, out=_scratch('dQK4_tK4', (n, 4, 64, 16), dQK4, tK4))
-    # tdQ4 = dQK4_tK4 + tdQK4_K4
-    tdQ4 = dQK4_tK4
-    tdQ4 += tdQK4_K4
-    # tdQs4 = tdQ4.transpose((0, 2, 1, 3))
-    tdQs4 = tdQ4.transpose((0, 2, 1, 3))
-    # tdXQ4 = reshape(tdQs4, (64*n, 64))
-    tdXQ4 = tdQs4.reshape((64*n, 64))
-    # tdXQ4_Wq4 = tdXQ4 @ Wq4.T
-    tdXQ4_Wq4 = np.matmul(tdXQ4, Wq4.T, out=_scratch('tdXQ4_Wq4', (64*n, 64), tdXQ4, Wq4))
-    # dQK4_tQ4 = dQK4.mT @ tQ4
-    dQK4_tQ4 = np.matmul(dQK4.swapaxes(-1, -2), tQ4, out=_scratch('dQK4_tQ4', (n, 4, 64, 16), dQK4, tQ4))
     # tdQK4_Q4 = tdQK4.mT @ Q4
     tdQK4_Q4 = np.matmul(tdQK4.swapaxes(-1, -2), Q4, out=_scratch('tdQK4_Q4', (n, 4, 64, 16), tdQK4, Q4))
     # tdK4 = dQK4_tQ4 + tdQK4_Q4
@@ -2426,12 +2399,38 @@ def hvp(params, v, x, y):
     tdXK4 = tdKs4.reshape((64*n, 64))
     # tdXK4_Wk4 = tdXK4 @ Wk4.T
     tdXK4_Wk4 = np.matmul(tdXK4, Wk4.T, out=_scratch('tdXK4_Wk4', (64*n, 64), tdXK4, Wk4))
-    # dXV4_v_Wv4 = dXV4 @ v_Wv4.T
-    dXV4_v_Wv4 = np.matmul(dXV4, v_Wv4.T, out=_scratch('dXV4_v_Wv4', (64*n, 64), dXV4, v_Wv4))
-    # dXQ4_v_Wq4 = dXQ4 @ v_Wq4.T
-    dXQ4_v_Wq4 = np.matmul(dXQ4, v_Wq4.T, out=_scratch('dXQ4_v_Wq4', (64*n, 64), dXQ4, v_Wq4))
-    # dXK4_v_Wk4 = dXK4 @ v_Wk4.T
-    dXK4_v_Wk4 = np.matmul(dXK4, v_Wk4.T, out=_scratch('dXK4_v_Wk4', (64*n, 64), dXK4, v_Wk4))
+    # A4_tdO4 = A4.mT @ tdO4
+    A4_tdO4 = np.matmul(A4.swapaxes(-1, -2), tdO4, out=_scratch('A4_tdO4', (n, 4, 64, 16), A4, tdO4))
+    # tA4_dO4 = tA4.mT @ dO4_2
+    tA4_dO4 = np.matmul(tA4.swapaxes(-1, -2), dO4_2, out=_scratch('tA4_dO4', (n, 4, 64, 16), tA4, dO4_2))
+    # tdV4 = A4_tdO4 + tA4_dO4
+    tdV4 = A4_tdO4
+    tdV4 += tA4_dO4
+    # tdVs4 = tdV4.transpose((0, 2, 1, 3))
+    tdVs4 = tdV4.transpose((0, 2, 1, 3))
+    # tdXV4 = reshape(tdVs4, (64*n, 64))
+    tdXV4 = tdVs4.reshape((64*n, 64))
+    # tdXV4_Wv4 = tdXV4 @ Wv4.T
+    tdXV4_Wv4 = np.matmul(tdXV4, Wv4.T, out=_scratch('tdXV4_Wv4', (64*n, 64), tdXV4, Wv4))
+    # tdQK4_K4 = tdQK4 @ K4
+    tdQK4_K4 = np.matmul(tdQK4, K4, out=_scratch('tdQK4_K4', (n, 4, 64, 16), tdQK4, K4))
+    # dQK4_tK4 = dQK4_2 @ tK4
+    dQK4_tK4 = np.matmul(dQK4_2, tK4, out=_scratch('dQK4_tK4', (n, 4, 64, 16), dQK4_2, tK4))
+    # tdQ4 = dQK4_tK4 + tdQK4_K4
+    tdQ4 = dQK4_tK4
+    tdQ4 += tdQK4_K4
+    # tdQs4 = tdQ4.transpose((0, 2, 1, 3))
+    tdQs4 = tdQ4.transpose((0, 2, 1, 3))
+    # tdXQ4 = reshape(tdQs4, (64*n, 64))
+    tdXQ4 = tdQs4.reshape((64*n, 64))
+    # tdXQ4_Wq4 = tdXQ4 @ Wq4.T
+    tdXQ4_Wq4 = np.matmul(tdXQ4, Wq4.T, out=_scratch('tdXQ4_Wq4', (64*n, 64), tdXQ4, Wq4))
+    # dXQ4_v_Wq4 = dXQ4_2 @ v_Wq4.T
+    dXQ4_v_Wq4 = np.matmul(dXQ4_2, v_Wq4.T, out=_scratch('dXQ4_v_Wq4', (64*n, 64), dXQ4_2, v_Wq4))
+    # dXK4_v_Wk4 = dXK4_2 @ v_Wk4.T
+    dXK4_v_Wk4 = np.matmul(dXK4_2, v_Wk4.T, out=_scratch('dXK4_v_Wk4', (64*n, 64), dXK4_2, v_Wk4))
+    # dXV4_v_Wv4 = dXV4_2 @ v_Wv4.T
+    dXV4_v_Wv4 = np.matmul(dXV4_2, v_Wv4.T, out=_scratch('dXV4_v_Wv4', (64*n, 64), dXV4_2, v_Wv4))
     # tdX4 = dXK4_v_Wk4 + dXQ4_v_Wq4 + dXV4_v_Wv4 + tdXK4_Wk4 + tdXQ4_Wq4 + tdXV4_Wv4
     tdX4 = dXK4_v_Wk4
     tdX4 += dXQ4_v_Wq4
@@ -2441,30 +2440,30 @@ def hvp(params, v, x, y):
     tdX4 += tdXV4_Wv4
     # tdH3 = reshape(tdX4, (n, 64, 64))
     tdH3 = tdX4.reshape((n, 64, 64))
-    # tdXn3 = dH3*v_g3 + g3*tdH3
-    tdXn3 = np.multiply(dH3, v_g3, out=_scratch('tdXn3', (n, 64, 64), dH3, v_g3))
+    # tdXn3 = dH3_2*v_g3 + g3*tdH3
+    tdXn3 = np.multiply(dH3_2, v_g3, out=_scratch('tdXn3', (n, 64, 64), dH3_2, v_g3))
     _tdXn3_0 = np.multiply(tdH3, g3, out=_scratch('_tdXn3_0', (n, 64, 64), tdH3, g3))
     tdXn3 += _tdXn3_0
-    # tdR3 = sum(C3*tdXn3 + dXn3*tC3, axis=2)
-    tdR3 = np.einsum('...i->...', C3*tdXn3 + dXn3*tC3)
-    # tdV3 = -3*R3**2*dR3*tR3/2 - R3_pow3*tdR3/2
+    # tdR3 = sum(C3*tdXn3 + dXn3_2*tC3, axis=2)
+    tdR3 = np.einsum('...i->...', C3*tdXn3 + dXn3_2*tC3)
+    # tdV3 = -3*R3**2*dR3_2*tR3/2 - R3_pow3*tdR3/2
     tdV3 = R3_pow3
     tdV3 *= tdR3
     tdV3 *= 1/2
     np.negative(tdV3, out=tdV3)
-    _tdV3_0 = np.multiply(dR3, tR3, out=_scratch('_tdV3_0', (n, 64), dR3, tR3))
+    _tdV3_0 = np.multiply(dR3_2, tR3, out=_scratch('_tdV3_0', (n, 64), dR3_2, tR3))
     _tdV3_1 = np.multiply(R3, R3, out=_scratch('_tdV3_1', (n, 64), R3))
     _tdV3_0 *= _tdV3_1
     _tdV3_0 *= 3/2
     tdV3 -= _tdV3_0
-    # tdC3 = C3*tdV3/32 + R3*tdXn3 + dV3*tC3/32 + dXn3*tR3
+    # tdC3 = C3*tdV3/32 + R3*tdXn3 + dV3_2*tC3/32 + dXn3_2*tR3
     tdC3 = tdXn3
     tdC3 *= R3[:, :, None]
-    dXn3 *= tR3[:, :, None]
-    tdC3 += dXn3
+    dXn3_2 *= tR3[:, :, None]
+    tdC3 += dXn3_2
     C3 *= tdV3[:, :, None]/32
     tdC3 += C3
-    tC3 *= dV3[:, :, None]/32
+    tC3 *= dV3_2[:, :, None]/32
     tdC3 += tC3
     # tdM3 = sum(-tdC3, axis=2)
     tdM3 = -np.einsum('...i->...', tdC3)
@@ -2479,102 +2478,102 @@ def hvp(params, v, x, y):
     np.add.at(Hv_E1, x.reshape(-1), tdH2.reshape(-1, 64))   # repeated ids add up
     # Hv_P2 = sum(tdH2, axis=0)
     Hv_P2 = tdH2.sum(axis=0)
-    # Hv_g3 = sum(Xn3*tdH3 + dH3*tXn3, axis=(0, 1))
-    Hv_g3 = (Xn3*tdH3 + dH3*tXn3).sum(axis=(0, 1))
+    # Hv_g3 = sum(Xn3*tdH3 + dH3_2*tXn3, axis=(0, 1))
+    Hv_g3 = (Xn3*tdH3 + dH3_2*tXn3).sum(axis=(0, 1))
     # Hv_s3 = sum(tdH3, axis=(0, 1))
     Hv_s3 = tdH3.sum(axis=(0, 1))
-    # tX4_dXQ4 = tX4.T @ dXQ4
-    tX4_dXQ4 = tX4.T @ dXQ4
+    # tX4_dXQ4 = tX4.T @ dXQ4_2
+    tX4_dXQ4 = tX4.T @ dXQ4_2
     # X4_tdXQ4 = X4.T @ tdXQ4
     X4_tdXQ4 = X4.T @ tdXQ4
     # Hv_Wq4 = X4_tdXQ4 + tX4_dXQ4
     Hv_Wq4 = X4_tdXQ4
     Hv_Wq4 += tX4_dXQ4
+    # tX4_dXK4 = tX4.T @ dXK4_2
+    tX4_dXK4 = tX4.T @ dXK4_2
     # X4_tdXK4 = X4.T @ tdXK4
     X4_tdXK4 = X4.T @ tdXK4
-    # tX4_dXK4 = tX4.T @ dXK4
-    tX4_dXK4 = tX4.T @ dXK4
     # Hv_Wk4 = X4_tdXK4 + tX4_dXK4
     Hv_Wk4 = X4_tdXK4
     Hv_Wk4 += tX4_dXK4
-    # tX4_dXV4 = tX4.T @ dXV4
-    tX4_dXV4 = tX4.T @ dXV4
+    # tX4_dXV4 = tX4.T @ dXV4_2
+    tX4_dXV4 = tX4.T @ dXV4_2
     # X4_tdXV4 = X4.T @ tdXV4
     X4_tdXV4 = X4.T @ tdXV4
     # Hv_Wv4 = X4_tdXV4 + tX4_dXV4
     Hv_Wv4 = X4_tdXV4
     Hv_Wv4 += tX4_dXV4
-    # tOc4_dOW4 = tOc4.T @ dOW4
-    tOc4_dOW4 = tOc4.T @ dOW4
     # Oc4_tdOW4 = Oc4.T @ tdOW4
     Oc4_tdOW4 = Oc4.T @ tdOW4
+    # tOc4_dOW4 = tOc4.T @ dOW4_2
+    tOc4_dOW4 = tOc4.T @ dOW4_2
     # Hv_Wo4 = Oc4_tdOW4 + tOc4_dOW4
     Hv_Wo4 = Oc4_tdOW4
     Hv_Wo4 += tOc4_dOW4
     # Hv_bo4 = sum(tdR4, axis=(0, 1))
     Hv_bo4 = tdR4.sum(axis=(0, 1))
-    # Hv_g5 = sum(Xn5*tdH5 + dH5*tXn5, axis=(0, 1))
-    Hv_g5 = (Xn5*tdH5 + dH5*tXn5).sum(axis=(0, 1))
+    # Hv_g5 = sum(Xn5*tdH5 + dH5_2*tXn5, axis=(0, 1))
+    Hv_g5 = (Xn5*tdH5 + dH5_2*tXn5).sum(axis=(0, 1))
     # Hv_s5 = sum(tdH5, axis=(0, 1))
     Hv_s5 = tdH5.sum(axis=(0, 1))
-    # tX6_dXW6 = tX6.T @ dXW6
-    tX6_dXW6 = tX6.T @ dXW6
     # X6_tdXW6 = X6.T @ tdXW6
     X6_tdXW6 = X6.T @ tdXW6
+    # tX6_dXW6 = tX6.T @ dXW6_2
+    tX6_dXW6 = tX6.T @ dXW6_2
     # Hv_W6 = X6_tdXW6 + tX6_dXW6
     Hv_W6 = X6_tdXW6
     Hv_W6 += tX6_dXW6
     # Hv_b6 = sum(tdZ6, axis=(0, 1))
     Hv_b6 = tdZ6.sum(axis=(0, 1))
+    # tX7_dXW7 = tX7.T @ dXW7_2
+    tX7_dXW7 = tX7.T @ dXW7_2
     # X7_tdXW7 = X7.T @ tdXW7
     X7_tdXW7 = X7.T @ tdXW7
-    # tX7_dXW7 = tX7.T @ dXW7
-    tX7_dXW7 = tX7.T @ dXW7
     # Hv_W7 = X7_tdXW7 + tX7_dXW7
     Hv_W7 = X7_tdXW7
     Hv_W7 += tX7_dXW7
     # Hv_b7 = sum(tdR7, axis=(0, 1))
     Hv_b7 = tdR7.sum(axis=(0, 1))
-    # Hv_g8 = sum(Xn8*tdH8 + dH8*tXn8, axis=(0, 1))
-    Hv_g8 = (Xn8*tdH8 + dH8*tXn8).sum(axis=(0, 1))
+    # Hv_g8 = sum(Xn8*tdH8 + dH8_2*tXn8, axis=(0, 1))
+    Hv_g8 = (Xn8*tdH8 + dH8_2*tXn8).sum(axis=(0, 1))
     # Hv_s8 = sum(tdH8, axis=(0, 1))
     Hv_s8 = tdH8.sum(axis=(0, 1))
-    # tX9_dXQ9 = tX9.T @ dXQ9
-    tX9_dXQ9 = tX9.T @ dXQ9
+    # tX9_dXQ9 = tX9.T @ dXQ9_2
+    tX9_dXQ9 = tX9.T @ dXQ9_2
     # X9_tdXQ9 = X9.T @ tdXQ9
     X9_tdXQ9 = X9.T @ tdXQ9
     # Hv_Wq9 = X9_tdXQ9 + tX9_dXQ9
     Hv_Wq9 = X9_tdXQ9
     Hv_Wq9 += tX9_dXQ9
+    # tX9_dXK9 = tX9.T @ dXK9_2
+    tX9_dXK9 = tX9.T @ dXK9_2
     # X9_tdXK9 = X9.T @ tdXK9
     X9_tdXK9 = X9.T @ tdXK9
-    # tX9_dXK9 = tX9.T @ dXK9
-    tX9_dXK9 = tX9.T @ dXK9
     # Hv_Wk9 = X9_tdXK9 + tX9_dXK9
     Hv_Wk9 = X9_tdXK9
     Hv_Wk9 += tX9_dXK9
-    # tX9_dXV9 = tX9.T @ dXV9
-    tX9_dXV9 = tX9.T @ dXV9
+    # tX9_dXV9 = tX9.T @ dXV9_2
+    tX9_dXV9 = tX9.T @ dXV9_2
     # X9_tdXV9 = X9.T @ tdXV9
     X9_tdXV9 = X9.T @ tdXV9
     # Hv_Wv9 = X9_tdXV9 + tX9_dXV9
     Hv_Wv9 = X9_tdXV9
     Hv_Wv9 += tX9_dXV9
-    # tOc9_dOW9 = tOc9.T @ dOW9
-    tOc9_dOW9 = tOc9.T @ dOW9
     # Oc9_tdOW9 = Oc9.T @ tdOW9
     Oc9_tdOW9 = Oc9.T @ tdOW9
+    # tOc9_dOW9 = tOc9.T @ dOW9_2
+    tOc9_dOW9 = tOc9.T @ dOW9_2
     # Hv_Wo9 = Oc9_tdOW9 + tOc9_dOW9
     Hv_Wo9 = Oc9_tdOW9
     Hv_Wo9 += tOc9_dOW9
     # Hv_bo9 = sum(tdR9, axis=(0, 1))
     Hv_bo9 = tdR9.sum(axis=(0, 1))
-    # Hv_g10 = sum(Xn10*tdH10 + dH10*tXn10, axis=(0, 1))
-    Hv_g10 = (Xn10*tdH10 + dH10*tXn10).sum(axis=(0, 1))
+    # Hv_g10 = sum(Xn10*tdH10 + dH10_2*tXn10, axis=(0, 1))
+    Hv_g10 = (Xn10*tdH10 + dH10_2*tXn10).sum(axis=(0, 1))
     # Hv_s10 = sum(tdH10, axis=(0, 1))
     Hv_s10 = tdH10.sum(axis=(0, 1))
-    # tX11_dXW11 = tX11.T @ dXW11
-    tX11_dXW11 = tX11.T @ dXW11
+    # tX11_dXW11 = tX11.T @ dXW11_2
+    tX11_dXW11 = tX11.T @ dXW11_2
     # X11_tdXW11 = X11.T @ tdXW11
     X11_tdXW11 = X11.T @ tdXW11
     # Hv_W11 = X11_tdXW11 + tX11_dXW11
@@ -2582,10 +2581,10 @@ def hvp(params, v, x, y):
     Hv_W11 += tX11_dXW11
     # Hv_b11 = sum(tdZ11, axis=(0, 1))
     Hv_b11 = tdZ11.sum(axis=(0, 1))
+    # tX12_dXW12 = tX12.T @ dXW12_2
+    tX12_dXW12 = tX12.T @ dXW12_2
     # X12_tdXW12 = X12.T @ tdXW12
     X12_tdXW12 = X12.T @ tdXW12
-    # tX12_dXW12 = tX12.T @ dXW12
-    tX12_dXW12 = tX12.T @ dXW12
     # Hv_W12 = X12_tdXW12 + tX12_dXW12
     Hv_W12 = X12_tdXW12
     Hv_W12 += tX12_dXW12
@@ -2595,16 +2594,16 @@ def hvp(params, v, x, y):
     Hv_g13 = (Xn13*tdH13 + dH13*tXn13).sum(axis=(0, 1))
     # Hv_s13 = sum(tdH13, axis=(0, 1))
     Hv_s13 = tdH13.sum(axis=(0, 1))
-    # X14_tdXW14 = X14.T @ tdXW14
-    X14_tdXW14 = X14.T @ tdXW14
     # tX14_dXW14 = tX14.T @ dXW14
     tX14_dXW14 = tX14.T @ dXW14
+    # X14_tdXW14 = X14.T @ tdXW14
+    X14_tdXW14 = X14.T @ tdXW14
     # Hv_W14 = X14_tdXW14 + tX14_dXW14
     Hv_W14 = X14_tdXW14
     Hv_W14 += tX14_dXW14
     # Hv_b14 = sum(tdZ14, axis=(0, 1))
     Hv_b14 = tdZ14.sum(axis=(0, 1))
-    return float(L), {'E1': dE1, 'P2': dP2, 'g3': dg3, 's3': ds3, 'Wq4': dWq4, 'Wk4': dWk4, 'Wv4': dWv4, 'Wo4': dWo4, 'bo4': dbo4, 'g5': dg5, 's5': ds5, 'W6': dW6, 'b6': db6, 'W7': dW7, 'b7': db7, 'g8': dg8, 's8': ds8, 'Wq9': dWq9, 'Wk9': dWk9, 'Wv9': dWv9, 'Wo9': dWo9, 'bo9': dbo9, 'g10': dg10, 's10': ds10, 'W11': dW11, 'b11': db11, 'W12': dW12, 'b12': db12, 'g13': dg13, 's13': ds13, 'W14': dW14, 'b14': db14}, {'E1': Hv_E1, 'P2': Hv_P2, 'g3': Hv_g3, 's3': Hv_s3, 'Wq4': Hv_Wq4, 'Wk4': Hv_Wk4, 'Wv4': Hv_Wv4, 'Wo4': Hv_Wo4, 'bo4': Hv_bo4, 'g5': Hv_g5, 's5': Hv_s5, 'W6': Hv_W6, 'b6': Hv_b6, 'W7': Hv_W7, 'b7': Hv_b7, 'g8': Hv_g8, 's8': Hv_s8, 'Wq9': Hv_Wq9, 'Wk9': Hv_Wk9, 'Wv9': Hv_Wv9, 'Wo9': Hv_Wo9, 'bo9': Hv_bo9, 'g10': Hv_g10, 's10': Hv_s10, 'W11': Hv_W11, 'b11': Hv_b11, 'W12': Hv_W12, 'b12': Hv_b12, 'g13': Hv_g13, 's13': Hv_s13, 'W14': Hv_W14, 'b14': Hv_b14}
+    return float(L), {'E1': dE1_2, 'P2': dP2_2, 'g3': dg3_2, 's3': ds3_2, 'Wq4': dWq4_2, 'Wk4': dWk4_2, 'Wv4': dWv4_2, 'Wo4': dWo4_2, 'bo4': dbo4_2, 'g5': dg5_2, 's5': ds5_2, 'W6': dW6_2, 'b6': db6_2, 'W7': dW7_2, 'b7': db7_2, 'g8': dg8_2, 's8': ds8_2, 'Wq9': dWq9_2, 'Wk9': dWk9_2, 'Wv9': dWv9_2, 'Wo9': dWo9_2, 'bo9': dbo9_2, 'g10': dg10_2, 's10': ds10_2, 'W11': dW11_2, 'b11': db11_2, 'W12': dW12_2, 'b12': db12_2, 'g13': dg13, 's13': ds13, 'W14': dW14, 'b14': db14}, {'E1': Hv_E1, 'P2': Hv_P2, 'g3': Hv_g3, 's3': Hv_s3, 'Wq4': Hv_Wq4, 'Wk4': Hv_Wk4, 'Wv4': Hv_Wv4, 'Wo4': Hv_Wo4, 'bo4': Hv_bo4, 'g5': Hv_g5, 's5': Hv_s5, 'W6': Hv_W6, 'b6': Hv_b6, 'W7': Hv_W7, 'b7': Hv_b7, 'g8': Hv_g8, 's8': Hv_s8, 'Wq9': Hv_Wq9, 'Wk9': Hv_Wk9, 'Wv9': Hv_Wv9, 'Wo9': Hv_Wo9, 'bo9': Hv_bo9, 'g10': Hv_g10, 's10': Hv_s10, 'W11': Hv_W11, 'b11': Hv_b11, 'W12': Hv_W12, 'b12': Hv_b12, 'g13': Hv_g13, 's13': Hv_s13, 'W14': Hv_W14, 'b14': Hv_b14}
 
 
 def gnvp(params, v, x, y):
@@ -2831,230 +2830,217 @@ def gnvp(params, v, x, y):
     dH13 = dX14.reshape((n, 64, 64))
     dXn13 = dH13*g13
     dR13 = np.einsum('abc,abc->ab', dXn13, C13)
-    dV13 = np.multiply(R13, R13, out=_scratch('dV13', (n, 64), R13))
-    dV13 *= R13
-    dV13 *= dR13
-    dV13 *= -1/2
-    dC13 = dXn13
-    dC13 *= R13[:, :, None]
-    _dC13_0 = C13*(dV13[:, :, None]/32)
-    dC13 += _dC13_0
-    dM13 = -np.einsum('...i->...', dC13)
-    dsum_R12 = dM13/64
-    dR12 = dC13
-    dR12 += dsum_R12[:, :, None]
-    dXW12 = dR12.reshape((64*n, 64))
-    dX12 = np.matmul(dXW12, W12.T, out=_scratch('dX12', (64*n, 256), dXW12, W12))
-    dH11 = dX12.reshape((n, 64, 256))
-    dZ11 = dH11
-    _dZ11_0 = np.multiply(tanh_Z11, tanh_Z11, out=_scratch('_dZ11_0', (n, 64, 256), tanh_Z11))
-    np.subtract(1, _dZ11_0, out=_dZ11_0)
-    _dZ11_0 *= Z11
-    _dZ11_1 = np.multiply(Z11, Z11, out=_scratch('_dZ11_1', (n, 64, 256), Z11))
-    _dZ11_1 *= 0.10703222440890037
-    _dZ11_1 += 0.7978845608028654
-    _dZ11_0 *= _dZ11_1
-    _dZ11_0 += tanh_Z11
-    _dZ11_0 += 1
-    dZ11 *= _dZ11_0
-    dZ11 *= 1/2
-    dXW11 = dZ11.reshape((64*n, 256))
-    dX11 = np.matmul(dXW11, W11.T, out=_scratch('dX11', (64*n, 64), dXW11, W11))
-    dH10 = dX11.reshape((n, 64, 64))
-    dXn10 = dH10*g10
-    dR10 = np.einsum('abc,abc->ab', dXn10, C10)
-    dV10 = np.multiply(R10, R10, out=_scratch('dV10', (n, 64), R10))
-    dV10 *= R10
-    dV10 *= dR10
-    dV10 *= -1/2
-    dC10 = dXn10
-    dC10 *= R10[:, :, None]
-    _dC10_0 = C10*(dV10[:, :, None]/32)
-    dC10 += _dC10_0
-    dM10 = -np.einsum('...i->...', dC10)
-    dsum_R9 = dM10/64
-    dR9 = dC10
-    dR9 += dR12
-    dR9 += dsum_R9[:, :, None]
-    dOW9 = dR9.reshape((64*n, 64))
-    dOc9 = np.matmul(dOW9, Wo9.T, out=_scratch('dOc9', (64*n, 64), dOW9, Wo9))
-    dOt9 = dOc9.reshape((n, 64, 4, 16))
-    dO9 = dOt9.transpose((0, 2, 1, 3))
-    dA9 = np.matmul(dO9, V9.swapaxes(-1, -2), out=_scratch('dA9', (n, 4, 64, 64), dO9, V9))
-    sum_dA9_times_A9 = np.einsum('abcd,abcd->abc', dA9, A9)
-    dS9 = dA9
-    dS9 += -sum_dA9_times_A9[:, :, :, None]
-    dS9 *= A9
-    dSc9 = dS9
-    np.copyto(dSc9, 0, where=~np.tri(64, dtype=bool))
-    dQK9 = dSc9
-    dQK9 *= 1/4
-    dK9 = np.matmul(dQK9.swapaxes(-1, -2), Q9, out=_scratch('dK9', (n, 64, 4, 16), dQK9, Q9).transpose((0, 2, 1, 3)))
-    dKs9 = dK9.transpose((0, 2, 1, 3))
-    dXK9 = dKs9.reshape((64*n, 64))
-    dX9_XK9 = np.matmul(dXK9, Wk9.T, out=_scratch('dX9_XK9', (64*n, 64), dXK9, Wk9))
-    dV9 = np.matmul(A9.swapaxes(-1, -2), dO9, out=_scratch('dV9', (n, 64, 4, 16), A9, dO9).transpose((0, 2, 1, 3)))
-    dVs9 = dV9.transpose((0, 2, 1, 3))
-    dXV9 = dVs9.reshape((64*n, 64))
-    dX9_XV9 = np.matmul(dXV9, Wv9.T, out=_scratch('dX9_XV9', (64*n, 64), dXV9, Wv9))
-    dQ9 = np.matmul(dQK9, K9, out=_scratch('dQ9', (n, 64, 4, 16), dQK9, K9).transpose((0, 2, 1, 3)))
-    dQs9 = dQ9.transpose((0, 2, 1, 3))
-    dXQ9 = dQs9.reshape((64*n, 64))
-    dX9_XQ9 = np.matmul(dXQ9, Wq9.T, out=_scratch('dX9_XQ9', (64*n, 64), dXQ9, Wq9))
-    dX9 = dX9_XK9
-    dX9 += dX9_XQ9
-    dX9 += dX9_XV9
-    dH8 = dX9.reshape((n, 64, 64))
-    dXn8 = dH8*g8
-    dR8 = np.einsum('abc,abc->ab', dXn8, C8)
-    dV8 = np.multiply(R8, R8, out=_scratch('dV8', (n, 64), R8))
-    dV8 *= R8
-    dV8 *= dR8
-    dV8 *= -1/2
-    dC8 = dXn8
-    dC8 *= R8[:, :, None]
-    _dC8_0 = C8*(dV8[:, :, None]/32)
-    dC8 += _dC8_0
-    dM8 = -np.einsum('...i->...', dC8)
-    dsum_R7 = dM8/64
-    dR7 = dC8
-    dR7 += dR9
-    dR7 += dsum_R7[:, :, None]
-    dXW7 = dR7.reshape((64*n, 64))
-    dX7 = np.matmul(dXW7, W7.T, out=_scratch('dX7', (64*n, 256), dXW7, W7))
-    dH6 = dX7.reshape((n, 64, 256))
-    dZ6 = dH6
-    _dZ6_0 = np.multiply(tanh_Z6, tanh_Z6, out=_scratch('_dZ6_0', (n, 64, 256), tanh_Z6))
-    np.subtract(1, _dZ6_0, out=_dZ6_0)
-    _dZ6_0 *= Z6
-    _dZ6_1 = np.multiply(Z6, Z6, out=_scratch('_dZ6_1', (n, 64, 256), Z6))
-    _dZ6_1 *= 0.10703222440890037
-    _dZ6_1 += 0.7978845608028654
-    _dZ6_0 *= _dZ6_1
-    _dZ6_0 += tanh_Z6
-    _dZ6_0 += 1
-    dZ6 *= _dZ6_0
-    dZ6 *= 1/2
-    dXW6 = dZ6.reshape((64*n, 256))
-    dX6 = np.matmul(dXW6, W6.T, out=_scratch('dX6', (64*n, 64), dXW6, W6))
-    dH5 = dX6.reshape((n, 64, 64))
-    dXn5 = dH5*g5
-    dR5 = np.einsum('abc,abc->ab', dXn5, C5)
-    dV5 = np.multiply(R5, R5, out=_scratch('dV5', (n, 64), R5))
-    dV5 *= R5
-    dV5 *= dR5
-    dV5 *= -1/2
-    dC5 = dXn5
-    dC5 *= R5[:, :, None]
-    _dC5_0 = C5*(dV5[:, :, None]/32)
-    dC5 += _dC5_0
-    dM5 = -np.einsum('...i->...', dC5)
-    dsum_R4 = dM5/64
-    dR4 = dC5
-    dR4 += dR7
-    dR4 += dsum_R4[:, :, None]
-    dOW4 = dR4.reshape((64*n, 64))
-    dOc4 = np.matmul(dOW4, Wo4.T, out=_scratch('dOc4', (64*n, 64), dOW4, Wo4))
-    dOt4 = dOc4.reshape((n, 64, 4, 16))
-    dO4 = dOt4.transpose((0, 2, 1, 3))
-    dA4 = np.matmul(dO4, V4.swapaxes(-1, -2), out=_scratch('dA4', (n, 4, 64, 64), dO4, V4))
-    sum_dA4_times_A4 = np.einsum('abcd,abcd->abc', dA4, A4)
-    dS4 = dA4
-    dS4 += -sum_dA4_times_A4[:, :, :, None]
-    dS4 *= A4
-    dSc4 = dS4
-    np.copyto(dSc4, 0, where=~np.tri(64, dtype=bool))
-    dQK4 = dSc4
-    dQK4 *= 1/4
-    dQ4 = np.matmul(dQK4, K4, out=_scratch('dQ4', (n, 64, 4, 16), dQK4, K4).transpose((0, 2, 1, 3)))
-    dQs4 = dQ4.transpose((0, 2, 1, 3))
-    dXQ4 = dQs4.reshape((64*n, 64))
-    dX4_XQ4 = np.matmul(dXQ4, Wq4.T, out=_scratch('dX4_XQ4', (64*n, 64), dXQ4, Wq4))
-    dV4 = np.matmul(A4.swapaxes(-1, -2), dO4, out=_scratch('dV4', (n, 64, 4, 16), A4, dO4).transpose((0, 2, 1, 3)))
-    dVs4 = dV4.transpose((0, 2, 1, 3))
-    dXV4 = dVs4.reshape((64*n, 64))
-    dX4_XV4 = np.matmul(dXV4, Wv4.T, out=_scratch('dX4_XV4', (64*n, 64), dXV4, Wv4))
-    dK4 = np.matmul(dQK4.swapaxes(-1, -2), Q4, out=_scratch('dK4', (n, 64, 4, 16), dQK4, Q4).transpose((0, 2, 1, 3)))
-    dKs4 = dK4.transpose((0, 2, 1, 3))
-    dXK4 = dKs4.reshape((64*n, 64))
-    dX4_XK4 = np.matmul(dXK4, Wk4.T, out=_scratch('dX4_XK4', (64*n, 64), dXK4, Wk4))
-    dX4 = dX4_XK4
-    dX4 += dX4_XQ4
-    dX4 += dX4_XV4
-    dH3 = dX4.reshape((n, 64, 64))
-    dXn3 = dH3*g3
-    dR3 = np.einsum('abc,abc->ab', dXn3, C3)
-    dV3 = np.multiply(R3, R3, out=_scratch('dV3', (n, 64), R3))
-    dV3 *= R3
-    dV3 *= dR3
-    dV3 *= -1/2
-    dC3 = dXn3
-    dC3 *= R3[:, :, None]
-    _dC3_0 = C3*(dV3[:, :, None]/32)
-    dC3 += _dC3_0
-    dM3 = -np.einsum('...i->...', dC3)
-    dsum_H2 = dM3/64
-    dH2 = dC3
-    dH2 += dR4
-    dH2 += dsum_H2[:, :, None]
-    dE1 = np.zeros((96, 64), dtype=dH2.dtype)
-    np.add.at(dE1, x.reshape(-1), dH2.reshape(-1, 64))   # repeated ids add up
-    dP2 = dH2.sum(axis=0)
-    dg3 = np.einsum('abc,abc->c', Xn3, dH3)
-    ds3 = dH3.sum(axis=(0, 1))
-    dWq4 = X4.T @ dXQ4
-    dWk4 = X4.T @ dXK4
-    dWv4 = X4.T @ dXV4
-    dWo4 = Oc4.T @ dOW4
-    dbo4 = dR4.sum(axis=(0, 1))
-    dg5 = np.einsum('abc,abc->c', Xn5, dH5)
-    ds5 = dH5.sum(axis=(0, 1))
-    dW6 = X6.T @ dXW6
-    db6 = dZ6.sum(axis=(0, 1))
-    dW7 = X7.T @ dXW7
-    db7 = dR7.sum(axis=(0, 1))
-    dg8 = np.einsum('abc,abc->c', Xn8, dH8)
-    ds8 = dH8.sum(axis=(0, 1))
-    dWq9 = X9.T @ dXQ9
-    dWk9 = X9.T @ dXK9
-    dWv9 = X9.T @ dXV9
-    dWo9 = Oc9.T @ dOW9
-    dbo9 = dR9.sum(axis=(0, 1))
-    dg10 = np.einsum('abc,abc->c', Xn10, dH10)
-    ds10 = dH10.sum(axis=(0, 1))
-    dW11 = X11.T @ dXW11
-    db11 = dZ11.sum(axis=(0, 1))
-    dW12 = X12.T @ dXW12
-    db12 = dR12.sum(axis=(0, 1))
+    R13_pow3 = np.multiply(R13, R13, out=_scratch('R13_pow3', (n, 64), R13))
+    R13_pow3 *= R13
+    dV13_2 = np.multiply(R13_pow3, dR13, out=_scratch('dV13_2', (n, 64), R13_pow3, dR13))
+    dV13_2 *= -1/2
+    dC13_2 = dXn13
+    dC13_2 *= R13[:, :, None]
+    _dC13_2_0 = C13*(dV13_2[:, :, None]/32)
+    dC13_2 += _dC13_2_0
+    dM13_2 = -np.einsum('...i->...', dC13_2)
+    dsum_R12_2 = dM13_2/64
+    dR12_2 = dC13_2
+    dR12_2 += dsum_R12_2[:, :, None]
+    dXW12_2 = dR12_2.reshape((64*n, 64))
+    dX12_2 = np.matmul(dXW12_2, W12.T, out=_scratch('dX12_2', (64*n, 256), dXW12_2, W12))
+    dH11_2 = dX12_2.reshape((n, 64, 256))
+    Z11_e_2 = np.multiply(Z11, Z11, out=_scratch('Z11_e_2', (n, 64, 256), Z11))
+    Z11_e_2 *= 0.134145
+    Z11_e_2 += 1
+    tanh_Z11_e = np.multiply(tanh_Z11, tanh_Z11, out=_scratch('tanh_Z11_e', (n, 64, 256), tanh_Z11))
+    np.subtract(1, tanh_Z11_e, out=tanh_Z11_e)
+    dZ11_3 = dH11_2
+    _dZ11_3_0 = np.multiply(Z11, Z11_e_2, out=_scratch('_dZ11_3_0', (n, 64, 256), Z11, Z11_e_2))
+    _dZ11_3_0 *= tanh_Z11_e
+    _dZ11_3_0 *= 0.7978845608028654
+    _dZ11_3_0 += tanh_Z11
+    _dZ11_3_0 += 1
+    dZ11_3 *= _dZ11_3_0
+    dZ11_3 *= 1/2
+    dXW11_3 = dZ11_3.reshape((64*n, 256))
+    dX11_3 = np.matmul(dXW11_3, W11.T, out=_scratch('dX11_3', (64*n, 64), dXW11_3, W11))
+    dH10_3 = dX11_3.reshape((n, 64, 64))
+    dXn10_3 = dH10_3*g10
+    dR10_3 = np.einsum('abc,abc->ab', dXn10_3, C10)
+    R10_pow3 = np.multiply(R10, R10, out=_scratch('R10_pow3', (n, 64), R10))
+    R10_pow3 *= R10
+    dV10_3 = np.multiply(R10_pow3, dR10_3, out=_scratch('dV10_3', (n, 64), R10_pow3, dR10_3))
+    dV10_3 *= -1/2
+    dC10_3 = dXn10_3
+    dC10_3 *= R10[:, :, None]
+    _dC10_3_0 = C10*(dV10_3[:, :, None]/32)
+    dC10_3 += _dC10_3_0
+    dM10_3 = -np.einsum('...i->...', dC10_3)
+    dsum_R9_3 = dM10_3/64
+    dR9_3 = dC10_3
+    dR9_3 += dR12_2
+    dR9_3 += dsum_R9_3[:, :, None]
+    dOW9_3 = dR9_3.reshape((64*n, 64))
+    dOc9_3 = np.matmul(dOW9_3, Wo9.T, out=_scratch('dOc9_3', (64*n, 64), dOW9_3, Wo9))
+    dOt9_3 = dOc9_3.reshape((n, 64, 4, 16))
+    dO9_3 = dOt9_3.transpose((0, 2, 1, 3))
+    dA9_3 = np.matmul(dO9_3, V9.swapaxes(-1, -2), out=_scratch('dA9_3', (n, 4, 64, 64), dO9_3, V9))
+    sum_dA9_times_A9_3 = np.einsum('abcd,abcd->abc', dA9_3, A9)
+    dS9_3 = dA9_3
+    dS9_3 += -sum_dA9_times_A9_3[:, :, :, None]
+    dS9_3 *= A9
+    dSc9_3 = dS9_3
+    np.copyto(dSc9_3, 0, where=~np.tri(64, dtype=bool))
+    dQK9_3 = dSc9_3
+    dQK9_3 *= 1/4
+    dK9_3 = np.matmul(dQK9_3.swapaxes(-1, -2), Q9, out=_scratch('dK9_3', (n, 64, 4, 16), dQK9_3, Q9).transpose((0, 2, 1, 3)))
+    dKs9_3 = dK9_3.transpose((0, 2, 1, 3))
+    dXK9_3 = dKs9_3.reshape((64*n, 64))
+    dX9_XK9_3 = np.matmul(dXK9_3, Wk9.T, out=_scratch('dX9_XK9_3', (64*n, 64), dXK9_3, Wk9))
+    dV9_3 = np.matmul(A9.swapaxes(-1, -2), dO9_3, out=_scratch('dV9_3', (n, 64, 4, 16), A9, dO9_3).transpose((0, 2, 1, 3)))
+    dVs9_3 = dV9_3.transpose((0, 2, 1, 3))
+    dXV9_3 = dVs9_3.reshape((64*n, 64))
+    dX9_XV9_3 = np.matmul(dXV9_3, Wv9.T, out=_scratch('dX9_XV9_3', (64*n, 64), dXV9_3, Wv9))
+    dQ9_3 = np.matmul(dQK9_3, K9, out=_scratch('dQ9_3', (n, 64, 4, 16), dQK9_3, K9).transpose((0, 2, 1, 3)))
+    dQs9_3 = dQ9_3.transpose((0, 2, 1, 3))
+    dXQ9_3 = dQs9_3.reshape((64*n, 64))
+    dX9_XQ9_3 = np.matmul(dXQ9_3, Wq9.T, out=_scratch('dX9_XQ9_3', (64*n, 64), dXQ9_3, Wq9))
+    dX9_3 = dX9_XK9_3
+    dX9_3 += dX9_XQ9_3
+    dX9_3 += dX9_XV9_3
+    dH8_3 = dX9_3.reshape((n, 64, 64))
+    dXn8_3 = dH8_3*g8
+    dR8_3 = np.einsum('abc,abc->ab', dXn8_3, C8)
+    R8_pow3 = np.multiply(R8, R8, out=_scratch('R8_pow3', (n, 64), R8))
+    R8_pow3 *= R8
+    dV8_3 = np.multiply(R8_pow3, dR8_3, out=_scratch('dV8_3', (n, 64), R8_pow3, dR8_3))
+    dV8_3 *= -1/2
+    dC8_3 = dXn8_3
+    dC8_3 *= R8[:, :, None]
+    _dC8_3_0 = C8*(dV8_3[:, :, None]/32)
+    dC8_3 += _dC8_3_0
+    dM8_3 = -np.einsum('...i->...', dC8_3)
+    dsum_R7_3 = dM8_3/64
+    dR7_3 = dC8_3
+    dR7_3 += dR9_3
+    dR7_3 += dsum_R7_3[:, :, None]
+    dXW7_3 = dR7_3.reshape((64*n, 64))
+    dX7_3 = np.matmul(dXW7_3, W7.T, out=_scratch('dX7_3', (64*n, 256), dXW7_3, W7))
+    dH6_3 = dX7_3.reshape((n, 64, 256))
+    Z6_e_2 = np.multiply(Z6, Z6, out=_scratch('Z6_e_2', (n, 64, 256), Z6))
+    Z6_e_2 *= 0.134145
+    Z6_e_2 += 1
+    tanh_Z6_e = np.multiply(tanh_Z6, tanh_Z6, out=_scratch('tanh_Z6_e', (n, 64, 256), tanh_Z6))
+    np.subtract(1, tanh_Z6_e, out=tanh_Z6_e)
+    dZ6_3 = dH6_3
+    _dZ6_3_0 = np.multiply(Z6, Z6_e_2, out=_scratch('_dZ6_3_0', (n, 64, 256), Z6, Z6_e_2))
+    _dZ6_3_0 *= tanh_Z6_e
+    _dZ6_3_0 *= 0.7978845608028654
+    _dZ6_3_0 += tanh_Z6
+    _dZ6_3_0 += 1
+    dZ6_3 *= _dZ6_3_0
+    dZ6_3 *= 1/2
+    dXW6_3 = dZ6_3.reshape((64*n, 256))
+    dX6_3 = np.matmul(dXW6_3, W6.T, out=_scratch('dX6_3', (64*n, 64), dXW6_3, W6))
+    dH5_3 = dX6_3.reshape((n, 64, 64))
+    dXn5_3 = dH5_3*g5
+    dR5_3 = np.einsum('abc,abc->ab', dXn5_3, C5)
+    R5_pow3 = np.multiply(R5, R5, out=_scratch('R5_pow3', (n, 64), R5))
+    R5_pow3 *= R5
+    dV5_3 = np.multiply(R5_pow3, dR5_3, out=_scratch('dV5_3', (n, 64), R5_pow3, dR5_3))
+    dV5_3 *= -1/2
+    dC5_3 = dXn5_3
+    dC5_3 *= R5[:, :, None]
+    _dC5_3_0 = C5*(dV5_3[:, :, None]/32)
+    dC5_3 += _dC5_3_0
+    dM5_3 = -np.einsum('...i->...', dC5_3)
+    dsum_R4_3 = dM5_3/64
+    dR4_3 = dC5_3
+    dR4_3 += dR7_3
+    dR4_3 += dsum_R4_3[:, :, None]
+    dOW4_3 = dR4_3.reshape((64*n, 64))
+    dOc4_3 = np.matmul(dOW4_3, Wo4.T, out=_scratch('dOc4_3', (64*n, 64), dOW4_3, Wo4))
+    dOt4_3 = dOc4_3.reshape((n, 64, 4, 16))
+    dO4_3 = dOt4_3.transpose((0, 2, 1, 3))
+    dA4_3 = np.matmul(dO4_3, V4.swapaxes(-1, -2), out=_scratch('dA4_3', (n, 4, 64, 64), dO4_3, V4))
+    sum_dA4_times_A4_3 = np.einsum('abcd,abcd->abc', dA4_3, A4)
+    dS4_3 = dA4_3
+    dS4_3 += -sum_dA4_times_A4_3[:, :, :, None]
+    dS4_3 *= A4
+    dSc4_3 = dS4_3
+    np.copyto(dSc4_3, 0, where=~np.tri(64, dtype=bool))
+    dQK4_3 = dSc4_3
+    dQK4_3 *= 1/4
+    dQ4_3 = np.matmul(dQK4_3, K4, out=_scratch('dQ4_3', (n, 64, 4, 16), dQK4_3, K4).transpose((0, 2, 1, 3)))
+    dQs4_3 = dQ4_3.transpose((0, 2, 1, 3))
+    dXQ4_3 = dQs4_3.reshape((64*n, 64))
+    dX4_XQ4_3 = np.matmul(dXQ4_3, Wq4.T, out=_scratch('dX4_XQ4_3', (64*n, 64), dXQ4_3, Wq4))
+    dV4_3 = np.matmul(A4.swapaxes(-1, -2), dO4_3, out=_scratch('dV4_3', (n, 64, 4, 16), A4, dO4_3).transpose((0, 2, 1, 3)))
+    dVs4_3 = dV4_3.transpose((0, 2, 1, 3))
+    dXV4_3 = dVs4_3.reshape((64*n, 64))
+    dX4_XV4_3 = np.matmul(dXV4_3, Wv4.T, out=_scratch('dX4_XV4_3', (64*n, 64), dXV4_3, Wv4))
+    dK4_3 = np.matmul(dQK4_3.swapaxes(-1, -2), Q4, out=_scratch('dK4_3', (n, 64, 4, 16), dQK4_3, Q4).transpose((0, 2, 1, 3)))
+    dKs4_3 = dK4_3.transpose((0, 2, 1, 3))
+    dXK4_3 = dKs4_3.reshape((64*n, 64))
+    dX4_XK4_3 = np.matmul(dXK4_3, Wk4.T, out=_scratch('dX4_XK4_3', (64*n, 64), dXK4_3, Wk4))
+    dX4_3 = dX4_XK4_3
+    dX4_3 += dX4_XQ4_3
+    dX4_3 += dX4_XV4_3
+    dH3_3 = dX4_3.reshape((n, 64, 64))
+    dXn3_3 = dH3_3*g3
+    dR3_3 = np.einsum('abc,abc->ab', dXn3_3, C3)
+    R3_pow3 = np.multiply(R3, R3, out=_scratch('R3_pow3', (n, 64), R3))
+    R3_pow3 *= R3
+    dV3_3 = np.multiply(R3_pow3, dR3_3, out=_scratch('dV3_3', (n, 64), R3_pow3, dR3_3))
+    dV3_3 *= -1/2
+    dC3_3 = dXn3_3
+    dC3_3 *= R3[:, :, None]
+    _dC3_3_0 = C3*(dV3_3[:, :, None]/32)
+    dC3_3 += _dC3_3_0
+    dM3_3 = -np.einsum('...i->...', dC3_3)
+    dsum_H2_3 = dM3_3/64
+    dH2_3 = dC3_3
+    dH2_3 += dR4_3
+    dH2_3 += dsum_H2_3[:, :, None]
+    dE1_3 = np.zeros((96, 64), dtype=dH2_3.dtype)
+    np.add.at(dE1_3, x.reshape(-1), dH2_3.reshape(-1, 64))   # repeated ids add up
+    dP2_3 = dH2_3.sum(axis=0)
+    dg3_3 = np.einsum('abc,abc->c', Xn3, dH3_3)
+    ds3_3 = dH3_3.sum(axis=(0, 1))
+    dWq4_3 = X4.T @ dXQ4_3
+    dWk4_3 = X4.T @ dXK4_3
+    dWv4_3 = X4.T @ dXV4_3
+    dWo4_3 = Oc4.T @ dOW4_3
+    dbo4_3 = dR4_3.sum(axis=(0, 1))
+    dg5_3 = np.einsum('abc,abc->c', Xn5, dH5_3)
+    ds5_3 = dH5_3.sum(axis=(0, 1))
+    dW6_3 = X6.T @ dXW6_3
+    db6_3 = dZ6_3.sum(axis=(0, 1))
+    dW7_3 = X7.T @ dXW7_3
+    db7_3 = dR7_3.sum(axis=(0, 1))
+    dg8_3 = np.einsum('abc,abc->c', Xn8, dH8_3)
+    ds8_3 = dH8_3.sum(axis=(0, 1))
+    dWq9_3 = X9.T @ dXQ9_3
+    dWk9_3 = X9.T @ dXK9_3
+    dWv9_3 = X9.T @ dXV9_3
+    dWo9_3 = Oc9.T @ dOW9_3
+    dbo9_3 = dR9_3.sum(axis=(0, 1))
+    dg10_3 = np.einsum('abc,abc->c', Xn10, dH10_3)
+    ds10_3 = dH10_3.sum(axis=(0, 1))
+    dW11_3 = X11.T @ dXW11_3
+    db11_3 = dZ11_3.sum(axis=(0, 1))
+    dW12_2 = X12.T @ dXW12_2
+    db12_2 = dR12_2.sum(axis=(0, 1))
     dg13 = np.einsum('abc,abc->c', Xn13, dH13)
     ds13 = dH13.sum(axis=(0, 1))
     dW14 = X14.T @ dXW14
     db14 = dZ14.sum(axis=(0, 1))
     # X14_v_W14 = X14 @ v_W14
     X14_v_W14 = np.matmul(X14, v_W14, out=_scratch('X14_v_W14', (64*n, 96), X14, v_W14))
-    # R13_pow3 = R13**3
-    R13_pow3 = np.multiply(R13, R13, out=_scratch('R13_pow3', (n, 64), R13))
-    R13_pow3 *= R13
-    # Z11_pow2 = Z11**2
-    Z11_pow2 = Z11*Z11
-    # tanh_Z11_pow2 = tanh_Z11**2
-    tanh_Z11_pow2 = tanh_Z11*tanh_Z11
-    # R10_pow3 = R10**3
-    R10_pow3 = np.multiply(R10, R10, out=_scratch('R10_pow3', (n, 64), R10))
-    R10_pow3 *= R10
-    # R8_pow3 = R8**3
-    R8_pow3 = np.multiply(R8, R8, out=_scratch('R8_pow3', (n, 64), R8))
-    R8_pow3 *= R8
-    # Z6_pow2 = Z6**2
-    Z6_pow2 = Z6*Z6
-    # tanh_Z6_pow2 = tanh_Z6**2
-    tanh_Z6_pow2 = tanh_Z6*tanh_Z6
-    # R5_pow3 = R5**3
-    R5_pow3 = np.multiply(R5, R5, out=_scratch('R5_pow3', (n, 64), R5))
-    R5_pow3 *= R5
-    # R3_pow3 = R3**3
-    R3_pow3 = np.multiply(R3, R3, out=_scratch('R3_pow3', (n, 64), R3))
-    R3_pow3 *= R3
+    # tanh_Z11_e_2 = tanh_Z11/2 + 1/2
+    tanh_Z11_e_2 = tanh_Z11
+    tanh_Z11_e_2 *= 1/2
+    tanh_Z11_e_2 += 1/2
+    # tanh_Z6_e_2 = tanh_Z6/2 + 1/2
+    tanh_Z6_e_2 = tanh_Z6
+    tanh_Z6_e_2 *= 1/2
+    tanh_Z6_e_2 += 1/2
     # tEm1 = v_E1[x]
     tEm1 = v_E1[x]
     # tH2 = tEm1 + v_P2
@@ -3187,17 +3173,13 @@ def gnvp(params, v, x, y):
     # tZ6_2 = tXWs6_2 + v_b6
     tZ6_2 = tXWs6_2
     tZ6_2 += v_b6
-    # tH6_2 = tZ6_2*(sqrt(2)*Z6*(1 - tanh_Z6_pow2)*(0.134145*Z6_pow2 + 1)/sqrt(pi) + tanh_Z6 + 1)/2
+    # tH6_2 = tZ6_2*(sqrt(2)*Z6*Z6_e_2*tanh_Z6_e/(2*sqrt(pi)) + tanh_Z6_e_2)
     tH6_2 = tZ6_2
-    _tH6_2_0 = np.subtract(1, tanh_Z6_pow2, out=_scratch('_tH6_2_0', (n, 64, 256), tanh_Z6_pow2))
-    _tH6_2_0 *= Z6
-    _tH6_2_1 = np.multiply(Z6_pow2, 0.10703222440890037, out=_scratch('_tH6_2_1', (n, 64, 256), Z6_pow2))
-    _tH6_2_1 += 0.7978845608028654
-    _tH6_2_0 *= _tH6_2_1
-    _tH6_2_0 += tanh_Z6
-    _tH6_2_0 += 1
+    _tH6_2_0 = np.multiply(Z6, Z6_e_2, out=_scratch('_tH6_2_0', (n, 64, 256), Z6, Z6_e_2))
+    _tH6_2_0 *= tanh_Z6_e
+    _tH6_2_0 *= 0.3989422804014327
+    _tH6_2_0 += tanh_Z6_e_2
     tH6_2 *= _tH6_2_0
-    tH6_2 *= 1/2
     # tX7_2 = reshape(tH6_2, (64*n, 256))
     tX7_2 = tH6_2.reshape((64*n, 256))
     # tX7_W7_2 = tX7_2 @ W7
@@ -3341,17 +3323,13 @@ def gnvp(params, v, x, y):
     # tZ11_2 = tXWs11_2 + v_b11
     tZ11_2 = tXWs11_2
     tZ11_2 += v_b11
-    # tH11_2 = tZ11_2*(sqrt(2)*Z11*(1 - tanh_Z11_pow2)*(0.134145*Z11_pow2 + 1)/sqrt(pi) + tanh_Z11 + 1)/2
+    # tH11_2 = tZ11_2*(sqrt(2)*Z11*Z11_e_2*tanh_Z11_e/(2*sqrt(pi)) + tanh_Z11_e_2)
     tH11_2 = tZ11_2
-    _tH11_2_0 = np.subtract(1, tanh_Z11_pow2, out=_scratch('_tH11_2_0', (n, 64, 256), tanh_Z11_pow2))
-    _tH11_2_0 *= Z11
-    _tH11_2_1 = np.multiply(Z11_pow2, 0.10703222440890037, out=_scratch('_tH11_2_1', (n, 64, 256), Z11_pow2))
-    _tH11_2_1 += 0.7978845608028654
-    _tH11_2_0 *= _tH11_2_1
-    _tH11_2_0 += tanh_Z11
-    _tH11_2_0 += 1
+    _tH11_2_0 = np.multiply(Z11, Z11_e_2, out=_scratch('_tH11_2_0', (n, 64, 256), Z11, Z11_e_2))
+    _tH11_2_0 *= tanh_Z11_e
+    _tH11_2_0 *= 0.3989422804014327
+    _tH11_2_0 += tanh_Z11_e_2
     tH11_2 *= _tH11_2_0
-    tH11_2 *= 1/2
     # tX12_2 = reshape(tH11_2, (64*n, 256))
     tX12_2 = tH11_2.reshape((64*n, 256))
     # tX12_W12_2 = tX12_2 @ W12
@@ -3442,17 +3420,13 @@ def gnvp(params, v, x, y):
     udX12 = np.matmul(udXW12, W12.T, out=_scratch('udX12', (64*n, 256), udXW12, W12))
     # udH11 = reshape(udX12, (n, 64, 256))
     udH11 = udX12.reshape((n, 64, 256))
-    # udZ11 = udH11*(sqrt(2)*Z11*(1 - tanh_Z11_pow2)*(0.134145*Z11_pow2 + 1)/sqrt(pi) + tanh_Z11 + 1)/2
+    # udZ11 = udH11*(sqrt(2)*Z11*Z11_e_2*tanh_Z11_e/(2*sqrt(pi)) + tanh_Z11_e_2)
     udZ11 = udH11
-    np.subtract(1, tanh_Z11_pow2, out=tanh_Z11_pow2)
-    Z11 *= tanh_Z11_pow2
-    Z11_pow2 *= 0.10703222440890037
-    Z11_pow2 += 0.7978845608028654
-    Z11 *= Z11_pow2
-    tanh_Z11 += Z11
-    tanh_Z11 += 1
-    udZ11 *= tanh_Z11
-    udZ11 *= 1/2
+    Z11 *= Z11_e_2
+    Z11 *= tanh_Z11_e
+    Z11 *= 0.3989422804014327
+    tanh_Z11_e_2 += Z11
+    udZ11 *= tanh_Z11_e_2
     # udXW11 = reshape(udZ11, (64*n, 256))
     udXW11 = udZ11.reshape((64*n, 256))
     # udX11 = udXW11 @ W11.T
@@ -3510,14 +3484,6 @@ def gnvp(params, v, x, y):
     # udQK9 = udSc9/4
     udQK9 = udSc9
     udQK9 *= 1/4
-    # udQ9 = udQK9 @ K9
-    udQ9 = np.matmul(udQK9, K9, out=_scratch('udQ9', (n, 64, 4, 16), udQK9, K9).transpose((0, 2, 1, 3)))
-    # udQs9 = udQ9.transpose((0, 2, 1, 3))
-    udQs9 = udQ9.transpose((0, 2, 1, 3))
-    # udXQ9 = reshape(udQs9, (64*n, 64))
-    udXQ9 = udQs9.reshape((64*n, 64))
-    # udXQ9_Wq9 = udXQ9 @ Wq9.T
-    udXQ9_Wq9 = np.matmul(udXQ9, Wq9.T, out=_scratch('udXQ9_Wq9', (64*n, 64), udXQ9, Wq9))
     # udK9 = udQK9.mT @ Q9
     udK9 = np.matmul(udQK9.swapaxes(-1, -2), Q9, out=_scratch('udK9', (n, 64, 4, 16), udQK9, Q9).transpose((0, 2, 1, 3)))
     # udKs9 = udK9.transpose((0, 2, 1, 3))
@@ -3526,6 +3492,14 @@ def gnvp(params, v, x, y):
     udXK9 = udKs9.reshape((64*n, 64))
     # udXK9_Wk9 = udXK9 @ Wk9.T
     udXK9_Wk9 = np.matmul(udXK9, Wk9.T, out=_scratch('udXK9_Wk9', (64*n, 64), udXK9, Wk9))
+    # udQ9 = udQK9 @ K9
+    udQ9 = np.matmul(udQK9, K9, out=_scratch('udQ9', (n, 64, 4, 16), udQK9, K9).transpose((0, 2, 1, 3)))
+    # udQs9 = udQ9.transpose((0, 2, 1, 3))
+    udQs9 = udQ9.transpose((0, 2, 1, 3))
+    # udXQ9 = reshape(udQs9, (64*n, 64))
+    udXQ9 = udQs9.reshape((64*n, 64))
+    # udXQ9_Wq9 = udXQ9 @ Wq9.T
+    udXQ9_Wq9 = np.matmul(udXQ9, Wq9.T, out=_scratch('udXQ9_Wq9', (64*n, 64), udXQ9, Wq9))
     # udX9 = udXK9_Wk9 + udXQ9_Wq9 + udXV9_Wv9
     udX9 = udXK9_Wk9
     udX9 += udXQ9_Wq9
@@ -3559,17 +3533,13 @@ def gnvp(params, v, x, y):
     udX7 = np.matmul(udXW7, W7.T, out=_scratch('udX7', (64*n, 256), udXW7, W7))
     # udH6 = reshape(udX7, (n, 64, 256))
     udH6 = udX7.reshape((n, 64, 256))
-    # udZ6 = udH6*(sqrt(2)*Z6*(1 - tanh_Z6_pow2)*(0.134145*Z6_pow2 + 1)/sqrt(pi) + tanh_Z6 + 1)/2
+    # udZ6 = udH6*(sqrt(2)*Z6*Z6_e_2*tanh_Z6_e/(2*sqrt(pi)) + tanh_Z6_e_2)
     udZ6 = udH6
-    np.subtract(1, tanh_Z6_pow2, out=tanh_Z6_pow2)
-    Z6 *= tanh_Z6_pow2
-    Z6_pow2 *= 0.10703222440890037
-    Z6_pow2 += 0.7978845608028654
-    Z6 *= Z6_pow2
-    tanh_Z6 += Z6
-    tanh_Z6 += 1
-    udZ6 *= tanh_Z6
-    udZ6 *= 1/2
+    Z6 *= Z6_e_2
+    Z6 *= tanh_Z6_e
+    Z6 *= 0.3989422804014327
+    tanh_Z6_e_2 += Z6
+    udZ6 *= tanh_Z6_e_2
     # udXW6 = reshape(udZ6, (64*n, 256))
     udXW6 = udZ6.reshape((64*n, 256))
     # udX6 = udXW6 @ W6.T
@@ -3605,6 +3575,14 @@ def gnvp(params, v, x, y):
     udOt4 = udOc4.reshape((n, 64, 4, 16))
     # udO4 = udOt4.transpose((0, 2, 1, 3))
     udO4 = udOt4.transpose((0, 2, 1, 3))
+    # udV4 = A4.mT @ udO4
+    udV4 = np.matmul(A4.swapaxes(-1, -2), udO4, out=_scratch('udV4', (n, 64, 4, 16), A4, udO4).transpose((0, 2, 1, 3)))
+    # udVs4 = udV4.transpose((0, 2, 1, 3))
+    udVs4 = udV4.transpose((0, 2, 1, 3))
+    # udXV4 = reshape(udVs4, (64*n, 64))
+    udXV4 = udVs4.reshape((64*n, 64))
+    # udXV4_Wv4 = udXV4 @ Wv4.T
+    udXV4_Wv4 = np.matmul(udXV4, Wv4.T, out=_scratch('udXV4_Wv4', (64*n, 64), udXV4, Wv4))
     # udA4 = udO4 @ V4.mT
     udA4 = np.matmul(udO4, V4.swapaxes(-1, -2), out=_scratch('udA4', (n, 4, 64, 64), udO4, V4))
     # sum_udA4_times_A4 = sum(A4*udA4, axis=3)
@@ -3619,22 +3597,6 @@ def gnvp(params, v, x, y):
     # udQK4 = udSc4/4
     udQK4 = udSc4
     udQK4 *= 1/4
-    # udQ4 = udQK4 @ K4
-    udQ4 = np.matmul(udQK4, K4, out=_scratch('udQ4', (n, 64, 4, 16), udQK4, K4).transpose((0, 2, 1, 3)))
-    # udQs4 = udQ4.transpose((0, 2, 1, 3))
-    udQs4 = udQ4.transpose((0, 2, 1, 3))
-    # udXQ4 = reshape(udQs4, (64*n, 64))
-    udXQ4 = udQs4.reshape((64*n, 64))
-    # udXQ4_Wq4 = udXQ4 @ Wq4.T
-    udXQ4_Wq4 = np.matmul(udXQ4, Wq4.T, out=_scratch('udXQ4_Wq4', (64*n, 64), udXQ4, Wq4))
-    # udV4 = A4.mT @ udO4
-    udV4 = np.matmul(A4.swapaxes(-1, -2), udO4, out=_scratch('udV4', (n, 64, 4, 16), A4, udO4).transpose((0, 2, 1, 3)))
-    # udVs4 = udV4.transpose((0, 2, 1, 3))
-    udVs4 = udV4.transpose((0, 2, 1, 3))
-    # udXV4 = reshape(udVs4, (64*n, 64))
-    udXV4 = udVs4.reshape((64*n, 64))
-    # udXV4_Wv4 = udXV4 @ Wv4.T
-    udXV4_Wv4 = np.matmul(udXV4, Wv4.T, out=_scratch('udXV4_Wv4', (64*n, 64), udXV4, Wv4))
     # udK4 = udQK4.mT @ Q4
     udK4 = np.matmul(udQK4.swapaxes(-1, -2), Q4, out=_scratch('udK4', (n, 64, 4, 16), udQK4, Q4).transpose((0, 2, 1, 3)))
     # udKs4 = udK4.transpose((0, 2, 1, 3))
@@ -3643,6 +3605,14 @@ def gnvp(params, v, x, y):
     udXK4 = udKs4.reshape((64*n, 64))
     # udXK4_Wk4 = udXK4 @ Wk4.T
     udXK4_Wk4 = np.matmul(udXK4, Wk4.T, out=_scratch('udXK4_Wk4', (64*n, 64), udXK4, Wk4))
+    # udQ4 = udQK4 @ K4
+    udQ4 = np.matmul(udQK4, K4, out=_scratch('udQ4', (n, 64, 4, 16), udQK4, K4).transpose((0, 2, 1, 3)))
+    # udQs4 = udQ4.transpose((0, 2, 1, 3))
+    udQs4 = udQ4.transpose((0, 2, 1, 3))
+    # udXQ4 = reshape(udQs4, (64*n, 64))
+    udXQ4 = udQs4.reshape((64*n, 64))
+    # udXQ4_Wq4 = udXQ4 @ Wq4.T
+    udXQ4_Wq4 = np.matmul(udXQ4, Wq4.T, out=_scratch('udXQ4_Wq4', (64*n, 64), udXQ4, Wq4))
     # udX4 = udXK4_Wk4 + udXQ4_Wq4 + udXV4_Wv4
     udX4 = udXK4_Wk4
     udX4 += udXQ4_Wq4
@@ -3735,7 +3705,7 @@ def gnvp(params, v, x, y):
     Gv_W14 = X14.T @ udXW14
     # Gv_b14 = sum(uZ14, axis=(0, 1))
     Gv_b14 = uZ14.sum(axis=(0, 1))
-    return float(L), {'E1': dE1, 'P2': dP2, 'g3': dg3, 's3': ds3, 'Wq4': dWq4, 'Wk4': dWk4, 'Wv4': dWv4, 'Wo4': dWo4, 'bo4': dbo4, 'g5': dg5, 's5': ds5, 'W6': dW6, 'b6': db6, 'W7': dW7, 'b7': db7, 'g8': dg8, 's8': ds8, 'Wq9': dWq9, 'Wk9': dWk9, 'Wv9': dWv9, 'Wo9': dWo9, 'bo9': dbo9, 'g10': dg10, 's10': ds10, 'W11': dW11, 'b11': db11, 'W12': dW12, 'b12': db12, 'g13': dg13, 's13': ds13, 'W14': dW14, 'b14': db14}, {'E1': Gv_E1, 'P2': Gv_P2, 'g3': Gv_g3, 's3': Gv_s3, 'Wq4': Gv_Wq4, 'Wk4': Gv_Wk4, 'Wv4': Gv_Wv4, 'Wo4': Gv_Wo4, 'bo4': Gv_bo4, 'g5': Gv_g5, 's5': Gv_s5, 'W6': Gv_W6, 'b6': Gv_b6, 'W7': Gv_W7, 'b7': Gv_b7, 'g8': Gv_g8, 's8': Gv_s8, 'Wq9': Gv_Wq9, 'Wk9': Gv_Wk9, 'Wv9': Gv_Wv9, 'Wo9': Gv_Wo9, 'bo9': Gv_bo9, 'g10': Gv_g10, 's10': Gv_s10, 'W11': Gv_W11, 'b11': Gv_b11, 'W12': Gv_W12, 'b12': Gv_b12, 'g13': Gv_g13, 's13': Gv_s13, 'W14': Gv_W14, 'b14': Gv_b14}
+    return float(L), {'E1': dE1_3, 'P2': dP2_3, 'g3': dg3_3, 's3': ds3_3, 'Wq4': dWq4_3, 'Wk4': dWk4_3, 'Wv4': dWv4_3, 'Wo4': dWo4_3, 'bo4': dbo4_3, 'g5': dg5_3, 's5': ds5_3, 'W6': dW6_3, 'b6': db6_3, 'W7': dW7_3, 'b7': db7_3, 'g8': dg8_3, 's8': ds8_3, 'Wq9': dWq9_3, 'Wk9': dWk9_3, 'Wv9': dWv9_3, 'Wo9': dWo9_3, 'bo9': dbo9_3, 'g10': dg10_3, 's10': ds10_3, 'W11': dW11_3, 'b11': db11_3, 'W12': dW12_2, 'b12': db12_2, 'g13': dg13, 's13': ds13, 'W14': dW14, 'b14': db14}, {'E1': Gv_E1, 'P2': Gv_P2, 'g3': Gv_g3, 's3': Gv_s3, 'Wq4': Gv_Wq4, 'Wk4': Gv_Wk4, 'Wv4': Gv_Wv4, 'Wo4': Gv_Wo4, 'bo4': Gv_bo4, 'g5': Gv_g5, 's5': Gv_s5, 'W6': Gv_W6, 'b6': Gv_b6, 'W7': Gv_W7, 'b7': Gv_b7, 'g8': Gv_g8, 's8': Gv_s8, 'Wq9': Gv_Wq9, 'Wk9': Gv_Wk9, 'Wv9': Gv_Wv9, 'Wo9': Gv_Wo9, 'bo9': Gv_bo9, 'g10': Gv_g10, 's10': Gv_s10, 'W11': Gv_W11, 'b11': Gv_b11, 'W12': Gv_W12, 'b12': Gv_b12, 'g13': Gv_g13, 's13': Gv_s13, 'W14': Gv_W14, 'b14': Gv_b14}
 
 
 def per_example_grads(params, x, y):

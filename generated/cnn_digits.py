@@ -729,6 +729,7 @@ def hvp(params, v, x, y):
     LSE = _logsumexp(Z4)
     CE = LSE - Z4[np.arange(n), y]
     L = CE.mean()
+    step_H3 = np.heaviside(H3, 0.0)
     dZ4 = np.exp(Z4 - LSE[:, None])
     dZ4[np.arange(n), y] -= 1
     dZ4 *= 1/n
@@ -737,37 +738,37 @@ def hvp(params, v, x, y):
     dQ2 = _route_to_argmax(Q2, dMax2, 'dQ2', best=Max2)
     dPp2 = dQ2.reshape((4*n, 256))
     dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0), 'dH3')
-    dZ3 = dH3
-    dZ3 *= (H3 > 0.0)
-    dPW3 = dZ3.reshape((16*n, 64))
-    # (not formed: dPool1 = col2im(dP3) computes it, see below)
-    dPool1 = _conv_transpose(dPW3, W3, (4, 4, 32), (3, 3), (1, 1, 1, 1), 'dPool1', keep=True)
-    dMax1 = dPool1.reshape((16*n, 32))
-    dQ1 = _route_to_argmax(Q1, dMax1, 'dQ1', best=Max1)
-    dPp1 = dQ1.reshape((16*n, 128))
-    dH2 = _col2im(dPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0), 'dH2')
-    dZ2 = dH2
-    dZ2 *= (H2 > 0.0)
-    dPW2 = dZ2.reshape((64*n, 32))
-    # (not formed: dH1 = col2im(dP2) computes it, see below)
-    dH1 = _conv_transpose(dPW2, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'dH1', keep=True)
-    dZ1 = dH1
-    dZ1 *= (H1 > 0.0)
-    dPW1 = dZ1.reshape((64*n, 32))
-    dW1 = _conv_weight_grad(x, dPW1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
-    db1 = dZ1.sum(axis=(0, 1, 2))
-    dW2 = _conv_weight_grad(H1, dPW2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
-    db2 = dZ2.sum(axis=(0, 1, 2))
-    dW3 = _conv_weight_grad(Pool1, dPW3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
-    db3 = dZ3.sum(axis=(0, 1, 2))
+    dZ3_2 = dH3
+    dZ3_2 *= step_H3
+    dPW3_2 = dZ3_2.reshape((16*n, 64))
+    # (not formed: dPool1_2 = col2im(dP3_2) computes it, see below)
+    dPool1_2 = _conv_transpose(dPW3_2, W3, (4, 4, 32), (3, 3), (1, 1, 1, 1), 'dPool1_2', keep=True)
+    dMax1_2 = dPool1_2.reshape((16*n, 32))
+    dQ1_2 = _route_to_argmax(Q1, dMax1_2, 'dQ1_2', best=Max1)
+    dPp1_2 = dQ1_2.reshape((16*n, 128))
+    dH2_2 = _col2im(dPp1_2, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0), 'dH2_2')
+    step_H2 = np.heaviside(H2, 0.0)
+    dZ2_2 = dH2_2
+    dZ2_2 *= step_H2
+    dPW2_2 = dZ2_2.reshape((64*n, 32))
+    # (not formed: dH1_2 = col2im(dP2_2) computes it, see below)
+    dH1_2 = _conv_transpose(dPW2_2, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'dH1_2', keep=True)
+    step_H1 = np.heaviside(H1, 0.0)
+    dZ1_2 = dH1_2
+    dZ1_2 *= step_H1
+    dPW1_2 = dZ1_2.reshape((64*n, 32))
+    dW1_2 = _conv_weight_grad(x, dPW1_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
+    db1_2 = dZ1_2.sum(axis=(0, 1, 2))
+    dW2_2 = _conv_weight_grad(H1, dPW2_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
+    db2_2 = dZ2_2.sum(axis=(0, 1, 2))
+    dW3_2 = _conv_weight_grad(Pool1, dPW3_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
+    db3_2 = dZ3_2.sum(axis=(0, 1, 2))
     dW4 = F1.T @ dZ4
     db4 = _colsum(dZ4)
-    # dPW2_v_W2 = dPW2 @ v_W2.T
-    dPW2_v_W2 = np.matmul(dPW2, v_W2.T, out=_scratch('dPW2_v_W2', (64*n, 288), dPW2, v_W2))
-    # dPW3_v_W3 = dPW3 @ v_W3.T
-    dPW3_v_W3 = np.matmul(dPW3, v_W3.T, out=_scratch('dPW3_v_W3', (16*n, 288), dPW3, v_W3))
-    # step_H3 = step(H3)
-    step_H3 = np.heaviside(H3, 0.0)
+    # dPW2_v_W2 = dPW2_2 @ v_W2.T
+    dPW2_v_W2 = np.matmul(dPW2_2, v_W2.T, out=_scratch('dPW2_v_W2', (64*n, 288), dPW2_2, v_W2))
+    # dPW3_v_W3 = dPW3_2 @ v_W3.T
+    dPW3_v_W3 = np.matmul(dPW3_2, v_W3.T, out=_scratch('dPW3_v_W3', (16*n, 288), dPW3_2, v_W3))
     # dZ4_v_W4 = dZ4 @ v_W4.T
     dZ4_v_W4 = np.matmul(dZ4, v_W4.T, out=_scratch('dZ4_v_W4', (n, 256), dZ4, v_W4))
     # exp_Z4 = exp(-LSE + Z4)
@@ -780,8 +781,6 @@ def hvp(params, v, x, y):
     tPW1 = _conv(x, v_W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('tPW1', (64*n, 32), x, v_W1))
     # tC1 = reshape(tPW1, (n, 8, 8, 32))
     tC1 = tPW1.reshape((n, 8, 8, 32))
-    # step_H1 = step(H1)
-    step_H1 = np.heaviside(H1, 0.0)
     # tH1 = step_H1*(tC1 + v_b1)
     tH1 = tC1
     tH1 += v_b1
@@ -797,8 +796,6 @@ def hvp(params, v, x, y):
     tPW2 += tP2_W2
     # tC2 = reshape(tPW2, (n, 8, 8, 32))
     tC2 = tPW2.reshape((n, 8, 8, 32))
-    # step_H2 = step(H2)
-    step_H2 = np.heaviside(H2, 0.0)
     # tH2 = step_H2*(tC2 + v_b2)
     tH2 = tC2
     tH2 += v_b2
@@ -898,17 +895,17 @@ def hvp(params, v, x, y):
     Hv_W1 = _conv_weight_grad(x, tdPW1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
     # Hv_b1 = sum(tdZ1, axis=(0, 1, 2))
     Hv_b1 = tdZ1.sum(axis=(0, 1, 2))
-    # tP2_dPW2 = tP2.T @ dPW2
-    tP2_dPW2 = _conv_weight_grad(tH1, dPW2, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2')
     # P2_tdPW2 = P2.T @ tdPW2
     P2_tdPW2 = _conv_weight_grad(H1, tdPW2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
+    # tP2_dPW2 = tP2.T @ dPW2_2
+    tP2_dPW2 = _conv_weight_grad(tH1, dPW2_2, (3, 3), (1, 1), (1, 1, 1, 1), 'tP2')
     # Hv_W2 = P2_tdPW2 + tP2_dPW2
     Hv_W2 = P2_tdPW2
     Hv_W2 += tP2_dPW2
     # Hv_b2 = sum(tdZ2, axis=(0, 1, 2))
     Hv_b2 = tdZ2.sum(axis=(0, 1, 2))
-    # tP3_dPW3 = tP3.T @ dPW3
-    tP3_dPW3 = _conv_weight_grad(tPool1, dPW3, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3')
+    # tP3_dPW3 = tP3.T @ dPW3_2
+    tP3_dPW3 = _conv_weight_grad(tPool1, dPW3_2, (3, 3), (1, 1), (1, 1, 1, 1), 'tP3')
     # P3_tdPW3 = P3.T @ tdPW3
     P3_tdPW3 = _conv_weight_grad(Pool1, tdPW3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
     # Hv_W3 = P3_tdPW3 + tP3_dPW3
@@ -925,7 +922,7 @@ def hvp(params, v, x, y):
     Hv_W4 += tF1_dZ4
     # Hv_b4 = sum(tdZ4, axis=0)
     Hv_b4 = _colsum(tdZ4)
-    return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2, 'W3': dW3, 'b3': db3, 'W4': dW4, 'b4': db4}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3, 'W4': Hv_W4, 'b4': Hv_b4}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3_2, 'b3': db3_2, 'W4': dW4, 'b4': db4}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3, 'W4': Hv_W4, 'b4': Hv_b4}
 
 
 def gnvp(params, v, x, y):
@@ -981,6 +978,7 @@ def gnvp(params, v, x, y):
     LSE = _logsumexp(Z4)
     CE = LSE - Z4[np.arange(n), y]
     L = CE.mean()
+    step_H3 = np.heaviside(H3, 0.0)
     dZ4 = np.exp(Z4 - LSE[:, None])
     dZ4[np.arange(n), y] -= 1
     dZ4 *= 1/n
@@ -989,33 +987,33 @@ def gnvp(params, v, x, y):
     dQ2 = _route_to_argmax(Q2, dMax2, 'dQ2', best=Max2)
     dPp2 = dQ2.reshape((4*n, 256))
     dH3 = _col2im(dPp2, (4, 4, 64), (2, 2), (2, 2), (0, 0, 0, 0), 'dH3')
-    dZ3 = dH3
-    dZ3 *= (H3 > 0.0)
-    dPW3 = dZ3.reshape((16*n, 64))
-    # (not formed: dPool1 = col2im(dP3) computes it, see below)
-    dPool1 = _conv_transpose(dPW3, W3, (4, 4, 32), (3, 3), (1, 1, 1, 1), 'dPool1', keep=True)
-    dMax1 = dPool1.reshape((16*n, 32))
-    dQ1 = _route_to_argmax(Q1, dMax1, 'dQ1', best=Max1)
-    dPp1 = dQ1.reshape((16*n, 128))
-    dH2 = _col2im(dPp1, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0), 'dH2')
-    dZ2 = dH2
-    dZ2 *= (H2 > 0.0)
-    dPW2 = dZ2.reshape((64*n, 32))
-    # (not formed: dH1 = col2im(dP2) computes it, see below)
-    dH1 = _conv_transpose(dPW2, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'dH1', keep=True)
-    dZ1 = dH1
-    dZ1 *= (H1 > 0.0)
-    dPW1 = dZ1.reshape((64*n, 32))
-    dW1 = _conv_weight_grad(x, dPW1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
-    db1 = dZ1.sum(axis=(0, 1, 2))
-    dW2 = _conv_weight_grad(H1, dPW2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
-    db2 = dZ2.sum(axis=(0, 1, 2))
-    dW3 = _conv_weight_grad(Pool1, dPW3, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
-    db3 = dZ3.sum(axis=(0, 1, 2))
+    dZ3_2 = dH3
+    dZ3_2 *= step_H3
+    dPW3_2 = dZ3_2.reshape((16*n, 64))
+    # (not formed: dPool1_2 = col2im(dP3_2) computes it, see below)
+    dPool1_2 = _conv_transpose(dPW3_2, W3, (4, 4, 32), (3, 3), (1, 1, 1, 1), 'dPool1_2', keep=True)
+    dMax1_2 = dPool1_2.reshape((16*n, 32))
+    dQ1_2 = _route_to_argmax(Q1, dMax1_2, 'dQ1_2', best=Max1)
+    dPp1_2 = dQ1_2.reshape((16*n, 128))
+    dH2_2 = _col2im(dPp1_2, (8, 8, 32), (2, 2), (2, 2), (0, 0, 0, 0), 'dH2_2')
+    step_H2 = np.heaviside(H2, 0.0)
+    dZ2_2 = dH2_2
+    dZ2_2 *= step_H2
+    dPW2_2 = dZ2_2.reshape((64*n, 32))
+    # (not formed: dH1_2 = col2im(dP2_2) computes it, see below)
+    dH1_2 = _conv_transpose(dPW2_2, W2, (8, 8, 32), (3, 3), (1, 1, 1, 1), 'dH1_2', keep=True)
+    step_H1 = np.heaviside(H1, 0.0)
+    dZ1_2 = dH1_2
+    dZ1_2 *= step_H1
+    dPW1_2 = dZ1_2.reshape((64*n, 32))
+    dW1_2 = _conv_weight_grad(x, dPW1_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P1')
+    db1_2 = dZ1_2.sum(axis=(0, 1, 2))
+    dW2_2 = _conv_weight_grad(H1, dPW2_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P2')
+    db2_2 = dZ2_2.sum(axis=(0, 1, 2))
+    dW3_2 = _conv_weight_grad(Pool1, dPW3_2, (3, 3), (1, 1), (1, 1, 1, 1), 'P3')
+    db3_2 = dZ3_2.sum(axis=(0, 1, 2))
     dW4 = F1.T @ dZ4
     db4 = _colsum(dZ4)
-    # step_H3 = step(H3)
-    step_H3 = np.heaviside(H3, 0.0)
     # exp_Z4 = exp(-LSE + Z4)
     exp_Z4 = np.exp(-LSE[:, None] + Z4)
     # Q2_2 = route_to_argmax(1, Q2)
@@ -1026,8 +1024,6 @@ def gnvp(params, v, x, y):
     tPW1 = _conv(x, v_W1, (3, 3), (1, 1), (1, 1, 1, 1), 'P1', out=_scratch('tPW1', (64*n, 32), x, v_W1))
     # tC1 = reshape(tPW1, (n, 8, 8, 32))
     tC1 = tPW1.reshape((n, 8, 8, 32))
-    # step_H1 = step(H1)
-    step_H1 = np.heaviside(H1, 0.0)
     # tH1 = step_H1*(tC1 + v_b1)
     tH1 = tC1
     tH1 += v_b1
@@ -1043,8 +1039,6 @@ def gnvp(params, v, x, y):
     tPW2 += tP2_W2
     # tC2 = reshape(tPW2, (n, 8, 8, 32))
     tC2 = tPW2.reshape((n, 8, 8, 32))
-    # step_H2 = step(H2)
-    step_H2 = np.heaviside(H2, 0.0)
     # tH2 = step_H2*(tC2 + v_b2)
     tH2 = tC2
     tH2 += v_b2
@@ -1147,7 +1141,7 @@ def gnvp(params, v, x, y):
     F1_tdZ4 = F1.T @ tdZ4
     # Hv_b4 = sum(tdZ4, axis=0)
     Hv_b4 = _colsum(tdZ4)
-    return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2, 'W3': dW3, 'b3': db3, 'W4': dW4, 'b4': db4}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': Gv_W3, 'b3': Gv_b3, 'W4': F1_tdZ4, 'b4': Hv_b4}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3_2, 'b3': db3_2, 'W4': dW4, 'b4': db4}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': Gv_W3, 'b3': Gv_b3, 'W4': F1_tdZ4, 'b4': Hv_b4}
 
 
 def per_example_grads(params, x, y):

@@ -366,16 +366,19 @@ def hvp(params, v, x, y):
     dZ4 = Z4/n
     dM3m = dZ4.reshape((n, 1))
     dA1 = dM3m @ W2
-    dZ2 = H1*dA1*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
-    dW1 = dZ2.T @ x
-    sum_dZ2 = _colsum(dZ2)
-    db1T = sum_dZ2.reshape((1, 16))
-    db1 = db1T.T
-    dZ1 = H1*H2*dA1*(1 - H1)
-    dG = dZ1.T @ x
-    sum_dZ1 = _colsum(dZ1)
-    dcT = sum_dZ1.reshape((1, 16))
-    dc = dcT.T
+    sigmoid_Z2_e = 1 - sigmoid_Z2
+    sigmoid_Z2_e_2 = 1.5*H2*sigmoid_Z2_e + sigmoid_Z2
+    dZ2_2 = H1*dA1*sigmoid_Z2_e_2
+    dW1_2 = dZ2_2.T @ x
+    sum_dZ2_2 = _colsum(dZ2_2)
+    db1T_2 = sum_dZ2_2.reshape((1, 16))
+    db1_2 = db1T_2.T
+    H1_e = 1 - H1
+    dZ1_2 = H1*H1_e*H2*dA1
+    dG_2 = dZ1_2.T @ x
+    sum_dZ1_2 = _colsum(dZ1_2)
+    dcT_2 = sum_dZ1_2.reshape((1, 16))
+    dc_2 = dcT_2.T
     dW2 = dM3m.T @ A1
     db2_s = dZ4.sum()
     db2 = db2_s.reshape((1, 1))
@@ -389,18 +392,18 @@ def hvp(params, v, x, y):
     tb1T = v_b1.T
     # tZ2 = tM2 + tb1T
     tZ2 = tM2 + tb1T
-    # tsigmoid_Z2 = 1.5*sigmoid_Z2*tZ2*(1 - sigmoid_Z2)
-    tsigmoid_Z2 = 1.5*sigmoid_Z2*tZ2*(1 - sigmoid_Z2)
-    # dM3m_v_W2 = dM3m @ v_W2
-    dM3m_v_W2 = dM3m @ v_W2
+    # tsigmoid_Z2 = 1.5*sigmoid_Z2*sigmoid_Z2_e*tZ2
+    tsigmoid_Z2 = 1.5*sigmoid_Z2*sigmoid_Z2_e*tZ2
     # tH2 = Z2*tsigmoid_Z2 + sigmoid_Z2*tZ2
     tH2 = Z2*tsigmoid_Z2 + sigmoid_Z2*tZ2
+    # dM3m_v_W2 = dM3m @ v_W2
+    dM3m_v_W2 = dM3m @ v_W2
     # tM1 = x @ v_G.T
     tM1 = x @ v_G.T
     # tcT = v_c.T
     tcT = v_c.T
-    # tH1 = H1*(1 - H1)*(tM1 + tcT)
-    tH1 = H1*(1 - H1)*(tM1 + tcT)
+    # tH1 = H1*H1_e*(tM1 + tcT)
+    tH1 = H1*H1_e*(tM1 + tcT)
     # tA1 = H1*tH2 + H2*tH1
     tA1 = H1*tH2 + H2*tH1
     # tA1_W2 = tA1 @ W2.T
@@ -425,12 +428,9 @@ def hvp(params, v, x, y):
     tdM3m_W2 = tdM3m @ W2
     # tdA1 = dM3m_v_W2 + tdM3m_W2
     tdA1 = dM3m_v_W2 + tdM3m_W2
-    # tdZ2 = 1.5*H1*dA1*tH2*(1 - sigmoid_Z2) + H1*dA1*tsigmoid_Z2*(1 - 1.5*H2) + H1*tdA1*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2) + dA1*tH1*(1.5*H2*(1 - sigmoid_Z2) + sigmoid_Z2)
-    _tdZ2_0 = 1.5*H2
-    _tdZ2_1 = H1*dA1
-    _tdZ2_2 = 1 - sigmoid_Z2
-    _tdZ2_3 = _tdZ2_0*_tdZ2_2 + sigmoid_Z2
-    tdZ2 = H1*_tdZ2_3*tdA1 + 1.5*_tdZ2_1*_tdZ2_2*tH2 + _tdZ2_1*tsigmoid_Z2*(1 - _tdZ2_0) + _tdZ2_3*dA1*tH1
+    # tdZ2 = 1.5*H1*dA1*tH2*(1 - sigmoid_Z2) + H1*dA1*tsigmoid_Z2*(1 - 1.5*H2) + H1*sigmoid_Z2_e_2*tdA1 + dA1*sigmoid_Z2_e_2*tH1
+    _tdZ2_0 = H1*dA1
+    tdZ2 = H1*sigmoid_Z2_e_2*tdA1 + 1.5*_tdZ2_0*tH2*(1 - sigmoid_Z2) + _tdZ2_0*tsigmoid_Z2*(1 - 1.5*H2) + dA1*sigmoid_Z2_e_2*tH1
     # Hv_W1 = tdZ2.T @ x
     Hv_W1 = tdZ2.T @ x
     # tsum_dZ2 = sum(tdZ2, axis=0)
@@ -439,9 +439,9 @@ def hvp(params, v, x, y):
     tdb1T = tsum_dZ2.reshape((1, 16))
     # Hv_b1 = tdb1T.T
     Hv_b1 = tdb1T.T
-    # tdZ1 = H1*H2*tdA1*(1 - H1) + H1*dA1*tH2*(1 - H1) + H2*dA1*tH1*(1 - 2*H1)
-    _tdZ1_0 = H1*(1 - H1)
-    tdZ1 = H2*_tdZ1_0*tdA1 + H2*dA1*tH1*(1 - 2*H1) + _tdZ1_0*dA1*tH2
+    # tdZ1 = H1*H1_e*H2*tdA1 + H1*H1_e*dA1*tH2 + H2*dA1*tH1*(-H1 + H1_e)
+    _tdZ1_0 = H1*H1_e
+    tdZ1 = H2*_tdZ1_0*tdA1 + H2*dA1*tH1*(-H1 + H1_e) + _tdZ1_0*dA1*tH2
     # Hv_G = tdZ1.T @ x
     Hv_G = tdZ1.T @ x
     # tsum_dZ1 = sum(tdZ1, axis=0)
@@ -468,7 +468,7 @@ def hvp(params, v, x, y):
     Hv_u = x.T @ tdx_u
     # Hv_alpha = sum(dZ4*tx_u_flat + tdZ4*x_u_flat)
     Hv_alpha = (dZ4*tx_u_flat + tdZ4*x_u_flat).sum()
-    return float(L), {'W1': dW1, 'b1': db1, 'G': dG, 'c': dc, 'W2': dW2, 'b2': db2, 'u': du, 'alpha': dalpha}, {'W1': Hv_W1, 'b1': Hv_b1, 'G': Hv_G, 'c': Hv_c, 'W2': Hv_W2, 'b2': Hv_b2, 'u': Hv_u, 'alpha': Hv_alpha}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'G': dG_2, 'c': dc_2, 'W2': dW2, 'b2': db2, 'u': du, 'alpha': dalpha}, {'W1': Hv_W1, 'b1': Hv_b1, 'G': Hv_G, 'c': Hv_c, 'W2': Hv_W2, 'b2': Hv_b2, 'u': Hv_u, 'alpha': Hv_alpha}
 
 
 def per_example_grads(params, x, y):

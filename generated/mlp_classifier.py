@@ -368,31 +368,29 @@ def hvp(params, v, x, y):
     LSE = _logsumexp(Z2)
     CE = LSE - Z2[np.arange(n), y]
     L = CE.mean()
+    H1_e = np.multiply(H1, H1, out=_scratch('H1_e', (n, 32), H1))
+    np.subtract(1, H1_e, out=H1_e)
     dZ2 = np.exp(Z2 - LSE[:, None])
     dZ2[np.arange(n), y] -= 1
     dZ2 *= 1/n
     dH1 = np.matmul(dZ2, W2.T, out=_scratch('dH1', (n, 32), dZ2, W2))
-    dZ1 = np.multiply(H1, H1, out=_scratch('dZ1', (n, 32), H1))
-    np.subtract(1, dZ1, out=dZ1)
-    dZ1 *= dH1
-    dW1 = x.T @ dZ1
-    db1 = _colsum(dZ1)
+    dZ1_2 = H1_e*dH1
+    dW1_2 = x.T @ dZ1_2
+    db1_2 = _colsum(dZ1_2)
     dW2 = H1.T @ dZ2
     db2 = _colsum(dZ2)
-    # exp_Z2 = exp(-LSE + Z2)
-    exp_Z2 = np.exp(-LSE[:, None] + Z2)
     # txW1 = x @ v_W1
     txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
-    # H1_pow2 = H1**2
-    H1_pow2 = H1*H1
-    # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    tH1 = np.subtract(1, H1_pow2, out=_scratch('tH1', (n, 32), H1_pow2))
-    txW1 += v_b1
-    tH1 *= txW1
-    # tH1_W2 = tH1 @ W2
-    tH1_W2 = tH1 @ W2
+    # tH1 = H1_e*(txW1 + v_b1)
+    tH1 = txW1
+    tH1 += v_b1
+    tH1 *= H1_e
+    # exp_Z2 = exp(-LSE + Z2)
+    exp_Z2 = np.exp(-LSE[:, None] + Z2)
     # H1_v_W2 = H1 @ v_W2
     H1_v_W2 = H1 @ v_W2
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = tH1 @ W2
     # tZ2 = H1_v_W2 + tH1_W2 + v_b2
     tZ2 = H1_v_W2 + tH1_W2 + v_b2
     # tLSE = sum(exp_Z2*tZ2, axis=1)
@@ -403,9 +401,8 @@ def hvp(params, v, x, y):
     tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 32), tdZ2, W2))
     # dZ2_v_W2 = dZ2 @ v_W2.T
     dZ2_v_W2 = np.matmul(dZ2, v_W2.T, out=_scratch('dZ2_v_W2', (n, 32), dZ2, v_W2))
-    # tdZ1 = -2*H1*dH1*tH1 + (1 - H1_pow2)*(dZ2_v_W2 + tdZ2_W2)
-    tdZ1 = H1_pow2
-    np.subtract(1, tdZ1, out=tdZ1)
+    # tdZ1 = -2*H1*dH1*tH1 + H1_e*(dZ2_v_W2 + tdZ2_W2)
+    tdZ1 = H1_e
     dZ2_v_W2 += tdZ2_W2
     tdZ1 *= dZ2_v_W2
     dH1 *= H1
@@ -416,16 +413,16 @@ def hvp(params, v, x, y):
     Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
     Hv_b1 = _colsum(tdZ1)
-    # tH1_dZ2 = tH1.T @ dZ2
-    tH1_dZ2 = tH1.T @ dZ2
     # H1_tdZ2 = H1.T @ tdZ2
     H1_tdZ2 = H1.T @ tdZ2
+    # tH1_dZ2 = tH1.T @ dZ2
+    tH1_dZ2 = tH1.T @ dZ2
     # Hv_W2 = H1_tdZ2 + tH1_dZ2
     Hv_W2 = H1_tdZ2
     Hv_W2 += tH1_dZ2
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = _colsum(tdZ2)
-    return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}
 
 
 def gnvp(params, v, x, y):
@@ -450,32 +447,30 @@ def gnvp(params, v, x, y):
     LSE = _logsumexp(Z2)
     CE = LSE - Z2[np.arange(n), y]
     L = CE.mean()
+    H1_e = np.multiply(H1, H1, out=_scratch('H1_e', (n, 32), H1))
+    np.subtract(1, H1_e, out=H1_e)
     dZ2 = np.exp(Z2 - LSE[:, None])
     dZ2[np.arange(n), y] -= 1
     dZ2 *= 1/n
     dH1 = np.matmul(dZ2, W2.T, out=_scratch('dH1', (n, 32), dZ2, W2))
-    dZ1 = dH1
-    _dZ1_0 = np.multiply(H1, H1, out=_scratch('_dZ1_0', (n, 32), H1))
-    np.subtract(1, _dZ1_0, out=_dZ1_0)
-    dZ1 *= _dZ1_0
-    dW1 = x.T @ dZ1
-    db1 = _colsum(dZ1)
+    dZ1_2 = dH1
+    dZ1_2 *= H1_e
+    dW1_2 = x.T @ dZ1_2
+    db1_2 = _colsum(dZ1_2)
     dW2 = H1.T @ dZ2
     db2 = _colsum(dZ2)
     # exp_Z2 = exp(-LSE + Z2)
     exp_Z2 = np.exp(-LSE[:, None] + Z2)
-    # txW1 = x @ v_W1
-    txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
-    # H1_pow2 = H1**2
-    H1_pow2 = H1*H1
-    # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    tH1 = np.subtract(1, H1_pow2, out=_scratch('tH1', (n, 32), H1_pow2))
-    txW1 += v_b1
-    tH1 *= txW1
-    # tH1_W2 = tH1 @ W2
-    tH1_W2 = tH1 @ W2
     # H1_v_W2 = H1 @ v_W2
     H1_v_W2 = H1 @ v_W2
+    # txW1 = x @ v_W1
+    txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
+    # tH1 = H1_e*(txW1 + v_b1)
+    tH1 = txW1
+    tH1 += v_b1
+    tH1 *= H1_e
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = tH1 @ W2
     # tZ2 = H1_v_W2 + tH1_W2 + v_b2
     tZ2 = H1_v_W2 + tH1_W2 + v_b2
     # tLSE = sum(exp_Z2*tZ2, axis=1)
@@ -484,10 +479,9 @@ def gnvp(params, v, x, y):
     tdZ2 = exp_Z2*(-tLSE[:, None] + tZ2)/n
     # tdZ2_W2 = tdZ2 @ W2.T
     tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 32), tdZ2, W2))
-    # udxW1 = tdZ2_W2*(1 - H1_pow2)
-    udxW1 = tdZ2_W2
-    np.subtract(1, H1_pow2, out=H1_pow2)
-    udxW1 *= H1_pow2
+    # udxW1 = H1_e*tdZ2_W2
+    udxW1 = H1_e
+    udxW1 *= tdZ2_W2
     # Gv_W1 = x.T @ udxW1
     Gv_W1 = x.T @ udxW1
     # Gv_b1 = sum(udxW1, axis=0)
@@ -496,7 +490,7 @@ def gnvp(params, v, x, y):
     H1_tdZ2 = H1.T @ tdZ2
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = _colsum(tdZ2)
-    return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': H1_tdZ2, 'b2': Hv_b2}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': H1_tdZ2, 'b2': Hv_b2}
 
 
 def per_example_grads(params, x, y):

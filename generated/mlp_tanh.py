@@ -287,35 +287,31 @@ def hvp(params, v, x, y):
     H2W3 = H2 @ W3
     Z3 = H2W3 + b3
     L = np.square(Z3 - y).mean()
+    H1_e = 1 - H1*H1
+    H2_e = 1 - H2*H2
     dZ3 = (Z3 - y)*(2/n)
     dH2 = dZ3 @ W3.T
-    dZ2 = dH2*(1 - H2*H2)
-    dH1 = dZ2 @ W2.T
-    dZ1 = dH1*(1 - H1*H1)
-    dW1 = x.T @ dZ1
-    db1 = _colsum(dZ1)
-    dW2 = H1.T @ dZ2
-    db2 = _colsum(dZ2)
+    dZ2_2 = H2_e*dH2
+    dH1_2 = dZ2_2 @ W2.T
+    dZ1_2 = H1_e*dH1_2
+    dW1_2 = x.T @ dZ1_2
+    db1_2 = _colsum(dZ1_2)
+    dW2_2 = H1.T @ dZ2_2
+    db2_2 = _colsum(dZ2_2)
     dW3 = H2.T @ dZ3
     db3 = _colsum(dZ3)
-    # dZ2_v_W2 = dZ2 @ v_W2.T
-    dZ2_v_W2 = dZ2 @ v_W2.T
     # dZ3_v_W3 = dZ3 @ v_W3.T
     dZ3_v_W3 = dZ3 @ v_W3.T
     # txW1 = x @ v_W1
     txW1 = x @ v_W1
-    # H1_pow2 = H1**2
-    H1_pow2 = H1*H1
-    # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    # tH1 = H1_e*(txW1 + v_b1)
+    tH1 = H1_e*(txW1 + v_b1)
     # tH1_W2 = tH1 @ W2
     tH1_W2 = tH1 @ W2
     # H1_v_W2 = H1 @ v_W2
     H1_v_W2 = H1 @ v_W2
-    # H2_pow2 = H2**2
-    H2_pow2 = H2*H2
-    # tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
-    tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
+    # tH2 = H2_e*(H1_v_W2 + tH1_W2 + v_b2)
+    tH2 = H2_e*(H1_v_W2 + tH1_W2 + v_b2)
     # tH2_W3 = tH2 @ W3
     tH2_W3 = tH2 @ W3
     # H2_v_W3 = H2 @ v_W3
@@ -324,34 +320,36 @@ def hvp(params, v, x, y):
     tdZ3 = (H2_v_W3 + tH2_W3 + v_b3)*(2/n)
     # tdZ3_W3 = tdZ3 @ W3.T
     tdZ3_W3 = tdZ3 @ W3.T
-    # tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(dZ3_v_W3 + tdZ3_W3)
-    tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(dZ3_v_W3 + tdZ3_W3)
+    # tdZ2 = -2*H2*dH2*tH2 + H2_e*(dZ3_v_W3 + tdZ3_W3)
+    tdZ2 = -2*H2*dH2*tH2 + H2_e*(dZ3_v_W3 + tdZ3_W3)
     # tdZ2_W2 = tdZ2 @ W2.T
     tdZ2_W2 = tdZ2 @ W2.T
-    # tdZ1 = -2*H1*dH1*tH1 + (1 - H1_pow2)*(dZ2_v_W2 + tdZ2_W2)
-    tdZ1 = -2*H1*dH1*tH1 + (1 - H1_pow2)*(dZ2_v_W2 + tdZ2_W2)
+    # dZ2_v_W2 = dZ2_2 @ v_W2.T
+    dZ2_v_W2 = dZ2_2 @ v_W2.T
+    # tdZ1 = -2*H1*dH1_2*tH1 + H1_e*(dZ2_v_W2 + tdZ2_W2)
+    tdZ1 = -2*H1*dH1_2*tH1 + H1_e*(dZ2_v_W2 + tdZ2_W2)
     # Hv_W1 = x.T @ tdZ1
     Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
     Hv_b1 = _colsum(tdZ1)
     # H1_tdZ2 = H1.T @ tdZ2
     H1_tdZ2 = H1.T @ tdZ2
-    # tH1_dZ2 = tH1.T @ dZ2
-    tH1_dZ2 = tH1.T @ dZ2
+    # tH1_dZ2 = tH1.T @ dZ2_2
+    tH1_dZ2 = tH1.T @ dZ2_2
     # Hv_W2 = H1_tdZ2 + tH1_dZ2
     Hv_W2 = H1_tdZ2
     Hv_W2 += tH1_dZ2
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = _colsum(tdZ2)
-    # tH2_dZ3 = tH2.T @ dZ3
-    tH2_dZ3 = tH2.T @ dZ3
     # H2_tdZ3 = H2.T @ tdZ3
     H2_tdZ3 = H2.T @ tdZ3
+    # tH2_dZ3 = tH2.T @ dZ3
+    tH2_dZ3 = tH2.T @ dZ3
     # Hv_W3 = H2_tdZ3 + tH2_dZ3
     Hv_W3 = H2_tdZ3 + tH2_dZ3
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = _colsum(tdZ3)
-    return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2, 'W3': dW3, 'b3': db3}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3}
 
 
 def gnvp(params, v, x, y):
@@ -378,31 +376,29 @@ def gnvp(params, v, x, y):
     H2W3 = H2 @ W3
     Z3 = H2W3 + b3
     L = np.square(Z3 - y).mean()
+    H1_e = 1 - H1*H1
+    H2_e = 1 - H2*H2
     dZ3 = (Z3 - y)*(2/n)
     dH2 = dZ3 @ W3.T
-    dZ2 = dH2*(1 - H2*H2)
-    dH1 = dZ2 @ W2.T
-    dZ1 = dH1*(1 - H1*H1)
-    dW1 = x.T @ dZ1
-    db1 = _colsum(dZ1)
-    dW2 = H1.T @ dZ2
-    db2 = _colsum(dZ2)
+    dZ2_2 = H2_e*dH2
+    dH1_2 = dZ2_2 @ W2.T
+    dZ1_2 = H1_e*dH1_2
+    dW1_2 = x.T @ dZ1_2
+    db1_2 = _colsum(dZ1_2)
+    dW2_2 = H1.T @ dZ2_2
+    db2_2 = _colsum(dZ2_2)
     dW3 = H2.T @ dZ3
     db3 = _colsum(dZ3)
     # txW1 = x @ v_W1
     txW1 = x @ v_W1
-    # H1_pow2 = H1**2
-    H1_pow2 = H1*H1
-    # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    tH1 = (1 - H1_pow2)*(txW1 + v_b1)
+    # tH1 = H1_e*(txW1 + v_b1)
+    tH1 = H1_e*(txW1 + v_b1)
     # tH1_W2 = tH1 @ W2
     tH1_W2 = tH1 @ W2
     # H1_v_W2 = H1 @ v_W2
     H1_v_W2 = H1 @ v_W2
-    # H2_pow2 = H2**2
-    H2_pow2 = H2*H2
-    # tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
-    tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
+    # tH2 = H2_e*(H1_v_W2 + tH1_W2 + v_b2)
+    tH2 = H2_e*(H1_v_W2 + tH1_W2 + v_b2)
     # tH2_W3 = tH2 @ W3
     tH2_W3 = tH2 @ W3
     # H2_v_W3 = H2 @ v_W3
@@ -411,12 +407,12 @@ def gnvp(params, v, x, y):
     tdZ3 = (H2_v_W3 + tH2_W3 + v_b3)*(2/n)
     # tdZ3_W3 = tdZ3 @ W3.T
     tdZ3_W3 = tdZ3 @ W3.T
-    # udH1W2 = tdZ3_W3*(1 - H2_pow2)
-    udH1W2 = tdZ3_W3*(1 - H2_pow2)
+    # udH1W2 = H2_e*tdZ3_W3
+    udH1W2 = H2_e*tdZ3_W3
     # udH1 = udH1W2 @ W2.T
     udH1 = udH1W2 @ W2.T
-    # udxW1 = udH1*(1 - H1_pow2)
-    udxW1 = udH1*(1 - H1_pow2)
+    # udxW1 = H1_e*udH1
+    udxW1 = H1_e*udH1
     # Gv_W1 = x.T @ udxW1
     Gv_W1 = x.T @ udxW1
     # Gv_b1 = sum(udxW1, axis=0)
@@ -429,7 +425,7 @@ def gnvp(params, v, x, y):
     H2_tdZ3 = H2.T @ tdZ3
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = _colsum(tdZ3)
-    return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2, 'W3': dW3, 'b3': db3}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': H2_tdZ3, 'b3': Hv_b3}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': H2_tdZ3, 'b3': Hv_b3}
 
 
 def per_example_grads(params, x, y):

@@ -465,68 +465,63 @@ def hvp(params, v, x, y):
     LSE = _logsumexp(Zout)
     CE = LSE - Zout[np.arange(n), y]
     L = CE.mean()
+    Hf1_e = np.multiply(Hf1, Hf1, out=_scratch('Hf1_e', (n, 32), Hf1))
+    np.subtract(1, Hf1_e, out=Hf1_e)
+    Hf2_e = np.multiply(Hf2, Hf2, out=_scratch('Hf2_e', (n, 32), Hf2))
+    np.subtract(1, Hf2_e, out=Hf2_e)
     dZout = np.exp(Zout - LSE[:, None])
     dZout[np.arange(n), y] -= 1
     dZout *= 1/n
     dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
-    dZf2 = np.multiply(Hf2, Hf2, out=_scratch('dZf2', (n, 32), Hf2))
-    np.subtract(1, dZf2, out=dZf2)
-    dZf2 *= dS2
-    dh1_Wf2 = np.matmul(dZf2, Wf2.T, out=_scratch('dh1_Wf2', (n, 32), dZf2, Wf2))
-    dh1 = dh1_Wf2
-    dh1 += dS2
-    dZf1 = np.multiply(Hf1, Hf1, out=_scratch('dZf1', (n, 32), Hf1))
-    np.subtract(1, dZf1, out=dZf1)
-    dZf1 *= dh1
-    dHh0_Wf1 = np.matmul(dZf1, Wf1.T, out=_scratch('dHh0_Wf1', (n, 32), dZf1, Wf1))
-    dZh0 = np.multiply(Hh0, Hh0, out=_scratch('dZh0', (n, 32), Hh0))
-    np.subtract(1, dZh0, out=dZh0)
-    _dZh0_0 = np.add(dHh0_Wf1, dh1, out=_scratch('_dZh0_0', (n, 32), dHh0_Wf1, dh1))
-    dZh0 *= _dZh0_0
-    dWh0 = x.T @ dZh0
-    dbh0 = _colsum(dZh0)
-    dWf1 = Hh0.T @ dZf1
-    dbf1 = _colsum(dZf1)
-    dWf2 = h1.T @ dZf2
-    dbf2 = _colsum(dZf2)
+    dZf2_2 = Hf2_e*dS2
+    dh1_Wf2_2 = np.matmul(dZf2_2, Wf2.T, out=_scratch('dh1_Wf2_2', (n, 32), dZf2_2, Wf2))
+    dh1_2 = dh1_Wf2_2
+    dh1_2 += dS2
+    dZf1_2 = Hf1_e*dh1_2
+    dHh0_Wf1_2 = np.matmul(dZf1_2, Wf1.T, out=_scratch('dHh0_Wf1_2', (n, 32), dZf1_2, Wf1))
+    dh1_e = dHh0_Wf1_2
+    dh1_e += dh1_2
+    Hh0_e = np.multiply(Hh0, Hh0, out=_scratch('Hh0_e', (n, 32), Hh0))
+    np.subtract(1, Hh0_e, out=Hh0_e)
+    dZh0_2 = Hh0_e*dh1_e
+    dWh0_2 = x.T @ dZh0_2
+    dbh0_2 = _colsum(dZh0_2)
+    dWf1_2 = Hh0.T @ dZf1_2
+    dbf1_2 = _colsum(dZf1_2)
+    dWf2_2 = h1.T @ dZf2_2
+    dbf2_2 = _colsum(dZf2_2)
     dWout = S2.T @ dZout
     dbout = _colsum(dZout)
-    # dZf1_v_Wf1 = dZf1 @ v_Wf1.T
-    dZf1_v_Wf1 = np.matmul(dZf1, v_Wf1.T, out=_scratch('dZf1_v_Wf1', (n, 32), dZf1, v_Wf1))
-    # dZf2_v_Wf2 = dZf2 @ v_Wf2.T
-    dZf2_v_Wf2 = np.matmul(dZf2, v_Wf2.T, out=_scratch('dZf2_v_Wf2', (n, 32), dZf2, v_Wf2))
-    # Hh0_v_Wf1 = Hh0 @ v_Wf1
-    Hh0_v_Wf1 = np.matmul(Hh0, v_Wf1, out=_scratch('Hh0_v_Wf1', (n, 32), Hh0, v_Wf1))
+    # dZf1_v_Wf1 = dZf1_2 @ v_Wf1.T
+    dZf1_v_Wf1 = np.matmul(dZf1_2, v_Wf1.T, out=_scratch('dZf1_v_Wf1', (n, 32), dZf1_2, v_Wf1))
+    # dZf2_v_Wf2 = dZf2_2 @ v_Wf2.T
+    dZf2_v_Wf2 = np.matmul(dZf2_2, v_Wf2.T, out=_scratch('dZf2_v_Wf2', (n, 32), dZf2_2, v_Wf2))
     # txWh0 = x @ v_Wh0
     txWh0 = np.matmul(x, v_Wh0, out=_scratch('txWh0', (n, 32), x, v_Wh0))
-    # Hh0_pow2 = Hh0**2
-    Hh0_pow2 = Hh0*Hh0
-    # tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
-    tHh0 = np.subtract(1, Hh0_pow2, out=_scratch('tHh0', (n, 32), Hh0_pow2))
-    txWh0 += v_bh0
-    tHh0 *= txWh0
+    # tHh0 = Hh0_e*(txWh0 + v_bh0)
+    tHh0 = txWh0
+    tHh0 += v_bh0
+    tHh0 *= Hh0_e
     # tHh0_Wf1 = tHh0 @ Wf1
     tHh0_Wf1 = np.matmul(tHh0, Wf1, out=_scratch('tHh0_Wf1', (n, 32), tHh0, Wf1))
-    # Hf1_pow2 = Hf1**2
-    Hf1_pow2 = Hf1*Hf1
-    # tHf1 = (1 - Hf1_pow2)*(Hh0_v_Wf1 + tHh0_Wf1 + v_bf1)
-    tHf1 = np.subtract(1, Hf1_pow2, out=_scratch('tHf1', (n, 32), Hf1_pow2))
-    Hh0_v_Wf1 += tHh0_Wf1
-    Hh0_v_Wf1 += v_bf1
-    tHf1 *= Hh0_v_Wf1
+    # Hh0_v_Wf1 = Hh0 @ v_Wf1
+    Hh0_v_Wf1 = np.matmul(Hh0, v_Wf1, out=_scratch('Hh0_v_Wf1', (n, 32), Hh0, v_Wf1))
+    # tHf1 = Hf1_e*(Hh0_v_Wf1 + tHh0_Wf1 + v_bf1)
+    tHf1 = Hh0_v_Wf1
+    tHf1 += tHh0_Wf1
+    tHf1 += v_bf1
+    tHf1 *= Hf1_e
     # th1 = tHf1 + tHh0
     th1 = tHf1 + tHh0
     # h1_v_Wf2 = h1 @ v_Wf2
     h1_v_Wf2 = np.matmul(h1, v_Wf2, out=_scratch('h1_v_Wf2', (n, 32), h1, v_Wf2))
     # th1_Wf2 = th1 @ Wf2
     th1_Wf2 = np.matmul(th1, Wf2, out=_scratch('th1_Wf2', (n, 32), th1, Wf2))
-    # Hf2_pow2 = Hf2**2
-    Hf2_pow2 = Hf2*Hf2
-    # tHf2 = (1 - Hf2_pow2)*(h1_v_Wf2 + th1_Wf2 + v_bf2)
-    tHf2 = np.subtract(1, Hf2_pow2, out=_scratch('tHf2', (n, 32), Hf2_pow2))
-    h1_v_Wf2 += th1_Wf2
-    h1_v_Wf2 += v_bf2
-    tHf2 *= h1_v_Wf2
+    # tHf2 = Hf2_e*(h1_v_Wf2 + th1_Wf2 + v_bf2)
+    tHf2 = h1_v_Wf2
+    tHf2 += th1_Wf2
+    tHf2 += v_bf2
+    tHf2 *= Hf2_e
     # tS2 = tHf2 + th1
     tS2 = tHf2 + th1
     # tS2_Wout = tS2 @ Wout
@@ -548,9 +543,8 @@ def hvp(params, v, x, y):
     # tdS2 = dZout_v_Wout + tdZout_Wout
     tdS2 = dZout_v_Wout
     tdS2 += tdZout_Wout
-    # tdZf2 = -2*Hf2*dS2*tHf2 + tdS2*(1 - Hf2_pow2)
-    tdZf2 = Hf2_pow2
-    np.subtract(1, tdZf2, out=tdZf2)
+    # tdZf2 = -2*Hf2*dS2*tHf2 + Hf2_e*tdS2
+    tdZf2 = Hf2_e
     tdZf2 *= tdS2
     Hf2 *= dS2
     Hf2 *= tHf2
@@ -562,36 +556,42 @@ def hvp(params, v, x, y):
     tdh1 = dZf2_v_Wf2
     tdh1 += tdS2
     tdh1 += tdZf2_Wf2
-    # tdZf1 = -2*Hf1*dh1*tHf1 + tdh1*(1 - Hf1_pow2)
-    tdZf1 = Hf1_pow2
-    np.subtract(1, tdZf1, out=tdZf1)
+    # tdZf1 = -2*Hf1*dh1_2*tHf1 + Hf1_e*tdh1
+    tdZf1 = Hf1_e
     tdZf1 *= tdh1
-    Hf1 *= dh1
+    Hf1 *= dh1_2
     Hf1 *= tHf1
     Hf1 *= 2
     tdZf1 -= Hf1
     # tdZf1_Wf1 = tdZf1 @ Wf1.T
     tdZf1_Wf1 = np.matmul(tdZf1, Wf1.T, out=_scratch('tdZf1_Wf1', (n, 32), tdZf1, Wf1))
-    # tdZh0 = -2*Hh0*tHh0*(dHh0_Wf1 + dh1) + tdh1*(1 - Hh0_pow2) + (1 - Hh0_pow2)*(dZf1_v_Wf1 + tdZf1_Wf1)
-    _tdZh0_0 = 1 - Hh0_pow2
-    tdZh0 = -2*Hh0*tHh0*(dHh0_Wf1 + dh1) + _tdZh0_0*tdh1 + _tdZh0_0*(dZf1_v_Wf1 + tdZf1_Wf1)
+    # tdZh0 = -2*Hh0*dh1_e*tHh0 + Hh0_e*tdh1 + Hh0_e*(dZf1_v_Wf1 + tdZf1_Wf1)
+    tdZh0 = tdh1
+    tdZh0 *= Hh0_e
+    dZf1_v_Wf1 += tdZf1_Wf1
+    Hh0_e *= dZf1_v_Wf1
+    tdZh0 += Hh0_e
+    dh1_e *= Hh0
+    dh1_e *= tHh0
+    dh1_e *= 2
+    tdZh0 -= dh1_e
     # Hv_Wh0 = x.T @ tdZh0
     Hv_Wh0 = x.T @ tdZh0
     # Hv_bh0 = sum(tdZh0, axis=0)
     Hv_bh0 = _colsum(tdZh0)
-    # tHh0_dZf1 = tHh0.T @ dZf1
-    tHh0_dZf1 = tHh0.T @ dZf1
     # Hh0_tdZf1 = Hh0.T @ tdZf1
     Hh0_tdZf1 = Hh0.T @ tdZf1
+    # tHh0_dZf1 = tHh0.T @ dZf1_2
+    tHh0_dZf1 = tHh0.T @ dZf1_2
     # Hv_Wf1 = Hh0_tdZf1 + tHh0_dZf1
     Hv_Wf1 = Hh0_tdZf1
     Hv_Wf1 += tHh0_dZf1
     # Hv_bf1 = sum(tdZf1, axis=0)
     Hv_bf1 = _colsum(tdZf1)
+    # th1_dZf2 = th1.T @ dZf2_2
+    th1_dZf2 = th1.T @ dZf2_2
     # h1_tdZf2 = h1.T @ tdZf2
     h1_tdZf2 = h1.T @ tdZf2
-    # th1_dZf2 = th1.T @ dZf2
-    th1_dZf2 = th1.T @ dZf2
     # Hv_Wf2 = h1_tdZf2 + th1_dZf2
     Hv_Wf2 = h1_tdZf2
     Hv_Wf2 += th1_dZf2
@@ -606,7 +606,7 @@ def hvp(params, v, x, y):
     Hv_Wout += tS2_dZout
     # Hv_bout = sum(tdZout, axis=0)
     Hv_bout = _colsum(tdZout)
-    return float(L), {'Wh0': dWh0, 'bh0': dbh0, 'Wf1': dWf1, 'bf1': dbf1, 'Wf2': dWf2, 'bf2': dbf2, 'Wout': dWout, 'bout': dbout}, {'Wh0': Hv_Wh0, 'bh0': Hv_bh0, 'Wf1': Hv_Wf1, 'bf1': Hv_bf1, 'Wf2': Hv_Wf2, 'bf2': Hv_bf2, 'Wout': Hv_Wout, 'bout': Hv_bout}
+    return float(L), {'Wh0': dWh0_2, 'bh0': dbh0_2, 'Wf1': dWf1_2, 'bf1': dbf1_2, 'Wf2': dWf2_2, 'bf2': dbf2_2, 'Wout': dWout, 'bout': dbout}, {'Wh0': Hv_Wh0, 'bh0': Hv_bh0, 'Wf1': Hv_Wf1, 'bf1': Hv_bf1, 'Wf2': Hv_Wf2, 'bf2': Hv_bf2, 'Wout': Hv_Wout, 'bout': Hv_bout}
 
 
 def gnvp(params, v, x, y):
@@ -649,60 +649,63 @@ def gnvp(params, v, x, y):
     LSE = _logsumexp(Zout)
     CE = LSE - Zout[np.arange(n), y]
     L = CE.mean()
+    Hf1_e = Hf1
+    Hf1_e *= Hf1_e
+    np.subtract(1, Hf1_e, out=Hf1_e)
+    Hf2_e = Hf2
+    Hf2_e *= Hf2_e
+    np.subtract(1, Hf2_e, out=Hf2_e)
     dZout = np.exp(Zout - LSE[:, None])
     dZout[np.arange(n), y] -= 1
     dZout *= 1/n
     dS2 = np.matmul(dZout, Wout.T, out=_scratch('dS2', (n, 32), dZout, Wout))
-    dZf2 = np.multiply(Hf2, Hf2, out=_scratch('dZf2', (n, 32), Hf2))
-    np.subtract(1, dZf2, out=dZf2)
-    dZf2 *= dS2
-    dh1_Wf2 = np.matmul(dZf2, Wf2.T, out=_scratch('dh1_Wf2', (n, 32), dZf2, Wf2))
-    dh1 = dS2
-    dh1 += dh1_Wf2
-    dZf1 = np.multiply(Hf1, Hf1, out=_scratch('dZf1', (n, 32), Hf1))
-    np.subtract(1, dZf1, out=dZf1)
-    dZf1 *= dh1
-    dHh0_Wf1 = np.matmul(dZf1, Wf1.T, out=_scratch('dHh0_Wf1', (n, 32), dZf1, Wf1))
-    dZh0 = np.multiply(Hh0, Hh0, out=_scratch('dZh0', (n, 32), Hh0))
-    np.subtract(1, dZh0, out=dZh0)
-    dHh0_Wf1 += dh1
-    dZh0 *= dHh0_Wf1
-    dWh0 = x.T @ dZh0
-    dbh0 = _colsum(dZh0)
-    dWf1 = Hh0.T @ dZf1
-    dbf1 = _colsum(dZf1)
-    dWf2 = h1.T @ dZf2
-    dbf2 = _colsum(dZf2)
+    dZf2_2 = Hf2_e*dS2
+    dh1_Wf2_2 = np.matmul(dZf2_2, Wf2.T, out=_scratch('dh1_Wf2_2', (n, 32), dZf2_2, Wf2))
+    dh1_2 = dS2
+    dh1_2 += dh1_Wf2_2
+    dZf1_2 = Hf1_e*dh1_2
+    dHh0_Wf1_2 = np.matmul(dZf1_2, Wf1.T, out=_scratch('dHh0_Wf1_2', (n, 32), dZf1_2, Wf1))
+    Hh0_e = np.multiply(Hh0, Hh0, out=_scratch('Hh0_e', (n, 32), Hh0))
+    np.subtract(1, Hh0_e, out=Hh0_e)
+    dZh0_3 = dHh0_Wf1_2
+    dZh0_3 += dh1_2
+    dZh0_3 *= Hh0_e
+    dWh0_3 = x.T @ dZh0_3
+    dbh0_3 = _colsum(dZh0_3)
+    dWf1_2 = Hh0.T @ dZf1_2
+    dbf1_2 = _colsum(dZf1_2)
+    dWf2_2 = h1.T @ dZf2_2
+    dbf2_2 = _colsum(dZf2_2)
     dWout = S2.T @ dZout
     dbout = _colsum(dZout)
     # h1_v_Wf2 = h1 @ v_Wf2
     h1_v_Wf2 = np.matmul(h1, v_Wf2, out=_scratch('h1_v_Wf2', (n, 32), h1, v_Wf2))
-    # Hh0_v_Wf1 = Hh0 @ v_Wf1
-    Hh0_v_Wf1 = np.matmul(Hh0, v_Wf1, out=_scratch('Hh0_v_Wf1', (n, 32), Hh0, v_Wf1))
     # txWh0 = x @ v_Wh0
     txWh0 = np.matmul(x, v_Wh0, out=_scratch('txWh0', (n, 32), x, v_Wh0))
-    # Hh0_pow2 = Hh0**2
-    Hh0_pow2 = Hh0*Hh0
-    # tHh0 = (1 - Hh0_pow2)*(txWh0 + v_bh0)
-    tHh0 = np.subtract(1, Hh0_pow2, out=_scratch('tHh0', (n, 32), Hh0_pow2))
-    txWh0 += v_bh0
-    tHh0 *= txWh0
+    # tHh0 = Hh0_e*(txWh0 + v_bh0)
+    tHh0 = txWh0
+    tHh0 += v_bh0
+    tHh0 *= Hh0_e
     # tHh0_Wf1 = tHh0 @ Wf1
     tHh0_Wf1 = np.matmul(tHh0, Wf1, out=_scratch('tHh0_Wf1', (n, 32), tHh0, Wf1))
-    # Hf1_pow2 = Hf1**2
-    Hf1_pow2 = Hf1
-    Hf1_pow2 *= Hf1_pow2
-    # th1_2 = tHh0 + v_bf1*(1 - Hf1_pow2) + (1 - Hf1_pow2)*(Hh0_v_Wf1 + tHh0_Wf1)
-    _th1_2_0 = 1 - Hf1_pow2
-    th1_2 = _th1_2_0*v_bf1 + _th1_2_0*(Hh0_v_Wf1 + tHh0_Wf1) + tHh0
+    # Hh0_v_Wf1 = Hh0 @ v_Wf1
+    Hh0_v_Wf1 = np.matmul(Hh0, v_Wf1, out=_scratch('Hh0_v_Wf1', (n, 32), Hh0, v_Wf1))
+    # th1_2 = Hf1_e*v_bf1 + Hf1_e*(Hh0_v_Wf1 + tHh0_Wf1) + tHh0
+    th1_2 = tHh0
+    _th1_2_0 = np.multiply(Hf1_e, v_bf1, out=_scratch('_th1_2_0', (n, 32), Hf1_e, v_bf1))
+    th1_2 += _th1_2_0
+    Hh0_v_Wf1 += tHh0_Wf1
+    Hh0_v_Wf1 *= Hf1_e
+    th1_2 += Hh0_v_Wf1
     # th1_Wf2_2 = th1_2 @ Wf2
     th1_Wf2_2 = np.matmul(th1_2, Wf2, out=_scratch('th1_Wf2_2', (n, 32), th1_2, Wf2))
-    # Hf2_pow2 = Hf2**2
-    Hf2_pow2 = Hf2
-    Hf2_pow2 *= Hf2_pow2
-    # tS2_2 = th1_2 + v_bf2*(1 - Hf2_pow2) + (1 - Hf2_pow2)*(h1_v_Wf2 + th1_Wf2_2)
-    _tS2_2_0 = 1 - Hf2_pow2
-    tS2_2 = _tS2_2_0*v_bf2 + _tS2_2_0*(h1_v_Wf2 + th1_Wf2_2) + th1_2
+    # tS2_2 = Hf2_e*v_bf2 + Hf2_e*(h1_v_Wf2 + th1_Wf2_2) + th1_2
+    tS2_2 = th1_2
+    _tS2_2_0 = np.multiply(Hf2_e, v_bf2, out=_scratch('_tS2_2_0', (n, 32), Hf2_e, v_bf2))
+    tS2_2 += _tS2_2_0
+    h1_v_Wf2 += th1_Wf2_2
+    h1_v_Wf2 *= Hf2_e
+    tS2_2 += h1_v_Wf2
     # tS2_Wout_2 = tS2_2 @ Wout
     tS2_Wout_2 = tS2_2 @ Wout
     # S2_v_Wout = S2 @ v_Wout
@@ -717,24 +720,21 @@ def gnvp(params, v, x, y):
     uZout = exp_Zout*(-tLSE_2[:, None] + tZout_2)/n
     # udS2 = uZout @ Wout.T
     udS2 = np.matmul(uZout, Wout.T, out=_scratch('udS2', (n, 32), uZout, Wout))
-    # udh1Wf2 = udS2*(1 - Hf2_pow2)
-    udh1Wf2 = Hf2_pow2
-    np.subtract(1, udh1Wf2, out=udh1Wf2)
+    # udh1Wf2 = Hf2_e*udS2
+    udh1Wf2 = Hf2_e
     udh1Wf2 *= udS2
     # udh1Wf2_Wf2 = udh1Wf2 @ Wf2.T
     udh1Wf2_Wf2 = np.matmul(udh1Wf2, Wf2.T, out=_scratch('udh1Wf2_Wf2', (n, 32), udh1Wf2, Wf2))
     # udh1 = udS2 + udh1Wf2_Wf2
     udh1 = udS2
     udh1 += udh1Wf2_Wf2
-    # udHh0Wf1 = udh1*(1 - Hf1_pow2)
-    udHh0Wf1 = Hf1_pow2
-    np.subtract(1, udHh0Wf1, out=udHh0Wf1)
+    # udHh0Wf1 = Hf1_e*udh1
+    udHh0Wf1 = Hf1_e
     udHh0Wf1 *= udh1
     # udHh0Wf1_Wf1 = udHh0Wf1 @ Wf1.T
     udHh0Wf1_Wf1 = np.matmul(udHh0Wf1, Wf1.T, out=_scratch('udHh0Wf1_Wf1', (n, 32), udHh0Wf1, Wf1))
-    # udxWh0 = (1 - Hh0_pow2)*(udHh0Wf1_Wf1 + udh1)
-    udxWh0 = Hh0_pow2
-    np.subtract(1, udxWh0, out=udxWh0)
+    # udxWh0 = Hh0_e*(udHh0Wf1_Wf1 + udh1)
+    udxWh0 = Hh0_e
     udHh0Wf1_Wf1 += udh1
     udxWh0 *= udHh0Wf1_Wf1
     # Gv_Wh0 = x.T @ udxWh0
@@ -753,7 +753,7 @@ def gnvp(params, v, x, y):
     Gv_Wout = S2.T @ uZout
     # Gv_bout = sum(uZout, axis=0)
     Gv_bout = _colsum(uZout)
-    return float(L), {'Wh0': dWh0, 'bh0': dbh0, 'Wf1': dWf1, 'bf1': dbf1, 'Wf2': dWf2, 'bf2': dbf2, 'Wout': dWout, 'bout': dbout}, {'Wh0': Gv_Wh0, 'bh0': Gv_bh0, 'Wf1': Gv_Wf1, 'bf1': Gv_bf1, 'Wf2': Gv_Wf2, 'bf2': Gv_bf2, 'Wout': Gv_Wout, 'bout': Gv_bout}
+    return float(L), {'Wh0': dWh0_3, 'bh0': dbh0_3, 'Wf1': dWf1_2, 'bf1': dbf1_2, 'Wf2': dWf2_2, 'bf2': dbf2_2, 'Wout': dWout, 'bout': dbout}, {'Wh0': Gv_Wh0, 'bh0': Gv_bh0, 'Wf1': Gv_Wf1, 'bf1': Gv_bf1, 'Wf2': Gv_Wf2, 'bf2': Gv_bf2, 'Wout': Gv_Wout, 'bout': Gv_bout}
 
 
 def per_example_grads(params, x, y):

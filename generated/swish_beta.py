@@ -268,20 +268,25 @@ def hvp(params, v, x, y):
     H1 = Z1*sigmoid_Z1
     H1W2 = H1 @ W2
     Z2 = H1W2 + b2
-    L = (np.square(Z2 - y)/2).mean()
-    dZ2 = (Z2 - y)/n
-    dH1 = dZ2 @ W2.T
-    dZ1 = dH1*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
-    dW1 = x.T @ dZ1
-    db1 = _colsum(dZ1)
-    dW2 = H1.T @ dZ2
-    db2 = _colsum(dZ2)
+    dZ2_i = Z2 - y
+    L_2 = (dZ2_i*dZ2_i/2).mean()
+    dZ2_2 = dZ2_i/n
+    dH1_2 = dZ2_2 @ W2.T
+    sigmoid_Z1_e = 1 - sigmoid_Z1
+    sigmoid_Z1_e_2 = 1.5*H1*sigmoid_Z1_e + sigmoid_Z1
+    dZ1_2 = dH1_2*sigmoid_Z1_e_2
+    dW1_2 = x.T @ dZ1_2
+    db1_2 = _colsum(dZ1_2)
+    dW2_2 = H1.T @ dZ2_2
+    db2_2 = _colsum(dZ2_2)
+    # dZ2_v_W2 = dZ2_2 @ v_W2.T
+    dZ2_v_W2 = dZ2_2 @ v_W2.T
     # txW1 = x @ v_W1
     txW1 = x @ v_W1
     # tZ1 = txW1 + v_b1
     tZ1 = txW1 + v_b1
-    # tsigmoid_Z1 = 1.5*sigmoid_Z1*tZ1*(1 - sigmoid_Z1)
-    tsigmoid_Z1 = 1.5*sigmoid_Z1*tZ1*(1 - sigmoid_Z1)
+    # tsigmoid_Z1 = 1.5*sigmoid_Z1*sigmoid_Z1_e*tZ1
+    tsigmoid_Z1 = 1.5*sigmoid_Z1*sigmoid_Z1_e*tZ1
     # tH1 = Z1*tsigmoid_Z1 + sigmoid_Z1*tZ1
     tH1 = Z1*tsigmoid_Z1 + sigmoid_Z1*tZ1
     # tH1_W2 = tH1 @ W2
@@ -292,25 +297,21 @@ def hvp(params, v, x, y):
     tdZ2 = (H1_v_W2 + tH1_W2 + v_b2)/n
     # tdZ2_W2 = tdZ2 @ W2.T
     tdZ2_W2 = tdZ2 @ W2.T
-    # dZ2_v_W2 = dZ2 @ v_W2.T
-    dZ2_v_W2 = dZ2 @ v_W2.T
-    # tdZ1 = 1.5*dH1*tH1*(1 - sigmoid_Z1) + dH1*tsigmoid_Z1*(1 - 1.5*H1) + (dZ2_v_W2 + tdZ2_W2)*(1.5*H1*(1 - sigmoid_Z1) + sigmoid_Z1)
-    _tdZ1_0 = 1.5*H1
-    _tdZ1_1 = 1 - sigmoid_Z1
-    tdZ1 = 1.5*_tdZ1_1*dH1*tH1 + dH1*tsigmoid_Z1*(1 - _tdZ1_0) + (dZ2_v_W2 + tdZ2_W2)*(_tdZ1_0*_tdZ1_1 + sigmoid_Z1)
+    # tdZ1 = 1.5*dH1_2*tH1*(1 - sigmoid_Z1) + dH1_2*tsigmoid_Z1*(1 - 1.5*H1) + sigmoid_Z1_e_2*(dZ2_v_W2 + tdZ2_W2)
+    tdZ1 = 1.5*dH1_2*tH1*(1 - sigmoid_Z1) + dH1_2*tsigmoid_Z1*(1 - 1.5*H1) + sigmoid_Z1_e_2*(dZ2_v_W2 + tdZ2_W2)
     # Hv_W1 = x.T @ tdZ1
     Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
     Hv_b1 = _colsum(tdZ1)
-    # tH1_dZ2 = tH1.T @ dZ2
-    tH1_dZ2 = tH1.T @ dZ2
+    # tH1_dZ2 = tH1.T @ dZ2_2
+    tH1_dZ2 = tH1.T @ dZ2_2
     # H1_tdZ2 = H1.T @ tdZ2
     H1_tdZ2 = H1.T @ tdZ2
     # Hv_W2 = H1_tdZ2 + tH1_dZ2
     Hv_W2 = H1_tdZ2 + tH1_dZ2
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = _colsum(tdZ2)
-    return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}
+    return float(L_2), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}
 
 
 def per_example_grads(params, x, y):

@@ -386,20 +386,19 @@ def hvp(params, v, x, y):
     LSE = _logsumexp(Z2)
     CE = LSE - Z2[np.arange(n), y]
     L = CE.mean()
+    step_H1 = np.heaviside(H1, 0.0)
     dZ2 = np.exp(Z2 - LSE[:, None])
     dZ2[np.arange(n), y] -= 1
     dZ2 *= 1/n
     dH1 = np.matmul(dZ2, W2.T, out=_scratch('dH1', (n, 256), dZ2, W2))
-    dZ1 = dH1
-    dZ1 *= (H1 > 0.0)
-    dW1 = x.T @ dZ1
-    db1 = _colsum(dZ1)
+    dZ1_2 = dH1
+    dZ1_2 *= step_H1
+    dW1_2 = x.T @ dZ1_2
+    db1_2 = _colsum(dZ1_2)
     dW2 = H1.T @ dZ2
     db2 = _colsum(dZ2)
     # dZ2_v_W2 = dZ2 @ v_W2.T
     dZ2_v_W2 = np.matmul(dZ2, v_W2.T, out=_scratch('dZ2_v_W2', (n, 256), dZ2, v_W2))
-    # step_H1 = step(H1)
-    step_H1 = np.heaviside(H1, 0.0)
     # exp_Z2 = exp(-LSE + Z2)
     exp_Z2 = np.exp(-LSE[:, None] + Z2)
     # H1_v_W2 = H1 @ v_W2
@@ -437,7 +436,7 @@ def hvp(params, v, x, y):
     Hv_W2 += tH1_dZ2
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = _colsum(tdZ2)
-    return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2}
 
 
 def gnvp(params, v, x, y):
@@ -462,18 +461,17 @@ def gnvp(params, v, x, y):
     LSE = _logsumexp(Z2)
     CE = LSE - Z2[np.arange(n), y]
     L = CE.mean()
+    step_H1 = np.heaviside(H1, 0.0)
     dZ2 = np.exp(Z2 - LSE[:, None])
     dZ2[np.arange(n), y] -= 1
     dZ2 *= 1/n
     dH1 = np.matmul(dZ2, W2.T, out=_scratch('dH1', (n, 256), dZ2, W2))
-    dZ1 = dH1
-    dZ1 *= (H1 > 0.0)
-    dW1 = x.T @ dZ1
-    db1 = _colsum(dZ1)
+    dZ1_2 = dH1
+    dZ1_2 *= step_H1
+    dW1_2 = x.T @ dZ1_2
+    db1_2 = _colsum(dZ1_2)
     dW2 = H1.T @ dZ2
     db2 = _colsum(dZ2)
-    # step_H1 = step(H1)
-    step_H1 = np.heaviside(H1, 0.0)
     # exp_Z2 = exp(-LSE + Z2)
     exp_Z2 = np.exp(-LSE[:, None] + Z2)
     # H1_v_W2 = H1 @ v_W2
@@ -505,7 +503,7 @@ def gnvp(params, v, x, y):
     H1_tdZ2 = H1.T @ tdZ2
     # Hv_b2 = sum(tdZ2, axis=0)
     Hv_b2 = _colsum(tdZ2)
-    return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': H1_tdZ2, 'b2': Hv_b2}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2, 'b2': db2}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': H1_tdZ2, 'b2': Hv_b2}
 
 
 def per_example_grads(params, x, y):

@@ -409,48 +409,44 @@ def hvp(params, v, x, y):
     LSE = _logsumexp(Z3)
     CE = LSE - Z3[np.arange(n), y]
     L = CE.mean()
+    H2_e = np.multiply(H2, H2, out=_scratch('H2_e', (n, 32), H2))
+    np.subtract(1, H2_e, out=H2_e)
     dZ3 = np.exp(Z3 - LSE[:, None])
     dZ3[np.arange(n), y] -= 1
     dZ3 *= 1/n
     dH2 = np.matmul(dZ3, W3.T, out=_scratch('dH2', (n, 32), dZ3, W3))
-    dZ2 = np.multiply(H2, H2, out=_scratch('dZ2', (n, 32), H2))
-    np.subtract(1, dZ2, out=dZ2)
-    dZ2 *= dH2
-    dH1 = np.matmul(dZ2, W2.T, out=_scratch('dH1', (n, 32), dZ2, W2))
-    dZ1 = np.multiply(H1, H1, out=_scratch('dZ1', (n, 32), H1))
-    np.subtract(1, dZ1, out=dZ1)
-    dZ1 *= dH1
-    dW1 = x.T @ dZ1
-    db1 = _colsum(dZ1)
-    dW2 = H1.T @ dZ2
-    db2 = _colsum(dZ2)
+    dZ2_2 = H2_e*dH2
+    dH1_2 = np.matmul(dZ2_2, W2.T, out=_scratch('dH1_2', (n, 32), dZ2_2, W2))
+    H1_e = np.multiply(H1, H1, out=_scratch('H1_e', (n, 32), H1))
+    np.subtract(1, H1_e, out=H1_e)
+    dZ1_2 = H1_e*dH1_2
+    dW1_2 = x.T @ dZ1_2
+    db1_2 = _colsum(dZ1_2)
+    dW2_2 = H1.T @ dZ2_2
+    db2_2 = _colsum(dZ2_2)
     dW3 = H2.T @ dZ3
     db3 = _colsum(dZ3)
-    # dZ2_v_W2 = dZ2 @ v_W2.T
-    dZ2_v_W2 = np.matmul(dZ2, v_W2.T, out=_scratch('dZ2_v_W2', (n, 32), dZ2, v_W2))
-    # H1_v_W2 = H1 @ v_W2
-    H1_v_W2 = np.matmul(H1, v_W2, out=_scratch('H1_v_W2', (n, 32), H1, v_W2))
-    # txW1 = x @ v_W1
-    txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
-    # H1_pow2 = H1**2
-    H1_pow2 = H1*H1
-    # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    tH1 = np.subtract(1, H1_pow2, out=_scratch('tH1', (n, 32), H1_pow2))
-    txW1 += v_b1
-    tH1 *= txW1
-    # tH1_W2 = tH1 @ W2
-    tH1_W2 = np.matmul(tH1, W2, out=_scratch('tH1_W2', (n, 32), tH1, W2))
-    # H2_pow2 = H2**2
-    H2_pow2 = H2*H2
-    # tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
-    tH2 = np.subtract(1, H2_pow2, out=_scratch('tH2', (n, 32), H2_pow2))
-    H1_v_W2 += tH1_W2
-    H1_v_W2 += v_b2
-    tH2 *= H1_v_W2
-    # tH2_W3 = tH2 @ W3
-    tH2_W3 = tH2 @ W3
+    # dZ2_v_W2 = dZ2_2 @ v_W2.T
+    dZ2_v_W2 = np.matmul(dZ2_2, v_W2.T, out=_scratch('dZ2_v_W2', (n, 32), dZ2_2, v_W2))
     # H2_v_W3 = H2 @ v_W3
     H2_v_W3 = H2 @ v_W3
+    # txW1 = x @ v_W1
+    txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
+    # tH1 = H1_e*(txW1 + v_b1)
+    tH1 = txW1
+    tH1 += v_b1
+    tH1 *= H1_e
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = np.matmul(tH1, W2, out=_scratch('tH1_W2', (n, 32), tH1, W2))
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = np.matmul(H1, v_W2, out=_scratch('H1_v_W2', (n, 32), H1, v_W2))
+    # tH2 = H2_e*(H1_v_W2 + tH1_W2 + v_b2)
+    tH2 = H1_v_W2
+    tH2 += tH1_W2
+    tH2 += v_b2
+    tH2 *= H2_e
+    # tH2_W3 = tH2 @ W3
+    tH2_W3 = tH2 @ W3
     # tZ3 = H2_v_W3 + tH2_W3 + v_b3
     tZ3 = H2_v_W3 + tH2_W3 + v_b3
     # exp_Z3 = exp(-LSE + Z3)
@@ -463,9 +459,8 @@ def hvp(params, v, x, y):
     tdZ3_W3 = np.matmul(tdZ3, W3.T, out=_scratch('tdZ3_W3', (n, 32), tdZ3, W3))
     # dZ3_v_W3 = dZ3 @ v_W3.T
     dZ3_v_W3 = np.matmul(dZ3, v_W3.T, out=_scratch('dZ3_v_W3', (n, 32), dZ3, v_W3))
-    # tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(dZ3_v_W3 + tdZ3_W3)
-    tdZ2 = H2_pow2
-    np.subtract(1, tdZ2, out=tdZ2)
+    # tdZ2 = -2*H2*dH2*tH2 + H2_e*(dZ3_v_W3 + tdZ3_W3)
+    tdZ2 = H2_e
     dZ3_v_W3 += tdZ3_W3
     tdZ2 *= dZ3_v_W3
     dH2 *= H2
@@ -474,21 +469,20 @@ def hvp(params, v, x, y):
     tdZ2 -= dH2
     # tdZ2_W2 = tdZ2 @ W2.T
     tdZ2_W2 = np.matmul(tdZ2, W2.T, out=_scratch('tdZ2_W2', (n, 32), tdZ2, W2))
-    # tdZ1 = -2*H1*dH1*tH1 + (1 - H1_pow2)*(dZ2_v_W2 + tdZ2_W2)
-    tdZ1 = H1_pow2
-    np.subtract(1, tdZ1, out=tdZ1)
+    # tdZ1 = -2*H1*dH1_2*tH1 + H1_e*(dZ2_v_W2 + tdZ2_W2)
+    tdZ1 = H1_e
     dZ2_v_W2 += tdZ2_W2
     tdZ1 *= dZ2_v_W2
-    dH1 *= H1
-    dH1 *= tH1
-    dH1 *= 2
-    tdZ1 -= dH1
+    dH1_2 *= H1
+    dH1_2 *= tH1
+    dH1_2 *= 2
+    tdZ1 -= dH1_2
     # Hv_W1 = x.T @ tdZ1
     Hv_W1 = x.T @ tdZ1
     # Hv_b1 = sum(tdZ1, axis=0)
     Hv_b1 = _colsum(tdZ1)
-    # tH1_dZ2 = tH1.T @ dZ2
-    tH1_dZ2 = tH1.T @ dZ2
+    # tH1_dZ2 = tH1.T @ dZ2_2
+    tH1_dZ2 = tH1.T @ dZ2_2
     # H1_tdZ2 = H1.T @ tdZ2
     H1_tdZ2 = H1.T @ tdZ2
     # Hv_W2 = H1_tdZ2 + tH1_dZ2
@@ -505,7 +499,7 @@ def hvp(params, v, x, y):
     Hv_W3 += tH2_dZ3
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = _colsum(tdZ3)
-    return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2, 'W3': dW3, 'b3': db3}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Hv_W1, 'b1': Hv_b1, 'W2': Hv_W2, 'b2': Hv_b2, 'W3': Hv_W3, 'b3': Hv_b3}
 
 
 def gnvp(params, v, x, y):
@@ -538,48 +532,44 @@ def gnvp(params, v, x, y):
     LSE = _logsumexp(Z3)
     CE = LSE - Z3[np.arange(n), y]
     L = CE.mean()
+    H2_e = np.multiply(H2, H2, out=_scratch('H2_e', (n, 32), H2))
+    np.subtract(1, H2_e, out=H2_e)
     dZ3 = np.exp(Z3 - LSE[:, None])
     dZ3[np.arange(n), y] -= 1
     dZ3 *= 1/n
     dH2 = np.matmul(dZ3, W3.T, out=_scratch('dH2', (n, 32), dZ3, W3))
-    dZ2 = dH2
-    _dZ2_0 = np.multiply(H2, H2, out=_scratch('_dZ2_0', (n, 32), H2))
-    np.subtract(1, _dZ2_0, out=_dZ2_0)
-    dZ2 *= _dZ2_0
-    dH1 = np.matmul(dZ2, W2.T, out=_scratch('dH1', (n, 32), dZ2, W2))
-    dZ1 = dH1
-    _dZ1_0 = np.multiply(H1, H1, out=_scratch('_dZ1_0', (n, 32), H1))
-    np.subtract(1, _dZ1_0, out=_dZ1_0)
-    dZ1 *= _dZ1_0
-    dW1 = x.T @ dZ1
-    db1 = _colsum(dZ1)
-    dW2 = H1.T @ dZ2
-    db2 = _colsum(dZ2)
+    dZ2_2 = dH2
+    dZ2_2 *= H2_e
+    dH1_2 = np.matmul(dZ2_2, W2.T, out=_scratch('dH1_2', (n, 32), dZ2_2, W2))
+    H1_e = np.multiply(H1, H1, out=_scratch('H1_e', (n, 32), H1))
+    np.subtract(1, H1_e, out=H1_e)
+    dZ1_2 = dH1_2
+    dZ1_2 *= H1_e
+    dW1_2 = x.T @ dZ1_2
+    db1_2 = _colsum(dZ1_2)
+    dW2_2 = H1.T @ dZ2_2
+    db2_2 = _colsum(dZ2_2)
     dW3 = H2.T @ dZ3
     db3 = _colsum(dZ3)
-    # H1_v_W2 = H1 @ v_W2
-    H1_v_W2 = np.matmul(H1, v_W2, out=_scratch('H1_v_W2', (n, 32), H1, v_W2))
-    # txW1 = x @ v_W1
-    txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
-    # H1_pow2 = H1**2
-    H1_pow2 = H1*H1
-    # tH1 = (1 - H1_pow2)*(txW1 + v_b1)
-    tH1 = np.subtract(1, H1_pow2, out=_scratch('tH1', (n, 32), H1_pow2))
-    txW1 += v_b1
-    tH1 *= txW1
-    # tH1_W2 = tH1 @ W2
-    tH1_W2 = np.matmul(tH1, W2, out=_scratch('tH1_W2', (n, 32), tH1, W2))
-    # H2_pow2 = H2**2
-    H2_pow2 = H2*H2
-    # tH2 = (1 - H2_pow2)*(H1_v_W2 + tH1_W2 + v_b2)
-    tH2 = np.subtract(1, H2_pow2, out=_scratch('tH2', (n, 32), H2_pow2))
-    H1_v_W2 += tH1_W2
-    H1_v_W2 += v_b2
-    tH2 *= H1_v_W2
-    # tH2_W3 = tH2 @ W3
-    tH2_W3 = tH2 @ W3
     # H2_v_W3 = H2 @ v_W3
     H2_v_W3 = H2 @ v_W3
+    # txW1 = x @ v_W1
+    txW1 = np.matmul(x, v_W1, out=_scratch('txW1', (n, 32), x, v_W1))
+    # tH1 = H1_e*(txW1 + v_b1)
+    tH1 = txW1
+    tH1 += v_b1
+    tH1 *= H1_e
+    # tH1_W2 = tH1 @ W2
+    tH1_W2 = np.matmul(tH1, W2, out=_scratch('tH1_W2', (n, 32), tH1, W2))
+    # H1_v_W2 = H1 @ v_W2
+    H1_v_W2 = np.matmul(H1, v_W2, out=_scratch('H1_v_W2', (n, 32), H1, v_W2))
+    # tH2 = H2_e*(H1_v_W2 + tH1_W2 + v_b2)
+    tH2 = H1_v_W2
+    tH2 += tH1_W2
+    tH2 += v_b2
+    tH2 *= H2_e
+    # tH2_W3 = tH2 @ W3
+    tH2_W3 = tH2 @ W3
     # tZ3 = H2_v_W3 + tH2_W3 + v_b3
     tZ3 = H2_v_W3 + tH2_W3 + v_b3
     # exp_Z3 = exp(-LSE + Z3)
@@ -590,16 +580,14 @@ def gnvp(params, v, x, y):
     tdZ3 = exp_Z3*(-tLSE[:, None] + tZ3)/n
     # tdZ3_W3 = tdZ3 @ W3.T
     tdZ3_W3 = np.matmul(tdZ3, W3.T, out=_scratch('tdZ3_W3', (n, 32), tdZ3, W3))
-    # udH1W2 = tdZ3_W3*(1 - H2_pow2)
-    udH1W2 = tdZ3_W3
-    np.subtract(1, H2_pow2, out=H2_pow2)
-    udH1W2 *= H2_pow2
+    # udH1W2 = H2_e*tdZ3_W3
+    udH1W2 = H2_e
+    udH1W2 *= tdZ3_W3
     # udH1 = udH1W2 @ W2.T
     udH1 = np.matmul(udH1W2, W2.T, out=_scratch('udH1', (n, 32), udH1W2, W2))
-    # udxW1 = udH1*(1 - H1_pow2)
-    udxW1 = udH1
-    np.subtract(1, H1_pow2, out=H1_pow2)
-    udxW1 *= H1_pow2
+    # udxW1 = H1_e*udH1
+    udxW1 = H1_e
+    udxW1 *= udH1
     # Gv_W1 = x.T @ udxW1
     Gv_W1 = x.T @ udxW1
     # Gv_b1 = sum(udxW1, axis=0)
@@ -612,7 +600,7 @@ def gnvp(params, v, x, y):
     H2_tdZ3 = H2.T @ tdZ3
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = _colsum(tdZ3)
-    return float(L), {'W1': dW1, 'b1': db1, 'W2': dW2, 'b2': db2, 'W3': dW3, 'b3': db3}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': H2_tdZ3, 'b3': Hv_b3}
+    return float(L), {'W1': dW1_2, 'b1': db1_2, 'W2': dW2_2, 'b2': db2_2, 'W3': dW3, 'b3': db3}, {'W1': Gv_W1, 'b1': Gv_b1, 'W2': Gv_W2, 'b2': Gv_b2, 'W3': H2_tdZ3, 'b3': Hv_b3}
 
 
 def per_example_grads(params, x, y):

@@ -435,34 +435,32 @@ def hvp(params, v, top, bottom, y):
     LSE = _logsumexp(Z3)
     CE = LSE - Z3[np.arange(n), y]
     L = CE.mean()
+    step_Hht = np.heaviside(Hht, 0.0)
     dZ3 = np.exp(Z3 - LSE[:, None])
     dZ3[np.arange(n), y] -= 1
     dZ3 *= 1/n
     dC1 = np.matmul(dZ3, W3.T, out=_scratch('dC1', (n, 256), dZ3, W3))
     dHht = dC1[..., 0:128].copy()
-    dZht = dHht*np.heaviside(Hht, 0.0)
-    dWht = top.T @ dZht
-    dbht = _colsum(dZht)
+    dZht_2 = dHht*step_Hht
+    dWht_2 = top.T @ dZht_2
+    dbht_2 = _colsum(dZht_2)
+    step_Hhb = np.heaviside(Hhb, 0.0)
     dHhb = dC1[..., 128:256].copy()
-    dZhb = dHhb*np.heaviside(Hhb, 0.0)
-    dWhb = bottom.T @ dZhb
-    dbhb = _colsum(dZhb)
+    dZhb_2 = dHhb*step_Hhb
+    dWhb_2 = bottom.T @ dZhb_2
+    dbhb_2 = _colsum(dZhb_2)
     dW3 = C1.T @ dZ3
     db3 = _colsum(dZ3)
     # dZ3_v_W3 = dZ3 @ v_W3.T
     dZ3_v_W3 = np.matmul(dZ3, v_W3.T, out=_scratch('dZ3_v_W3', (n, 256), dZ3, v_W3))
     # exp_Z3 = exp(-LSE + Z3)
     exp_Z3 = np.exp(-LSE[:, None] + Z3)
-    # step_Hht = step(Hht)
-    step_Hht = np.heaviside(Hht, 0.0)
     # ttopWht = top @ v_Wht
     ttopWht = np.matmul(top, v_Wht, out=_scratch('ttopWht', (n, 128), top, v_Wht))
     # tHht = step_Hht*(ttopWht + v_bht)
     tHht = ttopWht
     tHht += v_bht
     tHht *= step_Hht
-    # step_Hhb = step(Hhb)
-    step_Hhb = np.heaviside(Hhb, 0.0)
     # tXWhb = bottom @ v_Whb
     tXWhb = np.matmul(bottom, v_Whb, out=_scratch('tXWhb', (n, 128), bottom, v_Whb))
     # tHhb = step_Hhb*(tXWhb + v_bhb)
@@ -513,7 +511,7 @@ def hvp(params, v, top, bottom, y):
     Hv_W3 += tC1_dZ3
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = _colsum(tdZ3)
-    return float(L), {'Wht': dWht, 'bht': dbht, 'Whb': dWhb, 'bhb': dbhb, 'W3': dW3, 'b3': db3}, {'Wht': Hv_Wht, 'bht': Hv_bht, 'Whb': Hv_Whb, 'bhb': Hv_bhb, 'W3': Hv_W3, 'b3': Hv_b3}
+    return float(L), {'Wht': dWht_2, 'bht': dbht_2, 'Whb': dWhb_2, 'bhb': dbhb_2, 'W3': dW3, 'b3': db3}, {'Wht': Hv_Wht, 'bht': Hv_bht, 'Whb': Hv_Whb, 'bhb': Hv_bhb, 'W3': Hv_W3, 'b3': Hv_b3}
 
 
 def gnvp(params, v, top, bottom, y):
@@ -548,22 +546,22 @@ def gnvp(params, v, top, bottom, y):
     LSE = _logsumexp(Z3)
     CE = LSE - Z3[np.arange(n), y]
     L = CE.mean()
+    step_Hht = np.heaviside(Hht, 0.0)
     dZ3 = np.exp(Z3 - LSE[:, None])
     dZ3[np.arange(n), y] -= 1
     dZ3 *= 1/n
     dC1 = np.matmul(dZ3, W3.T, out=_scratch('dC1', (n, 256), dZ3, W3))
     dHht = dC1[..., 0:128].copy()
-    dZht = dHht*np.heaviside(Hht, 0.0)
-    dWht = top.T @ dZht
-    dbht = _colsum(dZht)
+    dZht_2 = dHht*step_Hht
+    dWht_2 = top.T @ dZht_2
+    dbht_2 = _colsum(dZht_2)
+    step_Hhb = np.heaviside(Hhb, 0.0)
     dHhb = dC1[..., 128:256].copy()
-    dZhb = dHhb*np.heaviside(Hhb, 0.0)
-    dWhb = bottom.T @ dZhb
-    dbhb = _colsum(dZhb)
+    dZhb_2 = dHhb*step_Hhb
+    dWhb_2 = bottom.T @ dZhb_2
+    dbhb_2 = _colsum(dZhb_2)
     dW3 = C1.T @ dZ3
     db3 = _colsum(dZ3)
-    # step_Hht = step(Hht)
-    step_Hht = np.heaviside(Hht, 0.0)
     # exp_Z3 = exp(-LSE + Z3)
     exp_Z3 = np.exp(-LSE[:, None] + Z3)
     # ttopWht = top @ v_Wht
@@ -572,8 +570,6 @@ def gnvp(params, v, top, bottom, y):
     tHht = ttopWht
     tHht += v_bht
     tHht *= step_Hht
-    # step_Hhb = step(Hhb)
-    step_Hhb = np.heaviside(Hhb, 0.0)
     # tXWhb = bottom @ v_Whb
     tXWhb = np.matmul(bottom, v_Whb, out=_scratch('tXWhb', (n, 128), bottom, v_Whb))
     # tHhb = step_Hhb*(tXWhb + v_bhb)
@@ -616,7 +612,7 @@ def gnvp(params, v, top, bottom, y):
     C1_tdZ3 = C1.T @ tdZ3
     # Hv_b3 = sum(tdZ3, axis=0)
     Hv_b3 = _colsum(tdZ3)
-    return float(L), {'Wht': dWht, 'bht': dbht, 'Whb': dWhb, 'bhb': dbhb, 'W3': dW3, 'b3': db3}, {'Wht': Gv_Wht, 'bht': Gv_bht, 'Whb': Gv_Whb, 'bhb': Gv_bhb, 'W3': C1_tdZ3, 'b3': Hv_b3}
+    return float(L), {'Wht': dWht_2, 'bht': dbht_2, 'Whb': dWhb_2, 'bhb': dbhb_2, 'W3': dW3, 'b3': db3}, {'Wht': Gv_Wht, 'bht': Gv_bht, 'Whb': Gv_Whb, 'bhb': Gv_bhb, 'W3': C1_tdZ3, 'b3': Hv_b3}
 
 
 def per_example_grads(params, top, bottom, y):

@@ -214,7 +214,7 @@ def test_show_hvp_text_and_latex(capsys):
     assert "Hessian-vector product for W1, shape (2, 16):" in text
     assert "Gauss-Newton-vector product J^T H_loss J v for b3" in text
     assert "txW1 = x @ v_W1" in text and "Hv_W1 = x.T @ tdZ1" in text
-    assert "tdZ2 = -2*H2*dH2*tH2 + (1 - H2_pow2)*(dZ3_v_W3 + tdZ3_W3)" in text    # d(tanh') = -2 H tH, dH2 reused
+    assert "tdZ2 = -2*H2*dH2*tH2 + H2_e*(dZ3_v_W3 + tdZ3_W3)" in text    # d(tanh') = -2 H tH, dH2 reused
     assert main(["show", spec, "--hvp", "--format", "latex", "--param", "W1"]) == 0
     tex = capsys.readouterr().out
     lines = [ln.strip().rstrip("\\").strip() for ln in tex.splitlines() if "&=" in ln]
@@ -222,6 +222,30 @@ def test_show_hvp_text_and_latex(capsys):
     assert r"\mathrm{Hv\_W}_{1} &= x^{\top} \mathrm{tdZ}_{1}" in tex
     assert main(["show", spec, "--hvp", "--format", "dot"]) == 2
     assert "--hvp prints formulas" in capsys.readouterr().err
+
+
+def test_derivative_factors_are_computed_once_in_hvp():
+    """tanh's derivative 1 - H**2 is computed once in hvp, for the adjoint, the tangent and the
+    tangent of the adjoint, which all multiply by it (issue 16, item 6: sums shared in hvp)."""
+    factor = "1 - H{k}*H{k}"
+    compiled = bpc.compile_model(bpc.mlp([3, 5, 4, 2], "tanh", "softmax_cross_entropy", name="factors"))
+    src = compiled.source
+    body = src[src.index("\ndef hvp("):src.index("\ndef ", src.index("\ndef hvp(") + 1)]
+    for k in (1, 2):
+        code = [ln.strip() for ln in body.splitlines() if not ln.strip().startswith("#")]
+        assert code.count(f"H{k}_e = " + factor.format(k=k)) == 1, body
+        assert sum(factor.format(k=k) in ln for ln in code) == 1, body
+        assert sum(f"H{k}_e" in ln for ln in code) >= 4, body     # defined, read by dZ, tH and tdZ
+    mod = compiled.load()
+    params = perturbed(mod, seed=2)
+    x, y = random_batch(mod, batch=6, seed=3)
+    v = _direction(mod, 4)
+    eps = 1e-6
+    names = list(mod.PARAMS)
+    flat = lambda d: np.concatenate([np.ravel(d[k]) for k in names])  # noqa: E731
+    gp = mod.backward({k: params[k] + eps * v[k] for k in names}, x, y)[1]
+    gm = mod.backward({k: params[k] - eps * v[k] for k in names}, x, y)[1]
+    assert rel_err(flat(mod.hvp(params, v, x, y)[2]), (flat(gp) - flat(gm)) / (2 * eps)) < 1e-6
 
 
 def test_returned_arrays_are_fresh_on_every_call():

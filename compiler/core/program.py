@@ -122,7 +122,7 @@ def build_program(model, second_order=True):
     before = op_counts([loss, *grad_nodes])
     # one cache for the fusions of backward, per-example gradients, hvp and gnvp: they share the
     # loss and most of the gradients' graph, which is fused once
-    fused, shared = {}, ShareCache()
+    fused, shared, shared2 = {}, ShareCache(), ShareCache(compound=True)
     pe_outs, pe_names, pe_error = _per_example(model, loss, [grads[p.uid] for p in model.params], dict(names),
                                                leaf_names, (fused, shared))
     outs, names = fuse([prediction, loss, *grad_nodes, *updates], names, fused)
@@ -154,7 +154,7 @@ def build_program(model, second_order=True):
                 names.setdefault(h.digest, "Hv_" + p.name)
         _name_values(tan, names, "t", base)
         _name_unnamed(ir.topo_order([h for h in hv if h is not None]), names, dir_names)
-        seconds.append(_second("hvp", loss, base_grads, hv, updates, names, (fused, shared), fixed))
+        seconds.append(_second("hvp", loss, base_grads, hv, updates, names, (fused, shared2), fixed))
         heads = loss_heads(model, loss)
         if heads is not None:
             gv, parts = gauss_newton_vector(model, loss, model.params, directions, heads)
@@ -165,7 +165,7 @@ def build_program(model, second_order=True):
             _name_values(parts.get("curvature", {}), names, "u", base)
             _name_values(parts.get("back", {}), names, "ud", base)
             _name_unnamed(ir.topo_order([g for g in gv if g is not None]), names, dir_names)
-            seconds.append(_second("gnvp", loss, base_grads, gv, updates, names, (fused, shared), fixed))
+            seconds.append(_second("gnvp", loss, base_grads, gv, updates, names, (fused, shared2), fixed))
     second_outs = [o for _, outs_ in seconds for o in outs_ if o is not None]
 
     leaves = {n.uid for n in model.leaves} | {d.uid for d in directions}
@@ -255,11 +255,14 @@ def _name_values(values, names, prefix, by_uid):
             names.setdefault(t.digest, prefix + base)
 
 
-# hvp and gnvp with more new nodes than this (after fusion; backward's are not counted) are not
-# searched for shared costly subexpressions among those nodes (simplify.share): for a 12-block
-# transformer (1800 new nodes in hvp, 1400 in gnvp) sharing took a tenth of the compile (issue 13,
-# item 8 asks for under 2 s), and what it finds there are powers such as H**2 computed again in
-# two tangents: the forward's tanh and exp are backward's shared values, which they read.
+# hvp and gnvp with at most this many new nodes (after fusion; backward's are not counted) are
+# searched for shared subexpressions over all their nodes, backward's too (simplify.share, with
+# sums: tanh's derivative 1 - H**2 is computed once for the adjoint, the tangent and the tangent
+# of the adjoint); larger ones are not: for a 12-block transformer (1800 new nodes in hvp, 1400 in
+# gnvp) sharing took a tenth of the compile (issue 13, item 8 asks for under 2 s), and their
+# statements are backward's and the new nodes' as fused: the forward's tanh and exp are
+# backward's shared values, which the tangents read, and what is computed again is a power
+# such as H**2 or a derivative factor such as 1 - H**2.
 SHARED_SECOND_ORDER_MAX = 1000
 
 
@@ -269,7 +272,10 @@ def _second(name, loss, raw_grads, products, updates, names, caches=(None, None)
     outs = [loss, *(g for g in raw_grads if g is not None), *(h for h in products if h is not None), *updates]
     outs, names2 = fuse(outs, names, caches[0], fixed)
     if len(ir.topo_order(outs)) - len(fixed) <= SHARED_SECOND_ORDER_MAX:
-        outs, names2 = share(outs, names2, caches[1], fixed)
+        # a small entry point is shared over all its nodes, backward's too: tanh's derivative
+        # 1 - H**2, by which the adjoint, the tangent and the tangent of the adjoint multiply,
+        # is computed once (caches[1] is a compound ShareCache: sums are shared too)
+        outs, names2 = share(outs, names2, caches[1])
     for k, v in names2.items():
         names.setdefault(k, v)      # the simplified nodes' names beside the raw ones
     # put the Nones back: [loss, grads (with None), products (with None), updates]

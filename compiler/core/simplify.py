@@ -244,15 +244,17 @@ def _costly(e):
     return isinstance(e, sp.Pow) and e.exp != -1 and not e.base.is_Number
 
 
-def _keys(expr):
-    """The costly subexpressions of ``expr`` with free symbols, each once."""
+def _keys(expr, compound=False):
+    """The costly subexpressions of ``expr`` with free symbols, each once; ``compound``: its sums
+    too (``1 - H**2``, tanh's derivative, by which a second-order entry point multiplies in the
+    adjoint, the tangent and the tangent of the adjoint)."""
     out, stack, seen = [], [expr], set()
     while stack:
         e = stack.pop()
         if e in seen:
             continue
         seen.add(e)
-        if _costly(e) and e.free_symbols:
+        if (_costly(e) or compound and e.is_Add) and e.free_symbols:
             out.append(e)
         stack.extend(e.args)
     return out
@@ -268,7 +270,8 @@ class ShareCache:
     (k: the order in which nodes were first seen, which is the position in the first graph),
     each elementwise node's expression over its inputs' symbols, and its costly subexpressions."""
 
-    def __init__(self):
+    def __init__(self, compound=False):
+        self.compound = compound    # sums are shared too (see _keys)
         self.index = {}       # uid -> k of its symbol _LEAF[k]
         self.nodes = []       # k -> node
         self.exprs = {}       # uid -> expression over _LEAF symbols (made when needed)
@@ -284,7 +287,7 @@ class ShareCache:
         """The costly subexpressions of n's expression, over its inputs' symbols."""
         hit = self.keys_of.get(n.uid)
         if hit is None:
-            keys = _arg_keys(n.attr("expr"))
+            keys = _arg_keys(n.attr("expr"), self.compound)
             if keys:
                 to_leaf = self._to_leaf(n)
                 keys = tuple(k.xreplace(to_leaf) for k in keys)
@@ -303,9 +306,9 @@ class ShareCache:
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _arg_keys(expr):
+def _arg_keys(expr, compound=False):
     # per expression: the layers of a deep network repeat the same elementwise expressions
-    return tuple(_keys(expr))
+    return tuple(_keys(expr, compound))
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -411,4 +414,6 @@ def _shared_name(expr, at, position, cache, names):
         return f"{base}_pow{expr.exp}" if expr.exp > 0 else f"{base}_pow_m{-expr.exp}"
     if isinstance(expr, sp.Pow):
         return f"{base}_pow"
+    if expr.is_Add:
+        return f"{base}_e"          # 1 - H1**2: H1_e, another expression in H1 (core/naming.py)
     return f"{type(expr).__name__.lower()}_{base}"
