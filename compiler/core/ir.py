@@ -75,9 +75,9 @@ class Node:
     digest: str = ""  # structural hash: equal computations, equal digest, in any process
     # the canonical order of an elementwise node's inputs (ops.ew): by what each computes locally
     # (its op, shape and attributes other than a leaf's name, with those of its inputs), then by
-    # digest;
-    # so the same layer in every block of a deep network orders its inputs alike and is the same
-    # expression (whose derivatives, factored form and printing are memoised per expression)
+    # digest; so the same layer in every block of a deep network orders its inputs alike and is
+    # the same expression (whose derivatives, factored form and printing are memoised per
+    # expression), where digest order gave each block another permutation
     rank: tuple = ()
     uid: int = field(default_factory=lambda: next(_uids))
 
