@@ -52,6 +52,9 @@ class Interface:
     has_dropout: bool = False
     stats_shapes: str = "{}"     # STATS: batchnorm running statistic -> shape
     stats_init: str = "{}"       # its value before training (means 0, variances 1)
+    outputs: str = ""            # OUTPUTS of a model of several outputs: their names, forward's order ("" for one)
+    output_losses: str = "{}"    # OUTPUT_LOSSES: output -> the loss that scores it (its first)
+    output_targets: str = "{}"   # OUTPUT_TARGETS: output -> that loss's target
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,9 @@ def lower(model, dtype=None, second_order=True):
         has_dropout=bool(model.masks),
         stats_shapes=_dict_code({s.name: shape_code(s.shape) for s, _ in model.stats}),
         stats_init=_dict_code({s.name: repr(s.attr("init")) for s, _ in model.stats}),
+        outputs=repr(tuple(h.name for h in model.heads)) if model.heads else "",
+        output_losses=_dict_code({h.name: repr(h.loss_kind) for h in model.heads}),
+        output_targets=_dict_code({h.name: repr(h.target.name) for h in model.heads}),
     )
     schemes = sorted({model.init[p.name][0] for p in model.params})
     init_doc = ", ".join(_INIT_DOCS[s] for s in schemes) or "none"
@@ -173,7 +179,7 @@ def token_classes(model, program):
     a ModelError when token ids reach anything but an embedding."""
     ids = {x.uid: x for x in model.inputs if x.attr("kind") == "ids"}
     out = {}
-    for node in ir.topo_order([program.prediction, program.loss]):
+    for node in ir.topo_order([*program.predictions, program.loss]):
         for k, i in enumerate(node.inputs):
             if i.uid not in ids:
                 continue
@@ -191,7 +197,8 @@ def model_hash(model, dtype):
     for part in (__version__, model.name, str(dtype), model.source_text, model.loss_kind,
                  model.prediction.digest, model.loss.digest, *(u.digest for _, u in model.stats),
                  repr(sorted(model.init.items())), repr(sorted(model.names.items())),
-                 repr([n.name for n in (*model.inputs, *model.targets, *model.params)])):
+                 repr([n.name for n in (*model.inputs, *model.targets, *model.params)]),
+                 *(f"{h.name}:{h.prediction.digest}" for h in model.heads)):
         h.update(part.encode())
         h.update(b"\0")
     return "sha256:" + h.hexdigest()
@@ -216,13 +223,24 @@ def init_line(name, shape, init):
 
 
 def prediction_doc(model):
-    if model.loss_kind == "softmax_cross_entropy":
-        if len(model.prediction.shape) == 3:
-            return "class probabilities (softmax of the logits) at every position, shape (batch, T, classes)"
-        return "class probabilities (softmax of the logits), shape (batch, classes)"
-    if model.loss_kind == "bce_with_logits":
+    """What forward returns, in words: one output's prediction, or the tuple of several."""
+    if model.heads:
+        return (f"a tuple of {len(model.heads)} arrays, one per output of OUTPUTS: "
+                + "; ".join(f"{h.name} {ir.format_shape(h.prediction.shape)}, {_output_doc(h.loss_kind, h.prediction, False)}"
+                            for h in model.heads))
+    return _output_doc(model.loss_kind, model.prediction)
+
+
+def _output_doc(loss_kind, prediction, shape=True):
+    """One output's prediction in words (``shape``: with its shape in words)."""
+    if loss_kind == "softmax_cross_entropy":
+        if len(prediction.shape) == 3:
+            return "class probabilities (softmax of the logits) at every position" + (
+                ", shape (batch, T, classes)" if shape else "")
+        return "class probabilities (softmax of the logits)" + (", shape (batch, classes)" if shape else "")
+    if loss_kind == "bce_with_logits":
         return "probabilities (sigmoid of the logits)"
-    return "the model output, shape (batch,) + per-sample output shape"
+    return "the model output" + (", shape (batch,) + per-sample output shape" if shape else "")
 
 
 def _check_float32_constants(program, fm):

@@ -60,6 +60,11 @@ def _text(model, program, grads, whole):
         out.append("  inputs:     " + ", ".join(leaf(x) for x in model.inputs))
         out.append("  targets:    " + ", ".join(f"{leaf(y)} {y.attr('kind')}" for y in model.targets))
         out.append("  parameters: " + ", ".join(leaf(p) for p in model.params))
+        if program.heads:
+            out.append("  outputs:    " + ", ".join(
+                f"{h.name} = {program.names.get(node.uid, node.name)} {format_shape(node.shape)} ({h.loss_kind}, "
+                f"target {h.target.name})" for h, node in zip(model.heads, program.heads))
+                + " (forward returns this tuple)")
         if model.masks:
             out.append("  dropout:    " + ", ".join(f"{leaf(m)} rate {m.attr('rate')}" for m in model.masks)
                        + " (ones unless training=True)")
@@ -169,9 +174,9 @@ def _dot(model, program, grads, whole):
     """The forward (blue) and backward (orange) graph; leaves grey/yellow; gradients doubled."""
     fm = Formulas(program)
     outputs = [g for _, g in grads if g is not None]
-    roots = [program.prediction, program.loss, *outputs] if whole else outputs
+    roots = [*program.predictions, program.loss, *outputs] if whole else outputs
     order = topo_order(roots)
-    forward = {n.uid for n in topo_order([program.prediction, program.loss])}
+    forward = {n.uid for n in topo_order([*program.predictions, program.loss])}
     grad_ids = {g.uid for g in outputs}
     ids = {n.uid: f"n{i}" for i, n in enumerate(order)}
     out = [f"digraph {dot_string(model.name)} {{",

@@ -45,6 +45,17 @@ def check_name(name, what, reserved=True):
 
 
 @dataclass(frozen=True)
+class Head:
+    """One output of a model with several: its name (the layer's), its prediction node, and
+    the first loss that scores it (its built-in name or "expression", and its target node)."""
+
+    name: str
+    prediction: object
+    loss_kind: str
+    target: object
+
+
+@dataclass(frozen=True)
 class Model:
     """A differentiable model ready to compile.
 
@@ -75,6 +86,10 @@ class Model:
     # next value back; ``mode`` is the training flag as a number (role "mode"), None without them
     stats: tuple = ()
     mode: object = None
+    # several outputs (losses on k > 1 distinct outputs): one Head per output, in the order of
+    # the losses; ``forward`` returns their predictions as a tuple (``prediction`` is the
+    # first's). Empty for a model of one output, whose ``forward`` returns one array.
+    heads: tuple = ()
 
     @property
     def leaves(self):
@@ -92,6 +107,9 @@ class Model:
         # the same check as for a spec file's description (one rule, whichever way text comes in)
         check_text(self.source, "source", multiline=False)
         check_text(self.description, "description")
+        if self.heads and (len(self.heads) < 2 or self.heads[0].prediction is not self.prediction
+                           or len({h.name for h in self.heads}) != len(self.heads)):
+            raise ModelError("heads: at least two outputs of distinct names, the first being the prediction")
         missing = [p.name for p in self.params if p.name not in self.init]
         if missing:
             raise ModelError(f"no initialisation given for parameter(s) {', '.join(missing)}")

@@ -71,6 +71,13 @@ class Program:
     directions: tuple = ()      # (param node, its direction leaf v_<name>) in PARAMS order
     hvp: object = None          # SecondOrder: the Hessian-vector product
     gnvp: object = None         # SecondOrder: the Gauss-Newton-vector product (built-in losses), or None
+    heads: tuple = ()           # a model of several outputs: forward's predictions (nodes), in the order of
+                                # model.heads (the first is ``prediction``); empty for one output
+
+    @property
+    def predictions(self):
+        """What forward returns: the predictions of every output (one node for one output)."""
+        return self.heads or (self.prediction,)
 
     def per_example_view(self):
         """This program as seen by the statements of per_example_grads: its outputs and inline set."""
@@ -90,10 +97,13 @@ class Program:
 
 
 def build_program(model, second_order=True):
-    (prediction, loss, *updates), names = split_deep([model.prediction, model.loss, *(u for _, u in model.stats)],
-                                                     dict(model.names))
+    # the predictions of a model's other outputs (several heads), after everything else
+    extra = [h.prediction for h in model.heads[1:]]
+    (prediction, loss, *updates), names = split_deep([model.prediction, model.loss, *(u for _, u in model.stats),
+                                                      *extra], dict(model.names))
+    updates, extra = updates[:len(updates) - len(extra)], updates[len(updates) - len(extra):]
     leaf_names = {leaf.digest: leaf.name for leaf in model.leaves}
-    forward = ir.topo_order([prediction, loss, *updates])
+    forward = ir.topo_order([prediction, loss, *updates, *extra])
     _name_unnamed(forward, names, leaf_names)
     trace = []
     grads, adjoints = gradients(loss, model.params, trace)
@@ -125,10 +135,12 @@ def build_program(model, second_order=True):
     fused, shared, shared2 = {}, ShareCache(), ShareCache(compound=True)
     pe_outs, pe_names, pe_error = _per_example(model, loss, [grads[p.uid] for p in model.params], dict(names),
                                                leaf_names, (fused, shared))
-    outs, names = fuse([prediction, loss, *grad_nodes, *updates], names, fused)
+    outs, names = fuse([prediction, loss, *grad_nodes, *updates, *extra], names, fused)
     outs, names = share(outs, names, shared)
     pred, loss = outs[0], outs[1]
-    new_grads, updates = outs[2:len(outs) - len(updates)], outs[len(outs) - len(updates):]
+    m = len(outs) - len(extra)
+    new_grads, updates, extra = outs[2:m - len(updates)], outs[m - len(updates):m], outs[m:]
+    predictions = (pred, *extra) if extra else ()
     it = iter(new_grads)
     grad_pairs = tuple((p, next(it) if grads[p.uid] is not None else None) for p in model.params)
     after = op_counts([loss, *new_grads])
@@ -176,7 +188,7 @@ def build_program(model, second_order=True):
         return tuple(n for n in ir.topo_order(roots)
                      if n.uid not in leaves and n.uid not in inline_set)
 
-    fwd = schedule([pred, *updates])
+    fwd = schedule([pred, *extra, *updates])
     lss = schedule([loss, *updates])
     bwd = schedule([loss, *new_grads, *updates])
     loss_ids = {n.uid for n in lss}
@@ -205,9 +217,10 @@ def build_program(model, second_order=True):
                    {"before_simplification": before, "after_simplification": after},
                    tuple(zip((s for s, _ in model.stats), updates)),
                    _training_only(model.mode, order, ir.consumers(order),
-                                  {o.uid for o in outs[:len(outs) - len(updates)]}, updates),
+                                  {o.uid for o in (*outs[:m - len(updates)], *extra)}, updates),
                    per_example=per_example, per_example_error=pe_error,
-                   directions=tuple(zip(model.params, directions)), hvp=built.get("hvp"), gnvp=built.get("gnvp"))
+                   directions=tuple(zip(model.params, directions)), hvp=built.get("hvp"), gnvp=built.get("gnvp"),
+                   heads=predictions)
 
 
 def _per_example(model, loss, grads, names, leaf_names, caches=(None, None)):

@@ -20,6 +20,8 @@ Conventions: data arrays are batch-first, ``(n, features)``; a dense layer compu
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 from collections.abc import Sequence
@@ -31,7 +33,7 @@ from compiler.errors import ModelError, ShapeError
 from compiler.core.functions import activation as resolve_activation, check_supported, realify, sigmoid, softplus, stabilize
 from compiler.core.ir import ARG, N
 from compiler.core.ir import Node
-from compiler.core.model import Model, check_name, check_target_kind
+from compiler.core.model import Head, Model, check_name, check_target_kind
 from compiler.frontends.image import ImageLayers
 from compiler.frontends.sequence import SequenceLayers
 
@@ -52,6 +54,7 @@ class Network(ImageLayers, SequenceLayers):
         self._layers = 0
         self._merges = 0
         self._used = set()
+        self.layer_names = {}     # uid -> the name given to the layer that computes it (name=...)
 
     # -- naming ---------------------------------------------------------------------------
     def _claim(self, name, what):
@@ -298,7 +301,9 @@ class Network(ImageLayers, SequenceLayers):
 
         Several losses: ``losses=[(output, loss, target, weight), ...]`` (weight optional,
         default 1; or dicts with those keys; target defaults to the only one) trains their
-        weighted sum; ``forward`` returns the prediction of the first entry's output.
+        weighted sum; ``forward`` returns the prediction of each distinct output, a tuple in the
+        order of the losses (an output scored twice appears once, at its first entry); with
+        one output, one array.
 
         ``loss_mask``: for softmax cross-entropy over sequences (logits (n, T, classes), labels
         (n, T)), an input (n, T) of weights per position (1 keep, 0 padding): the loss is the
@@ -318,7 +323,7 @@ class Network(ImageLayers, SequenceLayers):
             entries = [self._loss_entry(e, i) for i, e in enumerate(losses)]
             if not entries:
                 raise ModelError("losses is empty; give at least one (output, loss, target) entry")
-        terms = []
+        terms, heads = [], {}
         for i, (out, kind, y, weight) in enumerate(entries):
             if y is None:
                 if len(self.targets) != 1:
@@ -327,13 +332,16 @@ class Network(ImageLayers, SequenceLayers):
                 y = self.targets[0]
             pred, L = apply_loss(kind, out, y, self.names, loss_mask)
             terms.append((pred, L, weight))
+            # an output scored by several losses is returned once, as its first loss predicts it
+            heads.setdefault(out.uid, (out, pred, loss_kind(kind), y))
         pred, L = terms[0][0], terms[0][1]
         if len(terms) > 1:
             for i, (_, part, _) in enumerate(terms):
                 self.names[part.digest] = f"L{i + 1}"
             L = self._name(ir.ew(sp.Add(*(_weight(w) * a for (_, _, w), a in zip(terms, ARG[:len(terms)]))),
                                  [t[1] for t in terms]), "L")
-        used = {n.uid for n in ir.topo_order([L, pred])}
+        heads = self._heads(list(heads.values())) if len(heads) > 1 else ()
+        used = {n.uid for n in ir.topo_order([L, pred, *(h.prediction for h in heads)])}
         unused = [i.name for i in self.inputs if i.uid not in used]
         if unused:
             raise ModelError(f"input(s) {', '.join(unused)} are declared but the output does not use them")
@@ -342,7 +350,20 @@ class Network(ImageLayers, SequenceLayers):
                      dict(self.names), {p.name: self.init[p.name] for p in self.params if p.uid in used},
                      loss_kind=loss_kind(entries[0][1]), masks=tuple(m for m in self.masks if m.uid in used),
                      stats=tuple((s, u) for s, u in self.stats if s.uid in used),
-                     mode=self.mode if self.mode is not None and self.mode.uid in used else None)
+                     mode=self.mode if self.mode is not None and self.mode.uid in used else None, heads=heads)
+
+    def _heads(self, outputs):
+        """The Heads of several outputs ((output, prediction, loss kind, target) in the order of
+        the losses), each named after its layer (``name=``), else after its value (Z3, H2)."""
+        heads, taken = [], set()
+        for i, (out, pred, kind, y) in enumerate(outputs):
+            base = self.layer_names.get(out.uid) or self.names.get(out.digest) or f"out{i + 1}"
+            name, j = base, 2
+            while name in taken:
+                name, j = f"{base}_{j}", j + 1
+            taken.add(name)
+            heads.append(Head(name, pred, kind, y))
+        return tuple(heads)
 
     def _loss_entry(self, entry, i):
         what = f"losses[{i}]"
@@ -363,6 +384,28 @@ class Network(ImageLayers, SequenceLayers):
                 or weight <= 0):
             raise ModelError(f"{what}: the weight must be a positive finite number, got {weight!r}")
         return out, kind, y, weight
+
+
+def _records_name(method):
+    """``method`` (a layer of Network) that also records the ``name`` it is given for the node it
+    returns: a model of several outputs names each after its layer (the module's OUTPUTS)."""
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def layer(self, *args, **kwargs):
+        node = method(self, *args, **kwargs)
+        name = signature.bind(self, *args, **kwargs).arguments.get("name")
+        if name is not None and isinstance(node, Node):
+            self.layer_names.setdefault(node.uid, name)
+        return node
+    return layer
+
+
+for _layer in ("dense", "activation", "layernorm", "rmsnorm", "batchnorm", "dropout", "add", "multiply", "concat",
+               "conv2d", "maxpool2d", "avgpool2d", "flatten", "embedding", "positional", "attention",
+               "transformer_block"):
+    setattr(Network, _layer, _records_name(getattr(Network, _layer)))
+del _layer
 
 
 def _weight(w):

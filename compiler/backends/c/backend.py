@@ -517,7 +517,7 @@ class _CFunctions:
         self.program = lowered.program
         self.real = st.real
         p = self.program
-        self.users = ir.consumers(ir.topo_order([p.prediction, p.loss, *(g for _, g in p.grads if g is not None),
+        self.users = ir.consumers(ir.topo_order([*p.predictions, p.loss, *(g for _, g in p.grads if g is not None),
                                                  *(u for _, u in p.stat_updates)]))
 
     def arg_list(self, leaves):

@@ -103,8 +103,8 @@ def render_numpy(lowered):
     for p, g in program.grads:
         grads_ret.append(f"{p.name!r}: {writer.ref(g)}" if g is not None else f"{p.name!r}: np.zeros_like({p.name})")
     functions = [
-        writer.function("forward", data, [program.prediction], program.forward_nodes,
-                        writer.ref(program.prediction), f"Predictions for a batch: {iface.prediction_doc}."),
+        writer.function("forward", data, list(program.predictions), program.forward_nodes,
+                        ", ".join(writer.ref(p) for p in program.predictions), f"Predictions for a batch: {iface.prediction_doc}."),
         writer.function("loss", data + targets, [program.loss], program.loss_nodes,
                         f"float({writer.ref(program.loss)})", "The loss, averaged over the batch."),
         writer.function("backward", data + targets, [program.loss, *(g for _, g in program.grads if g is not None)],
@@ -170,6 +170,7 @@ def render_numpy(lowered):
         targets_shapes=iface.targets_shapes, target_kinds=iface.target_kinds, classes=iface.classes,
         formulas=[(p.name, lowered.formulas[p.name]) for p in model.params],
         init_doc=lowered.init_doc, init_lines=list(lowered.init_lines),
+        outputs=iface.outputs, output_losses=iface.output_losses, output_targets=iface.output_targets,
         has_labels=iface.has_labels, has_tokens=iface.has_tokens, vocab=iface.vocab, mode_args=iface.mode_args, dropout=iface.dropout,
         has_dropout=iface.has_dropout, stats_shapes=iface.stats_shapes, stats_init=iface.stats_init,
         helpers=sorted(st.helpers), functions=functions, has_gnvp=program.gnvp is not None,

@@ -61,7 +61,7 @@ class NumpyStatements:
         self.p = program
         self.helpers = set()
         self.begin_function()
-        outputs = [program.prediction, program.loss, *(g for _, g in program.grads if g is not None),
+        outputs = [*program.predictions, program.loss, *(g for _, g in program.grads if g is not None),
                    *(u for _, u in program.stat_updates)]
         order, self.uses = use_counts(outputs)
         self.users = ir.consumers(order)
