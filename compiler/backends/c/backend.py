@@ -29,6 +29,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import io
+import math
 import os
 import re
 import shlex
@@ -419,6 +420,15 @@ def render_c(lowered, prefix=None):
 
     pred = program.prediction
     pred_dest = [(pred, "ptr" if pred.shape != () else "scalar", "out" if pred.shape != () else "out[0]")]
+    # several outputs: one after the other in out, each n * its per-sample size (OUTPUTS' order)
+    heads, offset = [], 0
+    for h, node in zip(model.heads, program.heads):
+        per = tuple(int(d) for d in node.shape[1:])
+        heads.append({"name": h.name, "offset": offset, "size": math.prod(per), "per_sample": per,
+                      "shape_doc": shape_code(node.shape), "node": node})
+        offset += math.prod(per)
+    if heads:
+        pred_dest = [(q["node"], "ptr", f"out + {q['offset']}*n" if q["offset"] else "out") for q in heads]
     loss_dest = [(program.loss, "scalar", "*loss")]
     grad_dest = []
     info_of = {q["name"]: q for q in params}
@@ -478,7 +488,8 @@ def render_c(lowered, prefix=None):
         functions=functions, zero_grads=zero_grads, work_a=work_a, work_b=work_b,
         per_example_error=program.per_example_error,
         moments=_moments_context(lowered, info_of, real, st),
-        pred_size=_size_code(pred.shape), pred_shape_doc=shape_code(pred.shape),
+        heads=[{k: v for k, v in q.items() if k != "node"} for q in heads],
+        pred_size=f"{offset}*n" if heads else _size_code(pred.shape), pred_shape_doc=shape_code(pred.shape),
         pred_per_sample=tuple(int(d) for d in (pred.shape[1:] if ir.is_batch(pred.shape) else pred.shape)), pred_batched=ir.is_batch(pred.shape),
         helpers=sorted(st.helpers), prediction_doc=iface.prediction_doc,
         gemm=st.uses_gemm, gemm_min_macs=GEMM_MIN_MACS[dtype], gemm_letter="d" if dtype == "float64" else "s",
@@ -501,7 +512,8 @@ def render_c(lowered, prefix=None):
         inputs_shapes=iface.inputs_shapes, targets_shapes=iface.targets_shapes,
         target_kinds=iface.target_kinds, classes=iface.classes, params_shapes=iface.params_shapes,
         data_args=iface.data_args, all_args=iface.all_args, mode_args=iface.mode_args, dropout=iface.dropout,
-        loss_kind=iface.loss_kind,
+        loss_kind=iface.loss_kind, outputs=iface.outputs, output_losses=iface.output_losses,
+        output_targets=iface.output_targets,
         has_dropout=iface.has_dropout, stats_shapes=iface.stats_shapes, stats_init=iface.stats_init,
         has_tokens=iface.has_tokens, vocab=iface.vocab, varg=direction_arg(model),
     )
