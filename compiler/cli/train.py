@@ -256,20 +256,23 @@ def _run(args):
                         f"(the parameters are saved in {saved})")
 
     print(("" if args.quiet else "\n") + result.message)
-    rows = [("training", result.final["train_loss"], result.final["train_accuracy"])]
-    if result.final["val_loss"] is not None:
-        rows.append(("validation", result.final["val_loss"], result.final["val_accuracy"]))
+    final = result.final
+    rows = [("training", final["train_loss"], final["train_accuracy"], final.get("train_accuracies"))]
+    if final["val_loss"] is not None:
+        rows.append(("validation", final["val_loss"], final["val_accuracy"], final.get("val_accuracies")))
     if test is not None:
         from compiler.train.loop import evaluate
         ev = evaluate(module, result.params, test, stats=result.stats)      # inference mode
-        rows.append(("test", ev["loss"], ev["accuracy"]))
+        rows.append(("test", ev["loss"], ev["accuracy"], ev["accuracies"]))
     if test_ev is not None:
         rows.append((f"test ({test_ev['partitions']} partitions, {test_ev['samples']} samples, on Dask)",
-                     test_ev["loss"], test_ev["accuracy"]))
+                     test_ev["loss"], test_ev["accuracy"], test_ev["accuracies"]))
     width = max(len(r[0]) for r in rows)
-    for name, loss, acc in rows:
+    for name, loss, acc, heads in rows:
+        # a model of several outputs: the accuracy of each classifier output, by name
+        each = "".join(f"  accuracy {head} {100 * a:.2f}%" for head, a in (heads or {}).items())
         print(f"  {name:<{width}}  " + ("not evaluated (interrupted)" if loss is None else f"loss {loss:.6g}"
-                                        + ("" if acc is None else f"  accuracy {100 * acc:.2f}%")))
+                                        + ("" if acc is None else f"  accuracy {100 * acc:.2f}%") + each))
     for line in written:
         print("  " + line)
     from compiler.freetext import terminal

@@ -146,36 +146,41 @@ def add(a, b):
     """The sum of two partial results (of backward_slice, or of partition_sums)."""
     if isinstance(a[-1], dict):
         return tuple(x + y for x, y in zip(a[:-1], b[:-1])) + ({k: a[-1][k] + b[-1][k] for k in a[-1]},)
+    if isinstance(a[-1], list):     # partition_sums: a correct count per scored output
+        return tuple(x + y for x, y in zip(a[:-1], b[:-1])) + ([x + y for x, y in zip(a[-1], b[-1])],)
     return tuple(x + y for x, y in zip(a, b))
 
 
 # ---- evaluation -----------------------------------------------------------------------------
 
-def partition_sums(payload, params, source, layout, kind, stats=None, chunk=8192):
-    """``(samples, loss sum, correct count)`` of one partition in inference mode, as
+def partition_sums(payload, params, source, layout, scored, stats=None, chunk=8192):
+    """``(samples, loss sum, correct counts)`` of one partition in inference mode, as
     compiler.train.loop.evaluate sums them: ``source`` a dict of arrays or the path of a .npz
-    or .csv file, read here by ``layout`` (see compiler.train.partitions)."""
+    or .csv file, read here by ``layout`` (see compiler.train.partitions); ``scored`` the
+    outputs whose accuracy counts, ``(output index or None, target index, kind)`` each (one
+    count per entry; see compiler.train.loop.scored_outputs)."""
     import numpy as np
     module = load(payload)
     data = source if isinstance(source, dict) else read_partition(source, layout)
     arrays = _prepare(data, layout, source if isinstance(source, str) else "a partition")
     mode = {"stats": stats} if stats is not None else {}
     n, n_in = len(arrays[0]), len(module.INPUTS)
-    total, correct = 0.0, 0
+    total, correct = 0.0, [0.0] * len(scored)
     for lo in range(0, n, chunk):
         part = [a[lo:lo + chunk] for a in arrays]
         m = len(part[0])
         total += module.loss(params, *part, **mode) * m
-        if kind != "regression":
-            pred = np.asarray(module.forward(params, *part[:n_in], **mode))
-            y = part[n_in]
-            if kind == "multiclass":
-                labels = y if y.ndim == 1 else np.argmax(y, axis=1)
-                correct += int(np.sum(np.argmax(pred, axis=1) == labels))
+        if scored:
+            out = module.forward(params, *part[:n_in], **mode)
+        for k, (i, t, kind) in enumerate(scored):
+            pred, y = np.asarray(out if i is None else out[i]), part[t]
+            if kind == "multiclass":     # (compiler.train.loop.count_correct: this file imports no bpc)
+                labels = y if y.ndim == pred.ndim - 1 else np.argmax(y, axis=-1)
+                correct[k] += float(np.sum(np.argmax(pred, axis=-1) == labels)) / max(1, labels[0].size)
             else:
                 if pred.shape != y.shape and pred.size == y.size:
                     pred = pred.reshape(y.shape)
-                correct += float(np.sum((pred > 0.5) == (y > 0.5))) / max(1, y[0].size)
+                correct[k] += float(np.sum((pred > 0.5) == (y > 0.5))) / max(1, y[0].size)
     return n, total, correct
 
 

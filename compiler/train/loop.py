@@ -106,6 +106,36 @@ def task(module):
     return "regression"
 
 
+def scored_outputs(module):
+    """The outputs whose accuracy evaluation counts: ``[(name, output index, target index, kind)]``,
+    kind "multiclass" or "binary" (see ``task``); the target index counts INPUTS then TARGETS.
+    A module of one output: ``[(None, None, ...)]`` for a classifier, ``[]`` for a regression. A
+    module of several (OUTPUTS): each output scored by softmax cross-entropy or BCE, by name."""
+    n_in = len(module.INPUTS)
+    outputs = getattr(module, "OUTPUTS", None)
+    if not outputs:
+        kind = task(module)
+        return [] if kind == "regression" else [(None, None, n_in, kind)]
+    targets = list(module.TARGETS)
+    kinds = {"softmax_cross_entropy": "multiclass", "bce_with_logits": "binary"}
+    return [(name, i, n_in + targets.index(module.OUTPUT_TARGETS[name]), kinds[module.OUTPUT_LOSSES[name]])
+            for i, name in enumerate(outputs) if module.OUTPUT_LOSSES[name] in kinds]
+
+
+def count_correct(kind, pred, y):
+    """The samples of a chunk classified right (a float: per sample, the fraction of its positions
+    or outputs that are right): ``pred`` the probabilities forward returns, ``y`` the targets."""
+    if kind == "multiclass":
+        # a sequence's labels (n, T) against probabilities (n, T, classes): per sample,
+        # the fraction of its positions classified right
+        labels = y if y.ndim == pred.ndim - 1 else np.argmax(y, axis=-1)
+        return float(np.sum(np.argmax(pred, axis=-1) == labels)) / max(1, labels[0].size)
+    # per sample, the fraction of its outputs on the right side of 0.5
+    if pred.shape != y.shape and pred.size == y.size:
+        pred = pred.reshape(y.shape)    # a (n, 1) output against a (n,) target
+    return float(np.sum((pred > 0.5) == (y > 0.5))) / max(1, y[0].size)
+
+
 def check_data(module, data, what="data"):
     """Validate ``data`` (a dict name -> array, or a sequence in the order of INPUTS then
     TARGETS) against the module and return a dict of arrays ready for ``backward``.
@@ -212,11 +242,12 @@ def _rows(data, index):
 
 
 def evaluate(module, params, data, chunk=8192, stats=None):
-    """``{"loss": ..., "accuracy": ... or None}`` on ``data`` (checked dict), in chunks of
-    ``chunk`` positions (samples of one position, or ``chunk // T`` sequences of T token ids:
-    a language model's attention holds T*T scores per head and sample), in inference mode (a
-    model with batchnorm normalises with the running statistics ``stats``; default: those
-    before training, ``init_stats()``)."""
+    """``{"loss": ..., "accuracy": ... or None, "accuracies": {...}}`` on ``data`` (checked dict),
+    in chunks of ``chunk`` positions (samples of one position, or ``chunk // T`` sequences of T
+    token ids: a language model's attention holds T*T scores per head and sample), in inference
+    mode (a model with batchnorm normalises with the running statistics ``stats``; default: those
+    before training, ``init_stats()``). A model of several outputs has no single accuracy
+    ("accuracy" None): "accuracies" holds each classifier output's, by name ({} otherwise)."""
     arrays = list(data.values())
     positions = max([math.prod(module.INPUTS[k]) for k in getattr(module, "VOCAB", {})] or [1])
     chunk = max(1, chunk // positions)
@@ -224,26 +255,25 @@ def evaluate(module, params, data, chunk=8192, stats=None):
     if getattr(module, "STATS", None):
         mode = {"stats": stats if stats is not None else module.init_stats(_float_dtype(arrays))}
     n = len(arrays[0])
-    kind = task(module)
-    total, correct = 0.0, 0
+    scored = scored_outputs(module)
+    total, correct = 0.0, [0.0] * len(scored)
     n_in = len(module.INPUTS)
     for lo in range(0, n, chunk):
         part = [a[lo:lo + chunk] for a in arrays]
         m = len(part[0])
         total += module.loss(params, *part, **mode) * m
-        if kind != "regression":
-            pred = np.asarray(module.forward(params, *part[:n_in], **mode))
-            y = part[n_in]
-            if kind == "multiclass":
-                # a sequence's labels (n, T) against probabilities (n, T, classes): per sample,
-                # the fraction of its positions classified right
-                labels = y if y.ndim == pred.ndim - 1 else np.argmax(y, axis=-1)
-                correct += float(np.sum(np.argmax(pred, axis=-1) == labels)) / max(1, labels[0].size)
-            else:  # per sample, the fraction of its outputs on the right side of 0.5
-                if pred.shape != y.shape and pred.size == y.size:
-                    pred = pred.reshape(y.shape)    # a (n, 1) output against a (n,) target
-                correct += float(np.sum((pred > 0.5) == (y > 0.5))) / max(1, y[0].size)
-    return {"loss": total / n, "accuracy": (correct / n if kind != "regression" else None)}
+        if scored:
+            out = module.forward(params, *part[:n_in], **mode)
+            for k, (_, i, t, kind) in enumerate(scored):
+                correct[k] += count_correct(kind, np.asarray(out if i is None else out[i]), part[t])
+    return accuracy_result(total / n, scored, [c / n for c in correct])
+
+
+def accuracy_result(loss, scored, accuracies):
+    """evaluate's dict from the loss and the accuracy of each scored output (scored_outputs)."""
+    single = len(scored) == 1 and scored[0][0] is None
+    return {"loss": loss, "accuracy": accuracies[0] if single else None,
+            "accuracies": {} if single else {s[0]: a for s, a in zip(scored, accuracies)}}
 
 
 def _float_dtype(arrays):
@@ -343,6 +373,7 @@ class History:
     train_loss: list = field(default_factory=list)      # mean of the epoch's mini-batch losses
     val_loss: list = field(default_factory=list)        # empty without a validation split
     val_accuracy: list = field(default_factory=list)    # classifiers with a validation split
+    val_accuracies: dict = field(default_factory=dict)  # several outputs: classifier output -> its val_accuracy
     grad_norm: list = field(default_factory=list)       # epoch mean of the global norm, before clipping
     param_grad_norms: dict = field(default_factory=dict)  # name -> epoch means of that gradient's norm
     seconds: list = field(default_factory=list)         # wall time at the end of each epoch
@@ -362,7 +393,8 @@ class TrainResult:
     stopped: str            # "completed" | "early_stopping" | "diverged" | "interrupted" | "workers_lost"
     message: str
     best_epoch: int | None
-    final: dict             # train_loss, train_accuracy, val_loss, val_accuracy (None where absent)
+    final: dict             # train_loss, train_accuracy, val_loss, val_accuracy (None where absent);
+                            # train_accuracies, val_accuracies: per classifier output of a model of several
     warnings: list
     stats: dict | None = None   # batchnorm: the running statistics that go with params
     privacy: dict | None = None  # DP-SGD: epsilon at delta and how it was reached (privacy_report)
@@ -698,10 +730,11 @@ def _second_order(module, config, train_set, val_set, params, verbose, resume, c
         report.close()
     final = {"train_loss": None, "train_accuracy": None, "val_loss": None, "val_accuracy": None}
     ev = evaluate(module, params, train_set)
-    final["train_loss"], final["train_accuracy"] = ev["loss"], ev["accuracy"]
+    final["train_loss"], final["train_accuracy"], final["train_accuracies"] = ev["loss"], ev["accuracy"], ev["accuracies"]
+    final["val_accuracies"] = {}
     if val_set is not None:
         ev = evaluate(module, params, val_set)
-        final["val_loss"], final["val_accuracy"] = ev["loss"], ev["accuracy"]
+        final["val_loss"], final["val_accuracy"], final["val_accuracies"] = ev["loss"], ev["accuracy"], ev["accuracies"]
     return TrainResult(params, history, stopped, message, None, final, [])
 
 
@@ -887,6 +920,8 @@ def _epoch(run, epoch, stop, on_epoch):
         history.val_loss.append(val)
         if ev["accuracy"] is not None:
             history.val_accuracy.append(ev["accuracy"])
+        for name, acc in ev["accuracies"].items():
+            history.val_accuracies.setdefault(name, []).append(acc)
         if not math.isfinite(val):
             raise _Diverged(f"the validation loss is {val} at epoch {epoch}; stopped and kept the best "
                             "parameters. Try a lower learning rate or --clip.", in_step=False)
@@ -932,13 +967,14 @@ def _outcome(run, stopped, message, in_step):
         message = f"completed {run.config.epochs} epochs"
         if run.val_set is not None:
             message += f"; kept the parameters of epoch {run.best_epoch} (best validation loss {run.best:.6g})"
-    final = {"train_loss": None, "train_accuracy": None, "val_loss": None, "val_accuracy": None}
+    final = {"train_loss": None, "train_accuracy": None, "val_loss": None, "val_accuracy": None,
+             "train_accuracies": {}, "val_accuracies": {}}
     try:
         ev = evaluate(run.module, params, run.train_set, stats=running)
-        final["train_loss"], final["train_accuracy"] = ev["loss"], ev["accuracy"]
+        final["train_loss"], final["train_accuracy"], final["train_accuracies"] = ev["loss"], ev["accuracy"], ev["accuracies"]
         if run.val_set is not None:
             ev = evaluate(run.module, params, run.val_set, stats=running)
-            final["val_loss"], final["val_accuracy"] = ev["loss"], ev["accuracy"]
+            final["val_loss"], final["val_accuracy"], final["val_accuracies"] = ev["loss"], ev["accuracy"], ev["accuracies"]
     except KeyboardInterrupt:
         pass
     dp = None
@@ -959,6 +995,7 @@ def _epoch_line(epoch, epochs, h, has_val):
         parts.append(f"val {h.val_loss[-1]:.6g}")
         if h.val_accuracy:
             parts.append(f"val acc {100 * h.val_accuracy[-1]:.2f}%")
+        parts += [f"val acc {name} {100 * acc[-1]:.2f}%" for name, acc in h.val_accuracies.items()]
     parts.append(f"lr {h.lr[-1]:.3g}")
     norms = " ".join(f"{k} {v[-1]:.2e}" for k, v in h.param_grad_norms.items())
     parts.append(f"|grad| {h.grad_norm[-1]:.3e} ({norms})")

@@ -17,7 +17,7 @@ import numpy as np
 
 from compiler.spec.train_options import TrainError
 from compiler.train import shipping
-from compiler.train.loop import data_names, task
+from compiler.train.loop import accuracy_result, data_names, scored_outputs
 
 
 def partition_paths(spec):
@@ -76,7 +76,8 @@ def layout(module, paths):
 
 
 def evaluate_partitions(module, params, partitions, client, stats=None):
-    """``{"loss", "accuracy" (None for regression), "samples", "partitions"}`` of ``params`` over
+    """``{"loss", "accuracy" (None for regression), "accuracies", "samples", "partitions"}`` (as
+    compiler.train.loop.evaluate's, with the samples and partitions counted) of ``params`` over
     the partition files ``partitions`` (see partition_paths), each read and evaluated by a worker
     of ``client``, in inference mode (``stats``: a batchnorm model's running statistics)."""
     from compiler.train.distributed import _first_line, require_dask
@@ -95,8 +96,9 @@ def evaluate_partitions(module, params, partitions, client, stats=None):
     [payload_f] = client.scatter([payload], broadcast=True, hash=False)
     plain = {k: np.asarray(v) for k, v in params.items()}
     [params_f] = client.scatter([plain], broadcast=True, hash=False)
-    kind = task(module)
-    parts = [client.submit(rt.partition_sums, payload_f, params_f, os.path.abspath(p), spec, kind, stats,
+    scored = scored_outputs(module)
+    parts = [client.submit(rt.partition_sums, payload_f, params_f, os.path.abspath(p), spec,
+                           [(i, t, kind) for _, i, t, kind in scored], stats,
                            pure=False) for p in paths]
     while len(parts) > 1:
         pairs = [client.submit(rt.add, a, b, pure=False) for a, b in zip(parts[::2], parts[1::2])]
@@ -108,7 +110,7 @@ def evaluate_partitions(module, params, partitions, client, stats=None):
             _explain(module, str(e))
             raise TrainError(str(e)) from None
         raise TrainError(f"distributed evaluation failed: {type(e).__name__}: {_first_line(e)}") from None
-    return {"loss": total / n, "accuracy": (correct / n if kind != "regression" else None), "samples": n,
+    return {**accuracy_result(total / n, scored, [c / n for c in correct]), "samples": n,
             "partitions": len(paths)}
 
 

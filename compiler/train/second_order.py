@@ -110,6 +110,8 @@ def fit(module, config, train_set, val_set, params, names, verbose, history, rep
             history.val_loss.append(ev["loss"])
             if ev["accuracy"] is not None:
                 history.val_accuracy.append(ev["accuracy"])
+            for name, acc in ev["accuracies"].items():
+                history.val_accuracies.setdefault(name, []).append(acc)
         history.seconds.append(time.monotonic() - t0)
         report.advance(1, f"loss {loss:.6g}")
         every = config.log_every or max(1, config.epochs // 10)
