@@ -59,7 +59,8 @@ def test_gradients(model_id, row, batch):
         assert np.shape(init[k]) == shape and init[k].dtype == np.dtype(row.compiled or "float64"), k
         assert np.shape(grads[k]) == shape and np.asarray(grads[k]).dtype == np.dtype(row.dtype), k
     assert loss == pytest.approx(mod.loss(params, *arrays), rel=1e-12 if row.dtype == "float64" else 1e-6)
-    assert np.asarray(mod.forward(params, *arrays[:len(mod.INPUTS)])).dtype == np.dtype(row.dtype)
+    for out in _outputs(mod, mod.forward(params, *arrays[:len(mod.INPUTS)])):
+        assert np.asarray(out).dtype == np.dtype(row.dtype)
     if row.dtype == "float64":
         rows = check_gradients(mod, params, arrays, rtol=precision.rtol, atol=precision.atol)
         assert rows and all(r.ok for r in rows), "\n" + format_table(rows)
@@ -100,7 +101,20 @@ def test_backends_agree(model_id, dtype, batch):
         assert np.shape(c_grads[k]) == np.shape(np_grads[k]), k
         assert rel_err(c_grads[k], np_grads[k]) <= tol, k
     x = arrays[:len(npm.INPUTS)]
-    assert rel_err(cm.forward(params, *x), npm.forward(params, *x)) <= tol
+    assert getattr(cm, "OUTPUTS", None) == getattr(npm, "OUTPUTS", None)
+    got, want = _outputs(cm, cm.forward(params, *x)), _outputs(npm, npm.forward(params, *x))
+    assert len(got) == len(want)
+    for c_out, np_out in zip(got, want):
+        assert c_out.shape == np_out.shape and rel_err(c_out, np_out) <= tol
+
+
+def _outputs(module, out):
+    """forward's result as a tuple: one array per output of OUTPUTS, or the one array."""
+    if hasattr(module, "OUTPUTS"):
+        assert isinstance(out, tuple) and len(out) == len(module.OUTPUTS)
+        return out
+    assert isinstance(out, np.ndarray)
+    return (out,)
 
 
 def _mlp_reference(params, x, act, depth):

@@ -128,7 +128,7 @@ def _two_heads(weight=0.25):
     return net, z, r, y, t
 
 
-def test_weighted_losses_sum_and_forward_returns_the_first_output():
+def test_weighted_losses_sum_and_forward_returns_every_output():
     net, z, r, y, t = _two_heads()
     m = net.build(losses=[(z, "mse", y), {"output": r, "loss": "mse", "target": t, "weight": 0.25}])
     mod = bpc.compile_model(m).load()
@@ -140,7 +140,10 @@ def test_weighted_losses_sum_and_forward_returns_the_first_output():
     zs, rs = h @ params["W2"] + params["b2"], h @ params["W3"] + params["b3"]
     want = np.mean((zs - ys) ** 2) + 0.25 * np.mean((rs[:, 0] - ts) ** 2)
     assert mod.loss(params, xs, ys, ts) == pytest.approx(want, rel=1e-12)
-    np.testing.assert_allclose(mod.forward(params, xs), zs, rtol=1e-12)
+    assert mod.OUTPUTS == ("Z2", "Z3")          # unnamed layers: their values' names
+    got_z, got_r = mod.forward(params, xs)
+    np.testing.assert_allclose(got_z, zs, rtol=1e-12)
+    np.testing.assert_allclose(got_r, rs, rtol=1e-12)
 
 
 # (id, losses argument, words of the ModelError)
