@@ -232,6 +232,22 @@ def write_partitions(tmp_path, data, sizes, fmt, header=True):
     return paths
 
 
+def heads():
+    """Three outputs on one trunk: a classifier, a regression and a binary head (BCE)."""
+    net = bpc.Network("heads_dask")
+    h = net.dense(net.input("x", 3), 6, "tanh")
+    return bpc.compile_model(net.build(losses=[
+        (net.dense(h, 3, name="cls"), "softmax_cross_entropy", net.target("y", kind="label")),
+        (net.dense(h, 2, name="reg"), "mse", net.target("t", 2)),
+        (net.dense(h, 1, name="flag"), "bce_with_logits", net.target("f", 1))])).load()
+
+
+def heads_data():
+    rng = np.random.default_rng(8)
+    return {"x": rng.normal(size=(80, 3)), "y": rng.integers(0, 3, 80), "t": rng.normal(size=(80, 2)),
+            "f": (rng.random((80, 1)) > 0.5) * 1.0}
+
+
 EVALS = [  # model, data, format, header
     pytest.param(classifier, lambda: blobs(250, 4, 3, 1), "npz", True, id="multiclass-npz"),
     pytest.param(classifier, lambda: blobs(250, 4, 3, 2), "csv", True, id="multiclass-csv-header"),
@@ -242,6 +258,7 @@ EVALS = [  # model, data, format, header
     pytest.param(regression, lambda: {"x": np.random.default_rng(6).normal(size=(70, 3)),
                                       "y": np.random.default_rng(7).normal(size=(70, 2))}, "npz", True,
                  id="regression-npz"),
+    pytest.param(heads, heads_data, "npz", True, id="three-heads-npz"),
 ]
 
 
@@ -258,6 +275,9 @@ def test_partitions_evaluate_as_one_process(client, tmp_path, make_model, make_d
     assert many["samples"] == n and many["partitions"] == 3
     assert abs(many["loss"] - one["loss"]) <= 1e-12 * abs(one["loss"])
     assert many["accuracy"] == one["accuracy"]
+    assert many["accuracies"] == one["accuracies"]
+    if hasattr(module, "OUTPUTS"):     # each classifier output counted, by name
+        assert list(one["accuracies"]) == ["cls", "flag"] and one["accuracy"] is None
 
 
 def test_bad_partition_names_file_and_line(client, tmp_path):
