@@ -340,7 +340,7 @@ class Network(ImageLayers, SequenceLayers):
                 self.names[part.digest] = f"L{i + 1}"
             L = self._name(ir.ew(sp.Add(*(_weight(w) * a for (_, _, w), a in zip(terms, ARG[:len(terms)]))),
                                  [t[1] for t in terms]), "L")
-        heads = self._heads(list(heads.values())) if len(heads) > 1 else ()
+        heads = self._output_heads(list(heads.values())) if len(heads) > 1 else ()
         used = {n.uid for n in ir.topo_order([L, pred, *(h.prediction for h in heads)])}
         unused = [i.name for i in self.inputs if i.uid not in used]
         if unused:
@@ -352,7 +352,7 @@ class Network(ImageLayers, SequenceLayers):
                      stats=tuple((s, u) for s, u in self.stats if s.uid in used),
                      mode=self.mode if self.mode is not None and self.mode.uid in used else None, heads=heads)
 
-    def _heads(self, outputs):
+    def _output_heads(self, outputs):
         """The Heads of several outputs ((output, prediction, loss kind, target) in the order of
         the losses), each named after its layer (``name=``), else after its value (Z3, H2)."""
         heads, taken = [], set()
