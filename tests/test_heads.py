@@ -233,3 +233,23 @@ def test_bpc_train_reports_each_head(tmp_path, monkeypatch, capsys, target):
     import json
     history = json.loads((tmp_path / "h.json").read_text())
     assert len(history["val_accuracies"]["digit"]) == len(history["epoch"]) and not history["val_accuracy"]
+
+
+@pytest.mark.parametrize("target", ["numpy", pytest.param("c", marks=NEEDS_CC)])
+def test_an_output_that_feeds_another_is_returned_unchanged(target):
+    """A head computed from another head's value (the trunk itself scored): neither target may
+    compute the second in the first's returned memory."""
+    net = bpc.Network("feeds")
+    x = net.input("x", 3)
+    h = net.dense(x, 40, "tanh", name="trunk")     # 40 wide: the NumPy module's in-place sizes
+    z = net.dense(net.activation(h, "sigmoid"), 2, name="top")
+    m = _load(net.build(losses=[(h, "mse", net.target("t", 40)), (z, "bce_with_logits", net.target("f", 2))]),
+              target)
+    assert m.OUTPUTS == ("trunk", "top")
+    params = _perturbed(m)
+    xs = _data(7)[0][:, :3]
+    trunk, top = m.forward(params, xs)
+    want = np.tanh(xs @ params["Wtrunk"] + params["btrunk"])
+    logits = (1 / (1 + np.exp(-want))) @ params["Wtop"] + params["btop"]
+    np.testing.assert_allclose(trunk, want, rtol=1e-12)
+    np.testing.assert_allclose(top, 1 / (1 + np.exp(-logits)), rtol=1e-12)
