@@ -225,9 +225,9 @@ def init_line(name, shape, init):
 def prediction_doc(model):
     """What forward returns, in words: one output's prediction, or the tuple of several."""
     if model.heads:
-        return (f"a tuple of {len(model.heads)} arrays, one per output of OUTPUTS: "
-                + "; ".join(f"{h.name} {ir.format_shape(h.prediction.shape)}, {_output_doc(h.loss_kind, h.prediction, False)}"
-                            for h in model.heads))
+        return (f"a tuple of {len(model.heads)} arrays, one per output of OUTPUTS: " + "; ".join(
+            f"{h.name} {ir.format_shape(h.prediction.shape)}, {_output_doc(h.loss_kind, h.prediction, False)}"
+            for h in model.heads))
     return _output_doc(model.loss_kind, model.prediction)
 
 

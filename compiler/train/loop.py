@@ -728,13 +728,13 @@ def _second_order(module, config, train_set, val_set, params, verbose, resume, c
         stopped, message = "interrupted", f"interrupted; kept the initial parameters ({config.optimizer})"
     finally:
         report.close()
-    final = {"train_loss": None, "train_accuracy": None, "val_loss": None, "val_accuracy": None}
+    final = {"train_loss": None, "train_accuracy": None, "val_loss": None, "val_accuracy": None,
+             "train_accuracies": {}, "val_accuracies": {}}
     ev = evaluate(module, params, train_set)
-    final["train_loss"], final["train_accuracy"], final["train_accuracies"] = ev["loss"], ev["accuracy"], ev["accuracies"]
-    final["val_accuracies"] = {}
+    final.update(train_loss=ev["loss"], train_accuracy=ev["accuracy"], train_accuracies=ev["accuracies"])
     if val_set is not None:
         ev = evaluate(module, params, val_set)
-        final["val_loss"], final["val_accuracy"], final["val_accuracies"] = ev["loss"], ev["accuracy"], ev["accuracies"]
+        final.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"], val_accuracies=ev["accuracies"])
     return TrainResult(params, history, stopped, message, None, final, [])
 
 
@@ -971,10 +971,10 @@ def _outcome(run, stopped, message, in_step):
              "train_accuracies": {}, "val_accuracies": {}}
     try:
         ev = evaluate(run.module, params, run.train_set, stats=running)
-        final["train_loss"], final["train_accuracy"], final["train_accuracies"] = ev["loss"], ev["accuracy"], ev["accuracies"]
+        final.update(train_loss=ev["loss"], train_accuracy=ev["accuracy"], train_accuracies=ev["accuracies"])
         if run.val_set is not None:
             ev = evaluate(run.module, params, run.val_set, stats=running)
-            final["val_loss"], final["val_accuracy"], final["val_accuracies"] = ev["loss"], ev["accuracy"], ev["accuracies"]
+            final.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"], val_accuracies=ev["accuracies"])
     except KeyboardInterrupt:
         pass
     dp = None

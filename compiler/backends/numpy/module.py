@@ -104,7 +104,8 @@ def render_numpy(lowered):
         grads_ret.append(f"{p.name!r}: {writer.ref(g)}" if g is not None else f"{p.name!r}: np.zeros_like({p.name})")
     functions = [
         writer.function("forward", data, list(program.predictions), program.forward_nodes,
-                        ", ".join(writer.ref(p) for p in program.predictions), f"Predictions for a batch: {iface.prediction_doc}."),
+                        ", ".join(writer.ref(p) for p in program.predictions),   # several: a tuple
+                        f"Predictions for a batch: {iface.prediction_doc}."),
         writer.function("loss", data + targets, [program.loss], program.loss_nodes,
                         f"float({writer.ref(program.loss)})", "The loss, averaged over the batch."),
         writer.function("backward", data + targets, [program.loss, *(g for _, g in program.grads if g is not None)],
