@@ -60,7 +60,8 @@ class Model:
     """A differentiable model ready to compile.
 
     ``inputs`` and ``targets`` are IR input nodes (batch-first), ``params`` IR param nodes;
-    ``prediction`` is what the generated ``forward`` returns and ``loss`` the scalar batch
+    ``prediction`` is what the generated ``forward`` returns (with several ``heads``, the first
+    of the tuple it returns) and ``loss`` the scalar batch
     mean that ``loss``/``backward`` return. ``names`` maps node digests to readable names;
     ``init`` maps each parameter name to its initialisation (see ``emit``); ``masks`` are the
     dropout masks (see ``Network.dropout``).
