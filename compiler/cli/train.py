@@ -132,7 +132,8 @@ def _run(args):
     if args.boundary:
         from compiler.train.loop import task
         if len(module.INPUTS) != 1 or tuple(next(iter(module.INPUTS.values()))) != (2,) or task(module) == "regression":
-            raise TrainError("--boundary needs a classifier with one input of 2 features")
+            raise TrainError("--boundary needs a classifier with one input of 2 features" +
+                             (" and one output (this model has several: OUTPUTS)" if hasattr(module, "OUTPUTS") else ""))
     out = Path(args.out) if args.out else Path(f"{label}_params.npz")
     if out.suffix.lower() != ".npz":
         raise TrainError(f"--out {out}: parameters are saved as .npz; name the file *.npz")

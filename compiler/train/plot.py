@@ -82,7 +82,8 @@ def plot_decision_boundary(module, params, data, path, resolution=300, title=Non
     names = list(module.INPUTS)
     if len(names) != 1 or tuple(module.INPUTS[names[0]]) != (2,) or task(module) == "regression":
         raise TrainError("a decision-boundary plot needs a classifier with one input of 2 features; "
-                         f"this model has inputs {dict(module.INPUTS)} ({task(module)})")
+                         f"this model has inputs {dict(module.INPUTS)} "
+                         f"({'several outputs' if hasattr(module, 'OUTPUTS') else task(module)})")
     x = data[names[0]]
     y = data[list(module.TARGETS)[0]]
     labels = y if y.ndim == 1 else (np.argmax(y, axis=1) if y.shape[1] > 1 else (y[:, 0] > 0.5).astype(int))
