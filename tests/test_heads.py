@@ -253,3 +253,29 @@ def test_an_output_that_feeds_another_is_returned_unchanged(target):
     logits = (1 / (1 + np.exp(-want))) @ params["Wtop"] + params["btop"]
     np.testing.assert_allclose(trunk, want, rtol=1e-12)
     np.testing.assert_allclose(top, 1 / (1 + np.exp(-logits)), rtol=1e-12)
+
+
+def test_a_checkpoint_keeps_each_heads_history_and_resumes(tmp_path):
+    from compiler.train import TrainConfig, load_checkpoint, train
+    m = _load(_network(), "numpy")
+    x, t, y = _data(48, 4)
+    data = {"x": x, "t": t, "y": y}
+    config = TrainConfig(optimizer="adam", lr=0.02, epochs=4, batch_size=16, val_split=0.25)
+    whole = train(m, data, config)
+    ckpt = tmp_path / "run.ckpt.npz"
+    train(m, data, replace(config, epochs=2), checkpoint=ckpt, checkpoint_every=1)
+    saved = load_checkpoint(m, ckpt)
+    assert list(saved.history.val_accuracies) == ["digit"] and len(saved.history.val_accuracies["digit"]) == 2
+    # the checkpoint of a bpc before several outputs (no val_accuracies) still loads
+    import json
+    from compiler.train.loop import CHECKPOINT_KEY
+    with np.load(ckpt) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays[CHECKPOINT_KEY]))
+    del meta["history"]["val_accuracies"]
+    np.savez(tmp_path / "old.ckpt.npz", **{**arrays, CHECKPOINT_KEY: np.array(json.dumps(meta))})
+    assert load_checkpoint(m, tmp_path / "old.ckpt.npz").history.val_accuracies == {}
+    resumed = train(m, data, config, resume=saved)
+    assert resumed.history.val_accuracies == whole.history.val_accuracies
+    assert len(whole.history.val_accuracies["digit"]) == 4 and not whole.history.val_accuracy
+    assert list(resumed.final["val_accuracies"]) == ["digit"] and resumed.final["val_accuracy"] is None

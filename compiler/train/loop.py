@@ -547,7 +547,8 @@ def checkpoint_from_arrays(module, arrays, where):
             group, _, name = key.partition("/")
             state.setdefault(group, {})[name] = np.array(a)
         h = meta["history"]
-        history = History(**{f.name: h[f.name] for f in fields(History)})
+        # (val_accuracies: absent from the checkpoints of a bpc before models of several outputs)
+        history = History(**{f.name: h[f.name] for f in fields(History) if f.name in h or f.name != "val_accuracies"})
         running = check_stats(module, part("running/"), where)
         best_running = check_stats(module, part("bestrunning/"), where)
         return Checkpoint(int(meta["epoch"]), params, state, meta["rng"], float(meta["best"]), meta["best_epoch"],
@@ -581,8 +582,9 @@ def _resume_check(config, ckpt, digest):
 
 def _history_upto(h, k):
     """The first ``k`` epochs of a History (a new one)."""
-    return History(**{f.name: ({n: v[:k] for n, v in h.param_grad_norms.items()} if f.name == "param_grad_norms"
-                               else getattr(h, f.name)[:k]) for f in fields(History)})
+    def upto(v):
+        return {n: vs[:k] for n, vs in v.items()} if isinstance(v, dict) else v[:k]
+    return History(**{f.name: upto(getattr(h, f.name)) for f in fields(History)})
 
 
 def _run_dtype(module, train_set):
