@@ -279,3 +279,26 @@ def test_a_checkpoint_keeps_each_heads_history_and_resumes(tmp_path):
     assert resumed.history.val_accuracies == whole.history.val_accuracies
     assert len(whole.history.val_accuracies["digit"]) == 4 and not whole.history.val_accuracy
     assert list(resumed.final["val_accuracies"]) == ["digit"] and resumed.final["val_accuracy"] is None
+
+
+@NEEDS_CC
+def test_heads_with_batchnorm_and_dropout_agree_on_both_targets():
+    """Several outputs beside the running statistics (stats_out) and dropout masks of the C
+    functions: the same predictions and next statistics as NumPy, in both modes."""
+    net = bpc.Network("heads_bn")
+    h = net.dropout(net.batchnorm(net.dense(net.input("x", 4), 5, "tanh")), 0.3)
+    model = net.build(losses=[(net.dense(h, 2, name="a"), "mse", net.target("t", 2)),
+                              (net.dense(h, 3, name="b"), "softmax_cross_entropy", net.target("y", kind="label"))])
+    mn, mc = _load(model, "numpy"), _load(model, "c")
+    params = _perturbed(mn, 5)
+    x = _data(6, 5)[0]
+    sn, sc = mn.init_stats(), mc.init_stats()
+    for training in (True, False, True):
+        fn = mn.forward(params, x, training=training, seed=2, stats=sn)
+        fc = mc.forward(params, x, training=training, seed=2, stats=sc)
+        assert len(fn) == len(fc) == 2
+        for a, b in zip(fc, fn):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+        for k in sn:
+            np.testing.assert_allclose(sc[k], sn[k], rtol=1e-10, atol=1e-12)
+    assert not all(np.allclose(v, mn.init_stats()[k]) for k, v in sn.items())     # training mode moved them

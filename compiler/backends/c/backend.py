@@ -421,12 +421,12 @@ def render_c(lowered, prefix=None):
     pred = program.prediction
     pred_dest = [(pred, "ptr" if pred.shape != () else "scalar", "out" if pred.shape != () else "out[0]")]
     # several outputs: one after the other in out, each n * its per-sample size (OUTPUTS' order)
-    heads, offset = [], 0
+    heads, out_size = [], 0
     for h, node in zip(model.heads, program.heads):
         per = tuple(int(d) for d in node.shape[1:])
-        heads.append({"name": h.name, "offset": offset, "size": math.prod(per), "per_sample": per,
+        heads.append({"name": h.name, "offset": out_size, "size": math.prod(per), "per_sample": per,
                       "shape_doc": shape_code(node.shape), "node": node})
-        offset += math.prod(per)
+        out_size += math.prod(per)
     if heads:
         pred_dest = [(q["node"], "ptr", f"out + {q['offset']}*n" if q["offset"] else "out") for q in heads]
     loss_dest = [(program.loss, "scalar", "*loss")]
@@ -489,7 +489,7 @@ def render_c(lowered, prefix=None):
         per_example_error=program.per_example_error,
         moments=_moments_context(lowered, info_of, real, st),
         heads=[{k: v for k, v in q.items() if k != "node"} for q in heads],
-        pred_size=f"{offset}*n" if heads else _size_code(pred.shape), pred_shape_doc=shape_code(pred.shape),
+        pred_size=f"{out_size}*n" if heads else _size_code(pred.shape), pred_shape_doc=shape_code(pred.shape),
         pred_per_sample=tuple(int(d) for d in (pred.shape[1:] if ir.is_batch(pred.shape) else pred.shape)), pred_batched=ir.is_batch(pred.shape),
         helpers=sorted(st.helpers), prediction_doc=iface.prediction_doc,
         gemm=st.uses_gemm, gemm_min_macs=GEMM_MIN_MACS[dtype], gemm_letter="d" if dtype == "float64" else "s",
