@@ -1,5 +1,6 @@
 """Benchmark section ``block``: one training step (loss + every gradient) of a transformer block,
-generated NumPy against PyTorch eager and JAX ``jit(value_and_grad)``, interleaved in one run.
+generated NumPy and generated C against PyTorch eager and JAX ``jit(value_and_grad)``, interleaved
+in one run.
 
 The model: x (n, T, d) -> pre-norm causal transformer block (layernorm, 4-head self-attention,
 residual, layernorm, dense mlp gelu, dense d, residual) -> softmax cross-entropy of the block's
@@ -9,16 +10,22 @@ output, and every parameter of the block gets a gradient. Batch 16, T 64, d 128,
 
     python -m bench --only block                 # the section, with PyTorch and JAX if installed
     python -m bench.block --profile              # where the generated step's time goes, per statement
+    python -m bench.block --profile-c            # the same for the generated C step (timers in the C)
 
 The PyTorch step is written as a PyTorch user writes it: ``F.layer_norm``,
 ``F.scaled_dot_product_attention(is_causal=True)`` (its fused CPU kernel) and ``F.gelu(approximate
 ="tanh")``; a second PyTorch row spells the attention out as bpc builds it (scores, a causal
 ``masked_fill``, ``softmax``, products). JAX is the same written-out block under ``jit``. Every
-candidate's loss is checked against the generated module's before timing.
+candidate's loss is checked against the generated module's before timing. The generated C module
+(``compile_model_c(model, "float32").load()``, OpenBLAS's gemm for its products when the
+scipy-openblas32 wheel is installed, one BLAS thread) is called on its lean path: its own Params
+holding the same parameters and a kept gradient buffer (``backward(params, x, y, grads=kept)``);
+its loss and every gradient are checked against the NumPy module's first.
 """
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import sys
 import time
@@ -53,6 +60,42 @@ def data(module, n=16, T=64, d=128, dtype=np.float32, seed=0):
     x = rng.standard_normal((n, T, d)).astype(dtype)
     y = rng.integers(0, d, (n, T))
     return params, x, y
+
+
+C_LABEL = "generated C"
+
+
+def make_c(model, params, x, y, dtype=np.float32, ref=None):
+    """The generated C module's step on its lean path (its own Params with the NumPy module's
+    parameters, a kept gradient buffer), or (None, why). ``ref``: the NumPy module's (loss,
+    grads), against which the C step's are checked (float32: 1e-4 of each gradient's largest
+    magnitude; float64: 1e-10)."""
+    from compiler.backends.c.backend import compile_model_c
+    try:
+        from compiler.backends.c.backend import _toolchain
+        _toolchain()
+    except Exception as e:   # no compiler, cffi or Python.h
+        return None, f"no C toolchain ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    from compiler.backends.c.blas import preload
+    preload()
+    module = compile_model_c(model, np.dtype(dtype).name).load()
+    module.blas_threads(1)
+    cp, kept = module.Params(), module.Params()
+    for k in module.PARAMS:
+        cp[k][...] = params[k]
+    if ref is not None:
+        tol = 1e-4 if np.dtype(dtype) == np.float32 else 1e-10
+        loss, grads = module.backward(cp, x, y, grads=kept)
+        if not np.isclose(loss, ref[0], rtol=tol, atol=tol):
+            raise SystemExit(f"generated C: loss {loss} differs from the NumPy module's {ref[0]}")
+        for k in module.PARAMS:
+            want, got = np.asarray(ref[1][k]), np.asarray(grads[k])
+            err = float(np.max(np.abs(got - want))) / max(float(np.max(np.abs(want))), 1e-30)
+            if not err <= tol:
+                raise SystemExit(f"generated C: gradient of {k} differs from the NumPy module's "
+                                 f"(largest difference {err:.2e} of its largest magnitude)")
+    info = f"generated C ({'OpenBLAS gemm' if module.blas_threads() else 'no BLAS: loops'})"
+    return (lambda: module.backward(cp, x, y, grads=kept)), info
 
 
 def make_torch(params, x, y, heads, sdpa=True, threads=None):
@@ -135,11 +178,20 @@ def candidates(skip=(), dtype=np.float32):
     """({label: step callable}, loss of the generated step, notes) for one run."""
     import compiler as bpc
     s = SIZES
-    module = bpc.compile_model(block_model(s["T"], s["d"], s["heads"], s["mlp"]), np.dtype(dtype).name).load()
+    model = block_model(s["T"], s["d"], s["heads"], s["mlp"])
+    module = bpc.compile_model(model, np.dtype(dtype).name).load()
     params, x, y = data(module, s["n"], s["T"], s["d"], dtype)
-    ref = module.backward(params, x, y)[0]
+    ref, ref_grads = module.backward(params, x, y)
+    ref_grads = {k: np.array(v) for k, v in ref_grads.items()}
     fns, notes = {"generated NumPy": lambda: module.backward(params, x, y)}, []
     makers = []
+    if "c" not in skip:
+        fn, info = make_c(model, params, x, y, dtype, (ref, ref_grads))
+        if fn is None:
+            notes.append(f"{C_LABEL} skipped: {info}")
+        else:
+            fns[C_LABEL] = fn
+            notes.append(info)
     if "torch" not in skip:
         makers += [("PyTorch eager (scaled_dot_product_attention)", lambda: make_torch(params, x, y, s["heads"])),
                    ("PyTorch eager, attention written out", lambda: make_torch(params, x, y, s["heads"], sdpa=False))]
@@ -192,21 +244,31 @@ def block_section(args, rows_out, note=print):
         cpu = measure(fns, rounds=args.rounds, clock=time.process_time)
         wall = measure(fns, rounds=args.rounds)
     for what, samples in (("CPU", cpu), ("wall", wall)):
-        if spread(samples["generated NumPy"]) > 0.2:
-            note(f"block ({what} time): noisy machine (generated NumPy: interquartile range "
-                 f"{spread(samples['generated NumPy']):.0%} of the median); rerun before trusting these ratios")
+        for b in ("generated NumPy", C_LABEL):
+            if b in samples and spread(samples[b]) > 0.2:
+                note(f"block ({what} time): noisy machine ({b}: interquartile range "
+                     f"{spread(samples[b]):.0%} of the median); rerun before trusting these ratios")
     tc = {name: statistics.median(v) for name, v in cpu.items()}
     tw = {name: statistics.median(v) for name, v in wall.items()}
-    gc, gw = tc["generated NumPy"], tw["generated NumPy"]
-    rows = [(name, f"{tc[name] * 1e3:.2f}", f"{gc / tc[name]:.2f}x", f"{tw[name] * 1e3:.2f}", f"{gw / tw[name]:.2f}x")
-            for name in fns]
+    bases = [b for b in ("generated NumPy", C_LABEL) if b in fns]
+    header = ["implementation", "CPU ms per step", "wall ms per step"]
+    for b in bases:
+        header += [f"{b} / this (CPU)", f"{b} / this (wall)"]
+    rows = []
+    for name in fns:
+        row = [name, f"{tc[name] * 1e3:.2f}", f"{tw[name] * 1e3:.2f}"]
+        for b in bases:
+            row += [f"{tc[b] / tc[name]:.2f}x", f"{tw[b] / tw[name]:.2f}x"]
+        rows.append(row)
     s = SIZES
-    header = ["implementation", "CPU ms per step", "generated / this (CPU)", "wall ms per step",
-              "generated / this (wall)"]
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(row) + " |" for row in rows]
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = ", load average %.1f/%.1f/%.1f (1/5/15 min) after the run" % os.getloadavg()
     text = (f"batch {s['n']}, T {s['T']}, d {s['d']}, {s['heads']} heads, MLP {s['mlp']}, float32, causal, one "
-            "thread each; a ratio <= 1.00x: the generated step is no slower than that candidate\n\n" + "\n".join(out))
+            f"thread each{load}; a ratio <= 1.00x: that generated step is no slower than the candidate\n\n"
+            + "\n".join(out))
     t = {"cpu": tc, "wall": tw}
     rows_out["block"] = (text, t)
     return text
@@ -258,7 +320,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.block", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", action="store_true", help="per-statement times of the generated backward")
     ap.add_argument("--rounds", type=int, default=21)
-    ap.add_argument("--skip", default="", help="torch,jax")
+    ap.add_argument("--skip", default="", help="any of c,torch,jax (comma-separated)")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1, help="BLAS / framework threads (default 1)")
     args = ap.parse_args(argv)
