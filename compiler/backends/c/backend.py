@@ -132,14 +132,17 @@ class CStatements:
         self.uses_gemm = False   # whether a matrix product may call bpc_gemm (an optimised BLAS)
         self.begin_function((), {})
 
-    def begin_function(self, nodes, direct):
+    def begin_function(self, nodes, direct, inline=()):
         """Start the statements of one function computing ``nodes`` (in order); ``direct``: uids
-        of values written straight into an output array."""
+        of values written straight into an output array; ``inline``: uids of further values
+        printed inside their single user (``c_inline``), beside the program's own."""
+        self.inline = set(self.p.inline) | set(inline)
         self.locals = {n.uid for n in nodes if n.shape == ()}    # scalars held in local variables
         # reshapes that are pointers to their input's data
         self.aliases = {n.uid for n in nodes if n.op == "reshape" and n.shape != ()
-                        and n.inputs[0].uid not in self.locals and n.inputs[0].uid not in self.p.inline
+                        and n.inputs[0].uid not in self.locals and n.inputs[0].uid not in self.inline
                         and n.uid not in direct}
+        self.fused = {}          # uid -> the local holding its element in a fused loop (fused_elementwise)
         self.used = set()        # C names the statements refer to (which params to bind, which args are unused)
         self.uses_nf = False     # whether they use the batch size as a floating value (_nf)
 
@@ -170,9 +173,14 @@ class CStatements:
     def elem(self, node, idx):
         """C expression of ``node``'s element at per-axis indices ``idx`` (a list, one per
         axis of node.shape; "0" on size-1 axes)."""
-        if node.uid in self.p.inline:
+        if node.uid in self.fused:
+            return self.fused[node.uid]
+        if node.uid in self.inline:
             if not node.inputs:
                 return "(" + self.expr(node.attr("expr"), {}) + ")"
+            if node.op == "causal_mask":     # where(j <= i, s, fill) on the last two axes
+                (s,) = node.inputs
+                return f"({idx[-1]} <= {idx[-2]} ? {self.elem(s, idx)} : {self.lit(node.attr('fill'))})"
             return "(" + self.ew_code(node, idx) + ")"
         if node.uid in self.locals:
             return self.name(node)
@@ -235,8 +243,8 @@ class CStatements:
 
     def source_flat(self, src, index):
         """Element ``index`` (a flat, row-major C index) of ``src``."""
-        if src.uid in self.p.inline or src.uid in self.locals:
-            if src.uid in self.p.inline and src.inputs:
+        if src.uid in self.inline or src.uid in self.locals:
+            if src.uid in self.inline and src.inputs:
                 raise UnsupportedError(f"internal: cannot copy inline value {src!r}")
             return self.elem(src, ["0"] * len(src.shape))
         return f"{self.name(src)}[{index}]"
@@ -249,32 +257,47 @@ class CStatements:
         return [f"for (size_t _i = 0; _i < {_size_code(node.shape)}; _i++) "
                 f"{self.target_flat(node, '_i')} = {self.source_flat(src, '_i')};"]
 
-    def row_max(self, z):
-        k = self.dims(z.shape)[1]
-        zij = self.elem(z, ["_i", "_j"])
-        return k, zij, [
-            f"    {self.real} _m = {self.elem(z, ['_i', '0'])};",
-            f"    for (size_t _j = 1; _j < {k}; _j++) if ({zij} > _m) _m = {zij};",
-        ]
-
     # -- statements -----------------------------------------------------------------------
     def statement(self, node):
         return ops.statement("c", node)(self, node)
 
-    def elementwise(self, node):
-        idx = self.idx_vars(node.shape)
+    def elementwise_body(self, node, idx, tag=""):
+        """(lines computing ``node``'s element at ``idx``, the C expression of its value): its
+        shared subexpressions in locals ``_c<tag><k>``."""
         expr = factored(node.attr("expr"))
         reps, body_expr = shared_subexpressions(expr)
         symbols = self.ew_symbols(node, idx)
         body = []
         for k, (sym, sub) in enumerate(reps):
-            tmp = f"_c{k}"
+            tmp = f"_c{tag}{k}"
             body.append(f"const {self.real} {tmp} = {self.expr(sub, symbols)};")
             symbols[sym] = tmp
-        body.append(f"{self.target(node, idx)} = {self.expr(body_expr, symbols)};")
-        if node.uid in self.locals and reps:
+        return body, self.expr(body_expr, symbols)
+
+    def elementwise(self, node):
+        idx = self.idx_vars(node.shape)
+        body, value = self.elementwise_body(node, idx)
+        body.append(f"{self.target(node, idx)} = {value};")
+        if node.uid in self.locals and body[:-1]:
             return self.block(body)
         return self.loops(node.shape, body)
+
+    def fused_elementwise(self, nodes, stored):
+        """One loop nest computing the elementwise ``nodes`` (consecutive statements of one
+        shape, each reading the earlier ones at its own element): every element is read from
+        memory once and the values pass between the statements in locals; ``stored``: the uids
+        of the values written to their arrays (the others are read by these statements alone)."""
+        idx = self.idx_vars(nodes[0].shape)
+        body = []
+        for g, node in enumerate(nodes):
+            lines, value = self.elementwise_body(node, idx, f"{g}_")
+            body += lines + [f"const {self.real} _e{g} = {value};"]
+            if node.uid in stored:
+                body.append(f"{self.target(node, idx)} = _e{g};")
+            self.fused[node.uid] = f"_e{g}"
+        for node in nodes:
+            del self.fused[node.uid]
+        return self.loops(nodes[0].shape, body)
 
 
 @dataclass(frozen=True, repr=False)
@@ -581,12 +604,23 @@ class _CFunctions:
             if kind == "ptr" and node.uid in scheduled and node.op != "reshape" and node.uid not in direct \
                     and node.shape != ():
                 direct[node.uid] = dest
-        st.begin_function(nodes, direct)
+        out_uids = {node.uid for node, _, _ in outputs}
+        users = _users(self.program, nodes, [node for node, _, _ in outputs])
+        inline = c_inline(self.program, nodes, users, out_uids)
+        nodes = [n for n in nodes if n.uid not in inline]
+        st.begin_function(nodes, direct, inline)
+        groups = fused_groups(self.program, nodes, st.locals)
+        grouped = {n.uid: g for g in groups for n in g}
+        # values of a fused loop read by its statements alone: never stored
+        unstored = {n.uid for g in groups for n in g
+                    if n.uid not in out_uids and all(u in {m.uid for m in g} for u in users.get(n.uid, ()))}
         decls, work_a, work_b = [], 0, 0
         for node, kind, dest in outputs:
             if node.uid in direct and direct[node.uid] == dest:
                 decls.append(f"{real} *restrict const {st.name(node, use=False)} = {dest};  /* {shape_code(node.shape)}, output */")
         for n in nodes:
+            if n.uid in unstored:
+                continue
             if n.uid in st.locals or n.uid in direct or n.uid in st.aliases:
                 if n.uid in st.locals:
                     decls.append(f"{real} {st.name(n, use=False)};")
@@ -599,7 +633,19 @@ class _CFunctions:
             work_b += b
         body, only = [], []   # only: a run of training-only statements, emitted under one if
         for n in nodes:
-            lines = ["", f"/* {c_comment(fm.line(n), lead='')} */", *statement(st, fm, n)]
+            if n.uid in grouped:
+                group = grouped[n.uid]
+                if n is not group[0]:
+                    continue
+                stored = {m.uid for m in group if m.uid not in unstored}
+                lines = [""] + [f"/* {c_comment(fm.line(m), lead='')} */" for m in group]
+                lines += _fused_statement(st, fm, group, stored)
+                body += self.training_block(only)
+                only = []
+                body += lines
+                continue
+            lines = ["", *(f"/* {c_comment(fm.line(m), lead='')} */" for m in _inlined(n, inline)),
+                     f"/* {c_comment(fm.line(n), lead='')} */", *statement(st, fm, n)]
             if n.uid in self.program.training_only:
                 only.append((n, lines))
                 continue
@@ -640,6 +686,88 @@ class _CFunctions:
                 "proto": _proto_args(fn, real), "definition": _proto_args(fn, real, "restrict "),
                 "body": body, "tail": tail, "work": (work_a, work_b), "labels": labels,
                 "uses_nf": st.uses_nf, "needs_batch": fname != "forward", "second": fname in SECOND_ORDER}
+
+
+def _users(program, nodes, outputs):
+    """{uid: [uids of the statements reading it]} over the statements ``nodes`` of one function
+    and the values it returns (``outputs``, read by a user ``None``); a value printed inside its
+    user (the program's inline set) reads its inputs where that user is."""
+    users = {}
+
+    def reads(user, node):
+        for i in node.inputs:
+            if i.uid in program.inline and i.inputs:
+                reads(user, i)
+            else:
+                users.setdefault(i.uid, []).append(user)
+    for n in nodes:
+        reads(n.uid, n)
+    for o in outputs:
+        if o is not None:
+            users.setdefault(o.uid, []).append(None)
+    return users
+
+
+def _inlined(node, inline):
+    """The values of ``inline`` printed inside ``node``'s statement, inputs first (their formulas
+    go in its comment)."""
+    out = []
+    for i in node.inputs:
+        if i.uid in inline:
+            out += _inlined(i, inline) + [i]
+    return out
+
+
+# values the C backend prints inside their single user (besides the program's inline set),
+# and the ops of the users that read them element by element (``CStatements.elem``)
+C_INLINE_OPS = ("ew", "causal_mask")
+
+
+def c_inline(program, nodes, users, outputs):
+    """uids of the values printed inside their one user, a statement of the same shape that reads
+    them element by element: an elementwise value or a causal mask read once by a causal mask
+    or an elementwise statement (a scaled and masked score matrix, the softmax adjoint masked
+    and scaled: one loop, no array between them). Elementwise chains are already one value
+    (``compiler.core.simplify.fuse``); a mask was not."""
+    by_uid = {n.uid: n for n in nodes}
+    inline = set()
+    for n in nodes:
+        us = users.get(n.uid, [])
+        if (n.op not in C_INLINE_OPS or not n.inputs or n.uid in outputs or n.shape == ()
+                or n.uid in program.training_only or len(us) != 1 or us[0] not in by_uid):
+            continue
+        u = by_uid[us[0]]
+        if u.op in C_INLINE_OPS and u.shape == n.shape and u.uid not in program.training_only:
+            inline.add(n.uid)
+    return inline
+
+
+def fused_groups(program, nodes, scalars):
+    """Runs of consecutive elementwise statements of one shape (two or more), each emitted as one
+    loop nest (``CStatements.fused_elementwise``): GELU's pre-activation, tanh and output, a
+    norm's scaled and shifted values."""
+    groups, run = [], []
+
+    def fusable(n):
+        return (n.op == "ew" and n.inputs and n.uid not in scalars and n.uid not in program.inline
+                and n.uid not in program.training_only)
+    for n in nodes:
+        if fusable(n) and run and n.shape == run[0].shape:
+            run.append(n)
+            continue
+        if len(run) > 1:
+            groups.append(run)
+        run = [n] if fusable(n) else []
+    if len(run) > 1:
+        groups.append(run)
+    return groups
+
+
+def _fused_statement(st, fm, group, stored):
+    try:
+        return st.fused_elementwise(group, stored)
+    except UnsupportedError as e:
+        raise UnsupportedError(f"model {st.p.model.name!r}: cannot generate {fm.line(group[0])}: {e}") from None
 
 
 def _moments_context(lowered, info_of, real, st):
@@ -746,7 +874,7 @@ def _scalar(st, node):
 def _copy_out(st, node, dest):
     """Lines copying ``node`` (a leaf, inline value, alias or second use) to the array ``dest``."""
     size = _size_code(node.shape)
-    if node.uid in st.p.inline and node.inputs:
+    if node.uid in st.inline and node.inputs:
         idx = st.idx_vars(node.shape)
         return ["{", f"    {st.real} *const _dst = {dest};"] + \
             ["    " + line for line in st.loops(node.shape, [f"_dst[{_flat_index(node.shape, idx)}] = {st.elem(node, idx)};"])] + ["}"]

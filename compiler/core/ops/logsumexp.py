@@ -1,5 +1,6 @@
 """Row-wise log-sum-exp ``lse`` (n, k) -> (n,) and ``softmax`` (n, k) -> (n, k) of one input z,
-both stable (a maximum is subtracted before exponentiating); no attrs. A row is the last
+both stable (a row's maximum is subtracted before exponentiating wherever the unshifted sum
+would leave the safe range); no attrs. A row is the last
 axis: logits (n, T, k) of a sequence (or attention scores (n, heads, T, T)) give ``lse`` of
 shape (n, T) and a softmax over each row of k."""
 from __future__ import annotations
@@ -21,15 +22,6 @@ def rows(z, what):
 def flat_rows(st, z):
     """(rows, classes) of logits ``z`` in a backend's size code: every axis but the last is a row."""
     return st.size_code(z.shape[:-1]), st.dims(z.shape)[-1]
-
-
-def _flat_row_max(st, z):
-    """(rows, classes, element _j of row _i, lines setting _m to row _i's maximum) for C loops
-    over the flattened rows of ``z`` (any rank; the classes are the last axis)."""
-    rows, k = flat_rows(st, z)
-    zij = st.source_flat(z, f"_i*{k} + _j")
-    return rows, k, zij, [f"    {st.real} _m = {st.source_flat(z, f'_i*{k}')};",
-                          f"    for (size_t _j = 1; _j < {k}; _j++) if ({zij} > _m) _m = {zij};"]
 
 
 def lse(z):
@@ -65,23 +57,52 @@ def _lse_numpy(st, node):
     return [f"{st.name(node)} = _logsumexp({st.ref(z)})"]
 
 
+# the range of a row's sum of unshifted exponentials in which they are used as they are (the
+# NumPy module's _shifted_exp): finite and at least the square root of the smallest normal
+# number; a row outside it (overflow, underflow, inf or nan) is done again shifted by its maximum
+SAFE_SUM = {"float": ("0x1p-63f", "0x1.fffffep+127f"), "double": ("0x1p-511", "0x1.fffffffffffffp+1023")}
+
+
+def _exp_rows(st, rows, k, zij, z0, out=None):
+    """C lines opening ``for (_i < rows) {`` with ``_s`` the sum of row _i's exp(z - _m) (and each
+    term in ``out``, an element expression of _i, _j, when given) and ``_m`` its shift: 0 where the
+    unshifted sum is in SAFE_SUM's range (no maximum to find: a reduction over a short row costs
+    more than its exponentials), else the row's maximum, as usual. The same result either way,
+    up to rounding; a row's result depends on that row alone."""
+    lo, hi = SAFE_SUM[st.real]
+    exp, real = st.exp(), st.real
+
+    def pass_(shift):
+        arg = f"{zij} - _m" if shift else zij
+        if out is None:
+            return f"for (size_t _j = 0; _j < {k}; _j++) _s += {exp}({arg});"
+        return f"for (size_t _j = 0; _j < {k}; _j++) {{ {out} = {exp}({arg}); _s += {out}; }}"
+    return [f"for (size_t _i = 0; _i < {rows}; _i++) {{",
+            f"    {real} _m = {st.lit(0)}, _s = {st.lit(0)};",
+            f"    {pass_(False)}",
+            f"    if (!(_s >= {lo} && _s <= {hi})) {{",
+            f"        _m = {z0};",
+            f"        for (size_t _j = 1; _j < {k}; _j++) if ({zij} > _m) _m = {zij};",
+            f"        _s = {st.lit(0)};",
+            f"        {pass_(True)}",
+            "    }"]
+
+
 def _flat_lse_c(st, node):
-    rows, k, zij, head = _flat_row_max(st, node.inputs[0])
-    return [f"for (size_t _i = 0; _i < {rows}; _i++) {{", *head,
-            f"    {st.real} _s = {st.lit(0)};",
-            f"    for (size_t _j = 0; _j < {k}; _j++) _s += {st.exp()}({zij} - _m);",
-            f"    {st.name(node)}[_i] = _m + log{st.fs}(_s);", "}"]
+    z = node.inputs[0]
+    rows, k = flat_rows(st, z)
+    zij = st.source_flat(z, f"_i*{k} + _j")
+    return _exp_rows(st, rows, k, zij, st.source_flat(z, f"_i*{k}")) + [
+        f"    {st.name(node)}[_i] = _m + log{st.fs}(_s);", "}"]
 
 
 def _lse_c(st, node):
     (z,) = node.inputs
     if len(z.shape) > 2:
         return _flat_lse_c(st, node)
-    k, zij, head = st.row_max(z)
-    return ["for (size_t _i = 0; _i < n; _i++) {", *head,
-            f"    {st.real} _s = {st.lit(0)};",
-            f"    for (size_t _j = 0; _j < {k}; _j++) _s += {st.exp()}({zij} - _m);",
-            f"    {st.name(node)}[_i] = _m + log{st.fs}(_s);", "}"]
+    k = st.dims(z.shape)[1]
+    return _exp_rows(st, "n", k, st.elem(z, ["_i", "_j"]), st.elem(z, ["_i", "0"])) + [
+        f"    {st.name(node)}[_i] = _m + log{st.fs}(_s);", "}"]
 
 
 register(Op("lse", (lse,), _lse_adjoint,
@@ -122,24 +143,21 @@ def _softmax_numpy(st, node):
 
 
 def _flat_softmax_c(st, node):
-    rows, k, zij, head = _flat_row_max(st, node.inputs[0])
+    z = node.inputs[0]
+    rows, k = flat_rows(st, z)
     out = f"{st.name(node)}[_i*{k} + _j]"
-    return [f"for (size_t _i = 0; _i < {rows}; _i++) {{", *head,
-            f"    {st.real} _s = {st.lit(0)};",
-            f"    for (size_t _j = 0; _j < {k}; _j++) {{ {out} = {st.exp()}({zij} - _m); _s += {out}; }}",
-            f"    for (size_t _j = 0; _j < {k}; _j++) {out} /= _s;", "}"]
+    return _exp_rows(st, rows, k, st.source_flat(z, f"_i*{k} + _j"), st.source_flat(z, f"_i*{k}"), out) + [
+        f"    for (size_t _j = 0; _j < {k}; _j++) {out} /= _s;", "}"]
 
 
 def _softmax_c(st, node):
     (z,) = node.inputs
     if len(z.shape) > 2:
         return _flat_softmax_c(st, node)
-    k, zij, head = st.row_max(z)
+    k = st.dims(z.shape)[1]
     out = f"{st.name(node)}[_i*{k} + _j]"
-    return ["for (size_t _i = 0; _i < n; _i++) {", *head,
-            f"    {st.real} _s = {st.lit(0)};",
-            f"    for (size_t _j = 0; _j < {k}; _j++) {{ {out} = {st.exp()}({zij} - _m); _s += {out}; }}",
-            f"    for (size_t _j = 0; _j < {k}; _j++) {out} /= _s;", "}"]
+    return _exp_rows(st, "n", k, st.elem(z, ["_i", "_j"]), st.elem(z, ["_i", "0"]), out) + [
+        f"    for (size_t _j = 0; _j < {k}; _j++) {out} /= _s;", "}"]
 
 
 register(Op("softmax", (softmax,), _softmax_adjoint,

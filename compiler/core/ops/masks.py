@@ -59,16 +59,12 @@ def _numpy(st, node):
 
 
 def _c(st, node):
+    # one loop nest over every axis, the score read element by element: a scaled score or a
+    # softmax adjoint printed inside it (compiler.backends.c.backend.c_inline) costs no array
     (s,) = node.inputs
-    T = int(node.shape[-1])
-    out = st.name(node)
-    lead = st.size_code(node.shape[:-2])
-    return [f"for (size_t _q = 0; _q < {lead}; _q++)",
-            f"for (size_t _i = 0; _i < {T}; _i++)",
-            f"for (size_t _j = 0; _j < {T}; _j++) {{",
-            f"    const size_t _at = (_q*{T} + _i)*{T} + _j;",
-            f"    {out}[_at] = _j <= _i ? {st.source_flat(s, '_at')} : {st.lit(node.attr('fill'))};",
-            "}"]
+    idx = st.idx_vars(node.shape)
+    keep = f"{idx[-1]} <= {idx[-2]}"
+    return st.loops(node.shape, [f"{st.target(node, idx)} = {keep} ? {st.elem(s, idx)} : {st.lit(node.attr('fill'))};"])
 
 
 def _key_numpy(st, node):
