@@ -143,6 +143,9 @@ class CStatements:
                         and n.inputs[0].uid not in self.locals and n.inputs[0].uid not in self.inline
                         and n.uid not in direct}
         self.fused = {}          # uid -> the local holding its element in a fused loop (fused_elementwise)
+        # uid -> (C array, heads, elements per sample, row stride): the matrices of a value that
+        # lives inside another array (head_views), as the batched products read or write them
+        self.strided = {}
         self.used = set()        # C names the statements refer to (which params to bind, which args are unused)
         self.uses_nf = False     # whether they use the batch size as a floating value (_nf)
 
@@ -609,6 +612,14 @@ class _CFunctions:
         inline = c_inline(self.program, nodes, users, out_uids)
         nodes = [n for n in nodes if n.uid not in inline]
         st.begin_function(nodes, direct, inline)
+        views, into = head_views(self.program, nodes, users, out_uids, st)
+        for p, x in views.items():      # a permutation read by products only: x's array
+            st.strided[p.uid] = (st.name(x), int(p.shape[1]), _per_sample(x.shape), int(p.shape[1] * p.shape[3]))
+        for o, p in into.items():       # a product written straight into its permutation's array
+            st.strided[o.uid] = (st.name(p, use=False), int(o.shape[1]), _per_sample(p.shape),
+                                 int(o.shape[1] * o.shape[3]))
+        bare = {p.uid: x for p, x in views.items()} | {p.uid: o for o, p in into.items()}
+        unstored_views = {p.uid for p in views} | {o.uid for o in into}
         groups = fused_groups(self.program, nodes, st.locals)
         grouped = {n.uid: g for g in groups for n in g}
         # values of a fused loop read by its statements alone: never stored
@@ -619,7 +630,7 @@ class _CFunctions:
             if node.uid in direct and direct[node.uid] == dest:
                 decls.append(f"{real} *restrict const {st.name(node, use=False)} = {dest};  /* {shape_code(node.shape)}, output */")
         for n in nodes:
-            if n.uid in unstored:
+            if n.uid in unstored or n.uid in unstored_views:
                 continue
             if n.uid in st.locals or n.uid in direct or n.uid in st.aliases:
                 if n.uid in st.locals:
@@ -644,8 +655,12 @@ class _CFunctions:
                 only = []
                 body += lines
                 continue
-            lines = ["", *(f"/* {c_comment(fm.line(m), lead='')} */" for m in _inlined(n, inline)),
-                     f"/* {c_comment(fm.line(n), lead='')} */", *statement(st, fm, n)]
+            if n.uid in bare:       # no statement: a view, or the array a product wrote
+                what = "a view of" if n.uid in unstored_views else "written by the product"
+                lines = ["", f"/* {c_comment(fm.line(n), lead='')}: {what} {st.name(bare[n.uid], use=False)} */"]
+            else:
+                lines = ["", *(f"/* {c_comment(fm.line(m), lead='')} */" for m in _inlined(n, inline)),
+                         f"/* {c_comment(fm.line(n), lead='')} */", *statement(st, fm, n)]
             if n.uid in self.program.training_only:
                 only.append((n, lines))
                 continue
@@ -716,6 +731,49 @@ def _inlined(node, inline):
         if i.uid in inline:
             out += _inlined(i, inline) + [i]
     return out
+
+
+HEADS = (0, 2, 1, 3)     # the permutation between (n, T, heads, dk) and (n, heads, T, dk)
+
+
+def _per_sample(shape):
+    size = 1
+    for d in shape[1:]:
+        size *= int(d)
+    return size
+
+
+def _head_perm(node):
+    return (node.op == "permute" and node.attr("axes") == HEADS and len(node.shape) == 4
+            and all(isinstance(d, int) or getattr(d, "is_Integer", False) for d in node.shape[1:]))
+
+
+def head_views(program, nodes, users, outputs, st):
+    """({permutation: its input} read in place, {product: permutation} written in place): a
+    head permutation (n, T, h, dk) <-> (n, h, T, dk) that only batched products read is a view
+    of its input (each head's (T, dk) matrix at row stride h*dk), and a batched product read by
+    a head permutation alone writes its matrices straight into that permutation's array: no
+    copy either way (attention's Q, K, V split into heads, the heads merged back, and their
+    adjoints)."""
+    by_uid = {n.uid: n for n in nodes}
+    views, into = {}, {}
+    for n in nodes:
+        if not _head_perm(n) or n.uid in outputs or n.uid in program.training_only:
+            continue
+        x, us = n.inputs[0], users.get(n.uid, [])
+        if (us and all(u in by_uid and by_uid[u].op == "bmm" for u in us) and x.uid not in st.inline
+                and x.uid not in st.locals):
+            views[n] = x
+    for n in nodes:
+        if not _head_perm(n) or n in views or n.uid in outputs or n.uid in program.training_only:
+            continue
+        o, us = n.inputs[0], users.get(n.inputs[0].uid, [])
+        if (o.op == "bmm" and o.uid in by_uid and o.uid not in outputs and us == [n.uid]
+                and o.uid not in program.training_only):
+            into[o] = n
+    # a product's operand that is itself written in place elsewhere is read where it lives
+    views = {p: x for p, x in views.items() if x not in into}
+    return views, into
 
 
 # values the C backend prints inside their single user (besides the program's inline set),

@@ -6,7 +6,10 @@ transpose the last two axes of a/b (``Q @ K.mT``, the scores of attention, is
 NumPy: one ``np.matmul`` over the whole batch (no Python loop over samples or heads); C: a
 loop over the leading axes around the matrix product: one gemm call per leading index when the
 build has an optimised BLAS and each product is large enough (``BPC_GEMM``, the threshold of
-``matmul``'s: templates/c_model.c.j2), the portable loops otherwise.
+``matmul``'s: templates/c_model.c.j2), the portable loops otherwise. A head permutation
+(n, T, h, dk) <-> (n, h, T, dk) read only by products, or taking a product's result, is no copy
+in C: the products read or write each head's (T, dk) matrix inside the (n, T, h*dk) array with
+row stride h*dk (``head_views`` in compiler.backends.c.backend).
 """
 from __future__ import annotations
 
@@ -62,47 +65,58 @@ def _numpy(st, node):
     return [f"{out} = np.matmul({x}, {y})"]
 
 
+def _matrix(st, x, q, rows, cols):
+    """(C pointer to matrix ``q`` of ``x``, its row stride): the q-th (rows, cols) block of x's
+    array, or of the array a head permutation reads or writes in place (``st.strided``)."""
+    if x.uid in st.strided:
+        base, h, step, ld = st.strided[x.uid]
+        return f"{base} + ({q} / {h})*{step} + ({q} % {h})*{ld // h}", ld
+    return f"{st.name(x)} + {q}*{rows * cols}", cols
+
+
 def _c(st, node):
     a, b = node.inputs
     ta, tb = node.attr("ta"), node.attr("tb")
-    out = st.name(node)
     m, p = (int(d) for d in node.shape[-2:])
     k = int(a.shape[-2] if ta else a.shape[-1])
     batch = st.size_code(node.shape[:-2])
-    sa, sb = int(a.shape[-2]) * int(a.shape[-1]), int(b.shape[-2]) * int(b.shape[-1])
-    A = (lambda i, kk: f"_a[{kk}*{m} + {i}]") if ta else (lambda i, kk: f"_a[{i}*{k} + {kk}]")
-    B = (lambda kk, j: f"_b[{j}*{k} + {kk}]") if tb else (lambda kk, j: f"_b[{kk}*{p} + {j}]")
+    pa, lda = _matrix(st, a, "_q", *(int(d) for d in a.shape[-2:]))
+    pb, ldb = _matrix(st, b, "_q", *(int(d) for d in b.shape[-2:]))
+    pc, ldc = _matrix(st, node, "_q", m, p)
+    A = (lambda i, kk: f"_a[{kk}*{lda} + {i}]") if ta else (lambda i, kk: f"_a[{i}*{lda} + {kk}]")
+    B = (lambda kk, j: f"_b[{j}*{ldb} + {kk}]") if tb else (lambda kk, j: f"_b[{kk}*{ldb} + {j}]")
     real = st.real
-    loops = _loops(st, node, A, B, out, real, batch, sa, sb, m, p, k)
+    loops = _loops(st, node, A, B, (pa, pb, pc), ldc, real, batch, m, p, k)
     st.uses_gemm = True
+    strided = (lda, ldb, ldc) != (int(a.shape[-1]), int(b.shape[-1]), p)
+    call = (f"bpc_gemm_ld({int(ta)}, {int(tb)}, {m}, {p}, {k}, {pa}, {lda}, {pb}, {ldb}, {pc}, {ldc});" if strided
+            else f"bpc_gemm({int(ta)}, {int(tb)}, {m}, {p}, {k}, {pa}, {pb}, {pc});")
     return ([f"if (BPC_GEMM({m}, {p}, {k})) {{",
              f"    for (size_t _q = 0; _q < {batch}; _q++)",
-             f"        bpc_gemm({int(ta)}, {int(tb)}, {m}, {p}, {k}, {st.name(a)} + _q*{sa}, {st.name(b)} + _q*{sb}, "
-             f"{out} + _q*{m * p});",
+             f"        {call}",
              "} else {"]
             + ["    " + line for line in loops] + ["}"])
 
 
-def _loops(st, node, A, B, out, real, batch, sa, sb, m, p, k):
+def _loops(st, node, A, B, ptrs, ldc, real, batch, m, p, k):
     """The products as portable loops (C99; gcc -O3 vectorises the innermost loop)."""
-    a, b = node.inputs
     tb = node.attr("tb")
     head = [f"for (size_t _q = 0; _q < {batch}; _q++) {{",
-            f"    const {real} *const _a = {st.name(a)} + _q*{sa};",
-            f"    const {real} *const _b = {st.name(b)} + _q*{sb};",
-            f"    {real} *const _c = {out} + _q*{m * p};",
+            f"    const {real} *const _a = {ptrs[0]};",
+            f"    const {real} *const _b = {ptrs[1]};",
+            f"    {real} *const _c = {ptrs[2]};",
             f"    for (size_t _i = 0; _i < {m}; _i++) {{"]
     if tb:   # rows of both operands are contiguous: dot products
         return head + [f"        for (size_t _j = 0; _j < {p}; _j++) {{",
                        f"            {real} _s = {st.lit(0)};",
                        f"            for (size_t _k = 0; _k < {k}; _k++) _s += {A('_i', '_k')} * {B('_k', '_j')};",
-                       f"            _c[_i*{p} + _j] = _s;",
+                       f"            _c[_i*{ldc} + _j] = _s;",
                        "        }", "    }", "}"]
     # a row of C accumulates rows of B (contiguous), k ascending as in the dot products
-    return head + [f"        for (size_t _j = 0; _j < {p}; _j++) _c[_i*{p} + _j] = {st.lit(0)};",
+    return head + [f"        for (size_t _j = 0; _j < {p}; _j++) _c[_i*{ldc} + _j] = {st.lit(0)};",
                    f"        for (size_t _k = 0; _k < {k}; _k++) {{",
                    f"            const {real} _x = {A('_i', '_k')};",
-                   f"            for (size_t _j = 0; _j < {p}; _j++) _c[_i*{p} + _j] += _x * {B('_k', '_j')};",
+                   f"            for (size_t _j = 0; _j < {p}; _j++) _c[_i*{ldc} + _j] += _x * {B('_k', '_j')};",
                    "        }", "    }", "}"]
 
 
