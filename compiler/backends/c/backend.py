@@ -70,6 +70,7 @@ CFLAGS = ("-O3", "-fno-math-errno", "-fPIC")   # never -ffast-math: it breaks in
 # loops from 216 and 512)
 GEMM_MIN_MACS = {"float64": 400, "float32": 1000}
 LOOP_VARS = ("_i", "_j", "_k", "_l", "_m", "_o", "_p", "_q")
+SUM_LANES = 16     # partial sums of a long row (CStatements.row_sum)
 
 # counts of the builds and cache hits of this process (tests assert a second load builds nothing)
 stats = {"builds": 0, "cache_hits": 0, "damaged": 0}
@@ -130,6 +131,7 @@ class CStatements:
         self.cnames = cnames
         self.helpers = set()
         self.uses_gemm = False   # whether a matrix product may call bpc_gemm (an optimised BLAS)
+        self.gemm_forms = set()  # which of bpc_gemm ("plain") and bpc_gemm_ld ("ld") the products call
         self.begin_function((), {})
 
     def begin_function(self, nodes, direct, inline=()):
@@ -259,6 +261,28 @@ class CStatements:
             return [f"{self.target_flat(node, '0')} = {self.source_flat(src, '0')};"]
         return [f"for (size_t _i = 0; _i < {_size_code(node.shape)}; _i++) "
                 f"{self.target_flat(node, '_i')} = {self.source_flat(src, '_i')};"]
+
+    def row_sum(self, k, var, value, acc="_s"):
+        """Lines declaring ``acc`` and leaving in it the sum of ``value`` (an expression of the
+        loop variable ``var``) over ``var`` in [0, k). A row of at least 2*SUM_LANES numbers is
+        summed in SUM_LANES interleaved partial sums, then those in order: gcc vectorises that
+        loop as it is (a single running sum, in order, it vectorises only as a chain of scalar
+        additions, 4-5 times slower), and the result is as deterministic and no less accurate."""
+        real, zero = self.real, self.lit(0)
+        if not isinstance(k, int) or k < 2 * SUM_LANES:
+            return [f"{real} {acc} = {zero};", f"for (size_t {var} = 0; {var} < {k}; {var}++) {acc} += {value};"]
+        full = k // SUM_LANES * SUM_LANES
+        lines = [f"{real} {acc}_lanes[{SUM_LANES}] = {{{zero}}};",
+                 f"for (size_t {var}_0 = 0; {var}_0 < {full}; {var}_0 += {SUM_LANES}) {{",
+                 f"    for (size_t _u = 0; _u < {SUM_LANES}; _u++) {{",
+                 f"        const size_t {var} = {var}_0 + _u;",
+                 f"        {acc}_lanes[_u] += {value};",
+                 "    }", "}",
+                 f"{real} {acc} = {zero};",
+                 f"for (size_t _u = 0; _u < {SUM_LANES}; _u++) {acc} += {acc}_lanes[_u];"]
+        if full < k:
+            lines.append(f"for (size_t {var} = {full}; {var} < {k}; {var}++) {acc} += {value};")
+        return lines
 
     # -- statements -----------------------------------------------------------------------
     def statement(self, node):
@@ -498,6 +522,8 @@ def render_c(lowered, prefix=None):
                                      [(so.loss, "scalar", "*loss")] + g_dest + h_dest + s_stats, zero_grads,
                                      directions=dirs, zero_hv=zero_h))
         st.helpers |= st2.helpers
+        st.uses_gemm |= st2.uses_gemm
+        st.gemm_forms |= st2.gemm_forms
     if program.per_example is not None:
         functions.append(_per_example_function(lowered, cnames, params, info_of,
                                                data + targets + masks + state, stats_dest, st))
@@ -518,7 +544,7 @@ def render_c(lowered, prefix=None):
         pred_size=f"{out_size}*n" if heads else _size_code(pred.shape), pred_shape_doc=shape_code(pred.shape),
         pred_per_sample=tuple(int(d) for d in (pred.shape[1:] if ir.is_batch(pred.shape) else pred.shape)), pred_batched=ir.is_batch(pred.shape),
         helpers=sorted(st.helpers), prediction_doc=iface.prediction_doc,
-        gemm=st.uses_gemm, gemm_min_macs=GEMM_MIN_MACS[dtype], gemm_letter="d" if dtype == "float64" else "s",
+        gemm=st.uses_gemm, gemm_forms=st.gemm_forms, gemm_min_macs=GEMM_MIN_MACS[dtype], gemm_letter="d" if dtype == "float64" else "s",
         formulas=[(p["name"], formulas[p["name"]]) for p in params],
         steps=_step_args(real), steps_def=dict(_step_args(real, "restrict ")),
     )
@@ -919,6 +945,8 @@ def _per_example_function(lowered, cnames, params, info_of, leaves, stats_dest, 
         fn["tail"].append(f"for (size_t _i = 0; _i < {info['size']}*n; _i++) grads[{info['offset']}*n + _i] = "
                           f"{st2.lit(0)};  /* d{info['name']} = 0: the loss does not depend on {info['name']} */")
     st.helpers |= st2.helpers
+    st.uses_gemm |= st2.uses_gemm
+    st.gemm_forms |= st2.gemm_forms
     return fn
 
 

@@ -89,6 +89,7 @@ def _c(st, node):
     loops = _loops(st, node, A, B, (pa, pb, pc), ldc, real, batch, m, p, k)
     st.uses_gemm = True
     strided = (lda, ldb, ldc) != (int(a.shape[-1]), int(b.shape[-1]), p)
+    st.gemm_forms.add("ld" if strided else "plain")
     call = (f"bpc_gemm_ld({int(ta)}, {int(tb)}, {m}, {p}, {k}, {pa}, {lda}, {pb}, {ldb}, {pc}, {ldc});" if strided
             else f"bpc_gemm({int(ta)}, {int(tb)}, {m}, {p}, {k}, {pa}, {pb}, {pc});")
     return ([f"if (BPC_GEMM({m}, {p}, {k})) {{",

@@ -72,19 +72,22 @@ def _exp_rows(st, rows, k, zij, z0, out=None):
     lo, hi = SAFE_SUM[st.real]
     exp, real = st.exp(), st.real
 
-    def pass_(shift):
+    size = int(k) if str(k).isdigit() else k
+
+    def pass_(shift, acc):
+        # the terms (into out, when given), then their sum in partial sums (st.row_sum)
         arg = f"{zij} - _m" if shift else zij
         if out is None:
-            return f"for (size_t _j = 0; _j < {k}; _j++) _s += {exp}({arg});"
-        return f"for (size_t _j = 0; _j < {k}; _j++) {{ {out} = {exp}({arg}); _s += {out}; }}"
+            return st.row_sum(size, "_j", f"{exp}({arg})", acc)
+        return [f"for (size_t _j = 0; _j < {k}; _j++) {out} = {exp}({arg});"] + st.row_sum(size, "_j", out, acc)
     return [f"for (size_t _i = 0; _i < {rows}; _i++) {{",
-            f"    {real} _m = {st.lit(0)}, _s = {st.lit(0)};",
-            f"    {pass_(False)}",
+            f"    {real} _m = {st.lit(0)};",
+            *("    " + line for line in pass_(False, "_s")),
             f"    if (!(_s >= {lo} && _s <= {hi})) {{",
             f"        _m = {z0};",
             f"        for (size_t _j = 1; _j < {k}; _j++) if ({zij} > _m) _m = {zij};",
-            f"        _s = {st.lit(0)};",
-            f"        {pass_(True)}",
+            *("        " + line for line in pass_(True, "_t")),
+            "        _s = _t;",
             "    }"]
 
 

@@ -108,6 +108,7 @@ def _c(st, node):
         # two arrays: an optimised gemm when built with one and the product is large enough
         # (BPC_GEMM: templates/c_model.c.j2), these loops otherwise
         st.uses_gemm = True
+        st.gemm_forms.add("plain")
         call = (f"bpc_gemm({int(ta)}, {int(tb)}, {rows}, {cols}, {inner}, {st.name(a)}, {st.name(b)}, {out});")
         return ([f"if (BPC_GEMM({rows}, {cols}, {inner})) {{", f"    {call}", "} else {"]
                 + ["    " + line for line in loops] + ["}"])

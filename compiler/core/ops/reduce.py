@@ -118,6 +118,11 @@ def _sum_c(st, node):
                         [f"{st.target(node, [])} = _s;"])
     out_idx = [i for a, i in enumerate(idx) if a not in axes]
     keep = len(x.shape) - len(axes)
+    if list(axes) == [len(x.shape) - 1] and isinstance(x.shape[-1], int):
+        # the last axis: each row's sum in partial sums (CStatements.row_sum), in a block of
+        # its own (its locals)
+        lines = st.row_sum(int(x.shape[-1]), idx[-1], value) + [f"{st.target(node, out_idx)} = _s;"]
+        return st.loops(x.shape[:keep], st.block(lines))
     if sorted(axes) == list(range(keep, len(x.shape))):
         # the trailing axes: each sum in a local, in the same order (a loop gcc vectorises;
         # an accumulation into memory stays scalar)
