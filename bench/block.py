@@ -65,11 +65,11 @@ def data(module, n=16, T=64, d=128, dtype=np.float32, seed=0):
 C_LABEL = "generated C"
 
 
-def make_c(model, params, x, y, dtype=np.float32, ref=None):
+def make_c(model, params, x, y, dtype=np.float32, ref=None, threads=1):
     """The generated C module's step on its lean path (its own Params with the NumPy module's
-    parameters, a kept gradient buffer), or (None, why). ``ref``: the NumPy module's (loss,
-    grads), against which the C step's are checked (float32: 1e-4 of each gradient's largest
-    magnitude; float64: 1e-10)."""
+    parameters, a kept gradient buffer; ``threads`` BLAS threads), or (None, why). ``ref``: the
+    NumPy module's (loss, grads), against which the C step's are checked (float32: 1e-4 of each
+    gradient's largest magnitude; float64: 1e-10). Also used by bench/cnn.py."""
     from compiler.backends.c.backend import compile_model_c
     try:
         from compiler.backends.c.backend import _toolchain
@@ -79,7 +79,7 @@ def make_c(model, params, x, y, dtype=np.float32, ref=None):
     from compiler.backends.c.blas import preload
     preload()
     module = compile_model_c(model, np.dtype(dtype).name).load()
-    module.blas_threads(1)
+    module.blas_threads(threads)
     cp, kept = module.Params(), module.Params()
     for k in module.PARAMS:
         cp[k][...] = params[k]

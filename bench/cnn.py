@@ -1,6 +1,8 @@
 """The ``cnn`` section of ``python -m bench``: one training step (loss + every gradient) of two
-convolutional networks in float32, the generated NumPy module beside PyTorch eager and JAX
-``jit(value_and_grad)``, timed interleaved (bench/timing.py), wall and CPU time.
+convolutional networks in float32, the generated NumPy and C modules beside PyTorch eager and
+JAX ``jit(value_and_grad)``, timed interleaved (bench/timing.py), wall and CPU time. The C
+module runs its lean path (bench/block.py's ``make_c``: its own Params, a kept gradient buffer),
+its loss and gradients checked against the NumPy module's first.
 
 - ``digits``: the architecture of examples/cnn_digits.toml (8x8x1; conv 3x3x32, conv 3x3x32,
   max pool 2, conv 3x3x64, max pool 2, dense 10; "same" padding, relu), batch 256;
@@ -219,8 +221,17 @@ def _cnn_section(args, rows_out, skip, note):
     _check_digits_spec(MODELS[0][3])
     for name, shape, n, layers in MODELS:
         mod, p, plist, x, y = setup(name, shape, n, layers)
-        ref = mod.backward(p, x, y)[0]
+        ref, ref_grads = mod.backward(p, x, y)
+        ref_grads = {k: np.array(v) for k, v in ref_grads.items()}
         fns = {"generated NumPy": lambda mod=mod, p=p, x=x, y=y: mod.backward(p, x, y)}
+        if "c" not in skip:
+            from bench.block import C_LABEL, make_c
+            fn, info = make_c(build(name, shape, layers), p, x, y, np.float32, (ref, ref_grads),
+                              threads=getattr(args, "threads", None) or 1)
+            if fn is None:
+                note(f"{C_LABEL} skipped: {info}")
+            else:
+                fns[C_LABEL] = fn
         for label, make, key in (("PyTorch eager", make_torch, "torch"),
                                  ("JAX jit(value_and_grad)", make_jax, "jax")):
             if key in skip:

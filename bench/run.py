@@ -338,11 +338,11 @@ def main(argv=None):
               "peak": "Share of the machine's matrix-multiply peak",
               "small": "Small net 2-16-16-1 tanh, MSE, float64 (call overhead)",
               "compile": "Compile time (model -> imported module)",
-              "block": "Training step of a transformer block, one thread each",
+              "block": "Training step of a transformer block (generated NumPy and C, PyTorch, JAX), one thread each",
               "c": "The C target against hand-written NumPy and C, PyTorch and JAX",
               "blas": "The C target's matrix products: its loops against the BLAS's gemm",
               "dask": "Data-parallel training on Dask: 1 and 2 single-threaded workers against one process",
-              "cnn": "CNN training step, float32 (generated NumPy, PyTorch eager, JAX jit)",
+              "cnn": "CNN training step, float32 (generated NumPy and C, PyTorch eager, JAX jit)",
               "per_example": per_example.TITLE, "moments": moments.TITLE}
     titles["hvp"] = f"Hessian-vector product, MLP 784-256-128-10 {args.activation}, softmax cross-entropy, batch 256"
     for name in args.only.split(","):
