@@ -315,6 +315,80 @@ def profile(module, params, x, y, repeats=100):
     return sorted(((a / repeats, label) for a, label in zip(acc, labels)), reverse=True)
 
 
+def _timed_c(source, prefix):
+    """``source`` with a timer (thread CPU time) at each statement of ``<prefix>_backward``
+    (each begins with its formula comment after a blank line), and the statements' labels."""
+    import re
+    start = source.index(f"int {prefix}_backward(")
+    end = source.index("\n}\n", start)
+    lines, labels, out = source[start:end].split("\n"), [], []
+    for i, line in enumerate(lines):
+        m = re.match(r"^    /\* (.*) \*/$", line)
+        if m and i and not lines[i - 1]:
+            out.append(f"    _bpc_mark({len(labels)});")
+            labels.append(m.group(1))
+        out.append(line)
+    body = "\n".join(out)
+    k = body.rfind("\n    return ") + 1
+    body = body[:k] + f"    _bpc_mark({len(labels)});\n" + body[k:]
+    timer = ("#include <time.h>\n"
+             "static double _bpc_acc[4096], _bpc_last; static int _bpc_cur = -1;\n"
+             "static double _bpc_now(void) { struct timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t); "
+             "return t.tv_sec + 1e-9 * t.tv_nsec; }\n"
+             "static void _bpc_mark(int k) { double t = _bpc_now(); if (_bpc_cur >= 0) _bpc_acc[_bpc_cur] += t - _bpc_last; "
+             "_bpc_cur = k; _bpc_last = _bpc_now(); }\n")
+    return source[:start] + timer + body + source[end:], labels
+
+
+def profile_c(repeats=50):
+    """[(CPU seconds per call, statement)] of the generated C backward, slowest first: the C
+    source with a timer at each statement (thread CPU time), built as a program with the same
+    flags and BLAS as the extension (one BLAS thread) and called on random data. A fused loop
+    counts under its first statement; a statement printed inside another (a view, an inlined
+    mask) costs nothing of its own."""
+    import subprocess
+    import tempfile
+    from compiler.backends.c import backend as cb
+    from compiler.backends.c.blas import find_scipy_openblas32
+    s = SIZES
+    compiled = cb.compile_model_c(block_model(s["T"], s["d"], s["heads"], s["mlp"]), "float32")
+    prefix, n, nx, ny = compiled.prefix, s["n"], s["T"] * s["d"], s["T"]
+    source, labels = _timed_c(compiled.c_source, prefix)
+    count = sum(int(np.prod([int(d) for d in p.shape])) for p in compiled.model.params)
+    lib = find_scipy_openblas32()
+    main_c = f"""
+#include <stdio.h>
+#include <stdint.h>
+{"void scipy_openblas_set_num_threads(int);" if lib else ""}
+int main(void)
+{{
+    const size_t n = {n};
+    float *params = malloc(sizeof(float) * {count}), *grads = malloc(sizeof(float) * {count});
+    float *x = malloc(sizeof(float) * n * {nx}), *work = malloc(sizeof(float) * {prefix}_work_size(n)), loss;
+    int64_t *y = malloc(sizeof(int64_t) * n * {ny});
+    srand(1);
+    for (size_t i = 0; i < {count}; i++) params[i] = (rand() / (float)RAND_MAX - 0.5f) * 0.2f;
+    for (size_t i = 0; i < n * {nx}; i++) x[i] = (rand() / (float)RAND_MAX - 0.5f) * 3.0f;
+    for (size_t i = 0; i < n * {ny}; i++) y[i] = rand() % {s["d"]};
+    {"scipy_openblas_set_num_threads(1);" if lib else ""}
+    for (int r = 0; r < 5; r++) {prefix}_backward(params, x, y, n, &loss, grads, work);
+    for (int i = 0; i <= {len(labels)}; i++) _bpc_acc[i] = 0;
+    for (int r = 0; r < {repeats}; r++) {prefix}_backward(params, x, y, n, &loss, grads, work);
+    for (int i = 0; i < {len(labels)}; i++) printf("%.9g\\n", _bpc_acc[i] / {repeats});
+    return 0;
+}}
+"""
+    d = Path(tempfile.mkdtemp(prefix="bpc_profile_c"))
+    (d / f"{prefix}.h").write_text(compiled.header)
+    (d / f"{prefix}.c").write_text(source + main_c)
+    cc = list(cb._toolchain()[0])
+    cmd = [*cc, *cb.CFLAGS, *cb._native()[0], "-D_POSIX_C_SOURCE=199309L", *(lib.compile_flags if lib else []),
+           f"{prefix}.c", "-o", "profile", *(lib.link_flags if lib else []), "-lm"]
+    subprocess.run(cmd, cwd=d, check=True)
+    out = subprocess.run([str(d / "profile")], cwd=d, check=True, capture_output=True, text=True).stdout.split()
+    return sorted(((float(t), label) for t, label in zip(out, labels)), reverse=True)
+
+
 def main(argv=None):
     import argparse
     ap = argparse.ArgumentParser(prog="python -m bench.block", description=__doc__.splitlines()[0])
@@ -323,7 +397,15 @@ def main(argv=None):
     ap.add_argument("--skip", default="", help="any of c,torch,jax (comma-separated)")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1, help="BLAS / framework threads (default 1)")
+    ap.add_argument("--profile-c", action="store_true", help="per-statement times of the generated C backward")
     args = ap.parse_args(argv)
+    if args.profile_c:
+        rows = profile_c()
+        total = sum(t for t, _ in rows)
+        print(f"C backward: {total * 1e3:.2f} ms of CPU per call (a timer at each statement, thread CPU time)")
+        for t, label in rows[:args.top]:
+            print(f"{t * 1e3:8.3f} ms {t / total:6.1%}  {label[:110]}")
+        return 0
     if args.profile:
         import compiler as bpc
         from threadpoolctl import threadpool_limits
