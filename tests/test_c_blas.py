@@ -224,3 +224,36 @@ def test_batched_products_on_gemm(ta, tb, dtype, tol):
         assert abs(loss - ref_loss) <= tol * abs(ref_loss), blas
         for q in ref:
             assert np.max(np.abs(g[q] - ref[q])) <= tol * np.max(np.abs(ref[q])), (blas, q)
+
+
+def _attention_block(name="blockc"):
+    """A causal transformer block scored by softmax cross-entropy at every position: heads of
+    (32, 16), rows of 32 (partial sums), products above GEMM_MIN_MACS in both precisions."""
+    net = bpc.Network(name)
+    h = net.transformer_block(net.input("x", shape=(32, 32)), heads=2, mlp=64, causal=True)
+    return net.build(h, loss="softmax_cross_entropy", target=net.target("y", kind="label", length=32))
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 2e-5)])
+def test_attention_block_on_gemm_and_loops_agrees_with_numpy(dtype, tol):
+    """The block's C step: the heads read and written in place by strided products (no
+    transpose copies), the three products of the input gradient added into one array, the
+    causal masks printed inside their neighbours, rows summed in partial sums; with the BLAS
+    (if installed) and with the portable loops, NumPy's loss and gradients."""
+    compiled = compile_model_c(_attention_block(), dtype)
+    source = compiled.c_source
+    backward = source[source.index("int blockc_backward("):]
+    assert "bpc_gemm_ld(0, 1, 32, 32, 16, v_Qs2 + (_q / 2)*1024 + (_q % 2)*16, 32," in backward   # Q @ K^T
+    assert "bpc_gemm_add(" in backward and "_s_lanes[16]" in backward
+    assert ".transpose((0, 2, 1, 3)): a view of v_Qs2 */" in backward
+    npm = bpc.compile_model(_attention_block(), dtype=dtype).load()
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((3, 32, 32)).astype(dtype), rng.integers(0, 32, (3, 32))
+    modules = [compiled.load(blas="none")] + ([compiled.load(blas="auto")] if HAS_WHEEL else [])
+    for cm in modules:
+        p = cm.init_params(0)
+        ref_loss, ref = npm.backward({k: np.array(v) for k, v in p.items()}, x, y)
+        loss, g = cm.backward(p, x, y)
+        assert abs(loss - ref_loss) <= tol * abs(ref_loss)
+        for k in ref:
+            assert np.max(np.abs(g[k] - ref[k])) <= tol * max(1.0, np.max(np.abs(ref[k]))), k

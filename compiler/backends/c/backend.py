@@ -148,6 +148,9 @@ class CStatements:
         # uid -> (C array, heads, elements per sample, row stride): the matrices of a value that
         # lives inside another array (head_views), as the batched products read or write them
         self.strided = {}
+        # matrix products summed into one array (sums_of_products): uid -> (the sum's C array,
+        # whether the product adds to what the earlier ones wrote there)
+        self.accumulate = {}
         self.used = set()        # C names the statements refer to (which params to bind, which args are unused)
         self.uses_nf = False     # whether they use the batch size as a floating value (_nf)
 
@@ -646,6 +649,11 @@ class _CFunctions:
                                  int(o.shape[1] * o.shape[3]))
         bare = {p.uid: x for p, x in views.items()} | {p.uid: o for o, p in into.items()}
         unstored_views = {p.uid for p in views} | {o.uid for o in into}
+        for total, products in sums_of_products(self.program, nodes, users, out_uids, st).items():
+            for k, m in enumerate(products):
+                st.accumulate[m.uid] = (st.name(total, use=False), k > 0)
+                unstored_views.add(m.uid)
+            bare[total.uid] = products[-1]
         groups = fused_groups(self.program, nodes, st.locals)
         grouped = {n.uid: g for g in groups for n in g}
         # values of a fused loop read by its statements alone: never stored
@@ -681,8 +689,9 @@ class _CFunctions:
                 only = []
                 body += lines
                 continue
-            if n.uid in bare:       # no statement: a view, or the array a product wrote
-                what = "a view of" if n.uid in unstored_views else "written by the product"
+            if n.uid in bare:       # no statement: a view, or the array products wrote
+                what = ("a view of" if n.uid in unstored_views else
+                        "written by the product" if n.op == "permute" else "summed by the products, the last")
                 lines = ["", f"/* {c_comment(fm.line(n), lead='')}: {what} {st.name(bare[n.uid], use=False)} */"]
             else:
                 lines = ["", *(f"/* {c_comment(fm.line(m), lead='')} */" for m in _inlined(n, inline)),
@@ -800,6 +809,32 @@ def head_views(program, nodes, users, outputs, st):
     # a product's operand that is itself written in place elsewhere is read where it lives
     views = {p: x for p, x in views.items() if x not in into}
     return views, into
+
+
+def sums_of_products(program, nodes, users, outputs, st):
+    """{sum: [its matrix products, in statement order]}: an elementwise sum of two or more
+    matrix products (nothing else, no factors) each read by the sum alone, each product written
+    straight into the sum's array, the later ones adding to it (gemm's beta = 1): the gradient
+    of an input read by several products (attention's Q, K and V projections) with no arrays of
+    the terms and no pass to add them."""
+    order = {n.uid: k for k, n in enumerate(nodes)}
+    found = {}
+    for n in nodes:
+        if (n.op != "ew" or len(n.inputs) < 2 or n.uid in st.locals or n.uid in program.training_only
+                or n.uid in st.inline or len(n.shape) != 2):
+            continue
+        expr = n.attr("expr")
+        args = [ARG[i] for i in range(len(n.inputs))]
+        if not (expr.is_Add and sorted(expr.args, key=str) == sorted(args, key=str)):
+            continue
+        ms = n.inputs
+        if len({m.uid for m in ms}) != len(ms) or not all(
+                m.op == "matmul" and m.uid in order and m.uid not in outputs and m.shape == n.shape
+                and users.get(m.uid) == [n.uid] and m.uid not in program.training_only
+                and not any(x.uid in st.inline or x.uid in st.locals for x in m.inputs) for m in ms):
+            continue
+        found[n] = sorted(ms, key=lambda m: order[m.uid])
+    return found
 
 
 # values the C backend prints inside their single user (besides the program's inline set),

@@ -100,33 +100,37 @@ def _c(st, node):
     def B(k, j):
         return st.elem(b, [j, k] if tb else [k, j])
 
+    # a term of a sum of products (compiler.backends.c.backend.sums_of_products): written into
+    # the sum's array, or added to it
+    out, add = st.accumulate.get(node.uid, (out, False))
     C = f"{out}[_i*{cols} + _j]" if cols != "1" else f"{out}[_i]"
     zero = st.lit(0)
     real = st.real
-    loops = _loops(st, node, rows, cols, inner, A, B, C, zero, real)
-    if not any(x.uid in st.p.inline or x.uid in st.locals for x in (a, b)):
+    loops = _loops(st, node, rows, cols, inner, A, B, C, zero, real, out, add)
+    if not any(x.uid in st.inline or x.uid in st.locals for x in (a, b)):
         # two arrays: an optimised gemm when built with one and the product is large enough
         # (BPC_GEMM: templates/c_model.c.j2), these loops otherwise
         st.uses_gemm = True
-        st.gemm_forms.add("plain")
-        call = (f"bpc_gemm({int(ta)}, {int(tb)}, {rows}, {cols}, {inner}, {st.name(a)}, {st.name(b)}, {out});")
+        st.gemm_forms.add("add" if add else "plain")
+        call = (f"bpc_gemm{'_add' if add else ''}({int(ta)}, {int(tb)}, {rows}, {cols}, {inner}, "
+                f"{st.name(a)}, {st.name(b)}, {out});")
         return ([f"if (BPC_GEMM({rows}, {cols}, {inner})) {{", f"    {call}", "} else {"]
                 + ["    " + line for line in loops] + ["}"])
     return loops
 
 
-def _loops(st, node, rows, cols, inner, A, B, C, zero, real):
-    """The product as portable loops (C99; gcc -O3 vectorises the innermost loop)."""
-    out = st.name(node, use=False)
+def _loops(st, node, rows, cols, inner, A, B, C, zero, real, out, add=False):
+    """The product as portable loops (C99; gcc -O3 vectorises the innermost loop) into ``out``;
+    ``add``: added to what ``out`` holds."""
     ta, tb = node.attr("ta"), node.attr("tb")
     if tb:  # rows of both operands are contiguous: dot products
         return [f"for (size_t _i = 0; _i < {rows}; _i++) {{",
                 f"    for (size_t _j = 0; _j < {cols}; _j++) {{",
                 f"        {real} _s = {zero};",
                 f"        for (size_t _k = 0; _k < {inner}; _k++) _s += {A('_i', '_k')} * {B('_k', '_j')};",
-                f"        {C} = _s;",
+                f"        {C} {'+=' if add else '='} _s;",
                 "    }", "}"]
-    clear = [f"for (size_t _i = 0; _i < {st.size_code(node.shape)}; _i++) {out}[_i] = {zero};"]
+    clear = [] if add else [f"for (size_t _i = 0; _i < {st.size_code(node.shape)}; _i++) {out}[_i] = {zero};"]
     if ta:  # A^T B: walk the shared (often batch) axis outermost, rows of A and B contiguous
         return clear + [f"for (size_t _k = 0; _k < {inner}; _k++) {{",
                         f"    for (size_t _i = 0; _i < {rows}; _i++) {{",
