@@ -3,8 +3,8 @@
 Sections (``--only`` picks some): ``step`` the 784-256-128-10 training step, ``small`` 2-16-16-1
 nets where call overhead dominates, ``peak`` the fraction of the machine's matmul throughput the
 step reaches, ``compile`` compile time against depth and width, ``block`` a transformer block's
-training step against PyTorch and JAX (bench/block.py), ``cnn`` two CNN training steps
-against PyTorch and JAX (bench/cnn.py); not run by default: ``c`` the C
+training step, generated NumPy and C, against PyTorch and JAX (bench/block.py), ``cnn`` two CNN
+training steps likewise (bench/cnn.py); not run by default: ``c`` the C
 target against hand NumPy, hand C, PyTorch and JAX, ``blas`` its loops against gemm
 (bench/c_target.py), ``dask`` data-parallel training on 1 and 2 Dask workers against one process
 (bench/dask_scaling.py; needs dask.distributed), ``per_example`` per-example gradients against
@@ -323,7 +323,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=31, help="timing rounds (median reported)")
     ap.add_argument("--compile-repeats", type=int, default=3)
     ap.add_argument("--activation", default="tanh", choices=["tanh", "relu"])
-    ap.add_argument("--skip", default="", help="comma-separated frameworks not to run: torch,jax "
+    ap.add_argument("--skip", default="", help="comma-separated frameworks not to run: torch,jax (c: the C rows of block and cnn) "
                     "(their thread pools add noise to the NumPy-only comparison)")
     ap.add_argument("--coretype", default=None, help="OPENBLAS_CORETYPE (or 'default'); read in __main__")
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
