@@ -131,7 +131,7 @@ class CStatements:
         self.cnames = cnames
         self.helpers = set()
         self.uses_gemm = False   # whether a matrix product may call bpc_gemm (an optimised BLAS)
-        self.gemm_forms = set()  # which of bpc_gemm ("plain") and bpc_gemm_ld ("ld") the products call
+        self.gemm_forms = set()  # which of bpc_gemm ("plain"), bpc_gemm_add ("add"), bpc_gemm_ld ("ld") are called
         self.begin_function((), {})
 
     def begin_function(self, nodes, direct, inline=()):
