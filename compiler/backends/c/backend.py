@@ -144,7 +144,6 @@ class CStatements:
         self.aliases = {n.uid for n in nodes if n.op == "reshape" and n.shape != ()
                         and n.inputs[0].uid not in self.locals and n.inputs[0].uid not in self.inline
                         and n.uid not in direct}
-        self.fused = {}          # uid -> the local holding its element in a fused loop (fused_elementwise)
         # uid -> (C array, heads, elements per sample, row stride): the matrices of a value that
         # lives inside another array (head_views), as the batched products read or write them
         self.strided = {}
@@ -181,8 +180,6 @@ class CStatements:
     def elem(self, node, idx):
         """C expression of ``node``'s element at per-axis indices ``idx`` (a list, one per
         axis of node.shape; "0" on size-1 axes)."""
-        if node.uid in self.fused:
-            return self.fused[node.uid]
         if node.uid in self.inline:
             if not node.inputs:
                 return "(" + self.expr(node.attr("expr"), {}) + ")"
@@ -312,21 +309,19 @@ class CStatements:
             return self.block(body)
         return self.loops(node.shape, body)
 
-    def fused_elementwise(self, nodes, stored):
+    def fused_elementwise(self, nodes):
         """One loop nest computing the elementwise ``nodes`` (consecutive statements of one
-        shape, each reading the earlier ones at its own element): every element is read from
-        memory once and the values pass between the statements in locals; ``stored``: the uids
-        of the values written to their arrays (the others are read by these statements alone)."""
+        shape, each reading the earlier ones at its own element): every element of their inputs
+        is fetched once. Each value is stored and later statements read it back, printed as in
+        their own loops (gcc forwards the stored value): the same terms in the same order, and no
+        multiplication of one contracted into an addition of another (a product also stored is
+        never turned into an fma), so the results are bit for bit those of separate loops (a
+        loss and a backward that group their statements differently agree exactly)."""
         idx = self.idx_vars(nodes[0].shape)
         body = []
         for g, node in enumerate(nodes):
             lines, value = self.elementwise_body(node, idx, f"{g}_")
-            body += lines + [f"const {self.real} _e{g} = {value};"]
-            if node.uid in stored:
-                body.append(f"{self.target(node, idx)} = _e{g};")
-            self.fused[node.uid] = f"_e{g}"
-        for node in nodes:
-            del self.fused[node.uid]
+            body += lines + [f"{self.target(node, idx)} = {value};"]
         return self.loops(nodes[0].shape, body)
 
 
@@ -654,17 +649,15 @@ class _CFunctions:
                 st.accumulate[m.uid] = (st.name(total, use=False), k > 0)
                 unstored_views.add(m.uid)
             bare[total.uid] = products[-1]
-        groups = fused_groups(self.program, nodes, st.locals)
+        # (a sum written by its products has no statement of its own to fuse)
+        groups = fused_groups(self.program, nodes, set(st.locals) | set(bare))
         grouped = {n.uid: g for g in groups for n in g}
-        # values of a fused loop read by its statements alone: never stored
-        unstored = {n.uid for g in groups for n in g
-                    if n.uid not in out_uids and all(u in {m.uid for m in g} for u in users.get(n.uid, ()))}
         decls, work_a, work_b = [], 0, 0
         for node, kind, dest in outputs:
             if node.uid in direct and direct[node.uid] == dest:
                 decls.append(f"{real} *restrict const {st.name(node, use=False)} = {dest};  /* {shape_code(node.shape)}, output */")
         for n in nodes:
-            if n.uid in unstored or n.uid in unstored_views:
+            if n.uid in unstored_views:
                 continue
             if n.uid in st.locals or n.uid in direct or n.uid in st.aliases:
                 if n.uid in st.locals:
@@ -682,9 +675,8 @@ class _CFunctions:
                 group = grouped[n.uid]
                 if n is not group[0]:
                     continue
-                stored = {m.uid for m in group if m.uid not in unstored}
                 lines = [""] + [f"/* {c_comment(fm.line(m), lead='')} */" for m in group]
-                lines += _fused_statement(st, fm, group, stored)
+                lines += _fused_statement(st, fm, group)
                 body += self.training_block(only)
                 only = []
                 body += lines
@@ -844,10 +836,10 @@ C_INLINE_OPS = ("ew", "causal_mask")
 
 def c_inline(program, nodes, users, outputs):
     """uids of the values printed inside their one user, a statement of the same shape that reads
-    them element by element: an elementwise value or a causal mask read once by a causal mask
-    or an elementwise statement (a scaled and masked score matrix, the softmax adjoint masked
-    and scaled: one loop, no array between them). Elementwise chains are already one value
-    (``compiler.core.simplify.fuse``); a mask was not."""
+    them element by element: an elementwise value read once by a causal mask, or a causal mask
+    read once by an elementwise statement (a scaled and masked score matrix, the softmax adjoint
+    masked and scaled: one loop, no array between them). Elementwise chains are already one
+    value (``compiler.core.simplify.fuse``); a mask was not."""
     by_uid = {n.uid: n for n in nodes}
     inline = set()
     for n in nodes:
@@ -856,19 +848,24 @@ def c_inline(program, nodes, users, outputs):
                 or n.uid in program.training_only or len(us) != 1 or us[0] not in by_uid):
             continue
         u = by_uid[us[0]]
-        if u.op in C_INLINE_OPS and u.shape == n.shape and u.uid not in program.training_only:
+        # one of the two a mask (a selection: exact), so the value and the printed form of the
+        # other are those of its own statement; elementwise into elementwise is the program's
+        # fusion (compiler.core.simplify.fuse), the same for every function
+        if ({n.op, u.op} == set(C_INLINE_OPS) and u.shape == n.shape
+                and u.uid not in program.training_only):
             inline.add(n.uid)
     return inline
 
 
-def fused_groups(program, nodes, scalars):
+def fused_groups(program, nodes, exclude):
     """Runs of consecutive elementwise statements of one shape (two or more), each emitted as one
     loop nest (``CStatements.fused_elementwise``): GELU's pre-activation, tanh and output, a
-    norm's scaled and shifted values."""
+    norm's scaled and shifted values. ``exclude``: scalars, and values with no statement of their
+    own (a sum its products wrote, a view)."""
     groups, run = [], []
 
     def fusable(n):
-        return (n.op == "ew" and n.inputs and n.uid not in scalars and n.uid not in program.inline
+        return (n.op == "ew" and n.inputs and n.uid not in exclude and n.uid not in program.inline
                 and n.uid not in program.training_only)
     for n in nodes:
         if fusable(n) and run and n.shape == run[0].shape:
@@ -882,9 +879,9 @@ def fused_groups(program, nodes, scalars):
     return groups
 
 
-def _fused_statement(st, fm, group, stored):
+def _fused_statement(st, fm, group):
     try:
-        return st.fused_elementwise(group, stored)
+        return st.fused_elementwise(group)
     except UnsupportedError as e:
         raise UnsupportedError(f"model {st.p.model.name!r}: cannot generate {fm.line(group[0])}: {e}") from None
 
