@@ -1043,7 +1043,8 @@ def _cdef(ctx):
 
 def _packed_backward(ctx):
     """(the lines of a struct of backward's glue arguments, the prototype of a glue taking one
-    pointer to it), or None for a model with batch statistics (no lean path). The wrapper's lean
+    pointer to it, the struct's fields as that glue passes them on), or None for a model with
+    batch statistics (no lean path). The wrapper's lean
     path (a repeat call with the same objects and a kept gradient buffer) fills one struct
     when it remembers a call and then passes one argument instead of one per array: cffi
     converts each argument on every call, 20-30 ns apiece, a tenth of a small model's call."""
@@ -1051,10 +1052,11 @@ def _packed_backward(ctx):
     if fn is None or fn["stats"]:
         return None
     prefix = ctx["prefix"]
-    fields = ["const void *params"] + [f"const void *_a{k}" for k in range(len(fn["leaves"]))]
-    fields += ["size_t n", "void *grads", "void *work"]
-    struct = ["typedef struct {"] + [f"    {f};" for f in fields] + [f"}} _bpc_{prefix}_backward_args;"]
-    return struct, f"int _bpc_{prefix}_backward_packed(const _bpc_{prefix}_backward_args *a)"
+    fields = [("const void *", "params")] + [("const void *", f"_a{k}") for k in range(len(fn["leaves"]))]
+    fields += [("size_t ", "n"), ("void *", "grads"), ("void *", "work")]
+    struct = ["typedef struct {"] + [f"    {t}{name};" for t, name in fields] + [f"}} _bpc_{prefix}_backward_args;"]
+    passed = ", ".join(f"a->{name}" for _, name in fields)
+    return struct, f"int _bpc_{prefix}_backward_packed(const _bpc_{prefix}_backward_args *a)", passed
 
 
 def _pack_args(ctx):
@@ -1101,9 +1103,8 @@ def _ext_source(ctx):
                 "{", f"    return {prefix}_{fn['name']}({', '.join(names + ['work'])});", "}", ""]
     packed = _packed_backward(ctx)
     if packed:
-        fn = next(f for f in ctx["functions"] if f["name"] == "backward")
-        names = ["a->params"] + [f"a->_a{k}" for k in range(len(fn["leaves"]))] + ["a->n", "a->grads", "a->work"]
-        out += packed[0] + ["static " + packed[1], "{", f"    return _bpc_{prefix}_backward({', '.join(names)});", "}", ""]
+        struct, proto, passed = packed
+        out += struct + ["static " + proto, "{", f"    return _bpc_{prefix}_backward({passed});", "}", ""]
     out += [f"static void _bpc_{prefix}_pack({_pack_args(ctx)})", "{"]
     out += [f"    memcpy(({real} *)dst + {p['offset']}, _p{k}, sizeof({real}) * {p['size']});  /* {p['name']} */"
             for k, p in enumerate(ctx["params"])]
